@@ -1,0 +1,1 @@
+"""mesatee_notebook: confidential data science in Jupyter."""

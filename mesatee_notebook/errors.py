@@ -1,0 +1,318 @@
+"""The one exception tree of mesatee_notebook.
+
+Every error the package raises on purpose derives from :class:`MesateeError`.
+A leaf also subclasses the builtin it resembles, so ``except ValueError`` code
+keeps working::
+
+    MesateeError
+    ├── KernelConnectionError (ConnectionError)      cannot reach or keep the kernel
+    ├── AttestationError                             the peer's evidence was refused
+    │   ├── MalformedEvidence (ValueError)           evidence or certificate cannot be parsed
+    │   ├── EvidenceSignatureError                   a signature over the evidence does not verify
+    │   ├── UntrustedPlatform                        the platform root is not one the policy pins
+    │   ├── MeasurementMismatch                      the code measurement is not an accepted one
+    │   ├── KeyBindingError                          report data does not commit to the TLS/receipt keys
+    │   ├── StaleEvidence                            evidence older than the policy's maximum age
+    │   ├── LevelTooLow                              the level is below the policy's minimum
+    │   ├── UnprotectedNotAllowed                    an unprotected kernel without explicit opt-in
+    │   ├── CertificateExpired                       a certificate outside its validity period
+    │   └── DebugNotAllowed                          a debug enclave or guest without opt-in
+    ├── LevelNotAvailableError (RuntimeError)        no provider for that level on this platform
+    ├── PolicyViolation (PermissionError)            a data owner's or kernel policy refused the request
+    ├── RemoteExecutionError                         the cell failed in the enclave (remote traceback)
+    │   ├── ExecutorCrashed                          the executor process died (killed, segfault, OOM kill)
+    │   ├── RemoteTimeout (TimeoutError)             the cell ran past its timeout and was stopped
+    │   └── RemoteInterrupted                        the cell was interrupted
+    ├── ProtocolError                                the peer broke the wire protocol
+    │   ├── VersionMismatch                          the two sides speak different protocol versions
+    │   ├── FrameTooLarge                            a header or payload over the configured limit
+    │   └── MalformedFrame (ValueError)              bytes that are not a valid frame or message
+    ├── ReceiptError (ValueError)                    a receipt that does not verify or does not match
+    ├── EncodingError (TypeError)                    a value that cannot be sent (names the type and the way out)
+    ├── SealingError                                 sealed storage refused a read or write
+    │   └── TamperedData                             a sealed file was changed, truncated or swapped
+    └── NotFound (KeyError)                          an unknown session, dataset, job or handle
+
+Errors cross the wire as ``{"code": ..., "message": ..., ...}``, never pickled;
+:func:`error_from_wire` rebuilds the local class from the code.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "AttestationError",
+    "CertificateExpired",
+    "DebugNotAllowed",
+    "EncodingError",
+    "EvidenceSignatureError",
+    "ExecutorCrashed",
+    "FrameTooLarge",
+    "KernelConnectionError",
+    "KeyBindingError",
+    "LevelNotAvailableError",
+    "LevelTooLow",
+    "MalformedEvidence",
+    "MalformedFrame",
+    "MeasurementMismatch",
+    "MesateeError",
+    "NotFound",
+    "PolicyViolation",
+    "ProtocolError",
+    "ReceiptError",
+    "RemoteExecutionError",
+    "RemoteInterrupted",
+    "RemoteTimeout",
+    "SealingError",
+    "StaleEvidence",
+    "TamperedData",
+    "UnprotectedNotAllowed",
+    "UntrustedPlatform",
+    "VersionMismatch",
+    "error_from_wire",
+]
+
+
+class MesateeError(Exception):
+    """Root of every error mesatee_notebook raises on purpose."""
+
+    code: ClassVar[str] = "error"
+
+    def __init__(self, message: str = "", **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_wire(self) -> dict[str, Any]:
+        """Return the typed, pickle-free form that crosses the wire."""
+        return {"code": self.code, "message": self.message, "details": _plain(self.details)}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.message, self.details))
+
+
+def _rebuild(cls: type[MesateeError], message: str, details: dict[str, Any]) -> MesateeError:
+    return cls(message, **details)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool, bytes)):
+        return value
+    return str(value)
+
+
+class KernelConnectionError(MesateeError, ConnectionError):
+    """The kernel cannot be reached, or the connection broke."""
+
+    code = "connection"
+
+
+class AttestationError(MesateeError):
+    """The peer's evidence was refused; ``check`` names the check that failed."""
+
+    code = "attestation"
+    check: ClassVar[str] = "attestation"
+
+
+class MalformedEvidence(AttestationError, ValueError):
+    """Evidence, a quote, a report or a certificate could not be parsed."""
+
+    code = "attestation.malformed"
+    check = "parse"
+
+
+class EvidenceSignatureError(AttestationError):
+    """A signature over the evidence (or in its chain) does not verify."""
+
+    code = "attestation.signature"
+    check = "signature"
+
+
+class UntrustedPlatform(AttestationError):
+    """The evidence is signed by a platform root the policy does not pin."""
+
+    code = "attestation.platform"
+    check = "platform-root"
+
+
+class MeasurementMismatch(AttestationError):
+    """The enclave's measurement is not one the policy accepts."""
+
+    code = "attestation.measurement"
+    check = "measurement"
+
+
+class KeyBindingError(AttestationError):
+    """The report data does not commit to the peer's TLS and receipt keys."""
+
+    code = "attestation.key-binding"
+    check = "key-binding"
+
+
+class StaleEvidence(AttestationError):
+    """The evidence is older than the policy allows (or from the future)."""
+
+    code = "attestation.stale"
+    check = "freshness"
+
+
+class LevelTooLow(AttestationError):
+    """The kernel's security level is below the policy's minimum."""
+
+    code = "attestation.level"
+    check = "level"
+
+
+class UnprotectedNotAllowed(AttestationError):
+    """An unprotected kernel, and the caller did not opt in."""
+
+    code = "attestation.unprotected"
+    check = "level"
+
+
+class CertificateExpired(AttestationError):
+    """A certificate is outside its validity period."""
+
+    code = "attestation.expired"
+    check = "validity"
+
+
+class DebugNotAllowed(AttestationError):
+    """A debug enclave or debug guest, and the policy does not allow debug."""
+
+    code = "attestation.debug"
+    check = "debug"
+
+
+class LevelNotAvailableError(MesateeError, RuntimeError):
+    """No evidence provider or verifier exists for that level on this platform."""
+
+    code = "level-unavailable"
+
+
+class PolicyViolation(MesateeError, PermissionError):
+    """A data owner's policy, or the kernel's, refused the request."""
+
+    code = "policy"
+
+
+class RemoteExecutionError(MesateeError):
+    """Code failed inside the enclave. ``remote_traceback`` holds the user's lines."""
+
+    code = "remote"
+
+    @property
+    def ename(self) -> str:
+        """Name of the remote exception class, e.g. ``ZeroDivisionError``."""
+        return str(self.details.get("ename", type(self).__name__))
+
+    @property
+    def remote_traceback(self) -> str:
+        """The remote traceback, limited to the user's cell lines."""
+        return str(self.details.get("traceback", ""))
+
+    def _render_traceback_(self) -> list[str]:
+        tb = self.remote_traceback.rstrip("\n")
+        head = "Remote error in the enclave kernel (mesatee)"
+        lines = [head]
+        lines.extend(tb.splitlines() if tb else [f"{self.ename}: {self.message}"])
+        return lines
+
+
+class ExecutorCrashed(RemoteExecutionError):
+    """The session's executor process died; restart the session to go on."""
+
+    code = "remote.crashed"
+
+
+class RemoteTimeout(RemoteExecutionError, TimeoutError):
+    """The cell ran past its timeout and the executor was stopped."""
+
+    code = "remote.timeout"
+
+
+class RemoteInterrupted(RemoteExecutionError):
+    """The cell was interrupted (KeyboardInterrupt in the enclave)."""
+
+    code = "remote.interrupted"
+
+
+class ProtocolError(MesateeError):
+    """The peer broke the wire protocol."""
+
+    code = "protocol"
+
+
+class VersionMismatch(ProtocolError):
+    """Client and kernel speak different protocol versions."""
+
+    code = "protocol.version"
+
+
+class FrameTooLarge(ProtocolError):
+    """A header or payload is over the configured limit."""
+
+    code = "protocol.too-large"
+
+
+class MalformedFrame(ProtocolError, ValueError):
+    """Bytes that are not a valid frame or message."""
+
+    code = "protocol.malformed"
+
+
+class ReceiptError(MesateeError, ValueError):
+    """A receipt does not verify, or does not match the request or outputs."""
+
+    code = "receipt"
+
+
+class EncodingError(MesateeError, TypeError):
+    """A value cannot be encoded for the wire; the message names the way out."""
+
+    code = "encoding"
+
+
+class SealingError(MesateeError):
+    """Sealed storage refused a read or a write."""
+
+    code = "sealing"
+
+
+class TamperedData(SealingError):
+    """A sealed file was modified, truncated or swapped for another."""
+
+    code = "sealing.tampered"
+
+
+class NotFound(MesateeError, KeyError):
+    """An unknown session, dataset, job or handle."""
+
+    code = "not-found"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _all_subclasses(cls: type[MesateeError]) -> list[type[MesateeError]]:
+    out: list[type[MesateeError]] = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+def error_from_wire(payload: dict[str, Any]) -> MesateeError:
+    """Rebuild a local exception from its wire form; unknown codes map to the root."""
+    code = str(payload.get("code", "error"))
+    message = str(payload.get("message", ""))
+    details = payload.get("details") or {}
+    if not isinstance(details, dict):
+        details = {}
+    registry = {c.code: c for c in _all_subclasses(MesateeError)}
+    cls = registry.get(code, MesateeError)
+    return cls(message, **{str(k): v for k, v in details.items()})
