@@ -1,1 +1,60 @@
-"""mesatee_notebook: confidential data science in Jupyter."""
+"""mesatee_notebook: confidential data science in Jupyter.
+
+Cells and data travel over an attested TLS channel to an enclave kernel whose code is
+measured; results come back with signed receipts. See ``docs/architecture.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mesatee_notebook.attestation.levels import Level
+from mesatee_notebook.attestation.measurement import expected_measurement
+from mesatee_notebook.attestation.policy import AttestationReport, Policy, UnprotectedWarning
+from mesatee_notebook.attestation.receipts import Receipt, VerifiedReceipt
+from mesatee_notebook.errors import (
+    AttestationError,
+    EncodingError,
+    KernelConnectionError,
+    LevelNotAvailableError,
+    MesateeError,
+    PolicyViolation,
+    ProtocolError,
+    ReceiptError,
+    RemoteExecutionError,
+)
+from mesatee_notebook.remote.session import RunResult, Session, connect
+from mesatee_notebook.remote.session import verify_receipt_default as verify_receipt
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttestationError",
+    "AttestationReport",
+    "EncodingError",
+    "KernelConnectionError",
+    "Level",
+    "LevelNotAvailableError",
+    "MesateeError",
+    "Policy",
+    "PolicyViolation",
+    "ProtocolError",
+    "Receipt",
+    "ReceiptError",
+    "RemoteExecutionError",
+    "RunResult",
+    "Session",
+    "UnprotectedWarning",
+    "VerifiedReceipt",
+    "connect",
+    "expected_measurement",
+    "load_ipython_extension",
+    "verify_receipt",
+]
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext mesatee_notebook``: register the ``%mesatee`` / ``%%mesatee`` magics."""
+    from mesatee_notebook.magics import load_ipython_extension as _load
+
+    _load(ipython)

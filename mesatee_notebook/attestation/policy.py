@@ -1,0 +1,304 @@
+"""The client's verification policy and the verdict it produces (pure).
+
+:func:`verify_certificate` runs every check on the peer's RA-TLS certificate *before*
+the client sends a byte, and raises the :class:`~mesatee_notebook.errors.AttestationError`
+subclass that names the first check that failed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import html
+import tomllib
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_public_key
+
+from mesatee_notebook.attestation.evidence import fingerprint, parse_evidence, report_data_for
+from mesatee_notebook.attestation.levels import Level
+from mesatee_notebook.attestation.measurement import expected_measurement
+from mesatee_notebook.attestation.ratls import evidence_from_certificate, load_certificate, spki_der
+from mesatee_notebook.errors import (
+    CertificateExpired,
+    KeyBindingError,
+    LevelTooLow,
+    MalformedEvidence,
+    MeasurementMismatch,
+    StaleEvidence,
+    UnprotectedNotAllowed,
+    UntrustedPlatform,
+)
+
+__all__ = ["AttestationReport", "Check", "Policy", "UnprotectedWarning", "verify_certificate"]
+
+_CLOCK_SKEW = 300.0
+
+
+class UnprotectedWarning(UserWarning):
+    """Emitted on every connection to an unprotected kernel."""
+
+
+def _root_fingerprint(root: str) -> str:
+    """A pinned root as a fingerprint: hex SHA-256 of the raw key, a PEM key, or a path to one."""
+    text = root.strip()
+    if len(text) == 64 and all(c in "0123456789abcdef" for c in text.lower()):
+        return text.lower()
+    data = text.encode()
+    if "BEGIN" not in text:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            msg = f"platform root {root!r} is neither a 64-hex fingerprint, a PEM public key, nor a file"
+            raise ValueError(msg)
+        data = path.read_bytes()
+        if b"BEGIN" not in data:
+            return data.decode().strip().lower()
+    key = load_pem_public_key(data)
+    if not isinstance(key, Ed25519PublicKey):
+        msg = "a softtee platform root must be an Ed25519 public key"
+        raise ValueError(msg)
+    return fingerprint(key.public_bytes(Encoding.Raw, PublicFormat.Raw))
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a client accepts from a kernel.
+
+    ``measurements=None`` means "the measurement of the mesatee_notebook installed here"
+    (:func:`~mesatee_notebook.attestation.measurement.expected_measurement`).
+    ``platform_roots`` are fingerprints (hex SHA-256 of the raw Ed25519 key), PEM keys or
+    paths to either. ``unprotected`` kernels are refused unless ``allow_unprotected``.
+    """
+
+    measurements: tuple[str, ...] | None = None
+    platform_roots: tuple[str, ...] = ()
+    min_level: Level = Level.SOFTTEE
+    max_evidence_age: float = 24 * 3600.0
+    allow_unprotected: bool = False
+
+    def __init__(
+        self,
+        measurements: Iterable[str] | None = None,
+        platform_roots: Iterable[str] = (),
+        min_level: Level | str = Level.SOFTTEE,
+        max_evidence_age: float | dt.timedelta = 24 * 3600.0,
+        allow_unprotected: bool = False,
+    ) -> None:
+        object.__setattr__(self, "measurements", None if measurements is None else tuple(m.lower() for m in measurements))
+        object.__setattr__(self, "platform_roots", tuple(_root_fingerprint(r) for r in platform_roots))
+        object.__setattr__(self, "min_level", Level.parse(min_level))
+        age = max_evidence_age.total_seconds() if isinstance(max_evidence_age, dt.timedelta) else float(max_evidence_age)
+        object.__setattr__(self, "max_evidence_age", age)
+        object.__setattr__(self, "allow_unprotected", bool(allow_unprotected))
+
+    def with_roots(self, *roots: str) -> Policy:
+        """A copy that also pins ``roots``."""
+        return replace(self, platform_roots=(*self.platform_roots, *roots))
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> Policy:
+        """Read a policy file: keys ``measurements``, ``platform_roots``, ``min_level``,
+        ``max_evidence_age`` (seconds) and ``allow_unprotected``, at top level or under ``[policy]``."""
+        data = tomllib.loads(Path(path).expanduser().read_text())
+        data = data.get("policy", data)
+        known = {"measurements", "platform_roots", "min_level", "max_evidence_age", "allow_unprotected"}
+        unknown = set(data) - known
+        if unknown:
+            msg = f"unknown keys in policy file {path}: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})"
+            raise ValueError(msg)
+        return cls(**data)
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One verification step and its outcome."""
+
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class AttestationReport:
+    """The verified claims of a kernel, and every check that passed."""
+
+    level: Level
+    measurement: str
+    expected_measurement: str | None
+    platform: str
+    manifest: dict[str, Any]
+    evidence_time: dt.datetime
+    receipt_key: bytes
+    certificate_der: bytes
+    evidence: bytes
+    checks: tuple[Check, ...] = field(default=())
+    verified_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+
+    @property
+    def measurement_matches_local(self) -> bool:
+        """True when the kernel runs exactly the mesatee_notebook installed here."""
+        return self.expected_measurement is not None and self.measurement == self.expected_measurement
+
+    @property
+    def unsafe_components(self) -> list[dict[str, Any]]:
+        """Native engines in the measurement, with versions."""
+        comps = self.manifest.get("unsafe_components", [])
+        return [c for c in comps if isinstance(c, dict) and c.get("present")]
+
+    @property
+    def trust_note(self) -> str:
+        """One honest sentence on what this level protects."""
+        return self.level.trust_note
+
+    def age(self, now: dt.datetime | None = None) -> dt.timedelta:
+        """How old the evidence is."""
+        return (now or dt.datetime.now(dt.UTC)) - self.evidence_time
+
+    def __repr__(self) -> str:
+        lines = [
+            f"mesatee attestation: level {self.level.label.upper()}",
+            f"  {self.trust_note}",
+            f"  measurement  {self.measurement}",
+            "  local code   "
+            + ("matches this install" if self.measurement_matches_local else "DIFFERS from this install (pinned by policy)"),
+            f"  platform     {self.platform}",
+            f"  evidence age {int(self.age().total_seconds())} s",
+            "  native (unsafe) components: "
+            + ", ".join(f"{c['name']} {c.get('version') or '?'}" for c in self.unsafe_components),
+            "  checks:",
+        ]
+        lines += [f"    {'✓' if c.passed else '✗'} {c.name}: {c.detail}" for c in self.checks]
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        colour = {Level.UNPROTECTED: "#b00020", Level.SOFTTEE: "#b26a00"}.get(self.level, "#1b5e20")
+        rows = "".join(
+            f"<tr><td>{'✓' if c.passed else '✗'}</td><td>{html.escape(c.name)}</td>"
+            f"<td>{html.escape(c.detail)}</td></tr>"
+            for c in self.checks
+        )
+        comps = ", ".join(html.escape(f"{c['name']} {c.get('version') or '?'}") for c in self.unsafe_components)
+        match = (
+            "✓ matches this install" if self.measurement_matches_local else "✗ differs from this install (pinned by policy)"
+        )
+        return (
+            "<div class='mesatee-attestation' style='border:1px solid #ccc;padding:8px;font-family:sans-serif'>"
+            f"<div style='font-weight:bold;color:{colour}'>mesatee attestation: {self.level.label.upper()}</div>"
+            f"<div style='color:{colour}'>{html.escape(self.trust_note)}</div>"
+            "<table>"
+            f"<tr><td>measurement</td><td><code>{self.measurement}</code> {match}</td></tr>"
+            f"<tr><td>platform</td><td><code>{html.escape(self.platform)}</code></td></tr>"
+            f"<tr><td>evidence age</td><td>{int(self.age().total_seconds())} s</td></tr>"
+            f"<tr><td>native components</td><td>{comps}</td></tr></table>"
+            f"<table>{rows}</table></div>"
+        )
+
+
+def verify_certificate(
+    cert_der: bytes,
+    policy: Policy,
+    *,
+    now: dt.datetime | None = None,
+    check_freshness: bool = True,
+) -> AttestationReport:
+    """Verify a kernel's RA-TLS certificate under ``policy``; raise the failing check's error."""
+    now = now or dt.datetime.now(dt.UTC)
+    checks: list[Check] = []
+    cert = load_certificate(cert_der)
+    if not (cert.not_valid_before_utc <= now <= cert.not_valid_after_utc):
+        msg = (
+            f"the kernel's certificate is not valid at {now:%Y-%m-%d %H:%M:%S} UTC "
+            f"(valid {cert.not_valid_before_utc:%Y-%m-%d %H:%M} to {cert.not_valid_after_utc:%Y-%m-%d %H:%M})"
+        )
+        raise CertificateExpired(msg)
+    checks.append(Check("certificate validity", True, f"valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"))
+    raw = evidence_from_certificate(cert)
+    evidence = parse_evidence(raw)
+    level = evidence.level
+    checks.append(Check("evidence format", True, f"{evidence.statement['format']} in TCG DICE extension"))
+
+    if level is Level.UNPROTECTED:
+        if not policy.allow_unprotected:
+            msg = (
+                "the kernel is UNPROTECTED: it offers no attestation at all, so its host can read every byte you "
+                "send. Refused. Pass allow_unprotected=True only for development on a machine you control."
+            )
+            raise UnprotectedNotAllowed(msg)
+        warnings.warn(
+            "connected to an UNPROTECTED mesatee kernel: no attestation, the host sees all code and data",
+            UnprotectedWarning,
+            stacklevel=3,
+        )
+        checks.append(Check("level", True, "UNPROTECTED accepted by explicit opt-in (allow_unprotected=True)"))
+    else:
+        if level.is_hardware:
+            msg = f"software evidence claims hardware level {level.label}; only a vendor quote can"
+            raise MalformedEvidence(msg)
+        if level < policy.min_level:
+            msg = f"the kernel's level {level.label} is below the policy's minimum {policy.min_level.label}"
+            raise LevelTooLow(msg)
+        checks.append(Check("level", True, f"{level.label} ≥ minimum {policy.min_level.label} (software trust)"))
+        evidence.verify_signature()
+        checks.append(Check("platform signature", True, "Ed25519 signature over the statement verifies"))
+        platform = fingerprint(evidence.platform_key)
+        if platform not in policy.platform_roots:
+            msg = (
+                f"the evidence is signed by platform key {platform[:16]}…, which this policy does not pin "
+                f"(pinned: {', '.join(r[:16] + '…' for r in policy.platform_roots) or 'none'})"
+            )
+            raise UntrustedPlatform(msg, platform=platform)
+        checks.append(Check("platform root", True, f"platform key {platform[:16]}… is pinned"))
+    evidence.check_manifest()
+    measurement = str(evidence.statement["measurement"])
+    local = None
+    try:
+        local = expected_measurement()
+    except OSError:
+        local = None
+    accepted = policy.measurements if policy.measurements is not None else ((local,) if local else ())
+    if measurement not in accepted:
+        msg = (
+            f"the kernel runs code with measurement {measurement[:16]}…, which the policy does not accept "
+            f"(accepted: {', '.join(a[:16] + '…' for a in accepted) or 'none'}). The kernel's code differs "
+            "from what you expect."
+        )
+        raise MeasurementMismatch(msg, measurement=measurement)
+    checks.append(Check("measurement", True, f"{measurement[:16]}… is accepted"))
+
+    t = dt.datetime.fromtimestamp(int(evidence.statement["time"]), dt.UTC)
+    age = (now - t).total_seconds()
+    if check_freshness and (age > policy.max_evidence_age or age < -_CLOCK_SKEW):
+        msg = f"the evidence is {int(age)} s old; the policy accepts at most {int(policy.max_evidence_age)} s"
+        raise StaleEvidence(msg, age=age)
+    checks.append(Check("freshness", True, f"evidence {int(age)} s old (max {int(policy.max_evidence_age)} s)"))
+
+    expected_rd = report_data_for(spki_der(cert), evidence.receipt_key)
+    if evidence.statement["report_data"] != expected_rd:
+        msg = (
+            "the evidence's report data does not commit to this TLS key: the certificate was swapped "
+            "(a relay or man-in-the-middle is presenting someone else's evidence)"
+        )
+        raise KeyBindingError(msg)
+    checks.append(Check("key binding", True, "report data = SHA-256(TLS SPKI ‖ receipt key)"))
+    return AttestationReport(
+        level=level,
+        measurement=measurement,
+        expected_measurement=local,
+        platform=fingerprint(evidence.platform_key) if evidence.platform_key else "none (unprotected)",
+        manifest=evidence.statement["manifest"],
+        evidence_time=t,
+        receipt_key=evidence.receipt_key,
+        certificate_der=cert_der,
+        evidence=raw,
+        checks=tuple(checks),
+    )
+
+
+def certificate_sha256(cert_der: bytes) -> str:
+    """SHA-256 hex of a DER certificate (used to bind party proofs to the channel)."""
+    return hashlib.sha256(cert_der).hexdigest()

@@ -1,0 +1,275 @@
+"""The executor process: one per session, running the user's cells in a persistent namespace.
+
+It is started by the supervisor with ``python -m mesatee_notebook.enclave.executor FD`` (a
+fresh interpreter, never a fork, so it inherits no key material) and talks to it over the
+Unix socket FD. It holds no keys: sealed storage goes through the supervisor.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import linecache
+import os
+import resource
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from types import FrameType
+from typing import Any
+
+from mesatee_notebook.enclave.hardening import harden_process
+from mesatee_notebook.enclave.ipc import ipc_recv, ipc_send, pack_values, unpack_values
+from mesatee_notebook.errors import EncodingError, MesateeError
+from mesatee_notebook.wire.codecs import decode_value, encode_value
+
+__all__ = ["Executor", "TrustedAPI", "main"]
+
+_STREAM_FLUSH = 4096
+
+
+class _StreamWriter(io.TextIOBase):
+    """stdout/stderr replacement that streams text to the supervisor as it is written."""
+
+    def __init__(self, ex: Executor, name: str) -> None:
+        self._ex = ex
+        self._name = name
+        self._buf: list[str] = []
+        self._size = 0
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"<mesatee {self._name}>"
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        if not isinstance(s, str):
+            msg = f"write() argument must be str, not {type(s).__name__}"
+            raise TypeError(msg)
+        self._buf.append(s)
+        self._size += len(s)
+        if "\n" in s or self._size >= _STREAM_FLUSH:
+            self.flush()
+        return len(s)
+
+    def flush(self) -> None:
+        if self._buf:
+            text = "".join(self._buf)
+            self._buf.clear()
+            self._size = 0
+            self._ex.send({"t": "stream", "name": self._name, "text": text})
+
+
+class TrustedAPI:
+    """The ``mesatee`` object inside enclave cells: trusted calls, and clearly named untrusted ones.
+
+    * ``mesatee.open(name, mode)``: sealed storage, encrypted and bound to the measurement.
+    * ``mesatee.untrusted_open(path, mode)``: the host's plain filesystem. The host sees and can change it.
+    * ``mesatee.untrusted_log(message)``: a line in the host's log. The host reads it.
+    """
+
+    def __init__(self, ex: Executor) -> None:
+        self._ex = ex
+
+    def open(self, name: str, mode: str = "rb") -> io.BytesIO | io.TextIOWrapper:
+        """Open a sealed object by name (``r``/``rb`` read; ``w``/``wb`` write on close)."""
+        if mode not in ("r", "rb", "w", "wb"):
+            msg = f"mesatee.open supports modes r, rb, w and wb, not {mode!r}"
+            raise ValueError(msg)
+        if mode.startswith("r"):
+            data = self._ex.request({"t": "seal.get", "name": name})
+            raw = io.BytesIO(data)
+            return io.TextIOWrapper(raw, encoding="utf-8") if mode == "r" else raw
+        ex = self._ex
+
+        class _SealedWriter(io.BytesIO):
+            def close(self) -> None:
+                if not self.closed:
+                    ex.request({"t": "seal.put", "name": name}, [self.getvalue()])
+                super().close()
+
+        writer = _SealedWriter()
+        return io.TextIOWrapper(writer, encoding="utf-8", write_through=True) if mode == "w" else writer
+
+    @staticmethod
+    def untrusted_open(path: str, mode: str = "r", **kwargs: Any) -> Any:
+        """Open a file on the host, in the clear. UNTRUSTED: the host can read and alter it."""
+        return open(path, mode, **kwargs)  # noqa: PTH123, SIM115 - a plain host file by design
+
+    def untrusted_log(self, message: str) -> None:
+        """Write a line to the host's log. UNTRUSTED: the host operator reads it."""
+        self._ex.send({"t": "log", "text": str(message)})
+
+    def __repr__(self) -> str:
+        return "<mesatee trusted API: open (sealed); untrusted_open, untrusted_log (host-visible)>"
+
+
+class Executor:
+    """Runs cells for one session; talks to the supervisor over ``sock``."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lock = threading.RLock()
+        self.running = False
+        self.count = 0
+        self.namespace: dict[str, Any] = {"__name__": "__mesatee__", "__builtins__": __builtins__}
+        self.namespace["mesatee"] = TrustedAPI(self)
+
+    def send(self, header: dict[str, Any], payloads: list[Any] | None = None) -> None:
+        with self.lock:
+            ipc_send(self.sock, header, payloads or [])
+
+    def request(self, header: dict[str, Any], payloads: list[Any] | None = None) -> bytes:
+        """A call to the supervisor in the middle of a cell (sealed storage)."""
+        with self.lock:
+            ipc_send(self.sock, header, payloads or [])
+            reply = ipc_recv(self.sock)
+        if reply.type == "error":
+            from mesatee_notebook.errors import error_from_wire
+
+            raise error_from_wire(reply.header)
+        return bytes(reply.payloads[0]) if reply.payloads else b""
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        del signum, frame
+        if self.running:
+            raise KeyboardInterrupt
+
+    def serve(self) -> None:
+        signal.signal(signal.SIGINT, self._on_sigint)
+        self.send({"t": "ready", "pid": os.getpid()})
+        while True:
+            try:
+                msg = ipc_recv(self.sock)
+            except EOFError:
+                return
+            if msg.type == "execute":
+                self.execute(msg)
+            elif msg.type == "shutdown":
+                return
+            else:
+                self.send({"t": "error", "code": "protocol", "message": f"executor: unknown request {msg.type!r}"})
+
+    def execute(self, msg: Any) -> None:
+        header = msg.header
+        allow_pickle = bool(header.get("allow_pickle", False))
+        try:
+            for spec, buf in unpack_values(header.get("inputs", []), msg):
+                self.namespace[str(spec["name"])] = decode_value(
+                    str(spec["kind"]), buf, allow_pickle=allow_pickle, meta=spec.get("meta")
+                )
+        except MesateeError as exc:
+            self.send({"t": "error", **exc.to_wire()})
+            return
+        self.count += 1
+        filename = f"<cell-{self.count}>"
+        code = str(header.get("code", ""))
+        out_stream, err_stream = _StreamWriter(self, "stdout"), _StreamWriter(self, "stderr")
+        old = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = out_stream, err_stream
+        value: Any = None
+        failure: dict[str, Any] | None = None
+        try:
+            self.running = True
+            value = self._run(code, filename)
+        except KeyboardInterrupt:
+            failure = {"code": "remote.interrupted", "message": "the cell was interrupted", "ename": "KeyboardInterrupt",
+                       "traceback": _user_traceback(*sys.exc_info())}
+        except BaseException as exc:  # noqa: BLE001 - the user's code may raise anything, SystemExit included
+            failure = {"code": "remote", "message": f"{type(exc).__name__}: {exc}", "ename": type(exc).__name__,
+                       "traceback": _user_traceback(type(exc), exc, exc.__traceback__)}
+        finally:
+            self.running = False
+            sys.stdout, sys.stderr = old
+            out_stream.flush()
+            err_stream.flush()
+        if failure is not None:
+            code_ = failure.pop("code")
+            message = failure.pop("message")
+            self.send({"t": "error", "code": code_, "message": message, "details": failure})
+            return
+        self._reply(value, header.get("outputs", []), allow_pickle)
+
+    def _run(self, code: str, filename: str) -> Any:
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        tree = ast.parse(code, filename=filename, mode="exec")
+        last: ast.expr | None = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            last = tree.body.pop().value  # type: ignore[attr-defined]
+        exec(compile(tree, filename, "exec"), self.namespace)
+        if last is not None:
+            expr = ast.Expression(body=last)
+            return eval(compile(expr, filename, "eval"), self.namespace)  # noqa: S307 - the user's cell
+        return None
+
+    def _reply(self, value: Any, outputs: list[Any], allow_pickle: bool) -> None:
+        values = []
+        missing = [str(n) for n in outputs if str(n) not in self.namespace]
+        if missing:
+            self.send({"t": "error", "code": "not-found",
+                       "message": f"the cell never set the declared output(s) {', '.join(map(repr, missing))}",
+                       "details": {"names": missing}})
+            return
+        value_repr = None
+        try:
+            for name in outputs:
+                enc = encode_value(self.namespace[str(name)], allow_pickle=allow_pickle)
+                values.append(({"name": f"out/{name}", "kind": enc.kind, "meta": enc.meta}, enc.parts, None))
+        except EncodingError as exc:
+            self.send({"t": "error", "code": exc.code, "message": f"output {name!r}: {exc.message}"})
+            return
+        if value is not None:
+            try:
+                enc = encode_value(value, allow_pickle=allow_pickle)
+                values.append(({"name": "value", "kind": enc.kind, "meta": enc.meta}, enc.parts, None))
+            except EncodingError:
+                value_repr = repr(value)
+        specs, payloads, fds = pack_values(values)
+        self.send_with_fds({"t": "result", "values": specs, "value_repr": value_repr}, payloads, fds)
+
+    def send_with_fds(self, header: dict[str, Any], payloads: list[Any], fds: list[int]) -> None:
+        with self.lock:
+            ipc_send(self.sock, header, payloads, fds)
+
+
+def _user_traceback(etype: Any, exc: Any, tb: Any) -> str:
+    """Format the traceback keeping only frames from the user's cells."""
+    te = traceback.TracebackException(etype, exc, tb, capture_locals=False)
+    te.stack = traceback.StackSummary.from_list([f for f in te.stack if f.filename.startswith("<cell-")])
+    return "".join(te.format())
+
+
+def _set_memory_limit(limit: int) -> None:
+    if limit > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: ``python -m mesatee_notebook.enclave.executor FD [MEMORY_LIMIT_BYTES]``."""
+    args = sys.argv[1:] if argv is None else argv
+    fd = int(args[0])
+    limit = int(args[1]) if len(args) > 1 else 0
+    harden_process()
+    t0 = time.perf_counter()
+    import numpy  # noqa: F401 - warm the engines the cells will use
+    import pandas  # noqa: F401
+    import pyarrow  # noqa: F401
+
+    _set_memory_limit(limit)
+    sock = socket.socket(fileno=fd)
+    ex = Executor(sock)
+    del t0
+    try:
+        ex.serve()
+    except (EOFError, ConnectionError, OSError):
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

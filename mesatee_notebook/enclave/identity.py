@@ -1,0 +1,93 @@
+"""The kernel's in-memory identity: TLS key, receipt key, evidence and RA-TLS certificate."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+
+from mesatee_notebook.attestation.evidence import make_evidence
+from mesatee_notebook.attestation.levels import Level
+from mesatee_notebook.attestation.measurement import measurement_of
+from mesatee_notebook.attestation.ratls import build_ratls_certificate
+
+__all__ = ["KernelIdentity"]
+
+
+@dataclass
+class KernelIdentity:
+    """Keys that live only in the supervisor's memory, and the certificate that attests them."""
+
+    level: Level
+    manifest: dict[str, Any]
+    platform_key: Ed25519PrivateKey | None
+    cert_lifetime: float
+    tls_key: ec.EllipticCurvePrivateKey
+    receipt_key: Ed25519PrivateKey
+    certificate_der: bytes = b""
+    ssl_context: ssl.SSLContext | None = None
+    issued_at: float = 0.0
+
+    @classmethod
+    def create(
+        cls, level: Level, manifest: dict[str, Any], platform_key: Ed25519PrivateKey | None, cert_lifetime: float
+    ) -> KernelIdentity:
+        ident = cls(
+            level=level,
+            manifest=manifest,
+            platform_key=platform_key,
+            cert_lifetime=cert_lifetime,
+            tls_key=ec.generate_private_key(ec.SECP256R1()),
+            receipt_key=Ed25519PrivateKey.generate(),
+        )
+        ident.refresh()
+        return ident
+
+    @property
+    def measurement(self) -> str:
+        return measurement_of(self.manifest)
+
+    @property
+    def receipt_public(self) -> bytes:
+        return self.receipt_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    def refresh(self) -> None:
+        """Issue fresh evidence and a new certificate for the same keys; swap the SSL context."""
+        now = time.time()
+        evidence = make_evidence(
+            level=self.level,
+            manifest=self.manifest,
+            tls_spki_der=self.tls_key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo),
+            receipt_key=self.receipt_public,
+            time=int(now),
+            platform_key=self.platform_key,
+        )
+        start = dt.datetime.fromtimestamp(now, dt.UTC) - dt.timedelta(minutes=5)
+        cert = build_ratls_certificate(
+            self.tls_key, evidence, not_before=start, not_after=start + dt.timedelta(seconds=self.cert_lifetime)
+        )
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        pem = cert.public_bytes(Encoding.PEM) + self.tls_key.private_bytes(
+            Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()
+        )
+        # The key goes to OpenSSL through an anonymous memfd: never on disk, argv or environment.
+        fd = os.memfd_create("mesatee-tls", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, pem)
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        self.certificate_der = cert.public_bytes(Encoding.DER)
+        self.ssl_context = ctx
+        self.issued_at = now
+
+    def sign_receipt(self, data: bytes) -> bytes:
+        return self.receipt_key.sign(data)

@@ -1,0 +1,108 @@
+"""The embedded local kernel: started on first use, reused while it runs, pinned by its own platform key."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from mesatee_notebook.errors import KernelConnectionError
+
+__all__ = ["embedded_home", "ensure_embedded_kernel", "local_platform_fingerprint"]
+
+_START_TIMEOUT = 120.0
+IDLE_TIMEOUT = 1800
+
+
+def embedded_home() -> Path:
+    """``$MESATEE_HOME``, or ``~/.local/share/mesatee_notebook/embedded``."""
+    env = os.environ.get("MESATEE_HOME")
+    if env:
+        return Path(env).expanduser()
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "mesatee_notebook" / "embedded"
+
+
+def local_platform_fingerprint(home: Path | None = None) -> str | None:
+    """The fingerprint of the embedded platform, if one was created here."""
+    path = (home or embedded_home()) / "platform" / "fingerprint"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+@contextlib.contextmanager
+def _locked(home: Path) -> Iterator[None]:
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with (home / ".lock").open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _running(home: Path) -> tuple[str, int] | None:
+    try:
+        info = json.loads((home / "kernel.json").read_text())
+        pid, host, port = int(info["pid"]), str(info["host"]), int(info["port"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return host, port
+    except OSError:
+        return None
+
+
+def _enclave_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mesatee_notebook.cli", "enclave", *args]
+
+
+def ensure_embedded_kernel(home: Path | None = None) -> tuple[str, int, str]:
+    """Start (or reuse) the local softtee kernel; return (host, port, platform fingerprint)."""
+    home = home or embedded_home()
+    with _locked(home):
+        if local_platform_fingerprint(home) is None:
+            subprocess.run(_enclave_cmd("init-platform", "--data-dir", str(home)), check=True,
+                           stdout=subprocess.DEVNULL)
+        fp = local_platform_fingerprint(home)
+        assert fp is not None
+        found = _running(home)
+        if found is not None:
+            return (*found, fp)
+        with contextlib.suppress(FileNotFoundError):
+            (home / "kernel.json").unlink()
+        log = (home / "kernel.log").open("ab")
+        proc = subprocess.Popen(
+            _enclave_cmd("serve", "--host", "127.0.0.1", "--port", "0", "--level", "softtee",
+                         "--data-dir", str(home), "--idle-timeout", str(IDLE_TIMEOUT)),
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + _START_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                msg = f"the embedded kernel exited at start (status {proc.returncode}); see {home / 'kernel.log'}"
+                raise KernelConnectionError(msg)
+            found = _running(home)
+            if found is not None:
+                return (*found, fp)
+            time.sleep(0.05)
+        proc.kill()
+        msg = f"the embedded kernel did not start within {_START_TIMEOUT:.0f} s; see {home / 'kernel.log'}"
+        raise KernelConnectionError(msg)

@@ -1,0 +1,257 @@
+"""Sessions on an attested kernel: run cells, send inputs, get verified outputs with receipts."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mesatee_notebook.attestation.policy import AttestationReport, Policy
+from mesatee_notebook.attestation.receipts import Receipt, VerifiedReceipt, verify_receipt
+from mesatee_notebook.errors import MalformedFrame, ReceiptError
+from mesatee_notebook.remote.channel import Channel, parse_url
+from mesatee_notebook.wire.codecs import decode_value, encode_value
+from mesatee_notebook.wire.stream import Message, Progress
+
+__all__ = ["RunResult", "Session", "connect", "default_policy", "verify_receipt_default"]
+
+StreamCallback = Callable[[str, str], None]
+"""``callback(name, text)`` with name ``"stdout"`` or ``"stderr"``."""
+
+
+@dataclass
+class RunResult:
+    """What a cell returned: its last expression, declared outputs, captured output, and the receipt."""
+
+    value: Any
+    outputs: dict[str, Any]
+    stdout: str
+    stderr: str
+    receipt: Receipt
+    verified: VerifiedReceipt = field(repr=False)
+    value_repr: str | None = None
+
+    def __repr__(self) -> str:
+        shown = self.value_repr if self.value_repr is not None else type(self.value).__name__
+        return f"<RunResult value={shown} outputs={sorted(self.outputs)} receipt=verified>"
+
+
+def default_policy(*, allow_unprotected: bool = False) -> Policy:
+    """Pin the local embedded platform (if any) and the measurement of this install."""
+    from mesatee_notebook.remote.embedded import local_platform_fingerprint
+
+    fp = local_platform_fingerprint()
+    return Policy(platform_roots=[fp] if fp else [], allow_unprotected=allow_unprotected)
+
+
+def verify_receipt_default(
+    receipt: Receipt | Mapping[str, Any] | str | bytes | Path, policy: Policy | None = None, **expect: Any
+) -> VerifiedReceipt:
+    """Check a receipt offline; with no policy, pin the local embedded platform and this install's code."""
+    return verify_receipt(receipt, policy or default_policy(), **expect)
+
+
+class Session:
+    """A session on an enclave kernel: one executor process with a persistent namespace."""
+
+    def __init__(self, channel: Channel, name: str = "default") -> None:
+        self._channel = channel
+        reply = channel.request({"t": "session.open", "name": name})
+        self.name = name
+        self.id = str(reply.header["session"])
+        self._token = str(reply.header["token"])
+        self.last_receipt: Receipt | None = None
+
+    # -- identity -------------------------------------------------------------------------------
+    @property
+    def attestation(self) -> AttestationReport:
+        """The verified attestation of the kernel this session runs on."""
+        return self._channel.attestation
+
+    @property
+    def policy(self) -> Policy:
+        """The policy the kernel was verified under."""
+        return self._channel.policy
+
+    @property
+    def url(self) -> str:
+        """``mesatee://host:port`` of the kernel."""
+        return f"mesatee://{self._channel.host}:{self._channel.port}"
+
+    def __repr__(self) -> str:
+        a = self.attestation
+        return f"<mesatee Session {self.name!r} on {self.url} level={a.level.label} measurement={a.measurement[:12]}…>"
+
+    # -- running code ---------------------------------------------------------------------------
+    def run(
+        self,
+        code: str,
+        inputs: Mapping[str, Any] | None = None,
+        outputs: Iterable[str] = (),
+        *,
+        timeout: float | None = None,
+        stream: StreamCallback | bool | None = None,
+        allow_pickle: bool = False,
+        upload_progress: Progress | None = None,
+        download_progress: Progress | None = None,
+    ) -> RunResult:
+        """Run ``code`` in the enclave with ``inputs`` bound as variables; return verified results.
+
+        ``outputs`` names enclave variables to bring back. The last expression's value comes
+        back as ``value``. stdout/stderr are captured; ``stream=True`` echoes them live, or pass
+        ``callback(name, text)``. The receipt's signature, nonce, code, input and output digests
+        are checked before anything is returned.
+        """
+        names = list(outputs)
+        inputs = dict(inputs or {})
+        specs, payloads = [], []
+        for name, value in inputs.items():
+            if not name.isidentifier():
+                msg = f"input name {name!r} is not a Python identifier"
+                raise ValueError(msg)
+            enc = encode_value(value, allow_pickle=allow_pickle)
+            specs.append({"name": name, "kind": enc.kind, "meta": enc.meta})
+            payloads.append(enc.parts)
+        nonce = secrets.token_hex(16)
+        out_text: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        callback: StreamCallback | None
+        if stream is True:
+            callback = _echo
+        elif callable(stream):
+            callback = stream
+        else:
+            callback = None
+
+        def on_stream(m: Message) -> None:
+            name = "stderr" if m.header.get("name") == "stderr" else "stdout"
+            text = str(m.header.get("text", ""))
+            out_text[name].append(text)
+            if callback is not None:
+                callback(name, text)
+
+        header = {"t": "execute", "session": self.id, "token": self._token, "nonce": nonce, "code": code,
+                  "inputs": specs, "outputs": names, "timeout": timeout, "allow_pickle": allow_pickle}
+        reply = self._channel.request(header, payloads, on_stream=on_stream, digests=True,
+                                      upload_progress=upload_progress, download_progress=download_progress,
+                                      on_interrupt=self.interrupt)
+        return self._verified_result(reply, nonce, code, specs, out_text, names, allow_pickle)
+
+    def _verified_result(self, reply: Message, nonce: str, code: str, specs: list[dict[str, Any]],
+                         out_text: dict[str, list[str]], names: list[str], allow_pickle: bool) -> RunResult:
+        sent = reply.header.get("_sent") or []
+        input_digests = {str(s["name"]): d for s, d in zip(specs, sent, strict=True)}
+        stdout, stderr = "".join(out_text["stdout"]), "".join(out_text["stderr"])
+        got = {"stdout": hashlib.sha256(stdout.encode()).hexdigest(),
+               "stderr": hashlib.sha256(stderr.encode()).hexdigest()}
+        value_specs = reply.header.get("values")
+        if not isinstance(value_specs, list) or len(value_specs) != len(reply.payloads):
+            msg = "result values and payloads do not match"
+            raise MalformedFrame(msg)
+        for spec, digest in zip(value_specs, reply.digests or [], strict=True):
+            got[str(spec["name"])] = digest
+        value_repr = reply.header.get("value_repr")
+        if isinstance(value_repr, str):
+            got["value_repr"] = hashlib.sha256(value_repr.encode()).hexdigest()
+        receipt = Receipt.load(reply.header.get("receipt") or {})
+        verified = verify_receipt(receipt, self.policy, nonce=nonce, outputs=got, inputs=input_digests, code=code,
+                                  attested=self.attestation)
+        if verified.predicate.get("session") != self.id:
+            msg = "the receipt was issued for another session"
+            raise ReceiptError(msg)
+        self.last_receipt = receipt
+        decoded: dict[str, Any] = {}
+        value: Any = None
+        for spec, buf in zip(value_specs, reply.payloads, strict=True):
+            obj = decode_value(str(spec["kind"]), buf, allow_pickle=allow_pickle, meta=spec.get("meta"))
+            if spec["name"] == "value":
+                value = obj
+            else:
+                decoded[str(spec["name"]).removeprefix("out/")] = obj
+        missing = set(names) - set(decoded)
+        if missing:
+            msg = f"the kernel did not return declared outputs {sorted(missing)}"
+            raise ReceiptError(msg)
+        return RunResult(value=value, outputs=decoded, stdout=stdout, stderr=stderr, receipt=receipt,
+                         verified=verified, value_repr=value_repr if isinstance(value_repr, str) else None)
+
+    # -- control --------------------------------------------------------------------------------
+    def interrupt(self) -> bool:
+        """Interrupt the running cell (over a second attested connection). True if one was running."""
+        side = Channel(self._channel.host, self._channel.port, self.policy)
+        try:
+            reply = side.request({"t": "interrupt", "session": self.id, "token": self._token})
+        finally:
+            side.close()
+        return bool(reply.header.get("interrupted"))
+
+    def restart(self) -> None:
+        """Kill the executor and start a fresh one (the namespace is cleared)."""
+        self._channel.request({"t": "session.restart", "session": self.id, "token": self._token})
+
+    def sessions(self) -> list[dict[str, Any]]:
+        """Sessions opened on this connection."""
+        reply = self._channel.request({"t": "session.list"})
+        return list(reply.header.get("sessions", []))
+
+    def ping(self) -> float:
+        """Round trip to the kernel; returns the kernel's clock."""
+        return float(self._channel.request({"t": "ping"}).header["time"])
+
+    def close(self) -> None:
+        """Close the session and the connection."""
+        if self._channel.closed:
+            return
+        try:
+            self._channel.request({"t": "session.close", "session": self.id, "token": self._token})
+        finally:
+            self._channel.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _echo(name: str, text: str) -> None:
+    stream = sys.stderr if name == "stderr" else sys.stdout
+    stream.write(text)
+    stream.flush()
+
+
+def connect(
+    url: str | None = None,
+    *,
+    policy: Policy | None = None,
+    session: str = "default",
+    allow_unprotected: bool = False,
+    timeout: float = 30.0,
+) -> Session:
+    """Connect to an enclave kernel, attest it, and open a session.
+
+    With no ``url``, start (or reuse) the local embedded softtee kernel and pin the
+    platform key it created. With a ``mesatee://host:port`` URL, the ``policy`` names the
+    platform roots, measurements and minimum level to accept.
+    """
+    if url is None:
+        from mesatee_notebook.remote.embedded import ensure_embedded_kernel
+
+        host, port, fp = ensure_embedded_kernel()
+        pol = policy or Policy(platform_roots=[fp], allow_unprotected=allow_unprotected)
+    else:
+        host, port = parse_url(url)
+        pol = policy or Policy(allow_unprotected=allow_unprotected)
+    if allow_unprotected and not pol.allow_unprotected:
+        from dataclasses import replace
+
+        pol = replace(pol, allow_unprotected=True)
+    channel = Channel(host, port, pol, timeout=timeout)
+    try:
+        return Session(channel, session)
+    except BaseException:
+        channel.close()
+        raise

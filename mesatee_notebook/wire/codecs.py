@@ -1,0 +1,216 @@
+"""Value codecs: how Python values cross the wire (pure: no I/O).
+
+=================  ==============  ===========================================
+Python value       kind            bytes on the wire
+=================  ==============  ===========================================
+pandas.DataFrame   ``arrow.frame``  Arrow IPC stream (index kept)
+pandas.Series      ``arrow.series`` Arrow IPC stream of a one-column table
+numpy.ndarray      ``npy``          ``.npy`` header + the raw array buffer
+bytes/bytearray    ``bytes``        as they are
+None, bool, int,   ``msgpack``      msgpack (numpy scalars become Python ones)
+float, str, list,
+tuple, dict
+anything else      ``pickle``       only when the caller passes ``allow_pickle=True``
+=================  ==============  ===========================================
+
+Pickle is never used unless asked for in that call: unpickling runs code, so a
+pickle from a peer is as dangerous as the peer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from mesatee_notebook.errors import EncodingError, MalformedFrame
+
+__all__ = ["KINDS", "Encoded", "decode_value", "digest_parts", "encode_value", "describe"]
+
+KINDS = frozenset({"arrow.frame", "arrow.series", "npy", "bytes", "msgpack", "pickle"})
+_SERIES_COL = "__mesatee_series__"
+
+
+@dataclass(slots=True)
+class Encoded:
+    """An encoded value: its kind, small metadata, and the payload parts to send."""
+
+    kind: str
+    parts: list[Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Total payload size in bytes."""
+        return sum(memoryview(p).nbytes for p in self.parts)
+
+    def digest(self) -> str:
+        """SHA-256 of the payload bytes, as the receipt records it."""
+        return digest_parts(self.parts)
+
+
+def digest_parts(parts: list[Any]) -> str:
+    """SHA-256 hex digest of buffers taken back to back."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(memoryview(p).cast("B"))
+    return h.hexdigest()
+
+
+def _msgpack_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, tuple):
+        return list(obj)
+    msg = f"cannot encode a value of type {type(obj).__module__}.{type(obj).__qualname__} inside a list or dict"
+    raise EncodingError(msg, type=type(obj).__qualname__)
+
+
+def _way_out(value: Any) -> str:
+    name = f"{type(value).__module__}.{type(value).__qualname__}"
+    return (
+        f"cannot send a value of type {name}: mesatee_notebook sends DataFrames, Series, numpy arrays, bytes "
+        "and plain scalars/lists/dicts. Convert it to one of those (e.g. pandas.DataFrame(...) or "
+        "numpy.asarray(...)), or pass allow_pickle=True in this call if you trust both sides with pickle."
+    )
+
+
+def encode_value(value: Any, *, allow_pickle: bool = False) -> Encoded:
+    """Encode ``value`` for the wire without copying large buffers where avoidable."""
+    import pandas as pd
+
+    if isinstance(value, pd.DataFrame):
+        return _encode_frame(value, "arrow.frame", {})
+    if isinstance(value, pd.Series):
+        name = value.name
+        frame = value.to_frame(name=_SERIES_COL)
+        meta: dict[str, Any] = {"name": name if isinstance(name, (str, int, float)) or name is None else str(name)}
+        return _encode_frame(frame, "arrow.series", meta)
+    if isinstance(value, np.ndarray):
+        if value.dtype.hasobject:
+            if allow_pickle:
+                return _encode_pickle(value)
+            msg = _way_out(value) + " (numpy object arrays hold Python objects; use a typed dtype)"
+            raise EncodingError(msg, type="ndarray[object]")
+        return _encode_npy(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return Encoded("bytes", [value])
+    if value is None or isinstance(value, (bool, int, float, str, list, tuple, dict, np.generic)):
+        try:
+            raw = msgpack.packb(value, use_bin_type=True, default=_msgpack_default, strict_types=False)
+        except (EncodingError, OverflowError, TypeError, ValueError) as exc:
+            if allow_pickle:
+                return _encode_pickle(value)
+            msg = _way_out(value) + f" ({exc})"
+            raise EncodingError(msg, type=type(value).__qualname__) from exc
+        return Encoded("msgpack", [raw])
+    if allow_pickle:
+        return _encode_pickle(value)
+    raise EncodingError(_way_out(value), type=type(value).__qualname__)
+
+
+def _encode_pickle(value: Any) -> Encoded:
+    return Encoded("pickle", [pickle.dumps(value, protocol=5)])
+
+
+def _encode_frame(df: Any, kind: str, meta: dict[str, Any]) -> Encoded:
+    import pyarrow as pa
+
+    try:
+        table = pa.Table.from_pandas(df, preserve_index=None)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, ValueError) as exc:
+        msg = (
+            f"cannot send this {type(df).__name__} as Arrow: {exc}. Columns of mixed Python objects "
+            "cannot be sent; cast them (e.g. df[col].astype(str)) or pass allow_pickle=True."
+        )
+        raise EncodingError(msg, type=type(df).__name__) from exc
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=1 << 20)
+    return Encoded(kind, [sink.getvalue()], meta)
+
+
+def _encode_npy(arr: np.ndarray[Any, Any]) -> Encoded:
+    if not (arr.flags.c_contiguous or arr.flags.f_contiguous):
+        arr = np.ascontiguousarray(arr)
+    head = io.BytesIO()
+    np.lib.format.write_array_header_2_0(head, np.lib.format.header_data_from_array_1_0(arr))
+    data = arr.reshape(-1, order="F" if (arr.flags.f_contiguous and not arr.flags.c_contiguous) else "C")
+    body: Any = memoryview(data.view(np.uint8)) if data.size else b""
+    return Encoded("npy", [head.getvalue(), body])
+
+
+def decode_value(kind: str, buf: Any, *, allow_pickle: bool = False, meta: dict[str, Any] | None = None) -> Any:
+    """Decode one payload; Arrow and npy results share memory with ``buf``."""
+    meta = meta or {}
+    if kind in ("arrow.frame", "arrow.series"):
+        import pyarrow as pa
+
+        try:
+            table = pa.ipc.open_stream(pa.py_buffer(buf)).read_all()
+        except (pa.ArrowInvalid, pa.ArrowException) as exc:
+            msg = f"payload is not a valid Arrow IPC stream: {exc}"
+            raise MalformedFrame(msg) from exc
+        df = table.to_pandas()
+        if kind == "arrow.series":
+            series = df[_SERIES_COL]
+            series.name = meta.get("name")
+            return series
+        return df
+    if kind == "npy":
+        return _decode_npy(buf)
+    if kind == "bytes":
+        return bytes(buf)
+    if kind == "msgpack":
+        try:
+            return msgpack.unpackb(memoryview(buf), raw=False, strict_map_key=False)
+        except Exception as exc:  # msgpack raises several unrelated types
+            msg = f"payload is not valid msgpack: {type(exc).__name__}"
+            raise MalformedFrame(msg) from exc
+    if kind == "pickle":
+        if not allow_pickle:
+            msg = "the peer sent a pickled value, and pickle was not allowed for this call (allow_pickle=True)"
+            raise EncodingError(msg, type="pickle")
+        return pickle.loads(memoryview(buf))  # noqa: TID251 - explicit opt-in in this call
+    msg = f"unknown value kind {kind!r}"
+    raise MalformedFrame(msg)
+
+
+def _decode_npy(buf: Any) -> np.ndarray[Any, Any]:
+    view = memoryview(buf).cast("B")
+    fp = io.BytesIO(view[: min(view.nbytes, 1 << 16)])
+    try:
+        version = np.lib.format.read_magic(fp)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = reader(fp)
+    except ValueError as exc:
+        msg = f"payload is not a valid .npy array: {exc}"
+        raise MalformedFrame(msg) from exc
+    if dtype.hasobject:
+        msg = "refusing a .npy payload with dtype=object (it would need pickle)"
+        raise MalformedFrame(msg)
+    offset = fp.tell()
+    count = int(np.prod(shape)) if shape else 1
+    if view.nbytes - offset != count * dtype.itemsize:
+        msg = "the .npy payload's length does not match its header"
+        raise MalformedFrame(msg)
+    flat = np.frombuffer(view, dtype=dtype, count=count, offset=offset)
+    return flat.reshape(shape, order="F" if fortran else "C")
+
+
+def describe(value: Any) -> str:
+    """A short, data-free description of a value for logs and displays."""
+    import pandas as pd
+
+    if isinstance(value, pd.DataFrame):
+        return f"DataFrame[{value.shape[0]} rows × {value.shape[1]} cols]"
+    if isinstance(value, pd.Series):
+        return f"Series[{len(value)}] {value.dtype}"
+    if isinstance(value, np.ndarray):
+        return f"ndarray{value.shape} {value.dtype}"
+    return type(value).__name__

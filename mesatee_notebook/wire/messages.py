@@ -1,0 +1,62 @@
+"""Protocol version and message types of the client ↔ kernel channel (pure)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mesatee_notebook.errors import MalformedFrame, VersionMismatch
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "SUPPORTED_VERSIONS",
+    "REQUEST_TYPES",
+    "negotiate",
+    "require",
+]
+
+#: Bumped on any incompatible change of framing, message fields or codecs.
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = frozenset({1})
+
+#: Requests a client may send after the handshake; anything else is refused with a typed error.
+REQUEST_TYPES = frozenset(
+    {
+        "hello",
+        "session.open",
+        "session.close",
+        "session.restart",
+        "session.list",
+        "execute",
+        "interrupt",
+        "call",
+        "ping",
+    }
+)
+
+
+def negotiate(offered: Any, *, client_version: str, server_version: str) -> int:
+    """Pick the protocol version from the client's offer, or explain the mismatch in one sentence."""
+    if not isinstance(offered, list) or not all(isinstance(v, int) for v in offered):
+        msg = "hello must offer a list of integer protocol versions"
+        raise MalformedFrame(msg)
+    common = SUPPORTED_VERSIONS.intersection(offered)
+    if not common:
+        newer = max(offered, default=0) > max(SUPPORTED_VERSIONS)
+        side = "the kernel" if newer else "the client"
+        msg = (
+            f"protocol mismatch: client mesatee_notebook {client_version} speaks {sorted(offered)}, "
+            f"kernel mesatee_notebook {server_version} speaks {sorted(SUPPORTED_VERSIONS)}; "
+            f"upgrade mesatee_notebook on {side} side."
+        )
+        raise VersionMismatch(msg)
+    return max(common)
+
+
+def require(header: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    """Return ``header[key]`` if it has the expected type, else raise MalformedFrame."""
+    value = header.get(key)
+    if not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        msg = f"message {header.get('t')!r} needs field {key!r} of type {names}"
+        raise MalformedFrame(msg)
+    return value

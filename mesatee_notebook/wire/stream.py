@@ -1,0 +1,226 @@
+"""Move frames over a connected socket it is given (the only I/O in ``wire/``).
+
+It opens nothing and chooses no peer: the caller hands it a connected
+``ssl.SSLSocket`` (client ↔ kernel) or a Unix socket (supervisor ↔ executor).
+Large payloads are sent from memoryviews and received straight into buffers
+from an allocator, in big chunks, with SHA-256 digests computed on a helper
+thread while the bytes move (``hashlib`` releases the GIL on large buffers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from mesatee_notebook.errors import KernelConnectionError, MalformedFrame
+from mesatee_notebook.wire.framing import PREFIX, Limits, pack_header, unpack_header, unpack_prefix
+
+__all__ = [
+    "CHUNK",
+    "Allocator",
+    "Message",
+    "Progress",
+    "recv_message",
+    "send_message",
+]
+
+CHUNK = 8 << 20
+_INLINE_HASH = 1 << 20
+_MAX_FDS = 64
+
+Progress = Callable[[int, int], None]
+"""``progress(done_bytes, total_bytes)`` called after each chunk of a large payload."""
+
+
+class Allocator(Protocol):
+    """Returns a writable buffer of exactly ``size`` bytes for an incoming payload."""
+
+    def __call__(self, size: int) -> Any: ...
+
+
+@dataclass(slots=True)
+class Message:
+    """A received message: header, payload buffers, optional digests and passed fds."""
+
+    header: dict[str, Any]
+    payloads: list[Any] = field(default_factory=list)
+    digests: list[str] | None = None
+    fds: list[int] = field(default_factory=list)
+
+    @property
+    def type(self) -> str:
+        """The message type ``t``."""
+        return str(self.header["t"])
+
+
+class _Hasher:
+    """SHA-256 of a sequence of buffers, on a helper thread when they are large."""
+
+    def __init__(self, total: int) -> None:
+        self._h = hashlib.sha256()
+        self._thread: threading.Thread | None = None
+        self._q: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+        if total > _INLINE_HASH:
+            self._thread = threading.Thread(target=self._run, name="mesatee-hash", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while (view := self._q.get()) is not None:
+            self._h.update(view)
+
+    def update(self, view: memoryview) -> None:
+        if self._thread is None:
+            self._h.update(view)
+        else:
+            self._q.put(view)
+
+    def hexdigest(self) -> str:
+        if self._thread is not None:
+            self._q.put(None)
+            self._thread.join()
+        return self._h.hexdigest()
+
+
+def _as_parts(payload: Any) -> list[memoryview]:
+    if isinstance(payload, (list, tuple)):
+        return [memoryview(p).cast("B") for p in payload]
+    return [memoryview(payload).cast("B")]
+
+
+def send_message(
+    sock: socket.socket,
+    header: dict[str, Any],
+    payloads: Sequence[Any] = (),
+    *,
+    digests: bool = False,
+    progress: Progress | None = None,
+    fds: Sequence[int] = (),
+) -> list[str] | None:
+    """Send one message; a payload is a buffer or a list of buffers sent back to back.
+
+    Returns the SHA-256 hex digest of each payload when ``digests`` is true.
+    ``fds`` (Unix sockets only) travel as SCM_RIGHTS with the header.
+    """
+    parts = [_as_parts(p) for p in payloads]
+    sizes = [sum(v.nbytes for v in pp) for pp in parts]
+    head = pack_header(header, sizes)
+    try:
+        if fds:
+            socket.send_fds(sock, [head], list(fds))
+        else:
+            sock.sendall(head)
+        total = sum(sizes)
+        done = 0
+        out: list[str] | None = [] if digests else None
+        for pp, size in zip(parts, sizes, strict=True):
+            hasher = _Hasher(size) if digests else None
+            for view in pp:
+                for off in range(0, view.nbytes, CHUNK):
+                    chunk = view[off : off + CHUNK]
+                    sock.sendall(chunk)
+                    if hasher is not None:
+                        hasher.update(chunk)
+                    done += chunk.nbytes
+                    if progress is not None and total > CHUNK:
+                        progress(done, total)
+            if out is not None and hasher is not None:
+                out.append(hasher.hexdigest())
+    except (BrokenPipeError, ConnectionResetError, OSError) as exc:
+        if isinstance(exc, TimeoutError):
+            raise
+        msg = f"connection lost while sending a {header.get('t')!r} message: {exc}"
+        raise KernelConnectionError(msg) from exc
+    return out
+
+
+def _recv_exact_into(sock: socket.socket, view: memoryview, what: str) -> None:
+    pos = 0
+    n = view.nbytes
+    while pos < n:
+        got = sock.recv_into(view[pos:], n - pos)
+        if got == 0:
+            msg = f"connection closed by the peer in the middle of a frame ({what}: {pos} of {n} bytes)"
+            raise KernelConnectionError(msg)
+        pos += got
+
+
+def _recv_prefix(sock: socket.socket, want_fds: bool) -> tuple[bytes, list[int]]:
+    buf = bytearray(PREFIX.size)
+    view = memoryview(buf)
+    fds: list[int] = []
+    pos = 0
+    if want_fds:
+        data, fds, _flags, _addr = socket.recv_fds(sock, PREFIX.size, _MAX_FDS)
+        if not data:
+            raise EOFError
+        view[: len(data)] = data
+        pos = len(data)
+    else:
+        pos = sock.recv_into(view, PREFIX.size)
+        if pos == 0:
+            raise EOFError
+    if pos < PREFIX.size:
+        _recv_exact_into(sock, view[pos:], "prefix")
+    return bytes(buf), fds
+
+
+def recv_message(
+    sock: socket.socket,
+    limits: Limits,
+    *,
+    allocator: Allocator | None = None,
+    digests: bool = False,
+    progress: Progress | None = None,
+    want_fds: bool = False,
+    body_timeout: float | None = None,
+) -> Message:
+    """Receive one message. Raises EOFError on a clean close between messages.
+
+    Sizes are checked against ``limits`` before any header or payload byte is read.
+    Each payload lands in a buffer from ``allocator`` (default: ``bytearray``).
+    ``body_timeout`` bounds each read once a frame has started, so a peer that stalls
+    mid-frame cannot hold the reader forever.
+    """
+    saved = sock.gettimeout()
+    try:
+        prefix, fds = _recv_prefix(sock, want_fds)
+        if body_timeout is not None:
+            sock.settimeout(body_timeout)
+        header_len, payload_total = unpack_prefix(prefix, limits)
+        raw = bytearray(header_len)
+        _recv_exact_into(sock, memoryview(raw), "header")
+        header = unpack_header(bytes(raw), payload_total, limits)
+        alloc: Allocator = allocator if allocator is not None else bytearray
+        payloads: list[Any] = []
+        out: list[str] | None = [] if digests else None
+        done = 0
+        for size in header["p"]:
+            buf = alloc(size)
+            view = memoryview(buf).cast("B")
+            if view.nbytes != size:
+                msg = "allocator returned a buffer of the wrong size"
+                raise MalformedFrame(msg)
+            hasher = _Hasher(size) if digests else None
+            for off in range(0, size, CHUNK):
+                chunk = view[off : off + CHUNK]
+                _recv_exact_into(sock, chunk, "payload")
+                if hasher is not None:
+                    hasher.update(chunk)
+                done += chunk.nbytes
+                if progress is not None and payload_total > CHUNK:
+                    progress(done, payload_total)
+            if out is not None and hasher is not None:
+                out.append(hasher.hexdigest())
+            payloads.append(buf)
+    except (ConnectionResetError, BrokenPipeError) as exc:
+        msg = f"connection reset by the peer: {exc}"
+        raise KernelConnectionError(msg) from exc
+    finally:
+        if body_timeout is not None:
+            sock.settimeout(saved)
+    return Message(header=header, payloads=payloads, digests=out, fds=fds)
