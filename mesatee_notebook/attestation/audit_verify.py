@@ -140,7 +140,9 @@ def verify_audit_log(
             sig = base64.b64decode(str(entry["sig"]), validate=True)
             key.verify(sig, signing_payload(entry))
         except (InvalidSignature, binascii.Error, ValueError):
-            raise _fail(index, entry, "signature does not verify (entry changed, or not signed by this enclave)") from None
+            raise _fail(
+                index, entry, "signature does not verify (entry changed, or not signed by this enclave)"
+            ) from None
         seq = int(entry["seq"])
         if prev is None:
             if not partial and seq != 0:

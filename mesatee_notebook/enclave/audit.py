@@ -36,7 +36,7 @@ from mesatee_notebook.attestation.audit_verify import (
     verify_audit_log,
 )
 from mesatee_notebook.enclave.sealing import SealedStore
-from mesatee_notebook.errors import EncodingError, TamperedData
+from mesatee_notebook.errors import EncodingError, SealingError, TamperedData
 
 __all__ = ["AUDIT_KINDS", "AuditLog"]
 
@@ -127,7 +127,7 @@ class AuditLog:
         verify_audit_log(self._entries, self.public_key, expected_head=head)
 
     def head(self) -> AuditHead | None:
-        """The current head (last ``seq`` and its hash), or ``None`` while empty."""
+        """Return the current head (last ``seq`` and its hash), or ``None`` while empty."""
         with self._lock:
             if not self._entries:
                 return None
@@ -145,11 +145,11 @@ class AuditLog:
         """Sign, append and fsync one entry; return it. ``concerns`` lists the other parties it is visible to."""
         if kind not in AUDIT_KINDS:
             msg = f"unknown audit entry kind {kind!r}; expected one of {sorted(AUDIT_KINDS)}"
-            raise ValueError(msg)
+            raise EncodingError(msg, kind=kind)
         with self._lock:
             if self._fd < 0:
-                msg = "the audit log is closed"
-                raise ValueError(msg)
+                msg = f"the audit log {self.path} is closed"
+                raise SealingError(msg)
             prev = entry_hash(self._entries[-1]) if self._entries else GENESIS
             entry: dict[str, Any] = {
                 "v": AUDIT_FORMAT_VERSION,
@@ -185,6 +185,6 @@ class AuditLog:
             return [dict(e) for e in self._entries]
 
     def visible_to(self, party_id: str) -> list[dict[str, Any]]:
-        """The entries that concern ``party_id``; verify them with ``verify_audit_log(..., partial=True)``."""
+        """Return the entries that concern ``party_id``; verify them with ``verify_audit_log(..., partial=True)``."""
         with self._lock:
             return [dict(e) for e in self._entries if entry_concerns(e, party_id)]

@@ -141,6 +141,12 @@ class _Connection:
                 self.dispatch(msg, alloc)
             except MesateeError as exc:
                 self._try_error(msg.header.get("id"), exc)
+            except Exception as exc:  # a bug must not take the connection down with it
+                log.exception("internal error handling %r from %s", msg.type, self.peer)
+                self._try_error(
+                    msg.header.get("id"),
+                    MesateeError(f"internal error in the kernel ({type(exc).__name__}); see the kernel log"),
+                )
             finally:
                 alloc.close()
 

@@ -151,7 +151,8 @@ class ExecutorHandle:
             except (EOFError, OSError, MesateeError) as exc:
                 raise self.crashed_error() from exc
             finally:
-                self.sock.settimeout(None)
+                if self.sock.fileno() >= 0:
+                    self.sock.settimeout(None)
             if on_message(msg):
                 if interrupted_at is not None and msg.type == "error":
                     msg_ = f"the cell ran past its timeout of {timeout:g} s and was interrupted; the session is intact"

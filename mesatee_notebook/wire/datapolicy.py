@@ -104,4 +104,5 @@ class DataPolicy:
             if key in data and not isinstance(data[key], list):
                 msg = f"DataPolicy.{key} must be a list"
                 raise MalformedFrame(msg)
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()})
+        kwargs: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()}
+        return cls(**kwargs)

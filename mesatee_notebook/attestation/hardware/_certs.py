@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import itertools
 import struct
 import warnings
 from collections.abc import Iterator, Sequence
@@ -110,7 +111,7 @@ def der_sha256(cert: x509.Certificate) -> str:
 
 
 def common_name(cert: x509.Certificate) -> str:
-    """The subject CN, or the whole subject when there is none."""
+    """Return the subject CN, or the whole subject when there is none."""
     attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if attrs:
         value = attrs[0].value
@@ -146,16 +147,23 @@ def _verify_link(child: x509.Certificate, parent: x509.Certificate, kind: Litera
     try:
         if kind == "intel":
             hash_alg = child.signature_hash_algorithm
-            if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(hash_alg, hashes.SHA256 | hashes.SHA384):
+            if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(
+                hash_alg, hashes.SHA256 | hashes.SHA384
+            ):
                 raise refuse(ChainBroken, check, f"{child_name!r} is not signed with ECDSA-SHA256/384")
             key.verify(child.signature, child.tbs_certificate_bytes, ec.ECDSA(hash_alg))
         else:
-            if not isinstance(key, rsa.RSAPublicKey) or child.signature_algorithm_oid != SignatureAlgorithmOID.RSASSA_PSS:
+            if (
+                not isinstance(key, rsa.RSAPublicKey)
+                or child.signature_algorithm_oid != SignatureAlgorithmOID.RSASSA_PSS
+            ):
                 raise refuse(ChainBroken, check, f"{child_name!r} is not signed with RSA-PSS")
             pss = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
             key.verify(child.signature, child.tbs_certificate_bytes, pss, hashes.SHA384())
     except InvalidSignature:
-        raise refuse(ChainBroken, check, f"the signature of {parent_name!r} on {child_name!r} does not verify") from None
+        raise refuse(
+            ChainBroken, check, f"the signature of {parent_name!r} on {child_name!r} does not verify"
+        ) from None
 
 
 def verify_chain(
@@ -180,7 +188,9 @@ def verify_chain(
             issuer = next((a for a in anchors if a.cert.subject == top.issuer), None)
             if issuer is None:
                 raise refuse(
-                    RootNotTrusted, check, f"{common_name(top)!r} is issued by {top.issuer.rfc4514_string()!r}, not a trusted root"
+                    RootNotTrusted,
+                    check,
+                    f"{common_name(top)!r} is issued by {top.issuer.rfc4514_string()!r}, not a trusted root",
                 )
             certs.append(issuer.cert)
         root = certs[-1]
@@ -194,7 +204,7 @@ def verify_chain(
                 f"the root {common_name(root)!r} (SHA-256 {digest[:8]}…) is not trusted; trusted roots: {trusted}",
                 root_sha256=digest,
             )
-        for child, parent in zip(certs, certs[1:], strict=False):
+        for child, parent in itertools.pairwise(certs):
             _verify_link(child, parent, kind, check)
         _verify_link(root, root, kind, check)
         for cert in certs:
@@ -210,9 +220,8 @@ def verify_chain(
 
 @dataclass(frozen=True)
 class CertExtension:
-    """One X.509 extension as raw bytes: the OID's content octets, its dotted form, and the value."""
+    """One X.509 extension: its dotted OID, criticality and raw value."""
 
-    oid_bytes: bytes
     oid: str
     critical: bool
     value: bytes
@@ -236,7 +245,7 @@ class CertView:
     """``"cryptography"``, or ``"lenient DER walker"`` when cryptography refused the certificate."""
 
     def find(self, oid: str) -> CertExtension | None:
-        """The extension with dotted OID ``oid``, if any."""
+        """Return the extension with dotted OID ``oid``, if any."""
         return next((e for e in self.extensions if e.oid == oid), None)
 
 
@@ -277,7 +286,7 @@ def parse_cert_view(der: bytes, what: str = "RA-TLS certificate") -> CertView:
             oid_bytes = _der.expect(items[0], _der.OID, what).content
             critical = len(items) == 3 and _der.expect(items[1], _der.BOOLEAN, what).content not in (b"", b"\x00")
             value = _der.expect(items[-1], _der.OCTET_STRING, what).content
-            extensions.append(CertExtension(oid_bytes, _der.decode_oid(oid_bytes, what), critical, value))
+            extensions.append(CertExtension(_der.decode_oid(oid_bytes, what), critical, value))
     return CertView(
         der=der,
         tbs=tbs.raw,

@@ -42,7 +42,7 @@ def check_min(name: str, actual: int, minimum: int | None) -> Check:
 
 
 def check_report_data(actual: bytes, expected_hex: str | None) -> Check:
-    """The report data must start with the policy's expected bytes (the key binding)."""
+    """Check that the report data starts with the policy's expected bytes (the key binding)."""
     if expected_hex is None:
         return Check("report data", None, "the policy sets no expected report data; the caller must bind it")
     expected = bytes.fromhex(expected_hex)

@@ -57,6 +57,9 @@ __all__ = [
     "verify_quote",
 ]
 
+_HEADER = "quote header"
+_SGX_BODY = "SGX report body"
+
 HEADER_SIZE = 48
 TEE_SGX = 0x00000000
 TEE_TDX = 0x00000081
@@ -151,24 +154,24 @@ def parse_quote(data: bytes) -> DcapQuote:
     qe_vendor_id = r.take(16, "QE vendor id")
     user_data = r.take(20, "user data")
     if version not in (3, 4, 5):
-        raise malformed("quote header", f"quote version {version} is not supported (3, 4 or 5)")
+        raise malformed(_HEADER, f"quote version {version} is not supported (3, 4 or 5)")
     if key_type != ATT_KEY_ECDSA_P256:
-        raise malformed("quote header", f"attestation key type {key_type} is not ECDSA-256-with-P-256")
+        raise malformed(_HEADER, f"attestation key type {key_type} is not ECDSA-256-with-P-256")
     if version == 3:
         if tee_type != TEE_SGX:
-            raise malformed("quote header", f"a v3 quote must be SGX, header says TEE type 0x{tee_type:x}")
+            raise malformed(_HEADER, f"a v3 quote must be SGX, header says TEE type 0x{tee_type:x}")
         body_type = BODY_SGX
     elif tee_type not in (TEE_SGX, TEE_TDX):
-        raise malformed("quote header", f"unknown TEE type 0x{tee_type:x}")
+        raise malformed(_HEADER, f"unknown TEE type 0x{tee_type:x}")
     if version == 4:
         body_type = BODY_TDX10 if tee_type == TEE_TDX else BODY_SGX
     elif version == 5:
         body_type = r.u16("body type")
         body_size = r.u32("body size")
         if body_type not in BODY_SIZES or BODY_SIZES[body_type] != body_size:
-            raise malformed("quote header", f"v5 body type {body_type} with size {body_size} is not known")
+            raise malformed(_HEADER, f"v5 body type {body_type} with size {body_size} is not known")
         if (body_type == BODY_SGX) != (tee_type == TEE_SGX):
-            raise malformed("quote header", f"v5 body type {body_type} contradicts TEE type 0x{tee_type:x}")
+            raise malformed(_HEADER, f"v5 body type {body_type} contradicts TEE type 0x{tee_type:x}")
     body = r.take(BODY_SIZES[body_type], "report body")
     signed = r.data[: r.pos]
     sig_len = r.u32("signature data length")
@@ -227,7 +230,7 @@ def parse_quote(data: bytes) -> DcapQuote:
 def sgx_report_fields(body: bytes) -> dict[str, Any]:
     """Decode a 384-byte SGX report body (enclave report or QE report)."""
     if len(body) != SGX_REPORT_SIZE:
-        raise malformed("SGX report body", f"must be {SGX_REPORT_SIZE} bytes, got {len(body)}")
+        raise malformed(_SGX_BODY, f"must be {SGX_REPORT_SIZE} bytes, got {len(body)}")
     flags, xfrm = struct.unpack_from("<QQ", body, 48)
     prod_id, svn, config_svn = struct.unpack_from("<HHH", body, 256)
     return {
@@ -314,7 +317,11 @@ def verify_quote(quote: DcapQuote, policy: HardwarePolicy) -> tuple[list[Check],
     )
     path = " -> ".join(common_name(c) for c in chain)
     checks.append(Check(_CHAIN_CHECK, True, f"{path}; root is {anchor.name} (SHA-256 {anchor.sha256[:16]}...)"))
-    checks.append(Check("certificate validity", True, f"all {len(chain)} certificates valid at {policy.when():%Y-%m-%d %H:%M} UTC"))
+    checks.append(
+        Check(
+            "certificate validity", True, f"all {len(chain)} certificates valid at {policy.when():%Y-%m-%d %H:%M} UTC"
+        )
+    )
 
     with parsing("QE report signature"):
         pck_key = chain[0].public_key()
@@ -323,7 +330,9 @@ def verify_quote(quote: DcapQuote, policy: HardwarePolicy) -> tuple[list[Check],
     try:
         pck_key.verify(_p256_signature(quote.qe_report_signature), quote.qe_report, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
-        raise refuse(EvidenceSignatureError, "QE report signature", "the QE report is not signed by the PCK key") from None
+        raise refuse(
+            EvidenceSignatureError, "QE report signature", "the QE report is not signed by the PCK key"
+        ) from None
     checks.append(Check("QE report signature", True, "ECDSA-P256 over the QE report, under the PCK leaf key"))
 
     qe = sgx_report_fields(quote.qe_report)
@@ -344,7 +353,9 @@ def verify_quote(quote: DcapQuote, policy: HardwarePolicy) -> tuple[list[Check],
         attest_key.verify(_p256_signature(quote.signature), quote.signed, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
         raise refuse(
-            EvidenceSignatureError, "quote signature", "the header and report body are not signed by the attestation key"
+            EvidenceSignatureError,
+            "quote signature",
+            "the header and report body are not signed by the attestation key",
         ) from None
     signed_what = "header, body descriptor and body" if quote.version == 5 else "header and body"
     checks.append(Check("quote signature", True, f"ECDSA-P256 over the {signed_what} ({len(quote.signed)} bytes)"))
@@ -363,7 +374,7 @@ def verify_quote(quote: DcapQuote, policy: HardwarePolicy) -> tuple[list[Check],
 
 
 def collateral_not_checked(claims: dict[str, Any]) -> list[Check]:
-    """What DCAP verification without Intel collateral cannot vouch for, said plainly."""
+    """List what DCAP verification without Intel collateral cannot vouch for, said plainly."""
     fmspc = claims.get("fmspc", "?")
     return [
         Check(

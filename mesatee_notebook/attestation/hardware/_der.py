@@ -81,7 +81,7 @@ def read_single(buf: bytes, what: str = "DER") -> Tlv:
 
 
 def children(tlv: Tlv, what: str = "DER") -> list[Tlv]:
-    """The elements inside a constructed element, in order."""
+    """Return the elements inside a constructed element, in order."""
     if not tlv.tag & 0x20:
         raise malformed(what, f"expected a constructed DER element, got tag 0x{tlv.tag:02x}")
     out: list[Tlv] = []

@@ -64,8 +64,14 @@ class TcbTooLow(UntrustedPlatform):
 
 
 def refuse(cls: type[E], check: str, reason: str, **details: Any) -> E:
-    """Build ``cls`` with a message that starts with the failed check's name."""
-    return cls(f"{check}: {reason}", check=check, **details)
+    """Build ``cls`` with a message that starts with the failed check's name.
+
+    The instance's ``check`` attribute (a class default in the error tree) is set to the
+    specific check, so ``exc.check`` reads e.g. ``"quote signature"`` rather than ``"signature"``.
+    """
+    exc = cls(f"{check}: {reason}", check=check, **details)
+    object.__setattr__(exc, "check", check)
+    return exc
 
 
 def malformed(check: str, reason: str) -> MalformedEvidence:

@@ -48,14 +48,14 @@ class Verdict:
         return bool(self.claims.get("debug", False))
 
     def check(self, name: str) -> Check:
-        """The first check called ``name``."""
+        """Return the first check called ``name``."""
         for item in self.checks:
             if item.name == name:
                 return item
         raise KeyError(name)
 
     def render_text(self) -> str:
-        """A plain-text report for the CLI: verdict line, every check, then the claims."""
+        """Render a plain-text report for the CLI: verdict line, every check, then the claims."""
         lines = [f"VERIFIED {self.format}: tee={self.tee}, level={self.level.label}"]
         if self.debug:
             lines.append("WARNING: debug enclave/guest - the host can read its memory (allowed by policy)")

@@ -82,17 +82,17 @@ class HardwarePolicy:
         sets(self, "extra_trusted_roots", tuple(self.extra_trusted_roots))
 
     def expected(self, name: str) -> str | None:
-        """A hex field as normalised lower-case text (``None`` when the policy does not set it)."""
+        """Return a hex field as lower-case text (``None`` when the policy does not set it)."""
         value = getattr(self, name)
         if value is None:
             return None
         return value.hex() if isinstance(value, bytes) else str(value)
 
     def expected_rtmr(self, index: int) -> str | None:
-        """The expected RTMR ``index`` as hex, or ``None`` when not set."""
+        """Return the expected RTMR ``index`` as hex, or ``None`` when not set."""
         value = self.rtmrs[index] if index < len(self.rtmrs) else None
         return value.hex() if isinstance(value, bytes) else value
 
     def when(self) -> datetime:
-        """The instant certificate validity is judged at."""
+        """Return the instant certificate validity is judged at."""
         return self.as_of if self.as_of is not None else datetime.now(UTC)

@@ -304,8 +304,9 @@ def _pinned(pem: bytes, sha256: str, name: str) -> x509.Certificate:
 
 @cache
 def intel_anchors() -> tuple[TrustAnchor, ...]:
-    """The production Intel SGX Root CA (it also roots TDX quotes)."""
-    return (TrustAnchor("Intel SGX Root CA", _pinned(_INTEL_SGX_ROOT_CA_PEM, INTEL_SGX_ROOT_CA_SHA256, "Intel SGX Root CA")),)
+    """Return the production Intel SGX Root CA (it also roots TDX quotes)."""
+    name = "Intel SGX Root CA"
+    return (TrustAnchor(name, _pinned(_INTEL_SGX_ROOT_CA_PEM, INTEL_SGX_ROOT_CA_SHA256, name)),)
 
 
 _ARK_PEM = {"Milan": _AMD_ARK_MILAN_PEM, "Genoa": _AMD_ARK_GENOA_PEM, "Turin": _AMD_ARK_TURIN_PEM}
@@ -315,7 +316,7 @@ _ASK_SHA256 = {"Milan": AMD_ASK_MILAN_SHA256, "Genoa": AMD_ASK_GENOA_SHA256, "Tu
 
 @cache
 def amd_anchors(product: str) -> tuple[TrustAnchor, ...]:
-    """The pinned ARK of one SEV-SNP product line ("Milan", "Genoa" or "Turin")."""
+    """Return the pinned ARK of one SEV-SNP product line ("Milan", "Genoa" or "Turin")."""
     name = f"AMD ARK-{product}"
     return (TrustAnchor(name, _pinned(_ARK_PEM[product], AMD_ARK_SHA256[product], name)),)
 

@@ -13,12 +13,14 @@ from mesatee_notebook.attestation.levels import Level
 
 __all__ = ["parse_sgx_quote", "verify_sgx_quote"]
 
+_HEADER = "quote header"
+
 
 def parse_sgx_quote(data: bytes) -> tuple[_dcap.DcapQuote, dict[str, Any]]:
     """Parse an SGX quote and decode its report body (no verification)."""
     quote = _dcap.parse_quote(data)
     if quote.body_type != _dcap.BODY_SGX:
-        raise malformed("quote header", "this is a TDX quote, not an SGX quote")
+        raise malformed(_HEADER, "this is a TDX quote, not an SGX quote")
     return quote, _dcap.sgx_report_fields(quote.body)
 
 
@@ -50,4 +52,3 @@ def sgx_policy_checks(body: dict[str, Any], policy: HardwarePolicy) -> list[Chec
     checks.append(check_min("ISVSVN", int(body["isv_svn"]), policy.min_isv_svn))
     checks.append(check_report_data(bytes.fromhex(body["report_data"]), policy.expected("report_data")))
     return checks
-

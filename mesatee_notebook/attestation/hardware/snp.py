@@ -49,6 +49,10 @@ __all__ = [
     "verify_snp_report",
 ]
 
+_REPORT = "SEV-SNP report"
+_TCB_EXT_CHECK = "VCEK TCB extension"
+_TABLE = "SEV-SNP certificate table"
+
 REPORT_SIZE = 0x4A0
 SIGNED_SIZE = 0x2A0
 POLICY_SMT = 1 << 16
@@ -109,15 +113,19 @@ def decode_report_bytes(data: bytes) -> bytes:
     text = b"".join(bytes(data).split())
     if len(text) == 2 * REPORT_SIZE and _HEX.match(text):
         return bytes.fromhex(text.decode("ascii"))
-    raise malformed("SEV-SNP report", f"must be {REPORT_SIZE} bytes (or their hex), got {len(data)} bytes")
+    raise malformed(_REPORT, f"must be {REPORT_SIZE} bytes (or their hex), got {len(data)} bytes")
 
 
 def parse_snp_report(data: bytes) -> SnpReport:
     """Parse a report (raw or hex) without verifying it."""
     raw = decode_report_bytes(data)
-    version, _, policy, = struct.unpack_from("<IIQ", raw, 0)
+    (
+        version,
+        _,
+        policy,
+    ) = struct.unpack_from("<IIQ", raw, 0)
     if not 2 <= version <= 5:
-        raise malformed("SEV-SNP report", f"report version {version} is not supported (2 to 5)")
+        raise malformed(_REPORT, f"report version {version} is not supported (2 to 5)")
     (sig_algo,) = struct.unpack_from("<I", raw, 0x34)
     (signer_info,) = struct.unpack_from("<I", raw, 0x48)
     (reported_tcb,) = struct.unpack_from("<Q", raw, 0x180)
@@ -126,7 +134,7 @@ def parse_snp_report(data: bytes) -> SnpReport:
 
 
 def product_from_cpuid(cpuid: tuple[int, int, int] | None) -> str | None:
-    """The product line from the report's CPUID family/model (report v3+)."""
+    """Return the product line from the report's CPUID family/model (report v3+)."""
     if cpuid is None:
         return None
     family, model, _ = cpuid
@@ -140,7 +148,10 @@ def product_from_cpuid(cpuid: tuple[int, int, int] | None) -> str | None:
 
 
 def decode_tcb(tcb: int, product: str) -> dict[str, int]:
-    """Split a TCB_VERSION into its SVNs: Milan/Genoa ``bl|tee|-|-|-|-|snp|ucode``, Turin ``fmc|bl|tee|snp|-|-|-|ucode``."""
+    """Split a TCB_VERSION into its SVNs.
+
+    Milan/Genoa bytes are ``bl|tee|-|-|-|-|snp|ucode``; Turin ``fmc|bl|tee|snp|-|-|-|ucode``.
+    """
     b = tcb.to_bytes(8, "little")
     if product == "Turin":
         return {"fmc": b[0], "bl": b[1], "tee": b[2], "snp": b[3], "ucode": b[7]}
@@ -162,7 +173,7 @@ def _ext_int(cert: x509.Certificate, suffix: str) -> int | None:
         return None
     tlv = _der.read_single(raw, "VCEK TCB extension")
     if tlv.tag != _der.INTEGER or not tlv.content:
-        raise malformed("VCEK TCB extension", f"extension {suffix} is not an INTEGER")
+        raise malformed(_TCB_EXT_CHECK, f"extension {suffix} is not an INTEGER")
     return int.from_bytes(tlv.content, "big", signed=True)
 
 
@@ -200,15 +211,15 @@ def certs_from_cert_table(table: bytes) -> dict[str, bytes]:
         if not any(guid_raw) and offset == 0 and length == 0:
             return out
         if offset + length > len(table):
-            raise malformed("SEV-SNP certificate table", "an entry points past the end of the table")
+            raise malformed(_TABLE, "an entry points past the end of the table")
         name = _CERT_GUIDS.get(uuid.UUID(bytes=guid_raw)) or _CERT_GUIDS.get(uuid.UUID(bytes_le=guid_raw))
         if name is not None:
             out[name] = table[offset : offset + length]
-    raise malformed("SEV-SNP certificate table", "no terminating all-zero entry")
+    raise malformed(_TABLE, "no terminating all-zero entry")
 
 
-def _pick_chain(report: SnpReport, cert_chain: bytes | None) -> tuple[x509.Certificate, list[x509.Certificate]]:
-    """Return the endorsement key's certificate and the RSA certificates above it."""
+def _split_chain(report: SnpReport, cert_chain: bytes | None) -> tuple[x509.Certificate, list[x509.Certificate]]:
+    """Return the endorsement key's certificate (the one EC key) and the supplied RSA certificates."""
     if cert_chain is None:
         raise refuse(
             MissingEndorsement,
@@ -221,21 +232,27 @@ def _pick_chain(report: SnpReport, cert_chain: bytes | None) -> tuple[x509.Certi
         leaves = [c for c in certs if isinstance(c.public_key(), ec.EllipticCurvePublicKey)]
         rsa_certs = [c for c in certs if isinstance(c.public_key(), rsa.RSAPublicKey)]
     if len(leaves) != 1:
-        raise refuse(
-            MissingEndorsement, "endorsement key", f"expected one VCEK/VLEK certificate in cert_chain, found {len(leaves)}"
-        )
-    leaf = leaves[0]
+        found = len(leaves)
+        raise refuse(MissingEndorsement, "endorsement key", f"expected one VCEK/VLEK in cert_chain, found {found}")
+    return leaves[0], rsa_certs
+
+
+def _walk_up(
+    leaf: x509.Certificate, supplied: list[x509.Certificate], fallback: list[x509.Certificate]
+) -> list[x509.Certificate]:
+    """Order the certificates above ``leaf`` by issuer; every supplied one must be used."""
     upper: list[x509.Certificate] = []
     issuer = leaf.issuer
+    candidates = supplied + fallback
     while True:
-        parent = next((c for c in rsa_certs if c.subject == issuer and c not in upper), None)
+        parent = next((c for c in candidates if c.subject == issuer and c not in upper), None)
         if parent is None:
             break
         upper.append(parent)
         if parent.subject == parent.issuer:
             break
         issuer = parent.issuer
-    unused = [c for c in rsa_certs if c not in upper]
+    unused = [c for c in supplied if c not in upper]
     if unused:
         raise refuse(
             RootNotTrusted,
@@ -243,7 +260,7 @@ def _pick_chain(report: SnpReport, cert_chain: bytes | None) -> tuple[x509.Certi
             f"the supplied {', '.join(repr(common_name(c)) for c in unused)} do not chain from "
             f"{common_name(leaf)!r} (issued by {leaf.issuer.rfc4514_string()!r}): wrong AMD product or vendor root",
         )
-    return leaf, upper
+    return upper
 
 
 def verify_snp_report(data: bytes, cert_chain: bytes | None = None, policy: HardwarePolicy | None = None) -> Verdict:
@@ -253,11 +270,11 @@ def verify_snp_report(data: bytes, cert_chain: bytes | None = None, policy: Hard
     raw = report.raw
     checks = [Check("report structure", True, f"SEV-SNP report v{report.version}, {REPORT_SIZE} bytes")]
     if report.signature_algo != 1:
-        raise malformed("SEV-SNP report", f"signature algorithm {report.signature_algo} is not ECDSA P-384/SHA-384 (1)")
+        raise malformed(_REPORT, f"signature algorithm {report.signature_algo} is not ECDSA P-384/SHA-384 (1)")
     if report.signing_key not in ("vcek", "vlek"):
         raise refuse(MissingEndorsement, "endorsement key", f"the report's signing key is {report.signing_key!r}")
 
-    leaf, upper = _pick_chain(report, cert_chain)
+    leaf, supplied = _split_chain(report, cert_chain)
     with parsing(_CHAIN_CHECK):
         cert_product = _vcek_product(leaf)
     cpu_product = product_from_cpuid(report.cpuid)
@@ -278,19 +295,23 @@ def verify_snp_report(data: bytes, cert_chain: bytes | None = None, policy: Hard
             "endorsement key",
             f"the report is signed by a {report.signing_key.upper()} but the certificate supplied is {leaf_name!r}",
         )
-    chain_in = [leaf, *upper]
-    if not upper and report.signing_key == "vcek":
-        chain_in.append(amd_ask(product))
+    shipped_ask = [amd_ask(product)] if report.signing_key == "vcek" else []
     chain, anchor = verify_chain(
-        chain_in,
+        [leaf, *_walk_up(leaf, supplied, shipped_ask)],
         anchors=amd_anchors(product) + extra_anchors(policy),
         kind="amd",
         check=_CHAIN_CHECK,
         as_of=policy.when(),
     )
     path = " -> ".join(common_name(c) for c in chain)
-    checks.append(Check(_CHAIN_CHECK, True, f"{path} (RSA-PSS SHA-384); root is {anchor.name} (SHA-256 {anchor.sha256[:16]}...)"))
-    checks.append(Check("certificate validity", True, f"all {len(chain)} certificates valid at {policy.when():%Y-%m-%d %H:%M} UTC"))
+    checks.append(
+        Check(_CHAIN_CHECK, True, f"{path} (RSA-PSS SHA-384); root is {anchor.name} (SHA-256 {anchor.sha256[:16]}...)")
+    )
+    checks.append(
+        Check(
+            "certificate validity", True, f"all {len(chain)} certificates valid at {policy.when():%Y-%m-%d %H:%M} UTC"
+        )
+    )
 
     with parsing("report signature"):
         key = leaf.public_key()
@@ -301,7 +322,9 @@ def verify_snp_report(data: bytes, cert_chain: bytes | None = None, policy: Hard
     try:
         key.verify(encode_dss_signature(r, s), raw[:SIGNED_SIZE], ec.ECDSA(hashes.SHA384()))
     except InvalidSignature:
-        raise refuse(EvidenceSignatureError, "report signature", f"the report is not signed by this {leaf_name}") from None
+        raise refuse(
+            EvidenceSignatureError, "report signature", f"the report is not signed by this {leaf_name}"
+        ) from None
     checks.append(Check("report signature", True, f"ECDSA P-384/SHA-384 over [0:0x2A0] under the {leaf_name}"))
 
     tcb = decode_tcb(report.reported_tcb, product)
@@ -313,7 +336,7 @@ def verify_snp_report(data: bytes, cert_chain: bytes | None = None, policy: Hard
 
 
 def _endorsement_checks(report: SnpReport, leaf: x509.Certificate, product: str, tcb: dict[str, int]) -> list[Check]:
-    """The VCEK must be this chip's and for this reported TCB."""
+    """Check that the VCEK is this chip's and was issued for this reported TCB."""
     checks: list[Check] = []
     if report.signing_key == "vlek":
         checks.append(Check("chip id", None, "a VLEK is the cloud provider's key, not chip-specific"))
@@ -338,7 +361,9 @@ def _endorsement_checks(report: SnpReport, leaf: x509.Certificate, product: str,
         elif cert_value is not None and cert_value != value:
             mismatched.append(f"{name}: report {value}, VCEK {cert_value}")
     if mismatched:
-        raise refuse(EndorsementMismatch, "reported TCB", "the VCEK was issued for another TCB (" + "; ".join(mismatched) + ")")
+        raise refuse(
+            EndorsementMismatch, "reported TCB", "the VCEK was issued for another TCB (" + "; ".join(mismatched) + ")"
+        )
     shown = ", ".join(f"{k}={v}" for k, v in tcb.items())
     checks.append(Check("reported TCB", True, f"{shown} ({product}) match the VCEK's TCB extensions"))
     return checks
@@ -350,11 +375,11 @@ def _tcb_hex(tcb: int) -> str:
 
 def _claims(report: SnpReport, product: str, tcb: dict[str, int], leaf: x509.Certificate) -> dict[str, Any]:
     raw = report.raw
-    guest_svn, = struct.unpack_from("<I", raw, 4)
-    vmpl, = struct.unpack_from("<I", raw, 0x30)
+    (guest_svn,) = struct.unpack_from("<I", raw, 4)
+    (vmpl,) = struct.unpack_from("<I", raw, 0x30)
     current_tcb, platform_info = struct.unpack_from("<QQ", raw, 0x38)
-    committed_tcb, = struct.unpack_from("<Q", raw, 0x1E0)
-    launch_tcb, = struct.unpack_from("<Q", raw, 0x1F0)
+    (committed_tcb,) = struct.unpack_from("<Q", raw, 0x1E0)
+    (launch_tcb,) = struct.unpack_from("<Q", raw, 0x1F0)
     claims: dict[str, Any] = {
         "tee": "sev-snp",
         "report_version": report.version,
@@ -399,7 +424,9 @@ def _spki_sha256(cert: x509.Certificate) -> str:
     return sha256(spki).hexdigest()
 
 
-def _policy_checks(report: SnpReport, claims: dict[str, Any], tcb: dict[str, int], policy: HardwarePolicy) -> list[Check]:
+def _policy_checks(
+    report: SnpReport, claims: dict[str, Any], tcb: dict[str, int], policy: HardwarePolicy
+) -> list[Check]:
     checks = [check_debug(report.debug, policy.allow_debug, "guest")]
     checks.append(check_equal("measurement", claims["measurement"], policy.expected("snp_measurement")))
     checks.append(check_equal("host data", claims["host_data"], policy.expected("snp_host_data")))

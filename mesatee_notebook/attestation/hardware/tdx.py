@@ -14,6 +14,9 @@ from mesatee_notebook.attestation.levels import Level
 
 __all__ = ["TD_ATTR_DEBUG", "parse_td_report", "parse_tdx_quote", "verify_tdx_quote"]
 
+_HEADER = "quote header"
+_TD_BODY = "TD report body"
+
 TD_ATTR_DEBUG = 1 << 0
 _TD_ATTR_SEPT_VE_DISABLE = 1 << 28
 
@@ -41,7 +44,7 @@ _FIELDS_15 = (("tee_tcb_svn2", 584, 16), ("mrservicetd", 600, 48))
 def parse_td_report(body: bytes) -> dict[str, Any]:
     """Decode a TD report body (584 or 648 bytes) into hex fields plus the debug flag."""
     if len(body) not in (584, 648):
-        raise malformed("TD report body", f"must be 584 or 648 bytes, got {len(body)}")
+        raise malformed(_TD_BODY, f"must be 584 or 648 bytes, got {len(body)}")
     fields = _FIELDS + (_FIELDS_15 if len(body) == 648 else ())
     out: dict[str, Any] = {name: body[off : off + size].hex() for name, off, size in fields}
     (attrs,) = struct.unpack_from("<Q", body, 120)
@@ -55,7 +58,7 @@ def parse_tdx_quote(data: bytes) -> tuple[_dcap.DcapQuote, dict[str, Any]]:
     """Parse a TDX quote and decode its TD report (no verification)."""
     quote = _dcap.parse_quote(data)
     if quote.body_type == _dcap.BODY_SGX:
-        raise malformed("quote header", "this is an SGX quote, not a TDX quote")
+        raise malformed(_HEADER, "this is an SGX quote, not a TDX quote")
     return quote, parse_td_report(quote.body)
 
 

@@ -1,0 +1,94 @@
+"""Party identity proofs (pure: no I/O; both sides use it).
+
+A party is an Ed25519 key pair; its id is the SHA-256 fingerprint (hex) of the raw 32-byte public key. On a verified
+channel the party proves it holds the key by signing::
+
+    PARTY_PROOF_DOMAIN | u16 len(nonce) | server nonce | SHA-256(server certificate DER) (32) | party public key (32)
+
+The server nonce makes the proof fresh. The certificate hash binds it to this channel's attested server, so a
+proof cannot be relayed to another kernel. The public key inside the message binds the proof to the claimed party.
+A string nonce is signed as its UTF-8 bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import Final
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from mesatee_notebook.errors import MalformedFrame, PolicyViolation
+
+__all__ = [
+    "MAX_NONCE_BYTES",
+    "MIN_NONCE_BYTES",
+    "PARTY_PROOF_DOMAIN",
+    "party_id_of",
+    "proof_message",
+    "verify_party_proof",
+]
+
+PARTY_PROOF_DOMAIN: Final = b"mesatee-notebook party-proof v1\x00"
+MIN_NONCE_BYTES: Final = 16
+MAX_NONCE_BYTES: Final = 256
+_PUBLIC_KEY_BYTES: Final = 32
+_SIGNATURE_BYTES: Final = 64
+_SHA256_BYTES: Final = 32
+
+
+def party_id_of(public_key_raw: bytes) -> str:
+    """Return the party id: SHA-256 (hex) of the raw Ed25519 public key."""
+    _check_len("party public key", public_key_raw, _PUBLIC_KEY_BYTES)
+    return hashlib.sha256(public_key_raw).hexdigest()
+
+
+def _check_len(what: str, value: bytes, expected: int) -> None:
+    if not isinstance(value, (bytes, bytearray)) or len(value) != expected:
+        got = len(value) if isinstance(value, (bytes, bytearray)) else type(value).__name__
+        msg = f"{what} must be {expected} bytes, got {got}"
+        raise MalformedFrame(msg)
+
+
+def _nonce_bytes(server_nonce: bytes | str) -> bytes:
+    nonce = server_nonce.encode() if isinstance(server_nonce, str) else bytes(server_nonce)
+    if not MIN_NONCE_BYTES <= len(nonce) <= MAX_NONCE_BYTES:
+        msg = f"the server nonce must be {MIN_NONCE_BYTES} to {MAX_NONCE_BYTES} bytes, got {len(nonce)}"
+        raise MalformedFrame(msg)
+    return nonce
+
+
+def proof_message(server_nonce: bytes | str, server_cert_sha256: bytes, public_key_raw: bytes) -> bytes:
+    """Return the domain-separated bytes a party signs to prove its key on this channel."""
+    nonce = _nonce_bytes(server_nonce)
+    _check_len("the server certificate hash", server_cert_sha256, _SHA256_BYTES)
+    _check_len("party public key", public_key_raw, _PUBLIC_KEY_BYTES)
+    return PARTY_PROOF_DOMAIN + struct.pack(">H", len(nonce)) + nonce + server_cert_sha256 + public_key_raw
+
+
+def verify_party_proof(
+    public_key_raw: bytes,
+    server_nonce: bytes | str,
+    server_cert_sha256: bytes,
+    signature: bytes,
+    *,
+    expected_party_id: str | None = None,
+) -> str:
+    """Check a party's proof and return its party id.
+
+    Raises ``PolicyViolation`` if the signature does not verify (wrong key, nonce or certificate: the message does
+    not say which) or the key is not ``expected_party_id``; ``MalformedFrame`` for inputs of the wrong size.
+    """
+    message = proof_message(server_nonce, server_cert_sha256, public_key_raw)
+    _check_len("party proof signature", signature, _SIGNATURE_BYTES)
+    party_id = party_id_of(public_key_raw)
+    if expected_party_id is not None and party_id != expected_party_id:
+        msg = f"party proof refused: the key presented is party {party_id}, not {expected_party_id}"
+        raise PolicyViolation(msg, party=party_id)
+    try:
+        Ed25519PublicKey.from_public_bytes(bytes(public_key_raw)).verify(bytes(signature), message)
+    except (InvalidSignature, ValueError):
+        msg = f"party proof refused for party {party_id}: the signature does not verify for this channel"
+        raise PolicyViolation(msg, party=party_id) from None
+    return party_id

@@ -1,0 +1,876 @@
+"""The enclave side of the DataFrame proxy: validate a plan, evaluate it, apply the owners' policies.
+
+A query is handled in four steps, and every query, released or not, reaches the
+audit hook exactly once:
+
+1. **Parse and type.** :func:`~mesatee_notebook.wire.plan.plan_from_json` checks the
+   structure; :func:`~mesatee_notebook.wire.plan.infer_plan` checks it against the
+   schemas the requesting party may see. A reference to a hidden column (also through
+   ``rename`` or ``assign``, which can only read a column by naming it) is refused here.
+2. **Static policy.** A row-level result (``head``, a filtered frame, a join) of a
+   dataset whose owner does not allow rows is refused before anything is evaluated,
+   as is a row-level result that still carries hidden columns or whose rows were
+   matched on a hidden merge key.
+3. **Evaluate** with pandas, node by node in topological order. Alongside each value
+   the evaluator tracks *provenance*: for each protected dataset, which of its rows
+   each output row (or group) was computed from.
+4. **Policy on the result.** Every released group, cell and scalar must come from at
+   least ``min_group_size`` distinct rows of each protected dataset (small groups are
+   suppressed or refused per policy; small scalars are always refused). Then the
+   differencing guard compares the released row sets with those already released to
+   the same party, and the result leaves.
+
+The owner of a dataset is exempt from its policy. See ``docs/dataframe.md`` for what
+this does not guard against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import operator
+import time
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from mesatee_notebook.errors import MesateeError, NotFound, PolicyViolation, RemoteExecutionError
+from mesatee_notebook.wire.datapolicy import DataPolicy
+from mesatee_notebook.wire.plan import (
+    Lit,
+    Plan,
+    PlanNode,
+    Ref,
+    Schema,
+    SourceInfo,
+    infer_plan,
+    plan_from_json,
+    source_columns,
+)
+
+__all__ = ["AuditHook", "DatasetRegistry", "FrameEvaluator", "FrameResult"]
+
+DatasetRegistry = Mapping[str, tuple[pd.DataFrame, DataPolicy, str]]
+AuditHook = Callable[[dict[str, Any]], None]
+IntArray = npt.NDArray[np.int64]
+
+_LPOS = "\x00mn_lpos"
+_RPOS = "\x00mn_rpos"
+_BINARY: dict[str, Callable[[Any, Any], Any]] = {
+    "add": operator.add,
+    "sub": operator.sub,
+    "mul": operator.mul,
+    "truediv": operator.truediv,
+    "floordiv": operator.floordiv,
+    "mod": operator.mod,
+    "pow": operator.pow,
+    "eq": operator.eq,
+    "ne": operator.ne,
+    "lt": operator.lt,
+    "le": operator.le,
+    "gt": operator.gt,
+    "ge": operator.ge,
+    "and": operator.and_,
+    "or": operator.or_,
+    "xor": operator.xor,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class FrameResult:
+    """A released value and what the receipt should say about it."""
+
+    value: Any
+    plan_sha256: str
+    datasets: tuple[str, ...]
+    level: str
+    suppressed: int
+
+
+# ---------------------------------------------------------------------------
+# Provenance
+
+
+@dataclass(slots=True)
+class _Origin:
+    """The node that indexed a value anew, and where its positions come from.
+
+    For ``rows``: per protected dataset, the source row of each position (one array per
+    occurrence of the dataset; ``None`` = the identity; -1 = no row, from an outer join).
+    For ``groups``/``summary``: per protected dataset, the (position, source row)
+    membership pairs, deduplicated.
+    """
+
+    kind: Literal["rows", "groups", "summary"]
+    n: int
+    rows: dict[str, list[IntArray | None]] = field(default_factory=dict)
+    members: dict[str, tuple[IntArray, IntArray]] = field(default_factory=dict)
+    sizes: dict[str, IntArray] = field(default_factory=dict)
+    dup: dict[str, bool] = field(default_factory=dict)
+    keys: pd.Index | None = None
+
+
+Cells = dict[str, IntArray]  # dataset -> contributor count per origin position
+
+
+@dataclass(slots=True)
+class _FrameV:
+    df: pd.DataFrame
+    origin: _Origin
+    cells: dict[str, Cells] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _SeriesV:
+    s: pd.Series
+    origin: _Origin
+    cells: Cells | None = None
+
+
+@dataclass(slots=True)
+class _ScalarV:
+    value: Any
+    counts: dict[str, int]
+    members: dict[str, tuple[IntArray, IntArray]]
+    dup: dict[str, bool]
+
+
+_Value = _FrameV | _SeriesV | _ScalarV
+
+
+def _positions(index: pd.Index) -> IntArray:
+    return np.asarray(index.to_numpy(), dtype=np.int64)
+
+
+def _compose(arr: IntArray | None, pos: IntArray) -> IntArray:
+    if arr is None:
+        return pos
+    out = arr[np.clip(pos, 0, None)] if len(arr) else np.full(len(pos), -1, dtype=np.int64)
+    return np.where(pos >= 0, out, -1)
+
+
+def _dedupe(g: IntArray, s: IntArray, n_src: int) -> tuple[IntArray, IntArray]:
+    keys = np.unique(g * np.int64(max(n_src, 1)) + s)
+    return keys // max(n_src, 1), keys % max(n_src, 1)
+
+
+def _membership(
+    origin: _Origin, pos: IntArray, codes: IntArray, mask: npt.NDArray[np.bool_] | None, n_src: Mapping[str, int]
+) -> dict[str, tuple[IntArray, IntArray]]:
+    """Map each protected dataset's rows to the groups ``codes`` puts the value's rows in.
+
+    ``pos`` are the value's positions in ``origin``; ``codes[i]`` is the group of row i
+    (-1: none); ``mask`` keeps only some rows. Returns deduplicated (group, source row) pairs.
+    """
+    keep = codes >= 0 if mask is None else (codes >= 0) & mask
+    out: dict[str, tuple[IntArray, IntArray]] = {}
+    if origin.kind == "rows":
+        for ds, arrays in origin.rows.items():
+            gs, ss = [], []
+            for arr in arrays:
+                src = _compose(arr, pos)
+                ok = keep & (src >= 0)
+                gs.append(codes[ok])
+                ss.append(src[ok])
+            g, s = np.concatenate(gs), np.concatenate(ss)
+            out[ds] = _dedupe(g, s, n_src[ds]) if origin.dup.get(ds) or len(arrays) > 1 else (g, s)
+        return out
+    remap = np.full(origin.n, -1, dtype=np.int64)
+    remap[pos[keep]] = codes[keep]
+    for ds, (mpos, msrc) in origin.members.items():
+        g = remap[mpos]
+        ok = g >= 0
+        g, s = g[ok], msrc[ok]
+        out[ds] = _dedupe(g, s, n_src[ds])
+    return out
+
+
+def _counts(members: Mapping[str, tuple[IntArray, IntArray]], n_groups: int) -> Cells:
+    return {ds: np.bincount(g, minlength=n_groups).astype(np.int64) for ds, (g, _) in members.items()}
+
+
+def _min_cells(a: Cells | None, b: Cells | None) -> Cells | None:
+    if a is None or b is None:
+        return a if b is None else b
+    out: Cells = dict(a)
+    for ds, counts in b.items():
+        out[ds] = np.minimum(out[ds], counts) if ds in out else counts
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The differencing guard
+
+
+@dataclass(slots=True)
+class _Release:
+    sizes: IntArray
+    labels: npt.NDArray[np.unsignedinteger[Any]] | None  # group per source row; len(sizes) = not released
+    src: IntArray | None = None  # sorted (source row, group) pairs when a row is in several groups
+    grp: IntArray | None = None
+
+
+def _label_dtype(n_groups: int) -> type[np.unsignedinteger[Any]]:
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if n_groups < np.iinfo(dt).max:
+            return dt
+    return np.uint64
+
+
+def _pair_counts(a: IntArray, b: IntArray, nb: int) -> tuple[IntArray, IntArray, IntArray]:
+    keys, cnt = np.unique(a * np.int64(max(nb, 1)) + b, return_counts=True)
+    return keys // max(nb, 1), keys % max(nb, 1), cnt.astype(np.int64)
+
+
+class _DifferencingGuard:
+    """Released row sets per (party, dataset); refuses near-duplicates of earlier releases."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._history: dict[tuple[str, str], list[_Release]] = {}
+        self._seen: dict[tuple[str, str], set[bytes]] = {}
+
+    def prepare(self, g: IntArray, s: IntArray, n_groups: int, n_src: int, dup: bool) -> tuple[bytes, _Release]:
+        sizes = np.bincount(g, minlength=n_groups).astype(np.int64)
+        h = hashlib.sha256(f"{n_groups}:{n_src}:{int(dup)}".encode())
+        if not dup:
+            labels = np.full(n_src, n_groups, dtype=_label_dtype(n_groups))
+            labels[s] = g
+            h.update(labels.tobytes())
+            return h.digest(), _Release(sizes, labels)
+        order = np.lexsort((g, s))
+        src, grp = s[order], g[order]
+        h.update(src.tobytes())
+        h.update(grp.tobytes())
+        return h.digest(), _Release(sizes, None, src, grp)
+
+    def check(self, key: tuple[str, str], fp: bytes, new: _Release, k: int) -> None:
+        if fp in self._seen.get(key, set()) or k <= 1:
+            return
+        history = self._history.get(key, [])
+        for old in history:
+            gi, hi, inter = self._intersections(new, old)
+            delta = new.sizes[gi] + old.sizes[hi] - 2 * inter
+            if np.any((delta > 0) & (delta < k)):
+                msg = (
+                    f"differencing guard: a group of this result differs from one already released to you by "
+                    f"fewer than {k} rows of dataset {key[1]!r}; together they would single out individuals"
+                )
+                raise PolicyViolation(msg, dataset=key[1], guard="differencing")
+        if len(history) >= self.limit:
+            msg = (
+                f"differencing guard: the release history for dataset {key[1]!r} is full ({self.limit} distinct "
+                "aggregate releases); ask the owner to raise the limit"
+            )
+            raise PolicyViolation(msg, dataset=key[1], guard="differencing")
+
+    def record(self, key: tuple[str, str], fp: bytes, new: _Release) -> None:
+        seen = self._seen.setdefault(key, set())
+        if fp not in seen:
+            seen.add(fp)
+            self._history.setdefault(key, []).append(new)
+
+    def released(self, party: str, dataset: str) -> int:
+        """Return how many distinct aggregate releases are on record."""
+        return len(self._history.get((party, dataset), []))
+
+    @staticmethod
+    def _intersections(new: _Release, old: _Release) -> tuple[IntArray, IntArray, IntArray]:
+        n_old = len(old.sizes)
+        if new.labels is not None and old.labels is not None:
+            n_new = len(new.sizes)
+            both = (new.labels < n_new) & (old.labels < n_old)
+            return _pair_counts(new.labels[both].astype(np.int64), old.labels[both].astype(np.int64), n_old)
+        if old.labels is not None:
+            assert new.src is not None and new.grp is not None
+            h = old.labels[new.src].astype(np.int64)
+            ok = h < n_old
+            return _pair_counts(new.grp[ok], h[ok], n_old)
+        assert old.src is not None and old.grp is not None
+        if new.labels is not None:
+            n_new = len(new.sizes)
+            h = new.labels[old.src].astype(np.int64)
+            ok = h < n_new
+            gi, hi, cnt = _pair_counts(old.grp[ok], h[ok], n_new)
+            return hi, gi, cnt
+        assert new.src is not None and new.grp is not None
+        lo = np.searchsorted(old.src, new.src, "left")
+        hi_ = np.searchsorted(old.src, new.src, "right")
+        cnt = hi_ - lo
+        starts = np.repeat(lo - (np.cumsum(cnt) - cnt), cnt) + np.arange(int(cnt.sum()))
+        return _pair_counts(np.repeat(new.grp, cnt), old.grp[starts], n_old)
+
+
+# ---------------------------------------------------------------------------
+# The evaluator
+
+
+class FrameEvaluator:
+    """Evaluates DataFrame plans over an in-memory dataset registry under the owners' policies.
+
+    ``datasets`` maps a name to ``(frame, policy, owner_party_id)``; it is read on every
+    query, so the caller may add datasets. ``audit`` receives one event per query.
+    ``history_limit`` bounds the distinct aggregate releases kept per (party, dataset)
+    for the differencing guard; beyond it further new aggregates are refused.
+    """
+
+    def __init__(self, datasets: DatasetRegistry, audit: AuditHook, *, history_limit: int = 256) -> None:
+        self._datasets = datasets
+        self._audit = audit
+        self._guard = _DifferencingGuard(history_limit)
+
+    # -- public -----------------------------------------------------------
+
+    def dataset_info(self, name: str, party: str) -> dict[str, Any]:
+        """Return the public schema of a dataset as ``party`` sees it (hidden columns listed, not shown)."""
+        df, policy, owner = self._lookup(name)
+        return {
+            "name": name,
+            "columns": [list(c) for c in source_columns(df.dtypes.items())],
+            "hidden": [] if party == owner else list(policy.hidden_columns),
+            "policy": policy.to_dict(),
+            "owner": owner,
+        }
+
+    def released_count(self, party: str, dataset: str) -> int:
+        """Return how many distinct aggregates of ``dataset`` the guard has on record for ``party``."""
+        return self._guard.released(party, dataset)
+
+    def evaluate(self, plan_json: str | bytes, party: str) -> FrameResult:
+        """Validate, evaluate and release one plan for ``party``; raises ``PolicyViolation`` when refused."""
+        started = time.perf_counter()
+        digest = hashlib.sha256(plan_json if isinstance(plan_json, bytes) else plan_json.encode()).hexdigest()
+        event: dict[str, Any] = {"event": "frames.query", "party": party, "plan_sha256": digest, "datasets": []}
+        try:
+            result = self._evaluate(plan_json, party, event, digest)
+        except PolicyViolation as exc:
+            event.update(outcome="refused", reason=exc.message)
+            raise
+        except MesateeError as exc:
+            event.update(outcome="invalid", reason=exc.message)
+            raise
+        except Exception as exc:  # pandas/numpy failure on the data: reported without the data
+            event.update(outcome="error", reason=type(exc).__name__)
+            owner_only = event.get("owner_only", False)
+            detail = f": {exc}" if owner_only else " (details withheld: the message could contain data)"
+            msg = f"evaluating the plan failed with {type(exc).__name__}{detail}"
+            raise RemoteExecutionError(msg, ename=type(exc).__name__) from None
+        finally:
+            event.pop("owner_only", None)
+            event["duration_s"] = round(time.perf_counter() - started, 6)
+            self._audit(event)
+        return result
+
+    # -- steps ------------------------------------------------------------
+
+    def _lookup(self, name: str) -> tuple[pd.DataFrame, DataPolicy, str]:
+        try:
+            return self._datasets[name]
+        except KeyError:
+            msg = f"no dataset named {name!r}"
+            raise NotFound(msg) from None
+
+    def _evaluate(self, plan_json: str | bytes, party: str, event: dict[str, Any], digest: str) -> FrameResult:
+        plan = plan_from_json(plan_json)
+        names = sorted({n.args["name"] for n in plan.nodes.values() if n.op == "source"})
+        event["datasets"] = names
+        stored = {n: self._lookup(n) for n in names}
+        sources = {
+            n: SourceInfo(n, source_columns(df.dtypes.items()), frozenset(() if owner == party else pol.hidden_columns))
+            for n, (df, pol, owner) in stored.items()
+        }
+        schemas = infer_plan(plan, sources)
+        root = schemas[plan.root]
+        event["root_op"] = plan.nodes[plan.root].op
+        event["level"] = root.level
+        protected = {n: pol for n, (_, pol, owner) in stored.items() if owner != party}
+        event["owner_only"] = not protected
+        self._static_policy(root, protected)
+        run = _Run(plan, schemas, {n: df for n, (df, _, _) in stored.items()}, set(protected))
+        value = run.evaluate()
+        released, suppressed = self._release(value, root, protected, party)
+        event.update(outcome="released", suppressed=suppressed)
+        if isinstance(released, (pd.DataFrame, pd.Series)):
+            event["rows_out"] = len(released)
+        return FrameResult(released, digest, tuple(names), root.level, suppressed)
+
+    @staticmethod
+    def _static_policy(root: Schema, protected: Mapping[str, DataPolicy]) -> None:
+        if root.level != "rows":
+            return
+        for name in sorted(root.datasets & protected.keys()):
+            if not protected[name].allow_rows:
+                msg = (
+                    f"the owner of dataset {name!r} does not allow row-level results (allow_rows=False); "
+                    "aggregate instead: groupby().agg(), value_counts(), describe(), len(), sum(), mean() ..."
+                )
+                raise PolicyViolation(msg, dataset=name, rule="allow_rows")
+        if root.hidden:
+            msg = (
+                f"the result would carry hidden column(s) {sorted(root.hidden)}; select the visible columns "
+                "before collecting"
+            )
+            raise PolicyViolation(msg, rule="hidden_columns")
+        if root.hidden_join and protected:
+            msg = (
+                "row-level results of a merge on a hidden column are refused: they would link the hidden value "
+                "to a record; aggregate the merged frame instead"
+            )
+            raise PolicyViolation(msg, rule="hidden_columns")
+
+    def _release(self, value: _Value, root: Schema, protected: Mapping[str, DataPolicy], party: str) -> tuple[Any, int]:
+        if isinstance(value, _ScalarV):
+            for ds, count in value.counts.items():
+                k = protected[ds].min_group_size
+                if count < k:
+                    msg = (
+                        f"the result is computed from fewer than {k} rows of dataset {ds!r} "
+                        f"(min_group_size={k}); widen the selection"
+                    )
+                    raise PolicyViolation(msg, dataset=ds, rule="min_group_size")
+            self._guard_release(party, protected, value.members, 1, value.dup)
+            return _plain(value.value), 0
+        data: pd.DataFrame | pd.Series = value.df if isinstance(value, _FrameV) else value.s
+        origin = value.origin
+        if origin.kind == "rows":
+            return data, 0
+        cells = value.cells if isinstance(value, _FrameV) else ({str(data.name): value.cells} if value.cells else {})
+        if origin.kind == "summary":
+            return self._release_summary(data, value, cells, protected, party), 0
+        pos = _positions(data.index)
+        small = np.zeros(len(pos), dtype=bool)
+        for ds, sizes in origin.sizes.items():
+            small |= sizes[pos] < protected[ds].min_group_size
+        self._refuse_small(small, protected, origin.sizes.keys(), "group")
+        keep = ~small
+        if small.any():
+            data = data[keep]
+            pos = pos[keep]
+        data = data.copy() if any(cells.values()) else data
+        for col, per_ds in cells.items():
+            if isinstance(data, pd.DataFrame) and col not in data.columns:
+                continue
+            bad = np.zeros(len(pos), dtype=bool)
+            for ds, counts in per_ds.items():
+                bad |= counts[pos] < protected[ds].min_group_size
+            if bad.any():
+                self._refuse_small(bad, protected, per_ds.keys(), "cell")
+                if isinstance(data, pd.DataFrame):
+                    data[col] = data[col].astype("float64" if data[col].dtype.kind in "iub" else data[col].dtype)
+                    data.loc[data.index[bad], col] = np.nan
+                else:
+                    data = data.astype("float64" if data.dtype.kind in "iub" else data.dtype)
+                    data.iloc[np.flatnonzero(bad)] = np.nan
+        remap = np.full(origin.n, -1, dtype=np.int64)
+        remap[pos] = np.arange(len(pos))
+        members = {}
+        for ds, (g, s) in origin.members.items():
+            ng = remap[g]
+            ok = ng >= 0
+            members[ds] = (ng[ok], s[ok])
+        self._guard_release(party, protected, members, len(pos), origin.dup)
+        if origin.keys is not None:
+            data = data.set_axis(origin.keys.take(pos), axis=0)
+        return data, int(small.sum())
+
+    def _release_summary(
+        self,
+        data: pd.DataFrame | pd.Series,
+        value: _FrameV | _SeriesV,
+        cells: Mapping[str, Cells | None],
+        protected: Mapping[str, DataPolicy],
+        party: str,
+    ) -> pd.DataFrame | pd.Series:
+        data = data.copy()
+        for col, per_ds in cells.items():
+            for ds, counts in (per_ds or {}).items():
+                k = protected[ds].min_group_size
+                if counts[0] < k:
+                    self._refuse_small(np.ones(1, dtype=bool), protected, [ds], "column")
+                    if isinstance(data, pd.DataFrame):
+                        data[col] = np.nan
+                    else:
+                        data[:] = np.nan
+        self._guard_release(party, protected, value.origin.members, 1, value.origin.dup)
+        return data
+
+    @staticmethod
+    def _refuse_small(
+        small: npt.NDArray[np.bool_], protected: Mapping[str, DataPolicy], datasets: Any, what: str
+    ) -> None:
+        if not small.any():
+            return
+        for ds in datasets:
+            pol = protected[ds]
+            if pol.small_group == "refuse":
+                msg = (
+                    f"a {what} of the result is computed from fewer than {pol.min_group_size} rows of dataset "
+                    f"{ds!r} and its policy refuses small groups (small_group='refuse')"
+                )
+                raise PolicyViolation(msg, dataset=ds, rule="min_group_size")
+
+    def _guard_release(
+        self,
+        party: str,
+        protected: Mapping[str, DataPolicy],
+        members: Mapping[str, tuple[IntArray, IntArray]],
+        n_groups: int,
+        dup: Mapping[str, bool],
+    ) -> None:
+        staged = []
+        for ds, (g, s) in members.items():
+            pol = protected[ds]
+            if not pol.differencing_guard:
+                continue
+            n_src = len(self._datasets[ds][0])
+            fp, rel = self._guard.prepare(g, s, n_groups, n_src, dup.get(ds, False))
+            self._guard.check((party, ds), fp, rel, pol.min_group_size)
+            staged.append(((party, ds), fp, rel))
+        for key, fp, rel in staged:
+            self._guard.record(key, fp, rel)
+
+
+def _plain(value: Any) -> Any:
+    item = getattr(value, "item", None)
+    if callable(item) and type(value).__module__ == "numpy":
+        return item()
+    return value
+
+
+class _Run:
+    """One evaluation: visits the plan's nodes in order and keeps their values."""
+
+    def __init__(
+        self, plan: Plan, schemas: Mapping[str, Schema], frames: Mapping[str, pd.DataFrame], protected: set[str]
+    ) -> None:
+        self.plan = plan
+        self.schemas = schemas
+        self.frames = frames
+        self.protected = protected
+        self.n_src = {n: len(df) for n, df in frames.items()}
+        self.values: dict[str, _Value] = {}
+        self.origins: dict[Hashable, _Origin] = {}
+
+    def evaluate(self) -> _Value:
+        for nid in self.plan.order():
+            node = self.plan.nodes[nid]
+            visit: Callable[[str, PlanNode], _Value] = getattr(self, f"visit_{node.op}")
+            self.values[nid] = visit(nid, node)
+        return self.values[self.plan.root]
+
+    def _get(self, ref: Ref) -> _Value:
+        return self.values[ref.target]
+
+    def _frame(self, ref: Ref) -> _FrameV:
+        v = self._get(ref)
+        assert isinstance(v, _FrameV)
+        return v
+
+    def _series(self, ref: Ref) -> _SeriesV:
+        v = self._get(ref)
+        assert isinstance(v, _SeriesV)
+        return v
+
+    def _rows(self, v: _Value) -> _FrameV | _SeriesV:
+        assert not isinstance(v, _ScalarV)
+        return v
+
+    def _like(self, v: _FrameV | _SeriesV, data: pd.DataFrame | pd.Series) -> _FrameV | _SeriesV:
+        if isinstance(v, _FrameV):
+            assert isinstance(data, pd.DataFrame)
+            return _FrameV(data, v.origin, v.cells)
+        assert isinstance(data, pd.Series)
+        return _SeriesV(data, v.origin, v.cells)
+
+    @staticmethod
+    def _data(v: _FrameV | _SeriesV) -> pd.DataFrame | pd.Series:
+        return v.df if isinstance(v, _FrameV) else v.s
+
+    # -- sources and row ops --------------------------------------------
+
+    def visit_source(self, nid: str, node: PlanNode) -> _Value:
+        name = node.args["name"]
+        df = self.frames[name]
+        idx = df.index
+        if not (isinstance(idx, pd.RangeIndex) and idx.start == 0 and idx.step == 1):
+            df = df.reset_index(drop=True)
+        token = self.schemas[nid].origin
+        origin = self.origins.get(token)
+        if origin is None:
+            origin = _Origin("rows", len(df))
+            if name in self.protected:
+                origin.rows[name] = [None]
+                origin.dup[name] = False
+            self.origins[token] = origin
+        return _FrameV(df, origin)
+
+    def visit_select(self, nid: str, node: PlanNode) -> _Value:
+        v = self._rows(self._get(node.args["input"]))
+        assert isinstance(v, _FrameV)
+        cols = list(node.args["columns"])
+        return _FrameV(v.df[cols], v.origin, {c: v.cells[c] for c in cols if c in v.cells})
+
+    def visit_column(self, nid: str, node: PlanNode) -> _Value:
+        v = self._frame(node.args["input"])
+        name = node.args["name"]
+        return _SeriesV(v.df[name], v.origin, v.cells.get(name))
+
+    def visit_filter(self, nid: str, node: PlanNode) -> _Value:
+        v = self._rows(self._get(node.args["input"]))
+        pred = self._series(node.args["predicate"])
+        data = self._data(v)
+        mask = pred.s
+        if not mask.index.equals(data.index):
+            mask = mask.reindex(data.index)
+        if mask.dtype != bool:
+            mask = mask.fillna(False).astype(bool)
+        return self._like(v, data[mask])
+
+    def visit_assign(self, nid: str, node: PlanNode) -> _Value:
+        v = self._frame(node.args["input"])
+        cols: dict[str, Any] = {}
+        cells = dict(v.cells)
+        for name, operand in node.args["columns"]:
+            if isinstance(operand, Ref):
+                sv = self._series(operand)
+                cols[name] = sv.s
+                if sv.cells is not None:
+                    cells[name] = sv.cells
+                else:
+                    cells.pop(name, None)
+            else:
+                cols[name] = operand.value
+                cells.pop(name, None)
+        return _FrameV(v.df.assign(**cols), v.origin, cells)
+
+    def visit_rename(self, nid: str, node: PlanNode) -> _Value:
+        v = self._frame(node.args["input"])
+        mapping: Mapping[str, str] = node.args["columns"]
+        cells = {mapping.get(c, c): x for c, x in v.cells.items()}
+        return _FrameV(v.df.rename(columns=dict(mapping)), v.origin, cells)
+
+    def visit_fillna(self, nid: str, node: PlanNode) -> _Value:
+        v = self._rows(self._get(node.args["input"]))
+        return self._like(v, self._data(v).fillna(node.args["value"]))
+
+    def visit_astype(self, nid: str, node: PlanNode) -> _Value:
+        v = self._rows(self._get(node.args["input"]))
+        spec: Any = node.args["dtype"]
+        data: Any = self._data(v)
+        return self._like(v, data.astype(spec if isinstance(spec, str) else dict(spec)))
+
+    def visit_sort_values(self, nid: str, node: PlanNode) -> _Value:
+        v = self._rows(self._get(node.args["input"]))
+        asc = list(node.args["ascending"])
+        if isinstance(v, _FrameV):
+            return self._like(v, v.df.sort_values(list(node.args["by"]), ascending=asc))
+        return self._like(v, v.s.sort_values(ascending=asc[0]))
+
+    def visit_head(self, nid: str, node: PlanNode) -> _Value:
+        v = self._rows(self._get(node.args["input"]))
+        return self._like(v, self._data(v).head(node.args["n"]))
+
+    def visit_tail(self, nid: str, node: PlanNode) -> _Value:
+        v = self._rows(self._get(node.args["input"]))
+        return self._like(v, self._data(v).tail(node.args["n"]))
+
+    def visit_drop_duplicates(self, nid: str, node: PlanNode) -> _Value:
+        v = self._rows(self._get(node.args["input"]))
+        keep: Literal["first", "last", False] = False if node.args["keep"] == "none" else node.args["keep"]
+        if isinstance(v, _FrameV):
+            return self._like(v, v.df.drop_duplicates(subset=list(node.args["subset"]), keep=keep))
+        return self._like(v, v.s.drop_duplicates(keep=keep))
+
+    # -- merge ----------------------------------------------------------
+
+    def visit_merge(self, nid: str, node: PlanNode) -> _Value:
+        a = node.args
+        left, right = self._frame(a["left"]), self._frame(a["right"])
+        kwargs: dict[str, Any] = {
+            "how": a["how"],
+            "left_on": list(a["left_on"]),
+            "right_on": list(a["right_on"]),
+            "suffixes": a["suffixes"],
+        }
+        track = bool(left.origin.rows or right.origin.rows)
+        if not track:
+            out = left.df.merge(right.df, **kwargs)
+            return _FrameV(out.reset_index(drop=True), _Origin("rows", len(out)))
+        ldf = left.df.assign(**{_LPOS: _positions(left.df.index)})
+        rdf = right.df.assign(**{_RPOS: _positions(right.df.index)})
+        out = ldf.merge(rdf, **kwargs)
+        lpos = np.asarray(out.pop(_LPOS).fillna(-1).to_numpy(), dtype=np.int64)
+        rpos = np.asarray(out.pop(_RPOS).fillna(-1).to_numpy(), dtype=np.int64)
+        out = out.reset_index(drop=True)
+        origin = _Origin("rows", len(out))
+        for side, pos in ((left.origin, lpos), (right.origin, rpos)):
+            for ds, arrays in side.rows.items():
+                origin.rows.setdefault(ds, []).extend(_compose(arr, pos) for arr in arrays)
+        for ds, arrays in origin.rows.items():
+            if len(arrays) > 1:
+                origin.dup[ds] = True
+                continue
+            src = arrays[0]
+            assert src is not None
+            valid = src[src >= 0]
+            origin.dup[ds] = bool(len(valid)) and int(np.bincount(valid, minlength=1).max()) > 1
+        return _FrameV(out, origin)
+
+    # -- aggregates -----------------------------------------------------
+
+    def _group_cells(self, v: _FrameV, codes: IntArray, n_groups: int, col: str, func: str) -> Cells:
+        """Distinct protected rows behind each group's value of ``col`` (non-missing; both outcomes for booleans)."""
+        series = v.df[col]
+        pos = _positions(v.df.index)
+        notna = series.notna().to_numpy()
+        if func in ("sum", "mean") and series.dtype.kind == "b":
+            truth = series.to_numpy(dtype=bool, na_value=False)
+            t = _counts(_membership(v.origin, pos, codes, notna & truth, self.n_src), n_groups)
+            f = _counts(_membership(v.origin, pos, codes, notna & ~truth, self.n_src), n_groups)
+            return {ds: np.minimum(t[ds], f[ds]) for ds in t}
+        return _counts(_membership(v.origin, pos, codes, notna, self.n_src), n_groups)
+
+    def visit_groupby_agg(self, nid: str, node: PlanNode) -> _Value:
+        a = node.args
+        v = self._frame(a["input"])
+        by = list(a["by"])
+        gb = v.df.groupby(by, sort=a["sort"], dropna=a["dropna"])
+        res = gb.agg(**{out: (col, func) for out, col, func in a["aggs"]})
+        n_groups = len(res)
+        origin = _Origin("groups", n_groups, keys=None if not a["as_index"] else res.index)
+        cells: dict[str, Cells] = {}
+        if v.origin.rows or v.origin.members:
+            codes = _codes(gb.ngroup())
+            pos = _positions(v.df.index)
+            origin.members = _membership(v.origin, pos, codes, None, self.n_src)
+            origin.sizes = _counts(origin.members, n_groups)
+            origin.dup = dict(v.origin.dup)
+            for out, col, func in a["aggs"]:
+                if func != "size":
+                    cells[out] = self._group_cells(v, codes, n_groups, col, func)
+        res = res.reset_index() if not a["as_index"] else res.set_axis(pd.RangeIndex(n_groups), axis=0)
+        return _FrameV(res, origin, cells)
+
+    def visit_value_counts(self, nid: str, node: PlanNode) -> _Value:
+        a = node.args
+        v = self._rows(self._get(a["input"]))
+        flags: dict[str, Any] = {
+            "normalize": a["normalize"],
+            "sort": a["sort"],
+            "ascending": a["ascending"],
+            "dropna": a["dropna"],
+        }
+        if isinstance(v, _FrameV):
+            keys_frame = v.df[list(a["subset"])]
+            vc = keys_frame.value_counts(**flags)
+            grouper: Any = keys_frame.groupby(list(a["subset"]), sort=False, dropna=a["dropna"])
+        else:
+            vc = v.s.value_counts(**flags)
+            grouper = v.s.groupby(v.s, sort=False, dropna=a["dropna"])
+        origin = _Origin("groups", len(vc), keys=vc.index)
+        if v.origin.rows or v.origin.members:
+            first = _codes(grouper.ngroup())
+            perm = np.asarray(vc.index.get_indexer(grouper.size().index), dtype=np.int64)
+            codes = np.where(first >= 0, perm[np.clip(first, 0, None)] if len(perm) else -1, -1)
+            origin.members = _membership(v.origin, _positions(self._data(v).index), codes, None, self.n_src)
+            origin.sizes = _counts(origin.members, len(vc))
+            origin.dup = dict(v.origin.dup)
+        return _SeriesV(vc.set_axis(pd.RangeIndex(len(vc)), axis=0), origin)
+
+    def visit_describe(self, nid: str, node: PlanNode) -> _Value:
+        v = self._rows(self._get(node.args["input"]))
+        data = self._data(v)
+        pos = _positions(data.index)
+        origin = _Origin("summary", 1)
+        zeros = np.zeros(len(pos), dtype=np.int64)
+        if v.origin.rows or v.origin.members:
+            origin.members = _membership(v.origin, pos, zeros, None, self.n_src)
+            origin.dup = dict(v.origin.dup)
+
+        def column_cells(s: pd.Series) -> Cells:
+            return _counts(_membership(v.origin, pos, zeros, s.notna().to_numpy(), self.n_src), 1)
+
+        if isinstance(v, _FrameV):
+            cols = list(node.args["columns"])
+            res = v.df[cols].describe()
+            cells = {c: column_cells(v.df[c]) for c in cols} if origin.members else {}
+            return _FrameV(res, origin, cells)
+        return _SeriesV(v.s.describe(), origin, column_cells(v.s) if origin.members else None)
+
+    def _scalar(
+        self, value: Any, v: _SeriesV | _FrameV, mask: npt.NDArray[np.bool_] | None, index: pd.Index | None = None
+    ) -> _ScalarV:
+        pos = _positions(self._data(v).index if index is None else index)
+        zeros = np.zeros(len(pos), dtype=np.int64)
+        members = _membership(v.origin, pos, zeros, None, self.n_src)
+        counted = members if mask is None else _membership(v.origin, pos, zeros, mask, self.n_src)
+        counts = {ds: len(np.unique(s)) if v.origin.dup.get(ds) else len(s) for ds, (_, s) in counted.items()}
+        return _ScalarV(value, counts, members, dict(v.origin.dup))
+
+    def visit_reduce(self, nid: str, node: PlanNode) -> _Value:
+        v = self._series(node.args["input"])
+        func = node.args["func"]
+        value = getattr(v.s, func)()
+        if not (v.origin.rows or v.origin.members):
+            return _ScalarV(value, {}, {}, {})
+        notna = v.s.notna().to_numpy()
+        if func in ("sum", "mean") and v.s.dtype.kind == "b":
+            truth = v.s.to_numpy(dtype=bool, na_value=False)
+            t = self._scalar(value, v, notna & truth)
+            f = self._scalar(value, v, notna & ~truth)
+            return _ScalarV(value, {ds: min(t.counts[ds], f.counts[ds]) for ds in t.counts}, t.members, t.dup)
+        return self._scalar(value, v, notna)
+
+    def visit_corr(self, nid: str, node: PlanNode) -> _Value:
+        left, right = self._series(node.args["left"]), self._series(node.args["right"])
+        value = left.s.corr(right.s, method=node.args["method"])
+        if not (left.origin.rows or left.origin.members):
+            return _ScalarV(value, {}, {}, {})
+        a, b = left.s.align(right.s, join="inner")
+        return self._scalar(value, left, (a.notna() & b.notna()).to_numpy(), a.index)
+
+    def visit_count_rows(self, nid: str, node: PlanNode) -> _Value:
+        v = self._rows(self._get(node.args["input"]))
+        value = len(self._data(v))
+        if not (v.origin.rows or v.origin.members):
+            return _ScalarV(value, {}, {}, {})
+        return self._scalar(value, v, None)
+
+    # -- expressions ----------------------------------------------------
+
+    def visit_binary(self, nid: str, node: PlanNode) -> _Value:
+        a = node.args
+        fn = _BINARY[a["op"]]
+        operands: list[Any] = []
+        cells: Cells | None = None
+        origin: _Origin | None = None
+        for operand in (a["left"], a["right"]):
+            if isinstance(operand, Lit):
+                operands.append(operand.value)
+            else:
+                sv = self._series(operand)
+                operands.append(sv.s)
+                cells = _min_cells(cells, sv.cells)
+                origin = sv.origin
+        assert origin is not None
+        return _SeriesV(fn(operands[0], operands[1]), origin, cells)
+
+    def visit_unary(self, nid: str, node: PlanNode) -> _Value:
+        v = self._series(node.args["input"])
+        op = node.args["op"]
+        out = -v.s if op == "neg" else ~v.s if op == "invert" else v.s.abs()
+        return _SeriesV(out, v.origin, v.cells)
+
+    def visit_isin(self, nid: str, node: PlanNode) -> _Value:
+        v = self._series(node.args["input"])
+        return _SeriesV(v.s.isin(list(node.args["values"])), v.origin, v.cells)
+
+
+def _codes(ngroup: pd.Series) -> IntArray:
+    arr = ngroup.to_numpy()
+    if arr.dtype.kind == "f":
+        return np.asarray(np.nan_to_num(arr, nan=-1.0), dtype=np.int64)
+    return np.asarray(arr, dtype=np.int64)

@@ -1,0 +1,227 @@
+"""Hardware evidence providers for the enclave kernel: configfs-tsm (TDX, SEV-SNP) and Gramine (SGX).
+
+* **configfs-tsm** (Linux >= 6.7, inside a TDX or SEV-SNP guest): make a directory under
+  ``/sys/kernel/config/tsm/report``, write 64 bytes of report data to ``inblob``, read the
+  quote or report from ``outblob`` (and SEV-SNP certificates from ``auxblob``), and check
+  ``generation`` so that a concurrent writer cannot swap the report under us.
+* **Gramine** ``/dev/attestation`` (inside an SGX enclave run by gramine-sgx with DCAP):
+  write ``user_report_data``, read ``quote``; ``attestation_type`` must be ``dcap``.
+
+Every function takes ``root``, the filesystem root these paths hang from (``/`` on real
+hardware), so tests can point it at a temporary tree. Such tests exercise the file ABI
+only; they are **not** hardware tests and prove nothing about a real TEE.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from mesatee_notebook.attestation.hardware._dcap import looks_like_quote, parse_quote
+from mesatee_notebook.attestation.levels import Level
+from mesatee_notebook.errors import LevelNotAvailableError, MalformedEvidence
+
+__all__ = [
+    "ConfigfsTsm",
+    "GramineAttestation",
+    "TsmReport",
+    "available_hardware_levels",
+    "get_hardware_evidence",
+]
+
+REPORT_DATA_SIZE = 64
+TSM_REPORT_DIR = "sys/kernel/config/tsm/report"
+GRAMINE_DIR = "dev/attestation"
+_TSM_DEVICES = {"tdx_guest": "dev/tdx_guest", "sev_guest": "dev/sev-guest"}
+_TSM_PROVIDERS = {"tdx_guest": "tdx", "sev_guest": "sev-snp"}
+_MAX_BLOB = 1 << 20
+_RETRIES = 3
+
+
+def _report_data(report_data: bytes) -> bytes:
+    """Pad caller report data to the 64 bytes every TEE signs; refuse anything longer."""
+    if len(report_data) > REPORT_DATA_SIZE:
+        msg = f"report data is {len(report_data)} bytes; TEEs sign at most {REPORT_DATA_SIZE}"
+        raise ValueError(msg)
+    return bytes(report_data).ljust(REPORT_DATA_SIZE, b"\x00")
+
+
+def _read(path: Path) -> bytes:
+    with path.open("rb") as fh:
+        return fh.read(_MAX_BLOB)
+
+
+def _write(path: Path, data: bytes) -> None:
+    with path.open("wb", buffering=0) as fh:
+        fh.write(data)
+
+
+@dataclass(frozen=True)
+class TsmReport:
+    """One configfs-tsm report: the evidence, the provider's name and its auxiliary blob."""
+
+    outblob: bytes
+    provider: str
+    auxblob: bytes
+    generation: int
+
+    @property
+    def tee(self) -> str:
+        """``"tdx"`` or ``"sev-snp"``."""
+        return _TSM_PROVIDERS.get(self.provider, self.provider)
+
+
+class ConfigfsTsm:
+    """The Linux configfs-tsm report interface, for TDX and SEV-SNP guests."""
+
+    def __init__(self, root: str | os.PathLike[str] = "/") -> None:
+        self.root = Path(root)
+        self.report_dir = self.root / TSM_REPORT_DIR
+
+    def present(self) -> bool:
+        """Tell whether the configfs-tsm report directory exists (configfs mounted, tsm module loaded)."""
+        return self.report_dir.is_dir()
+
+    def guest_provider(self) -> str | None:
+        """``"tdx_guest"`` or ``"sev_guest"`` from the guest device node, without making a report."""
+        for provider, dev in _TSM_DEVICES.items():
+            if (self.root / dev).exists():
+                return provider
+        return None
+
+    def _new_entry(self) -> Path:
+        """Create a report entry; configfs fills it with the attribute files."""
+        entry = self.report_dir / f"mesatee-{os.getpid()}-{secrets.token_hex(4)}"
+        entry.mkdir()
+        return entry
+
+    def _read_attr(self, entry: Path, name: str) -> bytes:
+        """Read one attribute file of a report entry."""
+        return _read(entry / name)
+
+    def _write_attr(self, entry: Path, name: str, data: bytes) -> None:
+        """Write one attribute file of a report entry (the kernel bumps ``generation``)."""
+        _write(entry / name, data)
+
+    def _remove_entry(self, entry: Path) -> None:
+        """Remove the entry (configfs removes its attribute files with it)."""
+        try:
+            entry.rmdir()
+        except OSError:
+            return
+
+    def report(self, report_data: bytes) -> TsmReport:
+        """Produce a report binding ``report_data`` (at most 64 bytes, zero-padded)."""
+        blob = _report_data(report_data)
+        if not self.present():
+            msg = (
+                f"configfs-tsm is not available: {self.report_dir} does not exist "
+                "(not a TDX/SEV-SNP guest, or Linux < 6.7, or configfs not mounted)"
+            )
+            raise LevelNotAvailableError(msg, level=Level.SEV.label)
+        try:
+            entry = self._new_entry()
+        except OSError as exc:
+            msg = f"configfs-tsm: cannot create a report entry in {self.report_dir}: {exc.strerror or exc}"
+            raise LevelNotAvailableError(msg, level=Level.SEV.label) from exc
+        try:
+            return self._report_in(entry, blob)
+        finally:
+            self._remove_entry(entry)
+
+    def _report_in(self, entry: Path, blob: bytes) -> TsmReport:
+        try:
+            for _ in range(_RETRIES):
+                before = int(self._read_attr(entry, "generation").strip() or b"0")
+                self._write_attr(entry, "inblob", blob)
+                outblob = self._read_attr(entry, "outblob")
+                provider = self._read_attr(entry, "provider").decode("ascii", "replace").strip()
+                auxblob = self._read_attr(entry, "auxblob") if (entry / "auxblob").exists() else b""
+                after = int(self._read_attr(entry, "generation").strip() or b"0")
+                if after == before + 1:
+                    break
+            else:
+                msg = "configfs-tsm: another writer kept changing the report entry (generation raced); try again"
+                raise LevelNotAvailableError(msg, level=Level.SEV.label)
+        except (OSError, ValueError) as exc:
+            msg = f"configfs-tsm: reading the report from {entry} failed: {exc}"
+            raise LevelNotAvailableError(msg, level=Level.SEV.label) from exc
+        if provider not in _TSM_PROVIDERS:
+            msg = f"configfs-tsm provider {provider!r} is not a TDX or SEV-SNP guest"
+            raise LevelNotAvailableError(msg, level=Level.SEV.label)
+        if not outblob:
+            msg = "configfs-tsm returned an empty outblob"
+            raise LevelNotAvailableError(msg, level=Level.SEV.label)
+        return TsmReport(outblob, provider, auxblob, after)
+
+
+class GramineAttestation:
+    """Gramine's ``/dev/attestation`` pseudo-files, inside an SGX enclave (DCAP)."""
+
+    def __init__(self, root: str | os.PathLike[str] = "/") -> None:
+        self.root = Path(root)
+        self.dir = self.root / GRAMINE_DIR
+
+    def attestation_type(self) -> str | None:
+        """``"dcap"``, ``"epid"`` or ``"none"``; ``None`` outside Gramine."""
+        try:
+            return _read(self.dir / "attestation_type").decode("ascii", "replace").strip()
+        except OSError:
+            return None
+
+    def present(self) -> bool:
+        """Tell whether this runs inside a Gramine SGX enclave configured for DCAP quotes."""
+        return self.attestation_type() == "dcap" and (self.dir / "quote").exists()
+
+    def quote(self, report_data: bytes) -> bytes:
+        """Write ``user_report_data`` and read the DCAP quote that commits to it."""
+        blob = _report_data(report_data)
+        kind = self.attestation_type()
+        if kind is None:
+            msg = f"SGX via Gramine is not available: {self.dir} does not exist (not inside a Gramine enclave)"
+            raise LevelNotAvailableError(msg, level=Level.SGX.label)
+        if kind != "dcap":
+            msg = f'Gramine attestation type is {kind!r}; set sgx.remote_attestation = "dcap" in the manifest'
+            raise LevelNotAvailableError(msg, level=Level.SGX.label)
+        try:
+            _write(self.dir / "user_report_data", blob)
+            quote = _read(self.dir / "quote")
+        except OSError as exc:
+            msg = f"Gramine /dev/attestation failed: {exc.strerror or exc}"
+            raise LevelNotAvailableError(msg, level=Level.SGX.label) from exc
+        if not looks_like_quote(quote):
+            msg = "Gramine returned something that is not a DCAP quote"
+            raise MalformedEvidence(msg, check="quote")
+        parsed = parse_quote(quote)
+        if parsed.body[320:384] != blob:
+            msg = "Gramine returned a quote whose report data is not the one just written (raced?)"
+            raise MalformedEvidence(msg, check="report data")
+        return quote
+
+
+def available_hardware_levels(root: str | os.PathLike[str] = "/") -> frozenset[Level]:
+    """Return the hardware levels this machine can produce evidence for, without producing any."""
+    levels: set[Level] = set()
+    if GramineAttestation(root).present():
+        levels.add(Level.SGX)
+    tsm = ConfigfsTsm(root)
+    if tsm.present() and tsm.guest_provider() is not None:
+        levels.add(Level.SEV)
+    return frozenset(levels)
+
+
+def get_hardware_evidence(level: Level, report_data: bytes, root: str | os.PathLike[str] = "/") -> bytes:
+    """Evidence binding ``report_data``: an SGX quote (Gramine), or a TDX quote / SEV-SNP report (configfs-tsm).
+
+    For SEV-SNP only the report is returned; use :class:`ConfigfsTsm` directly for the
+    ``auxblob`` certificates (VCEK) when the host provides them.
+    """
+    level = Level.parse(level)
+    if level == Level.SGX:
+        return GramineAttestation(root).quote(report_data)
+    if level == Level.SEV:
+        return ConfigfsTsm(root).report(report_data).outblob
+    msg = f"security level {level.label!r} has no hardware evidence provider here (only sgx and sev)"
+    raise LevelNotAvailableError(msg, level=level.label)

@@ -1,0 +1,542 @@
+"""Gradient-boosted trees with native xgboost (``hist``), as run inside the enclave.
+
+The engine takes pandas DataFrames (label given by column name) or numpy arrays
+(label given as an array), streams per-round metrics through a ``progress``
+callback, and keeps the model as a :class:`GBDTModel` handle. Models leave only
+as xgboost JSON bytes (:meth:`GBDTModel.to_json`), never pickled.
+
+Every input problem is a typed error from :mod:`mesatee_notebook.ml._errors`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+import xgboost as xgb
+
+from mesatee_notebook.ml._errors import (
+    FeatureMismatch,
+    InvalidLabels,
+    MissingLabel,
+    MLInputError,
+    ModelFormatError,
+    NonNumericFeatures,
+)
+
+__all__ = [
+    "BINARY_OBJECTIVES",
+    "IMPORTANCE_KINDS",
+    "MULTICLASS_OBJECTIVES",
+    "REGRESSION_OBJECTIVES",
+    "Data",
+    "EvalSet",
+    "GBDTModel",
+    "Label",
+    "Progress",
+    "Task",
+    "load_model",
+    "train",
+]
+
+Data: TypeAlias = pd.DataFrame | np.ndarray
+"""Features: a DataFrame of numeric columns, or a 2-D numeric array."""
+Label: TypeAlias = str | np.ndarray | pd.Series | Sequence[float]
+"""A label column name (DataFrames only) or one label per row."""
+EvalSet: TypeAlias = Data | tuple[Data, Label]
+"""An eval set: a DataFrame holding the label column, or ``(features, label)``."""
+Progress: TypeAlias = Callable[[dict[str, Any]], None]
+"""Called once per boosting round with ``{"event": "round", "round", "rounds", "metrics", "elapsed_s"}``."""
+Task: TypeAlias = Literal["binary", "multiclass", "regression"]
+F32Array: TypeAlias = npt.NDArray[np.float32]
+
+BINARY_OBJECTIVES = frozenset({"binary:logistic", "binary:logitraw", "binary:hinge"})
+MULTICLASS_OBJECTIVES = frozenset({"multi:softprob", "multi:softmax"})
+REGRESSION_OBJECTIVES = frozenset(
+    {
+        "reg:squarederror",
+        "reg:squaredlogerror",
+        "reg:logistic",
+        "reg:pseudohubererror",
+        "reg:absoluteerror",
+        "reg:gamma",
+        "reg:tweedie",
+        "count:poisson",
+    }
+)
+IMPORTANCE_KINDS = ("gain", "weight", "cover", "total_gain", "total_cover")
+_LABEL_ATTR = "mesatee_label"
+
+
+def _task_of(objective: str) -> Task:
+    if objective in BINARY_OBJECTIVES:
+        return "binary"
+    if objective in MULTICLASS_OBJECTIVES:
+        return "multiclass"
+    if objective in REGRESSION_OBJECTIVES:
+        return "regression"
+    supported = sorted(BINARY_OBJECTIVES | MULTICLASS_OBJECTIVES | REGRESSION_OBJECTIVES)
+    msg = f"objective {objective!r} is not supported here; use one of {', '.join(supported)}"
+    raise MLInputError(msg, objective=objective)
+
+
+def _numeric_kind(dtype: Any) -> bool:
+    """Tell whether a dtype is bool, integer or float (numpy or pandas nullable)."""
+    return bool(pd.api.types.is_bool_dtype(dtype) or pd.api.types.is_numeric_dtype(dtype)) and not (
+        pd.api.types.is_complex_dtype(dtype)
+    )
+
+
+def _frame_to_matrix(frame: pd.DataFrame) -> F32Array:
+    bad = [str(c) for c in frame.columns if not _numeric_kind(frame[c].dtype)]
+    if bad:
+        kinds = ", ".join(f"{c!r} ({frame[c].dtype})" for c in frame.columns if str(c) in bad)
+        msg = f"feature columns must be numeric; encode these first (e.g. one-hot or category codes): {kinds}"
+        raise NonNumericFeatures(msg, columns=bad)
+    return np.ascontiguousarray(frame.to_numpy(dtype=np.float32, na_value=np.nan))
+
+
+def _array_to_matrix(array: np.ndarray, expected: int | None) -> F32Array:
+    if array.dtype.kind not in "biuf":
+        msg = f"feature array must be numeric, got dtype {array.dtype}; encode non-numeric values first"
+        raise NonNumericFeatures(msg, columns=[], dtype=str(array.dtype))
+    if array.ndim == 1 and expected is not None and array.shape[0] == expected:
+        array = array.reshape(1, -1)
+    if array.ndim != 2:
+        msg = f"feature array must be 2-D (rows, features), got shape {array.shape}"
+        raise MLInputError(msg, shape=list(array.shape))
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _column_names(frame: pd.DataFrame) -> list[str]:
+    names = [str(c) for c in frame.columns]
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        msg = f"duplicate feature column names: {', '.join(dupes)}"
+        raise MLInputError(msg, columns=dupes)
+    return names
+
+
+def _labels(values: Any, rows: int, name: str) -> npt.NDArray[np.float64]:
+    try:
+        y = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        msg = f"{name} must be numeric"
+        raise InvalidLabels(msg) from exc
+    if y.ndim != 1:
+        y = y.reshape(-1) if y.size == rows else y
+    if y.ndim != 1 or y.shape[0] != rows:
+        msg = f"{name} has {y.size} values for {rows} rows"
+        raise InvalidLabels(msg, rows=rows, labels=int(y.size))
+    bad = int(np.count_nonzero(~np.isfinite(y)))
+    if bad:
+        msg = f"{name} has {bad} NaN or infinite value(s); drop or impute those rows first"
+        raise InvalidLabels(msg, count=bad)
+    return y
+
+
+def _split(data: Data, label: Label, what: str = "label") -> tuple[F32Array, npt.NDArray[np.float64], list[str] | None]:
+    """Return (features, labels, feature names or None for arrays)."""
+    if isinstance(data, pd.DataFrame):
+        if isinstance(label, str):
+            if label not in data.columns:
+                msg = f"label column {label!r} is not in the DataFrame (columns: {', '.join(map(str, data.columns))})"
+                raise MissingLabel(msg, label=label)
+            y_values: Any = data[label].to_numpy()
+            frame = data.drop(columns=[label])
+        else:
+            y_values, frame = label, data
+        names = _column_names(frame)
+        X = _frame_to_matrix(frame)
+        return X, _labels(y_values, X.shape[0], f"{what} {label!r}" if isinstance(label, str) else what), names
+    if isinstance(data, np.ndarray):
+        if isinstance(label, str):
+            msg = f"a label given by name ({label!r}) needs a DataFrame; pass the labels as an array"
+            raise MissingLabel(msg, label=label)
+        X = _array_to_matrix(data, None)
+        return X, _labels(label, X.shape[0], what), None
+    msg = f"features must be a pandas DataFrame or a numpy array, not {type(data).__name__}"
+    raise MLInputError(msg, type=type(data).__name__)
+
+
+def _check_labels(objective: str, y: npt.NDArray[np.float64], num_class: int | None) -> None:
+    task = _task_of(objective)
+    if task == "binary" and (y.min() < 0 or y.max() > 1):
+        msg = f"{objective} needs labels in [0, 1], got values in [{y.min()}, {y.max()}]"
+        raise InvalidLabels(msg, objective=objective)
+    if task == "multiclass":
+        if np.any(y < 0) or np.any(y != np.round(y)):
+            msg = f"{objective} needs integer class labels 0..num_class-1"
+            raise InvalidLabels(msg, objective=objective)
+        if num_class is not None and y.max() >= num_class:
+            msg = f"label {int(y.max())} is out of range for num_class={num_class}"
+            raise InvalidLabels(msg, objective=objective, num_class=num_class)
+
+
+class _ProgressCallback(xgb.callback.TrainingCallback):
+    """Forwards the latest value of every eval metric after each round."""
+
+    def __init__(self, progress: Progress, rounds: int, start_round: int) -> None:
+        super().__init__()
+        self._progress = progress
+        self._rounds = rounds
+        self._start_round = start_round
+        self._t0 = time.perf_counter()
+
+    def after_iteration(self, model: Any, epoch: int, evals_log: Any) -> bool:
+        metrics: dict[str, dict[str, float]] = {}
+        for data_name, per_metric in evals_log.items():
+            metrics[data_name] = {}
+            for metric, values in per_metric.items():
+                last = values[-1]
+                metrics[data_name][metric] = float(last[0] if isinstance(last, tuple) else last)
+        self._progress(
+            {
+                "event": "round",
+                "round": epoch - self._start_round,
+                "rounds": self._rounds,
+                "metrics": metrics,
+                "elapsed_s": time.perf_counter() - self._t0,
+            }
+        )
+        return False
+
+
+class GBDTModel:
+    """A trained xgboost booster plus what the engine needs to check its inputs.
+
+    ``booster`` is the raw xgboost object: other engines (treecompile) use it,
+    user code should go through the methods.
+    """
+
+    __slots__ = ("_booster", "_history", "_num_class", "_objective")
+
+    def __init__(self, booster: xgb.Booster, history: Mapping[str, Mapping[str, list[float]]] | None = None) -> None:
+        self._booster = booster
+        config = json.loads(booster.save_config())["learner"]
+        self._objective = str(config["objective"]["name"])
+        self._num_class = int(config["learner_model_param"].get("num_class", "0"))
+        self._history = {k: dict(v) for k, v in (history or {}).items()}
+        _task_of(self._objective)
+
+    @property
+    def booster(self) -> xgb.Booster:
+        """The underlying xgboost booster (for other engines, not for user code)."""
+        return self._booster
+
+    @property
+    def objective(self) -> str:
+        """The xgboost objective, e.g. ``binary:logistic``."""
+        return self._objective
+
+    @property
+    def task(self) -> Task:
+        """``binary``, ``multiclass`` or ``regression``."""
+        return _task_of(self._objective)
+
+    @property
+    def num_class(self) -> int:
+        """Number of classes for multiclass models, else 1."""
+        return self._num_class if self.task == "multiclass" else 1
+
+    @property
+    def num_features(self) -> int:
+        """Number of feature columns the model expects."""
+        return int(self._booster.num_features())
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """Feature names (``f0``, ``f1``, ... when trained on an array)."""
+        names = self._booster.feature_names
+        return tuple(names) if names else tuple(f"f{i}" for i in range(self.num_features))
+
+    @property
+    def label(self) -> str | None:
+        """The label column name, when trained on a DataFrame by name."""
+        return self._booster.attr(_LABEL_ATTR)
+
+    @property
+    def num_rounds(self) -> int:
+        """Number of boosting rounds held by the model."""
+        return int(self._booster.num_boosted_rounds())
+
+    @property
+    def best_iteration(self) -> int | None:
+        """Best round found by early stopping (0-based), if it ran."""
+        value = self._booster.attr("best_iteration")
+        return None if value is None else int(value)
+
+    @property
+    def history(self) -> dict[str, dict[str, list[float]]]:
+        """Per-round eval metrics of the last training call: ``{eval_name: {metric: [values]}}``."""
+        return {k: {m: list(v) for m, v in d.items()} for k, d in self._history.items()}
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 (hex) of the model's xgboost JSON; a stable cache key."""
+        return hashlib.sha256(self.to_json()).hexdigest()
+
+    def to_matrix(self, data: Data) -> F32Array:
+        """Check features against the model and return them as a float32 matrix in training order."""
+        if isinstance(data, pd.DataFrame):
+            trained_names = self._booster.feature_names
+            if trained_names is None:
+                frame = data.drop(columns=[c for c in data.columns if str(c) == self.label])
+                X = _frame_to_matrix(frame)
+            else:
+                names = _column_names(data)
+                missing = [n for n in trained_names if n not in names]
+                extra = [n for n in names if n not in trained_names and n != self.label]
+                if missing or extra:
+                    parts = []
+                    if missing:
+                        parts.append(f"missing: {', '.join(missing)}")
+                    if extra:
+                        parts.append(f"not in the model: {', '.join(extra)}")
+                    msg = f"feature columns differ from training ({'; '.join(parts)})"
+                    raise FeatureMismatch(msg, missing=missing, extra=extra)
+                renamed = data.set_axis(names, axis=1)
+                X = _frame_to_matrix(renamed[list(trained_names)])
+        elif isinstance(data, np.ndarray):
+            X = _array_to_matrix(data, self.num_features)
+        else:
+            msg = f"features must be a pandas DataFrame or a numpy array, not {type(data).__name__}"
+            raise MLInputError(msg, type=type(data).__name__)
+        if X.shape[1] != self.num_features:
+            msg = f"model expects {self.num_features} features, got {X.shape[1]}"
+            raise FeatureMismatch(msg, expected=self.num_features, got=int(X.shape[1]))
+        return X
+
+    def predict(self, data: Data, *, margin: bool = False) -> npt.NDArray[np.float32]:
+        """Predict: probabilities (binary ``(n,)``, multiclass ``(n, k)``), values, or raw margins."""
+        X = self.to_matrix(data)
+        out = self._booster.inplace_predict(X, predict_type="margin" if margin else "value", validate_features=False)
+        return np.asarray(out, dtype=np.float32)
+
+    def evaluate(self, data: Data, label: Label | None = None) -> dict[str, float]:
+        """Metrics for the objective: logloss/auc/accuracy, mlogloss/accuracy, or rmse/mae/r2."""
+        if label is None:
+            if self.label is None:
+                msg = "pass the labels: this model was not trained with a label column name"
+                raise MissingLabel(msg)
+            label = self.label
+        if isinstance(data, pd.DataFrame) and isinstance(label, str):
+            if label not in data.columns:
+                msg = f"label column {label!r} is not in the DataFrame"
+                raise MissingLabel(msg, label=label)
+            X = self.to_matrix(data.drop(columns=[label]))
+            y = _labels(data[label].to_numpy(), X.shape[0], f"label {label!r}")
+        elif isinstance(label, str):
+            msg = f"a label given by name ({label!r}) needs a DataFrame; pass the labels as an array"
+            raise MissingLabel(msg, label=label)
+        else:
+            X = self.to_matrix(data)
+            y = _labels(label, X.shape[0], "label")
+        task = self.task
+        if task == "regression":
+            pred = self._booster.inplace_predict(X, validate_features=False).astype(np.float64)
+            return _regression_metrics(y, pred)
+        margin = np.asarray(self._booster.inplace_predict(X, predict_type="margin", validate_features=False))
+        if task == "binary":
+            return _binary_metrics(y, self._objective, margin.astype(np.float64).reshape(-1))
+        return _multiclass_metrics(y, margin.astype(np.float64).reshape(len(y), -1))
+
+    def feature_importance(self, kind: str = "gain") -> dict[str, float]:
+        """Return every feature's importance (0.0 when unused) by ``gain``, ``weight``, ``cover`` or totals."""
+        if kind not in IMPORTANCE_KINDS:
+            msg = f"importance kind must be one of {', '.join(IMPORTANCE_KINDS)}, not {kind!r}"
+            raise MLInputError(msg, kind=kind)
+        scores = self._booster.get_score(importance_type=kind)
+        return {name: float(np.asarray(scores.get(name, 0.0)).sum()) for name in self.feature_names}
+
+    def to_json(self) -> bytes:
+        """Return the model as xgboost JSON bytes (loadable by stock xgboost)."""
+        return bytes(self._booster.save_raw(raw_format="json"))
+
+    def __repr__(self) -> str:
+        return (
+            f"GBDTModel(objective={self._objective!r}, features={self.num_features}, "
+            f"rounds={self.num_rounds}, digest={self.digest[:12]})"
+        )
+
+
+def _sigmoid(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    return np.asarray(0.5 * (1.0 + np.tanh(0.5 * x)))
+
+
+def _auc(y: npt.NDArray[np.float64], score: npt.NDArray[np.float64]) -> float:
+    """Area under the ROC curve (Mann-Whitney, ties averaged); NaN with one class."""
+    pos = y >= 0.5
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = pd.Series(score).rank(method="average").to_numpy()
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _binary_metrics(y: npt.NDArray[np.float64], objective: str, margin: npt.NDArray[np.float64]) -> dict[str, float]:
+    eps = 1e-15
+    p = (margin > 0).astype(np.float64) if objective == "binary:hinge" else _sigmoid(margin)
+    pc = np.clip(p, eps, 1 - eps)
+    logloss = float(-np.mean(y * np.log(pc) + (1 - y) * np.log(1 - pc)))
+    return {
+        "logloss": logloss,
+        "auc": _auc(y, margin),
+        "accuracy": float(np.mean((p >= 0.5) == (y >= 0.5))),
+        "rows": float(len(y)),
+    }
+
+
+def _multiclass_metrics(y: npt.NDArray[np.float64], margin: npt.NDArray[np.float64]) -> dict[str, float]:
+    shifted = margin - margin.max(axis=1, keepdims=True)
+    probs = np.exp(shifted)
+    probs /= probs.sum(axis=1, keepdims=True)
+    k = probs.shape[1]
+    idx = y.astype(np.int64)
+    if idx.min() < 0 or idx.max() >= k:
+        msg = f"labels must be class indices 0..{k - 1}"
+        raise InvalidLabels(msg, num_class=k)
+    picked = np.clip(probs[np.arange(len(idx)), idx], 1e-15, 1.0)
+    return {
+        "mlogloss": float(-np.mean(np.log(picked))),
+        "accuracy": float(np.mean(probs.argmax(axis=1) == idx)),
+        "rows": float(len(y)),
+    }
+
+
+def _regression_metrics(y: npt.NDArray[np.float64], pred: npt.NDArray[np.float64]) -> dict[str, float]:
+    err = pred.reshape(-1) - y
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    r2 = 1.0 - float(np.sum(err**2)) / ss_tot if ss_tot > 0 else math.nan
+    return {
+        "rmse": float(np.sqrt(np.mean(err**2))),
+        "mae": float(np.mean(np.abs(err))),
+        "r2": r2,
+        "rows": float(len(y)),
+    }
+
+
+def _dmatrix(X: F32Array, y: npt.NDArray[np.float64], names: list[str] | None) -> xgb.DMatrix:
+    try:
+        return xgb.DMatrix(X, label=y, feature_names=names)
+    except (ValueError, xgb.core.XGBoostError) as exc:
+        msg = f"xgboost refused the data: {exc}"
+        raise MLInputError(msg) from exc
+
+
+def train(
+    data: Data,
+    label: Label,
+    *,
+    params: Mapping[str, Any] | None = None,
+    num_boost_round: int = 100,
+    evals: Mapping[str, EvalSet] | None = None,
+    early_stopping_rounds: int | None = None,
+    progress: Progress | None = None,
+    init_model: GBDTModel | None = None,
+) -> GBDTModel:
+    """Train (or continue training) an xgboost ``hist`` model.
+
+    ``params`` are xgboost parameters (``objective`` defaults to ``reg:squarederror``,
+    ``seed`` to 0; ``tree_method`` must stay ``hist`` and ``device`` ``cpu``).
+    ``evals`` maps a name to an eval set; with ``early_stopping_rounds`` the last
+    eval set's last metric decides, and the model is cut back to its best round.
+    """
+    merged: dict[str, Any] = {"objective": "reg:squarederror", "seed": 0, "tree_method": "hist"}
+    if init_model is not None:
+        merged["objective"] = init_model.objective
+        if init_model.task == "multiclass":
+            merged["num_class"] = init_model.num_class
+    merged.update(params or {})
+    if merged["tree_method"] != "hist":
+        msg = f"this engine trains with tree_method='hist', not {merged['tree_method']!r}"
+        raise MLInputError(msg, tree_method=merged["tree_method"])
+    if str(merged.get("device", "cpu")) != "cpu":
+        msg = "the enclave has no GPU: device must be 'cpu'"
+        raise MLInputError(msg, device=merged["device"])
+    if num_boost_round < 1:
+        msg = f"num_boost_round must be at least 1, got {num_boost_round}"
+        raise MLInputError(msg)
+    objective = str(merged["objective"])
+    X, y, names = _split(data, label)
+    if X.shape[0] == 0:
+        msg = "no training rows"
+        raise MLInputError(msg)
+    if objective in MULTICLASS_OBJECTIVES and "num_class" not in merged:
+        merged["num_class"] = int(y.max()) + 1
+    _check_labels(objective, y, merged.get("num_class"))
+    if init_model is not None:
+        _check_continuation(init_model, objective, X.shape[1], names)
+
+    dtrain = _dmatrix(X, y, names)
+    watch: list[tuple[xgb.DMatrix, str]] = []
+    for name, eval_set in (evals or {}).items():
+        if isinstance(eval_set, tuple):
+            eX, ey, enames = _split(eval_set[0], eval_set[1], f"eval set {name!r} label")
+        else:
+            eX, ey, enames = _split(eval_set, label, f"eval set {name!r} label")
+        if eX.shape[1] != X.shape[1] or (names is not None and enames is not None and enames != names):
+            msg = f"eval set {name!r} has features {enames or eX.shape[1]}, training has {names or X.shape[1]}"
+            raise FeatureMismatch(msg, eval_set=name)
+        watch.append((_dmatrix(eX, ey, names), name))
+    callbacks: list[xgb.callback.TrainingCallback] = []
+    if early_stopping_rounds is not None:
+        if not watch:
+            msg = "early stopping needs at least one eval set"
+            raise MLInputError(msg)
+        callbacks.append(xgb.callback.EarlyStopping(rounds=early_stopping_rounds, save_best=True))
+    start = init_model.num_rounds if init_model is not None else 0
+    if progress is not None:
+        callbacks.append(_ProgressCallback(progress, num_boost_round, start))
+
+    history: dict[str, dict[str, list[float]]] = {}
+    try:
+        booster = xgb.train(
+            merged,
+            dtrain,
+            num_boost_round=num_boost_round,
+            evals=watch,
+            evals_result=history,
+            verbose_eval=False,
+            xgb_model=init_model.booster.copy() if init_model is not None else None,
+            callbacks=callbacks,
+        )
+    except xgb.core.XGBoostError as exc:
+        msg = f"xgboost refused the training request: {str(exc).splitlines()[0]}"
+        raise MLInputError(msg) from exc
+    if isinstance(label, str):
+        booster.set_attr(**{_LABEL_ATTR: label})
+    elif init_model is not None and init_model.label is not None:
+        booster.set_attr(**{_LABEL_ATTR: init_model.label})
+    return GBDTModel(booster, history)
+
+
+def _check_continuation(model: GBDTModel, objective: str, n_features: int, names: list[str] | None) -> None:
+    if objective != model.objective:
+        msg = f"cannot continue a {model.objective} model with objective {objective}"
+        raise MLInputError(msg, objective=objective)
+    if n_features != model.num_features:
+        msg = f"model was trained on {model.num_features} features, got {n_features}"
+        raise FeatureMismatch(msg, expected=model.num_features, got=n_features)
+    trained = model.booster.feature_names
+    if names is not None and trained is not None and list(trained) != names:
+        msg = f"feature columns differ from the model's: {list(trained)} vs {names}"
+        raise FeatureMismatch(msg)
+
+
+def load_model(data: bytes) -> GBDTModel:
+    """Load a model from xgboost JSON (or UBJSON) bytes."""
+    booster = xgb.Booster()
+    try:
+        booster.load_model(bytearray(data))
+    except xgb.core.XGBoostError as exc:
+        msg = f"not an xgboost model: {str(exc).splitlines()[0]}"
+        raise ModelFormatError(msg) from exc
+    return GBDTModel(booster)

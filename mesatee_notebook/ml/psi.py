@@ -1,0 +1,685 @@
+"""Vectorised private set intersection (PSI) engine, run inside the enclave.
+
+Every party's items are canonicalised, mapped to 128-bit keys with a keyed function, and intersected with numpy.
+The key secret never leaves the enclave, so keys reveal nothing outside it. See ``docs/psi.md``.
+
+Canonicalisation (the same value always gives the same key; different types never match):
+
+- ``int`` (Python ints in [-2**127, 2**127), numpy signed/unsigned integers): the two's-complement 128-bit value,
+  so ``np.uint8(7)``, ``np.int64(7)`` and ``7`` match. ``bool`` and floats are refused (cast them first).
+- ``str``: Unicode NFC-normalised, then UTF-8. No case folding, no whitespace trimming, no NFKC: "é" written
+  precomposed or decomposed matches, "Alice" and "alice" do not.
+- ``bytes`` (also ``bytearray``/``memoryview``, numpy ``S``, Arrow binary): the bytes as given.
+- Nulls (``None``, NaN, masked values) are refused: drop them first.
+
+Type tagging is by key separation: ints, strings and bytes are keyed under three different AES keys, so ``1``,
+``"1"`` and ``b"1"`` never match.
+
+Keyed hashing (128 bits):
+
+- ints: ``AES-256(k_int, int128 little-endian)``: a keyed permutation, so no two ints ever collide.
+- str/bytes: CBC-MAC with AES-256 over ``len u64 LE || data``, zero-padded to 16-byte blocks. Prefixing the length
+  makes the message set prefix-free, which makes CBC-MAC a PRF. It runs column-wise over whole Arrow buffers: one
+  AES-ECB call per block position for the whole batch.
+
+Both are pseudo-random under a secret key. Across 2**25 items the chance of any 128-bit collision is below 2**-78.
+Even so, the intersection matches on the first 64 bits, checks the other 64, and resolves any mismatch exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, get_args
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from mesatee_notebook.errors import EncodingError, PolicyViolation
+
+__all__ = ["PsiInput", "PsiKey", "PsiMode", "PsiResult", "hash_items", "psi", "run_psi"]
+
+PsiMode = Literal["intersection", "cardinality", "join"]
+U64 = npt.NDArray[np.uint64]
+_MODES: Final = frozenset(get_args(PsiMode))
+_BATCH: Final = 1 << 16
+_MASK64: Final = (1 << 64) - 1
+_INT128_MIN: Final = -(1 << 127)
+_INT128_MAX: Final = (1 << 127) - 1
+_INT64_MAX: Final = (1 << 63) - 1
+_BYTE_MASKS: Final = np.array([(1 << (8 * i)) - 1 for i in range(9)], dtype=np.uint64)
+_KIND_INT: Final = b"int"
+_KIND_STR: Final = b"str"
+_KIND_BYTES: Final = b"bytes"
+
+
+class PsiKey:
+    """The enclave-held secret behind the keyed hash: one AES-256 key per item type."""
+
+    __slots__ = ("_keys",)
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) < 32:
+            msg = f"a PSI key secret must be at least 32 bytes, got {len(secret)}"
+            raise ValueError(msg)
+        self._keys = {
+            kind: HKDF(
+                algorithm=hashes.SHA256(), length=32, salt=b"mesatee-notebook/psi", info=b"psi v1 key\x00" + kind
+            ).derive(bytes(secret))
+            for kind in (_KIND_INT, _KIND_STR, _KIND_BYTES)
+        }
+
+    @classmethod
+    def generate(cls) -> PsiKey:
+        """Return a fresh random key (use one per PSI job)."""
+        return cls(os.urandom(32))
+
+    def __repr__(self) -> str:
+        return "PsiKey(<secret>)"
+
+    def _ecb(self, kind: bytes) -> CipherContext:
+        # ECB is used as the raw AES block permutation (a PRP/PRF building block), never to encrypt data.
+        return Cipher(algorithms.AES(self._keys[kind]), modes.ECB()).encryptor()  # noqa: S305
+
+
+# -- canonicalisation ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Part:
+    """Items of one type: ``index`` maps them back to positions in the chunk (``None``: all of them, in order)."""
+
+    kind: bytes
+    index: npt.NDArray[np.intp] | None
+    lo: U64 | None = None  # ints: low and high 64-bit words of the int128 value
+    hi: U64 | None = None
+    binary: pa.Array | None = None  # str (NFC, as large_binary) or bytes
+
+
+@dataclass
+class _Canonical:
+    n: int
+    parts: list[_Part]
+    display: np.ndarray[Any, Any] | pa.Array  # canonical items, as returned in results
+
+
+def _refuse(what: str, way_out: str) -> EncodingError:
+    return EncodingError(f"PSI items must be int, str or bytes; got {what}. {way_out}")
+
+
+def _ints_from_numpy(arr: np.ndarray[Any, Any]) -> tuple[U64, U64, np.ndarray[Any, Any]]:
+    if arr.dtype == np.uint64:
+        lo = np.ascontiguousarray(arr, dtype=np.uint64)
+        hi = np.zeros(len(lo), dtype=np.uint64)
+        fits = len(lo) == 0 or int(lo.max()) <= _INT64_MAX
+        return lo, hi, lo.view(np.int64) if fits else lo
+    a64 = np.ascontiguousarray(arr, dtype=np.int64)
+    return a64.view(np.uint64), (a64 >> 63).view(np.uint64), a64
+
+
+def _ints_from_python(values: Sequence[int]) -> tuple[U64, U64, np.ndarray[Any, Any]]:
+    try:
+        return _ints_from_numpy(np.array(values, dtype=np.int64))
+    except OverflowError:
+        pass
+    lo = np.empty(len(values), dtype=np.uint64)
+    hi = np.empty(len(values), dtype=np.uint64)
+    for i, v in enumerate(values):
+        if not _INT128_MIN <= v <= _INT128_MAX:
+            msg = f"int item {v} is outside the 128-bit range PSI supports; convert it to str or bytes"
+            raise EncodingError(msg)
+        lo[i] = v & _MASK64
+        hi[i] = (v >> 64) & _MASK64
+    return lo, hi, np.array(values, dtype=object)
+
+
+def _strings(arr: pa.Array) -> pa.Array:
+    """NFC-normalise a string array and return its UTF-8 bytes as ``large_binary``."""
+    normalised = pc.utf8_normalize(arr.cast(pa.large_string()), form="NFC")
+    return normalised.cast(pa.large_binary())
+
+
+def _from_arrow(arr: pa.Array) -> _Canonical:
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    if arr.null_count:
+        what = f"{arr.null_count} null value(s)"
+        raise _refuse(what, "Drop nulls before the PSI (e.g. series.dropna()).")
+    t = arr.type
+    if pa.types.is_integer(t):
+        lo, hi, display = _ints_from_numpy(arr.to_numpy(zero_copy_only=False))
+        return _Canonical(len(arr), [_Part(_KIND_INT, None, lo=lo, hi=hi)], display)
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        binary = _strings(arr)
+        return _Canonical(len(arr), [_Part(_KIND_STR, None, binary=binary)], binary.cast(pa.large_string()))
+    if (
+        pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+        or pa.types.is_binary_view(t)
+        or pa.types.is_fixed_size_binary(t)
+    ):
+        binary = arr.cast(pa.large_binary())
+        return _Canonical(len(arr), [_Part(_KIND_BYTES, None, binary=binary)], binary)
+    if pa.types.is_null(t) and len(arr) == 0:
+        return _Canonical(0, [], np.empty(0, dtype=np.int64))
+    what = f"an Arrow array of type {t}"
+    raise _refuse(what, "Cast it to an integer, string or binary type.")
+
+
+def _from_objects(values: Sequence[Any] | np.ndarray[Any, Any]) -> _Canonical:
+    if len(values) == 0:
+        return _Canonical(0, [], np.empty(0, dtype=np.int64))
+    kinds = set(map(type, values))  # C-speed scan; pa.array alone would quietly mix str into binary
+    if kinds == {int}:
+        with contextlib.suppress(OverflowError):
+            lo, hi, display = _ints_from_numpy(np.array(values, dtype=np.int64))
+            return _Canonical(len(values), [_Part(_KIND_INT, None, lo=lo, hi=hi)], display)
+    elif kinds == {str}:
+        with contextlib.suppress(pa.ArrowException, UnicodeEncodeError):
+            return _from_arrow(pa.array(values, type=pa.large_string()))
+    elif kinds == {bytes}:
+        return _from_arrow(pa.array(values, type=pa.large_binary()))
+    groups: dict[bytes, tuple[list[int], list[Any]]] = {_KIND_INT: ([], []), _KIND_STR: ([], []), _KIND_BYTES: ([], [])}
+    for i, item in enumerate(values):
+        v = item
+        if isinstance(v, str):
+            kind: bytes = _KIND_STR
+            try:
+                v.encode()
+            except UnicodeEncodeError:
+                msg = f"str item at position {i} is not valid Unicode (lone surrogate); encode it to bytes first"
+                raise EncodingError(msg) from None
+        elif isinstance(v, (bytes, bytearray, memoryview)):
+            kind, v = _KIND_BYTES, bytes(v)
+        elif isinstance(v, (bool, np.bool_)):
+            what = f"a bool at position {i}"
+            raise _refuse(what, "Use ints 0/1 or strings if you mean them as items.")
+        elif isinstance(v, (int, np.integer)):
+            kind, v = _KIND_INT, int(v)
+        elif v is None or (isinstance(v, float) and np.isnan(v)):
+            what = f"a null at position {i}"
+            raise _refuse(what, "Drop nulls before the PSI.")
+        else:
+            what = f"{type(v).__name__} at position {i}"
+            raise _refuse(what, "Convert floats/dates/objects to int, str or bytes explicitly.")
+        groups[kind][0].append(i)
+        groups[kind][1].append(v)
+    present = {kind: g for kind, g in groups.items() if g[0]}
+    if len(present) == 1:
+        ((kind, (_, vals)),) = present.items()
+        if kind == _KIND_INT:
+            lo, hi, display = _ints_from_python(vals)
+            return _Canonical(len(values), [_Part(kind, None, lo=lo, hi=hi)], display)
+        return _from_arrow(pa.array(vals, type=pa.large_string() if kind == _KIND_STR else pa.large_binary()))
+    parts: list[_Part] = []
+    mixed = np.empty(len(values), dtype=object)
+    for kind, (idx, vals) in present.items():
+        index = np.asarray(idx, dtype=np.intp)
+        if kind == _KIND_INT:
+            lo, hi, _ = _ints_from_python(vals)
+            parts.append(_Part(kind, index, lo=lo, hi=hi))
+            mixed[index] = vals
+        elif kind == _KIND_STR:
+            binary = _strings(pa.array(vals, type=pa.large_string()))
+            parts.append(_Part(kind, index, binary=binary))
+            mixed[index] = binary.cast(pa.large_string()).to_pylist()
+        else:
+            parts.append(_Part(kind, index, binary=pa.array(vals, type=pa.large_binary())))
+            mixed[index] = vals
+    return _Canonical(len(values), parts, mixed)
+
+
+def _canonicalise(items: Any) -> _Canonical:
+    """Map one chunk of items (list, numpy, pandas, Arrow) to typed canonical parts."""
+    if isinstance(items, (str, bytes, bytearray, memoryview)):
+        what = f"a single {type(items).__name__}"
+        raise _refuse(what, "Pass a list (or array) of items, e.g. [value].")
+    if isinstance(items, (pa.Array, pa.ChunkedArray)):
+        return _from_arrow(items)
+    if isinstance(items, (pd.Series, pd.Index)):
+        dtype = items.dtype
+        if isinstance(dtype, np.dtype) and dtype.kind in "iu":
+            return _canonicalise(items.to_numpy())
+        if isinstance(dtype, np.dtype) and dtype.kind == "O":
+            return _from_objects(items.to_numpy(dtype=object))
+        if pd.api.types.is_bool_dtype(dtype) or pd.api.types.is_float_dtype(dtype):
+            what = f"a Series of dtype {dtype}"
+            raise _refuse(what, "Cast it to int or str first.")
+        return _from_arrow(pa.array(items))
+    if isinstance(items, np.ndarray):
+        if items.ndim != 1:
+            what = f"a {items.ndim}-d array"
+            raise _refuse(what, "Pass a 1-d array (one item per element).")
+        kind = items.dtype.kind
+        if kind in "iu":
+            lo, hi, display = _ints_from_numpy(items)
+            return _Canonical(len(items), [_Part(_KIND_INT, None, lo=lo, hi=hi)], display)
+        if kind in "US":
+            return _from_arrow(pa.array(items))
+        if kind == "O":
+            return _from_objects(items)
+        what = f"a numpy array of dtype {items.dtype}"
+        raise _refuse(what, "Cast it to int or str first.")
+    if isinstance(items, Iterable) and not isinstance(items, Mapping):
+        return _from_objects(list(items))
+    what = f"{type(items).__name__}"
+    raise _refuse(what, "Pass a list, numpy array, pandas Series or Arrow array.")
+
+
+# -- keyed hashing ---------------------------------------------------------------------------------------------
+
+
+def _aes_blocks(enc: CipherContext, blocks: U64, out: U64) -> None:
+    """Encrypt ``blocks`` (m x 2 uint64) into ``out`` (at least m + 1 rows: the API wants a block of slack)."""
+    enc.update_into(blocks.data.cast("B"), out.data.cast("B"))
+
+
+def _hash_ints(key: PsiKey, lo: U64, hi: U64) -> U64:
+    n = len(lo)
+    out = np.empty((n + 1, 2), dtype="<u8")
+    enc = key._ecb(_KIND_INT)
+    block = np.empty((min(n, _BATCH), 2), dtype="<u8")
+    for b0 in range(0, n, _BATCH):
+        m = min(_BATCH, n - b0)
+        block[:m, 0] = lo[b0 : b0 + m]
+        block[:m, 1] = hi[b0 : b0 + m]
+        _aes_blocks(enc, block[:m], out[b0:])
+    return out[:n]
+
+
+def _hash_binary(key: PsiKey, kind: bytes, arr: pa.Array) -> U64:
+    """Length-prefixed AES-CBC-MAC of every element of a ``large_binary`` array, vectorised per block position."""
+    n = len(arr)
+    out = np.empty((n + 1, 2), dtype="<u8")
+    if n == 0:
+        return out[:0]
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], dtype="<i8")[arr.offset : arr.offset + n + 1]
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.empty(0, dtype=np.uint8)
+    end = int(offsets[-1])
+    padded = np.zeros(end + 16, dtype=np.uint8)
+    padded[:end] = data[:end]
+    # Unaligned 8-byte little-endian words starting at every byte offset (a view, no copy).
+    words = np.ndarray(shape=(end + 8,), dtype="<u8", buffer=padded, strides=(1,))
+    enc = key._ecb(kind)
+    state = np.empty((min(n, _BATCH), 2), dtype="<u8")
+    tmp = np.empty((min(n, _BATCH) + 1, 2), dtype="<u8")
+    for b0 in range(0, n, _BATCH):
+        starts = offsets[b0 : b0 + _BATCH + 1]
+        lens = np.diff(starts)
+        starts = starts[:-1]
+        m = len(lens)
+        st = state[:m]
+        # Block 0: the length (makes the message set prefix-free) and the first 8 bytes.
+        st[:, 0] = lens.view(np.uint64)
+        st[:, 1] = words[starts] & _BYTE_MASKS[np.minimum(lens, 8)]
+        _aes_blocks(enc, st, tmp)
+        st[:] = tmp[:m]
+        rem = lens - 8  # bytes left per element
+        pos = starts + 8
+        active: npt.NDArray[np.intp] | None = None  # None: every element of the batch is still going
+        while True:
+            live = rem > 0
+            if not live.any():
+                break
+            if not live.all():
+                sel = np.flatnonzero(live)
+                active = sel if active is None else active[sel]
+                rem, pos = rem[sel], pos[sel]
+            cur = st if active is None else st[active]
+            cur[:, 0] ^= words[pos] & _BYTE_MASKS[np.clip(rem, 0, 8)]
+            cur[:, 1] ^= words[pos + 8] & _BYTE_MASKS[np.clip(rem - 8, 0, 8)]
+            _aes_blocks(enc, cur, tmp)
+            if active is None:
+                st[:] = tmp[:m]
+            else:
+                st[active] = tmp[: len(active)]
+            rem = rem - 16
+            pos = pos + 16
+        out[b0 : b0 + m] = st
+    return out[:n]
+
+
+def hash_items(items: Any, key: PsiKey) -> tuple[U64, U64]:
+    """Canonicalise and hash one chunk; return the (high, low) 64-bit halves of each item's 128-bit key."""
+    keys = _hash_canonical(_canonicalise(items), key)
+    return np.ascontiguousarray(keys[:, 0]), np.ascontiguousarray(keys[:, 1])
+
+
+def _hash_canonical(canon: _Canonical, key: PsiKey) -> U64:
+    keys = np.empty((canon.n, 2), dtype="<u8")
+    for part in canon.parts:
+        if part.kind == _KIND_INT:
+            assert part.lo is not None and part.hi is not None
+            h = _hash_ints(key, part.lo, part.hi)
+        else:
+            assert part.binary is not None
+            h = _hash_binary(key, part.kind, part.binary)
+        if part.index is None:
+            keys[:] = h
+        else:
+            keys[part.index] = h
+    return keys
+
+
+# -- inputs ------------------------------------------------------------------------------------------------------
+
+
+class PsiInput:
+    """One party's set, fed in chunks (streamed uploads); each chunk is canonicalised and hashed on arrival.
+
+    For ``join`` mode every chunk carries ``values``: a DataFrame (or mapping of columns) row-aligned with the items.
+    """
+
+    def __init__(self, label: str, key: PsiKey, *, max_items: int | None = None) -> None:
+        if not label or not isinstance(label, str):
+            msg = "a PSI input needs a non-empty label (the party's input name)"
+            raise ValueError(msg)
+        self.label = label
+        self.key = key
+        self.max_items = max_items
+        self._h1: list[U64] = []
+        self._h2: list[U64] = []
+        self._display: list[np.ndarray[Any, Any] | pa.Array] = []
+        self._values: list[pd.DataFrame] = []
+        self._columns: list[str] | None = None
+        self._has_items = False  # a chunk without values was added
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __repr__(self) -> str:
+        return f"PsiInput({self.label!r}, items={self._n})"
+
+    def add_chunk(self, items: Any, values: pd.DataFrame | Mapping[str, Any] | None = None) -> int:
+        """Add a chunk of items (and, for joins, its value columns); return the total item count so far."""
+        canon = _canonicalise(items)
+        if self.max_items is not None and self._n + canon.n > self.max_items:
+            msg = f"PSI input {self.label!r} would exceed its limit of {self.max_items} items"
+            raise PolicyViolation(msg, label=self.label)
+        frame = self._check_values(canon.n, values)
+        keys = _hash_canonical(canon, self.key)
+        self._h1.append(np.ascontiguousarray(keys[:, 0]))
+        self._h2.append(np.ascontiguousarray(keys[:, 1]))
+        self._display.append(canon.display)
+        if frame is not None:
+            self._values.append(frame)
+        self._n += canon.n
+        return self._n
+
+    def _check_values(self, n: int, values: pd.DataFrame | Mapping[str, Any] | None) -> pd.DataFrame | None:
+        """Check a chunk's value columns: the first chunk decides whether there are any, later ones must agree."""
+        if values is None:
+            if self._columns is not None:
+                msg = f"PSI input {self.label!r}: every chunk must carry the value columns {self._columns}"
+                raise EncodingError(msg)
+            self._has_items = True
+            return None
+        frame = values.reset_index(drop=True) if isinstance(values, pd.DataFrame) else pd.DataFrame(dict(values))
+        if len(frame) != n:
+            msg = f"PSI input {self.label!r}: {len(frame)} value rows for {n} items"
+            raise EncodingError(msg)
+        columns = [str(c) for c in frame.columns]
+        if self._columns is None:
+            if self._has_items:
+                msg = f"PSI input {self.label!r}: earlier chunks carried no value columns"
+                raise EncodingError(msg)
+            self._columns = columns
+        elif columns != self._columns:
+            msg = f"PSI input {self.label!r}: chunk has columns {columns}, expected {self._columns}"
+            raise EncodingError(msg)
+        frame.columns = pd.Index(columns)
+        return frame
+
+    @property
+    def value_columns(self) -> list[str]:
+        """Names of the join value columns (empty if the input carries none)."""
+        return list(self._columns or [])
+
+    def keys(self) -> tuple[U64, U64]:
+        """All 128-bit keys so far, as (high, low) 64-bit arrays."""
+        if not self._h1:
+            return np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.uint64)
+        if len(self._h1) > 1:
+            self._h1 = [np.concatenate(self._h1)]
+            self._h2 = [np.concatenate(self._h2)]
+        return self._h1[0], self._h2[0]
+
+    def items_at(self, index: npt.NDArray[np.intp]) -> pd.Series:
+        """Canonical items at the given positions, as a Series."""
+        chunks = self._display
+        arrays = [c for c in chunks if isinstance(c, np.ndarray)]
+        tables = [c for c in chunks if isinstance(c, pa.Array)]
+        if not chunks:
+            return pd.Series([], dtype=object)
+        if len(arrays) == len(chunks) and len({c.dtype for c in arrays}) == 1:
+            return pd.Series(np.concatenate(arrays)[index])
+        if len(tables) == len(chunks) and len({c.type for c in tables}) == 1:
+            taken = pa.chunked_array(tables).take(pa.array(index, type=pa.int64()))
+            series: pd.Series = taken.to_pandas()
+            return series
+        objs = np.concatenate(
+            [c.to_numpy(zero_copy_only=False) if isinstance(c, pa.Array) else c.astype(object) for c in chunks]
+        )
+        return pd.Series(objs[index], dtype=object)
+
+    def values_frame(self) -> pd.DataFrame:
+        """All value rows (join mode), row-aligned with the items."""
+        if not self._values:
+            return pd.DataFrame(index=pd.RangeIndex(self._n))
+        if len(self._values) > 1:
+            self._values = [pd.concat(self._values, ignore_index=True)]
+        return self._values[0]
+
+
+# -- intersection ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Sorted:
+    """One party's keys sorted by the high half: ``order`` maps sorted positions back to rows."""
+
+    order: npt.NDArray[np.intp]
+    s1: U64
+    s2: U64
+    starts: npt.NDArray[np.intp]  # first sorted position of each distinct high half
+
+    @classmethod
+    def of(cls, h1: U64, h2: U64) -> _Sorted:
+        order = np.argsort(h1)
+        s1 = h1[order]
+        new_run = np.empty(len(s1), dtype=bool)
+        if len(s1):
+            new_run[0] = True
+            np.not_equal(s1[1:], s1[:-1], out=new_run[1:])
+        return cls(order, s1, h2[order], np.flatnonzero(new_run))
+
+
+def _member(a: U64, sorted_b: U64) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]:
+    """Positions of ``a`` in ``sorted_b`` and whether each is present (fast when ``a`` is sorted too)."""
+    if len(sorted_b) == 0:
+        return np.zeros(len(a), dtype=np.intp), np.zeros(len(a), dtype=bool)
+    pos = np.searchsorted(sorted_b, a)
+    pos[pos == len(sorted_b)] = 0
+    return pos, sorted_b[pos] == a
+
+
+@dataclass
+class _Match:
+    """``count`` distinct common keys; with rows: per party a row mask and each matched row's group id."""
+
+    count: int
+    masks: list[npt.NDArray[np.bool_]] = field(default_factory=list)
+    groups: list[npt.NDArray[np.intp]] = field(default_factory=list)
+    first_rows: npt.NDArray[np.intp] = field(default_factory=lambda: np.empty(0, dtype=np.intp))
+
+
+def _intersect_keys(keys: Sequence[tuple[U64, U64]], *, rows: bool = True) -> _Match:
+    """Intersect n >= 2 sets of 128-bit keys given as (high, low) halves.
+
+    Sort each party by the high half (one argsort), intersect the sorted distinct high halves, locate every item
+    with a sorted search, then check the low halves against the first party's; any mismatch (a 64-bit collision)
+    is resolved exactly on the full 128 bits.
+    """
+    parts = [_Sorted.of(h1, h2) for h1, h2 in keys]
+    common = min((p.s1[p.starts] for p in parts), key=len)
+    for p in sorted(parts, key=lambda p: len(p.starts)):
+        if len(common) == 0:
+            break
+        common = common[_member(common, p.s1[p.starts])[1]]
+    located = [_member(p.s1, common) for p in parts]
+    ref = np.zeros(len(common), dtype=np.uint64)
+    pos0, hit0 = located[0]
+    ref[pos0[hit0]] = parts[0].s2[hit0]
+    conflicted = np.zeros(len(common), dtype=bool)
+    for p, (pos, hit) in zip(parts, located, strict=True):
+        where = pos[hit]
+        conflicted[where[p.s2[hit] != ref[where]]] = True
+    groups_sorted = [np.where(hit, pos, -1) for pos, hit in located]
+    count = len(common)
+    if conflicted.any():
+        count = _resolve_conflicts(parts, located, groups_sorted, conflicted)
+    if not rows:
+        return _Match(count)
+    match = _Match(count)
+    for p, g in zip(parts, groups_sorted, strict=True):
+        mask = np.empty(len(g), dtype=bool)
+        mask[p.order] = g >= 0
+        by_row = np.empty(len(g), dtype=np.intp)
+        by_row[p.order] = g
+        match.masks.append(mask)
+        match.groups.append(by_row[mask])
+    p0, g0 = parts[0], groups_sorted[0]
+    if not conflicted.any() and len(p0.starts):
+        # Every run of equal keys is all-in or all-out: the first row of a run is the minimum of its rows.
+        firsts = np.minimum.reduceat(p0.order, p0.starts)
+        match.first_rows = np.sort(firsts[g0[p0.starts] >= 0])
+    else:
+        rows0 = np.flatnonzero(match.masks[0])
+        match.first_rows = rows0[_first_occurrences(match.groups[0])]
+    return match
+
+
+def _resolve_conflicts(
+    parts: Sequence[_Sorted],
+    located: Sequence[tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]],
+    groups_sorted: list[npt.NDArray[np.intp]],
+    conflicted: npt.NDArray[np.bool_],
+) -> int:
+    """Exact path for high-half collisions: match those items on the full 128-bit key (rare; few items)."""
+    base = len(conflicted)
+    chosen: list[npt.NDArray[np.intp]] = []
+    pair_sets: list[set[tuple[int, int]]] = []
+    for p, (pos, hit) in zip(parts, located, strict=True):
+        idx = np.flatnonzero(hit & conflicted[pos])
+        chosen.append(idx)
+        pair_sets.append(set(zip(p.s1[idx].tolist(), p.s2[idx].tolist(), strict=True)))
+    common_pairs = sorted(set.intersection(*pair_sets))
+    pair_ids = {pair: base + i for i, pair in enumerate(common_pairs)}
+    for k, (p, idx) in enumerate(zip(parts, chosen, strict=True)):
+        pairs = zip(p.s1[idx].tolist(), p.s2[idx].tolist(), strict=True)
+        groups_sorted[k][idx] = np.array([pair_ids.get(pair, -1) for pair in pairs], dtype=np.intp)
+    return int(base - int(conflicted.sum()) + len(common_pairs))
+
+
+def _first_occurrences(groups: npt.NDArray[np.intp]) -> npt.NDArray[np.intp]:
+    """Return the indices (into ``groups``) of the first occurrence of each group id, in order of appearance."""
+    if len(groups) == 0:
+        return np.empty(0, dtype=np.intp)
+    order = np.argsort(groups, kind="stable")
+    sg = groups[order]
+    first = np.empty(len(sg), dtype=bool)
+    first[0] = True
+    np.not_equal(sg[1:], sg[:-1], out=first[1:])
+    return np.sort(order[first])
+
+
+# -- results -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PsiResult:
+    """Outcome of a PSI: what the enclave may release to the receivers, per the job's policy.
+
+    - ``cardinality``: the number of distinct items in every input (all modes).
+    - ``items``: the distinct common items in canonical form, in order of first appearance in the first input
+      (``intersection`` mode).
+    - ``masks``: per input label, which of that input's rows are in the intersection (``intersection``, ``join``).
+    - ``frame``: the joined rows (``join`` mode): column ``item`` plus ``"<label>.<column>"`` per input's values.
+    """
+
+    mode: PsiMode
+    cardinality: int
+    items: pd.Series | None = None
+    masks: Mapping[str, npt.NDArray[np.bool_]] = field(default_factory=dict)
+    frame: pd.DataFrame | None = None
+
+
+def run_psi(inputs: Sequence[PsiInput], mode: PsiMode = "intersection") -> PsiResult:
+    """Intersect n >= 2 inputs in one of three modes (see :class:`PsiResult`)."""
+    if mode not in _MODES:
+        msg = f"unknown PSI mode {mode!r}; expected one of {sorted(_MODES)}"
+        raise ValueError(msg)
+    if len(inputs) < 2:
+        msg = f"a PSI needs at least two parties' inputs, got {len(inputs)}"
+        raise PolicyViolation(msg)
+    labels = [i.label for i in inputs]
+    if len(set(labels)) != len(labels):
+        msg = f"PSI input labels must be distinct, got {labels}"
+        raise ValueError(msg)
+    if any(i.key is not inputs[0].key for i in inputs):
+        msg = "all PSI inputs must be hashed under the same PsiKey"
+        raise ValueError(msg)
+    match = _intersect_keys([i.keys() for i in inputs], rows=mode != "cardinality")
+    if mode == "cardinality":
+        return PsiResult(mode, match.count)
+    masks = dict(zip(labels, match.masks, strict=True))
+    if mode == "intersection":
+        items = inputs[0].items_at(match.first_rows).rename("item")
+        return PsiResult(mode, match.count, items=items, masks=masks)
+    return PsiResult(mode, match.count, masks=masks, frame=_join(inputs, match))
+
+
+def _join(inputs: Sequence[PsiInput], match: _Match) -> pd.DataFrame:
+    joined: pd.DataFrame | None = None
+    for k, inp in enumerate(inputs):
+        rows = np.flatnonzero(match.masks[k])
+        part = inp.values_frame().iloc[rows].reset_index(drop=True)
+        part.columns = pd.Index([f"{inp.label}.{c}" for c in part.columns])
+        part.insert(0, "__group", match.groups[k])
+        if k == 0:
+            part.insert(1, "item", inp.items_at(rows).to_numpy())
+            joined = part
+        else:
+            assert joined is not None
+            joined = joined.merge(part, on="__group", how="inner", sort=False)
+    assert joined is not None
+    return joined.drop(columns="__group").reset_index(drop=True)
+
+
+def psi(
+    sets: Mapping[str, Any],
+    mode: PsiMode = "intersection",
+    *,
+    values: Mapping[str, pd.DataFrame | Mapping[str, Any]] | None = None,
+    key: PsiKey | None = None,
+) -> PsiResult:
+    """One-shot PSI over whole sets: ``psi({"alice": a, "bob": b}, "cardinality")``."""
+    key = key or PsiKey.generate()
+    inputs = []
+    for label, items in sets.items():
+        inp = PsiInput(label, key)
+        inp.add_chunk(items, None if values is None else values.get(label))
+        inputs.append(inp)
+    return run_psi(inputs, mode)

@@ -1,0 +1,286 @@
+"""Low-latency tree prediction: trained xgboost trees compiled to a shared library.
+
+The trees go through treelite (model import) and tl2cgen (C code generation),
+and the machine's ``gcc`` compiles them into a ``.so`` that is cached under
+``cache_dir`` by a digest of (model JSON, treelite/tl2cgen/gcc versions). Before
+a library enters the cache it must reproduce xgboost's margins on probe rows
+built from the model's own split thresholds (values at, just below and missing
+for each threshold), so a version skew between treelite and tl2cgen cannot
+silently change predictions.
+
+:class:`TreePredictor` chooses per call: the compiled library for small batches,
+xgboost ``inplace_predict`` (multi-threaded, vectorised) for large ones. The
+crossover was measured with ``bench/p4_tree_predict.py`` on the 2-core dev
+machine; see :data:`DEFAULT_CROSSOVER_ROWS`.
+
+The cache directory must be enclave-private: a library in it is loaded and run,
+and the metadata's SHA-256 only detects corruption, not a deliberate swap.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+
+from mesatee_notebook.ml._errors import CompileError, FeatureMismatch, MLInputError
+from mesatee_notebook.ml.gbdt import Data, GBDTModel
+
+__all__ = [
+    "DEFAULT_CROSSOVER_ROWS",
+    "CompiledTrees",
+    "Engine",
+    "TreePredictor",
+    "compile_trees",
+    "measure_crossover",
+    "probe_rows",
+]
+
+Engine: TypeAlias = Literal["compiled", "xgboost"]
+F32Array: TypeAlias = npt.NDArray[np.float32]
+
+DEFAULT_CROSSOVER_ROWS = 128
+"""Batches with fewer rows use the compiled library; from this size on, xgboost.
+
+Measured with ``bench/p4_tree_predict.py`` (200 trees, depth 6, 30 features,
+2 cores): compiled trees win below roughly 100-200 rows, xgboost's
+multi-threaded ``inplace_predict`` above. Re-measure per model with
+:func:`measure_crossover` when it matters.
+"""
+_PARITY_RTOL = 1e-5
+_PARITY_ATOL = 1e-5
+_CACHE_PREFIX = "trees-"
+
+
+@functools.cache
+def _toolchain_id() -> str:
+    """Versions that change the generated library: treelite, tl2cgen, gcc."""
+    import tl2cgen
+    import treelite
+
+    try:
+        gcc = subprocess.run(["gcc", "--version"], capture_output=True, text=True, check=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        msg = "gcc is needed to compile trees and could not be run"
+        raise CompileError(msg) from exc
+    first = gcc.stdout.splitlines()[0] if gcc.stdout else "gcc"
+    return f"treelite {treelite.__version__}; tl2cgen {tl2cgen.__version__}; {first}"
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def probe_rows(model: GBDTModel, rows: int = 512, seed: int = 0) -> F32Array:
+    """Rows that exercise the model's splits: each value sits on, just below, or away from a threshold, or is NaN."""
+    doc = json.loads(model.to_json())
+    thresholds: list[list[float]] = [[] for _ in range(model.num_features)]
+    for tree in doc["learner"]["gradient_booster"]["model"]["trees"]:
+        for left, feature, cond in zip(
+            tree["left_children"], tree["split_indices"], tree["split_conditions"], strict=True
+        ):
+            if left != -1:
+                thresholds[int(feature)].append(float(cond))
+    rng = np.random.default_rng(seed)
+    out = rng.normal(size=(rows, model.num_features)).astype(np.float32)
+    for j, ts in enumerate(thresholds):
+        if not ts:
+            continue
+        t = np.asarray(ts, dtype=np.float32)
+        picks = t[rng.integers(0, len(t), size=rows)]
+        mode = rng.integers(0, 4, size=rows)
+        below = np.nextafter(picks, np.float32(-np.inf))
+        col = np.where(mode == 0, picks, np.where(mode == 1, below, out[:, j] + picks))
+        out[:, j] = np.where(mode == 3, np.float32(np.nan), col).astype(np.float32)
+    return out
+
+
+class CompiledTrees:
+    """One model's trees as a loaded tl2cgen library."""
+
+    __slots__ = ("_predictor", "digest", "from_cache", "num_class", "num_features", "objective", "path")
+
+    def __init__(self, path: Path, model: GBDTModel, digest: str, *, nthread: int, from_cache: bool) -> None:
+        import tl2cgen
+
+        self.path = path
+        self.digest = digest
+        self.objective = model.objective
+        self.num_features = model.num_features
+        self.num_class = model.num_class
+        self.from_cache = from_cache
+        self._predictor = tl2cgen.Predictor(path, nthread=nthread)
+
+    def predict_matrix(self, X: F32Array, *, margin: bool = False) -> F32Array:
+        """Predict a float32 ``(rows, features)`` matrix; shapes and values match xgboost's ``inplace_predict``."""
+        import tl2cgen
+
+        if X.ndim != 2 or X.shape[1] != self.num_features:
+            msg = f"compiled trees expect {self.num_features} features, got shape {X.shape}"
+            raise FeatureMismatch(msg, expected=self.num_features, got=list(X.shape))
+        raw = np.asarray(self._predictor.predict(tl2cgen.DMatrix(X, dtype="float32"), pred_margin=margin))
+        out = raw.reshape(X.shape[0], -1)
+        if self.num_class > 1:
+            if self.objective == "multi:softmax" and not margin:
+                return np.asarray(out.argmax(axis=1), dtype=np.float32)
+            return out.astype(np.float32, copy=False)
+        return out.reshape(-1).astype(np.float32, copy=False)
+
+
+def _compile_into(model: GBDTModel, workdir: Path, threads: int) -> Path:
+    import tl2cgen
+    import treelite
+
+    libpath = workdir / "model.so"
+    try:
+        tl_model = treelite.frontend.from_xgboost_json(model.to_json(), allow_unknown_field=True)
+        tl2cgen.export_lib(
+            tl_model,
+            toolchain="gcc",
+            libpath=libpath,
+            params={"parallel_comp": max(1, threads)},
+            nthread=max(1, threads),
+        )
+    except (tl2cgen.TL2cgenError, treelite.TreeliteError, OSError, subprocess.SubprocessError) as exc:
+        msg = f"tree compilation failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}"
+        raise CompileError(msg) from exc
+    return libpath
+
+
+def compile_trees(model: GBDTModel, cache_dir: str | os.PathLike[str], *, nthread: int = 1) -> CompiledTrees:
+    """Compile ``model``'s trees (or load them from ``cache_dir``); ``nthread`` is the predictor's thread count."""
+    if model.booster.feature_types is not None and any(t == "c" for t in model.booster.feature_types):
+        msg = "models with categorical splits are not compiled; use GBDTModel.predict"
+        raise MLInputError(msg)
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(model.to_json() + b"\0" + _toolchain_id().encode()).hexdigest()
+    final = cache / f"{_CACHE_PREFIX}{key}"
+    cached = _load_cached(final, model, key, nthread)
+    if cached is not None:
+        return cached
+
+    workdir = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
+    try:
+        t0 = time.perf_counter()
+        libpath = _compile_into(model, workdir, os.cpu_count() or 1)
+        compiled = CompiledTrees(libpath, model, key, nthread=nthread, from_cache=False)
+        _check_parity(model, compiled)
+        meta = {
+            "model_digest": model.digest,
+            "so_sha256": _sha256_file(libpath),
+            "toolchain": _toolchain_id(),
+            "compile_seconds": time.perf_counter() - t0,
+        }
+        (workdir / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            workdir.rename(final)
+        except OSError:
+            shutil.rmtree(workdir, ignore_errors=True)  # another process cached it first
+        loaded = _load_cached(final, model, key, nthread)
+        if loaded is None:
+            msg = f"compiled trees vanished from the cache at {final}"
+            raise CompileError(msg)
+        loaded.from_cache = False
+        return loaded
+    finally:
+        if workdir.exists():
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _load_cached(final: Path, model: GBDTModel, key: str, nthread: int) -> CompiledTrees | None:
+    meta_path, libpath = final / "meta.json", final / "model.so"
+    if not (meta_path.is_file() and libpath.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        meta = {}
+    if meta.get("so_sha256") != _sha256_file(libpath):
+        shutil.rmtree(final, ignore_errors=True)  # corrupt or half-written: rebuild
+        return None
+    return CompiledTrees(libpath, model, key, nthread=nthread, from_cache=True)
+
+
+def _check_parity(model: GBDTModel, compiled: CompiledTrees) -> None:
+    X = probe_rows(model, seed=int(model.digest[:8], 16))
+    want = model.predict(X, margin=True)
+    got = compiled.predict_matrix(X, margin=True)
+    if want.shape != got.shape or not np.allclose(got, want, rtol=_PARITY_RTOL, atol=_PARITY_ATOL):
+        worst = float(np.max(np.abs(got.astype(np.float64) - want))) if want.shape == got.shape else float("nan")
+        msg = f"compiled trees disagree with xgboost on probe rows (max |diff| {worst:.3g}); not cached"
+        raise CompileError(msg, max_abs_diff=worst)
+
+
+class TreePredictor:
+    """Predict with compiled trees for small batches and xgboost for large ones."""
+
+    __slots__ = ("compiled", "crossover_rows", "model")
+
+    def __init__(
+        self,
+        model: GBDTModel,
+        cache_dir: str | os.PathLike[str],
+        *,
+        crossover_rows: int = DEFAULT_CROSSOVER_ROWS,
+        nthread: int = 1,
+    ) -> None:
+        self.model = model
+        self.compiled = compile_trees(model, cache_dir, nthread=nthread)
+        self.crossover_rows = crossover_rows
+
+    def engine_for(self, rows: int) -> Engine:
+        """Return the engine that a batch of ``rows`` rows goes to."""
+        return "compiled" if rows < self.crossover_rows else "xgboost"
+
+    def predict(self, data: Data, *, margin: bool = False) -> F32Array:
+        """Predict like :meth:`GBDTModel.predict`, through the faster engine for this batch size."""
+        X = self.model.to_matrix(data)
+        if self.engine_for(X.shape[0]) == "compiled":
+            return self.compiled.predict_matrix(X, margin=margin)
+        return self.model.predict(X, margin=margin)
+
+
+def measure_crossover(
+    model: GBDTModel,
+    compiled: CompiledTrees,
+    sizes: tuple[int, ...] = (1, 8, 32, 64, 128, 256, 512, 1024, 4096),
+    repeats: int = 7,
+) -> tuple[int, dict[int, dict[Engine, float]]]:
+    """Time both engines per batch size; return (first size where xgboost wins, median seconds per size)."""
+    rng = np.random.default_rng(0)
+    base = probe_rows(model, rows=max(sizes), seed=1)
+    timings: dict[int, dict[Engine, float]] = {}
+    crossover: int | None = None
+    for n in sizes:
+        X = np.ascontiguousarray(base[rng.permutation(base.shape[0])[:n]])
+        inner = max(1, 2000 // n)
+        row: dict[Engine, float] = {}
+        for engine in ("compiled", "xgboost"):
+            fn: Any = compiled.predict_matrix if engine == "compiled" else model.predict
+            fn(X)
+            samples = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    fn(X)
+                samples.append((time.perf_counter() - t0) / inner)
+            row[engine] = float(np.median(samples))
+        timings[n] = row
+        if crossover is None and row["xgboost"] <= row["compiled"]:
+            crossover = n
+    return (crossover if crossover is not None else max(sizes) * 2), timings

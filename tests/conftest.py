@@ -1,0 +1,102 @@
+"""Shared fixtures: real kernel processes on loopback, isolated data directories."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+@dataclass
+class KernelProc:
+    """A real `mesatee-enclave serve` process."""
+
+    url: str
+    host: str
+    port: int
+    data_dir: Path
+    fingerprint: str
+    proc: subprocess.Popen[bytes]
+    measurement: str
+
+    def policy(self, **kw: object) -> object:
+        """Pin this kernel's platform and the measurement it published in kernel.json."""
+        import mesatee_notebook as mn
+
+        kw.setdefault("measurements", [self.measurement])
+        return mn.Policy(platform_roots=[self.fingerprint], **kw)  # type: ignore[arg-type]
+
+
+def _enclave(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mesatee_notebook.cli", "enclave", *args]
+
+
+def start_kernel(data_dir: Path, *extra: str, level: str = "softtee") -> KernelProc:
+    """Start a kernel on an ephemeral port and wait until it listens."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if level != "unprotected":
+        subprocess.run(_enclave("init-platform", "--data-dir", str(data_dir)), check=True, capture_output=True)
+    log = (data_dir / "serve.log").open("ab")
+    proc = subprocess.Popen(
+        _enclave("serve", "--port", "0", "--level", level, "--data-dir", str(data_dir), *extra),
+        stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+    )
+    log.close()
+    info_path = data_dir / "kernel.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"kernel exited: {(data_dir / 'serve.log').read_text()}")
+        if info_path.exists():
+            info = json.loads(info_path.read_text())
+            if info["pid"] == proc.pid:
+                fp = (data_dir / "platform" / "fingerprint").read_text().strip() if level != "unprotected" else ""
+                return KernelProc(f"mesatee://127.0.0.1:{info['port']}", "127.0.0.1", int(info["port"]),
+                                  data_dir, fp, proc, str(info["measurement"]))
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("kernel did not start")
+
+
+def stop_kernel(k: KernelProc) -> None:
+    if k.proc.poll() is None:
+        k.proc.send_signal(signal.SIGINT)
+        try:
+            k.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            k.proc.kill()
+            k.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelProc]:
+    k = start_kernel(tmp_path_factory.mktemp("kernel"))
+    yield k
+    stop_kernel(k)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Never touch the user's embedded kernel: every test run gets its own MESATEE_HOME."""
+    home = tmp_path_factory.mktemp("mesatee_home")
+    old = os.environ.get("MESATEE_HOME")
+    os.environ["MESATEE_HOME"] = str(home)
+    yield
+    info = home / "kernel.json"
+    if info.exists():
+        try:
+            os.kill(int(json.loads(info.read_text())["pid"]), signal.SIGINT)
+        except (OSError, ValueError, KeyError):
+            pass
+    if old is None:
+        os.environ.pop("MESATEE_HOME", None)
+    else:
+        os.environ["MESATEE_HOME"] = old
