@@ -764,9 +764,10 @@ class _Run:
             "dropna": a["dropna"],
         }
         if isinstance(v, _FrameV):
-            keys_frame = v.df[list(a["subset"])]
-            vc = keys_frame.value_counts(**flags)
-            grouper: Any = keys_frame.groupby(list(a["subset"]), sort=False, dropna=a["dropna"])
+            subset = list(a["subset"])
+            key: Any = subset[0] if len(subset) == 1 else subset  # one column: a flat index, as value_counts("a")
+            vc = v.df.value_counts(key, **flags)
+            grouper: Any = v.df.groupby(key, sort=False, dropna=a["dropna"])
         else:
             vc = v.s.value_counts(**flags)
             grouper = v.s.groupby(v.s, sort=False, dropna=a["dropna"])

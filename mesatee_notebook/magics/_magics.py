@@ -22,7 +22,15 @@ from traitlets import Bool, Float, Int
 from mesatee_notebook.attestation.levels import Level
 from mesatee_notebook.attestation.policy import Policy
 from mesatee_notebook.attestation.receipts import VerifiedReceipt
-from mesatee_notebook.errors import KernelConnectionError, MesateeError
+from mesatee_notebook.errors import (
+    EncodingError,
+    KernelConnectionError,
+    MesateeError,
+    NotFound,
+    PolicyViolation,
+    ReceiptError,
+    RemoteExecutionError,
+)
 from mesatee_notebook.magics._progress import CallProgress
 from mesatee_notebook.magics.display import (
     AttestationCard,
@@ -264,7 +272,6 @@ class MesateeMagics(Magics):
 
     # -- the cell magic --------------------------------------------------------------------------
     @magic_arguments(name="%mesatee")  # shown as %%mesatee in the help
-    
     @argument("--in", dest="inputs", action="append", default=[], metavar="A,B",
               help="notebook variables to send into the enclave (comma-separated; repeatable)")
     @argument("--out", dest="outputs", action="append", default=[], metavar="X,Y",
@@ -323,11 +330,11 @@ class MesateeMagics(Magics):
                 return session.run(code, inputs, outputs, timeout=timeout,
                                    stream=progress.write if stream else None,
                                    upload_progress=progress.upload, download_progress=progress.download)
-        except KernelConnectionError:
-            self._close(name)
-            raise
-        except KeyboardInterrupt:
-            # A second interrupt abandons the call and closes the connection; re-make it next time.
+        except (RemoteExecutionError, PolicyViolation, EncodingError, NotFound, ReceiptError):
+            raise  # a typed reply, or refused before sending: the connection is in step
+        except BaseException:
+            # The connection broke, or the call was abandoned mid-request (a second interrupt, a
+            # failed interrupt): the channel may be out of step. Forget it; the next cell reconnects.
             self._close(name)
             raise
 

@@ -96,7 +96,8 @@ class CallProgress:
 def _tqdm(**kwargs: Any) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(leave=False, **kwargs)
+    # disable=None: a widget in notebooks, a text bar on a terminal, nothing in logs and pipes.
+    return tqdm(leave=False, disable=None, **kwargs)
 
 
 def _is_widget(bar: Any) -> bool:

@@ -115,7 +115,11 @@ def encode_value(value: Any, *, allow_pickle: bool = False) -> Encoded:
 
 
 def _encode_pickle(value: Any) -> Encoded:
-    return Encoded("pickle", [pickle.dumps(value, protocol=5)])
+    try:
+        return Encoded("pickle", [pickle.dumps(value, protocol=5)])
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        msg = f"cannot pickle a value of type {type(value).__qualname__}: {exc}"
+        raise EncodingError(msg, type=type(value).__qualname__) from exc
 
 
 def _encode_frame(df: Any, kind: str, meta: dict[str, Any]) -> Encoded:

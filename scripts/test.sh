@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set up (from a bare Python) and run every check: ruff, mypy --strict, the whole pytest suite.
+source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
+echo "== ruff"; ruff check mesatee_notebook tests bench
+echo "== mypy (strict on the package)"; mypy
+echo "== pytest"; python -m pytest "$@"
