@@ -13,6 +13,7 @@ import mesatee_notebook as mn
 
 
 def main() -> None:
+    """Run the demo."""
     t0 = time.perf_counter()
     s = mn.connect()  # starts (or reuses) the local softtee kernel and verifies its evidence
     print(f"connected and attested in {time.perf_counter() - t0:.2f} s\n")
@@ -32,8 +33,10 @@ def main() -> None:
     path = Path(tempfile.gettempdir()) / "mesatee-demo-receipt.json"
     r.receipt.save(path)
     v = mn.verify_receipt(path)  # offline: from the file alone, pinning the local platform
-    print(f"\nreceipt saved to {path} and verified offline: session {v.predicate['session']}, "
-          f"measurement {v.predicate['measurement'][:16]}…, outputs {sorted(v.subjects)}")
+    print(
+        f"\nreceipt saved to {path} and verified offline: session {v.predicate['session']}, "
+        f"measurement {v.predicate['measurement'][:16]}…, outputs {sorted(v.subjects)}"
+    )
     print(f"also from a shell: mesatee verify-receipt {path}")
     s.close()
 

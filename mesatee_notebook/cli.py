@@ -59,14 +59,23 @@ def enclave_main(argv: list[str] | None = None) -> int:
         from mesatee_notebook.enclave.kernel import Kernel, KernelConfig
         from mesatee_notebook.wire.framing import Limits
 
-        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING,
+            format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        )
         level = Level.parse(args.level)
         if level is Level.UNPROTECTED:
             print("WARNING: serving UNPROTECTED: no attestation; clients must opt in explicitly.", file=sys.stderr)
-        cfg = KernelConfig(data_dir=args.data_dir, level=level, host=args.host, port=args.port,
-                           idle_timeout=args.idle_timeout, executor_memory=args.executor_memory,
-                           limits=Limits(max_payload=args.max_payload), max_cell_timeout=args.max_cell_timeout)
+        cfg = KernelConfig(
+            data_dir=args.data_dir,
+            level=level,
+            host=args.host,
+            port=args.port,
+            idle_timeout=args.idle_timeout,
+            executor_memory=args.executor_memory,
+            limits=Limits(max_payload=args.max_payload),
+            max_cell_timeout=args.max_cell_timeout,
+        )
         kernel = Kernel(cfg)
         host, port = kernel.bind()
         print(f"mesatee-enclave serving {level.label} on mesatee://{host}:{port}", flush=True)
@@ -184,11 +193,13 @@ def _attest_evidence(args: argparse.Namespace) -> int:
     try:
         from mesatee_notebook.attestation.hardware import verify_evidence_file
     except ImportError:
-        print("mesatee attest --evidence: hardware evidence verification is not available in this build",
-              file=sys.stderr)
+        print(
+            "mesatee attest --evidence: hardware evidence verification is not available in this build", file=sys.stderr
+        )
         return 2
-    verdict = verify_evidence_file(args.evidence, cert_chain_path=args.cert_chain, as_of=args.as_of,
-                                   allow_debug=args.allow_debug)
+    verdict = verify_evidence_file(
+        args.evidence, cert_chain_path=args.cert_chain, as_of=args.as_of, allow_debug=args.allow_debug
+    )
     print(verdict.render_text())
     return 0
 

@@ -47,7 +47,9 @@ def start_kernel(data_dir: Path, *extra: str, level: str = "softtee") -> KernelP
     log = (data_dir / "serve.log").open("ab")
     proc = subprocess.Popen(
         _enclave("serve", "--port", "0", "--level", level, "--data-dir", str(data_dir), *extra),
-        stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
     )
     log.close()
     info_path = data_dir / "kernel.json"
@@ -59,8 +61,15 @@ def start_kernel(data_dir: Path, *extra: str, level: str = "softtee") -> KernelP
             info = json.loads(info_path.read_text())
             if info["pid"] == proc.pid:
                 fp = (data_dir / "platform" / "fingerprint").read_text().strip() if level != "unprotected" else ""
-                return KernelProc(f"mesatee://127.0.0.1:{info['port']}", "127.0.0.1", int(info["port"]),
-                                  data_dir, fp, proc, str(info["measurement"]))
+                return KernelProc(
+                    f"mesatee://127.0.0.1:{info['port']}",
+                    "127.0.0.1",
+                    int(info["port"]),
+                    data_dir,
+                    fp,
+                    proc,
+                    str(info["measurement"]),
+                )
         time.sleep(0.05)
     proc.kill()
     raise RuntimeError("kernel did not start")

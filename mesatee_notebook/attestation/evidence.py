@@ -1,4 +1,4 @@
-"""softtee and unprotected evidence: a signed statement carried in an RA-TLS certificate (pure).
+r"""softtee and unprotected evidence: a signed statement carried in an RA-TLS certificate (pure).
 
 The evidence is CBOR ``tag(SOFTTEE_TAG, [statement, signature, platform_key])``:
 
@@ -152,8 +152,15 @@ def parse_evidence(raw: bytes) -> SoftteeEvidence:
     except (ValueError, UnicodeDecodeError) as exc:
         msg = "softtee statement is not JSON"
         raise MalformedEvidence(msg) from exc
-    required = {"format": str, "level": str, "measurement": str, "manifest": dict, "time": int,
-                "report_data": str, "receipt_key": str}
+    required = {
+        "format": str,
+        "level": str,
+        "measurement": str,
+        "manifest": dict,
+        "time": int,
+        "report_data": str,
+        "receipt_key": str,
+    }
     if not isinstance(statement, dict):
         msg = "softtee statement must be a JSON object"
         raise MalformedEvidence(msg)

@@ -89,10 +89,14 @@ class Policy:
         max_evidence_age: float | dt.timedelta = 24 * 3600.0,
         allow_unprotected: bool = False,
     ) -> None:
-        object.__setattr__(self, "measurements", None if measurements is None else tuple(m.lower() for m in measurements))
+        object.__setattr__(
+            self, "measurements", None if measurements is None else tuple(m.lower() for m in measurements)
+        )
         object.__setattr__(self, "platform_roots", tuple(_root_fingerprint(r) for r in platform_roots))
         object.__setattr__(self, "min_level", Level.parse(min_level))
-        age = max_evidence_age.total_seconds() if isinstance(max_evidence_age, dt.timedelta) else float(max_evidence_age)
+        age = (
+            max_evidence_age.total_seconds() if isinstance(max_evidence_age, dt.timedelta) else float(max_evidence_age)
+        )
         object.__setattr__(self, "max_evidence_age", age)
         object.__setattr__(self, "allow_unprotected", bool(allow_unprotected))
 
@@ -102,14 +106,19 @@ class Policy:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> Policy:
-        """Read a policy file: keys ``measurements``, ``platform_roots``, ``min_level``,
-        ``max_evidence_age`` (seconds) and ``allow_unprotected``, at top level or under ``[policy]``."""
+        """Read a policy TOML file.
+
+        Keys ``measurements``, ``platform_roots``, ``min_level``, ``max_evidence_age`` (seconds)
+        and ``allow_unprotected``, at top level or under ``[policy]``.
+        """
         data = tomllib.loads(Path(path).expanduser().read_text())
         data = data.get("policy", data)
         known = {"measurements", "platform_roots", "min_level", "max_evidence_age", "allow_unprotected"}
         unknown = set(data) - known
         if unknown:
-            msg = f"unknown keys in policy file {path}: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})"
+            msg = (
+                f"unknown keys in policy file {path}: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})"
+            )
             raise ValueError(msg)
         return cls(**data)
 
@@ -165,7 +174,11 @@ class AttestationReport:
             f"  {self.trust_note}",
             f"  measurement  {self.measurement}",
             "  local code   "
-            + ("matches this install" if self.measurement_matches_local else "DIFFERS from this install (pinned by policy)"),
+            + (
+                "matches this install"
+                if self.measurement_matches_local
+                else "DIFFERS from this install (pinned by policy)"
+            ),
             f"  platform     {self.platform}",
             f"  evidence age {int(self.age().total_seconds())} s",
             "  native (unsafe) components: "
@@ -184,7 +197,9 @@ class AttestationReport:
         )
         comps = ", ".join(html.escape(f"{c['name']} {c.get('version') or '?'}") for c in self.unsafe_components)
         match = (
-            "✓ matches this install" if self.measurement_matches_local else "✗ differs from this install (pinned by policy)"
+            "✓ matches this install"
+            if self.measurement_matches_local
+            else "✗ differs from this install (pinned by policy)"
         )
         return (
             "<div class='mesatee-attestation' style='border:1px solid #ccc;padding:8px;font-family:sans-serif'>"

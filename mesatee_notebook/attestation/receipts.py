@@ -178,7 +178,9 @@ class Receipt:
 
     def _repr_html_(self) -> str:
         p = self.predicate
-        rows = "".join(f"<tr><td>{html.escape(n)}</td><td><code>{d[:16]}…</code></td></tr>" for n, d in self.subjects.items())
+        rows = "".join(
+            f"<tr><td>{html.escape(n)}</td><td><code>{d[:16]}…</code></td></tr>" for n, d in self.subjects.items()
+        )
         return (
             "<div class='mesatee-receipt'><b>mesatee receipt</b> "
             f"({html.escape(str(p.get('level', '?')))}, session {html.escape(str(p.get('session', '?')))}, "

@@ -41,7 +41,7 @@ class _StreamWriter(io.TextIOBase):
         self._size = 0
 
     @property
-    def name(self) -> str:  # type: ignore[override]
+    def name(self) -> str:
         return f"<mesatee {self._name}>"
 
     def writable(self) -> bool:
@@ -99,7 +99,7 @@ class TrustedAPI:
     @staticmethod
     def untrusted_open(path: str, mode: str = "r", **kwargs: Any) -> Any:
         """Open a file on the host, in the clear. UNTRUSTED: the host can read and alter it."""
-        return open(path, mode, **kwargs)  # noqa: PTH123, SIM115 - a plain host file by design
+        return open(path, mode, **kwargs)  # noqa: PTH123 - a plain host file by design
 
     def untrusted_log(self, message: str) -> None:
         """Write a line to the host's log. UNTRUSTED: the host operator reads it."""
@@ -178,11 +178,19 @@ class Executor:
             self.running = True
             value = self._run(code, filename)
         except KeyboardInterrupt:
-            failure = {"code": "remote.interrupted", "message": "the cell was interrupted", "ename": "KeyboardInterrupt",
-                       "traceback": _user_traceback(*sys.exc_info())}
-        except BaseException as exc:  # noqa: BLE001 - the user's code may raise anything, SystemExit included
-            failure = {"code": "remote", "message": f"{type(exc).__name__}: {exc}", "ename": type(exc).__name__,
-                       "traceback": _user_traceback(type(exc), exc, exc.__traceback__)}
+            failure = {
+                "code": "remote.interrupted",
+                "message": "the cell was interrupted",
+                "ename": "KeyboardInterrupt",
+                "traceback": _user_traceback(*sys.exc_info()),
+            }
+        except BaseException as exc:
+            failure = {
+                "code": "remote",
+                "message": f"{type(exc).__name__}: {exc}",
+                "ename": type(exc).__name__,
+                "traceback": _user_traceback(type(exc), exc, exc.__traceback__),
+            }
         finally:
             self.running = False
             sys.stdout, sys.stderr = old
@@ -211,9 +219,14 @@ class Executor:
         values = []
         missing = [str(n) for n in outputs if str(n) not in self.namespace]
         if missing:
-            self.send({"t": "error", "code": "not-found",
-                       "message": f"the cell never set the declared output(s) {', '.join(map(repr, missing))}",
-                       "details": {"names": missing}})
+            self.send(
+                {
+                    "t": "error",
+                    "code": "not-found",
+                    "message": f"the cell never set the declared output(s) {', '.join(map(repr, missing))}",
+                    "details": {"names": missing},
+                }
+            )
             return
         value_repr = None
         try:

@@ -25,9 +25,10 @@ def pack_values(values: Sequence[ValueOut]) -> tuple[list[dict[str, Any]], list[
     specs: list[dict[str, Any]] = []
     payloads: list[Any] = []
     fds: list[int] = []
-    for spec, parts, fd in values:
+    for spec, parts, given_fd in values:
         out = dict(spec)
         size = sum(memoryview(p).nbytes for p in parts)
+        fd = given_fd
         if fd is None and size >= SHARED_THRESHOLD:
             fd = memfd_from_parts(parts)
         if fd is not None:
@@ -65,7 +66,9 @@ def unpack_values(specs: Any, msg: Message) -> list[tuple[dict[str, Any], Any]]:
     return out
 
 
-def ipc_send(sock: socket.socket, header: dict[str, Any], payloads: Sequence[Any] = (), fds: Sequence[int] = ()) -> None:
+def ipc_send(
+    sock: socket.socket, header: dict[str, Any], payloads: Sequence[Any] = (), fds: Sequence[int] = ()
+) -> None:
     """Send one IPC message (fds are closed after sending: ownership moves to the peer)."""
     try:
         send_message(sock, header, payloads, fds=fds)

@@ -38,7 +38,7 @@ from mesatee_notebook.errors import (
     ProtocolError,
 )
 from mesatee_notebook.wire.framing import Limits
-from mesatee_notebook.wire.messages import PROTOCOL_VERSION, REQUEST_TYPES, negotiate, require
+from mesatee_notebook.wire.messages import REQUEST_TYPES, negotiate, require
 from mesatee_notebook.wire.stream import Message, recv_message, send_message
 
 __all__ = ["AVAILABLE_LEVELS", "Kernel", "KernelConfig"]
@@ -169,13 +169,22 @@ class _Connection:
 
     # -- handlers -------------------------------------------------------------------------------
     def on_hello(self, msg: Message, alloc: SharedAllocator, rid: Any) -> None:
-        version = negotiate(msg.header.get("versions"), client_version=str(msg.header.get("client", "?")),
-                            server_version=_version())
+        version = negotiate(
+            msg.header.get("versions"), client_version=str(msg.header.get("client", "?")), server_version=_version()
+        )
         self.hello_done = True
         k = self.kernel
-        self.reply({"t": "hello.ok", "re": rid, "protocol": version, "server": _version(),
-                    "level": k.identity.level.label, "measurement": k.identity.measurement,
-                    "kernel_nonce": secrets.token_hex(16)})
+        self.reply(
+            {
+                "t": "hello.ok",
+                "re": rid,
+                "protocol": version,
+                "server": _version(),
+                "level": k.identity.level.label,
+                "measurement": k.identity.measurement,
+                "kernel_nonce": secrets.token_hex(16),
+            }
+        )
 
     def on_ping(self, msg: Message, alloc: SharedAllocator, rid: Any) -> None:
         self.reply({"t": "pong", "re": rid, "time": time.time()})
@@ -266,7 +275,7 @@ class _Connection:
             if session.executor is None or not session.executor.alive:
                 for fd in fds:
                     os.close(fd)
-                raise (session.executor.crashed_error() if session.executor else NotFound("session is closed"))  # noqa: EM101
+                raise (session.executor.crashed_error() if session.executor else NotFound("session is closed"))
 
             def on_message(m: Message) -> bool:
                 if m.type == "stream":
@@ -285,9 +294,17 @@ class _Connection:
 
             executor = session.executor
             result = executor.exchange(
-                {"t": "execute", "code": code, "inputs": specs, "outputs": outputs,
-                 "allow_pickle": bool(msg.header.get("allow_pickle", False))},
-                payloads, fds, on_message, timeout,
+                {
+                    "t": "execute",
+                    "code": code,
+                    "inputs": specs,
+                    "outputs": outputs,
+                    "allow_pickle": bool(msg.header.get("allow_pickle", False)),
+                },
+                payloads,
+                fds,
+                on_message,
+                timeout,
             )
         finally:
             session.busy = False
@@ -296,8 +313,9 @@ class _Connection:
             details = result.header.get("details") or {}
             from mesatee_notebook.errors import error_from_wire
 
-            raise error_from_wire({"code": result.header.get("code"), "message": result.header.get("message"),
-                                   "details": details})
+            raise error_from_wire(
+                {"code": result.header.get("code"), "message": result.header.get("message"), "details": details}
+            )
         values = unpack_values(result.header.get("values", []), result)
         subjects = {"stdout": stdout_h.hexdigest(), "stderr": stderr_h.hexdigest()}
         value_specs = []
@@ -321,8 +339,10 @@ class _Connection:
             "finishedAt": time.time(),
         }
         receipt = k.sign_receipt(subjects, predicate)
-        self.reply({"t": "result", "re": rid, "values": value_specs, "value_repr": value_repr, "receipt": receipt},
-                   out_payloads)
+        self.reply(
+            {"t": "result", "re": rid, "values": value_specs, "value_repr": value_repr, "receipt": receipt},
+            out_payloads,
+        )
 
 
 class Kernel:
@@ -410,9 +430,15 @@ class Kernel:
         self._listener = listener
         host, port = listener.getsockname()[:2]
         self.address = (host, port)
-        info = {"host": host, "port": port, "pid": os.getpid(), "level": self.config.level.label,
-                "platform": self.platform_fingerprint, "started": time.time(),
-                "measurement": self.identity.measurement}
+        info = {
+            "host": host,
+            "port": port,
+            "pid": os.getpid(),
+            "level": self.config.level.label,
+            "platform": self.platform_fingerprint,
+            "started": time.time(),
+            "measurement": self.identity.measurement,
+        }
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.config.data_dir / f".kernel.json.{os.getpid()}"
         tmp.write_text(json.dumps(info))

@@ -156,7 +156,9 @@ class ExecutorHandle:
             if on_message(msg):
                 if interrupted_at is not None and msg.type == "error":
                     msg_ = f"the cell ran past its timeout of {timeout:g} s and was interrupted; the session is intact"
-                    raise RemoteTimeout(msg_, killed=False, traceback=msg.header.get("details", {}).get("traceback", ""))
+                    raise RemoteTimeout(
+                        msg_, killed=False, traceback=msg.header.get("details", {}).get("traceback", "")
+                    )
                 return msg
 
 

@@ -43,8 +43,9 @@ def _client_version() -> str:
 class Channel:
     """One attested TLS connection. Requests are sequential; a lock serialises callers."""
 
-    def __init__(self, host: str, port: int, policy: Policy, *, timeout: float = 30.0,
-                 limits: Limits | None = None) -> None:
+    def __init__(
+        self, host: str, port: int, policy: Policy, *, timeout: float = 30.0, limits: Limits | None = None
+    ) -> None:
         self.host, self.port, self.policy = host, port, policy
         self.limits = limits or Limits()
         self._ids = itertools.count(1)
@@ -96,7 +97,7 @@ class Channel:
         digests: bool = False,
         upload_progress: Progress | None = None,
         download_progress: Progress | None = None,
-        on_interrupt: Callable[[], None] | None = None,
+        on_interrupt: Callable[[], object] | None = None,
     ) -> Message:
         """Send a request and return its final reply; stream frames go to ``on_stream``.
 
@@ -105,8 +106,9 @@ class Channel:
         """
         with self._lock:
             rid = next(self._ids)
-            sent = send_message(self.sock, {**header, "id": rid}, payloads or [], digests=digests,
-                                progress=upload_progress)
+            sent = send_message(
+                self.sock, {**header, "id": rid}, payloads or [], digests=digests, progress=upload_progress
+            )
             interrupted = False
             while True:
                 try:

@@ -78,8 +78,9 @@ def ensure_embedded_kernel(home: Path | None = None) -> tuple[str, int, str]:
     home = home or embedded_home()
     with _locked(home):
         if local_platform_fingerprint(home) is None:
-            subprocess.run(_enclave_cmd("init-platform", "--data-dir", str(home)), check=True,
-                           stdout=subprocess.DEVNULL)
+            subprocess.run(
+                _enclave_cmd("init-platform", "--data-dir", str(home)), check=True, stdout=subprocess.DEVNULL
+            )
         fp = local_platform_fingerprint(home)
         assert fp is not None
         found = _running(home)
@@ -89,9 +90,23 @@ def ensure_embedded_kernel(home: Path | None = None) -> tuple[str, int, str]:
             (home / "kernel.json").unlink()
         log = (home / "kernel.log").open("ab")
         proc = subprocess.Popen(
-            _enclave_cmd("serve", "--host", "127.0.0.1", "--port", "0", "--level", "softtee",
-                         "--data-dir", str(home), "--idle-timeout", str(IDLE_TIMEOUT)),
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            _enclave_cmd(
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--level",
+                "softtee",
+                "--data-dir",
+                str(home),
+                "--idle-timeout",
+                str(IDLE_TIMEOUT),
+            ),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
         )
         log.close()
         deadline = time.monotonic() + _START_TIMEOUT

@@ -133,20 +133,45 @@ class Session:
             if callback is not None:
                 callback(name, text)
 
-        header = {"t": "execute", "session": self.id, "token": self._token, "nonce": nonce, "code": code,
-                  "inputs": specs, "outputs": names, "timeout": timeout, "allow_pickle": allow_pickle}
-        reply = self._channel.request(header, payloads, on_stream=on_stream, digests=True,
-                                      upload_progress=upload_progress, download_progress=download_progress,
-                                      on_interrupt=self.interrupt)
+        header = {
+            "t": "execute",
+            "session": self.id,
+            "token": self._token,
+            "nonce": nonce,
+            "code": code,
+            "inputs": specs,
+            "outputs": names,
+            "timeout": timeout,
+            "allow_pickle": allow_pickle,
+        }
+        reply = self._channel.request(
+            header,
+            payloads,
+            on_stream=on_stream,
+            digests=True,
+            upload_progress=upload_progress,
+            download_progress=download_progress,
+            on_interrupt=self.interrupt,
+        )
         return self._verified_result(reply, nonce, code, specs, out_text, names, allow_pickle)
 
-    def _verified_result(self, reply: Message, nonce: str, code: str, specs: list[dict[str, Any]],
-                         out_text: dict[str, list[str]], names: list[str], allow_pickle: bool) -> RunResult:
+    def _verified_result(
+        self,
+        reply: Message,
+        nonce: str,
+        code: str,
+        specs: list[dict[str, Any]],
+        out_text: dict[str, list[str]],
+        names: list[str],
+        allow_pickle: bool,
+    ) -> RunResult:
         sent = reply.header.get("_sent") or []
         input_digests = {str(s["name"]): d for s, d in zip(specs, sent, strict=True)}
         stdout, stderr = "".join(out_text["stdout"]), "".join(out_text["stderr"])
-        got = {"stdout": hashlib.sha256(stdout.encode()).hexdigest(),
-               "stderr": hashlib.sha256(stderr.encode()).hexdigest()}
+        got = {
+            "stdout": hashlib.sha256(stdout.encode()).hexdigest(),
+            "stderr": hashlib.sha256(stderr.encode()).hexdigest(),
+        }
         value_specs = reply.header.get("values")
         if not isinstance(value_specs, list) or len(value_specs) != len(reply.payloads):
             msg = "result values and payloads do not match"
@@ -157,8 +182,9 @@ class Session:
         if isinstance(value_repr, str):
             got["value_repr"] = hashlib.sha256(value_repr.encode()).hexdigest()
         receipt = Receipt.load(reply.header.get("receipt") or {})
-        verified = verify_receipt(receipt, self.policy, nonce=nonce, outputs=got, inputs=input_digests, code=code,
-                                  attested=self.attestation)
+        verified = verify_receipt(
+            receipt, self.policy, nonce=nonce, outputs=got, inputs=input_digests, code=code, attested=self.attestation
+        )
         if verified.predicate.get("session") != self.id:
             msg = "the receipt was issued for another session"
             raise ReceiptError(msg)
@@ -175,8 +201,15 @@ class Session:
         if missing:
             msg = f"the kernel did not return declared outputs {sorted(missing)}"
             raise ReceiptError(msg)
-        return RunResult(value=value, outputs=decoded, stdout=stdout, stderr=stderr, receipt=receipt,
-                         verified=verified, value_repr=value_repr if isinstance(value_repr, str) else None)
+        return RunResult(
+            value=value,
+            outputs=decoded,
+            stdout=stdout,
+            stderr=stderr,
+            receipt=receipt,
+            verified=verified,
+            value_repr=value_repr if isinstance(value_repr, str) else None,
+        )
 
     # -- control --------------------------------------------------------------------------------
     def interrupt(self) -> bool:

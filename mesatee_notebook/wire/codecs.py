@@ -145,7 +145,7 @@ def _encode_npy(arr: np.ndarray[Any, Any]) -> Encoded:
     head = io.BytesIO()
     np.lib.format.write_array_header_2_0(head, np.lib.format.header_data_from_array_1_0(arr))
     data = arr.reshape(-1, order="F" if (arr.flags.f_contiguous and not arr.flags.c_contiguous) else "C")
-    body: Any = memoryview(data.view(np.uint8)) if data.size else b""
+    body: Any = data.view(np.uint8).data if data.size else b""
     return Encoded("npy", [head.getvalue(), body])
 
 

@@ -195,7 +195,7 @@ def recv_message(
         raw = bytearray(header_len)
         _recv_exact_into(sock, memoryview(raw), "header")
         header = unpack_header(bytes(raw), payload_total, limits)
-        alloc: Allocator = allocator if allocator is not None else bytearray
+        alloc: Allocator | type[bytearray] = allocator if allocator is not None else bytearray
         payloads: list[Any] = []
         out: list[str] | None = [] if digests else None
         done = 0

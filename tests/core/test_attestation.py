@@ -11,8 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 import mesatee_notebook as mn
-from mesatee_notebook.attestation.evidence import make_evidence
-from mesatee_notebook.attestation.evidence import parse_evidence
+from mesatee_notebook.attestation.evidence import make_evidence, parse_evidence
 from mesatee_notebook.attestation.ratls import build_ratls_certificate, evidence_from_certificate, load_certificate
 from mesatee_notebook.enclave.platform import load_platform
 from mesatee_notebook.errors import (
@@ -44,10 +43,18 @@ def _cert_with(evidence: bytes, key=None, *, not_before=None, not_after=None):
 def _genuine_evidence(kernel, key, *, time_=None, manifest=None, receipt_key=b"\x01" * 32):
     platform = load_platform(kernel.data_dir)
     if manifest is None:  # the manifest the real kernel attests, so only the tested field differs
-        manifest = parse_evidence(evidence_from_certificate(load_certificate(_kernel_cert(kernel)))).statement["manifest"]
+        manifest = parse_evidence(evidence_from_certificate(load_certificate(_kernel_cert(kernel)))).statement[
+            "manifest"
+        ]
     spki = key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    return make_evidence(level=mn.Level.SOFTTEE, manifest=manifest, tls_spki_der=spki,
-                         receipt_key=receipt_key, time=int(time_ or time.time()), platform_key=platform.key)
+    return make_evidence(
+        level=mn.Level.SOFTTEE,
+        manifest=manifest,
+        tls_spki_der=spki,
+        receipt_key=receipt_key,
+        time=int(time_ or time.time()),
+        platform_key=platform.key,
+    )
 
 
 def _refused_before_any_byte(fake: FakeKernel, policy, exc_type) -> Exception:
@@ -121,8 +128,12 @@ def test_stale_evidence(kernel):
 
 def test_expired_certificate(kernel):
     key = ec.generate_private_key(ec.SECP256R1())
-    cert, _ = _cert_with(_genuine_evidence(kernel, key), key, not_before=now() - dt.timedelta(days=3),
-                         not_after=now() - dt.timedelta(days=1))
+    cert, _ = _cert_with(
+        _genuine_evidence(kernel, key),
+        key,
+        not_before=now() - dt.timedelta(days=3),
+        not_after=now() - dt.timedelta(days=1),
+    )
     fake = FakeKernel(cert.public_bytes(Encoding.PEM), key)
     _refused_before_any_byte(fake, kernel.policy(), CertificateExpired)
 

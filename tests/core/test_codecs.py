@@ -48,8 +48,16 @@ def test_numpy_arrays(arr):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.integers(-1000, 1000), st.floats(allow_nan=True, allow_infinity=False),
-                          st.one_of(st.none(), st.text(max_size=5))), max_size=30))
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(-1000, 1000),
+            st.floats(allow_nan=True, allow_infinity=False),
+            st.one_of(st.none(), st.text(max_size=5)),
+        ),
+        max_size=30,
+    )
+)
 def test_dataframes(rows):
     df = pd.DataFrame(rows, columns=["i", "f", "s"])
     pd.testing.assert_frame_equal(roundtrip(df), df)
@@ -73,8 +81,10 @@ def test_unsupported_type_names_the_type_and_the_way_out():
         decode_value(enc.kind, enc.parts[0])
 
 
-@given(st.dictionaries(st.text(max_size=5).filter(lambda k: k not in ("t", "p")), json_like, max_size=5),
-       st.lists(st.binary(max_size=300), max_size=4))
+@given(
+    st.dictionaries(st.text(max_size=5).filter(lambda k: k not in ("t", "p")), json_like, max_size=5),
+    st.lists(st.binary(max_size=300), max_size=4),
+)
 @settings(max_examples=50, deadline=None)
 def test_frames_over_a_socket(extra, payloads):
     a, b = socket.socketpair()
@@ -97,7 +107,7 @@ def test_frames_over_a_socket(extra, payloads):
 @given(st.binary(min_size=16, max_size=64))
 def test_random_prefixes_only_raise_typed_errors(data):
     try:
-        hlen, total = unpack_prefix(data[:16], Limits())
+        _hlen, total = unpack_prefix(data[:16], Limits())
         unpack_header(data[16:], total, Limits())
     except (MalformedFrame, FrameTooLarge):
         pass

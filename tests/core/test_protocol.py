@@ -121,8 +121,15 @@ def test_replayed_nonce_is_refused(kernel, conn):
     send_message(conn, {"t": "session.open", "id": 2, "name": "replay"})
     opened = recv_message(conn, Limits()).header
     nonce = secrets.token_hex(16)
-    req = {"t": "execute", "session": opened["session"], "token": opened["token"], "nonce": nonce,
-           "code": "1", "inputs": [], "outputs": []}
+    req = {
+        "t": "execute",
+        "session": opened["session"],
+        "token": opened["token"],
+        "nonce": nonce,
+        "code": "1",
+        "inputs": [],
+        "outputs": [],
+    }
     send_message(conn, {**req, "id": 3})
     assert recv_message(conn, Limits()).type == "result"
     send_message(conn, {**req, "id": 4})
@@ -134,8 +141,19 @@ def test_wrong_session_token_is_refused(kernel, conn):
     hello(conn)
     send_message(conn, {"t": "session.open", "id": 2, "name": "tok"})
     opened = recv_message(conn, Limits()).header
-    send_message(conn, {"t": "execute", "id": 3, "session": opened["session"], "token": "0" * 32,
-                        "nonce": secrets.token_hex(16), "code": "1", "inputs": [], "outputs": []})
+    send_message(
+        conn,
+        {
+            "t": "execute",
+            "id": 3,
+            "session": opened["session"],
+            "token": "0" * 32,
+            "nonce": secrets.token_hex(16),
+            "code": "1",
+            "inputs": [],
+            "outputs": [],
+        },
+    )
     err = reply_error(conn)
     assert isinstance(err, mn.PolicyViolation) and "token" in str(err)
 
@@ -144,9 +162,19 @@ def test_client_disconnects_mid_upload(kernel, conn):
     hello(conn)
     send_message(conn, {"t": "session.open", "id": 2, "name": "mid"})
     opened = recv_message(conn, Limits()).header
-    raw = msgpack.packb({"t": "execute", "id": 3, "session": opened["session"], "token": opened["token"],
-                         "nonce": secrets.token_hex(16), "code": "1",
-                         "inputs": [{"name": "x", "kind": "bytes", "meta": {}}], "outputs": [], "p": [50 << 20]})
+    raw = msgpack.packb(
+        {
+            "t": "execute",
+            "id": 3,
+            "session": opened["session"],
+            "token": opened["token"],
+            "nonce": secrets.token_hex(16),
+            "code": "1",
+            "inputs": [{"name": "x", "kind": "bytes", "meta": {}}],
+            "outputs": [],
+            "p": [50 << 20],
+        }
+    )
     conn.sendall(PREFIX.pack(MAGIC, len(raw), 50 << 20) + raw)
     conn.sendall(b"\0" * (4 << 20))
     conn.close()
@@ -157,9 +185,20 @@ def test_malformed_value_payload_is_a_typed_error(kernel, conn):
     hello(conn)
     send_message(conn, {"t": "session.open", "id": 2, "name": "badval"})
     opened = recv_message(conn, Limits()).header
-    send_message(conn, {"t": "execute", "id": 3, "session": opened["session"], "token": opened["token"],
-                        "nonce": secrets.token_hex(16), "code": "x", "outputs": [],
-                        "inputs": [{"name": "x", "kind": "npy", "meta": {}}]}, [b"\x93NUMPY garbage"])
+    send_message(
+        conn,
+        {
+            "t": "execute",
+            "id": 3,
+            "session": opened["session"],
+            "token": opened["token"],
+            "nonce": secrets.token_hex(16),
+            "code": "x",
+            "outputs": [],
+            "inputs": [{"name": "x", "kind": "npy", "meta": {}}],
+        },
+        [b"\x93NUMPY garbage"],
+    )
     err = reply_error(conn)
     assert err is not None and "npy" in str(err)
     send_message(conn, {"t": "ping", "id": 4})

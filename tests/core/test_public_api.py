@@ -12,12 +12,32 @@ PKG = Path(mn.__file__).parent
 
 
 def test_exported_names_are_pinned():
-    assert sorted(mn.__all__) == sorted([
-        "AttestationError", "AttestationReport", "EncodingError", "KernelConnectionError", "Level",
-        "LevelNotAvailableError", "MesateeError", "Policy", "PolicyViolation", "ProtocolError", "Receipt",
-        "ReceiptError", "RemoteExecutionError", "RunResult", "Session", "UnprotectedWarning", "VerifiedReceipt",
-        "connect", "expected_measurement", "load_ipython_extension", "verify_receipt",
-    ] + [n for n in mn.__all__ if n in EXTRA])
+    assert sorted(mn.__all__) == sorted(
+        [
+            "AttestationError",
+            "AttestationReport",
+            "EncodingError",
+            "KernelConnectionError",
+            "Level",
+            "LevelNotAvailableError",
+            "MesateeError",
+            "Policy",
+            "PolicyViolation",
+            "ProtocolError",
+            "Receipt",
+            "ReceiptError",
+            "RemoteExecutionError",
+            "RunResult",
+            "Session",
+            "UnprotectedWarning",
+            "VerifiedReceipt",
+            "connect",
+            "expected_measurement",
+            "load_ipython_extension",
+            "verify_receipt",
+        ]
+        + [n for n in mn.__all__ if n in EXTRA]
+    )
     for name in mn.__all__:
         assert hasattr(mn, name), name
 

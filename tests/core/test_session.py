@@ -26,8 +26,9 @@ def session(kernel):
 
 def test_run_returns_value_outputs_stdout_and_verified_receipt(session, kernel):
     df = pd.DataFrame({"x": np.arange(10.0), "g": list("ababababab")})
-    r = session.run("import pandas as pd\nprint('summing')\ntotal = df.x.sum()\ntotal", inputs={"df": df},
-                    outputs=["total"])
+    r = session.run(
+        "import pandas as pd\nprint('summing')\ntotal = df.x.sum()\ntotal", inputs={"df": df}, outputs=["total"]
+    )
     assert r.value == 45.0
     assert r.outputs == {"total": 45.0}
     assert r.stdout == "summing\n"
@@ -103,9 +104,11 @@ def test_missing_declared_output_is_refused(session):
 def test_streaming_callback_sees_output_live(session):
     seen: list[tuple[str, float]] = []
     t0 = time.monotonic()
-    session.run("import time, sys\nprint('first', flush=True)\ntime.sleep(0.6)\nprint('second')\n"
-                "print('oops', file=sys.stderr)",
-                stream=lambda name, text: seen.append((name + ":" + text.strip(), time.monotonic() - t0)))
+    session.run(
+        "import time, sys\nprint('first', flush=True)\ntime.sleep(0.6)\nprint('second')\n"
+        "print('oops', file=sys.stderr)",
+        stream=lambda name, text: seen.append((name + ":" + text.strip(), time.monotonic() - t0)),
+    )
     names = [s for s, _ in seen]
     assert names == ["stdout:first", "stdout:second", "stderr:oops"]
     assert seen[1][1] - seen[0][1] > 0.4  # the first line arrived before the cell finished
@@ -134,7 +137,7 @@ def test_interrupt_from_another_thread(session):
     def run() -> None:
         try:
             session.run("import time\ntime.sleep(30)")
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     t = threading.Thread(target=run)
