@@ -163,6 +163,8 @@ class Executor:
                 self.namespace[str(spec["name"])] = decode_value(
                     str(spec["kind"]), buf, allow_pickle=allow_pickle, meta=spec.get("meta")
                 )
+                del buf  # the decoded value keeps what it needs of the mapping
+            msg.payloads.clear()
         except MesateeError as exc:
             self.send({"t": "error", **exc.to_wire()})
             return

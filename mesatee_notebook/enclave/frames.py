@@ -636,7 +636,8 @@ class _Run:
         for name, operand in node.args["columns"]:
             if isinstance(operand, Ref):
                 sv = self._series(operand)
-                cols[name] = sv.s
+                # align explicitly: pandas would adopt the series' index when the frame is empty
+                cols[name] = sv.s if sv.s.index.equals(v.df.index) else sv.s.reindex(v.df.index)
                 if sv.cells is not None:
                     cells[name] = sv.cells
                 else:

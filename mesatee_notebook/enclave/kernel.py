@@ -148,6 +148,8 @@ class _Connection:
                     MesateeError(f"internal error in the kernel ({type(exc).__name__}); see the kernel log"),
                 )
             finally:
+                msg.payloads.clear()  # unmap large inputs now, not when the next request arrives
+                del msg
                 alloc.close()
 
     def _try_error(self, re: Any, exc: MesateeError) -> None:

@@ -53,7 +53,8 @@ Label: TypeAlias = str | np.ndarray | pd.Series | Sequence[float]
 EvalSet: TypeAlias = Data | tuple[Data, Label]
 """An eval set: a DataFrame holding the label column, or ``(features, label)``."""
 Progress: TypeAlias = Callable[[dict[str, Any]], None]
-"""Called once per boosting round with ``{"event": "round", "round", "rounds", "metrics", "elapsed_s"}``."""
+"""Called after each boosting round of this call (``round`` counts from 0) with
+``{"event": "round", "round", "rounds", "metrics": {eval_name: {metric: value}}, "elapsed_s"}``."""
 Task: TypeAlias = Literal["binary", "multiclass", "regression"]
 F32Array: TypeAlias = npt.NDArray[np.float32]
 
@@ -103,7 +104,12 @@ def _frame_to_matrix(frame: pd.DataFrame) -> F32Array:
     return np.ascontiguousarray(frame.to_numpy(dtype=np.float32, na_value=np.nan))
 
 
+_NUMBER_TYPES = (bool, int, float, np.number, np.bool_)
+
+
 def _array_to_matrix(array: np.ndarray, expected: int | None) -> F32Array:
+    if array.dtype.kind == "O" and all(isinstance(v, _NUMBER_TYPES) or v is None for v in array.flat):
+        array = np.asarray([np.nan if v is None else v for v in array.flat], dtype=np.float32).reshape(array.shape)
     if array.dtype.kind not in "biuf":
         msg = f"feature array must be numeric, got dtype {array.dtype}; encode non-numeric values first"
         raise NonNumericFeatures(msg, columns=[], dtype=str(array.dtype))
@@ -183,11 +189,10 @@ def _check_labels(objective: str, y: npt.NDArray[np.float64], num_class: int | N
 class _ProgressCallback(xgb.callback.TrainingCallback):
     """Forwards the latest value of every eval metric after each round."""
 
-    def __init__(self, progress: Progress, rounds: int, start_round: int) -> None:
+    def __init__(self, progress: Progress, rounds: int) -> None:
         super().__init__()
         self._progress = progress
         self._rounds = rounds
-        self._start_round = start_round
         self._t0 = time.perf_counter()
 
     def after_iteration(self, model: Any, epoch: int, evals_log: Any) -> bool:
@@ -200,7 +205,7 @@ class _ProgressCallback(xgb.callback.TrainingCallback):
         self._progress(
             {
                 "event": "round",
-                "round": epoch - self._start_round,
+                "round": epoch,
                 "rounds": self._rounds,
                 "metrics": metrics,
                 "elapsed_s": time.perf_counter() - self._t0,
@@ -492,9 +497,8 @@ def train(
             msg = "early stopping needs at least one eval set"
             raise MLInputError(msg)
         callbacks.append(xgb.callback.EarlyStopping(rounds=early_stopping_rounds, save_best=True))
-    start = init_model.num_rounds if init_model is not None else 0
     if progress is not None:
-        callbacks.append(_ProgressCallback(progress, num_boost_round, start))
+        callbacks.append(_ProgressCallback(progress, num_boost_round))
 
     history: dict[str, dict[str, list[float]]] = {}
     try:

@@ -544,6 +544,18 @@ def _tune(mod: Any, target: Any, request: Mapping[str, Any], emit: Callable[[dic
     return database
 
 
+def _tuning_target(spec: Any, tune_trials: int) -> Any:
+    """MetaSchedule needs ``num-cores`` on CPU targets; default it to this machine's physical cores."""
+    if tune_trials <= 0:
+        return spec
+    doc = {"kind": spec} if isinstance(spec, str) else dict(spec)
+    if doc.get("kind") == "llvm" and "num-cores" not in doc:
+        import psutil
+
+        doc["num-cores"] = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    return doc
+
+
 def _child_main(jobdir_str: str, fd: int) -> None:
     """Entry point of the compile child process: read request.json, write model.so and result.json."""
     out = os.fdopen(fd, "wb", buffering=0)
@@ -561,7 +573,7 @@ def _child_main(jobdir_str: str, fd: int) -> None:
         from tvm import relax
         from tvm.relax.frontend.onnx import from_onnx
 
-        target = tvm.target.Target(request["target"])
+        target = tvm.target.Target(_tuning_target(request["target"], int(request["tune_trials"])))
         inputs = [TensorSpec.from_json(d) for d in request["inputs"]]
         onnx_model = onnx.load_from_string((jobdir / "model.onnx").read_bytes())
         with warnings.catch_warnings():

@@ -135,7 +135,9 @@ def _encode_frame(df: Any, kind: str, meta: dict[str, Any]) -> Encoded:
         raise EncodingError(msg, type=type(df).__name__) from exc
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table, max_chunksize=1 << 20)
+        # One record batch: each column stays one contiguous buffer, so the receiver can
+        # build the DataFrame on top of the received bytes without copying them again.
+        writer.write_table(table.combine_chunks())
     return Encoded(kind, [sink.getvalue()], meta)
 
 
@@ -160,7 +162,8 @@ def decode_value(kind: str, buf: Any, *, allow_pickle: bool = False, meta: dict[
         except (pa.ArrowInvalid, pa.ArrowException) as exc:
             msg = f"payload is not a valid Arrow IPC stream: {exc}"
             raise MalformedFrame(msg) from exc
-        df = table.to_pandas()
+        df = table.to_pandas(split_blocks=True, self_destruct=True)
+        del table
         if kind == "arrow.series":
             series = df[_SERIES_COL]
             series.name = meta.get("name")

@@ -858,8 +858,7 @@ def infer_node(
         mapping: Mapping[str, str] = args["columns"]
         for old in mapping:
             if old in inp.hidden:
-                msg = f"rename() refers to hidden column {old!r}"
-                raise PolicyViolation(msg, column=old)
+                _ref_col(inp, old, "rename")
         cols = [((mapping.get(c, c) if c is not None else c), d) for c, d in inp.columns]
         names = [c for c, _ in cols]
         if len(set(names)) != len(names):

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from mesatee_notebook.errors import FrameTooLarge, MalformedFrame, MesateeError, VersionMismatch
 from mesatee_notebook.wire.datapolicy import DataPolicy
+from mesatee_notebook.wire.plan import _ENUMS as ENUMS
 from mesatee_notebook.wire.plan import (
     AGG_FUNCS,
     DTYPES,
@@ -22,7 +23,6 @@ from mesatee_notebook.wire.plan import (
     plan_from_obj,
     plan_to_json,
 )
-from mesatee_notebook.wire.plan import _ENUMS as ENUMS
 
 names = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=12)
 i64 = st.integers(-(2**63), 2**63 - 1)
@@ -54,7 +54,9 @@ def arg_strategy(op: str, name: str, kind: str, earlier: list[str]) -> st.Search
         "bools": st.lists(st.booleans(), max_size=4),
         "literal": literals,
         "literals": st.lists(literals, max_size=5),
-        "dtype_spec": st.one_of(st.sampled_from(sorted(DTYPES)), st.dictionaries(names, st.sampled_from(sorted(DTYPES)), max_size=3)),
+        "dtype_spec": st.one_of(
+            st.sampled_from(sorted(DTYPES)), st.dictionaries(names, st.sampled_from(sorted(DTYPES)), max_size=3)
+        ),
         "rename_map": st.dictionaries(names, names, max_size=3),
         "suffixes": st.tuples(names, names).map(list),
         "aggs": st.lists(st.tuples(names, names, st.sampled_from(sorted(AGG_FUNCS))).map(list), min_size=1, max_size=3),
@@ -81,7 +83,9 @@ def plan_objects(draw: st.DrawFn) -> dict[str, Any]:
     ids: list[str] = []
     nodes: dict[str, Any] = {}
     for i in range(draw(st.integers(1, 8))):
-        usable = [op for op, spec in OPS.items() if ids or "node" not in spec.values() and "assigns" not in spec.values()]
+        usable = [
+            op for op, spec in OPS.items() if ids or ("node" not in spec.values() and "assigns" not in spec.values())
+        ]
         op = draw(st.sampled_from(usable))
         args = {name: draw(arg_strategy(op, name, kind, ids)) for name, kind in OPS[op].items()}
         nid = draw(st.sampled_from([f"n{i}", f"node-{i}", f"{i}"]))
@@ -120,7 +124,9 @@ json_values = st.recursive(
 
 
 @settings(max_examples=300)
-@given(st.fixed_dictionaries({"version": st.sampled_from([1, 1, 2]), "root": st.text(max_size=3), "nodes": json_values}))
+@given(
+    st.fixed_dictionaries({"version": st.sampled_from([1, 1, 2]), "root": st.text(max_size=3), "nodes": json_values})
+)
 def test_arbitrary_json_is_refused_with_typed_errors(obj: dict[str, Any]) -> None:
     with pytest.raises(MesateeError):
         plan_from_json(json.dumps(obj))
@@ -157,14 +163,70 @@ def plan(nodes: dict[str, Any], root: str = "n1", version: Any = 1) -> str:
         (plan({"n0": SOURCE}, root="n7"), "root"),
         (plan({"n1": {"op": "source", "args": {"name": 3}}}), "a string"),
         (plan({"n1": {"op": "source", "args": {"name": "\x00x"}}}), "NUL"),
-        (plan({"n0": SOURCE, "n1": {"op": "binary", "args": {"op": "eval", "left": {"ref": "n0"}, "right": {"lit": 1}}}}), "one of"),
-        (plan({"n0": SOURCE, "n1": {"op": "binary", "args": {"op": "add", "left": {"ref": "n0"}, "right": {"lit": [1]}}}}), "scalar"),
-        (plan({"n0": SOURCE, "n1": {"op": "binary", "args": {"op": "add", "left": {"ref": "n0"}, "right": {"lit": 2**70}}}}), "int64"),
+        (
+            plan(
+                {
+                    "n0": SOURCE,
+                    "n1": {"op": "binary", "args": {"op": "eval", "left": {"ref": "n0"}, "right": {"lit": 1}}},
+                }
+            ),
+            "one of",
+        ),
+        (
+            plan(
+                {
+                    "n0": SOURCE,
+                    "n1": {"op": "binary", "args": {"op": "add", "left": {"ref": "n0"}, "right": {"lit": [1]}}},
+                }
+            ),
+            "scalar",
+        ),
+        (
+            plan(
+                {
+                    "n0": SOURCE,
+                    "n1": {"op": "binary", "args": {"op": "add", "left": {"ref": "n0"}, "right": {"lit": 2**70}}},
+                }
+            ),
+            "int64",
+        ),
         (plan({"n0": SOURCE, "n1": {"op": "binary", "args": {"op": "add", "left": {"ref": "n0"}, "right": 3}}}), "ref"),
-        (plan({"n0": SOURCE, "n1": {"op": "binary", "args": {"op": "add", "left": {"ref": "n0"}, "right": {"lit": {"$py": "os"}}}}}), "tagged"),
+        (
+            plan(
+                {
+                    "n0": SOURCE,
+                    "n1": {
+                        "op": "binary",
+                        "args": {"op": "add", "left": {"ref": "n0"}, "right": {"lit": {"$py": "os"}}},
+                    },
+                }
+            ),
+            "tagged",
+        ),
         (plan({"n0": SOURCE, "n1": {"op": "astype", "args": {"input": "n0", "dtype": "object"}}}), "not supported"),
-        (plan({"n0": SOURCE, "n1": {"op": "groupby_agg", "args": {"input": "n0", "by": ["a"], "aggs": [["o", "a", "exec"]], "as_index": True, "dropna": True, "sort": True}}}), "unknown aggregation"),
-        ('{"version": 1, "root": "n1", "nodes": {"n1": {"op": "fillna", "args": {"input": "n1", "value": NaN}}}}', "NaN"),
+        (
+            plan(
+                {
+                    "n0": SOURCE,
+                    "n1": {
+                        "op": "groupby_agg",
+                        "args": {
+                            "input": "n0",
+                            "by": ["a"],
+                            "aggs": [["o", "a", "exec"]],
+                            "as_index": True,
+                            "dropna": True,
+                            "sort": True,
+                        },
+                    },
+                }
+            ),
+            "unknown aggregation",
+        ),
+        (
+            '{"version": 1, "root": "n1", "nodes": {"n1": {"op": "fillna", "args": {"input": "n1", "value": NaN}}}}',
+            "NaN",
+        ),
         ('{"version": 1, "version": 1, "root": "n1", "nodes": {}}', "duplicate key"),
         ("not json", "not valid JSON"),
         ("[]", "exactly"),

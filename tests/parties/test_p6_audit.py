@@ -71,7 +71,7 @@ def test_removed_entry_detected(entries: list[dict[str, Any]], key: Ed25519Priva
 
 
 def test_reordered_entries_detected(entries: list[dict[str, Any]], key: Ed25519PrivateKey) -> None:
-    swapped = entries[:2] + [entries[3], entries[2]] + entries[4:]
+    swapped = [*entries[:2], entries[3], entries[2], *entries[4:]]
     with pytest.raises(TamperedData, match=r"entry 2 \(seq 3\)"):
         verify_audit_log(swapped, key.public_key())
 
@@ -80,7 +80,7 @@ def test_renumbered_entries_detected(entries: list[dict[str, Any]], key: Ed25519
     renumbered = [dict(e) for e in entries[:2] + entries[3:]]
     for i, e in enumerate(renumbered):
         e["seq"] = i  # hide the gap: breaks the signatures
-    with pytest.raises(TamperedData, match="entry 2 .*signature"):
+    with pytest.raises(TamperedData, match=r"entry 2 .*signature"):
         verify_audit_log(renumbered, key.public_key())
 
 
@@ -104,7 +104,7 @@ def test_other_enclave_key_refused(entries: list[dict[str, Any]]) -> None:
 def test_malformed_entry_refused(entries: list[dict[str, Any]], key: Ed25519PrivateKey) -> None:
     bad = [dict(e) for e in entries]
     bad[1]["extra"] = 1
-    with pytest.raises(TamperedData, match="entry 1 .*unknown fields"):
+    with pytest.raises(TamperedData, match=r"entry 1 .*unknown fields"):
         verify_audit_log(bad, key.public_key())
 
 

@@ -1,0 +1,177 @@
+"""P2: upload of a 1 GB float64 DataFrame into a session vs a bare TLS 1.3 socket sending the same bytes.
+
+Both on loopback, same run, medians of R repeats. Also reports the kernel's peak memory (PSS of the
+supervisor + executor) during the upload, as a multiple of the payload.
+Prints a table and writes bench/results/p2_upload.json. Usage: python bench/p2_upload.py [GB] [REPEATS]
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import multiprocessing as mp
+import os
+import socket
+import ssl
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psutil
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from cryptography.x509.oid import NameOID
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.conftest import start_kernel, stop_kernel  # noqa: E402
+
+import mesatee_notebook as mn  # noqa: E402
+
+CHUNK = 8 << 20
+
+
+def _self_signed(path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    path.write_bytes(cert.public_bytes(Encoding.PEM) + key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8,
+                                                                        NoEncryption()))
+
+
+def _bare_server(pem: str, port_q: mp.Queue, size: int, repeats: int) -> None:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(pem)
+    lsock = socket.create_server(("127.0.0.1", 0))
+    port_q.put(lsock.getsockname()[1])
+    buf = bytearray(size)
+    for _ in range(repeats):
+        conn, _ = lsock.accept()
+        tls = ctx.wrap_socket(conn, server_side=True)
+        view = memoryview(buf)
+        pos = 0
+        while pos < size:
+            n = tls.recv_into(view[pos:], min(CHUNK, size - pos))
+            if n == 0:
+                break
+            pos += n
+        tls.sendall(b"k")
+        tls.close()
+
+
+def bench_bare(payload: memoryview, repeats: int) -> list[float]:
+    with tempfile.TemporaryDirectory() as d:
+        pem = Path(d) / "c.pem"
+        _self_signed(pem)
+        spawn = mp.get_context("spawn")
+        q: mp.Queue = spawn.Queue()
+        proc = spawn.Process(target=_bare_server, args=(str(pem), q, payload.nbytes, repeats))
+        proc.start()
+        port = q.get(timeout=60)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        times = []
+        for _ in range(repeats):
+            sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)))
+            t = time.perf_counter()
+            for off in range(0, payload.nbytes, CHUNK):
+                sock.sendall(payload[off : off + CHUNK])
+            assert sock.recv(1) == b"k"
+            times.append(time.perf_counter() - t)
+            sock.close()
+        proc.join(60)
+        return times
+
+
+class PeakMemory:
+    """Samples the PSS of a process tree (supervisor + executors)."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total = 0
+            for p in [self.proc, *self.proc.children(recursive=True)]:
+                try:
+                    total += p.memory_full_info().pss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(0.1)
+
+    def __enter__(self) -> PeakMemory:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def main() -> None:
+    gb = float(sys.argv[1]) if len(sys.argv) > 1 else 1.0
+    repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    os.environ.setdefault("MESATEE_HOME", tempfile.mkdtemp())
+    cols = 8
+    rows = int(gb * (1 << 30) / 8 / cols)
+    df = pd.DataFrame(np.random.default_rng(0).random((rows, cols)), columns=[f"c{i}" for i in range(cols)])
+    nbytes = int(df.memory_usage(index=False).sum())
+    raw = np.ascontiguousarray(df.to_numpy())
+    bare = bench_bare(memoryview(raw).cast("B"), repeats)
+    del raw
+    with tempfile.TemporaryDirectory() as d:
+        k = start_kernel(Path(d) / "k")
+        try:
+            s = mn.connect(k.url, policy=mn.Policy(platform_roots=[k.fingerprint], measurements=[k.measurement]))
+            s.run("1")
+            times, peaks = [], []
+            for _ in range(repeats):
+                with PeakMemory(k.proc.pid) as pm:
+                    base = pm.peak
+                    t = time.perf_counter()
+                    r = s.run("shape = df.shape\ndel df\nshape", inputs={"df": df})
+                    times.append(time.perf_counter() - t)
+                peaks.append(pm.peak)
+                assert r.value == [rows, cols]
+                del base
+            idle = sum(p.memory_full_info().pss for p in [psutil.Process(k.proc.pid),
+                                                           *psutil.Process(k.proc.pid).children(recursive=True)])
+            s.close()
+        finally:
+            stop_kernel(k)
+    mt, bt = statistics.median(times), statistics.median(bare)
+    peak = max(peaks)
+    ratio = (nbytes / mt) / (nbytes / bt)
+    print(f"P2 upload of a {nbytes / 1e9:.2f} GB float64 DataFrame ({rows}x{cols}), median of {repeats}")
+    print(f"{'path':<50} {'median s':>9} {'GB/s':>7}")
+    print(f"{'mesatee Session.run(inputs={df}) end to end':<50} {mt:>9.3f} {nbytes / mt / 1e9:>7.2f}")
+    print(f"{'bare TLS 1.3 socket, same bytes':<50} {bt:>9.3f} {nbytes / bt / 1e9:>7.2f}")
+    print(f"throughput ratio mesatee/bare: {ratio:.2f}x   target >= 0.7x")
+    print(f"kernel peak PSS during upload: {peak / 1e9:.2f} GB = {peak / nbytes:.2f}x payload "
+          f"(idle after: {idle / 1e9:.2f} GB)   target <= 2.5x")
+    out = {"benchmark": "P2", "payload_bytes": nbytes, "repeats": repeats, "mesatee_s": times, "bare_s": bare,
+           "median_mesatee_s": mt, "median_bare_s": bt, "throughput_ratio": ratio, "peak_pss_bytes": peak,
+           "peak_over_payload": peak / nbytes}
+    path = Path(__file__).parent / "results" / "p2_upload.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
