@@ -153,8 +153,9 @@ def _compose(arr: IntArray | None, pos: IntArray) -> IntArray:
 
 
 def _dedupe(g: IntArray, s: IntArray, n_src: int) -> tuple[IntArray, IntArray]:
-    keys = np.unique(g * np.int64(max(n_src, 1)) + s)
-    return keys // max(n_src, 1), keys % max(n_src, 1)
+    width = np.int64(max(n_src, 1))
+    keys = np.asarray(pd.unique(g * width + s), dtype=np.int64)  # hash-based: O(n), unlike np.unique
+    return keys // width, keys % width
 
 
 def _membership(
@@ -722,12 +723,16 @@ class _Run:
 
     # -- aggregates -----------------------------------------------------
 
-    def _group_cells(self, v: _FrameV, codes: IntArray, n_groups: int, col: str, func: str) -> Cells:
+    def _group_cells(self, v: _FrameV, codes: IntArray, sizes: Cells, col: str, func: str) -> Cells:
         """Distinct protected rows behind each group's value of ``col`` (non-missing; both outcomes for booleans)."""
         series = v.df[col]
         pos = _positions(v.df.index)
         notna = series.notna().to_numpy()
-        if func in ("sum", "mean") and series.dtype.kind == "b":
+        boolean = func in ("sum", "mean") and series.dtype.kind == "b"
+        if notna.all() and not boolean:
+            return sizes
+        n_groups = len(next(iter(sizes.values())))
+        if boolean:
             truth = series.to_numpy(dtype=bool, na_value=False)
             t = _counts(_membership(v.origin, pos, codes, notna & truth, self.n_src), n_groups)
             f = _counts(_membership(v.origin, pos, codes, notna & ~truth, self.n_src), n_groups)
@@ -751,7 +756,7 @@ class _Run:
             origin.dup = dict(v.origin.dup)
             for out, col, func in a["aggs"]:
                 if func != "size":
-                    cells[out] = self._group_cells(v, codes, n_groups, col, func)
+                    cells[out] = self._group_cells(v, codes, origin.sizes, col, func)
         res = res.reset_index() if not a["as_index"] else res.set_axis(pd.RangeIndex(n_groups), axis=0)
         return _FrameV(res, origin, cells)
 

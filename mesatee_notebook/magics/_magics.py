@@ -197,7 +197,8 @@ class MesateeMagics(Magics):
         self._close(name)
         self._sessions[name], self._targets[name] = session, target
         self._current = name
-        card = AttestationCard(session.attestation, url=session.url)
+        card = AttestationCard(session.attestation, url=session.url,
+                              local_measurement=session.attestation.expected_measurement)
         print(f"mesatee: connected to {target.where} ({session.url}), session {name!r}; {_summary(session, card)}")
 
     def _cmd_attest(self, args: Any) -> AttestationCard:
@@ -368,7 +369,8 @@ class MesateeMagics(Magics):
             note = ""
         session = self._open(name, target)
         self._sessions[name], self._targets[name] = session, target
-        card = AttestationCard(session.attestation, url=session.url)
+        card = AttestationCard(session.attestation, url=session.url,
+                              local_measurement=session.attestation.expected_measurement)
         print(f"mesatee: {how} {target.where} ({session.url}), session {name!r}{note}; {_summary(session, card)}")
         return session
 

@@ -486,24 +486,45 @@ class PsiInput:
 # -- intersection ------------------------------------------------------------------------------------------------
 
 
+_ROW_BITS_MAX = 28  # above 2**28 rows per input the packed prefix gets short: argsort instead
+
+
 @dataclass
 class _Sorted:
-    """One party's keys sorted by the high half: ``order`` maps sorted positions back to rows."""
+    """One party's keys sorted by a primary ``prefix`` of the high half; ``order`` maps sorted positions to rows.
+
+    The prefix is the high half without its low ``row_bits`` bits, and the row number fills those bits, so a single
+    (SIMD) ``np.sort`` of one uint64 array yields both the order and the permutation; an ``argsort`` was 8x slower.
+    Equal prefixes keep rows in increasing order. Full 128-bit equality is checked afterwards.
+    """
 
     order: npt.NDArray[np.intp]
+    prefix: U64
     s1: U64
     s2: U64
-    starts: npt.NDArray[np.intp]  # first sorted position of each distinct high half
+    starts: npt.NDArray[np.intp]  # first sorted position of each distinct prefix
 
     @classmethod
-    def of(cls, h1: U64, h2: U64) -> _Sorted:
-        order = np.argsort(h1)
-        s1 = h1[order]
-        new_run = np.empty(len(s1), dtype=bool)
-        if len(s1):
+    def of(cls, h1: U64, h2: U64, row_bits: int) -> _Sorted:
+        n = len(h1)
+        order: npt.NDArray[np.intp]
+        prefix: U64
+        if row_bits <= _ROW_BITS_MAX:
+            shift = np.uint64(row_bits)
+            packed: U64 = (h1 >> shift) << shift
+            packed |= np.arange(n, dtype=np.uint64)
+            packed.sort()
+            order = (packed & np.uint64((1 << row_bits) - 1)).astype(np.intp)
+            packed >>= shift
+            prefix = packed
+        else:
+            order = np.argsort(h1, kind="stable")
+            prefix = h1[order]
+        new_run = np.empty(n, dtype=bool)
+        if n:
             new_run[0] = True
-            np.not_equal(s1[1:], s1[:-1], out=new_run[1:])
-        return cls(order, s1, h2[order], np.flatnonzero(new_run))
+            np.not_equal(prefix[1:], prefix[:-1], out=new_run[1:])
+        return cls(order, prefix, h1[order], h2[order], np.flatnonzero(new_run))
 
 
 def _member(a: U64, sorted_b: U64) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]:
@@ -528,24 +549,28 @@ class _Match:
 def _intersect_keys(keys: Sequence[tuple[U64, U64]], *, rows: bool = True) -> _Match:
     """Intersect n >= 2 sets of 128-bit keys given as (high, low) halves.
 
-    Sort each party by the high half (one argsort), intersect the sorted distinct high halves, locate every item
-    with a sorted search, then check the low halves against the first party's; any mismatch (a 64-bit collision)
-    is resolved exactly on the full 128 bits.
+    Sort each party by a prefix of the high half (one packed sort, see :class:`_Sorted`), intersect the sorted
+    distinct prefixes, locate every item with a sorted search, then check its full 128-bit key against the first
+    party's; a mismatch (two keys sharing a prefix) is resolved exactly on the full key.
     """
-    parts = [_Sorted.of(h1, h2) for h1, h2 in keys]
-    common = min((p.s1[p.starts] for p in parts), key=len)
+    row_bits = max(1, (max(len(h1) for h1, _ in keys) - 1).bit_length())
+    parts = [_Sorted.of(h1, h2, row_bits) for h1, h2 in keys]
+    common = min((p.prefix[p.starts] for p in parts), key=len)
     for p in sorted(parts, key=lambda p: len(p.starts)):
         if len(common) == 0:
             break
-        common = common[_member(common, p.s1[p.starts])[1]]
-    located = [_member(p.s1, common) for p in parts]
-    ref = np.zeros(len(common), dtype=np.uint64)
+        common = common[_member(common, p.prefix[p.starts])[1]]
+    located = [_member(p.prefix, common) for p in parts]
+    ref1 = np.zeros(len(common), dtype=np.uint64)
+    ref2 = np.zeros(len(common), dtype=np.uint64)
     pos0, hit0 = located[0]
-    ref[pos0[hit0]] = parts[0].s2[hit0]
+    ref1[pos0[hit0]] = parts[0].s1[hit0]
+    ref2[pos0[hit0]] = parts[0].s2[hit0]
     conflicted = np.zeros(len(common), dtype=bool)
     for p, (pos, hit) in zip(parts, located, strict=True):
         where = pos[hit]
-        conflicted[where[p.s2[hit] != ref[where]]] = True
+        differs = (p.s1[hit] != ref1[where]) | (p.s2[hit] != ref2[where])
+        conflicted[where[differs]] = True
     groups_sorted = [np.where(hit, pos, -1) for pos, hit in located]
     count = len(common)
     if conflicted.any():
@@ -561,10 +586,9 @@ def _intersect_keys(keys: Sequence[tuple[U64, U64]], *, rows: bool = True) -> _M
         match.masks.append(mask)
         match.groups.append(by_row[mask])
     p0, g0 = parts[0], groups_sorted[0]
-    if not conflicted.any() and len(p0.starts):
-        # Every run of equal keys is all-in or all-out: the first row of a run is the minimum of its rows.
-        firsts = np.minimum.reduceat(p0.order, p0.starts)
-        match.first_rows = np.sort(firsts[g0[p0.starts] >= 0])
+    if not conflicted.any():
+        # A run of equal prefixes is one key, all in or all out, and lists its rows in increasing order.
+        match.first_rows = np.sort(p0.order[p0.starts][g0[p0.starts] >= 0])
     else:
         rows0 = np.flatnonzero(match.masks[0])
         match.first_rows = rows0[_first_occurrences(match.groups[0])]

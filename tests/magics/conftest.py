@@ -24,14 +24,14 @@ class TestingShell(InteractiveShell):
         return result
 
 
-def stop_embedded_kernel(home: Path) -> None:
+def stop_embedded_kernel(home: Path, sig: signal.Signals = signal.SIGINT) -> None:
     """Stop the embedded kernel recorded in ``home/kernel.json`` and wait until it is gone."""
     try:
         pid = int(json.loads((home / "kernel.json").read_text())["pid"])
     except (OSError, ValueError, KeyError):
         return
     try:
-        os.kill(pid, signal.SIGTERM)
+        os.killpg(pid, sig)  # the kernel leads its own process group, executors included
     except ProcessLookupError:
         return
     deadline = time.monotonic() + 10
@@ -41,11 +41,11 @@ def stop_embedded_kernel(home: Path) -> None:
         except ProcessLookupError:
             return
         time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
+    os.killpg(pid, signal.SIGKILL)
 
 
 @pytest.fixture
-def stop_kernel() -> Callable[[Path], None]:
+def stop_kernel() -> Callable[[Path, signal.Signals], None]:
     """Stop the embedded kernel of a ``$MESATEE_HOME``."""
     return stop_embedded_kernel
 
