@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.conftest import start_kernel, stop_kernel  # noqa: E402
-
-import mesatee_notebook as mn  # noqa: E402
+import mesatee_notebook as mn
+from tests.conftest import start_kernel, stop_kernel
 
 
 def stats(samples: list[float]) -> dict[str, float]:

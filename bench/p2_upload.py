@@ -30,9 +30,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from cryptography.x509.oid import NameOID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.conftest import start_kernel, stop_kernel  # noqa: E402
-
-import mesatee_notebook as mn  # noqa: E402
+import mesatee_notebook as mn
+from tests.conftest import start_kernel, stop_kernel
 
 CHUNK = 8 << 20
 
