@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
+import threading
 import time
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
@@ -171,12 +172,17 @@ def _membership(
     if origin.kind == "rows":
         for ds, arrays in origin.rows.items():
             gs, ss = [], []
+            all_kept = bool(keep.all())
             for arr in arrays:
                 src = _compose(arr, pos)
-                ok = keep & (src >= 0)
+                if arr is None and all_kept:  # the common case: no copies
+                    gs.append(codes)
+                    ss.append(src)
+                    continue
+                ok = keep if arr is None else keep & (src >= 0)
                 gs.append(codes[ok])
                 ss.append(src[ok])
-            g, s = np.concatenate(gs), np.concatenate(ss)
+            g, s = (gs[0], ss[0]) if len(gs) == 1 else (np.concatenate(gs), np.concatenate(ss))
             out[ds] = _dedupe(g, s, n_src[ds]) if origin.dup.get(ds) or len(arrays) > 1 else (g, s)
         return out
     remap = np.full(origin.n, -1, dtype=np.int64)
@@ -322,6 +328,7 @@ class FrameEvaluator:
         self._datasets = datasets
         self._audit = audit
         self._guard = _DifferencingGuard(history_limit)
+        self._guard_lock = threading.Lock()  # check-then-record must be atomic per release
 
     # -- public -----------------------------------------------------------
 
@@ -392,7 +399,7 @@ class FrameEvaluator:
         self._static_policy(root, protected)
         run = _Run(plan, schemas, {n: df for n, (df, _, _) in stored.items()}, set(protected))
         value = run.evaluate()
-        released, suppressed = self._release(value, root, protected, party)
+        released, suppressed = self._release(value, protected, party, run.n_src)
         event.update(outcome="released", suppressed=suppressed)
         if isinstance(released, (pd.DataFrame, pd.Series)):
             event["rows_out"] = len(released)
@@ -422,7 +429,9 @@ class FrameEvaluator:
             )
             raise PolicyViolation(msg, rule="hidden_columns")
 
-    def _release(self, value: _Value, root: Schema, protected: Mapping[str, DataPolicy], party: str) -> tuple[Any, int]:
+    def _release(
+        self, value: _Value, protected: Mapping[str, DataPolicy], party: str, n_src: Mapping[str, int]
+    ) -> tuple[Any, int]:
         if isinstance(value, _ScalarV):
             for ds, count in value.counts.items():
                 k = protected[ds].min_group_size
@@ -432,7 +441,7 @@ class FrameEvaluator:
                         f"(min_group_size={k}); widen the selection"
                     )
                     raise PolicyViolation(msg, dataset=ds, rule="min_group_size")
-            self._guard_release(party, protected, value.members, 1, value.dup)
+            self._guard_release(party, protected, value.members, 1, value.dup, n_src)
             return _plain(value.value), 0
         data: pd.DataFrame | pd.Series = value.df if isinstance(value, _FrameV) else value.s
         origin = value.origin
@@ -440,7 +449,7 @@ class FrameEvaluator:
             return data, 0
         cells = value.cells if isinstance(value, _FrameV) else ({str(data.name): value.cells} if value.cells else {})
         if origin.kind == "summary":
-            return self._release_summary(data, value, cells, protected, party), 0
+            return self._release_summary(data, value, cells, protected, party, n_src), 0
         pos = _positions(data.index)
         small = np.zeros(len(pos), dtype=bool)
         for ds, sizes in origin.sizes.items():
@@ -472,7 +481,7 @@ class FrameEvaluator:
             ng = remap[g]
             ok = ng >= 0
             members[ds] = (ng[ok], s[ok])
-        self._guard_release(party, protected, members, len(pos), origin.dup)
+        self._guard_release(party, protected, members, len(pos), origin.dup, n_src)
         if origin.keys is not None:
             data = data.set_axis(origin.keys.take(pos), axis=0)
         return data, int(small.sum())
@@ -484,6 +493,7 @@ class FrameEvaluator:
         cells: Mapping[str, Cells | None],
         protected: Mapping[str, DataPolicy],
         party: str,
+        n_src: Mapping[str, int],
     ) -> pd.DataFrame | pd.Series:
         data = data.copy()
         for col, per_ds in cells.items():
@@ -495,7 +505,7 @@ class FrameEvaluator:
                         data[col] = np.nan
                     else:
                         data[:] = np.nan
-        self._guard_release(party, protected, value.origin.members, 1, value.origin.dup)
+        self._guard_release(party, protected, value.origin.members, 1, value.origin.dup, n_src)
         return data
 
     @staticmethod
@@ -520,18 +530,19 @@ class FrameEvaluator:
         members: Mapping[str, tuple[IntArray, IntArray]],
         n_groups: int,
         dup: Mapping[str, bool],
+        n_src: Mapping[str, int],
     ) -> None:
         staged = []
         for ds, (g, s) in members.items():
             pol = protected[ds]
-            if not pol.differencing_guard:
-                continue
-            n_src = len(self._datasets[ds][0])
-            fp, rel = self._guard.prepare(g, s, n_groups, n_src, dup.get(ds, False))
-            self._guard.check((party, ds), fp, rel, pol.min_group_size)
-            staged.append(((party, ds), fp, rel))
-        for key, fp, rel in staged:
-            self._guard.record(key, fp, rel)
+            if pol.differencing_guard:
+                fp, rel = self._guard.prepare(g, s, n_groups, n_src[ds], dup.get(ds, False))
+                staged.append(((party, ds), fp, rel, pol.min_group_size))
+        with self._guard_lock:
+            for key, fp, rel, k in staged:
+                self._guard.check(key, fp, rel, k)
+            for key, fp, rel, _ in staged:
+                self._guard.record(key, fp, rel)
 
 
 def _plain(value: Any) -> Any:

@@ -9,12 +9,15 @@ the last verified receipt. Outputs are bound into the notebook only after
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
+import tokenize
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar, cast
 
 from IPython.core import magic_arguments as _magic_arguments
+from IPython.core.displayhook import DisplayHook
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from traitlets import Bool, Float, Int
@@ -25,6 +28,7 @@ from mesatee_notebook.attestation.receipts import VerifiedReceipt
 from mesatee_notebook.errors import (
     EncodingError,
     KernelConnectionError,
+    MeasurementMismatch,
     MesateeError,
     NotFound,
     PolicyViolation,
@@ -112,8 +116,15 @@ def _summary(session: Session, card: AttestationCard) -> str:
         trust = "softtee: SOFTWARE trust, the host can read its memory"
     else:
         trust = f"{level.label}: hardware trust"
-    code = "matches this install" if card.matches_local else "DIFFERS from this install (pinned by policy)"
+    if level is Level.UNPROTECTED:
+        code = "(self-reported, unverified)"
+    else:
+        code = "matches this install" if card.matches_local else "DIFFERS from this install (pinned by policy)"
     return f"level {trust}; measurement {session.attestation.measurement[:12]}… {code}. %mesatee attest shows the card."
+
+
+def _where(target: _Target, session: Session) -> str:
+    return f"{target.where} ({session.url})" if target.url is None else session.url
 
 
 @magics_class
@@ -141,13 +152,24 @@ class MesateeMagics(Magics):
 
     # -- the line magic --------------------------------------------------------------------------
     @magic_arguments(name="mesatee")
-    @argument("command", choices=COMMANDS, metavar="COMMAND",
-              help="connect [URL] | attest | status | sessions | restart | disconnect | receipt")
-    @argument("url", nargs="?", default=None,
-              help="connect only: mesatee://HOST:PORT of a remote kernel (default: the embedded local kernel)")
+    @argument(
+        "command",
+        choices=COMMANDS,
+        metavar="COMMAND",
+        help="connect [URL] | attest | status | sessions | restart | disconnect | receipt",
+    )
+    @argument(
+        "url",
+        nargs="?",
+        default=None,
+        help="connect only: mesatee://HOST:PORT of a remote kernel (default: the embedded local kernel)",
+    )
     @argument("--policy", metavar="FILE", help="connect only: a TOML verification policy (see mn.Policy.from_toml)")
-    @argument("--allow-unprotected", action="store_true",
-              help="connect only: accept a kernel with NO attestation (development only; shown loudly)")
+    @argument(
+        "--allow-unprotected",
+        action="store_true",
+        help="connect only: accept a kernel with NO attestation (development only; shown loudly)",
+    )
     @argument("--session", metavar="NAME", help="the session to act on (default: the current one)")
     @argument("--save", metavar="FILE", help="receipt only: write the last receipt to FILE as JSON")
     @_named_line_magic("mesatee")
@@ -197,9 +219,10 @@ class MesateeMagics(Magics):
         self._close(name)
         self._sessions[name], self._targets[name] = session, target
         self._current = name
-        card = AttestationCard(session.attestation, url=session.url,
-                              local_measurement=session.attestation.expected_measurement)
-        print(f"mesatee: connected to {target.where} ({session.url}), session {name!r}; {_summary(session, card)}")
+        card = AttestationCard(
+            session.attestation, url=session.url, local_measurement=session.attestation.expected_measurement
+        )
+        print(f"mesatee: connected to {_where(target, session)}, session {name!r}; {_summary(session, card)}")
 
     def _cmd_attest(self, args: Any) -> AttestationCard:
         session = self._session(args.session)
@@ -213,14 +236,16 @@ class MesateeMagics(Magics):
             return
         a = session.attestation
         state = self._kernel_state(session)
-        print(f"mesatee: session {name!r} on {self._targets[name].where} ({session.url})")
+        print(f"mesatee: session {name!r} on {_where(self._targets[name], session)}")
         print(f"  level        {a.level.label} — {a.trust_note}")
         print(f"  measurement  {a.measurement}")
         print(f"  kernel       session id {session.id}, {state}")
         if self._last is not None:
             p = self._last[1].predicate
-            print(f"  last receipt session {self._last[0]!r}, nonce {p.get('nonce')}, outputs "
-                  f"{sorted(self._last[1].subjects)} (in {RECEIPT_VARIABLE})")
+            print(
+                f"  last receipt session {self._last[0]!r}, nonce {p.get('nonce')}, outputs "
+                f"{sorted(self._last[1].subjects)} (in {RECEIPT_VARIABLE})"
+            )
         others = sorted(set(self._sessions) - {name})
         if others:
             print(f"  other sessions: {', '.join(others)}")
@@ -230,9 +255,17 @@ class MesateeMagics(Magics):
         rows = []
         for name, session in self._sessions.items():
             info = self._kernel_info(session)
-            rows.append({"": "*" if name == self._current else "", "name": name, "url": session.url,
-                         "level": session.attestation.level.label, "session": session.id,
-                         "state": str(info.get("state", "unreachable")), "calls": str(info.get("calls", ""))})
+            rows.append(
+                {
+                    "": "*" if name == self._current else "",
+                    "name": name,
+                    "url": session.url,
+                    "level": session.attestation.level.label,
+                    "session": session.id,
+                    "state": str(info.get("state", "unreachable")),
+                    "calls": str(info.get("calls", "")),
+                }
+            )
         return SessionTable(rows)
 
     def _cmd_restart(self, args: Any) -> None:
@@ -266,17 +299,31 @@ class MesateeMagics(Magics):
         verified = self._last[1]
         if args.save:
             path = verified.receipt.save(args.save)
-            print(f"mesatee: saved the receipt to {path}. Check it offline: mesatee verify-receipt {path}  "
-                  f"(or mn.verify_receipt({str(path)!r}))")
+            print(
+                f"mesatee: saved the receipt to {path}. Check it offline: mesatee verify-receipt {path}  "
+                f"(or mn.verify_receipt({str(path)!r}))"
+            )
             return None
         return ReceiptCard(verified, variable=RECEIPT_VARIABLE)
 
     # -- the cell magic --------------------------------------------------------------------------
     @magic_arguments(name="%mesatee")  # shown as %%mesatee in the help
-    @argument("--in", dest="inputs", action="append", default=[], metavar="A,B",
-              help="notebook variables to send into the enclave (comma-separated; repeatable)")
-    @argument("--out", dest="outputs", action="append", default=[], metavar="X,Y",
-              help="enclave variables to bind back into the notebook once the receipt verifies")
+    @argument(
+        "--in",
+        dest="inputs",
+        action="append",
+        default=[],
+        metavar="A,B",
+        help="notebook variables to send into the enclave (comma-separated; repeatable)",
+    )
+    @argument(
+        "--out",
+        dest="outputs",
+        action="append",
+        default=[],
+        metavar="X,Y",
+        help="enclave variables to bind back into the notebook once the receipt verifies",
+    )
     @argument("--timeout", type=float, metavar="S", help="stop the remote cell after S seconds")
     @argument("--session", metavar="NAME", help="run in this session (opened on first use)")
     @argument("--no-stream", action="store_true", help="print the cell's stdout/stderr when it ends, not live")
@@ -298,8 +345,10 @@ class MesateeMagics(Magics):
         ns = self._ns
         missing = [n for n in in_names if n not in ns]
         if missing:
-            msg = f"--in names {'a variable' if len(missing) == 1 else 'variables'} not defined in this notebook: " \
-                  f"{', '.join(missing)}"
+            msg = (
+                f"--in names {'a variable' if len(missing) == 1 else 'variables'} not defined in this notebook: "
+                f"{', '.join(missing)}"
+            )
             raise UsageError(msg)
         inputs = {n: ns[n] for n in in_names}
         name = args.session or self._current
@@ -317,20 +366,30 @@ class MesateeMagics(Magics):
             for stream, text in ((sys.stdout, result.stdout), (sys.stderr, result.stderr)):
                 stream.write(text)
                 stream.flush()
+        if _ends_with_semicolon(cell):
+            return None  # like a normal cell: a trailing ';' hides the value
         if result.value is None and result.value_repr is not None:
             return RemoteRepr(result.value_repr)
         return result.value
 
-    def _run(self, name: str, code: str, inputs: dict[str, Any], outputs: list[str], *,
-             timeout: float | None, stream: bool) -> RunResult:
+    def _run(
+        self, name: str, code: str, inputs: dict[str, Any], outputs: list[str], *, timeout: float | None, stream: bool
+    ) -> RunResult:
         session = self._session(name, for_cell=True)
-        progress = CallProgress(enabled=self.show_progress, min_bytes=self.progress_min_bytes,
-                                long_after=self.progress_after)
+        progress = CallProgress(
+            enabled=self.show_progress, min_bytes=self.progress_min_bytes, long_after=self.progress_after
+        )
         try:
             with progress:
-                return session.run(code, inputs, outputs, timeout=timeout,
-                                   stream=progress.write if stream else None,
-                                   upload_progress=progress.upload, download_progress=progress.download)
+                return session.run(
+                    code,
+                    inputs,
+                    outputs,
+                    timeout=timeout,
+                    stream=progress.write if stream else None,
+                    upload_progress=progress.upload,
+                    download_progress=progress.download,
+                )
         except (RemoteExecutionError, PolicyViolation, EncodingError, NotFound, ReceiptError):
             raise  # a typed reply, or refused before sending: the connection is in step
         except BaseException:
@@ -350,7 +409,12 @@ class MesateeMagics(Magics):
                 policy = policy.with_roots(fp)  # the embedded platform is always the one we pin
         if policy is not None and target.allow_unprotected:
             policy = replace(policy, allow_unprotected=True)
-        return connect(target.url, policy=policy, session=name, allow_unprotected=target.allow_unprotected)
+        try:
+            return connect(target.url, policy=policy, session=name, allow_unprotected=target.allow_unprotected)
+        except MeasurementMismatch as exc:
+            if target.url is not None or (policy is not None and policy.measurements is not None):
+                raise
+            raise MeasurementMismatch(exc.message + _stale_embedded_hint(), **exc.details) from exc
 
     def _session(self, name: str | None, *, for_cell: bool = False) -> Session:
         """Return the open session ``name``, opening it (and saying so in one line) if needed."""
@@ -369,9 +433,10 @@ class MesateeMagics(Magics):
             note = ""
         session = self._open(name, target)
         self._sessions[name], self._targets[name] = session, target
-        card = AttestationCard(session.attestation, url=session.url,
-                              local_measurement=session.attestation.expected_measurement)
-        print(f"mesatee: {how} {target.where} ({session.url}), session {name!r}{note}; {_summary(session, card)}")
+        card = AttestationCard(
+            session.attestation, url=session.url, local_measurement=session.attestation.expected_measurement
+        )
+        print(f"mesatee: {how} {_where(target, session)}, session {name!r}{note}; {_summary(session, card)}")
         return session
 
     def _kernel_info(self, session: Session) -> dict[str, Any]:
@@ -415,13 +480,39 @@ class MesateeMagics(Magics):
             return list(COMMANDS)
         if prev == "--session":
             return sorted(self._sessions)
-        per = {"connect": ["mesatee://", "--policy", "--allow-unprotected", "--session"],
-               "receipt": ["--save"], "restart": ["--session"], "disconnect": ["--session"],
-               "attest": ["--session"], "status": ["--session"]}
+        per = {
+            "connect": ["mesatee://", "--policy", "--allow-unprotected", "--session"],
+            "receipt": ["--save"],
+            "restart": ["--session"],
+            "disconnect": ["--session"],
+            "attest": ["--session"],
+            "status": ["--session"],
+        }
         return per.get(before[1], [])
+
+
+def _stale_embedded_hint() -> str:
+    from mesatee_notebook.remote.embedded import embedded_home
+
+    info = embedded_home() / "kernel.json"
+    try:
+        pid = f" (pid {int(json.loads(info.read_text())['pid'])})"
+    except (OSError, ValueError, KeyError, TypeError):
+        pid = ""
+    return (
+        f" The embedded kernel{pid} was started from other code than what is installed now, e.g. before an "
+        f"upgrade or an edit; stop it (its pid is in {info}) and the next connect starts a fresh one."
+    )
+
+
+def _ends_with_semicolon(cell: str) -> bool:
+    try:
+        check: Any = DisplayHook.semicolon_at_end_of_expression  # untyped in IPython
+        return bool(check(cell))
+    except (tokenize.TokenError, SyntaxError):
+        return False
 
 
 def _quiet_close(session: Session) -> None:
     with contextlib.suppress(MesateeError, OSError):
         session.close()
-

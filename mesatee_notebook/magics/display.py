@@ -22,6 +22,7 @@ from mesatee_notebook.errors import (
     NotFound,
     PolicyViolation,
     ReceiptError,
+    UnprotectedNotAllowed,
 )
 
 __all__ = ["AttestationCard", "ReceiptCard", "RemoteRepr", "SessionTable", "humanize_age", "notebook_error"]
@@ -75,8 +76,14 @@ class AttestationCard:
     is true of the package on disk now, not only at connect time.
     """
 
-    def __init__(self, report: AttestationReport, *, url: str | None = None,
-                 local_measurement: str | None = None, now: dt.datetime | None = None) -> None:
+    def __init__(
+        self,
+        report: AttestationReport,
+        *,
+        url: str | None = None,
+        local_measurement: str | None = None,
+        now: dt.datetime | None = None,
+    ) -> None:
         self.report = report
         self.url = url
         self.local_measurement = local_measurement if local_measurement is not None else _local_measurement()
@@ -84,20 +91,28 @@ class AttestationCard:
 
     @property
     def matches_local(self) -> bool:
-        """True when the kernel's measurement equals this install's ``expected_measurement()``."""
+        """True when a vouched-for measurement equals this install's ``expected_measurement()``.
+
+        An unprotected kernel only *claims* a measurement; nobody vouches for it, so it never matches.
+        """
+        if self.report.level is Level.UNPROTECTED:
+            return False
         return self.local_measurement is not None and self.report.measurement == self.local_measurement
 
     def _match_text(self) -> str:
+        if self.report.level is Level.UNPROTECTED:
+            return "self-reported by an unprotected kernel: nobody vouches for it, so it proves nothing"
         if self.local_measurement is None:
             return "cannot recompute the local measurement (package files unreadable)"
         if self.matches_local:
             return "matches expected_measurement() of this install"
-        return (f"DIFFERS from this install ({self.local_measurement[:16]}…); "
-                "accepted only because the policy pins it")
+        return f"DIFFERS from this install ({self.local_measurement[:16]}…); accepted only because the policy pins it"
 
     def _components(self) -> list[tuple[str, str, int]]:
-        return [(str(c.get("name")), str(c.get("version") or "?"), len(c.get("libraries") or []))
-                for c in self.report.unsafe_components]
+        return [
+            (str(c.get("name")), str(c.get("version") or "?"), len(c.get("libraries") or []))
+            for c in self.report.unsafe_components
+        ]
 
     def _all_checks(self) -> list[tuple[bool, str, str]]:
         rows = [(c.passed, c.name, c.detail) for c in self.report.checks]
@@ -132,8 +147,10 @@ class AttestationCard:
             f"<td>{e(name)}</td><td>{e(detail)}</td></tr>"
             for ok, name, detail in self._all_checks()
         )
-        comps = "".join(f"<tr><td><code>{e(n)}</code></td><td>{e(v)}</td><td>{_libraries(k)}</td></tr>"
-                        for n, v, k in self._components())
+        comps = "".join(
+            f"<tr><td><code>{e(n)}</code></td><td>{e(v)}</td><td>{_libraries(k)}</td></tr>"
+            for n, v, k in self._components()
+        )
         match_colour = _GREEN if self.matches_local else _RED
         where = f" at <code>{e(self.url)}</code>" if self.url else ""
         manifest = r.manifest
@@ -170,8 +187,11 @@ class ReceiptCard:
     def _rows(self) -> list[tuple[str, str]]:
         p = self.verified.predicate
         when = p.get("finishedAt")
-        finished = (dt.datetime.fromtimestamp(float(when), dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-                    if isinstance(when, (int, float)) else "?")
+        finished = (
+            dt.datetime.fromtimestamp(float(when), dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+            if isinstance(when, (int, float))
+            else "?"
+        )
         code = p.get("code")
         code = code if isinstance(code, dict) else {}
         rows = [
@@ -191,9 +211,11 @@ class ReceiptCard:
 
     def _footer(self) -> str:
         where = f"; it is also in the variable {self.variable}" if self.variable else ""
-        return ("verified: signature by the attested receipt key, nonce, code, input and output digests"
-                f"{where}. Save it with %mesatee receipt --save FILE and check it offline with "
-                "mesatee verify-receipt FILE or mn.verify_receipt(FILE).")
+        return (
+            "verified: signature by the attested receipt key, nonce, code, input and output digests"
+            f"{where}. Save it with %mesatee receipt --save FILE and check it offline with "
+            "mesatee verify-receipt FILE or mn.verify_receipt(FILE)."
+        )
 
     def __repr__(self) -> str:
         lines = ["mesatee receipt ✓"] + [f"  {k:<18} {v}" for k, v in self._rows()]
@@ -230,8 +252,9 @@ class SessionTable:
         if not self.rows:
             return f"<i>{html.escape(repr(self))}</i>"
         head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(r.get(c, ''))}</td>" for c in self.columns) + "</tr>"
-                       for r in self.rows)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(r.get(c, ''))}</td>" for c in self.columns) + "</tr>" for r in self.rows
+        )
         return f"<table class='mesatee-sessions'><tr>{head}</tr>{body}</table>"
 
 
@@ -248,15 +271,26 @@ class RemoteRepr:
 # -- errors ------------------------------------------------------------------------------------
 
 _HINTS: list[tuple[type[MesateeError], str, str]] = [
-    (AttestationError, "Attestation refused",
-     "Nothing was sent to the kernel. Check the policy (--policy FILE) or the kernel you meant to reach."),
+    (
+        UnprotectedNotAllowed,
+        "Attestation refused",
+        "Nothing was sent. To use it anyway for development: %mesatee connect URL --allow-unprotected.",
+    ),
+    (
+        AttestationError,
+        "Attestation refused",
+        "Nothing was sent to the kernel. Check the policy (--policy FILE) or the kernel you meant to reach.",
+    ),
     (PolicyViolation, "Refused by policy", "Nothing was released; the notebook namespace is unchanged."),
     (EncodingError, "Cannot send this value", "Nothing was sent; the notebook namespace is unchanged."),
     (NotFound, "Not found", "No output was bound; the notebook namespace is unchanged."),
     (ReceiptError, "Receipt did not verify", "No output was bound; the notebook namespace is unchanged."),
-    (KernelConnectionError, "Lost the kernel",
-     "No output was bound. The next %%mesatee cell reconnects (the enclave namespace is lost), "
-     "or run %mesatee connect."),
+    (
+        KernelConnectionError,
+        "Lost the kernel",
+        "No output was bound. The next %%mesatee cell reconnects (the enclave namespace is lost), "
+        "or run %mesatee connect.",
+    ),
 ]
 
 
@@ -284,8 +318,12 @@ _RENDERABLE: dict[type[MesateeError], type[MesateeError]] = {}
 def _renderable(cls: type[MesateeError]) -> type[MesateeError]:
     if cls in _RENDERABLE:
         return _RENDERABLE[cls]
-    namespace: dict[str, Any] = {"_render_traceback_": _render_paragraph, "__doc__": cls.__doc__,
-                                 "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    namespace: dict[str, Any] = {
+        "_render_traceback_": _render_paragraph,
+        "__doc__": cls.__doc__,
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+    }
     sub = cast("type[MesateeError]", type(cls.__name__, (cls,), namespace))
     _RENDERABLE[cls] = sub
     return sub

@@ -110,15 +110,31 @@ def probe_rows(model: GBDTModel, rows: int = 512, seed: int = 0) -> F32Array:
 
 
 class CompiledTrees:
-    """One model's trees as a loaded tl2cgen library."""
+    """One model's trees as a loaded tl2cgen library.
 
-    __slots__ = ("_predictor", "digest", "from_cache", "num_class", "num_features", "objective", "path")
+    ``digest`` is the cache key; ``library_sha256`` identifies the generated code that runs,
+    for a receipt to bind next to the model digest.
+    """
 
-    def __init__(self, path: Path, model: GBDTModel, digest: str, *, nthread: int, from_cache: bool) -> None:
+    __slots__ = (
+        "_predictor",
+        "digest",
+        "from_cache",
+        "library_sha256",
+        "num_class",
+        "num_features",
+        "objective",
+        "path",
+    )
+
+    def __init__(
+        self, path: Path, model: GBDTModel, digest: str, *, library_sha256: str, nthread: int, from_cache: bool
+    ) -> None:
         import tl2cgen
 
         self.path = path
         self.digest = digest
+        self.library_sha256 = library_sha256
         self.objective = model.objective
         self.num_features = model.num_features
         self.num_class = model.num_class
@@ -178,11 +194,13 @@ def compile_trees(model: GBDTModel, cache_dir: str | os.PathLike[str], *, nthrea
     try:
         t0 = time.perf_counter()
         libpath = _compile_into(model, workdir, os.cpu_count() or 1)
-        compiled = CompiledTrees(libpath, model, key, nthread=nthread, from_cache=False)
+        compiled = CompiledTrees(
+            libpath, model, key, library_sha256=_sha256_file(libpath), nthread=nthread, from_cache=False
+        )
         _check_parity(model, compiled)
         meta = {
             "model_digest": model.digest,
-            "so_sha256": _sha256_file(libpath),
+            "so_sha256": compiled.library_sha256,
             "toolchain": _toolchain_id(),
             "compile_seconds": time.perf_counter() - t0,
         }
@@ -210,10 +228,11 @@ def _load_cached(final: Path, model: GBDTModel, key: str, nthread: int) -> Compi
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError):
         meta = {}
-    if meta.get("so_sha256") != _sha256_file(libpath):
+    library_sha256 = _sha256_file(libpath)
+    if meta.get("so_sha256") != library_sha256:  # checked before the library is loaded
         shutil.rmtree(final, ignore_errors=True)  # corrupt or half-written: rebuild
         return None
-    return CompiledTrees(libpath, model, key, nthread=nthread, from_cache=True)
+    return CompiledTrees(libpath, model, key, library_sha256=library_sha256, nthread=nthread, from_cache=True)
 
 
 def _check_parity(model: GBDTModel, compiled: CompiledTrees) -> None:
@@ -260,19 +279,25 @@ def measure_crossover(
     compiled: CompiledTrees,
     sizes: tuple[int, ...] = (1, 8, 32, 64, 128, 256, 512, 1024, 4096),
     repeats: int = 7,
+    min_time: float = 0.02,
 ) -> tuple[int, dict[int, dict[Engine, float]]]:
-    """Time both engines per batch size; return (first size where xgboost wins, median seconds per size)."""
+    """Time both engines per batch size; return (crossover, median seconds per call per size).
+
+    The crossover is the smallest measured size from which xgboost wins at every larger
+    size too (one noisy size cannot move it); ``2 * max(sizes)`` if compiled trees always win.
+    Each of the ``repeats`` samples loops for about ``min_time`` seconds.
+    """
     rng = np.random.default_rng(0)
     base = probe_rows(model, rows=max(sizes), seed=1)
     timings: dict[int, dict[Engine, float]] = {}
-    crossover: int | None = None
     for n in sizes:
         X = np.ascontiguousarray(base[rng.permutation(base.shape[0])[:n]])
-        inner = max(1, 2000 // n)
         row: dict[Engine, float] = {}
         for engine in ("compiled", "xgboost"):
             fn: Any = compiled.predict_matrix if engine == "compiled" else model.predict
+            t0 = time.perf_counter()
             fn(X)
+            inner = max(1, int(min_time / max(time.perf_counter() - t0, 1e-7)))
             samples = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
@@ -281,6 +306,9 @@ def measure_crossover(
                 samples.append((time.perf_counter() - t0) / inner)
             row[engine] = float(np.median(samples))
         timings[n] = row
-        if crossover is None and row["xgboost"] <= row["compiled"]:
-            crossover = n
-    return (crossover if crossover is not None else max(sizes) * 2), timings
+    crossover = max(sizes) * 2
+    for n in sorted(timings, reverse=True):
+        if timings[n]["xgboost"] > timings[n]["compiled"]:
+            break
+        crossover = n
+    return crossover, timings

@@ -121,7 +121,11 @@ class Channel:
                         self.close()
                         raise
                     interrupted = True
-                    on_interrupt()
+                    try:
+                        on_interrupt()
+                    except BaseException:
+                        self.close()  # the reply is still pending: this connection cannot be reused
+                        raise
                     continue
                 if msg.header.get("re") not in (rid, None):
                     msg_ = "the kernel answered a different request"

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -56,6 +57,13 @@ def _running(home: Path) -> tuple[str, int] | None:
         pid, host, port = int(info["pid"]), str(info["host"]), int(info["port"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    from mesatee_notebook.attestation.measurement import expected_measurement
+
+    if info.get("measurement") != expected_measurement():
+        # It runs other code than this install (an upgrade or an edit): replace it, never reuse it.
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGINT)
+        return None
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -88,36 +96,25 @@ def ensure_embedded_kernel(home: Path | None = None) -> tuple[str, int, str]:
             return (*found, fp)
         with contextlib.suppress(FileNotFoundError):
             (home / "kernel.json").unlink()
-        log = (home / "kernel.log").open("ab")
-        proc = subprocess.Popen(
-            _enclave_cmd(
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--level",
-                "softtee",
-                "--data-dir",
-                str(home),
-                "--idle-timeout",
-                str(IDLE_TIMEOUT),
-            ),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-        )
-        log.close()
+        # posix_spawn, not Popen: the kernel outlives this handle on purpose (it idles out by itself).
+        log = str(home / "kernel.log")
+        cmd = _enclave_cmd("serve", "--host", "127.0.0.1", "--port", "0", "--level", "softtee",
+                           "--data-dir", str(home), "--idle-timeout", str(IDLE_TIMEOUT))
+        pid = os.posix_spawn(cmd[0], cmd, dict(os.environ), setsid=True, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
+            (os.POSIX_SPAWN_DUP2, 1, 2),
+        ])
         deadline = time.monotonic() + _START_TIMEOUT
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                msg = f"the embedded kernel exited at start (status {proc.returncode}); see {home / 'kernel.log'}"
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                msg = f"the embedded kernel exited at start (status {status}); see {home / 'kernel.log'}"
                 raise KernelConnectionError(msg)
             found = _running(home)
             if found is not None:
                 return (*found, fp)
             time.sleep(0.05)
-        proc.kill()
+        os.kill(pid, signal.SIGKILL)
         msg = f"the embedded kernel did not start within {_START_TIMEOUT:.0f} s; see {home / 'kernel.log'}"
         raise KernelConnectionError(msg)

@@ -214,7 +214,11 @@ class Session:
     # -- control --------------------------------------------------------------------------------
     def interrupt(self) -> bool:
         """Interrupt the running cell (over a second attested connection). True if one was running."""
-        side = Channel(self._channel.host, self._channel.port, self.policy)
+        from dataclasses import replace
+
+        # Pin what was attested at connect time: the same kernel, not whatever is installed now.
+        pinned = replace(self.policy, measurements=(self.attestation.measurement,))
+        side = Channel(self._channel.host, self._channel.port, pinned)
         try:
             reply = side.request({"t": "interrupt", "session": self.id, "token": self._token})
         finally:

@@ -37,9 +37,13 @@ def stop_embedded_kernel(home: Path, sig: signal.Signals = signal.SIGINT) -> Non
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our child (we started it): reap it
+                return
+        except ChildProcessError:  # not our child: poll for it to go away
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
         time.sleep(0.05)
     os.killpg(pid, signal.SIGKILL)
 

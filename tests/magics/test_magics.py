@@ -24,7 +24,6 @@ from mesatee_notebook.magics import RECEIPT_VARIABLE, MesateeMagics
 from mesatee_notebook.magics.display import AttestationCard, humanize_age, notebook_error
 
 
-
 def magics(ip: InteractiveShell) -> MesateeMagics:
     found = ip.magics_manager.registry[MesateeMagics.__name__]
     assert isinstance(found, MesateeMagics)
@@ -58,7 +57,7 @@ def test_connect_then_attest_card(ip: InteractiveShell, capsys: pytest.CaptureFi
     assert isinstance(card, AttestationCard)
     text, page = repr(card), card._repr_html_()
     assert "level softtee [SOFTWARE TRUST]" in text
-    assert f"✓ matches expected_measurement() of this install" in text
+    assert "✓ matches expected_measurement() of this install" in text
     assert card.report.measurement in text and card.report.measurement in page
     assert "✗" not in text
     for check in ("platform signature", "platform root", "measurement", "freshness", "key binding"):
@@ -76,6 +75,10 @@ def test_card_marks_unprotected_red_and_foreign_code(ip: InteractiveShell) -> No
     page = unprotected._repr_html_()
     assert "UNPROTECTED" in page and "#b00020" in page
     assert "[UNPROTECTED]" in repr(unprotected)
+    assert not unprotected.matches_local  # a self-reported measurement proves nothing
+    assert "✗ local code: self-reported by an unprotected kernel" in repr(unprotected)
+    refusal = render(notebook_error(mn.errors.UnprotectedNotAllowed("the kernel is UNPROTECTED. Refused.")))
+    assert "%mesatee connect URL --allow-unprotected" in refusal
     foreign = AttestationCard(report, local_measurement="0" * 64)
     assert not foreign.matches_local
     assert "✗ local code: DIFFERS from this install" in repr(foreign)
@@ -140,8 +143,9 @@ def test_in_out_binds_after_verified_receipt_and_displays_dataframe(ip: Interact
     html = ip.display_formatter.format(shown)[0]["text/html"]
     assert "<table" in html
     assert ip.user_ns["total"] == 24
-    pd.testing.assert_frame_equal(ip.user_ns["big"].reset_index(drop=True),
-                                  pd.DataFrame({"region": list("aabc"), "amount": [5, 7, 3, 9]}))
+    pd.testing.assert_frame_equal(
+        ip.user_ns["big"].reset_index(drop=True), pd.DataFrame({"region": list("aabc"), "amount": [5, 7, 3, 9]})
+    )
     receipt = ip.user_ns[RECEIPT_VARIABLE]
     assert isinstance(receipt, mn.Receipt)
     assert set(receipt.predicate["inputs"]) == {"sales", "threshold"}
@@ -172,8 +176,10 @@ def test_stdout_and_stderr_stream_live(ip: InteractiveShell, monkeypatch: pytest
 
     monkeypatch.setattr("sys.stdout", Recorder("stdout"))
     monkeypatch.setattr("sys.stderr", Recorder("stderr"))
-    ip.run_cell("%%mesatee\nimport sys, time\nprint('first', flush=True)\nprint('oops', file=sys.stderr, flush=True)\n"
-                "time.sleep(1.0)\nprint('second')")
+    ip.run_cell(
+        "%%mesatee\nimport sys, time\nprint('first', flush=True)\nprint('oops', file=sys.stderr, flush=True)\n"
+        "time.sleep(1.0)\nprint('second')"
+    )
     done = time.monotonic()
     first = next(t for t, name, s in seen if name == "stdout" and "first" in s)
     assert any(name == "stderr" and "oops" in s for _, name, s in seen)
@@ -186,8 +192,9 @@ def test_no_stream_prints_when_the_cell_ends(ip: InteractiveShell, capsys: pytes
     assert "buffered" in capsys.readouterr().out
 
 
-def test_receipt_command_variable_and_save(ip: InteractiveShell, tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_receipt_command_variable_and_save(
+    ip: InteractiveShell, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ip.run_cell("%%mesatee --out answer\nanswer = 7 * 6")
     card = ip.run_cell("%mesatee receipt").result
     assert "mesatee receipt ✓" in repr(card)
@@ -286,8 +293,9 @@ def test_unsendable_input_and_output(ip: InteractiveShell) -> None:
     assert ip.run_cell("%%mesatee\n'still fine'").result == "still fine"
 
 
-def test_remote_exception_shows_short_remote_traceback(ip: InteractiveShell,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_remote_exception_shows_short_remote_traceback(
+    ip: InteractiveShell, capsys: pytest.CaptureFixture[str]
+) -> None:
     cell = "%%mesatee\ndef ratio(a, b):\n    return a / b\n\nratio(1, 0)"
     with pytest.raises(mn.RemoteExecutionError) as info:
         ip.run_cell(cell)
@@ -391,10 +399,13 @@ def test_tab_completion(ip: InteractiveShell, typed: str, expected: set[str]) ->
 # -- a dead kernel (last: it restarts the module's embedded kernel) ------------------------------------
 
 
-def test_dead_kernel_is_one_message_then_reconnects(ip: InteractiveShell, mesatee_home: Path,
-                                                    stop_kernel: Callable[[Path, signal.Signals], None],
-                                                    start_kernel: Callable[[], None],
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_dead_kernel_is_one_message_then_reconnects(
+    ip: InteractiveShell,
+    mesatee_home: Path,
+    stop_kernel: Callable[[Path, signal.Signals], None],
+    start_kernel: Callable[[], None],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     ip.run_cell("%%mesatee\n1")
     stop_kernel(mesatee_home, signal.SIGKILL)  # a crash, not a shutdown
     with pytest.raises(mn.KernelConnectionError) as info:
@@ -407,3 +418,11 @@ def test_dead_kernel_is_one_message_then_reconnects(ip: InteractiveShell, mesate
     assert ip.run_cell("%%mesatee\n'back'").result == "back"
     assert "reconnected to the embedded local kernel" in capsys.readouterr().out
     assert os.path.exists(mesatee_home / "kernel.json")
+
+
+def test_stale_embedded_kernel_hint_names_the_pid(mesatee_home: Path) -> None:
+    from mesatee_notebook.magics._magics import _stale_embedded_hint
+
+    pid = json.loads((mesatee_home / "kernel.json").read_text())["pid"]
+    hint = _stale_embedded_hint()
+    assert f"(pid {pid})" in hint and "started from other code" in hint and str(mesatee_home) in hint

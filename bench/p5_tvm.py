@@ -1,0 +1,169 @@
+"""P5: TVM (relax, llvm) inference vs onnxruntime, untuned and tuned with a small MetaSchedule budget.
+
+Engine level (no channel yet). Models are built in code: an MLP 64->256->256->10 and a small CNN on
+(N, 3, 16, 16). Each at batch 1 and 1024: onnxruntime (CPU provider), TVM untuned, TVM tuned with
+TRIALS trials (global budget per model and shape). Latency is ``TVMModel.run`` (input checks, copy in,
+run, copy out) vs ``InferenceSession.run``; medians of R samples, each a loop of at least 50 ms.
+Compile, cache-hit and tuning times come from the same run (fresh cache directory).
+Prints a table and writes bench/results/p5_tvm.json.
+Usage: python bench/p5_tvm.py [TRIALS] [REPEATS] [--target JSON]   (TRIALS 0: untuned only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from mesatee_notebook.ml import tvm_runtime
+from tests.ml.conftest import cnn_model, mlp_model
+
+
+def timeit(fn: Callable[[], Any], repeats: int, min_time: float = 0.05) -> dict[str, float]:
+    """Median and spread of per-call seconds; each sample loops for about ``min_time``."""
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    inner = max(1, int(min_time / max(time.perf_counter() - t0, 1e-7)))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        samples.append((time.perf_counter() - t0) / inner)
+    a = np.asarray(samples)
+    return {"median_s": float(np.median(a)), "p10_s": float(np.percentile(a, 10)), "p90_s": float(np.percentile(a, 90))}
+
+
+def fmt(seconds: float) -> str:
+    return f"{seconds * 1e6:,.0f} us" if seconds < 1e-2 else f"{seconds * 1e3:,.1f} ms"
+
+
+def bench_case(
+    name: str,
+    model: onnx.ModelProto,
+    input_name: str,
+    shape: tuple[int, ...],
+    cache: Path,
+    trials: int,
+    repeats: int,
+    target: Any,
+) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (want,) = session.run(None, {input_name: x})
+    row: dict[str, Any] = {"model": name, "shape": list(shape)}
+
+    t0 = time.perf_counter()
+    untuned = tvm_runtime.compile_onnx(model, {input_name: shape}, cache, target=target)
+    row["untuned_compile_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tvm_runtime.compile_onnx(model, {input_name: shape}, cache, target=target)
+    row["cache_hit_s"] = time.perf_counter() - t0
+
+    tuned = None
+    if trials > 0:
+        trial_events: list[dict[str, Any]] = []
+        t0 = time.perf_counter()
+        tuned = tvm_runtime.compile_onnx(
+            model, {input_name: shape}, cache, target=target, tune_trials=trials, progress=trial_events.append
+        )
+        row["tuned_compile_s"] = time.perf_counter() - t0
+        row["tuning_s"] = float(tuned.meta["tuning_seconds"])
+        row["tasks"] = sorted({e["task"] for e in trial_events if e.get("event") == "trial"})
+        row["trials_run"] = max((e["trials"] for e in trial_events if e.get("event") == "trial"), default=0)
+        t0 = time.perf_counter()
+        tvm_runtime.compile_onnx(model, {input_name: shape}, cache, target=target, tune_trials=trials)
+        row["tuned_cache_hit_s"] = time.perf_counter() - t0
+
+    out = untuned.outputs[0].name
+    row["untuned_max_abs_diff"] = float(np.max(np.abs(untuned.run(x)[out] - want)))
+    row["onnxruntime"] = timeit(lambda: session.run(None, {input_name: x}), repeats)
+    row["tvm_untuned"] = timeit(lambda: untuned.run(x), repeats)
+    row["ratio_untuned_vs_ort"] = row["tvm_untuned"]["median_s"] / row["onnxruntime"]["median_s"]
+    if tuned is not None:
+        row["tuned_max_abs_diff"] = float(np.max(np.abs(tuned.run(x)[out] - want)))
+        row["tvm_tuned"] = timeit(lambda: tuned.run(x), repeats)
+        row["ratio_tuned_vs_ort"] = row["tvm_tuned"]["median_s"] / row["onnxruntime"]["median_s"]
+        row["speedup_tuned_vs_untuned"] = row["tvm_untuned"]["median_s"] / row["tvm_tuned"]["median_s"]
+    return row
+
+
+def parse_target(text: str) -> Any:
+    """A target kind name, or the JSON dict form (``{"kind": "llvm", "mcpu": "..."}``)."""
+    return json.loads(text) if text.lstrip().startswith("{") else text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("trials", nargs="?", type=int, default=64, help="MetaSchedule budget per model and shape")
+    parser.add_argument("repeats", nargs="?", type=int, default=11)
+    parser.add_argument("--target", type=parse_target, default="llvm", help='"llvm" or a JSON dict form')
+    args = parser.parse_args()
+    trials, repeats, target = args.trials, args.repeats, args.target
+    load_before = os.getloadavg()
+    cases = [
+        ("mlp", mlp_model(), "x", (1, 64)),
+        ("mlp", mlp_model(), "x", (1024, 64)),
+        ("cnn", cnn_model(), "image", (1, 3, 16, 16)),
+        ("cnn", cnn_model(), "image", (1024, 3, 16, 16)),
+    ]
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for name, model, input_name, shape in cases:
+            print(f"... {name} {shape}: compiling (tuning {trials} trials)", flush=True)
+            rows.append(bench_case(name, model, input_name, shape, Path(d), trials, repeats, target))
+
+    print(f"P5 TVM vs onnxruntime, target {json.dumps(target)}, tuning budget {trials} trials; {os.cpu_count()} cores")
+    head = f"{'model':<5} {'batch':>5} {'ort':>10} {'tvm untuned':>12} {'x ort':>7}"
+    print(head + f" {'tvm tuned':>10} {'x ort':>7} {'tuning':>8} {'untuned compile':>16} {'cache hit':>10}")
+    for r in rows:
+        line = (
+            f"{r['model']:<5} {r['shape'][0]:>5} {fmt(r['onnxruntime']['median_s']):>10} "
+            f"{fmt(r['tvm_untuned']['median_s']):>12} {r['ratio_untuned_vs_ort']:>6.1f}x"
+        )
+        if "tvm_tuned" in r:
+            line += f" {fmt(r['tvm_tuned']['median_s']):>10} {r['ratio_tuned_vs_ort']:>6.1f}x {r['tuning_s']:>7.0f}s"
+        else:
+            line += f" {'-':>10} {'-':>7} {'-':>8}"
+        line += f" {r['untuned_compile_s']:>15.2f}s {r['cache_hit_s'] * 1e3:>8.1f}ms"
+        print(line)
+
+    import onnxruntime
+    import tvm
+
+    result = {
+        "bench": "p5_tvm",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },
+        "versions": {"tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__},
+        "target": target,
+        "tune_trials": trials,
+        "cases": rows,
+    }
+    out = Path(__file__).resolve().parent / "results" / "p5_tvm.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""PSI engine benchmark: canonicalise + hash + intersect, 2 parties, against openmined-psi (ECDH) at small sizes.
+
+Run: python bench/p6_psi.py [--quick] [--baseline-python PATH]
+
+The openmined-psi baseline is benchmark-only and pins an old protobuf, so it lives in its own venv:
+    python -m venv /tmp/psi-baseline-venv && /tmp/psi-baseline-venv/bin/pip install openmined-psi
+and is found through --baseline-python or $MESATEE_PSI_BASELINE_PYTHON (skipped with a note otherwise).
+Figures are engine time only (no upload); the lead adds upload-over-TLS time separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mesatee_notebook.ml import psi as engine
+from mesatee_notebook.ml.psi import PsiInput, PsiKey, run_psi
+
+RESULTS = Path(__file__).resolve().parent / "results" / "p6_psi.json"
+SIZES = [1 << 16, 1 << 18, 10_000_000, 1 << 24]
+BASELINE_SIZES = {1 << 16, 1 << 18}
+
+
+def best_of(fn: Any, repeats: int) -> tuple[float, Any]:
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def make_sets(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Two sets of n distinct-ish int64 ids sharing half their items; returns the exact intersection size."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 2**62, n, dtype=np.int64)
+    b = rng.integers(0, 2**62, n, dtype=np.int64)
+    b[: n // 2] = a[rng.permutation(n)[: n // 2]]
+    b = b[rng.permutation(n)]
+    exact = len(np.intersect1d(a, b))  # exact, on the raw ints
+    return a, b, exact
+
+
+def emails(ids: np.ndarray) -> pa.Array:
+    as_text = pc.cast(pa.array(ids), pa.string())
+    return pc.binary_join_element_wise("user", as_text, "@example.com", "")
+
+
+def engine_run(a: Any, b: Any, repeats: int) -> dict[str, Any]:
+    key = PsiKey.generate()
+
+    def hash_both() -> tuple[PsiInput, PsiInput]:
+        left, right = PsiInput("alice", key), PsiInput("bob", key)
+        left.add_chunk(a)
+        right.add_chunk(b)
+        return left, right
+
+    t_hash, (left, right) = best_of(hash_both, repeats)
+    t_card, card = best_of(lambda: run_psi([left, right], "cardinality"), repeats)
+    t_int, inter = best_of(lambda: run_psi([left, right], "intersection"), repeats)
+    return {
+        "hash_s": t_hash,
+        "cardinality_s": t_card,
+        "intersection_s": t_int,
+        "end_to_end_cardinality_s": t_hash + t_card,
+        "end_to_end_intersection_s": t_hash + t_int,
+        "cardinality": card.cardinality,
+        "intersection_items": len(inter.items),
+    }
+
+
+_BASELINE = textwrap.dedent(
+    """
+    import json, sys, time
+    import numpy as np
+    import private_set_intersection.python as psi
+    n, seed = int(sys.argv[1]), int(sys.argv[2])
+    data = np.load(sys.argv[3])
+    a = [str(x) for x in data["a"]]
+    b = [str(x) for x in data["b"]]
+    t0 = time.perf_counter()
+    server = psi.server.CreateWithNewKey(True)
+    client = psi.client.CreateWithNewKey(True)
+    setup = server.CreateSetupMessage(0.0, len(b), a, psi.DataStructure.RAW)
+    request = client.CreateRequest(b)
+    response = server.ProcessRequest(request)
+    t1 = time.perf_counter()
+    size = client.GetIntersectionSize(setup, response)
+    t2 = time.perf_counter()
+    print(json.dumps({"seconds": t2 - t0, "protocol_s": t1 - t0, "cardinality": size}))
+    """
+)
+
+
+def baseline_python(arg: str | None) -> str | None:
+    for candidate in (arg, os.environ.get("MESATEE_PSI_BASELINE_PYTHON"), "/tmp/psi-baseline-venv/bin/python"):  # noqa: S108
+        if candidate and Path(candidate).exists():
+            probe = subprocess.run(
+                [candidate, "-c", "import private_set_intersection.python, numpy"], capture_output=True, check=False
+            )
+            if probe.returncode == 0:
+                return candidate
+    return None
+
+
+def run_baseline(python: str, a: np.ndarray, b: np.ndarray, seed: int, tmp: Path) -> dict[str, Any]:
+    path = tmp / f"psi_baseline_{len(a)}.npz"
+    np.savez(path, a=a, b=b)
+    out = subprocess.run(
+        [python, "-c", _BASELINE, str(len(a)), str(seed), str(path)], capture_output=True, text=True, check=True
+    )
+    path.unlink()
+    return dict(json.loads(out.stdout))
+
+
+def intersect_strategies(n: int, repeats: int) -> dict[str, float]:
+    """Compare ways to intersect two sets of n random 64-bit keys and locate every row (what the engine needs)."""
+    rng = np.random.default_rng(3)
+    h1 = rng.integers(0, 2**64, n, dtype=np.uint64)
+    h2 = rng.integers(0, 2**64, n, dtype=np.uint64)
+    h2[: n // 2] = h1[: n // 2]
+    lows = rng.integers(0, 2**64, n, dtype=np.uint64)
+
+    def intersect1d() -> Any:
+        common = np.intersect1d(h1, h2)  # sorted unique common keys; rows still need locating
+        return np.isin(h1, common), np.isin(h2, common)
+
+    def unsorted_search() -> Any:
+        common = np.intersect1d(h1, h2)
+        return [engine._member(h, common)[1] for h in (h1, h2)]
+
+    def hash_join() -> Any:
+        index = pd.Index(h2)
+        hit1 = index.get_indexer(h1) >= 0
+        hit2 = pd.Index(h1).get_indexer(h2) >= 0
+        return hit1, hit2
+
+    def packed_sort() -> Any:
+        return engine._intersect_keys([(h1, lows), (h2, lows)], rows=True)
+
+    out = {}
+    for label, fn in (
+        ("np.intersect1d+np.isin", intersect1d),
+        ("intersect1d+unsorted searchsorted", unsorted_search),
+        ("pandas hash join (get_indexer)", hash_join),
+        ("engine: packed sort + sorted search", packed_sort),
+    ):
+        out[label] = best_of(fn, repeats)[0]
+    return out
+
+
+def hash_alternatives(n: int) -> dict[str, float]:
+    """Per-item cost of keyed hashing: a hashlib.blake2b loop against the engine's vectorised AES constructions."""
+    rng = np.random.default_rng(4)
+    ints = rng.integers(0, 2**62, n, dtype=np.int64)
+    texts = emails(ints)
+    key = os.urandom(32)
+    py_texts = texts.to_pylist()
+    raw = ints.tobytes()
+    t0 = time.perf_counter()
+    for i in range(n):
+        hashlib.blake2b(raw[8 * i : 8 * i + 8], key=key, digest_size=16).digest()
+    t_blake_int = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for s in py_texts:
+        hashlib.blake2b(s.encode(), key=key, digest_size=16).digest()
+    t_blake_str = time.perf_counter() - t0
+    k = PsiKey.generate()
+    t_aes_int = best_of(lambda: engine.hash_items(ints, k), 3)[0]
+    t_aes_str = best_of(lambda: engine.hash_items(texts, k), 3)[0]
+    return {
+        "blake2b loop, int (ns/item)": t_blake_int / n * 1e9,
+        "blake2b loop, str (ns/item)": t_blake_str / n * 1e9,
+        "engine AES-PRP, int (ns/item)": t_aes_int / n * 1e9,
+        "engine AES-CBC-MAC, str incl. NFC (ns/item)": t_aes_str / n * 1e9,
+    }
+
+
+def fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:8.3f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="only the two small sizes")
+    ap.add_argument("--baseline-python", default=None)
+    ap.add_argument("--no-strings", action="store_true")
+    args = ap.parse_args()
+    sizes = SIZES[:2] if args.quick else SIZES
+    python = baseline_python(args.baseline_python)
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))  # noqa: S108
+    rows: list[dict[str, Any]] = []
+    for n in sizes:
+        repeats = 3 if n <= 1 << 18 else 1
+        a, b, exact = make_sets(n, seed=n)
+        row: dict[str, Any] = {"n_per_party": n, "parties": 2, "expected_cardinality": exact}
+        row["int64 (numpy)"] = engine_run(a, b, repeats)
+        assert row["int64 (numpy)"]["cardinality"] == exact, "engine disagrees with np.intersect1d"
+        if not args.no_strings:
+            sa, sb = emails(a), emails(b)
+            row["email str (Arrow)"] = engine_run(sa, sb, repeats)
+            assert row["email str (Arrow)"]["cardinality"] == exact
+            del sa, sb
+        if n in BASELINE_SIZES:
+            if python is not None:
+                base = run_baseline(python, a, b, n, tmp)
+                assert base["cardinality"] == exact, "openmined-psi disagrees"
+                row["openmined-psi (ECDH, RAW)"] = base
+            else:
+                row["openmined-psi (ECDH, RAW)"] = None
+        rows.append(row)
+        print(f"done n={n}", file=sys.stderr, flush=True)
+    strategies = {str(n): intersect_strategies(n, 3 if n <= 1 << 18 else 1) for n in (1 << 18, 1 << 24)}
+    hashing = hash_alternatives(1 << 18)
+    load = os.getloadavg()
+    result = {
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "pyarrow": pa.__version__,
+            "pandas": pd.__version__,
+            "load_average_at_end": load,
+        },
+        "rows": rows,
+        "intersection_strategies_s": strategies,
+        "hashing_ns_per_item": hashing,
+        "baseline_python": python,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+
+    print("\nPSI engine, 2 parties, half of the items shared; seconds (best of 3 below 1M items, else one run)")
+    head = f"{'n/party':>10} {'input':<26} {'hash':>8} {'card.':>8} {'inter.':>8} {'e2e card':>9} {'e2e int':>9}"
+    print(head)
+    print("-" * len(head))
+    for row in rows:
+        for label in ("int64 (numpy)", "email str (Arrow)"):
+            r = row.get(label)
+            if r:
+                print(
+                    f"{row['n_per_party']:>10} {label:<26} {fmt(r['hash_s'])} {fmt(r['cardinality_s'])} "
+                    f"{fmt(r['intersection_s'])} {fmt(r['end_to_end_cardinality_s'])} "
+                    f"{fmt(r['end_to_end_intersection_s'])}"
+                )
+        if "openmined-psi (ECDH, RAW)" in row:
+            base = row["openmined-psi (ECDH, RAW)"]
+            if base is None:
+                print(f"{row['n_per_party']:>10} openmined-psi: skipped (no baseline interpreter, see docstring)")
+            else:
+                ours = row["int64 (numpy)"]["end_to_end_cardinality_s"]
+                print(
+                    f"{row['n_per_party']:>10} {'openmined-psi (ECDH)':<26} {'':>8} {'':>8} {'':>8} "
+                    f"{fmt(base['seconds'])}  ({base['seconds'] / ours:,.0f}x the engine on int64)"
+                )
+    print("\nIntersect + locate every row, two sets of random uint64 keys (seconds):")
+    for n, table in strategies.items():
+        for label, secs in table.items():
+            print(f"  n={n:>9}  {label:<40} {secs:8.3f}")
+    print("\nKeyed hashing, 2^18 items (ns/item):")
+    for label, ns in hashing.items():
+        print(f"  {label:<46} {ns:8.1f}")
+    print(f"\nload average at end: {load[0]:.2f} on {os.cpu_count()} CPUs; wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

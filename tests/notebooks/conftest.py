@@ -1,0 +1,58 @@
+"""Run notebooks on a real ipykernel from this venv, with an isolated embedded enclave kernel."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def notebook_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A ``python3`` kernelspec for ``sys.executable`` first on JUPYTER_PATH, and a fresh MESATEE_HOME.
+
+    Yields the MESATEE_HOME; at teardown the embedded kernel the notebooks started is stopped.
+    """
+    root = tmp_path_factory.mktemp("jupyter")
+    spec = root / "kernels" / "python3"
+    spec.mkdir(parents=True)
+    spec.joinpath("kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "Python 3 (mesatee tests)",
+                "language": "python",
+            }
+        )
+    )
+    home = tmp_path_factory.mktemp("notebooks_home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JUPYTER_PATH", str(root))
+        mp.setenv("MESATEE_HOME", str(home))
+        yield home
+    _stop_embedded_kernel(home)
+
+
+def _stop_embedded_kernel(home: Path) -> None:
+    try:
+        pid = int(json.loads((home / "kernel.json").read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return
+    try:
+        os.killpg(pid, signal.SIGINT)  # the kernel leads its own process group, executors included
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.killpg(pid, signal.SIGKILL)
