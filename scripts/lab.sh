@@ -6,4 +6,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 if [ "${1:-}" = "--demo" ]; then
   exec python examples/demo.py
 fi
-exec jupyter lab --notebook-dir=notebooks --no-browser "$@"
+extra=()
+if [ "$(id -u)" = "0" ]; then extra+=(--allow-root); fi  # Jupyter refuses root without it
+exec jupyter lab --notebook-dir=notebooks --no-browser "${extra[@]}" "$@"
