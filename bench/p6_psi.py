@@ -107,7 +107,7 @@ _BASELINE = textwrap.dedent(
 
 
 def baseline_python(arg: str | None) -> str | None:
-    for candidate in (arg, os.environ.get("MESATEE_PSI_BASELINE_PYTHON"), "/tmp/psi-baseline-venv/bin/python"):  # noqa: S108
+    for candidate in (arg, os.environ.get("MESATEE_PSI_BASELINE_PYTHON"), "/tmp/psi-baseline-venv/bin/python"):
         if candidate and Path(candidate).exists():
             probe = subprocess.run(
                 [candidate, "-c", "import private_set_intersection.python, numpy"], capture_output=True, check=False
@@ -127,37 +127,56 @@ def run_baseline(python: str, a: np.ndarray, b: np.ndarray, seed: int, tmp: Path
     return dict(json.loads(out.stdout))
 
 
+def _packed_sort_locate(keys: list[np.ndarray], row_bits: int) -> list[np.ndarray]:
+    """The sort-based variant the engine used before: one packed SIMD sort per party, sorted searches, scatter."""
+    shift = np.uint64(row_bits)
+    prefixes, orders = [], []
+    for h in keys:
+        packed = (h >> shift) << shift
+        packed |= np.arange(len(h), dtype=np.uint64)
+        packed.sort()
+        orders.append((packed & np.uint64((1 << row_bits) - 1)).astype(np.intp))
+        packed >>= shift
+        prefixes.append(packed)
+    common = np.unique(prefixes[0])
+    for p in prefixes[1:]:
+        pos = np.minimum(np.searchsorted(p, common), len(p) - 1)
+        common = common[p[pos] == common]
+    masks = []
+    for p, order in zip(prefixes, orders, strict=True):
+        pos = np.minimum(np.searchsorted(common, p), max(len(common) - 1, 0))
+        mask = np.empty(len(p), dtype=bool)
+        mask[order] = common[pos] == p
+        masks.append(mask)
+    return masks
+
+
 def intersect_strategies(n: int, repeats: int) -> dict[str, float]:
-    """Compare ways to intersect two sets of n random 64-bit keys and locate every row (what the engine needs)."""
+    """Compare ways to intersect two sets of n random 64-bit keys and mark every row that matches."""
     rng = np.random.default_rng(3)
     h1 = rng.integers(0, 2**64, n, dtype=np.uint64)
     h2 = rng.integers(0, 2**64, n, dtype=np.uint64)
     h2[: n // 2] = h1[: n // 2]
     lows = rng.integers(0, 2**64, n, dtype=np.uint64)
+    row_bits = max(1, (n - 1).bit_length())
 
     def intersect1d() -> Any:
-        common = np.intersect1d(h1, h2)  # sorted unique common keys; rows still need locating
+        common = np.intersect1d(h1, h2)
         return np.isin(h1, common), np.isin(h2, common)
 
-    def unsorted_search() -> Any:
-        common = np.intersect1d(h1, h2)
-        return [engine._member(h, common)[1] for h in (h1, h2)]
-
     def hash_join() -> Any:
-        index = pd.Index(h2)
-        hit1 = index.get_indexer(h1) >= 0
-        hit2 = pd.Index(h1).get_indexer(h2) >= 0
-        return hit1, hit2
-
-    def packed_sort() -> Any:
-        return engine._intersect_keys([(h1, lows), (h2, lows)], rows=True)
+        return pd.Index(h2).get_indexer(h1) >= 0, pd.Index(h1).get_indexer(h2) >= 0
 
     out = {}
     for label, fn in (
-        ("np.intersect1d+np.isin", intersect1d),
-        ("intersect1d+unsorted searchsorted", unsorted_search),
-        ("pandas hash join (get_indexer)", hash_join),
-        ("engine: packed sort + sorted search", packed_sort),
+        ("np.intersect1d + np.isin", intersect1d),
+        ("packed sort + searchsorted (prefix only)", lambda: _packed_sort_locate([h1, h2], row_bits)),
+        ("pandas Index.get_indexer (64-bit only)", hash_join),
+        (
+            "engine: factorize, 128-bit checked, cardinality",
+            lambda: engine._intersect_keys([(h1, lows), (h2, lows)], rows=False),
+        ),
+        ("engine: factorize, 128-bit checked, rows+groups", lambda: engine._intersect_keys([(h1, lows), (h2, lows)])),
     ):
         out[label] = best_of(fn, repeats)[0]
     return out
@@ -202,7 +221,7 @@ def main() -> None:
     args = ap.parse_args()
     sizes = SIZES[:2] if args.quick else SIZES
     python = baseline_python(args.baseline_python)
-    tmp = Path(os.environ.get("TMPDIR", "/tmp"))  # noqa: S108
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
     rows: list[dict[str, Any]] = []
     for n in sizes:
         repeats = 3 if n <= 1 << 18 else 1

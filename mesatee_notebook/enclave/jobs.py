@@ -59,6 +59,7 @@ __all__ = [
     "SubmitInput",
     "Transition",
     "transition",
+    "validate_spec",
 ]
 
 _INPUT_NAME: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")

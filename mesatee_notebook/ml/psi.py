@@ -1,6 +1,7 @@
 """Vectorised private set intersection (PSI) engine, run inside the enclave.
 
-Every party's items are canonicalised, mapped to 128-bit keys with a keyed function, and intersected with numpy.
+Every party's items are canonicalised, mapped to 128-bit keys with a keyed function, and intersected with one
+hash pass (pandas' khash) plus numpy.
 The key secret never leaves the enclave, so keys reveal nothing outside it. See ``docs/psi.md``.
 
 Canonicalisation (the same value always gives the same key; different types never match):
@@ -23,7 +24,7 @@ Keyed hashing (128 bits):
   AES-ECB call per block position for the whole batch.
 
 Both are pseudo-random under a secret key. Across 2**25 items the chance of any 128-bit collision is below 2**-78.
-Even so, the intersection matches on the first 64 bits, checks the other 64, and resolves any mismatch exactly.
+Even so, the intersection matches on the high 64 bits, checks the low 64, and resolves any mismatch exactly.
 """
 
 from __future__ import annotations
@@ -486,56 +487,6 @@ class PsiInput:
 # -- intersection ------------------------------------------------------------------------------------------------
 
 
-_ROW_BITS_MAX = 28  # above 2**28 rows per input the packed prefix gets short: argsort instead
-
-
-@dataclass
-class _Sorted:
-    """One party's keys sorted by a primary ``prefix`` of the high half; ``order`` maps sorted positions to rows.
-
-    The prefix is the high half without its low ``row_bits`` bits, and the row number fills those bits, so a single
-    (SIMD) ``np.sort`` of one uint64 array yields both the order and the permutation; an ``argsort`` was 8x slower.
-    Equal prefixes keep rows in increasing order. Full 128-bit equality is checked afterwards.
-    """
-
-    order: npt.NDArray[np.intp]
-    prefix: U64
-    s1: U64
-    s2: U64
-    starts: npt.NDArray[np.intp]  # first sorted position of each distinct prefix
-
-    @classmethod
-    def of(cls, h1: U64, h2: U64, row_bits: int) -> _Sorted:
-        n = len(h1)
-        order: npt.NDArray[np.intp]
-        prefix: U64
-        if row_bits <= _ROW_BITS_MAX:
-            shift = np.uint64(row_bits)
-            packed: U64 = (h1 >> shift) << shift
-            packed |= np.arange(n, dtype=np.uint64)
-            packed.sort()
-            order = (packed & np.uint64((1 << row_bits) - 1)).astype(np.intp)
-            packed >>= shift
-            prefix = packed
-        else:
-            order = np.argsort(h1, kind="stable")
-            prefix = h1[order]
-        new_run = np.empty(n, dtype=bool)
-        if n:
-            new_run[0] = True
-            np.not_equal(prefix[1:], prefix[:-1], out=new_run[1:])
-        return cls(order, prefix, h1[order], h2[order], np.flatnonzero(new_run))
-
-
-def _member(a: U64, sorted_b: U64) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]:
-    """Positions of ``a`` in ``sorted_b`` and whether each is present (fast when ``a`` is sorted too)."""
-    if len(sorted_b) == 0:
-        return np.zeros(len(a), dtype=np.intp), np.zeros(len(a), dtype=bool)
-    pos = np.searchsorted(sorted_b, a)
-    pos[pos == len(sorted_b)] = 0
-    return pos, sorted_b[pos] == a
-
-
 @dataclass
 class _Match:
     """``count`` distinct common keys; with rows: per party a row mask and each matched row's group id."""
@@ -549,72 +500,73 @@ class _Match:
 def _intersect_keys(keys: Sequence[tuple[U64, U64]], *, rows: bool = True) -> _Match:
     """Intersect n >= 2 sets of 128-bit keys given as (high, low) halves.
 
-    Sort each party by a prefix of the high half (one packed sort, see :class:`_Sorted`), intersect the sorted
-    distinct prefixes, locate every item with a sorted search, then check its full 128-bit key against the first
-    party's; a mismatch (two keys sharing a prefix) is resolved exactly on the full key.
+    One hash pass (``pandas.factorize``) numbers every distinct high half across all parties, in order of first
+    appearance; a number is common when every party has it. The low halves of the matched rows are then checked
+    against the first party's, and any mismatch (two keys sharing a high half) is resolved exactly on the full key.
+    bench/p6_psi.py measured this about 2x faster than sort-based variants and 10x faster than ``np.intersect1d``.
     """
-    row_bits = max(1, (max(len(h1) for h1, _ in keys) - 1).bit_length())
-    parts = [_Sorted.of(h1, h2, row_bits) for h1, h2 in keys]
-    common = min((p.prefix[p.starts] for p in parts), key=len)
-    for p in sorted(parts, key=lambda p: len(p.starts)):
-        if len(common) == 0:
-            break
-        common = common[_member(common, p.prefix[p.starts])[1]]
-    located = [_member(p.prefix, common) for p in parts]
-    ref1 = np.zeros(len(common), dtype=np.uint64)
-    ref2 = np.zeros(len(common), dtype=np.uint64)
-    pos0, hit0 = located[0]
-    ref1[pos0[hit0]] = parts[0].s1[hit0]
-    ref2[pos0[hit0]] = parts[0].s2[hit0]
-    conflicted = np.zeros(len(common), dtype=bool)
-    for p, (pos, hit) in zip(parts, located, strict=True):
-        where = pos[hit]
-        differs = (p.s1[hit] != ref1[where]) | (p.s2[hit] != ref2[where])
-        conflicted[where[differs]] = True
-    groups_sorted = [np.where(hit, pos, -1) for pos, hit in located]
-    count = len(common)
-    if conflicted.any():
-        count = _resolve_conflicts(parts, located, groups_sorted, conflicted)
-    if not rows:
+    sizes = [len(h1) for h1, _ in keys]
+    all_codes, uniques = pd.factorize(np.concatenate([h1 for h1, _ in keys]))
+    m = len(uniques)
+    parts = np.split(all_codes.astype(np.intp, copy=False), np.cumsum(sizes)[:-1])
+    present = np.ones(m, dtype=bool)
+    for codes in parts:
+        seen = np.zeros(m, dtype=bool)
+        seen[codes] = True
+        present &= seen
+    hits = [present[codes] for codes in parts]
+    ref = np.zeros(m, dtype=np.uint64)
+    ref[parts[0][hits[0]]] = keys[0][1][hits[0]]
+    conflicted = np.zeros(m, dtype=bool)
+    for (_, h2), codes, hit in zip(keys, parts, hits, strict=True):
+        matched = codes[hit]
+        conflicted[matched[h2[hit] != ref[matched]]] = True
+    count = int(present.sum())
+    clean = not conflicted.any()
+    if clean and not rows:
         return _Match(count)
+    groups = [np.where(hit, codes, -1) for codes, hit in zip(parts, hits, strict=True)]
+    if not clean:
+        count = _resolve_conflicts(keys, groups, conflicted, count)
     match = _Match(count)
-    for p, g in zip(parts, groups_sorted, strict=True):
-        mask = np.empty(len(g), dtype=bool)
-        mask[p.order] = g >= 0
-        by_row = np.empty(len(g), dtype=np.intp)
-        by_row[p.order] = g
+    for g in groups:
+        mask = g >= 0
         match.masks.append(mask)
-        match.groups.append(by_row[mask])
-    p0, g0 = parts[0], groups_sorted[0]
-    if not conflicted.any():
-        # A run of equal prefixes is one key, all in or all out, and lists its rows in increasing order.
-        match.first_rows = np.sort(p0.order[p0.starts][g0[p0.starts] >= 0])
-    else:
+        match.groups.append(g[mask])
+    codes0 = parts[0]
+    if clean and len(codes0):
+        # Numbers were handed out in order of first appearance, party 0 first: a row is a first occurrence
+        # exactly when its number exceeds every number before it.
+        first = np.empty(len(codes0), dtype=bool)
+        first[0] = True
+        np.greater(codes0[1:], np.maximum.accumulate(codes0)[:-1], out=first[1:])
+        match.first_rows = np.flatnonzero(first & match.masks[0])
+    elif not clean:
         rows0 = np.flatnonzero(match.masks[0])
         match.first_rows = rows0[_first_occurrences(match.groups[0])]
     return match
 
 
 def _resolve_conflicts(
-    parts: Sequence[_Sorted],
-    located: Sequence[tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]],
-    groups_sorted: list[npt.NDArray[np.intp]],
+    keys: Sequence[tuple[U64, U64]],
+    groups: list[npt.NDArray[np.intp]],
     conflicted: npt.NDArray[np.bool_],
+    count: int,
 ) -> int:
-    """Exact path for high-half collisions: match those items on the full 128-bit key (rare; few items)."""
+    """Exact path for high-half collisions: match those rows on the full 128-bit key (rare; few rows)."""
     base = len(conflicted)
     chosen: list[npt.NDArray[np.intp]] = []
     pair_sets: list[set[tuple[int, int]]] = []
-    for p, (pos, hit) in zip(parts, located, strict=True):
-        idx = np.flatnonzero(hit & conflicted[pos])
+    for (h1, h2), g in zip(keys, groups, strict=True):
+        idx = np.flatnonzero(conflicted[g] & (g >= 0))
         chosen.append(idx)
-        pair_sets.append(set(zip(p.s1[idx].tolist(), p.s2[idx].tolist(), strict=True)))
+        pair_sets.append(set(zip(h1[idx].tolist(), h2[idx].tolist(), strict=True)))
     common_pairs = sorted(set.intersection(*pair_sets))
     pair_ids = {pair: base + i for i, pair in enumerate(common_pairs)}
-    for k, (p, idx) in enumerate(zip(parts, chosen, strict=True)):
-        pairs = zip(p.s1[idx].tolist(), p.s2[idx].tolist(), strict=True)
-        groups_sorted[k][idx] = np.array([pair_ids.get(pair, -1) for pair in pairs], dtype=np.intp)
-    return int(base - int(conflicted.sum()) + len(common_pairs))
+    for (h1, h2), g, idx in zip(keys, groups, chosen, strict=True):
+        pairs = zip(h1[idx].tolist(), h2[idx].tolist(), strict=True)
+        g[idx] = np.array([pair_ids.get(pair, -1) for pair in pairs], dtype=np.intp)
+    return count - int(conflicted.sum()) + len(common_pairs)
 
 
 def _first_occurrences(groups: npt.NDArray[np.intp]) -> npt.NDArray[np.intp]:

@@ -82,28 +82,19 @@ def test_chunked_equals_whole_and_numpy_equals_list(sets: list[list[int]], chunk
 
 @settings(max_examples=80, deadline=None)
 @given(st.lists(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), max_size=25), min_size=2, max_size=4))
-@pytest.mark.parametrize("packed", [True, False], ids=["packed-sort", "argsort"])
-def test_64bit_collisions_resolved_exactly(packed: bool, sets: list[list[tuple[int, int]]]) -> None:
-    # Tiny key space: prefixes and high halves collide all the time, so the exact 128-bit path is exercised.
-    if not packed:
-        psi_mod._ROW_BITS_MAX = 0  # force the argsort path (inputs over 2**28 rows)
-    try:
-        _check_collisions(sets)
-    finally:
-        psi_mod._ROW_BITS_MAX = 28
-
-
-def _check_collisions(sets: list[list[tuple[int, int]]]) -> None:
+def test_64bit_collisions_resolved_exactly(sets: list[list[tuple[int, int]]]) -> None:
+    # Tiny key space: high halves collide all the time, so the exact 128-bit path is exercised.
     keys = [(np.array([a for a, _ in s], dtype=np.uint64), np.array([b for _, b in s], dtype=np.uint64)) for s in sets]
     match = psi_mod._intersect_keys(keys)
     common = set.intersection(*[set(s) for s in sets])
-    assert match.count == len(common)
+    assert match.count == psi_mod._intersect_keys(keys, rows=False).count == len(common)
+    by_pair: dict[tuple[int, int], int] = {}
     for s, mask, groups in zip(sets, match.masks, match.groups, strict=True):
         assert mask.tolist() == [p in common for p in s]
-        by_pair: dict[tuple[int, int], int] = {}
         for pair, g in zip([p for p in s if p in common], groups.tolist(), strict=True):
-            assert by_pair.setdefault(pair, g) == g  # one group id per distinct pair
-    first0 = [s for s in sets[0]]
+            assert by_pair.setdefault(pair, g) == g  # one group id per distinct key, the same in every party
+    assert len(set(by_pair.values())) == len(common)
+    first0 = list(sets[0])
     want_first = [i for i, p in enumerate(first0) if p in common and first0.index(p) == i]
     assert match.first_rows.tolist() == want_first
 
