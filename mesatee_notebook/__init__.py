@@ -23,7 +23,9 @@ from mesatee_notebook.errors import (
     ReceiptError,
     RemoteExecutionError,
 )
-from mesatee_notebook.remote.session import RunResult, Session, connect
+from mesatee_notebook.remote.frame import SecureDataFrame, SecureSeries
+from mesatee_notebook.remote.session import CallResult, RunResult, Session, connect
+from mesatee_notebook.wire.datapolicy import DataPolicy
 from mesatee_notebook.remote.session import verify_receipt_default as verify_receipt
 
 __version__ = "0.1.0"
@@ -31,6 +33,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AttestationError",
     "AttestationReport",
+    "CallResult",
+    "DataPolicy",
     "EncodingError",
     "KernelConnectionError",
     "Level",
@@ -43,6 +47,8 @@ __all__ = [
     "ReceiptError",
     "RemoteExecutionError",
     "RunResult",
+    "SecureDataFrame",
+    "SecureSeries",
     "Session",
     "UnprotectedWarning",
     "VerifiedReceipt",

@@ -98,6 +98,8 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     home = tmp_path_factory.mktemp("mesatee_home")
     old = os.environ.get("MESATEE_HOME")
     os.environ["MESATEE_HOME"] = str(home)
+    # party identities are created under XDG_CONFIG_HOME: keep them out of the user's home too
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("xdg_config"))
     yield
     info = home / "kernel.json"
     if info.exists():

@@ -16,7 +16,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 import traceback
 from types import FrameType
 from typing import Any
@@ -101,6 +100,11 @@ class TrustedAPI:
         """Open a file on the host, in the clear. UNTRUSTED: the host can read and alter it."""
         return open(path, mode, **kwargs)  # noqa: PTH123 - a plain host file by design
 
+    def dataframe(self, name: str) -> Any:
+        """A dataset in the enclave, as a pandas DataFrame, if its owner's policy gives this party code access."""
+        data = self._ex.request({"t": "data.get", "name": name})
+        return decode_value("arrow.frame", data)
+
     def untrusted_log(self, message: str) -> None:
         """Write a line to the host's log. UNTRUSTED: the host operator reads it."""
         self._ex.send({"t": "log", "text": str(message)})
@@ -112,8 +116,10 @@ class TrustedAPI:
 class Executor:
     """Runs cells for one session; talks to the supervisor over ``sock``."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, service_mode: bool = False) -> None:
         self.sock = sock
+        self.service_mode = service_mode
+        self.state: dict[str, Any] = {}
         self.lock = threading.RLock()
         self.running = False
         self.count = 0
@@ -148,12 +154,45 @@ class Executor:
                 msg = ipc_recv(self.sock)
             except EOFError:
                 return
-            if msg.type == "execute":
+            if msg.type == "execute" and not self.service_mode:
                 self.execute(msg)
+            elif msg.type == "call" and self.service_mode:
+                self.call(msg)
             elif msg.type == "shutdown":
                 return
             else:
                 self.send({"t": "error", "code": "protocol", "message": f"executor: unknown request {msg.type!r}"})
+
+    def call(self, msg: Any) -> None:
+        """Run a trusted service for the party named by the supervisor (service worker only)."""
+        from mesatee_notebook.enclave.services import ServiceContext, dispatch
+
+        header = msg.header
+        try:
+            inputs = {
+                str(spec["name"]): decode_value(str(spec["kind"]), buf, meta=spec.get("meta"))
+                for spec, buf in unpack_values(header.get("inputs", []), msg)
+            }
+            msg.payloads.clear()
+            ctx = ServiceContext(self, str(header["party"]), self.state)
+            args = header.get("args") or {}
+            if not isinstance(args, dict):
+                from mesatee_notebook.errors import MalformedFrame
+
+                raise MalformedFrame("service arguments must be a map")  # noqa: EM101
+            result = dispatch(str(header["service"]), ctx, args, inputs)
+            values = []
+            for name, value in result.values.items():
+                enc = encode_value(value)
+                values.append(({"name": f"out/{name}", "kind": enc.kind, "meta": enc.meta}, enc.parts, None))
+            specs, payloads, fds = pack_values(values)
+            self.send_with_fds({"t": "result", "values": specs, "info": result.info}, payloads, fds)
+        except MesateeError as exc:
+            self.send({"t": "error", **exc.to_wire()})
+        except Exception as exc:
+            # Only the class and message: a traceback of engine internals could quote data.
+            self.send({"t": "error", "code": "remote", "message": f"{type(exc).__name__}: {exc}",
+                       "details": {"ename": type(exc).__name__}})
 
     def execute(self, msg: Any) -> None:
         header = msg.header
@@ -187,9 +226,10 @@ class Executor:
                 "traceback": _user_traceback(*sys.exc_info()),
             }
         except BaseException as exc:
+            # A kernel refusal raised inside the cell (e.g. PolicyViolation) keeps its type.
             failure = {
-                "code": "remote",
-                "message": f"{type(exc).__name__}: {exc}",
+                "code": exc.code if isinstance(exc, MesateeError) else "remote",
+                "message": exc.message if isinstance(exc, MesateeError) else f"{type(exc).__name__}: {exc}",
                 "ename": type(exc).__name__,
                 "traceback": _user_traceback(type(exc), exc, exc.__traceback__),
             }
@@ -269,16 +309,15 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     fd = int(args[0])
     limit = int(args[1]) if len(args) > 1 else 0
+    service_mode = "--service" in args[2:]
     harden_process()
-    t0 = time.perf_counter()
     import numpy  # noqa: F401 - warm the engines the cells will use
     import pandas  # noqa: F401
     import pyarrow  # noqa: F401
 
     _set_memory_limit(limit)
     sock = socket.socket(fileno=fd)
-    ex = Executor(sock)
-    del t0
+    ex = Executor(sock, service_mode=service_mode)
     try:
         ex.serve()
     except (EOFError, ConnectionError, OSError):

@@ -21,14 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
 from mesatee_notebook.attestation.levels import Level
-from mesatee_notebook.attestation.measurement import build_manifest
+from mesatee_notebook.attestation.measurement import build_manifest, canonical_json
 from mesatee_notebook.attestation.receipts import build_receipt
 from mesatee_notebook.enclave.hardening import harden_process
 from mesatee_notebook.enclave.identity import KernelIdentity
 from mesatee_notebook.enclave.ipc import unpack_values
 from mesatee_notebook.enclave.platform import load_platform
-from mesatee_notebook.enclave.sessions import Session
+from mesatee_notebook.enclave.sessions import ExecutorHandle, Session
 from mesatee_notebook.enclave.shm import SharedAllocator
 from mesatee_notebook.errors import (
     MalformedFrame,
@@ -105,12 +107,15 @@ class _NonceGuard:
 class _Connection:
     """Server side of one client connection."""
 
-    def __init__(self, kernel: Kernel, sock: ssl.SSLSocket, peer: str) -> None:
+    def __init__(self, kernel: Kernel, sock: ssl.SSLSocket, peer: str, cert_der: bytes) -> None:
         self.kernel = kernel
         self.sock = sock
+        self.cert_der = cert_der
         self.peer = peer
         self.sessions: dict[str, Session] = {}
         self.hello_done = False
+        self.party: str | None = None
+        self.kernel_nonce = secrets.token_hex(16)
 
     def reply(self, header: dict[str, Any], payloads: list[Any] | None = None) -> None:
         send_message(self.sock, header, payloads or [])
@@ -184,9 +189,36 @@ class _Connection:
                 "server": _version(),
                 "level": k.identity.level.label,
                 "measurement": k.identity.measurement,
-                "kernel_nonce": secrets.token_hex(16),
+                "kernel_nonce": self.kernel_nonce,
             }
         )
+
+    def on_auth(self, msg: Message, alloc: SharedAllocator, rid: Any) -> None:
+        """A party proves its key: a signature over this connection's nonce and the certificate it was shown."""
+        from mesatee_notebook.attestation.identity import verify_party_proof
+
+        pub = require(msg.header, "public_key", bytes)
+        sig = require(msg.header, "signature", bytes)
+        cert_sha = hashlib.sha256(self.cert_der).digest()
+        self.party = verify_party_proof(pub, self.kernel_nonce, cert_sha, sig)
+        log.info("connection %s authenticated as party %s", self.peer, self.party[:16])
+        self.reply({"t": "auth.ok", "re": rid, "party": self.party})
+
+    def on_whoami(self, msg: Message, alloc: SharedAllocator, rid: Any) -> None:
+        self.reply({"t": "whoami", "re": rid, "party": self.party})
+
+    def on_audit(self, msg: Message, alloc: SharedAllocator, rid: Any) -> None:
+        party = self._require_party()
+        audit = self.kernel.audit_log
+        entries = audit.visible_to(party)
+        pub = audit.public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+        self.reply({"t": "audit", "re": rid, "entries": entries, "public_key": pub})
+
+    def _require_party(self) -> str:
+        if self.party is None:
+            msg = "this request needs a party identity: the client did not prove one on this connection"
+            raise PolicyViolation(msg)
+        return self.party
 
     def on_ping(self, msg: Message, alloc: SharedAllocator, rid: Any) -> None:
         self.reply({"t": "pong", "re": rid, "time": time.time()})
@@ -195,7 +227,7 @@ class _Connection:
         name = msg.header.get("name") or "default"
         if not isinstance(name, str) or len(name) > 128:
             raise MalformedFrame("session name must be a string of at most 128 characters")  # noqa: EM101
-        session = self.kernel.open_session(name)
+        session = self.kernel.open_session(name, self.party)
         self.sessions[session.id] = session
         self.reply({"t": "session.ok", "re": rid, "token": session.token, **session.info()})
 
@@ -230,8 +262,47 @@ class _Connection:
         self.reply({"t": "interrupt.ok", "re": rid, "interrupted": was_busy})
 
     def on_call(self, msg: Message, alloc: SharedAllocator, rid: Any) -> None:
-        msg_ = f"service {msg.header.get('service')!r} is not available in this kernel version"
-        raise NotFound(msg_)
+        """Run a trusted service in the service worker for the proven party; sign a receipt."""
+        k = self.kernel
+        party = self._require_party()
+        nonce = k.nonces.claim(msg.header.get("nonce"))
+        name = require(msg.header, "service", str)
+        args = msg.header.get("args") or {}
+        if not isinstance(args, dict):
+            raise MalformedFrame("service arguments must be a map")  # noqa: EM101
+        input_digests, specs, payloads, fds = _forward_inputs(msg, alloc)
+        started = time.time()
+
+        def on_message(m: Message) -> bool:
+            if m.type == "progress":
+                self.reply({"t": "progress", "re": rid, "data": m.header.get("data") or {}})
+                return False
+            if m.type in _EXECUTOR_REQUESTS:
+                k.handle_executor_request(k.service_worker_handle(), m, prefix="svc", party=party, service=True)
+                return False
+            return m.type != "log"
+
+        header = {"t": "call", "service": name, "args": args, "party": party, "inputs": specs}
+        result = k.run_service(header, payloads, fds, on_message, msg.header.get("timeout"))
+        _raise_if_error(result)
+        subjects, value_specs, out_payloads = _result_values(result)
+        info = result.header.get("info") or {}
+        subjects["info"] = hashlib.sha256(canonical_json(info)).hexdigest()
+        predicate = {
+            "kind": "call",
+            "service": name,
+            "party": party,
+            "measurement": k.identity.measurement,
+            "level": k.identity.level.label,
+            "session": None,
+            "nonce": nonce,
+            "code": {"sha256": hashlib.sha256(canonical_json({"service": name, "args": args})).hexdigest()},
+            "inputs": input_digests,
+            "startedAt": started,
+            "finishedAt": time.time(),
+        }
+        receipt = k.sign_receipt(subjects, predicate)
+        self.reply({"t": "result", "re": rid, "values": value_specs, "info": info, "receipt": receipt}, out_payloads)
 
     def on_execute(self, msg: Message, alloc: SharedAllocator, rid: Any) -> None:
         k = self.kernel
@@ -247,24 +318,7 @@ class _Connection:
         timeout = msg.header.get("timeout")
         limit = k.config.max_cell_timeout
         timeout = limit if not isinstance(timeout, (int, float)) or timeout <= 0 else min(float(timeout), limit)
-        digests = msg.digests or []
-        input_digests: dict[str, str] = {}
-        specs: list[dict[str, Any]] = []
-        payloads: list[Any] = []
-        fds: list[int] = []
-        for i, (spec, buf) in enumerate(zip(inputs, msg.payloads, strict=True)):
-            if not isinstance(spec, dict) or not str(spec.get("name", "")).isidentifier():
-                raise MalformedFrame("each input needs a name that is a Python identifier")  # noqa: EM101
-            input_digests[str(spec["name"])] = digests[i]
-            out = {"name": spec["name"], "kind": spec.get("kind"), "meta": spec.get("meta") or {}}
-            fd = alloc.fd_of(buf)
-            if fd is not None:
-                out["fd"] = len(fds)
-                fds.append(os.dup(fd))
-            else:
-                out["inline"] = len(payloads)
-                payloads.append(buf)
-            specs.append(out)
+        input_digests, specs, payloads, fds = _forward_inputs(msg, alloc)
         if not session.lock.acquire(blocking=False):
             for fd in fds:
                 os.close(fd)
@@ -289,8 +343,11 @@ class _Connection:
                 if m.type == "log":
                     host_log.info("[session %s] %s", session.name, m.header.get("text"))
                     return False
-                if m.type in ("seal.get", "seal.put"):
-                    k.handle_seal(session, m)
+                if m.type in _EXECUTOR_REQUESTS:
+                    assert session.executor is not None
+                    k.handle_executor_request(
+                        session.executor, m, prefix=f"cells/{session.party or 'anon'}", party=session.party
+                    )
                     return False
                 return True
 
@@ -311,21 +368,9 @@ class _Connection:
         finally:
             session.busy = False
             session.lock.release()
-        if result.type == "error":
-            details = result.header.get("details") or {}
-            from mesatee_notebook.errors import error_from_wire
-
-            raise error_from_wire(
-                {"code": result.header.get("code"), "message": result.header.get("message"), "details": details}
-            )
-        values = unpack_values(result.header.get("values", []), result)
-        subjects = {"stdout": stdout_h.hexdigest(), "stderr": stderr_h.hexdigest()}
-        value_specs = []
-        out_payloads = []
-        for spec, buf in values:
-            subjects[str(spec["name"])] = hashlib.sha256(memoryview(buf).cast("B")).hexdigest()
-            value_specs.append({"name": spec["name"], "kind": spec["kind"], "meta": spec.get("meta") or {}})
-            out_payloads.append(buf)
+        _raise_if_error(result)
+        subjects, value_specs, out_payloads = _result_values(result)
+        subjects.update({"stdout": stdout_h.hexdigest(), "stderr": stderr_h.hexdigest()})
         value_repr = result.header.get("value_repr")
         if isinstance(value_repr, str):
             subjects["value_repr"] = hashlib.sha256(value_repr.encode()).hexdigest()
@@ -345,6 +390,64 @@ class _Connection:
             {"t": "result", "re": rid, "values": value_specs, "value_repr": value_repr, "receipt": receipt},
             out_payloads,
         )
+
+
+_EXECUTOR_REQUESTS = frozenset({"seal.get", "seal.put", "seal.list", "seal.delete", "data.get", "audit"})
+
+
+def _raise_if_error(result: Message) -> None:
+    if result.type == "error":
+        from mesatee_notebook.errors import error_from_wire
+
+        raise error_from_wire(
+            {
+                "code": result.header.get("code"),
+                "message": result.header.get("message"),
+                "details": result.header.get("details") or {},
+            }
+        )
+
+
+def _forward_inputs(
+    msg: Message, alloc: SharedAllocator
+) -> tuple[dict[str, str], list[dict[str, Any]], list[Any], list[int]]:
+    """Input digests, and specs/payloads/fds to hand the inputs on to an executor without copying."""
+    inputs = msg.header.get("inputs") or []
+    if not isinstance(inputs, list) or len(inputs) != len(msg.payloads):
+        raise MalformedFrame("each input needs exactly one payload")  # noqa: EM101
+    digests = msg.digests or []
+    input_digests: dict[str, str] = {}
+    specs: list[dict[str, Any]] = []
+    payloads: list[Any] = []
+    fds: list[int] = []
+    for i, (spec, buf) in enumerate(zip(inputs, msg.payloads, strict=True)):
+        if not isinstance(spec, dict) or not str(spec.get("name", "")).isidentifier():
+            for passed in fds:
+                os.close(passed)
+            raise MalformedFrame("each input needs a name that is a Python identifier")  # noqa: EM101
+        input_digests[str(spec["name"])] = digests[i]
+        out = {"name": spec["name"], "kind": spec.get("kind"), "meta": spec.get("meta") or {}}
+        fd = alloc.fd_of(buf)
+        if fd is not None:
+            out["fd"] = len(fds)
+            fds.append(os.dup(fd))
+        else:
+            out["inline"] = len(payloads)
+            payloads.append(buf)
+        specs.append(out)
+    return input_digests, specs, payloads, fds
+
+
+def _result_values(result: Message) -> tuple[dict[str, str], list[dict[str, Any]], list[Any]]:
+    """Digests (receipt subjects), specs and buffers of an executor's result values."""
+    subjects: dict[str, str] = {}
+    specs: list[dict[str, Any]] = []
+    buffers: list[Any] = []
+    for spec, buf in unpack_values(result.header.get("values", []), result):
+        subjects[str(spec["name"])] = hashlib.sha256(memoryview(buf).cast("B")).hexdigest()
+        specs.append({"name": spec["name"], "kind": spec["kind"], "meta": spec.get("meta") or {}})
+        buffers.append(buf)
+    return subjects, specs, buffers
 
 
 class Kernel:
@@ -371,11 +474,24 @@ class Kernel:
         self._last_activity = time.monotonic()
         self._listener: socket.socket | None = None
         self.address: tuple[str, int] = (config.host, config.port)
-        self._sealed: dict[str, bytes] = {}
+        self._service: ExecutorHandle | None = None
+        self._service_lock = threading.Lock()
+        self.audit_log = self._open_audit_log(platform_key)
+
+    def _open_audit_log(self, platform_key: Any) -> Any:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from mesatee_notebook.enclave.audit import AuditLog
+
+        # softtee: the platform key signs the log, so parties check it against the root they pinned.
+        key = platform_key if platform_key is not None else Ed25519PrivateKey.generate()
+        head_store = self.sealed_store() if self.sealing_secret is not None else None
+        name = "audit.log" if platform_key is not None else f"audit-unprotected-{os.getpid()}.log"
+        return AuditLog(self.config.data_dir / name, key, head_store=head_store)
 
     # -- sessions -------------------------------------------------------------------------------
-    def open_session(self, name: str) -> Session:
-        session = Session(name=name, memory_limit=self.config.executor_memory)
+    def open_session(self, name: str, party: str | None = None) -> Session:
+        session = Session(name=name, memory_limit=self.config.executor_memory, party=party)
         session.start()
         with self._lock:
             self.sessions[session.id] = session
@@ -387,21 +503,75 @@ class Kernel:
             self.sessions.pop(session.id, None)
         session.close()
 
-    def handle_seal(self, session: Session, m: Message) -> None:
+    def handle_executor_request(
+        self, executor: ExecutorHandle, m: Message, *, prefix: str, party: str | None, service: bool = False
+    ) -> None:
+        """Answer an executor's mid-call request: sealed storage, a dataset for a cell, an audit entry."""
         from mesatee_notebook.enclave.ipc import ipc_send
 
-        assert session.executor is not None
-        name = str(m.header.get("name", ""))
-        store = self.sealed_store()
         try:
+            name = str(m.header.get("name", ""))
+            if m.type == "audit":
+                if not service:
+                    raise PolicyViolation("only trusted services write the audit log")  # noqa: EM101
+                concerns = [str(c) for c in m.header.get("concerns") or []]
+                self.audit_log.append(str(m.header.get("kind")), party, m.header.get("details") or {},
+                                      concerns=concerns)
+                ipc_send(executor.sock, {"t": "ok"})
+                return
+            if m.type == "data.get":
+                data = self.dataset_for_cell(name, party)
+                ipc_send(executor.sock, {"t": "ok"}, [data])
+                return
+            store = self.sealed_store()
+            full = f"{prefix}/{name}"
             if m.type == "seal.put":
-                store.put(f"cells/{name}", bytes(m.payloads[0]) if m.payloads else b"")
-                ipc_send(session.executor.sock, {"t": "seal.ok"})
+                store.put(full, m.payloads[0] if m.payloads else b"")
+                ipc_send(executor.sock, {"t": "ok"})
+            elif m.type == "seal.get":
+                ipc_send(executor.sock, {"t": "ok"}, [store.get_buffer(full)])
+            elif m.type == "seal.delete":
+                store.delete(full)
+                ipc_send(executor.sock, {"t": "ok"})
             else:
-                data = store.get(f"cells/{name}")
-                ipc_send(session.executor.sock, {"t": "seal.ok"}, [data])
+                names = [n[len(prefix) + 1 :] for n in store.list(f"{prefix}/{name}".rstrip("/"))]
+                ipc_send(executor.sock, {"t": "ok"}, [json.dumps(names).encode()])
         except MesateeError as exc:
-            ipc_send(session.executor.sock, {"t": "error", **exc.to_wire()})
+            ipc_send(executor.sock, {"t": "error", **exc.to_wire()})
+
+    def dataset_for_cell(self, name: str, party: str | None) -> bytes:
+        """Arrow bytes of a dataset, for a cell whose party the owner's policy gives code access."""
+        from mesatee_notebook.enclave.datasets import data_name, load_meta
+
+        store = self.sealed_store()
+        meta = load_meta(store, name)
+        allowed = party is not None and (party == meta["owner"] or party in meta["policy"].get("code_access", []))
+        if not allowed:
+            self.audit_log.append("refusal", party, {"dataset": name, "reason": "no code access"},
+                                  concerns=[str(meta["owner"])])
+            msg = (
+                f"dataset {name!r} is not available to code cells of this party: its owner's policy gives code "
+                "access only to the parties in code_access. Use the SecureDataFrame API (policy-checked queries)."
+            )
+            raise PolicyViolation(msg, dataset=name)
+        self.audit_log.append("release", party, {"dataset": name, "to": "code cell"}, concerns=[str(meta["owner"])])
+        return bytes(store.get(data_name(name)))
+
+    # -- the service worker ---------------------------------------------------------------------
+    def service_worker_handle(self) -> ExecutorHandle:
+        """The running service worker (started on first use, restarted after a crash)."""
+        if self._service is None or not self._service.alive:
+            self._service = ExecutorHandle(self.config.executor_memory, service=True)
+        return self._service
+
+    def run_service(
+        self, header: dict[str, Any], payloads: list[Any], fds: list[int], on_message: Any, timeout: Any
+    ) -> Message:
+        limit = self.config.max_cell_timeout
+        t = limit if not isinstance(timeout, (int, float)) or timeout <= 0 else min(float(timeout), limit)
+        with self._service_lock:
+            worker = self.service_worker_handle()
+            return worker.exchange(header, payloads, fds, on_message, t)
 
     def sealed_store(self) -> Any:
         from mesatee_notebook.enclave.sealing import SealedStore
@@ -497,6 +667,7 @@ class Kernel:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             raw.settimeout(self.config.handshake_timeout)
             ctx = self.identity.ssl_context
+            cert_der = self.identity.certificate_der
             assert ctx is not None
             try:
                 sock = ctx.wrap_socket(raw, server_side=True)
@@ -505,7 +676,7 @@ class Kernel:
                 raw.close()
                 return
             sock.settimeout(None)
-            conn = _Connection(self, sock, peer)
+            conn = _Connection(self, sock, peer, cert_der)
             try:
                 conn.serve()
             finally:
@@ -531,6 +702,8 @@ class Kernel:
                 pass
         for session in list(self.sessions.values()):
             self.close_session(session)
+        if self._service is not None:
+            self._service.shutdown()
         info = self.config.data_dir / "kernel.json"
         try:
             if json.loads(info.read_text()).get("pid") == os.getpid():

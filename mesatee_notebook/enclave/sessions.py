@@ -40,13 +40,14 @@ def _signal_name(code: int | None) -> str:
 class ExecutorHandle:
     """A running executor process and the supervisor's end of its Unix socket."""
 
-    def __init__(self, memory_limit: int) -> None:
+    def __init__(self, memory_limit: int, *, service: bool = False) -> None:
         self.memory_limit = memory_limit
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock = parent
         env = {k: v for k, v in os.environ.items() if not k.startswith("MESATEE_SECRET")}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mesatee_notebook.enclave.executor", str(child.fileno()), str(memory_limit)],
+            [sys.executable, "-m", "mesatee_notebook.enclave.executor", str(child.fileno()), str(memory_limit)]
+            + (["--service"] if service else []),
             pass_fds=[child.fileno()],
             stdin=subprocess.DEVNULL,
             env=env,
@@ -168,6 +169,7 @@ class Session:
 
     name: str
     memory_limit: int
+    party: str | None = None
     id: str = field(default_factory=lambda: secrets.token_hex(8))
     token: str = field(default_factory=lambda: secrets.token_hex(16))
     created: float = field(default_factory=time.time)

@@ -49,12 +49,14 @@ __all__ = [
 Engine: TypeAlias = Literal["compiled", "xgboost"]
 F32Array: TypeAlias = npt.NDArray[np.float32]
 
-DEFAULT_CROSSOVER_ROWS = 128
+DEFAULT_CROSSOVER_ROWS = 80
 """Batches with fewer rows use the compiled library; from this size on, xgboost.
 
-Measured with ``bench/p4_tree_predict.py`` (200 trees, depth 6, 30 features,
-2 cores): compiled trees win below roughly 100-200 rows, xgboost's
-multi-threaded ``inplace_predict`` above. Re-measure per model with
+Measured with ``bench/p4_tree_predict.py`` (200 trees, depth 6, 30 features, 2 cores, quiet
+machine, two runs): compiled trees win up to 64 rows (1.1x at 64, 6.5x at 1 row), xgboost's
+2-thread ``inplace_predict`` wins from 96 rows on (1.35x at 96, 2.3x at 4096); 80 sits between.
+On a busy machine xgboost's OpenMP barriers wait for a core (1 row: 8-18 ms instead of 0.12 ms)
+and compiled trees won at every size up to 4096. Re-measure per model and machine with
 :func:`measure_crossover` when it matters.
 """
 _PARITY_RTOL = 1e-5

@@ -125,6 +125,11 @@ class TVMModel:
             raise CompileError(msg) from exc
 
     @property
+    def library_sha256(self) -> str:
+        """SHA-256 of the compiled ``.so`` that runs (checked before loading), for receipts."""
+        return str(self.meta["so_sha256"])
+
+    @property
     def tuned_trials(self) -> int:
         """MetaSchedule trial budget the module was compiled with (0: untuned)."""
         return int(self.meta.get("tune_trials", 0))
@@ -394,9 +399,9 @@ def _log_tail(path: Path) -> str:
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+    """Kill the compile child and everything in its process group (tuning workers), then reap it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
 
@@ -427,7 +432,6 @@ def _run_child(jobdir: Path, timeout_s: float, progress: Progress | None) -> Non
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    _kill_group(proc)
                     msg = f"compilation ran past its timeout of {timeout_s:g} s and was stopped"
                     raise CompileTimeout(msg, timeout_s=timeout_s)
                 ready, _, _ = select.select([pipe], [], [], min(remaining, 1.0))
@@ -444,14 +448,17 @@ def _run_child(jobdir: Path, timeout_s: float, progress: Progress | None) -> Non
                         error = event
                     elif progress is not None:
                         progress(event)
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired as exc:
-        _kill_group(proc)
-        msg = f"compilation ran past its timeout of {timeout_s:g} s and was stopped"
-        raise CompileTimeout(msg, timeout_s=timeout_s) from exc
+        # Wait for the exit without reaping, so the process group id cannot be reused before
+        # _kill_group clears out any worker the child left behind.
+        while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
+            if time.monotonic() > deadline:
+                msg = f"compilation ran past its timeout of {timeout_s:g} s and was stopped"
+                raise CompileTimeout(msg, timeout_s=timeout_s)
+            time.sleep(0.01)
     except BaseException:
         _kill_group(proc)
         raise
+    _kill_group(proc)
     if error is not None:
         if error.get("code") == UnsupportedOperator.code:
             raise UnsupportedOperator(str(error["message"]), ops=list(error.get("ops", [])))
@@ -486,8 +493,17 @@ def _output_specs(ret_type: Any, names: Sequence[str]) -> list[dict[str, Any]]:
     return specs
 
 
-def _tune(mod: Any, target: Any, request: Mapping[str, Any], emit: Callable[[dict[str, Any]], None]) -> Any:
-    """Tune ``mod`` (already through the zero pipeline) into the cached database; return that database."""
+_DB_FILES = ("database_workload.json", "database_tuning_record.json")
+
+
+def _tune(
+    mod: Any, target: Any, request: Mapping[str, Any], workdir: Path, emit: Callable[[dict[str, Any]], None]
+) -> Any:
+    """Tune ``mod`` (already through the zero pipeline); return the cached database.
+
+    Tuning writes into ``workdir`` (seeded with the cached records), which replaces the cached
+    database only when tuning finished, so a killed run never leaves a half-written database.
+    """
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
 
@@ -527,11 +543,16 @@ def _tune(mod: Any, target: Any, request: Mapping[str, Any], emit: Callable[[dic
     t0 = time.perf_counter()
     callbacks = [*ms.measure_callback.MeasureCallback.create("default"), _Progress()]
     workers = max(1, os.cpu_count() or 1)
-    database = ms.relax_integration.tune_relax(
+    work = workdir / "tune"
+    work.mkdir()
+    for name in _DB_FILES:
+        if (tune_dir / name).is_file():
+            shutil.copyfile(tune_dir / name, work / name)
+    ms.relax_integration.tune_relax(
         mod,
         {},
         target,
-        str(tune_dir),
+        str(work),
         max_trials_global=budget,
         max_trials_per_task=per_task,
         num_trials_per_iter=min(64, max(8, budget // 4)),
@@ -539,9 +560,15 @@ def _tune(mod: Any, target: Any, request: Mapping[str, Any], emit: Callable[[dic
         measure_callbacks=callbacks,
         seed=0,
     )
-    done_path.write_text(json.dumps({"trials": budget, "per_task": per_task}))
+    shutil.rmtree(work / "logs", ignore_errors=True)  # per-task logs: large, and compile.log has the summary
+    (work / "done.json").write_text(json.dumps({"trials": budget, "per_task": per_task}))
+    old = tune_dir.with_name(f"{tune_dir.name}.old-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        tune_dir.rename(old)
+    work.rename(tune_dir)
+    shutil.rmtree(old, ignore_errors=True)
     emit({"event": "phase", "phase": "tuned", "tuning_seconds": time.perf_counter() - t0})
-    return database
+    return ms.database.JSONDatabase(work_dir=str(tune_dir))
 
 
 def _tuning_target(spec: Any, tune_trials: int) -> Any:
@@ -602,7 +629,7 @@ def _child_main(jobdir_str: str, fd: int) -> None:
                     ]
                 )(mod)
             t_tune = time.perf_counter()
-            database = _tune(mod, target, request, emit)
+            database = _tune(mod, target, request, jobdir, emit)
             tuning_seconds = time.perf_counter() - t_tune
             with target, database:
                 mod = relax.transform.MetaScheduleApplyDatabase()(mod)

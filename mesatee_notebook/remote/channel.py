@@ -139,6 +139,19 @@ class Channel:
                 msg.header["_sent"] = sent
                 return msg
 
+    def authenticate(self, identity: Any) -> str:
+        """Prove ``identity`` (a PartyIdentity) on this channel; returns the party id the kernel recorded."""
+        import hashlib
+
+        cert_sha = hashlib.sha256(self.attestation.certificate_der).digest()
+        sig = identity.prove(self.kernel_nonce, cert_sha)
+        reply = self.request({"t": "auth", "public_key": identity.public_key_raw, "signature": sig})
+        party = str(reply.header["party"])
+        if party != identity.party_id:
+            msg = "the kernel recorded a different party id than this identity's"
+            raise MalformedFrame(msg)
+        return party
+
     def close(self) -> None:
         try:
             self.sock.close()

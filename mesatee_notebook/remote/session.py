@@ -17,7 +17,7 @@ from mesatee_notebook.remote.channel import Channel, parse_url
 from mesatee_notebook.wire.codecs import decode_value, encode_value
 from mesatee_notebook.wire.stream import Message, Progress
 
-__all__ = ["RunResult", "Session", "connect", "default_policy", "verify_receipt_default"]
+__all__ = ["CallResult", "RunResult", "Session", "connect", "default_policy", "verify_receipt_default"]
 
 StreamCallback = Callable[[str, str], None]
 """``callback(name, text)`` with name ``"stdout"`` or ``"stderr"``."""
@@ -55,11 +55,22 @@ def verify_receipt_default(
     return verify_receipt(receipt, policy or default_policy(), **expect)
 
 
+@dataclass
+class CallResult:
+    """What a trusted service returned: public ``info``, named values, and the verified receipt."""
+
+    info: dict[str, Any]
+    values: dict[str, Any]
+    receipt: Receipt
+    verified: VerifiedReceipt = field(repr=False)
+
+
 class Session:
     """A session on an enclave kernel: one executor process with a persistent namespace."""
 
-    def __init__(self, channel: Channel, name: str = "default") -> None:
+    def __init__(self, channel: Channel, name: str = "default", party_id: str | None = None) -> None:
         self._channel = channel
+        self.party_id = party_id
         reply = channel.request({"t": "session.open", "name": name})
         self.name = name
         self.id = str(reply.header["session"])
@@ -211,6 +222,107 @@ class Session:
             value_repr=value_repr if isinstance(value_repr, str) else None,
         )
 
+    # -- trusted services ------------------------------------------------------------------------
+    def call(
+        self,
+        service: str,
+        args: Mapping[str, Any] | None = None,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+        timeout: float | None = None,
+        upload_progress: Progress | None = None,
+    ) -> CallResult:
+        """Call a trusted service in the kernel (datasets, queries, PSI, GBDT, TVM) as this party.
+
+        The receipt binds the service name and arguments, the input digests, the returned
+        values and ``info``; it is verified before anything is returned.
+        """
+        from mesatee_notebook.attestation.measurement import canonical_json
+
+        args = dict(args or {})
+        specs, payloads = [], []
+        for name, value in (inputs or {}).items():
+            enc = encode_value(value)
+            specs.append({"name": name, "kind": enc.kind, "meta": enc.meta})
+            payloads.append(enc.parts)
+        nonce = secrets.token_hex(16)
+
+        def on_stream(m: Message) -> None:
+            if m.type == "progress" and progress is not None:
+                progress(dict(m.header.get("data") or {}))
+
+        header = {"t": "call", "service": service, "args": args, "inputs": specs, "nonce": nonce, "timeout": timeout}
+        reply = self._channel.request(header, payloads, on_stream=on_stream, digests=True,
+                                      upload_progress=upload_progress)
+        sent = reply.header.get("_sent") or []
+        info = reply.header.get("info") or {}
+        value_specs = reply.header.get("values")
+        if not isinstance(value_specs, list) or len(value_specs) != len(reply.payloads):
+            msg = "result values and payloads do not match"
+            raise MalformedFrame(msg)
+        got = {str(s["name"]): d for s, d in zip(value_specs, reply.digests or [], strict=True)}
+        got["info"] = hashlib.sha256(canonical_json(info)).hexdigest()
+        receipt = Receipt.load(reply.header.get("receipt") or {})
+        verified = verify_receipt(receipt, self.policy, nonce=nonce, outputs=got,
+                                  inputs={str(s["name"]): d for s, d in zip(specs, sent, strict=True)},
+                                  attested=self.attestation)
+        pred = verified.predicate
+        want_code = hashlib.sha256(canonical_json({"service": service, "args": args})).hexdigest()
+        if pred.get("service") != service or pred.get("code", {}).get("sha256") != want_code:
+            msg = "the receipt names another service call than the one sent"
+            raise ReceiptError(msg)
+        if pred.get("party") != self.party_id:
+            msg = "the receipt was issued to another party"
+            raise ReceiptError(msg)
+        self.last_receipt = receipt
+        values = {
+            str(s["name"]).removeprefix("out/"): decode_value(str(s["kind"]), buf, meta=s.get("meta"))
+            for s, buf in zip(value_specs, reply.payloads, strict=True)
+        }
+        return CallResult(info=dict(info), values=values, receipt=receipt, verified=verified)
+
+    def whoami(self) -> str | None:
+        """The party id the kernel recorded for this connection (None if anonymous)."""
+        party = self._channel.request({"t": "whoami"}).header.get("party")
+        return None if party is None else str(party)
+
+    def audit(self) -> list[dict[str, Any]]:
+        """The audit entries this party may see, verified (signatures, hash chain, platform key)."""
+        from mesatee_notebook.attestation.audit_verify import verify_audit_log
+        from mesatee_notebook.attestation.evidence import fingerprint
+
+        reply = self._channel.request({"t": "audit"})
+        entries = list(reply.header.get("entries") or [])
+        pub = bytes(reply.header.get("public_key") or b"")
+        if self.attestation.level.label != "unprotected" and fingerprint(pub) != self.attestation.platform:
+            msg = "the audit log is not signed by the attested platform key"
+            raise ReceiptError(msg)
+        verify_audit_log(entries, pub, partial=True)
+        return entries
+
+    # -- SecureDataFrame -------------------------------------------------------------------------
+    def upload(self, df: Any, name: str, *, policy: Any = None, replace: bool = False) -> Any:
+        """Put a DataFrame into the enclave as dataset ``name`` under ``policy``; return a SecureDataFrame."""
+        from mesatee_notebook.remote.frame import SecureDataFrame
+        from mesatee_notebook.wire.datapolicy import DataPolicy
+
+        pol = policy if policy is not None else DataPolicy()
+        res = self.call("dataset.upload", {"name": name, "policy": pol.to_dict(), "replace": replace},
+                        {"data": df})
+        return SecureDataFrame.from_dataset_info(res.info, _FrameBackend(self))
+
+    def dataframe(self, name: str) -> Any:
+        """A lazy SecureDataFrame over dataset ``name`` (any party; the owner's policy decides what leaves)."""
+        from mesatee_notebook.remote.frame import SecureDataFrame
+
+        res = self.call("frame.info", {"name": name})
+        return SecureDataFrame.from_dataset_info(res.info, _FrameBackend(self))
+
+    def datasets(self) -> list[dict[str, Any]]:
+        """Public descriptions (name, owner, schema, policy) of the kernel's datasets."""
+        return list(self.call("dataset.list").info.get("datasets", []))
+
     # -- control --------------------------------------------------------------------------------
     def interrupt(self) -> bool:
         """Interrupt the running cell (over a second attested connection). True if one was running."""
@@ -254,6 +366,17 @@ class Session:
         self.close()
 
 
+class _FrameBackend:
+    """Evaluates SecureDataFrame plans through the session's ``frame.collect`` service."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def collect(self, plan_json: str) -> tuple[Any, Any]:
+        res = self._session.call("frame.collect", {"plan": plan_json})
+        return res.values.get("result"), res.receipt
+
+
 def _echo(name: str, text: str) -> None:
     stream = sys.stderr if name == "stderr" else sys.stdout
     stream.write(text)
@@ -267,12 +390,15 @@ def connect(
     session: str = "default",
     allow_unprotected: bool = False,
     timeout: float = 30.0,
+    identity: Any = None,
 ) -> Session:
     """Connect to an enclave kernel, attest it, and open a session.
 
     With no ``url``, start (or reuse) the local embedded softtee kernel and pin the
     platform key it created. With a ``mesatee://host:port`` URL, the ``policy`` names the
-    platform roots, measurements and minimum level to accept.
+    platform roots, measurements and minimum level to accept. ``identity`` is this party's
+    key directory (created on first use; default ``~/.config/mesatee_notebook/identity``), a
+    PartyIdentity, or False to stay anonymous; the key is proven on the verified channel.
     """
     if url is None:
         from mesatee_notebook.remote.embedded import ensure_embedded_kernel
@@ -288,7 +414,16 @@ def connect(
         pol = replace(pol, allow_unprotected=True)
     channel = Channel(host, port, pol, timeout=timeout)
     try:
-        return Session(channel, session)
+        party = None
+        if identity is not False:
+            from mesatee_notebook.remote.identity import PartyIdentity
+
+            if isinstance(identity, PartyIdentity):
+                ident = identity
+            else:
+                ident = PartyIdentity.load_or_create(None if identity is None else Path(identity).expanduser())
+            party = channel.authenticate(ident)
+        return Session(channel, session, party)
     except BaseException:
         channel.close()
         raise

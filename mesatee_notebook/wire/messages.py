@@ -30,6 +30,9 @@ REQUEST_TYPES = frozenset(
         "interrupt",
         "call",
         "ping",
+        "auth",
+        "whoami",
+        "audit",
     }
 )
 

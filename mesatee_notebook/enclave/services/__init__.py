@@ -1,0 +1,128 @@
+"""Services: trusted functions the kernel runs for parties in its *service worker*.
+
+The service worker is an executor process that never runs user code, so a data owner's
+policy checks cannot be patched by an analyst's cell. It holds no keys: sealed storage and
+the audit log go through the supervisor. Each service is a function::
+
+    @service("frame.collect")
+    def collect(ctx: ServiceContext, args: dict, inputs: dict) -> ServiceResult: ...
+
+``ctx.party`` is the proven party id of the caller. A service returns ``info`` (a small
+msgpack-able dict) and named ``values`` (encoded like cell outputs); the supervisor signs a
+receipt over both. Refusals are typed errors (PolicyViolation, NotFound, ...).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from mesatee_notebook.errors import NotFound
+
+if TYPE_CHECKING:
+    from mesatee_notebook.enclave.executor import Executor
+
+__all__ = ["SERVICE_MODULES", "ServiceContext", "ServiceResult", "dispatch", "service"]
+
+ServiceFn = Callable[["ServiceContext", dict[str, Any], dict[str, Any]], "ServiceResult"]
+_REGISTRY: dict[str, ServiceFn] = {}
+
+#: Modules that register services; imported once, on the first call.
+SERVICE_MODULES = (
+    "mesatee_notebook.enclave.services.datasets",
+    "mesatee_notebook.enclave.services.frames",
+    "mesatee_notebook.enclave.services.psi",
+    "mesatee_notebook.enclave.services.gbdt",
+    "mesatee_notebook.enclave.services.tvm",
+)
+
+
+def service(name: str) -> Callable[[ServiceFn], ServiceFn]:
+    """Register a service function under ``name``."""
+
+    def deco(fn: ServiceFn) -> ServiceFn:
+        if name in _REGISTRY:
+            msg = f"service {name!r} registered twice"
+            raise RuntimeError(msg)
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+@dataclass
+class ServiceResult:
+    """What a service returns: public ``info`` and named values to send back."""
+
+    info: dict[str, Any] = field(default_factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+class ServiceContext:
+    """The caller and the kernel facilities a service may use."""
+
+    def __init__(self, ex: Executor, party: str, state: dict[str, Any]) -> None:
+        self._ex = ex
+        self.party = party
+        self.state = state
+
+    def progress(self, **data: Any) -> None:
+        """Stream a progress update (e.g. a training round's metrics) to the caller."""
+        self._ex.send({"t": "progress", "data": data})
+
+    def audit(self, kind: str, details: dict[str, Any] | None = None, *, concerns: list[str] | None = None) -> None:
+        """Append an entry to the kernel's signed audit log (as this caller)."""
+        self._ex.request({"t": "audit", "kind": kind, "details": details or {}, "concerns": concerns or []})
+
+    def seal_put(self, name: str, data: Any) -> None:
+        """Store ``data`` (bytes-like) sealed under ``svc/<name>``."""
+        self._ex.request({"t": "seal.put", "name": name}, [data])
+
+    def seal_get(self, name: str) -> bytes:
+        """Read the sealed object ``svc/<name>``; NotFound if absent."""
+        return self._ex.request({"t": "seal.get", "name": name})
+
+    def seal_list(self, prefix: str) -> list[str]:
+        """Names under ``svc/<prefix>`` (without the ``svc/`` part)."""
+        import json
+
+        return list(json.loads(self._ex.request({"t": "seal.list", "name": prefix}) or b"[]"))
+
+    def seal_delete(self, name: str) -> None:
+        """Delete the sealed object ``svc/<name>``."""
+        self._ex.request({"t": "seal.delete", "name": name})
+
+
+_loaded = False
+
+
+def _load_modules() -> None:
+    global _loaded
+    if _loaded:
+        return
+    for mod in SERVICE_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+    _loaded = True
+
+
+def dispatch(name: str, ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
+    """Run the service ``name``; NotFound names the services that exist."""
+    _load_modules()
+    fn = _REGISTRY.get(name)
+    if fn is None:
+        known = ", ".join(sorted(_REGISTRY)) or "none"
+        msg = f"no service {name!r} in this kernel (available: {known})"
+        raise NotFound(msg)
+    return fn(ctx, args, inputs)
+
+
+def registered() -> list[str]:
+    """Names of the registered services."""
+    _load_modules()
+    return sorted(_REGISTRY)

@@ -1,0 +1,131 @@
+"""Dataset services: upload a table under its owner's policy, describe it, list, delete."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+import pandas as pd
+
+from mesatee_notebook.enclave.datasets import data_name, meta_name, validate_dataset_name
+from mesatee_notebook.enclave.services import ServiceContext, ServiceResult, service
+from mesatee_notebook.errors import EncodingError, NotFound, PolicyViolation
+from mesatee_notebook.wire.codecs import encode_value
+from mesatee_notebook.wire.datapolicy import DataPolicy
+
+__all__ = ["load_dataset", "load_meta", "public_info"]
+
+
+def load_meta(ctx: ServiceContext, name: str) -> dict[str, Any]:
+    """A dataset's metadata; NotFound names the dataset."""
+    try:
+        raw = ctx.seal_get(meta_name(name, prefix=""))
+    except NotFound:
+        msg = f"no dataset named {name!r} in this kernel"
+        raise NotFound(msg, dataset=name) from None
+    meta = json.loads(raw)
+    assert isinstance(meta, dict)
+    return meta
+
+
+def load_dataset(ctx: ServiceContext, name: str) -> tuple[pd.DataFrame, DataPolicy, str]:
+    """(frame, policy, owner), cached in the worker by the data's digest."""
+    meta = load_meta(ctx, name)
+    cache: dict[str, tuple[str, pd.DataFrame]] = ctx.state.setdefault("dataset_cache", {})
+    hit = cache.get(name)
+    if hit is None or hit[0] != meta["sha256"]:
+        import pyarrow as pa
+
+        raw = ctx.seal_get(data_name(name, prefix=""))
+        if hashlib.sha256(raw).hexdigest() != meta["sha256"]:
+            msg = f"dataset {name!r}: its data does not match the digest in its metadata"
+            raise PolicyViolation(msg)
+        df = pa.ipc.open_stream(pa.py_buffer(raw)).read_all().to_pandas()
+        cache[name] = (meta["sha256"], df)
+        hit = cache[name]
+    return hit[1], DataPolicy.from_dict(meta["policy"]), str(meta["owner"])
+
+
+def public_info(meta: dict[str, Any], party: str) -> dict[str, Any]:
+    """What any party may know: the schema, row count, owner and policy (hidden columns named, not shown)."""
+    policy = meta["policy"]
+    return {
+        "name": meta["name"],
+        "owner": meta["owner"],
+        "columns": meta["columns"],
+        "hidden": [] if party == meta["owner"] else list(policy.get("hidden_columns", [])),
+        "policy": policy,
+        "rows": meta["rows"],
+        "sha256": meta["sha256"],
+    }
+
+
+@service("dataset.upload")
+def upload(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
+    """Store ``inputs['data']`` as dataset ``args['name']``, owned by the caller, under ``args['policy']``."""
+    name = validate_dataset_name(str(args.get("name", "")))
+    df = inputs.get("data")
+    if not isinstance(df, pd.DataFrame):
+        msg = "dataset.upload needs a pandas DataFrame as input 'data'"
+        raise EncodingError(msg)
+    policy = DataPolicy.from_dict(dict(args.get("policy") or {}))
+    try:
+        old = load_meta(ctx, name)
+    except NotFound:
+        old = None
+    if old is not None:
+        if old["owner"] != ctx.party:
+            ctx.audit("refusal", {"dataset": name, "reason": "name owned by another party"}, concerns=[old["owner"]])
+            msg = f"dataset {name!r} belongs to another party; choose another name"
+            raise PolicyViolation(msg, dataset=name)
+        if not args.get("replace"):
+            msg = f"dataset {name!r} already exists; pass replace=True to overwrite it"
+            raise PolicyViolation(msg, dataset=name)
+    df = df.reset_index(drop=True)
+    enc = encode_value(df)
+    data = b"".join(bytes(memoryview(p).cast("B")) for p in enc.parts)
+    digest = hashlib.sha256(data).hexdigest()
+    ctx.seal_put(data_name(name, prefix=""), data)
+    meta = {
+        "name": name,
+        "owner": ctx.party,
+        "policy": policy.to_dict(),
+        "columns": [[str(c), str(t)] for c, t in df.dtypes.items()],
+        "rows": len(df),
+        "sha256": digest,
+        "created": time.time(),
+    }
+    ctx.seal_put(meta_name(name, prefix=""), json.dumps(meta).encode())
+    ctx.audit("upload", {"dataset": name, "rows": len(df), "sha256": digest})
+    return ServiceResult(info=public_info(meta, ctx.party))
+
+
+@service("dataset.info")
+def info(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
+    """The public description of one dataset."""
+    return ServiceResult(info=public_info(load_meta(ctx, str(args.get("name", ""))), ctx.party))
+
+
+@service("dataset.list")
+def listing(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
+    """Names, owners and schemas of all datasets (schemas are public)."""
+    names = sorted({n.split("/")[1] for n in ctx.seal_list("datasets") if n.endswith("/meta")})
+    return ServiceResult(info={"datasets": [public_info(load_meta(ctx, n), ctx.party) for n in names]})
+
+
+@service("dataset.delete")
+def delete(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
+    """Delete a dataset (owner only)."""
+    name = str(args.get("name", ""))
+    meta = load_meta(ctx, name)
+    if meta["owner"] != ctx.party:
+        ctx.audit("refusal", {"dataset": name, "reason": "delete by non-owner"}, concerns=[meta["owner"]])
+        msg = f"only the owner may delete dataset {name!r}"
+        raise PolicyViolation(msg, dataset=name)
+    ctx.seal_delete(data_name(name, prefix=""))
+    ctx.seal_delete(meta_name(name, prefix=""))
+    ctx.state.get("dataset_cache", {}).pop(name, None)
+    ctx.audit("upload", {"dataset": name, "deleted": True})
+    return ServiceResult(info={"deleted": name})

@@ -1,0 +1,90 @@
+"""The SecureDataFrame service: evaluate a plan under the owners' policies, in the service worker."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pandas as pd
+
+from mesatee_notebook.enclave.frames import FrameEvaluator
+from mesatee_notebook.enclave.services import ServiceContext, ServiceResult, service
+from mesatee_notebook.enclave.services.datasets import load_dataset, load_meta
+from mesatee_notebook.errors import NotFound
+from mesatee_notebook.wire.datapolicy import DataPolicy
+
+__all__ = ["SealedDatasets"]
+
+
+class SealedDatasets(Mapping[str, tuple[pd.DataFrame, DataPolicy, str]]):
+    """The evaluator's dataset registry, read lazily from sealed storage for the current call."""
+
+    def __init__(self) -> None:
+        self.ctx: ServiceContext | None = None
+
+    def __getitem__(self, name: str) -> tuple[pd.DataFrame, DataPolicy, str]:
+        assert self.ctx is not None
+        try:
+            return load_dataset(self.ctx, name)
+        except (NotFound, ValueError) as exc:
+            raise KeyError(name) from exc
+
+    def __iter__(self) -> Iterator[str]:
+        assert self.ctx is not None
+        return iter(sorted({n.split("/")[1] for n in self.ctx.seal_list("datasets") if n.endswith("/meta")}))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def _evaluator(ctx: ServiceContext) -> FrameEvaluator:
+    """One evaluator per worker: its differencing-guard history lives as long as the worker."""
+    ev = ctx.state.get("frame_evaluator")
+    if ev is None:
+        registry = SealedDatasets()
+        sink: dict[str, Any] = {}
+
+        def audit(event: dict[str, Any]) -> None:
+            c = sink["ctx"]
+            kind = "refusal" if event.get("outcome") == "refused" else "query"
+            owners = []
+            for name in event.get("datasets", []):
+                try:
+                    owners.append(str(load_meta(c, str(name))["owner"]))
+                except (NotFound, ValueError):
+                    continue
+            c.audit(kind, event, concerns=sorted(set(owners)))
+
+        ev = FrameEvaluator(registry, audit)
+        ctx.state["frame_evaluator"] = (ev, registry, sink)
+        return ev
+    return ev[0]  # type: ignore[no-any-return]
+
+
+def _bind(ctx: ServiceContext) -> FrameEvaluator:
+    ev = _evaluator(ctx)
+    _, registry, sink = ctx.state["frame_evaluator"]
+    registry.ctx = ctx
+    sink["ctx"] = ctx
+    return ev
+
+
+@service("frame.collect")
+def collect(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
+    """Evaluate ``args['plan']`` for the caller; release the result only if every owner's policy allows it."""
+    ev = _bind(ctx)
+    result = ev.evaluate(str(args.get("plan", "")), ctx.party)
+    info = {"plan_sha256": result.plan_sha256, "datasets": list(result.datasets), "level": result.level,
+            "suppressed": result.suppressed}
+    return ServiceResult(info=info, values={"result": result.value})
+
+
+@service("frame.info")
+def frame_info(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
+    """The dataset as the caller sees it (schema, hidden columns) for building a SecureDataFrame."""
+    ev = _bind(ctx)
+    try:
+        return ServiceResult(info=ev.dataset_info(str(args.get("name", "")), ctx.party))
+    except KeyError:
+        msg = f"no dataset named {args.get('name')!r} in this kernel"
+        raise NotFound(msg) from None
