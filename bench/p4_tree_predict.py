@@ -2,7 +2,9 @@
 
 Engine level (no channel yet): one binary:logistic model (200 trees, depth 6, 30 features, trained on
 20k synthetic rows with hist), predicted on 1 row and on 100k rows, plus a batch-size sweep that finds
-the crossover used by ``TreePredictor``. Medians of R samples, each sample a loop of at least 50 ms.
+the crossover used by ``TreePredictor``. xgboost runs with its default threads (all cores) and, for
+comparison, with nthread=1: on a shared machine its OpenMP barriers wait for a busy core's time slice.
+Medians of R samples, each sample a loop of at least 50 ms. The load average is recorded with the figures.
 Prints a table and writes bench/results/p4_tree_predict.json.
 Usage: python bench/p4_tree_predict.py [REPEATS]
 """
@@ -77,17 +79,21 @@ def main() -> None:
         Xtest, _ = make_data(ROWS, 1)
         one = np.ascontiguousarray(Xtest[:1])
         booster = model.booster
+        booster1 = booster.copy()
+        booster1.set_param({"nthread": 1})
         assert np.allclose(compiled1.predict_matrix(Xtest), booster.inplace_predict(Xtest), atol=1e-5)
 
         cases: dict[str, dict[str, dict[str, float]]] = {
             "1 row": {
                 "compiled (1 thread)": timeit(lambda: compiled1.predict_matrix(one), repeats),
                 "xgboost inplace_predict": timeit(lambda: booster.inplace_predict(one), repeats),
+                "xgboost nthread=1": timeit(lambda: booster1.inplace_predict(one), repeats),
             },
             "100k rows": {
                 "compiled (1 thread)": timeit(lambda: compiled1.predict_matrix(Xtest), max(5, repeats // 3)),
                 "compiled (2 threads)": timeit(lambda: compiled2.predict_matrix(Xtest), max(5, repeats // 3)),
                 "xgboost inplace_predict": timeit(lambda: booster.inplace_predict(Xtest), max(5, repeats // 3)),
+                "xgboost nthread=1": timeit(lambda: booster1.inplace_predict(Xtest), max(5, repeats // 3)),
             },
         }
         predictor = treecompile.TreePredictor(model, cache)
@@ -97,6 +103,8 @@ def main() -> None:
 
     ratios = {
         "1 row: xgboost / compiled": cases["1 row"]["xgboost inplace_predict"]["median_s"]
+        / cases["1 row"]["compiled (1 thread)"]["median_s"],
+        "1 row: xgboost(nthread=1) / compiled": cases["1 row"]["xgboost nthread=1"]["median_s"]
         / cases["1 row"]["compiled (1 thread)"]["median_s"],
         "100k rows: compiled(1t) / xgboost": cases["100k rows"]["compiled (1 thread)"]["median_s"]
         / cases["100k rows"]["xgboost inplace_predict"]["median_s"],

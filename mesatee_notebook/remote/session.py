@@ -301,6 +301,35 @@ class Session:
         verify_audit_log(entries, pub, partial=True)
         return entries
 
+    # -- service facades (each in its own module) -------------------------------------------------
+    @property
+    def psi(self) -> Any:
+        """Private set intersection jobs among parties (``remote/psi.py``)."""
+        from mesatee_notebook.remote.psi import PsiClient
+
+        return PsiClient(self)
+
+    @property
+    def jobs(self) -> Any:
+        """Multi-party jobs: create, submit, approve, result (``remote/psi.py``)."""
+        from mesatee_notebook.remote.psi import JobsClient
+
+        return JobsClient(self)
+
+    @property
+    def gbdt(self) -> Any:
+        """GBDT training and prediction with xgboost in the enclave (``remote/ml.py``)."""
+        from mesatee_notebook.remote.ml import GbdtClient
+
+        return GbdtClient(self)
+
+    @property
+    def tvm(self) -> Any:
+        """TVM-compiled model inference in the enclave (``remote/ml.py``)."""
+        from mesatee_notebook.remote.ml import TvmClient
+
+        return TvmClient(self)
+
     # -- SecureDataFrame -------------------------------------------------------------------------
     def upload(self, df: Any, name: str, *, policy: Any = None, replace: bool = False) -> Any:
         """Put a DataFrame into the enclave as dataset ``name`` under ``policy``; return a SecureDataFrame."""

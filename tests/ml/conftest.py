@@ -58,7 +58,10 @@ def mlp_model(seed: int = 0) -> onnx.ModelProto:
 
 
 def cnn_model(seed: int = 0) -> onnx.ModelProto:
-    """Conv-Relu-MaxPool-Conv-Relu-GlobalAveragePool-Flatten-Gemm-Softmax on (N, 3, 16, 16)."""
+    """Conv-Relu-MaxPool-Conv-Relu-GlobalAveragePool-Flatten-Gemm-Softmax on (N, 3, 16, 16).
+
+    Two outputs: the probabilities and the logits ``z`` before the softmax.
+    """
     rng = np.random.default_rng(seed)
 
     def init(name: str, *shape: int) -> onnx.TensorProto:
@@ -81,7 +84,10 @@ def cnn_model(seed: int = 0) -> onnx.ModelProto:
         nodes,
         "cnn",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 16, 16])],
-        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 10])],
+        [
+            helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 10]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 10]),
+        ],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

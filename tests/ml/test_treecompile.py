@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -72,6 +73,7 @@ def test_second_compile_is_a_cache_hit(frame: pd.DataFrame, tmp_path: Path) -> N
     assert time.perf_counter() - t0 < 1.0
     assert again.from_cache
     assert again.path == first.path
+    assert again.library_sha256 == first.library_sha256 == hashlib.sha256(first.path.read_bytes()).hexdigest()
     assert [p.name for p in tmp_path.iterdir()] == [first.path.parent.name]
     other = treecompile.compile_trees(_train(frame, "binary:logistic", rounds=26), tmp_path)
     assert other.digest != first.digest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -51,10 +52,11 @@ def test_cnn_matches_onnxruntime(cache: Path, batch: int) -> None:
     model = cnn_model()
     compiled = tvm_runtime.compile_onnx(model.SerializeToString(), {"image": (batch, 3, 16, 16)}, cache)
     image = np.random.default_rng(batch).normal(size=(batch, 3, 16, 16)).astype(np.float32)
-    (want,) = ort_run(model, {"image": image})
-    got = compiled.run(image)["probs"]
-    assert got.shape == (batch, 10)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    want_probs, want_logits = ort_run(model, {"image": image})
+    got = compiled.run(image)
+    assert [(s.name, s.shape) for s in compiled.outputs] == [("probs", (batch, 10)), ("z", (batch, 10))]
+    np.testing.assert_allclose(got["probs"], want_probs, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got["z"], want_logits, rtol=1e-4, atol=1e-4)
 
 
 def test_second_compile_is_a_cache_hit(cache: Path, mlp_1024: tvm_runtime.TVMModel) -> None:
@@ -92,6 +94,7 @@ def test_untuned_compile_reports_phases(tmp_path: Path) -> None:
     entries = sorted(p.name for p in tmp_path.iterdir())
     assert entries == [f"tvm-{compiled.digest}"]
     assert sorted(p.name for p in (tmp_path / entries[0]).iterdir()) == ["compile.log", "meta.json", "model.so"]
+    assert compiled.library_sha256 == hashlib.sha256(compiled.path.read_bytes()).hexdigest()
 
 
 def test_corrupt_cached_module_is_rebuilt(tmp_path: Path) -> None:
@@ -241,6 +244,12 @@ def test_tuned_compile_matches_and_caches(tmp_path: Path) -> None:
     (want,) = ort_run(model, {"x": x})
     np.testing.assert_allclose(tuned.run(x)["y"], want, rtol=1e-4, atol=1e-4)
 
+    (tune_dir,) = tmp_path.glob("tvm-tune-*")
+    assert sorted(p.name for p in tune_dir.iterdir()) == [
+        "database_tuning_record.json",
+        "database_workload.json",
+        "done.json",
+    ]
     t0 = time.perf_counter()
     again = tvm_runtime.compile_onnx(model, {"x": (64, 32)}, tmp_path, tune_trials=4)
     assert time.perf_counter() - t0 < 1.0
