@@ -560,7 +560,15 @@ class Kernel:
     # -- the service worker ---------------------------------------------------------------------
     def service_worker_handle(self) -> ExecutorHandle:
         """The running service worker (started on first use, restarted after a crash)."""
-        if self._service is None or not self._service.alive:
+        if self._service is not None and not self._service.alive:
+            status = self._service.crashed_error().details.get("status")
+            log.warning("service worker died (%s); starting a new one", status)
+            # In-memory service state (e.g. the differencing guard's history) is lost: say so to everyone.
+            self.audit_log.append("recovery", None, {"service_worker": "restarted", "status": status},
+                                  concerns=["*"])
+            self._service.kill()
+            self._service = None
+        if self._service is None:
             self._service = ExecutorHandle(self.config.executor_memory, service=True)
         return self._service
 

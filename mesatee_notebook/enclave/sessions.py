@@ -42,6 +42,7 @@ class ExecutorHandle:
 
     def __init__(self, memory_limit: int, *, service: bool = False) -> None:
         self.memory_limit = memory_limit
+        self.service = service
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock = parent
         env = {k: v for k, v in os.environ.items() if not k.startswith("MESATEE_SECRET")}
@@ -82,6 +83,12 @@ class ExecutorHandle:
         except subprocess.TimeoutExpired:
             pass
         status = _signal_name(self.proc.poll())
+        if self.service:
+            msg = (
+                f"the kernel's service worker died ({status}) during this call; nothing was released. "
+                "The next call starts a new worker, which reloads state from sealed storage."
+            )
+            return ExecutorCrashed(msg, status=status)
         msg = (
             f"the session's executor process died ({status}); its namespace is lost. "
             "Restart the session to go on (Session.restart() or %mesatee restart)."
