@@ -376,6 +376,7 @@ class _Connection:
             subjects["value_repr"] = hashlib.sha256(value_repr.encode()).hexdigest()
         predicate = {
             "kind": "execute",
+            "party": session.party,
             "measurement": k.identity.measurement,
             "level": k.identity.level.label,
             "session": session.id,

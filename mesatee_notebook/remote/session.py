@@ -196,8 +196,8 @@ class Session:
         verified = verify_receipt(
             receipt, self.policy, nonce=nonce, outputs=got, inputs=input_digests, code=code, attested=self.attestation
         )
-        if verified.predicate.get("session") != self.id:
-            msg = "the receipt was issued for another session"
+        if verified.predicate.get("session") != self.id or verified.predicate.get("party") != self.party_id:
+            msg = "the receipt was issued for another session or party"
             raise ReceiptError(msg)
         self.last_receipt = receipt
         decoded: dict[str, Any] = {}
