@@ -30,16 +30,16 @@ import secrets
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
-from mesatee_notebook.enclave.audit import AuditLog
-from mesatee_notebook.enclave.sealing import SealedStore
 from mesatee_notebook.errors import EncodingError, NotFound, PolicyViolation, TamperedData
 
 __all__ = [
     "Action",
     "ApproveJob",
     "AuditAction",
+    "AuditSink",
+    "BlobStore",
     "CancelJob",
     "CreateJob",
     "Event",
@@ -548,26 +548,52 @@ _HANDLERS: Final[dict[type, Callable[[Job, Any], Transition]]] = {
 # -- persistence -------------------------------------------------------------------------------------------------
 
 
+class BlobStore(Protocol):
+    """What :class:`JobStore` needs of sealed storage (a ``SealedStore``, or a service's view of it)."""
+
+    def put(self, name: str, data: bytes | bytearray | memoryview) -> None: ...
+    def get(self, name: str) -> bytes: ...
+    def list(self, prefix: str = "") -> list[str]: ...
+    def delete(self, name: str) -> None: ...
+
+
+class AuditSink(Protocol):
+    """What :class:`JobStore` needs of the audit log (an ``AuditLog``, or a service's view of it)."""
+
+    def append(
+        self, kind: str, party: str | None, details: Mapping[str, Any] | None = None, *, concerns: Any = ()
+    ) -> Any: ...
+
+
 class JobStore:
     """Jobs sealed to disk: every accepted event is persisted before its actions are returned.
 
     Layout in the sealed store: ``<prefix><job id>/state``, ``.../input/<name>``, ``.../result``.
+
+    A job whose sealed state fails to authenticate is neither used nor dropped: it is listed in :attr:`damaged`
+    and every access to it raises ``TamperedData``; the other jobs keep working.
     """
 
-    def __init__(self, store: SealedStore, audit: AuditLog | None = None, *, prefix: str = "jobs/") -> None:
+    def __init__(self, store: BlobStore, audit: AuditSink | None = None, *, prefix: str = "jobs/") -> None:
         self._store = store
         self._audit = audit
         self._prefix = prefix
         self._lock = threading.RLock()
         self._jobs: dict[str, Job] = {}
+        self.damaged: dict[str, str] = {}  # job id -> why its sealed state cannot be used
         self.recovered_actions: list[Action] = []
         for name in store.list(prefix):
             if not name.endswith("/state"):
                 continue
-            job = Job.from_json(json.loads(store.get(name)))
+            job_id = name[len(prefix) :].split("/")[0]
+            try:
+                job = Job.from_json(json.loads(store.get(name)))
+            except TamperedData as exc:
+                self.damaged[job_id] = exc.message
+                continue
             if name != self._name(job.job_id, "state"):
-                msg = f"sealed job record {name!r} holds job {job.job_id}"
-                raise TamperedData(msg, name=name)
+                self.damaged[job_id] = f"sealed job record {name!r} holds job {job.job_id}"
+                continue
             self._jobs[job.job_id] = job
         for job in list(self._jobs.values()):
             if job.state is JobState.RUNNING:
@@ -581,6 +607,8 @@ class JobStore:
         """Apply an event: refuse (audited), or persist the new state, audit, and return the actions."""
         with self._lock:
             job_id = event.spec.job_id if isinstance(event, CreateJob) else event.job_id
+            if job_id in self.damaged:
+                self.get(job_id)  # raises TamperedData: a damaged job is never overwritten or used
             try:
                 result = transition(self._jobs.get(job_id), event)
             except PolicyViolation as exc:
@@ -629,8 +657,11 @@ class JobStore:
         return self.handle(CreateJob(spec))
 
     def get(self, job_id: str) -> Job:
-        """Return the job (``NotFound`` if unknown)."""
+        """Return the job (``NotFound`` if unknown, ``TamperedData`` if its sealed state was modified)."""
         with self._lock:
+            if job_id in self.damaged:
+                msg = f"job {job_id}: its sealed state failed to authenticate and is not used ({self.damaged[job_id]})"
+                raise TamperedData(msg, job_id=job_id)
             try:
                 return self._jobs[job_id]
             except KeyError:

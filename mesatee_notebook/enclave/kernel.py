@@ -476,6 +476,7 @@ class Kernel:
         self._listener: socket.socket | None = None
         self.address: tuple[str, int] = (config.host, config.port)
         self._service: ExecutorHandle | None = None
+        self._spare: ExecutorHandle | None = None
         self._service_lock = threading.Lock()
         self.audit_log = self._open_audit_log(platform_key)
 
@@ -493,11 +494,31 @@ class Kernel:
     # -- sessions -------------------------------------------------------------------------------
     def open_session(self, name: str, party: str | None = None) -> Session:
         session = Session(name=name, memory_limit=self.config.executor_memory, party=party)
-        session.start()
+        with self._lock:
+            spare, self._spare = self._spare, None
+        session.start(spare if spare is not None and spare.alive else None)
         with self._lock:
             self.sessions[session.id] = session
+        self._refill_spare()
         log.info("session %s (%s) opened, executor pid %s", session.id, name, session.executor and session.executor.pid)
         return session
+
+    def _refill_spare(self) -> None:
+        """Start one executor ahead of time (it has never run code), so the next session opens at once."""
+
+        def fill() -> None:
+            try:
+                handle = ExecutorHandle(self.config.executor_memory)
+            except MesateeError as exc:
+                log.warning("could not pre-start an executor: %s", exc)
+                return
+            with self._lock:
+                if self._spare is None and not self.stopping.is_set():
+                    self._spare = handle
+                    return
+            handle.shutdown()
+
+        threading.Thread(target=fill, name="mesatee-spare", daemon=True).start()
 
     def close_session(self, session: Session) -> None:
         with self._lock:
@@ -632,6 +653,7 @@ class Kernel:
         assert self._listener is not None
         self._listener.settimeout(1.0)
         threading.Thread(target=self._refresher, name="mesatee-refresh", daemon=True).start()
+        self._refill_spare()
         try:
             while not self.stopping.is_set():
                 try:
@@ -713,6 +735,10 @@ class Kernel:
             self.close_session(session)
         if self._service is not None:
             self._service.shutdown()
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.shutdown()
         info = self.config.data_dir / "kernel.json"
         try:
             if json.loads(info.read_text()).get("pid") == os.getpid():

@@ -185,8 +185,9 @@ class Session:
     busy: bool = False
     calls: int = 0
 
-    def start(self) -> None:
-        self.executor = ExecutorHandle(self.memory_limit)
+    def start(self, executor: ExecutorHandle | None = None) -> None:
+        """Start a fresh executor, or adopt a pre-started one that has never run code."""
+        self.executor = executor if executor is not None else ExecutorHandle(self.memory_limit)
 
     def check_token(self, token: Any) -> None:
         if not isinstance(token, str) or not secrets.compare_digest(token, self.token):

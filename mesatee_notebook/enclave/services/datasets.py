@@ -33,6 +33,10 @@ def load_meta(ctx: ServiceContext, name: str) -> dict[str, Any]:
 def load_dataset(ctx: ServiceContext, name: str) -> tuple[pd.DataFrame, DataPolicy, str]:
     """(frame, policy, owner), cached in the worker by the data's digest."""
     meta = load_meta(ctx, name)
+    readers = meta.get("readers")  # set on datasets a job made (PSI join): only its receivers may query them
+    if readers is not None and ctx.party not in readers:
+        msg = f"dataset {name!r} was made by a job and only that job's receivers may query it"
+        raise PolicyViolation(msg, dataset=name)
     cache: dict[str, tuple[str, pd.DataFrame]] = ctx.state.setdefault("dataset_cache", {})
     hit = cache.get(name)
     if hit is None or hit[0] != meta["sha256"]:

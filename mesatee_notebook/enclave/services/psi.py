@@ -1,0 +1,559 @@
+"""Job and PSI services: multi-party jobs with approvals, and private set intersection on top of them.
+
+Generic jobs (``job.*``) follow :mod:`mesatee_notebook.enclave.jobs`: a job names its inputs and their owners and
+its receivers; it runs only when every input is in and every owner approved the exact spec; its result goes only to
+the receivers. Every step and every refusal is in the audit log. A kind of job is run by the runner registered for
+it (:func:`register_runner`); ``psi`` is registered here, other engines (GBDT on another party's data) add theirs.
+
+PSI (``psi.*``) is a job of kind ``psi`` with one input per party::
+
+    psi.create  {name, parties: [id...] | {label: id}, mode, receivers, dataset?}   the creator approves at once
+    psi.submit  {name, source?: {dataset, column, values?}, policy?} + inputs {items, values?}
+    psi.approve {name, spec_digest}
+    psi.result  {name}          -> info {mode, cardinality, ...}, values {items} (intersection)
+    psi.status / psi.parties
+
+Items are canonicalised and hashed when they arrive (the worker keeps the hashed input in memory) and sealed as
+received, so a restarted kernel hashes them again under a fresh key. The job runs in the call that completes it
+(the last submission or approval), or, after a restart, in the first call that finds it approved.
+
+Join mode: the joined rows never leave. They become dataset ``dataset`` (default ``psi-<name>``) owned by the job
+(``job:<id>``), readable only by the receivers, under the strictest of the inputs' policies with ``allow_rows``
+off and the item column hidden. Receivers query it through ``Session.dataframe``; only aggregates that pass the
+policy come out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from typing import Any, Final, cast
+
+import numpy as np
+import pandas as pd
+
+from mesatee_notebook.enclave.datasets import data_name, meta_name, validate_dataset_name
+from mesatee_notebook.enclave.jobs import (
+    ApproveJob,
+    Job,
+    JobState,
+    JobStore,
+    RunJob,
+    SubmitInput,
+    Transition,
+    transition,
+)
+from mesatee_notebook.enclave.services import ServiceContext, ServiceResult, service
+from mesatee_notebook.enclave.services.datasets import load_dataset, load_meta
+from mesatee_notebook.enclave.services.jobstore import (
+    job_id_for_name,
+    job_store,
+    pack_values,
+    refuse,
+    resolve_job,
+    unpack_values,
+)
+from mesatee_notebook.errors import EncodingError, MesateeError, NotFound, PolicyViolation
+from mesatee_notebook.ml.psi import PsiInput, PsiKey, PsiMode, run_psi
+from mesatee_notebook.wire.codecs import encode_value
+from mesatee_notebook.wire.datapolicy import DataPolicy
+
+__all__ = ["RUNNERS", "job_info", "register_runner", "strictest_policy"]
+
+Runner = Callable[[ServiceContext, JobStore, Job], bytes]
+#: kind -> function that computes a running job's result (sealed as the job's result).
+RUNNERS: dict[str, Runner] = {}
+_MODES: Final = ("intersection", "cardinality", "join")
+_CACHE: Final = "psi.inputs"  # job id -> (PsiKey, {input name: (digest, PsiInput)})
+
+
+def register_runner(kind: str) -> Callable[[Runner], Runner]:
+    """Register the function that runs approved jobs of ``kind``."""
+
+    def deco(fn: Runner) -> Runner:
+        RUNNERS[kind] = fn
+        return fn
+
+    return deco
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------
+
+
+def job_info(job: Job, party: str) -> dict[str, Any]:
+    """What a party to the job may know about it: spec, state, who submitted and approved (no data)."""
+    spec = job.spec
+    return {
+        "job_id": job.job_id,
+        "name": spec.params.get("name"),
+        "kind": spec.kind,
+        "state": job.state.value,
+        "creator": spec.creator,
+        "inputs": [{"name": i.name, "owner": i.owner, "submitted": i.name in job.submitted} for i in spec.inputs],
+        "receivers": list(spec.receivers),
+        "params": dict(spec.params),
+        "spec_digest": spec.digest(),
+        "approvals": sorted(job.approvals),
+        "missing_inputs": job.missing_inputs,
+        "missing_approvals": job.missing_approvals,
+        "error": job.error,
+        "cancelled_by": job.cancelled_by,
+        "you": {
+            "owner_of": [i.name for i in spec.inputs if i.owner == party],
+            "receiver": party in spec.receivers,
+            "approved": party in job.approvals,
+        },
+    }
+
+
+def _visible_job(ctx: ServiceContext, store: JobStore, ref: object) -> Job:
+    job = resolve_job(store, ref)
+    if ctx.party not in job.spec.parties:
+        raise refuse(ctx, job, f"party {ctx.party} is not a party to this job")
+    return job
+
+
+def _precheck(ctx: ServiceContext, store: JobStore, job: Job, event: SubmitInput | ApproveJob) -> None:
+    """Run the state machine's checks before any work; a refusal is audited and raised."""
+    try:
+        transition(job, event)
+    except PolicyViolation as exc:
+        raise refuse(ctx, job, exc.message.split(": ", 1)[-1], event=type(event).__name__) from None
+
+
+def _after(ctx: ServiceContext, store: JobStore, tr: Transition) -> Job:
+    """Run the job if the transition made it runnable; return the job as it is now."""
+    if any(isinstance(a, RunJob) for a in tr.actions):
+        return _run(ctx, store, tr.job)
+    return tr.job
+
+
+def _run(ctx: ServiceContext, store: JobStore, job: Job) -> Job:
+    runner = RUNNERS.get(job.spec.kind)
+    if runner is None or job.state is not JobState.APPROVED:
+        return job  # another engine's service runs it
+    store.start(job.job_id)
+    ctx.progress(job=job.job_id, state="running")
+    try:
+        result = runner(ctx, store, store.get(job.job_id))
+    except MesateeError as exc:
+        store.fail(job.job_id, f"{type(exc).__name__}: {exc.message}")
+        return store.get(job.job_id)
+    except Exception as exc:
+        store.fail(job.job_id, f"the engine failed ({type(exc).__name__})")
+        return store.get(job.job_id)
+    finally:
+        ctx.state.get(_CACHE, {}).pop(job.job_id, None)
+    store.finish(job.job_id, result)
+    ctx.progress(job=job.job_id, state="done")
+    return store.get(job.job_id)
+
+
+def _ensure_run(ctx: ServiceContext, store: JobStore, job: Job) -> Job:
+    """A job restored in the approved state (the kernel stopped before running it) runs now."""
+    return _run(ctx, store, job) if job.state is JobState.APPROVED else job
+
+
+def _names(value: object, what: str) -> list[str]:
+    if isinstance(value, str) or not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        msg = f"{what} must be a list of party ids"
+        raise EncodingError(msg)
+    return list(value)
+
+
+# -- generic jobs ----------------------------------------------------------------------------------------------
+
+
+@service("job.create")
+def job_create(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
+    """Define a job: ``{name, kind, inputs: {input: owner}, receivers, params}``; the caller is its creator."""
+    store = job_store(ctx)
+    name = str(args.get("name", ""))
+    job_id = job_id_for_name(name)
+    spec_inputs = args.get("inputs")
+    if not isinstance(spec_inputs, dict) or not all(isinstance(v, str) for v in spec_inputs.values()):
+        msg = "inputs must map each input name to its owner's party id"
+        raise EncodingError(msg)
+    if job_id in {j.job_id for j in store.jobs()} or job_id in store.damaged:
+        msg = f"a job named {name!r} already exists; choose another name"
+        raise PolicyViolation(msg, job=name)
+    params = dict(args.get("params") or {})
+    params["name"] = name
+    kind = str(args.get("kind", ""))
+    if kind == "psi" and not params.get("psi.v1"):
+        msg = "create PSI jobs with psi.create"
+        raise EncodingError(msg)
+    tr = store.create(
+        creator=ctx.party,
+        kind=kind,
+        inputs={str(k): v for k, v in spec_inputs.items()},
+        receivers=_names(args.get("receivers") or [ctx.party], "receivers"),
+        params=params,
+        job_id=job_id,
+    )
+    job = tr.job
+    if args.get("approve", True) and ctx.party in job.spec.owners:
+        job = _after(ctx, store, store.approve(job.job_id, ctx.party, job.spec.digest()))
+    return ServiceResult(info=job_info(job, ctx.party))
+
+
+@service("job.submit")
+def job_submit(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
+    """Submit the caller's input ``args['input']`` (any value, as ``inputs['data']``) to a job."""
+    store = job_store(ctx)
+    job = resolve_job(store, args.get("job"))
+    if job.spec.kind == "psi":
+        msg = "submit PSI inputs with psi.submit"
+        raise EncodingError(msg)
+    name = str(args.get("input", ""))
+    _precheck(ctx, store, job, SubmitInput(job.job_id, ctx.party, name, "0" * 64))
+    if "data" not in inputs:
+        msg = "job.submit needs the input's value as input 'data'"
+        raise EncodingError(msg)
+    tr = store.submit_input(job.job_id, ctx.party, name, pack_values({"data": inputs["data"]}))
+    return ServiceResult(info=job_info(_after(ctx, store, tr), ctx.party))
+
+
+@service("job.approve")
+def job_approve(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
+    """Approve the job whose spec has ``args['spec_digest']`` (from job.status: what the owner was shown)."""
+    store = job_store(ctx)
+    job = resolve_job(store, args.get("job"))
+    digest = str(args.get("spec_digest", ""))
+    _precheck(ctx, store, job, ApproveJob(job.job_id, ctx.party, digest))
+    tr = store.approve(job.job_id, ctx.party, digest)
+    return ServiceResult(info=job_info(_after(ctx, store, tr), ctx.party))
+
+
+@service("job.status")
+def job_status(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
+    """The job as its parties may see it (others are refused)."""
+    store = job_store(ctx)
+    job = _ensure_run(ctx, store, _visible_job(ctx, store, args.get("job")))
+    return ServiceResult(info=job_info(job, ctx.party))
+
+
+@service("job.cancel")
+def job_cancel(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
+    """Cancel a job (its creator or an input owner) and delete its sealed inputs."""
+    store = job_store(ctx)
+    job = resolve_job(store, args.get("job"))
+    tr = store.cancel(job.job_id, ctx.party)
+    store.purge(job.job_id)
+    ctx.state.get(_CACHE, {}).pop(job.job_id, None)
+    return ServiceResult(info=job_info(tr.job, ctx.party))
+
+
+@service("job.list")
+def job_list(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
+    """The jobs that concern the caller, and any job whose sealed state failed to authenticate."""
+    store = job_store(ctx)
+    jobs = [job_info(j, ctx.party) for j in store.jobs(ctx.party)]
+    damaged = [{"job_id": k, "error": v} for k, v in sorted(store.damaged.items())]
+    return ServiceResult(info={"jobs": sorted(jobs, key=lambda j: str(j["name"])), "damaged": damaged})
+
+
+@service("job.result")
+def job_result(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
+    """A receiver fetches a done job's result (decoded); anyone else is refused."""
+    store = job_store(ctx)
+    job = _ensure_run(ctx, store, resolve_job(store, args.get("job")))
+    if job.spec.kind == "psi":
+        return psi_result(ctx, args | {"name": args.get("job")}, inputs)
+    values, extra = unpack_values(store.fetch_result(job.job_id, ctx.party))
+    return ServiceResult(info={**job_info(job, ctx.party), "result": extra}, values=values)
+
+
+# -- PSI -------------------------------------------------------------------------------------------------------
+
+
+@service("psi.create")
+def psi_create(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
+    """Define a PSI among ``parties`` (a list of ids, or ``{label: id}``); the creator, if a party, approves."""
+    name = str(args.get("name", ""))
+    mode = str(args.get("mode", "intersection"))
+    if mode not in _MODES:
+        msg = f"unknown PSI mode {mode!r}; expected one of {list(_MODES)}"
+        raise EncodingError(msg)
+    parties = args.get("parties")
+    if isinstance(parties, dict):
+        labelled = {str(k): str(v) for k, v in parties.items()}
+    else:
+        labelled = {f"p{i}": p for i, p in enumerate(_names(parties, "parties"))}
+    if len(labelled) < 2:
+        msg = "a PSI needs at least two parties"
+        raise PolicyViolation(msg)
+    if len(set(labelled.values())) != len(labelled):
+        msg = "each party may appear once in a PSI (one input per party)"
+        raise PolicyViolation(msg)
+    params: dict[str, Any] = {"psi.v1": True, "mode": mode}
+    if mode == "join":
+        dataset = validate_dataset_name(str(args.get("dataset") or f"psi-{name}"))
+        try:
+            load_meta(ctx, dataset)
+        except NotFound:
+            pass
+        else:
+            msg = f"dataset {dataset!r} already exists; pass another dataset name for the join's output"
+            raise PolicyViolation(msg, dataset=dataset)
+        params["dataset"] = dataset
+    if args.get("max_items") is not None:
+        params["max_items"] = int(args["max_items"])
+    return job_create(
+        ctx,
+        {
+            "name": name,
+            "kind": "psi",
+            "inputs": labelled,
+            "receivers": args.get("receivers") or [ctx.party],
+            "params": params,
+            "approve": args.get("approve", True),
+        },
+        {},
+    )
+
+
+_FORMATS: Final = ("npy", "arrow", "int-decimal", "msgpack", "series")
+
+
+def _decode_items(raw: Any, fmt: str) -> Any:
+    """Items as sent (see remote/psi.py): ndarray, Arrow IPC bytes (strings, bytes, or ints as decimal text), list."""
+    if fmt in ("arrow", "int-decimal"):
+        import pyarrow as pa
+
+        if not isinstance(raw, (bytes, bytearray, memoryview)):
+            msg = f"items in format {fmt!r} must be an Arrow IPC stream"
+            raise EncodingError(msg)
+        table = pa.ipc.open_stream(pa.py_buffer(raw)).read_all()
+        if table.column_names != ["item"]:
+            msg = "the items' Arrow stream must have exactly one column, 'item'"
+            raise EncodingError(msg)
+        column = table.column("item")
+        if fmt == "int-decimal":
+            try:
+                return [int(v) for v in column.to_pylist()]
+            except (TypeError, ValueError):
+                msg = "int-decimal items must be decimal integers"
+                raise EncodingError(msg) from None
+        return column
+    if fmt == "npy" and not isinstance(raw, np.ndarray):
+        msg = "items in format 'npy' must be a numpy array"
+        raise EncodingError(msg)
+    if fmt == "msgpack" and not isinstance(raw, list):
+        msg = "items in format 'msgpack' must be a list"
+        raise EncodingError(msg)
+    return raw
+
+
+def _submitted_items(
+    ctx: ServiceContext, job: Job, args: dict[str, Any], inputs: dict[str, Any]
+) -> tuple[Any, str, pd.DataFrame | None, DataPolicy | None, str | None]:
+    """(raw items, format, values, policy, source dataset): uploaded items, or a column of the caller's dataset."""
+    source = args.get("source")
+    policy = DataPolicy.from_dict(args["policy"]) if args.get("policy") else None
+    if source is None:
+        if "items" not in inputs:
+            msg = "psi.submit needs the items (input 'items') or a source {dataset, column}"
+            raise EncodingError(msg)
+        fmt = str(args.get("items_format", "msgpack"))
+        if fmt not in _FORMATS:
+            msg = f"unknown items format {fmt!r}; expected one of {list(_FORMATS)}"
+            raise EncodingError(msg)
+        values = inputs.get("values")
+        if values is not None and not isinstance(values, pd.DataFrame):
+            msg = "join values must be a pandas DataFrame row-aligned with the items"
+            raise EncodingError(msg)
+        return inputs["items"], fmt, values, policy, None
+    if not isinstance(source, dict):
+        msg = "source must be {'dataset': name, 'column': column}"
+        raise EncodingError(msg)
+    name, column = str(source.get("dataset", "")), str(source.get("column", ""))
+    df, ds_policy, owner = load_dataset(ctx, name)
+    if owner != ctx.party:
+        raise refuse(ctx, job, f"party {ctx.party} does not own dataset {name!r} and cannot submit it", dataset=name)
+    if column not in df.columns:
+        msg = f"dataset {name!r} has no column {column!r}"
+        raise NotFound(msg, dataset=name)
+    value_cols = source.get("values")
+    if job.spec.params.get("mode") != "join":
+        values = None
+    elif value_cols is None:
+        values = df.drop(columns=[column])
+    else:
+        values = df[[str(c) for c in value_cols]]
+    return df[column], "series", values, policy or ds_policy, name
+
+
+def _input_of(job: Job, party: str) -> str:
+    return next((i.name for i in job.spec.inputs if i.owner == party), job.spec.inputs[0].name)
+
+
+def _cache(ctx: ServiceContext, job_id: str) -> tuple[PsiKey, dict[str, tuple[str, PsiInput]]]:
+    caches: dict[str, tuple[PsiKey, dict[str, tuple[str, PsiInput]]]] = ctx.state.setdefault(_CACHE, {})
+    if job_id not in caches:
+        caches[job_id] = (PsiKey.generate(), {})
+    return caches[job_id]
+
+
+@service("psi.submit")
+def psi_submit(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
+    """Submit the caller's set: items are canonicalised and hashed now, and sealed as received."""
+    store = job_store(ctx)
+    job = resolve_job(store, args.get("name"))
+    if job.spec.kind != "psi":
+        msg = f"job {args.get('name')!r} is not a PSI job; use job.submit"
+        raise EncodingError(msg)
+    name = _input_of(job, ctx.party)
+    _precheck(ctx, store, job, SubmitInput(job.job_id, ctx.party, name, "0" * 64))
+    raw, fmt, values, policy, source = _submitted_items(ctx, job, args, inputs)
+    items = _decode_items(raw, fmt)
+    if job.spec.params.get("mode") == "join" and values is None:
+        values = pd.DataFrame(index=pd.RangeIndex(len(items)))
+    key, cached = _cache(ctx, job.job_id)
+    started = time.perf_counter()
+    hashed = PsiInput(name, key, max_items=job.spec.params.get("max_items"))
+    hashed.add_chunk(items, values)  # refuses bad items before anything is stored
+    hash_s = time.perf_counter() - started
+    packed_values: dict[str, Any] = {"items": raw}
+    if values is not None:
+        packed_values["values"] = values
+    blob = pack_values(packed_values, items_format=fmt, policy=None if policy is None else policy.to_dict(),
+                       source=source)
+    digest = hashlib.sha256(blob).hexdigest()
+    cached[name] = (digest, hashed)
+    tr = store.submit_input(job.job_id, ctx.party, name, blob)
+    job = _after(ctx, store, tr)
+    info = job_info(job, ctx.party)
+    info["submitted"] = {"input": name, "items": len(hashed), "sha256": digest, "hash_s": round(hash_s, 4)}
+    return ServiceResult(info=info)
+
+
+@service("psi.approve")
+def psi_approve(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
+    """Approve a PSI (``spec_digest``: the digest of the spec the owner was shown)."""
+    return job_approve(ctx, {"job": args.get("name"), "spec_digest": args.get("spec_digest", "")}, inputs)
+
+
+@service("psi.status")
+def psi_status(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
+    """A PSI job as its parties see it."""
+    return job_status(ctx, {"job": args.get("name")}, inputs)
+
+
+@service("psi.parties")
+def psi_parties(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
+    """Who is in the job: input owners (by label), receivers, creator."""
+    info = job_status(ctx, {"job": args.get("name")}, inputs).info
+    return ServiceResult(
+        info={
+            "owners": {i["name"]: i["owner"] for i in info["inputs"]},
+            "receivers": info["receivers"],
+            "creator": info["creator"],
+        }
+    )
+
+
+@service("psi.result")
+def psi_result(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
+    """The result for a receiver: the intersection, the cardinality, or (join) the name of the joined dataset."""
+    store = job_store(ctx)
+    job = resolve_job(store, args.get("name"))
+    if ctx.party not in job.spec.receivers:
+        raise refuse(ctx, job, f"party {ctx.party} is not a receiver of its result; only its receivers may fetch it")
+    job = _ensure_run(ctx, store, job)
+    if job.state is not JobState.DONE:
+        waiting = []
+        if job.missing_inputs:
+            owners = {i.name: i.owner for i in job.spec.inputs}
+            waiting.append("inputs from " + ", ".join(owners[n] for n in job.missing_inputs))
+        if job.missing_approvals:
+            waiting.append("approval from " + ", ".join(job.missing_approvals))
+        why = f"it is {job.state.value}" + (f", waiting for {' and '.join(waiting)}" if waiting else "")
+        if job.error:
+            why += f" ({job.error})"
+        raise refuse(ctx, job, f"has no result yet: {why}")
+    values, extra = unpack_values(store.fetch_result(job.job_id, ctx.party))
+    return ServiceResult(info={"name": job.spec.params.get("name"), "job_id": job.job_id, **extra}, values=values)
+
+
+# -- the PSI runner --------------------------------------------------------------------------------------------
+
+
+def strictest_policy(policies: list[DataPolicy], hidden: list[str]) -> DataPolicy:
+    """The policy no input owner would object to: the largest group size, every hidden column, no rows."""
+    return DataPolicy(
+        min_group_size=max(p.min_group_size for p in policies),
+        hidden_columns=tuple(dict.fromkeys(hidden)),
+        allow_rows=False,
+        small_group="refuse" if any(p.small_group == "refuse" for p in policies) else "suppress",
+        code_access=(),
+        differencing_guard=True,
+    )
+
+
+@register_runner("psi")
+def _run_psi(ctx: ServiceContext, store: JobStore, job: Job) -> bytes:
+    params = job.spec.params
+    mode = str(params["mode"])
+    key, cached = _cache(ctx, job.job_id)
+    psi_inputs: list[PsiInput] = []
+    policies: list[DataPolicy] = []
+    hidden = ["item"]
+    for inp in job.spec.inputs:
+        hit = cached.get(inp.name)
+        blob: bytes | None = None
+        if hit is None or hit[0] != job.submitted[inp.name] or mode == "join":
+            blob = store.input_data(job.job_id, inp.name)  # checked against its digest; TamperedData if modified
+        if hit is not None and hit[0] == job.submitted[inp.name]:
+            hashed = hit[1]
+        else:
+            assert blob is not None
+            values, extra = unpack_values(blob)
+            hashed = PsiInput(inp.name, key, max_items=params.get("max_items"))
+            hashed.add_chunk(_decode_items(values["items"], str(extra["items_format"])), values.get("values"))
+        psi_inputs.append(hashed)
+        if mode == "join":
+            assert blob is not None
+            _, extra = unpack_values(blob)
+            pol = DataPolicy.from_dict(extra["policy"]) if extra.get("policy") else DataPolicy()
+            policies.append(pol)
+            hidden += [f"{inp.name}.{c}" for c in pol.hidden_columns]
+    ctx.progress(job=job.job_id, state="intersecting", items=[len(i) for i in psi_inputs])
+    started = time.perf_counter()
+    res = run_psi(psi_inputs, cast("PsiMode", mode))
+    psi_s = round(time.perf_counter() - started, 4)
+    common = {"mode": mode, "cardinality": res.cardinality, "psi_s": psi_s}
+    if mode == "cardinality":
+        return pack_values({}, **common)
+    if mode == "intersection":
+        assert res.items is not None
+        return pack_values({"items": res.items.reset_index(drop=True)}, **common)
+    assert res.frame is not None
+    dataset = str(params["dataset"])
+    policy = strictest_policy(policies, [h for h in hidden if h in res.frame.columns])
+    _store_dataset(ctx, job, dataset, res.frame, policy)
+    return pack_values({}, **common, dataset=dataset, rows=len(res.frame), policy=policy.to_dict())
+
+
+def _store_dataset(ctx: ServiceContext, job: Job, name: str, df: pd.DataFrame, policy: DataPolicy) -> None:
+    """Seal the joined rows as a dataset owned by the job, readable by its receivers only."""
+    enc = encode_value(df.reset_index(drop=True))
+    data = b"".join(bytes(memoryview(p).cast("B")) for p in enc.parts)
+    digest = hashlib.sha256(data).hexdigest()
+    ctx.seal_put(data_name(name, prefix=""), data)
+    meta = {
+        "name": name,
+        "owner": f"job:{job.job_id}",
+        "policy": policy.to_dict(),
+        "columns": [[str(c), str(t)] for c, t in df.dtypes.items()],
+        "rows": len(df),
+        "sha256": digest,
+        "created": time.time(),
+        "job_id": job.job_id,
+        "readers": list(job.spec.receivers),
+    }
+    ctx.seal_put(meta_name(name, prefix=""), json.dumps(meta).encode())
+    ctx.audit("upload", {"dataset": name, "rows": len(df), "sha256": digest, "job_id": job.job_id,
+                         "owner": meta["owner"]}, concerns=sorted(job.spec.parties))
