@@ -13,6 +13,11 @@ tuple, dict
 anything else      ``pickle``       only when the caller passes ``allow_pickle=True``
 =================  ==============  ===========================================
 
+A DataFrame or Series is one Arrow record batch, so each column is one contiguous
+buffer the receiver can build on without copying. The encoder does not copy the
+columns either: ``Encoded.parts`` is the IPC stream as a list of buffers (message
+headers and padding, then the columns' own memory), sent back to back.
+
 Pickle is never used unless asked for in that call: unpickling runs code, so a
 pickle from a peer is as dangerous as the peer.
 """
@@ -126,19 +131,104 @@ def _encode_frame(df: Any, kind: str, meta: dict[str, Any]) -> Encoded:
     import pyarrow as pa
 
     try:
-        table = pa.Table.from_pandas(df, preserve_index=None)
+        table = _zero_copy_table(df)
+        if table is None:
+            table = pa.Table.from_pandas(df, preserve_index=None)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, ValueError) as exc:
         msg = (
             f"cannot send this {type(df).__name__} as Arrow: {exc}. Columns of mixed Python objects "
             "cannot be sent; cast them (e.g. df[col].astype(str)) or pass allow_pickle=True."
         )
         raise EncodingError(msg, type=type(df).__name__) from exc
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        # One record batch: each column stays one contiguous buffer, so the receiver can
-        # build the DataFrame on top of the received bytes without copying them again.
-        writer.write_table(table.combine_chunks())
-    return Encoded(kind, [sink.getvalue()], meta)
+    # One record batch: each column stays one contiguous buffer, so the receiver can build the
+    # DataFrame on top of the received bytes without copying them again.
+    if any(col.num_chunks > 1 for col in table.columns):
+        table = table.combine_chunks()
+    sink = _PartsSink()
+    with pa.ipc.new_stream(pa.PythonFile(sink, mode="w"), table.schema) as writer:
+        writer.write_table(table)
+    return Encoded(kind, sink.parts, meta)
+
+
+class _PartsSink:
+    """A write-only file for ``pa.PythonFile`` that keeps what Arrow writes as a list of parts.
+
+    Arrow hands the record batch's body buffers to ``write`` as ``pa.Buffer`` objects that
+    share memory with the table (and so with the DataFrame): they are kept as they are, not
+    copied. The small pieces in between (message headers, padding) are coalesced into one
+    ``bytearray`` per run. The parts, sent back to back, are exactly the Arrow IPC stream.
+    """
+
+    _SMALL = 1 << 16
+
+    def __init__(self) -> None:
+        self.parts: list[Any] = []
+        self._small: bytearray | None = None
+        self.closed = False
+        self._pos = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        n = view.nbytes
+        self._pos += n
+        if n < self._SMALL:
+            if self._small is None:
+                self._small = bytearray()
+                self.parts.append(self._small)
+            self._small += view
+        else:
+            self._small = None
+            self.parts.append(data)
+        return n
+
+    def tell(self) -> int:
+        return self._pos
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
+
+
+def _zero_copy_table(df: Any) -> Any:
+    """The Arrow table of a frame of plain numpy int/float columns, sharing the columns' memory.
+
+    ``pa.Table.from_pandas`` scans float columns for NaN (to mark them null), a full pass over
+    the data on one core. For frames whose columns are all numpy int/uint/float, with unique
+    string labels and a RangeIndex, the schema (with the same pandas metadata) comes from
+    ``pa.Schema.from_pandas`` and each column becomes an Arrow array on its own buffer; NaN stays
+    a NaN value instead of becoming null, which decodes to the same DataFrame. Anything else:
+    ``None`` (the caller uses ``from_pandas``).
+    """
+    import pandas as pd
+    import pyarrow as pa
+
+    if not isinstance(df.index, pd.RangeIndex) or isinstance(df.columns, pd.MultiIndex) or df.shape[1] == 0:
+        return None
+    if not df.columns.is_unique or not all(type(c) is str for c in df.columns):
+        return None
+    if not all(isinstance(t, np.dtype) and (t.kind in "iu" or t.str[1:] in ("f4", "f8")) for t in df.dtypes):
+        return None
+    schema = pa.Schema.from_pandas(df, preserve_index=None)
+    if schema.names != list(df.columns):
+        return None
+    arrays = []
+    for i, field_ in enumerate(schema):
+        col = df.iloc[:, i].to_numpy()
+        if col.dtype.byteorder not in ("=", "|"):
+            return None
+        arrays.append(pa.array(col, type=field_.type, from_pandas=False))
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def _encode_npy(arr: np.ndarray[Any, Any]) -> Encoded:

@@ -10,8 +10,10 @@ thread while the bytes move (``hashlib`` releases the GIL on large buffers).
 from __future__ import annotations
 
 import hashlib
+import mmap
 import queue
 import socket
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +34,8 @@ __all__ = [
 CHUNK = 8 << 20
 _INLINE_HASH = 1 << 20
 _MAX_FDS = 64
+# Linux 5.14+; Python 3.11's mmap module does not name it yet.
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23) if sys.platform == "linux" else None
 
 Progress = Callable[[int, int], None]
 """``progress(done_bytes, total_bytes)`` called after each chunk of a large payload."""
@@ -138,6 +142,22 @@ def send_message(
     return out
 
 
+def _populator(buf: Any) -> Callable[[int, int], None] | None:
+    """Pre-fault the pages of a large ``mmap`` buffer chunk by chunk; None when it does not apply."""
+    if _MADV_POPULATE_WRITE is None or not isinstance(buf, mmap.mmap):
+        return None
+    state = {"ok": True}
+
+    def populate(start: int, length: int) -> None:
+        if state["ok"]:
+            try:
+                buf.madvise(_MADV_POPULATE_WRITE, start, length)
+            except (OSError, ValueError):  # an older kernel: page faults do the same work
+                state["ok"] = False
+
+    return populate
+
+
 def _recv_exact_into(sock: socket.socket, view: memoryview, what: str) -> None:
     pos = 0
     n = view.nbytes
@@ -206,8 +226,11 @@ def recv_message(
                 msg = "allocator returned a buffer of the wrong size"
                 raise MalformedFrame(msg)
             hasher = _Hasher(size) if digests else None
+            populate = _populator(buf) if size > CHUNK else None
             for off in range(0, size, CHUNK):
                 chunk = view[off : off + CHUNK]
+                if populate is not None:
+                    populate(off, chunk.nbytes)
                 _recv_exact_into(sock, chunk, "payload")
                 if hasher is not None:
                     hasher.update(chunk)
