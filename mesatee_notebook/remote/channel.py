@@ -130,7 +130,7 @@ class Channel:
                 if msg.header.get("re") not in (rid, None):
                     msg_ = "the kernel answered a different request"
                     raise MalformedFrame(msg_)
-                if msg.type == "stream":
+                if msg.type in ("stream", "progress"):
                     if on_stream is not None:
                         on_stream(msg)
                     continue
