@@ -1,11 +1,18 @@
-"""P7: SecureDataFrame plans evaluated in the enclave evaluator vs the same ops in local pandas.
+"""P7: SecureDataFrame plans evaluated in the enclave vs the same ops in local pandas, in one run.
 
-The data is already in the enclave (an in-memory registry), so this measures plan parsing,
-validation, evaluation, provenance tracking and the policy on the result; upload is measured
-elsewhere. Each query runs as an analyst (policy enforced, differencing guard on) and as the
-owner (exempt). Also times pyarrow's group_by on the same data, to decide pandas vs pyarrow.
+Two enclave variants, timed interleaved with local pandas on the same data:
 
-    python bench/p7_frames.py [--rows 10000000] [--repeat 5]
+* **in-process**: the ``FrameEvaluator`` over an in-memory registry. This isolates plan parsing,
+  validation, evaluation, provenance tracking and the policy on the result.
+* **kernel** (end to end): a real ``mesatee-enclave serve`` process (softtee, loopback). The owner
+  uploads the tables (timed separately, with the first query that unseals and decodes them in the
+  service worker); each query is a ``frame.collect`` through ``Session.call`` on an attested TLS
+  channel with a proven party key, and its receipt is verified before the value is returned.
+
+Each query runs as an analyst (policy enforced, differencing guard on) and as the owner (exempt).
+Also times pyarrow's group_by on the same data, to decide pandas vs pyarrow.
+
+    python bench/p7_frames.py [--rows 10000000] [--repeat 5] [--no-kernel]
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import gc
 import json
 import platform
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,9 +33,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import mesatee_notebook as mn
 from mesatee_notebook.enclave.frames import FrameEvaluator
 from mesatee_notebook.remote.frame import SecureDataFrame
 from mesatee_notebook.wire.datapolicy import DataPolicy
+from tests.conftest import start_kernel, stop_kernel
 
 OWNER, ANALYST = "owner", "analyst"
 
@@ -76,13 +88,13 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=10_000_000)
     ap.add_argument("--dim-rows", type=int, default=100_000)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--no-kernel", action="store_true", help="skip the end-to-end variant on a real kernel")
     args = ap.parse_args()
     fact, dim = make_data(args.rows, args.dim_rows)
     policy = DataPolicy(min_group_size=10, allow_rows=False, differencing_guard=True)
+    dim_policy = DataPolicy(min_group_size=10)
     events: list[dict[str, Any]] = []
-    evaluator = FrameEvaluator(
-        {"fact": (fact, policy, OWNER), "dim": (dim, DataPolicy(min_group_size=10), OWNER)}, events.append
-    )
+    evaluator = FrameEvaluator({"fact": (fact, policy, OWNER), "dim": (dim, dim_policy, OWNER)}, events.append)
 
     def frames(party: str) -> tuple[SecureDataFrame, SecureDataFrame]:
         b = Backend(evaluator, party)
@@ -100,6 +112,7 @@ def main() -> None:
         return f.merge(d, on="site").groupby("country").agg(n=("age", "size"), mean_age=("age", "mean"))
 
     rows: list[dict[str, Any]] = []
+    upload: dict[str, Any] = {}
 
     def bench(name: str, local: Callable[[], Any], remote: dict[str, Callable[[], Any]]) -> None:
         """Time pandas and the enclave variants interleaved, so they share memory conditions."""
@@ -125,27 +138,71 @@ def main() -> None:
             row[f"{label}_s"] = t
             row[f"{label}_ratio"] = t / t_local
         rows.append(row)
+        print(f"  {name}: " + ", ".join(f"{k} {statistics.median(v):.3f}s" for k, v in times.items()), flush=True)
 
     fa, da = frames(ANALYST)
     fo, do = frames(OWNER)
-    bench(
-        "filter+assign+groupby-agg",
-        lambda: groupby_query(fact),
-        {"enclave_analyst": lambda: groupby_query(fa).collect(), "enclave_owner": lambda: groupby_query(fo).collect()},
-    )
-    bench(
-        f"merge({args.dim_rows} rows)+groupby-agg",
-        lambda: join_agg_query(fact, dim),
-        {
-            "enclave_analyst": lambda: join_agg_query(fa, da).collect(),
-            "enclave_owner": lambda: join_agg_query(fo, do).collect(),
-        },
-    )
-    bench(
-        f"merge({args.dim_rows} rows), rows out",
-        lambda: fact.merge(dim, on="site"),
-        {"enclave_owner": lambda: fo.merge(do, on="site").collect()},
-    )
+    groupby_fns: dict[str, Callable[[], Any]] = {
+        "enclave_analyst": lambda: groupby_query(fa).collect(),
+        "enclave_owner": lambda: groupby_query(fo).collect(),
+    }
+    join_fns: dict[str, Callable[[], Any]] = {
+        "enclave_analyst": lambda: join_agg_query(fa, da).collect(),
+        "enclave_owner": lambda: join_agg_query(fo, do).collect(),
+    }
+    rows_fns: dict[str, Callable[[], Any]] = {"enclave_owner": lambda: fo.merge(do, on="site").collect()}
+
+    kernel = None
+    sessions: list[mn.Session] = []
+    work = Path(tempfile.mkdtemp(prefix="p7_"))
+    try:
+        if not args.no_kernel:
+            kernel = start_kernel(work / "kernel")
+            pol = mn.Policy(platform_roots=[kernel.fingerprint], measurements=[kernel.measurement])
+            owner = mn.connect(kernel.url, policy=pol, identity=work / "owner")
+            analyst = mn.connect(kernel.url, policy=pol, identity=work / "analyst")
+            sessions += [owner, analyst]
+            owner.datasets()  # starts the service worker, so the upload time is the upload alone
+            nbytes = int(fact.memory_usage(deep=True).sum())
+            t0 = time.perf_counter()
+            owner.upload(fact, "fact", policy=policy)
+            upload["fact_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            owner.upload(dim, "dim", policy=dim_policy)
+            upload["dim_s"] = time.perf_counter() - t0
+            upload["fact_bytes"] = nbytes
+            ka, kda = analyst.dataframe("fact"), analyst.dataframe("dim")
+            ko, kdo = owner.dataframe("fact"), owner.dataframe("dim")
+            t0 = time.perf_counter()
+            groupby_query(ka).collect()  # the service worker unseals, checks and decodes both tables once
+            upload["first_query_s"] = time.perf_counter() - t0
+            print(
+                f"upload: fact {upload['fact_s']:.2f}s ({nbytes / 1e6:,.0f} MB in pandas), dim {upload['dim_s']:.2f}s, "
+                f"first query (unseal+decode) {upload['first_query_s']:.2f}s",
+                flush=True,
+            )
+            groupby_fns |= {
+                "kernel_analyst": lambda: groupby_query(ka).collect(),
+                "kernel_owner": lambda: groupby_query(ko).collect(),
+            }
+            join_fns |= {
+                "kernel_analyst": lambda: join_agg_query(ka, kda).collect(),
+                "kernel_owner": lambda: join_agg_query(ko, kdo).collect(),
+            }
+            rows_fns |= {"kernel_owner": lambda: ko.merge(kdo, on="site").collect()}
+        bench("filter+assign+groupby-agg", lambda: groupby_query(fact), groupby_fns)
+        bench(f"merge({args.dim_rows} rows)+groupby-agg", lambda: join_agg_query(fact, dim), join_fns)
+        bench(f"merge({args.dim_rows} rows), rows out", lambda: fact.merge(dim, on="site"), rows_fns)
+        if sessions:
+            upload["kernel_audit_entries"] = len(sessions[0].audit())
+    finally:
+        for sess in sessions:
+            sess.close()
+        if kernel is not None:
+            stop_kernel(kernel)
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
 
     # pandas vs pyarrow for the same group-by (data already in each format)
     table = pa.Table.from_pandas(fact, preserve_index=False)
@@ -160,31 +217,27 @@ def main() -> None:
 
     t_arrow, _ = timed(arrow_groupby, args.repeat)
     t_pandas, _ = timed(lambda: groupby_query(fact), args.repeat)
-    rows.append(
-        {
-            "query": "filter+assign+groupby-agg (pyarrow compute)",
-            "pandas_s": t_pandas,
-            "pyarrow_s": t_arrow,
-            "pyarrow_ratio": t_arrow / t_pandas,
-        }
-    )
+    arrow_row = {"pandas_s": t_pandas, "pyarrow_s": t_arrow, "pyarrow_ratio": t_arrow / t_pandas}
+    rows.append({"query": "filter+assign+groupby-agg (pyarrow compute)", **arrow_row})
 
     versions = f"Python {platform.python_version()}, pandas {pd.__version__}, pyarrow {pa.__version__}"
     print(f"P7 frames: {args.rows:,} rows, median of {args.repeat}, interleaved, after a warm-up, {versions}")
-    header = f"{'query':45} {'pandas':>9} {'analyst':>9} {'ratio':>7} {'owner':>9} {'ratio':>7}"
+    labels = ["enclave_analyst", "enclave_owner", "kernel_analyst", "kernel_owner"]
+    heads = ["in-proc analyst", "in-proc owner", "kernel analyst", "kernel owner"]
+    header = f"{'query':45} {'pandas':>7} " + " ".join(f"{h:>16}" for h in heads)
     print(header)
     print("-" * len(header))
     for r in rows:
         if "pyarrow_s" in r:
-            arrow = f"{r['pyarrow_s']:9.3f} {r['pyarrow_ratio']:6.2f}x"
-            print(f"{r['query']:45} {r['pandas_s']:9.3f} {'pyarrow':>9} {'':7} {arrow}")
+            print(f"{r['query']:45} {r['pandas_s']:7.3f}  pyarrow {r['pyarrow_s']:.3f}s = {r['pyarrow_ratio']:.2f}x")
             continue
-        a = (
-            f"{r['enclave_analyst_s']:9.3f} {r['enclave_analyst_ratio']:6.2f}x"
-            if "enclave_analyst_s" in r
-            else f"{'-':>9} {'':7}"
+        cells = [f"{r[f'{k}_s']:7.3f} {r[f'{k}_ratio']:6.2f}x" if f"{k}_s" in r else f"{'-':>16}" for k in labels]
+        print(f"{r['query']:45} {r['pandas_s']:7.3f} " + " ".join(f"{c:>16}" for c in cells))
+    if upload:
+        print(
+            f"upload through the kernel (separate): fact {upload['fact_s']:.2f}s, dim {upload['dim_s']:.2f}s; "
+            f"first query {upload['first_query_s']:.2f}s"
         )
-        print(f"{r['query']:45} {r['pandas_s']:9.3f} {a} {r['enclave_owner_s']:9.3f} {r['enclave_owner_ratio']:6.2f}x")
     out = Path(__file__).parent / "results" / "p7_frames.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(
@@ -198,6 +251,7 @@ def main() -> None:
                 "pyarrow": pa.__version__,
                 "cpus": __import__("os").cpu_count(),
                 "results": rows,
+                "kernel_upload": upload,
                 "audit_events": len(events),
                 "refused": sum(e["outcome"] != "released" for e in events),
             },

@@ -29,6 +29,7 @@ keeps working::
     │   └── MalformedFrame (ValueError)              bytes that are not a valid frame or message
     ├── ReceiptError (ValueError)                    a receipt that does not verify or does not match
     ├── EncodingError (TypeError)                    a value that cannot be sent (names the type and the way out)
+    ├── FrameUsageError (TypeError)                  a lazy SecureDataFrame used as if it held data (bool, iter, ...)
     ├── SealingError                                 sealed storage refused a read or write
     │   └── TamperedData                             a sealed file was changed, truncated or swapped
     └── NotFound (KeyError)                          an unknown session, dataset, job or handle
@@ -49,6 +50,7 @@ __all__ = [
     "EvidenceSignatureError",
     "ExecutorCrashed",
     "FrameTooLarge",
+    "FrameUsageError",
     "KernelConnectionError",
     "KeyBindingError",
     "LevelNotAvailableError",
@@ -276,6 +278,12 @@ class EncodingError(MesateeError, TypeError):
     """A value cannot be encoded for the wire; the message names the way out."""
 
     code = "encoding"
+
+
+class FrameUsageError(MesateeError, TypeError):
+    """A lazy remote frame was used in a way that would need its data (``bool``, iteration, ...)."""
+
+    code = "frame.usage"
 
 
 class SealingError(MesateeError):

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, NoReturn, Protocol, TypeAlias, runtime_checkab
 
 import pandas as pd
 
-from mesatee_notebook.errors import MesateeError
+from mesatee_notebook.errors import FrameUsageError
 from mesatee_notebook.wire.plan import (
     AGG_FUNCS,
     OPS,
@@ -45,12 +45,6 @@ __all__ = [
     "SecureSeries",
     "plan_json",
 ]
-
-
-class FrameUsageError(MesateeError, TypeError):
-    """A lazy remote frame was used in a way that would need its data (``bool``, iteration, ...)."""
-
-    code = "frame.usage"
 
 
 @runtime_checkable

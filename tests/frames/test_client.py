@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from _frames_support import ANALYST, OWNER, POLICY, World, patients
 
-from mesatee_notebook.errors import MalformedFrame, MesateeError, NotFound, PolicyViolation
-from mesatee_notebook.remote.frame import FrameUsageError, SecureDataFrame
+from mesatee_notebook.errors import FrameUsageError, MalformedFrame, MesateeError, NotFound, PolicyViolation
+from mesatee_notebook.remote.frame import SecureDataFrame
 
 
 @pytest.fixture
@@ -43,6 +43,16 @@ def test_truthiness_and_iteration_traps_raise(world: World, sdf: SecureDataFrame
     assert isinstance(info.value, MesateeError)
     assert isinstance(info.value, TypeError)
     assert world.events == []  # nothing was evaluated
+
+
+def test_usage_error_is_a_leaf_of_the_one_error_tree() -> None:
+    from mesatee_notebook import errors
+    from mesatee_notebook.remote import frame
+
+    assert frame.FrameUsageError is errors.FrameUsageError  # still importable from where it was
+    assert "FrameUsageError (TypeError)" in (errors.__doc__ or "")
+    err = errors.error_from_wire(FrameUsageError("lazy").to_wire())
+    assert type(err) is FrameUsageError and err.code == "frame.usage"
 
 
 def test_trap_message_says_why(sdf: SecureDataFrame) -> None:

@@ -25,6 +25,9 @@ class SealedDatasets(Mapping[str, tuple[pd.DataFrame, DataPolicy, str]]):
     def __getitem__(self, name: str) -> tuple[pd.DataFrame, DataPolicy, str]:
         assert self.ctx is not None
         try:
+            readers = load_meta(self.ctx, name).get("readers")
+            if readers is not None and self.ctx.party not in readers:
+                raise KeyError(name)  # a job's result: only its receivers may even see that it exists
             return load_dataset(self.ctx, name)
         except (NotFound, ValueError) as exc:
             raise KeyError(name) from exc
@@ -74,8 +77,12 @@ def collect(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -
     """Evaluate ``args['plan']`` for the caller; release the result only if every owner's policy allows it."""
     ev = _bind(ctx)
     result = ev.evaluate(str(args.get("plan", "")), ctx.party)
-    info = {"plan_sha256": result.plan_sha256, "datasets": list(result.datasets), "level": result.level,
-            "suppressed": result.suppressed}
+    info = {
+        "plan_sha256": result.plan_sha256,
+        "datasets": list(result.datasets),
+        "level": result.level,
+        "suppressed": result.suppressed,
+    }
     return ServiceResult(info=info, values={"result": result.value})
 
 
