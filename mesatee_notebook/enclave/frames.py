@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -220,6 +220,38 @@ class _Release:
     grp: IntArray | None = None
 
 
+def release_to_bytes(release: _Release) -> bytes:
+    """Serialise a release record (``.npz``, no pickle) so the guard's history can be sealed."""
+    import io
+
+    arrays = {k: v for k, v in (("sizes", release.sizes), ("labels", release.labels), ("src", release.src),
+                                ("grp", release.grp)) if v is not None}
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+def release_from_bytes(data: bytes) -> _Release:
+    """Inverse of :func:`release_to_bytes`."""
+    import io
+
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        get = {k: z[k] for k in z.files}
+    return _Release(get["sizes"], get.get("labels"), get.get("src"), get.get("grp"))
+
+
+class GuardStore(Protocol):
+    """Where the differencing guard keeps its history (sealed storage in the kernel)."""
+
+    def load(self, party: str, dataset: str) -> list[tuple[bytes, bytes]]:
+        """(fingerprint, serialised release) pairs recorded earlier for (party, dataset)."""
+        ...
+
+    def save(self, party: str, dataset: str, fp: bytes, release: bytes) -> None:
+        """Persist one new release record."""
+        ...
+
+
 def _label_dtype(n_groups: int) -> type[np.unsignedinteger[Any]]:
     for dt in (np.uint8, np.uint16, np.uint32):
         if n_groups < np.iinfo(dt).max:
@@ -235,10 +267,24 @@ def _pair_counts(a: IntArray, b: IntArray, nb: int) -> tuple[IntArray, IntArray,
 class _DifferencingGuard:
     """Released row sets per (party, dataset); refuses near-duplicates of earlier releases."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, store: GuardStore | None = None) -> None:
         self.limit = limit
+        self._store = store
         self._history: dict[tuple[str, str], list[_Release]] = {}
         self._seen: dict[tuple[str, str], set[bytes]] = {}
+
+    def _ensure(self, key: tuple[str, str]) -> None:
+        """Load the persisted history of ``key`` once per process, so a restart does not reset it."""
+        if self._store is None or key in self._seen:
+            return
+        seen: set[bytes] = set()
+        history: list[_Release] = []
+        for fp, data in self._store.load(*key):
+            if fp not in seen:
+                seen.add(fp)
+                history.append(release_from_bytes(data))
+        self._seen[key] = seen
+        self._history[key] = history
 
     def prepare(self, g: IntArray, s: IntArray, n_groups: int, n_src: int, dup: bool) -> tuple[bytes, _Release]:
         sizes = np.bincount(g, minlength=n_groups).astype(np.int64)
@@ -255,6 +301,7 @@ class _DifferencingGuard:
         return h.digest(), _Release(sizes, None, src, grp)
 
     def check(self, key: tuple[str, str], fp: bytes, new: _Release, k: int) -> None:
+        self._ensure(key)
         if fp in self._seen.get(key, set()) or k <= 1:
             return
         history = self._history.get(key, [])
@@ -275,8 +322,11 @@ class _DifferencingGuard:
             raise PolicyViolation(msg, dataset=key[1], guard="differencing")
 
     def record(self, key: tuple[str, str], fp: bytes, new: _Release) -> None:
+        self._ensure(key)
         seen = self._seen.setdefault(key, set())
         if fp not in seen:
+            if self._store is not None:
+                self._store.save(*key, fp, release_to_bytes(new))
             seen.add(fp)
             self._history.setdefault(key, []).append(new)
 
@@ -324,10 +374,17 @@ class FrameEvaluator:
     for the differencing guard; beyond it further new aggregates are refused.
     """
 
-    def __init__(self, datasets: DatasetRegistry, audit: AuditHook, *, history_limit: int = 256) -> None:
+    def __init__(
+        self,
+        datasets: DatasetRegistry,
+        audit: AuditHook,
+        *,
+        history_limit: int = 256,
+        guard_store: GuardStore | None = None,
+    ) -> None:
         self._datasets = datasets
         self._audit = audit
-        self._guard = _DifferencingGuard(history_limit)
+        self._guard = _DifferencingGuard(history_limit, guard_store)
         self._guard_lock = threading.Lock()  # check-then-record must be atomic per release
 
     # -- public -----------------------------------------------------------

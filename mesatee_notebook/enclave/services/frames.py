@@ -40,6 +40,29 @@ class SealedDatasets(Mapping[str, tuple[pd.DataFrame, DataPolicy, str]]):
         return sum(1 for _ in self)
 
 
+class SealedGuardStore:
+    """The differencing guard's history, sealed per (party, dataset), so restarts do not reset it."""
+
+    def __init__(self, sink: dict[str, Any]) -> None:
+        self._sink = sink
+
+    @staticmethod
+    def _prefix(party: str, dataset: str) -> str:
+        return f"guard/{party}/{dataset}"
+
+    def load(self, party: str, dataset: str) -> list[tuple[bytes, bytes]]:
+        ctx: ServiceContext = self._sink["ctx"]
+        prefix = self._prefix(party, dataset)
+        out = []
+        for name in sorted(ctx.seal_list(prefix)):
+            out.append((bytes.fromhex(name.rsplit("/", 1)[1]), ctx.seal_get(name)))
+        return out
+
+    def save(self, party: str, dataset: str, fp: bytes, release: bytes) -> None:
+        ctx: ServiceContext = self._sink["ctx"]
+        ctx.seal_put(f"{self._prefix(party, dataset)}/{fp.hex()}", release)
+
+
 def _evaluator(ctx: ServiceContext) -> FrameEvaluator:
     """One evaluator per worker: its differencing-guard history lives as long as the worker."""
     ev = ctx.state.get("frame_evaluator")
@@ -58,7 +81,7 @@ def _evaluator(ctx: ServiceContext) -> FrameEvaluator:
                     continue
             c.audit(kind, event, concerns=sorted(set(owners)))
 
-        ev = FrameEvaluator(registry, audit)
+        ev = FrameEvaluator(registry, audit, guard_store=SealedGuardStore(sink))
         ctx.state["frame_evaluator"] = (ev, registry, sink)
         return ev
     return ev[0]  # type: ignore[no-any-return]
