@@ -1,11 +1,17 @@
 """PSI engine benchmark: canonicalise + hash + intersect, 2 parties, against openmined-psi (ECDH) at small sizes.
 
-Run: python bench/p6_psi.py [--quick] [--baseline-python PATH]
+Run: python bench/p6_psi.py [--quick] [--baseline-python PATH]      engine only (no upload, no kernel)
+     python bench/p6_psi.py --e2e [--full]                           end to end over a real kernel
+
+``--e2e`` starts a real ``mesatee-enclave serve`` (softtee) and plays two parties, each on its own attested
+connection with its own identity: alice creates the job, both submit over TLS, bob approves (the job runs in that
+call), alice fetches the verified result. Sizes 2^16 and 2^18 per side (``--full`` adds 10^7 and 2^24); results in
+``bench/results/p6_psi_e2e.json``.
 
 The openmined-psi baseline is benchmark-only and pins an old protobuf, so it lives in its own venv:
     python -m venv /tmp/psi-baseline-venv && /tmp/psi-baseline-venv/bin/pip install openmined-psi
 and is found through --baseline-python or $MESATEE_PSI_BASELINE_PYTHON (skipped with a note otherwise).
-Figures are engine time only (no upload); the lead adds upload-over-TLS time separately.
+The engine figures are engine time only (no upload); ``--e2e`` measures the whole path.
 """
 
 from __future__ import annotations
@@ -165,7 +171,7 @@ def intersect_strategies(n: int, repeats: int) -> dict[str, float]:
         return np.isin(h1, common), np.isin(h2, common)
 
     def hash_join() -> Any:
-        return pd.Index(h2).get_indexer(h1) >= 0, pd.Index(h1).get_indexer(h2) >= 0
+        return pd.Index(h2).get_indexer(pd.Index(h1)) >= 0, pd.Index(h1).get_indexer(pd.Index(h2)) >= 0
 
     out = {}
     for label, fn in (
@@ -213,12 +219,143 @@ def fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:8.3f}"
 
 
+E2E_RESULTS = Path(__file__).resolve().parent / "results" / "p6_psi_e2e.json"
+
+
+def _start_kernel(data_dir: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    enclave = [sys.executable, "-m", "mesatee_notebook.cli", "enclave"]
+    subprocess.run([*enclave, "init-platform", "--data-dir", str(data_dir)], check=True, capture_output=True)
+    log = (data_dir / "serve.log").open("ab")
+    proc = subprocess.Popen(
+        [*enclave, "serve", "--port", "0", "--level", "softtee", "--data-dir", str(data_dir)],
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+    )
+    log.close()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        info_path = data_dir / "kernel.json"
+        if info_path.exists():
+            info = json.loads(info_path.read_text())
+            if info["pid"] == proc.pid:
+                return proc, info
+        if proc.poll() is not None:
+            raise RuntimeError((data_dir / "serve.log").read_text())
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("kernel did not start")
+
+
+def e2e_run(alice: Any, bob: Any, a: Any, b: Any, mode: str, tag: str) -> dict[str, Any]:
+    """One PSI job over the real kernel; seconds per step as each party's client sees them."""
+    name = f"bench-{tag}-{mode}-{len(a)}"
+    t0 = time.perf_counter()
+    alice.psi.create(name, [alice.party_id, bob.party_id], mode=mode, receivers=[alice.party_id])
+    t1 = time.perf_counter()
+    alice.psi.submit(name, a)
+    t2 = time.perf_counter()
+    bob.psi.submit(name, b)
+    t3 = time.perf_counter()
+    state = bob.psi.approve(name).state  # the job runs in this call
+    t4 = time.perf_counter()
+    res = alice.psi.result(name)
+    t5 = time.perf_counter()
+    assert state == "done", state
+    return {
+        "create_s": t1 - t0,
+        "upload_alice_s": t2 - t1,
+        "upload_bob_s": t3 - t2,
+        "approve_and_run_s": t4 - t3,
+        "result_s": t5 - t4,
+        "total_s": t5 - t0,
+        "kernel_psi_s": res.info.get("psi_s"),
+        "cardinality": res.cardinality,
+        "items_returned": None if res.items is None else len(res.items),
+    }
+
+
+def e2e_main(full: bool) -> None:
+    import tempfile
+
+    import mesatee_notebook as mn
+
+    sizes = [1 << 16, 1 << 18] + ([10_000_000, 1 << 24] if full else [])
+    prior = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": []}
+    baseline = {r["n_per_party"]: r.get("openmined-psi (ECDH, RAW)") for r in prior["rows"]}
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="p6e2e-") as tmp:
+        proc, info = _start_kernel(Path(tmp) / "kernel")
+        try:
+            pol = mn.Policy(platform_roots=[info["platform"]], measurements=[info["measurement"]])
+            url = f"mesatee://127.0.0.1:{info['port']}"
+            alice = mn.connect(url, policy=pol, identity=Path(tmp) / "alice")
+            bob = mn.connect(url, policy=pol, identity=Path(tmp) / "bob")
+            e2e_run(alice, bob, [1, 2, 3], [2, 3, 4], "intersection", "warmup")  # starts the service worker
+            for n in sizes:
+                a, b, exact = make_sets(n, seed=n)
+                row: dict[str, Any] = {"n_per_party": n, "expected_cardinality": exact}
+                for mode in ("cardinality", "intersection"):
+                    r = e2e_run(alice, bob, a, b, mode, "int")
+                    assert r["cardinality"] == exact
+                    row[f"int64 {mode}"] = r
+                if n <= 1 << 18 or full:
+                    sa, sb = emails(a), emails(b)
+                    r = e2e_run(alice, bob, sa, sb, "intersection", "str")
+                    assert r["cardinality"] == exact
+                    row["email str intersection"] = r
+                    del sa, sb
+                base = baseline.get(n)
+                if base:
+                    row["openmined-psi (ECDH, RAW) s, from p6_psi.json"] = base["seconds"]
+                rows.append(row)
+                print(f"done n={n}", file=sys.stderr, flush=True)
+            alice.close()
+            bob.close()
+        finally:
+            proc.send_signal(2)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    load = os.getloadavg()
+    # A quick run updates its sizes and keeps the big ones from an earlier --full run.
+    old = json.loads(E2E_RESULTS.read_text()) if E2E_RESULTS.exists() else {}
+    kept = [r for r in old.get("rows", []) if r["n_per_party"] not in sizes]
+    machine = {"cpu_count": os.cpu_count(), "load_average_at_end": load, "full": full}
+    merged = {**old, "machine": machine, "rows": sorted(kept + rows, key=lambda r: int(r["n_per_party"]))}
+    E2E_RESULTS.write_text(json.dumps(merged, indent=2) + "\n")
+    print("\nPSI end to end over a real softtee kernel, 2 parties, half shared; seconds")
+    head = f"{'n/party':>10} {'input / mode':<26} {'upload A':>9} {'upload B':>9} {'run':>8} {'result':>8} {'total':>8}"
+    print(head)
+    print("-" * len(head))
+    for row in rows:
+        for label in ("int64 cardinality", "int64 intersection", "email str intersection"):
+            step: dict[str, Any] | None = row.get(label)
+            if step:
+                print(
+                    f"{row['n_per_party']:>10} {label:<26} {step['upload_alice_s']:9.3f} {step['upload_bob_s']:9.3f} "
+                    f"{step['approve_and_run_s']:8.3f} {step['result_s']:8.3f} {step['total_s']:8.3f}"
+                )
+        base = row.get("openmined-psi (ECDH, RAW) s, from p6_psi.json")
+        if base:
+            ours = row["int64 cardinality"]["total_s"]
+            print(f"{'':>10} openmined-psi (ECDH) {base:.1f} s: {base / ours:,.0f}x our end to end cardinality")
+    print(f"\nload average at end: {load[0]:.2f} on {os.cpu_count()} CPUs; wrote {E2E_RESULTS}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="only the two small sizes")
     ap.add_argument("--baseline-python", default=None)
     ap.add_argument("--no-strings", action="store_true")
+    ap.add_argument("--e2e", action="store_true", help="end to end over a real kernel (upload, intersect, result)")
+    ap.add_argument("--full", action="store_true", help="with --e2e: also 10^7 and 2^24 items per side")
     args = ap.parse_args()
+    if args.e2e:
+        e2e_main(args.full)
+        return
     sizes = SIZES[:2] if args.quick else SIZES
     python = baseline_python(args.baseline_python)
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
@@ -287,9 +424,9 @@ def main() -> None:
                     f"{fmt(base['seconds'])}  ({base['seconds'] / ours:,.0f}x the engine on int64)"
                 )
     print("\nIntersect + locate every row, two sets of random uint64 keys (seconds):")
-    for n, table in strategies.items():
+    for size, table in strategies.items():
         for label, secs in table.items():
-            print(f"  n={n:>9}  {label:<40} {secs:8.3f}")
+            print(f"  n={size:>9}  {label:<40} {secs:8.3f}")
     print("\nKeyed hashing, 2^18 items (ns/item):")
     for label, ns in hashing.items():
         print(f"  {label:<46} {ns:8.1f}")

@@ -20,6 +20,7 @@ import struct
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
+from mesatee_notebook.attestation.audit_verify import ALL_PARTIES
 from mesatee_notebook.enclave.jobs import Job, JobStore
 from mesatee_notebook.enclave.services import ServiceContext
 from mesatee_notebook.errors import EncodingError, MalformedFrame, NotFound, PolicyViolation
@@ -98,7 +99,7 @@ def job_store(ctx: ServiceContext) -> JobStore:
         store = JobStore(blobs, audit)
         for job_id, why in sorted(store.damaged.items()):
             # Reported, never silently dropped: the job stays listed and every access to it fails.
-            ctx.audit("recovery", {"job_id": job_id, "damaged": why})
+            ctx.audit("recovery", {"job_id": job_id, "damaged": why}, concerns=[ALL_PARTIES])
         ctx.state[_STATE_KEY] = (store, blobs, audit)
         return store
     store, blobs, audit = entry

@@ -55,7 +55,7 @@ from mesatee_notebook.enclave.services.jobstore import (
     resolve_job,
     unpack_values,
 )
-from mesatee_notebook.errors import EncodingError, MesateeError, NotFound, PolicyViolation
+from mesatee_notebook.errors import EncodingError, NotFound, PolicyViolation, TamperedData
 from mesatee_notebook.ml.psi import PsiInput, PsiKey, PsiMode, run_psi
 from mesatee_notebook.wire.codecs import encode_value
 from mesatee_notebook.wire.datapolicy import DataPolicy
@@ -138,11 +138,11 @@ def _run(ctx: ServiceContext, store: JobStore, job: Job) -> Job:
     ctx.progress(job=job.job_id, state="running")
     try:
         result = runner(ctx, store, store.get(job.job_id))
-    except MesateeError as exc:
+    except (TamperedData, PolicyViolation, NotFound) as exc:  # our own messages: ids and names, never data
         store.fail(job.job_id, f"{type(exc).__name__}: {exc.message}")
         return store.get(job.job_id)
-    except Exception as exc:
-        store.fail(job.job_id, f"the engine failed ({type(exc).__name__})")
+    except Exception as exc:  # an engine's message could quote items: every party sees job.error
+        store.fail(job.job_id, f"the engine failed ({type(exc).__name__}; details withheld: they could hold data)")
         return store.get(job.job_id)
     finally:
         ctx.state.get(_CACHE, {}).pop(job.job_id, None)
@@ -419,8 +419,9 @@ def psi_submit(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]
     packed_values: dict[str, Any] = {"items": raw}
     if values is not None:
         packed_values["values"] = values
-    blob = pack_values(packed_values, items_format=fmt, policy=None if policy is None else policy.to_dict(),
-                       source=source)
+    blob = pack_values(
+        packed_values, items_format=fmt, policy=None if policy is None else policy.to_dict(), source=source
+    )
     digest = hashlib.sha256(blob).hexdigest()
     cached[name] = (digest, hashed)
     tr = store.submit_input(job.job_id, ctx.party, name, blob)
@@ -520,7 +521,7 @@ def _run_psi(ctx: ServiceContext, store: JobStore, job: Job) -> bytes:
             pol = DataPolicy.from_dict(extra["policy"]) if extra.get("policy") else DataPolicy()
             policies.append(pol)
             hidden += [f"{inp.name}.{c}" for c in pol.hidden_columns]
-    ctx.progress(job=job.job_id, state="intersecting", items=[len(i) for i in psi_inputs])
+    ctx.progress(job=job.job_id, state="intersecting")  # no sizes: the caller may not be a receiver
     started = time.perf_counter()
     res = run_psi(psi_inputs, cast("PsiMode", mode))
     psi_s = round(time.perf_counter() - started, 4)
@@ -529,7 +530,11 @@ def _run_psi(ctx: ServiceContext, store: JobStore, job: Job) -> bytes:
         return pack_values({}, **common)
     if mode == "intersection":
         assert res.items is not None
-        return pack_values({"items": res.items.reset_index(drop=True)}, **common)
+        items: Any = res.items.reset_index(drop=True)
+        try:
+            return pack_values({"items": items}, **common)
+        except EncodingError:  # mixed int/str/bytes: Arrow cannot hold them in one column, msgpack can
+            return pack_values({"items": items.tolist()}, **common)
     assert res.frame is not None
     dataset = str(params["dataset"])
     policy = strictest_policy(policies, [h for h in hidden if h in res.frame.columns])
@@ -555,5 +560,9 @@ def _store_dataset(ctx: ServiceContext, job: Job, name: str, df: pd.DataFrame, p
         "readers": list(job.spec.receivers),
     }
     ctx.seal_put(meta_name(name, prefix=""), json.dumps(meta).encode())
-    ctx.audit("upload", {"dataset": name, "rows": len(df), "sha256": digest, "job_id": job.job_id,
-                         "owner": meta["owner"]}, concerns=sorted(job.spec.parties))
+    ctx.audit(
+        "upload",
+        # no row count: the host reads the log, and the join's size is its cardinality
+        {"dataset": name, "sha256": digest, "job_id": job.job_id, "owner": meta["owner"]},
+        concerns=sorted(job.spec.parties),
+    )
