@@ -25,8 +25,8 @@ from mesatee_notebook.errors import (
 )
 from mesatee_notebook.remote.frame import SecureDataFrame, SecureSeries
 from mesatee_notebook.remote.session import CallResult, RunResult, Session, connect
-from mesatee_notebook.wire.datapolicy import DataPolicy
 from mesatee_notebook.remote.session import verify_receipt_default as verify_receipt
+from mesatee_notebook.wire.datapolicy import DataPolicy
 
 __version__ = "0.1.0"
 
@@ -49,6 +49,8 @@ __all__ = [
     "RunResult",
     "SecureDataFrame",
     "SecureSeries",
+    "SecureXGBClassifier",
+    "SecureXGBRegressor",
     "Session",
     "UnprotectedWarning",
     "VerifiedReceipt",
@@ -57,6 +59,16 @@ __all__ = [
     "load_ipython_extension",
     "verify_receipt",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the scikit-learn style estimators on first use (scikit-learn is not imported before)."""
+    if name in ("SecureXGBClassifier", "SecureXGBRegressor"):
+        from mesatee_notebook.remote import ml
+
+        return getattr(ml, name)
+    msg = f"module 'mesatee_notebook' has no attribute {name!r}"
+    raise AttributeError(msg)
 
 
 def load_ipython_extension(ipython: Any) -> None:

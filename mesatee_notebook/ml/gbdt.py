@@ -485,6 +485,9 @@ def train(
     for name, eval_set in (evals or {}).items():
         if isinstance(eval_set, tuple):
             eX, ey, enames = _split(eval_set[0], eval_set[1], f"eval set {name!r} label")
+        elif not isinstance(label, str):
+            msg = f"eval set {name!r} must be a (features, labels) pair when the label is not a column name"
+            raise MLInputError(msg, eval_set=name)
         else:
             eX, ey, enames = _split(eval_set, label, f"eval set {name!r} label")
         if eX.shape[1] != X.shape[1] or (names is not None and enames is not None and enames != names):

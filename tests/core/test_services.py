@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import pandas as pd
 import pytest
@@ -93,10 +94,21 @@ def test_service_worker_crash_is_reported_and_recovered(kernel, alice):
     info = json.loads((kernel.data_dir / "kernel.json").read_text())
     import psutil
 
-    workers = [p for p in psutil.Process(info["pid"]).children() if "--service" in p.cmdline()]
+    workers = [
+        p
+        for p in psutil.Process(info["pid"]).children()
+        if p.status() != psutil.STATUS_ZOMBIE and "--service" in p.cmdline()
+    ]
     assert len(workers) == 1
     os.kill(workers[0].pid, signal.SIGKILL)
-    __import__("time").sleep(0.5)  # a zombie until the kernel reaps it
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # a zombie until the kernel reaps it
+        try:
+            if workers[0].status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
     # the kernel starts a new worker, which reloads state from sealed storage, and says so in the audit log
     assert alice.call("dataset.info", {"name": "survives_crash"}).info["rows"] == 10
     recoveries = [e for e in alice.audit() if e["kind"] == "recovery"]

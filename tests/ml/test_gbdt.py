@@ -278,6 +278,9 @@ def test_bad_requests_are_typed(frame: pd.DataFrame) -> None:
         gbdt.train(data, "target", params={"objective": "rank:pairwise"})
     with pytest.raises(MLInputError, match="needs at least one eval set"):
         gbdt.train(data, "target", early_stopping_rounds=3)
+    X, y = frame[FEATURES].to_numpy(), frame["target"].to_numpy()
+    with pytest.raises(MLInputError, match=r"must be a \(features, labels\) pair"):
+        gbdt.train(X, y, evals={"valid": X})
     with pytest.raises(InvalidLabels, match="3 values for 600 rows"):
         gbdt.train(frame[FEATURES], [1.0, 2.0, 3.0])
     with pytest.raises(MLInputError, match="xgboost refused"):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -43,9 +44,9 @@ import numpy as np
 import pandas as pd
 
 from mesatee_notebook.enclave.datasets import data_name, meta_name, validate_dataset_name
-from mesatee_notebook.enclave.services import ServiceContext, ServiceResult, service
+from mesatee_notebook.enclave.services import ServiceContext, ServiceFn, ServiceResult, service
 from mesatee_notebook.enclave.services.datasets import load_dataset, load_meta, public_info
-from mesatee_notebook.errors import EncodingError, NotFound, PolicyViolation
+from mesatee_notebook.errors import EncodingError, MesateeError, NotFound, PolicyViolation
 from mesatee_notebook.wire.codecs import encode_value
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DataRef",
+    "keep_code",
     "private_dir",
     "resolve_data",
     "restore_blob",
@@ -66,7 +68,30 @@ _MODEL_ID_LEN = 32
 
 
 # ---------------------------------------------------------------------------------------------
-# Shared with the TVM service: data references, derived datasets, the sealed engine cache.
+# Shared with the TVM service
+
+
+def keep_code(fn: ServiceFn) -> ServiceFn:
+    """Carry an engine error's ``ml.*`` code in its details, so it survives the supervisor's re-raise.
+
+    The supervisor rebuilds a worker's error from its code, and it does not import the engines: an
+    ``ml.*`` code would become the root class there. With the code in the details the client can
+    rebuild the typed error.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
+        try:
+            return fn(ctx, args, inputs)
+        except MesateeError as exc:
+            if exc.code.startswith("ml."):
+                exc.details.setdefault("code", exc.code)
+            raise
+
+    return wrapper
+
+
+# Data references, derived datasets, the sealed engine cache.
 
 
 @dataclass
@@ -167,7 +192,7 @@ def store_derived(
         "derived": {**derived, "from": source.dataset, "by": ctx.party},
     }
     ctx.seal_put(meta_name(name, prefix=""), json.dumps(meta).encode())
-    ctx.audit("derive", {"dataset": name, "from": source.dataset, **derived}, concerns=[source.owner])
+    ctx.audit("result", {"derived_dataset": name, "from": source.dataset, **derived}, concerns=[source.owner])
     return public_info(meta, ctx.party)
 
 
@@ -279,6 +304,7 @@ def _train_data(ctx: ServiceContext, ref: Any, inputs: dict[str, Any], what: str
 
 
 @service("gbdt.train")
+@keep_code
 def train(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """Train (or continue) an xgboost model; per-round metrics stream as progress; returns a handle."""
     from mesatee_notebook.ml import gbdt
@@ -335,8 +361,9 @@ def train(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> 
         "continued_from": str(args["init_model"]) if args.get("init_model") else None,
     }
     _save_handle(ctx, meta, model)
-    ctx.audit("gbdt.train", {"model": meta["id"], "datasets": [s.dataset for s in sources if s.dataset],
-                             "rounds": model.num_rounds}, concerns=owners)
+    used = [s.dataset for s in sources if s.dataset]
+    ctx.audit("job", {"service": "gbdt.train", "model": meta["id"], "datasets": used, "rounds": model.num_rounds},
+              concerns=owners)
     return ServiceResult(info={"model": _public(meta), "history": model.history, "train_seconds": seconds})
 
 
@@ -351,6 +378,7 @@ def _visible_to(ctx: ServiceContext, data: DataRef, meta: dict[str, Any], what: 
 
 
 @service("gbdt.evaluate")
+@keep_code
 def evaluate(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """Metrics of a model on labelled data (an aggregate: subject to the owner's min_group_size)."""
     meta, model = _use(ctx, args.get("model"))
@@ -378,21 +406,23 @@ def _predictor(ctx: ServiceContext, meta: dict[str, Any], model: GBDTModel) -> T
     from mesatee_notebook.ml.treecompile import TreePredictor
 
     cache: dict[str, TreePredictor] = ctx.state.setdefault("gbdt_trees", {})
-    hit = cache.get(model.digest)
+    digest = str(meta["digest"])  # model.digest serialises the model: milliseconds on a busy machine
+    hit = cache.get(digest)
     if hit is not None:
         return hit
     where = private_dir(ctx) / "trees"
     where.mkdir(exist_ok=True)
-    blob = f"cache/trees/{model.digest}"
+    blob = f"cache/trees/{digest}"
     had_blob = restore_blob(ctx, blob, where)
     predictor = TreePredictor(model, where, nthread=1)
     if not (had_blob and predictor.compiled.from_cache):
         seal_dir(ctx, blob, predictor.compiled.path.parent)
-    cache[model.digest] = predictor
+    cache[digest] = predictor
     return predictor
 
 
 @service("gbdt.compile")
+@keep_code
 def compile_trees(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """Compile the model's trees for low-latency prediction now (otherwise done on first small predict)."""
     meta, model = _use(ctx, args.get("model"))
@@ -429,7 +459,7 @@ def _crossover() -> int:
     return DEFAULT_CROSSOVER_ROWS
 
 
-def _feature_frame(data: DataRef, meta: dict[str, Any]) -> pd.DataFrame:
+def _feature_frame(data: DataRef, meta: dict[str, Any]) -> Any:
     names = list(meta.get("features", []))
     if names and all(n in data.frame.columns for n in names):
         return data.frame[names]
@@ -444,6 +474,7 @@ def _prediction_frame(pred: np.ndarray, margin: bool) -> pd.DataFrame:
 
 
 @service("gbdt.predict")
+@keep_code
 def predict(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """Predict; the result stays in the enclave as a dataset when the data is another party's."""
     meta, model = _use(ctx, args.get("model"))
@@ -463,17 +494,18 @@ def predict(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -
     t0 = time.perf_counter()
     pred, engine, lib = _run_predict(ctx, meta, model, frame, margin, str(args.get("engine", "auto")))
     info: dict[str, Any] = {"model": meta["id"], "engine": engine, "rows": int(pred.shape[0]),
-                            "predict_seconds": time.perf_counter() - t0, "model_digest": model.digest}
+                            "predict_seconds": time.perf_counter() - t0, "model_digest": meta["digest"]}
     if lib is not None:
         info["library_sha256"] = lib
     if keep:
-        derived = {"kind": "pred", "model": meta["id"], "model_digest": model.digest}
+        derived = {"kind": "pred", "model": meta["id"], "model_digest": meta["digest"]}
         info["dataset"] = store_derived(ctx, data, _prediction_frame(pred, margin), args.get("name"), derived)
         return ServiceResult(info=info)
     return ServiceResult(info=info, values={"prediction": pred})
 
 
 @service("gbdt.importance")
+@keep_code
 def importance(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """Feature importance (no rows leave): gain, weight, cover, total_gain or total_cover."""
     meta, model = _use(ctx, args.get("model"))
@@ -482,6 +514,7 @@ def importance(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]
 
 
 @service("gbdt.info")
+@keep_code
 def info(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """A model's public description (trainer and data owners)."""
     meta, _ = _load_handle(ctx, args.get("model"))
@@ -492,6 +525,7 @@ def info(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> S
 
 
 @service("gbdt.list")
+@keep_code
 def listing(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """Models the caller trained, or that were trained on the caller's data."""
     out = []
@@ -505,6 +539,7 @@ def listing(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -
 
 
 @service("gbdt.release")
+@keep_code
 def release(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """A data owner lets the trainer export a model trained on their data."""
     meta, model = _load_handle(ctx, args.get("model"))
@@ -513,25 +548,29 @@ def release(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -
         raise PolicyViolation(msg, model=meta["id"])
     meta["released_by"] = sorted(set(meta.get("released_by", [])) | {ctx.party})
     _save_handle(ctx, meta, model)
-    ctx.audit("gbdt.release", {"model": meta["id"]}, concerns=[meta["trainer"]])
+    ctx.audit("approval", {"service": "gbdt.release", "model": meta["id"]}, concerns=[meta["trainer"]])
     return ServiceResult(info={"model": _public(meta)})
 
 
 @service("gbdt.export")
+@keep_code
 def export(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """The model as xgboost JSON, only if every data owner released it."""
     meta, model = _use(ctx, args.get("model"))
     if not _released(meta):
         waiting = sorted(set(meta["data_owners"]) - set(meta.get("released_by", [])))
         ctx.audit("refusal", {"model": meta["id"], "reason": "export of an unreleased model"}, concerns=waiting)
+        who = ", ".join(w[:12] + "…" for w in waiting)
         msg = (f"model {meta['id'][:12]}… was trained on other parties' data and is not released; it stays in the "
-               f"enclave until its data owner(s) release it (gbdt.release): waiting for {', '.join(w[:12] + '…' for w in waiting)}")
+               f"enclave until its data owner(s) release it (gbdt.release): waiting for {who}")
         raise PolicyViolation(msg, model=meta["id"], waiting=waiting)
-    ctx.audit("gbdt.export", {"model": meta["id"], "digest": model.digest}, concerns=list(meta["data_owners"]))
+    ctx.audit("release", {"service": "gbdt.export", "model": meta["id"], "digest": model.digest},
+              concerns=list(meta["data_owners"]))
     return ServiceResult(info={"model": meta["id"], "digest": model.digest}, values={"model": model.to_json()})
 
 
 @service("gbdt.delete")
+@keep_code
 def delete(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """Delete a model handle (trainer only)."""
     meta, _ = _use(ctx, args.get("model"))

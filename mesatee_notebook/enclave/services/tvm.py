@@ -28,6 +28,7 @@ import pandas as pd
 from mesatee_notebook.enclave.services import ServiceContext, ServiceResult, service
 from mesatee_notebook.enclave.services.gbdt import (
     DataRef,
+    keep_code,
     private_dir,
     refuse,
     resolve_data,
@@ -73,6 +74,7 @@ def _module_meta(module: TVMModel, owners: list[str]) -> dict[str, Any]:
 
 
 @service("tvm.compile")
+@keep_code
 def compile_model(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """Compile ONNX bytes (input ``model``) for static ``input_shapes``; cached sealed by digest."""
     from mesatee_notebook.ml import tvm_runtime
@@ -126,7 +128,7 @@ def compile_model(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, A
         owners.append(ctx.party)
     meta = _module_meta(module, owners)
     ctx.seal_put(meta_name, json.dumps(meta).encode())
-    ctx.audit("tvm.compile", {"module": key, "tune_trials": trials, "source": source})
+    ctx.audit("job", {"service": "tvm.compile", "module": key, "tune_trials": trials, "source": source})
     info = {k: v for k, v in meta.items() if k != "owners"}
     return ServiceResult(info={**info, "source": source, "seconds": time.perf_counter() - t0})
 
@@ -213,6 +215,7 @@ def _outputs_frame(outputs: dict[str, np.ndarray]) -> pd.DataFrame:
 
 
 @service("tvm.run")
+@keep_code
 def run(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """Run a compiled module on arrays, or on a dataset (the result stays remote when it is another's)."""
     module = _module(ctx, args.get("module"))

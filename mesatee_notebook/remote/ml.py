@@ -1,0 +1,666 @@
+"""Client side of the GBDT and TVM services: model handles, progress bars, scikit-learn estimators.
+
+Nothing here runs an engine: every method is one ``Session.call`` to a trusted service in the kernel,
+whose receipt is verified before anything comes back (the last one is ``session.last_receipt``; each
+handle keeps the receipt of its own last call as ``last_receipt``).
+
+Data can be given as
+
+* a local ``pandas.DataFrame`` or ``numpy`` array: sent with the call, owned by the caller;
+* a dataset name, or a ``SecureDataFrame`` over a stored dataset (optionally a column selection of it,
+  ``sdf[["a", "b"]]``): the data stays in the enclave. Derived frames (filters, assigns) must be stored
+  first; the services work on whole datasets.
+
+Errors are the kernel's typed errors (``PolicyViolation`` for refusals, ``NotFound`` for unknown handles,
+and the engines' ``ml.*`` errors: missing label, non-numeric features, NaN labels, malformed ONNX,
+unsupported operator, shape mismatch), each with a message that says what to change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mesatee_notebook.errors import EncodingError, MesateeError, error_from_wire
+from mesatee_notebook.remote.frame import Column, SecureDataFrame, SecureSeries, Select, Source
+
+__all__ = [
+    "GbdtClient",
+    "RemoteModel",
+    "RemoteTVMModule",
+    "SecureXGBClassifier",
+    "SecureXGBRegressor",
+    "TvmClient",
+]
+
+_LABEL = "__mesatee_label__"
+
+
+def _call(session: Any, service: str, args: Mapping[str, Any] | None = None,
+          inputs: Mapping[str, Any] | None = None, **kw: Any) -> Any:
+    """``session.call``, rebuilding the engines' typed ``ml.*`` errors from the code in their details.
+
+    The classes exist on the client only when the engines' error module is importable and imported;
+    otherwise the error stays a ``MesateeError`` whose ``details["code"]`` names the kind.
+    """
+    try:
+        return session.call(service, args, inputs, **kw)
+    except MesateeError as exc:
+        code = exc.details.get("code")
+        if type(exc) is MesateeError and isinstance(code, str) and code.startswith("ml."):
+            details = {k: v for k, v in exc.details.items() if k != "code"}
+            typed = error_from_wire({"code": code, "message": exc.message, "details": details})
+            if type(typed) is not MesateeError:
+                raise typed from None
+        raise
+
+
+def _data_ref(data: Any, slot: str, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The wire reference for ``data``; local tables go into ``inputs[slot]``."""
+    if isinstance(data, str):
+        return {"dataset": data}
+    if isinstance(data, dict) and "dataset" in data:  # an already-built reference
+        return dict(data)
+    if isinstance(data, (SecureDataFrame, SecureSeries)):
+        node = data._node
+        if isinstance(node, Source):
+            return {"dataset": node.name}
+        if isinstance(node, Select) and isinstance(node.input, Source):
+            return {"dataset": node.input.name, "columns": list(node.columns)}
+        if isinstance(node, Column) and isinstance(node.input, Source):
+            return {"dataset": node.input.name, "columns": [node.name]}
+        msg = (
+            "the ML services work on a stored dataset or a column selection of it; this remote frame is derived "
+            "(filter, assign, merge, ...). Store it first, or pass the dataset name"
+        )
+        raise EncodingError(msg, op=node.op)
+    if isinstance(data, (pd.DataFrame, np.ndarray)):
+        inputs[slot] = data
+        return {"input": slot}
+    if isinstance(data, pd.Series):
+        inputs[slot] = data.to_frame()
+        return {"input": slot}
+    kind = type(data).__name__
+    msg = f"data must be a pandas DataFrame, a numpy array, a dataset name or a SecureDataFrame, not {kind}"
+    raise EncodingError(msg, type=type(data).__name__)
+
+
+class _RoundBar:
+    """Per-round training progress in a ``tqdm.auto`` bar (a widget in notebooks, text in terminals)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total = total
+        self.enabled = enabled
+        self.bar: Any = None
+        self.last: dict[str, Any] = {}
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.last = event
+        if not self.enabled or event.get("event") != "round":
+            return
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, desc="mesatee gbdt", unit="round", leave=True)
+        metrics = event.get("metrics") or {}
+        shown = {f"{d}-{m}": f"{v:.4g}" for d, per in metrics.items() for m, v in per.items()}
+        self.bar.set_postfix(shown, refresh=False)
+        self.bar.update(int(event.get("round", 0)) + 1 - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _PhaseBar:
+    """TVM compile phases and tuning trials in a ``tqdm.auto`` bar."""
+
+    def __init__(self, budget: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.budget = budget
+        self.bar: Any = None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.budget or None, desc="mesatee tvm", unit="trial", leave=True)
+        if event.get("event") == "trial":
+            self.bar.update(int(event.get("trials", 0)) - self.bar.n)
+            best = event.get("best_us")
+            if best is not None:
+                self.bar.set_postfix({"task": event.get("task"), "best_us": f"{best:.1f}"}, refresh=False)
+        elif event.get("event") == "phase":
+            self.bar.set_description(f"mesatee tvm: {event.get('phase')}", refresh=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _remote_result(session: Any, info: Mapping[str, Any]) -> Any:
+    """A SecureSeries (one column) or SecureDataFrame over a result kept in the enclave."""
+    desc = info["dataset"]
+    sdf = session.dataframe(str(desc["name"]))
+    cols = [str(c) for c, _ in desc["columns"]]
+    return sdf[cols[0]] if len(cols) == 1 else sdf
+
+
+class RemoteModel:
+    """A handle on a GBDT model that stays in the enclave.
+
+    ``info`` is the model's public description (objective, features, rounds, provenance, release).
+    """
+
+    def __init__(self, session: Any, info: Mapping[str, Any], history: Mapping[str, Any] | None = None) -> None:
+        self._session = session
+        self.info = dict(info)
+        self.history: dict[str, Any] = dict(history or {})
+        self.last_receipt: Any = None
+
+    @property
+    def id(self) -> str:
+        """The model handle (random, 128 bits)."""
+        return str(self.info["id"])
+
+    @property
+    def features(self) -> list[str]:
+        """Feature names the model expects."""
+        return list(self.info.get("features") or [])
+
+    @property
+    def released(self) -> bool:
+        """Whether the model may leave the enclave (``export``)."""
+        return bool(self.info.get("released"))
+
+    def __repr__(self) -> str:
+        i = self.info
+        return (f"<RemoteModel {self.id[:12]}… {i.get('objective')} features={len(self.features)} "
+                f"rounds={i.get('num_rounds')} released={self.released}>")
+
+    def _call(self, service: str, args: dict[str, Any], inputs: dict[str, Any] | None = None,
+              timeout: float | None = None) -> Any:
+        res = _call(self._session, service, {"model": self.id, **args}, inputs or {}, timeout=timeout)
+        self.last_receipt = res.receipt
+        return res
+
+    def evaluate(self, data: Any, label: str | Sequence[float] | np.ndarray | None = None) -> dict[str, float]:
+        """Metrics for the objective (logloss/auc/accuracy, mlogloss/accuracy, or rmse/mae/r2)."""
+        inputs: dict[str, Any] = {}
+        args: dict[str, Any] = {"data": _data_ref(data, "data", inputs)}
+        if isinstance(label, str):
+            args["label"] = label
+        elif label is not None:
+            inputs["label"] = np.asarray(label, dtype=np.float64)
+        res = self._call("gbdt.evaluate", args, inputs)
+        return {str(k): float(v) for k, v in res.info["metrics"].items()}
+
+    def predict(
+        self,
+        data: Any,
+        *,
+        margin: bool = False,
+        engine: str = "auto",
+        remote: bool | None = None,
+        name: str | None = None,
+    ) -> Any:
+        """Predict: a numpy array for your own data, a remote result for another party's dataset.
+
+        On another party's dataset the predictions stay in the enclave, as a SecureSeries (one column) or
+        SecureDataFrame under the owner's policy (``remote=True`` keeps yours there too; ``name`` names it).
+
+        ``engine``: ``"auto"`` (compiled trees below the crossover batch size, xgboost above),
+        ``"compiled"`` or ``"xgboost"``.
+        """
+        inputs: dict[str, Any] = {}
+        args: dict[str, Any] = {"data": _data_ref(data, "data", inputs), "margin": margin, "engine": engine}
+        if remote is not None:
+            args["remote"] = remote
+        if name is not None:
+            args["name"] = name
+        res = self._call("gbdt.predict", args, inputs)
+        self.last_engine = str(res.info.get("engine"))
+        if "dataset" in res.info:
+            return _remote_result(self._session, res.info)
+        return np.asarray(res.values["prediction"])
+
+    def compile(self) -> dict[str, Any]:
+        """Compile the trees for low-latency prediction now (else it happens on the first small batch)."""
+        return dict(self._call("gbdt.compile", {}).info)
+
+    def feature_importance(self, kind: str = "gain") -> pd.Series:
+        """Importance of every feature (``gain``, ``weight``, ``cover``, ``total_gain``, ``total_cover``)."""
+        res = self._call("gbdt.importance", {"kind": kind})
+        scores = pd.Series({str(k): float(v) for k, v in res.info["importance"].items()}, name=kind, dtype=float)
+        return scores.sort_values(ascending=False)
+
+    def refresh(self) -> RemoteModel:
+        """Re-read the model's description (e.g. after a data owner released it)."""
+        self.info = dict(self._call("gbdt.info", {}).info["model"])
+        return self
+
+    def export(self, path: str | PathLike[str] | None = None) -> bytes:
+        """The model as xgboost JSON (written to ``path`` if given), only if its policy releases it."""
+        res = self._call("gbdt.export", {})
+        raw = bytes(res.values["model"])
+        if path is not None:
+            Path(path).write_bytes(raw)
+        return raw
+
+    def delete(self) -> None:
+        """Delete the model from the enclave."""
+        self._call("gbdt.delete", {})
+
+
+class GbdtClient:
+    """``session.gbdt``: xgboost (hist) training and prediction in the enclave."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+
+    def train(
+        self,
+        data: Any,
+        label: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        num_boost_round: int = 100,
+        evals: Mapping[str, Any] | None = None,
+        early_stopping_rounds: int | None = None,
+        init_model: RemoteModel | str | None = None,
+        progress: bool | Callable[[dict[str, Any]], None] = True,
+        timeout: float | None = None,
+    ) -> RemoteModel:
+        """Train a model; per-round metrics stream into a progress bar. Returns a handle; the model stays remote.
+
+        ``data`` holds the features and the ``label`` column. ``evals`` maps names to eval sets (same
+        columns). ``init_model`` continues training a model you trained. ``progress`` may be a callable
+        receiving each round's event instead of the bar.
+        """
+        inputs: dict[str, Any] = {}
+        args: dict[str, Any] = {
+            "data": _data_ref(data, "data", inputs),
+            "label": label,
+            "params": dict(params or {}),
+            "num_boost_round": int(num_boost_round),
+            "progress": bool(progress),
+        }
+        if evals:
+            args["evals"] = {str(k): _data_ref(v, f"eval{i}", inputs) for i, (k, v) in enumerate(evals.items())}
+        if early_stopping_rounds is not None:
+            args["early_stopping_rounds"] = int(early_stopping_rounds)
+        if init_model is not None:
+            args["init_model"] = init_model.id if isinstance(init_model, RemoteModel) else str(init_model)
+        bar = _RoundBar(num_boost_round, progress is True)
+        callback: Callable[[dict[str, Any]], None] = progress if callable(progress) else bar
+        try:
+            res = _call(self._session, "gbdt.train", args, inputs, progress=callback, timeout=timeout)
+        finally:
+            bar.close()
+        model = RemoteModel(self._session, res.info["model"], res.info.get("history"))
+        model.last_receipt = res.receipt
+        return model
+
+    def model(self, model_id: str) -> RemoteModel:
+        """Re-attach to a model handle by id (e.g. in a new session)."""
+        res = _call(self._session, "gbdt.info", {"model": model_id})
+        return RemoteModel(self._session, res.info["model"])
+
+    def models(self) -> list[dict[str, Any]]:
+        """Models you trained, and models trained on your data."""
+        return list(_call(self._session, "gbdt.list").info["models"])
+
+    def release(self, model: RemoteModel | str) -> dict[str, Any]:
+        """As a data owner, let the trainer export a model trained on your data."""
+        mid = model.id if isinstance(model, RemoteModel) else str(model)
+        return dict(_call(self._session, "gbdt.release", {"model": mid}).info["model"])
+
+
+class RemoteTVMModule:
+    """A TVM-compiled model in the enclave; ``info`` has its inputs, outputs, tuning and library digest."""
+
+    def __init__(self, session: Any, info: Mapping[str, Any]) -> None:
+        self._session = session
+        self.info = dict(info)
+        self.last_receipt: Any = None
+
+    @property
+    def id(self) -> str:
+        """Digest of (model, shapes, target, TVM version, tuning budget)."""
+        return str(self.info["id"])
+
+    @property
+    def inputs(self) -> dict[str, tuple[int, ...]]:
+        """Input name → compiled (static) shape."""
+        return {str(s["name"]): tuple(int(d) for d in s["shape"]) for s in self.info["inputs"]}
+
+    @property
+    def outputs(self) -> dict[str, tuple[int, ...]]:
+        """Output name → shape."""
+        return {str(s["name"]): tuple(int(d) for d in s["shape"]) for s in self.info["outputs"]}
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}{list(v)}" for k, v in self.inputs.items())
+        return f"<RemoteTVMModule {self.id[:12]}… {shapes} tune_trials={self.info.get('tune_trials')}>"
+
+    def run(
+        self,
+        data: Mapping[str, Any] | np.ndarray | Any,
+        *,
+        input: str | None = None,
+        remote: bool | None = None,
+        name: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Run the model.
+
+        ``data``: arrays (a mapping of input name to array, or one array for a one-input model) give
+        numpy outputs ``{name: array}``; a dataset name or SecureDataFrame feeds its columns in batches
+        of the compiled batch size, and the result stays in the enclave when the data is another party's.
+        """
+        args: dict[str, Any] = {"module": self.id}
+        inputs: dict[str, Any] = {}
+        if isinstance(data, (str, SecureDataFrame, pd.DataFrame)):
+            args["data"] = _data_ref(data, "data", inputs)
+            if input is not None:
+                args["input"] = input
+            if remote is not None:
+                args["remote"] = remote
+            if name is not None:
+                args["name"] = name
+        else:
+            feeds = data if isinstance(data, Mapping) else {next(iter(self.inputs)): data}
+            names: dict[str, str] = {}
+            for i, (k, v) in enumerate(feeds.items()):
+                names[f"in{i}"] = str(k)
+                inputs[f"in{i}"] = np.ascontiguousarray(v)
+            args["inputs"] = names
+        res = _call(self._session, "tvm.run", args, inputs, timeout=timeout)
+        self.last_receipt = res.receipt
+        if "dataset" in res.info:
+            return _remote_result(self._session, res.info)
+        return {k: np.asarray(v) for k, v in res.values.items()}
+
+
+class TvmClient:
+    """``session.tvm``: compile ONNX models with apache-tvm in the enclave and run them there."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+
+    def compile(
+        self,
+        model: str | PathLike[str] | bytes | Any,
+        *,
+        input_shapes: Mapping[str, Sequence[int]],
+        tune_trials: int = 0,
+        max_trials_per_task: int | None = None,
+        target: str = "llvm",
+        timeout: float | None = None,
+        progress: bool = True,
+    ) -> RemoteTVMModule:
+        """Compile an ONNX model (path, bytes or ``onnx.ModelProto``) for static ``input_shapes``.
+
+        Cached by digest in the enclave's sealed storage: compiling the same request again loads it.
+        ``tune_trials`` > 0 runs MetaSchedule with that trial budget (slow: minutes), with a progress bar.
+        """
+        if isinstance(model, (bytes, bytearray, memoryview)):
+            raw = bytes(model)
+        elif isinstance(model, (str, PathLike)):
+            raw = Path(model).read_bytes()
+        elif hasattr(model, "SerializeToString"):
+            raw = bytes(model.SerializeToString())
+        else:
+            msg = f"model must be ONNX bytes, a path or an onnx.ModelProto, not {type(model).__name__}"
+            raise EncodingError(msg)
+        args: dict[str, Any] = {
+            "input_shapes": {str(k): [int(d) for d in v] for k, v in input_shapes.items()},
+            "tune_trials": int(tune_trials),
+            "target": target,
+        }
+        if max_trials_per_task is not None:
+            args["max_trials_per_task"] = int(max_trials_per_task)
+        if timeout is not None:
+            args["timeout_s"] = float(timeout)
+        bar = _PhaseBar(tune_trials, progress and tune_trials > 0)
+        try:
+            res = _call(self._session, "tvm.compile", args, {"model": raw}, progress=bar,
+                                     timeout=None if timeout is None else timeout + 30)
+        finally:
+            bar.close()
+        module = RemoteTVMModule(self._session, res.info)
+        module.last_receipt = res.receipt
+        return module
+
+
+# ---------------------------------------------------------------------------------------------
+# scikit-learn estimators
+
+try:
+    from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+except ImportError:  # pragma: no cover - scikit-learn is an optional client dependency
+    BaseEstimator = object
+    ClassifierMixin = RegressorMixin = object
+
+
+class _SecureXGBBase(BaseEstimator):  # type: ignore[misc]
+    """Shared parameters and plumbing of the scikit-learn style estimators."""
+
+    _objective: str = "reg:squarederror"
+
+    def __init__(
+        self,
+        session: Any = None,
+        *,
+        n_estimators: int = 100,
+        max_depth: int = 6,
+        learning_rate: float = 0.3,
+        subsample: float = 1.0,
+        colsample_bytree: float = 1.0,
+        min_child_weight: float = 1.0,
+        reg_lambda: float = 1.0,
+        reg_alpha: float = 0.0,
+        max_bin: int = 256,
+        random_state: int = 0,
+        early_stopping_rounds: int | None = None,
+        objective: str | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.session = session
+        self.n_estimators = n_estimators
+        self.max_depth = max_depth
+        self.learning_rate = learning_rate
+        self.subsample = subsample
+        self.colsample_bytree = colsample_bytree
+        self.min_child_weight = min_child_weight
+        self.reg_lambda = reg_lambda
+        self.reg_alpha = reg_alpha
+        self.max_bin = max_bin
+        self.random_state = random_state
+        self.early_stopping_rounds = early_stopping_rounds
+        self.objective = objective
+        self.progress = progress
+
+    def __sklearn_clone__(self) -> Any:
+        """Clone the parameters but share the session (a live connection cannot be deep-copied)."""
+        from sklearn.base import clone
+
+        params = self.get_params(deep=False)
+        session = params.pop("session")
+        return type(self)(session, **{k: clone(v, safe=False) for k, v in params.items()})
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = True
+        tags.input_tags.sparse = False
+        tags.non_deterministic = False
+        return tags
+
+    def _session_or_fail(self) -> Any:
+        if self.session is None:
+            msg = "pass session=mn.connect(...) to the estimator: it trains in an enclave kernel"
+            raise EncodingError(msg)
+        return self.session
+
+    def _params(self) -> dict[str, Any]:
+        return {
+            "max_depth": self.max_depth,
+            "eta": self.learning_rate,
+            "subsample": self.subsample,
+            "colsample_bytree": self.colsample_bytree,
+            "min_child_weight": self.min_child_weight,
+            "lambda": self.reg_lambda,
+            "alpha": self.reg_alpha,
+            "max_bin": self.max_bin,
+            "seed": self.random_state,
+            "tree_method": "hist",
+        }
+
+    def _fit_remote(self, X: Any, y: Any, extra: dict[str, Any]) -> None:
+        if isinstance(y, SecureSeries):
+            y = y.name
+        if not isinstance(y, str):
+            msg = "with remote X, give y as the label column's name (or a column of the same dataset)"
+            raise EncodingError(msg)
+        ref = _data_ref(X, "data", {})
+        if "columns" in ref and y not in ref["columns"]:
+            ref["columns"] = [*ref["columns"], y]
+        client = GbdtClient(self._session_or_fail())
+        self.model_ = client.train(ref, y, params={**self._params(), **extra}, num_boost_round=self.n_estimators,
+                                   progress=self.progress)
+        features = [f for f in self.model_.features if f != y]
+        self.n_features_in_ = len(features)
+        self.feature_names_in_ = np.asarray(features, dtype=object)
+
+    def _objective_params(self) -> dict[str, Any]:
+        return {"objective": self.objective or "reg:squarederror"}
+
+    def _fit_local(self, X: Any, y: Any, eval_set: Any = None) -> None:
+        from sklearn.utils.validation import validate_data
+
+        Xa, ya = validate_data(self, X, y, ensure_all_finite="allow-nan", dtype=np.float64, y_numeric=False)
+        frame = pd.DataFrame(Xa, columns=[f"f{i}" for i in range(Xa.shape[1])])
+        frame[_LABEL] = self._encode_y(ya)
+        extra = self._objective_params()
+        evals = None
+        if eval_set is not None:
+            eX, ey = eval_set
+            ef = pd.DataFrame(np.asarray(eX, dtype=np.float64), columns=frame.columns[:-1])
+            ef[_LABEL] = self._encode_y(np.asarray(ey), fitting=False)
+            evals = {"valid": ef}
+        client = GbdtClient(self._session_or_fail())
+        self.model_ = client.train(frame, _LABEL, params={**self._params(), **extra},
+                                   num_boost_round=self.n_estimators, evals=evals,
+                                   early_stopping_rounds=self.early_stopping_rounds if evals else None,
+                                   progress=self.progress)
+
+    def _encode_y(self, y: Any, *, fitting: bool = True) -> np.ndarray:
+        return np.asarray(y, dtype=np.float64)
+
+    def _local_X(self, X: Any) -> np.ndarray:
+        from sklearn.utils.validation import check_is_fitted, validate_data
+
+        check_is_fitted(self, "model_")
+        Xa: np.ndarray = validate_data(self, X, reset=False, ensure_all_finite="allow-nan", dtype=np.float64)
+        return Xa
+
+    def _raw_predict(self, X: Any, margin: bool = False) -> Any:
+        from sklearn.utils.validation import check_is_fitted
+
+        if isinstance(X, (SecureDataFrame, str)):
+            check_is_fitted(self, "model_")
+            return self.model_.predict(X, margin=margin)
+        Xa = self._local_X(X)
+        return self.model_.predict(Xa, margin=margin)
+
+    @property
+    def booster_handle(self) -> RemoteModel:
+        """The fitted model's handle in the enclave."""
+        from sklearn.utils.validation import check_is_fitted
+
+        check_is_fitted(self, "model_")
+        return self.model_
+
+
+class SecureXGBRegressor(RegressorMixin, _SecureXGBBase):  # type: ignore[misc]
+    """An xgboost regressor that trains in the enclave; scikit-learn conventions (pipelines, CV).
+
+    ``X`` is local (DataFrame or array, sent with the call) or remote (a SecureDataFrame or dataset name,
+    with ``y`` the label column's name). Predictions on remote data stay remote.
+    """
+
+    def fit(self, X: Any, y: Any, *, eval_set: Any = None) -> SecureXGBRegressor:
+        """Train ``n_estimators`` rounds in the enclave."""
+        if isinstance(X, (SecureDataFrame, str)):
+            self._fit_remote(X, y, self._objective_params())
+        else:
+            self._fit_local(X, y, eval_set)
+        return self
+
+    def predict(self, X: Any) -> Any:
+        """Predicted values (numpy for local X; remote for a dataset)."""
+        out = self._raw_predict(X)
+        return out.astype(np.float64) if isinstance(out, np.ndarray) else out
+
+
+class SecureXGBClassifier(ClassifierMixin, _SecureXGBBase):  # type: ignore[misc]
+    """An xgboost classifier that trains in the enclave; scikit-learn conventions (pipelines, CV).
+
+    Local labels may be any sortable values (encoded to 0..k-1 here); remote labels must already be
+    0..k-1. Binary problems train ``binary:logistic``, more classes ``multi:softprob``.
+    """
+
+    def _encode_y(self, y: Any, *, fitting: bool = True) -> np.ndarray:
+        if fitting:
+            from sklearn.utils.multiclass import check_classification_targets
+
+            check_classification_targets(y)
+            self.classes_, codes = np.unique(y, return_inverse=True)
+            if len(self.classes_) < 2:
+                msg = f"the classifier needs at least 2 classes; got {len(self.classes_)} class"
+                raise ValueError(msg)
+            return np.asarray(codes, dtype=np.float64)
+        idx = np.searchsorted(self.classes_, y)
+        return np.asarray(idx, dtype=np.float64)
+
+    def _objective_params(self) -> dict[str, Any]:
+        k = len(getattr(self, "classes_", ()))
+        if self.objective is not None:
+            return {"objective": self.objective} | ({"num_class": k} if self.objective.startswith("multi:") else {})
+        if k <= 2:
+            return {"objective": "binary:logistic"}
+        return {"objective": "multi:softprob", "num_class": k}
+
+    def fit(self, X: Any, y: Any, *, eval_set: Any = None) -> SecureXGBClassifier:
+        """Train ``n_estimators`` rounds in the enclave."""
+        if isinstance(X, (SecureDataFrame, str)):
+            self._fit_remote(X, y, {"objective": self.objective or "binary:logistic"})
+            self.classes_ = np.arange(max(2, int(self.model_.info.get("num_class") or 1)))
+            return self
+        self._fit_local(X, y, eval_set)
+        return self
+
+    def predict_proba(self, X: Any) -> Any:
+        """Class probabilities ``(n, n_classes)`` (local X), or remote probabilities for a dataset."""
+        out = self._raw_predict(X)
+        if not isinstance(out, np.ndarray):
+            return out
+        out = out.astype(np.float64)
+        if out.ndim == 1:
+            return np.column_stack([1.0 - out, out])
+        return out
+
+    def predict(self, X: Any) -> Any:
+        """Class labels (local X only: on remote data use ``predict_proba``, which stays remote)."""
+        if isinstance(X, (SecureDataFrame, str)):
+            msg = "class labels are predicted locally only; on remote data use predict_proba (it stays remote)"
+            raise EncodingError(msg)
+        proba = self.predict_proba(X)
+        return self.classes_[np.argmax(proba, axis=1)]
