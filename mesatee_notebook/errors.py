@@ -32,7 +32,17 @@ keeps working::
     ├── FrameUsageError (TypeError)                  a lazy SecureDataFrame used as if it held data (bool, iter, ...)
     ├── SealingError                                 sealed storage refused a read or write
     │   └── TamperedData                             a sealed file was changed, truncated or swapped
-    └── NotFound (KeyError)                          an unknown session, dataset, job or handle
+    ├── NotFound (KeyError)                          an unknown session, dataset, job or handle
+    ├── MLInputError (ValueError)                    data or arguments an ML engine cannot use
+    │   ├── MissingLabel                             the label column is not in the DataFrame
+    │   ├── NonNumericFeatures                       feature columns that are not numbers (named)
+    │   ├── InvalidLabels                            NaN labels, or labels the objective cannot take
+    │   ├── FeatureMismatch                          features at predict differ from training
+    │   └── InputShapeError                          a tensor's name, shape or dtype does not fit
+    ├── ModelFormatError (ValueError)                model bytes that cannot be parsed (xgboost JSON, ONNX)
+    ├── UnsupportedOperator (NotImplementedError)    ONNX ops the TVM frontend cannot import (named)
+    └── CompileError (RuntimeError)                  a native compiler (gcc, TVM) failed
+        └── CompileTimeout (TimeoutError)            compilation or tuning ran past its timeout
 
 Errors cross the wire as ``{"code": ..., "message": ..., ...}``, never pickled;
 :func:`error_from_wire` rebuilds the local class from the code.
@@ -43,6 +53,16 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 __all__ = [
+    "UnsupportedOperator",
+    "NonNumericFeatures",
+    "ModelFormatError",
+    "MissingLabel",
+    "MLInputError",
+    "InvalidLabels",
+    "InputShapeError",
+    "FeatureMismatch",
+    "CompileTimeout",
+    "CompileError",
     "AttestationError",
     "CertificateExpired",
     "DebugNotAllowed",
@@ -305,6 +325,69 @@ class NotFound(MesateeError, KeyError):
 
     def __str__(self) -> str:
         return self.message
+
+
+# -- ML engines (re-exported by mesatee_notebook.ml._errors) ---------------------------------
+
+
+class MLInputError(MesateeError, ValueError):
+    """Data or arguments an ML engine cannot use."""
+
+    code = "ml.input"
+
+
+class MissingLabel(MLInputError):
+    """The label column named by the caller is not in the DataFrame."""
+
+    code = "ml.input.missing-label"
+
+
+class NonNumericFeatures(MLInputError):
+    """Feature columns that are not numeric; ``details['columns']`` names them."""
+
+    code = "ml.input.non-numeric"
+
+
+class InvalidLabels(MLInputError):
+    """Labels that are NaN or outside what the objective accepts."""
+
+    code = "ml.input.labels"
+
+
+class FeatureMismatch(MLInputError):
+    """Features given at predict time differ from those the model was trained on."""
+
+    code = "ml.input.feature-mismatch"
+
+
+class InputShapeError(MLInputError):
+    """A tensor input whose name, shape or dtype does not fit the compiled model."""
+
+    code = "ml.input.shape"
+
+
+class ModelFormatError(MesateeError, ValueError):
+    """Model bytes that cannot be parsed as the expected format."""
+
+    code = "ml.model-format"
+
+
+class UnsupportedOperator(MesateeError, NotImplementedError):
+    """The model uses operators the compiler cannot import; ``details['ops']`` lists them."""
+
+    code = "ml.unsupported-op"
+
+
+class CompileError(MesateeError, RuntimeError):
+    """A native compiler (gcc through tl2cgen, or TVM) failed."""
+
+    code = "ml.compile"
+
+
+class CompileTimeout(CompileError, TimeoutError):
+    """Compilation or tuning ran past its timeout and was stopped."""
+
+    code = "ml.compile.timeout"
 
 
 def _all_subclasses(cls: type[MesateeError]) -> list[type[MesateeError]]:

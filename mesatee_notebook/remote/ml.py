@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mesatee_notebook.errors import EncodingError, MesateeError, error_from_wire
+from mesatee_notebook.errors import EncodingError
 from mesatee_notebook.remote.frame import Column, SecureDataFrame, SecureSeries, Select, Source
 
 __all__ = [
@@ -43,21 +43,8 @@ _LABEL = "__mesatee_label__"
 
 def _call(session: Any, service: str, args: Mapping[str, Any] | None = None,
           inputs: Mapping[str, Any] | None = None, **kw: Any) -> Any:
-    """``session.call``, rebuilding the engines' typed ``ml.*`` errors from the code in their details.
-
-    The classes exist on the client only when the engines' error module is importable and imported;
-    otherwise the error stays a ``MesateeError`` whose ``details["code"]`` names the kind.
-    """
-    try:
-        return session.call(service, args, inputs, **kw)
-    except MesateeError as exc:
-        code = exc.details.get("code")
-        if type(exc) is MesateeError and isinstance(code, str) and code.startswith("ml."):
-            details = {k: v for k, v in exc.details.items() if k != "code"}
-            typed = error_from_wire({"code": code, "message": exc.message, "details": details})
-            if type(typed) is not MesateeError:
-                raise typed from None
-        raise
+    """``session.call``; engine errors arrive typed (``ml.*`` codes are in the one error tree)."""
+    return session.call(service, args, inputs, **kw)
 
 
 def _data_ref(data: Any, slot: str, inputs: dict[str, Any]) -> dict[str, Any]:

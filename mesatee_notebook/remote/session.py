@@ -388,6 +388,16 @@ class Session:
         finally:
             self._channel.close()
 
+    def __copy__(self) -> Session:
+        return self  # a live attested connection: copies share it (sklearn's clone deep-copies params)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Session:
+        return self
+
+    def __reduce__(self) -> Any:
+        msg = "a Session is a live attested connection and cannot be pickled; reconnect with mn.connect()"
+        raise TypeError(msg)
+
     def __enter__(self) -> Session:
         return self
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import functools
 import hashlib
 import io
 import json
@@ -44,9 +43,9 @@ import numpy as np
 import pandas as pd
 
 from mesatee_notebook.enclave.datasets import data_name, meta_name, validate_dataset_name
-from mesatee_notebook.enclave.services import ServiceContext, ServiceFn, ServiceResult, service
+from mesatee_notebook.enclave.services import ServiceContext, ServiceResult, service
 from mesatee_notebook.enclave.services.datasets import load_dataset, load_meta, public_info
-from mesatee_notebook.errors import EncodingError, MesateeError, NotFound, PolicyViolation
+from mesatee_notebook.errors import EncodingError, NotFound, PolicyViolation
 from mesatee_notebook.wire.codecs import encode_value
 
 if TYPE_CHECKING:
@@ -56,7 +55,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DataRef",
-    "keep_code",
     "private_dir",
     "resolve_data",
     "restore_blob",
@@ -71,24 +69,6 @@ _MODEL_ID_LEN = 32
 # Shared with the TVM service
 
 
-def keep_code(fn: ServiceFn) -> ServiceFn:
-    """Carry an engine error's ``ml.*`` code in its details, so it survives the supervisor's re-raise.
-
-    The supervisor rebuilds a worker's error from its code, and it does not import the engines: an
-    ``ml.*`` code would become the root class there. With the code in the details the client can
-    rebuild the typed error.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
-        try:
-            return fn(ctx, args, inputs)
-        except MesateeError as exc:
-            if exc.code.startswith("ml."):
-                exc.details.setdefault("code", exc.code)
-            raise
-
-    return wrapper
 
 
 # Data references, derived datasets, the sealed engine cache.
@@ -304,7 +284,6 @@ def _train_data(ctx: ServiceContext, ref: Any, inputs: dict[str, Any], what: str
 
 
 @service("gbdt.train")
-@keep_code
 def train(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """Train (or continue) an xgboost model; per-round metrics stream as progress; returns a handle."""
     from mesatee_notebook.ml import gbdt
@@ -378,7 +357,6 @@ def _visible_to(ctx: ServiceContext, data: DataRef, meta: dict[str, Any], what: 
 
 
 @service("gbdt.evaluate")
-@keep_code
 def evaluate(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """Metrics of a model on labelled data (an aggregate: subject to the owner's min_group_size)."""
     meta, model = _use(ctx, args.get("model"))
@@ -422,7 +400,6 @@ def _predictor(ctx: ServiceContext, meta: dict[str, Any], model: GBDTModel) -> T
 
 
 @service("gbdt.compile")
-@keep_code
 def compile_trees(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """Compile the model's trees for low-latency prediction now (otherwise done on first small predict)."""
     meta, model = _use(ctx, args.get("model"))
@@ -474,7 +451,6 @@ def _prediction_frame(pred: np.ndarray, margin: bool) -> pd.DataFrame:
 
 
 @service("gbdt.predict")
-@keep_code
 def predict(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """Predict; the result stays in the enclave as a dataset when the data is another party's."""
     meta, model = _use(ctx, args.get("model"))
@@ -505,7 +481,6 @@ def predict(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -
 
 
 @service("gbdt.importance")
-@keep_code
 def importance(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """Feature importance (no rows leave): gain, weight, cover, total_gain or total_cover."""
     meta, model = _use(ctx, args.get("model"))
@@ -514,7 +489,6 @@ def importance(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]
 
 
 @service("gbdt.info")
-@keep_code
 def info(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """A model's public description (trainer and data owners)."""
     meta, _ = _load_handle(ctx, args.get("model"))
@@ -525,7 +499,6 @@ def info(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> S
 
 
 @service("gbdt.list")
-@keep_code
 def listing(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """Models the caller trained, or that were trained on the caller's data."""
     out = []
@@ -539,7 +512,6 @@ def listing(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -
 
 
 @service("gbdt.release")
-@keep_code
 def release(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """A data owner lets the trainer export a model trained on their data."""
     meta, model = _load_handle(ctx, args.get("model"))
@@ -553,7 +525,6 @@ def release(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -
 
 
 @service("gbdt.export")
-@keep_code
 def export(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """The model as xgboost JSON, only if every data owner released it."""
     meta, model = _use(ctx, args.get("model"))
@@ -570,7 +541,6 @@ def export(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) ->
 
 
 @service("gbdt.delete")
-@keep_code
 def delete(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """Delete a model handle (trainer only)."""
     meta, _ = _use(ctx, args.get("model"))

@@ -28,7 +28,6 @@ import pandas as pd
 from mesatee_notebook.enclave.services import ServiceContext, ServiceResult, service
 from mesatee_notebook.enclave.services.gbdt import (
     DataRef,
-    keep_code,
     private_dir,
     refuse,
     resolve_data,
@@ -74,7 +73,6 @@ def _module_meta(module: TVMModel, owners: list[str]) -> dict[str, Any]:
 
 
 @service("tvm.compile")
-@keep_code
 def compile_model(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """Compile ONNX bytes (input ``model``) for static ``input_shapes``; cached sealed by digest."""
     from mesatee_notebook.ml import tvm_runtime
@@ -215,7 +213,6 @@ def _outputs_frame(outputs: dict[str, np.ndarray]) -> pd.DataFrame:
 
 
 @service("tvm.run")
-@keep_code
 def run(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """Run a compiled module on arrays, or on a dataset (the result stays remote when it is another's)."""
     module = _module(ctx, args.get("module"))
