@@ -50,7 +50,7 @@ def load_certificate(der: bytes) -> x509.Certificate:
     """Parse a DER certificate, mapping parser errors to MalformedEvidence."""
     try:
         return x509.load_der_x509_certificate(der)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         msg = f"the peer's certificate cannot be parsed: {exc}"
         raise MalformedEvidence(msg) from exc
 

@@ -42,6 +42,7 @@ _PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
 _PEM_END = b"-----END CERTIFICATE-----"
 _PARSE_ERRORS = (
     ValueError,
+    x509.InvalidVersion,  # not a ValueError: an X.509 version field outside v1..v3
     TypeError,
     IndexError,
     KeyError,
