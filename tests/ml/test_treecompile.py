@@ -130,3 +130,32 @@ def test_measure_crossover_times_both_engines(frame: pd.DataFrame, tmp_path: Pat
     assert set(timings) == {1, 64}
     assert all(t[e] > 0 for t in timings.values() for e in ("compiled", "xgboost"))
     assert crossover in {1, 64, 128}
+
+
+@pytest.mark.parametrize("objective", ["binary:logistic", "reg:squarederror", "multi:softprob"])
+def test_direct_small_batch_path_equals_the_tl2cgen_wrapper(tmp_path, objective):
+    """Up to DIRECT_MAX_ROWS rows go straight into the generated C function; it must agree exactly."""
+    import tl2cgen
+
+    from mesatee_notebook.ml.gbdt import train
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(400, 6)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(float) + (objective == "multi:softprob") * (X[:, 1] > 0.5)
+    params = {"objective": objective, "max_depth": 4}
+    if objective == "multi:softprob":
+        params["num_class"] = 3
+    model = train(X, y, params=params, num_boost_round=20)
+    compiled = treecompile.compile_trees(model, tmp_path)
+    assert compiled._direct is not None
+    rows = X[:treecompile.DIRECT_MAX_ROWS].copy()
+    rows[0, 2] = np.nan
+    rows[3, :] = np.nan
+    for margin in (False, True):
+        direct = compiled.predict_matrix(rows, margin=margin)
+        wrapped = np.asarray(
+            compiled._predictor.predict(tl2cgen.DMatrix(rows, dtype="float32"), pred_margin=margin)
+        ).reshape(direct.shape)
+        np.testing.assert_allclose(direct, wrapped, rtol=0, atol=1e-6)
+        ref = model.predict(rows, margin=margin)
+        np.testing.assert_allclose(direct, np.asarray(ref, dtype=np.float32).reshape(direct.shape), atol=1e-5)
