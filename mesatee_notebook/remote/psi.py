@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from mesatee_notebook.attestation.receipts import Receipt
+    from mesatee_notebook.remote.ml import RemoteModel
     from mesatee_notebook.remote.session import CallResult, Session
     from mesatee_notebook.wire.datapolicy import DataPolicy
     from mesatee_notebook.wire.stream import Progress
@@ -174,6 +175,28 @@ def prepare_items(items: Any) -> tuple[Any, str]:
     raise _refuse(type(items).__name__, "Pass a list, numpy array, pandas Series or Arrow array.")
 
 
+def _split_inputs(inputs: Mapping[str, str | Mapping[str, Any]]) -> tuple[dict[str, str], dict[str, Any]]:
+    """(input -> owner, input -> dataset reference) from ``JobsClient.create``'s ``inputs``."""
+    owners: dict[str, str] = {}
+    datasets: dict[str, Any] = {}
+    for name, value in inputs.items():
+        if isinstance(value, Mapping):
+            if not isinstance(value.get("owner"), str) or not isinstance(value.get("dataset"), str):
+                msg = f"input {name!r}: give a party id, or {{'dataset': name, 'owner': party id}}"
+                raise EncodingError(msg)
+            owners[name] = str(value["owner"])
+            datasets[name] = {k: v for k, v in value.items() if k != "owner"}
+        else:
+            owners[name] = value
+    return owners, datasets
+
+
+def _datasets_to_fill(status: JobStatus, party: str | None) -> bool:
+    """Whether ``party`` owns an input the spec fills from a dataset that is not submitted yet."""
+    refs = status.info.get("params", {}).get("datasets") or {}
+    return any(i["owner"] == party and i["name"] in refs and not i["submitted"] for i in status.info["inputs"])
+
+
 class JobsClient:
     """Multi-party jobs (``job.*`` services): the approval path any engine can use."""
 
@@ -188,21 +211,32 @@ class JobsClient:
         name: str,
         *,
         kind: str,
-        inputs: Mapping[str, str],
+        inputs: Mapping[str, str | Mapping[str, Any]],
         receivers: Sequence[str] | None = None,
         params: Mapping[str, Any] | None = None,
         approve: bool = True,
     ) -> JobStatus:
-        """Define job ``name``: ``inputs`` maps input name -> owner party id. The creator approves if it owns one."""
+        """Define job ``name``: ``inputs`` maps input name -> owner party id. The creator approves if it owns one.
+
+        An input can also be a stored dataset, ``{"dataset": name, "owner": party id}``: it goes into the spec as
+        ``params["datasets"]`` and its owner fills it by approving (``approve``).
+        """
+        owners, datasets = _split_inputs(inputs)
+        job_params = dict(params or {})
+        if datasets:
+            job_params["datasets"] = {**dict(job_params.get("datasets") or {}), **datasets}
         args = {
             "name": name,
             "kind": kind,
-            "inputs": dict(inputs),
+            "inputs": owners,
             "receivers": list(receivers or []),
-            "params": dict(params or {}),
+            "params": job_params,
             "approve": approve,
         }
-        return self._status("job.create", args)
+        status = self._status("job.create", args)
+        if approve and _datasets_to_fill(status, self._session.party_id):
+            return self.approve(name, spec_digest=status.spec_digest)
+        return status
 
     def submit(self, name: str, input_name: str, data: Any) -> JobStatus:
         """Upload this party's input ``input_name`` (any value the wire can carry)."""
@@ -213,17 +247,35 @@ class JobsClient:
         return self._status("job.status", {"job": name})
 
     def approve(self, name: str, *, spec_digest: str | None = None) -> JobStatus:
-        """Approve the job as it is now (or, with ``spec_digest``, only if it is still that exact spec)."""
-        digest = spec_digest or self.status(name).spec_digest
+        """Approve the job as it is now (or, with ``spec_digest``, only if it is still that exact spec).
+
+        Inputs of yours that the spec fills from your datasets are submitted in the same call (bound to the
+        datasets' digests).
+        """
+        status = self.status(name)
+        digest = spec_digest or status.spec_digest
+        if _datasets_to_fill(status, self._session.party_id):
+            return self._status("job.submit_dataset", {"job": name, "spec_digest": digest})
         return self._status("job.approve", {"job": name, "spec_digest": digest})
 
     def cancel(self, name: str) -> JobStatus:
         """Cancel (creator or an input owner); the enclave deletes the sealed inputs."""
         return self._status("job.cancel", {"job": name})
 
-    def result(self, name: str) -> CallResult:
-        """A receiver's result (verified receipt); anyone else gets ``PolicyViolation``."""
-        return self._session.call("job.result", {"job": name})
+    def result(self, name: str) -> CallResult | RemoteModel:
+        """A receiver's result (verified receipt); anyone else gets ``PolicyViolation``.
+
+        A ``gbdt.train`` job's result is the model handle (a ``RemoteModel``; the model stays in the enclave).
+        """
+        res = self._session.call("job.result", {"job": name})
+        model = (res.info.get("result") or {}).get("model")
+        if res.info.get("kind") == "gbdt.train" and isinstance(model, Mapping):
+            from mesatee_notebook.remote.ml import RemoteModel
+
+            handle = RemoteModel(self._session, model)
+            handle.last_receipt = res.receipt
+            return handle
+        return res
 
     def list(self) -> list[JobStatus]:
         """Jobs that concern this party."""

@@ -35,6 +35,7 @@ SERVICE_MODULES = (
     "mesatee_notebook.enclave.services.frames",
     "mesatee_notebook.enclave.services.psi",
     "mesatee_notebook.enclave.services.gbdt",
+    "mesatee_notebook.enclave.services.gbdt_jobs",
     "mesatee_notebook.enclave.services.tvm",
 )
 

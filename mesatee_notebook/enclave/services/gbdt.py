@@ -4,8 +4,8 @@ Data a call names is either a stored dataset (``{"dataset": NAME, "columns": [..
 table sent with the call (``{"input": NAME}``, owned by the caller). Who may do what:
 
 * **train** (and continue training, and eval sets): the caller owns the data or is in its policy's
-  ``code_access`` (the same right that reaches the raw frame in a cell). Training on another party's
-  data through an approved job is not wired yet.
+  ``code_access`` (the same right that reaches the raw frame in a cell). Without that right, another
+  party's data is trained on through a ``gbdt.train`` job its owner approves (``services/gbdt_jobs.py``).
 * **evaluate** on data the caller may not train on: allowed when the metrics are an aggregate of at
   least the owner's ``min_group_size`` rows and the model reads no hidden column.
 * **predict** on another party's dataset: the predictions stay in the enclave as a new dataset owned
@@ -278,7 +278,8 @@ def _train_data(ctx: ServiceContext, ref: Any, inputs: dict[str, Any], what: str
             ctx,
             data,
             f"{what}: training on dataset {data.dataset!r} needs its owner's consent: the owner can add your party "
-            "id to the dataset policy's code_access (training through an approved job is not available yet)",
+            "id to the dataset policy's code_access, or approve a 'gbdt.train' job (session.jobs.create(..., kind="
+            "'gbdt.train'))",
         )
     return data
 
