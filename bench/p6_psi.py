@@ -178,11 +178,12 @@ def intersect_strategies(n: int, repeats: int) -> dict[str, float]:
         ("np.intersect1d + np.isin", intersect1d),
         ("packed sort + searchsorted (prefix only)", lambda: _packed_sort_locate([h1, h2], row_bits)),
         ("pandas Index.get_indexer (64-bit only)", hash_join),
+        ("pandas.factorize of both (the previous engine's pass)", lambda: pd.factorize(np.concatenate([h1, h2]))),
         (
-            "engine: factorize, 128-bit checked, cardinality",
+            "engine: packed sort, 128-bit checked, cardinality",
             lambda: engine._intersect_keys([(h1, lows), (h2, lows)], rows=False),
         ),
-        ("engine: factorize, 128-bit checked, rows+groups", lambda: engine._intersect_keys([(h1, lows), (h2, lows)])),
+        ("engine: packed sort, 128-bit checked, rows+groups", lambda: engine._intersect_keys([(h1, lows), (h2, lows)])),
     ):
         out[label] = best_of(fn, repeats)[0]
     return out

@@ -144,14 +144,14 @@ def refuse(ctx: ServiceContext, job: Job, message: str, **details: Any) -> Polic
 def pack_values(values: Mapping[str, Any], **extra: Any) -> bytes:
     """Encode named values (and JSON ``extra``) into one sealed-able blob."""
     parts: list[dict[str, Any]] = []
-    bodies: list[bytes] = []
+    bodies: list[memoryview] = []
     for name, value in values.items():
         enc = encode_value(value)
-        body = b"".join(bytes(memoryview(p).cast("B")) for p in enc.parts)
-        parts.append({"name": name, "kind": enc.kind, "meta": enc.meta, "size": len(body)})
-        bodies.append(body)
+        views = [memoryview(p).cast("B") for p in enc.parts]
+        parts.append({"name": name, "kind": enc.kind, "meta": enc.meta, "size": sum(v.nbytes for v in views)})
+        bodies += views
     header = json.dumps({"parts": parts, **extra}, sort_keys=True).encode()
-    return b"".join([_MAGIC, _LEN.pack(len(header)), header, *bodies])
+    return b"".join([_MAGIC, _LEN.pack(len(header)), header, *bodies])  # one copy of the bodies
 
 
 def unpack_values(blob: bytes | memoryview) -> tuple[dict[str, Any], dict[str, Any]]:
