@@ -119,14 +119,7 @@ class Session:
         """
         names = list(outputs)
         inputs = dict(inputs or {})
-        specs, payloads = [], []
-        for name, value in inputs.items():
-            if not name.isidentifier():
-                msg = f"input name {name!r} is not a Python identifier"
-                raise ValueError(msg)
-            enc = encode_value(value, allow_pickle=allow_pickle)
-            specs.append({"name": name, "kind": enc.kind, "meta": enc.meta})
-            payloads.append(enc.parts)
+        specs, payloads = _encode_inputs(inputs, allow_pickle=allow_pickle)
         nonce = secrets.token_hex(16)
         out_text: dict[str, list[str]] = {"stdout": [], "stderr": []}
         callback: StreamCallback | None
@@ -241,11 +234,7 @@ class Session:
         from mesatee_notebook.attestation.measurement import canonical_json
 
         args = dict(args or {})
-        specs, payloads = [], []
-        for name, value in (inputs or {}).items():
-            enc = encode_value(value)
-            specs.append({"name": name, "kind": enc.kind, "meta": enc.meta})
-            payloads.append(enc.parts)
+        specs, payloads = _encode_inputs(inputs or {}, allow_pickle=False)
         nonce = secrets.token_hex(16)
 
         def on_stream(m: Message) -> None:
@@ -403,6 +392,20 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _encode_inputs(inputs: Mapping[str, Any], *, allow_pickle: bool) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Wire specs and payload parts for named input values (names must be identifiers)."""
+    specs: list[dict[str, Any]] = []
+    payloads: list[Any] = []
+    for name, value in inputs.items():
+        if not name.isidentifier():
+            msg = f"input name {name!r} is not a Python identifier"
+            raise ValueError(msg)
+        enc = encode_value(value, allow_pickle=allow_pickle)
+        specs.append({"name": name, "kind": enc.kind, "meta": enc.meta})
+        payloads.append(enc.parts)
+    return specs, payloads
 
 
 class _FrameBackend:
