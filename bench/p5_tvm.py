@@ -18,7 +18,6 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,24 +25,9 @@ import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._timing import timeit
 from mesatee_notebook.ml import tvm_runtime
 from tests.ml.conftest import cnn_model, mlp_model
-
-
-def timeit(fn: Callable[[], Any], repeats: int, min_time: float = 0.05) -> dict[str, float]:
-    """Median and spread of per-call seconds; each sample loops for about ``min_time``."""
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    inner = max(1, int(min_time / max(time.perf_counter() - t0, 1e-7)))
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        samples.append((time.perf_counter() - t0) / inner)
-    a = np.asarray(samples)
-    return {"median_s": float(np.median(a)), "p10_s": float(np.percentile(a, 10)), "p90_s": float(np.percentile(a, 90))}
 
 
 def fmt(seconds: float) -> str:

@@ -30,6 +30,11 @@ def hello(sock) -> None:
     assert recv_message(sock, Limits()).type == "hello.ok"
 
 
+def open_session(sock, name: str) -> dict:
+    send_message(sock, {"t": "session.open", "id": 2, "name": name})
+    return recv_message(sock, Limits()).header
+
+
 def reply_error(sock):
     try:
         msg = recv_message(sock, Limits())
@@ -118,8 +123,7 @@ def test_request_before_hello_is_refused(kernel, conn):
 
 def test_replayed_nonce_is_refused(kernel, conn):
     hello(conn)
-    send_message(conn, {"t": "session.open", "id": 2, "name": "replay"})
-    opened = recv_message(conn, Limits()).header
+    opened = open_session(conn, "replay")
     nonce = secrets.token_hex(16)
     req = {
         "t": "execute",
@@ -139,8 +143,7 @@ def test_replayed_nonce_is_refused(kernel, conn):
 
 def test_wrong_session_token_is_refused(kernel, conn):
     hello(conn)
-    send_message(conn, {"t": "session.open", "id": 2, "name": "tok"})
-    opened = recv_message(conn, Limits()).header
+    opened = open_session(conn, "tok")
     send_message(
         conn,
         {
@@ -160,8 +163,7 @@ def test_wrong_session_token_is_refused(kernel, conn):
 
 def test_client_disconnects_mid_upload(kernel, conn):
     hello(conn)
-    send_message(conn, {"t": "session.open", "id": 2, "name": "mid"})
-    opened = recv_message(conn, Limits()).header
+    opened = open_session(conn, "mid")
     raw = msgpack.packb(
         {
             "t": "execute",
@@ -183,8 +185,7 @@ def test_client_disconnects_mid_upload(kernel, conn):
 
 def test_malformed_value_payload_is_a_typed_error(kernel, conn):
     hello(conn)
-    send_message(conn, {"t": "session.open", "id": 2, "name": "badval"})
-    opened = recv_message(conn, Limits()).header
+    opened = open_session(conn, "badval")
     send_message(
         conn,
         {
