@@ -150,8 +150,13 @@ class AttestationReport:
 
     @property
     def measurement_matches_local(self) -> bool:
-        """True when the kernel runs exactly the mesatee_notebook installed here."""
-        return self.expected_measurement is not None and self.measurement == self.expected_measurement
+        """True when the kernel runs exactly the mesatee_notebook installed here.
+
+        ``expected_measurement`` is only filled in when the policy needed it; otherwise it is
+        computed here, on demand (it walks and hashes the installed package).
+        """
+        local = self.expected_measurement if self.expected_measurement is not None else _local_measurement()
+        return local is not None and self.measurement == local
 
     @property
     def unsafe_components(self) -> list[dict[str, Any]]:
@@ -214,6 +219,13 @@ class AttestationReport:
         )
 
 
+def _local_measurement() -> str | None:
+    try:
+        return expected_measurement()
+    except OSError:
+        return None
+
+
 def verify_certificate(
     cert_der: bytes,
     policy: Policy,
@@ -270,11 +282,8 @@ def verify_certificate(
         checks.append(Check("platform root", True, f"platform key {platform[:16]}… is pinned"))
     evidence.check_manifest()
     measurement = str(evidence.statement["measurement"])
-    local = None
-    try:
-        local = expected_measurement()
-    except OSError:
-        local = None
+    # A policy that pins measurements does not need this install's: skip the package walk on connect.
+    local = _local_measurement() if policy.measurements is None else None
     accepted = policy.measurements if policy.measurements is not None else ((local,) if local else ())
     if measurement not in accepted:
         msg = (
