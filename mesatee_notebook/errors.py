@@ -16,12 +16,15 @@ keeps working::
     │   ├── LevelTooLow                              the level is below the policy's minimum
     │   ├── UnprotectedNotAllowed                    an unprotected kernel without explicit opt-in
     │   ├── CertificateExpired                       a certificate outside its validity period
-    │   └── DebugNotAllowed                          a debug enclave or guest without opt-in
+    │   ├── DebugNotAllowed                          a debug enclave or guest without opt-in
+    │   └── SandboxRequired                          the kernel runs cells without the sandbox the policy requires
     ├── LevelNotAvailableError (RuntimeError)        no provider for that level on this platform
+    │   └── SandboxUnavailable                       this host lacks what the executor sandbox needs (named)
     ├── PolicyViolation (PermissionError)            a data owner's or kernel policy refused the request
     ├── RemoteExecutionError                         the cell failed in the enclave (remote traceback)
     │   ├── ExecutorCrashed                          the executor process died (killed, segfault, OOM kill)
     │   ├── RemoteTimeout (TimeoutError)             the cell ran past its timeout and was stopped
+    │   ├── ResourceLimitExceeded                    the cell hit its sandbox's memory, CPU, process or file limit
     │   └── RemoteInterrupted                        the cell was interrupted
     ├── ProtocolError                                the peer broke the wire protocol
     │   ├── VersionMismatch                          the two sides speak different protocol versions
@@ -86,6 +89,9 @@ __all__ = [
     "RemoteExecutionError",
     "RemoteInterrupted",
     "RemoteTimeout",
+    "ResourceLimitExceeded",
+    "SandboxRequired",
+    "SandboxUnavailable",
     "SealingError",
     "StaleEvidence",
     "TamperedData",
@@ -211,10 +217,23 @@ class DebugNotAllowed(AttestationError):
     check = "debug"
 
 
+class SandboxRequired(AttestationError):
+    """The kernel runs cells without the sandbox this policy requires (``--no-sandbox``)."""
+
+    code = "attestation.sandbox"
+    check = "sandbox"
+
+
 class LevelNotAvailableError(MesateeError, RuntimeError):
     """No evidence provider or verifier exists for that level on this platform."""
 
     code = "level-unavailable"
+
+
+class SandboxUnavailable(LevelNotAvailableError):
+    """This host lacks a mechanism the executor sandbox needs; ``details["missing"]`` names each."""
+
+    code = "level-unavailable.sandbox"
 
 
 class PolicyViolation(MesateeError, PermissionError):
@@ -256,6 +275,12 @@ class RemoteTimeout(RemoteExecutionError, TimeoutError):
     """The cell ran past its timeout and the executor was stopped."""
 
     code = "remote.timeout"
+
+
+class ResourceLimitExceeded(RemoteExecutionError):
+    """The cell hit a limit of its sandbox; ``details["limit"]`` names it (memory, cpu, processes, ...)."""
+
+    code = "remote.limit"
 
 
 class RemoteInterrupted(RemoteExecutionError):

@@ -34,12 +34,19 @@ class KernelIdentity:
     certificate_der: bytes = b""
     ssl_context: ssl.SSLContext | None = None
     issued_at: float = 0.0
+    sandbox: dict[str, Any] | None = None
 
     @classmethod
     def create(
-        cls, level: Level, manifest: dict[str, Any], platform_key: Ed25519PrivateKey | None, cert_lifetime: float
+        cls,
+        level: Level,
+        manifest: dict[str, Any],
+        platform_key: Ed25519PrivateKey | None,
+        cert_lifetime: float,
+        sandbox: dict[str, Any] | None = None,
     ) -> KernelIdentity:
         ident = cls(
+            sandbox=sandbox,
             level=level,
             manifest=manifest,
             platform_key=platform_key,
@@ -68,6 +75,7 @@ class KernelIdentity:
             receipt_key=self.receipt_public,
             time=int(now),
             platform_key=self.platform_key,
+            sandbox=self.sandbox,
         )
         start = dt.datetime.fromtimestamp(now, dt.UTC) - dt.timedelta(minutes=5)
         cert = build_ratls_certificate(

@@ -30,6 +30,7 @@ from mesatee_notebook.enclave.hardening import harden_process
 from mesatee_notebook.enclave.identity import KernelIdentity
 from mesatee_notebook.enclave.ipc import unpack_values
 from mesatee_notebook.enclave.platform import load_platform
+from mesatee_notebook.enclave.sandbox import Sandbox, SandboxLimits
 from mesatee_notebook.enclave.sessions import ExecutorHandle, Session
 from mesatee_notebook.enclave.shm import SharedAllocator
 from mesatee_notebook.errors import (
@@ -78,6 +79,9 @@ class KernelConfig:
     max_connections: int = 256
     body_timeout: float = 120.0
     handshake_timeout: float = 20.0
+    sandbox: bool = True
+    untrusted_dir: Path | None = None
+    sandbox_limits: SandboxLimits = field(default_factory=SandboxLimits)
 
 
 class _NonceGuard:
@@ -345,9 +349,7 @@ class _Connection:
                     return False
                 if m.type in _EXECUTOR_REQUESTS:
                     assert session.executor is not None
-                    k.handle_executor_request(
-                        session.executor, m, prefix=f"cells/{session.party or 'anon'}", party=session.party
-                    )
+                    k.handle_executor_request(session.executor, m, prefix=session.sealed_prefix, party=session.party)
                     return False
                 return True
 
@@ -364,6 +366,7 @@ class _Connection:
                 fds,
                 on_message,
                 timeout,
+                cell_cpu=k.sandbox.limits.cell_cpu if k.sandbox is not None else None,
             )
         finally:
             session.busy = False
@@ -458,6 +461,17 @@ class Kernel:
         self.config = config
         config.level.require_available(AVAILABLE_LEVELS)
         self.hardening = harden_process()
+        self.sandbox: Sandbox | None = None
+        if config.sandbox:
+            # Refuses (SandboxUnavailable, naming what is missing) rather than serve cells unisolated.
+            self.sandbox = Sandbox.create(
+                config.sandbox_limits, hidden=[config.data_dir], untrusted_dir=config.untrusted_dir
+            )
+        else:
+            log.warning(
+                "SANDBOX OFF (--no-sandbox): every cell runs with the kernel's uid and can read its keys; "
+                "the evidence and the measurement say so, and clients that require a sandbox refuse this kernel"
+            )
         platform_key = None
         self.sealing_secret: bytes | None = None
         self.platform_fingerprint = "none"
@@ -466,7 +480,13 @@ class Kernel:
             platform_key = platform.key
             self.sealing_secret = platform.sealing_secret
             self.platform_fingerprint = platform.fingerprint
-        self.identity = KernelIdentity.create(config.level, build_manifest(), platform_key, config.cert_lifetime)
+        self.identity = KernelIdentity.create(
+            config.level,
+            build_manifest(sandboxed=self.sandbox is not None),
+            platform_key,
+            config.cert_lifetime,
+            sandbox=self.sandbox.report() if self.sandbox is not None else None,
+        )
         self.sessions: dict[str, Session] = {}
         self.nonces = _NonceGuard()
         self.stopping = threading.Event()
@@ -493,7 +513,7 @@ class Kernel:
 
     # -- sessions -------------------------------------------------------------------------------
     def open_session(self, name: str, party: str | None = None) -> Session:
-        session = Session(name=name, memory_limit=self.config.executor_memory, party=party)
+        session = Session(name=name, memory_limit=self.config.executor_memory, party=party, sandbox=self.sandbox)
         with self._lock:
             spare, self._spare = self._spare, None
         session.start(spare if spare is not None and spare.alive else None)
@@ -508,7 +528,7 @@ class Kernel:
 
         def fill() -> None:
             try:
-                handle = ExecutorHandle(self.config.executor_memory)
+                handle = ExecutorHandle(self.config.executor_memory, sandbox=self.sandbox)
             except MesateeError as exc:
                 log.warning("could not pre-start an executor: %s", exc)
                 return
@@ -591,7 +611,7 @@ class Kernel:
             self._service.kill()
             self._service = None
         if self._service is None:
-            self._service = ExecutorHandle(self.config.executor_memory, service=True)
+            self._service = ExecutorHandle(self.config.executor_memory, service=True, sandbox=self.sandbox)
         return self._service
 
     def run_service(
@@ -660,6 +680,7 @@ class Kernel:
                     conn, addr = self._listener.accept()
                 except TimeoutError:
                     self._check_idle()
+                    self._watch_sandboxes()
                     continue
                 except OSError:
                     if self.stopping.is_set():
@@ -687,6 +708,15 @@ class Kernel:
             elif time.monotonic() - self._last_activity > idle:
                 log.info("idle for %.0f s: shutting down", idle)
                 self.stopping.set()
+
+    def _watch_sandboxes(self) -> None:
+        """Between cells too, a sandbox over its memory limit is stopped (its next call says why)."""
+        if self.sandbox is None:
+            return
+        with self._lock:
+            handles = [s.executor for s in self.sessions.values() if s.executor is not None and not s.busy]
+        for handle in handles:
+            handle.check_usage()
 
     def _refresher(self) -> None:
         while not self.stopping.wait(self.config.refresh_interval):
