@@ -231,7 +231,7 @@ class LevelNotAvailableError(MesateeError, RuntimeError):
 
 
 class SandboxUnavailable(LevelNotAvailableError):
-    """This host lacks a mechanism the executor sandbox needs; ``details["missing"]`` names each."""
+    """The host lacks a mechanism the executor sandbox needs; ``details["missing"]`` names each."""
 
     code = "level-unavailable.sandbox"
 

@@ -30,6 +30,7 @@ from mesatee_notebook.errors import (
     LevelTooLow,
     MalformedEvidence,
     MeasurementMismatch,
+    SandboxRequired,
     StaleEvidence,
     UnprotectedNotAllowed,
     UntrustedPlatform,
@@ -80,6 +81,7 @@ class Policy:
     min_level: Level = Level.SOFTTEE
     max_evidence_age: float = 24 * 3600.0
     allow_unprotected: bool = False
+    require_sandbox: bool = True
 
     def __init__(
         self,
@@ -88,6 +90,7 @@ class Policy:
         min_level: Level | str = Level.SOFTTEE,
         max_evidence_age: float | dt.timedelta = 24 * 3600.0,
         allow_unprotected: bool = False,
+        require_sandbox: bool = True,
     ) -> None:
         object.__setattr__(
             self, "measurements", None if measurements is None else tuple(m.lower() for m in measurements)
@@ -99,6 +102,7 @@ class Policy:
         )
         object.__setattr__(self, "max_evidence_age", age)
         object.__setattr__(self, "allow_unprotected", bool(allow_unprotected))
+        object.__setattr__(self, "require_sandbox", bool(require_sandbox))
 
     def with_roots(self, *roots: str) -> Policy:
         """A copy that also pins ``roots``."""
@@ -108,12 +112,13 @@ class Policy:
     def from_toml(cls, path: str | Path) -> Policy:
         """Read a policy TOML file.
 
-        Keys ``measurements``, ``platform_roots``, ``min_level``, ``max_evidence_age`` (seconds)
-        and ``allow_unprotected``, at top level or under ``[policy]``.
+        Keys ``measurements``, ``platform_roots``, ``min_level``, ``max_evidence_age`` (seconds),
+        ``allow_unprotected`` and ``require_sandbox``, at top level or under ``[policy]``.
         """
         data = tomllib.loads(Path(path).expanduser().read_text())
         data = data.get("policy", data)
-        known = {"measurements", "platform_roots", "min_level", "max_evidence_age", "allow_unprotected"}
+        known = {"measurements", "platform_roots", "min_level", "max_evidence_age", "allow_unprotected",
+                 "require_sandbox"}
         unknown = set(data) - known
         if unknown:
             msg = (
@@ -147,6 +152,17 @@ class AttestationReport:
     evidence: bytes
     checks: tuple[Check, ...] = field(default=())
     verified_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    sandbox: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sandboxed(self) -> bool:
+        """True when the kernel runs every executor in its measured sandbox."""
+        return bool(self.sandbox.get("active")) and bool((self.manifest.get("sandbox") or {}).get("enabled"))
+
+    @property
+    def sandbox_note(self) -> str:
+        """One honest sentence on what isolates parties from each other in this kernel."""
+        return sandbox_note(self.sandbox, self.manifest)
 
     @property
     def measurement_matches_local(self) -> bool:
@@ -186,6 +202,7 @@ class AttestationReport:
             ),
             f"  platform     {self.platform}",
             f"  evidence age {int(self.age().total_seconds())} s",
+            f"  sandbox      {self.sandbox_note}",
             "  native (unsafe) components: "
             + ", ".join(f"{c['name']} {c.get('version') or '?'}" for c in self.unsafe_components),
             "  checks:",
@@ -214,9 +231,22 @@ class AttestationReport:
             f"<tr><td>measurement</td><td><code>{self.measurement}</code> {match}</td></tr>"
             f"<tr><td>platform</td><td><code>{html.escape(self.platform)}</code></td></tr>"
             f"<tr><td>evidence age</td><td>{int(self.age().total_seconds())} s</td></tr>"
+            f"<tr><td>sandbox</td><td>{html.escape(self.sandbox_note)}</td></tr>"
             f"<tr><td>native components</td><td>{comps}</td></tr></table>"
             f"<table>{rows}</table></div>"
         )
+
+
+def sandbox_note(sandbox: dict[str, Any], manifest: dict[str, Any]) -> str:
+    """What the kernel's sandbox report says, in one sentence (never more than it proves)."""
+    profile = manifest.get("sandbox") or {}
+    if not sandbox.get("active") or not profile.get("enabled"):
+        return ("NONE (--no-sandbox): every cell runs with the kernel's uid and can read its keys and other "
+                "parties' data")
+    landlock = sandbox.get("landlock") or "no Landlock"
+    uid = "own uid" if "own unprivileged uid" in str(sandbox.get("uid_mode", "")) else "own user namespace"
+    return (f"every session and service worker in its own bubblewrap sandbox ({uid}, seccomp, Landlock "
+            f"{landlock}, no network): isolates parties from each other, not from the host operator")
 
 
 def _local_measurement() -> str | None:
@@ -281,6 +311,19 @@ def verify_certificate(
             raise UntrustedPlatform(msg, platform=platform)
         checks.append(Check("platform root", True, f"platform key {platform[:16]}… is pinned"))
     evidence.check_manifest()
+    sandbox = evidence.statement.get("sandbox")
+    sandbox = sandbox if isinstance(sandbox, dict) else {}
+    manifest = evidence.statement["manifest"]
+    if level is not Level.UNPROTECTED:
+        note = sandbox_note(sandbox, manifest)
+        if policy.require_sandbox and not (sandbox.get("active") and (manifest.get("sandbox") or {}).get("enabled")):
+            msg = (
+                "the kernel runs cells WITHOUT a sandbox (--no-sandbox): any party's cell could read the kernel's "
+                "platform key and sealing secret and every other party's data. Refused: this policy requires a "
+                "sandbox. Policy(require_sandbox=False) accepts such a kernel, for one that only you use."
+            )
+            raise SandboxRequired(msg)
+        checks.append(Check("sandbox", True, note if policy.require_sandbox else f"not required; {note}"))
     measurement = str(evidence.statement["measurement"])
     # A policy that pins measurements does not need this install's: skip the package walk on connect.
     local = _local_measurement() if policy.measurements is None else None
@@ -320,6 +363,7 @@ def verify_certificate(
         certificate_der=cert_der,
         evidence=raw,
         checks=tuple(checks),
+        sandbox=sandbox,
     )
 
 

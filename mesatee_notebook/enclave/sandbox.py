@@ -93,7 +93,7 @@ class SandboxLimits:
 
 
 def _load_seccomp() -> Any:
-    """libseccomp's Python binding: Debian's python3-seccomp (or any importable ``seccomp``)."""
+    """Libseccomp's Python binding: Debian's python3-seccomp (or any importable ``seccomp``)."""
     try:
         import seccomp  # type: ignore[import-not-found]
 
@@ -194,7 +194,9 @@ def host_support() -> dict[str, Any]:
         if max_ns == 0:
             found["missing"].append("user namespaces are off: sysctl -w user.max_user_namespaces=15000")
         if _read_int("/proc/sys/kernel/unprivileged_userns_clone") == 0:
-            found["missing"].append("unprivileged user namespaces are off: sysctl -w kernel.unprivileged_userns_clone=1")
+            found["missing"].append(
+                "unprivileged user namespaces are off: sysctl -w kernel.unprivileged_userns_clone=1"
+            )
         if _read_int("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == 1:
             found["missing"].append(
                 "AppArmor restricts unprivileged user namespaces: run the kernel as root, or allow bwrap with an "
@@ -220,9 +222,11 @@ def _cgroup_note() -> str:
     try:
         controllers = Path("/sys/fs/cgroup/cgroup.controllers").read_text().split()
     except OSError:
-        return "not used: no cgroup v2 hierarchy at /sys/fs/cgroup (v1 or hybrid host); rlimits and the supervisor's watch apply"
+        return ("not used: no cgroup v2 hierarchy at /sys/fs/cgroup (v1 or hybrid host); "
+                "rlimits and the supervisor's watch apply")
     if "memory" in controllers and "pids" in controllers and os.access("/sys/fs/cgroup", os.W_OK):
-        return "not used yet: cgroup v2 is writable here, but this release bounds memory with rlimits and the supervisor's watch"
+        return ("not used yet: cgroup v2 is writable here, but this release bounds memory with rlimits "
+                "and the supervisor's watch")
     return "not used: cgroup v2 is not delegated to this kernel; rlimits and the supervisor's watch apply"
 
 
@@ -387,8 +391,8 @@ class Sandbox:
 
     def environment(self) -> dict[str, str]:
         """The executor's whole environment: nothing of the supervisor's is passed on."""
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "USER": "mesatee",  # noqa: S108
-               "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "MPLCONFIGDIR": "/tmp"}  # noqa: S108
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "USER": "mesatee",
+               "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "MPLCONFIGDIR": "/tmp"}
         if os.environ.get("PYTHONPATH"):
             env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TVM_NUM_THREADS"):
@@ -396,7 +400,9 @@ class Sandbox:
                 env[key] = os.environ[key]
         return env
 
-    def spawn(self, argv: Sequence[str], *, pass_fds: Sequence[int], service: bool) -> tuple[subprocess.Popen[bytes], int | None]:
+    def spawn(
+        self, argv: Sequence[str], *, pass_fds: Sequence[int], service: bool
+    ) -> tuple[subprocess.Popen[bytes], int | None]:
         """Start ``argv`` in a fresh sandbox (from the one spawner thread)."""
         cmd, fds, uid = self.command(argv, service=service)
 
@@ -503,7 +509,7 @@ class Sandbox:
                    + "; ".join(f"{k} ({result.get('why', {}).get(k, 'failed')})" for k in failed))
             raise SandboxUnavailable(msg, missing=failed)
         log.info("sandbox self-test passed: %s", ", ".join(sorted(checks)))
-        return result
+        return dict(result)
 
 
 def _gib(n: int | None) -> str:
@@ -556,7 +562,7 @@ def confine(settings: dict[str, Any], keep_fds: Sequence[int]) -> dict[str, Any]
     if settings.get("landlock"):
         from mesatee_notebook.enclave.landlock import restrict
 
-        writable = ("/tmp", "/dev/shm") + ((settings["untrusted_dir"],) if settings.get("untrusted_dir") else ())  # noqa: S108
+        writable = ("/tmp", "/dev/shm") + ((settings["untrusted_dir"],) if settings.get("untrusted_dir") else ())
         applied["landlock"] = restrict(writable).describe()
     applied["untrusted_dir"] = settings.get("untrusted_dir")
     return applied
@@ -588,8 +594,9 @@ def _probe(fd: int) -> None:
     fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
     check("seccomp filter", fields.get("Seccomp", "").strip() == "2", f"Seccomp: {fields.get('Seccomp')}")
     check("no new privileges", fields.get("NoNewPrivs", "").strip() == "1")
-    check("no capabilities", all(fields.get(k, "").strip() == "0000000000000000" for k in ("CapEff", "CapPrm", "CapBnd")),
-          " ".join(f"{k}={fields.get(k, '').strip()}" for k in ("CapEff", "CapPrm", "CapBnd")))
+    caps = ("CapEff", "CapPrm", "CapBnd")
+    check("no capabilities", all(fields.get(k, "").strip() == "0" * 16 for k in caps),
+          " ".join(f"{k}={fields.get(k, '').strip()}" for k in caps))
     check("ptrace denied", libc.ptrace(0, 0, None, None) == -1 and ctypes.get_errno() == errno.EPERM,
           f"errno {ctypes.get_errno()}")
     clone_newuser = 0x10000000
@@ -620,7 +627,7 @@ def _probe(fd: int) -> None:
     applied = confine(given["confine"], [fd])
     result["landlock"] = applied.get("landlock")
     try:
-        Path("/tmp/.probe").write_bytes(b"ok")  # noqa: S108 - the sandbox's own tmpfs
+        Path("/tmp/.probe").write_bytes(b"ok")
         tmp_ok = True
     except OSError:
         tmp_ok = False

@@ -128,12 +128,16 @@ class ExecutorHandle:
             return []
 
     def usage(self) -> tuple[int, float]:
-        """(resident bytes, CPU seconds) of every process in this executor's sandbox."""
+        """(proportional resident bytes, CPU seconds) of every process in this executor's sandbox."""
         rss, cpu = 0, 0.0
         for p in self._tree():
             try:
                 with p.oneshot():
-                    rss += p.memory_info().rss
+                    # PSS: pages shared by forked children count once in the sum, not once per process.
+                    try:
+                        rss += p.memory_full_info().pss
+                    except (psutil.AccessDenied, AttributeError):
+                        rss += p.memory_info().rss
                     t = p.cpu_times()
                     cpu += t.user + t.system + t.children_user + t.children_system
             except psutil.Error:
@@ -324,7 +328,7 @@ class Session:
 
     @property
     def sealed_prefix(self) -> str:
-        """This session's own sealed namespace: the party's, or one per anonymous session."""
+        """The sealed namespace of this session: the party's, or one per anonymous session."""
         return f"cells/{self.party}" if self.party else f"cells/anon-{self.id}"
 
     def check_token(self, token: Any) -> None:
