@@ -342,11 +342,10 @@ def _limit_message(exc: BaseException, limits: dict[str, Any]) -> tuple[str, str
                 "OSError: no space left: the session's private /tmp and /dev/shm are small memory-backed "
                 "file systems (serve --tmp-size). Keep large results in memory or in mesatee.open (sealed)."
             )
-        if exc.errno == errno.EAGAIN and isinstance(exc, BlockingIOError) and "fork" in str(exc.__traceback__ and
-                                                                                          traceback.format_tb(exc.__traceback__)):
+        if exc.errno == errno.EAGAIN and isinstance(exc, BlockingIOError):
             return "processes", (
-                f"BlockingIOError: cannot start another process or thread: the sandbox allows "
-                f"{limits.get('RLIMIT_NPROC', '?')} per session (serve --max-processes)."
+                f"BlockingIOError: resource temporarily unavailable: if the cell was starting processes or threads, "
+                f"its sandbox allows {limits.get('RLIMIT_NPROC', '?')} per session (serve --max-processes)."
             )
     return None
 

@@ -493,6 +493,7 @@ class Kernel:
         self._lock = threading.Lock()
         self._connections = 0
         self._last_activity = time.monotonic()
+        self._last_watch = time.monotonic()
         self._listener: socket.socket | None = None
         self.address: tuple[str, int] = (config.host, config.port)
         self._service: ExecutorHandle | None = None
@@ -676,11 +677,12 @@ class Kernel:
         self._refill_spare()
         try:
             while not self.stopping.is_set():
+                if time.monotonic() - self._last_watch > 1.0:
+                    self._watch_sandboxes()
                 try:
                     conn, addr = self._listener.accept()
                 except TimeoutError:
                     self._check_idle()
-                    self._watch_sandboxes()
                     continue
                 except OSError:
                     if self.stopping.is_set():
@@ -711,6 +713,7 @@ class Kernel:
 
     def _watch_sandboxes(self) -> None:
         """Between cells too, a sandbox over its memory limit is stopped (its next call says why)."""
+        self._last_watch = time.monotonic()
         if self.sandbox is None:
             return
         with self._lock:
