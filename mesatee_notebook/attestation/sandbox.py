@@ -84,7 +84,11 @@ DENIED_SYSCALLS: Final = (
     "clock_settime",
     "clock_adjtime",
     "adjtimex",
-    "personality",
+    # memory that outlives its mapping, where no page table counts it: System V shared memory and memfds
+    # (a sandbox writes its large outputs to unnamed files on its size-limited /dev/shm instead)
+    "shmget",
+    "shmat",
+    "memfd_create",
 )
 
 #: Answered with ENOSYS, so the C library falls back to a call the filter can inspect

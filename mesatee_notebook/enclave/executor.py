@@ -304,7 +304,15 @@ class Executor:
                 values.append(({"name": "value", "kind": enc.kind, "meta": enc.meta}, enc.parts, None))
             except EncodingError:
                 value_repr = repr(value)
-        specs, payloads, fds = pack_values(values)
+        try:
+            specs, payloads, fds = pack_values(values)
+        except OSError as exc:
+            size = sum(memoryview(p).nbytes for _, parts, _ in values for p in parts)
+            self.send({"t": "error", "code": "remote.limit",
+                       "message": f"the outputs ({size / 2**20:.0f} MiB) do not fit the sandbox's /dev/shm "
+                                  f"({exc.strerror}); return less, or ask the operator to raise it (serve --tmp-size)",
+                       "details": {"limit": "tmp-space"}})
+            return
         self.send_with_fds({"t": "result", "values": specs, "value_repr": value_repr}, payloads, fds)
 
     def send_with_fds(self, header: dict[str, Any], payloads: list[Any], fds: list[int]) -> None:

@@ -351,7 +351,9 @@ class Sandbox:
                 a += ["--ro-bind", p, p]
         a += ["--proc", "/proc", "--dev", "/dev"]
         a += ["--perms", "1777", "--size", str(lim.tmp_size), "--tmpfs", "/tmp"]
-        a += ["--perms", "1777", "--size", str(lim.shm_size), "--tmpfs", "/dev/shm"]
+        # A service worker spools its (trusted) outputs there: give it room up to its memory limit.
+        shm = max(lim.shm_size, lim.service_memory or 0) if service else lim.shm_size
+        a += ["--perms", "1777", "--size", str(shm), "--tmpfs", "/dev/shm"]
         if self.untrusted_dir is not None and not service:
             for anc in _ancestors(str(self.untrusted_dir)):
                 if not any(_inside(anc, b) for b in self.binds):
@@ -559,6 +561,9 @@ def confine(settings: dict[str, Any], keep_fds: Sequence[int]) -> dict[str, Any]
     limit(resource.RLIMIT_NOFILE, settings.get("open_files"), "RLIMIT_NOFILE")
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write fails with EFBIG instead of killing
+    from mesatee_notebook.enclave.shm import spool_in
+
+    spool_in("/dev/shm")
     if settings.get("landlock"):
         from mesatee_notebook.enclave.landlock import restrict
 

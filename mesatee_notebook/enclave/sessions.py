@@ -142,6 +142,7 @@ class ExecutorHandle:
                     cpu += t.user + t.system + t.children_user + t.children_system
             except psutil.Error:
                 continue
+        # (memfds, which no page table counts until mapped, are refused inside a sandbox: see attestation/sandbox.py)
         return rss, cpu
 
     def check_usage(self, cell_cpu: float | None = None) -> ResourceLimitExceeded | None:

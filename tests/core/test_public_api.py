@@ -37,8 +37,8 @@ def test_exported_names_are_pinned():
             "expected_measurement",
             "load_ipython_extension",
             "verify_receipt",
+            *sorted(EXTRA),
         ]
-        + sorted(EXTRA)
     )
     for name in mn.__all__:
         assert hasattr(mn, name), name

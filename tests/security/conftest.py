@@ -70,7 +70,7 @@ def _wrapper(user: pwd.struct_passwd, argv: list[str]) -> list[str]:
     paths = _needed_paths()
     blocked = _blocked_ancestors(user, paths)
     drop = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", "--",
-            "env", "-i", f"HOME=/tmp", "PATH=/usr/bin:/bin", f"PYTHONPATH={os.environ.get('PYTHONPATH', '')}", *argv]
+            "env", "-i", "HOME=/tmp", "PATH=/usr/bin:/bin", f"PYTHONPATH={os.environ.get('PYTHONPATH', '')}", *argv]
     if not blocked:
         return drop
     script = ["set -e"]

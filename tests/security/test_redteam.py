@@ -32,10 +32,12 @@ def world(hostile_kernel: KernelProc, tmp_path_factory: pytest.TempPathFactory) 
     pol = k.policy()
     alice = mn.connect(k.url, policy=pol, identity=ids / "alice", session="alice")
     mallory = mn.connect(k.url, policy=pol, identity=ids / "mallory", session="mallory")
-    df = pd.DataFrame({"id": range(50), "salary": [1000 + i for i in range(50)], "ssn": [f"ssn-{i}" for i in range(50)]})
+    df = pd.DataFrame(
+        {"id": range(50), "salary": [1000 + i for i in range(50)], "ssn": [f"ssn-{i}" for i in range(50)]}
+    )
     df.loc[7, "salary"] = SECRET
     alice.upload(df, "payroll", policy=mn.DataPolicy(min_group_size=10, hidden_columns=["ssn"], allow_rows=False))
-    alice.run("with mesatee.open('diary', 'w') as f:\n    f.write('alice private %d')" % SECRET)
+    alice.run(f"with mesatee.open('diary', 'w') as f:\n    f.write('alice private {SECRET}')")
     yield {"k": k, "alice": alice, "mallory": mallory, "ids": ids, "policy": pol}
     for s in (alice, mallory):
         try:
@@ -186,12 +188,15 @@ def test_no_ptrace_and_no_foreign_memory_even_while_executors_start(world: dict[
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         s = mn.connect(k.url, policy=world["policy"], session="victim")
-        s.run("secret = 'victim-%d'" % SECRET)
+        s.run(f"secret = 'victim-{SECRET}'")
         s.close()
     world["alice"].call("dataset.info", {"name": "payroll"})
     time.sleep(3)
-    hits, seen = m.run("import ast, time\nwhile True:\n    try:\n        v = ast.literal_eval(open('/tmp/racer.txt').read()); break\n"
-                       "    except (OSError, SyntaxError, ValueError):\n        time.sleep(0.2)\nv", timeout=60).value
+    hits, seen = m.run(
+        "import ast, time\nwhile True:\n    try:\n        v = ast.literal_eval(open('/tmp/racer.txt').read()); break\n"
+        "    except (OSError, SyntaxError, ValueError):\n        time.sleep(0.2)\nv",
+        timeout=60,
+    ).value
     assert hits == []
     # It saw only its own sandbox's processes (bubblewrap's init and its own session), never a host pid.
     assert all(p < 100 for p in seen)
@@ -290,11 +295,27 @@ def test_memory_bombs_are_typed_and_contained(world: dict[str, Any]) -> None:
     assert m.run("'still here'").value == "still here"
     # Many small ones past the sandbox's 1 GiB: the supervisor stops the sandbox and says why.
     with pytest.raises(mn.ResourceLimitExceeded, match="memory"):
-        m.run("chunks = []\nwhile True:\n    chunks.append(bytearray(64 << 20))\n    chunks[-1][::4096] = b'x' * (len(chunks[-1]) // 4096)",
-              timeout=120)
+        m.run(
+            "chunks = []\nwhile True:\n    chunks.append(bytearray(64 << 20))\n"
+            "    chunks[-1][::4096] = b'x' * (len(chunks[-1]) // 4096)",
+            timeout=120,
+        )
     _others_fine(world)
     m.restart()
     assert m.run("1").value == 1
+    # Memory no page table shows: memfds are refused, and unnamed files on /dev/shm hit its size.
+    with pytest.raises(mn.RemoteExecutionError, match="PermissionError"):
+        m.run("import os\nos.memfd_create('hoard')")
+    with pytest.raises(mn.ResourceLimitExceeded) as info:
+        m.run("import os\nfds = []\nwhile True:\n    fd = os.open('/dev/shm', os.O_TMPFILE | os.O_RDWR, 0o600)\n"
+              "    os.write(fd, b'x' * (16 << 20)); fds.append(fd)", timeout=120)
+    assert info.value.details.get("limit") == "tmp-space"
+    m.restart()
+    # System V shared memory outlives its mapping: the filter refuses it.
+    err = m.run("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                "(libc.shmget(0, 1 << 30, 0o1600), ctypes.get_errno())").value
+    assert err[0] == -1
+    _others_fine(world)
 
 
 def test_disk_fill_hits_the_sandbox_and_nothing_else(world: dict[str, Any]) -> None:
