@@ -33,6 +33,7 @@ REQUEST_TYPES = frozenset(
         "auth",
         "whoami",
         "audit",
+        "migration",
     }
 )
 

@@ -1,0 +1,229 @@
+"""An upgrade keeps the data: state sealed for the old measurement waits, owners' signed grants move it, atomically.
+
+The "upgrade" is real: the package is copied, one byte of a measured file changes, and the kernel runs from the copy
+(PYTHONPATH), so it reports another measurement and derives other sealing keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import mesatee_notebook as mn
+from mesatee_notebook.attestation.identity import migration_grant
+from mesatee_notebook.remote.identity import PartyIdentity
+from tests.conftest import KernelProc, start_kernel, stop_kernel
+
+POLICY = mn.DataPolicy(min_group_size=2)
+
+
+@pytest.fixture(scope="module")
+def upgraded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the package with one byte of a measured file changed: the next release."""
+    root = tmp_path_factory.mktemp("upgraded")
+    src = Path(mn.__file__).parent
+    shutil.copytree(src, root / "mesatee_notebook", ignore=shutil.ignore_patterns("__pycache__"))
+    measured = root / "mesatee_notebook" / "wire" / "__init__.py"
+    measured.write_bytes(measured.read_bytes() + b"\n")
+    return root
+
+
+def _start_from(copy: Path | None, data_dir: Path) -> KernelProc:
+    old, cwd = os.environ.get("PYTHONPATH"), Path.cwd()
+    if copy is not None:  # `python -m` puts the working directory first on sys.path: start from the copy's
+        os.environ["PYTHONPATH"] = str(copy)
+        os.chdir(copy)
+    try:
+        return start_kernel(data_dir)
+    finally:
+        os.chdir(cwd)
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
+@contextlib.contextmanager
+def _kernel(copy: Path | None, data_dir: Path) -> Iterator[KernelProc]:
+    k = _start_from(copy, data_dir)
+    try:
+        yield k
+    finally:
+        stop_kernel(k)
+
+
+def _connect(k: KernelProc, who: Path) -> mn.Session:
+    return mn.connect(k.url, policy=k.policy(), identity=who)
+
+
+def _files(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir() if p.suffix == ".seal"}
+
+
+def _send_grant(s: mn.Session, grant: dict, signer: PartyIdentity) -> None:
+    s._channel.request({"t": "migration", "op": "approve", "grant": grant, "public_key": signer.public_key_raw,
+                        "signature": signer.sign_migration_grant(grant)})
+
+
+def test_upgrade_grants_rollback_and_audit(tmp_path: Path, upgraded: Path) -> None:
+    data_dir = tmp_path / "kernel"
+    one = pd.DataFrame({"g": ["a", "b"] * 20, "x": np.arange(40.0)})
+    two = pd.DataFrame({"g": ["c", "d"] * 10, "y": np.arange(20.0) * 3})
+    with _kernel(None, data_dir) as ka:
+        o1, o2 = _connect(ka, tmp_path / "o1"), _connect(ka, tmp_path / "o2")
+        o1.upload(one, "one", policy=POLICY)
+        o2.upload(two, "two", policy=POLICY)
+        digest1 = o1.call("dataset.info", {"name": "one"}).info["sha256"]
+        digest2 = o2.call("dataset.info", {"name": "two"}).info["sha256"]
+        o1.run("with mesatee.open('notes', 'w') as f:\n    f.write('kept across the upgrade')")
+        o1.close()
+        o2.close()
+    a = ka.measurement
+
+    with _kernel(upgraded, data_dir) as kb:
+        b = kb.measurement
+        assert b != a
+        log = (data_dir / "serve.log").read_text()
+        assert f"2 datasets of 2 owners are sealed for measurement {a}" in log and "need a migration" in log
+        parked = data_dir / "sealed-parked" / a
+        before = _files(parked)
+        o1, o2 = _connect(kb, tmp_path / "o1"), _connect(kb, tmp_path / "o2")
+        id1, id2 = PartyIdentity.load_or_create(tmp_path / "o1"), PartyIdentity.load_or_create(tmp_path / "o2")
+
+        # nothing is readable before the grants, and nothing is hidden: both are listed as pending
+        pending = {d["name"]: d for d in o1.datasets()}
+        assert set(pending) == {"one", "two"} and all(d["pending_migration"] for d in pending.values())
+        assert pending["one"]["owner"] == id1.party_id and pending["two"]["owner"] == id2.party_id
+        assert pending["one"]["rows"] == 40 and pending["one"]["bytes"] > 0 and pending["one"]["measurement"] == a
+        with pytest.raises(mn.MesateeError, match="no dataset named 'one'"):
+            o1.dataframe("one")
+        with pytest.raises(mn.MesateeError):
+            o1.run("mesatee.open('notes', 'r').read()")
+
+        # a forged grant (owner 1's name, owner 2's key), another owner's dataset, another pair: all refused
+        forged = migration_grant(id1.party_id, "*", a, b, rollback=False, time=time.time())
+        with pytest.raises(mn.PolicyViolation, match="signed by"):
+            _send_grant(o2, forged, id2)
+        altered = migration_grant(id1.party_id, "*", a, b, rollback=False, time=time.time())
+        sig = id1.sign_migration_grant(altered)
+        altered["dataset"] = "two"
+        with pytest.raises(mn.PolicyViolation, match="does not verify"):
+            o1._channel.request({"t": "migration", "op": "approve", "grant": altered,
+                                 "public_key": id1.public_key_raw, "signature": sig})
+        with pytest.raises(mn.PolicyViolation, match="belongs to another party"):
+            o2.approve_migration("one", from_=a)
+        with pytest.raises(mn.PolicyViolation, match="another pair"):
+            o1.approve_migration("*", from_=a, to="ab" * 32)
+        assert _files(parked) == before
+
+        # owner 1's grant moves owner 1's dataset and cell files, with equal digests; owner 2's stay put
+        result = o1.approve_migration("*", from_=a)
+        moved = {(u["kind"], u["key"]) for u in result["migrated"]}
+        assert moved == {("dataset", "one"), ("cells", id1.party_id)}
+        assert [h for h in result["held"] if h["key"] == "two"][0]["waiting_for"] == [id2.party_id]
+        listed = {d["name"]: d for d in o1.datasets()}
+        assert "pending_migration" not in listed["one"] and listed["one"]["sha256"] == digest1
+        assert listed["two"]["pending_migration"] and listed["two"]["sha256"] == digest2
+        got = o1.dataframe("one").groupby("g").agg(s=("x", "sum")).collect()
+        assert got["s"].tolist() == [one[one.g == "a"].x.sum(), one[one.g == "b"].x.sum()]
+        assert o1.run("mesatee.open('notes', 'r').read()").value == "kept across the upgrade"
+        after = _files(parked)
+        assert after and all(before[name] == digest for name, digest in after.items())  # untouched, by digest
+        assert len(before) - len(after) == sum(u["objects"] for u in result["migrated"])
+        with pytest.raises(mn.MesateeError, match="no dataset named 'two'"):
+            o2.dataframe("two")
+
+        # the audit log shows the grant, the migration (with the digest) and the refusals
+        entries = o1.audit()
+        grants = [e for e in entries if e["kind"] == "grant"]
+        migrations = [e for e in entries if e["kind"] == "migration"]
+        assert grants and grants[-1]["party"] == id1.party_id and grants[-1]["details"]["from"] == a
+        assert migrations and migrations[-1]["details"]["datasets"]["one"] == digest1
+        assert migrations[-1]["details"]["to"] == b
+        assert any(e["kind"] == "refusal" and "migration_grant" in e["details"] for e in o2.audit())
+        o1.close()
+        o2.close()
+
+    # back to the old code: owner 2's data is live there again; moving owner 1's back is a rollback
+    with _kernel(None, data_dir) as ka2:
+        assert ka2.measurement == a
+        o1, o2 = _connect(ka2, tmp_path / "o1"), _connect(ka2, tmp_path / "o2")
+        listed = {d["name"]: d for d in o2.datasets()}
+        assert "pending_migration" not in listed["two"] and listed["two"]["sha256"] == digest2
+        assert listed["one"]["pending_migration"] and listed["one"]["rollback"]
+        with pytest.raises(mn.PolicyViolation, match="rollback"):
+            o1.approve_migration("one", from_=b)
+        status = o1.migration_status()
+        assert status is not None and status["stores"][0]["measurement"] == b and status["stores"][0]["rollback"]
+        o1.close()
+        o2.close()
+
+
+def test_kill_9_mid_migration_is_all_or_nothing(tmp_path: Path, upgraded: Path) -> None:
+    data_dir = tmp_path / "kernel"
+    big = pd.DataFrame(np.random.default_rng(7).random((2_500_000, 4)), columns=list("abcd"))
+    with _kernel(None, data_dir) as ka:
+        o1 = _connect(ka, tmp_path / "o1")
+        o1.upload(big, "big")
+        digest = o1.call("dataset.info", {"name": "big"}).info["sha256"]
+        o1.close()
+    a = ka.measurement
+    kb = _start_from(upgraded, data_dir)
+    parked = data_dir / "sealed-parked" / a
+    before = _files(parked)
+    staging = data_dir / "sealed-staging"
+    killed = False
+    try:
+        o1 = _connect(kb, tmp_path / "o1")
+        errors: list[BaseException] = []
+
+        def approve() -> None:
+            try:
+                o1.approve_migration("*", from_=a)
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=approve)
+        t.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed and t.is_alive():
+            if staging.is_dir() and any(any(d.iterdir()) for d in staging.iterdir()):
+                os.kill(kb.proc.pid, signal.SIGKILL)
+                killed = True
+            time.sleep(0.002)
+        t.join(60)
+        assert killed, "never saw the migration in progress"
+        assert errors and isinstance(errors[0], mn.MesateeError)
+    finally:
+        if not killed:
+            stop_kernel(kb)
+        else:
+            kb.proc.wait(10)
+
+    with _kernel(upgraded, data_dir) as kb2:
+        o1 = _connect(kb2, tmp_path / "o1")
+        listed = {d["name"]: d for d in o1.datasets()}
+        after = _files(parked)
+        assert not any(staging.iterdir())  # nothing half-done is left behind
+        if listed["big"].get("pending_migration"):  # killed before the commit: the old copy is untouched
+            assert after == before
+            o1.approve_migration("*", from_=a)
+            listed = {d["name"]: d for d in o1.datasets()}
+            after = _files(parked)
+        else:  # killed after the commit: the restart finished it, and the old copy is gone
+            assert after and set(after) < set(before)
+        assert all(before[name] == d for name, d in after.items())
+        assert "pending_migration" not in listed["big"] and listed["big"]["sha256"] == digest
+        assert o1.run("len(mesatee.dataframe('big'))").value == len(big)
+        o1.close()
