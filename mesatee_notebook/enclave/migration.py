@@ -42,6 +42,7 @@ from mesatee_notebook.attestation.identity import verify_migration_grant
 from mesatee_notebook.attestation.measurement import canonical_json
 from mesatee_notebook.enclave.sealing import SealedStore
 from mesatee_notebook.errors import MalformedFrame, NotFound, PolicyViolation, SealingError, TamperedData
+from mesatee_notebook.wire.messages import sealed_state_summary
 
 __all__ = ["MigrationGrantRecord", "SealedState", "VersionCounter", "live_store"]
 
@@ -328,7 +329,7 @@ class SealedState:
                 "measurement": m,
                 "known": known,
                 "version": ordinal,
-                "rollback": ordinal is None or ours is None or ordinal > ours,
+                "rollback": ordinal is None or (ours is not None and ordinal > ours),
                 "files": len(files),
                 "datasets": len(datasets),
                 "owners": len(owners),
@@ -339,7 +340,7 @@ class SealedState:
 
     def summary_lines(self) -> list[str]:
         """One sentence per store sealed for another measurement (the start log, ``mesatee attest``, the card)."""
-        return summary_lines(self.status())
+        return sealed_state_summary(self.status())
 
     # -- grants --------------------------------------------------------------------------------------------------
     def approve(self, grant: Any, public_key: bytes, signature: bytes, audit: Any) -> dict[str, Any]:
@@ -357,19 +358,23 @@ class SealedState:
             self.platform.put(f"grants/{src}/{dst}/{party}/{record.digest[:32]}", record.to_json())
             audit.append("grant", party, {"from": src, "to": dst, "dataset": dataset, "rollback": grant["rollback"],
                                           "grant_sha256": record.digest})
-            return self._migrate(src, dst, audit)
+            if dst != self.measurement:  # approved ahead of the upgrade, on the old code
+                return {"migrated": [], "held": [], "dropped": 0, "recorded": True,
+                        "next": f"stop this kernel and run `mesatee-enclave migrate --to {dst}` with this version"}
+            return self.migrate(src, dst, audit)
 
     def _check_grant(self, grant: dict[str, Any], party: str) -> None:
         src, dst, dataset = grant["from"], grant["to"], grant["dataset"]
-        if dst != self.measurement:
-            msg = (f"this kernel runs measurement {self.measurement[:16]}…; a grant to {dst[:16]}… is for another "
-                   "pair of measurements and cannot be applied here")
+        if self.measurement not in (src, dst):
+            msg = (f"this kernel runs measurement {self.measurement[:16]}…; a grant from {src[:16]}… to {dst[:16]}… "
+                   "is for another pair of measurements and cannot be applied here")
             raise PolicyViolation(msg, check="grant-pair")
-        if not _sealed_files(self.data_dir / PARKED / src):
+        if not _sealed_files(self.store_dir(src)):
             msg = f"no state sealed for measurement {src[:16]}… waits on this platform"
             raise NotFound(msg, measurement=src)
         mine, theirs = self.versions.ordinal(src), self.versions.ordinal(dst)
-        if (mine is None or theirs is None or mine > theirs) and grant["rollback"] is not True:
+        # a measurement this platform never ran is newer than every one it did (it gets the next ordinal)
+        if (mine is None or (theirs is not None and mine > theirs)) and grant["rollback"] is not True:
             msg = (f"moving state from {src[:16]}… (version {mine}) to {dst[:16]}… (version {theirs}) is a rollback "
                    "to older code, which may hold bugs fixed since; the owner must approve it explicitly "
                    "(rollback=True)")
@@ -454,7 +459,8 @@ class SealedState:
                 held.append({"kind": u.kind, "key": u.key, "objects": len(u.names), "waiting_for": waiting})
         return _Plan(chosen, held, dropped)
 
-    def _migrate(self, src: str, dst: str, audit: Any) -> dict[str, Any]:
+    def migrate(self, src: str, dst: str, audit: Any) -> dict[str, Any]:
+        """Re-seal what the verified grants for (src, dst) approve; returns the units moved and those held."""
         grants = self._grants(src, dst)
         if not grants:
             return {"migrated": [], "held": [], "dropped": 0}
@@ -595,20 +601,3 @@ def _owners_of(source: SealedStore, kind: str, key: str) -> list[str]:
         return sorted(str(o) for o in meta.get("owners", []))
     except (NotFound, ValueError, KeyError, TypeError, AttributeError):
         return []
-
-
-def summary_lines(status: dict[str, Any]) -> list[str]:
-    """Human sentences for a :meth:`SealedState.status` map (also used by the client)."""
-    lines = []
-    for s in status.get("stores", []):
-        m = s["measurement"]
-        what = (f"{s['datasets']} dataset{'s' if s['datasets'] != 1 else ''} of {s['owners']} "
-                f"owner{'s' if s['owners'] != 1 else ''}")
-        if not s["known"]:
-            lines.append(f"{s['files']} sealed files from a kernel before the migration index (measurement unknown) "
-                         f"are kept in sealed-parked/{m}; this version cannot migrate them")
-            continue
-        extra = f" ({s['files']} sealed files in all)"
-        rollback = "; moving them here is a rollback to older code" if s["rollback"] else ""
-        lines.append(f"{what} are sealed for measurement {m}{extra}; they need a migration{rollback}")
-    return lines

@@ -12,7 +12,7 @@ from typing import Any
 
 from mesatee_notebook.attestation.policy import AttestationReport, Policy
 from mesatee_notebook.attestation.receipts import Receipt, VerifiedReceipt, verify_receipt
-from mesatee_notebook.errors import MalformedFrame, ReceiptError
+from mesatee_notebook.errors import MalformedFrame, ProtocolError, ReceiptError
 from mesatee_notebook.errors import PolicyViolation as PolicyViolationError
 from mesatee_notebook.remote.channel import Channel, parse_url
 from mesatee_notebook.wire.codecs import decode_value, encode_value
@@ -349,7 +349,10 @@ class Session:
         their owner approves a migration (:meth:`approve_migration`).
         """
         ready = list(self.call("dataset.list").info.get("datasets", []))
-        status = self.migration_status()
+        try:
+            status = self.migration_status()
+        except ProtocolError:  # a kernel from before migrations: it has nothing to report
+            status = None
         for store in (status or {}).get("stores", []):
             for d in store.get("visible", []):
                 ready.append({**d, "pending_migration": True, "rollback": store.get("rollback", False)})

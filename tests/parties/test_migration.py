@@ -205,6 +205,8 @@ def test_kill_9_mid_migration_is_all_or_nothing(tmp_path: Path, upgraded: Path) 
         t.join(60)
         assert killed, "never saw the migration in progress"
         assert errors and isinstance(errors[0], mn.MesateeError)
+        with contextlib.suppress(mn.MesateeError):
+            o1.close()
     finally:
         if not killed:
             stop_kernel(kb)
@@ -216,7 +218,9 @@ def test_kill_9_mid_migration_is_all_or_nothing(tmp_path: Path, upgraded: Path) 
         listed = {d["name"]: d for d in o1.datasets()}
         after = _files(parked)
         assert not any(staging.iterdir())  # nothing half-done is left behind
-        if listed["big"].get("pending_migration"):  # killed before the commit: the old copy is untouched
+        committed = not listed["big"].get("pending_migration")
+        print(f"kill -9 landed {'after' if committed else 'before'} the commit")
+        if not committed:  # killed before the commit: the old copy is untouched
             assert after == before
             o1.approve_migration("*", from_=a)
             listed = {d["name"]: d for d in o1.datasets()}
@@ -227,3 +231,52 @@ def test_kill_9_mid_migration_is_all_or_nothing(tmp_path: Path, upgraded: Path) 
         assert "pending_migration" not in listed["big"] and listed["big"]["sha256"] == digest
         assert o1.run("len(mesatee.dataframe('big'))").value == len(big)
         o1.close()
+
+
+class _Crash(BaseException):
+    """Stands for a kill -9 at one exact point (the process stops; nothing after it runs)."""
+
+
+def test_crash_right_after_the_commit_is_finished_on_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from mesatee_notebook.enclave.audit import AuditLog
+    from mesatee_notebook.enclave.migration import SealedState, live_store
+
+    secret, a, b = bytes(range(32)), "aa" * 32, "bb" * 32
+    owner = PartyIdentity.generate()
+    SealedState.at_start(tmp_path, secret, a)
+    old = live_store(tmp_path, secret, a)
+    payload = os.urandom(300_000)
+    old.put("svc/datasets/d/data", payload)
+    old.put("svc/datasets/d/meta", b'{"name": "d", "owner": "%s", "rows": 3, "sha256": "%s"}'
+            % (owner.party_id.encode(), hashlib.sha256(payload).hexdigest().encode()))
+    old.put("svc/cache/trees/x", b"rebuilt on use")
+    state = SealedState.at_start(tmp_path, secret, b)
+    assert state is not None and state.status()["stores"][0]["datasets"] == 1
+    audit = AuditLog(tmp_path / "audit.log", Ed25519PrivateKey.generate())
+    parked = tmp_path / "sealed-parked" / a
+    before = _files(parked)
+
+    def crash(self: SealedState, record: dict) -> None:
+        raise _Crash
+
+    monkeypatch.setattr(SealedState, "_roll_forward", crash)
+    grant = migration_grant(owner.party_id, "d", a, b, rollback=False, time=time.time())
+    with pytest.raises(_Crash):
+        state.approve(grant, owner.public_key_raw, owner.sign_migration_grant(grant), audit)
+    assert _files(parked) == before  # committed, but nothing moved yet
+    assert not live_store(tmp_path, secret, b).exists("svc/datasets/d/data")
+    monkeypatch.undo()
+
+    again = SealedState.at_start(tmp_path, secret, b)
+    assert again is not None
+    again.announce(audit)
+    new = live_store(tmp_path, secret, b)
+    assert new.get("svc/datasets/d/data") == payload and not new.exists("svc/cache/trees/x")
+    assert len(_files(parked)) == len(before) - 2  # the dataset's two objects left; the cache stayed behind
+    assert not any((tmp_path / "sealed-staging").iterdir())
+    assert again.status()["stores"][0]["datasets"] == 0
+    kinds = [(e["kind"], e["details"].get("recovered")) for e in audit.entries()]
+    assert kinds == [("grant", None), ("migration", None)]  # entered once, before the crash; not twice
+    audit.close()
