@@ -122,6 +122,14 @@ class VersionCounter:
         self._store_state(state)
         return int(state["counter"])
 
+    def register_legacy(self, measurement: str) -> int:
+        """Give a measurement found in a store from before this counter ordinal 0: older than every one counted."""
+        state = self._load()
+        if measurement not in state["measurements"]:
+            state["measurements"][measurement] = 0
+            self._store_state(state)
+        return int(state["measurements"][measurement])
+
     def ordinal(self, measurement: str) -> int | None:
         """The ordinal of ``measurement``, or None if this platform never ran it (or the counter was reset)."""
         value = self._load()["measurements"].get(measurement)
@@ -278,9 +286,8 @@ class SealedState:
             _write_marker(live, self.measurement)
             return self.measurement
         # A store from before the marker: ours if its files authenticate under our own key.
-        try:
-            SealedStore(live, self._secret, self.measurement).list()
-        except TamperedData:
+        names, _ = SealedStore(live, self._secret, self.measurement).scan()
+        if not names:
             return None
         _write_marker(live, self.measurement)
         return self.measurement
@@ -370,6 +377,8 @@ class SealedState:
                    "is for another pair of measurements and cannot be applied here")
             raise PolicyViolation(msg, check="grant-pair")
         if not _sealed_files(self.store_dir(src)):
+            self._adopt_unknown(src)
+        if not _sealed_files(self.store_dir(src)):
             msg = f"no state sealed for measurement {src[:16]}… waits on this platform"
             raise NotFound(msg, measurement=src)
         mine, theirs = self.versions.ordinal(src), self.versions.ordinal(dst)
@@ -387,6 +396,39 @@ class SealedState:
             if entry["owner"] != party:
                 msg = f"dataset {dataset!r} belongs to another party; only its owner can approve its migration"
                 raise PolicyViolation(msg, dataset=dataset, check="grant-owner")
+
+    def _adopt_unknown(self, src: str) -> None:
+        """A signed grant names ``src``: find it among stores from before the marker, and index it.
+
+        Runs after the grant's signature and pair were checked, so the old key is derived for a named measurement only.
+        """
+        parked = self.data_dir / PARKED
+        for directory in sorted(parked.iterdir()) if parked.is_dir() else []:
+            if _HEX64.match(directory.name) or not _sealed_files(directory):
+                continue
+            store = SealedStore(directory, self._secret, src)
+            names, _ = store.scan()
+            if not names:
+                continue  # sealed for some other measurement
+            target = parked / src
+            directory.rename(target)
+            _fsync_dir(parked)
+            _write_marker(target, src)
+            store = SealedStore(target, self._secret, src)
+            for name in names:
+                m = _DATASET_META.match(name)
+                if m is None:
+                    continue
+                meta = json.loads(store.get(name))
+                data_file = store.path_for(f"svc/datasets/{m.group(1)}/data")
+                entry = {"name": str(meta["name"]), "owner": str(meta["owner"]), "rows": int(meta.get("rows", 0)),
+                         "sha256": str(meta.get("sha256", "")), "readers": meta.get("readers"),
+                         "bytes": data_file.stat().st_size if data_file.exists() else 0}
+                self.platform.put(f"index/{src}/datasets/{m.group(1)}", canonical_json(entry))
+            self.versions.register_legacy(src)
+            log.warning("the store %s, from before the migration index, is sealed for %s…: indexed it",
+                        directory.name, src[:16])
+            return
 
     def _grants(self, src: str, dst: str) -> dict[str, set[str]]:
         """Per party, the datasets (or ``*``) its verified grants for (src, dst) approve."""

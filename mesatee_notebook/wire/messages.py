@@ -76,7 +76,8 @@ def sealed_state_summary(status: dict[str, Any] | None) -> list[str]:
                 f"owner{'s' if s['owners'] != 1 else ''}")
         if not s["known"]:
             lines.append(f"{s['files']} sealed files from a kernel before the migration index (measurement unknown) "
-                         f"are kept in sealed-parked/{m}; this version cannot migrate them")
+                         f"are kept in sealed-parked/{m}; an owner who knows that measurement (from a receipt or "
+                         "`mesatee attest` of the old kernel) can approve a migration from it")
             continue
         if not s["datasets"]:
             lines.append(f"{s['files']} sealed files remain for measurement {m} (no datasets: jobs, models or cell "

@@ -11,6 +11,8 @@ import hashlib
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +24,7 @@ import pytest
 
 import mesatee_notebook as mn
 from mesatee_notebook.attestation.identity import migration_grant
+from mesatee_notebook.errors import NotFound
 from mesatee_notebook.remote.identity import PartyIdentity
 from tests.conftest import KernelProc, start_kernel, stop_kernel
 
@@ -96,6 +99,10 @@ def test_upgrade_grants_rollback_and_audit(tmp_path: Path, upgraded: Path) -> No
         assert b != a
         log = (data_dir / "serve.log").read_text()
         assert f"2 datasets of 2 owners are sealed for measurement {a}" in log and "need a migration" in log
+        attest = subprocess.run(
+            [sys.executable, "-m", "mesatee_notebook.cli", "attest", kb.url, "--platform-root", kb.fingerprint,
+             "--measurement", b], capture_output=True, text=True, check=True)
+        assert f"SEALED STATE: 2 datasets of 2 owners are sealed for measurement {a}" in attest.stdout
         parked = data_dir / "sealed-parked" / a
         before = _files(parked)
         o1, o2 = _connect(kb, tmp_path / "o1"), _connect(kb, tmp_path / "o2")
@@ -131,7 +138,7 @@ def test_upgrade_grants_rollback_and_audit(tmp_path: Path, upgraded: Path) -> No
         result = o1.approve_migration("*", from_=a)
         moved = {(u["kind"], u["key"]) for u in result["migrated"]}
         assert moved == {("dataset", "one"), ("cells", id1.party_id)}
-        assert [h for h in result["held"] if h["key"] == "two"][0]["waiting_for"] == [id2.party_id]
+        assert next(h for h in result["held"] if h["key"] == "two")["waiting_for"] == [id2.party_id]
         listed = {d["name"]: d for d in o1.datasets()}
         assert "pending_migration" not in listed["one"] and listed["one"]["sha256"] == digest1
         assert listed["two"]["pending_migration"] and listed["two"]["sha256"] == digest2
@@ -280,3 +287,86 @@ def test_crash_right_after_the_commit_is_finished_on_restart(tmp_path: Path, mon
     kinds = [(e["kind"], e["details"].get("recovered")) for e in audit.entries()]
     assert kinds == [("grant", None), ("migration", None)]  # entered once, before the crash; not twice
     audit.close()
+
+
+def test_old_code_moves_the_data_with_migrate_to(tmp_path: Path, upgraded: Path) -> None:
+    """The hardware-shaped path: owners approve B on kernel A, then `mesatee-enclave migrate --to B` runs as A."""
+    from mesatee_notebook.attestation.measurement import expected_measurement
+
+    data_dir = tmp_path / "kernel"
+    b = expected_measurement(upgraded / "mesatee_notebook")
+    df = pd.DataFrame({"g": ["a", "b"] * 5, "x": np.arange(10.0)})
+    with _kernel(None, data_dir) as ka:
+        o1 = _connect(ka, tmp_path / "o1")
+        o1.upload(df, "early", policy=POLICY)
+        digest = o1.call("dataset.info", {"name": "early"}).info["sha256"]
+        result = o1.approve_migration("*", from_=ka.measurement, to=b)
+        assert result["recorded"] and not result["migrated"] and "migrate --to" in result["next"]
+        assert len(o1.dataframe("early")) == len(df)  # nothing moved yet: still readable on A
+        refused = subprocess.run([sys.executable, "-m", "mesatee_notebook.cli", "enclave", "migrate", "--to", b,
+                                  "--data-dir", str(data_dir)], capture_output=True, text=True, check=False)
+        assert refused.returncode == 2 and "stop it first" in refused.stderr
+        o1.close()
+    a = ka.measurement
+    done = subprocess.run([sys.executable, "-m", "mesatee_notebook.cli", "enclave", "migrate", "--to", b,
+                           "--data-dir", str(data_dir)], capture_output=True, text=True, check=True)
+    assert "dataset early" in done.stdout and f"cells {PartyIdentity.load_or_create(tmp_path / 'o1').party_id}" \
+        not in done.stdout
+    with _kernel(upgraded, data_dir) as kb:
+        assert kb.measurement == b
+        o1 = _connect(kb, tmp_path / "o1")
+        listed = {d["name"]: d for d in o1.datasets()}
+        assert "pending_migration" not in listed["early"] and listed["early"]["sha256"] == digest
+        entries = o1.audit()
+        assert [e["details"]["to"] for e in entries if e["kind"] == "grant"] == [b]
+        migration = [e for e in entries if e["kind"] == "migration"]
+        assert migration and migration[0]["details"]["from"] == a
+        assert migration[0]["details"]["datasets"]["early"] == digest
+        o1.close()
+
+
+def test_store_from_before_the_index_is_adopted_by_a_grant_naming_it(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from mesatee_notebook.enclave.audit import AuditLog
+    from mesatee_notebook.enclave.migration import SealedState
+    from mesatee_notebook.enclave.sealing import SealedStore
+
+    secret, a, b = bytes(range(32)), "aa" * 32, "bb" * 32
+    owner, other = PartyIdentity.generate(), PartyIdentity.generate()
+    legacy = SealedStore(tmp_path / "sealed", secret, a)  # the layout before this change: no marker, no index
+    legacy.put("svc/datasets/d/data", b"arrow bytes")
+    legacy.put("svc/datasets/d/meta", b'{"name": "d", "owner": "%s", "rows": 1}' % owner.party_id.encode())
+    legacy.put("svc/datasets/e/data", b"other bytes")
+    legacy.put("svc/datasets/e/meta", b'{"name": "e", "owner": "%s", "rows": 1}' % other.party_id.encode())
+    state = SealedState.at_start(tmp_path, secret, b)
+    assert state is not None
+    [store] = state.status()["stores"]
+    assert not store["known"] and store["files"] == 4
+    assert "measurement unknown" in state.summary_lines()[0]
+    audit = AuditLog(tmp_path / "audit.log", Ed25519PrivateKey.generate())
+    wrong = migration_grant(owner.party_id, "*", "cc" * 32, b, rollback=False, time=time.time())
+    with pytest.raises(NotFound):
+        state.approve(wrong, owner.public_key_raw, owner.sign_migration_grant(wrong), audit)
+    grant = migration_grant(owner.party_id, "*", a, b, rollback=False, time=time.time())
+    result = state.approve(grant, owner.public_key_raw, owner.sign_migration_grant(grant), audit)
+    assert [(u["kind"], u["key"]) for u in result["migrated"]] == [("dataset", "d")]
+    assert result["held"][0]["waiting_for"] == [other.party_id]
+    new = SealedStore(tmp_path / "sealed", secret, b)
+    assert new.get("svc/datasets/d/data") == b"arrow bytes" and not new.exists("svc/datasets/e/data")
+    [store] = state.status(other.party_id)["stores"]
+    assert store["known"] and [d["name"] for d in store["visible"]] == ["e"] and not store["rollback"]
+    audit.close()
+
+
+def test_replacing_the_embedded_kernel_says_what_happens_to_the_old_data(tmp_path: Path) -> None:
+    import json
+
+    from mesatee_notebook.remote import embedded
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp_path / "kernel.json").write_text(json.dumps(
+        {"pid": gone.pid, "host": "127.0.0.1", "port": 1, "measurement": "ab" * 32}))
+    with pytest.warns(embedded.SealedStateWarning, match="stay sealed for abab.*approve_migration"):
+        assert embedded._running(tmp_path) is None
