@@ -224,8 +224,14 @@ class _Connection:
                 return
             raise PolicyViolation("an unprotected kernel has no sealed state to migrate")  # noqa: EM101
         if op == "approve":
-            result = state.approve(msg.header.get("grant"), require(msg.header, "public_key", bytes),
-                                   require(msg.header, "signature", bytes), self.kernel.audit_log)
+            k = self.kernel
+            with k._service_lock:  # no service call runs meanwhile; the worker reloads what moved in
+                result = state.approve(msg.header.get("grant"), require(msg.header, "public_key", bytes),
+                                       require(msg.header, "signature", bytes), k.audit_log)
+                if result.get("migrated") and k._service is not None:
+                    log.info("restarting the service worker so it loads the migrated jobs, models and histories")
+                    k._service.shutdown()
+                    k._service = None
             self.reply({"t": "migration", "re": rid, "result": result, "status": state.status(self.party)})
         elif op == "status":
             self.reply({"t": "migration", "re": rid, "status": state.status(self.party)})

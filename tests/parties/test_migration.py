@@ -79,6 +79,7 @@ def _send_grant(s: mn.Session, grant: dict, signer: PartyIdentity) -> None:
                         "signature": signer.sign_migration_grant(grant)})
 
 
+@pytest.mark.slow
 def test_upgrade_grants_rollback_and_audit(tmp_path: Path, upgraded: Path) -> None:
     data_dir = tmp_path / "kernel"
     one = pd.DataFrame({"g": ["a", "b"] * 20, "x": np.arange(40.0)})
@@ -90,6 +91,10 @@ def test_upgrade_grants_rollback_and_audit(tmp_path: Path, upgraded: Path) -> No
         digest1 = o1.call("dataset.info", {"name": "one"}).info["sha256"]
         digest2 = o2.call("dataset.info", {"name": "two"}).info["sha256"]
         o1.run("with mesatee.open('notes', 'w') as f:\n    f.write('kept across the upgrade')")
+        o1.psi.create("shared", [o1.party_id, o2.party_id])  # a job of both owners
+        o1.psi.submit("shared", ["x", "y", "z"])
+        job = o1.psi.status("shared")
+        o2.dataframe("one").groupby("g").agg(s=("x", "sum")).collect()  # a release: guard history for (o2, one)
         o1.close()
         o2.close()
     a = ka.measurement
@@ -136,9 +141,11 @@ def test_upgrade_grants_rollback_and_audit(tmp_path: Path, upgraded: Path) -> No
 
         # owner 1's grant moves owner 1's dataset and cell files, with equal digests; owner 2's stay put
         result = o1.approve_migration("*", from_=a)
-        moved = {(u["kind"], u["key"]) for u in result["migrated"]}
-        assert moved == {("dataset", "one"), ("cells", id1.party_id)}
-        assert next(h for h in result["held"] if h["key"] == "two")["waiting_for"] == [id2.party_id]
+        moved = {(u["kind"], u["key"]): u for u in result["migrated"]}
+        assert set(moved) == {("dataset", "one"), ("cells", id1.party_id)}
+        assert moved["dataset", "one"]["objects"] >= 3  # meta, data and o2's guard history move together
+        held = {h["key"]: h for h in result["held"]}
+        assert held["two"]["waiting_for"] == [id2.party_id] and held[job.job_id]["waiting_for"] == [id2.party_id]
         listed = {d["name"]: d for d in o1.datasets()}
         assert "pending_migration" not in listed["one"] and listed["one"]["sha256"] == digest1
         assert listed["two"]["pending_migration"] and listed["two"]["sha256"] == digest2
@@ -176,7 +183,26 @@ def test_upgrade_grants_rollback_and_audit(tmp_path: Path, upgraded: Path) -> No
         o1.close()
         o2.close()
 
+    # the new code again: owner 1's data is where the grant put it; owner 2's grant moves the rest, job included
+    with _kernel(upgraded, data_dir) as kb2:
+        assert kb2.measurement == b
+        o1, o2 = _connect(kb2, tmp_path / "o1"), _connect(kb2, tmp_path / "o2")
+        assert o1.run("mesatee.open('notes', 'r').read()").value == "kept across the upgrade"
+        result = o2.approve_migration("*", from_=a)
+        assert {(u["kind"], u["key"]) for u in result["migrated"]} == {("dataset", "two"), ("job", job.job_id)}
+        listed = {d["name"]: d for d in o2.datasets()}
+        assert [listed[n].get("pending_migration") for n in ("one", "two")] == [None, None]
+        assert listed["two"]["sha256"] == digest2
+        moved_job = o1.psi.status("shared")
+        assert (moved_job.state, moved_job.spec_digest, moved_job.missing_inputs) == (
+            job.state, job.spec_digest, job.missing_inputs)
+        summary = o1.migration_status()
+        assert summary is not None and all(s["datasets"] == 0 for s in summary["stores"])
+        o1.close()
+        o2.close()
 
+
+@pytest.mark.slow
 def test_kill_9_mid_migration_is_all_or_nothing(tmp_path: Path, upgraded: Path) -> None:
     data_dir = tmp_path / "kernel"
     big = pd.DataFrame(np.random.default_rng(7).random((2_500_000, 4)), columns=list("abcd"))
@@ -289,6 +315,7 @@ def test_crash_right_after_the_commit_is_finished_on_restart(tmp_path: Path, mon
     audit.close()
 
 
+@pytest.mark.slow
 def test_old_code_moves_the_data_with_migrate_to(tmp_path: Path, upgraded: Path) -> None:
     """The hardware-shaped path: owners approve B on kernel A, then `mesatee-enclave migrate --to B` runs as A."""
     from mesatee_notebook.attestation.measurement import expected_measurement
