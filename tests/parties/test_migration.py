@@ -397,3 +397,38 @@ def test_replacing_the_embedded_kernel_says_what_happens_to_the_old_data(tmp_pat
         {"pid": gone.pid, "host": "127.0.0.1", "port": 1, "measurement": "ab" * 32}))
     with pytest.warns(embedded.SealedStateWarning, match="stay sealed for abab.*approve_migration"):
         assert embedded._running(tmp_path) is None
+
+
+def test_rollback_needs_every_owner_to_say_so(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from mesatee_notebook.enclave.audit import AuditLog
+    from mesatee_notebook.enclave.migration import SealedState, live_store
+
+    secret, a, b = bytes(range(32)), "aa" * 32, "bb" * 32
+    owner = PartyIdentity.generate()
+    audit = AuditLog(tmp_path / "audit.log", Ed25519PrivateKey.generate())
+    notes = f"cells/{owner.party_id}/notes"
+    SealedState.at_start(tmp_path, secret, a)
+    live_store(tmp_path, secret, a).put(notes, b"v1 notes")
+    forward = SealedState.at_start(tmp_path, secret, b)  # the upgrade: b gets the next version
+    assert forward is not None and forward.version == 2
+
+    def grant(src: str, dst: str, *, rollback: bool) -> dict:
+        return migration_grant(owner.party_id, "*", src, dst, rollback=rollback, time=time.time())
+
+    g = grant(a, b, rollback=False)
+    assert forward.approve(g, owner.public_key_raw, owner.sign_migration_grant(g), audit)["migrated"]
+    back = SealedState.at_start(tmp_path, secret, a)  # the operator goes back to the old code
+    assert back is not None and back.version == 1 and back.status()["stores"][0]["rollback"]
+    g = grant(b, a, rollback=False)
+    with pytest.raises(mn.PolicyViolation, match="rollback") as refused:
+        back.approve(g, owner.public_key_raw, owner.sign_migration_grant(g), audit)
+    assert refused.value.details["check"] == "rollback"
+    assert not live_store(tmp_path, secret, a).exists(notes)
+    g = grant(b, a, rollback=True)
+    assert back.approve(g, owner.public_key_raw, owner.sign_migration_grant(g), audit)["migrated"]
+    assert live_store(tmp_path, secret, a).get(notes) == b"v1 notes"
+    kinds = [e["kind"] for e in audit.entries()]
+    assert kinds == ["grant", "migration", "refusal", "grant", "migration"]
+    audit.close()
