@@ -549,9 +549,11 @@ class SealedState:
                         writer.write(chunk)
                 files.append({"name": name, "src": source.path_for(name).name, "dst": staged.path_for(name).name,
                               "sha256": h.hexdigest()})
-        for f in files:  # read back under the new key: what is committed is what was read
-            got = hashlib.sha256(staged.get_buffer(f["name"])).hexdigest()
-            if got != f["sha256"]:
+        for f in files:  # read back under the new key, streaming: what is committed is what was read
+            check = hashlib.sha256()
+            for chunk in staged.iter_chunks(f["name"]):
+                check.update(chunk)
+            if check.hexdigest() != f["sha256"]:
                 shutil.rmtree(staged.root, ignore_errors=True)
                 msg = f"re-sealed copy of {f['name']!r} does not match the original digest; migration aborted"
                 raise SealingError(msg, name=f["name"])
