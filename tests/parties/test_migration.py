@@ -432,3 +432,29 @@ def test_rollback_needs_every_owner_to_say_so(tmp_path: Path) -> None:
     kinds = [e["kind"] for e in audit.entries()]
     assert kinds == ["grant", "migration", "refusal", "grant", "migration"]
     audit.close()
+
+
+def test_a_forged_index_entry_moves_nothing(tmp_path: Path) -> None:
+    """The index decides what is shown; the dataset's own sealed metadata decides whose grant moves it."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from mesatee_notebook.attestation.measurement import canonical_json
+    from mesatee_notebook.enclave.audit import AuditLog
+    from mesatee_notebook.enclave.migration import SealedState, live_store, platform_store
+
+    secret, a, b = bytes(range(32)), "aa" * 32, "bb" * 32
+    owner, thief = PartyIdentity.generate(), PartyIdentity.generate()
+    SealedState.at_start(tmp_path, secret, a)
+    old = live_store(tmp_path, secret, a)
+    old.put("svc/datasets/d/data", b"the owner's rows")
+    old.put("svc/datasets/d/meta", b'{"name": "d", "owner": "%s", "rows": 1}' % owner.party_id.encode())
+    # code that holds the platform key (another kernel version) rewrites the index entry
+    forged = {"name": "d", "owner": thief.party_id, "rows": 1, "sha256": "", "bytes": 1, "readers": None}
+    platform_store(tmp_path, secret).put(f"index/{a}/datasets/d", canonical_json(forged))
+    state = SealedState.at_start(tmp_path, secret, b)
+    assert state is not None
+    with AuditLog(tmp_path / "audit.log", Ed25519PrivateKey.generate()) as audit:
+        grant = migration_grant(thief.party_id, "d", a, b, rollback=False, time=time.time())
+        result = state.approve(grant, thief.public_key_raw, thief.sign_migration_grant(grant), audit)
+    assert result["migrated"] == [] and "index disagrees" in result["held"][0]["reason"]
+    assert not live_store(tmp_path, secret, b).exists("svc/datasets/d/data")
