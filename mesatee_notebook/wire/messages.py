@@ -85,5 +85,6 @@ def sealed_state_summary(status: dict[str, Any] | None) -> list[str]:
             continue
         extra = f" ({s['files']} sealed files in all)"
         rollback = "; moving them here is a rollback to older code" if s["rollback"] else ""
-        lines.append(f"{what} are sealed for measurement {m}{extra}; they need a migration{rollback}")
+        verb, them = ("is", "it needs") if s["datasets"] == 1 else ("are", "they need")
+        lines.append(f"{what} {verb} sealed for measurement {m}{extra}; {them} a migration{rollback}")
     return lines
