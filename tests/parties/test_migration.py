@@ -120,6 +120,12 @@ def test_upgrade_grants_rollback_and_audit(tmp_path: Path, upgraded: Path) -> No
         assert pending["one"]["rows"] == 40 and pending["one"]["bytes"] > 0 and pending["one"]["measurement"] == a
         with pytest.raises(mn.MesateeError, match="no dataset named 'one'"):
             o1.dataframe("one")
+        from mesatee_notebook.magics._magics import _sealed_state
+        from mesatee_notebook.magics.display import AttestationCard
+
+        card = AttestationCard(o1.attestation, url=o1.url, sealed_state=_sealed_state(o1))  # as %mesatee attest
+        assert f"sealed state: 2 datasets of 2 owners are sealed for measurement {a}" in repr(card)
+        assert "they need a migration" in card._repr_html_()
         with pytest.raises(mn.MesateeError):
             o1.run("mesatee.open('notes', 'r').read()")
 
