@@ -487,7 +487,7 @@ class SealedState:
                 unit(parts[1][:-1], parts[2], _owners_of(source, parts[1], parts[2])).names.append(name)
             elif parts[0] == "svc" and len(parts) == 4 and parts[1:3] == ["tvm", "modules"]:
                 unit("tvm", parts[3], _owners_of(source, "tvm", name)).names.append(name)
-            elif parts[0] == "cells" and len(parts) >= 3 and parts[1] != "anon":
+            elif parts[0] == "cells" and len(parts) >= 3 and not parts[1].startswith("anon"):
                 unit("cells", parts[1], [parts[1]]).names.append(name)
             elif parts[0] == "audit":
                 dropped.append(name)  # the audit head: the log continues under the new measurement
