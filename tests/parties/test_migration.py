@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -32,14 +33,20 @@ POLICY = mn.DataPolicy(min_group_size=2)
 
 
 @pytest.fixture(scope="module")
-def upgraded(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the package with one byte of a measured file changed: the next release."""
-    root = tmp_path_factory.mktemp("upgraded")
-    src = Path(mn.__file__).parent
-    shutil.copytree(src, root / "mesatee_notebook", ignore=shutil.ignore_patterns("__pycache__"))
-    measured = root / "mesatee_notebook" / "wire" / "__init__.py"
-    measured.write_bytes(measured.read_bytes() + b"\n")
-    return root
+def upgraded() -> Iterator[Path]:
+    """A copy of the package with one byte of a measured file changed: the next release.
+
+    It lives beside the package, not under /tmp: a sandboxed executor sees a private, empty /tmp.
+    """
+    src = Path(mn.__file__).resolve().parent
+    root = Path(tempfile.mkdtemp(prefix=".upgraded-", dir=src.parent))
+    try:
+        shutil.copytree(src, root / "mesatee_notebook", ignore=shutil.ignore_patterns("__pycache__"))
+        measured = root / "mesatee_notebook" / "wire" / "__init__.py"
+        measured.write_bytes(measured.read_bytes() + b"\n")
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _start_from(copy: Path | None, data_dir: Path) -> KernelProc:
