@@ -40,6 +40,7 @@ def upgraded() -> Iterator[Path]:
     """
     src = Path(mn.__file__).resolve().parent
     root = Path(tempfile.mkdtemp(prefix=".upgraded-", dir=src.parent))
+    root.chmod(0o755)  # readable like the package itself: a sandbox runs cells under its own uid
     try:
         shutil.copytree(src, root / "mesatee_notebook", ignore=shutil.ignore_patterns("__pycache__"))
         measured = root / "mesatee_notebook" / "wire" / "__init__.py"
