@@ -536,6 +536,11 @@ class SealedState:
         if not ready:
             return {"migrated": [], "held": plan.held, "dropped": len(plan.dropped)}
         record = self._stage(source, target, src, dst, ready, index)
+        late = [f["name"] for f in record["files"] if target.exists(f["name"])]
+        if late:  # written under the new measurement while this migration was staging: keep that, move nothing
+            shutil.rmtree(self.data_dir / STAGING / record["txn"], ignore_errors=True)
+            msg = f"{late[0]!r} was written under the new measurement during the migration; approve it again"
+            raise SealingError(msg, name=late[0])
         self.platform.put(f"journal/{record['txn']}", canonical_json(record))  # the commit point
         self._audit_migration(record, audit)
         self._roll_forward(record)

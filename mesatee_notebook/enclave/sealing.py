@@ -25,6 +25,9 @@ bytes and a file swapped for another name's all raise :class:`~mesatee_notebook.
 Not detected: the host replacing a file by an *older* sealed version of the same name (rollback), or deleting a
 file outright (which reads as ``NotFound``). Detecting those needs a monotonic counter the host cannot reset.
 
+Which measurement a store directory is sealed for, what a kernel with other code does with it, and how the owners
+move it to a new measurement: :mod:`mesatee_notebook.enclave.migration` and ``docs/sealing.md``.
+
 Writes are atomic: a temp file in the same directory, written, ``fsync``-ed, renamed over the target, then the
 directory is ``fsync``-ed. A crash leaves the old version or the new one, never a mix. Files are 0600, the directory
 0700. One process owns a store root at a time.
