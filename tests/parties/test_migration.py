@@ -472,3 +472,37 @@ def test_a_forged_index_entry_moves_nothing(tmp_path: Path) -> None:
         result = state.approve(grant, thief.public_key_raw, thief.sign_migration_grant(grant), audit)
     assert result["migrated"] == [] and "index disagrees" in result["held"][0]["reason"]
     assert not live_store(tmp_path, secret, b).exists("svc/datasets/d/data")
+
+
+def test_crash_before_the_migration_entry_is_audited_on_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from mesatee_notebook.enclave.audit import AuditLog
+    from mesatee_notebook.enclave.migration import SealedState, live_store
+
+    secret, a, b = bytes(range(32)), "aa" * 32, "bb" * 32
+    owner = PartyIdentity.generate()
+    SealedState.at_start(tmp_path, secret, a)
+    live_store(tmp_path, secret, a).put(f"cells/{owner.party_id}/notes", b"notes")
+    state = SealedState.at_start(tmp_path, secret, b)
+    assert state is not None
+    audit = AuditLog(tmp_path / "audit.log", Ed25519PrivateKey.generate())
+
+    def crash(self: SealedState, record: dict, audit: object, *, recovered: bool = False) -> None:
+        raise _Crash
+
+    monkeypatch.setattr(SealedState, "_audit_migration", crash)
+    grant = migration_grant(owner.party_id, "*", a, b, rollback=False, time=time.time())
+    with pytest.raises(_Crash):
+        state.approve(grant, owner.public_key_raw, owner.sign_migration_grant(grant), audit)
+    monkeypatch.undo()
+    again = SealedState.at_start(tmp_path, secret, b)
+    assert again is not None
+    again.announce(audit)
+    again.announce(audit)  # a second start must not enter it twice
+    assert live_store(tmp_path, secret, b).get(f"cells/{owner.party_id}/notes") == b"notes"
+    entries = [(e["kind"], e["details"].get("recovered")) for e in audit.entries()]
+    assert entries == [("grant", None), ("migration", True)]
+    audit.close()
