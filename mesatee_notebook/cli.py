@@ -1,8 +1,9 @@
-"""Command lines: ``mesatee-enclave init-platform|serve`` and ``mesatee attest|verify-receipt``."""
+"""Command lines: ``mesatee-enclave init-platform|serve|migrate`` and ``mesatee attest|verify-receipt``."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import warnings
@@ -52,7 +53,49 @@ def _enclave_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-payload", type=_size, default=16 << 30, help="largest accepted request payload")
     sp.add_argument("--max-cell-timeout", type=float, default=24 * 3600.0)
     sp.add_argument("-v", "--verbose", action="store_true")
+    mp = sub.add_parser(
+        "migrate",
+        help="re-seal, for measurement --to, the state the owners' grants approve (run it with the OLD version)",
+    )
+    mp.add_argument("--to", required=True, help="the measurement of the new version (64 hex digits)")
+    mp.add_argument("--data-dir", type=Path, default=_default_data_dir())
     return p
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    """``mesatee-enclave migrate --to B``: this install (measurement A) moves what the grants for (A, B) approve."""
+    import json
+    import os
+
+    from mesatee_notebook.attestation.measurement import expected_measurement
+    from mesatee_notebook.enclave.audit import AuditLog
+    from mesatee_notebook.enclave.migration import SealedState
+    from mesatee_notebook.enclave.platform import load_platform
+    from mesatee_notebook.enclave.sealing import SealedStore
+
+    data_dir: Path = args.data_dir
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        pid = int(json.loads((data_dir / "kernel.json").read_text())["pid"])
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 0)
+            print(f"mesatee-enclave migrate: a kernel (pid {pid}) serves {data_dir}; stop it first", file=sys.stderr)
+            return 2
+    platform = load_platform(data_dir)
+    here = expected_measurement()
+    target = str(args.to).strip().lower()
+    state = SealedState(data_dir, platform.sealing_secret, here)
+    state.versions.register(here)
+    head = SealedStore(state.store_dir(here), platform.sealing_secret, here)
+    with AuditLog(data_dir / "audit.log", platform.key, head_store=head) as audit:
+        result = state.migrate(here, target, audit)
+    moved = ", ".join(f"{u['kind']} {u['key']}" for u in result["migrated"]) or "nothing"
+    print(f"re-sealed for {target}: {moved}")
+    for held in result["held"]:
+        why = held.get("reason") or "waiting for " + ", ".join(p[:16] + "…" for p in held["waiting_for"])
+        print(f"  kept sealed for {here[:16]}…: {held['kind']} {held['key']} ({why})")
+    print("softtee: this version derived the new measurement's key from the platform sealing secret; on SGX it "
+          "would hand the data to the new enclave over a locally attested channel instead (not built yet).")
+    return 0
 
 
 def enclave_main(argv: list[str] | None = None) -> int:
@@ -67,6 +110,8 @@ def enclave_main(argv: list[str] | None = None) -> int:
             print(f"fingerprint (pin this in client policies): {fp}")
             print("softtee is SOFTWARE trust: whoever runs this host can read the kernel's memory.")
             return 0
+        if args.cmd == "migrate":
+            return _migrate(args)
         from mesatee_notebook.attestation.levels import Level
         from mesatee_notebook.enclave.kernel import Kernel, KernelConfig
         from mesatee_notebook.wire.framing import Limits
@@ -198,6 +243,8 @@ def client_main(argv: list[str] | None = None) -> int:
             try:
                 print(repr(channel.attestation))
                 print(f"  kernel mesatee_notebook {channel.server_version}, protocol {channel.protocol}")
+                for line in _sealed_state_lines(channel):
+                    print(f"  SEALED STATE: {line}")
             finally:
                 channel.close()
             return 0
@@ -226,6 +273,19 @@ def client_main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"mesatee: {exc}", file=sys.stderr)
         return 2
+
+
+def _sealed_state_lines(channel: object) -> list[str]:
+    """What the kernel reports about state sealed for other measurements (nothing from a kernel that predates it)."""
+    from mesatee_notebook.remote.channel import Channel
+    from mesatee_notebook.wire.messages import sealed_state_summary
+
+    assert isinstance(channel, Channel)
+    try:
+        status = channel.request({"t": "migration", "op": "status"}).header.get("status")
+    except MesateeError:
+        return []
+    return sealed_state_summary(status if isinstance(status, dict) else None)
 
 
 def _attest_evidence(args: argparse.Namespace) -> int:

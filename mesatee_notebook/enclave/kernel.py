@@ -218,6 +218,30 @@ class _Connection:
         pub = audit.public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
         self.reply({"t": "audit", "re": rid, "entries": entries, "public_key": pub})
 
+    def on_migration(self, msg: Message, alloc: SharedAllocator, rid: Any) -> None:
+        """State sealed for other measurements (``op: status``), or an owner's signed grant (``op: approve``)."""
+        state = self.kernel.sealed_state
+        op = msg.header.get("op")
+        if state is None:
+            if op == "status":
+                self.reply({"t": "migration", "re": rid, "status": None})
+                return
+            raise PolicyViolation("an unprotected kernel has no sealed state to migrate")  # noqa: EM101
+        if op == "approve":
+            k = self.kernel
+            with k._service_lock:  # no service call runs meanwhile; the worker reloads what moved in
+                result = state.approve(msg.header.get("grant"), require(msg.header, "public_key", bytes),
+                                       require(msg.header, "signature", bytes), k.audit_log)
+                if result.get("migrated") and k._service is not None:
+                    log.info("restarting the service worker so it loads the migrated jobs, models and histories")
+                    k._service.shutdown()
+                    k._service = None
+            self.reply({"t": "migration", "re": rid, "result": result, "status": state.status(self.party)})
+        elif op == "status":
+            self.reply({"t": "migration", "re": rid, "status": state.status(self.party)})
+        else:
+            raise MalformedFrame("migration requests need op 'status' or 'approve'")  # noqa: EM101
+
     def _require_party(self) -> str:
         if self.party is None:
             msg = "this request needs a party identity: the client did not prove one on this connection"
@@ -499,7 +523,13 @@ class Kernel:
         self._service: ExecutorHandle | None = None
         self._spare: ExecutorHandle | None = None
         self._service_lock = threading.Lock()
+        from mesatee_notebook.enclave.migration import SealedState
+
+        # Before anything opens the live store: stores of other measurements are moved aside and reported.
+        self.sealed_state = SealedState.at_start(config.data_dir, self.sealing_secret, self.identity.measurement)
         self.audit_log = self._open_audit_log(platform_key)
+        if self.sealed_state is not None:
+            self.sealed_state.announce(self.audit_log)
 
     def _open_audit_log(self, platform_key: Any) -> Any:
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -625,12 +655,12 @@ class Kernel:
             return worker.exchange(header, payloads, fds, on_message, t)
 
     def sealed_store(self) -> Any:
-        from mesatee_notebook.enclave.sealing import SealedStore
+        from mesatee_notebook.enclave.migration import live_store
 
         if self.sealing_secret is None:
             msg = "sealed storage needs a softtee (or hardware) platform; an unprotected kernel has no sealing key"
             raise PolicyViolation(msg)
-        return SealedStore(self.config.data_dir / "sealed", self.sealing_secret, self.identity.measurement)
+        return live_store(self.config.data_dir, self.sealing_secret, self.identity.measurement)
 
     def sign_receipt(self, subjects: dict[str, str], predicate: dict[str, Any]) -> dict[str, Any]:
         ident = self.identity

@@ -25,6 +25,9 @@ bytes and a file swapped for another name's all raise :class:`~mesatee_notebook.
 Not detected: the host replacing a file by an *older* sealed version of the same name (rollback), or deleting a
 file outright (which reads as ``NotFound``). Detecting those needs a monotonic counter the host cannot reset.
 
+Which measurement a store directory is sealed for, what a kernel with other code does with it, and how the owners
+move it to a new measurement: :mod:`mesatee_notebook.enclave.migration` and ``docs/sealing.md``.
+
 Writes are atomic: a temp file in the same directory, written, ``fsync``-ed, renamed over the target, then the
 directory is ``fsync``-ed. A crash leaves the old version or the new one, never a mix. Files are 0600, the directory
 0700. One process owns a store root at a time.
@@ -32,6 +35,7 @@ directory is ``fsync``-ed. A crash leaves the old version or the new one, never 
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import hmac
@@ -207,6 +211,31 @@ class SealedStore:
             if name.startswith(prefix):
                 names.append(name)
         return sorted(names)
+
+    def scan(self) -> tuple[builtins.list[str], int]:
+        """(sorted names whose name record authenticates under this store's key, count of files that do not).
+
+        Unlike :meth:`list` it does not stop at the first file it cannot read: it tells a store sealed under another
+        key (nothing authenticates) from this key's store with a damaged file (most do).
+        """
+        names: builtins.list[str] = []
+        unreadable = 0
+        for entry in self.root.iterdir():
+            if not _FILE_RE.match(entry.name):
+                continue
+            try:
+                with entry.open("rb") as fh:
+                    _, name = self._read_prefix(fh, entry, None)
+            except FileNotFoundError:
+                continue
+            except TamperedData:
+                unreadable += 1
+                continue
+            if self.path_for(name).name == entry.name:
+                names.append(name)
+            else:
+                unreadable += 1
+        return sorted(names), unreadable
 
     def get(self, name: str) -> bytes:
         """Return the blob sealed under ``name`` (``NotFound`` if absent, ``TamperedData`` if modified)."""

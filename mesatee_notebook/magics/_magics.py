@@ -226,7 +226,7 @@ class MesateeMagics(Magics):
 
     def _cmd_attest(self, args: Any) -> AttestationCard:
         session = self._session(args.session)
-        return AttestationCard(session.attestation, url=session.url)
+        return AttestationCard(session.attestation, url=session.url, sealed_state=_sealed_state(session))
 
     def _cmd_status(self, args: Any) -> None:
         name = args.session or self._current
@@ -516,3 +516,14 @@ def _ends_with_semicolon(cell: str) -> bool:
 def _quiet_close(session: Session) -> None:
     with contextlib.suppress(MesateeError, OSError):
         session.close()
+
+
+def _sealed_state(session: Session) -> list[str]:
+    """What the kernel says about state sealed for other measurements (nothing from a kernel that predates it)."""
+    from mesatee_notebook.errors import MesateeError
+    from mesatee_notebook.wire.messages import sealed_state_summary
+
+    try:
+        return sealed_state_summary(session.migration_status())
+    except MesateeError:
+        return []

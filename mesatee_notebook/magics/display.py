@@ -83,8 +83,10 @@ class AttestationCard:
         url: str | None = None,
         local_measurement: str | None = None,
         now: dt.datetime | None = None,
+        sealed_state: list[str] | None = None,
     ) -> None:
         self.report = report
+        self.sealed_state = list(sealed_state or [])  # state sealed for other measurements, as the kernel says
         self.url = url
         self.local_measurement = local_measurement if local_measurement is not None else _local_measurement()
         self.now = now or dt.datetime.now(dt.UTC)
@@ -137,6 +139,7 @@ class AttestationCard:
         lines += [f"    {n:<14} {v:<16} {_libraries(k)}" for n, v, k in self._components()]
         lines.append("  checks:")
         lines += [f"    {'✓' if ok else '✗'} {name}: {detail}" for ok, name, detail in self._all_checks()]
+        lines += [f"  sealed state: {line}" for line in self.sealed_state]
         return "\n".join(lines)
 
     def _sandbox_details(self) -> str:
@@ -195,7 +198,9 @@ class AttestationCard:
             "</table>"
             "<details><summary>native (unsafe) components, measured by library digest "
             f"({len(self._components())})</summary><table>{comps}</table></details>"
-            f"<table style='margin-top:4px'>{checks}</table></div>"
+            f"<table style='margin-top:4px'>{checks}</table>"
+            + "".join(f"<div style='color:{_RED}'><b>sealed state:</b> {e(line)}</div>" for line in self.sealed_state)
+            + "</div>"
         )
 
 

@@ -11,12 +11,17 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 from mesatee_notebook.errors import KernelConnectionError
 
-__all__ = ["embedded_home", "ensure_embedded_kernel", "local_platform_fingerprint"]
+__all__ = ["SealedStateWarning", "embedded_home", "ensure_embedded_kernel", "local_platform_fingerprint"]
+
+
+class SealedStateWarning(UserWarning):
+    """State sealed for another measurement: readable again only after its owners approve a migration."""
 
 _START_TIMEOUT = 120.0
 IDLE_TIMEOUT = 1800
@@ -59,10 +64,19 @@ def _running(home: Path) -> tuple[str, int] | None:
         return None
     from mesatee_notebook.attestation.measurement import expected_measurement
 
-    if info.get("measurement") != expected_measurement():
+    here = expected_measurement()
+    if info.get("measurement") != here:
         # It runs other code than this install (an upgrade or an edit): replace it, never reuse it.
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGINT)
+        _stop(pid)  # before a new kernel moves the old store aside, the old kernel must have stopped writing to it
+        old = str(info.get("measurement"))
+        warnings.warn(
+            f"the embedded kernel ran measurement {old[:16]}…, this install is {here[:16]}…: starting a new kernel. "
+            f"The old kernel's datasets, jobs and models stay sealed for {old[:16]}… (moved aside, untouched, in "
+            f"{home / 'sealed-parked'}); the new kernel lists them as pending in Session.datasets(), and each owner "
+            f"moves theirs with Session.approve_migration('*', from_='{old}').",
+            SealedStateWarning,
+            stacklevel=3,
+        )
         return None
     try:
         os.kill(pid, 0)
@@ -75,6 +89,24 @@ def _running(home: Path) -> tuple[str, int] | None:
             return host, port
     except OSError:
         return None
+
+
+def _stop(pid: int, timeout: float = 15.0) -> None:
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGINT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            return
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.05)
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def _enclave_cmd(*args: str) -> list[str]:

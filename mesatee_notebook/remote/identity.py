@@ -12,7 +12,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import (
@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from mesatee_notebook.attestation.identity import party_id_of, proof_message
+from mesatee_notebook.attestation.identity import migration_grant_message, party_id_of, proof_message
 from mesatee_notebook.errors import PolicyViolation
 
 __all__ = ["KEY_FILE_NAME", "PartyIdentity", "default_identity_dir"]
@@ -116,3 +116,7 @@ class PartyIdentity:
     def prove(self, server_nonce: bytes | str, server_cert_sha256: bytes) -> bytes:
         """Sign the server's nonce and certificate hash: proof that this party holds its key on this channel."""
         return self._key.sign(proof_message(server_nonce, server_cert_sha256, self.public_key_raw))
+
+    def sign_migration_grant(self, grant: dict[str, Any]) -> bytes:
+        """Sign a migration grant (see :func:`~mesatee_notebook.attestation.identity.migration_grant`)."""
+        return self._key.sign(migration_grant_message(grant))

@@ -12,7 +12,8 @@ from typing import Any
 
 from mesatee_notebook.attestation.policy import AttestationReport, Policy
 from mesatee_notebook.attestation.receipts import Receipt, VerifiedReceipt, verify_receipt
-from mesatee_notebook.errors import MalformedFrame, ReceiptError
+from mesatee_notebook.errors import MalformedFrame, ProtocolError, ReceiptError
+from mesatee_notebook.errors import PolicyViolation as PolicyViolationError
 from mesatee_notebook.remote.channel import Channel, parse_url
 from mesatee_notebook.wire.codecs import decode_value, encode_value
 from mesatee_notebook.wire.stream import Message, Progress
@@ -68,9 +69,12 @@ class CallResult:
 class Session:
     """A session on an enclave kernel: one executor process with a persistent namespace."""
 
-    def __init__(self, channel: Channel, name: str = "default", party_id: str | None = None) -> None:
+    def __init__(
+        self, channel: Channel, name: str = "default", party_id: str | None = None, *, identity: Any = None
+    ) -> None:
         self._channel = channel
         self.party_id = party_id
+        self._identity = identity
         reply = channel.request({"t": "session.open", "name": name})
         self.name = name
         self.id = str(reply.header["session"])
@@ -338,8 +342,52 @@ class Session:
         return SecureDataFrame.from_dataset_info(res.info, _FrameBackend(self))
 
     def datasets(self) -> list[dict[str, Any]]:
-        """Public descriptions (name, owner, schema, policy) of the kernel's datasets."""
-        return list(self.call("dataset.list").info.get("datasets", []))
+        """Public descriptions (name, owner, schema, policy) of the kernel's datasets.
+
+        Datasets sealed for another measurement (an earlier or later version of the kernel) follow, marked
+        ``pending_migration=True`` with their owner, rows, size and measurement: this kernel cannot read them until
+        their owner approves a migration (:meth:`approve_migration`).
+        """
+        ready = list(self.call("dataset.list").info.get("datasets", []))
+        try:
+            status = self.migration_status()
+        except ProtocolError:  # a kernel from before migrations: it has nothing to report
+            status = None
+        for store in (status or {}).get("stores", []):
+            for d in store.get("visible", []):
+                ready.append({**d, "pending_migration": True, "rollback": store.get("rollback", False)})
+        return ready
+
+    # -- migration across measurements ---------------------------------------------------------
+    def migration_status(self) -> dict[str, Any] | None:
+        """State sealed for other measurements on this kernel's platform (None on an unprotected kernel)."""
+        status = self._channel.request({"t": "migration", "op": "status"}).header.get("status")
+        return dict(status) if isinstance(status, dict) else None
+
+    def approve_migration(
+        self, dataset: str = "*", *, from_: str, to: str | None = None, rollback: bool = False
+    ) -> dict[str, Any]:
+        """Sign and send a grant that moves ``dataset`` (or ``"*"``: all this party's state) from ``from_`` to ``to``.
+
+        ``to`` defaults to the attested measurement of this kernel.
+
+        The kernel checks the signature, keeps the grant sealed, enters it in the audit log, and re-seals what the
+        grants so far approve, atomically. ``rollback=True`` is needed to move state to an *older* version.
+        Returns ``{"migrated": [...], "held": [...], ...}``: units moved and units still waiting (for whom).
+        """
+        import time
+
+        from mesatee_notebook.attestation.identity import migration_grant
+
+        if self._identity is None or self.party_id is None:
+            msg = "approve_migration needs this session's party key: connect with an identity"
+            raise PolicyViolationError(msg)
+        grant = migration_grant(self.party_id, dataset, from_, to or self.attestation.measurement,
+                                rollback=rollback, time=time.time())
+        signature = self._identity.sign_migration_grant(grant)
+        reply = self._channel.request({"t": "migration", "op": "approve", "grant": grant,
+                                       "public_key": self._identity.public_key_raw, "signature": signature})
+        return dict(reply.header.get("result") or {})
 
     # -- control --------------------------------------------------------------------------------
     def interrupt(self) -> bool:
@@ -465,6 +513,7 @@ def connect(
             else:
                 ident = PartyIdentity.load_or_create(None if identity is None else Path(identity).expanduser())
             party = channel.authenticate(ident)
+            return Session(channel, session, party, identity=ident)
         return Session(channel, session, party)
     except BaseException:
         channel.close()

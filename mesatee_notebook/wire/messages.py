@@ -12,6 +12,7 @@ __all__ = [
     "REQUEST_TYPES",
     "negotiate",
     "require",
+    "sealed_state_summary",
 ]
 
 #: Bumped on any incompatible change of framing, message fields or codecs.
@@ -33,6 +34,7 @@ REQUEST_TYPES = frozenset(
         "auth",
         "whoami",
         "audit",
+        "migration",
     }
 )
 
@@ -63,3 +65,26 @@ def require(header: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> 
         msg = f"message {header.get('t')!r} needs field {key!r} of type {names}"
         raise MalformedFrame(msg)
     return value
+
+
+def sealed_state_summary(status: dict[str, Any] | None) -> list[str]:
+    """Sentences for a ``migration`` status reply: state sealed for other measurements (kernel log, attest, card)."""
+    lines = []
+    for s in (status or {}).get("stores", []):
+        m = s["measurement"]
+        what = (f"{s['datasets']} dataset{'s' if s['datasets'] != 1 else ''} of {s['owners']} "
+                f"owner{'s' if s['owners'] != 1 else ''}")
+        if not s["known"]:
+            lines.append(f"{s['files']} sealed files from a kernel before the migration index (measurement unknown) "
+                         f"are kept in sealed-parked/{m}; an owner who knows that measurement (from a receipt or "
+                         "`mesatee attest` of the old kernel) can approve a migration from it")
+            continue
+        if not s["datasets"]:
+            lines.append(f"{s['files']} sealed files remain for measurement {m} (no datasets: jobs, models or cell "
+                         "files waiting for their owners' grants, caches and bookkeeping that do not move)")
+            continue
+        extra = f" ({s['files']} sealed files in all)"
+        rollback = "; moving them here is a rollback to older code" if s["rollback"] else ""
+        verb, them = ("is", "it needs") if s["datasets"] == 1 else ("are", "they need")
+        lines.append(f"{what} {verb} sealed for measurement {m}{extra}; {them} a migration{rollback}")
+    return lines
