@@ -40,12 +40,14 @@ def _cert_with(evidence: bytes, key=None, *, not_before=None, not_after=None):
     return cert, key
 
 
-def _genuine_evidence(kernel, key, *, time_=None, manifest=None, receipt_key=b"\x01" * 32):
+_REAL = object()
+
+
+def _genuine_evidence(kernel, key, *, time_=None, manifest=None, receipt_key=b"\x01" * 32, sandbox=_REAL):
     platform = load_platform(kernel.data_dir)
+    real = parse_evidence(evidence_from_certificate(load_certificate(_kernel_cert(kernel)))).statement
     if manifest is None:  # the manifest the real kernel attests, so only the tested field differs
-        manifest = parse_evidence(evidence_from_certificate(load_certificate(_kernel_cert(kernel)))).statement[
-            "manifest"
-        ]
+        manifest = real["manifest"]
     spki = key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     return make_evidence(
         level=mn.Level.SOFTTEE,
@@ -54,6 +56,7 @@ def _genuine_evidence(kernel, key, *, time_=None, manifest=None, receipt_key=b"\
         receipt_key=receipt_key,
         time=int(time_ or time.time()),
         platform_key=platform.key,
+        sandbox=real["sandbox"] if sandbox is _REAL else sandbox,
     )
 
 
@@ -75,6 +78,15 @@ def test_genuine_fake_is_accepted_then_bytes_flow(kernel):
         mn.connect(fake.url, policy=kernel.policy(), timeout=5)
     fake.done.wait(5)
     assert fake.received.startswith(b"MTEE")
+
+
+def test_unsandboxed_kernel_is_refused_before_any_byte(kernel):
+    """Genuine platform, measurement and keys, but no sandbox in the signed statement: SandboxRequired, no byte sent."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert, _ = _cert_with(_genuine_evidence(kernel, key, sandbox=None), key)
+    fake = FakeKernel(cert.public_bytes(Encoding.PEM), key)
+    exc = _refused_before_any_byte(fake, kernel.policy(), mn.SandboxRequired)
+    assert "WITHOUT a sandbox" in str(exc)
 
 
 def test_wrong_measurement(kernel):
