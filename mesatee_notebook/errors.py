@@ -16,7 +16,14 @@ keeps working::
     │   ├── LevelTooLow                              the level is below the policy's minimum
     │   ├── UnprotectedNotAllowed                    an unprotected kernel without explicit opt-in
     │   ├── CertificateExpired                       a certificate outside its validity period
-    │   └── DebugNotAllowed                          a debug enclave or guest without opt-in
+    │   ├── DebugNotAllowed                          a debug enclave or guest without opt-in
+    │   ├── QuoteSignatureError (EvidenceSignatureError)  the AK's signature over a TPM quote fails
+    │   ├── QualifyingDataMismatch (KeyBindingError) a TPM quote's qualifying data is not this evidence's
+    │   ├── ReplayedQuote (StaleEvidence)            a TPM quote that does not commit to this connection's nonce
+    │   ├── PcrDigestMismatch                        reported PCR values are not the ones the TPM quoted
+    │   ├── PcrMismatch (MeasurementMismatch)        a PCR differs from the policy or the expected measurement
+    │   ├── UntrustedAttestationKey (UntrustedPlatform)  a TPM AK the policy does not pin
+    │   └── SoftwareTpmNotAllowed                    a software (or uncertified) TPM the policy refuses
     ├── LevelNotAvailableError (RuntimeError)        no provider for that level on this platform
     ├── PolicyViolation (PermissionError)            a data owner's or kernel policy refused the request
     ├── RemoteExecutionError                         the cell failed in the enclave (remote traceback)
@@ -64,6 +71,13 @@ __all__ = [
     "CompileTimeout",
     "CompileError",
     "AttestationError",
+    "PcrDigestMismatch",
+    "PcrMismatch",
+    "QualifyingDataMismatch",
+    "QuoteSignatureError",
+    "ReplayedQuote",
+    "SoftwareTpmNotAllowed",
+    "UntrustedAttestationKey",
     "CertificateExpired",
     "DebugNotAllowed",
     "EncodingError",
@@ -209,6 +223,55 @@ class DebugNotAllowed(AttestationError):
 
     code = "attestation.debug"
     check = "debug"
+
+
+class QuoteSignatureError(EvidenceSignatureError):
+    """The attestation key's signature over a TPM quote does not verify, or names another key."""
+
+    code = "attestation.quote-signature"
+    check = "quote-signature"
+
+
+class QualifyingDataMismatch(KeyBindingError):
+    """A TPM quote's qualifying data does not commit to the evidence (and so to the TLS/receipt keys)."""
+
+    code = "attestation.qualifying-data"
+    check = "qualifying-data"
+
+
+class ReplayedQuote(StaleEvidence):
+    """A connection's TPM quote does not commit to the nonce the client sent on it."""
+
+    code = "attestation.replay"
+    check = "fresh-quote"
+
+
+class PcrDigestMismatch(AttestationError):
+    """The PCR values the evidence reports are not the ones the TPM digested into the quote."""
+
+    code = "attestation.pcr-digest"
+    check = "pcr-digest"
+
+
+class PcrMismatch(MeasurementMismatch):
+    """A PCR differs from the policy's golden value, or the application PCR from the measurement."""
+
+    code = "attestation.pcr"
+    check = "pcr"
+
+
+class UntrustedAttestationKey(UntrustedPlatform):
+    """A TPM attestation key the policy does not pin."""
+
+    code = "attestation.ak"
+    check = "attestation-key"
+
+
+class SoftwareTpmNotAllowed(AttestationError):
+    """A software TPM (or one no manufacturer certificate vouches for), and the policy refuses those."""
+
+    code = "attestation.software-tpm"
+    check = "tpm-kind"
 
 
 class LevelNotAvailableError(MesateeError, RuntimeError):

@@ -12,7 +12,7 @@ import hashlib
 import html
 import tomllib
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,18 +24,22 @@ from mesatee_notebook.attestation.evidence import fingerprint, parse_evidence, r
 from mesatee_notebook.attestation.levels import Level
 from mesatee_notebook.attestation.measurement import expected_measurement
 from mesatee_notebook.attestation.ratls import evidence_from_certificate, load_certificate, spki_der
+from mesatee_notebook.attestation.tpm import TpmEvidence, ak_fingerprint
 from mesatee_notebook.errors import (
     CertificateExpired,
     KeyBindingError,
     LevelTooLow,
     MalformedEvidence,
     MeasurementMismatch,
+    ReplayedQuote,
+    SoftwareTpmNotAllowed,
     StaleEvidence,
     UnprotectedNotAllowed,
+    UntrustedAttestationKey,
     UntrustedPlatform,
 )
 
-__all__ = ["AttestationReport", "Check", "Policy", "UnprotectedWarning", "verify_certificate"]
+__all__ = ["AttestationReport", "Check", "Policy", "UnprotectedWarning", "check_fresh_quote", "verify_certificate"]
 
 _CLOCK_SKEW = 300.0
 
@@ -65,6 +69,18 @@ def _root_fingerprint(root: str) -> str:
     return fingerprint(key.public_bytes(Encoding.Raw, PublicFormat.Raw))
 
 
+def _golden_pcrs(pcrs: Mapping[int | str, str] | Iterable[tuple[int, str]]) -> tuple[tuple[int, str], ...]:
+    out: dict[int, str] = {}
+    for index, value in pcrs.items() if isinstance(pcrs, Mapping) else pcrs:
+        i = int(index)
+        text = str(value).lower().removeprefix("0x")
+        if not 0 <= i <= 23 or len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+            msg = f"tpm_pcrs needs PCR indices 0..23 mapped to 64-hex SHA-256 values; got {index!r}: {value!r}"
+            raise ValueError(msg)
+        out[i] = text
+    return tuple(sorted(out.items()))
+
+
 @dataclass(frozen=True)
 class Policy:
     """What a client accepts from a kernel.
@@ -72,7 +88,10 @@ class Policy:
     ``measurements=None`` means "the measurement of the mesatee_notebook installed here"
     (:func:`~mesatee_notebook.attestation.measurement.expected_measurement`).
     ``platform_roots`` are fingerprints (hex SHA-256 of the raw Ed25519 key), PEM keys or
-    paths to either. ``unprotected`` kernels are refused unless ``allow_unprotected``.
+    paths to either; for a ``tpm`` kernel, the fingerprint of its attestation key
+    (``mesatee-enclave tpm-info`` prints it). ``unprotected`` kernels are refused unless
+    ``allow_unprotected``. ``tpm_pcrs`` maps boot PCR indices to their golden SHA-256 values;
+    ``allow_software_tpm=False`` refuses swtpm and any TPM no manufacturer certificate vouches for.
     """
 
     measurements: tuple[str, ...] | None = None
@@ -80,6 +99,8 @@ class Policy:
     min_level: Level = Level.SOFTTEE
     max_evidence_age: float = 24 * 3600.0
     allow_unprotected: bool = False
+    tpm_pcrs: tuple[tuple[int, str], ...] = ()
+    allow_software_tpm: bool = True
 
     def __init__(
         self,
@@ -88,6 +109,8 @@ class Policy:
         min_level: Level | str = Level.SOFTTEE,
         max_evidence_age: float | dt.timedelta = 24 * 3600.0,
         allow_unprotected: bool = False,
+        tpm_pcrs: Mapping[int | str, str] | Iterable[tuple[int, str]] | None = None,
+        allow_software_tpm: bool = True,
     ) -> None:
         object.__setattr__(
             self, "measurements", None if measurements is None else tuple(m.lower() for m in measurements)
@@ -99,6 +122,8 @@ class Policy:
         )
         object.__setattr__(self, "max_evidence_age", age)
         object.__setattr__(self, "allow_unprotected", bool(allow_unprotected))
+        object.__setattr__(self, "tpm_pcrs", _golden_pcrs(tpm_pcrs if tpm_pcrs is not None else {}))
+        object.__setattr__(self, "allow_software_tpm", bool(allow_software_tpm))
 
     def with_roots(self, *roots: str) -> Policy:
         """A copy that also pins ``roots``."""
@@ -108,12 +133,21 @@ class Policy:
     def from_toml(cls, path: str | Path) -> Policy:
         """Read a policy TOML file.
 
-        Keys ``measurements``, ``platform_roots``, ``min_level``, ``max_evidence_age`` (seconds)
-        and ``allow_unprotected``, at top level or under ``[policy]``.
+        Keys ``measurements``, ``platform_roots``, ``min_level``, ``max_evidence_age`` (seconds),
+        ``allow_unprotected``, ``tpm_pcrs`` (a table of index = hex) and ``allow_software_tpm``,
+        at top level or under ``[policy]``.
         """
         data = tomllib.loads(Path(path).expanduser().read_text())
         data = data.get("policy", data)
-        known = {"measurements", "platform_roots", "min_level", "max_evidence_age", "allow_unprotected"}
+        known = {
+            "measurements",
+            "platform_roots",
+            "min_level",
+            "max_evidence_age",
+            "allow_unprotected",
+            "tpm_pcrs",
+            "allow_software_tpm",
+        }
         unknown = set(data) - known
         if unknown:
             msg = (
@@ -147,6 +181,21 @@ class AttestationReport:
     evidence: bytes
     checks: tuple[Check, ...] = field(default=())
     verified_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    tpm_kind: str | None = None
+    tpm_vendor: str | None = None
+    audit_key: str | None = None
+
+    @property
+    def level_text(self) -> str:
+        """The level for people: ``tpm`` always names its kind (``TPM 2.0 (software TPM)``)."""
+        if self.level is Level.TPM:
+            return f"tpm — {_tpm_kind_text(self.tpm_kind)}"
+        return self.level.label
+
+    @property
+    def audit_signer(self) -> str:
+        """Fingerprint of the key that signs the kernel's audit log (the platform key, or one the TPM quoted)."""
+        return self.audit_key or self.platform
 
     @property
     def measurement_matches_local(self) -> bool:
@@ -167,6 +216,10 @@ class AttestationReport:
     @property
     def trust_note(self) -> str:
         """One honest sentence on what this level protects."""
+        if self.level is Level.TPM and self.tpm_kind == "software":
+            return SOFTWARE_TPM_NOTE
+        if self.level is Level.TPM:
+            return UNCERTIFIED_TPM_NOTE
         return self.level.trust_note
 
     def age(self, now: dt.datetime | None = None) -> dt.timedelta:
@@ -175,7 +228,7 @@ class AttestationReport:
 
     def __repr__(self) -> str:
         lines = [
-            f"mesatee attestation: level {self.level.label.upper()}",
+            f"mesatee attestation: level {self.level_text.upper()}",
             f"  {self.trust_note}",
             f"  measurement  {self.measurement}",
             "  local code   "
@@ -194,7 +247,8 @@ class AttestationReport:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        colour = {Level.UNPROTECTED: "#b00020", Level.SOFTTEE: "#b26a00"}.get(self.level, "#1b5e20")
+        software = self.level is Level.SOFTTEE or self.tpm_kind == "software"
+        colour = "#b00020" if self.level is Level.UNPROTECTED else "#b26a00" if software else "#1b5e20"
         rows = "".join(
             f"<tr><td>{'✓' if c.passed else '✗'}</td><td>{html.escape(c.name)}</td>"
             f"<td>{html.escape(c.detail)}</td></tr>"
@@ -208,7 +262,8 @@ class AttestationReport:
         )
         return (
             "<div class='mesatee-attestation' style='border:1px solid #ccc;padding:8px;font-family:sans-serif'>"
-            f"<div style='font-weight:bold;color:{colour}'>mesatee attestation: {self.level.label.upper()}</div>"
+            f"<div style='font-weight:bold;color:{colour}'>mesatee attestation: "
+            f"{html.escape(self.level_text.upper())}</div>"
             f"<div style='color:{colour}'>{html.escape(self.trust_note)}</div>"
             "<table>"
             f"<tr><td>measurement</td><td><code>{self.measurement}</code> {match}</td></tr>"
@@ -217,6 +272,16 @@ class AttestationReport:
             f"<tr><td>native components</td><td>{comps}</td></tr></table>"
             f"<table>{rows}</table></div>"
         )
+
+
+SOFTWARE_TPM_NOTE = (
+    "tpm with a SOFTWARE TPM (swtpm): real TPM 2.0 quotes, but whoever runs swtpm holds its keys and can "
+    "reset its PCRs, so this is software trust like softtee; memory is not encrypted."
+)
+UNCERTIFIED_TPM_NOTE = (
+    "tpm: a TPM chip quotes the boot PCRs and the application PCR with the AK you pinned; no EK certificate "
+    "is checked yet, so the pin is your only root. The host can still read the kernel's memory."
+)
 
 
 def _local_measurement() -> str | None:
@@ -246,6 +311,8 @@ def verify_certificate(
     checks.append(Check("certificate validity", True, f"valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"))
     raw = evidence_from_certificate(cert)
     evidence = parse_evidence(raw)
+    if isinstance(evidence, TpmEvidence):
+        return _verify_tpm(cert_der, spki_der(cert), evidence, policy, now, check_freshness, checks)
     level = evidence.level
     checks.append(Check("evidence format", True, f"{evidence.statement['format']} in TCG DICE extension"))
 
@@ -281,34 +348,9 @@ def verify_certificate(
             raise UntrustedPlatform(msg, platform=platform)
         checks.append(Check("platform root", True, f"platform key {platform[:16]}… is pinned"))
     evidence.check_manifest()
-    measurement = str(evidence.statement["measurement"])
-    # A policy that pins measurements does not need this install's: skip the package walk on connect.
-    local = _local_measurement() if policy.measurements is None else None
-    accepted = policy.measurements if policy.measurements is not None else ((local,) if local else ())
-    if measurement not in accepted:
-        msg = (
-            f"the kernel runs code with measurement {measurement[:16]}…, which the policy does not accept "
-            f"(accepted: {', '.join(a[:16] + '…' for a in accepted) or 'none'}). The kernel's code differs "
-            "from what you expect."
-        )
-        raise MeasurementMismatch(msg, measurement=measurement)
-    checks.append(Check("measurement", True, f"{measurement[:16]}… is accepted"))
-
-    t = dt.datetime.fromtimestamp(int(evidence.statement["time"]), dt.UTC)
-    age = (now - t).total_seconds()
-    if check_freshness and (age > policy.max_evidence_age or age < -_CLOCK_SKEW):
-        msg = f"the evidence is {int(age)} s old; the policy accepts at most {int(policy.max_evidence_age)} s"
-        raise StaleEvidence(msg, age=age)
-    checks.append(Check("freshness", True, f"evidence {int(age)} s old (max {int(policy.max_evidence_age)} s)"))
-
-    expected_rd = report_data_for(spki_der(cert), evidence.receipt_key)
-    if evidence.statement["report_data"] != expected_rd:
-        msg = (
-            "the evidence's report data does not commit to this TLS key: the certificate was swapped "
-            "(a relay or man-in-the-middle is presenting someone else's evidence)"
-        )
-        raise KeyBindingError(msg)
-    checks.append(Check("key binding", True, "report data = SHA-256(TLS SPKI ‖ receipt key)"))
+    measurement, local = _check_measurement(evidence.statement, policy, checks)
+    t = _check_freshness(evidence.statement, policy, now, check_freshness, checks)
+    _check_key_binding(evidence.statement, spki_der(cert), evidence.receipt_key, checks)
     return AttestationReport(
         level=level,
         measurement=measurement,
@@ -321,6 +363,149 @@ def verify_certificate(
         evidence=raw,
         checks=tuple(checks),
     )
+
+
+def _check_measurement(statement: dict[str, Any], policy: Policy, checks: list[Check]) -> tuple[str, str | None]:
+    measurement = str(statement["measurement"])
+    # A policy that pins measurements does not need this install's: skip the package walk on connect.
+    local = _local_measurement() if policy.measurements is None else None
+    accepted = policy.measurements if policy.measurements is not None else ((local,) if local else ())
+    if measurement not in accepted:
+        msg = (
+            f"the kernel runs code with measurement {measurement[:16]}…, which the policy does not accept "
+            f"(accepted: {', '.join(a[:16] + '…' for a in accepted) or 'none'}). The kernel's code differs "
+            "from what you expect."
+        )
+        raise MeasurementMismatch(msg, measurement=measurement)
+    checks.append(Check("measurement", True, f"{measurement[:16]}… is accepted"))
+    return measurement, local
+
+
+def _check_freshness(
+    statement: dict[str, Any], policy: Policy, now: dt.datetime, check_freshness: bool, checks: list[Check]
+) -> dt.datetime:
+    t = dt.datetime.fromtimestamp(int(statement["time"]), dt.UTC)
+    age = (now - t).total_seconds()
+    if check_freshness and (age > policy.max_evidence_age or age < -_CLOCK_SKEW):
+        msg = f"the evidence is {int(age)} s old; the policy accepts at most {int(policy.max_evidence_age)} s"
+        raise StaleEvidence(msg, age=age)
+    checks.append(Check("freshness", True, f"evidence {int(age)} s old (max {int(policy.max_evidence_age)} s)"))
+    return t
+
+
+def _check_key_binding(statement: dict[str, Any], spki: bytes, receipt_key: bytes, checks: list[Check]) -> None:
+    if statement["report_data"] != report_data_for(spki, receipt_key):
+        msg = (
+            "the evidence's report data does not commit to this TLS key: the certificate was swapped "
+            "(a relay or man-in-the-middle is presenting someone else's evidence)"
+        )
+        raise KeyBindingError(msg)
+    checks.append(Check("key binding", True, "report data = SHA-256(TLS SPKI ‖ receipt key)"))
+
+
+def _verify_tpm(
+    cert_der: bytes,
+    spki: bytes,
+    evidence: TpmEvidence,
+    policy: Policy,
+    now: dt.datetime,
+    check_freshness: bool,
+    checks: list[Check],
+) -> AttestationReport:
+    """The TPM path: AK signature → AK pinned → qualifying data → PCR digest → TPM kind → PCRs → the rest."""
+    kind = evidence.tpm_kind
+    checks.append(Check("evidence format", True, f"{evidence.statement['format']} in TCG DICE extension"))
+    if policy.min_level > Level.TPM:
+        msg = f"the kernel's level tpm is below the policy's minimum {policy.min_level.label}"
+        raise LevelTooLow(msg)
+    checks.append(Check("level", True, f"tpm ≥ minimum {policy.min_level.label} ({_tpm_kind_text(kind)})"))
+    ak = evidence.ak()
+    ak.verify(evidence.attest, evidence.signature)
+    checks.append(Check("quote signature", True, "ECDSA P-256 signature by the restricted AK verifies"))
+    platform = ak_fingerprint(evidence.ak_public)
+    if platform not in policy.platform_roots:
+        msg = (
+            f"the TPM quote is signed by attestation key {platform[:16]}…, which this policy does not pin "
+            f"(pinned: {', '.join(r[:16] + '…' for r in policy.platform_roots) or 'none'}). "
+            "`mesatee-enclave tpm-info --tcti …` on the kernel's host prints its AK fingerprint."
+        )
+        raise UntrustedAttestationKey(msg, platform=platform)
+    checks.append(Check("attestation key", True, f"AK {platform[:16]}… is pinned (not certified by an EK chain)"))
+    quote = evidence.verify_quote()
+    checks.append(Check("qualifying data", True, "the quote commits to the statement (report data, keys, code)"))
+    checks.append(Check("PCR digest", True, f"PCRs {list(quote.sha256_pcrs)} are the quoted values"))
+    if kind == "software" and not policy.allow_software_tpm:
+        msg = (
+            f"the kernel's TPM is a software TPM ({evidence.statement['tpm_vendor']}): whoever runs it holds "
+            "its keys and can set its PCRs. This policy refuses software TPMs (allow_software_tpm=False)."
+        )
+        raise SoftwareTpmNotAllowed(msg, tpm_kind=kind)
+    if not policy.allow_software_tpm:
+        msg = (
+            f"the kernel's TPM reports itself as {evidence.statement['tpm_vendor']!r}, but no manufacturer "
+            "EK certificate is checked yet, so it cannot be told from a software TPM; this policy refuses those "
+            "(allow_software_tpm=False)"
+        )
+        raise SoftwareTpmNotAllowed(msg, tpm_kind="uncertified")
+    evidence.check_manifest()
+    measurement, local = _check_measurement(evidence.statement, policy, checks)
+    golden = dict(policy.tpm_pcrs)
+    evidence.check_pcrs(measurement, golden)
+    app = int(evidence.statement["app_pcr"])
+    checks.append(
+        Check(
+            "PCRs",
+            True,
+            f"application PCR {app} = SHA-256(0³² ‖ measurement); boot PCRs "
+            + (", ".join(str(i) for i in sorted(golden) if i != app) or "none") + " as pinned",
+        )
+    )
+    t = _check_freshness(evidence.statement, policy, now, check_freshness, checks)
+    _check_key_binding(evidence.statement, spki, evidence.receipt_key, checks)
+    return AttestationReport(
+        level=Level.TPM,
+        measurement=measurement,
+        expected_measurement=local,
+        platform=platform,
+        manifest=evidence.statement["manifest"],
+        evidence_time=t,
+        receipt_key=evidence.receipt_key,
+        certificate_der=cert_der,
+        evidence=evidence.raw,
+        checks=tuple(checks),
+        tpm_kind=kind,
+        tpm_vendor=str(evidence.statement["tpm_vendor"]),
+        audit_key=str(evidence.statement.get("audit_key") or "") or None,
+    )
+
+
+def check_fresh_quote(report: AttestationReport, nonce: bytes, reply: Any) -> AttestationReport:
+    """Verify a TPM kernel's quote for this connection (``hello.ok``'s ``tpm_quote``); add the check."""
+    from mesatee_notebook.attestation.tpm import verify_fresh_quote
+
+    attest = reply.get("attest") if isinstance(reply, dict) else None
+    signature = reply.get("signature") if isinstance(reply, dict) else None
+    if not isinstance(attest, bytes) or not isinstance(signature, bytes):
+        msg = "the TPM kernel sent no quote for this connection's nonce: its evidence cannot be shown to be fresh"
+        raise ReplayedQuote(msg)
+    evidence = parse_evidence(report.evidence)
+    if not isinstance(evidence, TpmEvidence):
+        msg = "a fresh TPM quote only makes sense for TPM evidence"
+        raise MalformedEvidence(msg)
+    quote = verify_fresh_quote(evidence, nonce, attest, signature)
+    check = Check(
+        "fresh quote",
+        True,
+        f"quote over this connection's nonce by the same AK, same PCRs (TPM clock {quote.clock} ms, "
+        f"reset {quote.reset_count})",
+    )
+    return replace(report, checks=(*report.checks, check))
+
+
+def _tpm_kind_text(kind: str | None) -> str:
+    if kind == "software":
+        return "TPM 2.0 (software TPM)"
+    return "TPM 2.0 (chip, uncertified: no EK certificate checked)"
 
 
 def certificate_sha256(cert_der: bytes) -> str:

@@ -1,4 +1,4 @@
-"""The kernel's in-memory identity: TLS key, receipt key, evidence and RA-TLS certificate."""
+"""The kernel's in-memory identity: TLS key, receipt key, evidence (softtee or TPM) and RA-TLS certificate."""
 
 from __future__ import annotations
 
@@ -7,16 +7,20 @@ import os
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
-from mesatee_notebook.attestation.evidence import make_evidence
+from mesatee_notebook.attestation.evidence import fingerprint, make_evidence, report_data_for
 from mesatee_notebook.attestation.levels import Level
 from mesatee_notebook.attestation.measurement import measurement_of
 from mesatee_notebook.attestation.ratls import build_ratls_certificate
+from mesatee_notebook.attestation.tpm import TPM_EVIDENCE_FORMAT, fresh_qualifying_data, make_tpm_evidence
+
+if TYPE_CHECKING:
+    from mesatee_notebook.enclave.tpm import Tpm
 
 __all__ = ["KernelIdentity"]
 
@@ -34,10 +38,16 @@ class KernelIdentity:
     certificate_der: bytes = b""
     ssl_context: ssl.SSLContext | None = None
     issued_at: float = 0.0
+    tpm: Tpm | None = None
 
     @classmethod
     def create(
-        cls, level: Level, manifest: dict[str, Any], platform_key: Ed25519PrivateKey | None, cert_lifetime: float
+        cls,
+        level: Level,
+        manifest: dict[str, Any],
+        platform_key: Ed25519PrivateKey | None,
+        cert_lifetime: float,
+        tpm: Tpm | None = None,
     ) -> KernelIdentity:
         ident = cls(
             level=level,
@@ -46,9 +56,44 @@ class KernelIdentity:
             cert_lifetime=cert_lifetime,
             tls_key=ec.generate_private_key(ec.SECP256R1()),
             receipt_key=Ed25519PrivateKey.generate(),
+            tpm=tpm,
         )
+        if tpm is not None:
+            tpm.measured_launch(ident.measurement)
         ident.refresh()
         return ident
+
+    @property
+    def report_data(self) -> str:
+        spki = self.tls_key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        return report_data_for(spki, self.receipt_public)
+
+    def _tpm_evidence(self, tpm: Tpm, now: float) -> bytes:
+        key = self.platform_key
+        audit = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw) if key is not None else b""
+        statement = {
+            "format": TPM_EVIDENCE_FORMAT,
+            "level": Level.TPM.label,
+            "tpm_kind": tpm.kind,
+            "tpm_vendor": tpm.vendor,
+            "measurement": self.measurement,
+            "manifest": self.manifest,
+            "time": int(now),
+            "report_data": self.report_data,
+            "receipt_key": self.receipt_public.hex(),
+            "app_pcr": tpm.app_pcr,
+            "pcrs": {str(i): v for i, v in tpm.read_pcrs().items()},
+            "audit_key": fingerprint(audit) if audit else "",
+        }
+        return make_tpm_evidence(statement=statement, quoter=tpm.quote, ak_public=tpm.ak_public)
+
+    def fresh_quote(self, nonce: bytes) -> dict[str, bytes]:
+        """A quote for one connection: qualifying data over the key binding and the client's nonce."""
+        if self.tpm is None:
+            msg = "this kernel has no TPM"
+            raise RuntimeError(msg)
+        attest, signature = self.tpm.quote(fresh_qualifying_data(self.report_data, nonce))
+        return {"attest": attest, "signature": signature}
 
     @property
     def measurement(self) -> str:
@@ -61,14 +106,17 @@ class KernelIdentity:
     def refresh(self) -> None:
         """Issue fresh evidence and a new certificate for the same keys; swap the SSL context."""
         now = time.time()
-        evidence = make_evidence(
-            level=self.level,
-            manifest=self.manifest,
-            tls_spki_der=self.tls_key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo),
-            receipt_key=self.receipt_public,
-            time=int(now),
-            platform_key=self.platform_key,
-        )
+        if self.tpm is not None:
+            evidence = self._tpm_evidence(self.tpm, now)
+        else:
+            evidence = make_evidence(
+                level=self.level,
+                manifest=self.manifest,
+                tls_spki_der=self.tls_key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo),
+                receipt_key=self.receipt_public,
+                time=int(now),
+                platform_key=self.platform_key,
+            )
         start = dt.datetime.fromtimestamp(now, dt.UTC) - dt.timedelta(minutes=5)
         cert = build_ratls_certificate(
             self.tls_key, evidence, not_before=start, not_after=start + dt.timedelta(seconds=self.cert_lifetime)

@@ -32,6 +32,7 @@ from mesatee_notebook.enclave.ipc import unpack_values
 from mesatee_notebook.enclave.platform import load_platform
 from mesatee_notebook.enclave.sessions import ExecutorHandle, Session
 from mesatee_notebook.enclave.shm import SharedAllocator
+from mesatee_notebook.enclave.tpm import open_tpm
 from mesatee_notebook.errors import (
     MalformedFrame,
     MesateeError,
@@ -78,6 +79,9 @@ class KernelConfig:
     max_connections: int = 256
     body_timeout: float = 120.0
     handshake_timeout: float = 20.0
+    tcti: str | None = None
+    tpm_app_pcr: int = 23
+    tpm_boot_pcrs: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)
 
 
 class _NonceGuard:
@@ -181,6 +185,10 @@ class _Connection:
         )
         self.hello_done = True
         k = self.kernel
+        nonce = msg.header.get("tpm_nonce")
+        fresh: dict[str, Any] = {}
+        if k.tpm is not None and isinstance(nonce, bytes) and 16 <= len(nonce) <= 32:
+            fresh = {"tpm_quote": k.identity.fresh_quote(nonce)}  # this connection's quote (freshness)
         self.reply(
             {
                 "t": "hello.ok",
@@ -190,6 +198,7 @@ class _Connection:
                 "level": k.identity.level.label,
                 "measurement": k.identity.measurement,
                 "kernel_nonce": self.kernel_nonce,
+                **fresh,
             }
         )
 
@@ -456,17 +465,25 @@ class Kernel:
 
     def __init__(self, config: KernelConfig) -> None:
         self.config = config
-        config.level.require_available(AVAILABLE_LEVELS)
+        # tpm: available only when --tcti names a TPM that answers (open_tpm refuses clearly otherwise).
+        self.tpm = (
+            open_tpm(config.tcti, app_pcr=config.tpm_app_pcr, boot_pcrs=config.tpm_boot_pcrs)
+            if config.level is Level.TPM
+            else None
+        )
+        config.level.require_available(AVAILABLE_LEVELS | ({Level.TPM} if self.tpm else set()))
         self.hardening = harden_process()
         platform_key = None
         self.sealing_secret: bytes | None = None
         self.platform_fingerprint = "none"
-        if config.level is Level.SOFTTEE:
+        if config.level in (Level.SOFTTEE, Level.TPM):  # tpm: the platform key signs the audit log, roots sealing
             platform = load_platform(config.data_dir)
             platform_key = platform.key
             self.sealing_secret = platform.sealing_secret
             self.platform_fingerprint = platform.fingerprint
-        self.identity = KernelIdentity.create(config.level, build_manifest(), platform_key, config.cert_lifetime)
+        self.identity = KernelIdentity.create(
+            config.level, build_manifest(), platform_key, config.cert_lifetime, tpm=self.tpm
+        )
         self.sessions: dict[str, Session] = {}
         self.nonces = _NonceGuard()
         self.stopping = threading.Event()
@@ -739,6 +756,8 @@ class Kernel:
             spare, self._spare = self._spare, None
         if spare is not None:
             spare.shutdown()
+        if self.tpm is not None:
+            self.tpm.close()
         info = self.config.data_dir / "kernel.json"
         try:
             if json.loads(info.read_text()).get("pid") == os.getpid():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import secrets
 import socket
 import ssl
 import threading
@@ -10,7 +11,8 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
-from mesatee_notebook.attestation.policy import AttestationReport, Policy, verify_certificate
+from mesatee_notebook.attestation.levels import Level
+from mesatee_notebook.attestation.policy import AttestationReport, Policy, check_fresh_quote, verify_certificate
 from mesatee_notebook.errors import KernelConnectionError, MalformedFrame, error_from_wire
 from mesatee_notebook.wire.framing import Limits
 from mesatee_notebook.wire.messages import PROTOCOL_VERSION
@@ -79,8 +81,14 @@ class Channel:
             raise
         self.sock = sock
         sock.settimeout(None)
+        tpm_nonce = secrets.token_bytes(32) if self.attestation.level is Level.TPM else None
         try:
-            hello = self.request({"t": "hello", "versions": [PROTOCOL_VERSION], "client": _client_version()})
+            hello = self.request(
+                {"t": "hello", "versions": [PROTOCOL_VERSION], "client": _client_version()}
+                | ({"tpm_nonce": tpm_nonce} if tpm_nonce else {})
+            )
+            if tpm_nonce is not None:
+                self.attestation = check_fresh_quote(self.attestation, tpm_nonce, hello.header.get("tpm_quote"))
         except BaseException:
             self.close()
             raise

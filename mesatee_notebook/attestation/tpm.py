@@ -1,0 +1,451 @@
+r"""TPM 2.0 evidence: a quote by an attestation key, carried in the RA-TLS certificate (pure).
+
+The kernel (``enclave/tpm.py``, through tpm2-pytss) resets the application PCR, extends the
+code measurement into it, and quotes the boot PCRs plus the application PCR with its AK, a
+restricted ECDSA P-256 signing key under the endorsement hierarchy. The evidence is CBOR
+``tag(TPM_TAG, [statement, attest, signature, ak_public])``:
+
+* ``statement``: canonical JSON with ``format``, ``level``, ``tpm_kind``, ``tpm_vendor``,
+  ``measurement``, ``manifest``, ``time``, ``report_data``, ``receipt_key``, ``app_pcr`` and
+  ``pcrs`` (SHA-256 bank, index → hex value);
+* ``attest``: the ``TPMS_ATTEST`` the TPM signed, with ``extraData`` (qualifying data)
+  ``= SHA-256(EVIDENCE_CONTEXT || statement)``, so the quote commits to the report data that
+  binds the TLS and receipt keys, and to everything else in the statement;
+* ``signature``: the ``TPMT_SIGNATURE`` (ECDSA, SHA-256) over ``attest``;
+* ``ak_public``: the AK's ``TPMT_PUBLIC``. Its fingerprint is SHA-256 of those bytes (the
+  digest part of the TPM object name), and the client's policy pins it.
+
+Each connection also gets a *fresh* quote, over the same PCRs, whose qualifying data is
+``SHA-256(FRESH_CONTEXT || report_data || client nonce)`` (see :func:`verify_fresh_quote`).
+
+This module only parses the few TPM structures a verifier reads (``TPMS_ATTEST``,
+``TPMT_SIGNATURE``, ``TPMT_PUBLIC``), and checks them with ``cryptography``. It never builds
+a TPM command. ``tpm_kind`` is what the TPM says of itself (swtpm answers "IBM / SW TPM"); no
+EK certificate is checked yet, so even a "hardware" TPM is an *uncertified* one here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from mesatee_notebook.attestation.measurement import measurement_of
+from mesatee_notebook.errors import (
+    MalformedEvidence,
+    PcrDigestMismatch,
+    PcrMismatch,
+    QualifyingDataMismatch,
+    QuoteSignatureError,
+    ReplayedQuote,
+)
+
+__all__ = [
+    "EVIDENCE_CONTEXT",
+    "FRESH_CONTEXT",
+    "TPM_EVIDENCE_FORMAT",
+    "TPM_TAG",
+    "AkPublic",
+    "Quote",
+    "TpmEvidence",
+    "ak_fingerprint",
+    "app_pcr_value",
+    "fresh_qualifying_data",
+    "make_tpm_evidence",
+    "parse_tpm_evidence",
+    "pcr_digest",
+    "statement_qualifying_data",
+    "verify_fresh_quote",
+]
+
+TPM_TAG = 0x4D54504D  # "MTPM": project-private CBOR content type for TPM evidence
+TPM_EVIDENCE_FORMAT = "mesatee-tpm/1"
+EVIDENCE_CONTEXT = b"mesatee-tpm-evidence/1\x00"
+FRESH_CONTEXT = b"mesatee-tpm-fresh/1\x00"
+
+_TPM_GENERATED = 0xFF544347
+_ST_ATTEST_QUOTE = 0x8018
+_ALG_SHA256 = 0x000B
+_ALG_ECC = 0x0023
+_ALG_ECDSA = 0x0018
+_ALG_NULL = 0x0010
+_ECC_NIST_P256 = 0x0003
+_RH_ENDORSEMENT = 0x4000000B
+# TPMA_OBJECT bits an AK must have: fixedTPM, fixedParent, sensitiveDataOrigin, restricted, sign.
+_AK_ATTRS = (1 << 1) | (1 << 4) | (1 << 5) | (1 << 16) | (1 << 18)
+_DECRYPT = 1 << 17
+
+
+class _Reader:
+    """Big-endian reader over a TPM structure; any overrun is MalformedEvidence."""
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self.data, self.pos, self.what = data, 0, what
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            msg = f"the {self.what} is truncated"
+            raise MalformedEvidence(msg)
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def u8(self) -> int:
+        return int(self.take(1)[0])
+
+    def u16(self) -> int:
+        return int(struct.unpack(">H", self.take(2))[0])
+
+    def u32(self) -> int:
+        return int(struct.unpack(">I", self.take(4))[0])
+
+    def u64(self) -> int:
+        return int(struct.unpack(">Q", self.take(8))[0])
+
+    def sized(self) -> bytes:
+        return self.take(self.u16())
+
+    def end(self) -> None:
+        if self.pos != len(self.data):
+            msg = f"the {self.what} has {len(self.data) - self.pos} unexpected trailing bytes"
+            raise MalformedEvidence(msg)
+
+
+@dataclass(frozen=True, slots=True)
+class Quote:
+    """A parsed ``TPMS_ATTEST`` of type quote."""
+
+    signer_name: bytes
+    extra_data: bytes
+    clock: int
+    reset_count: int
+    restart_count: int
+    firmware: int
+    pcr_select: tuple[tuple[int, tuple[int, ...]], ...]  # (hash alg, PCR indices) per bank
+    pcr_digest: bytes
+
+    @classmethod
+    def parse(cls, attest: bytes) -> Quote:
+        r = _Reader(attest, "TPM quote (TPMS_ATTEST)")
+        if r.u32() != _TPM_GENERATED:
+            msg = "the TPM quote lacks the TPM_GENERATED magic: it was not produced by a TPM"
+            raise MalformedEvidence(msg)
+        if r.u16() != _ST_ATTEST_QUOTE:
+            msg = "the TPM attestation is not a quote"
+            raise MalformedEvidence(msg)
+        signer, extra = r.sized(), r.sized()
+        clock, resets, restarts = r.u64(), r.u32(), r.u32()
+        r.u8()  # clockInfo.safe
+        firmware = r.u64()
+        banks = []
+        for _ in range(r.u32()):
+            alg = r.u16()
+            bitmap = r.take(r.u8())
+            banks.append((alg, tuple(i for i in range(8 * len(bitmap)) if bitmap[i // 8] >> (i % 8) & 1)))
+        digest = r.sized()
+        r.end()
+        return cls(signer, extra, clock, resets, restarts, firmware, tuple(banks), digest)
+
+    @property
+    def sha256_pcrs(self) -> tuple[int, ...]:
+        """The PCR indices quoted from the SHA-256 bank (the only bank this format uses)."""
+        if len(self.pcr_select) != 1 or self.pcr_select[0][0] != _ALG_SHA256:
+            msg = "the TPM quote must select exactly one PCR bank, SHA-256"
+            raise MalformedEvidence(msg)
+        return self.pcr_select[0][1]
+
+
+@dataclass(frozen=True, slots=True)
+class AkPublic:
+    """A parsed ``TPMT_PUBLIC`` of an ECC P-256 attestation key."""
+
+    raw: bytes
+    attributes: int
+    key: ec.EllipticCurvePublicKey
+
+    @classmethod
+    def parse(cls, raw: bytes) -> AkPublic:
+        r = _Reader(raw, "attestation key (TPMT_PUBLIC)")
+        if r.u16() != _ALG_ECC:
+            msg = "the attestation key is not an ECC key (this verifier reads ECC P-256 AKs)"
+            raise MalformedEvidence(msg)
+        if r.u16() != _ALG_SHA256:
+            msg = "the attestation key's name algorithm is not SHA-256"
+            raise MalformedEvidence(msg)
+        attributes = r.u32()
+        r.sized()  # authPolicy
+        if r.u16() != _ALG_NULL:  # symmetric: a signing key has none
+            msg = "the attestation key has a symmetric algorithm: it is a storage key, not a signing key"
+            raise MalformedEvidence(msg)
+        scheme = r.u16()
+        if scheme != _ALG_NULL:
+            r.u16()
+        curve, kdf = r.u16(), r.u16()
+        if kdf != _ALG_NULL:
+            r.u16()
+        x, y = r.sized(), r.sized()
+        r.end()
+        if scheme not in (_ALG_ECDSA, _ALG_NULL) or curve != _ECC_NIST_P256:
+            msg = "the attestation key is not an ECDSA NIST P-256 key"
+            raise MalformedEvidence(msg)
+        if attributes & _AK_ATTRS != _AK_ATTRS or attributes & _DECRYPT:
+            msg = (
+                "the attestation key is not a restricted, TPM-bound signing key (TPMA_OBJECT "
+                f"{attributes:#010x}): a TPM does not vouch for what such a key signs"
+            )
+            raise MalformedEvidence(msg)
+        try:
+            key = ec.EllipticCurvePublicNumbers(
+                int.from_bytes(x, "big"), int.from_bytes(y, "big"), ec.SECP256R1()
+            ).public_key()
+        except ValueError as exc:
+            msg = "the attestation key's point is not on P-256"
+            raise MalformedEvidence(msg) from exc
+        return cls(raw, attributes, key)
+
+    @property
+    def name(self) -> bytes:
+        """The TPM object name: nameAlg (SHA-256) || SHA-256(TPMT_PUBLIC)."""
+        return struct.pack(">H", _ALG_SHA256) + hashlib.sha256(self.raw).digest()
+
+    @property
+    def qualified_name(self) -> bytes:
+        """The name a quote carries: a primary key's in the endorsement hierarchy (TPM_RH_ENDORSEMENT)."""
+        return struct.pack(">H", _ALG_SHA256) + hashlib.sha256(struct.pack(">I", _RH_ENDORSEMENT) + self.name).digest()
+
+    def verify(self, attest: bytes, signature: bytes) -> None:
+        """Check a ``TPMT_SIGNATURE`` (ECDSA, SHA-256) over ``attest``."""
+        r = _Reader(signature, "quote signature (TPMT_SIGNATURE)")
+        alg, hash_alg = r.u16(), r.u16()
+        if alg != _ALG_ECDSA or hash_alg != _ALG_SHA256:
+            msg = "the quote signature is not ECDSA with SHA-256"
+            raise MalformedEvidence(msg)
+        sig_r, sig_s = r.sized(), r.sized()
+        r.end()
+        try:
+            der = encode_dss_signature(int.from_bytes(sig_r, "big"), int.from_bytes(sig_s, "big"))
+            self.key.verify(der, attest, ec.ECDSA(hashes.SHA256()))
+        except (InvalidSignature, ValueError) as exc:
+            msg = "the attestation key's signature over the TPM quote does not verify: the quote was altered"
+            raise QuoteSignatureError(msg) from exc
+
+
+def ak_fingerprint(ak_public: bytes) -> str:
+    """What a client pins for a TPM: SHA-256 hex of the AK's ``TPMT_PUBLIC``."""
+    return hashlib.sha256(ak_public).hexdigest()
+
+
+def app_pcr_value(measurement: str) -> str:
+    """The application PCR after reset (zeros) and one extend with the measurement."""
+    return hashlib.sha256(bytes(32) + bytes.fromhex(measurement)).hexdigest()
+
+
+def pcr_digest(values: list[bytes]) -> bytes:
+    """The quote's PCR digest: SHA-256 over the selected values in index order."""
+    return hashlib.sha256(b"".join(values)).digest()
+
+
+def statement_qualifying_data(statement_bytes: bytes) -> bytes:
+    """Qualifying data of the certificate's quote."""
+    return hashlib.sha256(EVIDENCE_CONTEXT + statement_bytes).digest()
+
+
+def fresh_qualifying_data(report_data: str, nonce: bytes) -> bytes:
+    """Qualifying data of a connection's fresh quote: commits to the key binding and the client's nonce."""
+    return hashlib.sha256(FRESH_CONTEXT + bytes.fromhex(report_data) + nonce).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class TpmEvidence:
+    """Parsed (not yet trusted) TPM evidence."""
+
+    statement: dict[str, Any]
+    statement_bytes: bytes
+    attest: bytes
+    signature: bytes
+    ak_public: bytes
+    raw: bytes
+
+    @property
+    def receipt_key(self) -> bytes:
+        """Raw Ed25519 public key that signs receipts."""
+        return bytes.fromhex(str(self.statement["receipt_key"]))
+
+    @property
+    def pcrs(self) -> dict[int, str]:
+        """Reported SHA-256 PCR values, by index."""
+        return {int(k): str(v) for k, v in self.statement["pcrs"].items()}
+
+    @property
+    def tpm_kind(self) -> str:
+        """``software`` or ``hardware``, as the TPM reports itself (not certified)."""
+        return str(self.statement["tpm_kind"])
+
+    def ak(self) -> AkPublic:
+        """The parsed attestation key."""
+        return AkPublic.parse(self.ak_public)
+
+    def check_manifest(self) -> None:
+        """The measurement must be the digest of the manifest that travels with it."""
+        if measurement_of(self.statement["manifest"]) != self.statement["measurement"]:
+            msg = "the evidence's measurement is not the digest of its manifest"
+            raise MalformedEvidence(msg)
+
+    def verify_quote(self) -> Quote:
+        """AK signature, signer name, qualifying data and PCR digest of the certificate's quote."""
+        ak = self.ak()
+        ak.verify(self.attest, self.signature)
+        quote = Quote.parse(self.attest)
+        if quote.signer_name != ak.qualified_name:
+            msg = (
+                "the TPM quote names a different signing key than the evidence's attestation key "
+                "(or one that is not a primary key of the endorsement hierarchy)"
+            )
+            raise QuoteSignatureError(msg)
+        if quote.extra_data != statement_qualifying_data(self.statement_bytes):
+            msg = (
+                "the TPM quote's qualifying data does not commit to this evidence's statement "
+                "(its report data, keys or measurement were changed after quoting)"
+            )
+            raise QualifyingDataMismatch(msg)
+        self.check_pcr_digest(quote)
+        return quote
+
+    def check_pcr_digest(self, quote: Quote) -> None:
+        """The reported PCR values must be the ones the TPM digested into ``quote``."""
+        selected = quote.sha256_pcrs
+        pcrs = self.pcrs
+        if sorted(pcrs) != list(selected):
+            msg = (
+                f"the evidence reports PCRs {sorted(pcrs)} but the TPM quoted PCRs {list(selected)}"
+            )
+            raise PcrDigestMismatch(msg)
+        try:
+            values = [bytes.fromhex(pcrs[i]) for i in selected]
+        except ValueError as exc:
+            raise MalformedEvidence("a reported PCR value is not hex") from exc  # noqa: EM101
+        if pcr_digest(values) != quote.pcr_digest:
+            msg = "the reported PCR values are not the ones the TPM quoted (PCR digest differs): they were altered"
+            raise PcrDigestMismatch(msg)
+
+    def check_pcrs(self, measurement: str, golden: dict[int, str]) -> None:
+        """The application PCR must hold ``measurement``; boot PCRs must equal the policy's values."""
+        pcrs = self.pcrs
+        app = int(self.statement["app_pcr"])
+        expected = app_pcr_value(measurement)
+        if pcrs.get(app) != expected:
+            msg = (
+                f"application PCR {app} is {str(pcrs.get(app))[:16]}…, but a kernel with measurement "
+                f"{measurement[:16]}… launched from a reset PCR gives {expected[:16]}…: another program "
+                "was measured into it, or it was extended again after launch"
+            )
+            raise PcrMismatch(msg, pcr=app)
+        for index, value in sorted(golden.items()):
+            if index == app:
+                continue
+            if index not in pcrs:
+                msg = f"the policy names boot PCR {index}, but the kernel's quote does not cover it"
+                raise PcrMismatch(msg, pcr=index)
+            if pcrs[index] != value:
+                msg = (
+                    f"boot PCR {index} is {pcrs[index][:16]}…, not the policy's {value[:16]}…: this machine "
+                    "booted different firmware, boot loader or kernel"
+                )
+                raise PcrMismatch(msg, pcr=index)
+
+
+def make_tpm_evidence(
+    *,
+    statement: dict[str, Any],
+    quoter: Any,
+    ak_public: bytes,
+) -> bytes:
+    """Build the CBOR evidence; ``quoter(qualifying_data) -> (attest, signature)`` asks the TPM."""
+    body = _canonical(statement)
+    attest, signature = quoter(statement_qualifying_data(body))
+    return bytes(cbor2.dumps(cbor2.CBORTag(TPM_TAG, [body, attest, signature, ak_public])))
+
+
+def _canonical(value: Any) -> bytes:
+    from mesatee_notebook.attestation.measurement import canonical_json
+
+    return canonical_json(value)
+
+
+_REQUIRED: dict[str, type] = {
+    "format": str,
+    "level": str,
+    "tpm_kind": str,
+    "tpm_vendor": str,
+    "measurement": str,
+    "manifest": dict,
+    "time": int,
+    "report_data": str,
+    "receipt_key": str,
+    "app_pcr": int,
+    "pcrs": dict,
+}
+
+
+def parse_tpm_evidence(raw: bytes, value: Any) -> TpmEvidence:
+    """Parse the value of a ``TPM_TAG`` CBOR tag; raise MalformedEvidence on anything unexpected."""
+    if not (isinstance(value, (list, tuple)) and len(value) == 4 and all(isinstance(v, bytes) for v in value)):
+        msg = "TPM evidence must be [statement, attest, signature, ak_public] byte strings"
+        raise MalformedEvidence(msg)
+    body, attest, signature, ak_public = value
+    try:
+        statement = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        msg = "TPM evidence statement is not JSON"
+        raise MalformedEvidence(msg) from exc
+    if not isinstance(statement, dict):
+        msg = "TPM evidence statement must be a JSON object"
+        raise MalformedEvidence(msg)
+    for key, kind in _REQUIRED.items():
+        if not isinstance(statement.get(key), kind):
+            msg = f"TPM evidence statement lacks a valid {key!r}"
+            raise MalformedEvidence(msg)
+    if statement["format"] != TPM_EVIDENCE_FORMAT:
+        msg = f"unsupported evidence format {statement['format']!r} (this client reads {TPM_EVIDENCE_FORMAT})"
+        raise MalformedEvidence(msg)
+    if statement["level"] != "tpm" or statement["tpm_kind"] not in ("software", "hardware"):
+        msg = "TPM evidence must claim level 'tpm' and a tpm_kind of 'software' or 'hardware'"
+        raise MalformedEvidence(msg)
+    try:
+        bytes.fromhex(statement["receipt_key"])
+        bytes.fromhex(statement["report_data"])
+        {int(k): bytes.fromhex(str(v)) for k, v in statement["pcrs"].items()}
+    except (ValueError, TypeError) as exc:
+        msg = f"TPM evidence statement has a bad field: {exc}"
+        raise MalformedEvidence(msg) from exc
+    return TpmEvidence(statement, body, attest, signature, ak_public, raw)
+
+
+def verify_fresh_quote(evidence: TpmEvidence, nonce: bytes, attest: bytes, signature: bytes) -> Quote:
+    """Check a connection's fresh quote: same AK, qualifying data over this nonce, same PCR values.
+
+    A quote replayed from another connection carries another nonce and is refused with
+    :class:`~mesatee_notebook.errors.ReplayedQuote`.
+    """
+    ak = evidence.ak()
+    ak.verify(attest, signature)
+    quote = Quote.parse(attest)
+    if quote.signer_name != ak.qualified_name:
+        msg = "the connection's TPM quote is signed by a different key than the attested AK"
+        raise QuoteSignatureError(msg)
+    if quote.extra_data != fresh_qualifying_data(str(evidence.statement["report_data"]), nonce):
+        msg = (
+            "the connection's TPM quote does not commit to the nonce this client just sent: it is a replayed "
+            "quote (from another connection), or it does not bind this channel's keys"
+        )
+        raise ReplayedQuote(msg)
+    evidence.check_pcr_digest(quote)
+    return quote
