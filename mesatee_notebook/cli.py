@@ -230,7 +230,7 @@ def client_main(argv: list[str] | None = None) -> int:
         assert isinstance(policy, Policy)
         v = verify_receipt(args.receipt, policy)
         p = v.predicate
-        print(f"receipt OK: {p.get('kind')} in session {p.get('session')} at level {p.get('level')}")
+        print(f"receipt OK: {p.get('kind')} in session {p.get('session')} at level {v.attestation.level_text}")
         print(f"  measurement {p.get('measurement')}")
         print(f"  nonce       {p.get('nonce')}")
         print(f"  code sha256 {p.get('code', {}).get('sha256')}")

@@ -23,6 +23,8 @@ keeps working::
     │   ├── PcrDigestMismatch                        reported PCR values are not the ones the TPM quoted
     │   ├── PcrMismatch (MeasurementMismatch)        a PCR differs from the policy or the expected measurement
     │   ├── UntrustedAttestationKey (UntrustedPlatform)  a TPM AK the policy does not pin
+    │   ├── EkChainError (UntrustedPlatform)         a TPM's EK certificate does not chain to a pinned CA
+    │   ├── CredentialActivationFailed               the TPM could not prove the AK sits beside the certified EK
     │   └── SoftwareTpmNotAllowed                    a software (or uncertified) TPM the policy refuses
     ├── LevelNotAvailableError (RuntimeError)        no provider for that level on this platform
     ├── PolicyViolation (PermissionError)            a data owner's or kernel policy refused the request
@@ -78,6 +80,8 @@ __all__ = [
     "ReplayedQuote",
     "SoftwareTpmNotAllowed",
     "UntrustedAttestationKey",
+    "EkChainError",
+    "CredentialActivationFailed",
     "CertificateExpired",
     "DebugNotAllowed",
     "EncodingError",
@@ -265,6 +269,20 @@ class UntrustedAttestationKey(UntrustedPlatform):
 
     code = "attestation.ak"
     check = "attestation-key"
+
+
+class EkChainError(UntrustedPlatform):
+    """A TPM's EK certificate is missing, or does not chain to an EK CA the policy pins."""
+
+    code = "attestation.ek-chain"
+    check = "ek-chain"
+
+
+class CredentialActivationFailed(AttestationError):
+    """TPM2_ActivateCredential did not return the client's secret: the AK is not in the certified TPM."""
+
+    code = "attestation.activation"
+    check = "credential-activation"
 
 
 class SoftwareTpmNotAllowed(AttestationError):

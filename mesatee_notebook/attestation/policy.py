@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import hmac
 import html
+import secrets
 import tomllib
 import warnings
 from collections.abc import Iterable, Mapping
@@ -24,9 +26,11 @@ from mesatee_notebook.attestation.evidence import fingerprint, parse_evidence, r
 from mesatee_notebook.attestation.levels import Level
 from mesatee_notebook.attestation.measurement import expected_measurement
 from mesatee_notebook.attestation.ratls import evidence_from_certificate, load_certificate, spki_der
-from mesatee_notebook.attestation.tpm import TpmEvidence, ak_fingerprint
+from mesatee_notebook.attestation.tpm import TpmEvidence, ak_fingerprint, tpm_kind_of, verify_ek_chain
 from mesatee_notebook.errors import (
     CertificateExpired,
+    CredentialActivationFailed,
+    EkChainError,
     KeyBindingError,
     LevelTooLow,
     MalformedEvidence,
@@ -39,7 +43,8 @@ from mesatee_notebook.errors import (
     UntrustedPlatform,
 )
 
-__all__ = ["AttestationReport", "Check", "Policy", "UnprotectedWarning", "check_fresh_quote", "verify_certificate"]
+__all__ = ["AttestationReport", "Check", "Policy", "UnprotectedWarning", "check_tpm_hello", "tpm_hello_request",
+           "verify_certificate"]
 
 _CLOCK_SKEW = 300.0
 
@@ -69,6 +74,25 @@ def _root_fingerprint(root: str) -> str:
     return fingerprint(key.public_bytes(Encoding.Raw, PublicFormat.Raw))
 
 
+def _ek_roots(items: Iterable[str | bytes | Path]) -> tuple[bytes, ...]:
+    from cryptography import x509
+
+    out: list[bytes] = []
+    for item in items:
+        data: bytes
+        if isinstance(item, bytes):
+            data = item
+        elif isinstance(item, Path) or "BEGIN CERTIFICATE" not in item:
+            data = Path(item).expanduser().read_bytes()
+        else:
+            data = item.encode()
+        certs = x509.load_pem_x509_certificates(data) if b"BEGIN CERTIFICATE" in data else [
+            x509.load_der_x509_certificate(data)
+        ]
+        out.extend(c.public_bytes(Encoding.DER) for c in certs)
+    return tuple(out)
+
+
 def _golden_pcrs(pcrs: Mapping[int | str, str] | Iterable[tuple[int, str]]) -> tuple[tuple[int, str], ...]:
     out: dict[int, str] = {}
     for index, value in pcrs.items() if isinstance(pcrs, Mapping) else pcrs:
@@ -92,6 +116,10 @@ class Policy:
     (``mesatee-enclave tpm-info`` prints it). ``unprotected`` kernels are refused unless
     ``allow_unprotected``. ``tpm_pcrs`` maps boot PCR indices to their golden SHA-256 values;
     ``allow_software_tpm=False`` refuses swtpm and any TPM no manufacturer certificate vouches for.
+    ``tpm_ek_roots`` are EK CA certificates (PEM text, DER bytes or paths to PEM files: the TPM
+    manufacturer's root and intermediates, or swtpm's local CA). With them, a TPM kernel's AK need
+    not be pinned: its EK must chain to one, and the AK is proved to sit beside that EK by credential
+    activation on the live connection.
     """
 
     measurements: tuple[str, ...] | None = None
@@ -101,6 +129,7 @@ class Policy:
     allow_unprotected: bool = False
     tpm_pcrs: tuple[tuple[int, str], ...] = ()
     allow_software_tpm: bool = True
+    tpm_ek_roots: tuple[bytes, ...] = ()
 
     def __init__(
         self,
@@ -111,6 +140,7 @@ class Policy:
         allow_unprotected: bool = False,
         tpm_pcrs: Mapping[int | str, str] | Iterable[tuple[int, str]] | None = None,
         allow_software_tpm: bool = True,
+        tpm_ek_roots: Iterable[str | bytes | Path] = (),
     ) -> None:
         object.__setattr__(
             self, "measurements", None if measurements is None else tuple(m.lower() for m in measurements)
@@ -124,6 +154,7 @@ class Policy:
         object.__setattr__(self, "allow_unprotected", bool(allow_unprotected))
         object.__setattr__(self, "tpm_pcrs", _golden_pcrs(tpm_pcrs if tpm_pcrs is not None else {}))
         object.__setattr__(self, "allow_software_tpm", bool(allow_software_tpm))
+        object.__setattr__(self, "tpm_ek_roots", _ek_roots(tpm_ek_roots))
 
     def with_roots(self, *roots: str) -> Policy:
         """A copy that also pins ``roots``."""
@@ -147,6 +178,7 @@ class Policy:
             "allow_unprotected",
             "tpm_pcrs",
             "allow_software_tpm",
+            "tpm_ek_roots",
         }
         unknown = set(data) - known
         if unknown:
@@ -184,6 +216,7 @@ class AttestationReport:
     tpm_kind: str | None = None
     tpm_vendor: str | None = None
     audit_key: str | None = None
+    tpm_activation: bool = False
 
     @property
     def level_text(self) -> str:
@@ -218,6 +251,8 @@ class AttestationReport:
         """One honest sentence on what this level protects."""
         if self.level is Level.TPM and self.tpm_kind == "software":
             return SOFTWARE_TPM_NOTE
+        if self.level is Level.TPM and self.tpm_kind == "hardware":
+            return CERTIFIED_TPM_NOTE
         if self.level is Level.TPM:
             return UNCERTIFIED_TPM_NOTE
         return self.level.trust_note
@@ -279,8 +314,12 @@ SOFTWARE_TPM_NOTE = (
     "reset its PCRs, so this is software trust like softtee; memory is not encrypted."
 )
 UNCERTIFIED_TPM_NOTE = (
-    "tpm: a TPM chip quotes the boot PCRs and the application PCR with the AK you pinned; no EK certificate "
-    "is checked yet, so the pin is your only root. The host can still read the kernel's memory."
+    "tpm: a TPM that says it is a chip quotes the boot PCRs and the application PCR with the AK you pinned; "
+    "no EK CA is pinned, so nothing tells it from a software TPM. The host can still read the kernel's memory."
+)
+CERTIFIED_TPM_NOTE = (
+    "tpm: a TPM chip whose EK chains to the CA you pinned quotes the boot PCRs and the application PCR; the "
+    "boot PCRs you pin are what it proves. The host OS can still read the kernel's memory."
 )
 
 
@@ -297,8 +336,13 @@ def verify_certificate(
     *,
     now: dt.datetime | None = None,
     check_freshness: bool = True,
+    live: bool = False,
 ) -> AttestationReport:
-    """Verify a kernel's RA-TLS certificate under ``policy``; raise the failing check's error."""
+    """Verify a kernel's RA-TLS certificate under ``policy``; raise the failing check's error.
+
+    ``live`` says a connection follows on which the client completes a TPM kernel's checks
+    (credential activation, fresh quote: :func:`check_tpm_hello`); offline, a TPM's AK must be pinned.
+    """
     now = now or dt.datetime.now(dt.UTC)
     checks: list[Check] = []
     cert = load_certificate(cert_der)
@@ -312,7 +356,7 @@ def verify_certificate(
     raw = evidence_from_certificate(cert)
     evidence = parse_evidence(raw)
     if isinstance(evidence, TpmEvidence):
-        return _verify_tpm(cert_der, spki_der(cert), evidence, policy, now, check_freshness, checks)
+        return _verify_tpm(cert_der, spki_der(cert), evidence, policy, now, check_freshness, checks, live)
     level = evidence.level
     checks.append(Check("evidence format", True, f"{evidence.statement['format']} in TCG DICE extension"))
 
@@ -411,26 +455,50 @@ def _verify_tpm(
     now: dt.datetime,
     check_freshness: bool,
     checks: list[Check],
+    live: bool,
 ) -> AttestationReport:
-    """The TPM path: AK signature → AK pinned → qualifying data → PCR digest → TPM kind → PCRs → the rest."""
-    kind = evidence.tpm_kind
+    """The TPM path, in order: EK chain, AK signature, AK pinned (or to be activated), the rest.
+
+    Then qualifying data, PCR digest, TPM kind, measurement, PCRs, freshness, key binding.
+    Activation and the fresh quote follow on the live connection (:func:`check_tpm_hello`).
+    """
     checks.append(Check("evidence format", True, f"{evidence.statement['format']} in TCG DICE extension"))
     if policy.min_level > Level.TPM:
         msg = f"the kernel's level tpm is below the policy's minimum {policy.min_level.label}"
         raise LevelTooLow(msg)
+    chain = None
+    if policy.tpm_ek_roots:
+        if not evidence.ek_cert:
+            msg = "the kernel's TPM shows no EK certificate, but this policy trusts TPMs by their EK CA (tpm_ek_roots)"
+            raise EkChainError(msg)
+        evidence.check_ek_binding()
+        chain = verify_ek_chain(evidence.ek_cert, policy.tpm_ek_roots, now)
+        checks.append(Check("EK chain", True, f"EK certificate chains to pinned {chain[-1].subject.rfc4514_string()}"))
+    kind = tpm_kind_of(evidence.tpm_kind, chain)
     checks.append(Check("level", True, f"tpm ≥ minimum {policy.min_level.label} ({_tpm_kind_text(kind)})"))
     ak = evidence.ak()
     ak.verify(evidence.attest, evidence.signature)
     checks.append(Check("quote signature", True, "ECDSA P-256 signature by the restricted AK verifies"))
     platform = ak_fingerprint(evidence.ak_public)
-    if platform not in policy.platform_roots:
+    activate = False
+    if platform in policy.platform_roots:
+        checks.append(Check("attestation key", True, f"AK {platform[:16]}… is pinned"))
+    elif chain is not None and live:
+        activate = True
+        checks.append(Check("attestation key", True, f"AK {platform[:16]}… to be activated against the certified EK"))
+    else:
+        why = (
+            "and credential activation against the certified EK needs a live connection; pin the AK to verify "
+            "offline"
+            if chain is not None
+            else "`mesatee-enclave tpm-info --tcti …` on the kernel's host prints it; or pin the TPM's EK CA "
+            "(tpm_ek_roots)"
+        )
         msg = (
             f"the TPM quote is signed by attestation key {platform[:16]}…, which this policy does not pin "
-            f"(pinned: {', '.join(r[:16] + '…' for r in policy.platform_roots) or 'none'}). "
-            "`mesatee-enclave tpm-info --tcti …` on the kernel's host prints its AK fingerprint."
+            f"(pinned: {', '.join(r[:16] + '…' for r in policy.platform_roots) or 'none'}), {why}"
         )
         raise UntrustedAttestationKey(msg, platform=platform)
-    checks.append(Check("attestation key", True, f"AK {platform[:16]}… is pinned (not certified by an EK chain)"))
     quote = evidence.verify_quote()
     checks.append(Check("qualifying data", True, "the quote commits to the statement (report data, keys, code)"))
     checks.append(Check("PCR digest", True, f"PCRs {list(quote.sha256_pcrs)} are the quoted values"))
@@ -440,10 +508,10 @@ def _verify_tpm(
             "its keys and can set its PCRs. This policy refuses software TPMs (allow_software_tpm=False)."
         )
         raise SoftwareTpmNotAllowed(msg, tpm_kind=kind)
-    if not policy.allow_software_tpm:
+    if kind == "uncertified" and not policy.allow_software_tpm:
         msg = (
-            f"the kernel's TPM reports itself as {evidence.statement['tpm_vendor']!r}, but no manufacturer "
-            "EK certificate is checked yet, so it cannot be told from a software TPM; this policy refuses those "
+            f"the kernel's TPM reports itself as {evidence.statement['tpm_vendor']!r}, but this policy pins no EK "
+            "CA (tpm_ek_roots), so it cannot be told from a software TPM; this policy refuses those "
             "(allow_software_tpm=False)"
         )
         raise SoftwareTpmNotAllowed(msg, tpm_kind="uncertified")
@@ -476,36 +544,85 @@ def _verify_tpm(
         tpm_kind=kind,
         tpm_vendor=str(evidence.statement["tpm_vendor"]),
         audit_key=str(evidence.statement.get("audit_key") or "") or None,
+        tpm_activation=activate or chain is not None,
     )
 
 
-def check_fresh_quote(report: AttestationReport, nonce: bytes, reply: Any) -> AttestationReport:
-    """Verify a TPM kernel's quote for this connection (``hello.ok``'s ``tpm_quote``); add the check."""
+def tpm_hello_request(report: AttestationReport) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """What a client adds to ``hello`` for a TPM kernel; returns (fields, secrets kept for the reply).
+
+    A fresh nonce and, when the EK is certified, a credential challenge for the AK
+    (``TPM2_MakeCredential`` in software).
+    """
+    from mesatee_notebook.attestation.tpm import make_credential
+
+    if report.level is not Level.TPM:
+        return {}, {}
+    nonce = secrets.token_bytes(32)
+    fields: dict[str, Any] = {"tpm_nonce": nonce}
+    kept = {"nonce": nonce}
+    if report.tpm_activation:
+        evidence = _tpm_evidence_of(report)
+        credential = secrets.token_bytes(32)
+        blob, secret = make_credential(evidence.ek_key(), credential, evidence.ak().name)
+        fields["tpm_credential"] = {"blob": blob, "secret": secret}
+        kept["credential"] = credential
+    return fields, kept
+
+
+def _tpm_evidence_of(report: AttestationReport) -> TpmEvidence:
+    evidence = parse_evidence(report.evidence)
+    if not isinstance(evidence, TpmEvidence):
+        msg = "TPM connection checks only make sense for TPM evidence"
+        raise MalformedEvidence(msg)
+    return evidence
+
+
+def check_tpm_hello(report: AttestationReport, kept: dict[str, bytes], reply: dict[str, Any]) -> AttestationReport:
+    """Verify a TPM kernel's ``hello.ok``; return the report with the checks added.
+
+    The credential came back (the AK sits beside the certified EK), and the fresh quote
+    commits to this connection's nonce.
+    """
     from mesatee_notebook.attestation.tpm import verify_fresh_quote
 
-    attest = reply.get("attest") if isinstance(reply, dict) else None
-    signature = reply.get("signature") if isinstance(reply, dict) else None
+    if not kept:
+        return report
+    evidence = _tpm_evidence_of(report)
+    added: list[Check] = []
+    if "credential" in kept:
+        answer = reply.get("tpm_activated")
+        if not isinstance(answer, bytes) or not hmac.compare_digest(answer, kept["credential"]):
+            msg = (
+                "the kernel's TPM did not activate the credential made for its AK under the certified EK: the AK "
+                "does not live in the TPM that EK certificate belongs to"
+            )
+            raise CredentialActivationFailed(msg)
+        added.append(Check("credential activation", True, "TPM2_ActivateCredential returned the secret: AK ⟷ EK"))
+    fresh = reply.get("tpm_quote")
+    attest = fresh.get("attest") if isinstance(fresh, dict) else None
+    signature = fresh.get("signature") if isinstance(fresh, dict) else None
     if not isinstance(attest, bytes) or not isinstance(signature, bytes):
         msg = "the TPM kernel sent no quote for this connection's nonce: its evidence cannot be shown to be fresh"
         raise ReplayedQuote(msg)
-    evidence = parse_evidence(report.evidence)
-    if not isinstance(evidence, TpmEvidence):
-        msg = "a fresh TPM quote only makes sense for TPM evidence"
-        raise MalformedEvidence(msg)
-    quote = verify_fresh_quote(evidence, nonce, attest, signature)
-    check = Check(
-        "fresh quote",
-        True,
-        f"quote over this connection's nonce by the same AK, same PCRs (TPM clock {quote.clock} ms, "
-        f"reset {quote.reset_count})",
+    quote = verify_fresh_quote(evidence, kept["nonce"], attest, signature)
+    added.append(
+        Check(
+            "fresh quote",
+            True,
+            f"quote over this connection's nonce by the same AK, same PCRs (TPM clock {quote.clock} ms, "
+            f"reset {quote.reset_count})",
+        )
     )
-    return replace(report, checks=(*report.checks, check))
+    return replace(report, checks=(*report.checks, *added))
 
 
 def _tpm_kind_text(kind: str | None) -> str:
     if kind == "software":
         return "TPM 2.0 (software TPM)"
-    return "TPM 2.0 (chip, uncertified: no EK certificate checked)"
+    if kind == "hardware":
+        return "TPM 2.0 (chip, EK certified by a CA you pinned)"
+    return "TPM 2.0 (chip, uncertified: no EK CA pinned)"
 
 
 def certificate_sha256(cert_der: bytes) -> str:

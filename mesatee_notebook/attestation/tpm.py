@@ -13,33 +13,49 @@ restricted ECDSA P-256 signing key under the endorsement hierarchy. The evidence
   binds the TLS and receipt keys, and to everything else in the statement;
 * ``signature``: the ``TPMT_SIGNATURE`` (ECDSA, SHA-256) over ``attest``;
 * ``ak_public``: the AK's ``TPMT_PUBLIC``. Its fingerprint is SHA-256 of those bytes (the
-  digest part of the TPM object name), and the client's policy pins it.
+  digest part of the TPM object name), and the client's policy may pin it;
+* ``ek_cert``: the EK certificate from the TPM's NV (empty if it has none); the statement
+  carries its SHA-256. A client that pins the EK's CA checks the chain, then proves on the
+  live connection that the AK sits in that TPM: ``TPM2_MakeCredential`` here
+  (:func:`make_credential`), ``TPM2_ActivateCredential`` in the kernel.
 
 Each connection also gets a *fresh* quote, over the same PCRs, whose qualifying data is
 ``SHA-256(FRESH_CONTEXT || report_data || client nonce)`` (see :func:`verify_fresh_quote`).
 
 This module only parses the few TPM structures a verifier reads (``TPMS_ATTEST``,
 ``TPMT_SIGNATURE``, ``TPMT_PUBLIC``), and checks them with ``cryptography``. It never builds
-a TPM command. ``tpm_kind`` is what the TPM says of itself (swtpm answers "IBM / SW TPM"); no
-EK certificate is checked yet, so even a "hardware" TPM is an *uncertified* one here.
+a TPM command. The statement's ``tpm_kind`` is what the TPM says of itself (swtpm answers
+"IBM / SW TPM"); the client's verdict (:func:`tpm_kind_of`) is ``software`` for swtpm or an
+EK issued by swtpm's local CA, ``hardware`` only when the EK chains to a CA the client pins,
+and ``uncertified`` otherwise.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
+import os
 import struct
 from dataclasses import dataclass
 from typing import Any
 
 import cbor2
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import hashes, hmac
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+try:  # CFB lives in "decrepit" since cryptography 47; TPM2_MakeCredential still uses it
+    from cryptography.hazmat.decrepit.ciphers.modes import CFB
+except ImportError:  # pragma: no cover - older cryptography
+    from cryptography.hazmat.primitives.ciphers.modes import CFB
 
 from mesatee_notebook.attestation.measurement import measurement_of
 from mesatee_notebook.errors import (
+    EkChainError,
     MalformedEvidence,
     PcrDigestMismatch,
     PcrMismatch,
@@ -59,10 +75,13 @@ __all__ = [
     "ak_fingerprint",
     "app_pcr_value",
     "fresh_qualifying_data",
+    "make_credential",
     "make_tpm_evidence",
     "parse_tpm_evidence",
     "pcr_digest",
     "statement_qualifying_data",
+    "tpm_kind_of",
+    "verify_ek_chain",
     "verify_fresh_quote",
 ]
 
@@ -273,6 +292,7 @@ class TpmEvidence:
     signature: bytes
     ak_public: bytes
     raw: bytes
+    ek_cert: bytes = b""
 
     @property
     def receipt_key(self) -> bytes:
@@ -292,6 +312,20 @@ class TpmEvidence:
     def ak(self) -> AkPublic:
         """The parsed attestation key."""
         return AkPublic.parse(self.ak_public)
+
+    def check_ek_binding(self) -> None:
+        """The EK certificate that travels with the evidence must be the one the quoted statement names."""
+        if hashlib.sha256(self.ek_cert).hexdigest() != self.statement.get("ek_cert_sha256", ""):
+            msg = "the EK certificate in the evidence is not the one the quoted statement names: it was swapped"
+            raise QualifyingDataMismatch(msg)
+
+    def ek_key(self) -> rsa.RSAPublicKey:
+        """The EK's public key, from its certificate (RSA 2048, the TCG default EK)."""
+        key = x509.load_der_x509_certificate(self.ek_cert).public_key()
+        if not isinstance(key, rsa.RSAPublicKey):
+            msg = "the EK certificate's key is not RSA (this client activates credentials with RSA 2048 EKs)"
+            raise MalformedEvidence(msg)
+        return key
 
     def check_manifest(self) -> None:
         """The measurement must be the digest of the manifest that travels with it."""
@@ -367,11 +401,12 @@ def make_tpm_evidence(
     statement: dict[str, Any],
     quoter: Any,
     ak_public: bytes,
+    ek_cert: bytes = b"",
 ) -> bytes:
     """Build the CBOR evidence; ``quoter(qualifying_data) -> (attest, signature)`` asks the TPM."""
-    body = _canonical(statement)
+    body = _canonical({**statement, "ek_cert_sha256": hashlib.sha256(ek_cert).hexdigest()})
     attest, signature = quoter(statement_qualifying_data(body))
-    return bytes(cbor2.dumps(cbor2.CBORTag(TPM_TAG, [body, attest, signature, ak_public])))
+    return bytes(cbor2.dumps(cbor2.CBORTag(TPM_TAG, [body, attest, signature, ak_public, ek_cert])))
 
 
 def _canonical(value: Any) -> bytes:
@@ -392,15 +427,16 @@ _REQUIRED: dict[str, type] = {
     "receipt_key": str,
     "app_pcr": int,
     "pcrs": dict,
+    "ek_cert_sha256": str,
 }
 
 
 def parse_tpm_evidence(raw: bytes, value: Any) -> TpmEvidence:
     """Parse the value of a ``TPM_TAG`` CBOR tag; raise MalformedEvidence on anything unexpected."""
-    if not (isinstance(value, (list, tuple)) and len(value) == 4 and all(isinstance(v, bytes) for v in value)):
-        msg = "TPM evidence must be [statement, attest, signature, ak_public] byte strings"
+    if not (isinstance(value, (list, tuple)) and len(value) == 5 and all(isinstance(v, bytes) for v in value)):
+        msg = "TPM evidence must be [statement, attest, signature, ak_public, ek_cert] byte strings"
         raise MalformedEvidence(msg)
-    body, attest, signature, ak_public = value
+    body, attest, signature, ak_public, ek_cert = value
     try:
         statement = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -426,7 +462,97 @@ def parse_tpm_evidence(raw: bytes, value: Any) -> TpmEvidence:
     except (ValueError, TypeError) as exc:
         msg = f"TPM evidence statement has a bad field: {exc}"
         raise MalformedEvidence(msg) from exc
-    return TpmEvidence(statement, body, attest, signature, ak_public, raw)
+    return TpmEvidence(statement, body, attest, signature, ak_public, raw, ek_cert)
+
+
+def _kdfa(key: bytes, label: bytes, context_u: bytes, context_v: bytes, bits: int) -> bytes:
+    """TPM 2.0 KDFa (SP 800-108 counter mode with HMAC-SHA-256), as ``TPM2_MakeCredential`` uses it."""
+    out = b""
+    counter = 0
+    while len(out) * 8 < bits:
+        counter += 1
+        h = hmac.HMAC(key, hashes.SHA256())
+        h.update(struct.pack(">I", counter) + label + b"\x00" + context_u + context_v + struct.pack(">I", bits))
+        out += h.finalize()
+    return out[: bits // 8]
+
+
+def make_credential(ek_key: rsa.RSAPublicKey, credential: bytes, ak_name: bytes) -> tuple[bytes, bytes]:
+    """``TPM2_MakeCredential`` in software, for an RSA 2048 EK of the TCG default template (SHA-256, AES-128-CFB).
+
+    Returns (credential blob, encrypted secret): the contents of the ``TPM2B_ID_OBJECT`` and the
+    ``TPM2B_ENCRYPTED_SECRET``. Only the TPM holding the EK's private key *and* a loaded object
+    named ``ak_name`` gets ``credential`` back from ``TPM2_ActivateCredential``.
+    """
+    seed = os.urandom(32)
+    secret = ek_key.encrypt(
+        seed, padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=b"IDENTITY\x00")
+    )
+    sym_key = _kdfa(seed, b"STORAGE", ak_name, b"", 128)
+    encryptor = Cipher(algorithms.AES(sym_key), CFB(bytes(16))).encryptor()
+    enc_identity = encryptor.update(struct.pack(">H", len(credential)) + credential) + encryptor.finalize()
+    hmac_key = _kdfa(seed, b"INTEGRITY", b"", b"", 256)
+    mac = hmac.HMAC(hmac_key, hashes.SHA256())
+    mac.update(enc_identity + ak_name)
+    outer = mac.finalize()
+    return struct.pack(">H", len(outer)) + outer + enc_identity, secret
+
+
+def verify_ek_chain(ek_cert_der: bytes, anchors: tuple[bytes, ...], now: dt.datetime) -> list[x509.Certificate]:
+    """The EK certificate and the pinned certificates it chains to, leaf first.
+
+    ``anchors`` are DER CA certificates the client pins (a manufacturer's root and, when the
+    TPM does not carry them, its intermediates; for swtpm the local CA's). Every link is
+    checked with ``verify_directly_issued_by``, every issuer must be a CA, and every
+    certificate must be valid ``now``.
+    """
+    try:
+        leaf = x509.load_der_x509_certificate(ek_cert_der)
+        pool = [x509.load_der_x509_certificate(a) for a in anchors]
+    except ValueError as exc:
+        msg = f"the TPM's EK certificate (or a pinned EK CA) cannot be parsed: {exc}"
+        raise MalformedEvidence(msg) from exc
+    chain = [leaf]
+    while len(chain) <= len(pool) + 1:
+        child = chain[-1]
+        if not child.not_valid_before_utc <= now <= child.not_valid_after_utc:
+            msg = f"the EK certificate chain has a certificate outside its validity ({child.subject.rfc4514_string()})"
+            raise EkChainError(msg)
+        if len(chain) > 1 and child in pool and child.issuer == child.subject:
+            return chain
+        parent = next((c for c in pool if c.subject == child.issuer and c != child), None)
+        if parent is None:
+            if len(chain) > 1:
+                return chain  # ended on a pinned intermediate
+            msg = (
+                f"the TPM's EK certificate is issued by {child.issuer.rfc4514_string() or '(empty)'}, which is not a "
+                "CA this policy pins (tpm_ek_roots): this TPM is not one the pinned manufacturer certified"
+            )
+            raise EkChainError(msg)
+        try:
+            child.verify_directly_issued_by(parent)
+            is_ca = parent.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except (InvalidSignature, ValueError, TypeError, x509.ExtensionNotFound) as exc:
+            msg = f"the EK certificate chain does not verify at {child.subject.rfc4514_string() or 'the EK'}: {exc}"
+            raise EkChainError(msg) from exc
+        if not is_ca:
+            msg = f"{parent.subject.rfc4514_string()} signs the EK chain but is not a CA"
+            raise EkChainError(msg)
+        chain.append(parent)
+    msg = "the EK certificate chain loops"
+    raise EkChainError(msg)
+
+
+def tpm_kind_of(claimed: str, chain: list[x509.Certificate] | None) -> str:
+    """The client's verdict: ``software`` (swtpm), ``hardware`` (EK chains to a pinned CA) or ``uncertified``."""
+    swtpm = any(
+        a.value.startswith("swtpm") if isinstance(a.value, str) else False
+        for c in (chain or [])[1:]
+        for a in c.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    )
+    if claimed == "software" or swtpm:
+        return "software"
+    return "hardware" if chain else "uncertified"
 
 
 def verify_fresh_quote(evidence: TpmEvidence, nonce: bytes, attest: bytes, signature: bytes) -> Quote:

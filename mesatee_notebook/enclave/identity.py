@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import ssl
 import time
@@ -18,6 +19,8 @@ from mesatee_notebook.attestation.levels import Level
 from mesatee_notebook.attestation.measurement import measurement_of
 from mesatee_notebook.attestation.ratls import build_ratls_certificate
 from mesatee_notebook.attestation.tpm import TPM_EVIDENCE_FORMAT, fresh_qualifying_data, make_tpm_evidence
+
+log = logging.getLogger("mesatee.enclave")
 
 if TYPE_CHECKING:
     from mesatee_notebook.enclave.tpm import Tpm
@@ -64,6 +67,11 @@ class KernelIdentity:
         return ident
 
     @property
+    def tpm_claims(self) -> dict[str, str]:
+        """What receipts add at level tpm: the kind of TPM (``software`` for swtpm) as it reports itself."""
+        return {} if self.tpm is None else {"tpmKind": self.tpm.kind}
+
+    @property
     def report_data(self) -> str:
         spki = self.tls_key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
         return report_data_for(spki, self.receipt_public)
@@ -85,7 +93,27 @@ class KernelIdentity:
             "pcrs": {str(i): v for i, v in tpm.read_pcrs().items()},
             "audit_key": fingerprint(audit) if audit else "",
         }
-        return make_tpm_evidence(statement=statement, quoter=tpm.quote, ak_public=tpm.ak_public)
+        return make_tpm_evidence(statement=statement, quoter=tpm.quote, ak_public=tpm.ak_public, ek_cert=tpm.ek_cert)
+
+    def tpm_hello(self, header: dict[str, Any]) -> dict[str, Any]:
+        """What a TPM kernel adds to ``hello.ok``: a fresh quote, and the answer to a credential challenge.
+
+        The answer is omitted when the TPM refuses the challenge; the client then refuses the kernel.
+        """
+        out: dict[str, Any] = {}
+        nonce, challenge = header.get("tpm_nonce"), header.get("tpm_credential")
+        if self.tpm is None:
+            return out
+        if isinstance(nonce, bytes) and 16 <= len(nonce) <= 32:
+            out["tpm_quote"] = self.fresh_quote(nonce)
+        if isinstance(challenge, dict) and self.tpm.ek_cert:
+            blob, secret = challenge.get("blob"), challenge.get("secret")
+            if isinstance(blob, bytes) and isinstance(secret, bytes) and len(blob) <= 512 and len(secret) <= 512:
+                try:
+                    out["tpm_activated"] = self.tpm.activate_credential(blob, secret)
+                except self.tpm.errors as exc:
+                    log.info("credential activation refused by the TPM: %s", exc)
+        return out
 
     def fresh_quote(self, nonce: bytes) -> dict[str, bytes]:
         """A quote for one connection: qualifying data over the key binding and the client's nonce."""

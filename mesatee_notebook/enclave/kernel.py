@@ -185,10 +185,7 @@ class _Connection:
         )
         self.hello_done = True
         k = self.kernel
-        nonce = msg.header.get("tpm_nonce")
-        fresh: dict[str, Any] = {}
-        if k.tpm is not None and isinstance(nonce, bytes) and 16 <= len(nonce) <= 32:
-            fresh = {"tpm_quote": k.identity.fresh_quote(nonce)}  # this connection's quote (freshness)
+        fresh = k.identity.tpm_hello(msg.header)  # tpm: this connection's quote and credential activation
         self.reply(
             {
                 "t": "hello.ok",
@@ -196,6 +193,7 @@ class _Connection:
                 "protocol": version,
                 "server": _version(),
                 "level": k.identity.level.label,
+            **k.identity.tpm_claims,
                 "measurement": k.identity.measurement,
                 "kernel_nonce": self.kernel_nonce,
                 **fresh,
@@ -303,6 +301,7 @@ class _Connection:
             "party": party,
             "measurement": k.identity.measurement,
             "level": k.identity.level.label,
+            **k.identity.tpm_claims,
             "session": None,
             "nonce": nonce,
             "code": {"sha256": hashlib.sha256(canonical_json({"service": name, "args": args})).hexdigest()},
@@ -388,6 +387,7 @@ class _Connection:
             "party": session.party,
             "measurement": k.identity.measurement,
             "level": k.identity.level.label,
+            **k.identity.tpm_claims,
             "session": session.id,
             "nonce": nonce,
             "code": {"sha256": hashlib.sha256(code.encode()).hexdigest()},

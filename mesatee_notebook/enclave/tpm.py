@@ -11,6 +11,9 @@ for a chip, ``swtpm:host=127.0.0.1,port=2321`` for swtpm); no TPM command is mar
   endorsement hierarchy from a fixed template: the TPM derives it from its endorsement seed,
   so the same TPM gives the same AK on every start and a client can pin its fingerprint.
 * **Quotes** cover the boot PCRs named at serve time plus the application PCR (SHA-256 bank).
+* **EK.** If the TPM holds an RSA 2048 EK certificate in NV (every chip; swtpm after
+  ``swtpm_setup --create-ek-cert``), the EK is loaded and :meth:`Tpm.activate_credential`
+  answers a client's ``TPM2_MakeCredential`` challenge, proving the AK sits in that TPM.
 
 A software TPM is a software TPM: its owner can reset PCRs and read its keys. The kind
 (``software`` for swtpm/libtpms, ``hardware`` otherwise) is what the TPM reports of itself.
@@ -46,7 +49,14 @@ def _unavailable(tcti: str, why: str) -> LevelNotAvailableError:
 class Tpm:
     """One open ESAPI context, the loaded AK, and a lock: every TPM command is serialised."""
 
-    def __init__(self, tcti: str, *, app_pcr: int = APP_PCR_DEFAULT, boot_pcrs: Iterable[int] = BOOT_PCRS_DEFAULT):
+    def __init__(
+        self,
+        tcti: str,
+        *,
+        app_pcr: int = APP_PCR_DEFAULT,
+        boot_pcrs: Iterable[int] = BOOT_PCRS_DEFAULT,
+        with_ek: bool = True,
+    ) -> None:
         if app_pcr not in _RESETTABLE:
             msg = f"the application PCR must be a resettable one ({', '.join(map(str, _RESETTABLE))}), not {app_pcr}"
             raise ValueError(msg)
@@ -65,17 +75,20 @@ class Tpm:
         self.pcrs = tuple(sorted((*boot, app_pcr)))
         self._lock = threading.Lock()
         self._closed = False
-        self._errors: tuple[type[BaseException], ...] = (TSS2_Exception,)
+        self._ek: Any = None
+        self._ak: Any = None
+        self.errors: tuple[type[BaseException], ...] = (TSS2_Exception,)
         try:
             self._esapi = ESAPI(tcti)
         except (TSS2_Exception, RuntimeError) as exc:
-            raise _unavailable(tcti, str(exc)) from exc
+            raise _unavailable(tcti, _explain(exc)) from exc
         try:
             self.vendor, self.kind = self._identify()
+            self._ek, self.ek_cert = self._load_ek(with_ek)
             self._ak, self.ak_public = self._create_ak()
         except TSS2_Exception as exc:
             self._esapi.close()
-            raise _unavailable(tcti, str(exc)) from exc
+            raise _unavailable(tcti, _explain(exc)) from exc
 
     def _identify(self) -> tuple[str, str]:
         from tpm2_pytss import TPM2_CAP, TPM2_PT
@@ -91,6 +104,55 @@ class Tpm:
         manufacturer, vendor = text(base), " ".join(text(base + 1, base + 2, base + 3, base + 4).split())
         kind = "software" if vendor.upper() in _SOFTWARE_VENDORS else "hardware"
         return f"{manufacturer} {vendor}".strip(), kind
+
+    def _load_ek(self, load: bool) -> tuple[Any, bytes]:
+        """The TCG default RSA 2048 EK's certificate from NV (chips, swtpm_setup), and the EK if ``load``."""
+        from tpm2_pytss import ESYS_TR
+        from tpm2_pytss.utils import NVReadEK, create_ek_template
+
+        cert, template = create_ek_template("EK-RSA2048", NVReadEK(self._esapi))
+        if not cert:
+            log.warning("the TPM has no RSA EK certificate in NV: clients can only pin its AK")
+            return None, b""
+        if not load:
+            return None, bytes(cert)
+        handle, *_ = self._esapi.create_primary(None, template, ESYS_TR.ENDORSEMENT)
+        return handle, bytes(cert)
+
+    def activate_credential(self, blob: bytes, secret: bytes) -> bytes:
+        """``TPM2_ActivateCredential`` of a client's challenge for the AK, under the EK (PolicySecret)."""
+        from tpm2_pytss import (
+            ESYS_TR,
+            TPM2_ALG,
+            TPM2_SE,
+            TPM2B_ENCRYPTED_SECRET,
+            TPM2B_ID_OBJECT,
+            TPMT_SYM_DEF,
+        )
+
+        if self._ek is None:
+            msg = "this TPM has no EK certificate, so there is no EK to activate a credential with"
+            raise _unavailable(self.tcti, msg)
+        with self._lock:
+            session = self._esapi.start_auth_session(
+                ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY, TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256
+            )
+            try:
+                self._esapi.policy_secret(ESYS_TR.ENDORSEMENT, session)
+                out = self._esapi.activate_credential(
+                    self._ak,
+                    self._ek,
+                    TPM2B_ID_OBJECT(credential=blob),
+                    TPM2B_ENCRYPTED_SECRET(secret=secret),
+                    session1=ESYS_TR.PASSWORD,
+                    session2=session,
+                )
+            finally:
+                try:
+                    self._esapi.flush_context(session)
+                except self.errors:
+                    pass
+        return bytes(out)
 
     def _create_ak(self) -> tuple[Any, bytes]:
         from tpm2_pytss import ESYS_TR, TPM2B_PUBLIC, TPMA_OBJECT
@@ -158,10 +220,12 @@ class Tpm:
             if self._closed:
                 return
             self._closed = True
-            try:
-                self._esapi.flush_context(self._ak)
-            except self._errors:
-                pass
+            for handle in (self._ak, self._ek):
+                try:
+                    if handle is not None:
+                        self._esapi.flush_context(handle)
+                except self.errors:
+                    pass
             self._esapi.close()
 
     def __enter__(self) -> Tpm:
@@ -173,7 +237,23 @@ class Tpm:
         self.close()
 
 
-def open_tpm(tcti: str | None, *, app_pcr: int = APP_PCR_DEFAULT, boot_pcrs: Iterable[int] = BOOT_PCRS_DEFAULT) -> Tpm:
+def _explain(exc: BaseException) -> str:
+    text = str(exc)
+    if "out of memory for object contexts" in text:
+        text += (
+            ": the TPM has no free object slot. swtpm without a resource manager keeps the objects of clients "
+            "that died; restart it, or reach it through tpm2-abrmd"
+        )
+    return text
+
+
+def open_tpm(
+    tcti: str | None,
+    *,
+    app_pcr: int = APP_PCR_DEFAULT,
+    boot_pcrs: Iterable[int] = BOOT_PCRS_DEFAULT,
+    with_ek: bool = True,
+) -> Tpm:
     """Open the TPM at ``tcti``; without one, the level stays unavailable with a clear reason."""
     if not tcti:
         msg = (
@@ -181,4 +261,4 @@ def open_tpm(tcti: str | None, *, app_pcr: int = APP_PCR_DEFAULT, boot_pcrs: Ite
             "device:/dev/tpmrm0 (a TPM chip) or --tcti swtpm:host=127.0.0.1,port=2321 (swtpm, a software TPM)"
         )
         raise LevelNotAvailableError(msg, level="tpm")
-    return Tpm(tcti, app_pcr=app_pcr, boot_pcrs=boot_pcrs)
+    return Tpm(tcti, app_pcr=app_pcr, boot_pcrs=boot_pcrs, with_ek=with_ek)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import secrets
 import socket
 import ssl
 import threading
@@ -11,8 +10,13 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
-from mesatee_notebook.attestation.levels import Level
-from mesatee_notebook.attestation.policy import AttestationReport, Policy, check_fresh_quote, verify_certificate
+from mesatee_notebook.attestation.policy import (
+    AttestationReport,
+    Policy,
+    check_tpm_hello,
+    tpm_hello_request,
+    verify_certificate,
+)
 from mesatee_notebook.errors import KernelConnectionError, MalformedFrame, error_from_wire
 from mesatee_notebook.wire.framing import Limits
 from mesatee_notebook.wire.messages import PROTOCOL_VERSION
@@ -75,20 +79,19 @@ class Channel:
             if not der:
                 msg = "the kernel presented no certificate"
                 raise KernelConnectionError(msg)
-            self.attestation: AttestationReport = verify_certificate(der, policy)
+            self.attestation: AttestationReport = verify_certificate(der, policy, live=True)
         except BaseException:
             sock.close()
             raise
         self.sock = sock
         sock.settimeout(None)
-        tpm_nonce = secrets.token_bytes(32) if self.attestation.level is Level.TPM else None
         try:
+            # tpm: a fresh nonce and a credential challenge ride in hello; no user byte goes before they check out.
+            tpm_fields, tpm_kept = tpm_hello_request(self.attestation)
             hello = self.request(
-                {"t": "hello", "versions": [PROTOCOL_VERSION], "client": _client_version()}
-                | ({"tpm_nonce": tpm_nonce} if tpm_nonce else {})
+                {"t": "hello", "versions": [PROTOCOL_VERSION], "client": _client_version(), **tpm_fields}
             )
-            if tpm_nonce is not None:
-                self.attestation = check_fresh_quote(self.attestation, tpm_nonce, hello.header.get("tpm_quote"))
+            self.attestation = check_tpm_hello(self.attestation, tpm_kept, hello.header)
         except BaseException:
             self.close()
             raise
