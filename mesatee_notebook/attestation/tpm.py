@@ -520,8 +520,9 @@ def verify_ek_chain(ek_cert_der: bytes, anchors: tuple[bytes, ...], now: dt.date
             raise EkChainError(msg)
         if len(chain) > 1 and child in pool and child.issuer == child.subject:
             return chain
-        parent = next((c for c in pool if c.subject == child.issuer and c != child), None)
-        if parent is None:
+        candidates = [c for c in pool if c.subject == child.issuer and c != child]
+        what = child.subject.rfc4514_string() or "the EK"
+        if not candidates:
             if len(chain) > 1:
                 return chain  # ended on a pinned intermediate
             msg = (
@@ -529,18 +530,31 @@ def verify_ek_chain(ek_cert_der: bytes, anchors: tuple[bytes, ...], now: dt.date
                 "CA this policy pins (tpm_ek_roots): this TPM is not one the pinned manufacturer certified"
             )
             raise EkChainError(msg)
+        parent = next((c for c in candidates if _issued_by(child, c)), None)
+        if parent is None:
+            msg = (
+                f"{what} names issuer {child.issuer.rfc4514_string()}, but no pinned CA of that name signed it: "
+                "it comes from another CA (this is not a CA this policy pins)"
+            )
+            raise EkChainError(msg)
         try:
-            child.verify_directly_issued_by(parent)
             is_ca = parent.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-        except (InvalidSignature, ValueError, TypeError, x509.ExtensionNotFound) as exc:
-            msg = f"the EK certificate chain does not verify at {child.subject.rfc4514_string() or 'the EK'}: {exc}"
-            raise EkChainError(msg) from exc
+        except x509.ExtensionNotFound:
+            is_ca = False
         if not is_ca:
             msg = f"{parent.subject.rfc4514_string()} signs the EK chain but is not a CA"
             raise EkChainError(msg)
         chain.append(parent)
     msg = "the EK certificate chain loops"
     raise EkChainError(msg)
+
+
+def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    try:
+        child.verify_directly_issued_by(parent)
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
 
 
 def tpm_kind_of(claimed: str, chain: list[x509.Certificate] | None) -> str:

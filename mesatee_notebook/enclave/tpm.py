@@ -42,7 +42,7 @@ _SOFTWARE_VENDORS = ("SW", "SW TPM", "SWTPM", "LIBTPMS")
 
 
 def _unavailable(tcti: str, why: str) -> LevelNotAvailableError:
-    msg = f"security level 'tpm' is not available: the TPM at TCTI {tcti!r} cannot be used ({why})"
+    msg = f"security level 'tpm' is not available on this platform: the TPM at TCTI {tcti!r} cannot be used ({why})"
     return LevelNotAvailableError(msg, level="tpm")
 
 
@@ -257,7 +257,7 @@ def open_tpm(
     """Open the TPM at ``tcti``; without one, the level stays unavailable with a clear reason."""
     if not tcti:
         msg = (
-            "security level 'tpm' is not available: no TPM was given. Serve with --tcti "
+            "security level 'tpm' is not available on this platform: no TPM was given. Serve with --tcti "
             "device:/dev/tpmrm0 (a TPM chip) or --tcti swtpm:host=127.0.0.1,port=2321 (swtpm, a software TPM)"
         )
         raise LevelNotAvailableError(msg, level="tpm")
