@@ -43,8 +43,15 @@ from mesatee_notebook.errors import (
     UntrustedPlatform,
 )
 
-__all__ = ["AttestationReport", "Check", "Policy", "UnprotectedWarning", "check_tpm_hello", "tpm_hello_request",
-           "verify_certificate"]
+__all__ = [
+    "AttestationReport",
+    "Check",
+    "Policy",
+    "UnprotectedWarning",
+    "check_tpm_hello",
+    "tpm_hello_request",
+    "verify_certificate",
+]
 
 _CLOCK_SKEW = 300.0
 

@@ -358,9 +358,7 @@ class TpmEvidence:
         selected = quote.sha256_pcrs
         pcrs = self.pcrs
         if sorted(pcrs) != list(selected):
-            msg = (
-                f"the evidence reports PCRs {sorted(pcrs)} but the TPM quoted PCRs {list(selected)}"
-            )
+            msg = f"the evidence reports PCRs {sorted(pcrs)} but the TPM quoted PCRs {list(selected)}"
             raise PcrDigestMismatch(msg)
         try:
             values = [bytes.fromhex(pcrs[i]) for i in selected]

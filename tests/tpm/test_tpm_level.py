@@ -190,3 +190,27 @@ def test_tpm_level_without_a_working_tpm_is_refused_clearly(tmp_path: Any) -> No
     assert out.returncode == 2
     assert "not available on this platform" in out.stderr and "cannot be used" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_kernels_quotes_pass_tpm2_checkquote(tpm_kernel: TpmKernel, tmp_path: Any) -> None:
+    import json
+    import shutil
+
+    from mesatee_notebook.attestation.tpm import fresh_qualifying_data, statement_qualifying_data
+    from tests.tpm.test_quotes import _checkquote, _flip, _tools_pcr_file
+
+    if shutil.which("tpm2_checkquote") is None:
+        pytest.skip("tpm2-tools (tpm2_checkquote) is not installed: no cross-check")
+    fields, kept = tpm_hello_request(verify_certificate(raw_hello(tpm_kernel, {})[0], tpm_kernel.policy(), live=True))
+    cert, reply = raw_hello(tpm_kernel, fields)
+    value = list(cbor2.loads(evidence_from_certificate(load_certificate(cert))).value)
+    statement = json.loads(value[0])
+    order = sorted(int(i) for i in statement["pcrs"])
+    pcrs = _tools_pcr_file(order, [bytes.fromhex(statement["pcrs"][str(i)]) for i in order])
+    qual = statement_qualifying_data(value[0])
+    assert _checkquote(tmp_path, value[3], value[1], value[2], pcrs, qual) == 0
+    fresh = reply["tpm_quote"]
+    fresh_qual = fresh_qualifying_data(statement["report_data"], kept["nonce"])
+    assert _checkquote(tmp_path, value[3], fresh["attest"], fresh["signature"], pcrs, fresh_qual) == 0
+    assert _checkquote(tmp_path, value[3], fresh["attest"], fresh["signature"], pcrs, _flip(fresh_qual, 3)) != 0
+    assert _checkquote(tmp_path, value[3], _flip(fresh["attest"], 30), fresh["signature"], pcrs, fresh_qual) != 0
