@@ -137,6 +137,10 @@ class Policy:
     tpm_pcrs: tuple[tuple[int, str], ...] = ()
     allow_software_tpm: bool = True
     tpm_ek_roots: tuple[bytes, ...] = ()
+    # (AK fingerprint, EK certificate SHA-256) pairs proven by credential activation on an earlier connection
+    # under this policy. The binding is permanent (both keys derive from the TPM's endorsement seed), so
+    # later connections only need the fresh quote.
+    _tpm_activated: set[tuple[str, str]] = field(default_factory=set, init=False, compare=False, repr=False)
 
     def __init__(
         self,
@@ -162,6 +166,7 @@ class Policy:
         object.__setattr__(self, "tpm_pcrs", _golden_pcrs(tpm_pcrs if tpm_pcrs is not None else {}))
         object.__setattr__(self, "allow_software_tpm", bool(allow_software_tpm))
         object.__setattr__(self, "tpm_ek_roots", _ek_roots(tpm_ek_roots))
+        object.__setattr__(self, "_tpm_activated", set())
 
     def with_roots(self, *roots: str) -> Policy:
         """A copy that also pins ``roots``."""
@@ -555,7 +560,9 @@ def _verify_tpm(
     )
 
 
-def tpm_hello_request(report: AttestationReport) -> tuple[dict[str, Any], dict[str, bytes]]:
+def tpm_hello_request(
+    report: AttestationReport, policy: Policy | None = None
+) -> tuple[dict[str, Any], dict[str, bytes]]:
     """What a client adds to ``hello`` for a TPM kernel; returns (fields, secrets kept for the reply).
 
     A fresh nonce and, when the EK is certified, a credential challenge for the AK
@@ -568,13 +575,18 @@ def tpm_hello_request(report: AttestationReport) -> tuple[dict[str, Any], dict[s
     nonce = secrets.token_bytes(32)
     fields: dict[str, Any] = {"tpm_nonce": nonce}
     kept = {"nonce": nonce}
-    if report.tpm_activation:
+    if report.tpm_activation and not (policy is not None and _binding(report) in policy._tpm_activated):
         evidence = _tpm_evidence_of(report)
         credential = secrets.token_bytes(32)
         blob, secret = make_credential(evidence.ek_key(), credential, evidence.ak().name)
         fields["tpm_credential"] = {"blob": blob, "secret": secret}
         kept["credential"] = credential
     return fields, kept
+
+
+def _binding(report: AttestationReport) -> tuple[str, str]:
+    evidence = _tpm_evidence_of(report)
+    return report.platform, hashlib.sha256(evidence.ek_cert).hexdigest()
 
 
 def _tpm_evidence_of(report: AttestationReport) -> TpmEvidence:
@@ -585,7 +597,9 @@ def _tpm_evidence_of(report: AttestationReport) -> TpmEvidence:
     return evidence
 
 
-def check_tpm_hello(report: AttestationReport, kept: dict[str, bytes], reply: dict[str, Any]) -> AttestationReport:
+def check_tpm_hello(
+    report: AttestationReport, kept: dict[str, bytes], reply: dict[str, Any], policy: Policy | None = None
+) -> AttestationReport:
     """Verify a TPM kernel's ``hello.ok``; return the report with the checks added.
 
     The credential came back (the AK sits beside the certified EK), and the fresh quote
@@ -606,6 +620,10 @@ def check_tpm_hello(report: AttestationReport, kept: dict[str, bytes], reply: di
             )
             raise CredentialActivationFailed(msg)
         added.append(Check("credential activation", True, "TPM2_ActivateCredential returned the secret: AK ⟷ EK"))
+        if policy is not None:
+            policy._tpm_activated.add(_binding(report))
+    elif report.tpm_activation:
+        added.append(Check("credential activation", True, "AK ⟷ EK proven on an earlier connection (this policy)"))
     fresh = reply.get("tpm_quote")
     attest = fresh.get("attest") if isinstance(fresh, dict) else None
     signature = fresh.get("signature") if isinstance(fresh, dict) else None

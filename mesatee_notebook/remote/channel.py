@@ -87,11 +87,11 @@ class Channel:
         sock.settimeout(None)
         try:
             # tpm: a fresh nonce and a credential challenge ride in hello; no user byte goes before they check out.
-            tpm_fields, tpm_kept = tpm_hello_request(self.attestation)
+            tpm_fields, tpm_kept = tpm_hello_request(self.attestation, policy)
             hello = self.request(
                 {"t": "hello", "versions": [PROTOCOL_VERSION], "client": _client_version(), **tpm_fields}
             )
-            self.attestation = check_tpm_hello(self.attestation, tpm_kept, hello.header)
+            self.attestation = check_tpm_hello(self.attestation, tpm_kept, hello.header, policy)
         except BaseException:
             self.close()
             raise

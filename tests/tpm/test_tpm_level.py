@@ -96,6 +96,15 @@ def test_ek_certified_by_the_pinned_ca_and_activated_needs_no_ak_pin(tpm_kernel:
         assert s.run("1 + 1").value == 2
     finally:
         s.close()
+    # The AK-EK binding is permanent: a later connection under the same policy needs only the fresh quote.
+    fields, _ = tpm_hello_request(s.attestation, policy)
+    assert "tpm_credential" not in fields and "tpm_nonce" in fields
+    again = mn.connect(tpm_kernel.kernel.url, policy=policy)
+    try:
+        detail = {c.name: c.detail for c in again.attestation.checks}["credential activation"]
+        assert "earlier connection" in detail
+    finally:
+        again.close()
 
 
 def test_ek_from_another_ca_is_refused(tpm_kernel: TpmKernel, other_swtpm: Swtpm) -> None:
