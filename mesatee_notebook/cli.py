@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -123,6 +124,9 @@ def enclave_main(argv: list[str] | None = None) -> int:
             tpm_boot_pcrs=args.tpm_boot_pcrs,
         )
         kernel = Kernel(cfg)
+        # SIGTERM stops the kernel cleanly, like Ctrl-C: executors end and TPM objects are flushed
+        # (swtpm without a resource manager would otherwise keep them).
+        signal.signal(signal.SIGTERM, lambda signum, frame: kernel.stopping.set())
         host, port = kernel.bind()
         print(f"mesatee-enclave serving {level.label} on mesatee://{host}:{port}", flush=True)
         print(f"  measurement {kernel.identity.measurement}", flush=True)
