@@ -111,8 +111,8 @@ class KernelIdentity:
             if isinstance(blob, bytes) and isinstance(secret, bytes) and len(blob) <= 512 and len(secret) <= 512:
                 try:
                     out["tpm_activated"] = self.tpm.activate_credential(blob, secret)
-                except self.tpm.errors as exc:
-                    log.info("credential activation refused by the TPM: %s", exc)
+                except (*self.tpm.errors, ValueError, TypeError, IndexError, OverflowError) as exc:  # bad challenge
+                    log.info("credential activation refused: %s", exc)
         return out
 
     def fresh_quote(self, nonce: bytes) -> dict[str, bytes]:

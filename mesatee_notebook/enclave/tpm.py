@@ -212,7 +212,11 @@ class Tpm:
     def quote(self, qualifying_data: bytes) -> tuple[bytes, bytes]:
         """A quote of the selected PCRs with ``qualifying_data``: (TPMS_ATTEST, TPMT_SIGNATURE) bytes."""
         with self._lock:
-            attest, signature = self._esapi.quote(self._ak, self._selection(), qualifying_data)
+            try:
+                attest, signature = self._esapi.quote(self._ak, self._selection(), qualifying_data)
+            except self.errors as exc:
+                msg = f"the kernel's TPM at {self.tcti!r} did not quote: {_explain(exc)}"
+                raise LevelNotAvailableError(msg, level="tpm") from exc
         return bytes(attest), bytes(signature.marshal())
 
     def close(self) -> None:

@@ -223,3 +223,17 @@ def test_the_kernels_quotes_pass_tpm2_checkquote(tpm_kernel: TpmKernel, tmp_path
     assert _checkquote(tmp_path, value[3], fresh["attest"], fresh["signature"], pcrs, fresh_qual) == 0
     assert _checkquote(tmp_path, value[3], fresh["attest"], fresh["signature"], pcrs, _flip(fresh_qual, 3)) != 0
     assert _checkquote(tmp_path, value[3], _flip(fresh["attest"], 30), fresh["signature"], pcrs, fresh_qual) != 0
+
+
+def test_garbage_tpm_fields_in_hello_get_a_clean_answer(tpm_kernel: TpmKernel) -> None:
+    for extra in (
+        {"tpm_nonce": b"short", "tpm_credential": {"blob": b"\x00" * 500, "secret": b"\x01" * 300}},
+        {"tpm_nonce": "not bytes", "tpm_credential": {"blob": b"", "secret": b""}},
+        {"tpm_credential": "nonsense"},
+    ):
+        _, reply = raw_hello(tpm_kernel, extra)
+        assert "tpm_quote" not in reply and "tpm_activated" not in reply
+    log = (tpm_kernel.kernel.data_dir / "serve.log").read_text()
+    assert "Traceback" not in log
+    s = mn.connect(tpm_kernel.kernel.url, policy=tpm_kernel.policy())  # the kernel keeps serving others
+    s.close()
