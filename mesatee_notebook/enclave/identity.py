@@ -111,7 +111,7 @@ class KernelIdentity:
             if isinstance(blob, bytes) and isinstance(secret, bytes) and len(blob) <= 512 and len(secret) <= 512:
                 try:
                     out["tpm_activated"] = self.tpm.activate_credential(blob, secret)
-                except (*self.tpm.errors, ValueError, TypeError, IndexError, OverflowError) as exc:  # bad challenge
+                except self.tpm.challenge_errors as exc:  # a bad or foreign challenge
                     log.info("credential activation refused: %s", exc)
         return out
 

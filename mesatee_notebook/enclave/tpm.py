@@ -78,6 +78,14 @@ class Tpm:
         self._ek: Any = None
         self._ak: Any = None
         self.errors: tuple[type[BaseException], ...] = (TSS2_Exception,)
+        # what tpm2-pytss raises for a client's malformed credential blob, besides the TPM's own refusal
+        self.challenge_errors: tuple[type[BaseException], ...] = (
+            TSS2_Exception,
+            ValueError,
+            TypeError,
+            IndexError,
+            OverflowError,
+        )
         try:
             self._esapi = ESAPI(tcti)
         except (TSS2_Exception, RuntimeError) as exc:
