@@ -70,11 +70,20 @@ def _tpm_info(args: argparse.Namespace) -> int:
     from mesatee_notebook.attestation.tpm import ak_fingerprint, app_pcr_value
     from mesatee_notebook.enclave.tpm import open_tpm
 
-    with open_tpm(args.tcti, app_pcr=args.tpm_app_pcr, boot_pcrs=args.tpm_boot_pcrs) as tpm:
+    # with_ek=False: the EK's certificate is read, but no EK object is loaded (a serving kernel may hold
+    # two of swtpm's three object slots).
+    with open_tpm(args.tcti, app_pcr=args.tpm_app_pcr, boot_pcrs=args.tpm_boot_pcrs, with_ek=False) as tpm:
         pcrs = tpm.read_pcrs()
-        kind = "software TPM" if tpm.kind == "software" else "TPM chip (uncertified: no EK certificate checked)"
+        kind = "software TPM" if tpm.kind == "software" else "says it is a chip"
         print(f"TPM 2.0 {tpm.vendor} ({kind}) at {args.tcti}")
         print(f"attestation key fingerprint (pin this as a platform root): {ak_fingerprint(tpm.ak_public)}")
+        if tpm.ek_cert:
+            from cryptography import x509
+
+            issuer = x509.load_der_x509_certificate(tpm.ek_cert).issuer.rfc4514_string()
+            print(f"EK certificate issued by {issuer} (pin that CA's certificates as tpm_ek_roots)")
+        else:
+            print("no RSA EK certificate in NV: clients must pin the AK")
         print("boot PCRs (SHA-256; pin the ones you trust as tpm_pcrs in the client policy):")
         for i, v in sorted(pcrs.items()):
             if i != tpm.app_pcr:

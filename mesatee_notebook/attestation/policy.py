@@ -87,15 +87,21 @@ def _ek_roots(items: Iterable[str | bytes | Path]) -> tuple[bytes, ...]:
     out: list[bytes] = []
     for item in items:
         data: bytes
-        if isinstance(item, bytes):
-            data = item
-        elif isinstance(item, Path) or "BEGIN CERTIFICATE" not in item:
-            data = Path(item).expanduser().read_bytes()
-        else:
-            data = item.encode()
-        certs = x509.load_pem_x509_certificates(data) if b"BEGIN CERTIFICATE" in data else [
-            x509.load_der_x509_certificate(data)
-        ]
+        try:
+            if isinstance(item, bytes):
+                data = item
+            elif isinstance(item, Path) or "BEGIN CERTIFICATE" not in item:
+                data = Path(item).expanduser().read_bytes()
+            else:
+                data = item.encode()
+            certs = (
+                x509.load_pem_x509_certificates(data)
+                if b"BEGIN CERTIFICATE" in data
+                else [x509.load_der_x509_certificate(data)]
+            )
+        except (OSError, ValueError) as exc:
+            msg = f"tpm_ek_roots entry {str(item)[:80]!r} is not a CA certificate (PEM, DER, or a file of one): {exc}"
+            raise ValueError(msg) from exc
         out.extend(c.public_bytes(Encoding.DER) for c in certs)
     return tuple(out)
 

@@ -237,3 +237,13 @@ def test_garbage_tpm_fields_in_hello_get_a_clean_answer(tpm_kernel: TpmKernel) -
     assert "Traceback" not in log
     s = mn.connect(tpm_kernel.kernel.url, policy=tpm_kernel.policy())  # the kernel keeps serving others
     s.close()
+
+
+def test_tpm_info_beside_a_serving_kernel_prints_the_same_ak(tpm_kernel: TpmKernel) -> None:
+    from tests.tpm.conftest import tpm_info
+
+    assert tpm_info(tpm_kernel.swtpm.tcti) == tpm_kernel.ak  # a primary key: the same TPM gives the same AK
+    s = mn.connect(tpm_kernel.kernel.url, policy=tpm_kernel.policy())  # and the kernel's TPM objects are intact
+    s.close()
+    with pytest.raises(ValueError, match="tpm_ek_roots entry"):
+        mn.Policy(tpm_ek_roots=["/nonexistent/ca.pem"])
