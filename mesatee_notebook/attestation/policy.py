@@ -300,7 +300,7 @@ class AttestationReport:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        software = self.level is Level.SOFTTEE or self.tpm_kind == "software"
+        software = self.level is Level.SOFTTEE or (self.level is Level.TPM and self.tpm_kind != "hardware")
         colour = "#b00020" if self.level is Level.UNPROTECTED else "#b26a00" if software else "#1b5e20"
         rows = "".join(
             f"<tr><td>{'✓' if c.passed else '✗'}</td><td>{html.escape(c.name)}</td>"

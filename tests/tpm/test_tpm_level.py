@@ -172,13 +172,20 @@ def test_ak_that_is_not_in_the_certified_tpm_fails_activation(tpm_kernel: TpmKer
     assert "credential activation" in [c.name for c in check_tpm_hello(report, kept, reply).checks]
 
 
-def test_offline_receipts_need_the_ak_pinned(tpm_kernel: TpmKernel) -> None:
+def test_offline_receipts_need_the_ak_pinned(tpm_kernel: TpmKernel, tmp_path: Any) -> None:
     s = mn.connect(tpm_kernel.kernel.url, policy=tpm_kernel.policy())
     try:
         r = s.run("2 + 3")
     finally:
         s.close()
     mn.verify_receipt(r.receipt, tpm_kernel.policy())
+    path = r.receipt.save(tmp_path / "receipt.json")
+    out = subprocess.run(
+        [sys.executable, "-m", "mesatee_notebook.cli", "client", "verify-receipt", str(path),
+         "--platform-root", tpm_kernel.ak, "--measurement", tpm_kernel.kernel.measurement],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0 and "TPM 2.0 (software TPM)" in out.stdout, out.stderr
     with pytest.raises(UntrustedAttestationKey, match="live connection"):
         mn.verify_receipt(r.receipt, tpm_kernel.policy(platform_roots=[], tpm_ek_roots=tpm_kernel.swtpm.ek_roots))
 
