@@ -22,6 +22,8 @@ from mesatee_notebook.errors import (
     ProtocolError,
     ReceiptError,
     RemoteExecutionError,
+    ResourceLimitExceeded,
+    SandboxRequired,
 )
 from mesatee_notebook.remote.frame import SecureDataFrame, SecureSeries
 from mesatee_notebook.remote.session import CallResult, RunResult, Session, connect
@@ -46,7 +48,9 @@ __all__ = [
     "Receipt",
     "ReceiptError",
     "RemoteExecutionError",
+    "ResourceLimitExceeded",
     "RunResult",
+    "SandboxRequired",
     "SecureDataFrame",
     "SecureSeries",
     "SecureXGBClassifier",

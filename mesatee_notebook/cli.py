@@ -37,7 +37,19 @@ def _enclave_parser() -> argparse.ArgumentParser:
     sp.add_argument("--level", default="softtee", help="unprotected | softtee | tpm | sev | sgx")
     sp.add_argument("--data-dir", type=Path, default=_default_data_dir())
     sp.add_argument("--idle-timeout", type=float, default=None, help="exit after this many idle seconds")
-    sp.add_argument("--executor-memory", type=_size, default=0, help="address-space limit per executor, e.g. 8G")
+    sp.add_argument("--executor-memory", type=_size, default=None, help="alias of --cell-memory")
+    sb = sp.add_argument_group("sandbox (every executor runs in one; see docs/sandbox.md)")
+    sb.add_argument("--no-sandbox", action="store_true",
+                    help="DANGEROUS: run cells with the kernel's uid and no isolation between parties")
+    sb.add_argument("--cell-memory", type=_size, default=8 << 30, help="memory per session's sandbox (0: off)")
+    sb.add_argument("--service-memory", type=_size, default=16 << 30, help="memory per service worker (0: off)")
+    sb.add_argument("--cell-cpu", type=float, default=4 * 3600.0, help="CPU seconds per cell (0: off)")
+    sb.add_argument("--max-processes", type=int, default=256, help="processes and threads per sandbox")
+    sb.add_argument("--max-file-size", type=_size, default=1 << 30, help="largest file a sandbox may write")
+    sb.add_argument("--max-open-files", type=int, default=4096)
+    sb.add_argument("--untrusted-dir", type=Path, default=None,
+                    help="a host directory cells may reach with mesatee.untrusted_open (shared, host-visible)")
+    sb.add_argument("--tmp-size", type=_size, default=1 << 30, help="size of each sandbox's /tmp and /dev/shm")
     sp.add_argument("--max-payload", type=_size, default=16 << 30, help="largest accepted request payload")
     sp.add_argument("--max-cell-timeout", type=float, default=24 * 3600.0)
     _tpm_arguments(sp)
@@ -119,13 +131,36 @@ def enclave_main(argv: list[str] | None = None) -> int:
         level = Level.parse(args.level)
         if level is Level.UNPROTECTED:
             print("WARNING: serving UNPROTECTED: no attestation; clients must opt in explicitly.", file=sys.stderr)
+        if args.no_sandbox:
+            print(
+                "WARNING: SANDBOX OFF (--no-sandbox): cells run with this kernel's uid, can read its platform key "
+                "and sealing secret, and can reach every other party's data. Clients that require a sandbox "
+                "(the default above unprotected) refuse this kernel.",
+                file=sys.stderr,
+            )
+        from mesatee_notebook.enclave.sandbox import SandboxLimits
+
+        cell_memory = args.executor_memory if args.executor_memory is not None else args.cell_memory
+        limits = SandboxLimits(
+            cell_memory=cell_memory or None,
+            service_memory=args.service_memory or None,
+            cell_cpu=args.cell_cpu or None,
+            processes=args.max_processes,
+            file_size=args.max_file_size,
+            open_files=args.max_open_files,
+            tmp_size=args.tmp_size,
+            shm_size=args.tmp_size,
+        )
         cfg = KernelConfig(
             data_dir=args.data_dir,
             level=level,
             host=args.host,
             port=args.port,
             idle_timeout=args.idle_timeout,
-            executor_memory=args.executor_memory,
+            executor_memory=0 if not args.no_sandbox else (cell_memory or 0),
+            sandbox=not args.no_sandbox,
+            untrusted_dir=args.untrusted_dir,
+            sandbox_limits=limits,
             limits=Limits(max_payload=args.max_payload),
             max_cell_timeout=args.max_cell_timeout,
             tcti=args.tcti,
@@ -149,6 +184,10 @@ def enclave_main(argv: list[str] | None = None) -> int:
             if tpm.kind == "software":
                 print("  a software TPM is SOFTWARE trust: whoever runs swtpm holds its keys.", flush=True)
         print(f"  {level.trust_note}", flush=True)
+        if kernel.sandbox is not None:
+            print(f"  sandbox     {kernel.sandbox.summary()}", flush=True)
+        else:
+            print("  sandbox     OFF (--no-sandbox): NO isolation between parties", flush=True)
         kernel.serve_forever()
         return 0
     except MesateeError as exc:

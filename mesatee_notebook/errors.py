@@ -25,12 +25,15 @@ keeps working::
     │   ├── UntrustedAttestationKey (UntrustedPlatform)  a TPM AK the policy does not pin
     │   ├── EkChainError (UntrustedPlatform)         a TPM's EK certificate does not chain to a pinned CA
     │   ├── CredentialActivationFailed               the TPM could not prove the AK sits beside the certified EK
-    │   └── SoftwareTpmNotAllowed                    a software (or uncertified) TPM the policy refuses
+    │   ├── SoftwareTpmNotAllowed                    a software (or uncertified) TPM the policy refuses
+    │   └── SandboxRequired                          the kernel runs cells without the sandbox the policy requires
     ├── LevelNotAvailableError (RuntimeError)        no provider for that level on this platform
+    │   └── SandboxUnavailable                       this host lacks what the executor sandbox needs (named)
     ├── PolicyViolation (PermissionError)            a data owner's or kernel policy refused the request
     ├── RemoteExecutionError                         the cell failed in the enclave (remote traceback)
     │   ├── ExecutorCrashed                          the executor process died (killed, segfault, OOM kill)
     │   ├── RemoteTimeout (TimeoutError)             the cell ran past its timeout and was stopped
+    │   ├── ResourceLimitExceeded                    the cell hit its sandbox's memory, CPU, process or file limit
     │   └── RemoteInterrupted                        the cell was interrupted
     ├── ProtocolError                                the peer broke the wire protocol
     │   ├── VersionMismatch                          the two sides speak different protocol versions
@@ -104,6 +107,9 @@ __all__ = [
     "RemoteExecutionError",
     "RemoteInterrupted",
     "RemoteTimeout",
+    "ResourceLimitExceeded",
+    "SandboxRequired",
+    "SandboxUnavailable",
     "SealingError",
     "StaleEvidence",
     "TamperedData",
@@ -290,12 +296,23 @@ class SoftwareTpmNotAllowed(AttestationError):
 
     code = "attestation.software-tpm"
     check = "tpm-kind"
+class SandboxRequired(AttestationError):
+    """The kernel runs cells without the sandbox this policy requires (``--no-sandbox``)."""
+
+    code = "attestation.sandbox"
+    check = "sandbox"
 
 
 class LevelNotAvailableError(MesateeError, RuntimeError):
     """No evidence provider or verifier exists for that level on this platform."""
 
     code = "level-unavailable"
+
+
+class SandboxUnavailable(LevelNotAvailableError):
+    """The host lacks a mechanism the executor sandbox needs; ``details["missing"]`` names each."""
+
+    code = "level-unavailable.sandbox"
 
 
 class PolicyViolation(MesateeError, PermissionError):
@@ -337,6 +354,12 @@ class RemoteTimeout(RemoteExecutionError, TimeoutError):
     """The cell ran past its timeout and the executor was stopped."""
 
     code = "remote.timeout"
+
+
+class ResourceLimitExceeded(RemoteExecutionError):
+    """The cell hit a limit of its sandbox; ``details["limit"]`` names it (memory, cpu, processes, ...)."""
+
+    code = "remote.limit"
 
 
 class RemoteInterrupted(RemoteExecutionError):

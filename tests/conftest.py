@@ -26,6 +26,7 @@ class KernelProc:
     fingerprint: str
     proc: subprocess.Popen[bytes]
     measurement: str
+    untrusted_dir: Path | None = None
 
     def policy(self, **kw: object) -> object:
         """Pin this kernel's platform and the measurement it published in kernel.json."""
@@ -87,7 +88,10 @@ def stop_kernel(k: KernelProc) -> None:
 
 @pytest.fixture(scope="session")
 def kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelProc]:
-    k = start_kernel(tmp_path_factory.mktemp("kernel"))
+    shared = tmp_path_factory.mktemp("untrusted")
+    shared.chmod(0o1777)  # a root kernel's sandboxes run as other uids
+    k = start_kernel(tmp_path_factory.mktemp("kernel"), "--untrusted-dir", str(shared))
+    k.untrusted_dir = shared
     yield k
     stop_kernel(k)
 

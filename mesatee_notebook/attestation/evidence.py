@@ -106,8 +106,12 @@ def make_evidence(
     receipt_key: bytes,
     time: int,
     platform_key: Ed25519PrivateKey | None,
+    sandbox: dict[str, Any] | None = None,
 ) -> bytes:
-    """Build the CBOR evidence; ``platform_key`` is None only for ``unprotected``."""
+    """Build the CBOR evidence; ``platform_key`` is None only for ``unprotected``.
+
+    ``sandbox`` is the kernel's runtime sandbox report (None: it runs cells unsandboxed).
+    """
     if level not in (Level.SOFTTEE, Level.UNPROTECTED):
         msg = f"software evidence cannot claim level {level.label}"
         raise ValueError(msg)
@@ -122,6 +126,7 @@ def make_evidence(
         "time": int(time),
         "report_data": report_data_for(tls_spki_der, receipt_key),
         "receipt_key": receipt_key.hex(),
+        "sandbox": sandbox if sandbox is not None else {"active": False, "why": "--no-sandbox"},
     }
     body = canonical_json(statement)
     if platform_key is None:

@@ -116,8 +116,14 @@ def _component(name: str, dists: tuple[str, ...]) -> dict[str, Any]:
     return {"name": name, "present": True, "version": version, "libraries": libs}
 
 
-def build_manifest(root: Path | None = None) -> dict[str, Any]:
-    """Build the deterministic manifest of the installed package at ``root``."""
+def build_manifest(root: Path | None = None, *, sandboxed: bool = True) -> dict[str, Any]:
+    """Build the deterministic manifest of the installed package at ``root``.
+
+    ``sandboxed`` selects the sandbox profile that is measured with the code: a kernel
+    started with ``--no-sandbox`` has a different measurement from one that sandboxes.
+    """
+    from mesatee_notebook.attestation.sandbox import sandbox_profile, unsandboxed_profile
+
     root = root or _package_root()
     return {
         "format": MANIFEST_FORMAT,
@@ -126,6 +132,7 @@ def build_manifest(root: Path | None = None) -> dict[str, Any]:
         f"{sys.version_info.micro}",
         "files": _measured_files(root),
         "unsafe_components": [_component(n, d) for n, d in UNSAFE_COMPONENTS],
+        "sandbox": sandbox_profile() if sandboxed else unsandboxed_profile(),
     }
 
 
@@ -134,6 +141,6 @@ def measurement_of(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(manifest)).hexdigest()
 
 
-def expected_measurement(root: Path | None = None) -> str:
-    """Recompute, from the installed package, the measurement a genuine kernel reports."""
-    return measurement_of(build_manifest(root))
+def expected_measurement(root: Path | None = None, *, sandboxed: bool = True) -> str:
+    """Recompute, from the installed package, the measurement a genuine (sandboxing) kernel reports."""
+    return measurement_of(build_manifest(root, sandboxed=sandboxed))

@@ -36,6 +36,7 @@ from mesatee_notebook.errors import (
     MalformedEvidence,
     MeasurementMismatch,
     ReplayedQuote,
+    SandboxRequired,
     SoftwareTpmNotAllowed,
     StaleEvidence,
     UnprotectedNotAllowed,
@@ -147,6 +148,7 @@ class Policy:
     # under this policy. The binding is permanent (both keys derive from the TPM's endorsement seed), so
     # later connections only need the fresh quote.
     _tpm_activated: set[tuple[str, str]] = field(default_factory=set, init=False, compare=False, repr=False)
+    require_sandbox: bool = True
 
     def __init__(
         self,
@@ -158,6 +160,7 @@ class Policy:
         tpm_pcrs: Mapping[int | str, str] | Iterable[tuple[int, str]] | None = None,
         allow_software_tpm: bool = True,
         tpm_ek_roots: Iterable[str | bytes | Path] = (),
+        require_sandbox: bool = True,
     ) -> None:
         object.__setattr__(
             self, "measurements", None if measurements is None else tuple(m.lower() for m in measurements)
@@ -173,6 +176,7 @@ class Policy:
         object.__setattr__(self, "allow_software_tpm", bool(allow_software_tpm))
         object.__setattr__(self, "tpm_ek_roots", _ek_roots(tpm_ek_roots))
         object.__setattr__(self, "_tpm_activated", set())
+        object.__setattr__(self, "require_sandbox", bool(require_sandbox))
 
     def with_roots(self, *roots: str) -> Policy:
         """A copy that also pins ``roots``."""
@@ -183,8 +187,8 @@ class Policy:
         """Read a policy TOML file.
 
         Keys ``measurements``, ``platform_roots``, ``min_level``, ``max_evidence_age`` (seconds),
-        ``allow_unprotected``, ``tpm_pcrs`` (a table of index = hex) and ``allow_software_tpm``,
-        at top level or under ``[policy]``.
+        ``allow_unprotected``, ``require_sandbox``, ``tpm_pcrs`` (a table of index = hex),
+        ``allow_software_tpm`` and ``tpm_ek_roots``, at top level or under ``[policy]``.
         """
         data = tomllib.loads(Path(path).expanduser().read_text())
         data = data.get("policy", data)
@@ -194,6 +198,7 @@ class Policy:
             "min_level",
             "max_evidence_age",
             "allow_unprotected",
+            "require_sandbox",
             "tpm_pcrs",
             "allow_software_tpm",
             "tpm_ek_roots",
@@ -247,6 +252,17 @@ class AttestationReport:
     def audit_signer(self) -> str:
         """Fingerprint of the key that signs the kernel's audit log (the platform key, or one the TPM quoted)."""
         return self.audit_key or self.platform
+    sandbox: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sandboxed(self) -> bool:
+        """True when the kernel runs every executor in its measured sandbox."""
+        return bool(self.sandbox.get("active")) and bool((self.manifest.get("sandbox") or {}).get("enabled"))
+
+    @property
+    def sandbox_note(self) -> str:
+        """One honest sentence on what isolates parties from each other in this kernel."""
+        return sandbox_note(self.sandbox, self.manifest)
 
     @property
     def measurement_matches_local(self) -> bool:
@@ -292,6 +308,7 @@ class AttestationReport:
             ),
             f"  platform     {self.platform}",
             f"  evidence age {int(self.age().total_seconds())} s",
+            f"  sandbox      {self.sandbox_note}",
             "  native (unsafe) components: "
             + ", ".join(f"{c['name']} {c.get('version') or '?'}" for c in self.unsafe_components),
             "  checks:",
@@ -322,6 +339,7 @@ class AttestationReport:
             f"<tr><td>measurement</td><td><code>{self.measurement}</code> {match}</td></tr>"
             f"<tr><td>platform</td><td><code>{html.escape(self.platform)}</code></td></tr>"
             f"<tr><td>evidence age</td><td>{int(self.age().total_seconds())} s</td></tr>"
+            f"<tr><td>sandbox</td><td>{html.escape(self.sandbox_note)}</td></tr>"
             f"<tr><td>native components</td><td>{comps}</td></tr></table>"
             f"<table>{rows}</table></div>"
         )
@@ -339,6 +357,16 @@ CERTIFIED_TPM_NOTE = (
     "tpm: a TPM chip whose EK chains to the CA you pinned quotes the boot PCRs and the application PCR; the "
     "boot PCRs you pin are what it proves. The host OS can still read the kernel's memory."
 )
+def sandbox_note(sandbox: dict[str, Any], manifest: dict[str, Any]) -> str:
+    """What the kernel's sandbox report says, in one sentence (never more than it proves)."""
+    profile = manifest.get("sandbox") or {}
+    if not sandbox.get("active") or not profile.get("enabled"):
+        return ("NONE (--no-sandbox): every cell runs with the kernel's uid and can read its keys and other "
+                "parties' data")
+    landlock = sandbox.get("landlock") or "no Landlock"
+    uid = "own uid" if "own unprivileged uid" in str(sandbox.get("uid_mode", "")) else "own user namespace"
+    return (f"every session and service worker in its own bubblewrap sandbox ({uid}, seccomp, Landlock "
+            f"{landlock}, no network): isolates parties from each other, not from the host operator")
 
 
 def _local_measurement() -> str | None:
@@ -410,6 +438,7 @@ def verify_certificate(
             raise UntrustedPlatform(msg, platform=platform)
         checks.append(Check("platform root", True, f"platform key {platform[:16]}… is pinned"))
     evidence.check_manifest()
+    sandbox = _check_sandbox(evidence.statement, level, policy, checks)
     measurement, local = _check_measurement(evidence.statement, policy, checks)
     t = _check_freshness(evidence.statement, policy, now, check_freshness, checks)
     _check_key_binding(evidence.statement, spki_der(cert), evidence.receipt_key, checks)
@@ -424,7 +453,25 @@ def verify_certificate(
         certificate_der=cert_der,
         evidence=raw,
         checks=tuple(checks),
+        sandbox=sandbox,
     )
+
+
+def _check_sandbox(statement: dict[str, Any], level: Level, policy: Policy, checks: list[Check]) -> dict[str, Any]:
+    sandbox = statement.get("sandbox")
+    sandbox = sandbox if isinstance(sandbox, dict) else {}
+    manifest = statement["manifest"]
+    if level is not Level.UNPROTECTED:
+        note = sandbox_note(sandbox, manifest)
+        if policy.require_sandbox and not (sandbox.get("active") and (manifest.get("sandbox") or {}).get("enabled")):
+            msg = (
+                "the kernel runs cells WITHOUT a sandbox (--no-sandbox): any party's cell could read the kernel's "
+                "platform key and sealing secret and every other party's data. Refused: this policy requires a "
+                "sandbox. Policy(require_sandbox=False) accepts such a kernel, for one that only you use."
+            )
+            raise SandboxRequired(msg)
+        checks.append(Check("sandbox", True, note if policy.require_sandbox else f"not required; {note}"))
+    return sandbox
 
 
 def _check_measurement(statement: dict[str, Any], policy: Policy, checks: list[Check]) -> tuple[str, str | None]:
@@ -534,6 +581,7 @@ def _verify_tpm(
         )
         raise SoftwareTpmNotAllowed(msg, tpm_kind="uncertified")
     evidence.check_manifest()
+    sandbox = _check_sandbox(evidence.statement, Level.TPM, policy, checks)
     measurement, local = _check_measurement(evidence.statement, policy, checks)
     golden = dict(policy.tpm_pcrs)
     evidence.check_pcrs(measurement, golden)
@@ -563,6 +611,7 @@ def _verify_tpm(
         tpm_vendor=str(evidence.statement["tpm_vendor"]),
         audit_key=str(evidence.statement.get("audit_key") or "") or None,
         tpm_activation=activate or chain is not None,
+        sandbox=sandbox,
     )
 
 

@@ -8,6 +8,7 @@ Unix socket FD. It holds no keys: sealed storage goes through the supervisor.
 from __future__ import annotations
 
 import ast
+import errno
 import io
 import linecache
 import os
@@ -95,9 +96,24 @@ class TrustedAPI:
         writer = _SealedWriter()
         return io.TextIOWrapper(writer, encoding="utf-8", write_through=True) if mode == "w" else writer
 
-    @staticmethod
-    def untrusted_open(path: str, mode: str = "r", **kwargs: Any) -> Any:
-        """Open a file on the host, in the clear. UNTRUSTED: the host can read and alter it."""
+    def untrusted_open(self, path: str, mode: str = "r", **kwargs: Any) -> Any:
+        """Open a file on the host, in the clear. UNTRUSTED: the host (and other parties' cells) can read and alter it.
+
+        In a sandbox only the directory the operator shares (``serve --untrusted-dir DIR``) is there.
+        """
+        limits = self._ex.limits
+        if limits:
+            shared = limits.get("untrusted_dir")
+            if not shared:
+                msg = (
+                    "mesatee.untrusted_open: this kernel shares no host directory with cells (each cell runs in a "
+                    "sandbox that sees none of the host's files). The operator can share one: serve --untrusted-dir DIR"
+                )
+                raise PermissionError(msg)
+            real = os.path.realpath(path)
+            if not (real == shared or real.startswith(shared.rstrip("/") + "/")):
+                msg = f"mesatee.untrusted_open: only files under the shared host directory {shared} are reachable"
+                raise PermissionError(msg)
         return open(path, mode, **kwargs)  # noqa: PTH123 - a plain host file by design
 
     def dataframe(self, name: str) -> Any:
@@ -125,6 +141,7 @@ class Executor:
         self.count = 0
         self.namespace: dict[str, Any] = {"__name__": "__mesatee__", "__builtins__": __builtins__}
         self.namespace["mesatee"] = TrustedAPI(self)
+        self.limits: dict[str, Any] = {}
 
     def send(self, header: dict[str, Any], payloads: list[Any] | None = None) -> None:
         with self.lock:
@@ -233,6 +250,9 @@ class Executor:
                 "ename": type(exc).__name__,
                 "traceback": _user_traceback(type(exc), exc, exc.__traceback__),
             }
+            limit = _limit_message(exc, self.limits)
+            if limit is not None:
+                failure["code"], failure["message"], failure["limit"] = "remote.limit", limit[1], limit[0]
         finally:
             self.running = False
             sys.stdout, sys.stderr = old
@@ -299,18 +319,58 @@ def _user_traceback(etype: Any, exc: Any, tb: Any) -> str:
     return "".join(te.format())
 
 
+def _limit_message(exc: BaseException, limits: dict[str, Any]) -> tuple[str, str] | None:
+    """(limit, message) when a cell's exception is the sandbox saying no."""
+    if not limits:
+        return None
+    gib = 2**30
+    if isinstance(exc, MemoryError):
+        allowed = limits.get("RLIMIT_AS")
+        size = f" of {allowed / gib:.0f} GiB" if allowed else ""
+        return "memory", (
+            f"MemoryError: the cell ran out of memory: its sandbox allows an address space{size}. "
+            "The session is intact; use less memory or ask the operator to raise it (serve --cell-memory)."
+        )
+    if isinstance(exc, OSError):
+        if exc.errno == errno.EFBIG:
+            return "file-size", (
+                f"OSError: file too large: the sandbox limits a file to {limits.get('RLIMIT_FSIZE', 0) / gib:.1f} GiB "
+                "(serve --max-file-size)."
+            )
+        if exc.errno == errno.ENOSPC:
+            return "tmp-space", (
+                "OSError: no space left: the session's private /tmp and /dev/shm are small memory-backed "
+                "file systems (serve --tmp-size). Keep large results in memory or in mesatee.open (sealed)."
+            )
+        if exc.errno == errno.EAGAIN and isinstance(exc, BlockingIOError):
+            return "processes", (
+                f"BlockingIOError: resource temporarily unavailable: if the cell was starting processes or threads, "
+                f"its sandbox allows {limits.get('RLIMIT_NPROC', '?')} per session (serve --max-processes)."
+            )
+    return None
+
+
 def _set_memory_limit(limit: int) -> None:
     if limit > 0:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: ``python -m mesatee_notebook.enclave.executor FD [MEMORY_LIMIT_BYTES]``."""
+    """Entry point: ``python -m mesatee_notebook.enclave.executor FD MEMORY_LIMIT [--service] [--confine JSON]``."""
+    harden_process()  # before any import: not dumpable, no core files
     args = sys.argv[1:] if argv is None else argv
     fd = int(args[0])
     limit = int(args[1]) if len(args) > 1 else 0
     service_mode = "--service" in args[2:]
-    harden_process()
+    confined: dict[str, Any] | None = None
+    if "--confine" in args:
+        import json
+
+        from mesatee_notebook.enclave.sandbox import confine
+
+        settings = json.loads(args[args.index("--confine") + 1])
+        confined = confine(settings, [fd])  # rlimits and Landlock, before the engines load
+        limit = 0  # the sandbox's address-space limit is already set, with room for allocators
     import numpy  # noqa: F401 - warm the engines the cells will use
     import pandas  # noqa: F401
     import pyarrow  # noqa: F401
@@ -318,12 +378,12 @@ def main(argv: list[str] | None = None) -> int:
     _set_memory_limit(limit)
     sock = socket.socket(fileno=fd)
     ex = Executor(sock, service_mode=service_mode)
+    ex.limits = confined or {}
     try:
         ex.serve()
     except (EOFError, ConnectionError, OSError):
         return 0
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -42,6 +42,7 @@ class KernelIdentity:
     ssl_context: ssl.SSLContext | None = None
     issued_at: float = 0.0
     tpm: Tpm | None = None
+    sandbox: dict[str, Any] | None = None
 
     @classmethod
     def create(
@@ -51,8 +52,10 @@ class KernelIdentity:
         platform_key: Ed25519PrivateKey | None,
         cert_lifetime: float,
         tpm: Tpm | None = None,
+        sandbox: dict[str, Any] | None = None,
     ) -> KernelIdentity:
         ident = cls(
+            sandbox=sandbox,
             level=level,
             manifest=manifest,
             platform_key=platform_key,
@@ -92,6 +95,7 @@ class KernelIdentity:
             "app_pcr": tpm.app_pcr,
             "pcrs": {str(i): v for i, v in tpm.read_pcrs().items()},
             "audit_key": fingerprint(audit) if audit else "",
+            "sandbox": self.sandbox if self.sandbox is not None else {"active": False, "why": "--no-sandbox"},
         }
         return make_tpm_evidence(statement=statement, quoter=tpm.quote, ak_public=tpm.ak_public, ek_cert=tpm.ek_cert)
 
@@ -144,6 +148,7 @@ class KernelIdentity:
                 receipt_key=self.receipt_public,
                 time=int(now),
                 platform_key=self.platform_key,
+                sandbox=self.sandbox,
             )
         start = dt.datetime.fromtimestamp(now, dt.UTC) - dt.timedelta(minutes=5)
         cert = build_ratls_certificate(

@@ -30,6 +30,7 @@ from mesatee_notebook.enclave.hardening import harden_process
 from mesatee_notebook.enclave.identity import KernelIdentity
 from mesatee_notebook.enclave.ipc import unpack_values
 from mesatee_notebook.enclave.platform import load_platform
+from mesatee_notebook.enclave.sandbox import Sandbox, SandboxLimits
 from mesatee_notebook.enclave.sessions import ExecutorHandle, Session
 from mesatee_notebook.enclave.shm import SharedAllocator
 from mesatee_notebook.enclave.tpm import open_tpm
@@ -82,6 +83,9 @@ class KernelConfig:
     tcti: str | None = None
     tpm_app_pcr: int = 23
     tpm_boot_pcrs: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)
+    sandbox: bool = True
+    untrusted_dir: Path | None = None
+    sandbox_limits: SandboxLimits = field(default_factory=SandboxLimits)
 
 
 class _NonceGuard:
@@ -353,9 +357,7 @@ class _Connection:
                     return False
                 if m.type in _EXECUTOR_REQUESTS:
                     assert session.executor is not None
-                    k.handle_executor_request(
-                        session.executor, m, prefix=f"cells/{session.party or 'anon'}", party=session.party
-                    )
+                    k.handle_executor_request(session.executor, m, prefix=session.sealed_prefix, party=session.party)
                     return False
                 return True
 
@@ -372,6 +374,7 @@ class _Connection:
                 fds,
                 on_message,
                 timeout,
+                cell_cpu=k.sandbox.limits.cell_cpu if k.sandbox is not None else None,
             )
         finally:
             session.busy = False
@@ -473,6 +476,17 @@ class Kernel:
         )
         config.level.require_available(AVAILABLE_LEVELS | ({Level.TPM} if self.tpm else set()))
         self.hardening = harden_process()
+        self.sandbox: Sandbox | None = None
+        if config.sandbox:
+            # Refuses (SandboxUnavailable, naming what is missing) rather than serve cells unisolated.
+            self.sandbox = Sandbox.create(
+                config.sandbox_limits, hidden=[config.data_dir], untrusted_dir=config.untrusted_dir
+            )
+        else:
+            log.warning(
+                "SANDBOX OFF (--no-sandbox): every cell runs with the kernel's uid and can read its keys; "
+                "the evidence and the measurement say so, and clients that require a sandbox refuse this kernel"
+            )
         platform_key = None
         self.sealing_secret: bytes | None = None
         self.platform_fingerprint = "none"
@@ -482,7 +496,12 @@ class Kernel:
             self.sealing_secret = platform.sealing_secret
             self.platform_fingerprint = platform.fingerprint
         self.identity = KernelIdentity.create(
-            config.level, build_manifest(), platform_key, config.cert_lifetime, tpm=self.tpm
+            config.level,
+            build_manifest(sandboxed=self.sandbox is not None),
+            platform_key,
+            config.cert_lifetime,
+            sandbox=self.sandbox.report() if self.sandbox is not None else None,
+            tpm=self.tpm,
         )
         self.sessions: dict[str, Session] = {}
         self.nonces = _NonceGuard()
@@ -490,6 +509,7 @@ class Kernel:
         self._lock = threading.Lock()
         self._connections = 0
         self._last_activity = time.monotonic()
+        self._last_watch = time.monotonic()
         self._listener: socket.socket | None = None
         self.address: tuple[str, int] = (config.host, config.port)
         self._service: ExecutorHandle | None = None
@@ -510,7 +530,7 @@ class Kernel:
 
     # -- sessions -------------------------------------------------------------------------------
     def open_session(self, name: str, party: str | None = None) -> Session:
-        session = Session(name=name, memory_limit=self.config.executor_memory, party=party)
+        session = Session(name=name, memory_limit=self.config.executor_memory, party=party, sandbox=self.sandbox)
         with self._lock:
             spare, self._spare = self._spare, None
         session.start(spare if spare is not None and spare.alive else None)
@@ -525,7 +545,7 @@ class Kernel:
 
         def fill() -> None:
             try:
-                handle = ExecutorHandle(self.config.executor_memory)
+                handle = ExecutorHandle(self.config.executor_memory, sandbox=self.sandbox)
             except MesateeError as exc:
                 log.warning("could not pre-start an executor: %s", exc)
                 return
@@ -608,7 +628,7 @@ class Kernel:
             self._service.kill()
             self._service = None
         if self._service is None:
-            self._service = ExecutorHandle(self.config.executor_memory, service=True)
+            self._service = ExecutorHandle(self.config.executor_memory, service=True, sandbox=self.sandbox)
         return self._service
 
     def run_service(
@@ -673,6 +693,8 @@ class Kernel:
         self._refill_spare()
         try:
             while not self.stopping.is_set():
+                if time.monotonic() - self._last_watch > 1.0:
+                    self._watch_sandboxes()
                 try:
                     conn, addr = self._listener.accept()
                 except TimeoutError:
@@ -704,6 +726,16 @@ class Kernel:
             elif time.monotonic() - self._last_activity > idle:
                 log.info("idle for %.0f s: shutting down", idle)
                 self.stopping.set()
+
+    def _watch_sandboxes(self) -> None:
+        """Between cells too, a sandbox over its memory limit is stopped (its next call says why)."""
+        self._last_watch = time.monotonic()
+        if self.sandbox is None:
+            return
+        with self._lock:
+            handles = [s.executor for s in self.sessions.values() if s.executor is not None and not s.busy]
+        for handle in handles:
+            handle.check_usage()
 
     def _refresher(self) -> None:
         while not self.stopping.wait(self.config.refresh_interval):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
+import select
 import signal
 import socket
 import subprocess
@@ -13,10 +15,19 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
 
 from mesatee_notebook.enclave.ipc import ipc_recv, ipc_send
-from mesatee_notebook.errors import ExecutorCrashed, MesateeError, PolicyViolation, RemoteTimeout
+from mesatee_notebook.errors import (
+    ExecutorCrashed,
+    MesateeError,
+    PolicyViolation,
+    RemoteTimeout,
+    ResourceLimitExceeded,
+)
 from mesatee_notebook.wire.stream import Message
 
 __all__ = ["ExecutorHandle", "Session"]
@@ -24,6 +35,18 @@ __all__ = ["ExecutorHandle", "Session"]
 log = logging.getLogger("mesatee.enclave")
 _START_TIMEOUT = 120.0
 _INTERRUPT_GRACE = 3.0
+_WATCH_INTERVAL = 0.5
+#: The executor's first statements: not dumpable (prctl PR_SET_DUMPABLE=0) before the package,
+#: numpy or anything else is imported; then the executor module runs as ``__main__``.
+_BOOT = (
+    "import ctypes,runpy,sys\n"
+    "if ctypes.CDLL(None,use_errno=True).prctl(4,0,0,0,0)!=0: sys.exit(70)\n"
+    "runpy.run_module('mesatee_notebook.enclave.executor',run_name='__main__',alter_sys=True)"
+)
+_FRAME_TIMEOUT = 120.0
+
+if TYPE_CHECKING:
+    from mesatee_notebook.enclave.sandbox import Sandbox
 
 
 def _signal_name(code: int | None) -> str:
@@ -38,29 +61,39 @@ def _signal_name(code: int | None) -> str:
 
 
 class ExecutorHandle:
-    """A running executor process and the supervisor's end of its Unix socket."""
+    """A running executor process and the supervisor's end of its Unix socket.
 
-    def __init__(self, memory_limit: int, *, service: bool = False) -> None:
+    With a :class:`~mesatee_notebook.enclave.sandbox.Sandbox` the process starts inside it
+    (its own namespaces, uid, seccomp filter, Landlock and limits); ``sandbox=None`` is the
+    ``--no-sandbox`` escape, which the kernel reports loudly.
+    """
+
+    def __init__(self, memory_limit: int, *, service: bool = False, sandbox: Sandbox | None = None) -> None:
         self.memory_limit = memory_limit
         self.service = service
+        self.sandbox = sandbox
+        self.uid: int | None = None
+        self.limit_hit: ResourceLimitExceeded | None = None
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock = parent
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MESATEE_SECRET")}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mesatee_notebook.enclave.executor", str(child.fileno()), str(memory_limit)]
-            + (["--service"] if service else []),
-            pass_fds=[child.fileno()],
-            stdin=subprocess.DEVNULL,
-            env=env,
-            close_fds=True,
-        )
+        argv = [sys.executable, "-c", _BOOT, str(child.fileno()), str(memory_limit)]
+        if service:
+            argv.append("--service")
+        if sandbox is not None:
+            argv += ["--confine", json.dumps(sandbox.confinement(service))]
+            self.memory_limit = sandbox.limits.memory_for(service) or 0
+            self.proc, self.uid = sandbox.spawn(argv, pass_fds=[child.fileno()], service=service)
+        else:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("MESATEE_SECRET")}
+            self.proc = subprocess.Popen(argv, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, env=env,
+                                         close_fds=True)
         child.close()
         self.sock.settimeout(_START_TIMEOUT)
         try:
             ready = ipc_recv(self.sock)
         except (EOFError, OSError, MesateeError) as exc:
             self.kill()
-            msg = f"the executor process failed to start ({_signal_name(self.proc.poll())})"
+            msg = f"the executor process failed to start ({self._status()})"
             raise ExecutorCrashed(msg) from exc
         finally:
             self.sock.settimeout(None)
@@ -68,21 +101,100 @@ class ExecutorHandle:
             self.kill()
             msg = "the executor process sent an unexpected first message"
             raise ExecutorCrashed(msg)
+        self.executor_pid = self._host_pid(ready.header.get("pid"))
+        self._cpu_base = 0.0
+
+    def _host_pid(self, ns_pid: Any) -> int:
+        """The executor's pid as the host sees it (inside its sandbox it has a PID namespace of its own)."""
+        if self.sandbox is None or not isinstance(ns_pid, int):
+            return self.proc.pid
+        for p in self._tree()[1:]:
+            try:
+                status = Path(f"/proc/{p.pid}/status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("NSpid:") and line.split()[-1] == str(ns_pid) and len(line.split()) > 2:
+                    return p.pid
+        msg = "the sandboxed executor could not be found among its sandbox's processes"
+        raise ExecutorCrashed(msg)
+
+    # -- the supervisor's watch over the sandbox -----------------------------------------------
+    def _tree(self) -> list[psutil.Process]:
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def usage(self) -> tuple[int, float]:
+        """(proportional resident bytes, CPU seconds) of every process in this executor's sandbox."""
+        rss, cpu = 0, 0.0
+        for p in self._tree():
+            try:
+                with p.oneshot():
+                    # PSS: pages shared by forked children count once in the sum, not once per process.
+                    try:
+                        rss += p.memory_full_info().pss
+                    except (psutil.AccessDenied, AttributeError):
+                        rss += p.memory_info().rss
+                    t = p.cpu_times()
+                    cpu += t.user + t.system + t.children_user + t.children_system
+            except psutil.Error:
+                continue
+        return rss, cpu
+
+    def check_usage(self, cell_cpu: float | None = None) -> ResourceLimitExceeded | None:
+        """Kill the sandbox if it is over its memory, or the running cell over its CPU time; say which."""
+        if self.sandbox is None or not self.alive:
+            return None
+        rss, cpu = self.usage()
+        hit: ResourceLimitExceeded | None = None
+        mem = self.memory_limit
+        if mem and rss > mem:
+            what = "service worker" if self.service else "session"
+            msg = (
+                f"the {what}'s sandbox used {rss / 2**30:.1f} GiB of memory, over its limit of {mem / 2**30:.1f} GiB, "
+                "and was stopped; nothing else was affected. Use less memory, or ask the operator to raise the "
+                f"limit (serve --{'service' if self.service else 'cell'}-memory)."
+            )
+            hit = ResourceLimitExceeded(msg, limit="memory", used=rss, allowed=mem)
+        elif cell_cpu is not None and cpu - self._cpu_base > cell_cpu:
+            msg = (
+                f"the cell used {cpu - self._cpu_base:.0f} s of CPU time, over the sandbox's limit of {cell_cpu:g} s "
+                "per cell, and was stopped. Ask the operator to raise it (serve --cell-cpu)."
+            )
+            hit = ResourceLimitExceeded(msg, limit="cpu", used=cpu - self._cpu_base, allowed=cell_cpu)
+        if hit is not None:
+            log.warning("executor %s over its limit: %s", self.proc.pid, hit.details.get("limit"))
+            self.limit_hit = hit
+            self.proc.kill()
+        return hit
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        """The executor process's host pid (inside a sandbox, not bubblewrap's)."""
+        return self.executor_pid
+
+    def _status(self) -> str:
+        code = self.proc.poll()
+        # bubblewrap exits with 128 + N when the executor was killed by signal N.
+        if self.sandbox is not None and code is not None and code > 128:
+            code = -(code - 128)
+        return _signal_name(code)
 
     @property
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def crashed_error(self) -> ExecutorCrashed:
+    def crashed_error(self) -> ExecutorCrashed | ResourceLimitExceeded:
+        if self.limit_hit is not None:
+            return self.limit_hit
         try:
             self.proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
             pass
-        status = _signal_name(self.proc.poll())
+        status = self._status()
         if self.service:
             msg = (
                 f"the kernel's service worker died ({status}) during this call; nothing was released. "
@@ -97,7 +209,10 @@ class ExecutorHandle:
 
     def interrupt(self) -> None:
         if self.alive:
-            os.kill(self.proc.pid, signal.SIGINT)
+            try:
+                os.kill(self.executor_pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
 
     def kill(self) -> None:
         if self.alive:
@@ -124,6 +239,7 @@ class ExecutorHandle:
         fds: list[int],
         on_message: Callable[[Message], bool],
         timeout: float | None,
+        cell_cpu: float | None = None,
     ) -> Message:
         """Send a request and pump executor messages until ``on_message`` returns True.
 
@@ -136,27 +252,48 @@ class ExecutorHandle:
             raise self.crashed_error() from exc
         deadline = None if timeout is None else time.monotonic() + timeout
         interrupted_at: float | None = None
+        watch = self.sandbox is not None
+        if watch:
+            self._cpu_base = self.usage()[1]
         while True:
             wait: float | None = None
             if interrupted_at is not None:
                 wait = max(0.01, interrupted_at + _INTERRUPT_GRACE - time.monotonic())
             elif deadline is not None:
                 wait = max(0.01, deadline - time.monotonic())
-            self.sock.settimeout(wait)
+            if watch:
+                wait = _WATCH_INTERVAL if wait is None else min(wait, _WATCH_INTERVAL)
             try:
-                msg = ipc_recv(self.sock)
-            except TimeoutError:
+                # Wait for the next message's first byte, then read it whole: a timeout never cuts a frame.
+                readable = bool(select.select([self.sock], [], [], wait)[0])
+            except (OSError, ValueError) as exc:
+                raise self.crashed_error() from exc
+            if not readable:
+                if watch:
+                    hit = self.check_usage(cell_cpu)
+                    if hit is not None:
+                        raise hit
+                now = time.monotonic()
+                if interrupted_at is None and (deadline is None or now < deadline):
+                    continue
                 if interrupted_at is None:
-                    interrupted_at = time.monotonic()
+                    interrupted_at = now
                     self.interrupt()
+                    continue
+                if now < interrupted_at + _INTERRUPT_GRACE:
                     continue
                 self.kill()
                 msg_ = (
                     f"the cell ran past its timeout of {timeout:g} s and did not stop when interrupted; "
                     "the executor was killed and the session must be restarted"
                 )
-                raise RemoteTimeout(msg_, killed=True) from None
+                raise RemoteTimeout(msg_, killed=True)
+            self.sock.settimeout(_FRAME_TIMEOUT)
+            try:
+                msg = ipc_recv(self.sock)
             except (EOFError, OSError, MesateeError) as exc:
+                if isinstance(exc, TimeoutError):
+                    self.kill()  # a frame started and stalled: the executor is not behaving
                 raise self.crashed_error() from exc
             finally:
                 if self.sock.fileno() >= 0:
@@ -169,7 +306,6 @@ class ExecutorHandle:
                     )
                 return msg
 
-
 @dataclass
 class Session:
     """A named session: an executor, its owner connection, its state."""
@@ -177,6 +313,7 @@ class Session:
     name: str
     memory_limit: int
     party: str | None = None
+    sandbox: Sandbox | None = None
     id: str = field(default_factory=lambda: secrets.token_hex(8))
     token: str = field(default_factory=lambda: secrets.token_hex(16))
     created: float = field(default_factory=time.time)
@@ -187,7 +324,12 @@ class Session:
 
     def start(self, executor: ExecutorHandle | None = None) -> None:
         """Start a fresh executor, or adopt a pre-started one that has never run code."""
-        self.executor = executor if executor is not None else ExecutorHandle(self.memory_limit)
+        self.executor = executor if executor is not None else ExecutorHandle(self.memory_limit, sandbox=self.sandbox)
+
+    @property
+    def sealed_prefix(self) -> str:
+        """The sealed namespace of this session: the party's, or one per anonymous session."""
+        return f"cells/{self.party}" if self.party else f"cells/anon-{self.id}"
 
     def check_token(self, token: Any) -> None:
         if not isinstance(token, str) or not secrets.compare_digest(token, self.token):

@@ -135,12 +135,32 @@ class AttestationCard:
             f"  platform      {r.platform}",
             f"  python        {manifest.get('python', '?')}, {len(manifest.get('files', []))} measured files",
             f"  evidence age  {humanize_age(r.age(self.now))} (signed {r.evidence_time:%Y-%m-%d %H:%M:%S} UTC)",
+            f"  sandbox       {'' if r.sandboxed else '✗ '}{r.sandbox_note}",
             "  native (unsafe) components, measured by library digest:",
         ]
         lines += [f"    {n:<14} {v:<16} {_libraries(k)}" for n, v, k in self._components()]
         lines.append("  checks:")
         lines += [f"    {'✓' if ok else '✗'} {name}: {detail}" for ok, name, detail in self._all_checks()]
         return "\n".join(lines)
+
+    def _sandbox_details(self) -> str:
+        sb = self.report.sandbox
+        if not sb.get("active"):
+            return ""
+        e = html.escape
+        seccomp = sb.get("seccomp") or {}
+        limits = sb.get("limits") or {}
+        rows = [
+            ("uid", str(sb.get("uid_mode", "?"))),
+            ("bubblewrap", str(sb.get("bubblewrap", "?"))),
+            ("seccomp", f"{seccomp.get('rules', '?')} rules, BPF sha256 {str(seccomp.get('bpf_sha256', '?'))[:16]}…"),
+            ("landlock", str(sb.get("landlock", "?"))),
+            ("cgroup", str(sb.get("cgroup", "?"))),
+            ("limits", ", ".join(f"{k}={v}" for k, v in sorted(limits.items()))),
+            ("self-test", ", ".join(sb.get("self_test") or [])),
+        ]
+        body = "".join(f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in rows)
+        return f"<details><summary>sandbox details</summary><table>{body}</table></details>"
 
     def _repr_html_(self) -> str:
         r = self.report
@@ -174,6 +194,8 @@ class AttestationCard:
             f"{len(manifest.get('files', []))} measured files</td></tr>"
             f"<tr><td><b>evidence age</b></td><td>{e(humanize_age(r.age(self.now)))} "
             f"<span style='color:{_GREY}'>(signed {r.evidence_time:%Y-%m-%d %H:%M:%S} UTC)</span></td></tr>"
+            f"<tr><td><b>sandbox</b></td><td style='color:{_GREEN if r.sandboxed else _RED}'>"
+            f"{'' if r.sandboxed else '<b>NO SANDBOX</b> '}{e(r.sandbox_note)}{self._sandbox_details()}</td></tr>"
             "</table>"
             "<details><summary>native (unsafe) components, measured by library digest "
             f"({len(self._components())})</summary><table>{comps}</table></details>"

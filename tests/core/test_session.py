@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 
 import mesatee_notebook as mn
@@ -148,9 +149,15 @@ def test_interrupt_from_another_thread(session):
     assert len(errors) == 1 and isinstance(errors[0], RemoteInterrupted)
 
 
+def _host_pid(session):
+    """The executor's pid on the host (inside its sandbox it has a PID namespace of its own)."""
+    (info,) = [s for s in session.sessions() if s["session"] == session.id]
+    return info["pid"]
+
+
 def test_killed_executor_gives_clear_error_and_restart_recovers(session):
-    pid = session.run("import os\nos.getpid()").value
-    os.kill(pid, signal.SIGKILL)
+    assert session.run("import os\nos.getpid()").value < 10  # its own PID namespace
+    os.kill(_host_pid(session), signal.SIGKILL)
     time.sleep(0.2)
     with pytest.raises(ExecutorCrashed, match="SIGKILL"):
         session.run("1")
@@ -172,8 +179,9 @@ def test_many_sessions_at_once(kernel):
         for t in threads:
             t.join(60)
         assert results == {i: i * 10 for i in range(4)}
-        pids = {s.run("import os\nos.getpid()").value for s in sessions}
+        pids = {_host_pid(s) for s in sessions}
         assert len(pids) == 4
+        assert all(psutil.pid_exists(p) for p in pids)
     finally:
         for s in sessions:
             s.close()
@@ -195,7 +203,9 @@ def test_executor_holds_no_key_material_and_is_hardened(session, kernel):
     assert dumpable == 0
     assert core == [0, 0]
     assert env_keys == []
-    assert ppid == info["pid"]
+    assert ppid == 1  # bubblewrap's init: the supervisor is outside the sandbox's PID namespace
+    assert not session.run(f"import os\nos.path.exists('/proc/{info['pid']}/cmdline') and "
+                           f"b'serve' in open('/proc/{info['pid']}/cmdline', 'rb').read()").value
     assert b"platform_key" not in cmdline and b"sealing" not in cmdline
     limits = Path(f"/proc/{info['pid']}/limits").read_text()
     core_line = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
@@ -207,9 +217,13 @@ def test_trusted_and_untrusted_apis(session, kernel, tmp_path):
     assert session.run("mesatee.open('notes', 'r').read()").value == "sealed text"
     sealed_files = [p for p in (kernel.data_dir / "sealed").rglob("*") if p.is_file()]
     assert sealed_files and all(b"sealed text" not in p.read_bytes() for p in sealed_files)
-    host_file = tmp_path / "plain.txt"
+    host_file = kernel.untrusted_dir / "plain.txt"
     host_file.write_text("host data")
     assert session.run(f"mesatee.untrusted_open({str(host_file)!r}).read()").value == "host data"
+    elsewhere = tmp_path / "plain.txt"
+    elsewhere.write_text("not shared")
+    with pytest.raises(mn.RemoteExecutionError, match="shared host directory"):
+        session.run(f"mesatee.untrusted_open({str(elsewhere)!r}).read()")
     session.run("mesatee.untrusted_log('hello host')")
     with pytest.raises(mn.MesateeError):
         session.run("mesatee.open('never-written', 'rb').read()")

@@ -55,6 +55,7 @@ def identity(local_tpm: Any) -> KernelIdentity:
 def _policy(identity: KernelIdentity, **kw: Any) -> mn.Policy:
     assert identity.tpm is not None
     kw.setdefault("platform_roots", [ak_fingerprint(identity.tpm.ak_public)])
+    kw.setdefault("require_sandbox", False)  # an in-process identity, not a kernel: it runs no cells
     return mn.Policy(measurements=[identity.measurement], min_level="tpm", **kw)
 
 

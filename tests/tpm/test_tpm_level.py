@@ -254,3 +254,24 @@ def test_tpm_info_beside_a_serving_kernel_prints_the_same_ak(tpm_kernel: TpmKern
     s.close()
     with pytest.raises(ValueError, match="tpm_ek_roots entry"):
         mn.Policy(tpm_ek_roots=["/nonexistent/ca.pem"])
+
+
+def test_tpm_kernel_without_a_sandbox_is_refused_by_default(tmp_path: Any) -> None:
+    """The TPM path checks the sandbox report like softtee's (a TPM measures; it does not isolate parties)."""
+    from mesatee_notebook.errors import SandboxRequired
+    from tests.conftest import start_kernel, stop_kernel
+    from tests.tpm.conftest import start_swtpm, stop_swtpm, tpm_info
+
+    tpm = start_swtpm(tmp_path / "swtpm")  # its own TPM: this kernel's launch resets PCR 16
+    try:
+        ak = tpm_info(tpm.tcti)
+        k = start_kernel(tmp_path / "k", "--tcti", tpm.tcti, "--tpm-app-pcr", "16", "--no-sandbox", level="tpm")
+        try:
+            pins: dict[str, Any] = {"platform_roots": [ak], "measurements": [k.measurement], "min_level": "tpm"}
+            with pytest.raises(SandboxRequired, match="WITHOUT a sandbox"):
+                mn.connect(k.url, policy=mn.Policy(**pins))
+            mn.connect(k.url, policy=mn.Policy(require_sandbox=False, **pins)).close()
+        finally:
+            stop_kernel(k)
+    finally:
+        stop_swtpm(tpm)
