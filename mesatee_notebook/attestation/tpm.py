@@ -53,7 +53,7 @@ try:  # CFB lives in "decrepit" since cryptography 47; TPM2_MakeCredential still
 except ImportError:  # pragma: no cover - older cryptography
     from cryptography.hazmat.primitives.ciphers.modes import CFB
 
-from mesatee_notebook.attestation.measurement import measurement_of
+from mesatee_notebook.attestation.measurement import canonical_json, measurement_of
 from mesatee_notebook.errors import (
     EkChainError,
     MalformedEvidence,
@@ -402,15 +402,9 @@ def make_tpm_evidence(
     ek_cert: bytes = b"",
 ) -> bytes:
     """Build the CBOR evidence; ``quoter(qualifying_data) -> (attest, signature)`` asks the TPM."""
-    body = _canonical({**statement, "ek_cert_sha256": hashlib.sha256(ek_cert).hexdigest()})
+    body = canonical_json({**statement, "ek_cert_sha256": hashlib.sha256(ek_cert).hexdigest()})
     attest, signature = quoter(statement_qualifying_data(body))
     return bytes(cbor2.dumps(cbor2.CBORTag(TPM_TAG, [body, attest, signature, ak_public, ek_cert])))
-
-
-def _canonical(value: Any) -> bytes:
-    from mesatee_notebook.attestation.measurement import canonical_json
-
-    return canonical_json(value)
 
 
 _REQUIRED: dict[str, type] = {

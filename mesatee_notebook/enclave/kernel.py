@@ -739,7 +739,11 @@ class Kernel:
 
     def _refresher(self) -> None:
         while not self.stopping.wait(self.config.refresh_interval):
-            self.identity.refresh()
+            try:
+                self.identity.refresh()
+            except MesateeError as exc:  # e.g. the TPM stopped answering: keep the current certificate
+                log.warning("could not refresh the evidence: %s", exc)
+                continue
             log.info("evidence and certificate refreshed")
 
     def _handle(self, raw: socket.socket, peer: str) -> None:

@@ -209,7 +209,11 @@ class Tpm:
         with self._lock:
             pending = list(self.pcrs)
             while pending:
-                _, selected, values = self._esapi.pcr_read("sha256:" + ",".join(map(str, pending)))
+                try:
+                    _, selected, values = self._esapi.pcr_read("sha256:" + ",".join(map(str, pending)))
+                except self.errors as exc:
+                    msg = f"the kernel's TPM at {self.tcti!r} did not read its PCRs: {_explain(exc)}"
+                    raise LevelNotAvailableError(msg, level="tpm") from exc
                 got = [i for s in selected for i in range(24) if s.pcrSelect[i // 8] >> (i % 8) & 1]
                 if not got:
                     break

@@ -240,3 +240,17 @@ def test_parsers_refuse_damaged_structures_with_typed_errors(identity: KernelIde
     except (MalformedEvidence, QuoteSignatureError):
         return
     assert damaged == blob  # only an undamaged structure gets through
+
+
+def test_a_tpm_that_stops_answering_gives_a_typed_error(tmp_path: Path) -> None:
+    from mesatee_notebook.enclave.tpm import open_tpm
+    from tests.tpm.conftest import start_swtpm, stop_swtpm
+
+    swtpm = start_swtpm(tmp_path / "swtpm")
+    tpm = open_tpm(swtpm.tcti, app_pcr=16, with_ek=False)
+    stop_swtpm(swtpm)
+    with pytest.raises(mn.LevelNotAvailableError, match="did not quote"):
+        tpm.quote(b"\x00" * 32)
+    with pytest.raises(mn.LevelNotAvailableError, match="did not read its PCRs"):
+        tpm.read_pcrs()
+    tpm.close()
