@@ -22,6 +22,8 @@ keeps working::
     │   ├── ReplayedQuote (StaleEvidence)            a TPM quote that does not commit to this connection's nonce
     │   ├── PcrDigestMismatch                        reported PCR values are not the ones the TPM quoted
     │   ├── PcrMismatch (MeasurementMismatch)        a PCR differs from the policy or the expected measurement
+    │   │   ├── AppPcrMismatch                       the application PCR does not hold the accepted measurement
+    │   │   └── BootPcrMismatch                      a boot PCR differs from the policy's golden value
     │   ├── UntrustedAttestationKey (UntrustedPlatform)  a TPM AK the policy does not pin
     │   ├── EkChainError (UntrustedPlatform)         a TPM's EK certificate does not chain to a pinned CA
     │   ├── CredentialActivationFailed               the TPM could not prove the AK sits beside the certified EK
@@ -78,6 +80,8 @@ __all__ = [
     "AttestationError",
     "PcrDigestMismatch",
     "PcrMismatch",
+    "AppPcrMismatch",
+    "BootPcrMismatch",
     "QualifyingDataMismatch",
     "QuoteSignatureError",
     "ReplayedQuote",
@@ -268,6 +272,20 @@ class PcrMismatch(MeasurementMismatch):
 
     code = "attestation.pcr"
     check = "pcr"
+
+
+class AppPcrMismatch(PcrMismatch):
+    """The application PCR is not SHA-256(0^32 || measurement) for the accepted measurement."""
+
+    code = "attestation.pcr.app"
+    check = "app-pcr"
+
+
+class BootPcrMismatch(PcrMismatch):
+    """A boot PCR the policy names is missing from the quote or differs from its golden value."""
+
+    code = "attestation.pcr.boot"
+    check = "boot-pcr"
 
 
 class UntrustedAttestationKey(UntrustedPlatform):

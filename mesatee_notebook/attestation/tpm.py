@@ -55,10 +55,11 @@ except ImportError:  # pragma: no cover - older cryptography
 
 from mesatee_notebook.attestation.measurement import canonical_json, measurement_of
 from mesatee_notebook.errors import (
+    AppPcrMismatch,
+    BootPcrMismatch,
     EkChainError,
     MalformedEvidence,
     PcrDigestMismatch,
-    PcrMismatch,
     QualifyingDataMismatch,
     QuoteSignatureError,
     ReplayedQuote,
@@ -379,19 +380,19 @@ class TpmEvidence:
                 f"{measurement[:16]}… launched from a reset PCR gives {expected[:16]}…: another program "
                 "was measured into it, or it was extended again after launch"
             )
-            raise PcrMismatch(msg, pcr=app)
+            raise AppPcrMismatch(msg, pcr=app)
         for index, value in sorted(golden.items()):
             if index == app:
                 continue
             if index not in pcrs:
                 msg = f"the policy names boot PCR {index}, but the kernel's quote does not cover it"
-                raise PcrMismatch(msg, pcr=index)
+                raise BootPcrMismatch(msg, pcr=index)
             if pcrs[index] != value:
                 msg = (
                     f"boot PCR {index} is {pcrs[index][:16]}…, not the policy's {value[:16]}…: this machine "
                     "booted different firmware, boot loader or kernel"
                 )
-                raise PcrMismatch(msg, pcr=index)
+                raise BootPcrMismatch(msg, pcr=index)
 
 
 def make_tpm_evidence(

@@ -35,9 +35,9 @@ from mesatee_notebook.attestation.tpm import (
 )
 from mesatee_notebook.enclave.identity import KernelIdentity
 from mesatee_notebook.errors import (
+    AppPcrMismatch,
     MalformedEvidence,
     PcrDigestMismatch,
-    PcrMismatch,
     QualifyingDataMismatch,
     QuoteSignatureError,
     ReplayedQuote,
@@ -161,7 +161,7 @@ def test_app_pcr_extended_after_launch_is_refused(identity: KernelIdentity, loca
         esapi.close()
     try:
         identity.refresh()
-        with pytest.raises(PcrMismatch, match="application PCR 16"):
+        with pytest.raises(AppPcrMismatch, match="application PCR 16"):
             verify_certificate(identity.certificate_der, _policy(identity))
     finally:
         local_tpm.measured_launch(identity.measurement)

@@ -17,10 +17,10 @@ from mesatee_notebook.attestation.policy import check_tpm_hello, tpm_hello_reque
 from mesatee_notebook.attestation.ratls import evidence_from_certificate, load_certificate
 from mesatee_notebook.attestation.tpm import TPM_TAG
 from mesatee_notebook.errors import (
+    BootPcrMismatch,
     CredentialActivationFailed,
     EkChainError,
     MeasurementMismatch,
-    PcrMismatch,
     ReplayedQuote,
     SoftwareTpmNotAllowed,
     UntrustedAttestationKey,
@@ -122,9 +122,9 @@ def test_boot_pcrs_checked_against_the_policy(tpm_kernel: TpmKernel) -> None:
     zeros = "00" * 32  # swtpm has no firmware: its boot PCRs stay at zero
     s = mn.connect(tpm_kernel.kernel.url, policy=tpm_kernel.policy(tpm_pcrs={0: zeros, 7: zeros}))
     s.close()
-    with pytest.raises(PcrMismatch, match="boot PCR 7"):
+    with pytest.raises(BootPcrMismatch, match="boot PCR 7"):
         mn.connect(tpm_kernel.kernel.url, policy=tpm_kernel.policy(tpm_pcrs={0: zeros, 7: "11" * 32}))
-    with pytest.raises(PcrMismatch, match="does not cover"):
+    with pytest.raises(BootPcrMismatch, match="does not cover"):
         mn.connect(tpm_kernel.kernel.url, policy=tpm_kernel.policy(tpm_pcrs={10: zeros}))
 
 
