@@ -1,10 +1,11 @@
-"""Command lines: ``mesatee-enclave init-platform|serve|migrate`` and ``mesatee attest|verify-receipt``."""
+"""Command lines: ``mesatee-enclave init-platform|serve|migrate|tpm-info`` and ``mesatee attest|verify-receipt``."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import logging
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -52,6 +53,7 @@ def _enclave_parser() -> argparse.ArgumentParser:
     sb.add_argument("--tmp-size", type=_size, default=1 << 30, help="size of each sandbox's /tmp and /dev/shm")
     sp.add_argument("--max-payload", type=_size, default=16 << 30, help="largest accepted request payload")
     sp.add_argument("--max-cell-timeout", type=float, default=24 * 3600.0)
+    _tpm_arguments(sp)
     sp.add_argument("-v", "--verbose", action="store_true")
     mp = sub.add_parser(
         "migrate",
@@ -59,6 +61,8 @@ def _enclave_parser() -> argparse.ArgumentParser:
     )
     mp.add_argument("--to", required=True, help="the measurement of the new version (64 hex digits)")
     mp.add_argument("--data-dir", type=Path, default=_default_data_dir())
+    tp = sub.add_parser("tpm-info", help="print a TPM's attestation key fingerprint and PCRs (what clients pin)")
+    _tpm_arguments(tp)
     return p
 
 
@@ -98,6 +102,53 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pcr_list(text: str) -> tuple[int, ...]:
+    out: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return tuple(out)
+
+
+def _tpm_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--tcti",
+        default=None,
+        help="TPM for --level tpm: device:/dev/tpmrm0 (a chip) or swtpm:host=127.0.0.1,port=2321 (software TPM)",
+    )
+    sp.add_argument("--tpm-app-pcr", type=int, default=23, help="resettable PCR the kernel measures into (23, or 16)")
+    sp.add_argument("--tpm-boot-pcrs", type=_pcr_list, default=(0, 1, 2, 3, 4, 5, 6, 7), help="boot PCRs to quote")
+
+
+def _tpm_info(args: argparse.Namespace) -> int:
+    from mesatee_notebook.attestation.measurement import expected_measurement
+    from mesatee_notebook.attestation.tpm import ak_fingerprint, app_pcr_value
+    from mesatee_notebook.enclave.tpm import open_tpm
+
+    # with_ek=False: the EK's certificate is read, but no EK object is loaded (a serving kernel may hold
+    # two of swtpm's three object slots).
+    with open_tpm(args.tcti, app_pcr=args.tpm_app_pcr, boot_pcrs=args.tpm_boot_pcrs, with_ek=False) as tpm:
+        pcrs = tpm.read_pcrs()
+        kind = "software TPM" if tpm.kind == "software" else "says it is a chip"
+        print(f"TPM 2.0 {tpm.vendor} ({kind}) at {args.tcti}")
+        print(f"attestation key fingerprint (pin this as a platform root): {ak_fingerprint(tpm.ak_public)}")
+        if tpm.ek_cert:
+            from cryptography import x509
+
+            issuer = x509.load_der_x509_certificate(tpm.ek_cert).issuer.rfc4514_string()
+            print(f"EK certificate issued by {issuer} (pin that CA's certificates as tpm_ek_roots)")
+        else:
+            print("no RSA EK certificate in NV: clients must pin the AK")
+        print("boot PCRs (SHA-256; pin the ones you trust as tpm_pcrs in the client policy):")
+        for i, v in sorted(pcrs.items()):
+            if i != tpm.app_pcr:
+                print(f"  {i:>2} = {v}")
+        print(f"application PCR {tpm.app_pcr} after launch of this install: {app_pcr_value(expected_measurement())}")
+        if tpm.kind == "software":
+            print("a software TPM is SOFTWARE trust: whoever runs it holds its keys and can reset its PCRs.")
+    return 0
+
+
 def enclave_main(argv: list[str] | None = None) -> int:
     """``mesatee-enclave``."""
     args = _enclave_parser().parse_args(argv)
@@ -112,6 +163,8 @@ def enclave_main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "migrate":
             return _migrate(args)
+        if args.cmd == "tpm-info":
+            return _tpm_info(args)
         from mesatee_notebook.attestation.levels import Level
         from mesatee_notebook.enclave.kernel import Kernel, KernelConfig
         from mesatee_notebook.wire.framing import Limits
@@ -155,12 +208,26 @@ def enclave_main(argv: list[str] | None = None) -> int:
             sandbox_limits=limits,
             limits=Limits(max_payload=args.max_payload),
             max_cell_timeout=args.max_cell_timeout,
+            tcti=args.tcti,
+            tpm_app_pcr=args.tpm_app_pcr,
+            tpm_boot_pcrs=args.tpm_boot_pcrs,
         )
         kernel = Kernel(cfg)
+        # SIGTERM stops the kernel cleanly, like Ctrl-C: executors end and TPM objects are flushed
+        # (swtpm without a resource manager would otherwise keep them).
+        signal.signal(signal.SIGTERM, lambda signum, frame: kernel.stopping.set())
         host, port = kernel.bind()
         print(f"mesatee-enclave serving {level.label} on mesatee://{host}:{port}", flush=True)
         print(f"  measurement {kernel.identity.measurement}", flush=True)
         print(f"  platform    {kernel.platform_fingerprint}", flush=True)
+        if kernel.tpm is not None:
+            from mesatee_notebook.attestation.tpm import ak_fingerprint
+
+            tpm = kernel.tpm
+            print(f"  TPM AK      {ak_fingerprint(tpm.ak_public)} (pin this as a platform root)", flush=True)
+            print(f"  TPM         {tpm.vendor} ({tpm.kind}), application PCR {tpm.app_pcr}", flush=True)
+            if tpm.kind == "software":
+                print("  a software TPM is SOFTWARE trust: whoever runs swtpm holds its keys.", flush=True)
         print(f"  {level.trust_note}", flush=True)
         if kernel.sandbox is not None:
             print(f"  sandbox     {kernel.sandbox.summary()}", flush=True)
@@ -185,6 +252,8 @@ def _client_parser() -> argparse.ArgumentParser:
     ap.add_argument("--measurement", action="append", default=None, help="accepted measurement (repeat)")
     ap.add_argument("--min-level", default=None)
     ap.add_argument("--allow-unprotected", action="store_true")
+    ap.add_argument("--refuse-software-tpm", action="store_true", help="refuse swtpm and uncertified TPMs")
+    ap.add_argument("--tpm-pcr", action="append", default=[], help="golden boot PCR INDEX=HEX (repeat)")
     ap.add_argument("--evidence", type=Path, help="a quote, SNP report or RA-TLS certificate file")
     ap.add_argument("--cert-chain", type=Path, help="PEM chain for --evidence (e.g. VCEK/ASK/ARK)")
     ap.add_argument("--as-of", help="judge certificate validity at this date (YYYY-MM-DD)")
@@ -217,6 +286,11 @@ def _policy(args: argparse.Namespace) -> object:
         pol = replace(pol, min_level=Level.parse(args.min_level))
     if getattr(args, "allow_unprotected", False):
         pol = replace(pol, allow_unprotected=True)
+    if getattr(args, "refuse_software_tpm", False):
+        pol = replace(pol, allow_software_tpm=False)
+    if getattr(args, "tpm_pcr", None):
+        golden = dict(pol.tpm_pcrs) | {int(i): v for i, _, v in (t.partition("=") for t in args.tpm_pcr)}
+        pol = replace(pol, tpm_pcrs=tuple(sorted(golden.items())))
     return pol
 
 
@@ -255,7 +329,7 @@ def client_main(argv: list[str] | None = None) -> int:
         assert isinstance(policy, Policy)
         v = verify_receipt(args.receipt, policy)
         p = v.predicate
-        print(f"receipt OK: {p.get('kind')} in session {p.get('session')} at level {p.get('level')}")
+        print(f"receipt OK: {p.get('kind')} in session {p.get('session')} at level {v.attestation.level_text}")
         print(f"  measurement {p.get('measurement')}")
         print(f"  nonce       {p.get('nonce')}")
         print(f"  code sha256 {p.get('code', {}).get('sha256')}")

@@ -17,6 +17,17 @@ keeps working::
     │   ├── UnprotectedNotAllowed                    an unprotected kernel without explicit opt-in
     │   ├── CertificateExpired                       a certificate outside its validity period
     │   ├── DebugNotAllowed                          a debug enclave or guest without opt-in
+    │   ├── QuoteSignatureError (EvidenceSignatureError)  the AK's signature over a TPM quote fails
+    │   ├── QualifyingDataMismatch (KeyBindingError) a TPM quote's qualifying data is not this evidence's
+    │   ├── ReplayedQuote (StaleEvidence)            a TPM quote that does not commit to this connection's nonce
+    │   ├── PcrDigestMismatch                        reported PCR values are not the ones the TPM quoted
+    │   ├── PcrMismatch (MeasurementMismatch)        a PCR differs from the policy or the expected measurement
+    │   │   ├── AppPcrMismatch                       the application PCR does not hold the accepted measurement
+    │   │   └── BootPcrMismatch                      a boot PCR differs from the policy's golden value
+    │   ├── UntrustedAttestationKey (UntrustedPlatform)  a TPM AK the policy does not pin
+    │   ├── EkChainError (UntrustedPlatform)         a TPM's EK certificate does not chain to a pinned CA
+    │   ├── CredentialActivationFailed               the TPM could not prove the AK sits beside the certified EK
+    │   ├── SoftwareTpmNotAllowed                    a software (or uncertified) TPM the policy refuses
     │   └── SandboxRequired                          the kernel runs cells without the sandbox the policy requires
     ├── LevelNotAvailableError (RuntimeError)        no provider for that level on this platform
     │   └── SandboxUnavailable                       this host lacks what the executor sandbox needs (named)
@@ -67,6 +78,17 @@ __all__ = [
     "CompileTimeout",
     "CompileError",
     "AttestationError",
+    "PcrDigestMismatch",
+    "PcrMismatch",
+    "AppPcrMismatch",
+    "BootPcrMismatch",
+    "QualifyingDataMismatch",
+    "QuoteSignatureError",
+    "ReplayedQuote",
+    "SoftwareTpmNotAllowed",
+    "UntrustedAttestationKey",
+    "EkChainError",
+    "CredentialActivationFailed",
     "CertificateExpired",
     "DebugNotAllowed",
     "EncodingError",
@@ -217,6 +239,81 @@ class DebugNotAllowed(AttestationError):
     check = "debug"
 
 
+class QuoteSignatureError(EvidenceSignatureError):
+    """The attestation key's signature over a TPM quote does not verify, or names another key."""
+
+    code = "attestation.quote-signature"
+    check = "quote-signature"
+
+
+class QualifyingDataMismatch(KeyBindingError):
+    """A TPM quote's qualifying data does not commit to the evidence (and so to the TLS/receipt keys)."""
+
+    code = "attestation.qualifying-data"
+    check = "qualifying-data"
+
+
+class ReplayedQuote(StaleEvidence):
+    """A connection's TPM quote does not commit to the nonce the client sent on it."""
+
+    code = "attestation.replay"
+    check = "fresh-quote"
+
+
+class PcrDigestMismatch(AttestationError):
+    """The PCR values the evidence reports are not the ones the TPM digested into the quote."""
+
+    code = "attestation.pcr-digest"
+    check = "pcr-digest"
+
+
+class PcrMismatch(MeasurementMismatch):
+    """A PCR differs from the policy's golden value, or the application PCR from the measurement."""
+
+    code = "attestation.pcr"
+    check = "pcr"
+
+
+class AppPcrMismatch(PcrMismatch):
+    """The application PCR is not SHA-256(0^32 || measurement) for the accepted measurement."""
+
+    code = "attestation.pcr.app"
+    check = "app-pcr"
+
+
+class BootPcrMismatch(PcrMismatch):
+    """A boot PCR the policy names is missing from the quote or differs from its golden value."""
+
+    code = "attestation.pcr.boot"
+    check = "boot-pcr"
+
+
+class UntrustedAttestationKey(UntrustedPlatform):
+    """A TPM attestation key the policy does not pin."""
+
+    code = "attestation.ak"
+    check = "attestation-key"
+
+
+class EkChainError(UntrustedPlatform):
+    """A TPM's EK certificate is missing, or does not chain to an EK CA the policy pins."""
+
+    code = "attestation.ek-chain"
+    check = "ek-chain"
+
+
+class CredentialActivationFailed(AttestationError):
+    """TPM2_ActivateCredential did not return the client's secret: the AK is not in the certified TPM."""
+
+    code = "attestation.activation"
+    check = "credential-activation"
+
+
+class SoftwareTpmNotAllowed(AttestationError):
+    """A software TPM (or one no manufacturer certificate vouches for), and the policy refuses those."""
+
+    code = "attestation.software-tpm"
+    check = "tpm-kind"
 class SandboxRequired(AttestationError):
     """The kernel runs cells without the sandbox this policy requires (``--no-sandbox``)."""
 

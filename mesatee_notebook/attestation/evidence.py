@@ -14,6 +14,7 @@ number is this project's own content type (``SOFTTEE_TAG``), distinct from tag 6
 used by interoperable RA-TLS for SGX quotes.
 
 softtee is *software* trust: the host operator can read the kernel's memory.
+TPM evidence (``attestation/tpm.py``) travels in the same extension under its own CBOR tag.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from mesatee_notebook.attestation.levels import Level
 from mesatee_notebook.attestation.measurement import canonical_json, measurement_of
+from mesatee_notebook.attestation.tpm import TPM_TAG, TpmEvidence, parse_tpm_evidence
 from mesatee_notebook.errors import EvidenceSignatureError, MalformedEvidence
 
 __all__ = [
@@ -137,15 +139,17 @@ def make_evidence(
     return bytes(cbor2.dumps(cbor2.CBORTag(SOFTTEE_TAG, [body, sig, pub])))
 
 
-def parse_evidence(raw: bytes) -> SoftteeEvidence:
-    """Parse evidence bytes; raise MalformedEvidence on anything unexpected."""
+def parse_evidence(raw: bytes) -> SoftteeEvidence | TpmEvidence:
+    """Parse evidence bytes (softtee/unprotected, or TPM); raise MalformedEvidence on anything unexpected."""
     try:
         tagged = cbor2.loads(raw)
     except Exception as exc:  # cbor2 raises several types on garbage
         msg = f"evidence is not valid CBOR: {type(exc).__name__}"
         raise MalformedEvidence(msg) from exc
+    if isinstance(tagged, cbor2.CBORTag) and tagged.tag == TPM_TAG:
+        return parse_tpm_evidence(raw, tagged.value)
     if not isinstance(tagged, cbor2.CBORTag) or tagged.tag != SOFTTEE_TAG:
-        msg = "evidence is not mesatee softtee evidence (unexpected CBOR tag)"
+        msg = "evidence is neither mesatee softtee nor TPM evidence (unexpected CBOR tag)"
         raise MalformedEvidence(msg)
     value = tagged.value
     if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, bytes) for v in value)):

@@ -69,7 +69,10 @@ LEVEL_DESCRIPTIONS: dict[Level, str] = {
         "softtee is SOFTWARE trust: a platform key you pinned vouches for the measured code, "
         "but the host operator can read the kernel's memory. No hardware isolation."
     ),
-    Level.TPM: "tpm: a TPM quote vouches for the measured boot chain; memory is not encrypted.",
+    Level.TPM: (
+        "tpm: a TPM 2.0 quote vouches for the boot PCRs the policy pins and for the kernel's measurement in the "
+        "application PCR; memory is not encrypted. With swtpm (a software TPM) it is software trust."
+    ),
     Level.SEV: "sev: an AMD SEV-SNP or Intel TDX guest; the CPU vendor vouches for the launch measurement.",
     Level.SGX: "sgx: an Intel SGX enclave; Intel's root vouches for MRENCLAVE/MRSIGNER.",
 }

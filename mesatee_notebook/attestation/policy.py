@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import hmac
 import html
+import secrets
 import tomllib
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,19 +26,33 @@ from mesatee_notebook.attestation.evidence import fingerprint, parse_evidence, r
 from mesatee_notebook.attestation.levels import Level
 from mesatee_notebook.attestation.measurement import expected_measurement
 from mesatee_notebook.attestation.ratls import evidence_from_certificate, load_certificate, spki_der
+from mesatee_notebook.attestation.tpm import TpmEvidence, ak_fingerprint, tpm_kind_of, verify_ek_chain
 from mesatee_notebook.errors import (
     CertificateExpired,
+    CredentialActivationFailed,
+    EkChainError,
     KeyBindingError,
     LevelTooLow,
     MalformedEvidence,
     MeasurementMismatch,
+    ReplayedQuote,
     SandboxRequired,
+    SoftwareTpmNotAllowed,
     StaleEvidence,
     UnprotectedNotAllowed,
+    UntrustedAttestationKey,
     UntrustedPlatform,
 )
 
-__all__ = ["AttestationReport", "Check", "Policy", "UnprotectedWarning", "verify_certificate"]
+__all__ = [
+    "AttestationReport",
+    "Check",
+    "Policy",
+    "UnprotectedWarning",
+    "check_tpm_hello",
+    "tpm_hello_request",
+    "verify_certificate",
+]
 
 _CLOCK_SKEW = 300.0
 
@@ -66,6 +82,43 @@ def _root_fingerprint(root: str) -> str:
     return fingerprint(key.public_bytes(Encoding.Raw, PublicFormat.Raw))
 
 
+def _ek_roots(items: Iterable[str | bytes | Path]) -> tuple[bytes, ...]:
+    from cryptography import x509
+
+    out: list[bytes] = []
+    for item in items:
+        data: bytes
+        try:
+            if isinstance(item, bytes):
+                data = item
+            elif isinstance(item, Path) or "BEGIN CERTIFICATE" not in item:
+                data = Path(item).expanduser().read_bytes()
+            else:
+                data = item.encode()
+            certs = (
+                x509.load_pem_x509_certificates(data)
+                if b"BEGIN CERTIFICATE" in data
+                else [x509.load_der_x509_certificate(data)]
+            )
+        except (OSError, ValueError) as exc:
+            msg = f"tpm_ek_roots entry {str(item)[:80]!r} is not a CA certificate (PEM, DER, or a file of one): {exc}"
+            raise ValueError(msg) from exc
+        out.extend(c.public_bytes(Encoding.DER) for c in certs)
+    return tuple(out)
+
+
+def _golden_pcrs(pcrs: Mapping[int | str, str] | Iterable[tuple[int, str]]) -> tuple[tuple[int, str], ...]:
+    out: dict[int, str] = {}
+    for index, value in pcrs.items() if isinstance(pcrs, Mapping) else pcrs:
+        i = int(index)
+        text = str(value).lower().removeprefix("0x")
+        if not 0 <= i <= 23 or len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+            msg = f"tpm_pcrs needs PCR indices 0..23 mapped to 64-hex SHA-256 values; got {index!r}: {value!r}"
+            raise ValueError(msg)
+        out[i] = text
+    return tuple(sorted(out.items()))
+
+
 @dataclass(frozen=True)
 class Policy:
     """What a client accepts from a kernel.
@@ -73,7 +126,14 @@ class Policy:
     ``measurements=None`` means "the measurement of the mesatee_notebook installed here"
     (:func:`~mesatee_notebook.attestation.measurement.expected_measurement`).
     ``platform_roots`` are fingerprints (hex SHA-256 of the raw Ed25519 key), PEM keys or
-    paths to either. ``unprotected`` kernels are refused unless ``allow_unprotected``.
+    paths to either; for a ``tpm`` kernel, the fingerprint of its attestation key
+    (``mesatee-enclave tpm-info`` prints it). ``unprotected`` kernels are refused unless
+    ``allow_unprotected``. ``tpm_pcrs`` maps boot PCR indices to their golden SHA-256 values;
+    ``allow_software_tpm=False`` refuses swtpm and any TPM no manufacturer certificate vouches for.
+    ``tpm_ek_roots`` are EK CA certificates (PEM text, DER bytes or paths to PEM files: the TPM
+    manufacturer's root and intermediates, or swtpm's local CA). With them, a TPM kernel's AK need
+    not be pinned: its EK must chain to one, and the AK is proved to sit beside that EK by credential
+    activation on the live connection.
     """
 
     measurements: tuple[str, ...] | None = None
@@ -81,6 +141,13 @@ class Policy:
     min_level: Level = Level.SOFTTEE
     max_evidence_age: float = 24 * 3600.0
     allow_unprotected: bool = False
+    tpm_pcrs: tuple[tuple[int, str], ...] = ()
+    allow_software_tpm: bool = True
+    tpm_ek_roots: tuple[bytes, ...] = ()
+    # (AK fingerprint, EK certificate SHA-256) pairs proven by credential activation on an earlier connection
+    # under this policy. The binding is permanent (both keys derive from the TPM's endorsement seed), so
+    # later connections only need the fresh quote.
+    _tpm_activated: set[tuple[str, str]] = field(default_factory=set, init=False, compare=False, repr=False)
     require_sandbox: bool = True
 
     def __init__(
@@ -90,6 +157,9 @@ class Policy:
         min_level: Level | str = Level.SOFTTEE,
         max_evidence_age: float | dt.timedelta = 24 * 3600.0,
         allow_unprotected: bool = False,
+        tpm_pcrs: Mapping[int | str, str] | Iterable[tuple[int, str]] | None = None,
+        allow_software_tpm: bool = True,
+        tpm_ek_roots: Iterable[str | bytes | Path] = (),
         require_sandbox: bool = True,
     ) -> None:
         object.__setattr__(
@@ -102,6 +172,10 @@ class Policy:
         )
         object.__setattr__(self, "max_evidence_age", age)
         object.__setattr__(self, "allow_unprotected", bool(allow_unprotected))
+        object.__setattr__(self, "tpm_pcrs", _golden_pcrs(tpm_pcrs if tpm_pcrs is not None else {}))
+        object.__setattr__(self, "allow_software_tpm", bool(allow_software_tpm))
+        object.__setattr__(self, "tpm_ek_roots", _ek_roots(tpm_ek_roots))
+        object.__setattr__(self, "_tpm_activated", set())
         object.__setattr__(self, "require_sandbox", bool(require_sandbox))
 
     def with_roots(self, *roots: str) -> Policy:
@@ -113,12 +187,22 @@ class Policy:
         """Read a policy TOML file.
 
         Keys ``measurements``, ``platform_roots``, ``min_level``, ``max_evidence_age`` (seconds),
-        ``allow_unprotected`` and ``require_sandbox``, at top level or under ``[policy]``.
+        ``allow_unprotected``, ``require_sandbox``, ``tpm_pcrs`` (a table of index = hex),
+        ``allow_software_tpm`` and ``tpm_ek_roots``, at top level or under ``[policy]``.
         """
         data = tomllib.loads(Path(path).expanduser().read_text())
         data = data.get("policy", data)
-        known = {"measurements", "platform_roots", "min_level", "max_evidence_age", "allow_unprotected",
-                 "require_sandbox"}
+        known = {
+            "measurements",
+            "platform_roots",
+            "min_level",
+            "max_evidence_age",
+            "allow_unprotected",
+            "require_sandbox",
+            "tpm_pcrs",
+            "allow_software_tpm",
+            "tpm_ek_roots",
+        }
         unknown = set(data) - known
         if unknown:
             msg = (
@@ -152,6 +236,22 @@ class AttestationReport:
     evidence: bytes
     checks: tuple[Check, ...] = field(default=())
     verified_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    tpm_kind: str | None = None
+    tpm_vendor: str | None = None
+    audit_key: str | None = None
+    tpm_activation: bool = False
+
+    @property
+    def level_text(self) -> str:
+        """The level for people: ``tpm`` always names its kind (``TPM 2.0 (software TPM)``)."""
+        if self.level is Level.TPM:
+            return f"tpm — {_tpm_kind_text(self.tpm_kind)}"
+        return self.level.label
+
+    @property
+    def audit_signer(self) -> str:
+        """Fingerprint of the key that signs the kernel's audit log (the platform key, or one the TPM quoted)."""
+        return self.audit_key or self.platform
     sandbox: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -183,6 +283,12 @@ class AttestationReport:
     @property
     def trust_note(self) -> str:
         """One honest sentence on what this level protects."""
+        if self.level is Level.TPM and self.tpm_kind == "software":
+            return SOFTWARE_TPM_NOTE
+        if self.level is Level.TPM and self.tpm_kind == "hardware":
+            return CERTIFIED_TPM_NOTE
+        if self.level is Level.TPM:
+            return UNCERTIFIED_TPM_NOTE
         return self.level.trust_note
 
     def age(self, now: dt.datetime | None = None) -> dt.timedelta:
@@ -191,7 +297,7 @@ class AttestationReport:
 
     def __repr__(self) -> str:
         lines = [
-            f"mesatee attestation: level {self.level.label.upper()}",
+            f"mesatee attestation: level {self.level_text.upper()}",
             f"  {self.trust_note}",
             f"  measurement  {self.measurement}",
             "  local code   "
@@ -211,7 +317,8 @@ class AttestationReport:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        colour = {Level.UNPROTECTED: "#b00020", Level.SOFTTEE: "#b26a00"}.get(self.level, "#1b5e20")
+        software = self.level is Level.SOFTTEE or (self.level is Level.TPM and self.tpm_kind != "hardware")
+        colour = "#b00020" if self.level is Level.UNPROTECTED else "#b26a00" if software else "#1b5e20"
         rows = "".join(
             f"<tr><td>{'✓' if c.passed else '✗'}</td><td>{html.escape(c.name)}</td>"
             f"<td>{html.escape(c.detail)}</td></tr>"
@@ -225,7 +332,8 @@ class AttestationReport:
         )
         return (
             "<div class='mesatee-attestation' style='border:1px solid #ccc;padding:8px;font-family:sans-serif'>"
-            f"<div style='font-weight:bold;color:{colour}'>mesatee attestation: {self.level.label.upper()}</div>"
+            f"<div style='font-weight:bold;color:{colour}'>mesatee attestation: "
+            f"{html.escape(self.level_text.upper())}</div>"
             f"<div style='color:{colour}'>{html.escape(self.trust_note)}</div>"
             "<table>"
             f"<tr><td>measurement</td><td><code>{self.measurement}</code> {match}</td></tr>"
@@ -237,6 +345,18 @@ class AttestationReport:
         )
 
 
+SOFTWARE_TPM_NOTE = (
+    "tpm with a SOFTWARE TPM (swtpm): real TPM 2.0 quotes, but whoever runs swtpm holds its keys and can "
+    "reset its PCRs, so this is software trust like softtee; memory is not encrypted."
+)
+UNCERTIFIED_TPM_NOTE = (
+    "tpm: a TPM that says it is a chip quotes the boot PCRs and the application PCR with the AK you pinned; "
+    "no EK CA is pinned, so nothing tells it from a software TPM. The host can still read the kernel's memory."
+)
+CERTIFIED_TPM_NOTE = (
+    "tpm: a TPM chip whose EK chains to the CA you pinned quotes the boot PCRs and the application PCR; the "
+    "boot PCRs you pin are what it proves. The host OS can still read the kernel's memory."
+)
 def sandbox_note(sandbox: dict[str, Any], manifest: dict[str, Any]) -> str:
     """What the kernel's sandbox report says, in one sentence (never more than it proves)."""
     profile = manifest.get("sandbox") or {}
@@ -262,8 +382,13 @@ def verify_certificate(
     *,
     now: dt.datetime | None = None,
     check_freshness: bool = True,
+    live: bool = False,
 ) -> AttestationReport:
-    """Verify a kernel's RA-TLS certificate under ``policy``; raise the failing check's error."""
+    """Verify a kernel's RA-TLS certificate under ``policy``; raise the failing check's error.
+
+    ``live`` says a connection follows on which the client completes a TPM kernel's checks
+    (credential activation, fresh quote: :func:`check_tpm_hello`); offline, a TPM's AK must be pinned.
+    """
     now = now or dt.datetime.now(dt.UTC)
     checks: list[Check] = []
     cert = load_certificate(cert_der)
@@ -276,6 +401,8 @@ def verify_certificate(
     checks.append(Check("certificate validity", True, f"valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"))
     raw = evidence_from_certificate(cert)
     evidence = parse_evidence(raw)
+    if isinstance(evidence, TpmEvidence):
+        return _verify_tpm(cert_der, spki_der(cert), evidence, policy, now, check_freshness, checks, live)
     level = evidence.level
     checks.append(Check("evidence format", True, f"{evidence.statement['format']} in TCG DICE extension"))
 
@@ -311,47 +438,10 @@ def verify_certificate(
             raise UntrustedPlatform(msg, platform=platform)
         checks.append(Check("platform root", True, f"platform key {platform[:16]}… is pinned"))
     evidence.check_manifest()
-    sandbox = evidence.statement.get("sandbox")
-    sandbox = sandbox if isinstance(sandbox, dict) else {}
-    manifest = evidence.statement["manifest"]
-    if level is not Level.UNPROTECTED:
-        note = sandbox_note(sandbox, manifest)
-        if policy.require_sandbox and not (sandbox.get("active") and (manifest.get("sandbox") or {}).get("enabled")):
-            msg = (
-                "the kernel runs cells WITHOUT a sandbox (--no-sandbox): any party's cell could read the kernel's "
-                "platform key and sealing secret and every other party's data. Refused: this policy requires a "
-                "sandbox. Policy(require_sandbox=False) accepts such a kernel, for one that only you use."
-            )
-            raise SandboxRequired(msg)
-        checks.append(Check("sandbox", True, note if policy.require_sandbox else f"not required; {note}"))
-    measurement = str(evidence.statement["measurement"])
-    # A policy that pins measurements does not need this install's: skip the package walk on connect.
-    local = _local_measurement() if policy.measurements is None else None
-    accepted = policy.measurements if policy.measurements is not None else ((local,) if local else ())
-    if measurement not in accepted:
-        msg = (
-            f"the kernel runs code with measurement {measurement[:16]}…, which the policy does not accept "
-            f"(accepted: {', '.join(a[:16] + '…' for a in accepted) or 'none'}). The kernel's code differs "
-            "from what you expect."
-        )
-        raise MeasurementMismatch(msg, measurement=measurement)
-    checks.append(Check("measurement", True, f"{measurement[:16]}… is accepted"))
-
-    t = dt.datetime.fromtimestamp(int(evidence.statement["time"]), dt.UTC)
-    age = (now - t).total_seconds()
-    if check_freshness and (age > policy.max_evidence_age or age < -_CLOCK_SKEW):
-        msg = f"the evidence is {int(age)} s old; the policy accepts at most {int(policy.max_evidence_age)} s"
-        raise StaleEvidence(msg, age=age)
-    checks.append(Check("freshness", True, f"evidence {int(age)} s old (max {int(policy.max_evidence_age)} s)"))
-
-    expected_rd = report_data_for(spki_der(cert), evidence.receipt_key)
-    if evidence.statement["report_data"] != expected_rd:
-        msg = (
-            "the evidence's report data does not commit to this TLS key: the certificate was swapped "
-            "(a relay or man-in-the-middle is presenting someone else's evidence)"
-        )
-        raise KeyBindingError(msg)
-    checks.append(Check("key binding", True, "report data = SHA-256(TLS SPKI ‖ receipt key)"))
+    sandbox = _check_sandbox(evidence.statement, level, policy, checks)
+    measurement, local = _check_measurement(evidence.statement, policy, checks)
+    t = _check_freshness(evidence.statement, policy, now, check_freshness, checks)
+    _check_key_binding(evidence.statement, spki_der(cert), evidence.receipt_key, checks)
     return AttestationReport(
         level=level,
         measurement=measurement,
@@ -365,6 +455,254 @@ def verify_certificate(
         checks=tuple(checks),
         sandbox=sandbox,
     )
+
+
+def _check_sandbox(statement: dict[str, Any], level: Level, policy: Policy, checks: list[Check]) -> dict[str, Any]:
+    sandbox = statement.get("sandbox")
+    sandbox = sandbox if isinstance(sandbox, dict) else {}
+    manifest = statement["manifest"]
+    if level is not Level.UNPROTECTED:
+        note = sandbox_note(sandbox, manifest)
+        if policy.require_sandbox and not (sandbox.get("active") and (manifest.get("sandbox") or {}).get("enabled")):
+            msg = (
+                "the kernel runs cells WITHOUT a sandbox (--no-sandbox): any party's cell could read the kernel's "
+                "platform key and sealing secret and every other party's data. Refused: this policy requires a "
+                "sandbox. Policy(require_sandbox=False) accepts such a kernel, for one that only you use."
+            )
+            raise SandboxRequired(msg)
+        checks.append(Check("sandbox", True, note if policy.require_sandbox else f"not required; {note}"))
+    return sandbox
+
+
+def _check_measurement(statement: dict[str, Any], policy: Policy, checks: list[Check]) -> tuple[str, str | None]:
+    measurement = str(statement["measurement"])
+    # A policy that pins measurements does not need this install's: skip the package walk on connect.
+    local = _local_measurement() if policy.measurements is None else None
+    accepted = policy.measurements if policy.measurements is not None else ((local,) if local else ())
+    if measurement not in accepted:
+        msg = (
+            f"the kernel runs code with measurement {measurement[:16]}…, which the policy does not accept "
+            f"(accepted: {', '.join(a[:16] + '…' for a in accepted) or 'none'}). The kernel's code differs "
+            "from what you expect."
+        )
+        raise MeasurementMismatch(msg, measurement=measurement)
+    checks.append(Check("measurement", True, f"{measurement[:16]}… is accepted"))
+    return measurement, local
+
+
+def _check_freshness(
+    statement: dict[str, Any], policy: Policy, now: dt.datetime, check_freshness: bool, checks: list[Check]
+) -> dt.datetime:
+    t = dt.datetime.fromtimestamp(int(statement["time"]), dt.UTC)
+    age = (now - t).total_seconds()
+    if check_freshness and (age > policy.max_evidence_age or age < -_CLOCK_SKEW):
+        msg = f"the evidence is {int(age)} s old; the policy accepts at most {int(policy.max_evidence_age)} s"
+        raise StaleEvidence(msg, age=age)
+    checks.append(Check("freshness", True, f"evidence {int(age)} s old (max {int(policy.max_evidence_age)} s)"))
+    return t
+
+
+def _check_key_binding(statement: dict[str, Any], spki: bytes, receipt_key: bytes, checks: list[Check]) -> None:
+    if statement["report_data"] != report_data_for(spki, receipt_key):
+        msg = (
+            "the evidence's report data does not commit to this TLS key: the certificate was swapped "
+            "(a relay or man-in-the-middle is presenting someone else's evidence)"
+        )
+        raise KeyBindingError(msg)
+    checks.append(Check("key binding", True, "report data = SHA-256(TLS SPKI ‖ receipt key)"))
+
+
+def _verify_tpm(
+    cert_der: bytes,
+    spki: bytes,
+    evidence: TpmEvidence,
+    policy: Policy,
+    now: dt.datetime,
+    check_freshness: bool,
+    checks: list[Check],
+    live: bool,
+) -> AttestationReport:
+    """The TPM path, in order: EK chain, AK signature, AK pinned (or to be activated), the rest.
+
+    Then qualifying data, PCR digest, TPM kind, measurement, PCRs, freshness, key binding.
+    Activation and the fresh quote follow on the live connection (:func:`check_tpm_hello`).
+    """
+    checks.append(Check("evidence format", True, f"{evidence.statement['format']} in TCG DICE extension"))
+    if policy.min_level > Level.TPM:
+        msg = f"the kernel's level tpm is below the policy's minimum {policy.min_level.label}"
+        raise LevelTooLow(msg)
+    chain = None
+    if policy.tpm_ek_roots:
+        if not evidence.ek_cert:
+            msg = "the kernel's TPM shows no EK certificate, but this policy trusts TPMs by their EK CA (tpm_ek_roots)"
+            raise EkChainError(msg)
+        evidence.check_ek_binding()
+        chain = verify_ek_chain(evidence.ek_cert, policy.tpm_ek_roots, now)
+        checks.append(Check("EK chain", True, f"EK certificate chains to pinned {chain[-1].subject.rfc4514_string()}"))
+    kind = tpm_kind_of(evidence.tpm_kind, chain)
+    checks.append(Check("level", True, f"tpm ≥ minimum {policy.min_level.label} ({_tpm_kind_text(kind)})"))
+    ak = evidence.ak()
+    ak.verify(evidence.attest, evidence.signature)
+    checks.append(Check("quote signature", True, "ECDSA P-256 signature by the restricted AK verifies"))
+    platform = ak_fingerprint(evidence.ak_public)
+    activate = False
+    if platform in policy.platform_roots:
+        checks.append(Check("attestation key", True, f"AK {platform[:16]}… is pinned"))
+    elif chain is not None and live:
+        activate = True
+        checks.append(Check("attestation key", True, f"AK {platform[:16]}… to be activated against the certified EK"))
+    else:
+        why = (
+            "and credential activation against the certified EK needs a live connection; pin the AK to verify "
+            "offline"
+            if chain is not None
+            else "`mesatee-enclave tpm-info --tcti …` on the kernel's host prints it; or pin the TPM's EK CA "
+            "(tpm_ek_roots)"
+        )
+        msg = (
+            f"the TPM quote is signed by attestation key {platform[:16]}…, which this policy does not pin "
+            f"(pinned: {', '.join(r[:16] + '…' for r in policy.platform_roots) or 'none'}), {why}"
+        )
+        raise UntrustedAttestationKey(msg, platform=platform)
+    quote = evidence.verify_quote()
+    checks.append(Check("qualifying data", True, "the quote commits to the statement (report data, keys, code)"))
+    checks.append(Check("PCR digest", True, f"PCRs {list(quote.sha256_pcrs)} are the quoted values"))
+    if kind == "software" and not policy.allow_software_tpm:
+        msg = (
+            f"the kernel's TPM is a software TPM ({evidence.statement['tpm_vendor']}): whoever runs it holds "
+            "its keys and can set its PCRs. This policy refuses software TPMs (allow_software_tpm=False)."
+        )
+        raise SoftwareTpmNotAllowed(msg, tpm_kind=kind)
+    if kind == "uncertified" and not policy.allow_software_tpm:
+        msg = (
+            f"the kernel's TPM reports itself as {evidence.statement['tpm_vendor']!r}, but this policy pins no EK "
+            "CA (tpm_ek_roots), so it cannot be told from a software TPM; this policy refuses those "
+            "(allow_software_tpm=False)"
+        )
+        raise SoftwareTpmNotAllowed(msg, tpm_kind="uncertified")
+    evidence.check_manifest()
+    sandbox = _check_sandbox(evidence.statement, Level.TPM, policy, checks)
+    measurement, local = _check_measurement(evidence.statement, policy, checks)
+    golden = dict(policy.tpm_pcrs)
+    evidence.check_pcrs(measurement, golden)
+    app = int(evidence.statement["app_pcr"])
+    checks.append(
+        Check(
+            "PCRs",
+            True,
+            f"application PCR {app} = SHA-256(0³² ‖ measurement); boot PCRs "
+            + (", ".join(str(i) for i in sorted(golden) if i != app) or "none") + " as pinned",
+        )
+    )
+    t = _check_freshness(evidence.statement, policy, now, check_freshness, checks)
+    _check_key_binding(evidence.statement, spki, evidence.receipt_key, checks)
+    return AttestationReport(
+        level=Level.TPM,
+        measurement=measurement,
+        expected_measurement=local,
+        platform=platform,
+        manifest=evidence.statement["manifest"],
+        evidence_time=t,
+        receipt_key=evidence.receipt_key,
+        certificate_der=cert_der,
+        evidence=evidence.raw,
+        checks=tuple(checks),
+        tpm_kind=kind,
+        tpm_vendor=str(evidence.statement["tpm_vendor"]),
+        audit_key=str(evidence.statement.get("audit_key") or "") or None,
+        tpm_activation=activate or chain is not None,
+        sandbox=sandbox,
+    )
+
+
+def tpm_hello_request(
+    report: AttestationReport, policy: Policy | None = None
+) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """What a client adds to ``hello`` for a TPM kernel; returns (fields, secrets kept for the reply).
+
+    A fresh nonce and, when the EK is certified, a credential challenge for the AK
+    (``TPM2_MakeCredential`` in software).
+    """
+    from mesatee_notebook.attestation.tpm import make_credential
+
+    if report.level is not Level.TPM:
+        return {}, {}
+    nonce = secrets.token_bytes(32)
+    fields: dict[str, Any] = {"tpm_nonce": nonce}
+    kept = {"nonce": nonce}
+    if report.tpm_activation and not (policy is not None and _binding(report) in policy._tpm_activated):
+        evidence = _tpm_evidence_of(report)
+        credential = secrets.token_bytes(32)
+        blob, secret = make_credential(evidence.ek_key(), credential, evidence.ak().name)
+        fields["tpm_credential"] = {"blob": blob, "secret": secret}
+        kept["credential"] = credential
+    return fields, kept
+
+
+def _binding(report: AttestationReport) -> tuple[str, str]:
+    evidence = _tpm_evidence_of(report)
+    return report.platform, hashlib.sha256(evidence.ek_cert).hexdigest()
+
+
+def _tpm_evidence_of(report: AttestationReport) -> TpmEvidence:
+    evidence = parse_evidence(report.evidence)
+    if not isinstance(evidence, TpmEvidence):
+        msg = "TPM connection checks only make sense for TPM evidence"
+        raise MalformedEvidence(msg)
+    return evidence
+
+
+def check_tpm_hello(
+    report: AttestationReport, kept: dict[str, bytes], reply: dict[str, Any], policy: Policy | None = None
+) -> AttestationReport:
+    """Verify a TPM kernel's ``hello.ok``; return the report with the checks added.
+
+    The credential came back (the AK sits beside the certified EK), and the fresh quote
+    commits to this connection's nonce.
+    """
+    from mesatee_notebook.attestation.tpm import verify_fresh_quote
+
+    if not kept:
+        return report
+    evidence = _tpm_evidence_of(report)
+    added: list[Check] = []
+    if "credential" in kept:
+        answer = reply.get("tpm_activated")
+        if not isinstance(answer, bytes) or not hmac.compare_digest(answer, kept["credential"]):
+            msg = (
+                "the kernel's TPM did not activate the credential made for its AK under the certified EK: the AK "
+                "does not live in the TPM that EK certificate belongs to"
+            )
+            raise CredentialActivationFailed(msg)
+        added.append(Check("credential activation", True, "TPM2_ActivateCredential returned the secret: AK ⟷ EK"))
+        if policy is not None:
+            policy._tpm_activated.add(_binding(report))
+    elif report.tpm_activation:
+        added.append(Check("credential activation", True, "AK ⟷ EK proven on an earlier connection (this policy)"))
+    fresh = reply.get("tpm_quote")
+    attest = fresh.get("attest") if isinstance(fresh, dict) else None
+    signature = fresh.get("signature") if isinstance(fresh, dict) else None
+    if not isinstance(attest, bytes) or not isinstance(signature, bytes):
+        msg = "the TPM kernel sent no quote for this connection's nonce: its evidence cannot be shown to be fresh"
+        raise ReplayedQuote(msg)
+    quote = verify_fresh_quote(evidence, kept["nonce"], attest, signature)
+    added.append(
+        Check(
+            "fresh quote",
+            True,
+            f"quote over this connection's nonce by the same AK, same PCRs (TPM clock {quote.clock} ms, "
+            f"reset {quote.reset_count})",
+        )
+    )
+    return replace(report, checks=(*report.checks, *added))
+
+
+def _tpm_kind_text(kind: str | None) -> str:
+    if kind == "software":
+        return "TPM 2.0 (software TPM)"
+    if kind == "hardware":
+        return "TPM 2.0 (chip, EK certified by a CA you pinned)"
+    return "TPM 2.0 (chip, uncertified: no EK CA pinned)"
 
 
 def certificate_sha256(cert_der: bytes) -> str:

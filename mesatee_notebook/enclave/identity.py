@@ -1,22 +1,29 @@
-"""The kernel's in-memory identity: TLS key, receipt key, evidence and RA-TLS certificate."""
+"""The kernel's in-memory identity: TLS key, receipt key, evidence (softtee or TPM) and RA-TLS certificate."""
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
-from mesatee_notebook.attestation.evidence import make_evidence
+from mesatee_notebook.attestation.evidence import fingerprint, make_evidence, report_data_for
 from mesatee_notebook.attestation.levels import Level
 from mesatee_notebook.attestation.measurement import measurement_of
 from mesatee_notebook.attestation.ratls import build_ratls_certificate
+from mesatee_notebook.attestation.tpm import TPM_EVIDENCE_FORMAT, fresh_qualifying_data, make_tpm_evidence
+
+log = logging.getLogger("mesatee.enclave")
+
+if TYPE_CHECKING:
+    from mesatee_notebook.enclave.tpm import Tpm
 
 __all__ = ["KernelIdentity"]
 
@@ -34,6 +41,7 @@ class KernelIdentity:
     certificate_der: bytes = b""
     ssl_context: ssl.SSLContext | None = None
     issued_at: float = 0.0
+    tpm: Tpm | None = None
     sandbox: dict[str, Any] | None = None
 
     @classmethod
@@ -43,6 +51,7 @@ class KernelIdentity:
         manifest: dict[str, Any],
         platform_key: Ed25519PrivateKey | None,
         cert_lifetime: float,
+        tpm: Tpm | None = None,
         sandbox: dict[str, Any] | None = None,
     ) -> KernelIdentity:
         ident = cls(
@@ -53,9 +62,70 @@ class KernelIdentity:
             cert_lifetime=cert_lifetime,
             tls_key=ec.generate_private_key(ec.SECP256R1()),
             receipt_key=Ed25519PrivateKey.generate(),
+            tpm=tpm,
         )
+        if tpm is not None:
+            tpm.measured_launch(ident.measurement)
         ident.refresh()
         return ident
+
+    @property
+    def tpm_claims(self) -> dict[str, str]:
+        """What receipts add at level tpm: the kind of TPM (``software`` for swtpm) as it reports itself."""
+        return {} if self.tpm is None else {"tpmKind": self.tpm.kind}
+
+    @property
+    def report_data(self) -> str:
+        spki = self.tls_key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        return report_data_for(spki, self.receipt_public)
+
+    def _tpm_evidence(self, tpm: Tpm, now: float) -> bytes:
+        key = self.platform_key
+        audit = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw) if key is not None else b""
+        statement = {
+            "format": TPM_EVIDENCE_FORMAT,
+            "level": Level.TPM.label,
+            "tpm_kind": tpm.kind,
+            "tpm_vendor": tpm.vendor,
+            "measurement": self.measurement,
+            "manifest": self.manifest,
+            "time": int(now),
+            "report_data": self.report_data,
+            "receipt_key": self.receipt_public.hex(),
+            "app_pcr": tpm.app_pcr,
+            "pcrs": {str(i): v for i, v in tpm.read_pcrs().items()},
+            "audit_key": fingerprint(audit) if audit else "",
+            "sandbox": self.sandbox if self.sandbox is not None else {"active": False, "why": "--no-sandbox"},
+        }
+        return make_tpm_evidence(statement=statement, quoter=tpm.quote, ak_public=tpm.ak_public, ek_cert=tpm.ek_cert)
+
+    def tpm_hello(self, header: dict[str, Any]) -> dict[str, Any]:
+        """What a TPM kernel adds to ``hello.ok``: a fresh quote, and the answer to a credential challenge.
+
+        The answer is omitted when the TPM refuses the challenge; the client then refuses the kernel.
+        """
+        out: dict[str, Any] = {}
+        nonce, challenge = header.get("tpm_nonce"), header.get("tpm_credential")
+        if self.tpm is None:
+            return out
+        if isinstance(nonce, bytes) and 16 <= len(nonce) <= 32:
+            out["tpm_quote"] = self.fresh_quote(nonce)
+        if isinstance(challenge, dict) and self.tpm.ek_cert:
+            blob, secret = challenge.get("blob"), challenge.get("secret")
+            if isinstance(blob, bytes) and isinstance(secret, bytes) and len(blob) <= 512 and len(secret) <= 512:
+                try:
+                    out["tpm_activated"] = self.tpm.activate_credential(blob, secret)
+                except self.tpm.challenge_errors as exc:  # a bad or foreign challenge
+                    log.info("credential activation refused: %s", exc)
+        return out
+
+    def fresh_quote(self, nonce: bytes) -> dict[str, bytes]:
+        """A quote for one connection: qualifying data over the key binding and the client's nonce."""
+        if self.tpm is None:
+            msg = "this kernel has no TPM"
+            raise RuntimeError(msg)
+        attest, signature = self.tpm.quote(fresh_qualifying_data(self.report_data, nonce))
+        return {"attest": attest, "signature": signature}
 
     @property
     def measurement(self) -> str:
@@ -68,15 +138,18 @@ class KernelIdentity:
     def refresh(self) -> None:
         """Issue fresh evidence and a new certificate for the same keys; swap the SSL context."""
         now = time.time()
-        evidence = make_evidence(
-            level=self.level,
-            manifest=self.manifest,
-            tls_spki_der=self.tls_key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo),
-            receipt_key=self.receipt_public,
-            time=int(now),
-            platform_key=self.platform_key,
-            sandbox=self.sandbox,
-        )
+        if self.tpm is not None:
+            evidence = self._tpm_evidence(self.tpm, now)
+        else:
+            evidence = make_evidence(
+                level=self.level,
+                manifest=self.manifest,
+                tls_spki_der=self.tls_key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo),
+                receipt_key=self.receipt_public,
+                time=int(now),
+                platform_key=self.platform_key,
+                sandbox=self.sandbox,
+            )
         start = dt.datetime.fromtimestamp(now, dt.UTC) - dt.timedelta(minutes=5)
         cert = build_ratls_certificate(
             self.tls_key, evidence, not_before=start, not_after=start + dt.timedelta(seconds=self.cert_lifetime)

@@ -33,6 +33,7 @@ from mesatee_notebook.enclave.platform import load_platform
 from mesatee_notebook.enclave.sandbox import Sandbox, SandboxLimits
 from mesatee_notebook.enclave.sessions import ExecutorHandle, Session
 from mesatee_notebook.enclave.shm import SharedAllocator
+from mesatee_notebook.enclave.tpm import open_tpm
 from mesatee_notebook.errors import (
     MalformedFrame,
     MesateeError,
@@ -79,6 +80,9 @@ class KernelConfig:
     max_connections: int = 256
     body_timeout: float = 120.0
     handshake_timeout: float = 20.0
+    tcti: str | None = None
+    tpm_app_pcr: int = 23
+    tpm_boot_pcrs: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)
     sandbox: bool = True
     untrusted_dir: Path | None = None
     sandbox_limits: SandboxLimits = field(default_factory=SandboxLimits)
@@ -185,6 +189,7 @@ class _Connection:
         )
         self.hello_done = True
         k = self.kernel
+        fresh = k.identity.tpm_hello(msg.header)  # tpm: this connection's quote and credential activation
         self.reply(
             {
                 "t": "hello.ok",
@@ -192,8 +197,10 @@ class _Connection:
                 "protocol": version,
                 "server": _version(),
                 "level": k.identity.level.label,
+            **k.identity.tpm_claims,
                 "measurement": k.identity.measurement,
                 "kernel_nonce": self.kernel_nonce,
+                **fresh,
             }
         )
 
@@ -322,6 +329,7 @@ class _Connection:
             "party": party,
             "measurement": k.identity.measurement,
             "level": k.identity.level.label,
+            **k.identity.tpm_claims,
             "session": None,
             "nonce": nonce,
             "code": {"sha256": hashlib.sha256(canonical_json({"service": name, "args": args})).hexdigest()},
@@ -406,6 +414,7 @@ class _Connection:
             "party": session.party,
             "measurement": k.identity.measurement,
             "level": k.identity.level.label,
+            **k.identity.tpm_claims,
             "session": session.id,
             "nonce": nonce,
             "code": {"sha256": hashlib.sha256(code.encode()).hexdigest()},
@@ -483,7 +492,13 @@ class Kernel:
 
     def __init__(self, config: KernelConfig) -> None:
         self.config = config
-        config.level.require_available(AVAILABLE_LEVELS)
+        # tpm: available only when --tcti names a TPM that answers (open_tpm refuses clearly otherwise).
+        self.tpm = (
+            open_tpm(config.tcti, app_pcr=config.tpm_app_pcr, boot_pcrs=config.tpm_boot_pcrs)
+            if config.level is Level.TPM
+            else None
+        )
+        config.level.require_available(AVAILABLE_LEVELS | ({Level.TPM} if self.tpm else set()))
         self.hardening = harden_process()
         self.sandbox: Sandbox | None = None
         if config.sandbox:
@@ -499,7 +514,7 @@ class Kernel:
         platform_key = None
         self.sealing_secret: bytes | None = None
         self.platform_fingerprint = "none"
-        if config.level is Level.SOFTTEE:
+        if config.level in (Level.SOFTTEE, Level.TPM):  # tpm: the platform key signs the audit log, roots sealing
             platform = load_platform(config.data_dir)
             platform_key = platform.key
             self.sealing_secret = platform.sealing_secret
@@ -510,6 +525,7 @@ class Kernel:
             platform_key,
             config.cert_lifetime,
             sandbox=self.sandbox.report() if self.sandbox is not None else None,
+            tpm=self.tpm,
         )
         self.sessions: dict[str, Session] = {}
         self.nonces = _NonceGuard()
@@ -753,7 +769,11 @@ class Kernel:
 
     def _refresher(self) -> None:
         while not self.stopping.wait(self.config.refresh_interval):
-            self.identity.refresh()
+            try:
+                self.identity.refresh()
+            except MesateeError as exc:  # e.g. the TPM stopped answering: keep the current certificate
+                log.warning("could not refresh the evidence: %s", exc)
+                continue
             log.info("evidence and certificate refreshed")
 
     def _handle(self, raw: socket.socket, peer: str) -> None:
@@ -802,6 +822,8 @@ class Kernel:
             spare, self._spare = self._spare, None
         if spare is not None:
             spare.shutdown()
+        if self.tpm is not None:
+            self.tpm.close()
         info = self.config.data_dir / "kernel.json"
         try:
             if json.loads(info.read_text()).get("pid") == os.getpid():

@@ -114,6 +114,10 @@ def _summary(session: Session, card: AttestationCard) -> str:
         trust = "UNPROTECTED: no attestation, the host sees everything"
     elif level is Level.SOFTTEE:
         trust = "softtee: SOFTWARE trust, the host can read its memory"
+    elif level is Level.TPM and session.attestation.tpm_kind != "hardware":
+        trust = f"{session.attestation.level_text}: SOFTWARE or uncertified TPM, the host can read its memory"
+    elif level is Level.TPM:
+        trust = f"{session.attestation.level_text}: measured boot, the host OS can still read its memory"
     else:
         trust = f"{level.label}: hardware trust"
     if level is Level.UNPROTECTED:
@@ -237,7 +241,7 @@ class MesateeMagics(Magics):
         a = session.attestation
         state = self._kernel_state(session)
         print(f"mesatee: session {name!r} on {_where(self._targets[name], session)}")
-        print(f"  level        {a.level.label} — {a.trust_note}")
+        print(f"  level        {a.level_text} — {a.trust_note}")
         print(f"  measurement  {a.measurement}")
         print(f"  kernel       session id {session.id}, {state}")
         if self._last is not None:

@@ -65,8 +65,12 @@ def _libraries(n: int) -> str:
     return f"{n} shared {'library' if n == 1 else 'libraries'}"
 
 
-def _level_badge(level: Level) -> tuple[str, str]:
-    return _BADGES.get(level, ("HARDWARE TRUST", _GREEN))
+def _level_badge(report: AttestationReport) -> tuple[str, str]:
+    if report.level is Level.TPM:  # a software TPM is a software TPM
+        return {"software": ("SOFTWARE TPM", _AMBER), "hardware": ("TPM CHIP, EK CERTIFIED", _GREEN)}.get(
+            str(report.tpm_kind), ("UNCERTIFIED TPM", _AMBER)
+        )
+    return _BADGES.get(report.level, ("HARDWARE TRUST", _GREEN))
 
 
 class AttestationCard:
@@ -123,10 +127,10 @@ class AttestationCard:
 
     def __repr__(self) -> str:
         r = self.report
-        badge, _ = _level_badge(r.level)
+        badge, _ = _level_badge(r)
         manifest = r.manifest
         lines = [
-            f"mesatee attestation — level {r.level.label} [{badge}]" + (f" at {self.url}" if self.url else ""),
+            f"mesatee attestation — level {r.level_text} [{badge}]" + (f" at {self.url}" if self.url else ""),
             f"  {r.trust_note}",
             f"  measurement   {r.measurement}",
             f"                {'✓' if self.matches_local else '✗'} {self._match_text()}",
@@ -163,7 +167,7 @@ class AttestationCard:
 
     def _repr_html_(self) -> str:
         r = self.report
-        badge, colour = _level_badge(r.level)
+        badge, colour = _level_badge(r)
         e = html.escape
         checks = "".join(
             f"<tr><td style='color:{_GREEN if ok else _RED};font-weight:bold'>{'✓' if ok else '✗'}</td>"
@@ -180,7 +184,7 @@ class AttestationCard:
         return (
             f"<div class='mesatee-attestation' style='border:2px solid {colour};border-radius:6px;padding:8px 12px;"
             "font-family:sans-serif;max-width:60em'>"
-            f"<div style='font-size:1.1em'><b>mesatee attestation</b>{where}: level <b>{e(r.level.label)}</b> "
+            f"<div style='font-size:1.1em'><b>mesatee attestation</b>{where}: level <b>{e(r.level_text)}</b> "
             f"<span style='background:{colour};color:white;padding:1px 6px;border-radius:3px;font-weight:bold'>"
             f"{badge}</span></div>"
             f"<div style='color:{colour};margin:4px 0'>{e(r.trust_note)}</div>"

@@ -10,7 +10,13 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
-from mesatee_notebook.attestation.policy import AttestationReport, Policy, verify_certificate
+from mesatee_notebook.attestation.policy import (
+    AttestationReport,
+    Policy,
+    check_tpm_hello,
+    tpm_hello_request,
+    verify_certificate,
+)
 from mesatee_notebook.errors import KernelConnectionError, MalformedFrame, error_from_wire
 from mesatee_notebook.wire.framing import Limits
 from mesatee_notebook.wire.messages import PROTOCOL_VERSION
@@ -73,14 +79,19 @@ class Channel:
             if not der:
                 msg = "the kernel presented no certificate"
                 raise KernelConnectionError(msg)
-            self.attestation: AttestationReport = verify_certificate(der, policy)
+            self.attestation: AttestationReport = verify_certificate(der, policy, live=True)
         except BaseException:
             sock.close()
             raise
         self.sock = sock
         sock.settimeout(None)
         try:
-            hello = self.request({"t": "hello", "versions": [PROTOCOL_VERSION], "client": _client_version()})
+            # tpm: a fresh nonce and a credential challenge ride in hello; no user byte goes before they check out.
+            tpm_fields, tpm_kept = tpm_hello_request(self.attestation, policy)
+            hello = self.request(
+                {"t": "hello", "versions": [PROTOCOL_VERSION], "client": _client_version(), **tpm_fields}
+            )
+            self.attestation = check_tpm_hello(self.attestation, tpm_kept, hello.header, policy)
         except BaseException:
             self.close()
             raise

@@ -288,7 +288,7 @@ class Session:
         reply = self._channel.request({"t": "audit"})
         entries = list(reply.header.get("entries") or [])
         pub = bytes(reply.header.get("public_key") or b"")
-        if self.attestation.level.label != "unprotected" and fingerprint(pub) != self.attestation.platform:
+        if self.attestation.level.label != "unprotected" and fingerprint(pub) != self.attestation.audit_signer:
             msg = "the audit log is not signed by the attested platform key"
             raise ReceiptError(msg)
         verify_audit_log(entries, pub, partial=True)

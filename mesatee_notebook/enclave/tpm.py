@@ -1,0 +1,278 @@
+"""The kernel's TPM: measured launch into an application PCR, and quotes by an attestation key.
+
+Everything goes through tpm2-pytss (ESAPI over a standard TCTI string: ``device:/dev/tpmrm0``
+for a chip, ``swtpm:host=127.0.0.1,port=2321`` for swtpm); no TPM command is marshalled here.
+
+* **Measured launch.** :meth:`Tpm.measured_launch` resets the application PCR (PCR 23 by
+  default: resettable from locality 0 and reserved for applications by the TCG PC client
+  profile; PCR 16, the debug PCR, in tests) and extends the kernel's measurement into it
+  once, so its value is ``SHA-256(0^32 || measurement)``, which a client recomputes.
+* **Attestation key.** A restricted ECDSA P-256 signing key created as a *primary* key in the
+  endorsement hierarchy from a fixed template: the TPM derives it from its endorsement seed,
+  so the same TPM gives the same AK on every start and a client can pin its fingerprint.
+* **Quotes** cover the boot PCRs named at serve time plus the application PCR (SHA-256 bank).
+* **EK.** If the TPM holds an RSA 2048 EK certificate in NV (every chip; swtpm after
+  ``swtpm_setup --create-ek-cert``), the EK is loaded and :meth:`Tpm.activate_credential`
+  answers a client's ``TPM2_MakeCredential`` challenge, proving the AK sits in that TPM.
+
+A software TPM is a software TPM: its owner can reset PCRs and read its keys. The kind
+(``software`` for swtpm/libtpms, ``hardware`` otherwise) is what the TPM reports of itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any
+
+from mesatee_notebook.errors import LevelNotAvailableError
+
+__all__ = ["APP_PCR_DEFAULT", "BOOT_PCRS_DEFAULT", "Tpm", "open_tpm"]
+
+log = logging.getLogger("mesatee.enclave")
+
+APP_PCR_DEFAULT = 23
+BOOT_PCRS_DEFAULT = (0, 1, 2, 3, 4, 5, 6, 7)
+_RESETTABLE = (16, 23)  # resettable from locality 0 (PC client profile): debug and application PCRs
+_SOFTWARE_VENDORS = ("SW", "SW TPM", "SWTPM", "LIBTPMS")
+
+
+def _unavailable(tcti: str, why: str) -> LevelNotAvailableError:
+    msg = f"security level 'tpm' is not available on this platform: the TPM at TCTI {tcti!r} cannot be used ({why})"
+    return LevelNotAvailableError(msg, level="tpm")
+
+
+class Tpm:
+    """One open ESAPI context, the loaded AK, and a lock: every TPM command is serialised."""
+
+    def __init__(
+        self,
+        tcti: str,
+        *,
+        app_pcr: int = APP_PCR_DEFAULT,
+        boot_pcrs: Iterable[int] = BOOT_PCRS_DEFAULT,
+        with_ek: bool = True,
+    ) -> None:
+        if app_pcr not in _RESETTABLE:
+            msg = f"the application PCR must be a resettable one ({', '.join(map(str, _RESETTABLE))}), not {app_pcr}"
+            raise ValueError(msg)
+        boot = sorted({int(p) for p in boot_pcrs} - {app_pcr})
+        if any(not 0 <= p <= 23 for p in boot):
+            msg = "PCR indices run from 0 to 23"
+            raise ValueError(msg)
+        os.environ.setdefault("TSS2_LOG", "all+none")  # tpm2-tss logs to stderr otherwise; errors are raised
+        try:
+            from tpm2_pytss import ESAPI, TSS2_Exception
+        except ImportError as exc:
+            why = "tpm2-pytss is not installed; pip install 'mesatee_notebook[tpm]'"
+            raise _unavailable(tcti, why) from exc
+        self.tcti = tcti
+        self.app_pcr = app_pcr
+        self.pcrs = tuple(sorted((*boot, app_pcr)))
+        self._lock = threading.Lock()
+        self._closed = False
+        self._ek: Any = None
+        self._ak: Any = None
+        self.errors: tuple[type[BaseException], ...] = (TSS2_Exception,)
+        # what tpm2-pytss raises for a client's malformed credential blob, besides the TPM's own refusal
+        self.challenge_errors: tuple[type[BaseException], ...] = (
+            TSS2_Exception,
+            ValueError,
+            TypeError,
+            IndexError,
+            OverflowError,
+        )
+        try:
+            self._esapi = ESAPI(tcti)
+        except (TSS2_Exception, RuntimeError) as exc:
+            raise _unavailable(tcti, _explain(exc)) from exc
+        try:
+            self.vendor, self.kind = self._identify()
+            self._ek, self.ek_cert = self._load_ek(with_ek)
+            self._ak, self.ak_public = self._create_ak()
+        except TSS2_Exception as exc:
+            self._esapi.close()
+            raise _unavailable(tcti, _explain(exc)) from exc
+
+    def _identify(self) -> tuple[str, str]:
+        from tpm2_pytss import TPM2_CAP, TPM2_PT
+
+        _, data = self._esapi.get_capability(TPM2_CAP.TPM_PROPERTIES, TPM2_PT.MANUFACTURER, 5)
+        props = {int(p.property): int(p.value) for p in data.data.tpmProperties.tpmProperty}
+
+        def text(*keys: int) -> str:
+            raw = b"".join(props.get(k, 0).to_bytes(4, "big") for k in keys)
+            return raw.replace(b"\0", b" ").decode("ascii", "replace").strip()
+
+        base = int(TPM2_PT.MANUFACTURER)
+        manufacturer, vendor = text(base), " ".join(text(base + 1, base + 2, base + 3, base + 4).split())
+        kind = "software" if vendor.upper() in _SOFTWARE_VENDORS else "hardware"
+        return f"{manufacturer} {vendor}".strip(), kind
+
+    def _load_ek(self, load: bool) -> tuple[Any, bytes]:
+        """The TCG default RSA 2048 EK's certificate from NV (chips, swtpm_setup), and the EK if ``load``."""
+        from tpm2_pytss import ESYS_TR
+        from tpm2_pytss.utils import NVReadEK, create_ek_template
+
+        cert, template = create_ek_template("EK-RSA2048", NVReadEK(self._esapi))
+        if not cert:
+            log.warning("the TPM has no RSA EK certificate in NV: clients can only pin its AK")
+            return None, b""
+        if not load:
+            return None, bytes(cert)
+        handle, *_ = self._esapi.create_primary(None, template, ESYS_TR.ENDORSEMENT)
+        return handle, bytes(cert)
+
+    def activate_credential(self, blob: bytes, secret: bytes) -> bytes:
+        """``TPM2_ActivateCredential`` of a client's challenge for the AK, under the EK (PolicySecret)."""
+        from tpm2_pytss import (
+            ESYS_TR,
+            TPM2_ALG,
+            TPM2_SE,
+            TPM2B_ENCRYPTED_SECRET,
+            TPM2B_ID_OBJECT,
+            TPMT_SYM_DEF,
+        )
+
+        if self._ek is None:
+            msg = "this TPM has no EK certificate, so there is no EK to activate a credential with"
+            raise _unavailable(self.tcti, msg)
+        with self._lock:
+            session = self._esapi.start_auth_session(
+                ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY, TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256
+            )
+            try:
+                self._esapi.policy_secret(ESYS_TR.ENDORSEMENT, session)
+                out = self._esapi.activate_credential(
+                    self._ak,
+                    self._ek,
+                    TPM2B_ID_OBJECT(credential=blob),
+                    TPM2B_ENCRYPTED_SECRET(secret=secret),
+                    session1=ESYS_TR.PASSWORD,
+                    session2=session,
+                )
+            finally:
+                try:
+                    self._esapi.flush_context(session)
+                except self.errors:
+                    pass
+        return bytes(out)
+
+    def _create_ak(self) -> tuple[Any, bytes]:
+        from tpm2_pytss import ESYS_TR, TPM2B_PUBLIC, TPMA_OBJECT
+
+        attrs = (
+            TPMA_OBJECT.RESTRICTED
+            | TPMA_OBJECT.SIGN_ENCRYPT
+            | TPMA_OBJECT.FIXEDTPM
+            | TPMA_OBJECT.FIXEDPARENT
+            | TPMA_OBJECT.SENSITIVEDATAORIGIN
+            | TPMA_OBJECT.USERWITHAUTH
+        )
+        template = TPM2B_PUBLIC.parse("ecc256:ecdsa-sha256:null", objectAttributes=attrs, nameAlg="sha256")
+        handle, public, *_ = self._esapi.create_primary(None, template, ESYS_TR.ENDORSEMENT)
+        return handle, bytes(public.publicArea.marshal())
+
+    def _pcr_handle(self, index: int) -> Any:
+        from tpm2_pytss import ESYS_TR
+
+        return getattr(ESYS_TR, f"PCR{index}")
+
+    def _selection(self) -> str:
+        return "sha256:" + ",".join(map(str, self.pcrs))
+
+    def measured_launch(self, measurement: str) -> str:
+        """Reset the application PCR and extend ``measurement`` into it; return the PCR value."""
+        from tpm2_pytss import TPM2_ALG, TPML_DIGEST_VALUES, TPMT_HA, TPMU_HA
+
+        digest = bytes.fromhex(measurement)
+        with self._lock:
+            handle = self._pcr_handle(self.app_pcr)
+            self._esapi.pcr_reset(handle)
+            self._esapi.pcr_extend(
+                handle, TPML_DIGEST_VALUES([TPMT_HA(hashAlg=TPM2_ALG.SHA256, digest=TPMU_HA(sha256=digest))])
+            )
+        value = self.read_pcrs()[self.app_pcr]
+        if value != hashlib.sha256(bytes(32) + digest).hexdigest():
+            msg = f"PCR {self.app_pcr} does not hold the measurement after extending it: another process uses it"
+            raise _unavailable(self.tcti, msg)
+        log.info("measured launch: PCR %d = %s (TPM %s, %s)", self.app_pcr, value[:16], self.vendor, self.kind)
+        return value
+
+    def read_pcrs(self) -> dict[int, str]:
+        """The selected SHA-256 PCR values (the TPM returns at most 8 per read)."""
+        out: dict[int, str] = {}
+        with self._lock:
+            pending = list(self.pcrs)
+            while pending:
+                try:
+                    _, selected, values = self._esapi.pcr_read("sha256:" + ",".join(map(str, pending)))
+                except self.errors as exc:
+                    msg = f"the kernel's TPM at {self.tcti!r} did not read its PCRs: {_explain(exc)}"
+                    raise LevelNotAvailableError(msg, level="tpm") from exc
+                got = [i for s in selected for i in range(24) if s.pcrSelect[i // 8] >> (i % 8) & 1]
+                if not got:
+                    break
+                out.update({i: bytes(v).hex() for i, v in zip(got, values, strict=True)})
+                pending = [p for p in pending if p not in out]
+        return out
+
+    def quote(self, qualifying_data: bytes) -> tuple[bytes, bytes]:
+        """A quote of the selected PCRs with ``qualifying_data``: (TPMS_ATTEST, TPMT_SIGNATURE) bytes."""
+        with self._lock:
+            try:
+                attest, signature = self._esapi.quote(self._ak, self._selection(), qualifying_data)
+            except self.errors as exc:
+                msg = f"the kernel's TPM at {self.tcti!r} did not quote: {_explain(exc)}"
+                raise LevelNotAvailableError(msg, level="tpm") from exc
+        return bytes(attest), bytes(signature.marshal())
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for handle in (self._ak, self._ek):
+                try:
+                    if handle is not None:
+                        self._esapi.flush_context(handle)
+                except self.errors:
+                    pass
+            self._esapi.close()
+
+    def __enter__(self) -> Tpm:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+def _explain(exc: BaseException) -> str:
+    text = str(exc)
+    if "out of memory for object contexts" in text:
+        text += (
+            ": the TPM has no free object slot. swtpm without a resource manager keeps the objects of clients "
+            "that died; restart it, or reach it through tpm2-abrmd"
+        )
+    return text
+
+
+def open_tpm(
+    tcti: str | None,
+    *,
+    app_pcr: int = APP_PCR_DEFAULT,
+    boot_pcrs: Iterable[int] = BOOT_PCRS_DEFAULT,
+    with_ek: bool = True,
+) -> Tpm:
+    """Open the TPM at ``tcti``; without one, the level stays unavailable with a clear reason."""
+    if not tcti:
+        msg = (
+            "security level 'tpm' is not available on this platform: no TPM was given. Serve with --tcti "
+            "device:/dev/tpmrm0 (a TPM chip) or --tcti swtpm:host=127.0.0.1,port=2321 (swtpm, a software TPM)"
+        )
+        raise LevelNotAvailableError(msg, level="tpm")
+    return Tpm(tcti, app_pcr=app_pcr, boot_pcrs=boot_pcrs, with_ek=with_ek)
