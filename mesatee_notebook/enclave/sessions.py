@@ -44,6 +44,7 @@ _BOOT = (
     "runpy.run_module('mesatee_notebook.enclave.executor',run_name='__main__',alter_sys=True)"
 )
 _FRAME_TIMEOUT = 120.0
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 if TYPE_CHECKING:
     from mesatee_notebook.enclave.sandbox import Sandbox
@@ -121,29 +122,53 @@ class ExecutorHandle:
 
     # -- the supervisor's watch over the sandbox -----------------------------------------------
     def _tree(self) -> list[psutil.Process]:
-        try:
-            root = psutil.Process(self.proc.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return []
+        return [psutil.Process(pid) for pid in self._tree_pids()]
+
+    def _tree_pids(self) -> list[int]:
+        """The sandbox's processes, from bubblewrap down, read from ``/proc/PID/task/*/children`` (no host scan)."""
+        out, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            try:
+                for task in os.scandir(f"/proc/{pid}/task"):
+                    with open(f"{task.path}/children") as fh:  # noqa: PTH123 - a /proc read on the hot path
+                        todo.extend(int(c) for c in fh.read().split())
+            except (OSError, ValueError):
+                continue
+        return out
+
+    def cpu_seconds(self) -> float:
+        """CPU time of the whole sandbox: each process's own, plus what its reaped children used."""
+        total = 0
+        for pid in self._tree_pids():
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as fh:  # noqa: PTH123
+                    fields = fh.read().rsplit(b")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            # after the ")" of comm: state is field 3, utime..cstime are fields 14..17
+            total += sum(int(f) for f in fields[11:15])
+        return total / _CLK_TCK
+
+    def pss_bytes(self) -> int:
+        """Proportional resident memory of the sandbox (pages shared by forked children count once)."""
+        total = 0
+        for pid in self._tree_pids():
+            try:
+                with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:  # noqa: PTH123
+                    for line in fh:
+                        if line.startswith(b"Pss:"):
+                            total += int(line.split()[1]) * 1024
+                            break
+            except (OSError, ValueError):
+                continue
+        # (memfds, which no page table counts until mapped, are refused inside a sandbox: see attestation/sandbox.py)
+        return total
 
     def usage(self) -> tuple[int, float]:
         """(proportional resident bytes, CPU seconds) of every process in this executor's sandbox."""
-        rss, cpu = 0, 0.0
-        for p in self._tree():
-            try:
-                with p.oneshot():
-                    # PSS: pages shared by forked children count once in the sum, not once per process.
-                    try:
-                        rss += p.memory_full_info().pss
-                    except (psutil.AccessDenied, AttributeError):
-                        rss += p.memory_info().rss
-                    t = p.cpu_times()
-                    cpu += t.user + t.system + t.children_user + t.children_system
-            except psutil.Error:
-                continue
-        # (memfds, which no page table counts until mapped, are refused inside a sandbox: see attestation/sandbox.py)
-        return rss, cpu
+        return self.pss_bytes(), self.cpu_seconds()
 
     def check_usage(self, cell_cpu: float | None = None) -> ResourceLimitExceeded | None:
         """Kill the sandbox if it is over its memory, or the running cell over its CPU time; say which."""
@@ -255,7 +280,7 @@ class ExecutorHandle:
         interrupted_at: float | None = None
         watch = self.sandbox is not None
         if watch:
-            self._cpu_base = self.usage()[1]
+            self._cpu_base = self.cpu_seconds()
         while True:
             wait: float | None = None
             if interrupted_at is not None:
