@@ -23,10 +23,10 @@ from mesatee_notebook.errors import (
     ReceiptError,
     RemoteExecutionError,
 )
-from mesatee_notebook.remote.frame import SecureDataFrame, SecureSeries
+from mesatee_notebook.remote.frame import DPResult, PrivacyBudget, SecureDataFrame, SecureSeries
 from mesatee_notebook.remote.session import CallResult, RunResult, Session, connect
 from mesatee_notebook.remote.session import verify_receipt_default as verify_receipt
-from mesatee_notebook.wire.datapolicy import DataPolicy
+from mesatee_notebook.wire.datapolicy import DP, DataPolicy
 
 __version__ = "0.1.0"
 
@@ -34,6 +34,8 @@ __all__ = [
     "AttestationError",
     "AttestationReport",
     "CallResult",
+    "DP",
+    "DPResult",
     "DataPolicy",
     "EncodingError",
     "KernelConnectionError",
@@ -42,6 +44,7 @@ __all__ = [
     "MesateeError",
     "Policy",
     "PolicyViolation",
+    "PrivacyBudget",
     "ProtocolError",
     "Receipt",
     "ReceiptError",

@@ -46,6 +46,7 @@ UNSAFE_COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("tvm", ("apache-tvm",)),
     ("tvm_ffi", ("apache-tvm-ffi",)),
     ("onnx", ("onnx",)),
+    ("opendp", ("opendp",)),
 )
 _LIB_SUFFIXES = (".so", ".dylib", ".pyd")
 MANIFEST_FORMAT = 1

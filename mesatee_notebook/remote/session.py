@@ -414,9 +414,18 @@ class _FrameBackend:
     def __init__(self, session: Session) -> None:
         self._session = session
 
-    def collect(self, plan_json: str) -> tuple[Any, Any]:
-        res = self._session.call("frame.collect", {"plan": plan_json})
-        return res.values.get("result"), res.receipt
+    def collect(self, plan_json: str, **options: Any) -> tuple[Any, Any]:
+        from mesatee_notebook.remote.frame import DPResult
+
+        res = self._session.call("frame.collect", {"plan": plan_json, **options})
+        value = res.values.get("result")
+        if "dp" in res.info:
+            value = DPResult(value, res.values.get("accuracy"), res.info["dp"], res.receipt)
+        return value, res.receipt
+
+    def privacy_budget(self, name: str) -> dict[str, Any] | None:
+        budget = self._session.call("frame.budget", {"name": name}).info.get("privacy_budget")
+        return None if budget is None else dict(budget)
 
 
 def _echo(name: str, text: str) -> None:
