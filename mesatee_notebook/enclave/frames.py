@@ -1182,6 +1182,12 @@ def _dp_spec(plan: Plan, schemas: Mapping[str, Schema], name: str, priv: DP) -> 
     if schemas[nid].level == "rows":
         msg = f"dataset {name!r} is in DP mode: row-level results are never released; aggregate instead"
         raise PolicyViolation(msg, dataset=name, rule="dp")
+    if node.op not in _DP_OPS and schemas[nid].level == "groups":
+        msg = (
+            f"{node.op}() of an aggregate is not evaluated in DP mode (dataset {name!r}): collect the aggregate and "
+            "post-process the noisy result locally (post-processing costs no budget)"
+        )
+        raise PolicyViolation(msg, dataset=name, rule="dp")
     if node.op not in _DP_OPS:
         msg = (
             f"{node.op}() is not available in DP mode (dataset {name!r}); use groupby().agg(), value_counts(), "
