@@ -300,8 +300,14 @@ def dp_aggregate(
             noisy, np.full(len(keep), acc), "laplace threshold (OpenDP make_laplace_threshold)", eps, delta,
             details={"scale": scale, "threshold": threshold},
         )  # fmt: skip
-        selection = {"mechanism": size_release.mechanism, "epsilon": eps, "delta": delta, "threshold": threshold,
-                     "scale": scale, "groups_released": len(keep)}
+        selection = {
+            "mechanism": size_release.mechanism,
+            "epsilon": eps,
+            "delta": delta,
+            "threshold": threshold,
+            "scale": scale,
+            "groups_released": len(keep),
+        }
         remap = np.full(n_groups, -1, dtype=np.int64)
         remap[keep] = np.arange(len(keep))
         codes = remap[codes]
@@ -344,8 +350,9 @@ def _one(
     lap = "discrete laplace (OpenDP make_laplace)"
     if func == "size":
         noisy, scale, acc = noisy_count(sizes, k, eps)
-        return Released(np.maximum(noisy, 0), np.full(n_groups, acc), lap, eps, 0.0,
-                        details={"scale": scale, "sensitivity": k})
+        return Released(
+            np.maximum(noisy, 0), np.full(n_groups, acc), lap, eps, 0.0, details={"scale": scale, "sensitivity": k}
+        )
     assert col is not None
     series = frame[col]
     notna = series.notna().to_numpy()
@@ -355,8 +362,9 @@ def _one(
         x = x[notna]
     if func == "count":
         noisy, scale, acc = noisy_count(np.bincount(c, minlength=n_groups).astype(np.int64), k, eps)
-        return Released(np.maximum(noisy, 0), np.full(n_groups, acc), lap, eps, 0.0,
-                        details={"scale": scale, "sensitivity": k})
+        return Released(
+            np.maximum(noisy, 0), np.full(n_groups, acc), lap, eps, 0.0, details={"scale": scale, "sensitivity": k}
+        )
     lo, hi, integral = _bounds(policy, col, series.dtype)
     clamp = {"bounds": [lo, hi]}
     if func == "sum":
@@ -364,8 +372,14 @@ def _one(
         sums, scale, acc = noisy_sum(x, c, n_groups, grid, k, eps)
         acc += n_max * grid.step / 2 if grid.step != 1.0 else 0.0  # worst-case rounding to the grid
         values: Any = np.rint(sums).astype(np.int64) if grid.step == 1.0 else sums
-        return Released(values, np.full(n_groups, acc), lap, eps, 0.0,
-                        details={"scale": scale, "sensitivity": k * grid.qmax * grid.step, **clamp})
+        return Released(
+            values,
+            np.full(n_groups, acc),
+            lap,
+            eps,
+            0.0,
+            details={"scale": scale, "sensitivity": k * grid.qmax * grid.step, **clamp},
+        )
     if func in _QUANTILE_FUNCS:
         a = _QUANTILE_FUNCS[func]
         vals = np.empty(n_groups)
@@ -376,9 +390,21 @@ def _one(
         xs = x[order]
         for g in range(n_groups):
             vals[g], scale, rank = private_quantile(xs[bounds_[g] : bounds_[g + 1]], a, lo, hi, k, eps)
-        return Released(vals, np.full(n_groups, rank), "private quantile (OpenDP make_private_quantile)", eps, 0.0,
-                        "rank", details={"scale": scale, "quantile": a, "candidates": QUANTILE_CANDIDATES,
-                                         "grid_step": (hi - lo) / (QUANTILE_CANDIDATES - 1), **clamp})
+        return Released(
+            vals,
+            np.full(n_groups, rank),
+            "private quantile (OpenDP make_private_quantile)",
+            eps,
+            0.0,
+            "rank",
+            details={
+                "scale": scale,
+                "quantile": a,
+                "candidates": QUANTILE_CANDIDATES,
+                "grid_step": (hi - lo) / (QUANTILE_CANDIDATES - 1),
+                **clamp,
+            },
+        )
     # mean, var, std: noisy count, centered sum (and sum of squares) at alpha split over the parts
     parts = 2 if func == "mean" else 3
     a_part = ALPHA / parts
@@ -392,8 +418,14 @@ def _one(
     mean_c = np.clip(s / cnt, -half, half)  # centered mean, clamped to the bounds (post-processing)
     acc_mean = np.minimum((acc_s + half * acc_n) / cnt, hi - lo)
     if func == "mean":
-        return Released(mid + mean_c, acc_mean, lap, eps * 2, 0.0,
-                        details={"parts": "noisy count and noisy centered sum, eps/2 each", **clamp})
+        return Released(
+            mid + mean_c,
+            acc_mean,
+            lap,
+            eps * 2,
+            0.0,
+            details={"parts": "noisy count and noisy centered sum, eps/2 each", **clamp},
+        )
     y = np.clip(x, lo, hi) - mid
     sq_grid = _grid(-(half**2) / 2, half**2 / 2, centered=False, n_max=n_max, integral=False)
     q, _, acc_q = noisy_sum(y * y - half**2 / 2, c, n_groups, sq_grid, k, eps, a_part)
@@ -576,16 +608,22 @@ class BudgetLedger:
             (policy.total_delta if policy.total_delta is not None else math.inf) if capped else None,
         )  # fmt: skip
 
-    def _refusal(self, dataset: str, policy: DP, e: float, d: float, ae: float, ad: float,
-                 epsilon: float, delta: float) -> PolicyViolation | None:
+    def _refusal(
+        self, dataset: str, policy: DP, e: float, d: float, ae: float, ad: float, epsilon: float, delta: float
+    ) -> PolicyViolation | None:
         if _over(e + epsilon, policy.epsilon) or _over(d + delta, policy.delta):
             msg = (
                 f"privacy budget exhausted for dataset {dataset!r}: you have spent epsilon {e:.6g} of "
                 f"{policy.epsilon:.6g} (delta {d:.3g} of {policy.delta:.3g}); this query asks for epsilon "
                 f"{epsilon:.6g}, delta {delta:.3g}"
             )
-            return PolicyViolation(msg, dataset=dataset, rule="privacy_budget", epsilon_spent=e,
-                                   epsilon_remaining=max(policy.epsilon - e, 0.0))
+            return PolicyViolation(
+                msg,
+                dataset=dataset,
+                rule="privacy_budget",
+                epsilon_spent=e,
+                epsilon_remaining=max(policy.epsilon - e, 0.0),
+            )
         te, td = policy.total_epsilon, policy.total_delta
         if (te is not None and _over(ae + epsilon, te)) or (td is not None and _over(ad + delta, td)):
             msg = (
@@ -597,8 +635,9 @@ class BudgetLedger:
             return PolicyViolation(msg, dataset=dataset, rule="privacy_budget_cap", all_epsilon_spent=ae)
         return None
 
-    def charge(self, dataset: str, party: str, policy: DP, epsilon: float, delta: float,
-               note: Mapping[str, Any] | None = None) -> BudgetStatus:
+    def charge(
+        self, dataset: str, party: str, policy: DP, epsilon: float, delta: float, note: Mapping[str, Any] | None = None
+    ) -> BudgetStatus:
         """Record ``epsilon``/``delta`` spent by ``party``; ``PolicyViolation`` if a budget would be exceeded."""
         with self._lock:
             e, d, _n, ae, ad = self._totals(dataset, party)
@@ -611,8 +650,9 @@ class BudgetLedger:
             self._store.put(name, json.dumps(entry, sort_keys=True).encode())
             self._cache[name] = (epsilon, delta)
             e2, d2, n2, ae2, ad2 = self._totals(dataset, party)  # verify after writing (see the class doc)
-            refused = self._refusal(dataset, policy, e2 - epsilon, d2 - delta, ae2 - epsilon, ad2 - delta,
-                                    epsilon, delta)
+            refused = self._refusal(
+                dataset, policy, e2 - epsilon, d2 - delta, ae2 - epsilon, ad2 - delta, epsilon, delta
+            )
             if refused is not None:
                 self._store.delete(name)
                 self._cache.pop(name, None)

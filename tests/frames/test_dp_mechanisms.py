@@ -89,7 +89,7 @@ def test_sum_noise_matches_the_formula_sensitivity_k_times_bound() -> None:
     assert abs(got - want) / want < 5 * math.sqrt(5 / groups), (got, want)  # Var(s^2) = 5 Var^2 for Laplace
     assert abs(float(np.mean(noise))) < 5 * math.sqrt(want / groups)  # unbiased
     acc = float(res.accuracy["s"].iloc[0])
-    assert acc == pytest.approx(250_000 / epsilon * math.log(1 / 0.05), rel=0.01)  # b·ln(1/α) for the tails
+    assert acc == pytest.approx(250_000 / epsilon * math.log(1 / 0.05), rel=0.01)  # b·ln(1/alpha) for the tails
     assert 0.92 < float(np.mean(np.abs(noise) <= acc)) <= 1.0
 
 
@@ -178,7 +178,7 @@ def test_value_counts_and_len_are_noisy_counts() -> None:
     sdf = world.frame("people", ANALYST)
     counts = sdf.g.value_counts().collect(epsilon=1e6)
     pd.testing.assert_series_equal(counts.value.sort_index(), df.g.value_counts().sort_index(), check_names=False)
-    assert int(len(sdf)) == 400  # len() is a DP count too (and spends budget)
+    assert len(sdf) == 400  # len() is a DP count too (and spends budget)
     assert world.evaluator.privacy_budget("people", ANALYST)["queries"] == 2
 
 
