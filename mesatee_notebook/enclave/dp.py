@@ -106,8 +106,8 @@ def laplace_scale(sensitivity: float, epsilon: float) -> float:
     return sensitivity / epsilon
 
 
-def _integer_laplace(values: IntArray, sensitivity: int, epsilon: float) -> tuple[IntArray, float]:
-    """Add discrete Laplace noise (OpenDP) to an integer vector whose L1 sensitivity is ``sensitivity``."""
+@functools.lru_cache(maxsize=256)
+def _laplace_measurement(sensitivity: int, epsilon: float) -> tuple[Any, float]:
     dp = _opendp()
     space = dp.vector_domain(dp.atom_domain(T=dp.i64)), dp.l1_distance(T=dp.i64)
     scale = laplace_scale(sensitivity, epsilon)
@@ -115,6 +115,12 @@ def _integer_laplace(values: IntArray, sensitivity: int, epsilon: float) -> tupl
     while meas.map(sensitivity) > epsilon:  # float rounding of Δ/ε: nudge the scale up until OpenDP agrees
         scale = float(np.nextafter(scale, math.inf))
         meas = dp.m.make_laplace(*space, scale=scale)
+    return meas, scale
+
+
+def _integer_laplace(values: IntArray, sensitivity: int, epsilon: float) -> tuple[IntArray, float]:
+    """Add discrete Laplace noise (OpenDP) to an integer vector whose L1 sensitivity is ``sensitivity``."""
+    meas, scale = _laplace_measurement(int(sensitivity), float(epsilon))
     if len(values) == 0:
         return values.astype(np.int64), scale
     return np.asarray(meas([int(v) for v in values]), dtype=np.int64), scale
@@ -141,7 +147,17 @@ class _Grid:
     qmax: int
 
     def quantize(self, x: FloatArray) -> FloatArray:
-        return np.rint((np.clip(x, self.lo, self.hi) - self.offset) / self.step)
+        q = np.clip(x, self.lo, self.hi)
+        if self.offset:
+            q -= self.offset
+        if self.step != 1.0:
+            q /= self.step
+            np.rint(q, out=q)
+        return q
+
+    def exact_sums(self, x: FloatArray, codes: IntArray, n_groups: int) -> IntArray:
+        """Exact per-group sums of the quantized values (every partial sum is below 2^52: exact in float64)."""
+        return np.rint(np.bincount(codes, weights=self.quantize(x), minlength=n_groups)).astype(np.int64)
 
 
 def _grid(lo: float, hi: float, *, centered: bool, n_max: int, integral: bool) -> _Grid:
@@ -155,11 +171,9 @@ def _grid(lo: float, hi: float, *, centered: bool, n_max: int, integral: bool) -
 
 
 def noisy_sum(
-    x: FloatArray, codes: IntArray, n_groups: int, grid: _Grid, k: int, epsilon: float, alpha: float = ALPHA
+    exact: IntArray, grid: _Grid, k: int, epsilon: float, alpha: float = ALPHA
 ) -> tuple[FloatArray, float, float]:
-    """Noisy per-group sums of ``x - offset`` on ``grid``: (values, scale in value units, accuracy)."""
-    q = grid.quantize(x)
-    exact = np.rint(np.bincount(codes, weights=q, minlength=n_groups)).astype(np.int64)  # exact: |sum| < 2^52
+    """Noisy per-group sums from ``grid.exact_sums``: (values, scale in value units, accuracy)."""
     noisy, scale = _integer_laplace(exact, k * grid.qmax, epsilon)
     return noisy.astype(np.float64) * grid.step, scale * grid.step, _laplace_accuracy(scale, alpha) * grid.step
 
@@ -201,6 +215,14 @@ def threshold_select(counts: IntArray, k: int, epsilon: float, delta: float) -> 
     ``counts`` are the exact row counts of the groups present; a unit touches at most ``k`` groups
     with at most ``k`` rows in total.
     """
+    meas, scale, threshold = _threshold_measurement(k, epsilon, delta)
+    out: dict[int, int] = meas({i: int(c) for i, c in enumerate(counts) if c > 0})
+    kept = np.asarray(sorted(out), dtype=np.int64)
+    return kept, np.asarray([out[int(i)] for i in kept], dtype=np.int64), scale, threshold
+
+
+@functools.lru_cache(maxsize=64)
+def _threshold_measurement(k: int, epsilon: float, delta: float) -> tuple[Any, float, int]:
     dp = _opendp()
     domain = dp.map_domain(dp.atom_domain(T=dp.i64), dp.atom_domain(T=dp.i64))
     metric = dp.l01inf_distance(dp.absolute_distance(T=dp.i64))
@@ -212,17 +234,14 @@ def threshold_select(counts: IntArray, k: int, epsilon: float, delta: float) -> 
 
     while make(scale, 1 << 40).map(d_in)[0] > epsilon:
         scale = float(np.nextafter(scale, math.inf))
-    lo, hi = 1, 1 << 40  # smallest threshold whose delta fits
+    lo, hi = 1, 1 << 40  # the smallest threshold whose delta fits, by OpenDP's own privacy map
     while lo < hi:
         mid = (lo + hi) // 2
         if make(scale, mid).map(d_in)[1] <= delta:
             hi = mid
         else:
             lo = mid + 1
-    meas = make(scale, lo)
-    out: dict[int, int] = meas({i: int(c) for i, c in enumerate(counts) if c > 0})
-    kept = np.asarray(sorted(out), dtype=np.int64)
-    return kept, np.asarray([out[int(i)] for i in kept], dtype=np.int64), scale, lo
+    return make(scale, lo), scale, lo
 
 
 # ---------------------------------------------------------------------------
@@ -317,7 +336,7 @@ def dp_aggregate(
         n_groups = len(keep)
         sizes = np.bincount(codes, minlength=n_groups).astype(np.int64)
     out: dict[str, Released] = {}
-    counts_cache: dict[str | None, tuple[IntArray, float]] = {}
+    counts_cache: dict[str | None, Any] = {}
     for name, col, func in aggs:
         if func == "size" and size_release is not None:
             out[name] = size_release
@@ -334,6 +353,32 @@ def _bounds(policy: DP, col: str | None, dtype: Any) -> tuple[float, float, bool
     return lo, hi, pd.api.types.is_integer_dtype(dtype) and float(lo).is_integer() and float(hi).is_integer()
 
 
+class _Column:
+    """One aggregated column's non-missing values and their exact per-group counts and sums (computed once)."""
+
+    def __init__(self, frame: pd.DataFrame, codes: IntArray, n_groups: int, col: str) -> None:
+        series = frame[col]
+        self.dtype = series.dtype
+        x = series.to_numpy(dtype=np.float64, na_value=np.nan)
+        notna = ~np.isnan(x)
+        self.x = x if notna.all() else x[notna]
+        self.codes = codes if notna.all() else codes[notna]
+        self.n_groups = n_groups
+        self._counts: IntArray | None = None
+        self._sums: dict[_Grid, IntArray] = {}
+
+    @property
+    def counts(self) -> IntArray:
+        if self._counts is None:
+            self._counts = np.bincount(self.codes, minlength=self.n_groups).astype(np.int64)
+        return self._counts
+
+    def sums(self, grid: _Grid, values: FloatArray | None = None) -> IntArray:
+        if grid not in self._sums or values is not None:
+            self._sums[grid] = grid.exact_sums(self.x if values is None else values, self.codes, self.n_groups)
+        return self._sums[grid]
+
+
 def _one(
     frame: pd.DataFrame,
     codes: IntArray,
@@ -345,7 +390,7 @@ def _one(
     eps: float,
     k: int,
     n_max: int,
-    cache: dict[str | None, tuple[IntArray, float]],
+    cache: dict[str | None, Any],
 ) -> Released:
     lap = "discrete laplace (OpenDP make_laplace)"
     if func == "size":
@@ -354,22 +399,20 @@ def _one(
             np.maximum(noisy, 0), np.full(n_groups, acc), lap, eps, 0.0, details={"scale": scale, "sensitivity": k}
         )
     assert col is not None
-    series = frame[col]
-    notna = series.notna().to_numpy()
-    c = codes if notna.all() else codes[notna]
-    x = series.to_numpy(dtype=np.float64, na_value=np.nan)
-    if not notna.all():
-        x = x[notna]
+    column = cache.get(col)
+    if column is None:
+        column = cache[col] = _Column(frame, codes, n_groups, col)
+    x, c = column.x, column.codes
     if func == "count":
-        noisy, scale, acc = noisy_count(np.bincount(c, minlength=n_groups).astype(np.int64), k, eps)
+        noisy, scale, acc = noisy_count(column.counts, k, eps)
         return Released(
             np.maximum(noisy, 0), np.full(n_groups, acc), lap, eps, 0.0, details={"scale": scale, "sensitivity": k}
         )
-    lo, hi, integral = _bounds(policy, col, series.dtype)
+    lo, hi, integral = _bounds(policy, col, column.dtype)
     clamp = {"bounds": [lo, hi]}
     if func == "sum":
         grid = _grid(lo, hi, centered=False, n_max=n_max, integral=integral)
-        sums, scale, acc = noisy_sum(x, c, n_groups, grid, k, eps)
+        sums, scale, acc = noisy_sum(column.sums(grid), grid, k, eps)
         acc += n_max * grid.step / 2 if grid.step != 1.0 else 0.0  # worst-case rounding to the grid
         values: Any = np.rint(sums).astype(np.int64) if grid.step == 1.0 else sums
         return Released(
@@ -386,7 +429,7 @@ def _one(
         rank = 0.0
         scale = 0.0
         order = np.argsort(c, kind="stable")
-        bounds_ = np.r_[0, np.cumsum(np.bincount(c, minlength=n_groups))]
+        bounds_ = np.r_[0, np.cumsum(column.counts)]
         xs = x[order]
         for g in range(n_groups):
             vals[g], scale, rank = private_quantile(xs[bounds_[g] : bounds_[g + 1]], a, lo, hi, k, eps)
@@ -408,11 +451,11 @@ def _one(
     # mean, var, std: noisy count, centered sum (and sum of squares) at alpha split over the parts
     parts = 2 if func == "mean" else 3
     a_part = ALPHA / parts
-    n_noisy, _, acc_n = noisy_count(np.bincount(c, minlength=n_groups).astype(np.int64), k, eps, a_part)
+    n_noisy, _, acc_n = noisy_count(column.counts, k, eps, a_part)
     cnt = np.maximum(n_noisy.astype(np.float64), 1.0)
     grid = _grid(lo, hi, centered=True, n_max=n_max, integral=False)
     half = (hi - lo) / 2
-    s, _, acc_s = noisy_sum(x, c, n_groups, grid, k, eps, a_part)
+    s, _, acc_s = noisy_sum(column.sums(grid), grid, k, eps, a_part)
     acc_s += n_max * grid.step / 2
     mid = grid.offset
     mean_c = np.clip(s / cnt, -half, half)  # centered mean, clamped to the bounds (post-processing)
@@ -426,9 +469,14 @@ def _one(
             0.0,
             details={"parts": "noisy count and noisy centered sum, eps/2 each", **clamp},
         )
-    y = np.clip(x, lo, hi) - mid
     sq_grid = _grid(-(half**2) / 2, half**2 / 2, centered=False, n_max=n_max, integral=False)
-    q, _, acc_q = noisy_sum(y * y - half**2 / 2, c, n_groups, sq_grid, k, eps, a_part)
+    if sq_grid not in column._sums:
+        y = np.clip(x, lo, hi)
+        y -= mid
+        y *= y
+        y -= half**2 / 2
+        column.sums(sq_grid, y)
+    q, _, acc_q = noisy_sum(column.sums(sq_grid), sq_grid, k, eps, a_part)
     acc_q += n_max * sq_grid.step / 2
     q = q + half**2 / 2 * n_noisy  # sum of squares (about the midpoint), using the noisy count
     second = np.clip(q / cnt, 0.0, half**2)

@@ -1251,14 +1251,20 @@ def _dp_groups(data: pd.DataFrame, spec: _DPSpec, priv: DP) -> tuple[IntArray, i
         levels = []
         for b in spec.by:
             values = pd.Index(list(priv.public_groups[b]), name=b)
-            idx = np.asarray(values.get_indexer(data[b]), dtype=np.int64)
+            seen, uniques = pd.factorize(data[b])  # hash the column once; map its few distinct values
+            lut = np.append(np.asarray(values.get_indexer(pd.Index(uniques)), dtype=np.int64), -1)
+            idx = lut[seen]  # factorize's -1 (missing) picks the appended -1
             codes = np.where((codes < 0) | (idx < 0), -1, codes * len(values) + idx)
             levels.append(values)
         keys = levels[0] if len(levels) == 1 else pd.MultiIndex.from_product(levels)
         return codes, len(keys), keys
     dropna = bool(spec.args.get("dropna", True))
     sort = bool(spec.args.get("sort", True))
-    by: Any = list(spec.by) if len(spec.by) > 1 else spec.by[0]
+    if len(spec.by) == 1:  # one key: a single hash pass
+        codes, uniques = pd.factorize(data[spec.by[0]], sort=sort, use_na_sentinel=dropna)
+        keys = pd.Index(uniques, name=spec.by[0])
+        return np.asarray(codes, dtype=np.int64), len(keys), keys
+    by: Any = list(spec.by)
     gb = data.groupby(by, sort=sort, dropna=dropna)
     keys = gb.size().index
     return _codes(gb.ngroup()), len(keys), keys
