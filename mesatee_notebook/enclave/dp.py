@@ -67,7 +67,14 @@ _FLOAT_EXACT = 2.0**52
 
 @functools.cache
 def _opendp() -> Any:
-    import opendp.prelude as dp
+    try:
+        import opendp.prelude as dp
+    except ModuleNotFoundError:
+        msg = (
+            "this kernel cannot release DP results: OpenDP is not installed in the enclave "
+            "(install mesatee_notebook[dp]); nothing was released or charged"
+        )
+        raise PolicyViolation(msg, rule="dp") from None
 
     dp.enable_features("contrib")  # OpenDP's non-vetted (contrib) mechanisms; see docs/privacy.md
     return dp

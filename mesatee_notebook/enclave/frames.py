@@ -1254,7 +1254,7 @@ def _dp_groups(data: pd.DataFrame, spec: _DPSpec, priv: DP) -> tuple[IntArray, i
             seen, uniques = pd.factorize(data[b])  # hash the column once; map its few distinct values
             lut = np.append(np.asarray(values.get_indexer(pd.Index(uniques)), dtype=np.int64), -1)
             idx = lut[seen]  # factorize's -1 (missing) picks the appended -1
-            codes = np.where((codes < 0) | (idx < 0), -1, codes * len(values) + idx)
+            codes = idx if len(spec.by) == 1 else np.where((codes < 0) | (idx < 0), -1, codes * len(values) + idx)
             levels.append(values)
         keys = levels[0] if len(levels) == 1 else pd.MultiIndex.from_product(levels)
         return codes, len(keys), keys
