@@ -45,6 +45,7 @@ __all__ = [
     "SecureScalar",
     "SecureSeries",
     "PrivacyBudget",
+    "budget_meters_html",
     "plan_json",
 ]
 
@@ -131,6 +132,13 @@ def budget_meter_html(budget: PrivacyBudget) -> str:
         f"<div style='width:240px;height:10px;border:1px solid #999;background:#eee'>"
         f"<div style='width:{frac * 100:.1f}%;height:100%;background:{color}'></div></div>{cap}</div>"
     )
+
+
+def budget_meters_html(budgets: Sequence[PrivacyBudget]) -> str:
+    """One meter per DP dataset (for a party view such as the attestation card's)."""
+    if not budgets:
+        return "<div class='mesatee-budgets'><i>no DP-mode datasets</i></div>"
+    return "<div class='mesatee-budgets'>" + "".join(budget_meter_html(b) for b in budgets) + "</div>"
 
 
 class DPResult:

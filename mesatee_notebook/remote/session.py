@@ -341,6 +341,18 @@ class Session:
         """Public descriptions (name, owner, schema, policy) of the kernel's datasets."""
         return list(self.call("dataset.list").info.get("datasets", []))
 
+    def privacy_budgets(self) -> list[Any]:
+        """Return this party's budget on every DP-mode dataset (``budget_meters_html`` renders them)."""
+        from mesatee_notebook.remote.frame import PrivacyBudget
+
+        out = []
+        for d in self.datasets():
+            if (d.get("policy") or {}).get("privacy") is not None:
+                budget = self.call("frame.budget", {"name": d["name"]}).info.get("privacy_budget")
+                if budget is not None:
+                    out.append(PrivacyBudget.from_dict(budget))
+        return out
+
     # -- control --------------------------------------------------------------------------------
     def interrupt(self) -> bool:
         """Interrupt the running cell (over a second attested connection). True if one was running."""

@@ -145,3 +145,22 @@ def test_the_ledger_survives_a_service_worker_death_and_a_restart(tmp_path: Path
         analyst.close()
     finally:
         stop_kernel(k2)
+
+
+def test_party_view_lists_a_meter_per_dp_dataset(kernel: KernelProc, tmp_path: Path) -> None:
+    from mesatee_notebook.remote.frame import budget_meters_html
+
+    policy = kernel.policy()
+    owner = mn.connect(kernel.url, policy=policy, identity=tmp_path / "owner")
+    analyst = mn.connect(kernel.url, policy=policy, identity=tmp_path / "analyst")
+    try:
+        owner.upload(frame(), "dp_view", policy=POLICY)
+        analyst.dataframe("dp_view").x.mean().collect(epsilon=0.2)
+        budgets = {b.dataset: b for b in analyst.privacy_budgets()}
+        assert budgets["dp_view"].epsilon_spent == pytest.approx(0.2)
+        html = budget_meters_html(list(budgets.values()))
+        assert html.count("class='mesatee-budget'") == len(budgets) and "dp_view" in html
+        assert "0.8 left" in html
+    finally:
+        owner.close()
+        analyst.close()
