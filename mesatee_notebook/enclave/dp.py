@@ -364,15 +364,22 @@ class _Column:
     """One aggregated column's non-missing values and their exact per-group counts and sums (computed once)."""
 
     def __init__(self, frame: pd.DataFrame, codes: IntArray, n_groups: int, col: str) -> None:
-        series = frame[col]
-        self.dtype = series.dtype
-        x = series.to_numpy(dtype=np.float64, na_value=np.nan)
-        notna = ~np.isnan(x)
-        self.x = x if notna.all() else x[notna]
-        self.codes = codes if notna.all() else codes[notna]
+        self.series = frame[col]
+        self.dtype = self.series.dtype
+        self._notna = self.series.notna().to_numpy()
+        self.codes = codes if self._notna.all() else codes[self._notna]
         self.n_groups = n_groups
+        self._x: FloatArray | None = None
         self._counts: IntArray | None = None
         self._sums: dict[_Grid, IntArray] = {}
+
+    @property
+    def x(self) -> FloatArray:
+        """The non-missing values as float64 (numeric and boolean columns only; counts never need them)."""
+        if self._x is None:
+            x = self.series.to_numpy(dtype=np.float64, na_value=np.nan)
+            self._x = x if self._notna.all() else x[self._notna]
+        return self._x
 
     @property
     def counts(self) -> IntArray:
@@ -409,7 +416,7 @@ def _one(
     column = cache.get(col)
     if column is None:
         column = cache[col] = _Column(frame, codes, n_groups, col)
-    x, c = column.x, column.codes
+    c = column.codes
     if func == "count":
         noisy, scale, acc = noisy_count(column.counts, k, eps)
         return Released(
@@ -417,6 +424,7 @@ def _one(
         )
     lo, hi, integral = _bounds(policy, col, column.dtype)
     clamp = {"bounds": [lo, hi]}
+    x = column.x
     if func == "sum":
         grid = _grid(lo, hi, centered=False, n_max=n_max, integral=integral)
         sums, scale, acc = noisy_sum(column.sums(grid), grid, k, eps)

@@ -289,3 +289,12 @@ def test_concurrent_ledgers_never_pass_the_cap_together() -> None:
     status = ledgers[0].status("d", "party0", policy)
     assert status.all_epsilon_spent == pytest.approx(math.fsum(admitted))
     assert len(admitted) >= 1  # refusals are safe, but not everyone is refused
+
+
+def test_counts_of_text_columns_and_sums_of_booleans() -> None:
+    df = people(300, seed=11).assign(flag=lambda d: d.age > 60, name=lambda d: d.ssn.where(d.age > 30))
+    world = dp_world(df, public_groups={"g": [0, 1, 2, 3]})
+    res = world.frame("people", ANALYST).groupby("g").agg(named=("name", "count"), old=("flag", "sum"))
+    got = res.collect(epsilon=1e6).value
+    assert got["named"].tolist() == df.groupby("g").name.count().tolist()
+    assert got["old"].tolist() == df.groupby("g").flag.sum().tolist()  # booleans are bounded by (0, 1)
