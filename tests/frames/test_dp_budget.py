@@ -164,3 +164,21 @@ def test_party_view_lists_a_meter_per_dp_dataset(kernel: KernelProc, tmp_path: P
     finally:
         owner.close()
         analyst.close()
+
+
+def test_a_dp_dataset_cannot_leave_its_budget_through_a_psi_join(kernel: KernelProc, tmp_path: Path) -> None:
+    """The join's result would be a new dataset with a fresh budget: refused until the ledger can follow it."""
+    policy = kernel.policy()
+    owner = mn.connect(kernel.url, policy=policy, identity=tmp_path / "owner")
+    other = mn.connect(kernel.url, policy=policy, identity=tmp_path / "other")
+    try:
+        df = frame().assign(key=lambda d: d.index.astype("int64"))
+        owner.upload(df, "dp_psi", policy=POLICY)
+        owner.psi.create("dp_join", [owner.party_id, other.party_id], mode="join")
+        with pytest.raises(mn.PolicyViolation, match="DP-mode policy in join mode"):
+            owner.psi.submit("dp_join", dataset="dp_psi", column="key", value_columns=["x"])
+        with pytest.raises(mn.PolicyViolation, match="DP-mode policy in join mode"):
+            owner.psi.submit("dp_join", [1, 2, 3], values=pd.DataFrame({"x": [1, 2, 3]}), policy=POLICY)
+    finally:
+        owner.close()
+        other.close()
