@@ -182,3 +182,13 @@ def test_a_dp_dataset_cannot_leave_its_budget_through_a_psi_join(kernel: KernelP
     finally:
         owner.close()
         other.close()
+
+
+def test_a_dp_policy_must_name_existing_columns(kernel: KernelProc, tmp_path: Path) -> None:
+    owner = mn.connect(kernel.url, policy=kernel.policy(), identity=tmp_path / "owner")
+    try:
+        bad = mn.DataPolicy(privacy=mn.DP(epsilon=1.0, bounds={"salary": (0, 1)}, unit="person"))
+        with pytest.raises(mn.EncodingError, match=r"\['person', 'salary'\]"):
+            owner.upload(frame(), "dp_bad", policy=bad)
+    finally:
+        owner.close()
