@@ -153,19 +153,6 @@ class _Grid:
     step: float
     qmax: int
 
-    def quantize(self, x: FloatArray) -> FloatArray:
-        q = np.clip(x, self.lo, self.hi)
-        if self.offset:
-            q -= self.offset
-        if self.step != 1.0:
-            q /= self.step
-            np.rint(q, out=q)
-        return q
-
-    def exact_sums(self, x: FloatArray, codes: IntArray, n_groups: int) -> IntArray:
-        """Exact per-group sums of the quantized values (every partial sum is below 2^52: exact in float64)."""
-        return np.rint(np.bincount(codes, weights=self.quantize(x), minlength=n_groups)).astype(np.int64)
-
 
 def _grid(lo: float, hi: float, *, centered: bool, n_max: int, integral: bool) -> _Grid:
     offset = (lo + hi) / 2 if centered else 0.0
@@ -180,7 +167,7 @@ def _grid(lo: float, hi: float, *, centered: bool, n_max: int, integral: bool) -
 def noisy_sum(
     exact: IntArray, grid: _Grid, k: int, epsilon: float, alpha: float = ALPHA
 ) -> tuple[FloatArray, float, float]:
-    """Noisy per-group sums from ``grid.exact_sums``: (values, scale in value units, accuracy)."""
+    """Noisy per-group sums from exact grid sums (``_Column.sums``): (values, scale in value units, accuracy)."""
     noisy, scale = _integer_laplace(exact, k * grid.qmax, epsilon)
     return noisy.astype(np.float64) * grid.step, scale * grid.step, _laplace_accuracy(scale, alpha) * grid.step
 
@@ -343,7 +330,7 @@ def dp_aggregate(
         n_groups = len(keep)
         sizes = np.bincount(codes, minlength=n_groups).astype(np.int64)
     out: dict[str, Released] = {}
-    counts_cache: dict[str | None, Any] = {}
+    counts_cache: dict[str | None, Any] = {None: {c for _, c, f in aggs if f in ("var", "std")}}
     for name, col, func in aggs:
         if func == "size" and size_release is not None:
             out[name] = size_release
@@ -360,15 +347,19 @@ def _bounds(policy: DP, col: str | None, dtype: Any) -> tuple[float, float, bool
     return lo, hi, pd.api.types.is_integer_dtype(dtype) and float(lo).is_integer() and float(hi).is_integer()
 
 
+_CHUNK = 1 << 16  # rows per pass: the clamp/shift/round/bincount pipeline stays in the CPU cache
+
+
 class _Column:
     """One aggregated column's non-missing values and their exact per-group counts and sums (computed once)."""
 
-    def __init__(self, frame: pd.DataFrame, codes: IntArray, n_groups: int, col: str) -> None:
+    def __init__(self, frame: pd.DataFrame, codes: IntArray, n_groups: int, col: str, *, squares: bool) -> None:
         self.series = frame[col]
         self.dtype = self.series.dtype
         self._notna = self.series.notna().to_numpy()
         self.codes = codes if self._notna.all() else codes[self._notna]
         self.n_groups = n_groups
+        self.squares = squares  # a var/std of this column is asked for: compute the squares in the same pass
         self._x: FloatArray | None = None
         self._counts: IntArray | None = None
         self._sums: dict[_Grid, IntArray] = {}
@@ -387,9 +378,35 @@ class _Column:
             self._counts = np.bincount(self.codes, minlength=self.n_groups).astype(np.int64)
         return self._counts
 
-    def sums(self, grid: _Grid, values: FloatArray | None = None) -> IntArray:
-        if grid not in self._sums or values is not None:
-            self._sums[grid] = grid.exact_sums(self.x if values is None else values, self.codes, self.n_groups)
+    def sums(self, grid: _Grid, sq_grid: _Grid | None = None) -> IntArray:
+        """Exact per-group sums on ``grid``; with ``sq_grid`` also of the squares of the shifted values.
+
+        Every partial sum is an integer below 2^52, so the float64 accumulation is exact.
+        """
+        if grid in self._sums and (sq_grid is None or sq_grid in self._sums):
+            return self._sums[grid]
+        x, codes, g = self.x, self.codes, self.n_groups
+        s1 = np.zeros(g)
+        s2 = np.zeros(g) if sq_grid is not None else None
+        inv = 1.0 / grid.step
+        for i in range(0, len(x), _CHUNK):
+            c = codes[i : i + _CHUNK]
+            y = np.clip(x[i : i + _CHUNK], grid.lo, grid.hi)
+            if grid.offset:
+                y -= grid.offset
+            if sq_grid is not None and s2 is not None:
+                z = y * y
+                z -= -sq_grid.lo  # squares shifted to [-h^2/2, h^2/2]: sq_grid.lo = -h^2/2
+                z *= 1.0 / sq_grid.step
+                np.rint(z, out=z)
+                s2 += np.bincount(c, weights=z, minlength=g)
+            if grid.step != 1.0:
+                y *= inv
+                np.rint(y, out=y)
+            s1 += np.bincount(c, weights=y, minlength=g)
+        self._sums[grid] = np.rint(s1).astype(np.int64)
+        if sq_grid is not None and s2 is not None:
+            self._sums[sq_grid] = np.rint(s2).astype(np.int64)
         return self._sums[grid]
 
 
@@ -415,7 +432,7 @@ def _one(
     assert col is not None
     column = cache.get(col)
     if column is None:
-        column = cache[col] = _Column(frame, codes, n_groups, col)
+        column = cache[col] = _Column(frame, codes, n_groups, col, squares=col in cache.get(None, ()))
     c = column.codes
     if func == "count":
         noisy, scale, acc = noisy_count(column.counts, k, eps)
@@ -470,7 +487,8 @@ def _one(
     cnt = np.maximum(n_noisy.astype(np.float64), 1.0)
     grid = _grid(lo, hi, centered=True, n_max=n_max, integral=False)
     half = (hi - lo) / 2
-    s, _, acc_s = noisy_sum(column.sums(grid), grid, k, eps, a_part)
+    sq_grid = _grid(-(half**2) / 2, half**2 / 2, centered=False, n_max=n_max, integral=False)
+    s, _, acc_s = noisy_sum(column.sums(grid, sq_grid if column.squares else None), grid, k, eps, a_part)
     acc_s += n_max * grid.step / 2
     mid = grid.offset
     mean_c = np.clip(s / cnt, -half, half)  # centered mean, clamped to the bounds (post-processing)
@@ -484,14 +502,8 @@ def _one(
             0.0,
             details={"parts": "noisy count and noisy centered sum, eps/2 each", **clamp},
         )
-    sq_grid = _grid(-(half**2) / 2, half**2 / 2, centered=False, n_max=n_max, integral=False)
-    if sq_grid not in column._sums:
-        y = np.clip(x, lo, hi)
-        y -= mid
-        y *= y
-        y -= half**2 / 2
-        column.sums(sq_grid, y)
-    q, _, acc_q = noisy_sum(column.sums(sq_grid), sq_grid, k, eps, a_part)
+    column.sums(grid, sq_grid)
+    q, _, acc_q = noisy_sum(column._sums[sq_grid], sq_grid, k, eps, a_part)
     acc_q += n_max * sq_grid.step / 2
     q = q + half**2 / 2 * n_noisy  # sum of squares (about the midpoint), using the noisy count
     second = np.clip(q / cnt, 0.0, half**2)

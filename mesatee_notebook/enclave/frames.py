@@ -1260,10 +1260,17 @@ def _dp_groups(data: pd.DataFrame, spec: _DPSpec, priv: DP) -> tuple[IntArray, i
         return codes, len(keys), keys
     dropna = bool(spec.args.get("dropna", True))
     sort = bool(spec.args.get("sort", True))
-    if len(spec.by) == 1:  # one key: a single hash pass
-        codes, uniques = pd.factorize(data[spec.by[0]], sort=sort, use_na_sentinel=dropna)
+    if len(spec.by) == 1:  # one key: a single hash pass; sort the few distinct keys, not the rows
+        seen, uniques = pd.factorize(data[spec.by[0]], use_na_sentinel=dropna)
         keys = pd.Index(uniques, name=spec.by[0])
-        return np.asarray(codes, dtype=np.int64), len(keys), keys
+        codes = np.asarray(seen, dtype=np.int64)
+        if sort and len(keys) > 1:
+            order = np.asarray(keys.argsort(), dtype=np.int64)  # missing keys (dropna=False) sort last
+            rank = np.empty(len(order) + 1, dtype=np.int64)
+            rank[order] = np.arange(len(order))
+            rank[-1] = -1  # factorize's -1 stays -1
+            codes, keys = rank[codes], keys.take(order)
+        return codes, len(keys), keys
     by: Any = list(spec.by)
     gb = data.groupby(by, sort=sort, dropna=dropna)
     keys = gb.size().index
