@@ -134,16 +134,10 @@ def collect(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -
         "suppressed": result.suppressed,
     }
     values: dict[str, Any] = {"result": result.value}
-    if result.dp is not None:
-        info["dp"] = result.dp  # mechanisms, epsilon/delta, and the budget left: signed in the receipt
+    if result.dp is not None:  # a DP release: mechanisms, epsilon/delta and the budget left, signed in the receipt
+        info["dp"] = result.dp
+        info["privacy_budget"] = {result.dp["dataset"]: {**result.dp["budget"], "owner_exempt": False}}
         values["accuracy"] = result.accuracy
-    budgets = {}
-    for name in result.datasets:
-        budget = ev.privacy_budget(name, ctx.party)
-        if budget is not None:
-            budgets[name] = budget
-    if budgets:
-        info["privacy_budget"] = budgets
     return ServiceResult(info=info, values=values)
 
 
