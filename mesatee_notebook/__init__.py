@@ -25,10 +25,10 @@ from mesatee_notebook.errors import (
     ResourceLimitExceeded,
     SandboxRequired,
 )
-from mesatee_notebook.remote.frame import SecureDataFrame, SecureSeries
+from mesatee_notebook.remote.frame import DPResult, PrivacyBudget, SecureDataFrame, SecureSeries
 from mesatee_notebook.remote.session import CallResult, RunResult, Session, connect
 from mesatee_notebook.remote.session import verify_receipt_default as verify_receipt
-from mesatee_notebook.wire.datapolicy import DataPolicy
+from mesatee_notebook.wire.datapolicy import DP, DataPolicy
 
 __version__ = "0.1.0"
 
@@ -36,6 +36,8 @@ __all__ = [
     "AttestationError",
     "AttestationReport",
     "CallResult",
+    "DP",
+    "DPResult",
     "DataPolicy",
     "EncodingError",
     "KernelConnectionError",
@@ -44,6 +46,7 @@ __all__ = [
     "MesateeError",
     "Policy",
     "PolicyViolation",
+    "PrivacyBudget",
     "ProtocolError",
     "Receipt",
     "ReceiptError",

@@ -47,6 +47,7 @@ UNSAFE_COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("tvm_ffi", ("apache-tvm-ffi",)),
     ("onnx", ("onnx",)),
     ("tpm2_pytss", ("tpm2-pytss",)),  # the kernel's TPM stack at level tpm (links the system tpm2-tss)
+    ("opendp", ("opendp",)),
 )
 _LIB_SUFFIXES = (".so", ".dylib", ".pyd")
 MANIFEST_FORMAT = 1

@@ -38,15 +38,26 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from mesatee_notebook.errors import MesateeError, NotFound, PolicyViolation, RemoteExecutionError
-from mesatee_notebook.wire.datapolicy import DataPolicy
+from mesatee_notebook.enclave.dp import (
+    DP_FUNCS,
+    Aggregated,
+    BudgetLedger,
+    LedgerStore,
+    MemoryLedgerStore,
+    bound_contributions,
+    dp_aggregate,
+)
+from mesatee_notebook.errors import MalformedFrame, MesateeError, NotFound, PolicyViolation, RemoteExecutionError
+from mesatee_notebook.wire.datapolicy import DP, DataPolicy
 from mesatee_notebook.wire.plan import (
+    QUANTILE_FUNCS,
     Lit,
     Plan,
     PlanNode,
     Ref,
     Schema,
     SourceInfo,
+    dtype_kind,
     infer_plan,
     plan_from_json,
     source_columns,
@@ -89,6 +100,8 @@ class FrameResult:
     datasets: tuple[str, ...]
     level: str
     suppressed: int
+    dp: dict[str, Any] | None = None  # DP mode: mechanisms, epsilon/delta, budget (goes into the receipt's info)
+    accuracy: Any = None  # DP mode: 95% accuracy of each released value, shaped like ``value``
 
 
 # ---------------------------------------------------------------------------
@@ -381,11 +394,14 @@ class FrameEvaluator:
         *,
         history_limit: int = 256,
         guard_store: GuardStore | None = None,
+        ledger_store: LedgerStore | None = None,
     ) -> None:
         self._datasets = datasets
         self._audit = audit
         self._guard = _DifferencingGuard(history_limit, guard_store)
         self._guard_lock = threading.Lock()  # check-then-record must be atomic per release
+        self._ledger = BudgetLedger(ledger_store if ledger_store is not None else MemoryLedgerStore())
+        self._unique_units: dict[tuple[str, str], tuple[pd.DataFrame, bool]] = {}
 
     # -- public -----------------------------------------------------------
 
@@ -400,17 +416,32 @@ class FrameEvaluator:
             "owner": owner,
         }
 
+    def privacy_budget(self, name: str, party: str) -> dict[str, Any] | None:
+        """The DP budget ``party`` has spent and has left on dataset ``name`` (None: not a DP dataset)."""
+        _, policy, owner = self._lookup(name)
+        if policy.privacy is None:
+            return None
+        out = self._ledger.status(name, party, policy.privacy).to_dict()
+        out["owner_exempt"] = party == owner
+        return out
+
     def released_count(self, party: str, dataset: str) -> int:
         """Return how many distinct aggregates of ``dataset`` the guard has on record for ``party``."""
         return self._guard.released(party, dataset)
 
-    def evaluate(self, plan_json: str | bytes, party: str) -> FrameResult:
-        """Validate, evaluate and release one plan for ``party``; raises ``PolicyViolation`` when refused."""
+    def evaluate(
+        self, plan_json: str | bytes, party: str, *, epsilon: float | None = None, delta: float | None = None
+    ) -> FrameResult:
+        """Validate, evaluate and release one plan for ``party``; raises ``PolicyViolation`` when refused.
+
+        ``epsilon``/``delta``: what a query over a DP-mode dataset spends (default: the policy's).
+        """
         started = time.perf_counter()
         digest = hashlib.sha256(plan_json if isinstance(plan_json, bytes) else plan_json.encode()).hexdigest()
         event: dict[str, Any] = {"event": "frames.query", "party": party, "plan_sha256": digest, "datasets": []}
         try:
-            result = self._evaluate(plan_json, party, event, digest)
+            result = self._evaluate(plan_json, party, event, digest, _budget_arg(epsilon, "epsilon"),
+                                    _budget_arg(delta, "delta"))
         except PolicyViolation as exc:
             event.update(outcome="refused", reason=exc.message)
             raise
@@ -438,7 +469,15 @@ class FrameEvaluator:
             msg = f"no dataset named {name!r}"
             raise NotFound(msg) from None
 
-    def _evaluate(self, plan_json: str | bytes, party: str, event: dict[str, Any], digest: str) -> FrameResult:
+    def _evaluate(
+        self,
+        plan_json: str | bytes,
+        party: str,
+        event: dict[str, Any],
+        digest: str,
+        epsilon: float | None,
+        delta: float | None,
+    ) -> FrameResult:
         plan = plan_from_json(plan_json)
         names = sorted({n.args["name"] for n in plan.nodes.values() if n.op == "source"})
         event["datasets"] = names
@@ -453,6 +492,10 @@ class FrameEvaluator:
         event["level"] = root.level
         protected = {n: pol for n, (_, pol, owner) in stored.items() if owner != party}
         event["owner_only"] = not protected
+        _refuse_hidden_merge_keys(plan, schemas, protected)
+        if any(pol.privacy is not None for pol in protected.values()):
+            return self._evaluate_dp(plan, schemas, stored, protected, party, event, digest, epsilon, delta)
+        _refuse_record_values(plan, schemas, protected)
         self._static_policy(root, protected)
         run = _Run(plan, schemas, {n: df for n, (df, _, _) in stored.items()}, set(protected))
         value = run.evaluate()
@@ -461,6 +504,92 @@ class FrameEvaluator:
         if isinstance(released, (pd.DataFrame, pd.Series)):
             event["rows_out"] = len(released)
         return FrameResult(released, digest, tuple(names), root.level, suppressed)
+
+    # -- the DP mode -------------------------------------------------------
+
+    def _units_unique(self, name: str, df: pd.DataFrame, unit: str) -> bool:
+        hit = self._unique_units.get((name, unit))
+        if hit is None or hit[0] is not df:
+            hit = (df, bool(df[unit].is_unique))
+            self._unique_units[(name, unit)] = hit
+        return hit[1]
+
+    def _evaluate_dp(
+        self,
+        plan: Plan,
+        schemas: Mapping[str, Schema],
+        stored: Mapping[str, tuple[pd.DataFrame, DataPolicy, str]],
+        protected: Mapping[str, DataPolicy],
+        party: str,
+        event: dict[str, Any],
+        digest: str,
+        epsilon: float | None,
+        delta: float | None,
+    ) -> FrameResult:
+        name = next(n for n, pol in protected.items() if pol.privacy is not None)
+        if len(protected) > 1:
+            others = sorted(set(protected) - {name})
+            msg = (
+                f"dataset {name!r} is in DP mode; a DP query may combine it only with your own datasets, "
+                f"not with {others}"
+            )
+            raise PolicyViolation(msg, dataset=name, rule="dp")
+        priv = protected[name].privacy
+        assert priv is not None
+        spec = _dp_spec(plan, schemas, name, priv)
+        eps_q = epsilon if epsilon is not None else priv.default_epsilon
+        delta_q = (delta if delta is not None else priv.default_delta) if spec.select else 0.0
+        if spec.select and delta_q <= 0:
+            cols = [b for b in spec.by if b not in priv.public_groups]
+            msg = (
+                f"the group keys of column(s) {cols} of DP dataset {name!r} are not declared public, and DP "
+                "partition selection needs a delta > 0 (the owner's policy or collect(delta=...) gives none)"
+            )
+            raise PolicyViolation(msg, dataset=name, rule="dp_groups")
+        frames = {n: df for n, (df, _, _) in stored.items()}
+        run = _Run(Plan(spec.input_id, plan.nodes), schemas, frames, set(protected))
+        value = run.evaluate()
+        assert isinstance(value, (_FrameV, _SeriesV))
+        arrays = value.origin.rows.get(name)
+        if value.origin.kind != "rows" or arrays is None or len(arrays) != 1:
+            msg = f"a DP query may use dataset {name!r} once (no self-joins) and aggregate its rows directly"
+            raise PolicyViolation(msg, dataset=name, rule="dp")
+        status = self._ledger.charge(name, party, priv, eps_q, delta_q, {"plan_sha256": digest})
+        event["dp"] = {"dataset": name, "epsilon": eps_q, "delta": delta_q,
+                       "epsilon_remaining": status.epsilon_remaining}
+        data = value.df if isinstance(value, _FrameV) else value.s.to_frame(spec.series_name)
+        src = _compose(arrays[0], _positions(data.index))
+        keep = src >= 0  # rows not from the DP dataset (outer joins) would let its absence show
+        source = frames[name]
+        if value.origin.dup.get(name, False) or not (priv.unit is None or self._units_unique(name, source, priv.unit)):
+            units = src[keep] if priv.unit is None else source[priv.unit].to_numpy()[src[keep]]
+            bounded = np.zeros(len(src), dtype=bool)
+            bounded[np.flatnonzero(keep)] = bound_contributions(units, priv.max_rows_per_unit)
+            keep = bounded
+        if not keep.all():
+            data = data[keep]
+        codes, n_groups, keys = _dp_groups(data, spec, priv)
+        agg = dp_aggregate(
+            data, codes, n_groups, spec.aggs, priv, eps_q, delta_q, select=spec.select,
+            n_max=priv.max_rows_per_unit * max(len(source), 1),
+        )  # fmt: skip
+        released, accuracy = _dp_shape(agg, keys, spec, plan, schemas)
+        meta: dict[str, Any] = {
+            "dataset": name,
+            "epsilon": eps_q,
+            "delta": delta_q,
+            "unit": priv.unit,
+            "max_rows_per_unit": priv.max_rows_per_unit,
+            "columns": {out: rel.meta() for out, rel in agg.columns.items()},
+            "groups": "public" if spec.by and not spec.select else "partition selection" if spec.select else None,
+            "selection": agg.selection,
+            "budget": status.to_dict(),
+        }
+        event.update(outcome="released", suppressed=0)
+        if isinstance(released, (pd.DataFrame, pd.Series)):
+            event["rows_out"] = len(released)
+        root = schemas[plan.root]
+        return FrameResult(released, digest, tuple(sorted(stored)), root.level, 0, meta, accuracy)
 
     @staticmethod
     def _static_policy(root: Schema, protected: Mapping[str, DataPolicy]) -> None:
@@ -812,7 +941,7 @@ class _Run:
         v = self._frame(a["input"])
         by = list(a["by"])
         gb = v.df.groupby(by, sort=a["sort"], dropna=a["dropna"])
-        res = gb.agg(**{out: (col, func) for out, col, func in a["aggs"]})
+        res = gb.agg(**{out: (col, _pandas_func(func)) for out, col, func in a["aggs"]})
         n_groups = len(res)
         origin = _Origin("groups", n_groups, keys=None if not a["as_index"] else res.index)
         cells: dict[str, Cells] = {}
@@ -888,7 +1017,7 @@ class _Run:
     def visit_reduce(self, nid: str, node: PlanNode) -> _Value:
         v = self._series(node.args["input"])
         func = node.args["func"]
-        value = getattr(v.s, func)()
+        value = v.s.quantile(int(func[1:]) / 100) if func in QUANTILE_FUNCS else getattr(v.s, func)()
         if not (v.origin.rows or v.origin.members):
             return _ScalarV(value, {}, {}, {})
         notna = v.s.notna().to_numpy()
@@ -944,8 +1073,238 @@ class _Run:
         return _SeriesV(v.s.isin(list(node.args["values"])), v.origin, v.cells)
 
 
+def _pandas_func(func: str) -> Any:
+    if func in QUANTILE_FUNCS:
+        q = int(func[1:]) / 100
+        return lambda s: s.quantile(q)
+    return func
+
+
 def _codes(ngroup: pd.Series) -> IntArray:
     arr = ngroup.to_numpy()
     if arr.dtype.kind == "f":
         return np.asarray(np.nan_to_num(arr, nan=-1.0), dtype=np.int64)
     return np.asarray(arr, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------
+# Rules for analysts in both modes, and the DP mode's plan shape
+
+
+def _budget_arg(value: float | None, what: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+        msg = f"{what} must be a finite number >= 0, not {value!r}"
+        raise MalformedFrame(msg)
+    if what == "epsilon" and value == 0:
+        msg = "epsilon must be > 0"
+        raise MalformedFrame(msg)
+    return float(value)
+
+
+def _refuse_hidden_merge_keys(plan: Plan, schemas: Mapping[str, Schema], protected: Mapping[str, DataPolicy]) -> None:
+    """No analyst merges on a hidden column: a guess table (or a dictionary) would recover its values."""
+    if not protected:
+        return
+    for nid in plan.order():
+        node = plan.nodes[nid]
+        if node.op != "merge":
+            continue
+        for side, keys in (("left", node.args["left_on"]), ("right", node.args["right_on"])):
+            hidden = [k for k in keys if k in schemas[node.args[side].target].hidden]
+            if hidden:
+                msg = (
+                    f"merge() on hidden column(s) {hidden} is refused: joining a table of guesses against a hidden "
+                    "column recovers its values. For a private join use PSI's join mode (session.psi), which "
+                    "releases only what every party agreed to"
+                )
+                raise PolicyViolation(msg, rule="hidden_columns", column=hidden[0])
+
+
+_RECORD_FUNCS = frozenset({"min", "max", "median"}) | QUANTILE_FUNCS
+
+
+def _refuse_record_values(plan: Plan, schemas: Mapping[str, Schema], protected: Mapping[str, DataPolicy]) -> None:
+    """Threshold mode: no min, max, quantile or describe for analysts (each is one record's exact value).
+
+    Only for datasets whose owner does not release rows anyway (``allow_rows=False``).
+    """
+    closed = {n for n, pol in protected.items() if not pol.allow_rows}
+    if not closed:
+        return
+    for nid in plan.order():
+        node = plan.nodes[nid]
+        touched = sorted(schemas[nid].datasets & closed)
+        if not touched:
+            continue
+        funcs: list[str] = []
+        if node.op == "reduce":
+            funcs = [node.args["func"]]
+        elif node.op == "groupby_agg":
+            funcs = [f for _, _, f in node.args["aggs"]]
+        elif node.op == "describe":
+            funcs = ["describe"]
+        bad = sorted({f for f in funcs if f in _RECORD_FUNCS or f == "describe"})
+        if bad:
+            msg = (
+                f"{', '.join(bad)} of dataset {touched[0]!r} is refused: in the threshold mode it returns one "
+                "record's exact value. Use mean, std, count or sum, or ask the owner for the DP mode "
+                "(DataPolicy(privacy=mn.DP(...))), which releases noisy quantiles"
+            )
+            raise PolicyViolation(msg, dataset=touched[0], rule="record_values")
+
+
+@dataclass(frozen=True, slots=True)
+class _DPSpec:
+    """The one aggregate a DP query releases."""
+
+    op: str
+    input_id: str
+    by: tuple[str, ...]
+    aggs: tuple[tuple[str, str | None, str], ...]
+    select: bool
+    series_name: str
+    post: tuple[str, ...]  # select/column nodes applied to the aggregate, root last
+    args: Mapping[str, Any]
+
+
+_DP_OPS = ("groupby_agg", "reduce", "count_rows", "value_counts")
+
+
+def _dp_spec(plan: Plan, schemas: Mapping[str, Schema], name: str, priv: DP) -> _DPSpec:
+    post: list[str] = []
+    nid = plan.root
+    while plan.nodes[nid].op in ("select", "column") and schemas[nid].level == "groups":
+        post.append(nid)
+        nid = plan.nodes[nid].args["input"].target
+    node = plan.nodes[nid]
+    if schemas[nid].level == "rows":
+        msg = f"dataset {name!r} is in DP mode: row-level results are never released; aggregate instead"
+        raise PolicyViolation(msg, dataset=name, rule="dp")
+    if node.op not in _DP_OPS and schemas[nid].level == "groups":
+        msg = (
+            f"{node.op}() of an aggregate is not evaluated in DP mode (dataset {name!r}): collect the aggregate and "
+            "post-process the noisy result locally (post-processing costs no budget)"
+        )
+        raise PolicyViolation(msg, dataset=name, rule="dp")
+    if node.op not in _DP_OPS:
+        msg = (
+            f"{node.op}() is not available in DP mode (dataset {name!r}); use groupby().agg(), value_counts(), "
+            "len(), or a series' sum/mean/count/var/std/median/quantile"
+        )
+        raise PolicyViolation(msg, dataset=name, rule="dp")
+    for other in plan.order():
+        if other != nid and other not in post and schemas[other].level != "rows":
+            msg = (
+                "a DP query releases one aggregate computed directly from rows; collect it and post-process "
+                "the noisy result locally (post-processing costs no budget)"
+            )
+            raise PolicyViolation(msg, dataset=name, rule="dp")
+    a = node.args
+    input_id = a["input"].target
+    inp = schemas[input_id]
+    series_name = str(inp.columns[0][0]) if inp.kind == "series" and inp.columns[0][0] is not None else "value"
+    if node.op == "groupby_agg":
+        by: tuple[str, ...] = tuple(a["by"])
+        aggs: tuple[tuple[str, str | None, str], ...] = tuple((o, c, f) for o, c, f in a["aggs"])
+    elif node.op == "value_counts":
+        if a["normalize"]:
+            msg = "value_counts(normalize=True) is not available in DP mode; divide the noisy counts locally"
+            raise PolicyViolation(msg, dataset=name, rule="dp")
+        by = tuple(a["subset"]) if inp.kind == "frame" else (series_name,)
+        aggs = (("count", None, "size"),)
+    elif node.op == "reduce":
+        by, aggs = (), (("value", series_name, a["func"]),)
+    else:
+        by, aggs = (), (("value", None, "size"),)
+    dtypes = dict(inp.columns) if inp.kind == "frame" else {series_name: inp.columns[0][1]}
+    for _, col, func in aggs:
+        if func not in DP_FUNCS:
+            msg = (
+                f"{func} is not released in DP mode (dataset {name!r}): min, max and nunique are one record's value "
+                "or have no bounded sensitivity; use a quantile (p1, p99, median) or count"
+            )
+            raise PolicyViolation(msg, dataset=name, rule="dp")
+        if func in ("size", "count"):
+            continue
+        dtype = dtypes.get(col or "", "")
+        if dtype_kind(dtype) == "bool":
+            continue
+        if col not in priv.bounds:
+            what = f"column {col!r}" if node.op != "reduce" or inp.columns[0][0] is not None else "this expression"
+            msg = (
+                f"{func} of {what} needs bounds, and the owner of DP dataset {name!r} declared bounds only for "
+                f"{sorted(priv.bounds) or 'no column'}; values are clamped to a column's bounds before they count"
+            )
+            raise PolicyViolation(msg, dataset=name, rule="dp_bounds")
+    select = bool(by) and not all(b in priv.public_groups for b in by)
+    return _DPSpec(node.op, input_id, by, aggs, select, series_name, tuple(reversed(post)), a)
+
+
+def _dp_groups(data: pd.DataFrame, spec: _DPSpec, priv: DP) -> tuple[IntArray, int, pd.Index | None]:
+    n = len(data)
+    if not spec.by:
+        return np.zeros(n, dtype=np.int64), 1, None
+    if not spec.select:  # public keys: exactly the declared ones, in declared order
+        codes = np.zeros(n, dtype=np.int64)
+        levels = []
+        for b in spec.by:
+            values = pd.Index(list(priv.public_groups[b]), name=b)
+            seen, uniques = pd.factorize(data[b])  # hash the column once; map its few distinct values
+            lut = np.append(np.asarray(values.get_indexer(pd.Index(uniques)), dtype=np.int64), -1)
+            idx = lut[seen]  # factorize's -1 (missing) picks the appended -1
+            codes = idx if len(spec.by) == 1 else np.where((codes < 0) | (idx < 0), -1, codes * len(values) + idx)
+            levels.append(values)
+        keys = levels[0] if len(levels) == 1 else pd.MultiIndex.from_product(levels)
+        return codes, len(keys), keys
+    dropna = bool(spec.args.get("dropna", True))
+    sort = bool(spec.args.get("sort", True))
+    if len(spec.by) == 1:  # one key: a single hash pass; sort the few distinct keys, not the rows
+        seen, uniques = pd.factorize(data[spec.by[0]], use_na_sentinel=dropna)
+        keys = pd.Index(uniques, name=spec.by[0])
+        codes = np.asarray(seen, dtype=np.int64)
+        if sort and len(keys) > 1:
+            order = np.asarray(keys.argsort(), dtype=np.int64)  # missing keys (dropna=False) sort last
+            rank = np.empty(len(order) + 1, dtype=np.int64)
+            rank[order] = np.arange(len(order))
+            rank[-1] = -1  # factorize's -1 stays -1
+            codes, keys = rank[codes], keys.take(order)
+        return codes, len(keys), keys
+    by: Any = list(spec.by)
+    gb = data.groupby(by, sort=sort, dropna=dropna)
+    keys = gb.size().index
+    return _codes(gb.ngroup()), len(keys), keys
+
+
+def _dp_shape(
+    agg: Aggregated, keys: pd.Index | None, spec: _DPSpec, plan: Plan, schemas: Mapping[str, Schema]
+) -> tuple[Any, Any]:
+    cols = agg.columns
+    if keys is None:
+        rel = cols[next(iter(cols))]
+        v = rel.values[0].item()
+        return v, float(rel.accuracy[0])
+    idx = keys.take(agg.keep) if len(agg.keep) != len(keys) else keys
+    if spec.op == "value_counts":
+        rel = cols["count"]
+        counts = pd.Series(rel.values, index=idx, name="count")
+        counts_acc = pd.Series(rel.accuracy, index=idx, name="count")
+        if spec.args["sort"]:
+            order = np.argsort(counts.to_numpy(), kind="stable")
+            order = order if spec.args["ascending"] else order[::-1]
+            counts, counts_acc = counts.iloc[order], counts_acc.iloc[order]
+        return counts, counts_acc
+    table = pd.DataFrame({out: rel.values for out, rel in cols.items()}, index=idx)
+    table_acc = pd.DataFrame({out: rel.accuracy for out, rel in cols.items()}, index=idx)
+    if not spec.args["as_index"]:
+        table, table_acc = table.reset_index(), table_acc.reset_index()
+    result: Any = table
+    accuracy: Any = table_acc
+    for nid in spec.post:
+        node = plan.nodes[nid]
+        if node.op == "select":
+            result, accuracy = result[list(node.args["columns"])], accuracy[list(node.args["columns"])]
+        else:
+            result, accuracy = result[node.args["name"]], accuracy[node.args["name"]]
+    return result, accuracy

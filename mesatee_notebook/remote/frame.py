@@ -36,6 +36,7 @@ from mesatee_notebook.wire.plan import (
 )
 
 __all__ = [
+    "DPResult",
     "FrameBackend",
     "FrameUsageError",
     "Node",
@@ -43,6 +44,8 @@ __all__ = [
     "SecureGroupBy",
     "SecureScalar",
     "SecureSeries",
+    "PrivacyBudget",
+    "budget_meters_html",
     "plan_json",
 ]
 
@@ -51,9 +54,177 @@ __all__ = [
 class FrameBackend(Protocol):
     """Evaluates plans in the enclave; the session provides it."""
 
-    def collect(self, plan_json: str) -> tuple[Any, Any]:
-        """Evaluate a plan; return ``(value, receipt)``. The value is a DataFrame, Series or scalar."""
+    def collect(self, plan_json: str, **options: Any) -> tuple[Any, Any]:
+        """Evaluate a plan; return ``(value, receipt)``. The value is a DataFrame, Series or scalar.
+
+        ``options`` (only when the caller gives them): ``epsilon``/``delta`` for DP-mode datasets.
+        A DP release comes back as a :class:`DPResult`.
+        """
         ...
+
+
+# ---------------------------------------------------------------------------
+# Differentially private releases
+
+
+def _fmt_eps(x: Any) -> str:
+    return "∞" if x is None or x == float("inf") else f"{float(x):.4g}"
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacyBudget:
+    """What this party has spent of one DP dataset's budget, and what is left (from a signed receipt)."""
+
+    dataset: str
+    epsilon_spent: float
+    epsilon_total: float
+    epsilon_remaining: float
+    delta_spent: float
+    delta_total: float
+    delta_remaining: float
+    queries: int
+    all_analysts: Mapping[str, Any] | None = None
+    owner_exempt: bool = False
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PrivacyBudget:
+        """Build from the ``privacy_budget`` record of a receipt's info."""
+        return cls(
+            str(data["dataset"]), float(data["epsilon_spent"]), float(data["epsilon_total"]),
+            float(data["epsilon_remaining"]), float(data["delta_spent"]), float(data["delta_total"]),
+            float(data["delta_remaining"]), int(data["queries"]), data.get("all_analysts"),
+            bool(data.get("owner_exempt", False)),
+        )  # fmt: skip
+
+    def __repr__(self) -> str:
+        line = (
+            f"<PrivacyBudget {self.dataset!r}: epsilon spent {_fmt_eps(self.epsilon_spent)} of "
+            f"{_fmt_eps(self.epsilon_total)}, {_fmt_eps(self.epsilon_remaining)} left; delta spent "
+            f"{self.delta_spent:.3g} of {self.delta_total:.3g}; {self.queries} queries"
+        )
+        if self.all_analysts:
+            line += (
+                f"; all analysts: epsilon {_fmt_eps(self.all_analysts.get('epsilon_spent'))} of "
+                f"{_fmt_eps(self.all_analysts.get('epsilon_total'))}"
+            )
+        return line + (" (you own it: your own queries are exact and free)" if self.owner_exempt else "") + ">"
+
+    def _repr_html_(self) -> str:
+        return budget_meter_html(self)
+
+
+def budget_meter_html(budget: PrivacyBudget) -> str:
+    """A small spent/remaining meter for one dataset (used by DP results and the party view)."""
+    esc = html.escape
+    total = budget.epsilon_total
+    frac = 0.0 if total <= 0 else min(max(budget.epsilon_spent / total, 0.0), 1.0)
+    color = "#2e7d32" if frac < 0.7 else "#f9a825" if frac < 0.9 else "#c62828"
+    cap = ""
+    if budget.all_analysts:
+        cap = (
+            f"<div>all analysts: epsilon {_fmt_eps(budget.all_analysts.get('epsilon_spent'))} of the owner's cap "
+            f"{_fmt_eps(budget.all_analysts.get('epsilon_total'))}</div>"
+        )
+    return (
+        f"<div class='mesatee-budget'><b>privacy budget</b> <code>{esc(budget.dataset)}</code>: epsilon "
+        f"{_fmt_eps(budget.epsilon_spent)} spent, <b>{_fmt_eps(budget.epsilon_remaining)} left</b> of "
+        f"{_fmt_eps(total)} (delta {budget.delta_spent:.3g} of {budget.delta_total:.3g}; {budget.queries} queries)"
+        f"<div style='width:240px;height:10px;border:1px solid #999;background:#eee'>"
+        f"<div style='width:{frac * 100:.1f}%;height:100%;background:{color}'></div></div>{cap}</div>"
+    )
+
+
+def budget_meters_html(budgets: Sequence[PrivacyBudget]) -> str:
+    """One meter per DP dataset (for a party view such as the attestation card's)."""
+    if not budgets:
+        return "<div class='mesatee-budgets'><i>no DP-mode datasets</i></div>"
+    return "<div class='mesatee-budgets'>" + "".join(budget_meter_html(b) for b in budgets) + "</div>"
+
+
+class DPResult:
+    """A differentially private release: the noisy ``value``, its 95% ``accuracy``, how it was made.
+
+    ``value`` is a DataFrame, Series or number; ``accuracy`` has the same shape: with 95%
+    probability the released value is within ``accuracy`` of the true (clamped) statistic
+    (for quantiles the accuracy is a rank error in rows, see ``mechanisms``). ``meta`` is the
+    signed record from the receipt: dataset, epsilon/delta spent, mechanisms, the budget left.
+    Post-processing the value locally is free: it costs no budget.
+    """
+
+    __slots__ = ("accuracy", "meta", "receipt", "value")
+
+    def __init__(self, value: Any, accuracy: Any, meta: Mapping[str, Any], receipt: Any = None) -> None:
+        self.value = value
+        self.accuracy = accuracy
+        self.meta = dict(meta)
+        self.receipt = receipt
+
+    @property
+    def epsilon(self) -> float:
+        """Epsilon this release spent."""
+        return float(self.meta["epsilon"])
+
+    @property
+    def delta(self) -> float:
+        """Delta this release spent (partition selection only)."""
+        return float(self.meta["delta"])
+
+    @property
+    def mechanisms(self) -> dict[str, Any]:
+        """Per released column: mechanism, epsilon, delta, scale, clamping bounds, accuracy unit."""
+        return dict(self.meta.get("columns") or {})
+
+    @property
+    def budget(self) -> PrivacyBudget:
+        """The budget left after this release."""
+        return PrivacyBudget.from_dict(self.meta["budget"])
+
+    def interval(self) -> tuple[Any, Any]:
+        """``(value - accuracy, value + accuracy)``: a 95% interval for each value-unit statistic."""
+        return self.value - self.accuracy, self.value + self.accuracy
+
+    def to_pandas(self) -> Any:
+        """Return the noisy value."""
+        return self.value
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+    def __int__(self) -> int:
+        return round(float(self.value))
+
+    def __repr__(self) -> str:
+        head = f"<DPResult: epsilon {_fmt_eps(self.epsilon)}, delta {self.delta:.3g} on {self.meta.get('dataset')!r}>"
+        if isinstance(self.value, (pd.DataFrame, pd.Series)):
+            body = f"{self.value!r}\n95% accuracy (±):\n{self.accuracy!r}"
+        else:
+            body = f"{self.value!r} ± {self.accuracy:.4g} (95%)"
+        return f"{head}\n{body}\n{self.budget!r}"
+
+    def _repr_html_(self) -> str:
+        esc = html.escape
+        if isinstance(self.value, (pd.DataFrame, pd.Series)):
+            table = self.value.to_frame().to_html() if isinstance(self.value, pd.Series) else self.value.to_html()
+            acc = self.accuracy
+            acc_table = acc.to_frame().to_html() if isinstance(acc, pd.Series) else acc.to_html()
+            body = f"{table}<details><summary>95% accuracy (±)</summary>{acc_table}</details>"
+        else:
+            body = f"<div><code>{esc(repr(self.value))}</code> ± {float(self.accuracy):.4g} (95%)</div>"
+        mech = "".join(
+            f"<li><code>{esc(str(col))}</code>: {esc(str(m.get('mechanism')))}, epsilon {_fmt_eps(m.get('epsilon'))}"
+            f"{', accuracy in ranks (rows)' if m.get('accuracy_unit') == 'rank' else ''}</li>"
+            for col, m in self.mechanisms.items()
+        )
+        sel = self.meta.get("selection")
+        if sel:
+            mech += (
+                f"<li>group keys: {esc(str(sel.get('mechanism')))}, epsilon {_fmt_eps(sel.get('epsilon'))}, "
+                f"delta {float(sel.get('delta', 0)):.3g}, threshold {esc(str(sel.get('threshold')))}</li>"
+            )
+        return (
+            f"<div class='mesatee-dp'><b>DP release</b> <i>(noisy; epsilon {_fmt_eps(self.epsilon)}, delta "
+            f"{self.delta:.3g})</i>{body}<ul>{mech}</ul>{budget_meter_html(self.budget)}</div>"
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -459,16 +630,39 @@ class _Lazy:
         """Return the plan that ``collect()`` sends, as canonical JSON."""
         return plan_json(self._node)
 
-    def collect_with_receipt(self) -> tuple[Any, Any]:
-        """Evaluate in the enclave; return ``(value, receipt)``. Raises ``PolicyViolation`` if refused."""
+    def collect_with_receipt(self, *, epsilon: float | None = None, delta: float | None = None) -> tuple[Any, Any]:
+        """Evaluate in the enclave; return ``(value, receipt)``. Raises ``PolicyViolation`` if refused.
+
+        ``epsilon``/``delta``: the budget this query spends on a DP-mode dataset (default: its policy's).
+        """
         if self._ctx is None:
             msg = f"this {self._what} is not bound to a session; build it from a session's dataframe()"
             raise FrameUsageError(msg)
+        options = {k: float(v) for k, v in (("epsilon", epsilon), ("delta", delta)) if v is not None}
+        if options:
+            return self._ctx.collect(self.plan_json(), **options)
         return self._ctx.collect(self.plan_json())
 
-    def collect(self) -> Any:
-        """Evaluate in the enclave and return the released value."""
-        return self.collect_with_receipt()[0]
+    def collect(self, *, epsilon: float | None = None, delta: float | None = None) -> Any:
+        """Evaluate in the enclave and return the released value (a :class:`DPResult` on a DP dataset)."""
+        return self.collect_with_receipt(epsilon=epsilon, delta=delta)[0]
+
+    def privacy_budget(self) -> PrivacyBudget:
+        """Return this party's spent and remaining DP budget on the (one) DP dataset this value reads."""
+        get = getattr(self._ctx, "privacy_budget", None)
+        if get is None:
+            msg = f"this {self._what} is not bound to a session; build it from a session's dataframe()"
+            raise FrameUsageError(msg)
+        found = []
+        for name in sorted(self.schema.datasets):
+            budget = get(name)
+            if budget is not None:
+                found.append(PrivacyBudget.from_dict(budget))
+        if len(found) != 1:
+            names = ", ".join(sorted(self.schema.datasets))
+            msg = f"{'none' if not found else 'more than one'} of the datasets read here ({names}) is in DP mode"
+            raise FrameUsageError(msg)
+        return found[0]
 
     def _trap(self, what: str) -> FrameUsageError:
         msg = (
@@ -560,6 +754,16 @@ class SecureScalar(_Lazy):
     def __len__(self) -> int:
         what = "len()"
         raise self._trap(what)
+
+
+def _quantile_func(q: float) -> str:
+    pct = round(float(q) * 100)
+    if q == 0.5:
+        return "median"
+    if not 1 <= pct <= 99 or abs(float(q) * 100 - pct) > 1e-9:
+        msg = f"quantile({q!r}): q must be a whole percent within 0.01 .. 0.99"
+        raise FrameUsageError(msg)
+    return f"p{pct}"
 
 
 def _as_strs(value: str | Sequence[str] | None, what: str) -> tuple[str, ...]:
@@ -784,8 +988,16 @@ class SecureSeries(_Rows):
         return self._reduce("std")
 
     def median(self) -> SecureScalar:
-        """Median."""
+        """Median (in the threshold mode: refused for analysts, it is one record's value)."""
         return self._reduce("median")
+
+    def var(self) -> SecureScalar:
+        """Variance (ddof=1; ddof=0 in the DP mode)."""
+        return self._reduce("var")
+
+    def quantile(self, q: float = 0.5) -> SecureScalar:
+        """Quantile ``q`` in whole percent (0.01 .. 0.99); in the DP mode a noisy quantile."""
+        return self._reduce(_quantile_func(q))
 
     def nunique(self) -> SecureScalar:
         """Count the distinct non-missing values."""
@@ -1067,6 +1279,14 @@ class SecureGroupBy:
     def median(self) -> Any:
         """Median per group."""
         return self.agg("median")
+
+    def var(self) -> Any:
+        """Variance per group."""
+        return self.agg("var")
+
+    def quantile(self, q: float = 0.5) -> Any:
+        """Quantile ``q`` per group (whole percent, 0.01 .. 0.99)."""
+        return self.agg(_quantile_func(q))
 
     def nunique(self) -> Any:
         """Distinct values per group."""

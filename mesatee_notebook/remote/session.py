@@ -389,6 +389,18 @@ class Session:
                                        "public_key": self._identity.public_key_raw, "signature": signature})
         return dict(reply.header.get("result") or {})
 
+    def privacy_budgets(self) -> list[Any]:
+        """Return this party's budget on every DP-mode dataset (``budget_meters_html`` renders them)."""
+        from mesatee_notebook.remote.frame import PrivacyBudget
+
+        out = []
+        for d in self.datasets():
+            if (d.get("policy") or {}).get("privacy") is not None:
+                budget = self.call("frame.budget", {"name": d["name"]}).info.get("privacy_budget")
+                if budget is not None:
+                    out.append(PrivacyBudget.from_dict(budget))
+        return out
+
     # -- control --------------------------------------------------------------------------------
     def interrupt(self) -> bool:
         """Interrupt the running cell (over a second attested connection). True if one was running."""
@@ -462,9 +474,18 @@ class _FrameBackend:
     def __init__(self, session: Session) -> None:
         self._session = session
 
-    def collect(self, plan_json: str) -> tuple[Any, Any]:
-        res = self._session.call("frame.collect", {"plan": plan_json})
-        return res.values.get("result"), res.receipt
+    def collect(self, plan_json: str, **options: Any) -> tuple[Any, Any]:
+        from mesatee_notebook.remote.frame import DPResult
+
+        res = self._session.call("frame.collect", {"plan": plan_json, **options})
+        value = res.values.get("result")
+        if "dp" in res.info:
+            value = DPResult(value, res.values.get("accuracy"), res.info["dp"], res.receipt)
+        return value, res.receipt
+
+    def privacy_budget(self, name: str) -> dict[str, Any] | None:
+        budget = self._session.call("frame.budget", {"name": name}).info.get("privacy_budget")
+        return None if budget is None else dict(budget)
 
 
 def _echo(name: str, text: str) -> None:

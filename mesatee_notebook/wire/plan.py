@@ -45,6 +45,7 @@ __all__ = [
     "MAX_PLAN_BYTES",
     "OPS",
     "PLAN_VERSION",
+    "QUANTILE_FUNCS",
     "REDUCE_FUNCS",
     "Lit",
     "Plan",
@@ -91,7 +92,12 @@ _ARITH = frozenset({"add", "sub", "mul", "truediv", "floordiv", "mod", "pow"})
 _COMPARE = frozenset({"eq", "ne", "lt", "le", "gt", "ge"})
 _LOGIC = frozenset({"and", "or", "xor"})
 UNARY_OPS = frozenset({"neg", "invert", "abs"})
-AGG_FUNCS = frozenset({"size", "count", "sum", "mean", "min", "max", "std", "median", "nunique"})
+#: ``p1`` .. ``p99`` are percentiles (``p50`` is the median); ``var`` and ``std`` have ddof=1 in the
+#: threshold mode and ddof=0 in the DP mode (see docs/privacy.md).
+QUANTILE_FUNCS = frozenset(f"p{i}" for i in range(1, 100))
+AGG_FUNCS = (
+    frozenset({"size", "count", "sum", "mean", "min", "max", "std", "var", "median", "nunique"}) | QUANTILE_FUNCS
+)
 REDUCE_FUNCS = AGG_FUNCS - {"size"}
 DTYPES = frozenset(
     {
@@ -724,7 +730,7 @@ def _agg_dtype(func: str, dtype: str, col: str) -> str:
     kind = dtype_kind(dtype)
     if func in ("size", "count", "nunique"):
         return "int64"
-    if func in ("mean", "std", "median"):
+    if func in ("mean", "std", "var", "median") or func in QUANTILE_FUNCS:
         if kind not in ("int", "float", "bool"):
             _fail(f"{func} of column {col!r} needs a numeric column, not {dtype}")
         return "float64"

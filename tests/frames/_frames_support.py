@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from mesatee_notebook.enclave.frames import FrameEvaluator
-from mesatee_notebook.remote.frame import FrameBackend, SecureDataFrame
+from mesatee_notebook.remote.frame import DPResult, FrameBackend, SecureDataFrame
 from mesatee_notebook.wire.datapolicy import DataPolicy
 
 OWNER = "party-owner"
@@ -23,11 +23,17 @@ class InProcessBackend:
         self.party = party
         self.plans: list[str] = []
 
-    def collect(self, plan_json: str) -> tuple[Any, Any]:
+    def collect(self, plan_json: str, **options: Any) -> tuple[Any, Any]:
         assert isinstance(plan_json, str)
         self.plans.append(plan_json)
-        result = self.evaluator.evaluate(plan_json, self.party)
-        return result.value, {"plan_sha256": result.plan_sha256, "suppressed": result.suppressed}
+        result = self.evaluator.evaluate(plan_json, self.party, **options)
+        receipt = {"plan_sha256": result.plan_sha256, "suppressed": result.suppressed}
+        if result.dp is not None:
+            return DPResult(result.value, result.accuracy, result.dp, receipt), receipt
+        return result.value, receipt
+
+    def privacy_budget(self, name: str) -> dict[str, Any] | None:
+        return self.evaluator.privacy_budget(name, self.party)
 
     def dataframe(self, name: str) -> SecureDataFrame:
         return SecureDataFrame.from_dataset_info(self.evaluator.dataset_info(name, self.party), self)

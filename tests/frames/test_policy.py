@@ -102,7 +102,7 @@ def test_filter_then_count_to_single_out_one_person_is_refused() -> None:
         sdf[sdf.id == 7].income.mean().collect()
     with pytest.raises(PolicyViolation):
         (sdf.id == 7).sum().collect()  # the same count, as a boolean sum over every row
-    out = sdf[sdf.id == 7].groupby("region").agg(m=("income", "max"), n=("age", "size")).collect()
+    out = sdf[sdf.id == 7].groupby("region").agg(m=("income", "mean"), n=("age", "size")).collect()
     assert out.empty  # the one-person group is suppressed
     assert last(world)["suppressed"] == 1
     assert [e["outcome"] for e in world.events] == ["refused", "refused", "refused", "released"]
@@ -154,10 +154,27 @@ def test_release_history_is_bounded_by_refusal() -> None:
         sdf[sdf.age > 45].income.mean().collect()
 
 
-def test_min_and_max_are_released_and_reveal_one_value() -> None:
-    """Documented, not guarded: an extreme is one record's value (the identity is not released)."""
+@pytest.mark.parametrize(
+    "query",
+    [
+        lambda s: s.income.max(),
+        lambda s: s.income.min(),
+        lambda s: s.income.median(),
+        lambda s: s.income.quantile(0.9),
+        lambda s: s.describe(),
+        lambda s: s.income.describe(),
+        lambda s: s.groupby("region").agg(top=("income", "max")),
+        lambda s: s.groupby("region")["age"].quantile(0.25),
+    ],
+)
+def test_record_values_are_refused_for_analysts_when_rows_are_forbidden(query: Any) -> None:
+    """min, max, quantiles and describe are real records' values: refused in the threshold mode."""
     world = World({"patients": (patients(), POLICY, OWNER)})
-    assert world.frame("patients", ANALYST).income.max().collect() == patients().income.max()
+    with pytest.raises(PolicyViolation, match="one record's exact value"):
+        query(world.frame("patients", ANALYST)).collect()
+    assert_refused(world, "record's exact value")
+    query(world.frame("patients", OWNER)).collect()  # the owner is exempt
+    assert world.events[-1]["outcome"] == "released"
 
 
 # -- rows -----------------------------------------------------------------------
@@ -230,16 +247,15 @@ def test_join_that_would_reveal_rows_is_refused() -> None:
     assert out.empty and world.events[-1]["suppressed"] == 1
 
 
-def test_merge_on_a_hidden_key_never_releases_rows() -> None:
+def test_merge_on_a_hidden_key_is_refused_for_analysts() -> None:
+    """A guess table (or a dictionary of candidates) joined on a hidden column recovers it: refused, use PSI."""
     world = attacker_world(DataPolicy(min_group_size=10, hidden_columns=("ssn",), allow_rows=True))
     sdf, mine = world.frame("patients", ANALYST), world.frame("mine", ANALYST)
-    joined = mine.merge(sdf, on="ssn")  # a hidden column may be a merge key ...
-    with pytest.raises(PolicyViolation, match="merge on a hidden column"):
-        joined[["tag", "age"]].collect()  # ... but rows matched on it would link the hidden value to a record
-    with pytest.raises(PolicyViolation, match="hidden"):
-        joined.ssn.collect()
-    with pytest.raises(PolicyViolation, match="fewer than 10"):
-        len(joined)  # 20 rows, 1 patient
+    joined = mine.merge(sdf, on="ssn")  # the plan may be built (a hidden column is a key, not a value) ...
+    for attempt in (lambda: joined[["tag", "age"]].collect(), lambda: len(joined), lambda: joined.ssn.collect()):
+        with pytest.raises(PolicyViolation, match="hidden"):
+            attempt()  # ... but it is never evaluated for an analyst
+    assert_refused(world, "PSI")
     big = World(
         {
             "patients": (patients(), POLICY, OWNER),
@@ -251,8 +267,10 @@ def test_merge_on_a_hidden_key_never_releases_rows() -> None:
         }
     )
     b_sdf, b_mine = big.frame("patients", ANALYST), big.frame("mine", ANALYST)
-    out = b_mine.merge(b_sdf, on="ssn").groupby("region").agg(n=("age", "size")).collect()
-    assert out.n.sum() == 200  # aggregates over a hidden-key join are allowed
+    with pytest.raises(PolicyViolation, match="PSI"):
+        b_mine.merge(b_sdf, on="ssn").groupby("region").agg(n=("age", "size")).collect()  # aggregates too
+    owner_view = big.frame("patients", OWNER).merge(big.frame("patients", OWNER), on="ssn")
+    assert len(owner_view) == 400  # the owner may join on their own hidden column
 
 
 # -- hidden columns ---------------------------------------------------------------

@@ -74,6 +74,12 @@ def upload(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) ->
         msg = "dataset.upload needs a pandas DataFrame as input 'data'"
         raise EncodingError(msg)
     policy = DataPolicy.from_dict(dict(args.get("policy") or {}))
+    if policy.privacy is not None:
+        named = [policy.privacy.unit] if policy.privacy.unit is not None else []
+        missing = sorted({c for c in (*named, *policy.privacy.bounds) if c not in df.columns})
+        if missing:
+            msg = f"the DP policy names column(s) {missing} that the DataFrame does not have"
+            raise EncodingError(msg)
     try:
         old = load_meta(ctx, name)
     except NotFound:

@@ -40,6 +40,33 @@ class SealedDatasets(Mapping[str, tuple[pd.DataFrame, DataPolicy, str]]):
         return sum(1 for _ in self)
 
 
+class SealedLedgerStore:
+    """The DP budget ledger's entries in the service worker's sealed storage (``svc/dp/...``).
+
+    Each entry is its own sealed object, written once; the supervisor's sealed store replaces
+    files atomically, so a worker that dies mid-write leaves the entry whole or absent.
+    """
+
+    def __init__(self, sink: dict[str, Any]) -> None:
+        self._sink = sink
+
+    def _ctx(self) -> ServiceContext:
+        ctx: ServiceContext = self._sink["ctx"]
+        return ctx
+
+    def put(self, name: str, data: bytes) -> None:
+        self._ctx().seal_put(name, data)
+
+    def get(self, name: str) -> bytes:
+        return bytes(self._ctx().seal_get(name))
+
+    def list(self, prefix: str) -> list[str]:
+        return [n for n in self._ctx().seal_list(prefix.rstrip("/")) if n.startswith(prefix)]
+
+    def delete(self, name: str) -> None:
+        self._ctx().seal_delete(name)
+
+
 class SealedGuardStore:
     """The differencing guard's history, sealed per (party, dataset), so restarts do not reset it."""
 
@@ -81,7 +108,7 @@ def _evaluator(ctx: ServiceContext) -> FrameEvaluator:
                     continue
             c.audit(kind, event, concerns=sorted(set(owners)))
 
-        ev = FrameEvaluator(registry, audit, guard_store=SealedGuardStore(sink))
+        ev = FrameEvaluator(registry, audit, guard_store=SealedGuardStore(sink), ledger_store=SealedLedgerStore(sink))
         ctx.state["frame_evaluator"] = (ev, registry, sink)
         return ev
     return ev[0]  # type: ignore[no-any-return]
@@ -99,22 +126,40 @@ def _bind(ctx: ServiceContext) -> FrameEvaluator:
 def collect(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """Evaluate ``args['plan']`` for the caller; release the result only if every owner's policy allows it."""
     ev = _bind(ctx)
-    result = ev.evaluate(str(args.get("plan", "")), ctx.party)
-    info = {
+    result = ev.evaluate(str(args.get("plan", "")), ctx.party, epsilon=args.get("epsilon"), delta=args.get("delta"))
+    info: dict[str, Any] = {
         "plan_sha256": result.plan_sha256,
         "datasets": list(result.datasets),
         "level": result.level,
         "suppressed": result.suppressed,
     }
-    return ServiceResult(info=info, values={"result": result.value})
+    values: dict[str, Any] = {"result": result.value}
+    if result.dp is not None:  # a DP release: mechanisms, epsilon/delta and the budget left, signed in the receipt
+        info["dp"] = result.dp
+        info["privacy_budget"] = {result.dp["dataset"]: {**result.dp["budget"], "owner_exempt": False}}
+        values["accuracy"] = result.accuracy
+    return ServiceResult(info=info, values=values)
+
+
+@service("frame.budget")
+def frame_budget(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
+    """The caller's DP budget on one dataset: spent and remaining (and all analysts', when the owner capped it)."""
+    ev = _bind(ctx)
+    name = str(args.get("name", ""))
+    return ServiceResult(info={"name": name, "privacy_budget": ev.privacy_budget(name, ctx.party)})
 
 
 @service("frame.info")
 def frame_info(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """The dataset as the caller sees it (schema, hidden columns) for building a SecureDataFrame."""
     ev = _bind(ctx)
+    name = str(args.get("name", ""))
     try:
-        return ServiceResult(info=ev.dataset_info(str(args.get("name", "")), ctx.party))
+        info = ev.dataset_info(name, ctx.party)
+        budget = ev.privacy_budget(name, ctx.party)
+        if budget is not None:
+            info["privacy_budget"] = budget
+        return ServiceResult(info=info)
     except KeyError:
         msg = f"no dataset named {args.get('name')!r} in this kernel"
         raise NotFound(msg) from None

@@ -393,6 +393,8 @@ def _submitted_items(
         if values is not None and not isinstance(values, pd.DataFrame):
             msg = "join values must be a pandas DataFrame row-aligned with the items"
             raise EncodingError(msg)
+        if job.spec.params.get("mode") == "join" and policy is not None and policy.privacy is not None:
+            raise refuse(ctx, job, _DP_JOIN)
         return inputs["items"], fmt, values, policy, None
     if not isinstance(source, dict):
         msg = "source must be {'dataset': name, 'column': column}"
@@ -411,7 +413,17 @@ def _submitted_items(
         values = df.drop(columns=[column])
     else:
         values = df[[str(c) for c in value_cols]]
-    return df[column], "series", values, policy or ds_policy, name
+    chosen = policy or ds_policy
+    if job.spec.params.get("mode") == "join" and chosen.privacy is not None:
+        raise refuse(ctx, job, _DP_JOIN, dataset=name)
+    return df[column], "series", values, chosen, name
+
+
+_DP_JOIN = (
+    "cannot take a DP-mode policy in join mode: a PSI join whose result keeps the DP budget of its inputs is not "
+    "available yet (the result would start a fresh budget); submit the join under a threshold policy, or "
+    "aggregate the DP dataset directly"
+)
 
 
 def _input_of(job: Job, party: str) -> str:
