@@ -310,8 +310,12 @@ class Sandbox:
         for p in _SYSTEM_BINDS + _ETC_FILES + _SYS_BINDS:
             if os.path.lexists(p):
                 wanted.append(p)
-        py = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
-        py += [p for p in sys.path if p and os.path.isabs(p)]
+        prefixes = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
+        # What the sandboxed interpreter imports from: its prefixes, PYTHONPATH and the package itself. Not the
+        # supervisor's working directory (``python -m`` puts it on sys.path; the sandbox runs in its own /tmp).
+        pythonpath = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.isabs(p)]
+        py = prefixes + pythonpath
+        py += [p for p in sys.path if p and os.path.isabs(p) and any(_inside(p, q) for q in prefixes)]
         py.append(str(Path(mesatee_notebook.__file__).resolve().parent))
         for p in py:
             if os.path.exists(p):
@@ -483,12 +487,7 @@ class Sandbox:
             child.close()
             parent.sendall(json.dumps(probe_in).encode() + b"\n")
             parent.settimeout(60)
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = parent.recv(1 << 16)
-                if not chunk:
-                    break
-                data += chunk
+            data = _read_line(parent)
             proc.wait(timeout=30)
         except (OSError, subprocess.TimeoutExpired) as exc:
             msg = f"the sandbox self-test could not run: {exc}"
@@ -512,6 +511,17 @@ class Sandbox:
             raise SandboxUnavailable(msg, missing=failed)
         log.info("sandbox self-test passed: %s", ", ".join(sorted(checks)))
         return dict(result)
+
+
+def _read_line(sock: socket.socket) -> bytes:
+    """Bytes up to and including the first newline (or what came before EOF)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def _gib(n: int | None) -> str:
@@ -578,12 +588,9 @@ def _probe(fd: int) -> None:
     import ctypes
 
     sock = socket.socket(fileno=fd)
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(1 << 16)
-        if not chunk:
-            return
-        data += chunk
+    data = _read_line(sock)
+    if not data:
+        return
     given = json.loads(data)
     checks: dict[str, bool] = {}
     why: dict[str, str] = {}
