@@ -25,6 +25,11 @@ def _size(text: str) -> int:
     return int(t)
 
 
+def _timeout(text: str) -> float | None:
+    value = float(text)
+    return None if value <= 0 else value
+
+
 def _enclave_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mesatee-enclave", description="Run a mesatee enclave kernel.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -39,6 +44,14 @@ def _enclave_parser() -> argparse.ArgumentParser:
     sp.add_argument("--executor-memory", type=_size, default=0, help="address-space limit per executor, e.g. 8G")
     sp.add_argument("--max-payload", type=_size, default=16 << 30, help="largest accepted request payload")
     sp.add_argument("--max-cell-timeout", type=float, default=24 * 3600.0)
+    sp.add_argument(
+        "--anonymous-max-payload", type=_size, default=64 << 20,
+        help="largest request payload before a client proves a party identity",
+    )
+    sp.add_argument(
+        "--idle-connection-timeout", type=_timeout, default=300.0,
+        help="close a connection that sends nothing for this many seconds (0: never); clients ping to stay open",
+    )
     sp.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -55,8 +68,10 @@ def enclave_main(argv: list[str] | None = None) -> int:
             print(f"fingerprint (pin this in client policies): {fp}")
             print("softtee is SOFTWARE trust: whoever runs this host can read the kernel's memory.")
             return 0
+        from dataclasses import replace
+
         from mesatee_notebook.attestation.levels import Level
-        from mesatee_notebook.enclave.kernel import Kernel, KernelConfig
+        from mesatee_notebook.enclave.kernel import ANONYMOUS_LIMITS, Kernel, KernelConfig
         from mesatee_notebook.wire.framing import Limits
 
         logging.basicConfig(
@@ -75,6 +90,8 @@ def enclave_main(argv: list[str] | None = None) -> int:
             executor_memory=args.executor_memory,
             limits=Limits(max_payload=args.max_payload),
             max_cell_timeout=args.max_cell_timeout,
+            anonymous_limits=replace(ANONYMOUS_LIMITS, max_payload=min(args.anonymous_max_payload, args.max_payload)),
+            idle_connection_timeout=args.idle_connection_timeout,
         )
         kernel = Kernel(cfg)
         host, port = kernel.bind()

@@ -50,6 +50,13 @@ host_log = logging.getLogger("mesatee.host")
 
 AVAILABLE_LEVELS = frozenset({Level.UNPROTECTED, Level.SOFTTEE})
 _NONCE_MEMORY = 1 << 20
+HELLO_LIMITS = Limits(max_header=32 << 10, max_payload=32 << 10, max_payloads=4, scope="before 'hello'")
+ANONYMOUS_LIMITS = Limits(
+    max_header=1 << 20,
+    max_payload=64 << 20,
+    max_payloads=256,
+    scope="until the client proves a party identity (connect with an identity for the full limit)",
+)
 
 
 def _version() -> str:
@@ -78,6 +85,12 @@ class KernelConfig:
     max_connections: int = 256
     body_timeout: float = 120.0
     handshake_timeout: float = 20.0
+    #: Frames before ``hello``: small, so an unauthenticated peer cannot make the kernel hold memory.
+    hello_limits: Limits = field(default_factory=lambda: HELLO_LIMITS)
+    #: Frames after ``hello`` until a party is proven (anonymous cells): moderate.
+    anonymous_limits: Limits = field(default_factory=lambda: ANONYMOUS_LIMITS)
+    #: Close a connection that sends no frame for this long (None: never); clients send keepalive pings.
+    idle_connection_timeout: float | None = 300.0
 
 
 class _NonceGuard:
@@ -123,25 +136,43 @@ class _Connection:
     def error(self, re: Any, exc: MesateeError) -> None:
         self.reply({"t": "error", "re": re, **exc.to_wire()})
 
+    def limits(self) -> Limits:
+        """Frame limits for the next frame: small before hello, moderate until a party is proven."""
+        cfg = self.kernel.config
+        if not self.hello_done:
+            return cfg.hello_limits
+        return cfg.limits if self.party is not None else cfg.anonymous_limits
+
     def serve(self) -> None:
         cfg = self.kernel.config
         while not self.kernel.stopping.is_set():
             alloc = SharedAllocator()
+            # Waiting for a frame is bounded: a peer that says nothing is closed, not kept forever.
+            self.sock.settimeout(cfg.handshake_timeout if not self.hello_done else cfg.idle_connection_timeout)
             try:
-                msg = recv_message(self.sock, cfg.limits, allocator=alloc, digests=True, body_timeout=cfg.body_timeout)
+                msg = recv_message(
+                    self.sock, self.limits(), allocator=alloc, digests=True, body_timeout=cfg.body_timeout
+                )
             except EOFError:
                 alloc.close()
                 return
             except ProtocolError as exc:
                 # The byte stream cannot be trusted past a bad frame: say why, then hang up.
                 alloc.close()
-                log.warning("closing %s: %s", self.peer, exc)
+                log.info("closing %s: %s", self.peer, exc)
                 self._try_error(None, exc)
+                return
+            except TimeoutError:
+                alloc.close()
+                log.info("closing %s: it sent nothing within the timeout", self.peer)
                 return
             except (OSError, MesateeError) as exc:
                 alloc.close()
                 log.info("connection %s ended: %s", self.peer, exc)
                 return
+            finally:
+                if self.sock.fileno() >= 0:
+                    self.sock.settimeout(None)
             try:
                 self.dispatch(msg, alloc)
             except MesateeError as exc:
@@ -190,6 +221,7 @@ class _Connection:
                 "level": k.identity.level.label,
                 "measurement": k.identity.measurement,
                 "kernel_nonce": self.kernel_nonce,
+                "idle_timeout": k.config.idle_connection_timeout,
             }
         )
 

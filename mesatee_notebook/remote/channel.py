@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mesatee_notebook.attestation.policy import AttestationReport, Policy, verify_certificate
-from mesatee_notebook.errors import KernelConnectionError, MalformedFrame, error_from_wire
+from mesatee_notebook.errors import KernelConnectionError, MalformedFrame, MesateeError, error_from_wire
 from mesatee_notebook.wire.framing import Limits
 from mesatee_notebook.wire.messages import PROTOCOL_VERSION
 from mesatee_notebook.wire.stream import Message, Progress, recv_message, send_message
@@ -87,6 +87,28 @@ class Channel:
         self.protocol = int(hello.header["protocol"])
         self.server_version = str(hello.header.get("server"))
         self.kernel_nonce = str(hello.header.get("kernel_nonce"))
+        self._closing = threading.Event()
+        idle = hello.header.get("idle_timeout")
+        if isinstance(idle, (int, float)) and not isinstance(idle, bool) and idle > 0:
+            # The kernel closes connections that are silent for ``idle`` seconds: ping well before that.
+            threading.Thread(target=self._keepalive, args=(idle / 3,), name="mesatee-keepalive", daemon=True).start()
+
+    def _keepalive(self, interval: float) -> None:
+        while not self._closing.wait(interval):
+            if not self._lock.acquire(blocking=False):
+                continue  # a request is in flight: the connection is not idle
+            try:
+                if self.closed:
+                    return
+                rid = next(self._ids)
+                send_message(self.sock, {"t": "ping", "id": rid})
+                reply = recv_message(self.sock, self.limits)
+                if reply.type != "pong":
+                    return
+            except (OSError, EOFError, MesateeError):
+                return
+            finally:
+                self._lock.release()
 
     def request(
         self,
@@ -153,6 +175,9 @@ class Channel:
         return party
 
     def close(self) -> None:
+        closing = getattr(self, "_closing", None)
+        if closing is not None:
+            closing.set()
         try:
             self.sock.close()
         except (OSError, AttributeError):
