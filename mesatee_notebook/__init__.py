@@ -20,6 +20,7 @@ from mesatee_notebook.errors import (
     MesateeError,
     PolicyViolation,
     ProtocolError,
+    QuotaExceeded,
     ReceiptError,
     RemoteExecutionError,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "Policy",
     "PolicyViolation",
     "ProtocolError",
+    "QuotaExceeded",
     "Receipt",
     "ReceiptError",
     "RemoteExecutionError",

@@ -52,6 +52,19 @@ def _enclave_parser() -> argparse.ArgumentParser:
         "--idle-connection-timeout", type=_timeout, default=300.0,
         help="close a connection that sends nothing for this many seconds (0: never); clients ping to stay open",
     )
+    from mesatee_notebook.enclave.quotas import ANONYMOUS_QUOTA, LIMITS, PARTY_QUOTA, flag
+
+    for kind, quota in (("party", PARTY_QUOTA), ("anonymous", ANONYMOUS_QUOTA)):
+        who = "per proven party" if kind == "party" else "for all anonymous clients together"
+        for limit in LIMITS:
+            default = getattr(quota, limit)
+            sp.add_argument(
+                flag(kind, limit),
+                dest=f"{kind}_{limit}",
+                type=_size if limit == "sealed_bytes" else int,
+                default=default,
+                help=f"quota: {limit.replace('_', ' ')} {who} (default {default})",
+            )
     sp.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -72,6 +85,7 @@ def enclave_main(argv: list[str] | None = None) -> int:
 
         from mesatee_notebook.attestation.levels import Level
         from mesatee_notebook.enclave.kernel import ANONYMOUS_LIMITS, Kernel, KernelConfig
+        from mesatee_notebook.enclave.quotas import LIMITS, Quota
         from mesatee_notebook.wire.framing import Limits
 
         logging.basicConfig(
@@ -92,6 +106,8 @@ def enclave_main(argv: list[str] | None = None) -> int:
             max_cell_timeout=args.max_cell_timeout,
             anonymous_limits=replace(ANONYMOUS_LIMITS, max_payload=min(args.anonymous_max_payload, args.max_payload)),
             idle_connection_timeout=args.idle_connection_timeout,
+            party_quota=Quota(**{limit: getattr(args, f"party_{limit}") for limit in LIMITS}),
+            anonymous_quota=Quota(**{limit: getattr(args, f"anonymous_{limit}") for limit in LIMITS}),
         )
         kernel = Kernel(cfg)
         host, port = kernel.bind()

@@ -30,6 +30,7 @@ from mesatee_notebook.enclave.hardening import harden_process
 from mesatee_notebook.enclave.identity import KernelIdentity
 from mesatee_notebook.enclave.ipc import unpack_values
 from mesatee_notebook.enclave.platform import load_platform
+from mesatee_notebook.enclave.quotas import ANONYMOUS_QUOTA, PARTY_QUOTA, Quota, QuotaBook
 from mesatee_notebook.enclave.sessions import ExecutorHandle, Session
 from mesatee_notebook.enclave.shm import SharedAllocator
 from mesatee_notebook.errors import (
@@ -91,6 +92,9 @@ class KernelConfig:
     anonymous_limits: Limits = field(default_factory=lambda: ANONYMOUS_LIMITS)
     #: Close a connection that sends no frame for this long (None: never); clients send keepalive pings.
     idle_connection_timeout: float | None = 300.0
+    #: Per proven party, and one shared quota for all anonymous clients (see enclave/quotas.py).
+    party_quota: Quota = PARTY_QUOTA
+    anonymous_quota: Quota = ANONYMOUS_QUOTA
 
 
 class _NonceGuard:
@@ -237,7 +241,7 @@ class _Connection:
         self.reply({"t": "auth.ok", "re": rid, "party": self.party})
 
     def on_whoami(self, msg: Message, alloc: SharedAllocator, rid: Any) -> None:
-        self.reply({"t": "whoami", "re": rid, "party": self.party})
+        self.reply({"t": "whoami", "re": rid, "party": self.party, "quota": self.kernel.quotas.report(self.party)})
 
     def on_audit(self, msg: Message, alloc: SharedAllocator, rid: Any) -> None:
         party = self._require_party()
@@ -315,7 +319,16 @@ class _Connection:
             return m.type != "log"
 
         header = {"t": "call", "service": name, "args": args, "party": party, "inputs": specs}
-        result = k.run_service(header, payloads, fds, on_message, msg.header.get("timeout"))
+        try:
+            k.quotas.take(party, concurrent_calls=1, executors=1)
+        except MesateeError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        try:
+            result = k.run_service(header, payloads, fds, on_message, msg.header.get("timeout"))
+        finally:
+            k.quotas.give_back(party, concurrent_calls=1, executors=1)
         _raise_if_error(result)
         subjects, value_specs, out_payloads = _result_values(result)
         info = result.header.get("info") or {}
@@ -355,6 +368,14 @@ class _Connection:
             for fd in fds:
                 os.close(fd)
             raise PolicyViolation(f"session {session.name!r} is busy with another cell")  # noqa: EM102
+        holder = k.quotas.holder(session.party)
+        try:
+            k.quotas.take(holder, concurrent_calls=1)
+        except MesateeError:
+            session.lock.release()
+            for fd in fds:
+                os.close(fd)
+            raise
         stdout_h, stderr_h = hashlib.sha256(), hashlib.sha256()
         started = time.time()
         try:
@@ -400,6 +421,7 @@ class _Connection:
         finally:
             session.busy = False
             session.lock.release()
+            k.quotas.give_back(holder, concurrent_calls=1)
         _raise_if_error(result)
         subjects, value_specs, out_payloads = _result_values(result)
         subjects.update({"stdout": stdout_h.hexdigest(), "stderr": stderr_h.hexdigest()})
@@ -511,6 +533,9 @@ class Kernel:
         self._spare: ExecutorHandle | None = None
         self._service_lock = threading.Lock()
         self.audit_log = self._open_audit_log(platform_key)
+        self.quotas = QuotaBook(
+            config.party_quota, config.anonymous_quota, self.sealed_store if self.sealing_secret is not None else None
+        )
 
     def _open_audit_log(self, platform_key: Any) -> Any:
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -525,10 +550,16 @@ class Kernel:
 
     # -- sessions -------------------------------------------------------------------------------
     def open_session(self, name: str, party: str | None = None) -> Session:
+        holder = self.quotas.holder(party)
+        self.quotas.take(holder, sessions=1, executors=1)
         session = Session(name=name, memory_limit=self.config.executor_memory, party=party)
         with self._lock:
             spare, self._spare = self._spare, None
-        session.start(spare if spare is not None and spare.alive else None)
+        try:
+            session.start(spare if spare is not None and spare.alive else None)
+        except BaseException:
+            self.quotas.give_back(holder, sessions=1, executors=1)
+            raise
         with self._lock:
             self.sessions[session.id] = session
         self._refill_spare()
@@ -554,8 +585,10 @@ class Kernel:
 
     def close_session(self, session: Session) -> None:
         with self._lock:
-            self.sessions.pop(session.id, None)
+            was_open = self.sessions.pop(session.id, None) is not None
         session.close()
+        if was_open:
+            self.quotas.give_back(self.quotas.holder(session.party), sessions=1, executors=1)
 
     def handle_executor_request(
         self, executor: ExecutorHandle, m: Message, *, prefix: str, party: str | None, service: bool = False
@@ -580,12 +613,14 @@ class Kernel:
             store = self.sealed_store()
             full = f"{prefix}/{name}"
             if m.type == "seal.put":
-                store.put(full, m.payloads[0] if m.payloads else b"")
+                data = m.payloads[0] if m.payloads else b""
+                size = memoryview(data).nbytes
+                self.quotas.seal(self.quotas.holder(party), full, size, lambda: store.put(full, data))
                 ipc_send(executor.sock, {"t": "ok"})
             elif m.type == "seal.get":
                 ipc_send(executor.sock, {"t": "ok"}, [store.get_buffer(full)])
             elif m.type == "seal.delete":
-                store.delete(full)
+                self.quotas.unseal(full, lambda: store.delete(full))
                 ipc_send(executor.sock, {"t": "ok"})
             else:
                 names = [n[len(prefix) + 1 :] for n in store.list(f"{prefix}/{name}".rstrip("/"))]

@@ -276,6 +276,18 @@ class Session:
         party = self._channel.request({"t": "whoami"}).header.get("party")
         return None if party is None else str(party)
 
+    def quotas(self) -> dict[str, Any]:
+        """The quota of this connection, as ``whoami`` reports it: ``holder``, ``limits`` and what is ``used`` now.
+
+        ``holder`` is ``"party"`` (per proven party) or ``"anonymous"`` (one quota shared by every anonymous
+        client). A request over a limit raises :class:`~mesatee_notebook.errors.QuotaExceeded`.
+        """
+        quota = self._channel.request({"t": "whoami"}).header.get("quota")
+        if not isinstance(quota, dict):
+            msg = "the kernel did not report quotas (it predates them)"
+            raise MalformedFrame(msg)
+        return dict(quota)
+
     def audit(self) -> list[dict[str, Any]]:
         """The audit entries this party may see, verified (signatures, hash chain, platform key)."""
         from mesatee_notebook.attestation.audit_verify import verify_audit_log
