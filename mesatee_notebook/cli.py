@@ -52,6 +52,10 @@ def _enclave_parser() -> argparse.ArgumentParser:
         "--idle-connection-timeout", type=_timeout, default=300.0,
         help="close a connection that sends nothing for this many seconds (0: never); clients ping to stay open",
     )
+    sp.add_argument(
+        "--service-workers", type=int, default=None,
+        help="service workers in the general pool, shared fairly by the parties (default: the core count, 2 to 8)",
+    )
     from mesatee_notebook.enclave.quotas import ANONYMOUS_QUOTA, LIMITS, PARTY_QUOTA, flag
 
     for kind, quota in (("party", PARTY_QUOTA), ("anonymous", ANONYMOUS_QUOTA)):
@@ -109,6 +113,8 @@ def enclave_main(argv: list[str] | None = None) -> int:
             party_quota=Quota(**{limit: getattr(args, f"party_{limit}") for limit in LIMITS}),
             anonymous_quota=Quota(**{limit: getattr(args, f"anonymous_{limit}") for limit in LIMITS}),
         )
+        if args.service_workers is not None:
+            cfg.service_workers = max(1, args.service_workers)
         kernel = Kernel(cfg)
         host, port = kernel.bind()
         print(f"mesatee-enclave serving {level.label} on mesatee://{host}:{port}", flush=True)

@@ -31,6 +31,7 @@ from mesatee_notebook.enclave.identity import KernelIdentity
 from mesatee_notebook.enclave.ipc import unpack_values
 from mesatee_notebook.enclave.platform import load_platform
 from mesatee_notebook.enclave.quotas import ANONYMOUS_QUOTA, PARTY_QUOTA, Quota, QuotaBook
+from mesatee_notebook.enclave.service_pool import ServicePool, default_pool_size
 from mesatee_notebook.enclave.sessions import ExecutorHandle, Session
 from mesatee_notebook.enclave.shm import SharedAllocator
 from mesatee_notebook.errors import (
@@ -95,6 +96,8 @@ class KernelConfig:
     #: Per proven party, and one shared quota for all anonymous clients (see enclave/quotas.py).
     party_quota: Quota = PARTY_QUOTA
     anonymous_quota: Quota = ANONYMOUS_QUOTA
+    #: Service workers in the general pool (job.*/psi.* services have their own single worker).
+    service_workers: int = field(default_factory=default_pool_size)
 
 
 class _NonceGuard:
@@ -309,12 +312,12 @@ class _Connection:
         input_digests, specs, payloads, fds = _forward_inputs(msg, alloc)
         started = time.time()
 
-        def on_message(m: Message) -> bool:
+        def on_message(worker: ExecutorHandle, m: Message) -> bool:
             if m.type == "progress":
                 self.reply({"t": "progress", "re": rid, "data": m.header.get("data") or {}})
                 return False
             if m.type in _EXECUTOR_REQUESTS:
-                k.handle_executor_request(k.service_worker_handle(), m, prefix="svc", party=party, service=True)
+                k.handle_executor_request(worker, m, prefix="svc", party=party, service=True)
                 return False
             return m.type != "log"
 
@@ -326,7 +329,7 @@ class _Connection:
                 os.close(fd)
             raise
         try:
-            result = k.run_service(header, payloads, fds, on_message, msg.header.get("timeout"))
+            result = k.run_service(party, nonce, header, payloads, fds, on_message, msg.header.get("timeout"))
         finally:
             k.quotas.give_back(party, concurrent_calls=1, executors=1)
         _raise_if_error(result)
@@ -348,6 +351,12 @@ class _Connection:
         }
         receipt = k.sign_receipt(subjects, predicate)
         self.reply({"t": "result", "re": rid, "values": value_specs, "info": info, "receipt": receipt}, out_payloads)
+
+    def on_call_cancel(self, msg: Message, alloc: SharedAllocator, rid: Any) -> None:
+        """Cancel a queued or running service call; its nonce (known only to its caller) is the capability."""
+        nonce = require(msg.header, "nonce", str)
+        cancelled = self.kernel.cancel_service_call(self.party, nonce)
+        self.reply({"t": "call.cancelled", "re": rid, "cancelled": cancelled})
 
     def on_execute(self, msg: Message, alloc: SharedAllocator, rid: Any) -> None:
         k = self.kernel
@@ -529,9 +538,9 @@ class Kernel:
         self._last_activity = time.monotonic()
         self._listener: socket.socket | None = None
         self.address: tuple[str, int] = (config.host, config.port)
-        self._service: ExecutorHandle | None = None
+        self.service_pools: dict[str, ServicePool] = {}
         self._spare: ExecutorHandle | None = None
-        self._service_lock = threading.Lock()
+        self._pools_lock = threading.Lock()
         self.audit_log = self._open_audit_log(platform_key)
         self.quotas = QuotaBook(
             config.party_quota, config.anonymous_quota, self.sealed_store if self.sealing_secret is not None else None
@@ -646,29 +655,48 @@ class Kernel:
         self.audit_log.append("release", party, {"dataset": name, "to": "code cell"}, concerns=[str(meta["owner"])])
         return bytes(store.get(data_name(name)))
 
-    # -- the service worker ---------------------------------------------------------------------
-    def service_worker_handle(self) -> ExecutorHandle:
-        """The running service worker (started on first use, restarted after a crash)."""
-        if self._service is not None and not self._service.alive:
-            status = self._service.crashed_error().details.get("status")
-            log.warning("service worker died (%s); starting a new one", status)
-            # In-memory service state (e.g. the differencing guard's history) is lost: say so to everyone.
-            self.audit_log.append("recovery", None, {"service_worker": "restarted", "status": status},
-                                  concerns=["*"])
-            self._service.kill()
-            self._service = None
-        if self._service is None:
-            self._service = ExecutorHandle(self.config.executor_memory, service=True)
-        return self._service
+    # -- the service workers --------------------------------------------------------------------
+    def service_pool(self, service: str) -> ServicePool:
+        """The pool ``service`` runs in (started on first use).
+
+        ``job.*``/``psi.*`` run in the one jobs worker (the sealed job store has a single writer); everything
+        else runs in the general pool.
+        """
+        lane = "jobs" if service.startswith(("job.", "psi.")) else "general"
+        with self._pools_lock:
+            pool = self.service_pools.get(lane)
+            if pool is None:
+                size = 1 if lane == "jobs" else max(1, self.config.service_workers)
+                pool = ServicePool(
+                    lane,
+                    size,
+                    lambda: ExecutorHandle(self.config.executor_memory, service=True),
+                    lambda details: self.audit_log.append("recovery", None, details, concerns=["*"]),
+                )
+                self.service_pools[lane] = pool
+            return pool
 
     def run_service(
-        self, header: dict[str, Any], payloads: list[Any], fds: list[int], on_message: Any, timeout: Any
+        self,
+        party: str,
+        nonce: str,
+        header: dict[str, Any],
+        payloads: list[Any],
+        fds: list[int],
+        on_message: Any,
+        timeout: Any,
     ) -> Message:
+        """Run a service call in its pool, fairly scheduled among the parties waiting there."""
         limit = self.config.max_cell_timeout
         t = limit if not isinstance(timeout, (int, float)) or timeout <= 0 else min(float(timeout), limit)
-        with self._service_lock:
-            worker = self.service_worker_handle()
-            return worker.exchange(header, payloads, fds, on_message, t)
+        service = str(header["service"])
+        return self.service_pool(service).run(party, nonce, service, header, payloads, fds, on_message, t)
+
+    def cancel_service_call(self, party: str | None, nonce: str) -> bool:
+        """Cancel the call with ``nonce`` (made by ``party``, if the canceller proved one) in any pool."""
+        with self._pools_lock:
+            pools = list(self.service_pools.values())
+        return any(pool.cancel(party, nonce) for pool in pools)
 
     def sealed_store(self) -> Any:
         from mesatee_notebook.enclave.sealing import SealedStore
@@ -800,8 +828,10 @@ class Kernel:
                 pass
         for session in list(self.sessions.values()):
             self.close_session(session)
-        if self._service is not None:
-            self._service.shutdown()
+        with self._pools_lock:
+            pools = list(self.service_pools.values())
+        for pool in pools:
+            pool.shutdown()
         with self._lock:
             spare, self._spare = self._spare, None
         if spare is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import select
 import signal
 import socket
 import subprocess
@@ -75,7 +76,24 @@ class ExecutorHandle:
 
     @property
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        """Whether the executor can take a request: its process runs and its socket has not reached EOF.
+
+        ``poll()`` alone is not enough: a worker that is dying (killed, out of memory) has already closed its
+        end of the socket before it can be reaped, so the socket is checked too.
+        """
+        if self.proc.poll() is not None:
+            return False
+        try:
+            if self.sock.fileno() < 0:
+                return False
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            if readable and self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                return False
+        except BlockingIOError:
+            return True
+        except (OSError, ValueError):
+            return False
+        return True
 
     def crashed_error(self) -> ExecutorCrashed:
         try:

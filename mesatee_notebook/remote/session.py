@@ -76,6 +76,7 @@ class Session:
         self.id = str(reply.header["session"])
         self._token = str(reply.header["token"])
         self.last_receipt: Receipt | None = None
+        self._inflight: set[str] = set()  # nonces of service calls in flight (each is its call's cancel capability)
 
     # -- identity -------------------------------------------------------------------------------
     @property
@@ -242,8 +243,13 @@ class Session:
                 progress(dict(m.header.get("data") or {}))
 
         header = {"t": "call", "service": service, "args": args, "inputs": specs, "nonce": nonce, "timeout": timeout}
-        reply = self._channel.request(header, payloads, on_stream=on_stream, digests=True,
-                                      upload_progress=upload_progress)
+        self._inflight.add(nonce)
+        try:
+            reply = self._channel.request(header, payloads, on_stream=on_stream, digests=True,
+                                          upload_progress=upload_progress,
+                                          on_interrupt=lambda: self._cancel([nonce]))
+        finally:
+            self._inflight.discard(nonce)
         sent = reply.header.get("_sent") or []
         info = reply.header.get("info") or {}
         value_specs = reply.header.get("values")
@@ -354,13 +360,35 @@ class Session:
         return list(self.call("dataset.list").info.get("datasets", []))
 
     # -- control --------------------------------------------------------------------------------
-    def interrupt(self) -> bool:
-        """Interrupt the running cell (over a second attested connection). True if one was running."""
+    def cancel_calls(self) -> int:
+        """Cancel this session's service calls in flight; returns how many the kernel cancelled.
+
+        For a long PSI or training run started in another thread. A running call's worker is stopped and the
+        call raises ``RemoteInterrupted``; nothing is released. Ctrl-C during ``call()`` does the same.
+        """
+        return self._cancel(list(self._inflight))
+
+    def _cancel(self, nonces: list[str]) -> int:
+        if not nonces:
+            return 0
+        side = self._side_channel()
+        try:
+            return sum(
+                bool(side.request({"t": "call.cancel", "nonce": n}).header.get("cancelled")) for n in nonces
+            )
+        finally:
+            side.close()
+
+    def _side_channel(self) -> Channel:
         from dataclasses import replace
 
         # Pin what was attested at connect time: the same kernel, not whatever is installed now.
         pinned = replace(self.policy, measurements=(self.attestation.measurement,))
-        side = Channel(self._channel.host, self._channel.port, pinned)
+        return Channel(self._channel.host, self._channel.port, pinned)
+
+    def interrupt(self) -> bool:
+        """Interrupt the running cell (over a second attested connection). True if one was running."""
+        side = self._side_channel()
         try:
             reply = side.request({"t": "interrupt", "session": self.id, "token": self._token})
         finally:

@@ -29,6 +29,7 @@ REQUEST_TYPES = frozenset(
         "execute",
         "interrupt",
         "call",
+        "call.cancel",
         "ping",
         "auth",
         "whoami",
