@@ -54,7 +54,8 @@ def _enclave_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--service-workers", type=int, default=None,
-        help="service workers in the general pool, shared fairly by the parties (default: the core count, 2 to 8)",
+        help="service workers in the general pool, shared fairly by the parties (default: the core count, 2 to 8; "
+        "0: every service in one serial worker, the old design, for comparison)",
     )
     from mesatee_notebook.enclave.quotas import ANONYMOUS_QUOTA, LIMITS, PARTY_QUOTA, flag
 
@@ -114,7 +115,7 @@ def enclave_main(argv: list[str] | None = None) -> int:
             anonymous_quota=Quota(**{limit: getattr(args, f"anonymous_{limit}") for limit in LIMITS}),
         )
         if args.service_workers is not None:
-            cfg.service_workers = max(1, args.service_workers)
+            cfg.service_workers = max(0, args.service_workers)
         kernel = Kernel(cfg)
         host, port = kernel.bind()
         print(f"mesatee-enclave serving {level.label} on mesatee://{host}:{port}", flush=True)

@@ -96,7 +96,7 @@ class KernelConfig:
     #: Per proven party, and one shared quota for all anonymous clients (see enclave/quotas.py).
     party_quota: Quota = PARTY_QUOTA
     anonymous_quota: Quota = ANONYMOUS_QUOTA
-    #: Service workers in the general pool (job.*/psi.* services have their own single worker).
+    #: Service workers in the general pool (job.*/psi.* services have their own single worker); 0: one serial worker.
     service_workers: int = field(default_factory=default_pool_size)
 
 
@@ -662,11 +662,14 @@ class Kernel:
         ``job.*``/``psi.*`` run in the one jobs worker (the sealed job store has a single writer); everything
         else runs in the general pool.
         """
-        lane = "jobs" if service.startswith(("job.", "psi.")) else "general"
+        if self.config.service_workers <= 0:
+            lane = "serial"  # one worker for every service, in arrival order (the design before the pools)
+        else:
+            lane = "jobs" if service.startswith(("job.", "psi.")) else "general"
         with self._pools_lock:
             pool = self.service_pools.get(lane)
             if pool is None:
-                size = 1 if lane == "jobs" else max(1, self.config.service_workers)
+                size = self.config.service_workers if lane == "general" else 1
                 pool = ServicePool(
                     lane,
                     size,
