@@ -91,6 +91,8 @@ class KernelConfig:
     hello_limits: Limits = field(default_factory=lambda: HELLO_LIMITS)
     #: Frames after ``hello`` until a party is proven (anonymous cells): moderate.
     anonymous_limits: Limits = field(default_factory=lambda: ANONYMOUS_LIMITS)
+    #: Seconds a connection may take to say ``hello`` once TLS is up (the client verifies evidence first).
+    hello_timeout: float = 60.0
     #: Close a connection that sends no frame for this long (None: never); clients send keepalive pings.
     idle_connection_timeout: float | None = 300.0
     #: Per proven party, and one shared quota for all anonymous clients (see enclave/quotas.py).
@@ -155,7 +157,7 @@ class _Connection:
         while not self.kernel.stopping.is_set():
             alloc = SharedAllocator()
             # Waiting for a frame is bounded: a peer that says nothing is closed, not kept forever.
-            self.sock.settimeout(cfg.handshake_timeout if not self.hello_done else cfg.idle_connection_timeout)
+            self.sock.settimeout(cfg.hello_timeout if not self.hello_done else cfg.idle_connection_timeout)
             try:
                 msg = recv_message(
                     self.sock, self.limits(), allocator=alloc, digests=True, body_timeout=cfg.body_timeout

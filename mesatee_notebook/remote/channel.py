@@ -7,6 +7,7 @@ import socket
 import ssl
 import threading
 import urllib.parse
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -91,24 +92,25 @@ class Channel:
         idle = hello.header.get("idle_timeout")
         if isinstance(idle, (int, float)) and not isinstance(idle, bool) and idle > 0:
             # The kernel closes connections that are silent for ``idle`` seconds: ping well before that.
-            threading.Thread(target=self._keepalive, args=(idle / 3,), name="mesatee-keepalive", daemon=True).start()
+            # A weak reference: a channel nobody holds any more is still closed by garbage collection.
+            threading.Thread(
+                target=_keepalive, args=(weakref.ref(self), self._closing, idle / 3), name="mesatee-keepalive",
+                daemon=True,
+            ).start()
 
-    def _keepalive(self, interval: float) -> None:
-        while not self._closing.wait(interval):
-            if not self._lock.acquire(blocking=False):
-                continue  # a request is in flight: the connection is not idle
-            try:
-                if self.closed:
-                    return
-                rid = next(self._ids)
-                send_message(self.sock, {"t": "ping", "id": rid})
-                reply = recv_message(self.sock, self.limits)
-                if reply.type != "pong":
-                    return
-            except (OSError, EOFError, MesateeError):
-                return
-            finally:
-                self._lock.release()
+    def _ping_if_idle(self) -> bool:
+        """Send one keepalive ping unless a request is in flight; False when the connection is gone."""
+        if not self._lock.acquire(blocking=False):
+            return True  # a request is in flight: the connection is not idle
+        try:
+            if self.closed:
+                return False
+            send_message(self.sock, {"t": "ping", "id": next(self._ids)})
+            return recv_message(self.sock, self.limits).type == "pong"
+        except (OSError, EOFError, MesateeError):
+            return False
+        finally:
+            self._lock.release()
 
     def request(
         self,
@@ -186,6 +188,14 @@ class Channel:
     @property
     def closed(self) -> bool:
         return self.sock.fileno() < 0
+
+
+def _keepalive(ref: weakref.ref[Channel], closing: threading.Event, interval: float) -> None:
+    while not closing.wait(interval):
+        channel = ref()
+        if channel is None or not channel._ping_if_idle():
+            return
+        del channel
 
 
 def open_channel(url: str, policy: Policy, **kwargs: Any) -> Channel:
