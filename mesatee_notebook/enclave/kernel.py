@@ -35,6 +35,7 @@ from mesatee_notebook.enclave.service_pool import ServicePool, default_pool_size
 from mesatee_notebook.enclave.sessions import ExecutorHandle, Session
 from mesatee_notebook.enclave.shm import SharedAllocator
 from mesatee_notebook.errors import (
+    KernelConnectionError,
     MalformedFrame,
     MesateeError,
     NotFound,
@@ -605,6 +606,15 @@ class Kernel:
         self, executor: ExecutorHandle, m: Message, *, prefix: str, party: str | None, service: bool = False
     ) -> None:
         """Answer an executor's mid-call request: sealed storage, a dataset for a cell, an audit entry."""
+        try:
+            self._answer_executor(executor, m, prefix=prefix, party=party, service=service)
+        except (OSError, KernelConnectionError) as exc:
+            # The executor died while we answered it: that is its crash, not the client's connection.
+            raise executor.crashed_error() from exc
+
+    def _answer_executor(
+        self, executor: ExecutorHandle, m: Message, *, prefix: str, party: str | None, service: bool
+    ) -> None:
         from mesatee_notebook.enclave.ipc import ipc_send
 
         try:
