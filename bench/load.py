@@ -6,7 +6,8 @@ Usage: python bench/load.py [parties, default 8] [cells per party, default 100] 
 Each party has its own identity, connection and session, and runs ``cells`` short cells that each add its own
 secret to a counter in its namespace; every 10th call is a SecureDataFrame query on a shared dataset instead.
 Meanwhile two extra parties run one PSI job. Checks: 0 errors, each party's counter equals its own sum (no session
-sees another's state). Reports cells/s with all parties against one party alone, and p50/p99 of the short calls.
+sees another's state). Reports cells/s with all parties against one party alone, and p50/p99 of the cells and
+of the frame queries.
 Writes bench/results/load.json.
 """
 
@@ -33,6 +34,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "load.json"
 
 def party_run(k: KernelProc, ident: Path, cells: int, out: dict[str, Any], start: threading.Barrier) -> None:
     lat: list[float] = []
+    qlat: list[float] = []
     errors: list[str] = []
     s = mn.connect(k.url, policy=k.policy(), identity=ident)
     try:
@@ -50,12 +52,13 @@ def party_run(k: KernelProc, ident: Path, cells: int, out: dict[str, Any], start
                     s.run("total += secret", inputs={"secret": np.int64(secret)})
             except Exception as exc:
                 errors.append(f"{type(exc).__name__}: {exc}"[:200])
-            lat.append(time.perf_counter() - t)
+            (qlat if i % 10 == 9 else lat).append(time.perf_counter() - t)
         seconds = time.perf_counter() - t0
         runs = cells - cells // 10
         total = s.run("total").value
         isolated = int(total) == runs * secret
-        out[str(ident)] = {"lat": lat, "errors": errors, "seconds": seconds, "isolated": isolated, "cells": runs}
+        out[str(ident)] = {"lat": lat, "qlat": qlat, "errors": errors, "seconds": seconds, "isolated": isolated,
+                           "cells": runs}
     finally:
         s.close()
 
@@ -102,6 +105,7 @@ def phase(k: KernelProc, tmp: Path, parties: int, cells: int, psi_n: int | None,
         psi_t.join()
     rows = [v for key, v in out.items() if key != "psi"]
     lat = np.array([x for r in rows for x in r["lat"]]) * 1e3
+    qlat = np.array([x for r in rows for x in r["qlat"]]) * 1e3
     errors = [e for r in rows for e in r["errors"]]
     return {
         "parties": parties,
@@ -110,6 +114,8 @@ def phase(k: KernelProc, tmp: Path, parties: int, cells: int, psi_n: int | None,
         "cells_per_s": round(sum(r["cells"] for r in rows) / wall, 1),
         "p50_ms": round(float(np.percentile(lat, 50)), 1),
         "p99_ms": round(float(np.percentile(lat, 99)), 1),
+        "query_p50_ms": round(float(np.percentile(qlat, 50)), 1) if len(qlat) else None,
+        "query_p99_ms": round(float(np.percentile(qlat, 99)), 1) if len(qlat) else None,
         "errors": len(errors),
         "first_errors": errors[:5],
         "isolated": all(r["isolated"] for r in rows) and len(rows) == parties,
@@ -133,10 +139,11 @@ def main() -> None:
             loaded = phase(k, tmp, parties, cells, psi_n, "many")
         finally:
             stop_kernel(k)
-    print(f"{'run':<28} {'cells/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} {'isolated':>8}")
+    print(f"{'run':<28} {'cells/s':>8} {'cell p50':>8} {'cell p99':>8} {'query p50':>9} {'query p99':>9} "
+          f"{'errors':>6} {'isolated':>8}")
     for name, r in ((f"1 party x {cells}", alone), (f"{parties} parties x {cells} + PSI", loaded)):
-        print(f"{name:<28} {r['cells_per_s']:>8} {r['p50_ms']:>7} {r['p99_ms']:>7} {r['errors']:>6} "
-              f"{r['isolated']!s:>8}")
+        print(f"{name:<28} {r['cells_per_s']:>8} {r['p50_ms']:>8} {r['p99_ms']:>8} {r['query_p50_ms']!s:>9} "
+              f"{r['query_p99_ms']!s:>9} {r['errors']:>6} {r['isolated']!s:>8}")
     print(f"throughput ratio (many / alone): {loaded['cells_per_s'] / alone['cells_per_s']:.2f}; PSI: {loaded['psi']}")
     RESULTS.write_text(json.dumps({"alone": alone, "loaded": loaded}, indent=2))
     print(f"wrote {RESULTS}")
