@@ -49,6 +49,10 @@ def _enclave_parser() -> argparse.ArgumentParser:
         help="largest request payload before a client proves a party identity",
     )
     sp.add_argument(
+        "--anonymous-inflight-bytes", type=_size, default=256 << 20,
+        help="request bytes all unauthenticated connections together may hold at once",
+    )
+    sp.add_argument(
         "--idle-connection-timeout", type=_timeout, default=300.0,
         help="close a connection that sends nothing for this many seconds (0: never); clients ping to stay open",
     )
@@ -111,6 +115,7 @@ def enclave_main(argv: list[str] | None = None) -> int:
             max_cell_timeout=args.max_cell_timeout,
             anonymous_limits=replace(ANONYMOUS_LIMITS, max_payload=min(args.anonymous_max_payload, args.max_payload)),
             idle_connection_timeout=args.idle_connection_timeout,
+            anonymous_inflight_bytes=args.anonymous_inflight_bytes,
             party_quota=Quota(**{limit: getattr(args, f"party_{limit}") for limit in LIMITS}),
             anonymous_quota=Quota(**{limit: getattr(args, f"anonymous_{limit}") for limit in LIMITS}),
         )

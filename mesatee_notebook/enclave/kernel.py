@@ -30,7 +30,7 @@ from mesatee_notebook.enclave.hardening import harden_process
 from mesatee_notebook.enclave.identity import KernelIdentity
 from mesatee_notebook.enclave.ipc import unpack_values
 from mesatee_notebook.enclave.platform import load_platform
-from mesatee_notebook.enclave.quotas import ANONYMOUS_QUOTA, PARTY_QUOTA, Quota, QuotaBook
+from mesatee_notebook.enclave.quotas import ANONYMOUS_QUOTA, PARTY_QUOTA, ByteBudget, Quota, QuotaBook
 from mesatee_notebook.enclave.service_pool import ServicePool, default_pool_size
 from mesatee_notebook.enclave.sessions import ExecutorHandle, Session
 from mesatee_notebook.enclave.shm import SharedAllocator
@@ -41,6 +41,7 @@ from mesatee_notebook.errors import (
     NotFound,
     PolicyViolation,
     ProtocolError,
+    QuotaExceeded,
 )
 from mesatee_notebook.wire.framing import Limits
 from mesatee_notebook.wire.messages import REQUEST_TYPES, negotiate, require
@@ -99,6 +100,8 @@ class KernelConfig:
     #: Per proven party, and one shared quota for all anonymous clients (see enclave/quotas.py).
     party_quota: Quota = PARTY_QUOTA
     anonymous_quota: Quota = ANONYMOUS_QUOTA
+    #: Payload bytes all unauthenticated connections together may hold in flight.
+    anonymous_inflight_bytes: int = 256 << 20
     #: Service workers in the general pool (job.*/psi.* services have their own single worker); 0: one serial worker.
     service_workers: int = field(default_factory=default_pool_size)
 
@@ -125,6 +128,10 @@ class _NonceGuard:
             if len(self._order) > self._size:
                 self._seen.discard(self._order.popleft())
         return nonce
+
+
+def _nothing() -> None:
+    return None
 
 
 class _Connection:
@@ -157,27 +164,42 @@ class _Connection:
         cfg = self.kernel.config
         while not self.kernel.stopping.is_set():
             alloc = SharedAllocator()
+            allocator: Any = alloc
+            release = _nothing
+            if self.party is None:  # unauthenticated: its buffers count against the shared anonymous budget
+                allocator, release = self.kernel.anonymous_bytes.allocator(alloc)
             # Waiting for a frame is bounded: a peer that says nothing is closed, not kept forever.
             self.sock.settimeout(cfg.hello_timeout if not self.hello_done else cfg.idle_connection_timeout)
             try:
                 msg = recv_message(
-                    self.sock, self.limits(), allocator=alloc, digests=True, body_timeout=cfg.body_timeout
+                    self.sock, self.limits(), allocator=allocator, digests=True, body_timeout=cfg.body_timeout
                 )
             except EOFError:
                 alloc.close()
+                release()
+                return
+            except QuotaExceeded as exc:
+                # Refused before the payload was read: say why, then hang up (the rest of the frame is unread).
+                alloc.close()
+                release()
+                log.info("closing %s: %s", self.peer, exc)
+                self._try_error(None, exc)
                 return
             except ProtocolError as exc:
                 # The byte stream cannot be trusted past a bad frame: say why, then hang up.
                 alloc.close()
+                release()
                 log.info("closing %s: %s", self.peer, exc)
                 self._try_error(None, exc)
                 return
             except TimeoutError:
                 alloc.close()
+                release()
                 log.info("closing %s: it sent nothing within the timeout", self.peer)
                 return
             except (OSError, MesateeError) as exc:
                 alloc.close()
+                release()
                 log.info("connection %s ended: %s", self.peer, exc)
                 return
             finally:
@@ -197,6 +219,7 @@ class _Connection:
                 msg.payloads.clear()  # unmap large inputs now, not when the next request arrives
                 del msg
                 alloc.close()
+                release()
 
     def _try_error(self, re: Any, exc: MesateeError) -> None:
         try:
@@ -548,6 +571,7 @@ class Kernel:
         self.quotas = QuotaBook(
             config.party_quota, config.anonymous_quota, self.sealed_store if self.sealing_secret is not None else None
         )
+        self.anonymous_bytes = ByteBudget(config.anonymous_inflight_bytes)
 
     def _open_audit_log(self, platform_key: Any) -> Any:
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey

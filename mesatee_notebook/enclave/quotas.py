@@ -24,7 +24,7 @@ from typing import Any
 
 from mesatee_notebook.errors import NotFound, QuotaExceeded
 
-__all__ = ["ANONYMOUS", "ANONYMOUS_QUOTA", "LIMITS", "PARTY_QUOTA", "Quota", "QuotaBook"]
+__all__ = ["ANONYMOUS", "ANONYMOUS_QUOTA", "LIMITS", "PARTY_QUOTA", "ByteBudget", "Quota", "QuotaBook"]
 
 ANONYMOUS = "anonymous"
 LIMITS = ("sessions", "executors", "concurrent_calls", "sealed_bytes")
@@ -175,3 +175,50 @@ class QuotaBook:
             "limits": self.quota_of(holder).as_dict(),
             "used": used,
         }
+
+
+class ByteBudget:
+    """Payload bytes that unauthenticated connections may hold at once, all together.
+
+    A per-frame limit alone lets many anonymous connections each hold one large half-sent frame; this bounds
+    their sum. :meth:`allocator` wraps a payload allocator so each buffer is counted before it is made.
+    """
+
+    def __init__(self, limit: int, flag_name: str = "--anonymous-inflight-bytes") -> None:
+        self.limit = limit
+        self.flag = flag_name
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        """Count ``n`` bytes, or refuse them with ``QuotaExceeded``."""
+        with self._lock:
+            if self.used + n > self.limit:
+                msg = (
+                    f"quota exceeded: anonymous clients (together) would hold {self.used + n} bytes of requests in "
+                    f"flight, over the limit of {self.limit}; connect with a party identity, or ask the kernel "
+                    f"operator to raise it (mesatee-enclave serve {self.flag} N)"
+                )
+                raise QuotaExceeded(msg, limit="inflight_bytes", value=self.limit, used=self.used,
+                                    holder="anonymous", flag=self.flag)
+            self.used += n
+
+    def give_back(self, n: int) -> None:
+        """Release bytes counted by :meth:`take`."""
+        with self._lock:
+            self.used = max(0, self.used - n)
+
+    def allocator(self, inner: Callable[[int], Any]) -> tuple[Callable[[int], Any], Callable[[], None]]:
+        """``(allocator, release)``: the allocator counts every buffer; ``release`` gives all of them back."""
+        taken = [0]
+
+        def alloc(size: int) -> Any:
+            self.take(size)
+            taken[0] += size
+            return inner(size)
+
+        def release() -> None:
+            self.give_back(taken[0])
+            taken[0] = 0
+
+        return alloc, release

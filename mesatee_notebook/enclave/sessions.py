@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mesatee_notebook.enclave.ipc import ipc_recv, ipc_send
@@ -78,11 +79,19 @@ class ExecutorHandle:
     def alive(self) -> bool:
         """Whether the executor can take a request: its process runs and its socket has not reached EOF.
 
-        ``poll()`` alone is not enough: a worker that is dying (killed, out of memory) has already closed its
-        end of the socket before it can be reaped, so the socket is checked too.
+        ``poll()`` alone is not enough: a killed multi-threaded worker shows as a zombie (and cannot take a
+        request) before ``waitpid`` reports it, and its socket closes only when its last thread is gone. So the
+        process state in /proc and EOF on the socket are checked too.
         """
         if self.proc.poll() is not None:
             return False
+        try:
+            stat = Path(f"/proc/{self.proc.pid}/stat").read_bytes()
+            state = stat.rsplit(b")", 1)[1].split()[0]
+            if state in (b"Z", b"X"):
+                return False
+        except (OSError, IndexError):
+            pass  # no /proc (or the process is already reaped): poll() above and the socket below decide
         try:
             if self.sock.fileno() < 0:
                 return False

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 import mesatee_notebook as mn
-from mesatee_notebook.errors import FrameTooLarge, MalformedFrame, error_from_wire
+from mesatee_notebook.errors import FrameTooLarge, MalformedFrame, QuotaExceeded, error_from_wire
 from mesatee_notebook.wire.framing import MAGIC, PREFIX, Limits, pack_header
 from mesatee_notebook.wire.messages import PROTOCOL_VERSION
 from mesatee_notebook.wire.stream import recv_message, send_message
@@ -69,8 +69,10 @@ def memfd_state(pid: int) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def strict_kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelProc]:
-    """A kernel that closes silent connections after 2 s."""
-    k = start_kernel(tmp_path_factory.mktemp("strict"), "--idle-connection-timeout", "2")
+    """A kernel that closes silent connections after 2 s and lets anonymous clients hold 20 MiB in flight."""
+    k = start_kernel(
+        tmp_path_factory.mktemp("strict"), "--idle-connection-timeout", "2", "--anonymous-inflight-bytes", "20M"
+    )
     yield k
     stop_kernel(k)
 
@@ -179,3 +181,36 @@ def test_an_idle_honest_client_stays_connected(strict_kernel: KernelProc) -> Non
         assert s.run("x + 1").value == 6
     finally:
         s.close()
+
+
+def test_anonymous_bytes_in_flight_are_bounded_together(strict_kernel: KernelProc) -> None:
+    """Many anonymous connections each holding a half-sent frame cannot add up past the shared budget."""
+    size = 10 << 20
+    held = []
+    try:
+        for _ in range(2):
+            s = raw_tls(strict_kernel)
+            hello(s)
+            s.sendall(pack_header({"t": "ping", "id": 2}, [size]) + b"\x00" * (1 << 20))  # and then nothing
+            held.append(s)
+        time.sleep(0.5)
+        third = raw_tls(strict_kernel)
+        try:
+            hello(third)
+            third.sendall(pack_header({"t": "ping", "id": 2}, [size]))
+            err = reply_error(third)
+            assert isinstance(err, QuotaExceeded), err
+            assert "--anonymous-inflight-bytes" in str(err) and "party identity" in str(err)
+        finally:
+            third.close()
+    finally:
+        for s in held:
+            s.close()
+    time.sleep(0.5)
+    again = raw_tls(strict_kernel)
+    try:
+        hello(again)
+        again.sendall(pack_header({"t": "ping", "id": 3}, [size]) + b"\x00" * size)
+        assert recv_message(again, Limits()).type == "pong"  # the budget came back when they hung up
+    finally:
+        again.close()
