@@ -27,6 +27,11 @@ def _size(text: str) -> int:
     return int(t)
 
 
+def _timeout(text: str) -> float | None:
+    value = float(text)
+    return None if value <= 0 else value
+
+
 def _enclave_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mesatee-enclave", description="Run a mesatee enclave kernel.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -54,6 +59,36 @@ def _enclave_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-payload", type=_size, default=16 << 30, help="largest accepted request payload")
     sp.add_argument("--max-cell-timeout", type=float, default=24 * 3600.0)
     _tpm_arguments(sp)
+    sp.add_argument(
+        "--anonymous-max-payload", type=_size, default=64 << 20,
+        help="largest request payload before a client proves a party identity",
+    )
+    sp.add_argument(
+        "--anonymous-inflight-bytes", type=_size, default=256 << 20,
+        help="request bytes all unauthenticated connections together may hold at once",
+    )
+    sp.add_argument(
+        "--idle-connection-timeout", type=_timeout, default=300.0,
+        help="close a connection that sends nothing for this many seconds (0: never); clients ping to stay open",
+    )
+    sp.add_argument(
+        "--service-workers", type=int, default=None,
+        help="service workers in the general pool, shared fairly by the parties (default: the core count, 2 to 8; "
+        "0: every service in one serial worker, the old design, for comparison)",
+    )
+    from mesatee_notebook.enclave.quotas import ANONYMOUS_QUOTA, LIMITS, PARTY_QUOTA, flag
+
+    for kind, quota in (("party", PARTY_QUOTA), ("anonymous", ANONYMOUS_QUOTA)):
+        who = "per proven party" if kind == "party" else "for all anonymous clients together"
+        for limit in LIMITS:
+            default = getattr(quota, limit)
+            sp.add_argument(
+                flag(kind, limit),
+                dest=f"{kind}_{limit}",
+                type=_size if limit == "sealed_bytes" else int,
+                default=default,
+                help=f"quota: {limit.replace('_', ' ')} {who} (default {default})",
+            )
     sp.add_argument("-v", "--verbose", action="store_true")
     mp = sub.add_parser(
         "migrate",
@@ -165,8 +200,11 @@ def enclave_main(argv: list[str] | None = None) -> int:
             return _migrate(args)
         if args.cmd == "tpm-info":
             return _tpm_info(args)
+        from dataclasses import replace
+
         from mesatee_notebook.attestation.levels import Level
-        from mesatee_notebook.enclave.kernel import Kernel, KernelConfig
+        from mesatee_notebook.enclave.kernel import ANONYMOUS_LIMITS, Kernel, KernelConfig
+        from mesatee_notebook.enclave.quotas import LIMITS, Quota
         from mesatee_notebook.wire.framing import Limits
 
         logging.basicConfig(
@@ -211,7 +249,14 @@ def enclave_main(argv: list[str] | None = None) -> int:
             tcti=args.tcti,
             tpm_app_pcr=args.tpm_app_pcr,
             tpm_boot_pcrs=args.tpm_boot_pcrs,
+            anonymous_limits=replace(ANONYMOUS_LIMITS, max_payload=min(args.anonymous_max_payload, args.max_payload)),
+            idle_connection_timeout=args.idle_connection_timeout,
+            anonymous_inflight_bytes=args.anonymous_inflight_bytes,
+            party_quota=Quota(**{limit: getattr(args, f"party_{limit}") for limit in LIMITS}),
+            anonymous_quota=Quota(**{limit: getattr(args, f"anonymous_{limit}") for limit in LIMITS}),
         )
+        if args.service_workers is not None:
+            cfg.service_workers = max(0, args.service_workers)
         kernel = Kernel(cfg)
         # SIGTERM stops the kernel cleanly, like Ctrl-C: executors end and TPM objects are flushed
         # (swtpm without a resource manager would otherwise keep them).

@@ -32,6 +32,7 @@ keeps working::
     ├── LevelNotAvailableError (RuntimeError)        no provider for that level on this platform
     │   └── SandboxUnavailable                       this host lacks what the executor sandbox needs (named)
     ├── PolicyViolation (PermissionError)            a data owner's or kernel policy refused the request
+    │   └── QuotaExceeded                            a party's (or the anonymous) quota is used up (names the limit)
     ├── RemoteExecutionError                         the cell failed in the enclave (remote traceback)
     │   ├── ExecutorCrashed                          the executor process died (killed, segfault, OOM kill)
     │   ├── RemoteTimeout (TimeoutError)             the cell ran past its timeout and was stopped
@@ -107,6 +108,7 @@ __all__ = [
     "NotFound",
     "PolicyViolation",
     "ProtocolError",
+    "QuotaExceeded",
     "ReceiptError",
     "RemoteExecutionError",
     "RemoteInterrupted",
@@ -337,6 +339,16 @@ class PolicyViolation(MesateeError, PermissionError):
     """A data owner's policy, or the kernel's, refused the request."""
 
     code = "policy"
+
+
+class QuotaExceeded(PolicyViolation):
+    """A per-party (or anonymous) quota is used up.
+
+    ``details`` names the ``limit`` (sessions, executors, sealed_bytes, concurrent_calls), its ``value``,
+    what is ``used``, and the ``flag`` of ``mesatee-enclave serve`` that raises it.
+    """
+
+    code = "policy.quota"
 
 
 class RemoteExecutionError(MesateeError):

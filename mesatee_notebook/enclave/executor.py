@@ -191,7 +191,7 @@ class Executor:
                 for spec, buf in unpack_values(header.get("inputs", []), msg)
             }
             msg.payloads.clear()
-            ctx = ServiceContext(self, str(header["party"]), self.state)
+            ctx = ServiceContext(self, str(header["party"]), self.state, fresh=bool(header.get("fresh")))
             args = header.get("args") or {}
             if not isinstance(args, dict):
                 from mesatee_notebook.errors import MalformedFrame

@@ -343,6 +343,14 @@ class _DifferencingGuard:
             seen.add(fp)
             self._history.setdefault(key, []).append(new)
 
+    def forget(self, party: str) -> None:
+        """Drop ``party``'s cached history; it is re-read from the store on its next check."""
+        if self._store is None:
+            return  # nothing persisted to re-read: the in-memory history is the only record
+        for key in [k for k in self._seen if k[0] == party]:
+            self._seen.pop(key, None)
+            self._history.pop(key, None)
+
     def released(self, party: str, dataset: str) -> int:
         """Return how many distinct aggregate releases are on record."""
         return len(self._history.get((party, dataset), []))
@@ -404,6 +412,14 @@ class FrameEvaluator:
         self._unique_units: dict[tuple[str, str], tuple[pd.DataFrame, bool]] = {}
 
     # -- public -----------------------------------------------------------
+
+    def forget_party(self, party: str) -> None:
+        """Re-read ``party``'s differencing history from the guard store on its next query.
+
+        A kernel with several service workers calls this when a party's previous query ran in another worker.
+        """
+        with self._guard_lock:
+            self._guard.forget(party)
 
     def dataset_info(self, name: str, party: str) -> dict[str, Any]:
         """Return the public schema of a dataset as ``party`` sees it (hidden columns listed, not shown)."""

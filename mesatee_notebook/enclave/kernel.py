@@ -8,6 +8,7 @@ session arrives on a *second* connection with the session's token.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,16 +32,20 @@ from mesatee_notebook.enclave.hardening import harden_process
 from mesatee_notebook.enclave.identity import KernelIdentity
 from mesatee_notebook.enclave.ipc import unpack_values
 from mesatee_notebook.enclave.platform import load_platform
+from mesatee_notebook.enclave.quotas import ANONYMOUS_QUOTA, PARTY_QUOTA, ByteBudget, Quota, QuotaBook
 from mesatee_notebook.enclave.sandbox import Sandbox, SandboxLimits
+from mesatee_notebook.enclave.service_pool import ServicePool, default_pool_size
 from mesatee_notebook.enclave.sessions import ExecutorHandle, Session
 from mesatee_notebook.enclave.shm import SharedAllocator
 from mesatee_notebook.enclave.tpm import open_tpm
 from mesatee_notebook.errors import (
+    KernelConnectionError,
     MalformedFrame,
     MesateeError,
     NotFound,
     PolicyViolation,
     ProtocolError,
+    QuotaExceeded,
 )
 from mesatee_notebook.wire.framing import Limits
 from mesatee_notebook.wire.messages import REQUEST_TYPES, negotiate, require
@@ -52,6 +58,13 @@ host_log = logging.getLogger("mesatee.host")
 
 AVAILABLE_LEVELS = frozenset({Level.UNPROTECTED, Level.SOFTTEE})
 _NONCE_MEMORY = 1 << 20
+HELLO_LIMITS = Limits(max_header=32 << 10, max_payload=32 << 10, max_payloads=4, scope="before 'hello'")
+ANONYMOUS_LIMITS = Limits(
+    max_header=1 << 20,
+    max_payload=64 << 20,
+    max_payloads=256,
+    scope="until the client proves a party identity (connect with an identity for the full limit)",
+)
 
 
 def _version() -> str:
@@ -86,6 +99,55 @@ class KernelConfig:
     sandbox: bool = True
     untrusted_dir: Path | None = None
     sandbox_limits: SandboxLimits = field(default_factory=SandboxLimits)
+    #: Frames before ``hello``: small, so an unauthenticated peer cannot make the kernel hold memory.
+    hello_limits: Limits = field(default_factory=lambda: HELLO_LIMITS)
+    #: Frames after ``hello`` until a party is proven (anonymous cells): moderate.
+    anonymous_limits: Limits = field(default_factory=lambda: ANONYMOUS_LIMITS)
+    #: Seconds a connection may take to say ``hello`` once TLS is up (the client verifies evidence first).
+    hello_timeout: float = 60.0
+    #: Close a connection that sends no frame for this long (None: never); clients send keepalive pings.
+    idle_connection_timeout: float | None = 300.0
+    #: Per proven party, and one shared quota for all anonymous clients (see enclave/quotas.py).
+    party_quota: Quota = PARTY_QUOTA
+    anonymous_quota: Quota = ANONYMOUS_QUOTA
+    #: Payload bytes all unauthenticated connections together may hold in flight.
+    anonymous_inflight_bytes: int = 256 << 20
+    #: Service workers in the general pool (job.*/psi.* services have their own single worker); 0: one serial worker.
+    service_workers: int = field(default_factory=default_pool_size)
+
+
+class _Gate:
+    """Many service calls at once (shared), or one migration alone (exclusive)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._exclusive = True
+            self._cond.wait_for(lambda: self._shared == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
 
 
 class _NonceGuard:
@@ -112,6 +174,10 @@ class _NonceGuard:
         return nonce
 
 
+def _nothing() -> None:
+    return None
+
+
 class _Connection:
     """Server side of one client connection."""
 
@@ -131,25 +197,58 @@ class _Connection:
     def error(self, re: Any, exc: MesateeError) -> None:
         self.reply({"t": "error", "re": re, **exc.to_wire()})
 
+    def limits(self) -> Limits:
+        """Frame limits for the next frame: small before hello, moderate until a party is proven."""
+        cfg = self.kernel.config
+        if not self.hello_done:
+            return cfg.hello_limits
+        return cfg.limits if self.party is not None else cfg.anonymous_limits
+
     def serve(self) -> None:
         cfg = self.kernel.config
         while not self.kernel.stopping.is_set():
             alloc = SharedAllocator()
+            allocator: Any = alloc
+            release = _nothing
+            if self.party is None:  # unauthenticated: its buffers count against the shared anonymous budget
+                allocator, release = self.kernel.anonymous_bytes.allocator(alloc)
+            # Waiting for a frame is bounded: a peer that says nothing is closed, not kept forever.
+            self.sock.settimeout(cfg.hello_timeout if not self.hello_done else cfg.idle_connection_timeout)
             try:
-                msg = recv_message(self.sock, cfg.limits, allocator=alloc, digests=True, body_timeout=cfg.body_timeout)
+                msg = recv_message(
+                    self.sock, self.limits(), allocator=allocator, digests=True, body_timeout=cfg.body_timeout
+                )
             except EOFError:
                 alloc.close()
+                release()
+                return
+            except QuotaExceeded as exc:
+                # Refused before the payload was read: say why, then hang up (the rest of the frame is unread).
+                alloc.close()
+                release()
+                log.info("closing %s: %s", self.peer, exc)
+                self._try_error(None, exc)
                 return
             except ProtocolError as exc:
                 # The byte stream cannot be trusted past a bad frame: say why, then hang up.
                 alloc.close()
-                log.warning("closing %s: %s", self.peer, exc)
+                release()
+                log.info("closing %s: %s", self.peer, exc)
                 self._try_error(None, exc)
+                return
+            except TimeoutError:
+                alloc.close()
+                release()
+                log.info("closing %s: it sent nothing within the timeout", self.peer)
                 return
             except (OSError, MesateeError) as exc:
                 alloc.close()
+                release()
                 log.info("connection %s ended: %s", self.peer, exc)
                 return
+            finally:
+                if self.sock.fileno() >= 0:
+                    self.sock.settimeout(None)
             try:
                 self.dispatch(msg, alloc)
             except MesateeError as exc:
@@ -164,6 +263,7 @@ class _Connection:
                 msg.payloads.clear()  # unmap large inputs now, not when the next request arrives
                 del msg
                 alloc.close()
+                release()
 
     def _try_error(self, re: Any, exc: MesateeError) -> None:
         try:
@@ -201,6 +301,7 @@ class _Connection:
                 "measurement": k.identity.measurement,
                 "kernel_nonce": self.kernel_nonce,
                 **fresh,
+                "idle_timeout": k.config.idle_connection_timeout,
             }
         )
 
@@ -216,7 +317,7 @@ class _Connection:
         self.reply({"t": "auth.ok", "re": rid, "party": self.party})
 
     def on_whoami(self, msg: Message, alloc: SharedAllocator, rid: Any) -> None:
-        self.reply({"t": "whoami", "re": rid, "party": self.party})
+        self.reply({"t": "whoami", "re": rid, "party": self.party, "quota": self.kernel.quotas.report(self.party)})
 
     def on_audit(self, msg: Message, alloc: SharedAllocator, rid: Any) -> None:
         party = self._require_party()
@@ -236,13 +337,12 @@ class _Connection:
             raise PolicyViolation("an unprotected kernel has no sealed state to migrate")  # noqa: EM101
         if op == "approve":
             k = self.kernel
-            with k._service_lock:  # no service call runs meanwhile; the worker reloads what moved in
+            with k._service_gate.exclusive():  # no service call runs meanwhile; the workers reload what moved in
                 result = state.approve(msg.header.get("grant"), require(msg.header, "public_key", bytes),
                                        require(msg.header, "signature", bytes), k.audit_log)
-                if result.get("migrated") and k._service is not None:
-                    log.info("restarting the service worker so it loads the migrated jobs, models and histories")
-                    k._service.shutdown()
-                    k._service = None
+                if result.get("migrated"):
+                    log.info("restarting the service workers so they load the migrated jobs, models and histories")
+                    k.restart_service_pools()
             self.reply({"t": "migration", "re": rid, "result": result, "status": state.status(self.party)})
         elif op == "status":
             self.reply({"t": "migration", "re": rid, "status": state.status(self.party)})
@@ -308,17 +408,26 @@ class _Connection:
         input_digests, specs, payloads, fds = _forward_inputs(msg, alloc)
         started = time.time()
 
-        def on_message(m: Message) -> bool:
+        def on_message(worker: ExecutorHandle, m: Message) -> bool:
             if m.type == "progress":
                 self.reply({"t": "progress", "re": rid, "data": m.header.get("data") or {}})
                 return False
             if m.type in _EXECUTOR_REQUESTS:
-                k.handle_executor_request(k.service_worker_handle(), m, prefix="svc", party=party, service=True)
+                k.handle_executor_request(worker, m, prefix="svc", party=party, service=True)
                 return False
             return m.type != "log"
 
         header = {"t": "call", "service": name, "args": args, "party": party, "inputs": specs}
-        result = k.run_service(header, payloads, fds, on_message, msg.header.get("timeout"))
+        try:
+            k.quotas.take(party, concurrent_calls=1, executors=1)
+        except MesateeError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        try:
+            result = k.run_service(party, nonce, header, payloads, fds, on_message, msg.header.get("timeout"))
+        finally:
+            k.quotas.give_back(party, concurrent_calls=1, executors=1)
         _raise_if_error(result)
         subjects, value_specs, out_payloads = _result_values(result)
         info = result.header.get("info") or {}
@@ -340,6 +449,12 @@ class _Connection:
         receipt = k.sign_receipt(subjects, predicate)
         self.reply({"t": "result", "re": rid, "values": value_specs, "info": info, "receipt": receipt}, out_payloads)
 
+    def on_call_cancel(self, msg: Message, alloc: SharedAllocator, rid: Any) -> None:
+        """Cancel a queued or running service call; its nonce (known only to its caller) is the capability."""
+        nonce = require(msg.header, "nonce", str)
+        cancelled = self.kernel.cancel_service_call(self.party, nonce)
+        self.reply({"t": "call.cancelled", "re": rid, "cancelled": cancelled})
+
     def on_execute(self, msg: Message, alloc: SharedAllocator, rid: Any) -> None:
         k = self.kernel
         session = self._session(msg)
@@ -359,6 +474,14 @@ class _Connection:
             for fd in fds:
                 os.close(fd)
             raise PolicyViolation(f"session {session.name!r} is busy with another cell")  # noqa: EM102
+        holder = k.quotas.holder(session.party)
+        try:
+            k.quotas.take(holder, concurrent_calls=1)
+        except MesateeError:
+            session.lock.release()
+            for fd in fds:
+                os.close(fd)
+            raise
         stdout_h, stderr_h = hashlib.sha256(), hashlib.sha256()
         started = time.time()
         try:
@@ -403,6 +526,7 @@ class _Connection:
         finally:
             session.busy = False
             session.lock.release()
+            k.quotas.give_back(holder, concurrent_calls=1)
         _raise_if_error(result)
         subjects, value_specs, out_payloads = _result_values(result)
         subjects.update({"stdout": stdout_h.hexdigest(), "stderr": stderr_h.hexdigest()})
@@ -536,9 +660,11 @@ class Kernel:
         self._last_watch = time.monotonic()
         self._listener: socket.socket | None = None
         self.address: tuple[str, int] = (config.host, config.port)
-        self._service: ExecutorHandle | None = None
+        self.service_pools: dict[str, ServicePool] = {}
         self._spare: ExecutorHandle | None = None
-        self._service_lock = threading.Lock()
+        self._pools_lock = threading.Lock()
+        # Service calls share this gate; a migration takes it alone, so no service call runs meanwhile.
+        self._service_gate = _Gate()
         from mesatee_notebook.enclave.migration import SealedState
 
         # Before anything opens the live store: stores of other measurements are moved aside and reported.
@@ -546,6 +672,10 @@ class Kernel:
         self.audit_log = self._open_audit_log(platform_key)
         if self.sealed_state is not None:
             self.sealed_state.announce(self.audit_log)
+        self.quotas = QuotaBook(
+            config.party_quota, config.anonymous_quota, self.sealed_store if self.sealing_secret is not None else None
+        )
+        self.anonymous_bytes = ByteBudget(config.anonymous_inflight_bytes)
 
     def _open_audit_log(self, platform_key: Any) -> Any:
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -560,10 +690,16 @@ class Kernel:
 
     # -- sessions -------------------------------------------------------------------------------
     def open_session(self, name: str, party: str | None = None) -> Session:
+        holder = self.quotas.holder(party)
+        self.quotas.take(holder, sessions=1, executors=1)
         session = Session(name=name, memory_limit=self.config.executor_memory, party=party, sandbox=self.sandbox)
         with self._lock:
             spare, self._spare = self._spare, None
-        session.start(spare if spare is not None and spare.alive else None)
+        try:
+            session.start(spare if spare is not None and spare.alive else None)
+        except BaseException:
+            self.quotas.give_back(holder, sessions=1, executors=1)
+            raise
         with self._lock:
             self.sessions[session.id] = session
         self._refill_spare()
@@ -589,13 +725,24 @@ class Kernel:
 
     def close_session(self, session: Session) -> None:
         with self._lock:
-            self.sessions.pop(session.id, None)
+            was_open = self.sessions.pop(session.id, None) is not None
         session.close()
+        if was_open:
+            self.quotas.give_back(self.quotas.holder(session.party), sessions=1, executors=1)
 
     def handle_executor_request(
         self, executor: ExecutorHandle, m: Message, *, prefix: str, party: str | None, service: bool = False
     ) -> None:
         """Answer an executor's mid-call request: sealed storage, a dataset for a cell, an audit entry."""
+        try:
+            self._answer_executor(executor, m, prefix=prefix, party=party, service=service)
+        except (OSError, KernelConnectionError) as exc:
+            # The executor died while we answered it: that is its crash, not the client's connection.
+            raise executor.crashed_error() from exc
+
+    def _answer_executor(
+        self, executor: ExecutorHandle, m: Message, *, prefix: str, party: str | None, service: bool
+    ) -> None:
         from mesatee_notebook.enclave.ipc import ipc_send
 
         try:
@@ -615,12 +762,14 @@ class Kernel:
             store = self.sealed_store()
             full = f"{prefix}/{name}"
             if m.type == "seal.put":
-                store.put(full, m.payloads[0] if m.payloads else b"")
+                data = m.payloads[0] if m.payloads else b""
+                size = memoryview(data).nbytes
+                self.quotas.seal(self.quotas.holder(party), full, size, lambda: store.put(full, data))
                 ipc_send(executor.sock, {"t": "ok"})
             elif m.type == "seal.get":
                 ipc_send(executor.sock, {"t": "ok"}, [store.get_buffer(full)])
             elif m.type == "seal.delete":
-                store.delete(full)
+                self.quotas.unseal(full, lambda: store.delete(full))
                 ipc_send(executor.sock, {"t": "ok"})
             else:
                 names = [n[len(prefix) + 1 :] for n in store.list(f"{prefix}/{name}".rstrip("/"))]
@@ -646,29 +795,59 @@ class Kernel:
         self.audit_log.append("release", party, {"dataset": name, "to": "code cell"}, concerns=[str(meta["owner"])])
         return bytes(store.get(data_name(name)))
 
-    # -- the service worker ---------------------------------------------------------------------
-    def service_worker_handle(self) -> ExecutorHandle:
-        """The running service worker (started on first use, restarted after a crash)."""
-        if self._service is not None and not self._service.alive:
-            status = self._service.crashed_error().details.get("status")
-            log.warning("service worker died (%s); starting a new one", status)
-            # In-memory service state (e.g. the differencing guard's history) is lost: say so to everyone.
-            self.audit_log.append("recovery", None, {"service_worker": "restarted", "status": status},
-                                  concerns=["*"])
-            self._service.kill()
-            self._service = None
-        if self._service is None:
-            self._service = ExecutorHandle(self.config.executor_memory, service=True, sandbox=self.sandbox)
-        return self._service
+    # -- the service workers --------------------------------------------------------------------
+    def service_pool(self, service: str) -> ServicePool:
+        """The pool ``service`` runs in (started on first use).
+
+        ``job.*``/``psi.*`` run in the one jobs worker (the sealed job store has a single writer); everything
+        else runs in the general pool.
+        """
+        if self.config.service_workers <= 0:
+            lane = "serial"  # one worker for every service, in arrival order (the design before the pools)
+        else:
+            lane = "jobs" if service.startswith(("job.", "psi.")) else "general"
+        with self._pools_lock:
+            pool = self.service_pools.get(lane)
+            if pool is None:
+                size = self.config.service_workers if lane == "general" else 1
+                pool = ServicePool(
+                    lane,
+                    size,
+                    lambda: ExecutorHandle(self.config.executor_memory, service=True, sandbox=self.sandbox),
+                    lambda details: self.audit_log.append("recovery", None, details, concerns=["*"]),
+                )
+                self.service_pools[lane] = pool
+            return pool
 
     def run_service(
-        self, header: dict[str, Any], payloads: list[Any], fds: list[int], on_message: Any, timeout: Any
+        self,
+        party: str,
+        nonce: str,
+        header: dict[str, Any],
+        payloads: list[Any],
+        fds: list[int],
+        on_message: Any,
+        timeout: Any,
     ) -> Message:
+        """Run a service call in its pool, fairly scheduled among the parties waiting there."""
         limit = self.config.max_cell_timeout
         t = limit if not isinstance(timeout, (int, float)) or timeout <= 0 else min(float(timeout), limit)
-        with self._service_lock:
-            worker = self.service_worker_handle()
-            return worker.exchange(header, payloads, fds, on_message, t)
+        service = str(header["service"])
+        with self._service_gate.shared():
+            return self.service_pool(service).run(party, nonce, service, header, payloads, fds, on_message, t)
+
+    def restart_service_pools(self) -> None:
+        """Stop every service worker; the next calls start fresh ones (which re-read sealed state)."""
+        with self._pools_lock:
+            pools, self.service_pools = list(self.service_pools.values()), {}
+        for pool in pools:
+            pool.shutdown()
+
+    def cancel_service_call(self, party: str | None, nonce: str) -> bool:
+        """Cancel the call with ``nonce`` (made by ``party``, if the canceller proved one) in any pool."""
+        with self._pools_lock:
+            pools = list(self.service_pools.values())
+        return any(pool.cancel(party, nonce) for pool in pools)
 
     def sealed_store(self) -> Any:
         from mesatee_notebook.enclave.migration import live_store
@@ -816,8 +995,10 @@ class Kernel:
                 pass
         for session in list(self.sessions.values()):
             self.close_session(session)
-        if self._service is not None:
-            self._service.shutdown()
+        with self._pools_lock:
+            pools = list(self.service_pools.values())
+        for pool in pools:
+            pool.shutdown()
         with self._lock:
             spare, self._spare = self._spare, None
         if spare is not None:

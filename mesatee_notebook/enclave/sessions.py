@@ -211,7 +211,32 @@ class ExecutorHandle:
 
     @property
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        """Whether the executor can take a request: its process runs and its socket has not reached EOF.
+
+        ``poll()`` alone is not enough: a killed multi-threaded worker shows as a zombie (and cannot take a
+        request) before ``waitpid`` reports it, and its socket closes only when its last thread is gone. So the
+        process state in /proc and EOF on the socket are checked too.
+        """
+        if self.proc.poll() is not None:
+            return False
+        try:
+            stat = Path(f"/proc/{self.proc.pid}/stat").read_bytes()
+            state = stat.rsplit(b")", 1)[1].split()[0]
+            if state in (b"Z", b"X"):
+                return False
+        except (OSError, IndexError):
+            pass  # no /proc (or the process is already reaped): poll() above and the socket below decide
+        try:
+            if self.sock.fileno() < 0:
+                return False
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            if readable and self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                return False
+        except BlockingIOError:
+            return True
+        except (OSError, ValueError):
+            return False
+        return True
 
     def crashed_error(self) -> ExecutorCrashed | ResourceLimitExceeded:
         if self.limit_hit is not None:

@@ -7,6 +7,7 @@ import socket
 import ssl
 import threading
 import urllib.parse
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,7 @@ from mesatee_notebook.attestation.policy import (
     tpm_hello_request,
     verify_certificate,
 )
-from mesatee_notebook.errors import KernelConnectionError, MalformedFrame, error_from_wire
+from mesatee_notebook.errors import KernelConnectionError, MalformedFrame, MesateeError, error_from_wire
 from mesatee_notebook.wire.framing import Limits
 from mesatee_notebook.wire.messages import PROTOCOL_VERSION
 from mesatee_notebook.wire.stream import Message, Progress, recv_message, send_message
@@ -98,6 +99,29 @@ class Channel:
         self.protocol = int(hello.header["protocol"])
         self.server_version = str(hello.header.get("server"))
         self.kernel_nonce = str(hello.header.get("kernel_nonce"))
+        self._closing = threading.Event()
+        idle = hello.header.get("idle_timeout")
+        if isinstance(idle, (int, float)) and not isinstance(idle, bool) and idle > 0:
+            # The kernel closes connections that are silent for ``idle`` seconds: ping well before that.
+            # A weak reference: a channel nobody holds any more is still closed by garbage collection.
+            threading.Thread(
+                target=_keepalive, args=(weakref.ref(self), self._closing, idle / 3), name="mesatee-keepalive",
+                daemon=True,
+            ).start()
+
+    def _ping_if_idle(self) -> bool:
+        """Send one keepalive ping unless a request is in flight; False when the connection is gone."""
+        if not self._lock.acquire(blocking=False):
+            return True  # a request is in flight: the connection is not idle
+        try:
+            if self.closed:
+                return False
+            send_message(self.sock, {"t": "ping", "id": next(self._ids)})
+            return recv_message(self.sock, self.limits).type == "pong"
+        except (OSError, EOFError, MesateeError):
+            return False
+        finally:
+            self._lock.release()
 
     def request(
         self,
@@ -164,6 +188,9 @@ class Channel:
         return party
 
     def close(self) -> None:
+        closing = getattr(self, "_closing", None)
+        if closing is not None:
+            closing.set()
         try:
             self.sock.close()
         except (OSError, AttributeError):
@@ -172,6 +199,14 @@ class Channel:
     @property
     def closed(self) -> bool:
         return self.sock.fileno() < 0
+
+
+def _keepalive(ref: weakref.ref[Channel], closing: threading.Event, interval: float) -> None:
+    while not closing.wait(interval):
+        channel = ref()
+        if channel is None or not channel._ping_if_idle():
+            return
+        del channel
 
 
 def open_channel(url: str, policy: Policy, **kwargs: Any) -> Channel:

@@ -80,6 +80,7 @@ class Session:
         self.id = str(reply.header["session"])
         self._token = str(reply.header["token"])
         self.last_receipt: Receipt | None = None
+        self._inflight: set[str] = set()  # nonces of service calls in flight (each is its call's cancel capability)
 
     # -- identity -------------------------------------------------------------------------------
     @property
@@ -246,8 +247,13 @@ class Session:
                 progress(dict(m.header.get("data") or {}))
 
         header = {"t": "call", "service": service, "args": args, "inputs": specs, "nonce": nonce, "timeout": timeout}
-        reply = self._channel.request(header, payloads, on_stream=on_stream, digests=True,
-                                      upload_progress=upload_progress)
+        self._inflight.add(nonce)
+        try:
+            reply = self._channel.request(header, payloads, on_stream=on_stream, digests=True,
+                                          upload_progress=upload_progress,
+                                          on_interrupt=lambda: self._cancel([nonce]))
+        finally:
+            self._inflight.discard(nonce)
         sent = reply.header.get("_sent") or []
         info = reply.header.get("info") or {}
         value_specs = reply.header.get("values")
@@ -279,6 +285,18 @@ class Session:
         """The party id the kernel recorded for this connection (None if anonymous)."""
         party = self._channel.request({"t": "whoami"}).header.get("party")
         return None if party is None else str(party)
+
+    def quotas(self) -> dict[str, Any]:
+        """The quota of this connection, as ``whoami`` reports it: ``holder``, ``limits`` and what is ``used`` now.
+
+        ``holder`` is ``"party"`` (per proven party) or ``"anonymous"`` (one quota shared by every anonymous
+        client). A request over a limit raises :class:`~mesatee_notebook.errors.QuotaExceeded`.
+        """
+        quota = self._channel.request({"t": "whoami"}).header.get("quota")
+        if not isinstance(quota, dict):
+            msg = "the kernel did not report quotas (it predates them)"
+            raise MalformedFrame(msg)
+        return dict(quota)
 
     def audit(self) -> list[dict[str, Any]]:
         """The audit entries this party may see, verified (signatures, hash chain, platform key)."""
@@ -402,13 +420,35 @@ class Session:
         return out
 
     # -- control --------------------------------------------------------------------------------
-    def interrupt(self) -> bool:
-        """Interrupt the running cell (over a second attested connection). True if one was running."""
+    def cancel_calls(self) -> int:
+        """Cancel this session's service calls in flight; returns how many the kernel cancelled.
+
+        For a long PSI or training run started in another thread. A running call's worker is stopped and the
+        call raises ``RemoteInterrupted``; nothing is released. Ctrl-C during ``call()`` does the same.
+        """
+        return self._cancel(list(self._inflight))
+
+    def _cancel(self, nonces: list[str]) -> int:
+        if not nonces:
+            return 0
+        side = self._side_channel()
+        try:
+            return sum(
+                bool(side.request({"t": "call.cancel", "nonce": n}).header.get("cancelled")) for n in nonces
+            )
+        finally:
+            side.close()
+
+    def _side_channel(self) -> Channel:
         from dataclasses import replace
 
         # Pin what was attested at connect time: the same kernel, not whatever is installed now.
         pinned = replace(self.policy, measurements=(self.attestation.measurement,))
-        side = Channel(self._channel.host, self._channel.port, pinned)
+        return Channel(self._channel.host, self._channel.port, pinned)
+
+    def interrupt(self) -> bool:
+        """Interrupt the running cell (over a second attested connection). True if one was running."""
+        side = self._side_channel()
         try:
             reply = side.request({"t": "interrupt", "session": self.id, "token": self._token})
         finally:

@@ -24,9 +24,12 @@ pickle from a peer is as dangerous as the peer.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import io
+import math
 import pickle
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,12 +252,21 @@ def decode_value(kind: str, buf: Any, *, allow_pickle: bool = False, meta: dict[
 
         try:
             table = pa.ipc.open_stream(pa.py_buffer(buf)).read_all()
-        except (pa.ArrowInvalid, pa.ArrowException) as exc:
+        except (pa.ArrowException, OSError, ValueError) as exc:  # ArrowIOError is an OSError
             msg = f"payload is not a valid Arrow IPC stream: {exc}"
             raise MalformedFrame(msg) from exc
-        df = table.to_pandas(split_blocks=True, self_destruct=True)
-        del table
+        try:
+            table.validate(full=True)  # offsets and lengths checked before pandas reads the buffers
+            df = table.to_pandas(split_blocks=True, self_destruct=True)
+        except Exception as exc:  # pyarrow and pandas raise many unrelated types on a bad schema or metadata
+            msg = f"payload's Arrow table cannot be read as a DataFrame: {type(exc).__name__}: {exc}"[:500]
+            raise MalformedFrame(msg) from exc
+        finally:
+            del table
         if kind == "arrow.series":
+            if _SERIES_COL not in df.columns:
+                msg = "an Arrow series payload has no series column"
+                raise MalformedFrame(msg)
             series = df[_SERIES_COL]
             series.name = meta.get("name")
             return series
@@ -284,20 +296,29 @@ def _decode_npy(buf: Any) -> np.ndarray[Any, Any]:
     try:
         version = np.lib.format.read_magic(fp)
         reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        start = fp.tell()
+        (hlen,) = struct.unpack("<H" if version == (1, 0) else "<I", fp.read(2 if version == (1, 0) else 4))
+        # A header numpy can only read with its Python 2 fallback (which warns) is refused: we never write one.
+        ast.literal_eval(fp.read(hlen).decode("latin1"))
+        fp.seek(start)
         shape, fortran, dtype = reader(fp)
-    except ValueError as exc:
+    except Exception as exc:  # numpy's header parser raises ValueError, TokenError, SyntaxError, ...
         msg = f"payload is not a valid .npy array: {exc}"
         raise MalformedFrame(msg) from exc
     if dtype.hasobject:
         msg = "refusing a .npy payload with dtype=object (it would need pickle)"
         raise MalformedFrame(msg)
     offset = fp.tell()
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(int(d) for d in shape) if shape else 1  # exact: np.prod would wrap around on huge shapes
     if view.nbytes - offset != count * dtype.itemsize:
         msg = "the .npy payload's length does not match its header"
         raise MalformedFrame(msg)
-    flat = np.frombuffer(view, dtype=dtype, count=count, offset=offset)
-    return flat.reshape(shape, order="F" if fortran else "C")
+    try:
+        flat = np.frombuffer(view, dtype=dtype, count=count, offset=offset)
+        return flat.reshape(shape, order="F" if fortran else "C")
+    except ValueError as exc:  # e.g. a zero-size dtype
+        msg = f"the .npy payload cannot be read as its header says: {exc}"
+        raise MalformedFrame(msg) from exc
 
 
 def describe(value: Any) -> str:

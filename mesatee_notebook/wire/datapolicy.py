@@ -277,7 +277,7 @@ class DataPolicy:
         if not isinstance(data, Mapping):
             msg = "a DataPolicy must be a JSON object"
             raise MalformedFrame(msg)
-        unknown = sorted(set(data) - set(_FIELDS))
+        unknown = sorted(str(k) for k in set(data) - set(_FIELDS))
         if unknown:
             msg = f"unknown DataPolicy field(s): {', '.join(map(str, unknown))}"
             raise MalformedFrame(msg)

@@ -43,14 +43,20 @@ class Limits:
     max_header: int = 1 << 20
     max_payload: int = 16 << 30
     max_payloads: int = 4096
+    #: Why these limits apply, appended to a refusal (e.g. "before 'hello'"); empty for the plain limit.
+    scope: str = ""
+
+    def reason(self) -> str:
+        """The scope, as a suffix for a refusal message."""
+        return f" {self.scope}" if self.scope else ""
 
     def check_prefix(self, header_len: int, payload_total: int) -> None:
         """Refuse a frame whose declared sizes exceed the limits."""
         if header_len > self.max_header:
-            msg = f"frame header of {header_len} bytes is over the limit of {self.max_header} bytes"
+            msg = f"frame header of {header_len} bytes is over the limit of {self.max_header} bytes{self.reason()}"
             raise FrameTooLarge(msg, limit=self.max_header, size=header_len)
         if payload_total > self.max_payload:
-            msg = f"payload of {payload_total} bytes is over the limit of {self.max_payload} bytes"
+            msg = f"payload of {payload_total} bytes is over the limit of {self.max_payload} bytes{self.reason()}"
             raise FrameTooLarge(msg, limit=self.max_payload, size=payload_total)
 
 
@@ -85,13 +91,16 @@ def unpack_header(raw: bytes, payload_total: int, limits: Limits) -> dict[str, A
     if not isinstance(header, dict) or not isinstance(header.get("t"), str):
         msg = "frame header must be a map with a string message type 't'"
         raise MalformedFrame(msg)
-    sizes = header.get("p", [])
+    if "p" not in header:
+        msg = "frame header has no payload length list 'p'"
+        raise MalformedFrame(msg)
+    sizes = header["p"]
     if not isinstance(sizes, list) or not all(isinstance(s, int) and s >= 0 for s in sizes):
         msg = "frame header 'p' must be a list of payload lengths"
         raise MalformedFrame(msg)
     if len(sizes) > limits.max_payloads:
-        msg = f"{len(sizes)} payloads in one frame is over the limit of {limits.max_payloads}"
-        raise FrameTooLarge(msg)
+        msg = f"{len(sizes)} payloads in one frame is over the limit of {limits.max_payloads}{limits.reason()}"
+        raise FrameTooLarge(msg, limit=limits.max_payloads, size=len(sizes))
     if sum(sizes) != payload_total:
         msg = "payload lengths in the header do not add up to the prefix's total"
         raise MalformedFrame(msg)

@@ -30,6 +30,7 @@ REQUEST_TYPES = frozenset(
         "execute",
         "interrupt",
         "call",
+        "call.cancel",
         "ping",
         "auth",
         "whoami",

@@ -69,25 +69,37 @@ class _Hasher:
         self._h = hashlib.sha256()
         self._thread: threading.Thread | None = None
         self._q: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+        self._aborted = False
         if total > _INLINE_HASH:
             self._thread = threading.Thread(target=self._run, name="mesatee-hash", daemon=True)
             self._thread.start()
 
     def _run(self) -> None:
         while (view := self._q.get()) is not None:
-            self._h.update(view)
+            if not self._aborted:
+                self._h.update(view)
+            view.release()
 
     def update(self, view: memoryview) -> None:
         if self._thread is None:
             self._h.update(view)
         else:
-            self._q.put(view)
+            self._q.put(view[:])  # the thread releases its own view, so an aborted frame leaves no export behind
 
     def hexdigest(self) -> str:
         if self._thread is not None:
             self._q.put(None)
             self._thread.join()
+            self._thread = None
         return self._h.hexdigest()
+
+    def abort(self) -> None:
+        """Stop the helper thread without finishing the digest (a frame was cut off)."""
+        if self._thread is not None:
+            self._aborted = True
+            self._q.put(None)
+            self._thread.join()
+            self._thread = None
 
 
 def _as_parts(payload: Any) -> list[memoryview]:
@@ -113,6 +125,7 @@ def send_message(
     parts = [_as_parts(p) for p in payloads]
     sizes = [sum(v.nbytes for v in pp) for pp in parts]
     head = pack_header(header, sizes)
+    hasher: _Hasher | None = None
     try:
         if fds:
             socket.send_fds(sock, [head], list(fds))
@@ -134,8 +147,11 @@ def send_message(
                         progress(done, total)
             if out is not None and hasher is not None:
                 out.append(hasher.hexdigest())
-    except (BrokenPipeError, ConnectionResetError, OSError) as exc:
-        if isinstance(exc, TimeoutError):
+            hasher = None
+    except BaseException as exc:
+        if hasher is not None:
+            hasher.abort()
+        if not isinstance(exc, OSError) or isinstance(exc, TimeoutError):
             raise
         msg = f"connection lost while sending a {header.get('t')!r} message: {exc}"
         raise KernelConnectionError(msg) from exc
@@ -189,6 +205,57 @@ def _recv_prefix(sock: socket.socket, want_fds: bool) -> tuple[bytes, list[int]]
     return bytes(buf), fds
 
 
+def _recv_payloads(
+    sock: socket.socket,
+    sizes: list[int],
+    payload_total: int,
+    alloc: Allocator | type[bytearray],
+    payloads: list[Any],
+    out: list[str] | None,
+    progress: Progress | None,
+) -> None:
+    """Receive every payload into ``payloads``; on any failure free what this frame allocated."""
+    hasher: _Hasher | None = None
+    buf: Any = None
+    done = 0
+    try:
+        for size in sizes:
+            buf = alloc(size)
+            with memoryview(buf) as raw_view, raw_view.cast("B") as view:
+                if view.nbytes != size:
+                    msg = "allocator returned a buffer of the wrong size"
+                    raise MalformedFrame(msg)
+                hasher = _Hasher(size) if out is not None else None
+                populate = _populator(buf) if size > CHUNK else None
+                for off in range(0, size, CHUNK):
+                    with view[off : off + CHUNK] as chunk:
+                        if populate is not None:
+                            populate(off, chunk.nbytes)
+                        _recv_exact_into(sock, chunk, "payload")
+                        if hasher is not None:
+                            hasher.update(chunk)
+                        done += chunk.nbytes
+                    if progress is not None and payload_total > CHUNK:
+                        progress(done, payload_total)
+            if out is not None and hasher is not None:
+                out.append(hasher.hexdigest())
+            hasher = None
+            payloads.append(buf)
+            buf = None
+    except BaseException:
+        # A cut-off or refused frame: stop its hashing thread and unmap its buffers now, not at the next GC.
+        if hasher is not None:
+            hasher.abort()
+        for b in [*payloads, buf]:
+            if isinstance(b, mmap.mmap):
+                try:
+                    b.close()
+                except BufferError:  # still exported somewhere: the mapping goes with its last view
+                    pass
+        payloads.clear()
+        raise
+
+
 def recv_message(
     sock: socket.socket,
     limits: Limits,
@@ -218,28 +285,7 @@ def recv_message(
         alloc: Allocator | type[bytearray] = allocator if allocator is not None else bytearray
         payloads: list[Any] = []
         out: list[str] | None = [] if digests else None
-        done = 0
-        for size in header["p"]:
-            buf = alloc(size)
-            view = memoryview(buf).cast("B")
-            if view.nbytes != size:
-                msg = "allocator returned a buffer of the wrong size"
-                raise MalformedFrame(msg)
-            hasher = _Hasher(size) if digests else None
-            populate = _populator(buf) if size > CHUNK else None
-            for off in range(0, size, CHUNK):
-                chunk = view[off : off + CHUNK]
-                if populate is not None:
-                    populate(off, chunk.nbytes)
-                _recv_exact_into(sock, chunk, "payload")
-                if hasher is not None:
-                    hasher.update(chunk)
-                done += chunk.nbytes
-                if progress is not None and payload_total > CHUNK:
-                    progress(done, payload_total)
-            if out is not None and hasher is not None:
-                out.append(hasher.hexdigest())
-            payloads.append(buf)
+        _recv_payloads(sock, header["p"], payload_total, alloc, payloads, out, progress)
     except (ConnectionResetError, BrokenPipeError) as exc:
         msg = f"connection reset by the peer: {exc}"
         raise KernelConnectionError(msg) from exc

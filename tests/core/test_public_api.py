@@ -24,6 +24,7 @@ def test_exported_names_are_pinned():
             "Policy",
             "PolicyViolation",
             "ProtocolError",
+            "QuotaExceeded",
             "Receipt",
             "ReceiptError",
             "RemoteExecutionError",
@@ -90,6 +91,7 @@ def test_every_error_has_a_unique_wire_code_and_rebuilds():
 
 def test_leaf_errors_subclass_builtins():
     assert issubclass(errors.PolicyViolation, PermissionError)
+    assert issubclass(errors.QuotaExceeded, errors.PolicyViolation)
     assert issubclass(errors.RemoteTimeout, TimeoutError)
     assert issubclass(errors.EncodingError, TypeError)
     assert issubclass(errors.KernelConnectionError, ConnectionError)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 import mesatee_notebook as mn
-from mesatee_notebook.errors import ExecutorCrashed, NotFound
+from mesatee_notebook.errors import NotFound
 
 
 @pytest.fixture
@@ -99,23 +99,20 @@ def test_service_worker_crash_is_reported_and_recovered(kernel, alice):
         for p in psutil.Process(info["pid"]).children()
         if p.status() != psutil.STATUS_ZOMBIE and "--service" in p.cmdline()
     ]
-    assert len(workers) == 1
-    os.kill(workers[0].pid, signal.SIGKILL)
+    assert workers  # the call above started at least one (lazily: pools start workers on first use)
+    for w in workers:
+        os.kill(w.pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:  # a zombie until the kernel reaps it
         try:
-            if workers[0].status() == psutil.STATUS_ZOMBIE:
+            if all(w.status() == psutil.STATUS_ZOMBIE for w in workers):
                 break
         except psutil.NoSuchProcess:
             break
         time.sleep(0.05)
-    # The kernel starts a new worker, which reloads state from sealed storage, and says so in the audit log.
-    # If the death is only noticed during the call, that call fails cleanly (nothing released) instead.
-    try:
-        rows = alice.call("dataset.info", {"name": "survives_crash"}).info["rows"]
-    except ExecutorCrashed as exc:
-        assert "nothing was released" in str(exc)
-        rows = alice.call("dataset.info", {"name": "survives_crash"}).info["rows"]
+    # The kernel notices the dead worker before the call (process and socket EOF), starts a new one, which
+    # reloads state from sealed storage, and says so in the audit log: the first call after the death succeeds.
+    rows = alice.call("dataset.info", {"name": "survives_crash"}).info["rows"]
     assert rows == 10
     recoveries = [e for e in alice.audit() if e["kind"] == "recovery"]
     assert recoveries and recoveries[-1]["details"]["service_worker"] == "restarted"

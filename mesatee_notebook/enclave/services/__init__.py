@@ -64,10 +64,13 @@ class ServiceResult:
 class ServiceContext:
     """The caller and the kernel facilities a service may use."""
 
-    def __init__(self, ex: Executor, party: str, state: dict[str, Any]) -> None:
+    def __init__(self, ex: Executor, party: str, state: dict[str, Any], *, fresh: bool = False) -> None:
         self._ex = ex
         self.party = party
         self.state = state
+        #: True when this party's previous call ran in another worker: state this worker cached for the
+        #: party (the differencing guard's history) may be stale and must be re-read from sealed storage.
+        self.fresh = fresh
 
     def progress(self, **data: Any) -> None:
         """Stream a progress update (e.g. a training round's metrics) to the caller."""

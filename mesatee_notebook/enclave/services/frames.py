@@ -119,6 +119,8 @@ def _bind(ctx: ServiceContext) -> FrameEvaluator:
     _, registry, sink = ctx.state["frame_evaluator"]
     registry.ctx = ctx
     sink["ctx"] = ctx
+    if ctx.fresh:
+        ev.forget_party(ctx.party)  # another worker served this party since: re-read its guard history
     return ev
 
 

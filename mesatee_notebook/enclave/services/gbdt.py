@@ -228,16 +228,19 @@ def _load_handle(ctx: ServiceContext, model_id: Any) -> tuple[dict[str, Any], GB
 
     mid = _model_id(model_id)
     cache: dict[str, tuple[dict[str, Any], GBDTModel]] = ctx.state.setdefault("gbdt_models", {})
-    hit = cache.get(mid)
-    if hit is None:
-        try:
-            meta = json.loads(ctx.seal_get(f"models/{mid}/meta"))
-            raw = ctx.seal_get(f"models/{mid}/model")
-        except NotFound:
-            msg = f"no model {mid[:12]}… in this kernel (deleted, or never trained here)"
-            raise NotFound(msg, model=mid) from None
-        hit = (meta, load_model(raw))
-        cache[mid] = hit
+    try:
+        # The metadata (who released it, whether it still exists) is read on every call: another service
+        # worker may have changed it since this one cached the model. Only the parsed model is reused.
+        meta = json.loads(ctx.seal_get(f"models/{mid}/meta"))
+        hit = cache.get(mid)
+        if hit is None or hit[0].get("digest") != meta.get("digest"):
+            hit = (meta, load_model(ctx.seal_get(f"models/{mid}/model")))
+    except NotFound:
+        cache.pop(mid, None)
+        msg = f"no model {mid[:12]}… in this kernel (deleted, or never trained here)"
+        raise NotFound(msg, model=mid) from None
+    hit = (meta, hit[1])
+    cache[mid] = hit
     return hit
 
 

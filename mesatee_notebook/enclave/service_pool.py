@@ -1,0 +1,225 @@
+"""Service workers: a small pool, scheduled fairly across parties.
+
+Trusted services run in service workers (executor processes started with ``--service``; they never run user code).
+A :class:`ServicePool` owns a few of them and hands them out to calls:
+
+- each party has its own FIFO queue, and **at most one call of a party runs at a time** in a pool; free workers
+  go to the waiting parties in round-robin order. One party's long job therefore holds one worker, and another
+  party's short query waits at most for a worker to finish the short task in front of it;
+- because a party's calls never overlap, state a worker caches *per party* stays correct: when a party's call
+  lands on a different worker than its previous one, the call is marked ``fresh`` and the worker re-reads that
+  party's cached state (the differencing guard's history) from sealed storage;
+- a dead worker is noticed before the call (``ExecutorHandle.alive`` checks the process and the socket), replaced,
+  and the replacement is audited as ``recovery`` for every party;
+- a running call can be cancelled by the party that made it (:meth:`cancel`): its worker is stopped, the call
+  fails with ``RemoteInterrupted``, and the next call gets a fresh worker. A queued call is just dropped.
+
+The kernel runs two pools: the *jobs* pool (one worker, the single writer of the sealed job store: ``job.*`` and
+``psi.*`` services) and the *general* pool for everything else.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mesatee_notebook.enclave.sessions import ExecutorHandle
+from mesatee_notebook.errors import ExecutorCrashed, MesateeError, RemoteInterrupted
+from mesatee_notebook.wire.stream import Message
+
+__all__ = ["ServicePool", "default_pool_size"]
+
+log = logging.getLogger("mesatee.enclave")
+
+
+def default_pool_size() -> int:
+    """Workers in the general pool: the core count, at least 2 and at most 8."""
+    import os
+
+    return max(2, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2))
+
+
+@dataclass(eq=False)
+class _Ticket:
+    party: str
+    nonce: str
+    service: str
+    ready: threading.Event = field(default_factory=threading.Event)
+    slot: int | None = None
+    worker: ExecutorHandle | None = None
+    cancelled: bool = False
+
+
+class ServicePool:
+    """``size`` service workers shared fairly by the parties (see the module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        size: int,
+        start: Callable[[], ExecutorHandle],
+        on_recovery: Callable[[dict[str, Any]], None],
+    ) -> None:
+        if size < 1:
+            msg = "a service pool needs at least one worker"
+            raise ValueError(msg)
+        self.name = name
+        self.size = size
+        self._start = start
+        self._on_recovery = on_recovery
+        self._cond = threading.Condition()
+        self._workers: list[ExecutorHandle | None] = [None] * size
+        self._free: list[int] = list(range(size))
+        self._queues: dict[str, collections.deque[_Ticket]] = {}
+        self._order: collections.deque[str] = collections.deque()  # parties with waiting tickets, round robin
+        self._running: dict[str, _Ticket] = {}  # party -> its running ticket
+        self._last_slot: dict[str, int] = {}
+        self._closed = False
+
+    # -- scheduling ---------------------------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        """Give free workers to waiting parties in round-robin order (caller holds the lock)."""
+        turns = len(self._order)
+        while self._free and turns > 0:
+            turns -= 1
+            party = self._order.popleft()
+            queue = self._queues.get(party)
+            if not queue:
+                self._queues.pop(party, None)
+                continue
+            if party in self._running:  # one call per party at a time: it waits its own turn
+                self._order.append(party)
+                continue
+            ticket = queue.popleft()
+            if queue:
+                self._order.append(party)
+            else:
+                self._queues.pop(party, None)
+            last = self._last_slot.get(party)
+            slot = last if last in self._free else self._free[0]
+            self._free.remove(slot)
+            ticket.slot = slot
+            self._running[party] = ticket
+            ticket.ready.set()
+            turns = len(self._order)
+
+    def _release(self, ticket: _Ticket) -> None:
+        with self._cond:
+            if self._running.get(ticket.party) is ticket:
+                del self._running[ticket.party]
+            if ticket.slot is not None:
+                self._last_slot[ticket.party] = ticket.slot
+                self._free.append(ticket.slot)
+                self._free.sort()
+            self._dispatch()
+
+    def _worker_for(self, slot: int) -> ExecutorHandle:
+        """The worker in ``slot``: started on first use, replaced (and audited) if it died."""
+        worker = self._workers[slot]
+        if worker is not None and not worker.alive:
+            status = worker.crashed_error().details.get("status")
+            log.warning("%s service worker %d died (%s); starting a new one", self.name, slot, status)
+            # In-memory caches are lost; persisted state (sealed) is re-read by the new worker. Say so to everyone.
+            self._on_recovery({"service_worker": "restarted", "pool": self.name, "status": status})
+            worker.kill()
+            worker = None
+        if worker is None:
+            worker = self._start()
+            self._workers[slot] = worker
+        return worker
+
+    # -- calls --------------------------------------------------------------------------------------------------
+    def run(
+        self,
+        party: str,
+        nonce: str,
+        service: str,
+        header: dict[str, Any],
+        payloads: list[Any],
+        fds: list[int],
+        on_message: Callable[[ExecutorHandle, Message], bool],
+        timeout: float,
+    ) -> Message:
+        """Queue the call for ``party``, wait for a worker, run it there and return the worker's reply."""
+        ticket = _Ticket(party, nonce, service)
+        with self._cond:
+            if self._closed:
+                msg = "the kernel is shutting down"
+                raise MesateeError(msg)
+            if party not in self._queues:
+                self._queues[party] = collections.deque()
+                self._order.append(party)
+            self._queues[party].append(ticket)
+            self._dispatch()
+        ticket.ready.wait()
+        try:
+            if ticket.cancelled and ticket.slot is None:
+                msg = f"service call {service!r} was cancelled by its party before it started"
+                raise RemoteInterrupted(msg, service=service)
+            assert ticket.slot is not None
+            fresh = self._last_slot.get(party) != ticket.slot
+            worker = self._worker_for(ticket.slot)
+            with self._cond:
+                ticket.worker = worker
+                cancelled = ticket.cancelled
+            if cancelled:
+                msg = f"service call {service!r} was cancelled by its party before it started"
+                raise RemoteInterrupted(msg, service=service)
+            try:
+                return worker.exchange(
+                    {**header, "fresh": fresh}, payloads, fds, lambda m: on_message(worker, m), timeout
+                )
+            except ExecutorCrashed:
+                if ticket.cancelled:
+                    msg = (
+                        f"service call {service!r} was cancelled by its party: its worker was stopped and nothing "
+                        "was released (a job it was running is marked failed)"
+                    )
+                    raise RemoteInterrupted(msg, service=service) from None
+                raise
+        finally:
+            self._release(ticket)
+
+    def cancel(self, party: str | None, nonce: str) -> bool:
+        """Cancel the call with ``nonce`` if ``party`` made it; True if one was queued or running."""
+        with self._cond:
+            for queue in self._queues.values():
+                for ticket in queue:
+                    if ticket.nonce == nonce and (party is None or ticket.party == party):
+                        queue.remove(ticket)
+                        ticket.cancelled = True
+                        ticket.ready.set()
+                        return True
+            for ticket in self._running.values():
+                if ticket.nonce == nonce and (party is None or ticket.party == party):
+                    ticket.cancelled = True
+                    worker = ticket.worker
+                    break
+            else:
+                return False
+        if worker is not None:
+            log.info("cancelling %s for party %s: stopping its worker", ticket.service, ticket.party[:16])
+            worker.kill()
+        return True
+
+    def status(self) -> dict[str, Any]:
+        """Workers, running calls and queue lengths (no arguments, no data)."""
+        with self._cond:
+            return {
+                "workers": self.size,
+                "running": {p[:16]: t.service for p, t in self._running.items()},
+                "queued": {p[:16]: len(q) for p, q in self._queues.items()},
+            }
+
+    def shutdown(self) -> None:
+        """Stop every worker."""
+        with self._cond:
+            self._closed = True
+            workers, self._workers = self._workers, [None] * self.size
+        for worker in workers:
+            if worker is not None:
+                worker.shutdown()
