@@ -339,8 +339,8 @@ class ExecutorHandle:
                     "the executor was killed and the session must be restarted"
                 )
                 raise RemoteTimeout(msg_, killed=True)
-            self.sock.settimeout(_FRAME_TIMEOUT)
             try:
+                self.sock.settimeout(_FRAME_TIMEOUT)  # OSError if another thread killed the worker meanwhile
                 msg = ipc_recv(self.sock)
             except (EOFError, OSError, MesateeError) as exc:
                 if isinstance(exc, TimeoutError):
