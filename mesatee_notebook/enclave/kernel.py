@@ -429,7 +429,7 @@ class _Connection:
         )
 
 
-_EXECUTOR_REQUESTS = frozenset({"seal.get", "seal.put", "seal.list", "seal.delete", "data.get", "audit"})
+_EXECUTOR_REQUESTS = frozenset({"seal.get", "seal.put", "seal.list", "seal.delete", "data.get", "audit", "faas.run"})
 
 
 def _raise_if_error(result: Message) -> None:
@@ -607,6 +607,14 @@ class Kernel:
                 self.audit_log.append(str(m.header.get("kind")), party, m.header.get("details") or {},
                                       concerns=concerns)
                 ipc_send(executor.sock, {"t": "ok"})
+                return
+            if m.type == "faas.run":  # issue 17: a registered function, in a fresh sandboxed executor
+                if not service:
+                    raise PolicyViolation("only trusted services run registered functions")  # noqa: EM101
+                from mesatee_notebook.enclave.faas_exec import run_function
+
+                out = run_function(self, bytes(m.payloads[0]) if m.payloads else b"", m.header.get("timeout"))
+                ipc_send(executor.sock, {"t": "ok"}, [out])
                 return
             if m.type == "data.get":
                 data = self.dataset_for_cell(name, party)

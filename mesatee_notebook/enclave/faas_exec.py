@@ -1,0 +1,80 @@
+"""The supervisor's half of running a registered function (issue 17): a fresh sandboxed executor per run.
+
+The service worker decides *whether* a task may run (approvals, input digests) and packs the function with its
+bound inputs; it never runs the function itself. It asks the supervisor (``faas.run``), which starts a new
+:class:`~mesatee_notebook.enclave.sessions.ExecutorHandle` in its own sandbox (bubblewrap, its own uid, seccomp,
+Landlock, no network, a private /tmp), sends it one cell that calls
+:func:`mesatee_notebook.enclave.faas_runtime.run_blob`, answers none of its requests (no sealed storage, no datasets,
+no keys: only the bound inputs are reachable), and kills it afterwards. The function's stdout/stderr are dropped
+(they could carry data to the host log).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Final
+
+from mesatee_notebook.enclave.ipc import ipc_send
+from mesatee_notebook.enclave.ipc import unpack_values as ipc_unpack
+from mesatee_notebook.enclave.sessions import ExecutorHandle
+from mesatee_notebook.errors import MesateeError, PolicyViolation, error_from_wire
+from mesatee_notebook.wire.codecs import decode_value, encode_value
+
+if TYPE_CHECKING:
+    from mesatee_notebook.enclave.kernel import Kernel
+    from mesatee_notebook.wire.stream import Message
+
+__all__ = ["HARNESS", "run_function"]
+
+log = logging.getLogger("mesatee.enclave")
+HARNESS: Final = (
+    "from mesatee_notebook.enclave.faas_runtime import run_blob as _run_blob\n"
+    "faas_out = _run_blob(faas_blob)\n"
+    "del faas_blob, _run_blob\n"
+)
+_DEFAULT_TIMEOUT: Final = 600.0
+
+
+def run_function(kernel: Kernel, blob: bytes, timeout: float | None = None) -> bytes:
+    """Run the packed function ``blob`` in a new sandboxed executor; return its packed result."""
+    if kernel.sandbox is None:
+        log.warning("running a registered function WITHOUT a sandbox (--no-sandbox)")
+    handle = ExecutorHandle(kernel.config.executor_memory, sandbox=kernel.sandbox)
+    try:
+        enc = encode_value(blob)
+        spec = {"name": "faas_blob", "kind": enc.kind, "meta": enc.meta, "inline": 0}
+        payload = b"".join(bytes(memoryview(p).cast("B")) for p in enc.parts)
+
+        def on_message(m: Message) -> bool:
+            if m.type in ("stream", "log", "progress"):
+                return False  # dropped: a function's prints could carry data to the host
+            if m.type in ("seal.get", "seal.put", "seal.list", "seal.delete", "data.get", "audit"):
+                err = PolicyViolation("a registered function reaches only its bound inputs")  # noqa: EM101
+                ipc_send(handle.sock, {"t": "error", **err.to_wire()})
+                return False
+            return True
+
+        limit = min(float(timeout or _DEFAULT_TIMEOUT), kernel.config.max_cell_timeout)
+        cpu = kernel.sandbox.limits.cell_cpu if kernel.sandbox is not None else None
+        result = handle.exchange(
+            {"t": "execute", "code": HARNESS, "inputs": [spec], "outputs": ["faas_out"], "allow_pickle": False},
+            [payload], [], on_message, limit, cell_cpu=cpu,
+        )
+        if result.type == "error":
+            raise error_from_wire({"code": result.header.get("code"), "message": result.header.get("message"),
+                                   "details": _safe_details(result.header.get("details"))})
+        for vspec, buf in ipc_unpack(result.header.get("values", []), result):
+            if vspec.get("name") == "out/faas_out":
+                value = decode_value(str(vspec["kind"]), buf, meta=vspec.get("meta"))
+                return bytes(value)
+        msg = "the function's executor returned no result"
+        raise MesateeError(msg)
+    finally:
+        handle.kill()
+
+
+def _safe_details(details: Any) -> dict[str, Any]:
+    """Keep the typed details (limit names, numbers), drop tracebacks (they could quote data)."""
+    if not isinstance(details, dict):
+        return {}
+    return {k: v for k, v in details.items() if k in {"limit", "allowed", "used", "exit_code", "fuel", "trap", "ename"}}

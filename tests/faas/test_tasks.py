@@ -1,0 +1,157 @@
+"""Registered Python functions run as tasks approved by the data owners, against a real sandboxed kernel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from mesatee_notebook.errors import EncodingError, NotFound, PolicyViolation
+from mesatee_notebook.remote.faas import SecureFunction
+from tests.faas.conftest import Parties, unique
+
+JOIN_STATS = '''
+import pandas as pd
+
+def main(left, right, scale=1):
+    both = pd.concat([left, right], ignore_index=True)
+    return {"rows": len(both), "mean_y": float(both["y"].mean()) * scale, "columns": sorted(left.columns)}
+'''
+
+
+def register(p: Parties, source: str = JOIN_STATS, **kw: Any) -> SecureFunction:
+    fn = p.a.functions.register(unique("stats"), python=source, entry="main", inputs=["left", "right"],
+                                description="row count and mean of y over two tables", **kw)
+    assert isinstance(fn, SecureFunction)
+    return fn
+
+
+def create(p: Parties, fn: SecureFunction, name: str, **kw: Any) -> Any:
+    kw.setdefault("args", {"scale": 2})
+    kw.setdefault("receivers", [p.a.party_id])
+    return p.a.tasks.create(name, function=fn, inputs={"left": p.ds_b, "right": p.ds_c}, **kw)
+
+
+def test_register_approve_run_result_only_to_receiver(parties: Parties) -> None:
+    p = parties
+    fn = register(p)
+    assert len(fn.digest) == 64 and fn.lang == "python"
+    assert "SecureFunction" in repr(fn) and fn.digest[:16] in repr(fn)
+    assert "<table>" in fn._repr_html_() and "def main" in fn._repr_html_()
+    # an owner asked to approve reads the exact source and digest
+    seen = p.b.functions.get(fn.digest)
+    assert seen.code == JOIN_STATS and seen.digest == fn.digest
+    name = unique("task")
+    status = create(p, fn, name)
+    assert status.state == "created" and sorted(status.missing_approvals) == sorted([p.b.party_id, p.c.party_id])
+    st_b = p.b.tasks.status(name)
+    assert st_b.info["params"]["function"] == fn.digest and st_b.info["params"]["args"] == {"scale": 2}
+    p.b.tasks.approve(name, spec_digest=st_b.spec_digest)
+    with pytest.raises(PolicyViolation):  # not run yet: C has not approved
+        p.a.tasks.result(name)
+    done = p.c.tasks.approve(name)
+    assert done.state == "done", done.error
+    res = p.a.tasks.result(name)
+    both = pd.concat([p.sales_b, p.sales_c])
+    assert res.value["rows"] == len(both)
+    assert res.value["mean_y"] == pytest.approx(both["y"].mean() * 2)
+    assert res.value["columns"] == ["x", "y"]  # the hidden column never reached the function
+    assert res.function == fn.digest and sorted(res.approvals) == sorted([p.b.party_id, p.c.party_id])
+    assert set(res.inputs) == {"left", "right"} and all(len(d) == 64 for d in res.inputs.values())
+    assert res.receipt is not None
+    for other in (p.b, p.c):  # owners are not receivers
+        with pytest.raises(PolicyViolation):
+            other.tasks.result(name)
+    kinds = [(e["kind"], (e.get("details") or {}).get("service")) for e in p.b.audit()
+             if (e.get("details") or {}).get("job_id") == done.job_id]
+    assert ("job", "faas.task") in kinds
+
+
+def test_approval_for_a_different_digest_is_refused(parties: Parties) -> None:
+    p = parties
+    fn = register(p)
+    n1, n2 = unique("task"), unique("task")
+    create(p, fn, n1, args={"scale": 1})
+    other = create(p, fn, n2, args={"scale": 1000})  # same function, different args -> different spec digest
+    with pytest.raises(PolicyViolation, match="digest"):
+        p.b.tasks.approve(n1, spec_digest=other.spec_digest)
+    assert p.b.party_id in p.a.tasks.status(n1).missing_approvals
+
+
+def test_rejected_task_never_runs(parties: Parties) -> None:
+    p = parties
+    fn = register(p)
+    name = unique("task")
+    create(p, fn, name)
+    p.b.tasks.approve(name)
+    st = p.c.tasks.reject(name)
+    assert st.state == "cancelled"
+    with pytest.raises(PolicyViolation):
+        p.a.tasks.result(name)
+
+
+def test_bad_registrations_and_tasks_are_typed_errors(parties: Parties) -> None:
+    p = parties
+    with pytest.raises(EncodingError, match="does not compile"):
+        p.a.functions.register("broken", python="def main(:\n")
+    with pytest.raises(EncodingError, match="malformed"):
+        p.a.functions.register("badwasm", wasm=b"\x00asm\x01\x00\x00\x00garbage")
+    with pytest.raises(EncodingError, match="malformed"):
+        p.a.functions.register("notwasm", wasm=b"definitely not a module")
+    with pytest.raises(NotFound):
+        p.a.functions.get("0" * 64)
+    fn = register(p)
+    with pytest.raises(EncodingError, match="takes the inputs"):
+        p.a.tasks.create(unique("t"), function=fn, inputs={"left": p.ds_b})
+    with pytest.raises(NotFound):
+        p.a.tasks.create(unique("t"), function=fn, inputs={"left": p.ds_b, "right": "no_such_dataset"})
+
+
+ESCAPE = '''
+def main(data, secret_dir):
+    import os, socket
+    out = {}
+    for path in (secret_dir, secret_dir + "/platform", "/etc/shadow"):
+        try:
+            out[path] = len(os.listdir(path)) if os.path.isdir(path) else len(open(path).read())
+        except OSError as exc:
+            out[path] = type(exc).__name__
+    try:
+        socket.create_connection(("127.0.0.1", 22), timeout=1)
+        out["net"] = "connected"
+    except OSError as exc:
+        out["net"] = type(exc).__name__
+    try:
+        mesatee  # noqa: F821 - the cell API of a session is not there
+        out["api"] = "present"
+    except NameError:
+        out["api"] = "absent"
+    return out
+'''
+
+
+def test_python_function_runs_sandboxed_with_only_its_inputs(parties: Parties) -> None:
+    p = parties
+    fn = p.b.functions.register(unique("probe"), python=ESCAPE, inputs=["data"])
+    name = unique("task")
+    secret = str(p.kernel.data_dir)  # the kernel's sealed state and platform key
+    p.b.tasks.create(name, function=fn, inputs={"data": p.ds_b}, args={"secret_dir": secret}, receivers=[p.b.party_id])
+    res = p.b.tasks.result(name).value
+    assert res["net"] != "connected"
+    assert res["/etc/shadow"] in ("PermissionError", "FileNotFoundError")
+    assert res[secret] in ("PermissionError", "FileNotFoundError")
+    assert res[secret + "/platform"] in ("PermissionError", "FileNotFoundError")
+    assert res["api"] == "absent"
+
+
+def test_output_dataset_only_receivers_can_query(parties: Parties) -> None:
+    p = parties
+    src = "def main(data):\n    return data[data.y > 50].reset_index(drop=True)\n"
+    fn = p.b.functions.register(unique("filter"), python=src, inputs=["data"])
+    name, out = unique("task"), f"big_{unique('y').replace('-', '_')}"
+    st = p.b.tasks.create(name, function=fn, inputs={"data": p.ds_b}, receivers=[p.a.party_id], output_dataset=out)
+    assert st.state == "done", st.error
+    assert p.a.tasks.result(name).dataset == out
+    assert out in {d["name"] for d in p.a.datasets()}
+    assert out not in {d["name"] for d in p.c.datasets()}
