@@ -65,9 +65,17 @@ def _run_python(source: str, fn: dict[str, Any], args: dict[str, Any], inputs: d
     return {outputs[0] if outputs else "result": result}, {}
 
 
-def _wasm_input_bytes(value: Any) -> bytes:
+def _wasm_input_bytes(value: Any, raw: bool = False) -> bytes:
     import pandas as pd
     import pyarrow as pa
+
+    if raw:
+        if not isinstance(value, pd.DataFrame) or value.shape[1] != 1 or value.dtypes.iloc[0].kind not in "iufb":
+            msg = "a raw input must be a table with exactly one numeric column"
+            raise EncodingError(msg)
+        import numpy as np
+
+        return np.ascontiguousarray(value.iloc[:, 0].to_numpy()).astype(value.dtypes.iloc[0].newbyteorder("<")).tobytes()
 
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
@@ -109,6 +117,7 @@ def _run_wasm(wasm: bytes, fn: dict[str, Any], args: dict[str, Any], inputs: dic
     config.memory_reservation = int(lim["memory"])
     config.memory_guard_size = 64 << 10
     config.memory_reservation_for_growth = 0
+    config.memory_init_cow = False  # copy-on-write images need memfds, which the sandbox refuses
     config.parallel_compilation = False  # the sandbox allows few threads
     engine = wasmtime.Engine(config)
     try:
@@ -122,7 +131,7 @@ def _run_wasm(wasm: bytes, fn: dict[str, Any], args: dict[str, Any], inputs: dic
     first: Path | None = None
     for name, value in inputs.items():
         path = work / "in" / name
-        path.write_bytes(_wasm_input_bytes(value))
+        path.write_bytes(_wasm_input_bytes(value, name in (fn.get("raw_inputs") or [])))
         first = first or path
     stdin = first or (work / "empty")
     if first is None:

@@ -115,14 +115,19 @@ class FunctionsClient:
         inputs: Sequence[str] = (),
         outputs: Sequence[str] = (),
         description: str = "",
+        raw_inputs: Sequence[str] = (),
     ) -> SecureFunction:
-        """Seal a function in the enclave; return it (``.digest`` is what owners approve)."""
+        """Seal a function in the enclave; return it (``.digest`` is what owners approve).
+
+        ``raw_inputs`` (WebAssembly): inputs passed as their one numeric column's little-endian values instead of
+        an Arrow IPC stream.
+        """
         if (python is None) == (wasm is None):
             msg = "give exactly one of python=<source text> or wasm=<module bytes>"
             raise EncodingError(msg)
         lang = "python" if python is not None else "wasm"
         args = {"name": name, "lang": lang, "entry": entry, "inputs": list(inputs), "outputs": list(outputs),
-                "description": description}
+                "description": description, "raw_inputs": list(raw_inputs)}
         res = self._session.call("function.register", args, {"code": python if python is not None else wasm})
         self.last_receipt = res.receipt
         return SecureFunction.from_info(res.info, python if python is not None else wasm)

@@ -57,6 +57,8 @@ def _fn_key(digest: str) -> str:
 def function_digest(meta: dict[str, Any], code: bytes) -> str:
     """The digest a function is known and approved by (covers its code and its declared interface)."""
     body = {k: meta[k] for k in ("name", "lang", "entry", "inputs", "outputs", "description")}
+    if meta.get("raw_inputs"):
+        body["raw_inputs"] = meta["raw_inputs"]
     body["code_sha256"] = hashlib.sha256(code).hexdigest()
     return hashlib.sha256(canonical_json(body)).hexdigest()
 
@@ -153,6 +155,12 @@ def register(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) 
         "outputs": _idents(args.get("outputs"), "outputs"),
         "description": description,
     }
+    raw = _idents(args.get("raw_inputs"), "raw_inputs")
+    if raw:
+        if lang != "wasm" or not set(raw) <= set(meta["inputs"]):
+            msg = "raw_inputs names WebAssembly inputs to pass as one column's little-endian values"
+            raise EncodingError(msg)
+        meta["raw_inputs"] = raw
     digest = function_digest(meta, code)
     meta.update({"registered_by": ctx.party, "registered": time.time(), "code_sha256": hashlib.sha256(code).hexdigest(),
                  "size": len(code)})
@@ -300,6 +308,7 @@ def run_task(ctx: ServiceContext, store: JobStore, job: Job) -> bytes:
     meta, code = _load_function(ctx, digest)
     frames, digests = _bound_frames(ctx, store, job)
     fn = {k: meta[k] for k in ("name", "lang", "entry", "inputs", "outputs")}
+    fn["raw_inputs"] = list(meta.get("raw_inputs") or [])
     code_value: Any = code.decode() if meta["lang"] == "python" else code
     blob = pack_values({"__code__": code_value, **frames}, function=fn, args=dict(params.get("args") or {}),
                        limits=dict(params.get("limits") or {}))
