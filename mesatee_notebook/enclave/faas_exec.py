@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from mesatee_notebook.enclave.kernel import Kernel
     from mesatee_notebook.wire.stream import Message
 
-__all__ = ["HARNESS", "run_function"]
+__all__ = ["HARNESS", "cell_key_call", "run_function"]
 
 log = logging.getLogger("mesatee.enclave")
 HARNESS: Final = (
@@ -78,3 +78,48 @@ def _safe_details(details: Any) -> dict[str, Any]:
     if not isinstance(details, dict):
         return {}
     return {k: v for k, v in details.items() if k in {"limit", "allowed", "used", "exit_code", "fuel", "trap", "ename"}}
+
+
+_CELL_KEY_OPS: Final = frozenset({"sign", "verify", "encrypt", "decrypt", "info"})
+
+
+def cell_key_call(kernel: Kernel, m: Message, party: str | None) -> bytes:
+    """A cell's ``mesatee.keys.<op>``: run the ``key.<op>`` service as the session's party; pack what it returns.
+
+    The service worker does the cryptography (the cell never holds key bytes) and audits the use as this party.
+    """
+    from mesatee_notebook.enclave.services.jobstore import pack_values, unpack_values
+
+    op = str(m.header.get("op", ""))
+    if op not in _CELL_KEY_OPS:
+        msg = f"mesatee.keys has no operation {op!r} (cells can {', '.join(sorted(_CELL_KEY_OPS))})"
+        raise PolicyViolation(msg)
+    if party is None:
+        msg = "mesatee.keys needs a session opened by a proven party (connect with an identity)"
+        raise PolicyViolation(msg)
+    values, extra = unpack_values(bytes(m.payloads[0]) if m.payloads else b"")
+    specs: list[dict[str, Any]] = []
+    payloads: list[Any] = []
+    for name, value in values.items():
+        enc = encode_value(value)
+        specs.append({"name": name, "kind": enc.kind, "meta": enc.meta, "inline": len(payloads)})
+        payloads.append(b"".join(bytes(memoryview(p).cast("B")) for p in enc.parts))
+
+    def on_message(mm: Message) -> bool:
+        if mm.type in ("seal.get", "seal.put", "seal.list", "seal.delete", "audit"):
+            kernel.handle_executor_request(kernel.service_worker_handle(), mm, prefix="svc", party=party,
+                                           service=True)
+            return False
+        return mm.type not in ("log", "progress")
+
+    header = {"t": "call", "service": f"key.{op}", "args": dict(extra.get("args") or {}), "party": party,
+              "inputs": specs}
+    result = kernel.run_service(header, payloads, [], on_message, 60.0)
+    if result.type == "error":
+        raise error_from_wire({"code": result.header.get("code"), "message": result.header.get("message"),
+                               "details": result.header.get("details") or {}})
+    out = {
+        str(vspec["name"]).removeprefix("out/"): decode_value(str(vspec["kind"]), buf, meta=vspec.get("meta"))
+        for vspec, buf in ipc_unpack(result.header.get("values", []), result)
+    }
+    return pack_values(out, info=result.header.get("info") or {})

@@ -19,11 +19,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Final
 
-from mesatee_notebook.errors import EncodingError, ResourceExhausted, WasmError
+from mesatee_notebook.errors import EncodingError, NotAvailableYet, ResourceExhausted, WasmError
 
-__all__ = ["DEFAULT_LIMITS", "run_blob"]
+__all__ = ["DEFAULT_LIMITS", "CellKeys", "FunctionAPI", "run_blob"]
 
 #: Defaults for a WebAssembly run; a task can lower them (never raise them past MAX_LIMITS).
 DEFAULT_LIMITS: Final = {"fuel": 2_000_000_000, "memory": 256 << 20, "table_elements": 100_000, "seconds": 30.0}
@@ -47,9 +48,72 @@ def run_blob(blob: bytes) -> bytes:
     return pack_values(out, **info)
 
 
+class CellKeys:
+    """``mesatee.keys`` in a cell: each call goes to the KeyStore service as the session's party."""
+
+    def __init__(self, request: Callable[..., bytes]) -> None:
+        self._request = request
+
+    def _call(self, op: str, args: dict[str, Any], **values: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+        from mesatee_notebook.enclave.services.jobstore import pack_values, unpack_values
+
+        blob = self._request({"t": "key.call", "op": op}, [pack_values(values, args=args)])
+        values_out, extra = unpack_values(blob)
+        return values_out, dict(extra.get("info") or {})
+
+    def sign(self, name: str, data: bytes | str) -> bytes:
+        """A signature by key ``name`` (its current version)."""
+        return bytes(self._call("sign", {"name": name}, data=_as_bytes(data))[0]["signature"])
+
+    def verify(self, name: str, data: bytes | str, signature: bytes, version: int | None = None) -> bool:
+        """Whether ``signature`` is key ``name``'s over ``data``."""
+        info = self._call("verify", {"name": name, "version": version}, data=_as_bytes(data),
+                          signature=bytes(signature))[1]
+        return bool(info.get("valid"))
+
+    def encrypt(self, name: str, data: bytes | str, aad: bytes | None = None) -> bytes:
+        """AEAD / RSA-OAEP ciphertext under key ``name``."""
+        extra = {} if aad is None else {"aad": bytes(aad)}
+        return bytes(self._call("encrypt", {"name": name}, data=_as_bytes(data), **extra)[0]["ciphertext"])
+
+    def decrypt(self, name: str, ciphertext: bytes, aad: bytes | None = None) -> bytes:
+        """The plaintext of ``ciphertext`` (refused if it does not authenticate)."""
+        extra = {} if aad is None else {"aad": bytes(aad)}
+        return bytes(self._call("decrypt", {"name": name}, ciphertext=bytes(ciphertext), **extra)[0]["plaintext"])
+
+    def public_key(self, name: str) -> str | None:
+        """Key ``name``'s PEM public key (None for a symmetric key)."""
+        return self._call("info", {"name": name})[1].get("public_key")
+
+    def __repr__(self) -> str:
+        return "<mesatee.keys: sign, verify, encrypt, decrypt, public_key by name; the key bytes stay in the enclave>"
+
+
+class _NoKeys:
+    def __getattr__(self, name: str) -> Any:
+        msg = (
+            "mesatee.keys is not available yet inside registered functions (a task has no single party to act "
+            "as); use keys from a cell or from the client (s.keys)"
+        )
+        raise NotAvailableYet(msg)
+
+
+class FunctionAPI:
+    """The ``mesatee`` object inside a registered function: no storage, no datasets; keys not available yet."""
+
+    keys = _NoKeys()
+
+    def __repr__(self) -> str:
+        return "<mesatee function API: only the bound inputs are reachable>"
+
+
+def _as_bytes(data: bytes | str) -> bytes:
+    return data.encode() if isinstance(data, str) else bytes(data)
+
+
 def _run_python(source: str, fn: dict[str, Any], args: dict[str, Any], inputs: dict[str, Any]) -> tuple[
         dict[str, Any], dict[str, Any]]:
-    namespace: dict[str, Any] = {"__name__": f"faas.{fn['name']}"}
+    namespace: dict[str, Any] = {"__name__": f"faas.{fn['name']}", "mesatee": FunctionAPI()}
     exec(compile(source, f"<function {fn['name']}>", "exec"), namespace)  # noqa: S102 - the approved function
     entry = namespace.get(str(fn["entry"]))
     if not callable(entry):

@@ -429,7 +429,8 @@ class _Connection:
         )
 
 
-_EXECUTOR_REQUESTS = frozenset({"seal.get", "seal.put", "seal.list", "seal.delete", "data.get", "audit", "faas.run"})
+_EXECUTOR_REQUESTS = frozenset({"seal.get", "seal.put", "seal.list", "seal.delete", "data.get", "audit", "faas.run",
+                                "key.call"})
 
 
 def _raise_if_error(result: Message) -> None:
@@ -615,6 +616,11 @@ class Kernel:
 
                 out = run_function(self, bytes(m.payloads[0]) if m.payloads else b"", m.header.get("timeout"))
                 ipc_send(executor.sock, {"t": "ok"}, [out])
+                return
+            if m.type == "key.call":  # issue 17: a cell's mesatee.keys, served by the KeyStore as its party
+                from mesatee_notebook.enclave.faas_exec import cell_key_call
+
+                ipc_send(executor.sock, {"t": "ok"}, [cell_key_call(self, m, party)])
                 return
             if m.type == "data.get":
                 data = self.dataset_for_cell(name, party)

@@ -263,12 +263,13 @@ class KeysClient:
 
     def encrypt(self, name: str, data: bytes | str, *, aad: bytes | None = None) -> bytes:
         """AEAD (``aes-256-gcm``) or RSA-OAEP (``rsa-3072``) encryption in the enclave."""
-        return bytes(self._call("key.encrypt", {"name": name, "aad": aad}, {"data": _b(data)}).values["ciphertext"])
+        inputs = {"data": _b(data)} | ({} if aad is None else {"aad": _b(aad)})
+        return bytes(self._call("key.encrypt", {"name": name}, inputs).values["ciphertext"])
 
     def decrypt(self, name: str, ciphertext: bytes, *, aad: bytes | None = None) -> bytes:
         """Decrypt what ``encrypt`` made; a forged or altered ciphertext raises ``PolicyViolation``."""
-        return bytes(self._call("key.decrypt", {"name": name, "aad": aad}, {"ciphertext": ciphertext})
-                     .values["plaintext"])
+        inputs = {"ciphertext": _b(ciphertext)} | ({} if aad is None else {"aad": _b(aad)})
+        return bytes(self._call("key.decrypt", {"name": name}, inputs).values["plaintext"])
 
     def rotate(self, name: str) -> dict[str, Any]:
         """Owner only: a new current version (old ones still verify and decrypt)."""

@@ -278,7 +278,7 @@ def encrypt(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -
     data = _data(inputs)
     v = _version(record, None)
     if kind == "aes-256-gcm":
-        aad = _aad(args)
+        aad = _aad(inputs)
         nonce = os.urandom(12)
         ct = _VER.pack(int(v["version"])) + nonce + AESGCM(_material(v)).encrypt(nonce, data, aad)
     elif kind == "rsa-3072":
@@ -307,7 +307,7 @@ def decrypt(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -
     try:
         if kind == "aes-256-gcm":
             body = ct[_VER.size:]
-            pt = AESGCM(_material(v)).decrypt(body[:12], body[12:], _aad(args))
+            pt = AESGCM(_material(v)).decrypt(body[:12], body[12:], _aad(inputs))
         else:
             pt = _private(kind, _material(v)).decrypt(ct[_VER.size:], _oaep())
     except (InvalidTag, ValueError):
@@ -344,8 +344,8 @@ def destroy(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -
     return ServiceResult(info=out)
 
 
-def _aad(args: dict[str, Any]) -> bytes | None:
-    aad = args.get("aad")
+def _aad(inputs: dict[str, Any]) -> bytes | None:
+    aad = inputs.get("aad")
     if aad is None:
         return None
     if isinstance(aad, str):
