@@ -49,7 +49,7 @@ def run_function(kernel: Kernel, blob: bytes, timeout: float | None = None) -> b
             if m.type in ("stream", "log", "progress"):
                 return False  # dropped: a function's prints could carry data to the host
             if m.type in ("seal.get", "seal.put", "seal.list", "seal.delete", "data.get", "audit"):
-                err = PolicyViolation("a registered function reaches only its bound inputs")  # noqa: EM101
+                err = PolicyViolation("a registered function reaches only its bound inputs")
                 ipc_send(handle.sock, {"t": "error", **err.to_wire()})
                 return False
             return True

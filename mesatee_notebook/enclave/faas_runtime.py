@@ -18,8 +18,8 @@ import io
 import tempfile
 import threading
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Final
 
 from mesatee_notebook.errors import EncodingError, NotAvailableYet, ResourceExhausted, WasmError
@@ -114,7 +114,7 @@ def _as_bytes(data: bytes | str) -> bytes:
 def _run_python(source: str, fn: dict[str, Any], args: dict[str, Any], inputs: dict[str, Any]) -> tuple[
         dict[str, Any], dict[str, Any]]:
     namespace: dict[str, Any] = {"__name__": f"faas.{fn['name']}", "mesatee": FunctionAPI()}
-    exec(compile(source, f"<function {fn['name']}>", "exec"), namespace)  # noqa: S102 - the approved function
+    exec(compile(source, f"<function {fn['name']}>", "exec"), namespace)
     entry = namespace.get(str(fn["entry"]))
     if not callable(entry):
         msg = f"function {fn['name']!r} defines no callable {fn['entry']!r}"
@@ -139,7 +139,8 @@ def _wasm_input_bytes(value: Any, raw: bool = False) -> bytes:
             raise EncodingError(msg)
         import numpy as np
 
-        return np.ascontiguousarray(value.iloc[:, 0].to_numpy()).astype(value.dtypes.iloc[0].newbyteorder("<")).tobytes()
+        column = value.iloc[:, 0].to_numpy()
+        return np.ascontiguousarray(column.astype(column.dtype.newbyteorder("<"))).tobytes()
 
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
@@ -234,8 +235,10 @@ def _run_wasm(wasm: bytes, fn: dict[str, Any], args: dict[str, Any], inputs: dic
             if "unknown import" in text or "import" in text.lower():
                 msg = f"function {fn['name']!r} imports something this kernel does not provide: {text}"
             elif "memory" in text.lower() or "limit" in text.lower():
+                allowed = int(lim["memory"])
+                msg_0 = f"function {fn['name']!r} needs more memory than its limit of {allowed} bytes: {text}"
                 raise ResourceExhausted(
-                    f"function {fn['name']!r} needs more memory than its limit of {int(lim['memory'])} bytes: {text}",
+                    msg_0,
                     limit="memory", allowed=int(lim["memory"])) from None
             else:
                 msg = f"function {fn['name']!r} could not be instantiated: {text}"
@@ -264,7 +267,8 @@ def _run_wasm(wasm: bytes, fn: dict[str, Any], args: dict[str, Any], inputs: dic
         msg = f"function {fn['name']!r} exited with status {exit_code}"
         raise WasmError(msg, exit_code=exit_code, fuel=fuel)
     if stdout.stat().st_size > _MAX_STDOUT:
-        raise ResourceExhausted(f"function {fn['name']!r} wrote more than {_MAX_STDOUT} bytes to stdout",
+        msg_0 = f"function {fn['name']!r} wrote more than {_MAX_STDOUT} bytes to stdout"
+        raise ResourceExhausted(msg_0,
                                 limit="stdout")
     out: dict[str, Any] = {"stdout": stdout.read_bytes()}
     for name in fn.get("outputs") or []:
@@ -282,13 +286,17 @@ def _raise_trap(fn: dict[str, Any], exc: Any, store: Any, lim: dict[str, Any]) -
 
     code = getattr(exc, "trap_code", None)
     if code == wasmtime.TrapCode.OUT_OF_FUEL:
-        raise ResourceExhausted(
+        msg = (
             f"function {fn['name']!r} ran out of fuel: it used all {int(lim['fuel'])} units "
-            "(an infinite loop, or too much work for the task's fuel limit)",
+            "(an infinite loop, or too much work for the task's fuel limit)"
+        )
+        raise ResourceExhausted(
+            msg,
             limit="fuel", allowed=int(lim["fuel"])) from None
     if code == wasmtime.TrapCode.INTERRUPT:
+        msg = f"function {fn['name']!r} ran past its wall-time limit of {lim['seconds']:g} s and was stopped"
         raise ResourceExhausted(
-            f"function {fn['name']!r} ran past its wall-time limit of {lim['seconds']:g} s and was stopped",
+            msg,
             limit="seconds", allowed=lim["seconds"]) from None
     msg = f"function {fn['name']!r} trapped: {_first_line(exc)}"
     raise WasmError(msg, trap=str(code.name) if code is not None else None) from None

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from mesatee_notebook.errors import EncodingError, MesateeError, NotAvailableYet, error_from_wire
+from mesatee_notebook.errors import EncodingError, MesateeError, NotAvailableYet, NotFound, error_from_wire
 
 if TYPE_CHECKING:
     from mesatee_notebook.attestation.receipts import Receipt
@@ -138,6 +138,15 @@ class FunctionsClient:
         res = self._session.call("function.get", {"function": d})
         self.last_receipt = res.receipt
         return SecureFunction.from_info(res.info, res.values.get("code"))
+
+    def builtin(self, name: str) -> SecureFunction:
+        """A built-in function (registered by the enclave at start), with its source to read before approving."""
+        found = [f for f in self.list() if f.registered_by == "enclave" and f.name == name]
+        if not found:
+            names = sorted({f.name for f in self.list() if f.registered_by == "enclave"})
+            msg = f"no built-in function {name!r} (built-ins: {', '.join(names)})"
+            raise NotFound(msg, function=name)
+        return self.get(found[-1].digest)
 
     def list(self) -> list[SecureFunction]:
         """Every registered function (without code)."""

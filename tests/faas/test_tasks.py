@@ -155,3 +155,27 @@ def test_output_dataset_only_receivers_can_query(parties: Parties) -> None:
     assert p.a.tasks.result(name).dataset == out
     assert out in {d["name"] for d in p.a.datasets()}
     assert out not in {d["name"] for d in p.c.datasets()}
+
+
+def test_builtin_linear_regression_and_pca(parties: Parties) -> None:
+    import numpy as np
+
+    p = parties
+    fn = p.a.functions.builtin("linear_regression")
+    assert fn.registered_by == "enclave" and isinstance(fn.code, str) and "LinearRegression" in fn.code
+    name = unique("linreg")
+    p.a.tasks.create(name, function=fn, inputs={"data": p.ds_c}, args={"label": "y", "features": ["x"]})
+    st = p.c.tasks.approve(name)
+    assert st.state == "done", st.error
+    got = p.a.tasks.result(name).value
+    slope, intercept = np.polyfit(p.sales_c["x"], p.sales_c["y"], 1)
+    assert got["coef"][0] == pytest.approx(slope) and got["intercept"] == pytest.approx(intercept)
+    pca = p.b.functions.builtin("pca")
+    n2 = unique("pca")
+    st = p.b.tasks.create(n2, function=pca, inputs={"data": p.ds_b}, args={"n_components": 1},
+                          receivers=[p.b.party_id])
+    assert st.state == "done", st.error
+    out = p.b.tasks.result(n2).value
+    assert out["features"] == ["x", "y"] and len(out["components"][0]) == 2
+    names = {f.name for f in p.c.functions.list() if f.registered_by == "enclave"}
+    assert names >= {"linear_regression", "logistic_regression_train", "logistic_regression_predict", "pca"}

@@ -53,29 +53,29 @@ def test_infinite_loop_runs_out_of_fuel(parties: Parties) -> None:
 
 
 def test_wall_time_deadline_stops_a_loop_with_fuel_left(parties: Parties) -> None:
-    name, st = run(parties, LOOP, limits={"fuel": 40_000_000_000, "seconds": 1})
+    name, _st = run(parties, LOOP, limits={"fuel": 40_000_000_000, "seconds": 1})
     with pytest.raises(ResourceExhausted, match="wall-time"):
         parties.b.tasks.result(name)
 
 
 def test_memory_limit_stops_growth(parties: Parties) -> None:
     # GROW traps (unreachable) only if memory.grow succeeded past 64 MiB; with an 8 MiB limit it ends cleanly
-    name, st = run(parties, GROW, limits={"memory": 8 << 20})
+    _name, st = run(parties, GROW, limits={"memory": 8 << 20})
     assert st.state == "done", st.error
     # without the limit lowered, the same module gets past 64 MiB and traps
-    name2, st2 = run(parties, GROW, limits={"memory": 1 << 30})
+    name2, _st2 = run(parties, GROW, limits={"memory": 1 << 30})
     with pytest.raises(WasmError, match="trapped"):
         parties.b.tasks.result(name2)
 
 
 def test_module_cannot_open_a_host_path(parties: Parties) -> None:
-    name, st = run(parties, OPEN_HOST)
+    name, _st = run(parties, OPEN_HOST)
     with pytest.raises(WasmError, match="exited with status"):
         parties.b.tasks.result(name)
 
 
 def test_import_that_is_not_provided(parties: Parties) -> None:
-    name, st = run(parties, BAD_IMPORT)
+    name, _st = run(parties, BAD_IMPORT)
     with pytest.raises(WasmError, match="host_secret"):
         parties.b.tasks.result(name)
 

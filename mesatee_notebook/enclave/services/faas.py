@@ -124,9 +124,30 @@ def _public(meta: dict[str, Any], digest: str) -> dict[str, Any]:
     return {**{k: v for k, v in meta.items() if k != "parts"}, "digest": digest}
 
 
+_BUILTINS_DONE: Final = "faas.builtins"
+ENCLAVE: Final = "enclave"
+
+
+def _ensure_builtins(ctx: ServiceContext) -> None:
+    """Register the built-in functions (once per service worker; sealed, so idempotent across restarts)."""
+    if ctx.state.get(_BUILTINS_DONE):
+        return
+    from mesatee_notebook.enclave.faas_builtins import BUILTINS
+
+    ctx.state[_BUILTINS_DONE] = True
+    for name, spec in BUILTINS.items():
+        args = {"name": name, "lang": "python", **{k: v for k, v in spec.items() if k != "code"}}
+        _register(ctx, args, {"code": spec["code"]}, registrant=ENCLAVE)
+
+
 @service("function.register")
 def register(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """Seal a function ``{name, lang, entry, inputs, outputs, description}`` (code as input ``code``)."""
+    _ensure_builtins(ctx)
+    return _register(ctx, args, inputs, registrant=ctx.party)
+
+
+def _register(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any], *, registrant: str) -> ServiceResult:
     name = args.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
         msg = f"invalid function name {name!r}: letters, digits and _.- (at most 100), starting with a letter"
@@ -162,7 +183,7 @@ def register(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) 
             raise EncodingError(msg)
         meta["raw_inputs"] = raw
     digest = function_digest(meta, code)
-    meta.update({"registered_by": ctx.party, "registered": time.time(), "code_sha256": hashlib.sha256(code).hexdigest(),
+    meta.update({"registered_by": registrant, "registered": time.time(), "code_sha256": hashlib.sha256(code).hexdigest(),
                  "size": len(code)})
     try:
         old = ctx.seal_get(_fn_key(digest))
@@ -170,8 +191,8 @@ def register(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) 
         old = None
     if old is None:
         ctx.seal_put(_fn_key(digest), pack_values({"code": code}, **meta))
-        ctx.audit("function", {"event": "register", "function": digest, "name": name, "lang": lang},
-                  concerns=[ALL_PARTIES])
+        ctx.audit("function", {"event": "register", "function": digest, "name": name, "lang": lang,
+                               "registered_by": registrant}, concerns=[ALL_PARTIES])
     else:
         meta = unpack_values(old)[1]
     return ServiceResult(info=_public(meta, digest))
@@ -180,6 +201,7 @@ def register(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) 
 @service("function.get")
 def get(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """A registered function: its interface, its digest and its code (source text or WASM bytes)."""
+    _ensure_builtins(ctx)
     digest = str(args.get("function", ""))
     meta, code = _load_function(ctx, digest)
     value: Any = code.decode() if meta["lang"] == "python" else code
@@ -188,7 +210,8 @@ def get(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> Se
 
 @service("function.list")
 def listing(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
-    """Every registered function (interface and digest, no code)."""
+    """Every registered function (interface and digest, no code), the built-ins (``registered_by: enclave``) too."""
+    _ensure_builtins(ctx)
     out = []
     for key in ctx.seal_list("faas/fn/"):
         digest = key.rsplit("/", 1)[-1]
