@@ -22,8 +22,10 @@ from mesatee_notebook.errors import (
     ProtocolError,
     ReceiptError,
     RemoteExecutionError,
+    ResourceExhausted,
     ResourceLimitExceeded,
     SandboxRequired,
+    WasmError,
 )
 from mesatee_notebook.remote.frame import DPResult, PrivacyBudget, SecureDataFrame, SecureSeries
 from mesatee_notebook.remote.session import CallResult, RunResult, Session, connect
@@ -51,7 +53,9 @@ __all__ = [
     "Receipt",
     "ReceiptError",
     "RemoteExecutionError",
+    "ResourceExhausted",
     "ResourceLimitExceeded",
+    "WasmError",
     "RunResult",
     "SandboxRequired",
     "SecureDataFrame",
