@@ -3,7 +3,7 @@
 The service worker decides *whether* a task may run (approvals, input digests) and packs the function with its
 bound inputs; it never runs the function itself. It asks the supervisor (``faas.run``), which starts a new
 :class:`~mesatee_notebook.enclave.sessions.ExecutorHandle` in its own sandbox (bubblewrap, its own uid, seccomp,
-Landlock, no network, a private /tmp), sends it one cell that calls
+Landlock, no network, a private /tmp, and not the host directory shared with cells), sends it one cell that calls
 :func:`mesatee_notebook.enclave.faas_runtime.run_blob`, answers none of its requests (no sealed storage, no datasets,
 no keys: only the bound inputs are reachable), and kills it afterwards. The function's stdout/stderr are dropped
 (they could carry data to the host log).
@@ -11,6 +11,7 @@ no keys: only the bound inputs are reachable), and kills it afterwards. The func
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any, Final
 
@@ -37,9 +38,14 @@ _DEFAULT_TIMEOUT: Final = 600.0
 
 def run_function(kernel: Kernel, blob: bytes, timeout: float | None = None) -> bytes:
     """Run the packed function ``blob`` in a new sandboxed executor; return its packed result."""
-    if kernel.sandbox is None:
+    sandbox = kernel.sandbox
+    if sandbox is None:
         log.warning("running a registered function WITHOUT a sandbox (--no-sandbox)")
-    handle = ExecutorHandle(kernel.config.executor_memory, sandbox=kernel.sandbox)
+    else:
+        # A cell's sandbox, minus the host directory shared with cells (serve --untrusted-dir): a function
+        # could write its inputs there for the host to read.
+        sandbox = dataclasses.replace(sandbox, untrusted_dir=None)
+    handle = ExecutorHandle(kernel.config.executor_memory, sandbox=sandbox)
     try:
         enc = encode_value(blob)
         spec = {"name": "faas_blob", "kind": enc.kind, "meta": enc.meta, "inline": 0}

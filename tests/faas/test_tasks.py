@@ -109,9 +109,15 @@ def test_bad_registrations_and_tasks_are_typed_errors(parties: Parties) -> None:
 
 
 ESCAPE = '''
-def main(data, secret_dir):
+def main(data, secret_dir, shared_dir):
     import os, socket
     out = {}
+    try:
+        with open(shared_dir + "/leak.csv", "w") as fh:
+            fh.write(data.to_csv())
+        out["shared"] = "written"
+    except OSError as exc:
+        out["shared"] = type(exc).__name__
     for path in (secret_dir, secret_dir + "/platform", "/etc/shadow"):
         try:
             out[path] = len(os.listdir(path)) if os.path.isdir(path) else len(open(path).read())
@@ -136,13 +142,16 @@ def test_python_function_runs_sandboxed_with_only_its_inputs(parties: Parties) -
     fn = p.b.functions.register(unique("probe"), python=ESCAPE, inputs=["data"])
     name = unique("task")
     secret = str(p.kernel.data_dir)  # the kernel's sealed state and platform key
-    p.b.tasks.create(name, function=fn, inputs={"data": p.ds_b}, args={"secret_dir": secret}, receivers=[p.b.party_id])
+    args = {"secret_dir": secret, "shared_dir": str(p.kernel.untrusted_dir)}
+    p.b.tasks.create(name, function=fn, inputs={"data": p.ds_b}, args=args, receivers=[p.b.party_id])
     res = p.b.tasks.result(name).value
     assert res["net"] != "connected"
     assert res["/etc/shadow"] in ("PermissionError", "FileNotFoundError")
     assert res[secret] in ("PermissionError", "FileNotFoundError")
     assert res[secret + "/platform"] in ("PermissionError", "FileNotFoundError")
     assert res["api"] == "NotAvailableYet"
+    assert res["shared"] != "written"  # cells may share a host directory; functions never see it
+    assert p.kernel.untrusted_dir is not None and not (p.kernel.untrusted_dir / "leak.csv").exists()
 
 
 def test_output_dataset_only_receivers_can_query(parties: Parties) -> None:

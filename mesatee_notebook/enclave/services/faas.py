@@ -183,8 +183,8 @@ def _register(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any],
             raise EncodingError(msg)
         meta["raw_inputs"] = raw
     digest = function_digest(meta, code)
-    meta.update({"registered_by": registrant, "registered": time.time(), "code_sha256": hashlib.sha256(code).hexdigest(),
-                 "size": len(code)})
+    meta.update({"registered_by": registrant, "registered": time.time(),
+                 "code_sha256": hashlib.sha256(code).hexdigest(), "size": len(code)})
     try:
         old = ctx.seal_get(_fn_key(digest))
     except NotFound:
