@@ -234,12 +234,14 @@ def _run_wasm(wasm: bytes, fn: dict[str, Any], args: dict[str, Any], inputs: dic
             text = _first_line(exc)
             if "unknown import" in text or "import" in text.lower():
                 msg = f"function {fn['name']!r} imports something this kernel does not provide: {text}"
+            elif "table" in text.lower() and "limit" in text.lower():
+                allowed = int(lim["table_elements"])
+                msg_t = f"function {fn['name']!r} needs a larger table than its limit of {allowed} elements: {text}"
+                raise ResourceExhausted(msg_t, limit="table_elements", allowed=allowed) from None
             elif "memory" in text.lower() or "limit" in text.lower():
                 allowed = int(lim["memory"])
-                msg_0 = f"function {fn['name']!r} needs more memory than its limit of {allowed} bytes: {text}"
-                raise ResourceExhausted(
-                    msg_0,
-                    limit="memory", allowed=int(lim["memory"])) from None
+                msg_m = f"function {fn['name']!r} needs more memory than its limit of {allowed} bytes: {text}"
+                raise ResourceExhausted(msg_m, limit="memory", allowed=allowed) from None
             else:
                 msg = f"function {fn['name']!r} could not be instantiated: {text}"
             raise WasmError(msg) from None

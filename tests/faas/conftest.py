@@ -23,7 +23,8 @@ class Parties:
         self.kernel = kernel
         self.a = mn.connect(kernel.url, policy=policy, identity=root / "a")
         self.b = mn.connect(kernel.url, policy=policy, identity=root / "b")
-        self.c = mn.connect(kernel.url, policy=policy, identity=root / "c")
+        self.c_identity = root / "c"
+        self.c = mn.connect(kernel.url, policy=policy, identity=self.c_identity)
         rng = np.random.default_rng(3)
         self.sales_b = pd.DataFrame({"x": rng.normal(size=200), "y": rng.integers(0, 100, 200),
                                      "ssn": rng.integers(0, 10**9, 200)})

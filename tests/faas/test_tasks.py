@@ -188,3 +188,31 @@ def test_builtin_linear_regression_and_pca(parties: Parties) -> None:
     assert out["features"] == ["x", "y"] and len(out["components"][0]) == 2
     names = {f.name for f in p.c.functions.list() if f.registered_by == "enclave"}
     assert names >= {"linear_regression", "logistic_regression_train", "logistic_regression_predict", "pca"}
+
+
+APPROVE_IN_OWN_PROCESS = """
+import sys
+import mesatee_notebook as mn
+url, fp, measurement, identity, task = sys.argv[1:]
+s = mn.connect(url, policy=mn.Policy(platform_roots=[fp], measurements=[measurement]), identity=identity)
+print(s.tasks.approve(task).state)
+s.close()
+"""
+
+
+def test_owner_approves_from_its_own_process(parties: Parties, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """C is a separate OS process with only its identity directory: its approval is what runs the task."""
+    import subprocess
+    import sys
+
+    p = parties
+    fn = register(p)
+    name = unique("task")
+    create(p, fn, name)
+    p.b.tasks.approve(name)
+    ident = p.c_identity
+    k = p.kernel
+    out = subprocess.run([sys.executable, "-c", APPROVE_IN_OWN_PROCESS, k.url, k.fingerprint, k.measurement,
+                          str(ident), name], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "done", out.stderr[-2000:]
+    assert p.a.tasks.result(name).value["rows"] == len(p.sales_b) + len(p.sales_c)

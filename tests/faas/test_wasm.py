@@ -10,7 +10,7 @@ import pytest
 
 from mesatee_notebook.errors import EncodingError, ResourceExhausted, WasmError
 from tests.faas.conftest import Parties, unique
-from tests.faas.wat import BAD_IMPORT, ECHO, GROW, LOOP, OPEN_HOST, SUM_I64, wasm
+from tests.faas.wat import BAD_IMPORT, BIG_MEMORY, BIG_TABLE, ECHO, GROW, LOOP, OPEN_HOST, SUM_I64, wasm
 
 
 def run(p: Parties, wat: str, *, dataset: str | None = None, limits: dict[str, Any] | None = None,
@@ -66,6 +66,15 @@ def test_memory_limit_stops_growth(parties: Parties) -> None:
     name2, _st2 = run(parties, GROW, limits={"memory": 1 << 30})
     with pytest.raises(WasmError, match="trapped"):
         parties.b.tasks.result(name2)
+
+
+def test_table_and_memory_limits_at_instantiation(parties: Parties) -> None:
+    name, _ = run(parties, BIG_TABLE, limits={"table_elements": 100_000})
+    with pytest.raises(ResourceExhausted, match="table"):
+        parties.b.tasks.result(name)
+    name, _ = run(parties, BIG_MEMORY, limits={"memory": 64 << 20})  # 2000 pages = 125 MiB
+    with pytest.raises(ResourceExhausted, match="memory"):
+        parties.b.tasks.result(name)
 
 
 def test_module_cannot_open_a_host_path(parties: Parties) -> None:
