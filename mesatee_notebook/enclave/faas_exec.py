@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from mesatee_notebook.enclave.ipc import ipc_send
 from mesatee_notebook.enclave.ipc import unpack_values as ipc_unpack
@@ -111,16 +111,15 @@ def cell_key_call(kernel: Kernel, m: Message, party: str | None) -> bytes:
         specs.append({"name": name, "kind": enc.kind, "meta": enc.meta, "inline": len(payloads)})
         payloads.append(b"".join(bytes(memoryview(p).cast("B")) for p in enc.parts))
 
-    def on_message(mm: Message) -> bool:
+    def answer(worker: ExecutorHandle, mm: Message) -> bool:
         if mm.type in ("seal.get", "seal.put", "seal.list", "seal.delete", "audit"):
-            kernel.handle_executor_request(kernel.service_worker_handle(), mm, prefix="svc", party=party,
-                                           service=True)
+            kernel.handle_executor_request(worker, mm, prefix="svc", party=party, service=True)
             return False
         return mm.type not in ("log", "progress")
 
     header = {"t": "call", "service": f"key.{op}", "args": dict(extra.get("args") or {}), "party": party,
               "inputs": specs}
-    result = kernel.run_service(header, payloads, [], on_message, 60.0)
+    result = _run_service(kernel, party, header, payloads, answer)
     if result.type == "error":
         raise error_from_wire({"code": result.header.get("code"), "message": result.header.get("message"),
                                "details": result.header.get("details") or {}})
@@ -129,3 +128,13 @@ def cell_key_call(kernel: Kernel, m: Message, party: str | None) -> bytes:
         for vspec, buf in ipc_unpack(result.header.get("values", []), result)
     }
     return pack_values(out, info=result.header.get("info") or {})
+
+
+def _run_service(kernel: Kernel, party: str, header: dict[str, Any], payloads: list[Any], answer: Any) -> Message:
+    """Run a service call for ``party`` on this kernel's service worker(s), whichever design the kernel has."""
+    import secrets
+
+    run: Any = kernel.run_service
+    if hasattr(kernel, "service_pool"):  # the service-worker pools (issue 11): fair queue per party, nonce
+        return cast("Message", run(party, secrets.token_hex(16), header, payloads, [], answer, 60.0))
+    return cast("Message", run(header, payloads, [], lambda mm: answer(kernel.service_worker_handle(), mm), 60.0))

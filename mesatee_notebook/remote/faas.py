@@ -180,7 +180,7 @@ class TasksClient:
         digest = function.digest if isinstance(function, SecureFunction) else function
         call_args = {"name": name, "function": digest, "inputs": dict(inputs), "args": dict(args or {}),
                      "receivers": list(receivers or []), "limits": dict(limits or {}), "output_dataset": output_dataset}
-        status = JobStatus.from_info(self._session.call("task.create", call_args).info)
+        status = JobStatus.from_info(self._session.call("job.create_task", call_args).info)
         if approve and self._session.party_id in status.owners.values():
             return self.approve(name, spec_digest=status.spec_digest)
         return status

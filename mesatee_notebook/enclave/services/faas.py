@@ -4,7 +4,7 @@
   canonical JSON ``{name, lang, entry, inputs, outputs, description, code_sha256}``. Registered functions are
   public to every party of the kernel (``function.get`` returns the source or the WASM bytes and the digest), so
   anyone asked to approve one can read exactly what it does.
-- ``task.create`` makes a job of kind ``faas.task`` on the one jobs state machine (:mod:`~mesatee_notebook.enclave.
+- ``job.create_task`` makes a job of kind ``faas.task`` on the one jobs state machine (:mod:`~mesatee_notebook.enclave.
   jobs`): each input names a dataset, whose owner becomes that input's owner. The spec digest an owner approves
   covers the function digest, the args, the receivers, the limits and the input datasets. Owners approve with
   ``job.submit_dataset`` (binds the dataset's current digest, then approves) or reject with ``job.cancel``.
@@ -239,7 +239,9 @@ def _limits(value: object) -> dict[str, Any]:
     return dict(value)
 
 
-@service("task.create")
+# Named job.*: with the service-worker pools (issue 11) job.*/psi.* run in the one jobs worker, the job store's
+# single writer; a task is a job.
+@service("job.create_task")
 def task_create(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """``{name, function: digest, inputs: {arg: dataset}, args, receivers, limits?, output_dataset?}``."""
     store = job_store(ctx)
