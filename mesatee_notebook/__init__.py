@@ -23,8 +23,10 @@ from mesatee_notebook.errors import (
     QuotaExceeded,
     ReceiptError,
     RemoteExecutionError,
+    ResourceExhausted,
     ResourceLimitExceeded,
     SandboxRequired,
+    WasmError,
 )
 from mesatee_notebook.remote.frame import DPResult, PrivacyBudget, SecureDataFrame, SecureSeries
 from mesatee_notebook.remote.session import CallResult, RunResult, Session, connect
@@ -53,7 +55,9 @@ __all__ = [
     "Receipt",
     "ReceiptError",
     "RemoteExecutionError",
+    "ResourceExhausted",
     "ResourceLimitExceeded",
+    "WasmError",
     "RunResult",
     "SandboxRequired",
     "SecureDataFrame",

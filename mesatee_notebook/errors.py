@@ -37,6 +37,8 @@ keeps working::
     │   ├── ExecutorCrashed                          the executor process died (killed, segfault, OOM kill)
     │   ├── RemoteTimeout (TimeoutError)             the cell ran past its timeout and was stopped
     │   ├── ResourceLimitExceeded                    the cell hit its sandbox's memory, CPU, process or file limit
+    │   │   └── ResourceExhausted                    a function ran out of WebAssembly fuel, wall time or memory
+    │   ├── WasmError                                a malformed module, a missing import, a trap
     │   └── RemoteInterrupted                        the cell was interrupted
     ├── ProtocolError                                the peer broke the wire protocol
     │   ├── VersionMismatch                          the two sides speak different protocol versions
@@ -55,6 +57,7 @@ keeps working::
     │   ├── FeatureMismatch                          features at predict differ from training
     │   └── InputShapeError                          a tensor's name, shape or dtype does not fit
     ├── ModelFormatError (ValueError)                model bytes that cannot be parsed (xgboost JSON, ONNX)
+    ├── NotAvailableYet (NotImplementedError)        a documented feature this kernel does not implement yet
     ├── UnsupportedOperator (NotImplementedError)    ONNX ops the TVM frontend cannot import (named)
     └── CompileError (RuntimeError)                  a native compiler (gcc, TVM) failed
         └── CompileTimeout (TimeoutError)            compilation or tuning ran past its timeout
@@ -68,6 +71,9 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 __all__ = [
+    "NotAvailableYet",
+    "ResourceExhausted",
+    "WasmError",
     "UnsupportedOperator",
     "NonNumericFeatures",
     "ModelFormatError",
@@ -390,6 +396,24 @@ class ResourceLimitExceeded(RemoteExecutionError):
     """The cell hit a limit of its sandbox; ``details["limit"]`` names it (memory, cpu, processes, ...)."""
 
     code = "remote.limit"
+
+
+class ResourceExhausted(ResourceLimitExceeded):
+    """A registered function ran out of its metered budget (WebAssembly fuel, epoch wall time, memory)."""
+
+    code = "remote.limit.exhausted"
+
+
+class WasmError(RemoteExecutionError):
+    """A WebAssembly module is malformed, imports what is not provided, or trapped."""
+
+    code = "remote.wasm"
+
+
+class NotAvailableYet(MesateeError, NotImplementedError):
+    """A documented feature this kernel does not implement yet; the message says which."""
+
+    code = "not-available"
 
 
 class RemoteInterrupted(RemoteExecutionError):

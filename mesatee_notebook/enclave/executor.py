@@ -125,6 +125,13 @@ class TrustedAPI:
         """Write a line to the host's log. UNTRUSTED: the host operator reads it."""
         self._ex.send({"t": "log", "text": str(message)})
 
+    @property
+    def keys(self) -> Any:
+        """The KeyStore, as this session's party: sign/verify/encrypt/decrypt/public_key by name (never the bytes)."""
+        from mesatee_notebook.enclave.faas_runtime import CellKeys
+
+        return CellKeys(self._ex.request)
+
     def __repr__(self) -> str:
         return "<mesatee trusted API: open (sealed); untrusted_open, untrusted_log (host-visible)>"
 

@@ -553,7 +553,8 @@ class _Connection:
         )
 
 
-_EXECUTOR_REQUESTS = frozenset({"seal.get", "seal.put", "seal.list", "seal.delete", "data.get", "audit"})
+_EXECUTOR_REQUESTS = frozenset({"seal.get", "seal.put", "seal.list", "seal.delete", "data.get", "audit", "faas.run",
+                                "key.call"})
 
 
 def _raise_if_error(result: Message) -> None:
@@ -754,6 +755,19 @@ class Kernel:
                 self.audit_log.append(str(m.header.get("kind")), party, m.header.get("details") or {},
                                       concerns=concerns)
                 ipc_send(executor.sock, {"t": "ok"})
+                return
+            if m.type == "faas.run":  # issue 17: a registered function, in a fresh sandboxed executor
+                if not service:
+                    raise PolicyViolation("only trusted services run registered functions")  # noqa: EM101
+                from mesatee_notebook.enclave.faas_exec import run_function
+
+                out = run_function(self, bytes(m.payloads[0]) if m.payloads else b"", m.header.get("timeout"))
+                ipc_send(executor.sock, {"t": "ok"}, [out])
+                return
+            if m.type == "key.call":  # issue 17: a cell's mesatee.keys, served by the KeyStore as its party
+                from mesatee_notebook.enclave.faas_exec import cell_key_call
+
+                ipc_send(executor.sock, {"t": "ok"}, [cell_key_call(self, m, party)])
                 return
             if m.type == "data.get":
                 data = self.dataset_for_cell(name, party)

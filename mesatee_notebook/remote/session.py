@@ -328,6 +328,27 @@ class Session:
         return JobsClient(self)
 
     @property
+    def functions(self) -> Any:
+        """Registered Python and WebAssembly functions (``remote/faas.py``)."""
+        from mesatee_notebook.remote.faas import FunctionsClient
+
+        return FunctionsClient(self)
+
+    @property
+    def tasks(self) -> Any:
+        """Tasks: a registered function run on datasets once their owners approve (``remote/faas.py``)."""
+        from mesatee_notebook.remote.faas import TasksClient
+
+        return TasksClient(self)
+
+    @property
+    def keys(self) -> Any:
+        """The KeyStore: keys held in the enclave, used by name (``remote/faas.py``)."""
+        from mesatee_notebook.remote.faas import KeysClient
+
+        return KeysClient(self)
+
+    @property
     def gbdt(self) -> Any:
         """GBDT training and prediction with xgboost in the enclave (``remote/ml.py``)."""
         from mesatee_notebook.remote.ml import GbdtClient

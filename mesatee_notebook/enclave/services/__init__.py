@@ -37,6 +37,8 @@ SERVICE_MODULES = (
     "mesatee_notebook.enclave.services.gbdt",
     "mesatee_notebook.enclave.services.gbdt_jobs",
     "mesatee_notebook.enclave.services.tvm",
+    "mesatee_notebook.enclave.services.faas",
+    "mesatee_notebook.enclave.services.keys",
 )
 
 
@@ -93,6 +95,10 @@ class ServiceContext:
         import json
 
         return list(json.loads(self._ex.request({"t": "seal.list", "name": prefix}) or b"[]"))
+
+    def run_function(self, blob: bytes, timeout: float | None = None) -> bytes:
+        """Run a packed registered function in a fresh sandboxed executor (the supervisor starts it)."""
+        return self._ex.request({"t": "faas.run", "timeout": timeout}, [blob])
 
     def seal_delete(self, name: str) -> None:
         """Delete the sealed object ``svc/<name>``."""

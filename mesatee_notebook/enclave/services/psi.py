@@ -55,7 +55,15 @@ from mesatee_notebook.enclave.services.jobstore import (
     resolve_job,
     unpack_values,
 )
-from mesatee_notebook.errors import EncodingError, NotFound, PolicyViolation, TamperedData
+from mesatee_notebook.errors import (
+    EncodingError,
+    NotFound,
+    PolicyViolation,
+    RemoteTimeout,
+    ResourceLimitExceeded,
+    TamperedData,
+    WasmError,
+)
 from mesatee_notebook.ml.psi import PsiInput, PsiKey, PsiMode, run_psi
 from mesatee_notebook.wire.codecs import encode_value
 from mesatee_notebook.wire.datapolicy import DataPolicy
@@ -166,7 +174,8 @@ def _run(ctx: ServiceContext, store: JobStore, job: Job) -> Job:
     ctx.progress(job=job.job_id, state="running")
     try:
         result = runner(ctx, store, store.get(job.job_id))
-    except (TamperedData, PolicyViolation, NotFound) as exc:  # our own messages: ids and names, never data
+    except (TamperedData, PolicyViolation, NotFound, ResourceLimitExceeded, WasmError, RemoteTimeout) as exc:
+        # our own messages: ids, names and limits, never data
         store.fail(job.job_id, f"{type(exc).__name__}: {exc.message}")
         return store.get(job.job_id)
     except Exception as exc:  # an engine's message could quote items: every party sees job.error
