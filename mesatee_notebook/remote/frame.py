@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NoReturn, Protocol, TypeAlias, runtime_checkable
 
+import numpy as np
 import pandas as pd
 
 from mesatee_notebook.errors import FrameUsageError
@@ -31,6 +32,7 @@ from mesatee_notebook.wire.plan import (
     dtype_kind,
     encode_literal,
     infer_node,
+    plain_literal,
     plan_to_obj,
     source_columns,
 )
@@ -605,8 +607,26 @@ def _lit_or_node(value: Any) -> Operand:
     if isinstance(value, (_Lazy, pd.Series, pd.DataFrame)):
         msg = f"cannot combine a {type(value).__name__} with a remote series; upload it or use a scalar"
         raise FrameUsageError(msg)
+    value = plain_literal(value)
     encode_literal(value)
     return Lit(value)
+
+
+def _restore_missing(value: Any, schema: Schema) -> Any:
+    """Give back pandas' NaN in object columns that Arrow carried as nulls (they decode as ``None``).
+
+    A bool column widened by an unmatched merge row is ``object`` holding ``True``/``False``/``NaN``
+    in pandas; Arrow sends it as a nullable bool, which decodes with ``None``.
+    """
+    if isinstance(value, pd.DataFrame):
+        objs = [c for c, d in schema.columns if d == "object" and c in value.columns and value[c].dtype == object]
+        if objs:
+            value = value.copy()
+            for c in objs:
+                value[c] = value[c].where(value[c].notna(), np.nan)
+    elif isinstance(value, pd.Series) and schema.kind == "series" and schema.columns[0][1] == "object" == value.dtype:
+        value = value.where(value.notna(), np.nan)
+    return value
 
 
 class _Lazy:
@@ -639,9 +659,8 @@ class _Lazy:
             msg = f"this {self._what} is not bound to a session; build it from a session's dataframe()"
             raise FrameUsageError(msg)
         options = {k: float(v) for k, v in (("epsilon", epsilon), ("delta", delta)) if v is not None}
-        if options:
-            return self._ctx.collect(self.plan_json(), **options)
-        return self._ctx.collect(self.plan_json())
+        value, receipt = self._ctx.collect(self.plan_json(), **options)
+        return _restore_missing(value, self.schema), receipt
 
     def collect(self, *, epsilon: float | None = None, delta: float | None = None) -> Any:
         """Evaluate in the enclave and return the released value (a :class:`DPResult` on a DP dataset)."""
@@ -801,6 +820,7 @@ class _Rows(_Lazy):
 
     def fillna(self, value: Any) -> Any:
         """Missing values replaced by a scalar."""
+        value = plain_literal(value)
         encode_literal(value)
         return self._wrap(FillNA(self._node, value))
 
@@ -933,7 +953,7 @@ class SecureSeries(_Rows):
         if isinstance(values, (str, _Lazy)):
             msg = "isin() takes a list of literal values"
             raise FrameUsageError(msg)
-        vals = tuple(values)
+        vals = tuple(plain_literal(v) for v in values)
         for v in vals:
             encode_literal(v)
         return SecureSeries(IsIn(self._node, vals), self._ctx)

@@ -56,6 +56,7 @@ __all__ = [
     "dtype_kind",
     "infer_node",
     "infer_plan",
+    "plain_literal",
     "plan_from_json",
     "plan_to_json",
     "source_columns",
@@ -258,6 +259,25 @@ def encode_literal(value: Any) -> Any:
         return encode_literal(item())
     msg = f"cannot use a {type(value).__name__} as a literal; use None, bool, int, float, str or a timestamp"
     raise MalformedFrame(msg)
+
+
+def plain_literal(value: Any) -> Any:
+    """Return ``value`` as the plain Python scalar the plan carries (numpy scalars unwrapped).
+
+    ``np.int64(1)``, ``np.float32(0.5)``, ``np.bool_(True)`` and ``np.datetime64`` become
+    ``int``, ``float``, ``bool`` and ``pandas.Timestamp``; anything else is returned as it is
+    (and :func:`encode_literal` decides whether it is a literal at all).
+    """
+    if type(value).__module__ != "numpy":
+        return value
+    import numpy as np
+
+    if isinstance(value, np.datetime64):
+        import pandas as pd
+
+        return None if np.isnat(value) else pd.Timestamp(value)
+    item = getattr(value, "item", None)
+    return item() if callable(item) else value
 
 
 def decode_literal(obj: Any) -> Any:
