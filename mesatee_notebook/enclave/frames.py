@@ -1334,7 +1334,7 @@ def _refuse_row_revealing(plan: Plan, schemas: Mapping[str, Schema], protected: 
     record values; idxmax/idxmin say which record holds the extreme. None of them is released
     for an analyst of a dataset whose owner does not release rows anyway.
     """
-    closed = {n for n, pol in protected.items() if not pol.allow_rows}
+    closed = {n for n, pol in protected.items() if not pol.allow_rows and pol.privacy is None}  # DP: its own rules
     if not closed:
         return
     for nid in plan.order():
