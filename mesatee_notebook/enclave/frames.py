@@ -1314,7 +1314,7 @@ def _refuse_hidden_merge_keys(plan: Plan, schemas: Mapping[str, Schema], protect
                 raise PolicyViolation(msg, rule="hidden_columns", column=hidden[0])
 
 
-_RECORD_FUNCS = frozenset({"min", "max", "median", "any", "all"}) | QUANTILE_FUNCS
+_RECORD_FUNCS = frozenset({"min", "max", "median", "any", "all", "first", "last"}) | QUANTILE_FUNCS
 
 
 def _row_revealing(node: PlanNode) -> str | None:

@@ -2353,6 +2353,14 @@ class SecureGroupBy:
         """Distinct values per group."""
         return self.agg("nunique")
 
+    def first(self) -> Any:
+        """First non-missing value per group (a record's value: needs allow_rows)."""
+        return self.agg("first")
+
+    def last(self) -> Any:
+        """Last non-missing value per group (a record's value: needs allow_rows)."""
+        return self.agg("last")
+
     def prod(self) -> Any:
         """Product per group."""
         return self.agg("prod")

@@ -106,13 +106,13 @@ AGG_FUNCS = (
     frozenset(
         {
             "size", "count", "sum", "mean", "min", "max", "std", "var", "median", "nunique",
-            "prod", "sem", "skew", "any", "all",
+            "prod", "sem", "skew", "any", "all", "first", "last",
         }
     )
     | QUANTILE_FUNCS
 )  # fmt: skip
 #: Reductions of a series only; ``idxmax``/``idxmin`` return a row's label, so they are row-revealing.
-REDUCE_FUNCS = (AGG_FUNCS - {"size"}) | {"idxmax", "idxmin"}
+REDUCE_FUNCS = (AGG_FUNCS - {"size", "first", "last"}) | {"idxmax", "idxmin"}
 #: Elementwise functions of a series (``map`` op): name -> number of literal arguments (-1: any).
 MAP_FUNCS: dict[str, int] = {
     "isna": 0, "notna": 0,

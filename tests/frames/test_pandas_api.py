@@ -162,6 +162,9 @@ FRAMES: list[Case] = [
     ("groupby_prod_sem_skew", lambda d: d.groupby("g").agg(p=("a", "prod"), s=("y", "sem"), k=("y", "skew"))),
     ("groupby_any_all", lambda d: d.groupby("g").agg(an=("flag", "any"), al=("flag", "all"))),
     ("groupby_var", lambda d: d.groupby("g")["y"].var()),
+    ("groupby_first_last", lambda d: d.groupby("g").agg(f=("y", "first"), la=("x", "last"))),
+    ("groupby_first", lambda d: d[["g", "a", "s"]].groupby("g").first()),
+    ("groupby_last_sem", lambda d: d[["g", "y"]].groupby("g").last()),
     ("str_len_groupby", lambda d: d.assign(L=d.s.str.len()).groupby("g").agg(m=("L", "mean"))),
     ("dt_groupby", lambda d: d.assign(m=d.t.dt.month).groupby("m", as_index=False).agg(n=("y", "size"))),
 ]
@@ -296,6 +299,7 @@ def test_row_level_results_of_new_ops_are_refused(closed: World, fn: Callable[[A
         lambda d: d[["age", "weight"]].max(),
         lambda d: d.smoker.any(),
         lambda d: d.groupby("region").agg(a=("smoker", "all")),
+        lambda d: d.groupby("region").agg(f=("age", "first")),
     ],
 )
 def test_record_values_are_refused_in_the_threshold_mode(closed: World, fn: Callable[[Any], Any]) -> None:
@@ -313,6 +317,7 @@ def test_aggregates_of_elementwise_ops_are_released_under_the_threshold(closed: 
     pd.testing.assert_series_equal(collect(sdf[["age", "weight"]].mean()), df[["age", "weight"]].mean())
     assert collect(sdf.query("age > 30").weight.mean()) == pytest.approx(df.query("age > 30").weight.mean())
     assert collect(sdf.age.var()) == pytest.approx(df.age.var())
+    assert sdf.groupby("region").ngroups == df.groupby("region").ngroups
 
 
 def test_frame_reduction_suppresses_a_small_column() -> None:
