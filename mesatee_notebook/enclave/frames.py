@@ -1349,7 +1349,15 @@ def _refuse_row_revealing(plan: Plan, schemas: Mapping[str, Schema], protected: 
             raise PolicyViolation(msg, dataset=touched[0], rule="allow_rows")
 
 
-_DP_UNSUPPORTED = {"frame_reduce": "a frame-level reduction (reduce one column at a time)", "concat": "concat()"}
+_DP_UNSUPPORTED = {
+    "frame_reduce": "a frame-level reduction (reduce one column at a time)",
+    "concat": "concat()",
+    # which rows these keep depends on other records (the top n, a position, a fixed-size sample), so one
+    # record's presence can swap another in or out: more than the one contribution the noise is scaled to
+    "top": "nlargest()/nsmallest()",
+    "slice": "loc[a:b]/iloc[a:b]",
+    "sample": "sample()",
+}
 
 
 def _refuse_dp_unsupported(plan: Plan, name: str) -> None:

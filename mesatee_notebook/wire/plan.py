@@ -1277,6 +1277,8 @@ def _infer_distinct(
     args: Mapping[str, Any], inp: Schema, schema_of: Callable[[Any], Schema], token: Hashable
 ) -> Schema:
     name, dt, _ = _series_dtype(inp, args["func"])
+    if inp.level != "rows":
+        _fail(f"{args['func']}() of an aggregate is not supported; collect the aggregate and apply it locally")
     return Schema("series", ((name, dt),), "rows", token, inp.datasets, frozenset(), inp.hidden_join)
 
 

@@ -364,7 +364,12 @@ def dp() -> World:
         (lambda d: concat([d, d], ignore_index=True).age.mean(), "concat\\(\\) is not available in DP mode"),
         (lambda d: d.age.prod(), "prod is not released in DP mode"),
         (lambda d: d.age.skew(), "skew is not released in DP mode"),
-        (lambda d: d.age.nlargest(3), "row-level results are never released"),
+        (lambda d: d.age.nlargest(3), "nlargest"),
+        (lambda d: d.age.where(d.age > 40).to_frame(), "row-level results are never released"),
+        (lambda d: d.nlargest(50, "age").weight.mean(), "nlargest\\(\\)/nsmallest\\(\\) is not available"),
+        (lambda d: d.iloc[0:100].age.sum(), "iloc\\[a:b\\] is not available in DP mode"),
+        (lambda d: d.sample(100, random_state=1).age.mean(), "sample\\(\\) is not available in DP mode"),
+        (lambda d: d.age.unique(), "unique\\(\\) is not available in DP mode"),
     ],
 )
 def test_dp_mode_refuses_what_it_cannot_noise(dp: World, fn: Callable[[Any], Any], match: str) -> None:
@@ -425,6 +430,7 @@ def test_usage_errors_are_clear(fn: Callable[[Any], Any], match: str) -> None:
         (lambda d: d.t.dt.floor("1 week"), "fixed frequency"),
         (lambda d: d.g.cumsum(), "needs a numeric series"),
         (lambda d: d.groupby("g").agg(m=("y", "mean")).m.cumsum(), "of an aggregate"),
+        (lambda d: d.groupby("g").agg(m=("y", "mean")).m.mode(), "of an aggregate"),
     ],
 )
 def test_type_errors_surface_when_the_expression_is_built(fn: Callable[[Any], Any], match: str | None) -> None:
