@@ -102,3 +102,22 @@ def test_b8_bool_after_right_or_outer_merge_holds_nan(owner: mn.Session, how: st
     got = owner.dataframe("ob_frame").merge(owner.dataframe("ob_right"), on="i", how=how).collect()
     pd.testing.assert_frame_equal(got, expected)
     assert got.b.dtype == object and any(isinstance(v, float) and np.isnan(v) for v in got.b)
+
+
+def test_new_calls_cross_the_wire_equal_to_pandas(owner: mn.Session) -> None:
+    """The issue 16 calls through a real kernel: the values survive Arrow/msgpack exactly as pandas has them."""
+    df = frame()
+    sdf = owner.dataframe("ob_frame")
+    pd.testing.assert_series_equal(sdf.t.dt.date.collect(), df.t.dt.date)
+    pd.testing.assert_series_equal(sdf.t.dt.year.collect(), df.t.dt.year)
+    pd.testing.assert_series_equal(sdf.f.isna().collect(), df.f.isna())
+    pd.testing.assert_series_equal(sdf[["i", "f"]].sum().collect(), df[["i", "f"]].sum())
+    pd.testing.assert_series_equal(sdf.b.mode().collect(), df.b.mode())
+    pd.testing.assert_series_equal(sdf.f.cumsum().collect(), df.f.cumsum())
+    got = mn.cut(sdf.f, [0, 2, 5], labels=["lo", "hi"]).collect()
+    pd.testing.assert_series_equal(got, pd.cut(df.f, [0, 2, 5], labels=["lo", "hi"]))
+    np.testing.assert_array_equal(sdf.i.unique().collect(), df.i.unique())
+    assert sdf.f.idxmax().collect() == df.f.idxmax()
+    pd.testing.assert_frame_equal(sdf.query("i > 1 and b").collect(), df.query("i > 1 and b"))
+    both = mn.concat([sdf, sdf], ignore_index=True).collect()
+    pd.testing.assert_frame_equal(both, pd.concat([df, df], ignore_index=True))
