@@ -1693,6 +1693,13 @@ class _Indexer:
             raise FrameUsageError(msg)
         if isinstance(cols, slice) and cols == slice(None):
             return out
+        try:
+            return self._columns(out, cols)
+        except (ValueError, IndexError, TypeError) as exc:
+            msg = f"{self._kind}[rows, columns]: {cols!r} does not name columns of this frame ({exc})"
+            raise FrameUsageError(msg) from None
+
+    def _columns(self, out: SecureDataFrame, cols: Any) -> Any:
         names = list(out.columns)
         if self._kind == "iloc":
             if isinstance(cols, int):

@@ -413,6 +413,8 @@ def test_unsupported_calls_say_why(name: str) -> None:
         (lambda d: d.reset_index(), "drop=True"),
         (lambda d: d.drop(index=[1]), "single out"),
         (lambda d: d.a.add(d.y, fill_value=0), "not supported"),
+        (lambda d: d.iloc[:, 99], "does not name columns"),
+        (lambda d: d.loc[:, "zz":"x"], "does not name columns"),
     ],
 )
 def test_usage_errors_are_clear(fn: Callable[[Any], Any], match: str) -> None:
