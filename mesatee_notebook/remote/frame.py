@@ -2004,9 +2004,23 @@ class SecureDataFrame(_Rows):
         return SecureDataFrame(Merge(self._node, right._node, how, lo, ro, (suffixes[0], suffixes[1])), self._ctx)
 
     def groupby(
-        self, by: str | Sequence[str], as_index: bool = True, dropna: bool = True, sort: bool = True
+        self,
+        by: str | Sequence[str],
+        as_index: bool = True,
+        dropna: bool = True,
+        sort: bool = True,
+        observed: bool = True,
     ) -> SecureGroupBy:
-        """Group rows by key columns; aggregate with ``.agg(...)`` or a shorthand such as ``.mean()``."""
+        """Group rows by key columns; aggregate with ``.agg(...)`` or a shorthand such as ``.mean()``.
+
+        ``observed=True`` (pandas' default): only the category combinations present in the data.
+        """
+        if observed is not True:
+            msg = (
+                "groupby(observed=False) is not available yet: unobserved categories would be empty groups, "
+                "which the release rules would suppress anyway; use observed=True"
+            )
+            raise FrameUsageError(msg)
         return SecureGroupBy(_GroupSpec(self, _as_strs(by, "by"), as_index, dropna, sort, None), self._ctx)
 
     def value_counts(

@@ -166,6 +166,7 @@ FRAMES: list[Case] = [
     ("groupby_first", lambda d: d[["g", "a", "s"]].groupby("g").first()),
     ("groupby_last_sem", lambda d: d[["g", "y"]].groupby("g").last()),
     ("str_len_groupby", lambda d: d.assign(L=d.s.str.len()).groupby("g").agg(m=("L", "mean"))),
+    ("groupby_observed", lambda d: d.assign(c=d.g.astype("category")).groupby("c", observed=True).agg(m=("y", "mean"))),
     ("dt_groupby", lambda d: d.assign(m=d.t.dt.month).groupby("m", as_index=False).agg(n=("y", "size"))),
 ]
 
@@ -414,6 +415,7 @@ def test_unsupported_calls_say_why(name: str) -> None:
         (lambda d: d.drop(index=[1]), "single out"),
         (lambda d: d.a.add(d.y, fill_value=0), "not supported"),
         (lambda d: d.iloc[:, 99], "does not name columns"),
+        (lambda d: d.groupby("g", observed=False), "observed=True"),
         (lambda d: d.loc[:, "zz":"x"], "does not name columns"),
     ],
 )
