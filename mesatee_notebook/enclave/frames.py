@@ -1166,6 +1166,16 @@ class _Run:
             return self._like(v, getattr(v.df, fn)(a["n"], list(a["columns"]), keep=a["keep"]))
         return self._like(v, getattr(v.s, fn)(a["n"], keep=a["keep"]))
 
+    def visit_melt(self, nid: str, node: PlanNode) -> _Value:
+        v = self._frame(node.args["input"])
+        a = node.args
+        out = v.df.melt(
+            id_vars=list(a["id_vars"]), value_vars=list(a["value_vars"]), var_name=a["var_name"],
+            value_name=a["value_name"],
+        )  # fmt: skip
+        pos = np.tile(_positions(v.df.index), len(a["value_vars"]))  # row i of the result comes from this row
+        return _FrameV(out, _rows_origin(len(out), ((v.origin, pos),)))
+
     def visit_frame_reduce(self, nid: str, node: PlanNode) -> _Value:
         v = self._frame(node.args["input"])
         func = node.args["func"]
@@ -1357,6 +1367,7 @@ _DP_UNSUPPORTED = {
     "top": "nlargest()/nsmallest()",
     "slice": "loc[a:b]/iloc[a:b]",
     "sample": "sample()",
+    "melt": "melt()",  # one record becomes several rows: more than one contribution
 }
 
 

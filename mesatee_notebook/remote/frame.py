@@ -667,6 +667,19 @@ class Top(Node):
     schema: Schema = field(init=False, repr=False)
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Melt(Node):
+    """Wide to long: one row per (input row, value column)."""
+
+    op: ClassVar[str] = "melt"
+    input: Node
+    id_vars: tuple[str, ...]
+    value_vars: tuple[str, ...]
+    var_name: str
+    value_name: str
+    schema: Schema = field(init=False, repr=False)
+
+
 def _postorder(root: Node) -> list[Node]:
     order: list[Node] = []
     seen: set[int] = set()
@@ -1753,7 +1766,6 @@ NOT_SUPPORTED: dict[str, str] = {
         "result locally"
     ),
     "pivot": "pivot() is not available yet; use groupby([index, columns]).agg(...) and unstack() locally",
-    "melt": "melt() is not available yet; select the columns and collect (row-level results need allow_rows)",
     "corr": "frame-level corr() is not available yet; use frame[a].corr(frame[b]) for each pair",
     "cov": "frame-level cov() is not available yet; use frame[a].cov(frame[b]) for each pair",
     "to_csv": "to_csv() needs the data; collect() first",
@@ -2163,6 +2175,19 @@ class SecureDataFrame(_Rows):
     def nsmallest(self, n: int, columns: str | Sequence[str], keep: str = "first") -> SecureDataFrame:
         """The ``n`` rows with the smallest values of ``columns`` (row-level)."""
         return SecureDataFrame(Top(self._node, int(n), _as_strs(columns, "columns"), False, keep), self._ctx)
+
+    def melt(
+        self,
+        id_vars: str | Sequence[str] | None = None,
+        value_vars: str | Sequence[str] | None = None,
+        var_name: str | None = None,
+        value_name: str = "value",
+    ) -> SecureDataFrame:
+        """Wide to long, as ``pd.melt`` (row-level); ``value_vars`` default: the other visible columns."""
+        ids = _as_strs(id_vars, "id_vars")
+        values = _as_strs(value_vars, "value_vars") or tuple(c for c in self._visible() if c not in ids)
+        node = Melt(self._node, ids, values, "variable" if var_name is None else str(var_name), str(value_name))
+        return SecureDataFrame(node, self._ctx)
 
     def _frame_reduce(self, func: str, numeric_only: bool) -> SecureSeries:
         target: SecureDataFrame = self

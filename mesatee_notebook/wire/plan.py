@@ -203,6 +203,7 @@ OPS: dict[str, dict[str, ArgKind]] = {
     "concat": {"left": "node", "right": "node"},
     "frame_reduce": {"input": "node", "func": "str"},
     "top": {"input": "node", "n": "int", "columns": "strs", "largest": "bool", "keep": "str"},
+    "melt": {"input": "node", "id_vars": "strs", "value_vars": "strs", "var_name": "str", "value_name": "str"},
 }  # fmt: skip
 
 #: Ops whose result reveals single records (or where they are) whatever follows them: refused for
@@ -1386,6 +1387,24 @@ def _infer_top(args: Mapping[str, Any], inp: Schema, schema_of: Callable[[Any], 
     return inp
 
 
+def _infer_melt(args: Mapping[str, Any], inp: Schema, schema_of: Callable[[Any], Schema], token: Hashable) -> Schema:
+    _need(inp, ("frame",), "melt")
+    if inp.level != "rows":
+        _fail("melt() of an aggregate is not supported; collect the aggregate and melt it locally")
+    ids, values = list(args["id_vars"]), list(args["value_vars"])
+    if not values or set(ids) & set(values):
+        _fail("melt() needs value_vars, none of them also in id_vars")
+    id_cols = [(c, _ref_col(inp, c, "melt")) for c in ids]
+    dts = {_ref_col(inp, c, "melt") for c in values}
+    kinds = {dtype_kind(d) for d in dts}
+    value_dt = dts.pop() if len(dts) == 1 else "float64" if kinds <= _NUMERIC else "object"
+    names = [*ids, args["var_name"], args["value_name"]]
+    if len(set(names)) != len(names):
+        _fail(f"melt() would produce duplicate column names {names}")
+    cols = (*id_cols, (args["var_name"], "str"), (args["value_name"], value_dt))
+    return Schema("frame", cols, "rows", token, inp.datasets, frozenset(), inp.hidden_join)
+
+
 _NEW_OPS: dict[str, Callable[[Mapping[str, Any], Schema, Callable[[Any], Schema], Hashable], Schema]] = {
     "map": _infer_map,
     "window": _infer_window,
@@ -1398,6 +1417,7 @@ _NEW_OPS: dict[str, Callable[[Mapping[str, Any], Schema, Callable[[Any], Schema]
     "reset_index": _infer_reset_index,
     "frame_reduce": _infer_frame_reduce,
     "top": _infer_top,
+    "melt": _infer_melt,
 }
 
 

@@ -159,6 +159,11 @@ FRAMES: list[Case] = [
     ("nlargest_frame", lambda d: d.nlargest(3, "y")),
     ("nsmallest_frame", lambda d: d.nsmallest(2, ["a", "y"])),
     ("concat", lambda d: concat_([d[d.a > 3], d[d.a < 2]])),
+    ("melt", lambda d: d.melt(id_vars=["g"], value_vars=["x", "y"])),
+    ("melt_mixed", lambda d: d[d.a > 1].melt(id_vars=["a", "flag"], value_vars=["s", "g"],
+                                             var_name="k", value_name="v")),
+    ("melt_then_agg", lambda d: d.melt(id_vars=["g"], value_vars=["x", "y"]).groupby("variable").agg(
+        m=("value", "mean"))),
     ("groupby_prod_sem_skew", lambda d: d.groupby("g").agg(p=("a", "prod"), s=("y", "sem"), k=("y", "skew"))),
     ("groupby_any_all", lambda d: d.groupby("g").agg(an=("flag", "any"), al=("flag", "all"))),
     ("groupby_var", lambda d: d.groupby("g")["y"].var()),
@@ -285,6 +290,7 @@ def test_row_revealing_ops_are_refused_without_allow_rows(closed: World, name: s
         lambda d: d.query("age > 80"),
         lambda d: concat([d[["age"]], d[["age"]]], ignore_index=True),
         lambda d: d[["age"]].reset_index(drop=True),
+        lambda d: d.melt(id_vars=["region"], value_vars=["age"]),
         lambda d: d.weight.isna(),
     ],
 )
@@ -371,6 +377,7 @@ def dp() -> World:
         (lambda d: d.iloc[0:100].age.sum(), "iloc\\[a:b\\] is not available in DP mode"),
         (lambda d: d.sample(100, random_state=1).age.mean(), "sample\\(\\) is not available in DP mode"),
         (lambda d: d.age.unique(), "unique\\(\\) is not available in DP mode"),
+        (lambda d: d.melt(id_vars=["region"], value_vars=["age"]).value.mean(), "melt\\(\\) is not available"),
     ],
 )
 def test_dp_mode_refuses_what_it_cannot_noise(dp: World, fn: Callable[[Any], Any], match: str) -> None:
