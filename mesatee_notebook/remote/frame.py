@@ -1087,7 +1087,7 @@ class SecureSeries(_Rows):
 
     def __getattr__(self, name: builtins.str) -> Any:
         if name in NOT_SUPPORTED:
-            raise FrameNotSupported(NOT_SUPPORTED[name].replace("map_rows", "map"))
+            raise FrameNotSupported(NOT_SUPPORTED[name])
         msg = f"'SecureSeries' has no attribute {name!r}"
         raise AttributeError(msg)
 
@@ -1747,7 +1747,6 @@ _CALLABLE_HINT = (
 NOT_SUPPORTED: dict[str, str] = {
     "apply": f"apply() takes a function; {_CALLABLE_HINT}",
     "applymap": f"applymap() takes a function; {_CALLABLE_HINT}",
-    "map_rows": f"map() with a function; {_CALLABLE_HINT}",
     "pipe": f"pipe() takes a function; {_CALLABLE_HINT}",
     "transform": f"transform() takes a function; {_CALLABLE_HINT}",
     "iterrows": "iterrows() would release every row; collect() a policy-checked result instead",
