@@ -28,7 +28,7 @@ from mesatee_notebook.errors import (
     SandboxRequired,
     WasmError,
 )
-from mesatee_notebook.remote.frame import DPResult, PrivacyBudget, SecureDataFrame, SecureSeries
+from mesatee_notebook.remote.frame import DPResult, PrivacyBudget, SecureDataFrame, SecureSeries, concat, cut
 from mesatee_notebook.remote.session import CallResult, RunResult, Session, connect
 from mesatee_notebook.remote.session import verify_receipt_default as verify_receipt
 from mesatee_notebook.wire.datapolicy import DP, DataPolicy
@@ -67,7 +67,9 @@ __all__ = [
     "Session",
     "UnprotectedWarning",
     "VerifiedReceipt",
+    "concat",
     "connect",
+    "cut",
     "expected_measurement",
     "load_ipython_extension",
     "verify_receipt",

@@ -47,6 +47,7 @@ keeps working::
     ├── ReceiptError (ValueError)                    a receipt that does not verify or does not match
     ├── EncodingError (TypeError)                    a value that cannot be sent (names the type and the way out)
     ├── FrameUsageError (TypeError)                  a lazy SecureDataFrame used as if it held data (bool, iter, ...)
+    │   └── FrameNotSupported (AttributeError)       a pandas call the enclave does not evaluate, and why
     ├── SealingError                                 sealed storage refused a read or write
     │   └── TamperedData                             a sealed file was changed, truncated or swapped
     ├── NotFound (KeyError)                          an unknown session, dataset, job or handle
@@ -102,6 +103,7 @@ __all__ = [
     "EvidenceSignatureError",
     "ExecutorCrashed",
     "FrameTooLarge",
+    "FrameNotSupported",
     "FrameUsageError",
     "KernelConnectionError",
     "KeyBindingError",
@@ -462,6 +464,12 @@ class FrameUsageError(MesateeError, TypeError):
     """A lazy remote frame was used in a way that would need its data (``bool``, iteration, ...)."""
 
     code = "frame.usage"
+
+
+class FrameNotSupported(FrameUsageError, AttributeError):
+    """A pandas call that a SecureDataFrame does not evaluate in the enclave; the message says why."""
+
+    code = "frame.unsupported"
 
 
 class SealingError(MesateeError):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final
 
 from mesatee_notebook.enclave.ipc import ipc_send
 from mesatee_notebook.enclave.ipc import unpack_values as ipc_unpack
@@ -131,10 +131,7 @@ def cell_key_call(kernel: Kernel, m: Message, party: str | None) -> bytes:
 
 
 def _run_service(kernel: Kernel, party: str, header: dict[str, Any], payloads: list[Any], answer: Any) -> Message:
-    """Run a service call for ``party`` on this kernel's service worker(s), whichever design the kernel has."""
+    """Run a service call for ``party`` in the kernel's service-worker pools (fair queue per party)."""
     import secrets
 
-    run: Any = kernel.run_service
-    if hasattr(kernel, "service_pool"):  # the service-worker pools (issue 11): fair queue per party, nonce
-        return cast("Message", run(party, secrets.token_hex(16), header, payloads, [], answer, 60.0))
-    return cast("Message", run(header, payloads, [], lambda mm: answer(kernel.service_worker_handle(), mm), 60.0))
+    return kernel.run_service(party, secrets.token_hex(16), header, payloads, [], answer, 60.0)

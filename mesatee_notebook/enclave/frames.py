@@ -51,6 +51,8 @@ from mesatee_notebook.errors import MalformedFrame, MesateeError, NotFound, Poli
 from mesatee_notebook.wire.datapolicy import DP, DataPolicy
 from mesatee_notebook.wire.plan import (
     QUANTILE_FUNCS,
+    ROW_REVEALING_FUNCS,
+    ROW_REVEALING_OPS,
     Lit,
     Plan,
     PlanNode,
@@ -142,6 +144,7 @@ class _SeriesV:
     s: pd.Series
     origin: _Origin
     cells: Cells | None = None
+    entry_cells: dict[str, Cells] | None = None  # frame-level reductions: contributors per entry (column)
 
 
 @dataclass(slots=True)
@@ -509,6 +512,7 @@ class FrameEvaluator:
         protected = {n: pol for n, (_, pol, owner) in stored.items() if owner != party}
         event["owner_only"] = not protected
         _refuse_hidden_merge_keys(plan, schemas, protected)
+        _refuse_row_revealing(plan, schemas, protected)
         if any(pol.privacy is not None for pol in protected.values()):
             return self._evaluate_dp(plan, schemas, stored, protected, party, event, digest, epsilon, delta)
         _refuse_record_values(plan, schemas, protected)
@@ -552,6 +556,7 @@ class FrameEvaluator:
             raise PolicyViolation(msg, dataset=name, rule="dp")
         priv = protected[name].privacy
         assert priv is not None
+        _refuse_dp_unsupported(plan, name)
         spec = _dp_spec(plan, schemas, name, priv)
         eps_q = epsilon if epsilon is not None else priv.default_epsilon
         delta_q = (delta if delta is not None else priv.default_delta) if spec.select else 0.0
@@ -650,6 +655,8 @@ class FrameEvaluator:
         if origin.kind == "rows":
             return data, 0
         cells = value.cells if isinstance(value, _FrameV) else ({str(data.name): value.cells} if value.cells else {})
+        if isinstance(value, _SeriesV) and value.entry_cells is not None:
+            return self._release_entries(value, value.entry_cells, protected, party, n_src), 0
         if origin.kind == "summary":
             return self._release_summary(data, value, cells, protected, party, n_src), 0
         pos = _positions(data.index)
@@ -707,6 +714,26 @@ class FrameEvaluator:
                         data[col] = np.nan
                     else:
                         data[:] = np.nan
+        self._guard_release(party, protected, value.origin.members, 1, value.origin.dup, n_src)
+        return data
+
+    def _release_entries(
+        self,
+        value: _SeriesV,
+        cells: Mapping[str, Cells],
+        protected: Mapping[str, DataPolicy],
+        party: str,
+        n_src: Mapping[str, int],
+    ) -> pd.Series:
+        """A frame-level reduction: an entry from too few rows is suppressed (NaN) or refused."""
+        data = value.s.copy()
+        for col, per_ds in cells.items():
+            for ds, counts in per_ds.items():
+                if counts[0] < protected[ds].min_group_size:
+                    self._refuse_small(np.ones(1, dtype=bool), protected, [ds], "column")
+                    if data.dtype.kind in "iub":
+                        data = data.astype("float64")
+                    data.loc[col] = np.nan
         self._guard_release(party, protected, value.origin.members, 1, value.origin.dup, n_src)
         return data
 
@@ -920,19 +947,7 @@ class _Run:
         lpos = np.asarray(out.pop(_LPOS).fillna(-1).to_numpy(), dtype=np.int64)
         rpos = np.asarray(out.pop(_RPOS).fillna(-1).to_numpy(), dtype=np.int64)
         out = out.reset_index(drop=True)
-        origin = _Origin("rows", len(out))
-        for side, pos in ((left.origin, lpos), (right.origin, rpos)):
-            for ds, arrays in side.rows.items():
-                origin.rows.setdefault(ds, []).extend(_compose(arr, pos) for arr in arrays)
-        for ds, arrays in origin.rows.items():
-            if len(arrays) > 1:
-                origin.dup[ds] = True
-                continue
-            src = arrays[0]
-            assert src is not None
-            valid = src[src >= 0]
-            origin.dup[ds] = bool(len(valid)) and int(np.bincount(valid, minlength=1).max()) > 1
-        return _FrameV(out, origin)
+        return _FrameV(out, _rows_origin(len(out), ((left.origin, lpos), (right.origin, rpos))))
 
     # -- aggregates -----------------------------------------------------
 
@@ -1046,7 +1061,8 @@ class _Run:
 
     def visit_corr(self, nid: str, node: PlanNode) -> _Value:
         left, right = self._series(node.args["left"]), self._series(node.args["right"])
-        value = left.s.corr(right.s, method=node.args["method"])
+        method = node.args["method"]
+        value = left.s.cov(right.s) if method == "cov" else left.s.corr(right.s, method=method)
         if not (left.origin.rows or left.origin.members):
             return _ScalarV(value, {}, {}, {})
         a, b = left.s.align(right.s, join="inner")
@@ -1087,6 +1103,192 @@ class _Run:
     def visit_isin(self, nid: str, node: PlanNode) -> _Value:
         v = self._series(node.args["input"])
         return _SeriesV(v.s.isin(list(node.args["values"])), v.origin, v.cells)
+
+    # -- issue 16: pandas as users know it ------------------------------
+
+    def visit_map(self, nid: str, node: PlanNode) -> _Value:
+        v = self._series(node.args["input"])
+        return _SeriesV(_map_series(v.s, node.args["func"], tuple(node.args["args"])), v.origin, v.cells)
+
+    def visit_window(self, nid: str, node: PlanNode) -> _Value:
+        v = self._series(node.args["input"])
+        return _SeriesV(_window_series(v.s, node.args["func"], tuple(node.args["args"])), v.origin, v.cells)
+
+    def visit_where(self, nid: str, node: PlanNode) -> _Value:
+        a = node.args
+        v, cond = self._series(a["input"]), self._series(a["cond"])
+        cells = _min_cells(v.cells, cond.cells)
+        other: Any
+        if isinstance(a["other"], Lit):
+            other = np.nan if a["other"].value is None else a["other"].value
+        else:
+            ov = self._series(a["other"])
+            other, cells = ov.s, _min_cells(cells, ov.cells)
+        mask = cond.s if cond.s.index.equals(v.s.index) else cond.s.reindex(v.s.index)
+        out = v.s.where(mask, other) if a["keep"] else v.s.mask(mask, other)
+        return _SeriesV(out, v.origin, cells)
+
+    def visit_distinct(self, nid: str, node: PlanNode) -> _Value:
+        v = self._series(node.args["input"])
+        first = v.s.drop_duplicates()
+        if node.args["func"] == "unique":
+            return _SeriesV(first, v.origin)
+        mode = v.s.mode()
+        at = pd.Index(first.to_numpy()).get_indexer(mode.to_numpy())
+        pos = _positions(first.index)[at]
+        return _SeriesV(mode, _rows_origin(len(mode), ((v.origin, pos),)))
+
+    def visit_set_name(self, nid: str, node: PlanNode) -> _Value:
+        v = self._series(node.args["input"])
+        return _SeriesV(v.s.rename(node.args["name"]), v.origin, v.cells)
+
+    def visit_to_frame(self, nid: str, node: PlanNode) -> _Value:
+        v = self._series(node.args["input"])
+        name = node.args["name"]
+        return _FrameV(v.s.to_frame(name), v.origin, {name: v.cells} if v.cells is not None else {})
+
+    def visit_slice(self, nid: str, node: PlanNode) -> _Value:
+        v = self._rows(self._get(node.args["input"]))
+        start, stop, step = node.args["bounds"]
+        data = self._data(v)
+        out = data.iloc[start:stop:step] if node.args["kind"] == "iloc" else data.loc[start:stop:step]
+        return self._like(v, out)
+
+    def visit_sample(self, nid: str, node: PlanNode) -> _Value:
+        v = self._rows(self._get(node.args["input"]))
+        a = node.args
+        return self._like(v, self._data(v).sample(n=a["n"], frac=a["frac"], random_state=a["seed"]))
+
+    def visit_reset_index(self, nid: str, node: PlanNode) -> _Value:
+        v = self._rows(self._get(node.args["input"]))
+        data = self._data(v)
+        origin = _rows_origin(len(data), ((v.origin, _positions(data.index)),))
+        out = data.reset_index(drop=True)
+        return _FrameV(out, origin) if isinstance(out, pd.DataFrame) else _SeriesV(out, origin)
+
+    def visit_concat(self, nid: str, node: PlanNode) -> _Value:
+        left, right = self._frame(node.args["left"]), self._frame(node.args["right"])
+        nl, nr = len(left.df), len(right.df)
+        lpos = np.concatenate([_positions(left.df.index), np.full(nr, -1, dtype=np.int64)])
+        rpos = np.concatenate([np.full(nl, -1, dtype=np.int64), _positions(right.df.index)])
+        out = pd.concat([left.df, right.df], ignore_index=True)
+        return _FrameV(out, _rows_origin(len(out), ((left.origin, lpos), (right.origin, rpos))))
+
+    def visit_top(self, nid: str, node: PlanNode) -> _Value:
+        v = self._rows(self._get(node.args["input"]))
+        a = node.args
+        fn = "nlargest" if a["largest"] else "nsmallest"
+        if isinstance(v, _FrameV):
+            return self._like(v, getattr(v.df, fn)(a["n"], list(a["columns"]), keep=a["keep"]))
+        return self._like(v, getattr(v.s, fn)(a["n"], keep=a["keep"]))
+
+    def visit_melt(self, nid: str, node: PlanNode) -> _Value:
+        v = self._frame(node.args["input"])
+        a = node.args
+        out = v.df.melt(
+            id_vars=list(a["id_vars"]), value_vars=list(a["value_vars"]), var_name=a["var_name"],
+            value_name=a["value_name"],
+        )  # fmt: skip
+        pos = np.tile(_positions(v.df.index), len(a["value_vars"]))  # row i of the result comes from this row
+        return _FrameV(out, _rows_origin(len(out), ((v.origin, pos),)))
+
+    def visit_frame_reduce(self, nid: str, node: PlanNode) -> _Value:
+        v = self._frame(node.args["input"])
+        func = node.args["func"]
+        value = getattr(v.df, func)()
+        pos = _positions(v.df.index)
+        origin = _Origin("summary", 1)
+        if not (v.origin.rows or v.origin.members):
+            return _SeriesV(value, origin, entry_cells={})
+        zeros = np.zeros(len(pos), dtype=np.int64)
+        origin.members = _membership(v.origin, pos, zeros, None, self.n_src)
+        origin.dup = dict(v.origin.dup)
+        entries: dict[str, Cells] = {}
+        for c in v.df.columns:
+            col = v.df[c]
+            notna = col.notna().to_numpy()
+            if func in ("sum", "mean") and col.dtype.kind == "b":
+                truth = col.to_numpy(dtype=bool, na_value=False)
+                t = _counts(_membership(v.origin, pos, zeros, notna & truth, self.n_src), 1)
+                f = _counts(_membership(v.origin, pos, zeros, notna & ~truth, self.n_src), 1)
+                entries[str(c)] = {ds: np.minimum(t[ds], f[ds]) for ds in t}
+            else:
+                entries[str(c)] = _counts(_membership(v.origin, pos, zeros, notna, self.n_src), 1)
+        return _SeriesV(value, origin, entry_cells=entries)
+
+
+def _rows_origin(n: int, sides: Any) -> _Origin:
+    """A new row origin whose row i comes from position ``pos[i]`` (-1: none) of each side's origin."""
+    origin = _Origin("rows", n)
+    for side, pos in sides:
+        for ds, arrays in side.rows.items():
+            origin.rows.setdefault(ds, []).extend(_compose(arr, pos) for arr in arrays)
+    for ds, arrays in origin.rows.items():
+        if len(arrays) > 1:
+            origin.dup[ds] = True
+            continue
+        src = arrays[0]
+        assert src is not None
+        valid = src[src >= 0]
+        origin.dup[ds] = bool(len(valid)) and int(np.bincount(valid, minlength=1).max()) > 1
+    return origin
+
+
+_DT_FIELDS = {
+    "dt_year": "year", "dt_month": "month", "dt_day": "day", "dt_hour": "hour", "dt_minute": "minute",
+    "dt_second": "second", "dt_dayofweek": "day_of_week", "dt_quarter": "quarter", "dt_dayofyear": "day_of_year",
+    "dt_date": "date",
+}  # fmt: skip
+
+
+def _map_series(s: pd.Series, func: str, args: tuple[Any, ...]) -> pd.Series:
+    """Apply one elementwise function (a ``map`` node); literal patterns only, never a regex."""
+    if func == "isna":
+        return s.isna()
+    if func == "notna":
+        return s.notna()
+    if func.startswith("str_"):
+        name = func[4:]
+        if name == "contains":
+            return s.str.contains(args[0], case=args[1], regex=False)
+        if name == "replace":
+            return s.str.replace(args[0], args[1], regex=False)
+        if name == "slice":
+            return s.str.slice(*args)
+        out: pd.Series = getattr(s.str, name)(*args)
+        return out
+    if func in _DT_FIELDS:
+        out = getattr(s.dt, _DT_FIELDS[func])
+        return out
+    if func in ("dt_floor", "dt_ceil", "dt_round"):
+        out = getattr(s.dt, func[3:])(args[0])
+        return out
+    if func == "clip":
+        return s.clip(args[0], args[1])
+    if func == "round":
+        return s.round(args[0])
+    if func == "map_dict":
+        return s.map(dict(zip(args[0::2], args[1::2], strict=True)))
+    if func == "replace":
+        return s.replace(dict(zip(args[0::2], args[1::2], strict=True)))
+    if func == "cut":
+        n = args[0]
+        labels: Any = list(args[1 + n :]) or False
+        return pd.Series(pd.cut(s, list(args[1 : 1 + n]), labels=labels), index=s.index, name=s.name)
+    raise AssertionError(func)  # pragma: no cover - the plan's enum keeps these in step
+
+
+def _window_series(s: pd.Series, func: str, args: tuple[Any, ...]) -> pd.Series:
+    """Apply one function that mixes values across rows (a ``window`` node)."""
+    if func in ("shift", "diff"):
+        out: pd.Series = getattr(s, func)(args[0])
+        return out
+    if func == "rank":
+        return s.rank(method=args[0], ascending=args[1])
+    if func == "duplicated":
+        return s.duplicated(keep=False if args[0] == "none" else args[0])
+    out = getattr(s, func)()
+    return out
 
 
 def _pandas_func(func: str) -> Any:
@@ -1138,7 +1340,70 @@ def _refuse_hidden_merge_keys(plan: Plan, schemas: Mapping[str, Schema], protect
                 raise PolicyViolation(msg, rule="hidden_columns", column=hidden[0])
 
 
-_RECORD_FUNCS = frozenset({"min", "max", "median"}) | QUANTILE_FUNCS
+_RECORD_FUNCS = frozenset({"min", "max", "median", "any", "all", "first", "last"}) | QUANTILE_FUNCS
+
+
+def _row_revealing(node: PlanNode) -> str | None:
+    """The name of what ``node`` does if it reveals single records (or where they are), else None."""
+    if node.op in ROW_REVEALING_OPS:
+        return str(node.args["func"])
+    if node.op == "reduce" and node.args["func"] in ROW_REVEALING_FUNCS:
+        return str(node.args["func"])
+    return None
+
+
+def _refuse_row_revealing(plan: Plan, schemas: Mapping[str, Schema], protected: Mapping[str, DataPolicy]) -> None:
+    """Window functions (cumsum, shift, diff, rank, ffill ...), unique/mode and idxmax/idxmin need allow_rows.
+
+    A window mixes values across rows, so an aggregate of it is not bounded by its group's row
+    count (a group's sum of ``diff()`` telescopes to two records' values); unique and mode list
+    record values; idxmax/idxmin say which record holds the extreme. None of them is released
+    for an analyst of a dataset whose owner does not release rows anyway.
+    """
+    closed = {n for n, pol in protected.items() if not pol.allow_rows and pol.privacy is None}  # DP: its own rules
+    if not closed:
+        return
+    for nid in plan.order():
+        what = _row_revealing(plan.nodes[nid])
+        touched = sorted(schemas[nid].datasets & closed)
+        if what is not None and touched:
+            msg = (
+                f"{what}() of dataset {touched[0]!r} is refused: it reveals single records (or where they are), "
+                "and the owner does not allow row-level results (allow_rows=False). Use aggregates such as "
+                "groupby().agg(), value_counts(), mean() or sum()"
+            )
+            raise PolicyViolation(msg, dataset=touched[0], rule="allow_rows")
+
+
+_DP_UNSUPPORTED = {
+    "frame_reduce": "a frame-level reduction (reduce one column at a time)",
+    "concat": "concat()",
+    # which rows these keep depends on other records (the top n, a position, a fixed-size sample), so one
+    # record's presence can swap another in or out: more than the one contribution the noise is scaled to
+    "top": "nlargest()/nsmallest()",
+    "slice": "loc[a:b]/iloc[a:b]",
+    "sample": "sample()",
+    "melt": "melt()",  # one record becomes several rows: more than one contribution
+}
+
+
+def _refuse_dp_unsupported(plan: Plan, name: str) -> None:
+    """The DP evaluator has no mechanism for these: refuse them rather than release them un-noised."""
+    for nid in plan.order():
+        node = plan.nodes[nid]
+        what = _row_revealing(node)
+        if what is not None:
+            msg = (
+                f"{what}() is not available in DP mode (dataset {name!r}): it mixes or reveals single records, "
+                "so no noise calibrated to one record's contribution covers it"
+            )
+            raise PolicyViolation(msg, dataset=name, rule="dp")
+        if node.op in _DP_UNSUPPORTED:
+            msg = (
+                f"{_DP_UNSUPPORTED[node.op]} is not available in DP mode (dataset {name!r}); use groupby().agg(), "
+                "value_counts(), len(), or a series' sum/mean/count/var/std/median/quantile"
+            )
+            raise PolicyViolation(msg, dataset=name, rule="dp")
 
 
 def _refuse_record_values(plan: Plan, schemas: Mapping[str, Schema], protected: Mapping[str, DataPolicy]) -> None:
@@ -1161,6 +1426,8 @@ def _refuse_record_values(plan: Plan, schemas: Mapping[str, Schema], protected: 
             funcs = [f for _, _, f in node.args["aggs"]]
         elif node.op == "describe":
             funcs = ["describe"]
+        elif node.op == "frame_reduce":
+            funcs = [node.args["func"]]
         bad = sorted({f for f in funcs if f in _RECORD_FUNCS or f == "describe"})
         if bad:
             msg = (

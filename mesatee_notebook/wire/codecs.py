@@ -7,9 +7,10 @@ pandas.DataFrame   ``arrow.frame``  Arrow IPC stream (index kept)
 pandas.Series      ``arrow.series`` Arrow IPC stream of a one-column table
 numpy.ndarray      ``npy``          ``.npy`` header + the raw array buffer
 bytes/bytearray    ``bytes``        as they are
-None, bool, int,   ``msgpack``      msgpack (numpy scalars become Python ones)
-float, str, list,
-tuple, dict
+None, bool, int,   ``msgpack``      msgpack (numpy scalars become Python ones;
+float, str, list,                  timestamps, NaT and timedeltas are extension
+tuple, dict,                       types 1-3 and decode as pandas scalars)
+timestamps
 anything else      ``pickle``       only when the caller passes ``allow_pickle=True``
 =================  ==============  ===========================================
 
@@ -25,6 +26,7 @@ pickle from a peer is as dangerous as the peer.
 from __future__ import annotations
 
 import ast
+import datetime
 import hashlib
 import io
 import math
@@ -40,6 +42,19 @@ from mesatee_notebook.errors import EncodingError, MalformedFrame
 
 __all__ = ["KINDS", "Encoded", "decode_value", "digest_parts", "encode_value", "describe"]
 
+_SCALARS = (
+    bool,
+    int,
+    float,
+    str,
+    list,
+    tuple,
+    dict,
+    np.generic,
+    datetime.datetime,
+    datetime.date,
+    datetime.timedelta,
+)
 KINDS = frozenset({"arrow.frame", "arrow.series", "npy", "bytes", "msgpack", "pickle"})
 _SERIES_COL = "__mesatee_series__"
 
@@ -70,13 +85,43 @@ def digest_parts(parts: list[Any]) -> str:
     return h.hexdigest()
 
 
+_EXT_TIMESTAMP = 1  # a pandas.Timestamp (or datetime): ISO 8601 text, with its timezone if any
+_EXT_NAT = 2  # pandas.NaT
+_EXT_TIMEDELTA = 3  # a pandas.Timedelta: int64 nanoseconds as text
+
+
 def _msgpack_default(obj: Any) -> Any:
+    import pandas as pd
+
+    if obj is pd.NaT or (isinstance(obj, (np.datetime64, np.timedelta64)) and np.isnat(obj)):
+        return msgpack.ExtType(_EXT_NAT, b"")
+    if isinstance(obj, (datetime.datetime, datetime.date, np.datetime64)):
+        return msgpack.ExtType(_EXT_TIMESTAMP, pd.Timestamp(obj).isoformat().encode())
+    if isinstance(obj, (datetime.timedelta, np.timedelta64)):
+        return msgpack.ExtType(_EXT_TIMEDELTA, str(pd.Timedelta(obj).value).encode())
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, tuple):
         return list(obj)
     msg = f"cannot encode a value of type {type(obj).__module__}.{type(obj).__qualname__} inside a list or dict"
     raise EncodingError(msg, type=type(obj).__qualname__)
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    import pandas as pd
+
+    try:
+        if code == _EXT_NAT:
+            return pd.NaT
+        if code == _EXT_TIMESTAMP:
+            return pd.Timestamp(data.decode())
+        if code == _EXT_TIMEDELTA:
+            return pd.Timedelta(int(data.decode()), unit="ns")
+    except (ValueError, UnicodeDecodeError) as exc:
+        msg = f"bad timestamp in a msgpack payload: {exc}"
+        raise MalformedFrame(msg) from exc
+    msg = f"unknown msgpack extension type {code}"
+    raise MalformedFrame(msg)
 
 
 def _way_out(value: Any) -> str:
@@ -108,7 +153,7 @@ def encode_value(value: Any, *, allow_pickle: bool = False) -> Encoded:
         return _encode_npy(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return Encoded("bytes", [value])
-    if value is None or isinstance(value, (bool, int, float, str, list, tuple, dict, np.generic)):
+    if value is None or value is pd.NaT or isinstance(value, _SCALARS):
         try:
             raw = msgpack.packb(value, use_bin_type=True, default=_msgpack_default, strict_types=False)
         except (EncodingError, OverflowError, TypeError, ValueError) as exc:
@@ -149,7 +194,12 @@ def _encode_frame(df: Any, kind: str, meta: dict[str, Any]) -> Encoded:
         table = table.combine_chunks()
     sink = _PartsSink()
     with pa.ipc.new_stream(pa.PythonFile(sink, mode="w"), table.schema) as writer:
-        writer.write_table(table)
+        if table.num_rows == 0 and table.num_columns:
+            # write_table writes no batch for 0 rows, and with it go the dictionaries: a categorical
+            # column would arrive without its categories. One empty batch carries them.
+            writer.write_batch(pa.record_batch([c.combine_chunks() for c in table.columns], schema=table.schema))
+        else:
+            writer.write_table(table)
     return Encoded(kind, sink.parts, meta)
 
 
@@ -277,7 +327,9 @@ def decode_value(kind: str, buf: Any, *, allow_pickle: bool = False, meta: dict[
         return bytes(buf)
     if kind == "msgpack":
         try:
-            return msgpack.unpackb(memoryview(buf), raw=False, strict_map_key=False)
+            return msgpack.unpackb(memoryview(buf), raw=False, strict_map_key=False, ext_hook=_ext_hook)
+        except MalformedFrame:
+            raise
         except Exception as exc:  # msgpack raises several unrelated types
             msg = f"payload is not valid msgpack: {type(exc).__name__}"
             raise MalformedFrame(msg) from exc

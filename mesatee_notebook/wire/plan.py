@@ -40,10 +40,16 @@ from mesatee_notebook.errors import FrameTooLarge, MalformedFrame, NotFound, Pol
 __all__ = [
     "AGG_FUNCS",
     "BINARY_OPS",
+    "DISTINCT_FUNCS",
+    "FRAME_REDUCE_FUNCS",
     "DTYPES",
     "MAX_NODES",
     "MAX_PLAN_BYTES",
+    "MAP_FUNCS",
     "OPS",
+    "ROW_REVEALING_FUNCS",
+    "ROW_REVEALING_OPS",
+    "WINDOW_FUNCS",
     "PLAN_VERSION",
     "QUANTILE_FUNCS",
     "REDUCE_FUNCS",
@@ -56,6 +62,7 @@ __all__ = [
     "dtype_kind",
     "infer_node",
     "infer_plan",
+    "plain_literal",
     "plan_from_json",
     "plan_to_json",
     "source_columns",
@@ -96,9 +103,37 @@ UNARY_OPS = frozenset({"neg", "invert", "abs"})
 #: threshold mode and ddof=0 in the DP mode (see docs/privacy.md).
 QUANTILE_FUNCS = frozenset(f"p{i}" for i in range(1, 100))
 AGG_FUNCS = (
-    frozenset({"size", "count", "sum", "mean", "min", "max", "std", "var", "median", "nunique"}) | QUANTILE_FUNCS
-)
-REDUCE_FUNCS = AGG_FUNCS - {"size"}
+    frozenset(
+        {
+            "size", "count", "sum", "mean", "min", "max", "std", "var", "median", "nunique",
+            "prod", "sem", "skew", "any", "all", "first", "last",
+        }
+    )
+    | QUANTILE_FUNCS
+)  # fmt: skip
+#: Reductions of a series only; ``idxmax``/``idxmin`` return a row's label, so they are row-revealing.
+REDUCE_FUNCS = (AGG_FUNCS - {"size", "first", "last"}) | {"idxmax", "idxmin"}
+#: Elementwise functions of a series (``map`` op): name -> number of literal arguments (-1: any).
+MAP_FUNCS: dict[str, int] = {
+    "isna": 0, "notna": 0,
+    "str_lower": 0, "str_upper": 0, "str_len": 0, "str_strip": 0, "str_lstrip": 0, "str_rstrip": 0,
+    "str_contains": 2, "str_startswith": 1, "str_endswith": 1, "str_replace": 2, "str_slice": 3,
+    "dt_year": 0, "dt_month": 0, "dt_day": 0, "dt_hour": 0, "dt_minute": 0, "dt_second": 0,
+    "dt_dayofweek": 0, "dt_quarter": 0, "dt_dayofyear": 0, "dt_date": 0, "dt_floor": 1, "dt_ceil": 1,
+    "dt_round": 1,
+    "clip": 2, "round": 1, "map_dict": -1, "replace": -1, "cut": -1,
+}  # fmt: skip
+#: Functions that mix values across rows (``window`` op): each output row depends on other rows,
+#: so the per-group row counts of the threshold mode do not bound what they reveal. Row-revealing.
+WINDOW_FUNCS: dict[str, int] = {
+    "cumsum": 0, "cumprod": 0, "cummax": 0, "cummin": 0, "shift": 1, "diff": 1, "rank": 2,
+    "ffill": 0, "bfill": 0, "duplicated": 1,
+}  # fmt: skip
+#: ``distinct``: the distinct values (``unique``) or the most common ones (``mode``): record values.
+DISTINCT_FUNCS = frozenset({"unique", "mode"})
+#: Frame-level reductions (``frame_reduce`` op): one value per column.
+FRAME_REDUCE_FUNCS = frozenset({"sum", "mean", "min", "max", "count", "std", "var", "median", "prod", "sem",
+                                "skew", "nunique", "any", "all"})
 DTYPES = frozenset(
     {
         "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
@@ -113,7 +148,13 @@ _ENUMS: dict[tuple[str, str], frozenset[str]] = {
     ("merge", "how"): frozenset({"inner", "left", "right", "outer"}),
     ("drop_duplicates", "keep"): frozenset({"first", "last", "none"}),
     ("reduce", "func"): REDUCE_FUNCS,
-    ("corr", "method"): frozenset({"pearson", "spearman"}),
+    ("corr", "method"): frozenset({"pearson", "spearman", "cov"}),
+    ("map", "func"): frozenset(MAP_FUNCS),
+    ("window", "func"): frozenset(WINDOW_FUNCS),
+    ("distinct", "func"): DISTINCT_FUNCS,
+    ("frame_reduce", "func"): FRAME_REDUCE_FUNCS,
+    ("slice", "kind"): frozenset({"iloc", "loc"}),
+    ("top", "keep"): frozenset({"first", "last", "all"}),
 }
 
 #: Every op of plan version 1, with the exact kind of each argument.
@@ -149,7 +190,26 @@ OPS: dict[str, dict[str, ArgKind]] = {
     "reduce": {"input": "node", "func": "str"},
     "corr": {"left": "node", "right": "node", "method": "str"},
     "count_rows": {"input": "node"},
+    # issue 16: pandas as users know it
+    "map": {"input": "node", "func": "str", "args": "literals"},
+    "window": {"input": "node", "func": "str", "args": "literals"},
+    "where": {"input": "node", "cond": "node", "other": "operand", "keep": "bool"},
+    "distinct": {"input": "node", "func": "str"},
+    "set_name": {"input": "node", "name": "str"},
+    "to_frame": {"input": "node", "name": "str"},
+    "slice": {"input": "node", "kind": "str", "bounds": "literals"},
+    "sample": {"input": "node", "n": "literal", "frac": "literal", "seed": "int"},
+    "reset_index": {"input": "node"},
+    "concat": {"left": "node", "right": "node"},
+    "frame_reduce": {"input": "node", "func": "str"},
+    "top": {"input": "node", "n": "int", "columns": "strs", "largest": "bool", "keep": "str"},
+    "melt": {"input": "node", "id_vars": "strs", "value_vars": "strs", "var_name": "str", "value_name": "str"},
 }  # fmt: skip
+
+#: Ops whose result reveals single records (or where they are) whatever follows them: refused for
+#: analysts of a dataset whose owner does not allow rows, and never evaluated in the DP mode.
+ROW_REVEALING_OPS = frozenset({"window", "distinct"})
+ROW_REVEALING_FUNCS = frozenset({"idxmax", "idxmin"})
 
 
 # ---------------------------------------------------------------------------
@@ -258,6 +318,25 @@ def encode_literal(value: Any) -> Any:
         return encode_literal(item())
     msg = f"cannot use a {type(value).__name__} as a literal; use None, bool, int, float, str or a timestamp"
     raise MalformedFrame(msg)
+
+
+def plain_literal(value: Any) -> Any:
+    """Return ``value`` as the plain Python scalar the plan carries (numpy scalars unwrapped).
+
+    ``np.int64(1)``, ``np.float32(0.5)``, ``np.bool_(True)`` and ``np.datetime64`` become
+    ``int``, ``float``, ``bool`` and ``pandas.Timestamp``; anything else is returned as it is
+    (and :func:`encode_literal` decides whether it is a literal at all).
+    """
+    if type(value).__module__ != "numpy":
+        return value
+    import numpy as np
+
+    if isinstance(value, np.datetime64):
+        import pandas as pd
+
+        return None if np.isnat(value) else pd.Timestamp(value)
+    item = getattr(value, "item", None)
+    return item() if callable(item) else value
 
 
 def decode_literal(obj: Any) -> Any:
@@ -730,13 +809,21 @@ def _agg_dtype(func: str, dtype: str, col: str) -> str:
     kind = dtype_kind(dtype)
     if func in ("size", "count", "nunique"):
         return "int64"
-    if func in ("mean", "std", "var", "median") or func in QUANTILE_FUNCS:
+    if func in ("any", "all"):
+        if kind not in ("int", "float", "bool"):
+            _fail(f"{func} of column {col!r} needs a boolean or numeric column, not {dtype}")
+        return "bool"
+    if func in ("idxmax", "idxmin"):
+        if kind not in ("int", "float", "bool", "datetime"):
+            _fail(f"{func} of column {col!r} needs a numeric or datetime column, not {dtype}")
+        return "int64"
+    if func in ("mean", "std", "var", "median", "sem", "skew") or func in QUANTILE_FUNCS:
         if kind not in ("int", "float", "bool"):
             _fail(f"{func} of column {col!r} needs a numeric column, not {dtype}")
         return "float64"
-    if func == "sum":
+    if func in ("sum", "prod"):
         if kind not in ("int", "float", "bool"):
-            _fail(f"sum of column {col!r} needs a numeric column, not {dtype}")
+            _fail(f"{func} of column {col!r} needs a numeric column, not {dtype}")
         return "float64" if kind == "float" else "int64"
     if kind in ("category", "other"):
         _fail(f"{func} of column {col!r} is not supported for dtype {dtype}")
@@ -1015,7 +1102,323 @@ def infer_node(
         assert inp is not None
         _need(inp, ("frame", "series"), "len")
         return Schema("scalar", ((None, "int64"),), "scalar", token, inp.datasets, frozenset(), inp.hidden_join)
+    if inp is not None and op in _NEW_OPS:
+        return _NEW_OPS[op](args, inp, schema_of, token)
+    if op == "concat":
+        return _infer_concat(args, schema_of, token)
     _fail(f"unknown plan op {op!r}")
+
+
+# ---------------------------------------------------------------------------
+# Typing rules of the issue 16 ops
+
+_FREQ = frozenset({"D", "h", "min", "s", "ms", "us", "ns"})
+
+
+def _series_dtype(inp: Schema, op: str) -> tuple[str | None, str, str]:
+    _need(inp, ("series",), op)
+    name, dt = inp.columns[0]
+    return name, dt, dtype_kind(dt)
+
+
+def _with_dtype(inp: Schema, dtype: str) -> Schema:
+    return _replace(inp, columns=((inp.columns[0][0], dtype),))
+
+
+def _pairs(values: Sequence[Any], op: str) -> tuple[list[Any], list[Any]]:
+    if len(values) % 2:
+        _fail(f"{op}() needs pairs of old and new values")
+    return list(values[0::2]), list(values[1::2])
+
+
+def _value_dtype(values: Sequence[Any], base: str | None, op: str) -> str:
+    """The dtype pandas gives a column of ``base`` values (None: none kept) with ``values`` put in."""
+    kinds = {_lit_kind(v) for v in values} - {"null"}
+    if base is not None:
+        kinds.add(dtype_kind(base))
+    if not kinds:
+        return "float64"
+    if kinds <= {"int"}:
+        return "int64" if base is None or dtype_kind(base) != "int" else base
+    if kinds <= _NUMERIC:
+        return "float64"
+    if kinds == {"str"}:
+        return "str"
+    if kinds == {"bool"}:
+        return "bool"
+    if kinds == {"datetime"}:
+        return base or "datetime64[us]"
+    return "object"
+
+
+def _infer_map(args: Mapping[str, Any], inp: Schema, schema_of: Callable[[Any], Schema], token: Hashable) -> Schema:
+    func, vals = args["func"], tuple(args["args"])
+    _, dt, kind = _series_dtype(inp, func)
+    arity = MAP_FUNCS[func]
+    if arity >= 0 and len(vals) != arity:
+        _fail(f"{func}() takes {arity} argument(s), got {len(vals)}")
+    if func in ("isna", "notna"):
+        return _with_dtype(inp, "bool")
+    if func.startswith("str_"):
+        if kind != "str":
+            _fail(f".str.{func[4:]}() needs a string series, not {dt}")
+        if func in ("str_contains", "str_startswith", "str_endswith", "str_replace"):
+            pats = vals[:1] if func != "str_replace" else vals
+            if not all(isinstance(v, str) for v in pats):
+                _fail(f".str.{func[4:]}() needs string patterns")
+            if func == "str_contains" and not isinstance(vals[1], bool):
+                _fail(".str.contains() case= must be a bool")
+            return _with_dtype(inp, "bool" if func != "str_replace" else dt)
+        if func == "str_len":
+            return _with_dtype(inp, "int64")
+        if func == "str_slice" and not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in vals):
+            _fail(".str.slice() takes integer start, stop and step")
+        return inp
+    if func.startswith("dt_"):
+        if kind != "datetime":
+            _fail(f".dt.{func[3:]} needs a datetime series, not {dt}")
+        if func in ("dt_floor", "dt_ceil", "dt_round"):
+            freq = vals[0]
+            if not isinstance(freq, str) or freq.lstrip("0123456789") not in _FREQ or freq[:1] == "0":
+                _fail(f".dt.{func[3:]}() freq must be a fixed frequency such as 'D', 'h', '15min', 's'")
+            return inp
+        return _with_dtype(inp, "object" if func == "dt_date" else "int32")
+    if func == "clip":
+        if kind not in _NUMERIC:
+            _fail(f"clip() needs a numeric series, not {dt}")
+        if not all(_lit_kind(v) in ("null", "int", "float") for v in vals):
+            _fail("clip() bounds must be numbers or None")
+        return _with_dtype(inp, "float64" if any(isinstance(v, float) for v in vals) else dt)
+    if func == "round":
+        if kind not in _NUMERIC or not isinstance(vals[0], int) or isinstance(vals[0], bool):
+            _fail("round() needs a numeric series and an integer number of decimals")
+        return inp
+    if func in ("map_dict", "replace"):
+        old, new = _pairs(vals, func)
+        if func == "map_dict":
+            return _with_dtype(inp, _value_dtype(new, None, func) if len(new) else "float64")
+        if kind in ("category", "other"):
+            _fail(f"replace() is not supported for dtype {dt}")
+        return _with_dtype(inp, _value_dtype(new, dt, func) if any(_literal_fits(o, dt) for o in old) else dt)
+    if func == "cut":
+        if kind not in _NUMERIC:
+            _fail(f"cut() needs a numeric series, not {dt}")
+        if not vals or not isinstance(vals[0], int) or isinstance(vals[0], bool) or len(vals) < vals[0] + 1:
+            _fail("cut() arguments are [number of bin edges, edges..., labels...]")
+        n = vals[0]
+        edges, labels = vals[1 : 1 + n], vals[1 + n :]
+        if n < 2 or not all(_lit_kind(e) in _NUMERIC for e in edges) or list(edges) != sorted(edges):
+            _fail("cut() needs at least two increasing numeric bin edges")
+        if labels and (len(labels) != n - 1 or not all(isinstance(x, str) for x in labels)):
+            _fail("cut() labels must be one string per bin (or labels=False for bin numbers)")
+        return _with_dtype(inp, "category" if labels else "int64")
+    raise AssertionError(func)  # pragma: no cover - the enum keeps these in step
+
+
+def _infer_window(
+    args: Mapping[str, Any], inp: Schema, schema_of: Callable[[Any], Schema], token: Hashable
+) -> Schema:
+    func, vals = args["func"], tuple(args["args"])
+    _, dt, kind = _series_dtype(inp, func)
+    if len(vals) != WINDOW_FUNCS[func]:
+        _fail(f"{func}() takes {WINDOW_FUNCS[func]} argument(s), got {len(vals)}")
+    if inp.level != "rows":
+        _fail(f"{func}() of an aggregate is not supported; collect the aggregate and apply it locally")
+    if func in ("shift", "diff") and (not isinstance(vals[0], int) or isinstance(vals[0], bool)):
+        _fail(f"{func}() periods must be an integer")
+    if func == "duplicated":
+        if vals[0] not in ("first", "last", "none"):
+            _fail("duplicated() keep must be 'first', 'last' or False")
+        return _with_dtype(inp, "bool")
+    if func == "rank":
+        if vals[0] not in ("average", "min", "max", "first", "dense") or not isinstance(vals[1], bool):
+            _fail("rank() method must be average, min, max, first or dense, and ascending a bool")
+        return _with_dtype(inp, "float64")
+    if func in ("ffill", "bfill"):
+        return inp
+    ok = kind in _NUMERIC or (kind == "bool" and func in ("cumsum", "cumprod", "shift"))
+    if not ok and not (kind == "datetime" and func in ("cummax", "cummin", "shift", "diff")):
+        _fail(f"{func}() needs a numeric series, not {dt}")
+    if func == "shift":
+        return _with_dtype(inp, "float64" if kind in ("int", "bool") and vals[0] != 0 else dt)
+    if func == "diff":
+        return _with_dtype(inp, "timedelta64[us]" if kind == "datetime" else "float64" if kind != "float" else dt)
+    if kind == "bool":
+        return _with_dtype(inp, "int64")
+    return inp
+
+
+def _infer_where(args: Mapping[str, Any], inp: Schema, schema_of: Callable[[Any], Schema], token: Hashable) -> Schema:
+    name, dt, kind = _series_dtype(inp, "where")
+    cond = schema_of(args["cond"].target)
+    _need(cond, ("series",), "where", "cond")
+    if dtype_kind(cond.columns[0][1]) != "bool":
+        _fail(f"where()/mask() needs a boolean condition, not {cond.columns[0][1]}")
+    _same_origin(inp, cond, "where")
+    other = args["other"]
+    hj = inp.hidden_join or cond.hidden_join
+    if isinstance(other, Ref):
+        os_ = schema_of(other.target)
+        _need(os_, ("series",), "where", "other")
+        _same_origin(inp, os_, "where")
+        odt = os_.columns[0][1]
+        out = dt if odt == dt else "float64" if {kind, dtype_kind(odt)} <= _NUMERIC else "object"
+        return _replace(inp, columns=((name, out),), hidden_join=hj or os_.hidden_join)
+    value = other.value
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        out = "float64" if kind in ("int", "bool") else dt
+    elif _literal_fits(value, dt):
+        out = dt if not (kind == "int" and isinstance(value, float)) else "float64"
+    else:
+        out = "object"
+    return _replace(inp, columns=((name, out),), hidden_join=hj)
+
+
+def _infer_distinct(
+    args: Mapping[str, Any], inp: Schema, schema_of: Callable[[Any], Schema], token: Hashable
+) -> Schema:
+    name, dt, _ = _series_dtype(inp, args["func"])
+    if inp.level != "rows":
+        _fail(f"{args['func']}() of an aggregate is not supported; collect the aggregate and apply it locally")
+    return Schema("series", ((name, dt),), "rows", token, inp.datasets, frozenset(), inp.hidden_join)
+
+
+def _infer_set_name(
+    args: Mapping[str, Any], inp: Schema, schema_of: Callable[[Any], Schema], token: Hashable
+) -> Schema:
+    _, dt, _ = _series_dtype(inp, "rename")
+    return _with_dtype(_replace(inp, columns=((args["name"], dt),)), dt)
+
+
+def _infer_to_frame(
+    args: Mapping[str, Any], inp: Schema, schema_of: Callable[[Any], Schema], token: Hashable
+) -> Schema:
+    _, dt, _ = _series_dtype(inp, "to_frame")
+    return _replace(inp, kind="frame", columns=((args["name"], dt),))
+
+
+def _infer_slice(args: Mapping[str, Any], inp: Schema, schema_of: Callable[[Any], Schema], token: Hashable) -> Schema:
+    _need(inp, ("frame", "series"), args["kind"])
+    bounds = tuple(args["bounds"])
+    if len(bounds) != 3 or not all(b is None or (isinstance(b, int) and not isinstance(b, bool)) for b in bounds):
+        _fail(f"{args['kind']}[start:stop:step] takes integer (or empty) bounds")
+    if bounds[2] == 0:
+        _fail("slice step cannot be zero")
+    if args["kind"] == "loc" and inp.level != "rows":
+        _fail("loc[a:b] slices by row label; on an aggregate, collect it and slice locally")
+    return inp
+
+
+def _infer_sample(args: Mapping[str, Any], inp: Schema, schema_of: Callable[[Any], Schema], token: Hashable) -> Schema:
+    _need(inp, ("frame", "series"), "sample")
+    n, frac = args["n"], args["frac"]
+    if (n is None) == (frac is None):
+        _fail("sample() takes exactly one of n and frac")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+        _fail("sample() n must be a non-negative integer")
+    if frac is not None and (not isinstance(frac, (int, float)) or isinstance(frac, bool) or not 0 <= frac <= 1):
+        _fail("sample() frac must be within 0 .. 1 (sampling with replacement is not supported)")
+    return inp
+
+
+def _infer_reset_index(
+    args: Mapping[str, Any], inp: Schema, schema_of: Callable[[Any], Schema], token: Hashable
+) -> Schema:
+    _need(inp, ("frame", "series"), "reset_index")
+    if inp.level != "rows":
+        _fail("reset_index() of an aggregate: use as_index=False in groupby(), or reset it locally after collect()")
+    return _replace(inp, origin=token)
+
+
+def _infer_frame_reduce(
+    args: Mapping[str, Any], inp: Schema, schema_of: Callable[[Any], Schema], token: Hashable
+) -> Schema:
+    _need(inp, ("frame",), args["func"])
+    func = args["func"]
+    if not inp.columns:
+        _fail(f"{func}() of a frame needs at least one column")
+    dts = set()
+    for c, d in inp.columns:
+        if c in inp.hidden:
+            _ref_col(inp, str(c), func)
+        dts.add(_agg_dtype(func, d, str(c)))
+    out = dts.pop() if len(dts) == 1 else "float64" if dts <= {"int64", "float64"} else "object"
+    return Schema(
+        "series", ((None, out),), "summary", token, inp.datasets, frozenset(), inp.hidden_join,
+        tuple(inp.names),
+    )  # fmt: skip
+
+
+def _infer_concat(args: Mapping[str, Any], schema_of: Callable[[Any], Schema], token: Hashable) -> Schema:
+    left, right = schema_of(args["left"].target), schema_of(args["right"].target)
+    for s in (left, right):
+        _need(s, ("frame",), "concat")
+        if s.level != "rows":
+            _fail("concat() of aggregates is not supported; concatenate the rows, then aggregate")
+    if left.names != right.names:
+        _fail(f"concat() needs frames with the same columns in the same order, not {left.names} and {right.names}")
+    cols = []
+    for (c, ld), (_, rd) in zip(left.columns, right.columns, strict=True):
+        if ld == rd:
+            cols.append((c, ld))
+        elif {dtype_kind(ld), dtype_kind(rd)} <= _NUMERIC:
+            cols.append((c, "float64"))
+        else:
+            cols.append((c, "object"))
+    return Schema(
+        "frame", tuple(cols), "rows", token, left.datasets | right.datasets, left.hidden | right.hidden,
+        left.hidden_join or right.hidden_join,
+    )  # fmt: skip
+
+
+def _infer_top(args: Mapping[str, Any], inp: Schema, schema_of: Callable[[Any], Schema], token: Hashable) -> Schema:
+    what = "nlargest" if args["largest"] else "nsmallest"
+    _need(inp, ("frame", "series"), what)
+    if inp.kind == "series":
+        if args["columns"]:
+            _fail(f"{what}() of a series takes no columns")
+        targets = [inp.columns[0][1]]
+    else:
+        if not args["columns"]:
+            _fail(f"{what}() of a frame needs columns")
+        targets = [_ref_col(inp, c, what) for c in args["columns"]]
+    if not all(dtype_kind(d) in ("int", "float", "datetime") for d in targets):
+        _fail(f"{what}() needs numeric or datetime columns")
+    return inp
+
+
+def _infer_melt(args: Mapping[str, Any], inp: Schema, schema_of: Callable[[Any], Schema], token: Hashable) -> Schema:
+    _need(inp, ("frame",), "melt")
+    if inp.level != "rows":
+        _fail("melt() of an aggregate is not supported; collect the aggregate and melt it locally")
+    ids, values = list(args["id_vars"]), list(args["value_vars"])
+    if not values or set(ids) & set(values):
+        _fail("melt() needs value_vars, none of them also in id_vars")
+    id_cols = [(c, _ref_col(inp, c, "melt")) for c in ids]
+    dts = {_ref_col(inp, c, "melt") for c in values}
+    kinds = {dtype_kind(d) for d in dts}
+    value_dt = dts.pop() if len(dts) == 1 else "float64" if kinds <= _NUMERIC else "object"
+    names = [*ids, args["var_name"], args["value_name"]]
+    if len(set(names)) != len(names):
+        _fail(f"melt() would produce duplicate column names {names}")
+    cols = (*id_cols, (args["var_name"], "str"), (args["value_name"], value_dt))
+    return Schema("frame", cols, "rows", token, inp.datasets, frozenset(), inp.hidden_join)
+
+
+_NEW_OPS: dict[str, Callable[[Mapping[str, Any], Schema, Callable[[Any], Schema], Hashable], Schema]] = {
+    "map": _infer_map,
+    "window": _infer_window,
+    "where": _infer_where,
+    "distinct": _infer_distinct,
+    "set_name": _infer_set_name,
+    "to_frame": _infer_to_frame,
+    "slice": _infer_slice,
+    "sample": _infer_sample,
+    "reset_index": _infer_reset_index,
+    "frame_reduce": _infer_frame_reduce,
+    "top": _infer_top,
+    "melt": _infer_melt,
+}
 
 
 def _replace(schema: Schema, **changes: Any) -> Schema:
