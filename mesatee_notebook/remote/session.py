@@ -341,6 +341,10 @@ class Session:
         res = self.call("frame.info", {"name": name})
         return SecureDataFrame.from_dataset_info(res.info, _FrameBackend(self))
 
+    def delete_dataset(self, name: str) -> None:
+        """Delete dataset ``name`` from the kernel (its owner only; anyone else is refused)."""
+        self.call("dataset.delete", {"name": name})
+
     def datasets(self) -> list[dict[str, Any]]:
         """Public descriptions (name, owner, schema, policy) of the kernel's datasets.
 
