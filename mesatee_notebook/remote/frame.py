@@ -20,6 +20,7 @@ from typing import Any, ClassVar, NoReturn, Protocol, TypeAlias, runtime_checkab
 import pandas as pd
 
 from mesatee_notebook.errors import FrameUsageError
+from mesatee_notebook.remote._public import public_methods
 from mesatee_notebook.wire.plan import (
     AGG_FUNCS,
     OPS,
@@ -609,6 +610,7 @@ def _lit_or_node(value: Any) -> Operand:
     return Lit(value)
 
 
+@public_methods
 class _Lazy:
     """Behaviour shared by every lazy remote value."""
 
@@ -739,6 +741,7 @@ _LEVELS = {
 }
 
 
+@public_methods
 class SecureScalar(_Lazy):
     """A lazy scalar (a reduction, a correlation)."""
 
@@ -783,6 +786,7 @@ def _asc(ascending: bool | Sequence[bool], n: int) -> tuple[bool, ...]:
     return tuple(bool(a) for a in ascending)
 
 
+@public_methods
 class _Rows(_Lazy):
     """Operations frames and series share."""
 
@@ -809,6 +813,7 @@ class _Rows(_Lazy):
         return self.collect()
 
 
+@public_methods
 class SecureSeries(_Rows):
     """A lazy remote column or column expression."""
 
@@ -1011,6 +1016,7 @@ class SecureSeries(_Rows):
         return SecureScalar(Corr(self._node, other._node, method), self._ctx)
 
 
+@public_methods
 class SecureDataFrame(_Rows):
     """A lazy, pandas-like DataFrame whose data stays in the enclave."""
 
@@ -1161,6 +1167,7 @@ class _GroupSpec:
 AggSpec: TypeAlias = "str | Sequence[str] | Mapping[str, str] | None"
 
 
+@public_methods
 class SecureGroupBy:
     """A pending groupby; aggregate it to get a lazy frame (or series)."""
 

@@ -14,6 +14,7 @@ from mesatee_notebook.attestation.policy import AttestationReport, Policy
 from mesatee_notebook.attestation.receipts import Receipt, VerifiedReceipt, verify_receipt
 from mesatee_notebook.errors import MalformedFrame, ProtocolError, ReceiptError
 from mesatee_notebook.errors import PolicyViolation as PolicyViolationError
+from mesatee_notebook.remote._public import public_api, public_methods
 from mesatee_notebook.remote.channel import Channel, parse_url
 from mesatee_notebook.wire.codecs import decode_value, encode_value
 from mesatee_notebook.wire.stream import Message, Progress
@@ -66,6 +67,7 @@ class CallResult:
     verified: VerifiedReceipt = field(repr=False)
 
 
+@public_methods
 class Session:
     """A session on an enclave kernel: one executor process with a persistent namespace."""
 
@@ -498,6 +500,7 @@ def _echo(name: str, text: str) -> None:
     stream.flush()
 
 
+@public_api
 def connect(
     url: str | None = None,
     *,

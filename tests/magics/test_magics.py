@@ -426,3 +426,57 @@ def test_stale_embedded_kernel_hint_names_the_pid(mesatee_home: Path) -> None:
     pid = json.loads((mesatee_home / "kernel.json").read_text())["pid"]
     hint = _stale_embedded_hint()
     assert f"(pid {pid})" in hint and "started from other code" in hint and str(mesatee_home) in hint
+
+
+# -- short refusals through the Python API (issue 19) -------------------------------------------------
+
+
+def _shown_traceback(ip: InteractiveShell, code: str, capsys: pytest.CaptureFixture[str]) -> str:
+    """What a notebook shows for a cell that raises: IPython's own traceback display, without colours."""
+    before = ip.colors
+    ip.run_line_magic("colors", "nocolor")
+    try:
+        capsys.readouterr()
+        InteractiveShell.run_cell(ip, code)  # the base class: show the error as a notebook does, do not raise it
+        return capsys.readouterr().out
+    finally:
+        ip.run_line_magic("colors", before)
+
+
+def test_refusals_through_the_api_show_a_short_traceback(
+    ip: InteractiveShell, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    owner = mn.connect(identity=tmp_path / "owner")
+    analyst = mn.connect(identity=tmp_path / "analyst")
+    try:
+        table = pd.DataFrame({"a": range(50), "ssn": range(50)})
+        owner.upload(table, "short_tb", policy=mn.DataPolicy(min_group_size=10, hidden_columns=["ssn"],
+                                                              allow_rows=False), replace=True)
+        ip.user_ns["sdf"] = analyst.dataframe("short_tb")
+        cases = {  # code: (the message, where it was raised)
+            "sdf.head().collect()": ("does not allow row-level results (allow_rows=False); aggregate", "channel.py"),
+            "sdf.rename(columns={'ssn': 'x'})": ("rename() refers to column 'ssn', which the owner of", "plan.py"),
+            "len(sdf[sdf.a == 7])": ("fewer than 10 rows of dataset 'short_tb' (min_group_size=10)", "channel.py"),
+            "bool(sdf)": ("the expression is lazy and evaluated in the enclave only on .collect()", "frame.py"),
+        }
+        for code, (message, origin) in cases.items():
+            shown = _shown_traceback(ip, code, capsys)
+            assert message in shown, code  # the message is complete
+            assert len(shown.strip().splitlines()) <= 14, shown  # it was 30-45 lines through frame.py and plan.py
+            for internal in ("plan.py", "channel.py", "frame.py", "__create_fn__", "<genexpr>"):
+                assert internal not in shown, (code, internal)
+            # nothing is lost: %mesatee traceback shows the frames that were cut
+            ip.run_line_magic("mesatee", "traceback")
+            full = capsys.readouterr().out
+            assert "mesatee_notebook's own frames included" in full and code in full
+            assert "frame.py" in full and origin in full and message in full
+            assert "_public.py" not in full and "IPython" not in full
+        # the error is the same class, and plain Python (no IPython) sees the same short trace
+        with pytest.raises(mn.PolicyViolation) as info:
+            ip.user_ns["sdf"].rename(columns={"ssn": "x"})
+        frames = [f.name for f in info.traceback]
+        assert frames[-1] == "rename" and len(frames) == 2, frames  # this test's line, then the method it called
+    finally:
+        owner.call("dataset.delete", {"name": "short_tb"})
+        owner.close()
+        analyst.close()
