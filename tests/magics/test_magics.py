@@ -57,14 +57,19 @@ def test_connect_then_attest_card(ip: InteractiveShell, capsys: pytest.CaptureFi
     assert isinstance(card, AttestationCard)
     text, page = repr(card), card._repr_html_()
     assert "level softtee [SOFTWARE TRUST]" in text
-    assert "✓ matches expected_measurement() of this install" in text
+    assert "✓ local code: matches the mesatee_notebook installed here" in text
     assert card.report.measurement in text and card.report.measurement in page
     assert "✗" not in text
     for check in ("platform signature", "platform root", "measurement", "freshness", "key binding"):
         assert f"✓ {check}:" in text
-        assert f"<td>{check}</td>" in page
+        assert f"<td style='text-align:left;vertical-align:top'>{check}</td>" in page  # JupyterLab right-aligns
     assert "numpy" in text and np.__version__ in text and pd.__version__ in page
     assert "evidence age" in text and "evidence age" in page
+    # the card speaks user words, says "local code" once, and gives one evidence age (the one the check judged)
+    assert "expected_measurement" not in text + page and "<td>" not in page
+    assert text.count("matches the mesatee_notebook installed here") == 1
+    fresh = next(c.detail for c in card.report.checks if c.name == "freshness")  # "evidence 5 s old (max ...)"
+    assert f"evidence age  {fresh.split()[1]} s when verified" in text
     assert "SOFTWARE TRUST" in page and "host operator can read" in page
 
 
