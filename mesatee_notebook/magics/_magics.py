@@ -222,7 +222,11 @@ class MesateeMagics(Magics):
                 msg = f"cannot use policy file {args.policy}: {exc}"
                 raise UsageError(msg) from exc
         target = _Target(args.url, policy, bool(args.allow_unprotected))
-        session = self._open(name, target)  # a refusal leaves the current session as it was
+        try:
+            session = self._open(name, target)  # a refusal leaves the current session as it was
+        except KernelConnectionError as exc:
+            # this kernel was never reached: nothing to lose, and the current session (if any) stays as it was
+            raise type(exc)(exc.message, **{**exc.details, "never_connected": True}) from exc
         self._close(name)
         self._sessions[name], self._targets[name] = session, target
         self._current = name

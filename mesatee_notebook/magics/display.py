@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import html
+import re
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -123,7 +124,12 @@ class AttestationCard:
     def _age_text(self) -> str:
         """One evidence age: the one the freshness check judged, when the evidence was verified."""
         r = self.report
-        return f"{humanize_age(r.age(r.verified_at))} when verified (signed {r.evidence_time:%Y-%m-%d %H:%M:%S} UTC)"
+        age = r.age(r.verified_at)
+        for c in r.checks:  # the freshness check states the age it judged: show that very number
+            found = re.match(r"evidence (-?\d+) s old", c.detail) if c.name == "freshness" else None
+            if found:
+                age = dt.timedelta(seconds=int(found.group(1)))
+        return f"{humanize_age(age)} when verified (signed {r.evidence_time:%Y-%m-%d %H:%M:%S} UTC)"
 
     def _components(self) -> list[tuple[str, str, int]]:
         return [
@@ -340,6 +346,12 @@ def _paragraph(exc: MesateeError) -> list[str]:
         if isinstance(exc, cls):
             title, hint = t, h
             break
+    if isinstance(exc, KernelConnectionError) and exc.details.get("never_connected"):
+        title = "Cannot reach the kernel"
+        hint = (
+            "Nothing was sent, and the current session (if any) is unchanged. Check the URL and that the kernel "
+            "is running (mesatee-enclave serve)."
+        )
     check = getattr(exc, "check", None)
     label = f" [{check}]" if isinstance(exc, AttestationError) and check else ""
     text = (exc.message or str(exc)).strip()

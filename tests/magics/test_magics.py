@@ -485,3 +485,11 @@ def test_refusals_through_the_api_show_a_short_traceback(
         owner.call("dataset.delete", {"name": "short_tb"})
         owner.close()
         analyst.close()
+
+
+def test_connect_to_nothing_says_unreachable_not_lost(ip: InteractiveShell) -> None:
+    with pytest.raises(mn.KernelConnectionError) as info:
+        ip.run_cell("%mesatee connect mesatee://127.0.0.1:1")
+    shown = render(info.value)
+    assert "Cannot reach the kernel" in shown and "Nothing was sent" in shown, shown
+    assert "Lost the kernel" not in shown and "namespace is lost" not in shown, shown
