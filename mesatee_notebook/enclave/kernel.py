@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import secrets
+import select
 import socket
 import ssl
 import threading
@@ -203,6 +204,15 @@ class _Connection:
         if not self.hello_done:
             return cfg.hello_limits
         return cfg.limits if self.party is not None else cfg.anonymous_limits
+
+    def peer_open(self) -> bool:
+        """False once the client has hung up (FIN, reset), seen without reading a byte of what it sent."""
+        try:
+            poller = select.poll()
+            poller.register(self.sock.fileno(), select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+            return not poller.poll(0)
+        except (OSError, ValueError):  # closed under us
+            return False
 
     def serve(self) -> None:
         cfg = self.kernel.config
@@ -492,12 +502,19 @@ class _Connection:
                     os.close(fd)
                 raise (session.executor.crashed_error() if session.executor else NotFound("session is closed"))
 
+            gone = False  # a write to the client failed: nobody reads this cell's output any more
+
             def on_message(m: Message) -> bool:
+                nonlocal gone
                 if m.type == "stream":
                     text = str(m.header.get("text", ""))
                     name = "stderr" if m.header.get("name") == "stderr" else "stdout"
                     (stderr_h if name == "stderr" else stdout_h).update(text.encode())
-                    self.reply({"t": "stream", "re": rid, "name": name, "text": text})
+                    if not gone:
+                        try:
+                            self.reply({"t": "stream", "re": rid, "name": name, "text": text})
+                        except OSError:  # the exchange sees it through client_alive and stops the cell
+                            gone = True
                     return False
                 if m.type == "log":
                     host_log.info("[session %s] %s", session.name, m.header.get("text"))
@@ -522,6 +539,7 @@ class _Connection:
                 on_message,
                 timeout,
                 cell_cpu=k.sandbox.limits.cell_cpu if k.sandbox is not None else None,
+                client_alive=lambda: not gone and self.peer_open(),
             )
         finally:
             session.busy = False

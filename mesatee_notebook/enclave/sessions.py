@@ -25,6 +25,7 @@ from mesatee_notebook.errors import (
     ExecutorCrashed,
     MesateeError,
     PolicyViolation,
+    RemoteInterrupted,
     RemoteTimeout,
     ResourceLimitExceeded,
 )
@@ -291,11 +292,15 @@ class ExecutorHandle:
         on_message: Callable[[Message], bool],
         timeout: float | None,
         cell_cpu: float | None = None,
+        client_alive: Callable[[], bool] | None = None,
     ) -> Message:
         """Send a request and pump executor messages until ``on_message`` returns True.
 
         On timeout the cell is interrupted; if it does not stop within a grace period
-        the executor is killed. Raises ExecutorCrashed if the process dies.
+        the executor is killed. Raises ExecutorCrashed if the process dies. ``client_alive``
+        (checked every half second) says whether anyone still waits for the answer: once it
+        returns False the cell is interrupted, then killed the same way, and
+        :class:`RemoteInterrupted` is raised (nobody is left to read the result).
         """
         try:
             ipc_send(self.sock, header, payloads, fds)
@@ -303,17 +308,26 @@ class ExecutorHandle:
             raise self.crashed_error() from exc
         deadline = None if timeout is None else time.monotonic() + timeout
         interrupted_at: float | None = None
+        orphaned = False  # the client went away: the cell is being stopped for nobody
         watch = self.sandbox is not None
         if watch:
             self._cpu_base = self.cpu_seconds()
+        checked = time.monotonic()
         while True:
             wait: float | None = None
             if interrupted_at is not None:
                 wait = max(0.01, interrupted_at + _INTERRUPT_GRACE - time.monotonic())
             elif deadline is not None:
                 wait = max(0.01, deadline - time.monotonic())
-            if watch:
+            if watch or client_alive is not None:
                 wait = _WATCH_INTERVAL if wait is None else min(wait, _WATCH_INTERVAL)
+            if client_alive is not None and interrupted_at is None and time.monotonic() - checked >= _WATCH_INTERVAL:
+                checked = time.monotonic()
+                if not client_alive():
+                    log.warning("executor %s: the client went away during the cell; interrupting it", self.proc.pid)
+                    orphaned, interrupted_at = True, checked
+                    self.interrupt()
+                    continue
             try:
                 # Wait for the next message's first byte, then read it whole: a timeout never cuts a frame.
                 readable = bool(select.select([self.sock], [], [], wait)[0])
@@ -334,6 +348,9 @@ class ExecutorHandle:
                 if now < interrupted_at + _INTERRUPT_GRACE:
                     continue
                 self.kill()
+                if orphaned:
+                    msg_ = "the client went away during the cell, which did not stop when interrupted: executor killed"
+                    raise RemoteInterrupted(msg_, killed=True)
                 msg_ = (
                     f"the cell ran past its timeout of {timeout:g} s and did not stop when interrupted; "
                     "the executor was killed and the session must be restarted"
@@ -350,6 +367,9 @@ class ExecutorHandle:
                 if self.sock.fileno() >= 0:
                     self.sock.settimeout(None)
             if on_message(msg):
+                if orphaned:
+                    msg_ = "the client went away during the cell; it was interrupted and the session is intact"
+                    raise RemoteInterrupted(msg_, killed=False)
                 if interrupted_at is not None and msg.type == "error":
                     msg_ = f"the cell ran past its timeout of {timeout:g} s and was interrupted; the session is intact"
                     raise RemoteTimeout(

@@ -14,6 +14,7 @@ import sys
 import tokenize
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from IPython.core import magic_arguments as _magic_arguments
@@ -43,6 +44,7 @@ from mesatee_notebook.magics.display import (
     SessionTable,
     notebook_error,
 )
+from mesatee_notebook.remote._public import full_traceback
 from mesatee_notebook.remote.session import RunResult, Session, connect
 
 __all__ = ["COMMANDS", "RECEIPT_VARIABLE", "MesateeMagics"]
@@ -50,7 +52,7 @@ __all__ = ["COMMANDS", "RECEIPT_VARIABLE", "MesateeMagics"]
 RECEIPT_VARIABLE = "_mesatee_receipt"
 """After each ``%%mesatee`` cell, the notebook variable holding its verified :class:`~mesatee_notebook.Receipt`."""
 
-COMMANDS = ("connect", "attest", "status", "sessions", "restart", "disconnect", "receipt")
+COMMANDS = ("connect", "attest", "status", "sessions", "restart", "disconnect", "receipt", "traceback")
 DEFAULT_SESSION = "default"
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -160,7 +162,7 @@ class MesateeMagics(Magics):
         "command",
         choices=COMMANDS,
         metavar="COMMAND",
-        help="connect [URL] | attest | status | sessions | restart | disconnect | receipt",
+        help="connect [URL] | attest | status | sessions | restart | disconnect | receipt | traceback",
     )
     @argument(
         "url",
@@ -188,6 +190,7 @@ class MesateeMagics(Magics):
           restart         restart the session's executor (the enclave namespace is cleared)
           disconnect      close --session NAME, or every session
           receipt         show the last verified receipt; --save FILE writes it for offline checks
+          traceback       the last error's full traceback, mesatee_notebook's own frames included
 
         The last receipt is also in the variable ``_mesatee_receipt``. Settings:
         ``%config MesateeMagics.show_progress = False`` (and ``progress_after``, ``progress_min_bytes``).
@@ -219,7 +222,11 @@ class MesateeMagics(Magics):
                 msg = f"cannot use policy file {args.policy}: {exc}"
                 raise UsageError(msg) from exc
         target = _Target(args.url, policy, bool(args.allow_unprotected))
-        session = self._open(name, target)  # a refusal leaves the current session as it was
+        try:
+            session = self._open(name, target)  # a refusal leaves the current session as it was
+        except KernelConnectionError as exc:
+            # this kernel was never reached: nothing to lose, and the current session (if any) stays as it was
+            raise type(exc)(exc.message, **{**exc.details, "never_connected": True}) from exc
         self._close(name)
         self._sessions[name], self._targets[name] = session, target
         self._current = name
@@ -309,6 +316,13 @@ class MesateeMagics(Magics):
             )
             return None
         return ReceiptCard(verified, variable=RECEIPT_VARIABLE)
+
+    def _cmd_traceback(self, args: Any) -> None:
+        exc = getattr(sys, "last_value", None)
+        if exc is None:
+            print("mesatee: no error in this notebook yet.")
+            return
+        print(full_traceback_text(exc), end="")
 
     # -- the cell magic --------------------------------------------------------------------------
     @magic_arguments(name="%mesatee")  # shown as %%mesatee in the help
@@ -487,12 +501,39 @@ class MesateeMagics(Magics):
         per = {
             "connect": ["mesatee://", "--policy", "--allow-unprotected", "--session"],
             "receipt": ["--save"],
+            "traceback": [],
             "restart": ["--session"],
             "disconnect": ["--session"],
             "attest": ["--session"],
             "status": ["--session"],
         }
         return per.get(before[1], [])
+
+
+def full_traceback_text(exc: BaseException) -> str:
+    """``exc``'s whole traceback: the user's frames and the mesatee_notebook frames its short display cut."""
+    import traceback
+
+    # the magics show an error as one paragraph (a copy, caused by the original): go back to the original
+    while _is_display_copy(exc):
+        exc = cast("BaseException", exc.__cause__)
+    from mesatee_notebook.remote import _public
+
+    shown = [f for f in traceback.extract_tb(exc.__traceback__) if not _is_ipython_frame(f.filename)]
+    frames = [f for f in [*shown, *(full_traceback(exc) or [])] if f.filename != _public.__file__]
+    head = "Traceback (most recent call last), mesatee_notebook's own frames included:\n"
+    return head + "".join(traceback.format_list(frames)) + "".join(traceback.format_exception_only(type(exc), exc))
+
+
+def _is_display_copy(exc: BaseException) -> bool:
+    cause = exc.__cause__
+    return isinstance(cause, MesateeError) and type(exc).__bases__ == (type(cause),) and exc.args == cause.args
+
+
+def _is_ipython_frame(filename: str) -> bool:
+    import IPython
+
+    return filename.startswith(str(Path(IPython.__file__).parent))
 
 
 def _stale_embedded_hint() -> str:

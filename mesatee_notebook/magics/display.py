@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import html
+import re
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -36,6 +37,12 @@ _BADGES: dict[Level, tuple[str, str]] = {
     Level.UNPROTECTED: ("UNPROTECTED", _RED),
     Level.SOFTTEE: ("SOFTWARE TRUST", _AMBER),
 }
+
+
+def _left_aligned(page: str) -> str:
+    """Left-align every table cell: JupyterLab's stylesheet right-aligns them, which scatters a card's labels."""
+    cell = "text-align:left;vertical-align:top"
+    return page.replace("<td style='", f"<td style='{cell};").replace("<td>", f"<td style='{cell}'>")
 
 
 def humanize_age(delta: dt.timedelta) -> str:
@@ -111,8 +118,18 @@ class AttestationCard:
         if self.local_measurement is None:
             return "cannot recompute the local measurement (package files unreadable)"
         if self.matches_local:
-            return "matches expected_measurement() of this install"
+            return "matches the mesatee_notebook installed here"
         return f"DIFFERS from this install ({self.local_measurement[:16]}…); accepted only because the policy pins it"
+
+    def _age_text(self) -> str:
+        """One evidence age: the one the freshness check judged, when the evidence was verified."""
+        r = self.report
+        age = r.age(r.verified_at)
+        for c in r.checks:  # the freshness check states the age it judged: show that very number
+            found = re.match(r"evidence (-?\d+) s old", c.detail) if c.name == "freshness" else None
+            if found:
+                age = dt.timedelta(seconds=int(found.group(1)))
+        return f"{humanize_age(age)} when verified (signed {r.evidence_time:%Y-%m-%d %H:%M:%S} UTC)"
 
     def _components(self) -> list[tuple[str, str, int]]:
         return [
@@ -132,11 +149,10 @@ class AttestationCard:
         lines = [
             f"mesatee attestation — level {r.level_text} [{badge}]" + (f" at {self.url}" if self.url else ""),
             f"  {r.trust_note}",
-            f"  measurement   {r.measurement}",
-            f"                {'✓' if self.matches_local else '✗'} {self._match_text()}",
+            f"  measurement   {r.measurement} (local code: see the checks)",
             f"  platform      {r.platform}",
             f"  python        {manifest.get('python', '?')}, {len(manifest.get('files', []))} measured files",
-            f"  evidence age  {humanize_age(r.age(self.now))} (signed {r.evidence_time:%Y-%m-%d %H:%M:%S} UTC)",
+            f"  evidence age  {self._age_text()}",
             f"  sandbox       {'' if r.sandboxed else '✗ '}{r.sandbox_note}",
             "  native (unsafe) components, measured by library digest:",
         ]
@@ -181,7 +197,7 @@ class AttestationCard:
         match_colour = _GREEN if self.matches_local else _RED
         where = f" at <code>{e(self.url)}</code>" if self.url else ""
         manifest = r.manifest
-        return (
+        return _left_aligned(
             f"<div class='mesatee-attestation' style='border:2px solid {colour};border-radius:6px;padding:8px 12px;"
             "font-family:sans-serif;max-width:60em'>"
             f"<div style='font-size:1.1em'><b>mesatee attestation</b>{where}: level <b>{e(r.level_text)}</b> "
@@ -189,14 +205,13 @@ class AttestationCard:
             f"{badge}</span></div>"
             f"<div style='color:{colour};margin:4px 0'>{e(r.trust_note)}</div>"
             "<table style='border-collapse:collapse'>"
-            f"<tr><td><b>measurement</b></td><td><code>{e(r.measurement)}</code><br>"
-            f"<span style='color:{match_colour}'>{'✓' if self.matches_local else '✗'} {e(self._match_text())}</span>"
+            f"<tr><td><b>measurement</b></td><td><code>{e(r.measurement)}</code> "
+            f"<span style='color:{match_colour}'>{'✓' if self.matches_local else '✗'} local code</span>"
             "</td></tr>"
             f"<tr><td><b>platform</b></td><td><code>{e(r.platform)}</code></td></tr>"
             f"<tr><td><b>python</b></td><td>{e(str(manifest.get('python', '?')))}, "
             f"{len(manifest.get('files', []))} measured files</td></tr>"
-            f"<tr><td><b>evidence age</b></td><td>{e(humanize_age(r.age(self.now)))} "
-            f"<span style='color:{_GREY}'>(signed {r.evidence_time:%Y-%m-%d %H:%M:%S} UTC)</span></td></tr>"
+            f"<tr><td><b>evidence age</b></td><td>{e(self._age_text())}</td></tr>"
             f"<tr><td><b>sandbox</b></td><td style='color:{_GREEN if r.sandboxed else _RED}'>"
             f"{'' if r.sandboxed else '<b>NO SANDBOX</b> '}{e(r.sandbox_note)}{self._sandbox_details()}</td></tr>"
             "</table>"
@@ -331,6 +346,12 @@ def _paragraph(exc: MesateeError) -> list[str]:
         if isinstance(exc, cls):
             title, hint = t, h
             break
+    if isinstance(exc, KernelConnectionError) and exc.details.get("never_connected"):
+        title = "Cannot reach the kernel"
+        hint = (
+            "Nothing was sent, and the current session (if any) is unchanged. Check the URL and that the kernel "
+            "is running (mesatee-enclave serve)."
+        )
     check = getattr(exc, "check", None)
     label = f" [{check}]" if isinstance(exc, AttestationError) and check else ""
     text = (exc.message or str(exc)).strip()

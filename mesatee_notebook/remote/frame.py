@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from mesatee_notebook.errors import FrameNotSupported, FrameUsageError
+from mesatee_notebook.remote._public import public_methods
 from mesatee_notebook.wire.plan import (
     AGG_FUNCS,
     OPS,
@@ -776,6 +777,7 @@ def _restore_missing(value: Any, schema: Schema) -> Any:
     return value
 
 
+@public_methods
 class _Lazy:
     """Behaviour shared by every lazy remote value."""
 
@@ -905,6 +907,7 @@ _LEVELS = {
 }
 
 
+@public_methods
 class SecureScalar(_Lazy):
     """A lazy scalar (a reduction, a correlation)."""
 
@@ -949,6 +952,7 @@ def _asc(ascending: bool | Sequence[bool], n: int) -> tuple[bool, ...]:
     return tuple(bool(a) for a in ascending)
 
 
+@public_methods
 class _Rows(_Lazy):
     """Operations frames and series share."""
 
@@ -976,6 +980,7 @@ class _Rows(_Lazy):
         return self.collect()
 
 
+@public_methods
 class SecureSeries(_Rows):
     """A lazy remote column or column expression."""
 
@@ -1902,6 +1907,7 @@ def cut(x: SecureSeries, bins: Sequence[float], labels: Sequence[str] | bool | N
     return x._map("cut", len(edges), *edges, *names)
 
 
+@public_methods
 class SecureDataFrame(_Rows):
     """A lazy, pandas-like DataFrame whose data stays in the enclave."""
 
@@ -2267,6 +2273,7 @@ class _GroupSpec:
 AggSpec: TypeAlias = "str | Sequence[str] | Mapping[str, str] | None"
 
 
+@public_methods
 class SecureGroupBy:
     """A pending groupby; aggregate it to get a lazy frame (or series)."""
 

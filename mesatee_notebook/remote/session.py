@@ -14,6 +14,7 @@ from mesatee_notebook.attestation.policy import AttestationReport, Policy
 from mesatee_notebook.attestation.receipts import Receipt, VerifiedReceipt, verify_receipt
 from mesatee_notebook.errors import MalformedFrame, ProtocolError, ReceiptError
 from mesatee_notebook.errors import PolicyViolation as PolicyViolationError
+from mesatee_notebook.remote._public import public_api, public_methods
 from mesatee_notebook.remote.channel import Channel, parse_url
 from mesatee_notebook.wire.codecs import decode_value, encode_value
 from mesatee_notebook.wire.stream import Message, Progress
@@ -66,6 +67,7 @@ class CallResult:
     verified: VerifiedReceipt = field(repr=False)
 
 
+@public_methods
 class Session:
     """A session on an enclave kernel: one executor process with a persistent namespace."""
 
@@ -380,6 +382,10 @@ class Session:
         res = self.call("frame.info", {"name": name})
         return SecureDataFrame.from_dataset_info(res.info, _FrameBackend(self))
 
+    def delete_dataset(self, name: str) -> None:
+        """Delete dataset ``name`` from the kernel (its owner only; anyone else is refused)."""
+        self.call("dataset.delete", {"name": name})
+
     def datasets(self) -> list[dict[str, Any]]:
         """Public descriptions (name, owner, schema, policy) of the kernel's datasets.
 
@@ -555,6 +561,7 @@ def _echo(name: str, text: str) -> None:
     stream.flush()
 
 
+@public_api
 def connect(
     url: str | None = None,
     *,

@@ -57,14 +57,19 @@ def test_connect_then_attest_card(ip: InteractiveShell, capsys: pytest.CaptureFi
     assert isinstance(card, AttestationCard)
     text, page = repr(card), card._repr_html_()
     assert "level softtee [SOFTWARE TRUST]" in text
-    assert "✓ matches expected_measurement() of this install" in text
+    assert "✓ local code: matches the mesatee_notebook installed here" in text
     assert card.report.measurement in text and card.report.measurement in page
     assert "✗" not in text
     for check in ("platform signature", "platform root", "measurement", "freshness", "key binding"):
         assert f"✓ {check}:" in text
-        assert f"<td>{check}</td>" in page
+        assert f"<td style='text-align:left;vertical-align:top'>{check}</td>" in page  # JupyterLab right-aligns
     assert "numpy" in text and np.__version__ in text and pd.__version__ in page
     assert "evidence age" in text and "evidence age" in page
+    # the card speaks user words, says "local code" once, and gives one evidence age (the one the check judged)
+    assert "expected_measurement" not in text + page and "<td>" not in page
+    assert text.count("matches the mesatee_notebook installed here") == 1
+    fresh = next(c.detail for c in card.report.checks if c.name == "freshness")  # "evidence 5 s old (max ...)"
+    assert f"evidence age  {fresh.split()[1]} s when verified" in text
     assert "SOFTWARE TRUST" in page and "host operator can read" in page
 
 
@@ -426,3 +431,65 @@ def test_stale_embedded_kernel_hint_names_the_pid(mesatee_home: Path) -> None:
     pid = json.loads((mesatee_home / "kernel.json").read_text())["pid"]
     hint = _stale_embedded_hint()
     assert f"(pid {pid})" in hint and "started from other code" in hint and str(mesatee_home) in hint
+
+
+# -- short refusals through the Python API (issue 19) -------------------------------------------------
+
+
+def _shown_traceback(ip: InteractiveShell, code: str, capsys: pytest.CaptureFixture[str]) -> str:
+    """What a notebook shows for a cell that raises: IPython's own traceback display, without colours."""
+    before = ip.colors
+    ip.run_line_magic("colors", "nocolor")
+    try:
+        capsys.readouterr()
+        InteractiveShell.run_cell(ip, code)  # the base class: show the error as a notebook does, do not raise it
+        return capsys.readouterr().out
+    finally:
+        ip.run_line_magic("colors", before)
+
+
+def test_refusals_through_the_api_show_a_short_traceback(
+    ip: InteractiveShell, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    owner = mn.connect(identity=tmp_path / "owner")
+    analyst = mn.connect(identity=tmp_path / "analyst")
+    try:
+        table = pd.DataFrame({"a": range(50), "ssn": range(50)})
+        owner.upload(table, "short_tb", policy=mn.DataPolicy(min_group_size=10, hidden_columns=["ssn"],
+                                                              allow_rows=False), replace=True)
+        ip.user_ns["sdf"] = analyst.dataframe("short_tb")
+        cases = {  # code: (the message, where it was raised)
+            "sdf.head().collect()": ("does not allow row-level results (allow_rows=False); aggregate", "channel.py"),
+            "sdf.rename(columns={'ssn': 'x'})": ("rename() refers to column 'ssn', which the owner of", "plan.py"),
+            "len(sdf[sdf.a == 7])": ("fewer than 10 rows of dataset 'short_tb' (min_group_size=10)", "channel.py"),
+            "bool(sdf)": ("the expression is lazy and evaluated in the enclave only on .collect()", "frame.py"),
+        }
+        for code, (message, origin) in cases.items():
+            shown = _shown_traceback(ip, code, capsys)
+            assert message in shown, code  # the message is complete
+            assert len(shown.strip().splitlines()) <= 14, shown  # it was 30-45 lines through frame.py and plan.py
+            for internal in ("plan.py", "channel.py", "frame.py", "__create_fn__", "<genexpr>"):
+                assert internal not in shown, (code, internal)
+            # nothing is lost: %mesatee traceback shows the frames that were cut
+            ip.run_line_magic("mesatee", "traceback")
+            full = capsys.readouterr().out
+            assert "mesatee_notebook's own frames included" in full and code in full
+            assert "frame.py" in full and origin in full and message in full
+            assert "_public.py" not in full and "IPython" not in full
+        # the error is the same class, and plain Python (no IPython) sees the same short trace
+        with pytest.raises(mn.PolicyViolation) as info:
+            ip.user_ns["sdf"].rename(columns={"ssn": "x"})
+        frames = [f.name for f in info.traceback]
+        assert frames[-1] == "rename" and len(frames) == 2, frames  # this test's line, then the method it called
+    finally:
+        owner.call("dataset.delete", {"name": "short_tb"})
+        owner.close()
+        analyst.close()
+
+
+def test_connect_to_nothing_says_unreachable_not_lost(ip: InteractiveShell) -> None:
+    with pytest.raises(mn.KernelConnectionError) as info:
+        ip.run_cell("%mesatee connect mesatee://127.0.0.1:1")
+    shown = render(info.value)
+    assert "Cannot reach the kernel" in shown and "Nothing was sent" in shown, shown
+    assert "Lost the kernel" not in shown and "namespace is lost" not in shown, shown

@@ -15,7 +15,10 @@ import pytest
 
 @pytest.fixture(scope="session")
 def notebook_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A ``python3`` kernelspec for ``sys.executable`` first on JUPYTER_PATH, and a fresh MESATEE_HOME.
+    """A ``python3`` kernelspec for ``sys.executable`` first on JUPYTER_PATH, a fresh MESATEE_HOME and config dir.
+
+    The tutorials keep their parties' keys under ``$XDG_CONFIG_HOME/mesatee_notebook`` between runs; the tests
+    point it at a temporary directory, so they neither read nor write the user's keys.
 
     Yields the MESATEE_HOME; at teardown the embedded kernel the notebooks started is stopped.
     """
@@ -35,6 +38,7 @@ def notebook_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("JUPYTER_PATH", str(root))
         mp.setenv("MESATEE_HOME", str(home))
+        mp.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config")))
         yield home
     _stop_embedded_kernel(home)
 
