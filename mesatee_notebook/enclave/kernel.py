@@ -415,6 +415,14 @@ class _Connection:
         args = msg.header.get("args") or {}
         if not isinstance(args, dict):
             raise MalformedFrame("service arguments must be a map")  # noqa: EM101
+        try:
+            args_digest = hashlib.sha256(canonical_json({"service": name, "args": args})).hexdigest()
+        except (TypeError, ValueError) as exc:
+            msg_ = (
+                "service arguments must be JSON values (maps, lists, strings, numbers, booleans, null); "
+                f"send bytes and arrays as inputs instead ({exc})"
+            )
+            raise MalformedFrame(msg_) from None
         input_digests, specs, payloads, fds = _forward_inputs(msg, alloc)
         started = time.time()
 
@@ -451,7 +459,7 @@ class _Connection:
             **k.identity.tpm_claims,
             "session": None,
             "nonce": nonce,
-            "code": {"sha256": hashlib.sha256(canonical_json({"service": name, "args": args})).hexdigest()},
+            "code": {"sha256": args_digest},
             "inputs": input_digests,
             "startedAt": started,
             "finishedAt": time.time(),

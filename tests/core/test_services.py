@@ -133,3 +133,11 @@ def test_audit_log_is_verifiable_offline_and_tamper_evident(kernel, alice):
     entries[len(entries) // 2]["details"]["forged"] = True
     with pytest.raises(TamperedData):
         verify_audit_log(entries, pub)
+
+
+def test_service_arguments_that_are_not_json_are_refused_cleanly(kernel, alice):
+    """Bytes inside ``args`` cannot be hashed for the receipt: a typed refusal, not an internal error."""
+    with pytest.raises(mn.MesateeError, match="JSON values") as info:
+        alice.call("dataset.info", {"name": "x", "blob": b"\x00\x01"})
+    assert "internal error" not in str(info.value)
+    assert alice.call("dataset.list", {}).info is not None  # the connection goes on
