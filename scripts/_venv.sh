@@ -5,7 +5,7 @@ PY="${PYTHON:-python3}"
 # Debian packages the kernel's sandbox (and the TPM level) need, and Chromium for the browser test (Playwright drives
 # /usr/bin/chromium; it never downloads a browser). As root they are installed here;
 # otherwise the missing ones are named, and the kernel refuses to serve cells until they are there.
-DEB_PKGS=(bubblewrap python3-seccomp util-linux swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config chromium)
+DEB_PKGS=(bubblewrap python3-seccomp util-linux passwd swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config chromium)
 missing=()
 for p in "${DEB_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
