@@ -237,7 +237,8 @@ class MesateeMagics(Magics):
 
     def _cmd_attest(self, args: Any) -> AttestationCard:
         session = self._session(args.session)
-        return AttestationCard(session.attestation, url=session.url, sealed_state=_sealed_state(session))
+        return AttestationCard(session.attestation, url=session.url, sealed_state=_sealed_state(session),
+                               budgets=_budgets(session))
 
     def _cmd_status(self, args: Any) -> None:
         name = args.session or self._current
@@ -561,6 +562,18 @@ def _ends_with_semicolon(cell: str) -> bool:
 def _quiet_close(session: Session) -> None:
     with contextlib.suppress(MesateeError, OSError):
         session.close()
+
+
+def _budgets(session: Session) -> list[Any]:
+    """The DP budgets of this session's party, for the card's party view (none if anonymous, or on a refusal)."""
+    from mesatee_notebook.errors import MesateeError
+
+    if session.party_id is None:
+        return []
+    try:
+        return list(session.privacy_budgets())
+    except MesateeError:
+        return []
 
 
 def _sealed_state(session: Session) -> list[str]:

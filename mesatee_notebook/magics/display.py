@@ -95,9 +95,11 @@ class AttestationCard:
         local_measurement: str | None = None,
         now: dt.datetime | None = None,
         sealed_state: list[str] | None = None,
+        budgets: list[Any] | None = None,
     ) -> None:
         self.report = report
         self.sealed_state = list(sealed_state or [])  # state sealed for other measurements, as the kernel says
+        self.budgets = list(budgets or [])  # this party's DP budgets (remote.frame.PrivacyBudget), the party view
         self.url = url
         self.local_measurement = local_measurement if local_measurement is not None else _local_measurement()
         self.now = now or dt.datetime.now(dt.UTC)
@@ -160,7 +162,19 @@ class AttestationCard:
         lines.append("  checks:")
         lines += [f"    {'✓' if ok else '✗'} {name}: {detail}" for ok, name, detail in self._all_checks()]
         lines += [f"  sealed state: {line}" for line in self.sealed_state]
+        lines += [
+            f"  privacy budget {b.dataset}: spent epsilon {b.epsilon_spent:g} of {b.epsilon_total:g} "
+            f"({b.epsilon_remaining:g} left, {b.queries} queries)"
+            for b in self.budgets
+        ]
         return "\n".join(lines)
+
+    def _budgets_html(self) -> str:
+        if not self.budgets:
+            return ""
+        from mesatee_notebook.remote.frame import budget_meters_html
+
+        return "<div style='margin-top:4px'><b>your privacy budgets</b>" + budget_meters_html(self.budgets) + "</div>"
 
     def _sandbox_details(self) -> str:
         sb = self.report.sandbox
@@ -219,6 +233,7 @@ class AttestationCard:
             f"({len(self._components())})</summary><table>{comps}</table></details>"
             f"<table style='margin-top:4px'>{checks}</table>"
             + "".join(f"<div style='color:{_RED}'><b>sealed state:</b> {e(line)}</div>" for line in self.sealed_state)
+            + self._budgets_html()
             + "</div>"
         )
 

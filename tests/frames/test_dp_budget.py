@@ -161,6 +161,18 @@ def test_party_view_lists_a_meter_per_dp_dataset(kernel: KernelProc, tmp_path: P
         html = budget_meters_html(list(budgets.values()))
         assert html.count("class='mesatee-budget'") == len(budgets) and "dp_view" in html
         assert "0.8 left" in html
+        # the attestation card's party view (what %mesatee attest shows this analyst)
+        from mesatee_notebook.magics._magics import _budgets
+        from mesatee_notebook.magics.display import AttestationCard
+
+        card = AttestationCard(analyst.attestation, budgets=_budgets(analyst))
+        assert "your privacy budgets" in card._repr_html_() and "0.8 left" in card._repr_html_()
+        assert "privacy budget dp_view: spent epsilon 0.2 of" in repr(card)
+        anonymous = mn.connect(kernel.url, policy=policy, identity=False)
+        try:
+            assert _budgets(anonymous) == []
+        finally:
+            anonymous.close()
     finally:
         owner.close()
         analyst.close()
@@ -192,3 +204,4 @@ def test_a_dp_policy_must_name_existing_columns(kernel: KernelProc, tmp_path: Pa
             owner.upload(frame(), "dp_bad", policy=bad)
     finally:
         owner.close()
+
