@@ -69,8 +69,12 @@ def stats(lat: list[float]) -> dict[str, Any]:
         return {"n": 0}
     ms = sorted(x * 1e3 for x in lat)
     p95 = ms[min(len(ms) - 1, int(0.95 * len(ms)))]
-    return {"n": len(ms), "median_ms": round(statistics.median(ms), 1), "p95_ms": round(p95, 1),
-            "max_ms": round(ms[-1], 1)}
+    return {
+        "n": len(ms),
+        "median_ms": round(statistics.median(ms), 1),
+        "p95_ms": round(p95, 1),
+        "max_ms": round(ms[-1], 1),
+    }
 
 
 def mode_run(k: KernelProc, tmp: Path, n: int, train: bool, tag: str) -> dict[str, Any]:
@@ -79,8 +83,12 @@ def mode_run(k: KernelProc, tmp: Path, n: int, train: bool, tag: str) -> dict[st
     bob = mn.connect(k.url, policy=pol, identity=tmp / "bob")
     carol = mn.connect(k.url, policy=pol, identity=tmp / "carol")
     try:
-        carol.upload(pd.DataFrame({"g": list("abcd") * 25, "v": range(100)}), "carol_small",
-                     policy=mn.DataPolicy(min_group_size=5), replace=True)
+        carol.upload(
+            pd.DataFrame({"g": list("abcd") * 25, "v": range(100)}),
+            "carol_small",
+            policy=mn.DataPolicy(min_group_size=5),
+            replace=True,
+        )
         for _ in range(5):
             query(carol)  # warm: workers started, dataset cached
         idle = [query(carol) for _ in range(30)]
@@ -96,9 +104,14 @@ def mode_run(k: KernelProc, tmp: Path, n: int, train: bool, tag: str) -> dict[st
         if train:
             df = pd.DataFrame(rng.normal(size=(50_000, 10)), columns=[f"f{i}" for i in range(10)])
             df["y"] = rng.normal(size=len(df))
-            tr_lat, tr_s = during(carol, lambda: alice.call(
-                "gbdt.train", {"data": {"input": "d"}, "label": "y", "num_boost_round": 300, "progress": False},
-                {"d": df}))
+            tr_lat, tr_s = during(
+                carol,
+                lambda: alice.call(
+                    "gbdt.train",
+                    {"data": {"input": "d"}, "label": "y", "num_boost_round": 300, "progress": False},
+                    {"d": df},
+                ),
+            )
             row |= {"during_training": stats(tr_lat), "train_s": round(tr_s, 2)}
         return row
     finally:
@@ -123,13 +136,17 @@ def main() -> None:
     for mode, r in out["modes"].items():
         ratio = r["during_psi"].get("median_ms", float("nan")) / r["idle"]["median_ms"]
         r["ratio_psi"] = round(ratio, 2)
-        print(f"{mode:<8} {r['idle']['median_ms']:>12} {r['during_psi'].get('median_ms', '-')!s:>15} "
-              f"{r['during_psi'].get('p95_ms', '-')!s:>8} {r['during_psi']['n']:>4} {ratio:>7.2f} {r['psi_s']:>6}")
+        print(
+            f"{mode:<8} {r['idle']['median_ms']:>12} {r['during_psi'].get('median_ms', '-')!s:>15} "
+            f"{r['during_psi'].get('p95_ms', '-')!s:>8} {r['during_psi']['n']:>4} {ratio:>7.2f} {r['psi_s']:>6}"
+        )
         if "during_training" in r:
             t = r["during_training"]
             r["ratio_training"] = round(t.get("median_ms", float("nan")) / r["idle"]["median_ms"], 2)
-            print(f"{'':<8} during training: median {t.get('median_ms')} ms, p95 {t.get('p95_ms')} ms, "
-                  f"n {t['n']}, ratio {r['ratio_training']}, training {r['train_s']} s")
+            print(
+                f"{'':<8} during training: median {t.get('median_ms')} ms, p95 {t.get('p95_ms')} ms, "
+                f"n {t['n']}, ratio {r['ratio_training']}, training {r['train_s']} s"
+            )
     RESULTS.write_text(json.dumps(out, indent=2))
     print(f"wrote {RESULTS}")
 

@@ -24,9 +24,21 @@ def run(name: str, runs: int, max_time: int, artifacts: Path) -> dict[str, objec
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.fuzz.run", name, f"-runs={runs}", f"-max_total_time={max_time}",
-         f"-artifact_prefix={artifacts}/{name}-", "-print_final_stats=1"],
-        cwd=ROOT, env=env, capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "tests.fuzz.run",
+            name,
+            f"-runs={runs}",
+            f"-max_total_time={max_time}",
+            f"-artifact_prefix={artifacts}/{name}-",
+            "-print_final_stats=1",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     seconds = time.perf_counter() - t0
     out = proc.stdout + proc.stderr
@@ -52,11 +64,12 @@ def main() -> None:
     rows = [run(name, runs, max_time, artifacts) for name in sorted(TARGETS)]
     print(f"{'target':<10} {'inputs':>10} {'seconds':>8} {'edges':>6} {'exit':>5} {'untyped':>8} crashes")
     for r in rows:
-        print(f"{r['target']:<10} {r['inputs']!s:>10} {r['seconds']:>8} {r['edges']!s:>6} {r['exit']:>5} "
-              f"{r['untyped_exceptions']:>8} {len(r['crashes'])}")  # type: ignore[arg-type]
+        print(
+            f"{r['target']:<10} {r['inputs']!s:>10} {r['seconds']:>8} {r['edges']!s:>6} {r['exit']:>5} "
+            f"{r['untyped_exceptions']:>8} {len(r['crashes'])}"
+        )  # type: ignore[arg-type]
     out = ROOT / "bench" / "results" / "fuzz_long.json"
-    out.write_text(json.dumps({"runs_per_target": runs, "max_seconds_per_target": max_time, "targets": rows},
-                              indent=2))
+    out.write_text(json.dumps({"runs_per_target": runs, "max_seconds_per_target": max_time, "targets": rows}, indent=2))
     print(f"wrote {out.relative_to(ROOT)}")
     if any(r["exit"] != 0 or r["crashes"] for r in rows):
         sys.exit(1)

@@ -57,8 +57,14 @@ def party_run(k: KernelProc, ident: Path, cells: int, out: dict[str, Any], start
         runs = cells - cells // 10
         total = s.run("total").value
         isolated = int(total) == runs * secret
-        out[str(ident)] = {"lat": lat, "qlat": qlat, "errors": errors, "seconds": seconds, "isolated": isolated,
-                           "cells": runs}
+        out[str(ident)] = {
+            "lat": lat,
+            "qlat": qlat,
+            "errors": errors,
+            "seconds": seconds,
+            "isolated": isolated,
+            "cells": runs,
+        }
     finally:
         s.close()
 
@@ -75,8 +81,11 @@ def psi_job(k: KernelProc, tmp: Path, n: int, out: dict[str, Any]) -> None:
         a_s.psi.submit("load-psi", a)
         b_s.psi.submit("load-psi", b)
         state = b_s.psi.approve("load-psi").state
-        out["psi"] = {"state": state, "seconds": time.perf_counter() - t,
-                      "cardinality": a_s.psi.result("load-psi").cardinality}
+        out["psi"] = {
+            "state": state,
+            "seconds": time.perf_counter() - t,
+            "cardinality": a_s.psi.result("load-psi").cardinality,
+        }
     except Exception as exc:
         out["psi"] = {"error": f"{type(exc).__name__}: {exc}"}
     finally:
@@ -132,18 +141,25 @@ def main() -> None:
         k = start_kernel(tmp / "k", "--party-sessions", "4")
         try:
             owner = mn.connect(k.url, policy=k.policy(), identity=tmp / "owner")
-            owner.upload(pd.DataFrame({"g": list("abcd") * 250, "v": range(1000)}), "shared",
-                         policy=mn.DataPolicy(min_group_size=5))
+            owner.upload(
+                pd.DataFrame({"g": list("abcd") * 250, "v": range(1000)}),
+                "shared",
+                policy=mn.DataPolicy(min_group_size=5),
+            )
             owner.close()
             alone = phase(k, tmp, 1, cells, None, "alone")
             loaded = phase(k, tmp, parties, cells, psi_n, "many")
         finally:
             stop_kernel(k)
-    print(f"{'run':<28} {'cells/s':>8} {'cell p50':>8} {'cell p99':>8} {'query p50':>9} {'query p99':>9} "
-          f"{'errors':>6} {'isolated':>8}")
+    print(
+        f"{'run':<28} {'cells/s':>8} {'cell p50':>8} {'cell p99':>8} {'query p50':>9} {'query p99':>9} "
+        f"{'errors':>6} {'isolated':>8}"
+    )
     for name, r in ((f"1 party x {cells}", alone), (f"{parties} parties x {cells} + PSI", loaded)):
-        print(f"{name:<28} {r['cells_per_s']:>8} {r['p50_ms']:>8} {r['p99_ms']:>8} {r['query_p50_ms']!s:>9} "
-              f"{r['query_p99_ms']!s:>9} {r['errors']:>6} {r['isolated']!s:>8}")
+        print(
+            f"{name:<28} {r['cells_per_s']:>8} {r['p50_ms']:>8} {r['p99_ms']:>8} {r['query_p50_ms']!s:>9} "
+            f"{r['query_p99_ms']!s:>9} {r['errors']:>6} {r['isolated']!s:>8}"
+        )
     print(f"throughput ratio (many / alone): {loaded['cells_per_s'] / alone['cells_per_s']:.2f}; PSI: {loaded['psi']}")
     RESULTS.write_text(json.dumps({"alone": alone, "loaded": loaded}, indent=2))
     print(f"wrote {RESULTS}")

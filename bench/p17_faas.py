@@ -37,10 +37,17 @@ N_VALUES = 10_000_000
 def engine() -> dict[str, float]:
     values = np.random.default_rng(0).integers(-(10**9), 10**9, N_VALUES, dtype=np.int64)
     wasm = (ROOT / "examples" / "wasm" / "sum_i64.wasm").read_bytes()
-    fn = {"name": "sum_i64", "lang": "wasm", "entry": "_start", "inputs": ["data"], "outputs": [],
-          "raw_inputs": ["data"]}
-    blob = pack_values({"__code__": wasm, "data": pd.DataFrame({"v": values})}, function=fn, args={},
-                       limits={"fuel": 40_000_000_000})
+    fn = {
+        "name": "sum_i64",
+        "lang": "wasm",
+        "entry": "_start",
+        "inputs": ["data"],
+        "outputs": [],
+        "raw_inputs": ["data"],
+    }
+    blob = pack_values(
+        {"__code__": wasm, "data": pd.DataFrame({"v": values})}, function=fn, args={}, limits={"fuel": 40_000_000_000}
+    )
     totals, execs, fuels = [], [], []
     for _ in range(3):
         t0 = time.perf_counter()
@@ -55,8 +62,14 @@ def engine() -> dict[str, float]:
         np.sum(values)
         nps.append(time.perf_counter() - t0)
     assert len(set(fuels)) == 1, fuels
-    return {"wasm_exec_s": min(execs), "wasm_total_s": min(totals), "numpy_s": min(nps), "fuel": fuels[0],
-            "ratio_exec_vs_numpy": min(execs) / min(nps), "ratio_total_vs_numpy": min(totals) / min(nps)}
+    return {
+        "wasm_exec_s": min(execs),
+        "wasm_total_s": min(totals),
+        "numpy_s": min(nps),
+        "fuel": fuels[0],
+        "ratio_exec_vs_numpy": min(execs) / min(nps),
+        "ratio_total_vs_numpy": min(totals) / min(nps),
+    }
 
 
 def end_to_end(n: int) -> dict[str, float]:

@@ -57,6 +57,7 @@ def main() -> None:
         try:
             soft_pol = mn.Policy(platform_roots=[soft.fingerprint], measurements=[soft.measurement])
             ak_pol = mn.Policy(platform_roots=[ak], measurements=[tk.measurement], min_level="tpm")
+
             def new_ek_pol() -> mn.Policy:
                 return mn.Policy(tpm_ek_roots=tpm.ek_roots, measurements=[tk.measurement], min_level="tpm")
 

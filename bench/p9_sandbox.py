@@ -49,8 +49,9 @@ class Side:
         self.extra = extra
         self.dir = tempfile.TemporaryDirectory()
         self.k = start_kernel(Path(self.dir.name) / "k", *extra)
-        self.pol = mn.Policy(platform_roots=[self.k.fingerprint], measurements=[self.k.measurement],
-                             require_sandbox=not extra)
+        self.pol = mn.Policy(
+            platform_roots=[self.k.fingerprint], measurements=[self.k.measurement], require_sandbox=not extra
+        )
         self.s = mn.connect(self.k.url, policy=self.pol, identity=False)
         self.samples: dict[str, list[float]] = {"trivial_ms": [], "sum_cell_ms": [], "open_ms": []}
 
@@ -108,15 +109,17 @@ def main() -> None:
         for side in sides.values():
             side.close()
     a, b = results["sandboxed"], results["no_sandbox"]
-    rows = [(key, a[key], b[key], a[key] / b[key]) for key in ("trivial_ms", "open_ms", "sum_cell_ms",
-                                                               "executor_pss_mib")]
+    rows = [
+        (key, a[key], b[key], a[key] / b[key]) for key in ("trivial_ms", "open_ms", "sum_cell_ms", "executor_pss_mib")
+    ]
     print(f"{'metric':<18}{'sandboxed':>12}{'no-sandbox':>12}{'ratio':>8}")
     for key, x, y, r in rows:
         print(f"{key:<18}{x:>12.2f}{y:>12.2f}{r:>8.2f}")
     out = Path(__file__).parent / "results" / "p9_sandbox.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"n": n, "sandboxed": a, "no_sandbox": b,
-                               "ratios": {k: r for k, _, _, r in rows}}, indent=2))
+    out.write_text(
+        json.dumps({"n": n, "sandboxed": a, "no_sandbox": b, "ratios": {k: r for k, _, _, r in rows}}, indent=2)
+    )
     print(f"wrote {out}")
 
 

@@ -45,34 +45,49 @@ def _enclave_parser() -> argparse.ArgumentParser:
     sp.add_argument("--idle-timeout", type=float, default=None, help="exit after this many idle seconds")
     sp.add_argument("--executor-memory", type=_size, default=None, help="alias of --cell-memory")
     sb = sp.add_argument_group("sandbox (every executor runs in one; see docs/sandbox.md)")
-    sb.add_argument("--no-sandbox", action="store_true",
-                    help="DANGEROUS: run cells with the kernel's uid and no isolation between parties")
+    sb.add_argument(
+        "--no-sandbox",
+        action="store_true",
+        help="DANGEROUS: run cells with the kernel's uid and no isolation between parties",
+    )
     sb.add_argument("--cell-memory", type=_size, default=8 << 30, help="memory per session's sandbox (0: off)")
     sb.add_argument("--service-memory", type=_size, default=16 << 30, help="memory per service worker (0: off)")
     sb.add_argument("--cell-cpu", type=float, default=4 * 3600.0, help="CPU seconds per cell (0: off)")
     sb.add_argument("--max-processes", type=int, default=256, help="processes and threads per sandbox")
     sb.add_argument("--max-file-size", type=_size, default=1 << 30, help="largest file a sandbox may write")
     sb.add_argument("--max-open-files", type=int, default=4096)
-    sb.add_argument("--untrusted-dir", type=Path, default=None,
-                    help="a host directory cells may reach with mesatee.untrusted_open (shared, host-visible)")
+    sb.add_argument(
+        "--untrusted-dir",
+        type=Path,
+        default=None,
+        help="a host directory cells may reach with mesatee.untrusted_open (shared, host-visible)",
+    )
     sb.add_argument("--tmp-size", type=_size, default=1 << 30, help="size of each sandbox's /tmp and /dev/shm")
     sp.add_argument("--max-payload", type=_size, default=16 << 30, help="largest accepted request payload")
     sp.add_argument("--max-cell-timeout", type=float, default=24 * 3600.0)
     _tpm_arguments(sp)
     sp.add_argument(
-        "--anonymous-max-payload", type=_size, default=64 << 20,
+        "--anonymous-max-payload",
+        type=_size,
+        default=64 << 20,
         help="largest request payload before a client proves a party identity",
     )
     sp.add_argument(
-        "--anonymous-inflight-bytes", type=_size, default=256 << 20,
+        "--anonymous-inflight-bytes",
+        type=_size,
+        default=256 << 20,
         help="request bytes all unauthenticated connections together may hold at once",
     )
     sp.add_argument(
-        "--idle-connection-timeout", type=_timeout, default=300.0,
+        "--idle-connection-timeout",
+        type=_timeout,
+        default=300.0,
         help="close a connection that sends nothing for this many seconds (0: never); clients ping to stay open",
     )
     sp.add_argument(
-        "--service-workers", type=int, default=None,
+        "--service-workers",
+        type=int,
+        default=None,
         help="service workers in the general pool, shared fairly by the parties (default: the core count, 2 to 8; "
         "0: every service in one serial worker, the old design, for comparison)",
     )
@@ -132,8 +147,10 @@ def _migrate(args: argparse.Namespace) -> int:
     for held in result["held"]:
         why = held.get("reason") or "waiting for " + ", ".join(p[:16] + "…" for p in held["waiting_for"])
         print(f"  kept sealed for {here[:16]}…: {held['kind']} {held['key']} ({why})")
-    print("softtee: this version derived the new measurement's key from the platform sealing secret; on SGX it "
-          "would hand the data to the new enclave over a locally attested channel instead (not built yet).")
+    print(
+        "softtee: this version derived the new measurement's key from the platform sealing secret; on SGX it "
+        "would hand the data to the new enclave over a locally attested channel instead (not built yet)."
+    )
     return 0
 
 

@@ -324,6 +324,8 @@ class SoftwareTpmNotAllowed(AttestationError):
 
     code = "attestation.software-tpm"
     check = "tpm-kind"
+
+
 class SandboxRequired(AttestationError):
     """The kernel runs cells without the sandbox this policy requires (``--no-sandbox``)."""
 

@@ -49,8 +49,22 @@ GENESIS: Final = "0" * 64
 SIGNING_DOMAIN: Final = b"mesatee-notebook audit-entry v1\x00"
 ALL_PARTIES: Final = "*"
 AUDIT_KINDS: Final = frozenset(
-    {"job", "approval", "upload", "query", "refusal", "release", "cancel", "result", "recovery", "startup",
-     "grant", "migration", "function", "key"}
+    {
+        "job",
+        "approval",
+        "upload",
+        "query",
+        "refusal",
+        "release",
+        "cancel",
+        "result",
+        "recovery",
+        "startup",
+        "grant",
+        "migration",
+        "function",
+        "key",
+    }
 )
 _FIELDS: Final = frozenset({"v", "seq", "time", "kind", "party", "concerns", "details", "prev", "sig"})
 

@@ -252,6 +252,7 @@ class AttestationReport:
     def audit_signer(self) -> str:
         """Fingerprint of the key that signs the kernel's audit log (the platform key, or one the TPM quoted)."""
         return self.audit_key or self.platform
+
     sandbox: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -357,16 +358,21 @@ CERTIFIED_TPM_NOTE = (
     "tpm: a TPM chip whose EK chains to the CA you pinned quotes the boot PCRs and the application PCR; the "
     "boot PCRs you pin are what it proves. The host OS can still read the kernel's memory."
 )
+
+
 def sandbox_note(sandbox: dict[str, Any], manifest: dict[str, Any]) -> str:
     """What the kernel's sandbox report says, in one sentence (never more than it proves)."""
     profile = manifest.get("sandbox") or {}
     if not sandbox.get("active") or not profile.get("enabled"):
-        return ("NONE (--no-sandbox): every cell runs with the kernel's uid and can read its keys and other "
-                "parties' data")
+        return (
+            "NONE (--no-sandbox): every cell runs with the kernel's uid and can read its keys and other parties' data"
+        )
     landlock = sandbox.get("landlock") or "no Landlock"
     uid = "own uid" if "own unprivileged uid" in str(sandbox.get("uid_mode", "")) else "own user namespace"
-    return (f"every session and service worker in its own bubblewrap sandbox ({uid}, seccomp, Landlock "
-            f"{landlock}, no network): isolates parties from each other, not from the host operator")
+    return (
+        f"every session and service worker in its own bubblewrap sandbox ({uid}, seccomp, Landlock "
+        f"{landlock}, no network): isolates parties from each other, not from the host operator"
+    )
 
 
 def _local_measurement() -> str | None:
@@ -553,8 +559,7 @@ def _verify_tpm(
         checks.append(Check("attestation key", True, f"AK {platform[:16]}… to be activated against the certified EK"))
     else:
         why = (
-            "and credential activation against the certified EK needs a live connection; pin the AK to verify "
-            "offline"
+            "and credential activation against the certified EK needs a live connection; pin the AK to verify offline"
             if chain is not None
             else "`mesatee-enclave tpm-info --tcti …` on the kernel's host prints it; or pin the TPM's EK CA "
             "(tpm_ek_roots)"
@@ -591,7 +596,8 @@ def _verify_tpm(
             "PCRs",
             True,
             f"application PCR {app} = SHA-256(0³² ‖ measurement); boot PCRs "
-            + (", ".join(str(i) for i in sorted(golden) if i != app) or "none") + " as pinned",
+            + (", ".join(str(i) for i in sorted(golden) if i != app) or "none")
+            + " as pinned",
         )
     )
     t = _check_freshness(evidence.statement, policy, now, check_freshness, checks)

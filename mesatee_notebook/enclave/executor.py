@@ -215,8 +215,14 @@ class Executor:
             self.send({"t": "error", **exc.to_wire()})
         except Exception as exc:
             # Only the class and message: a traceback of engine internals could quote data.
-            self.send({"t": "error", "code": "remote", "message": f"{type(exc).__name__}: {exc}",
-                       "details": {"ename": type(exc).__name__}})
+            self.send(
+                {
+                    "t": "error",
+                    "code": "remote",
+                    "message": f"{type(exc).__name__}: {exc}",
+                    "details": {"ename": type(exc).__name__},
+                }
+            )
 
     def execute(self, msg: Any) -> None:
         header = msg.header
@@ -315,10 +321,15 @@ class Executor:
             specs, payloads, fds = pack_values(values)
         except OSError as exc:
             size = sum(memoryview(p).nbytes for _, parts, _ in values for p in parts)
-            self.send({"t": "error", "code": "remote.limit",
-                       "message": f"the outputs ({size / 2**20:.0f} MiB) do not fit the sandbox's /dev/shm "
-                                  f"({exc.strerror}); return less, or ask the operator to raise it (serve --tmp-size)",
-                       "details": {"limit": "tmp-space"}})
+            self.send(
+                {
+                    "t": "error",
+                    "code": "remote.limit",
+                    "message": f"the outputs ({size / 2**20:.0f} MiB) do not fit the sandbox's /dev/shm "
+                    f"({exc.strerror}); return less, or ask the operator to raise it (serve --tmp-size)",
+                    "details": {"limit": "tmp-space"},
+                }
+            )
             return
         self.send_with_fds({"t": "result", "values": specs, "value_repr": value_repr}, payloads, fds)
 
@@ -399,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     except (EOFError, ConnectionError, OSError):
         return 0
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

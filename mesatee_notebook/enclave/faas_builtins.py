@@ -63,13 +63,28 @@ def main(data, n_components=2, features=None):
 
 #: name -> register arguments (the ``function.register`` args plus ``code``)
 BUILTINS: Final[dict[str, dict[str, Any]]] = {
-    "linear_regression": {"code": _LINREG, "inputs": ["data"], "entry": "main",
-                          "description": "Built-in: linear regression (scikit-learn). args: label, features?"},
-    "logistic_regression_train": {"code": _LOGREG_TRAIN, "inputs": ["data"], "entry": "main",
-                                  "description": "Built-in: logistic regression training (scikit-learn). "
-                                                 "args: label, features?, C?, max_iter?"},
-    "logistic_regression_predict": {"code": _LOGREG_PREDICT, "inputs": ["data"], "entry": "main",
-                                    "description": "Built-in: logistic regression prediction. args: model"},
-    "pca": {"code": _PCA, "inputs": ["data"], "entry": "main",
-            "description": "Built-in: PCA (scikit-learn). args: n_components?, features?"},
+    "linear_regression": {
+        "code": _LINREG,
+        "inputs": ["data"],
+        "entry": "main",
+        "description": "Built-in: linear regression (scikit-learn). args: label, features?",
+    },
+    "logistic_regression_train": {
+        "code": _LOGREG_TRAIN,
+        "inputs": ["data"],
+        "entry": "main",
+        "description": "Built-in: logistic regression training (scikit-learn). args: label, features?, C?, max_iter?",
+    },
+    "logistic_regression_predict": {
+        "code": _LOGREG_PREDICT,
+        "inputs": ["data"],
+        "entry": "main",
+        "description": "Built-in: logistic regression prediction. args: model",
+    },
+    "pca": {
+        "code": _PCA,
+        "inputs": ["data"],
+        "entry": "main",
+        "description": "Built-in: PCA (scikit-learn). args: n_components?, features?",
+    },
 }

@@ -64,11 +64,20 @@ def run_function(kernel: Kernel, blob: bytes, timeout: float | None = None) -> b
         cpu = kernel.sandbox.limits.cell_cpu if kernel.sandbox is not None else None
         result = handle.exchange(
             {"t": "execute", "code": HARNESS, "inputs": [spec], "outputs": ["faas_out"], "allow_pickle": False},
-            [payload], [], on_message, limit, cell_cpu=cpu,
+            [payload],
+            [],
+            on_message,
+            limit,
+            cell_cpu=cpu,
         )
         if result.type == "error":
-            raise error_from_wire({"code": result.header.get("code"), "message": result.header.get("message"),
-                                   "details": _safe_details(result.header.get("details"))})
+            raise error_from_wire(
+                {
+                    "code": result.header.get("code"),
+                    "message": result.header.get("message"),
+                    "details": _safe_details(result.header.get("details")),
+                }
+            )
         for vspec, buf in ipc_unpack(result.header.get("values", []), result):
             if vspec.get("name") == "out/faas_out":
                 value = decode_value(str(vspec["kind"]), buf, meta=vspec.get("meta"))
@@ -117,12 +126,22 @@ def cell_key_call(kernel: Kernel, m: Message, party: str | None) -> bytes:
             return False
         return mm.type not in ("log", "progress")
 
-    header = {"t": "call", "service": f"key.{op}", "args": dict(extra.get("args") or {}), "party": party,
-              "inputs": specs}
+    header = {
+        "t": "call",
+        "service": f"key.{op}",
+        "args": dict(extra.get("args") or {}),
+        "party": party,
+        "inputs": specs,
+    }
     result = _run_service(kernel, party, header, payloads, answer)
     if result.type == "error":
-        raise error_from_wire({"code": result.header.get("code"), "message": result.header.get("message"),
-                               "details": result.header.get("details") or {}})
+        raise error_from_wire(
+            {
+                "code": result.header.get("code"),
+                "message": result.header.get("message"),
+                "details": result.header.get("details") or {},
+            }
+        )
     out = {
         str(vspec["name"]).removeprefix("out/"): decode_value(str(vspec["kind"]), buf, meta=vspec.get("meta"))
         for vspec, buf in ipc_unpack(result.header.get("values", []), result)

@@ -67,8 +67,9 @@ class CellKeys:
 
     def verify(self, name: str, data: bytes | str, signature: bytes, version: int | None = None) -> bool:
         """Whether ``signature`` is key ``name``'s over ``data``."""
-        info = self._call("verify", {"name": name, "version": version}, data=_as_bytes(data),
-                          signature=bytes(signature))[1]
+        info = self._call(
+            "verify", {"name": name, "version": version}, data=_as_bytes(data), signature=bytes(signature)
+        )[1]
         return bool(info.get("valid"))
 
     def encrypt(self, name: str, data: bytes | str, aad: bytes | None = None) -> bytes:
@@ -111,8 +112,9 @@ def _as_bytes(data: bytes | str) -> bytes:
     return data.encode() if isinstance(data, str) else bytes(data)
 
 
-def _run_python(source: str, fn: dict[str, Any], args: dict[str, Any], inputs: dict[str, Any]) -> tuple[
-        dict[str, Any], dict[str, Any]]:
+def _run_python(
+    source: str, fn: dict[str, Any], args: dict[str, Any], inputs: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     namespace: dict[str, Any] = {"__name__": f"faas.{fn['name']}", "mesatee": FunctionAPI()}
     exec(compile(source, f"<function {fn['name']}>", "exec"), namespace)
     entry = namespace.get(str(fn["entry"]))
@@ -170,8 +172,9 @@ def _limits(asked: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _run_wasm(wasm: bytes, fn: dict[str, Any], args: dict[str, Any], inputs: dict[str, Any],
-              asked: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _run_wasm(
+    wasm: bytes, fn: dict[str, Any], args: dict[str, Any], inputs: dict[str, Any], asked: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     import wasmtime
 
     lim = _limits(asked)
@@ -270,8 +273,7 @@ def _run_wasm(wasm: bytes, fn: dict[str, Any], args: dict[str, Any], inputs: dic
         raise WasmError(msg, exit_code=exit_code, fuel=fuel)
     if stdout.stat().st_size > _MAX_STDOUT:
         msg_0 = f"function {fn['name']!r} wrote more than {_MAX_STDOUT} bytes to stdout"
-        raise ResourceExhausted(msg_0,
-                                limit="stdout")
+        raise ResourceExhausted(msg_0, limit="stdout")
     out: dict[str, Any] = {"stdout": stdout.read_bytes()}
     for name in fn.get("outputs") or []:
         path = work / "out" / str(name)
@@ -292,14 +294,10 @@ def _raise_trap(fn: dict[str, Any], exc: Any, store: Any, lim: dict[str, Any]) -
             f"function {fn['name']!r} ran out of fuel: it used all {int(lim['fuel'])} units "
             "(an infinite loop, or too much work for the task's fuel limit)"
         )
-        raise ResourceExhausted(
-            msg,
-            limit="fuel", allowed=int(lim["fuel"])) from None
+        raise ResourceExhausted(msg, limit="fuel", allowed=int(lim["fuel"])) from None
     if code == wasmtime.TrapCode.INTERRUPT:
         msg = f"function {fn['name']!r} ran past its wall-time limit of {lim['seconds']:g} s and was stopped"
-        raise ResourceExhausted(
-            msg,
-            limit="seconds", allowed=lim["seconds"]) from None
+        raise ResourceExhausted(msg, limit="seconds", allowed=lim["seconds"]) from None
     msg = f"function {fn['name']!r} trapped: {_first_line(exc)}"
     raise WasmError(msg, trap=str(code.name) if code is not None else None) from None
 

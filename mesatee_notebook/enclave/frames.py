@@ -240,8 +240,11 @@ def release_to_bytes(release: _Release) -> bytes:
     """Serialise a release record (``.npz``, no pickle) so the guard's history can be sealed."""
     import io
 
-    arrays = {k: v for k, v in (("sizes", release.sizes), ("labels", release.labels), ("src", release.src),
-                                ("grp", release.grp)) if v is not None}
+    arrays = {
+        k: v
+        for k, v in (("sizes", release.sizes), ("labels", release.labels), ("src", release.src), ("grp", release.grp))
+        if v is not None
+    }
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # type: ignore[arg-type]
     return buf.getvalue()
@@ -459,8 +462,9 @@ class FrameEvaluator:
         digest = hashlib.sha256(plan_json if isinstance(plan_json, bytes) else plan_json.encode()).hexdigest()
         event: dict[str, Any] = {"event": "frames.query", "party": party, "plan_sha256": digest, "datasets": []}
         try:
-            result = self._evaluate(plan_json, party, event, digest, _budget_arg(epsilon, "epsilon"),
-                                    _budget_arg(delta, "delta"))
+            result = self._evaluate(
+                plan_json, party, event, digest, _budget_arg(epsilon, "epsilon"), _budget_arg(delta, "delta")
+            )
         except PolicyViolation as exc:
             event.update(outcome="refused", reason=exc.message)
             raise
@@ -576,8 +580,12 @@ class FrameEvaluator:
             msg = f"a DP query may use dataset {name!r} once (no self-joins) and aggregate its rows directly"
             raise PolicyViolation(msg, dataset=name, rule="dp")
         status = self._ledger.charge(name, party, priv, eps_q, delta_q, {"plan_sha256": digest})
-        event["dp"] = {"dataset": name, "epsilon": eps_q, "delta": delta_q,
-                       "epsilon_remaining": status.epsilon_remaining}
+        event["dp"] = {
+            "dataset": name,
+            "epsilon": eps_q,
+            "delta": delta_q,
+            "epsilon_remaining": status.epsilon_remaining,
+        }
         data = value.df if isinstance(value, _FrameV) else value.s.to_frame(spec.series_name)
         src = _compose(arrays[0], _positions(data.index))
         keep = src >= 0  # rows not from the DP dataset (outer joins) would let its absence show

@@ -307,7 +307,7 @@ class _Connection:
                 "protocol": version,
                 "server": _version(),
                 "level": k.identity.level.label,
-            **k.identity.tpm_claims,
+                **k.identity.tpm_claims,
                 "measurement": k.identity.measurement,
                 "kernel_nonce": self.kernel_nonce,
                 **fresh,
@@ -348,8 +348,12 @@ class _Connection:
         if op == "approve":
             k = self.kernel
             with k._service_gate.exclusive():  # no service call runs meanwhile; the workers reload what moved in
-                result = state.approve(msg.header.get("grant"), require(msg.header, "public_key", bytes),
-                                       require(msg.header, "signature", bytes), k.audit_log)
+                result = state.approve(
+                    msg.header.get("grant"),
+                    require(msg.header, "public_key", bytes),
+                    require(msg.header, "signature", bytes),
+                    k.audit_log,
+                )
                 if result.get("migrated"):
                     log.info("restarting the service workers so they load the migrated jobs, models and histories")
                     k.restart_service_pools()
@@ -579,8 +583,9 @@ class _Connection:
         )
 
 
-_EXECUTOR_REQUESTS = frozenset({"seal.get", "seal.put", "seal.list", "seal.delete", "data.get", "audit", "faas.run",
-                                "key.call"})
+_EXECUTOR_REQUESTS = frozenset(
+    {"seal.get", "seal.put", "seal.list", "seal.delete", "data.get", "audit", "faas.run", "key.call"}
+)
 
 
 def _raise_if_error(result: Message) -> None:
@@ -778,8 +783,9 @@ class Kernel:
                 if not service:
                     raise PolicyViolation("only trusted services write the audit log")  # noqa: EM101
                 concerns = [str(c) for c in m.header.get("concerns") or []]
-                self.audit_log.append(str(m.header.get("kind")), party, m.header.get("details") or {},
-                                      concerns=concerns)
+                self.audit_log.append(
+                    str(m.header.get("kind")), party, m.header.get("details") or {}, concerns=concerns
+                )
                 ipc_send(executor.sock, {"t": "ok"})
                 return
             if m.type == "faas.run":  # issue 17: a registered function, in a fresh sandboxed executor
@@ -825,8 +831,9 @@ class Kernel:
         meta = load_meta(store, name)
         allowed = party is not None and (party == meta["owner"] or party in meta["policy"].get("code_access", []))
         if not allowed:
-            self.audit_log.append("refusal", party, {"dataset": name, "reason": "no code access"},
-                                  concerns=[str(meta["owner"])])
+            self.audit_log.append(
+                "refusal", party, {"dataset": name, "reason": "no code access"}, concerns=[str(meta["owner"])]
+            )
             msg = (
                 f"dataset {name!r} is not available to code cells of this party: its owner's policy gives code "
                 "access only to the parties in code_access. Use the SecureDataFrame API (policy-checked queries)."

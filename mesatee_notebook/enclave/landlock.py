@@ -34,8 +34,11 @@ _SCOPE_ABSTRACT_UNIX, _SCOPE_SIGNAL = 1 << 0, 1 << 1  # ABI 6
 
 
 class _RulesetAttr(ctypes.Structure):
-    _fields_ = (("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
-                ("scoped", ctypes.c_uint64))
+    _fields_ = (
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),
+        ("scoped", ctypes.c_uint64),
+    )
 
 
 class _PathBeneathAttr(ctypes.Structure):
@@ -119,8 +122,16 @@ def restrict(writable: tuple[str, ...] = ("/tmp", "/dev/shm"), devices: str = "/
                 continue
             try:
                 rule = _PathBeneathAttr(access, pfd)
-                if libc.syscall(ctypes.c_long(add), ctypes.c_int(rfd), ctypes.c_int(_RULE_PATH_BENEATH),
-                                ctypes.byref(rule), ctypes.c_uint32(0)) != 0:
+                if (
+                    libc.syscall(
+                        ctypes.c_long(add),
+                        ctypes.c_int(rfd),
+                        ctypes.c_int(_RULE_PATH_BENEATH),
+                        ctypes.byref(rule),
+                        ctypes.c_uint32(0),
+                    )
+                    != 0
+                ):
                     err = ctypes.get_errno()
                     raise OSError(err, f"landlock_add_rule({path}) failed: {os.strerror(err)}")
             finally:

@@ -194,8 +194,9 @@ class MigrationGrantRecord:
         return hashlib.sha256(canonical_json(self.grant) + self.signature).hexdigest()
 
     def to_json(self) -> bytes:
-        return canonical_json({"grant": self.grant, "public_key": self.public_key.hex(),
-                               "signature": self.signature.hex()})
+        return canonical_json(
+            {"grant": self.grant, "public_key": self.public_key.hex(), "signature": self.signature.hex()}
+        )
 
     @classmethod
     def from_json(cls, raw: bytes) -> MigrationGrantRecord:
@@ -262,8 +263,10 @@ class SealedState:
                 live.rename(target)
                 _fsync_dir(parked)
                 _fsync_dir(self.data_dir)
-                note = (f"the store sealed for measurement {label} was moved aside to {target} (untouched): "
-                        f"this kernel runs {self.measurement}")
+                note = (
+                    f"the store sealed for measurement {label} was moved aside to {target} (untouched): "
+                    f"this kernel runs {self.measurement}"
+                )
                 self.notes.append(note)
                 log.warning("%s", note)
         if not live.is_dir():
@@ -305,7 +308,7 @@ class SealedState:
         out: dict[str, dict[str, Any]] = {}
         prefix = f"index/{measurement}/datasets/"
         for name in self.platform.list(prefix):
-            out[name[len(prefix):]] = json.loads(self.platform.get(name))
+            out[name[len(prefix) :]] = json.loads(self.platform.get(name))
         return out
 
     def status(self, party: str | None = None) -> dict[str, Any]:
@@ -328,21 +331,30 @@ class SealedState:
             datasets = list(index.values())
             owners = sorted({d["owner"] for d in datasets})
             visible = [
-                {"name": d["name"], "owner": d["owner"], "rows": d["rows"], "bytes": d["bytes"],
-                 "sha256": d["sha256"], "measurement": m}
-                for d in datasets if party is not None and (d.get("readers") is None or party in d["readers"])
+                {
+                    "name": d["name"],
+                    "owner": d["owner"],
+                    "rows": d["rows"],
+                    "bytes": d["bytes"],
+                    "sha256": d["sha256"],
+                    "measurement": m,
+                }
+                for d in datasets
+                if party is not None and (d.get("readers") is None or party in d["readers"])
             ]
-            stores.append({
-                "measurement": m,
-                "known": known,
-                "version": ordinal,
-                "rollback": ordinal is None or (ours is not None and ordinal > ours),
-                "files": len(files),
-                "datasets": len(datasets),
-                "owners": len(owners),
-                "bytes": sum(int(d["bytes"]) for d in datasets),
-                "visible": visible,
-            })
+            stores.append(
+                {
+                    "measurement": m,
+                    "known": known,
+                    "version": ordinal,
+                    "rollback": ordinal is None or (ours is not None and ordinal > ours),
+                    "files": len(files),
+                    "datasets": len(datasets),
+                    "owners": len(owners),
+                    "bytes": sum(int(d["bytes"]) for d in datasets),
+                    "visible": visible,
+                }
+            )
         return {"measurement": self.measurement, "version": ours, "stores": stores}
 
     def summary_lines(self) -> list[str]:
@@ -358,23 +370,42 @@ class SealedState:
             try:
                 self._check_grant(grant, party)
             except (PolicyViolation, NotFound) as exc:
-                audit.append("refusal", party, {"migration_grant": {"from": src, "to": dst, "dataset": dataset},
-                                                "reason": exc.message})
+                audit.append(
+                    "refusal",
+                    party,
+                    {"migration_grant": {"from": src, "to": dst, "dataset": dataset}, "reason": exc.message},
+                )
                 raise
             record = MigrationGrantRecord(dict(grant), bytes(public_key), bytes(signature))
             self.platform.put(f"grants/{src}/{dst}/{party}/{record.digest[:32]}", record.to_json())
-            audit.append("grant", party, {"from": src, "to": dst, "dataset": dataset, "rollback": grant["rollback"],
-                                          "grant_sha256": record.digest})
+            audit.append(
+                "grant",
+                party,
+                {
+                    "from": src,
+                    "to": dst,
+                    "dataset": dataset,
+                    "rollback": grant["rollback"],
+                    "grant_sha256": record.digest,
+                },
+            )
             if dst != self.measurement:  # approved ahead of the upgrade, on the old code
-                return {"migrated": [], "held": [], "dropped": 0, "recorded": True,
-                        "next": f"stop this kernel and run `mesatee-enclave migrate --to {dst}` with this version"}
+                return {
+                    "migrated": [],
+                    "held": [],
+                    "dropped": 0,
+                    "recorded": True,
+                    "next": f"stop this kernel and run `mesatee-enclave migrate --to {dst}` with this version",
+                }
             return self.migrate(src, dst, audit)
 
     def _check_grant(self, grant: dict[str, Any], party: str) -> None:
         src, dst, dataset = grant["from"], grant["to"], grant["dataset"]
         if self.measurement not in (src, dst):
-            msg = (f"this kernel runs measurement {self.measurement[:16]}…; a grant from {src[:16]}… to {dst[:16]}… "
-                   "is for another pair of measurements and cannot be applied here")
+            msg = (
+                f"this kernel runs measurement {self.measurement[:16]}…; a grant from {src[:16]}… to {dst[:16]}… "
+                "is for another pair of measurements and cannot be applied here"
+            )
             raise PolicyViolation(msg, check="grant-pair")
         if not _sealed_files(self.store_dir(src)):
             self._adopt_unknown(src)
@@ -384,9 +415,11 @@ class SealedState:
         mine, theirs = self.versions.ordinal(src), self.versions.ordinal(dst)
         # a measurement this platform never ran is newer than every one it did (it gets the next ordinal)
         if (mine is None or (theirs is not None and mine > theirs)) and grant["rollback"] is not True:
-            msg = (f"moving state from {src[:16]}… (version {mine}) to {dst[:16]}… (version {theirs}) is a rollback "
-                   "to older code, which may hold bugs fixed since; the owner must approve it explicitly "
-                   "(rollback=True)")
+            msg = (
+                f"moving state from {src[:16]}… (version {mine}) to {dst[:16]}… (version {theirs}) is a rollback "
+                "to older code, which may hold bugs fixed since; the owner must approve it explicitly "
+                "(rollback=True)"
+            )
             raise PolicyViolation(msg, check="rollback")
         if dataset != ALL:
             entry = self._index(src).get(dataset)
@@ -421,13 +454,19 @@ class SealedState:
                     continue
                 meta = json.loads(store.get(name))
                 data_file = store.path_for(f"svc/datasets/{m.group(1)}/data")
-                entry = {"name": str(meta["name"]), "owner": str(meta["owner"]), "rows": int(meta.get("rows", 0)),
-                         "sha256": str(meta.get("sha256", "")), "readers": meta.get("readers"),
-                         "bytes": data_file.stat().st_size if data_file.exists() else 0}
+                entry = {
+                    "name": str(meta["name"]),
+                    "owner": str(meta["owner"]),
+                    "rows": int(meta.get("rows", 0)),
+                    "sha256": str(meta.get("sha256", "")),
+                    "readers": meta.get("readers"),
+                    "bytes": data_file.stat().st_size if data_file.exists() else 0,
+                }
                 self.platform.put(f"index/{src}/datasets/{m.group(1)}", canonical_json(entry))
             self.versions.register_legacy(src)
-            log.warning("the store %s, from before the migration index, is sealed for %s…: indexed it",
-                        directory.name, src[:16])
+            log.warning(
+                "the store %s, from before the migration index, is sealed for %s…: indexed it", directory.name, src[:16]
+            )
             return
 
     def _grants(self, src: str, dst: str) -> dict[str, set[str]]:
@@ -448,8 +487,9 @@ class SealedState:
         return approved
 
     # -- the migration ---------------------------------------------------------------------------------------------
-    def _plan(self, source: SealedStore, names: Iterable[str], index: dict[str, dict[str, Any]],
-              grants: dict[str, set[str]]) -> _Plan:
+    def _plan(
+        self, source: SealedStore, names: Iterable[str], index: dict[str, dict[str, Any]], grants: dict[str, set[str]]
+    ) -> _Plan:
         units: dict[tuple[str, str], _Unit] = {}
         dropped: list[str] = []
 
@@ -497,6 +537,7 @@ class SealedState:
         chosen: list[_Unit] = []
         held: list[dict[str, Any]] = []
         for u in units.values():
+
             def approves(owner: str, u: _Unit = u) -> bool:
                 given = grants.get(owner, set())
                 return ALL in given or (u.kind == "dataset" and u.key in given)
@@ -523,14 +564,25 @@ class SealedState:
         index = self._index(src)
         plan = self._plan(source, source.list(), index, grants)
         if plan.dropped:
-            log.info("migration %s… → %s…: %d cache/bookkeeping objects are not moved (caches are rebuilt on use)",
-                     src[:16], dst[:16], len(plan.dropped))
+            log.info(
+                "migration %s… → %s…: %d cache/bookkeeping objects are not moved (caches are rebuilt on use)",
+                src[:16],
+                dst[:16],
+                len(plan.dropped),
+            )
         ready: list[_Unit] = []
         for u in plan.units:
             clash = [n for n in u.names if target.exists(n)]
             if clash:
-                plan.held.append({"kind": u.kind, "key": u.key, "objects": len(u.names), "waiting_for": [],
-                                  "reason": f"{clash[0]!r} already exists under the new measurement"})
+                plan.held.append(
+                    {
+                        "kind": u.kind,
+                        "key": u.key,
+                        "objects": len(u.names),
+                        "waiting_for": [],
+                        "reason": f"{clash[0]!r} already exists under the new measurement",
+                    }
+                )
             else:
                 ready.append(u)
         if not ready:
@@ -544,12 +596,24 @@ class SealedState:
         self.platform.put(f"journal/{record['txn']}", canonical_json(record))  # the commit point
         self._audit_migration(record, audit)
         self._roll_forward(record)
-        log.warning("migrated %d objects (%s) from %s… to %s…", len(record["files"]),
-                    ", ".join(f"{u['kind']} {u['key']}" for u in record["units"]), src[:16], dst[:16])
+        log.warning(
+            "migrated %d objects (%s) from %s… to %s…",
+            len(record["files"]),
+            ", ".join(f"{u['kind']} {u['key']}" for u in record["units"]),
+            src[:16],
+            dst[:16],
+        )
         return {"migrated": record["units"], "held": plan.held, "dropped": len(plan.dropped), "txn": record["txn"]}
 
-    def _stage(self, source: SealedStore, target: SealedStore, src: str, dst: str, units: list[_Unit],
-               index: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    def _stage(
+        self,
+        source: SealedStore,
+        target: SealedStore,
+        src: str,
+        dst: str,
+        units: list[_Unit],
+        index: dict[str, dict[str, Any]],
+    ) -> dict[str, Any]:
         txn = secrets.token_hex(8)
         staging_root = self.data_dir / STAGING
         staging_root.mkdir(mode=0o700, exist_ok=True)
@@ -562,8 +626,14 @@ class SealedState:
                     for chunk in source.iter_chunks(name):  # each chunk is authenticated under the old key
                         h.update(chunk)
                         writer.write(chunk)
-                files.append({"name": name, "src": source.path_for(name).name, "dst": staged.path_for(name).name,
-                              "sha256": h.hexdigest()})
+                files.append(
+                    {
+                        "name": name,
+                        "src": source.path_for(name).name,
+                        "dst": staged.path_for(name).name,
+                        "sha256": h.hexdigest(),
+                    }
+                )
         for f in files:  # read back under the new key, streaming: what is committed is what was read
             check = hashlib.sha256()
             for chunk in staged.iter_chunks(f["name"]):
@@ -578,18 +648,27 @@ class SealedState:
             "from": src,
             "to": dst,
             "files": files,
-            "units": [{"kind": u.kind, "key": u.key, "owners": sorted(u.owners), "objects": len(u.names)}
-                      for u in units],
+            "units": [
+                {"kind": u.kind, "key": u.key, "owners": sorted(u.owners), "objects": len(u.names)} for u in units
+            ],
             "index": {ds: index[ds] for ds in datasets if ds in index},
-            "datasets": {ds: next((f["sha256"] for f in files if f["name"] == f"svc/datasets/{ds}/data"), None)
-                         for ds in datasets},
+            "datasets": {
+                ds: next((f["sha256"] for f in files if f["name"] == f"svc/datasets/{ds}/data"), None)
+                for ds in datasets
+            },
             "time": time.time(),
         }
 
     def _audit_migration(self, record: dict[str, Any], audit: Any, *, recovered: bool = False) -> None:
         owners = sorted({o for u in record["units"] for o in u["owners"]})
-        details = {"txn": record["txn"], "from": record["from"], "to": record["to"], "units": record["units"],
-                   "datasets": record["datasets"], "objects": len(record["files"])}
+        details = {
+            "txn": record["txn"],
+            "from": record["from"],
+            "to": record["to"],
+            "units": record["units"],
+            "datasets": record["datasets"],
+            "objects": len(record["files"]),
+        }
         if recovered:
             details["recovered"] = True
         audit.append("migration", None, details, concerns=owners)
@@ -626,14 +705,17 @@ class SealedState:
             committed.add(record["txn"])
             self._roll_forward(record)
             self.recovered.append(record)
-            self.notes.append(f"finished migration {record['txn']} ({len(record['files'])} objects) interrupted by a "
-                              "crash after its commit")
+            self.notes.append(
+                f"finished migration {record['txn']} ({len(record['files'])} objects) interrupted by a "
+                "crash after its commit"
+            )
         staging = self.data_dir / STAGING
         for entry in sorted(staging.iterdir()) if staging.is_dir() else []:
             if entry.name not in committed:
                 shutil.rmtree(entry, ignore_errors=True)
-                self.notes.append(f"discarded migration {entry.name}, interrupted before its commit (the old copy "
-                                  "is untouched)")
+                self.notes.append(
+                    f"discarded migration {entry.name}, interrupted before its commit (the old copy is untouched)"
+                )
 
     def announce(self, audit: Any) -> None:
         """Audit recovered migrations whose entry the crash may have prevented (each txn is entered once)."""

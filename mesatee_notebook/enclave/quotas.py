@@ -199,8 +199,9 @@ class ByteBudget:
                     f"flight, over the limit of {self.limit}; connect with a party identity, or ask the kernel "
                     f"operator to raise it (mesatee-enclave serve {self.flag} N)"
                 )
-                raise QuotaExceeded(msg, limit="inflight_bytes", value=self.limit, used=self.used,
-                                    holder="anonymous", flag=self.flag)
+                raise QuotaExceeded(
+                    msg, limit="inflight_bytes", value=self.limit, used=self.used, holder="anonymous", flag=self.flag
+                )
             self.used += n
 
     def give_back(self, n: int) -> None:

@@ -64,8 +64,16 @@ __all__ = ["Sandbox", "SandboxLimits", "confine", "host_support"]
 log = logging.getLogger("mesatee.enclave")
 
 _REQUIRED_BWRAP_OPTIONS = (
-    "--args", "--unshare-pid", "--unshare-net", "--die-with-parent", "--new-session", "--seccomp", "--size",
-    "--perms", "--disable-userns", "--remount-ro",
+    "--args",
+    "--unshare-pid",
+    "--unshare-net",
+    "--die-with-parent",
+    "--new-session",
+    "--seccomp",
+    "--size",
+    "--perms",
+    "--disable-userns",
+    "--remount-ro",
 )
 _DEBIAN_SECCOMP = "/usr/lib/python3/dist-packages/seccomp.cpython-{v}-{arch}-linux-gnu.so"
 _SYSTEM_BINDS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -222,11 +230,15 @@ def _cgroup_note() -> str:
     try:
         controllers = Path("/sys/fs/cgroup/cgroup.controllers").read_text().split()
     except OSError:
-        return ("not used: no cgroup v2 hierarchy at /sys/fs/cgroup (v1 or hybrid host); "
-                "rlimits and the supervisor's watch apply")
+        return (
+            "not used: no cgroup v2 hierarchy at /sys/fs/cgroup (v1 or hybrid host); "
+            "rlimits and the supervisor's watch apply"
+        )
     if "memory" in controllers and "pids" in controllers and os.access("/sys/fs/cgroup", os.W_OK):
-        return ("not used yet: cgroup v2 is writable here, but this release bounds memory with rlimits "
-                "and the supervisor's watch")
+        return (
+            "not used yet: cgroup v2 is writable here, but this release bounds memory with rlimits "
+            "and the supervisor's watch"
+        )
     return "not used: cgroup v2 is not delegated to this kernel; rlimits and the supervisor's watch apply"
 
 
@@ -289,8 +301,14 @@ class Sandbox:
             )
             raise SandboxUnavailable(msg, missing=support["missing"])
         bpf, rules = compile_seccomp()
-        sb = cls(limits=limits, hidden=tuple(Path(h).resolve() for h in hidden), support=support, bpf=bpf,
-                 seccomp_rules=rules, untrusted_dir=Path(untrusted_dir).resolve() if untrusted_dir else None)
+        sb = cls(
+            limits=limits,
+            hidden=tuple(Path(h).resolve() for h in hidden),
+            support=support,
+            bpf=bpf,
+            seccomp_rules=rules,
+            untrusted_dir=Path(untrusted_dir).resolve() if untrusted_dir else None,
+        )
         if sb.untrusted_dir is not None:
             for h in sb.hidden:
                 if _inside(str(h), str(sb.untrusted_dir)) or _inside(str(sb.untrusted_dir), str(h)):
@@ -341,8 +359,17 @@ class Sandbox:
 
     def _args(self, service: bool, uid: int | None) -> list[str]:
         lim = self.limits
-        a = ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-             "--die-with-parent", "--new-session", "--tmpfs", "/"]
+        a = [
+            "--unshare-pid",
+            "--unshare-net",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--die-with-parent",
+            "--new-session",
+            "--tmpfs",
+            "/",
+        ]
         made: set[str] = set()
         for p in self.binds:
             for anc in _ancestors(p):
@@ -390,15 +417,30 @@ class Sandbox:
         bpf_fd = _memfd("mesatee-seccomp", self.bpf)
         cmd = [str(self.support["bwrap"]), "--args", str(args_fd), "--seccomp", str(bpf_fd)]
         if uid is not None:
-            cmd += [str(self.support["setpriv"]), f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-                    "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
+            cmd += [
+                str(self.support["setpriv"]),
+                f"--reuid={uid}",
+                f"--regid={uid}",
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+                "--no-new-privs",
+                "--",
+            ]
         cmd += list(argv)
         return cmd, [args_fd, bpf_fd], uid
 
     def environment(self) -> dict[str, str]:
         """The executor's whole environment: nothing of the supervisor's is passed on."""
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "USER": "mesatee",
-               "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "MPLCONFIGDIR": "/tmp"}
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": "/tmp",
+            "TMPDIR": "/tmp",
+            "USER": "mesatee",
+            "LANG": "C.UTF-8",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "MPLCONFIGDIR": "/tmp",
+        }
         if os.environ.get("PYTHONPATH"):
             env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TVM_NUM_THREADS"):
@@ -413,8 +455,9 @@ class Sandbox:
         cmd, fds, uid = self.command(argv, service=service)
 
         def start() -> subprocess.Popen[bytes]:
-            return subprocess.Popen(cmd, pass_fds=[*pass_fds, *fds], stdin=subprocess.DEVNULL,
-                                    env=self.environment(), close_fds=True)
+            return subprocess.Popen(
+                cmd, pass_fds=[*pass_fds, *fds], stdin=subprocess.DEVNULL, env=self.environment(), close_fds=True
+            )
 
         try:
             proc = _spawner().submit(start).result()
@@ -427,17 +470,30 @@ class Sandbox:
         """What the executor applies to itself before its first import (passed on its command line)."""
         lim = self.limits
         shared = str(self.untrusted_dir) if self.untrusted_dir is not None and not service else None
-        return {"memory": lim.memory_for(service), "processes": lim.processes, "file_size": lim.file_size,
-                "open_files": lim.open_files, "landlock": True, "untrusted_dir": shared}
+        return {
+            "memory": lim.memory_for(service),
+            "processes": lim.processes,
+            "file_size": lim.file_size,
+            "open_files": lim.open_files,
+            "landlock": True,
+            "untrusted_dir": shared,
+        }
 
     # -- evidence ---------------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
         """The runtime description that goes into the signed evidence (the profile is in the measurement)."""
         s = self.support
-        mode = (f"kernel runs as root: each sandbox gets its own unprivileged uid from {self.uid_base} "
-                f"(setpriv), no capabilities") if s.get("root") else (
+        mode = (
+            (
+                f"kernel runs as root: each sandbox gets its own unprivileged uid from {self.uid_base} "
+                f"(setpriv), no capabilities"
+            )
+            if s.get("root")
+            else (
                 f"kernel runs as uid {os.getuid()}: each sandbox is its own user namespace with no capabilities "
-                "outside it (the host sees the kernel's uid; run the kernel as root for a uid per sandbox)")
+                "outside it (the host sees the kernel's uid; run the kernel as root for a uid per sandbox)"
+            )
+        )
         from mesatee_notebook.enclave.landlock import LandlockResult
 
         ll = self.self_test.get("landlock") or LandlockResult(s.get("landlock_abi", 0), False, False, False).describe()
@@ -446,8 +502,11 @@ class Sandbox:
             "profile_sha256": hashlib.sha256(json.dumps(sandbox_profile(), sort_keys=True).encode()).hexdigest(),
             "bubblewrap": s.get("bwrap_version"),
             "uid_mode": mode,
-            "seccomp": {"bpf_sha256": hashlib.sha256(self.bpf).hexdigest(), "rules": len(self.seccomp_rules),
-                        "library": "libseccomp (python3-seccomp)"},
+            "seccomp": {
+                "bpf_sha256": hashlib.sha256(self.bpf).hexdigest(),
+                "rules": len(self.seccomp_rules),
+                "library": "libseccomp (python3-seccomp)",
+            },
             "landlock": ll,
             "cgroup": s.get("cgroup"),
             "limits": asdict(self.limits),
@@ -459,9 +518,11 @@ class Sandbox:
         """One line for the console: the mechanisms in force."""
         who = "own uid per sandbox" if self.support.get("root") else "user namespace per sandbox"
         ll = self.self_test.get("landlock") or "landlock off"
-        return (f"bubblewrap ({who}), seccomp ({len(self.seccomp_rules)} rules), landlock {ll}, "
-                f"memory {_gib(self.limits.cell_memory)} per session / {_gib(self.limits.service_memory)} per "
-                f"service worker, {self.limits.processes} processes")
+        return (
+            f"bubblewrap ({who}), seccomp ({len(self.seccomp_rules)} rules), landlock {ll}, "
+            f"memory {_gib(self.limits.cell_memory)} per session / {_gib(self.limits.service_memory)} per "
+            f"service worker, {self.limits.processes} processes"
+        )
 
     # -- the start-up self test -------------------------------------------------------------------
     def run_self_test(self) -> dict[str, Any]:
@@ -482,8 +543,11 @@ class Sandbox:
         }
         parent, child = socket.socketpair()
         try:
-            proc, uid = self.spawn([sys.executable, "-m", "mesatee_notebook.enclave.sandbox", str(child.fileno())],
-                                   pass_fds=[child.fileno()], service=False)
+            proc, uid = self.spawn(
+                [sys.executable, "-m", "mesatee_notebook.enclave.sandbox", str(child.fileno())],
+                pass_fds=[child.fileno()],
+                service=False,
+            )
             child.close()
             parent.sendall(json.dumps(probe_in).encode() + b"\n")
             parent.settimeout(60)
@@ -498,16 +562,19 @@ class Sandbox:
         try:
             result = json.loads(data)
         except ValueError as exc:
-            msg = (f"the sandbox self-test died before it reported (exit status {proc.returncode}); bubblewrap could "
-                   "not build the sandbox on this host: run the kernel with -v to see its message")
+            msg = (
+                f"the sandbox self-test died before it reported (exit status {proc.returncode}); bubblewrap could "
+                "not build the sandbox on this host: run the kernel with -v to see its message"
+            )
             raise SandboxUnavailable(msg, missing=["a working bubblewrap sandbox"]) from exc
         checks: dict[str, bool] = result.get("checks", {})
         if uid is not None:
             checks["own uid"] = result.get("uid") == uid
         failed = sorted(k for k, v in checks.items() if not v)
         if failed:
-            msg = ("the sandbox self-test failed, so the kernel will not serve cells: "
-                   + "; ".join(f"{k} ({result.get('why', {}).get(k, 'failed')})" for k in failed))
+            msg = "the sandbox self-test failed, so the kernel will not serve cells: " + "; ".join(
+                f"{k} ({result.get('why', {}).get(k, 'failed')})" for k in failed
+            )
             raise SandboxUnavailable(msg, missing=failed)
         log.info("sandbox self-test passed: %s", ", ".join(sorted(checks)))
         return dict(result)
@@ -607,15 +674,27 @@ def _probe(fd: int) -> None:
     check("seccomp filter", fields.get("Seccomp", "").strip() == "2", f"Seccomp: {fields.get('Seccomp')}")
     check("no new privileges", fields.get("NoNewPrivs", "").strip() == "1")
     caps = ("CapEff", "CapPrm", "CapBnd")
-    check("no capabilities", all(fields.get(k, "").strip() == "0" * 16 for k in caps),
-          " ".join(f"{k}={fields.get(k, '').strip()}" for k in caps))
-    check("ptrace denied", libc.ptrace(0, 0, None, None) == -1 and ctypes.get_errno() == errno.EPERM,
-          f"errno {ctypes.get_errno()}")
+    check(
+        "no capabilities",
+        all(fields.get(k, "").strip() == "0" * 16 for k in caps),
+        " ".join(f"{k}={fields.get(k, '').strip()}" for k in caps),
+    )
+    check(
+        "ptrace denied",
+        libc.ptrace(0, 0, None, None) == -1 and ctypes.get_errno() == errno.EPERM,
+        f"errno {ctypes.get_errno()}",
+    )
     clone_newuser = 0x10000000
-    check("unshare denied", libc.unshare(clone_newuser) == -1 and ctypes.get_errno() == errno.EPERM,
-          f"errno {ctypes.get_errno()}")
-    check("own pid namespace", given["supervisor_pid"] not in {int(p) for p in os.listdir("/proc") if p.isdigit()}
-          and os.getpid() < 100, f"pid {os.getpid()}")
+    check(
+        "unshare denied",
+        libc.unshare(clone_newuser) == -1 and ctypes.get_errno() == errno.EPERM,
+        f"errno {ctypes.get_errno()}",
+    )
+    check(
+        "own pid namespace",
+        given["supervisor_pid"] not in {int(p) for p in os.listdir("/proc") if p.isdigit()} and os.getpid() < 100,
+        f"pid {os.getpid()}",
+    )
     check("data directory invisible", not any(os.path.lexists(h) for h in given["hidden"]))
     pkg = Path(given["package"])
     writable = []

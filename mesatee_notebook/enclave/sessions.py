@@ -87,8 +87,9 @@ class ExecutorHandle:
             self.proc, self.uid = sandbox.spawn(argv, pass_fds=[child.fileno()], service=service)
         else:
             env = {k: v for k, v in os.environ.items() if not k.startswith("MESATEE_SECRET")}
-            self.proc = subprocess.Popen(argv, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, env=env,
-                                         close_fds=True)
+            self.proc = subprocess.Popen(
+                argv, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, env=env, close_fds=True
+            )
         child.close()
         self.sock.settimeout(_START_TIMEOUT)
         try:
@@ -376,6 +377,7 @@ class ExecutorHandle:
                         msg_, killed=False, traceback=msg.header.get("details", {}).get("traceback", "")
                     )
                 return msg
+
 
 @dataclass
 class Session:

@@ -237,8 +237,9 @@ class MesateeMagics(Magics):
 
     def _cmd_attest(self, args: Any) -> AttestationCard:
         session = self._session(args.session)
-        return AttestationCard(session.attestation, url=session.url, sealed_state=_sealed_state(session),
-                               budgets=_budgets(session))
+        return AttestationCard(
+            session.attestation, url=session.url, sealed_state=_sealed_state(session), budgets=_budgets(session)
+        )
 
     def _cmd_status(self, args: Any) -> None:
         name = args.session or self._current

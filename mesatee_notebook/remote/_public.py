@@ -25,10 +25,26 @@ _C = TypeVar("_C", bound=type)
 
 _ATTR = "_mesatee_internal_frames"
 # methods never wrapped: construction, identity and display must stay plain (and never raise refusals)
-_PLAIN = frozenset({
-    "__init__", "__new__", "__repr__", "__str__", "__hash__", "__dir__", "__init_subclass__", "__class_getitem__",
-    "__copy__", "__deepcopy__", "__getstate__", "__setstate__", "__post_init__", "__enter__", "__exit__", "__del__",
-})
+_PLAIN = frozenset(
+    {
+        "__init__",
+        "__new__",
+        "__repr__",
+        "__str__",
+        "__hash__",
+        "__dir__",
+        "__init_subclass__",
+        "__class_getitem__",
+        "__copy__",
+        "__deepcopy__",
+        "__getstate__",
+        "__setstate__",
+        "__post_init__",
+        "__enter__",
+        "__exit__",
+        "__del__",
+    }
+)
 
 
 def full_traceback(exc: BaseException) -> traceback.StackSummary | None:

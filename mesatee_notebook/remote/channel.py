@@ -105,7 +105,9 @@ class Channel:
             # The kernel closes connections that are silent for ``idle`` seconds: ping well before that.
             # A weak reference: a channel nobody holds any more is still closed by garbage collection.
             threading.Thread(
-                target=_keepalive, args=(weakref.ref(self), self._closing, idle / 3), name="mesatee-keepalive",
+                target=_keepalive,
+                args=(weakref.ref(self), self._closing, idle / 3),
+                name="mesatee-keepalive",
                 daemon=True,
             ).start()
 

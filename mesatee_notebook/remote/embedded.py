@@ -23,6 +23,7 @@ __all__ = ["SealedStateWarning", "embedded_home", "ensure_embedded_kernel", "loc
 class SealedStateWarning(UserWarning):
     """State sealed for another measurement: readable again only after its owners approve a migration."""
 
+
 _START_TIMEOUT = 120.0
 IDLE_TIMEOUT = 1800
 
@@ -130,13 +131,30 @@ def ensure_embedded_kernel(home: Path | None = None) -> tuple[str, int, str]:
             (home / "kernel.json").unlink()
         # posix_spawn, not Popen: the kernel outlives this handle on purpose (it idles out by itself).
         log = str(home / "kernel.log")
-        cmd = _enclave_cmd("serve", "--host", "127.0.0.1", "--port", "0", "--level", "softtee",
-                           "--data-dir", str(home), "--idle-timeout", str(IDLE_TIMEOUT))
-        pid = os.posix_spawn(cmd[0], cmd, dict(os.environ), setsid=True, file_actions=[
-            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
-            (os.POSIX_SPAWN_DUP2, 1, 2),
-        ])
+        cmd = _enclave_cmd(
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--level",
+            "softtee",
+            "--data-dir",
+            str(home),
+            "--idle-timeout",
+            str(IDLE_TIMEOUT),
+        )
+        pid = os.posix_spawn(
+            cmd[0],
+            cmd,
+            dict(os.environ),
+            setsid=True,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
+                (os.POSIX_SPAWN_DUP2, 1, 2),
+            ],
+        )
         deadline = time.monotonic() + _START_TIMEOUT
         while time.monotonic() < deadline:
             done, status = os.waitpid(pid, os.WNOHANG)

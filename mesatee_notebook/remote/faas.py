@@ -41,24 +41,36 @@ class SecureFunction:
     def from_info(cls, info: Mapping[str, Any], code: str | bytes | None = None) -> SecureFunction:
         """Build from a ``function.*`` reply."""
         return cls(
-            name=str(info["name"]), digest=str(info["digest"]), lang=str(info["lang"]), entry=str(info["entry"]),
-            inputs=list(info.get("inputs") or []), outputs=list(info.get("outputs") or []),
-            description=str(info.get("description") or ""), registered_by=str(info.get("registered_by", "")),
-            size=int(info.get("size") or 0), code=code, info=dict(info),
+            name=str(info["name"]),
+            digest=str(info["digest"]),
+            lang=str(info["lang"]),
+            entry=str(info["entry"]),
+            inputs=list(info.get("inputs") or []),
+            outputs=list(info.get("outputs") or []),
+            description=str(info.get("description") or ""),
+            registered_by=str(info.get("registered_by", "")),
+            size=int(info.get("size") or 0),
+            code=code,
+            info=dict(info),
         )
 
     def __repr__(self) -> str:
         ins = ", ".join(self.inputs)
         outs = ", ".join(self.outputs) or "result"
-        return (f"<SecureFunction {self.name}({ins}) -> {outs} [{self.lang}, {self.size} bytes] "
-                f"digest={self.digest[:16]}… by {self.registered_by[:16]}>")
+        return (
+            f"<SecureFunction {self.name}({ins}) -> {outs} [{self.lang}, {self.size} bytes] "
+            f"digest={self.digest[:16]}… by {self.registered_by[:16]}>"
+        )
 
     def _repr_html_(self) -> str:
         e = html.escape
         rows = [
             ("digest", f"<code>{e(self.digest)}</code>"),
-            ("language", e(self.lang) + (" (wasmtime, WASI, fuel-metered)" if self.lang == "wasm" else
-                                          " (fresh sandboxed executor)")),
+            (
+                "language",
+                e(self.lang)
+                + (" (wasmtime, WASI, fuel-metered)" if self.lang == "wasm" else " (fresh sandboxed executor)"),
+            ),
             ("entry", f"<code>{e(self.entry)}</code>"),
             ("inputs", e(", ".join(self.inputs)) or "none"),
             ("outputs", e(", ".join(self.outputs)) or "result"),
@@ -126,8 +138,15 @@ class FunctionsClient:
             msg = "give exactly one of python=<source text> or wasm=<module bytes>"
             raise EncodingError(msg)
         lang = "python" if python is not None else "wasm"
-        args = {"name": name, "lang": lang, "entry": entry, "inputs": list(inputs), "outputs": list(outputs),
-                "description": description, "raw_inputs": list(raw_inputs)}
+        args = {
+            "name": name,
+            "lang": lang,
+            "entry": entry,
+            "inputs": list(inputs),
+            "outputs": list(outputs),
+            "description": description,
+            "raw_inputs": list(raw_inputs),
+        }
         res = self._session.call("function.register", args, {"code": python if python is not None else wasm})
         self.last_receipt = res.receipt
         return SecureFunction.from_info(res.info, python if python is not None else wasm)
@@ -178,8 +197,15 @@ class TasksClient:
         from mesatee_notebook.remote.psi import JobStatus
 
         digest = function.digest if isinstance(function, SecureFunction) else function
-        call_args = {"name": name, "function": digest, "inputs": dict(inputs), "args": dict(args or {}),
-                     "receivers": list(receivers or []), "limits": dict(limits or {}), "output_dataset": output_dataset}
+        call_args = {
+            "name": name,
+            "function": digest,
+            "inputs": dict(inputs),
+            "args": dict(args or {}),
+            "receivers": list(receivers or []),
+            "limits": dict(limits or {}),
+            "output_dataset": output_dataset,
+        }
         status = JobStatus.from_info(self._session.call("job.create_task", call_args).info)
         if approve and self._session.party_id in status.owners.values():
             return self.approve(name, spec_digest=status.spec_digest)
@@ -209,22 +235,35 @@ class TasksClient:
         res: CallResult = self._session.call("job.result", {"job": name})
         extra = dict(res.info.get("result") or {})
         return TaskResult(
-            name=name, values=res.values, function=str(extra.get("function")), inputs=dict(extra.get("inputs") or {}),
-            approvals=list(extra.get("approvals") or []), fuel=extra.get("fuel"), dataset=extra.get("dataset"),
-            receipt=res.receipt, info=dict(res.info),
+            name=name,
+            values=res.values,
+            function=str(extra.get("function")),
+            inputs=dict(extra.get("inputs") or {}),
+            approvals=list(extra.get("approvals") or []),
+            fuel=extra.get("fuel"),
+            dataset=extra.get("dataset"),
+            receipt=res.receipt,
+            info=dict(res.info),
         )
 
 
-_CODES = {"ResourceExhausted": "remote.limit.exhausted", "ResourceLimitExceeded": "remote.limit",
-          "WasmError": "remote.wasm", "PolicyViolation": "policy", "NotFound": "not-found",
-          "TamperedData": "sealing.tampered", "RemoteTimeout": "remote.timeout"}
+_CODES = {
+    "ResourceExhausted": "remote.limit.exhausted",
+    "ResourceLimitExceeded": "remote.limit",
+    "WasmError": "remote.wasm",
+    "PolicyViolation": "policy",
+    "NotFound": "not-found",
+    "TamperedData": "sealing.tampered",
+    "RemoteTimeout": "remote.timeout",
+}
 
 
 def _task_error(name: str, error: str) -> MesateeError:
     cls, _, message = error.partition(": ")
     code = _CODES.get(cls, "remote")
-    return error_from_wire({"code": code, "message": f"task {name!r} failed: {message or error}",
-                            "details": {"task": name}})
+    return error_from_wire(
+        {"code": code, "message": f"task {name!r} failed: {message or error}", "details": {"task": name}}
+    )
 
 
 class KeysClient:

@@ -1762,9 +1762,7 @@ NOT_SUPPORTED: dict[str, str] = {
         "set_index() is not available yet: remote rows are labelled by storage position; group with "
         "groupby(...) (as_index=True) or set the index locally after collect()"
     ),
-    "join": (
-        "join() aligns on the index, which for remote rows is a storage position; use merge(on=...) instead"
-    ),
+    "join": ("join() aligns on the index, which for remote rows is a storage position; use merge(on=...) instead"),
     "pivot_table": (
         "pivot_table() is not available yet; use groupby([index, columns]).agg(...) and unstack() the collected "
         "result locally"
@@ -2135,9 +2133,7 @@ class SecureDataFrame(_Rows):
         """A grouped result with its keys as columns, or rows renumbered 0..n-1 (``drop=True``)."""
         node = self._node
         if isinstance(node, GroupByAgg) and node.as_index and not drop:
-            return SecureDataFrame(
-                GroupByAgg(node.input, node.by, node.aggs, False, node.dropna, node.sort), self._ctx
-            )
+            return SecureDataFrame(GroupByAgg(node.input, node.by, node.aggs, False, node.dropna, node.sort), self._ctx)
         _need_drop(drop)
         return SecureDataFrame(ResetIndex(self._node), self._ctx)
 
@@ -2197,8 +2193,9 @@ class SecureDataFrame(_Rows):
     def _frame_reduce(self, func: str, numeric_only: bool) -> SecureSeries:
         target: SecureDataFrame = self
         if numeric_only:
-            target = self[[c for c, d in self.schema.columns if c is not None and dtype_kind(d) in ("int", "float",
-                                                                                                 "bool")]]
+            target = self[
+                [c for c, d in self.schema.columns if c is not None and dtype_kind(d) in ("int", "float", "bool")]
+            ]
         elif self.schema.hidden:
             target = self[self._visible()]
         return SecureSeries(FrameReduce(target._node, func), self._ctx)

@@ -251,9 +251,14 @@ class Session:
         header = {"t": "call", "service": service, "args": args, "inputs": specs, "nonce": nonce, "timeout": timeout}
         self._inflight.add(nonce)
         try:
-            reply = self._channel.request(header, payloads, on_stream=on_stream, digests=True,
-                                          upload_progress=upload_progress,
-                                          on_interrupt=lambda: self._cancel([nonce]))
+            reply = self._channel.request(
+                header,
+                payloads,
+                on_stream=on_stream,
+                digests=True,
+                upload_progress=upload_progress,
+                on_interrupt=lambda: self._cancel([nonce]),
+            )
         finally:
             self._inflight.discard(nonce)
         sent = reply.header.get("_sent") or []
@@ -265,9 +270,14 @@ class Session:
         got = {str(s["name"]): d for s, d in zip(value_specs, reply.digests or [], strict=True)}
         got["info"] = hashlib.sha256(canonical_json(info)).hexdigest()
         receipt = Receipt.load(reply.header.get("receipt") or {})
-        verified = verify_receipt(receipt, self.policy, nonce=nonce, outputs=got,
-                                  inputs={str(s["name"]): d for s, d in zip(specs, sent, strict=True)},
-                                  attested=self.attestation)
+        verified = verify_receipt(
+            receipt,
+            self.policy,
+            nonce=nonce,
+            outputs=got,
+            inputs={str(s["name"]): d for s, d in zip(specs, sent, strict=True)},
+            attested=self.attestation,
+        )
         pred = verified.predicate
         want_code = hashlib.sha256(canonical_json({"service": service, "args": args})).hexdigest()
         if pred.get("service") != service or pred.get("code", {}).get("sha256") != want_code:
@@ -371,8 +381,7 @@ class Session:
         from mesatee_notebook.wire.datapolicy import DataPolicy
 
         pol = policy if policy is not None else DataPolicy()
-        res = self.call("dataset.upload", {"name": name, "policy": pol.to_dict(), "replace": replace},
-                        {"data": df})
+        res = self.call("dataset.upload", {"name": name, "policy": pol.to_dict(), "replace": replace}, {"data": df})
         return SecureDataFrame.from_dataset_info(res.info, _FrameBackend(self))
 
     def dataframe(self, name: str) -> Any:
@@ -427,11 +436,19 @@ class Session:
         if self._identity is None or self.party_id is None:
             msg = "approve_migration needs this session's party key: connect with an identity"
             raise PolicyViolationError(msg)
-        grant = migration_grant(self.party_id, dataset, from_, to or self.attestation.measurement,
-                                rollback=rollback, time=time.time())
+        grant = migration_grant(
+            self.party_id, dataset, from_, to or self.attestation.measurement, rollback=rollback, time=time.time()
+        )
         signature = self._identity.sign_migration_grant(grant)
-        reply = self._channel.request({"t": "migration", "op": "approve", "grant": grant,
-                                       "public_key": self._identity.public_key_raw, "signature": signature})
+        reply = self._channel.request(
+            {
+                "t": "migration",
+                "op": "approve",
+                "grant": grant,
+                "public_key": self._identity.public_key_raw,
+                "signature": signature,
+            }
+        )
         return dict(reply.header.get("result") or {})
 
     def privacy_budgets(self) -> list[Any]:
@@ -460,9 +477,7 @@ class Session:
             return 0
         side = self._side_channel()
         try:
-            return sum(
-                bool(side.request({"t": "call.cancel", "nonce": n}).header.get("cancelled")) for n in nonces
-            )
+            return sum(bool(side.request({"t": "call.cancel", "nonce": n}).header.get("cancelled")) for n in nonces)
         finally:
             side.close()
 

@@ -73,16 +73,22 @@ def sealed_state_summary(status: dict[str, Any] | None) -> list[str]:
     lines = []
     for s in (status or {}).get("stores", []):
         m = s["measurement"]
-        what = (f"{s['datasets']} dataset{'s' if s['datasets'] != 1 else ''} of {s['owners']} "
-                f"owner{'s' if s['owners'] != 1 else ''}")
+        what = (
+            f"{s['datasets']} dataset{'s' if s['datasets'] != 1 else ''} of {s['owners']} "
+            f"owner{'s' if s['owners'] != 1 else ''}"
+        )
         if not s["known"]:
-            lines.append(f"{s['files']} sealed files from a kernel before the migration index (measurement unknown) "
-                         f"are kept in sealed-parked/{m}; an owner who knows that measurement (from a receipt or "
-                         "`mesatee attest` of the old kernel) can approve a migration from it")
+            lines.append(
+                f"{s['files']} sealed files from a kernel before the migration index (measurement unknown) "
+                f"are kept in sealed-parked/{m}; an owner who knows that measurement (from a receipt or "
+                "`mesatee attest` of the old kernel) can approve a migration from it"
+            )
             continue
         if not s["datasets"]:
-            lines.append(f"{s['files']} sealed files remain for measurement {m} (no datasets: jobs, models or cell "
-                         "files waiting for their owners' grants, caches and bookkeeping that do not move)")
+            lines.append(
+                f"{s['files']} sealed files remain for measurement {m} (no datasets: jobs, models or cell "
+                "files waiting for their owners' grants, caches and bookkeeping that do not move)"
+            )
             continue
         extra = f" ({s['files']} sealed files in all)"
         rollback = "; moving them here is a rollback to older code" if s["rollback"] else ""

@@ -132,8 +132,9 @@ WINDOW_FUNCS: dict[str, int] = {
 #: ``distinct``: the distinct values (``unique``) or the most common ones (``mode``): record values.
 DISTINCT_FUNCS = frozenset({"unique", "mode"})
 #: Frame-level reductions (``frame_reduce`` op): one value per column.
-FRAME_REDUCE_FUNCS = frozenset({"sum", "mean", "min", "max", "count", "std", "var", "median", "prod", "sem",
-                                "skew", "nunique", "any", "all"})
+FRAME_REDUCE_FUNCS = frozenset(
+    {"sum", "mean", "min", "max", "count", "std", "var", "median", "prod", "sem", "skew", "nunique", "any", "all"}
+)
 DTYPES = frozenset(
     {
         "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
@@ -1215,9 +1216,7 @@ def _infer_map(args: Mapping[str, Any], inp: Schema, schema_of: Callable[[Any], 
     raise AssertionError(func)  # pragma: no cover - the enum keeps these in step
 
 
-def _infer_window(
-    args: Mapping[str, Any], inp: Schema, schema_of: Callable[[Any], Schema], token: Hashable
-) -> Schema:
+def _infer_window(args: Mapping[str, Any], inp: Schema, schema_of: Callable[[Any], Schema], token: Hashable) -> Schema:
     func, vals = args["func"], tuple(args["args"])
     _, dt, kind = _series_dtype(inp, func)
     if len(vals) != WINDOW_FUNCS[func]:

@@ -19,11 +19,16 @@ from tests.conftest import KernelProc, start_kernel, stop_kernel
 def tight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelProc]:
     k = start_kernel(
         tmp_path_factory.mktemp("quota"),
-        "--party-sessions", "3",
-        "--party-executors", "4",
-        "--party-concurrent-calls", "1",
-        "--party-sealed-bytes", "1M",
-        "--anonymous-sessions", "2",
+        "--party-sessions",
+        "3",
+        "--party-executors",
+        "4",
+        "--party-concurrent-calls",
+        "1",
+        "--party-sealed-bytes",
+        "1M",
+        "--anonymous-sessions",
+        "2",
     )
     yield k
     stop_kernel(k)

@@ -169,9 +169,7 @@ def pooled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelProc]:
 
 
 @pytest.mark.slow
-def test_a_long_job_does_not_stall_another_party_and_can_be_cancelled(
-    pooled: KernelProc, tmp_path: Any
-) -> None:
+def test_a_long_job_does_not_stall_another_party_and_can_be_cancelled(pooled: KernelProc, tmp_path: Any) -> None:
     alice = mn.connect(pooled.url, policy=pooled.policy(), identity=tmp_path / "alice")
     bob = mn.connect(pooled.url, policy=pooled.policy(), identity=tmp_path / "bob")
     try:
@@ -191,8 +189,7 @@ def test_a_long_job_does_not_stall_another_party_and_can_be_cancelled(
             try:
                 out["r"] = alice.call(
                     "gbdt.train",
-                    {"data": {"input": "train"}, "label": "y", "num_boost_round": 100_000,
-                     "params": {"max_depth": 8}},
+                    {"data": {"input": "train"}, "label": "y", "num_boost_round": 100_000, "params": {"max_depth": 8}},
                     {"train": train},
                     progress=on_progress,
                 )

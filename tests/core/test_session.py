@@ -204,8 +204,10 @@ def test_executor_holds_no_key_material_and_is_hardened(session, kernel):
     assert core == [0, 0]
     assert env_keys == []
     assert ppid == 1  # bubblewrap's init: the supervisor is outside the sandbox's PID namespace
-    assert not session.run(f"import os\nos.path.exists('/proc/{info['pid']}/cmdline') and "
-                           f"b'serve' in open('/proc/{info['pid']}/cmdline', 'rb').read()").value
+    assert not session.run(
+        f"import os\nos.path.exists('/proc/{info['pid']}/cmdline') and "
+        f"b'serve' in open('/proc/{info['pid']}/cmdline', 'rb').read()"
+    ).value
     assert b"platform_key" not in cmdline and b"sealing" not in cmdline
     limits = Path(f"/proc/{info['pid']}/limits").read_text()
     core_line = next(line for line in limits.splitlines() if line.startswith("Max core file size"))

@@ -26,8 +26,9 @@ class Parties:
         self.c_identity = root / "c"
         self.c = mn.connect(kernel.url, policy=policy, identity=self.c_identity)
         rng = np.random.default_rng(3)
-        self.sales_b = pd.DataFrame({"x": rng.normal(size=200), "y": rng.integers(0, 100, 200),
-                                     "ssn": rng.integers(0, 10**9, 200)})
+        self.sales_b = pd.DataFrame(
+            {"x": rng.normal(size=200), "y": rng.integers(0, 100, 200), "ssn": rng.integers(0, 10**9, 200)}
+        )
         self.sales_c = pd.DataFrame({"x": rng.normal(size=150), "y": rng.integers(0, 100, 150)})
         self.ds_b = f"sales_b_{uuid.uuid4().hex[:6]}"
         self.ds_c = f"sales_c_{uuid.uuid4().hex[:6]}"

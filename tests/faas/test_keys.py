@@ -41,8 +41,12 @@ def test_p256_and_rsa_signatures_verify_outside(parties: Parties) -> None:
     pub.verify(p.a.keys.sign(ec_name, b"m"), b"m", ec.ECDSA(hashes.SHA256()))
     p.a.keys.create(rsa_name, kind="rsa-3072")
     rpub = serialization.load_pem_public_key(p.a.keys.public_key(rsa_name).encode())
-    rpub.verify(p.a.keys.sign(rsa_name, b"m"), b"m",  # type: ignore[union-attr,call-arg]
-                padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH), hashes.SHA256())
+    rpub.verify(
+        p.a.keys.sign(rsa_name, b"m"),
+        b"m",  # type: ignore[union-attr,call-arg]
+        padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH),
+        hashes.SHA256(),
+    )
     assert p.a.keys.decrypt(rsa_name, p.a.keys.encrypt(rsa_name, b"short secret")) == b"short secret"
 
 

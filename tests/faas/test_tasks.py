@@ -11,18 +11,24 @@ from mesatee_notebook.errors import EncodingError, NotFound, PolicyViolation
 from mesatee_notebook.remote.faas import SecureFunction
 from tests.faas.conftest import Parties, unique
 
-JOIN_STATS = '''
+JOIN_STATS = """
 import pandas as pd
 
 def main(left, right, scale=1):
     both = pd.concat([left, right], ignore_index=True)
     return {"rows": len(both), "mean_y": float(both["y"].mean()) * scale, "columns": sorted(left.columns)}
-'''
+"""
 
 
 def register(p: Parties, source: str = JOIN_STATS, **kw: Any) -> SecureFunction:
-    fn = p.a.functions.register(unique("stats"), python=source, entry="main", inputs=["left", "right"],
-                                description="row count and mean of y over two tables", **kw)
+    fn = p.a.functions.register(
+        unique("stats"),
+        python=source,
+        entry="main",
+        inputs=["left", "right"],
+        description="row count and mean of y over two tables",
+        **kw,
+    )
     assert isinstance(fn, SecureFunction)
     return fn
 
@@ -63,8 +69,11 @@ def test_register_approve_run_result_only_to_receiver(parties: Parties) -> None:
     for other in (p.b, p.c):  # owners are not receivers
         with pytest.raises(PolicyViolation):
             other.tasks.result(name)
-    kinds = [(e["kind"], (e.get("details") or {}).get("service")) for e in p.b.audit()
-             if (e.get("details") or {}).get("job_id") == done.job_id]
+    kinds = [
+        (e["kind"], (e.get("details") or {}).get("service"))
+        for e in p.b.audit()
+        if (e.get("details") or {}).get("job_id") == done.job_id
+    ]
     assert ("job", "faas.task") in kinds
 
 
@@ -108,7 +117,7 @@ def test_bad_registrations_and_tasks_are_typed_errors(parties: Parties) -> None:
         p.a.tasks.create(unique("t"), function=fn, inputs={"left": p.ds_b, "right": "no_such_dataset"})
 
 
-ESCAPE = '''
+ESCAPE = """
 def main(data, secret_dir, shared_dir):
     import os, socket
     out = {}
@@ -134,7 +143,7 @@ def main(data, secret_dir, shared_dir):
     except Exception as exc:
         out["api"] = type(exc).__name__
     return out
-'''
+"""
 
 
 def test_python_function_runs_sandboxed_with_only_its_inputs(parties: Parties) -> None:
@@ -181,8 +190,7 @@ def test_builtin_linear_regression_and_pca(parties: Parties) -> None:
     assert got["coef"][0] == pytest.approx(slope) and got["intercept"] == pytest.approx(intercept)
     pca = p.b.functions.builtin("pca")
     n2 = unique("pca")
-    st = p.b.tasks.create(n2, function=pca, inputs={"data": p.ds_b}, args={"n_components": 1},
-                          receivers=[p.b.party_id])
+    st = p.b.tasks.create(n2, function=pca, inputs={"data": p.ds_b}, args={"n_components": 1}, receivers=[p.b.party_id])
     assert st.state == "done", st.error
     out = p.b.tasks.result(n2).value
     assert out["features"] == ["x", "y"] and len(out["components"][0]) == 2
@@ -212,7 +220,12 @@ def test_owner_approves_from_its_own_process(parties: Parties, tmp_path_factory:
     p.b.tasks.approve(name)
     ident = p.c_identity
     k = p.kernel
-    out = subprocess.run([sys.executable, "-c", APPROVE_IN_OWN_PROCESS, k.url, k.fingerprint, k.measurement,
-                          str(ident), name], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", APPROVE_IN_OWN_PROCESS, k.url, k.fingerprint, k.measurement, str(ident), name],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     assert out.stdout.strip() == "done", out.stderr[-2000:]
     assert p.a.tasks.result(name).value["rows"] == len(p.sales_b) + len(p.sales_c)

@@ -13,13 +13,13 @@ from tests.faas.conftest import Parties, unique
 from tests.faas.wat import BAD_IMPORT, BIG_MEMORY, BIG_TABLE, ECHO, GROW, LOOP, OPEN_HOST, SUM_I64, wasm
 
 
-def run(p: Parties, wat: str, *, dataset: str | None = None, limits: dict[str, Any] | None = None,
-        **kw: Any) -> Any:
+def run(p: Parties, wat: str, *, dataset: str | None = None, limits: dict[str, Any] | None = None, **kw: Any) -> Any:
     """B registers and runs a module on its own dataset (B owns the input, so its create approves)."""
     fn = p.b.functions.register(unique("wasm"), wasm=wasm(wat), inputs=["data"], **kw)
     name = unique("wtask")
-    st = p.b.tasks.create(name, function=fn, inputs={"data": dataset or p.ds_b}, receivers=[p.b.party_id],
-                          limits=limits)
+    st = p.b.tasks.create(
+        name, function=fn, inputs={"data": dataset or p.ds_b}, receivers=[p.b.party_id], limits=limits
+    )
     return name, st
 
 
@@ -97,7 +97,7 @@ def test_malformed_module_bytes(parties: Parties) -> None:
 def test_sum_matches_numpy(parties: Parties) -> None:
     import pandas as pd
 
-    values = np.random.default_rng(1).integers(-10**12, 10**12, 100_000, dtype=np.int64)
+    values = np.random.default_rng(1).integers(-(10**12), 10**12, 100_000, dtype=np.int64)
     ds = unique("ints").replace("-", "_")
     parties.b.upload(pd.DataFrame({"v": values}), ds)
     n1, st = run(parties, SUM_I64, dataset=ds, raw_inputs=["data"])

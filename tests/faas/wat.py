@@ -101,5 +101,6 @@ def wasm(wat: str) -> bytes:
     """Compile WAT text to module bytes."""
     return bytes(wasmtime.wat2wasm(wat))
 
+
 BIG_TABLE = r"""(module (table 200000 funcref) (func (export "_start")))"""
 BIG_MEMORY = r"""(module (memory 2000) (func (export "_start")))"""

@@ -204,4 +204,3 @@ def test_a_dp_policy_must_name_existing_columns(kernel: KernelProc, tmp_path: Pa
             owner.upload(frame(), "dp_bad", policy=bad)
     finally:
         owner.close()
-

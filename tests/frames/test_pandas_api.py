@@ -52,6 +52,7 @@ def method_case(col: str, method: str, other: str | int) -> Callable[[Any], Any]
     """``d[col].method(d[other])`` (or a literal ``other``), the method form of an operator."""
     return lambda d: getattr(d[col], method)(d[other] if isinstance(other, str) else other)
 
+
 SERIES: list[Case] = [
     ("between", lambda d: d.x.between(-1, 2)),
     ("between_neither", lambda d: d.a.between(1, 4, inclusive="neither")),
@@ -160,10 +161,14 @@ FRAMES: list[Case] = [
     ("nsmallest_frame", lambda d: d.nsmallest(2, ["a", "y"])),
     ("concat", lambda d: concat_([d[d.a > 3], d[d.a < 2]])),
     ("melt", lambda d: d.melt(id_vars=["g"], value_vars=["x", "y"])),
-    ("melt_mixed", lambda d: d[d.a > 1].melt(id_vars=["a", "flag"], value_vars=["s", "g"],
-                                             var_name="k", value_name="v")),
-    ("melt_then_agg", lambda d: d.melt(id_vars=["g"], value_vars=["x", "y"]).groupby("variable").agg(
-        m=("value", "mean"))),
+    (
+        "melt_mixed",
+        lambda d: d[d.a > 1].melt(id_vars=["a", "flag"], value_vars=["s", "g"], var_name="k", value_name="v"),
+    ),
+    (
+        "melt_then_agg",
+        lambda d: d.melt(id_vars=["g"], value_vars=["x", "y"]).groupby("variable").agg(m=("value", "mean")),
+    ),
     ("groupby_prod_sem_skew", lambda d: d.groupby("g").agg(p=("a", "prod"), s=("y", "sem"), k=("y", "skew"))),
     ("groupby_any_all", lambda d: d.groupby("g").agg(an=("flag", "any"), al=("flag", "all"))),
     ("groupby_var", lambda d: d.groupby("g")["y"].var()),

@@ -31,7 +31,8 @@ _LIMITS = Limits(max_header=64 << 10, max_payload=1 << 20, max_payloads=64)
 _KINDS = ("arrow.frame", "arrow.series", "npy", "bytes", "msgpack", "pickle")
 _SOURCES = {
     "t": SourceInfo(
-        "t", (("g", "str"), ("v", "int64"), ("x", "float64"), ("d", "datetime64[ns]"), ("ssn", "str")),
+        "t",
+        (("g", "str"), ("v", "int64"), ("x", "float64"), ("d", "datetime64[ns]"), ("ssn", "str")),
         frozenset({"ssn"}),
     ),
     "u": SourceInfo("u", (("g", "str"), ("w", "int64")), frozenset()),
@@ -142,20 +143,37 @@ def _plans() -> list[bytes]:
             "s": src,
             "root": {
                 "op": "groupby_agg",
-                "args": {"input": "s", "by": ["g"], "aggs": [["n", "v", "sum"]], "as_index": True,
-                         "dropna": True, "sort": True},
+                "args": {
+                    "input": "s",
+                    "by": ["g"],
+                    "aggs": [["n", "v", "sum"]],
+                    "as_index": True,
+                    "dropna": True,
+                    "sort": True,
+                },
             },
         },
         {
-            "s": src, "c": col,
+            "s": src,
+            "c": col,
             "k": {"op": "binary", "args": {"op": "gt", "left": {"ref": "c"}, "right": {"lit": 3}}},
             "f": {"op": "filter", "args": {"input": "s", "predicate": "k"}},
             "root": {"op": "describe", "args": {"input": "f", "columns": ["v", "x"]}},
         },
         {
-            "s": src, "u": {"op": "source", "args": {"name": "u"}},
-            "m": {"op": "merge", "args": {"left": "s", "right": "u", "how": "inner", "left_on": ["g"],
-                                          "right_on": ["g"], "suffixes": ["_l", "_r"]}},
+            "s": src,
+            "u": {"op": "source", "args": {"name": "u"}},
+            "m": {
+                "op": "merge",
+                "args": {
+                    "left": "s",
+                    "right": "u",
+                    "how": "inner",
+                    "left_on": ["g"],
+                    "right_on": ["g"],
+                    "suffixes": ["_l", "_r"],
+                },
+            },
             "w": {"op": "column", "args": {"input": "m", "name": "w"}},
             "root": {"op": "reduce", "args": {"input": "w", "func": "mean"}},
         },

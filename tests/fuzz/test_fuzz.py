@@ -32,9 +32,22 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_short_atheris_run_finds_no_untyped_exception(name: str, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.fuzz.run", name, "-max_total_time=3", "-runs=200000",
-         f"-artifact_prefix={tmp_path}/", "-seed=1"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+        [
+            sys.executable,
+            "-m",
+            "tests.fuzz.run",
+            name,
+            "-max_total_time=3",
+            "-runs=200000",
+            f"-artifact_prefix={tmp_path}/",
+            "-seed=1",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "Uncaught Python exception" not in out, out[-4000:]
@@ -70,10 +83,30 @@ def _valid_frames() -> list[bytes]:
         _frame({"t": "ping", "id": 2}, []),
         _frame({"t": "session.open", "id": 3, "name": "fz"}, []),
         _frame({"t": "whoami", "id": 4}, []),
-        _frame({"t": "execute", "id": 5, "session": "x", "token": "y", "nonce": "n" * 32, "code": "1",
-                     "inputs": [{"name": "a", "kind": "npy"}], "outputs": []}, [b"\x93NUMPY"]),
-        _frame({"t": "call", "id": 6, "service": "dataset.list", "nonce": "m" * 32, "args": {},
-                     "inputs": [{"name": "x", "kind": "msgpack"}]}, [msgpack.packb({"a": 1})]),
+        _frame(
+            {
+                "t": "execute",
+                "id": 5,
+                "session": "x",
+                "token": "y",
+                "nonce": "n" * 32,
+                "code": "1",
+                "inputs": [{"name": "a", "kind": "npy"}],
+                "outputs": [],
+            },
+            [b"\x93NUMPY"],
+        ),
+        _frame(
+            {
+                "t": "call",
+                "id": 6,
+                "service": "dataset.list",
+                "nonce": "m" * 32,
+                "args": {},
+                "inputs": [{"name": "x", "kind": "msgpack"}],
+            },
+            [msgpack.packb({"a": 1})],
+        ),
         _frame({"t": "interrupt", "id": 7, "session": "x", "token": "y"}, []),
         _frame({"t": "call.cancel", "id": 8, "nonce": "q" * 32}, []),
         _frame({"t": "audit", "id": 9}, []),

@@ -455,8 +455,12 @@ def test_refusals_through_the_api_show_a_short_traceback(
     analyst = mn.connect(identity=tmp_path / "analyst")
     try:
         table = pd.DataFrame({"a": range(50), "ssn": range(50)})
-        owner.upload(table, "short_tb", policy=mn.DataPolicy(min_group_size=10, hidden_columns=["ssn"],
-                                                              allow_rows=False), replace=True)
+        owner.upload(
+            table,
+            "short_tb",
+            policy=mn.DataPolicy(min_group_size=10, hidden_columns=["ssn"], allow_rows=False),
+            replace=True,
+        )
         ip.user_ns["sdf"] = analyst.dataframe("short_tb")
         cases = {  # code: (the message, where it was raised)
             "sdf.head().collect()": ("does not allow row-level results (allow_rows=False); aggregate", "channel.py"),

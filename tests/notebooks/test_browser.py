@@ -28,8 +28,13 @@ NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 CHROMIUM = Path("/usr/bin/chromium")
 # as root Chromium needs --no-sandbox; the rest keeps it from calling home or updating itself
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--no-first-run",
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
 ]
 DEADLINE = 240.0  # seconds for the whole run: start, open, run all, check
 
@@ -67,10 +72,24 @@ def lab(notebook_env: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(config), "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
     log = (tmp_path / "lab.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyter", "lab", f"--notebook-dir={root}", "--no-browser", "--allow-root",
-         "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", f"--IdentityProvider.token={token}",
-         "--ServerApp.open_browser=False"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "jupyter",
+            "lab",
+            f"--notebook-dir={root}",
+            "--no-browser",
+            "--allow-root",
+            "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={port}",
+            f"--IdentityProvider.token={token}",
+            "--ServerApp.open_browser=False",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
     )
     log.close()
     base = f"http://127.0.0.1:{port}"
@@ -99,6 +118,7 @@ def lab(notebook_env: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
 @pytest.mark.slow
 def test_quickstart_in_jupyterlab(lab: tuple[str, Path], tmp_path: Path) -> None:
     from playwright import sync_api  # in .[test]; a missing install fails the test rather than skip it
+
     url, root = lab
     started = time.monotonic()
 

@@ -31,7 +31,8 @@ SECRET = b"sealed before the fault" * 100
 
 def service_workers(k: KernelProc) -> list[int]:
     return [
-        p.pid for p in psutil.Process(k.proc.pid).children()
+        p.pid
+        for p in psutil.Process(k.proc.pid).children()
         if p.status() != psutil.STATUS_ZOMBIE and "--service" in p.cmdline()
     ]
 
@@ -78,7 +79,9 @@ def _operation(phase: str, owner: Any, bob: Any, data_dir: Path, started: thread
         df = pd.DataFrame(rng.normal(size=(20_000, 8)), columns=[f"f{i}" for i in range(8)])
         df["y"] = rng.normal(size=len(df))
         return lambda: owner.call(
-            "gbdt.train", {"data": {"input": "d"}, "label": "y", "num_boost_round": 100_000}, {"d": df},
+            "gbdt.train",
+            {"data": {"input": "d"}, "label": "y", "num_boost_round": 100_000},
+            {"d": df},
             progress=lambda e: started.set(),
         )
     if phase == "psi":
@@ -86,13 +89,15 @@ def _operation(phase: str, owner: Any, bob: Any, data_dir: Path, started: thread
         rng = np.random.default_rng(2)
         a = rng.integers(0, 2**62, n, dtype=np.int64)
         b = np.concatenate([a[: n // 2], rng.integers(0, 2**62, n - n // 2, dtype=np.int64)])
-        owner.psi.create("fault-psi", [owner.party_id, bob.party_id], mode="intersection",
-                         receivers=[owner.party_id])
+        owner.psi.create("fault-psi", [owner.party_id, bob.party_id], mode="intersection", receivers=[owner.party_id])
         owner.psi.submit("fault-psi", a)
         bob.psi.submit("fault-psi", b)
         digest = bob.psi.status("fault-psi").spec_digest
-        return lambda: bob.call("psi.approve", {"name": "fault-psi", "spec_digest": digest},
-                                progress=lambda e: started.set() if e.get("state") == "running" else None)
+        return lambda: bob.call(
+            "psi.approve",
+            {"name": "fault-psi", "spec_digest": digest},
+            progress=lambda e: started.set() if e.get("state") == "running" else None,
+        )
     raise AssertionError(phase)
 
 
@@ -122,6 +127,7 @@ def test_kill_9_mid_operation(tmp_path: Path, victim: str, phase: str) -> None:
         started = threading.Event()
         op = _operation(phase, owner, bob, data_dir, started)
         if phase in ("seal", "upload"):
+
             def mid() -> bool:
                 return not no_part_files(data_dir)
         else:

@@ -83,8 +83,15 @@ def _files(directory: Path) -> dict[str, str]:
 
 
 def _send_grant(s: mn.Session, grant: dict, signer: PartyIdentity) -> None:
-    s._channel.request({"t": "migration", "op": "approve", "grant": grant, "public_key": signer.public_key_raw,
-                        "signature": signer.sign_migration_grant(grant)})
+    s._channel.request(
+        {
+            "t": "migration",
+            "op": "approve",
+            "grant": grant,
+            "public_key": signer.public_key_raw,
+            "signature": signer.sign_migration_grant(grant),
+        }
+    )
 
 
 @pytest.mark.slow
@@ -113,8 +120,21 @@ def test_upgrade_grants_rollback_and_audit(tmp_path: Path, upgraded: Path) -> No
         log = (data_dir / "serve.log").read_text()
         assert f"2 datasets of 2 owners are sealed for measurement {a}" in log and "need a migration" in log
         attest = subprocess.run(
-            [sys.executable, "-m", "mesatee_notebook.cli", "attest", kb.url, "--platform-root", kb.fingerprint,
-             "--measurement", b], capture_output=True, text=True, check=True)
+            [
+                sys.executable,
+                "-m",
+                "mesatee_notebook.cli",
+                "attest",
+                kb.url,
+                "--platform-root",
+                kb.fingerprint,
+                "--measurement",
+                b,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert f"SEALED STATE: 2 datasets of 2 owners are sealed for measurement {a}" in attest.stdout
         parked = data_dir / "sealed-parked" / a
         before = _files(parked)
@@ -145,8 +165,15 @@ def test_upgrade_grants_rollback_and_audit(tmp_path: Path, upgraded: Path) -> No
         sig = id1.sign_migration_grant(altered)
         altered["dataset"] = "two"
         with pytest.raises(mn.PolicyViolation, match="does not verify"):
-            o1._channel.request({"t": "migration", "op": "approve", "grant": altered,
-                                 "public_key": id1.public_key_raw, "signature": sig})
+            o1._channel.request(
+                {
+                    "t": "migration",
+                    "op": "approve",
+                    "grant": altered,
+                    "public_key": id1.public_key_raw,
+                    "signature": sig,
+                }
+            )
         with pytest.raises(mn.PolicyViolation, match="belongs to another party"):
             o2.approve_migration("one", from_=a)
         with pytest.raises(mn.PolicyViolation, match="another pair"):
@@ -209,7 +236,10 @@ def test_upgrade_grants_rollback_and_audit(tmp_path: Path, upgraded: Path) -> No
         assert listed["two"]["sha256"] == digest2
         moved_job = o1.psi.status("shared")
         assert (moved_job.state, moved_job.spec_digest, moved_job.missing_inputs) == (
-            job.state, job.spec_digest, job.missing_inputs)
+            job.state,
+            job.spec_digest,
+            job.missing_inputs,
+        )
         summary = o1.migration_status()
         assert summary is not None and all(s["datasets"] == 0 for s in summary["stores"])
         o1.close()
@@ -296,8 +326,11 @@ def test_crash_right_after_the_commit_is_finished_on_restart(tmp_path: Path, mon
     old = live_store(tmp_path, secret, a)
     payload = os.urandom(300_000)
     old.put("svc/datasets/d/data", payload)
-    old.put("svc/datasets/d/meta", b'{"name": "d", "owner": "%s", "rows": 3, "sha256": "%s"}'
-            % (owner.party_id.encode(), hashlib.sha256(payload).hexdigest().encode()))
+    old.put(
+        "svc/datasets/d/meta",
+        b'{"name": "d", "owner": "%s", "rows": 3, "sha256": "%s"}'
+        % (owner.party_id.encode(), hashlib.sha256(payload).hexdigest().encode()),
+    )
     old.put("svc/cache/trees/x", b"rebuilt on use")
     state = SealedState.at_start(tmp_path, secret, b)
     assert state is not None and state.status()["stores"][0]["datasets"] == 1
@@ -344,15 +377,35 @@ def test_old_code_moves_the_data_with_migrate_to(tmp_path: Path, upgraded: Path)
         result = o1.approve_migration("*", from_=ka.measurement, to=b)
         assert result["recorded"] and not result["migrated"] and "migrate --to" in result["next"]
         assert len(o1.dataframe("early")) == len(df)  # nothing moved yet: still readable on A
-        refused = subprocess.run([sys.executable, "-m", "mesatee_notebook.cli", "enclave", "migrate", "--to", b,
-                                  "--data-dir", str(data_dir)], capture_output=True, text=True, check=False)
+        refused = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mesatee_notebook.cli",
+                "enclave",
+                "migrate",
+                "--to",
+                b,
+                "--data-dir",
+                str(data_dir),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert refused.returncode == 2 and "stop it first" in refused.stderr
         o1.close()
     a = ka.measurement
-    done = subprocess.run([sys.executable, "-m", "mesatee_notebook.cli", "enclave", "migrate", "--to", b,
-                           "--data-dir", str(data_dir)], capture_output=True, text=True, check=True)
-    assert "dataset early" in done.stdout and f"cells {PartyIdentity.load_or_create(tmp_path / 'o1').party_id}" \
-        not in done.stdout
+    done = subprocess.run(
+        [sys.executable, "-m", "mesatee_notebook.cli", "enclave", "migrate", "--to", b, "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert (
+        "dataset early" in done.stdout
+        and f"cells {PartyIdentity.load_or_create(tmp_path / 'o1').party_id}" not in done.stdout
+    )
     with _kernel(upgraded, data_dir) as kb:
         assert kb.measurement == b
         o1 = _connect(kb, tmp_path / "o1")
@@ -407,8 +460,9 @@ def test_replacing_the_embedded_kernel_says_what_happens_to_the_old_data(tmp_pat
 
     gone = subprocess.Popen(["true"])
     gone.wait()
-    (tmp_path / "kernel.json").write_text(json.dumps(
-        {"pid": gone.pid, "host": "127.0.0.1", "port": 1, "measurement": "ab" * 32}))
+    (tmp_path / "kernel.json").write_text(
+        json.dumps({"pid": gone.pid, "host": "127.0.0.1", "port": 1, "measurement": "ab" * 32})
+    )
     with pytest.warns(embedded.SealedStateWarning, match="stay sealed for abab.*approve_migration"):
         assert embedded._running(tmp_path) is None
 

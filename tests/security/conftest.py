@@ -28,16 +28,29 @@ from tests.conftest import KernelProc, start_kernel, stop_kernel
 
 RT_USER = "mesatee-redteam"
 #: small limits so the bombs end quickly
-LIMITS = ("--max-processes", "64", "--cell-memory", "1G", "--tmp-size", "64M", "--max-file-size", "32M",
-          "--cell-cpu", "3")
+LIMITS = (
+    "--max-processes",
+    "64",
+    "--cell-memory",
+    "1G",
+    "--tmp-size",
+    "64M",
+    "--max-file-size",
+    "32M",
+    "--cell-cpu",
+    "3",
+)
 
 
 def _ensure_user() -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(RT_USER)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", RT_USER],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", RT_USER],
+            check=True,
+            capture_output=True,
+        )
         return pwd.getpwnam(RT_USER)
 
 
@@ -69,18 +82,32 @@ def _wrapper(user: pwd.struct_passwd, argv: list[str]) -> list[str]:
     """A command that runs ``argv`` as ``user``, with the environment reachable."""
     paths = _needed_paths()
     blocked = _blocked_ancestors(user, paths)
-    drop = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", "--",
-            "env", "-i", "HOME=/tmp", "PATH=/usr/bin:/bin", f"PYTHONPATH={os.environ.get('PYTHONPATH', '')}", *argv]
+    drop = [
+        "setpriv",
+        f"--reuid={user.pw_uid}",
+        f"--regid={user.pw_gid}",
+        "--clear-groups",
+        "--",
+        "env",
+        "-i",
+        "HOME=/tmp",
+        "PATH=/usr/bin:/bin",
+        f"PYTHONPATH={os.environ.get('PYTHONPATH', '')}",
+        *argv,
+    ]
     if not blocked:
         return drop
     script = ["set -e"]
     for i, b in enumerate(blocked):
         stash = f"/run/mesatee-rt-stash-{os.getpid()}-{i}"
-        script += [f"mkdir -p {stash}", f"mount --bind {shlex.quote(b)} {stash}",
-                   f"mount -t tmpfs -o mode=0755 tmpfs {shlex.quote(b)}"]
+        script += [
+            f"mkdir -p {stash}",
+            f"mount --bind {shlex.quote(b)} {stash}",
+            f"mount -t tmpfs -o mode=0755 tmpfs {shlex.quote(b)}",
+        ]
         for p in paths:
             if p.startswith(b + "/"):
-                rel = p[len(b) + 1:]
+                rel = p[len(b) + 1 :]
                 script += [f"mkdir -p {shlex.quote(p)}", f"mount --bind {stash}/{shlex.quote(rel)} {shlex.quote(p)}"]
     script.append("exec " + shlex.join(drop))
     return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", "\n".join(script)]
@@ -92,13 +119,16 @@ def start_unprivileged_kernel(*extra: str) -> KernelProc:
     os.chown(data_dir, user.pw_uid, user.pw_gid)
     data_dir.chmod(0o700)
     enclave = [sys.executable, "-m", "mesatee_notebook.cli", "enclave"]
-    subprocess.run(_wrapper(user, [*enclave, "init-platform", "--data-dir", str(data_dir)]), check=True,
-                   capture_output=True)
+    subprocess.run(
+        _wrapper(user, [*enclave, "init-platform", "--data-dir", str(data_dir)]), check=True, capture_output=True
+    )
     log_path = Path(tempfile.mkdtemp(prefix="mesatee-rt-log-")) / "serve.log"
     log = log_path.open("ab")
     proc = subprocess.Popen(
         _wrapper(user, [*enclave, "serve", "--port", "0", "--data-dir", str(data_dir), *extra]),
-        stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
     )
     log.close()
     deadline = time.monotonic() + 120
@@ -109,8 +139,15 @@ def start_unprivileged_kernel(*extra: str) -> KernelProc:
         if info_path.exists():
             info = json.loads(info_path.read_text())
             fp = (data_dir / "platform" / "fingerprint").read_text().strip()
-            k = KernelProc(f"mesatee://127.0.0.1:{info['port']}", "127.0.0.1", int(info["port"]), data_dir, fp, proc,
-                           str(info["measurement"]))
+            k = KernelProc(
+                f"mesatee://127.0.0.1:{info['port']}",
+                "127.0.0.1",
+                int(info["port"]),
+                data_dir,
+                fp,
+                proc,
+                str(info["measurement"]),
+            )
             k.kernel_pid = int(info["pid"])  # type: ignore[attr-defined]
             k.log_path = log_path  # type: ignore[attr-defined]
             return k

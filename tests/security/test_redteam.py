@@ -200,8 +200,9 @@ def test_no_ptrace_and_no_foreign_memory_even_while_executors_start(world: dict[
     assert hits == []
     # It saw only its own sandbox's processes (bubblewrap's init and its own session), never a host pid.
     assert all(p < 100 for p in seen)
-    ptrace = m.run("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-                   "(libc.ptrace(16, 1, None, None), ctypes.get_errno())").value
+    ptrace = m.run(
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n(libc.ptrace(16, 1, None, None), ctypes.get_errno())"
+    ).value
     assert ptrace[0] == -1
     _others_fine(world)
 
@@ -307,13 +308,17 @@ def test_memory_bombs_are_typed_and_contained(world: dict[str, Any]) -> None:
     with pytest.raises(mn.RemoteExecutionError, match="PermissionError"):
         m.run("import os\nos.memfd_create('hoard')")
     with pytest.raises(mn.ResourceLimitExceeded) as info:
-        m.run("import os\nfds = []\nwhile True:\n    fd = os.open('/dev/shm', os.O_TMPFILE | os.O_RDWR, 0o600)\n"
-              "    os.write(fd, b'x' * (16 << 20)); fds.append(fd)", timeout=120)
+        m.run(
+            "import os\nfds = []\nwhile True:\n    fd = os.open('/dev/shm', os.O_TMPFILE | os.O_RDWR, 0o600)\n"
+            "    os.write(fd, b'x' * (16 << 20)); fds.append(fd)",
+            timeout=120,
+        )
     assert info.value.details.get("limit") == "tmp-space"
     m.restart()
     # System V shared memory outlives its mapping: the filter refuses it.
-    err = m.run("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-                "(libc.shmget(0, 1 << 30, 0o1600), ctypes.get_errno())").value
+    err = m.run(
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n(libc.shmget(0, 1 << 30, 0o1600), ctypes.get_errno())"
+    ).value
     assert err[0] == -1
     _others_fine(world)
 
@@ -423,9 +428,12 @@ def test_evidence_reports_the_sandbox(world: dict[str, Any]) -> None:
     assert att.manifest["sandbox"]["enabled"] is True
     # the profile's denied syscalls are part of the measured manifest, so part of the measurement
     assert {"ptrace", "process_vm_readv", "mount", "bpf", "unshare"} <= set(att.manifest["sandbox"]["seccomp"]["eperm"])
-    assert att.measurement == hashlib.sha256(
-        __import__("mesatee_notebook.attestation.measurement", fromlist=["x"]).canonical_json(att.manifest)
-    ).hexdigest()
+    assert (
+        att.measurement
+        == hashlib.sha256(
+            __import__("mesatee_notebook.attestation.measurement", fromlist=["x"]).canonical_json(att.manifest)
+        ).hexdigest()
+    )
     if world["k"].setup == "root":
         assert "own unprivileged uid" in sb["uid_mode"]
     else:

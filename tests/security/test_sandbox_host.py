@@ -21,8 +21,14 @@ def _enclave(*args: str) -> list[str]:
 def test_a_host_without_bubblewrap_is_refused_and_told_what_is_missing(tmp_path: Path) -> None:
     subprocess.run(_enclave("init-platform", "--data-dir", str(tmp_path)), check=True, capture_output=True)
     env = {**os.environ, "PATH": str(tmp_path / "empty-bin")}
-    res = subprocess.run(_enclave("serve", "--port", "0", "--data-dir", str(tmp_path)), env=env,
-                         capture_output=True, text=True, timeout=120, check=False)
+    res = subprocess.run(
+        _enclave("serve", "--port", "0", "--data-dir", str(tmp_path)),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert res.returncode == 2
     assert "bubblewrap" in res.stderr and "apt-get install bubblewrap" in res.stderr
     assert "--no-sandbox" in res.stderr
@@ -35,8 +41,13 @@ def test_a_data_dir_the_sandbox_would_see_is_refused(tmp_path: Path) -> None:
 
     inside = Path(mesatee_notebook.__file__).resolve().parent / ".mesatee-test-data"
     try:
-        res = subprocess.run(_enclave("serve", "--port", "0", "--level", "unprotected", "--data-dir", str(inside)),
-                             capture_output=True, text=True, timeout=120, check=False)
+        res = subprocess.run(
+            _enclave("serve", "--port", "0", "--level", "unprotected", "--data-dir", str(inside)),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert res.returncode == 2
         assert "data directory" in res.stderr and "read-only" in res.stderr
     finally:
@@ -53,8 +64,11 @@ def test_no_sandbox_is_loud_and_refused_unless_the_policy_says_otherwise(tmp_pat
         assert k.measurement == mn.expected_measurement(sandboxed=False) != mn.expected_measurement()
         with pytest.raises(mn.SandboxRequired, match="WITHOUT a sandbox"):
             mn.connect(k.url, policy=mn.Policy(platform_roots=[k.fingerprint], measurements=[k.measurement]))
-        s = mn.connect(k.url, policy=mn.Policy(platform_roots=[k.fingerprint], measurements=[k.measurement],
-                                               require_sandbox=False), identity=False)
+        s = mn.connect(
+            k.url,
+            policy=mn.Policy(platform_roots=[k.fingerprint], measurements=[k.measurement], require_sandbox=False),
+            identity=False,
+        )
         try:
             assert s.run("1 + 1").value == 2
             att = s.attestation
@@ -77,9 +91,23 @@ def test_the_card_and_cli_show_the_sandbox(kernel) -> None:  # type: ignore[no-u
         assert "sandbox details" in html and "seccomp" in html
     finally:
         s.close()
-    res = subprocess.run([sys.executable, "-m", "mesatee_notebook.cli", "attest", kernel.url, "--platform-root",
-                          kernel.fingerprint, "--measurement", kernel.measurement], capture_output=True, text=True,
-                         timeout=60, check=False)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mesatee_notebook.cli",
+            "attest",
+            kernel.url,
+            "--platform-root",
+            kernel.fingerprint,
+            "--measurement",
+            kernel.measurement,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr
     assert "sandbox" in res.stdout and "bubblewrap" in res.stdout
 

@@ -183,16 +183,25 @@ def _register(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any],
             raise EncodingError(msg)
         meta["raw_inputs"] = raw
     digest = function_digest(meta, code)
-    meta.update({"registered_by": registrant, "registered": time.time(),
-                 "code_sha256": hashlib.sha256(code).hexdigest(), "size": len(code)})
+    meta.update(
+        {
+            "registered_by": registrant,
+            "registered": time.time(),
+            "code_sha256": hashlib.sha256(code).hexdigest(),
+            "size": len(code),
+        }
+    )
     try:
         old = ctx.seal_get(_fn_key(digest))
     except NotFound:
         old = None
     if old is None:
         ctx.seal_put(_fn_key(digest), pack_values({"code": code}, **meta))
-        ctx.audit("function", {"event": "register", "function": digest, "name": name, "lang": lang,
-                               "registered_by": registrant}, concerns=[ALL_PARTIES])
+        ctx.audit(
+            "function",
+            {"event": "register", "function": digest, "name": name, "lang": lang, "registered_by": registrant},
+            concerns=[ALL_PARTIES],
+        )
     else:
         meta = unpack_values(old)[1]
     return ServiceResult(info=_public(meta, digest))
@@ -275,8 +284,11 @@ def task_create(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any
         msg = f"{clash} are both inputs and args"
         raise EncodingError(msg)
     receivers = args.get("receivers") or [ctx.party]
-    if isinstance(receivers, str) or not isinstance(receivers, list) or not all(
-            isinstance(r, str) and r for r in receivers):
+    if (
+        isinstance(receivers, str)
+        or not isinstance(receivers, list)
+        or not all(isinstance(r, str) and r for r in receivers)
+    ):
         msg = "receivers must be a list of party ids"
         raise EncodingError(msg)
     output = args.get("output_dataset")
@@ -298,8 +310,9 @@ def task_create(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any
         "datasets": {arg: {"dataset": ds} for arg, ds in bound.items()},
         "output_dataset": output,
     }
-    tr = store.create(creator=ctx.party, kind=KIND, inputs=owners, receivers=list(receivers), params=params,
-                      job_id=job_id)
+    tr = store.create(
+        creator=ctx.party, kind=KIND, inputs=owners, receivers=list(receivers), params=params, job_id=job_id
+    )
     return ServiceResult(info=job_info(tr.job, ctx.party))
 
 
@@ -335,8 +348,12 @@ def run_task(ctx: ServiceContext, store: JobStore, job: Job) -> bytes:
     fn = {k: meta[k] for k in ("name", "lang", "entry", "inputs", "outputs")}
     fn["raw_inputs"] = list(meta.get("raw_inputs") or [])
     code_value: Any = code.decode() if meta["lang"] == "python" else code
-    blob = pack_values({"__code__": code_value, **frames}, function=fn, args=dict(params.get("args") or {}),
-                       limits=dict(params.get("limits") or {}))
+    blob = pack_values(
+        {"__code__": code_value, **frames},
+        function=fn,
+        args=dict(params.get("args") or {}),
+        limits=dict(params.get("limits") or {}),
+    )
     t0 = time.perf_counter()
     out = ctx.run_function(blob, timeout=float((params.get("limits") or {}).get("seconds", 300)) + 60)
     seconds = round(time.perf_counter() - t0, 4)
@@ -349,9 +366,18 @@ def run_task(ctx: ServiceContext, store: JobStore, job: Job) -> bytes:
         "fuel": info.get("fuel"),
         "run_seconds": seconds,
     }
-    ctx.audit("job", {"service": KIND, "job_id": job.job_id, "function": digest, "inputs": digests,
-                      "fuel": info.get("fuel"), "receivers": list(job.spec.receivers)},
-              concerns=sorted(job.spec.parties))
+    ctx.audit(
+        "job",
+        {
+            "service": KIND,
+            "job_id": job.job_id,
+            "function": digest,
+            "inputs": digests,
+            "fuel": info.get("fuel"),
+            "receivers": list(job.spec.receivers),
+        },
+        concerns=sorted(job.spec.parties),
+    )
     output = params.get("output_dataset")
     if output:
         frame = next(iter(values.values())) if len(values) == 1 else None
@@ -361,4 +387,3 @@ def run_task(ctx: ServiceContext, store: JobStore, job: Job) -> bytes:
         _store_dataset(ctx, job, str(output), frame, DataPolicy())
         return pack_values({}, **common, dataset=str(output), rows=len(frame))
     return pack_values(values, **common)
-

@@ -69,8 +69,6 @@ _MODEL_ID_LEN = 32
 # Shared with the TVM service
 
 
-
-
 # Data references, derived datasets, the sealed engine cache.
 
 
@@ -258,8 +256,21 @@ def _released(meta: dict[str, Any]) -> bool:
 
 
 def _public(meta: dict[str, Any]) -> dict[str, Any]:
-    keys = ("id", "trainer", "objective", "label", "features", "num_rounds", "best_iteration", "digest",
-            "sources", "data_owners", "released_by", "created", "num_class")
+    keys = (
+        "id",
+        "trainer",
+        "objective",
+        "label",
+        "features",
+        "num_rounds",
+        "best_iteration",
+        "digest",
+        "sources",
+        "data_owners",
+        "released_by",
+        "created",
+        "num_class",
+    )
     return {k: meta.get(k) for k in keys} | {"released": _released(meta)}
 
 
@@ -319,8 +330,7 @@ def train(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> 
         params=dict(args.get("params") or {}),
         num_boost_round=int(args.get("num_boost_round", 100)),
         evals=evals or None,
-        early_stopping_rounds=None if args.get("early_stopping_rounds") is None
-        else int(args["early_stopping_rounds"]),
+        early_stopping_rounds=None if args.get("early_stopping_rounds") is None else int(args["early_stopping_rounds"]),
         progress=progress if args.get("progress", True) else None,
         init_model=init,
     )
@@ -345,8 +355,11 @@ def train(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> 
     }
     _save_handle(ctx, meta, model)
     used = [s.dataset for s in sources if s.dataset]
-    ctx.audit("job", {"service": "gbdt.train", "model": meta["id"], "datasets": used, "rounds": model.num_rounds},
-              concerns=owners)
+    ctx.audit(
+        "job",
+        {"service": "gbdt.train", "model": meta["id"], "datasets": used, "rounds": model.num_rounds},
+        concerns=owners,
+    )
     return ServiceResult(info={"model": _public(meta), "history": model.history, "train_seconds": seconds})
 
 
@@ -356,8 +369,12 @@ def _visible_to(ctx: ServiceContext, data: DataRef, meta: dict[str, Any], what: 
         return
     used = (set(meta.get("features", [])) | ({meta["label"]} if meta.get("label") else set())) & data.hidden()
     if used:
-        raise refuse(ctx, data, f"{what}: the model reads hidden column(s) {', '.join(sorted(used))} of "
-                     f"dataset {data.dataset!r}", columns=sorted(used))
+        raise refuse(
+            ctx,
+            data,
+            f"{what}: the model reads hidden column(s) {', '.join(sorted(used))} of dataset {data.dataset!r}",
+            columns=sorted(used),
+        )
 
 
 @service("gbdt.evaluate")
@@ -367,8 +384,11 @@ def evaluate(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) 
     data = resolve_data(ctx, args.get("data"), inputs, "evaluation data")
     _visible_to(ctx, data, meta, "evaluate")
     if not data.code_access(ctx.party) and data.policy is not None and len(data.frame) < data.policy.min_group_size:
-        raise refuse(ctx, data, f"evaluate: {len(data.frame)} rows is below the owner's minimum group size "
-                     f"{data.policy.min_group_size}")
+        raise refuse(
+            ctx,
+            data,
+            f"evaluate: {len(data.frame)} rows is below the owner's minimum group size {data.policy.min_group_size}",
+        )
     label = inputs["label"] if "label" in inputs else args.get("label")
     frame = data.frame
     if data.dataset is not None:
@@ -378,8 +398,9 @@ def evaluate(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) 
             frame = frame[wanted]
     metrics = model.evaluate(frame, label)
     if data.dataset and data.owner != ctx.party:
-        ctx.audit("query", {"service": "gbdt.evaluate", "dataset": data.dataset, "model": meta["id"]},
-                  concerns=[data.owner])
+        ctx.audit(
+            "query", {"service": "gbdt.evaluate", "dataset": data.dataset, "model": meta["id"]}, concerns=[data.owner]
+        )
     return ServiceResult(info={"metrics": metrics, "model": meta["id"]})
 
 
@@ -409,13 +430,22 @@ def compile_trees(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, A
     meta, model = _use(ctx, args.get("model"))
     t0 = time.perf_counter()
     predictor = _predictor(ctx, meta, model)
-    return ServiceResult(info={"model": meta["id"], "seconds": time.perf_counter() - t0,
-                               "library_sha256": predictor.compiled.library_sha256,
-                               "crossover_rows": predictor.crossover_rows})
+    return ServiceResult(
+        info={
+            "model": meta["id"],
+            "seconds": time.perf_counter() - t0,
+            "library_sha256": predictor.compiled.library_sha256,
+            "crossover_rows": predictor.crossover_rows,
+        }
+    )
 
 
 def _run_predict(
-    ctx: ServiceContext, meta: dict[str, Any], model: GBDTModel, frame: pd.DataFrame | np.ndarray, margin: bool,
+    ctx: ServiceContext,
+    meta: dict[str, Any],
+    model: GBDTModel,
+    frame: pd.DataFrame | np.ndarray,
+    margin: bool,
     engine: str,
 ) -> tuple[np.ndarray, str, str | None]:
     rows = frame.shape[0]
@@ -467,14 +497,23 @@ def predict(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -
         msg = "only predictions on a stored dataset can stay in the enclave; this data came with the call"
         raise EncodingError(msg)
     if foreign and not keep and not data.code_access(ctx.party):
-        raise refuse(ctx, data, f"predictions on dataset {data.dataset!r} stay in the enclave: its owner has not "
-                     "given you code access (call predict without remote=False)")
+        raise refuse(
+            ctx,
+            data,
+            f"predictions on dataset {data.dataset!r} stay in the enclave: its owner has not "
+            "given you code access (call predict without remote=False)",
+        )
     _visible_to(ctx, data, meta, "predict")
     frame = _feature_frame(data, meta) if data.dataset else data.frame
     t0 = time.perf_counter()
     pred, engine, lib = _run_predict(ctx, meta, model, frame, margin, str(args.get("engine", "auto")))
-    info: dict[str, Any] = {"model": meta["id"], "engine": engine, "rows": int(pred.shape[0]),
-                            "predict_seconds": time.perf_counter() - t0, "model_digest": meta["digest"]}
+    info: dict[str, Any] = {
+        "model": meta["id"],
+        "engine": engine,
+        "rows": int(pred.shape[0]),
+        "predict_seconds": time.perf_counter() - t0,
+        "model_digest": meta["digest"],
+    }
     if lib is not None:
         info["library_sha256"] = lib
     if keep:
@@ -488,8 +527,9 @@ def predict(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -
 def importance(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """Feature importance (no rows leave): gain, weight, cover, total_gain or total_cover."""
     meta, model = _use(ctx, args.get("model"))
-    return ServiceResult(info={"importance": model.feature_importance(str(args.get("kind", "gain"))),
-                               "model": meta["id"]})
+    return ServiceResult(
+        info={"importance": model.feature_importance(str(args.get("kind", "gain"))), "model": meta["id"]}
+    )
 
 
 @service("gbdt.info")
@@ -536,11 +576,16 @@ def export(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) ->
         waiting = sorted(set(meta["data_owners"]) - set(meta.get("released_by", [])))
         ctx.audit("refusal", {"model": meta["id"], "reason": "export of an unreleased model"}, concerns=waiting)
         who = ", ".join(w[:12] + "…" for w in waiting)
-        msg = (f"model {meta['id'][:12]}… was trained on other parties' data and is not released; it stays in the "
-               f"enclave until its data owner(s) release it (gbdt.release): waiting for {who}")
+        msg = (
+            f"model {meta['id'][:12]}… was trained on other parties' data and is not released; it stays in the "
+            f"enclave until its data owner(s) release it (gbdt.release): waiting for {who}"
+        )
         raise PolicyViolation(msg, model=meta["id"], waiting=waiting)
-    ctx.audit("release", {"service": "gbdt.export", "model": meta["id"], "digest": model.digest},
-              concerns=list(meta["data_owners"]))
+    ctx.audit(
+        "release",
+        {"service": "gbdt.export", "model": meta["id"], "digest": model.digest},
+        concerns=list(meta["data_owners"]),
+    )
     return ServiceResult(info={"model": meta["id"], "digest": model.digest}, values={"model": model.to_json()})
 
 

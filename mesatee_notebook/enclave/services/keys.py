@@ -61,8 +61,9 @@ def _new_material(kind: str) -> bytes:
         priv = ec.generate_private_key(ec.SECP256R1())
     else:
         priv = rsa.generate_private_key(public_exponent=65537, key_size=3072)
-    return bytes(priv.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption()))
+    return bytes(
+        priv.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
 
 
 def _private(kind: str, material: bytes) -> Any:
@@ -142,8 +143,11 @@ def _data(inputs: dict[str, Any], name: str = "data") -> bytes:
 
 
 def _use(ctx: ServiceContext, record: dict[str, Any], op: str, version: int, data: bytes) -> None:
-    ctx.audit("key", {"key": record["name"], "op": op, "version": version,
-                      "data_sha256": hashlib.sha256(data).hexdigest()}, concerns=_concerns(record))
+    ctx.audit(
+        "key",
+        {"key": record["name"], "op": op, "version": version, "data_sha256": hashlib.sha256(data).hexdigest()},
+        concerns=_concerns(record),
+    )
 
 
 def _info(record: dict[str, Any]) -> dict[str, Any]:
@@ -178,17 +182,30 @@ def create(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) ->
     except NotFound:
         existing = None
     if existing is not None:
-        state = "was destroyed (a destroyed key's name is never reused)" if existing.get("state") == "destroyed" \
+        state = (
+            "was destroyed (a destroyed key's name is never reused)"
+            if existing.get("state") == "destroyed"
             else "already exists"
+        )
         msg = f"a key named {name!r} {state}"
         raise PolicyViolation(msg, key=name)
     material = _new_material(str(kind))
     now = time.time()
     record = {
-        "name": name, "kind": kind, "owner": ctx.party, "users": sorted(set(users) - {ctx.party}), "state": "active",
+        "name": name,
+        "kind": kind,
+        "owner": ctx.party,
+        "users": sorted(set(users) - {ctx.party}),
+        "state": "active",
         "created": now,
-        "versions": [{"version": 1, "material": base64.b64encode(material).decode(),
-                      "public": _public_pem(str(kind), material), "created": now}],
+        "versions": [
+            {
+                "version": 1,
+                "material": base64.b64encode(material).decode(),
+                "public": _public_pem(str(kind), material),
+                "created": now,
+            }
+        ],
     }
     _save(ctx, record)
     ctx.audit("key", {"key": name, "op": "create", "kind": kind, "version": 1}, concerns=_concerns(record))
@@ -237,11 +254,13 @@ def sign(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> S
     elif kind == "p256":
         sig = priv.sign(data, ec.ECDSA(hashes.SHA256()))
     else:
-        sig = priv.sign(data, padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH),
-                        hashes.SHA256())
+        sig = priv.sign(
+            data, padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH), hashes.SHA256()
+        )
     _use(ctx, record, "sign", int(v["version"]), data)
-    return ServiceResult(info={"key": record["name"], "version": v["version"], "kind": kind},
-                         values={"signature": bytes(sig)})
+    return ServiceResult(
+        info={"key": record["name"], "version": v["version"], "kind": kind}, values={"signature": bytes(sig)}
+    )
 
 
 @service("key.verify")
@@ -261,8 +280,12 @@ def verify(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) ->
         elif kind == "p256":
             pub.verify(sig, data, ec.ECDSA(hashes.SHA256()))
         else:
-            pub.verify(sig, data, padding.PSS(mgf=padding.MGF1(hashes.SHA256()),
-                                              salt_length=padding.PSS.MAX_LENGTH), hashes.SHA256())
+            pub.verify(
+                sig,
+                data,
+                padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH),
+                hashes.SHA256(),
+            )
         valid = True
     except InvalidSignature:
         valid = False
@@ -306,13 +329,12 @@ def decrypt(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -
     v = _version(record, version)
     try:
         if kind == "aes-256-gcm":
-            body = ct[_VER.size:]
+            body = ct[_VER.size :]
             pt = AESGCM(_material(v)).decrypt(body[:12], body[12:], _aad(inputs))
         else:
-            pt = _private(kind, _material(v)).decrypt(ct[_VER.size:], _oaep())
+            pt = _private(kind, _material(v)).decrypt(ct[_VER.size :], _oaep())
     except (InvalidTag, ValueError):
-        raise _refuse(ctx, record, "decrypt", "the ciphertext (or its associated data) does not authenticate") \
-            from None
+        raise _refuse(ctx, record, "decrypt", "the ciphertext (or its associated data) does not authenticate") from None
     _use(ctx, record, "decrypt", int(v["version"]), ct)
     return ServiceResult(info={"key": record["name"], "version": v["version"]}, values={"plaintext": bytes(pt)})
 
@@ -323,8 +345,14 @@ def rotate(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) ->
     record = _usable(ctx, args.get("name"), "rotate", owner_only=True)
     material = _new_material(str(record["kind"]))
     version = int(record["versions"][-1]["version"]) + 1
-    record["versions"].append({"version": version, "material": base64.b64encode(material).decode(),
-                               "public": _public_pem(str(record["kind"]), material), "created": time.time()})
+    record["versions"].append(
+        {
+            "version": version,
+            "material": base64.b64encode(material).decode(),
+            "public": _public_pem(str(record["kind"]), material),
+            "created": time.time(),
+        }
+    )
     _save(ctx, record)
     ctx.audit("key", {"key": record["name"], "op": "rotate", "version": version}, concerns=_concerns(record))
     return ServiceResult(info=_info(record))
@@ -336,8 +364,9 @@ def destroy(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -
     record = _usable(ctx, args.get("name"), "destroy", owner_only=True)
     record["state"] = "destroyed"
     record["destroyed"] = time.time()
-    record["versions"] = [{"version": v["version"], "public": v.get("public"), "created": v.get("created")}
-                          for v in record["versions"]]
+    record["versions"] = [
+        {"version": v["version"], "public": v.get("public"), "created": v.get("created")} for v in record["versions"]
+    ]
     _save(ctx, record)
     ctx.audit("key", {"key": record["name"], "op": "destroy"}, concerns=_concerns(record))
     out = _info(record)
