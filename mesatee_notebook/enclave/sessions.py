@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import psutil
-
 from mesatee_notebook.enclave.ipc import ipc_recv, ipc_send
 from mesatee_notebook.errors import (
     ExecutorCrashed,
@@ -111,21 +109,18 @@ class ExecutorHandle:
         """The executor's pid as the host sees it (inside its sandbox it has a PID namespace of its own)."""
         if self.sandbox is None or not isinstance(ns_pid, int):
             return self.proc.pid
-        for p in self._tree()[1:]:
+        for pid in self._tree_pids()[1:]:
             try:
-                status = Path(f"/proc/{p.pid}/status").read_text()
+                status = Path(f"/proc/{pid}/status").read_text()
             except OSError:
                 continue
             for line in status.splitlines():
                 if line.startswith("NSpid:") and line.split()[-1] == str(ns_pid) and len(line.split()) > 2:
-                    return p.pid
+                    return pid
         msg = "the sandboxed executor could not be found among its sandbox's processes"
         raise ExecutorCrashed(msg)
 
     # -- the supervisor's watch over the sandbox -----------------------------------------------
-    def _tree(self) -> list[psutil.Process]:
-        return [psutil.Process(pid) for pid in self._tree_pids()]
-
     def _tree_pids(self) -> list[int]:
         """The sandbox's processes, from bubblewrap down, read from ``/proc/PID/task/*/children`` (no host scan)."""
         out, todo = [], [self.proc.pid]
