@@ -27,9 +27,11 @@ from mesatee_notebook.errors import (
     RemoteTimeout,
     ResourceLimitExceeded,
 )
+from mesatee_notebook.wire.comm import UnixComm
+from mesatee_notebook.wire.protocol import ProtocolMessage, Ready, Shutdown
 from mesatee_notebook.wire.stream import Message
 
-__all__ = ["ExecutorHandle", "Session"]
+__all__ = ["ExecutorHandle", "KernelSession"]
 
 log = logging.getLogger("mesatee.enclave")
 _START_TIMEOUT = 120.0
@@ -76,6 +78,8 @@ class ExecutorHandle:
         self.limit_hit: ResourceLimitExceeded | None = None
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock = parent
+        #: The supervisor's end of the executor's link (the executor holds the other, in a SupervisorClient).
+        self.comm = UnixComm(parent, url="unix://executor", peer="executor")
         argv = [sys.executable, "-c", _BOOT, str(child.fileno()), str(memory_limit)]
         if service:
             argv.append("--service")
@@ -91,18 +95,18 @@ class ExecutorHandle:
         child.close()
         self.sock.settimeout(_START_TIMEOUT)
         try:
-            ready = ipc_recv(self.sock)
+            ready = ipc_recv(self.comm)
         except (EOFError, OSError, MesateeError) as exc:
             self.kill()
             msg = f"the executor process failed to start ({self._status()})"
             raise ExecutorCrashed(msg) from exc
         finally:
             self.sock.settimeout(None)
-        if ready.type != "ready":
+        if ready.type != Ready.T:
             self.kill()
             msg = "the executor process sent an unexpected first message"
             raise ExecutorCrashed(msg)
-        self.executor_pid = self._host_pid(ready.header.get("pid"))
+        self.executor_pid = self._host_pid(Ready.from_header(ready.header).pid)
         self._cpu_base = 0.0
 
     def _host_pid(self, ns_pid: Any) -> int:
@@ -274,7 +278,7 @@ class ExecutorHandle:
     def shutdown(self) -> None:
         if self.alive:
             try:
-                ipc_send(self.sock, {"t": "shutdown"})
+                ipc_send(self.comm, Shutdown().to_header())
                 self.proc.wait(timeout=5)
             except (OSError, MesateeError, subprocess.TimeoutExpired):
                 pass
@@ -282,7 +286,7 @@ class ExecutorHandle:
 
     def exchange(
         self,
-        header: dict[str, Any],
+        header: dict[str, Any] | ProtocolMessage,
         payloads: list[Any],
         fds: list[int],
         on_message: Callable[[Message], bool],
@@ -298,8 +302,10 @@ class ExecutorHandle:
         returns False the cell is interrupted, then killed the same way, and
         :class:`RemoteInterrupted` is raised (nobody is left to read the result).
         """
+        if isinstance(header, ProtocolMessage):
+            header = header.to_header()
         try:
-            ipc_send(self.sock, header, payloads, fds)
+            ipc_send(self.comm, header, payloads, fds)
         except (OSError, MesateeError) as exc:
             raise self.crashed_error() from exc
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -354,7 +360,7 @@ class ExecutorHandle:
                 raise RemoteTimeout(msg_, killed=True)
             try:
                 self.sock.settimeout(_FRAME_TIMEOUT)  # OSError if another thread killed the worker meanwhile
-                msg = ipc_recv(self.sock)
+                msg = ipc_recv(self.comm)
             except (EOFError, OSError, MesateeError) as exc:
                 if isinstance(exc, TimeoutError):
                     self.kill()  # a frame started and stalled: the executor is not behaving
@@ -375,8 +381,11 @@ class ExecutorHandle:
 
 
 @dataclass
-class Session:
-    """A named session: an executor, its owner connection, its state."""
+class KernelSession:
+    """The kernel's record of one client session: its executor, its owner's token, its state.
+
+    (The client's handle on it is :class:`mesatee_notebook.remote.session.Session`.)
+    """
 
     name: str
     memory_limit: int
