@@ -308,76 +308,109 @@ class ExecutorHandle:
             ipc_send(self.comm, header, payloads, fds)
         except (OSError, MesateeError) as exc:
             raise self.crashed_error() from exc
-        deadline = None if timeout is None else time.monotonic() + timeout
-        interrupted_at: float | None = None
-        orphaned = False  # the client went away: the cell is being stopped for nobody
         watch = self.sandbox is not None
         if watch:
             self._cpu_base = self.cpu_seconds()
-        checked = time.monotonic()
+        st = _Watch(timeout, None if timeout is None else time.monotonic() + timeout)
         while True:
-            wait: float | None = None
-            if interrupted_at is not None:
-                wait = max(0.01, interrupted_at + _INTERRUPT_GRACE - time.monotonic())
-            elif deadline is not None:
-                wait = max(0.01, deadline - time.monotonic())
-            if watch or client_alive is not None:
-                wait = _WATCH_INTERVAL if wait is None else min(wait, _WATCH_INTERVAL)
-            if client_alive is not None and interrupted_at is None and time.monotonic() - checked >= _WATCH_INTERVAL:
-                checked = time.monotonic()
-                if not client_alive():
-                    log.warning("executor %s: the client went away during the cell; interrupting it", self.proc.pid)
-                    orphaned, interrupted_at = True, checked
-                    self.interrupt()
-                    continue
+            if self._client_gone(st, client_alive):
+                continue
             try:
                 # Wait for the next message's first byte, then read it whole: a timeout never cuts a frame.
-                readable = bool(select.select([self.sock], [], [], wait)[0])
+                readable = bool(select.select([self.sock], [], [], st.wait(watch or client_alive is not None))[0])
             except (OSError, ValueError) as exc:
                 raise self.crashed_error() from exc
             if not readable:
-                if watch:
-                    hit = self.check_usage(cell_cpu)
-                    if hit is not None:
-                        raise hit
-                now = time.monotonic()
-                if interrupted_at is None and (deadline is None or now < deadline):
-                    continue
-                if interrupted_at is None:
-                    interrupted_at = now
-                    self.interrupt()
-                    continue
-                if now < interrupted_at + _INTERRUPT_GRACE:
-                    continue
-                self.kill()
-                if orphaned:
-                    msg_ = "the client went away during the cell, which did not stop when interrupted: executor killed"
-                    raise RemoteInterrupted(msg_, killed=True)
-                msg_ = (
-                    f"the cell ran past its timeout of {timeout:g} s and did not stop when interrupted; "
-                    "the executor was killed and the session must be restarted"
-                )
-                raise RemoteTimeout(msg_, killed=True)
-            try:
-                self.sock.settimeout(_FRAME_TIMEOUT)  # OSError if another thread killed the worker meanwhile
-                msg = ipc_recv(self.comm)
-            except (EOFError, OSError, MesateeError) as exc:
-                if isinstance(exc, TimeoutError):
-                    self.kill()  # a frame started and stalled: the executor is not behaving
-                raise self.crashed_error() from exc
-            finally:
-                if self.sock.fileno() >= 0:
-                    self.sock.settimeout(None)
+                self._on_silence(st, watch, cell_cpu)
+                continue
+            msg = self._read()
             if on_message(msg):
-                if orphaned:
-                    msg_ = "the client went away during the cell; it was interrupted and the session is intact"
-                    raise RemoteInterrupted(msg_, killed=False)
-                if interrupted_at is not None and msg.type == "error":
-                    msg_ = f"the cell ran past its timeout of {timeout:g} s and was interrupted; the session is intact"
-                    raise RemoteTimeout(
-                        msg_, killed=False, traceback=msg.header.get("details", {}).get("traceback", "")
-                    )
-                return msg
+                return st.finish(msg)
+
+    def _client_gone(self, st: _Watch, client_alive: Callable[[], bool] | None) -> bool:
+        """Every half second: is anyone still waiting? If not, interrupt the cell (True: look again)."""
+        if client_alive is None or st.interrupted_at is not None or time.monotonic() - st.checked < _WATCH_INTERVAL:
+            return False
+        st.checked = time.monotonic()
+        if client_alive():
+            return False
+        log.warning("executor %s: the client went away during the cell; interrupting it", self.proc.pid)
+        st.orphaned, st.interrupted_at = True, st.checked
+        self.interrupt()
+        return True
+
+    def _on_silence(self, st: _Watch, watch: bool, cell_cpu: float | None) -> None:
+        """Nothing arrived: check the sandbox's limits, interrupt at the deadline, kill after the grace period."""
+        if watch:
+            hit = self.check_usage(cell_cpu)
+            if hit is not None:
+                raise hit
+        now = time.monotonic()
+        if st.interrupted_at is None:
+            if st.deadline is not None and now >= st.deadline:
+                st.interrupted_at = now
+                self.interrupt()
+            return
+        if now < st.interrupted_at + _INTERRUPT_GRACE:
+            return
+        self.kill()
+        raise st.killed_error()
+
+    def _read(self) -> Message:
+        """One whole message from the executor (it has started sending); its crash if it cannot."""
+        try:
+            self.sock.settimeout(_FRAME_TIMEOUT)  # OSError if another thread killed the worker meanwhile
+            return ipc_recv(self.comm)
+        except (EOFError, OSError, MesateeError) as exc:
+            if isinstance(exc, TimeoutError):
+                self.kill()  # a frame started and stalled: the executor is not behaving
+            raise self.crashed_error() from exc
+        finally:
+            if self.sock.fileno() >= 0:
+                self.sock.settimeout(None)
+
+
+@dataclass
+class _Watch:
+    """One exchange's clock: its deadline, and whether (and why) the cell was interrupted."""
+
+    timeout: float | None
+    deadline: float | None
+    interrupted_at: float | None = None
+    orphaned: bool = False  # the client went away: the cell is being stopped for nobody
+    checked: float = field(default_factory=time.monotonic)
+
+    def wait(self, watching: bool) -> float | None:
+        """How long to wait for the executor's next message."""
+        wait: float | None = None
+        if self.interrupted_at is not None:
+            wait = max(0.01, self.interrupted_at + _INTERRUPT_GRACE - time.monotonic())
+        elif self.deadline is not None:
+            wait = max(0.01, self.deadline - time.monotonic())
+        if watching:
+            wait = _WATCH_INTERVAL if wait is None else min(wait, _WATCH_INTERVAL)
+        return wait
+
+    def killed_error(self) -> RemoteInterrupted | RemoteTimeout:
+        """Why the executor was killed: its client went away, or the cell ran past its timeout."""
+        if self.orphaned:
+            msg = "the client went away during the cell, which did not stop when interrupted: executor killed"
+            return RemoteInterrupted(msg, killed=True)
+        msg = (
+            f"the cell ran past its timeout of {self.timeout:g} s and did not stop when interrupted; "
+            "the executor was killed and the session must be restarted"
+        )
+        return RemoteTimeout(msg, killed=True)
+
+    def finish(self, msg: Message) -> Message:
+        """The final message, unless the cell was interrupted on the way (then why, as an error)."""
+        if self.orphaned:
+            text = "the client went away during the cell; it was interrupted and the session is intact"
+            raise RemoteInterrupted(text, killed=False)
+        if self.interrupted_at is not None and msg.type == "error":
+            text = f"the cell ran past its timeout of {self.timeout:g} s and was interrupted; the session is intact"
+            raise RemoteTimeout(text, killed=False, traceback=msg.header.get("details", {}).get("traceback", ""))
+        return msg
 
 
 @dataclass

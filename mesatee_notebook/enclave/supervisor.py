@@ -35,7 +35,8 @@ from mesatee_notebook.enclave.service_pool import ServicePool, default_pool_size
 from mesatee_notebook.enclave.sessions import ExecutorHandle, KernelSession
 from mesatee_notebook.enclave.tpm import open_tpm
 from mesatee_notebook.errors import MalformedFrame, MesateeError, PolicyViolation
-from mesatee_notebook.wire.comm import Comm, TLSComm, listen_inproc, stop_inproc
+from mesatee_notebook.transports import listen_inproc, stop_inproc
+from mesatee_notebook.wire.comm import Comm, TLSComm
 from mesatee_notebook.wire.framing import Limits
 from mesatee_notebook.wire.protocol import RunService
 from mesatee_notebook.wire.stream import Message
@@ -443,6 +444,7 @@ class Kernel:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             raw.settimeout(self.config.handshake_timeout)
             ctx = self.identity.ssl_context
+            cert_der = self.identity.certificate_der  # the one this handshake presents (a refresh may follow)
             assert ctx is not None
             try:
                 sock = ctx.wrap_socket(raw, server_side=True)
@@ -451,7 +453,7 @@ class Kernel:
                 raw.close()
                 return
             sock.settimeout(None)
-            self.serve_comm(TLSComm(sock, peer=peer))
+            self.serve_comm(TLSComm(sock, peer=peer), cert_der)
         except Exception:
             log.exception("connection %s failed unexpectedly", peer)
         finally:
@@ -459,9 +461,12 @@ class Kernel:
                 self._connections -= 1
                 self._last_activity = time.monotonic()
 
-    def serve_comm(self, comm: Comm) -> None:
-        """Serve one client over ``comm`` until it hangs up; its sessions close with it."""
-        conn = Connection(self, comm, self.identity.certificate_der)
+    def serve_comm(self, comm: Comm, cert_der: bytes | None = None) -> None:
+        """Serve one client over ``comm`` until it hangs up; its sessions close with it.
+
+        ``cert_der`` is the certificate the client was shown (a party's proof signs over it).
+        """
+        conn = Connection(self, comm, cert_der if cert_der is not None else self.identity.certificate_der)
         try:
             conn.serve()
         finally:
@@ -476,16 +481,16 @@ class Kernel:
         Nothing here is attested by a TLS handshake: the comm presents this kernel's certificate as given.
         """
         self._inproc_names.append(name)
-        return listen_inproc(name, self._accept_inproc, self.identity.certificate_der)
+        return listen_inproc(name, self._accept_inproc, lambda: self.identity.certificate_der)
 
-    def _accept_inproc(self, comm: Comm) -> None:
+    def _accept_inproc(self, comm: Comm, cert_der: bytes) -> None:
         with self._lock:
             self._connections += 1
             self._last_activity = time.monotonic()
 
         def run() -> None:
             try:
-                self.serve_comm(comm)
+                self.serve_comm(comm, cert_der)
             except Exception:
                 log.exception("connection %s failed unexpectedly", comm.peer)
             finally:

@@ -18,35 +18,34 @@ the key of. An in-process comm presents the certificate its kernel registered: t
 nothing about key possession and gives no confidentiality. It exists so that protocol tests run a real supervisor
 and real handlers in threads; never use it across a trust boundary (it cannot cross a process boundary anyway).
 
-A second transport (e.g. a cluster worker's link) is one more ``Comm`` subclass plus one ``connect`` branch (and,
-server side, whatever accepts it hands each new comm to ``Kernel.serve_comm``).
+``connect(url)`` picks the connector registered for the URL's scheme (as ``distributed.comm.registry`` does). This
+module stays pure (it opens no socket: the comms wrap sockets they are given); the connectors that open them are
+registered by ``mesatee_notebook/transports.py``. A second transport (e.g. a cluster worker's link) is one more
+``Comm`` subclass and one ``register_scheme`` call; server side, whatever accepts it hands each new comm to
+``Kernel.serve_comm``.
 """
 
 from __future__ import annotations
 
-import socket
-import ssl
-import threading
 import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mesatee_notebook.errors import KernelConnectionError
 from mesatee_notebook.wire.framing import Limits
 from mesatee_notebook.wire.stream import Allocator, Message, Progress, recv_message, send_message
 
 __all__ = [
     "DEFAULT_PORT",
     "Comm",
+    "Connector",
     "InprocComm",
     "SocketComm",
     "TLSComm",
     "UnixComm",
     "connect",
-    "listen_inproc",
     "parse_url",
-    "stop_inproc",
+    "register_scheme",
 ]
 
 DEFAULT_PORT = 7443
@@ -111,9 +110,9 @@ class Comm(ABC):
 
 
 class SocketComm(Comm):
-    """A comm over a connected stream socket it is given (it opens nothing)."""
+    """A comm over a connected stream socket it is given (``socket.socket``, ``ssl.SSLSocket``); it opens nothing."""
 
-    def __init__(self, sock: socket.socket, *, url: str = "", peer: str = "") -> None:
+    def __init__(self, sock: Any, *, url: str = "", peer: str = "") -> None:
         self.sock = sock
         self.url = url
         self.peer = peer
@@ -157,7 +156,7 @@ class SocketComm(Comm):
 
     @property
     def closed(self) -> bool:
-        return self.sock.fileno() < 0
+        return self.fileno() < 0
 
     def peer_open(self) -> bool:
         import select
@@ -174,16 +173,15 @@ class SocketComm(Comm):
             self.sock.settimeout(seconds)
 
     def fileno(self) -> int:
-        return self.sock.fileno()
+        return int(self.sock.fileno())
 
 
 class TLSComm(SocketComm):
     """TCP + TLS 1.3; the client end presents the certificate the kernel proved it holds the key of."""
 
-    sock: ssl.SSLSocket
-
     def peer_certificate(self) -> bytes | None:
-        return self.sock.getpeercert(binary_form=True) or None
+        der = self.sock.getpeercert(binary_form=True)
+        return bytes(der) if der else None
 
 
 class UnixComm(SocketComm):
@@ -193,7 +191,7 @@ class UnixComm(SocketComm):
 class InprocComm(SocketComm):
     """One end of a socketpair to a kernel in this process (tests); presents the certificate it was given."""
 
-    def __init__(self, sock: socket.socket, certificate: bytes | None, *, url: str = "", peer: str = "") -> None:
+    def __init__(self, sock: Any, certificate: bytes | None, *, url: str = "", peer: str = "") -> None:
         super().__init__(sock, url=url, peer=peer)
         self._certificate = certificate
 
@@ -202,8 +200,18 @@ class InprocComm(SocketComm):
 
 
 # -- choosing a comm by URL -------------------------------------------------------------------------------------
+Connector = Callable[[str, str, int, float], Comm]
+"""``connector(url, host_or_path_or_name, port, timeout)`` → an open comm (nothing attested yet)."""
+_CONNECTORS: dict[str, Connector] = {}
+
+
+def register_scheme(scheme: str, connector: Connector) -> None:
+    """Make ``connect`` open ``scheme://`` URLs with ``connector``."""
+    _CONNECTORS[scheme] = connector
+
+
 def parse_url(url: str) -> tuple[str, str, int]:
-    """``scheme://host:port`` (``host:port`` means ``mesatee://``) → (scheme, host or name or path, port)."""
+    """``scheme://host:port`` (``host:port`` means ``mesatee://``) → (scheme, host or path or name, port)."""
     text = url if "://" in url else f"mesatee://{url}"
     parsed = urllib.parse.urlsplit(text)
     if parsed.scheme == "mesatee" and parsed.hostname:
@@ -217,74 +225,12 @@ def parse_url(url: str) -> tuple[str, str, int]:
 
 
 def connect(url: str, *, timeout: float = 30.0) -> Comm:
-    """Open a comm to ``url``, by its scheme (see the module docstring); nothing is attested here."""
+    """Open a comm to ``url`` with the connector of its scheme (see the module docstring); nothing is attested here."""
     scheme, where, port = parse_url(url)
-    if scheme == "mesatee":
-        return _connect_tls(where, port, timeout)
-    if scheme == "unix":
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(where)
-            sock.settimeout(None)
-        except OSError as exc:
-            sock.close()
-            msg = f"cannot reach {url}: {exc.strerror or exc}"
-            raise KernelConnectionError(msg) from exc
-        return UnixComm(sock, url=url, peer=where)
-    return _connect_inproc(where)
+    connector = _CONNECTORS.get(scheme)
+    if connector is None:
+        import importlib
 
-
-def _connect_tls(host: str, port: int, timeout: float) -> TLSComm:
-    try:
-        raw = socket.create_connection((host, port), timeout=timeout)
-    except OSError as exc:
-        msg = f"cannot reach a mesatee kernel at {host}:{port}: {exc.strerror or exc}"
-        raise KernelConnectionError(msg) from exc
-    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    # The certificate is self-signed by design (RA-TLS): trust comes from the evidence inside it, which the
-    # Channel checks before any request byte is written.
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    try:
-        sock = ctx.wrap_socket(raw, server_hostname=host)
-    except (OSError, ssl.SSLError) as exc:
-        raw.close()
-        msg = f"TLS handshake with {host}:{port} failed: {exc}"
-        raise KernelConnectionError(msg) from exc
-    return TLSComm(sock, url=f"mesatee://{host}:{port}", peer=f"{host}:{port}")
-
-
-# -- in-process kernels (tests) ---------------------------------------------------------------------------------
-_INPROC: dict[str, tuple[Callable[[Comm], None], bytes | None]] = {}
-_INPROC_LOCK = threading.Lock()
-
-
-def listen_inproc(name: str, accept: Callable[[Comm], None], certificate: bytes | None) -> str:
-    """Let ``connect("inproc://NAME")`` reach ``accept`` (called with the server end); returns the URL."""
-    with _INPROC_LOCK:
-        if name in _INPROC:
-            msg = f"an in-process kernel named {name!r} is already listening"
-            raise ValueError(msg)
-        _INPROC[name] = (accept, certificate)
-    return f"inproc://{name}"
-
-
-def stop_inproc(name: str) -> None:
-    """Stop accepting in-process connections for ``name``."""
-    with _INPROC_LOCK:
-        _INPROC.pop(name, None)
-
-
-def _connect_inproc(name: str) -> InprocComm:
-    with _INPROC_LOCK:
-        entry = _INPROC.get(name)
-    if entry is None:
-        msg = f"cannot reach a mesatee kernel at inproc://{name}: no kernel of that name in this process"
-        raise KernelConnectionError(msg)
-    accept, certificate = entry
-    client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    accept(InprocComm(server, None, url=f"inproc://{name}", peer=f"inproc-client:{client.fileno()}"))
-    return InprocComm(client, certificate, url=f"inproc://{name}", peer=f"inproc://{name}")
+        importlib.import_module("mesatee_notebook.transports")  # registers the standard schemes
+        connector = _CONNECTORS[scheme]
+    return connector(url, where, port, timeout)

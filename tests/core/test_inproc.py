@@ -268,3 +268,29 @@ def test_reply_carries_the_sent_digests(ik: InprocKernel) -> None:
         assert statement["predicate"]["inputs"] == {"x": reply.sent[0]}
     finally:
         ch.close()
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports, at any level (also under TYPE_CHECKING and inside functions)."""
+    import ast
+
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return out
+
+
+def test_the_workers_and_the_services_import_no_circle() -> None:
+    """The services know only the SupervisorClient; the cell executor never loads a trusted service."""
+    import mesatee_notebook.enclave as enclave
+
+    root = Path(enclave.__file__).parent
+    workers = {f"mesatee_notebook.enclave.{m}" for m in ("executor", "cell_executor", "service_worker")}
+    for path in sorted((root / "services").glob("*.py")):
+        assert not _imports(path) & workers, f"{path.name} imports a worker module"
+    for name in ("cell_executor.py", "supervisor_client.py"):
+        assert not [m for m in _imports(root / name) if m.startswith("mesatee_notebook.enclave.services")], name
+    assert "mesatee_notebook.enclave.supervisor_client" in _imports(root / "services" / "__init__.py")
