@@ -26,6 +26,7 @@ from mesatee_notebook.wire.protocol import (
     DataGet,
     ExecutorError,
     LogLine,
+    ProtocolMessage,
     Ready,
     RunCell,
     SealGet,
@@ -155,6 +156,10 @@ class CellExecutor:
         self.namespace: dict[str, Any] = {"__name__": "__mesatee__", "__builtins__": __builtins__}
         self.namespace["mesatee"] = TrustedAPI(self)
         self.limits: dict[str, Any] = limits or {}
+
+    def request(self, header: dict[str, Any] | ProtocolMessage, payloads: list[Any] | None = None) -> bytes:
+        """A request to the supervisor (what a cell can reach of the link: the supervisor decides what it answers)."""
+        return self.client.request(header, payloads)
 
     def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
         del signum, frame

@@ -36,6 +36,7 @@ from mesatee_notebook.wire.messages import negotiate
 from mesatee_notebook.wire.protocol import (
     EXECUTOR_REQUESTS,
     REQUEST_TYPES,
+    REQUESTS,
     AuditRequest,
     Auth,
     Call,
@@ -457,3 +458,8 @@ class Connection:
         CallCancel: on_call_cancel,
         Execute: on_execute,
     }
+
+
+if set(Connection.HANDLERS) != set(REQUESTS.values()):  # a new request class needs its handler here
+    _missing = sorted(c.__name__ for c in set(REQUESTS.values()) - set(Connection.HANDLERS))
+    raise ImportError(f"requests without a handler in Connection.HANDLERS: {_missing}")  # noqa: EM102

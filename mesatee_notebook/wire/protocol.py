@@ -21,6 +21,9 @@ store's sealed blob (``MTJV1``, ``enclave/services/jobstore.py``): it is a forma
 already exist on operators' disks and that migrations carry between measurements, so changing it would orphan
 stored jobs and models; it is a file format, not a message, and it stays.
 
+(This module is long on purpose: it is the catalogue, one short class per message of both conversations, which
+share the tag space and the field checks; split, the catalogue would no longer be readable in one place.)
+
 Where does a new request type go? Here: one dataclass with ``T`` and ``from_header``, added to :data:`REQUESTS`;
 its handler goes in the kernel's connection table, and its round trip in ``tests/core/test_protocol_messages.py``.
 """
