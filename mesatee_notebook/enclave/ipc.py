@@ -1,4 +1,9 @@
-"""Supervisor ↔ executor messages over a Unix socket: small payloads inline, large ones as memfds."""
+"""Supervisor ↔ executor messages over a Unix socket: small payloads inline, large ones as memfds.
+
+The same framing as the TLS channel (``wire/framing.py``), with larger limits (both ends are the kernel's own
+processes) and fds passed as SCM_RIGHTS; the value specs are the channel's (``name``/``kind``/``meta``) plus where
+the bytes are: ``inline: i`` (the i-th payload) or ``fd: j`` (the j-th passed memfd).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from typing import Any
 
 from mesatee_notebook.enclave.shm import SHARED_THRESHOLD, map_fd, memfd_from_parts
 from mesatee_notebook.errors import MalformedFrame
+from mesatee_notebook.wire.comm import Comm
 from mesatee_notebook.wire.framing import Limits
 from mesatee_notebook.wire.stream import Message, recv_message, send_message
 
@@ -67,16 +73,21 @@ def unpack_values(specs: Any, msg: Message) -> list[tuple[dict[str, Any], Any]]:
 
 
 def ipc_send(
-    sock: socket.socket, header: dict[str, Any], payloads: Sequence[Any] = (), fds: Sequence[int] = ()
+    link: Comm | socket.socket, header: dict[str, Any], payloads: Sequence[Any] = (), fds: Sequence[int] = ()
 ) -> None:
     """Send one IPC message (fds are closed after sending: ownership moves to the peer)."""
     try:
-        send_message(sock, header, payloads, fds=fds)
+        if isinstance(link, Comm):
+            link.send(header, payloads, fds=fds)
+        else:
+            send_message(link, header, payloads, fds=fds)
     finally:
         for fd in fds:
             os.close(fd)
 
 
-def ipc_recv(sock: socket.socket) -> Message:
+def ipc_recv(link: Comm | socket.socket) -> Message:
     """Receive one IPC message, with any passed fds."""
-    return recv_message(sock, IPC_LIMITS, want_fds=True)
+    if isinstance(link, Comm):
+        return link.recv(IPC_LIMITS, want_fds=True)
+    return recv_message(link, IPC_LIMITS, want_fds=True)

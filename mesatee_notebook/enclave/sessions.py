@@ -27,9 +27,11 @@ from mesatee_notebook.errors import (
     RemoteTimeout,
     ResourceLimitExceeded,
 )
+from mesatee_notebook.wire.comm import UnixComm
+from mesatee_notebook.wire.protocol import ProtocolMessage, Ready, Shutdown
 from mesatee_notebook.wire.stream import Message
 
-__all__ = ["ExecutorHandle", "Session"]
+__all__ = ["ExecutorHandle", "KernelSession"]
 
 log = logging.getLogger("mesatee.enclave")
 _START_TIMEOUT = 120.0
@@ -76,6 +78,8 @@ class ExecutorHandle:
         self.limit_hit: ResourceLimitExceeded | None = None
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock = parent
+        #: The supervisor's end of the executor's link (the executor holds the other, in a SupervisorClient).
+        self.comm = UnixComm(parent, url="unix://executor", peer="executor")
         argv = [sys.executable, "-c", _BOOT, str(child.fileno()), str(memory_limit)]
         if service:
             argv.append("--service")
@@ -91,18 +95,18 @@ class ExecutorHandle:
         child.close()
         self.sock.settimeout(_START_TIMEOUT)
         try:
-            ready = ipc_recv(self.sock)
+            ready = ipc_recv(self.comm)
         except (EOFError, OSError, MesateeError) as exc:
             self.kill()
             msg = f"the executor process failed to start ({self._status()})"
             raise ExecutorCrashed(msg) from exc
         finally:
             self.sock.settimeout(None)
-        if ready.type != "ready":
+        if ready.type != Ready.T:
             self.kill()
             msg = "the executor process sent an unexpected first message"
             raise ExecutorCrashed(msg)
-        self.executor_pid = self._host_pid(ready.header.get("pid"))
+        self.executor_pid = self._host_pid(Ready.from_header(ready.header).pid)
         self._cpu_base = 0.0
 
     def _host_pid(self, ns_pid: Any) -> int:
@@ -274,7 +278,7 @@ class ExecutorHandle:
     def shutdown(self) -> None:
         if self.alive:
             try:
-                ipc_send(self.sock, {"t": "shutdown"})
+                ipc_send(self.comm, Shutdown().to_header())
                 self.proc.wait(timeout=5)
             except (OSError, MesateeError, subprocess.TimeoutExpired):
                 pass
@@ -282,7 +286,7 @@ class ExecutorHandle:
 
     def exchange(
         self,
-        header: dict[str, Any],
+        header: dict[str, Any] | ProtocolMessage,
         payloads: list[Any],
         fds: list[int],
         on_message: Callable[[Message], bool],
@@ -298,85 +302,123 @@ class ExecutorHandle:
         returns False the cell is interrupted, then killed the same way, and
         :class:`RemoteInterrupted` is raised (nobody is left to read the result).
         """
+        if isinstance(header, ProtocolMessage):
+            header = header.to_header()
         try:
-            ipc_send(self.sock, header, payloads, fds)
+            ipc_send(self.comm, header, payloads, fds)
         except (OSError, MesateeError) as exc:
             raise self.crashed_error() from exc
-        deadline = None if timeout is None else time.monotonic() + timeout
-        interrupted_at: float | None = None
-        orphaned = False  # the client went away: the cell is being stopped for nobody
         watch = self.sandbox is not None
         if watch:
             self._cpu_base = self.cpu_seconds()
-        checked = time.monotonic()
+        st = _Watch(timeout, None if timeout is None else time.monotonic() + timeout)
         while True:
-            wait: float | None = None
-            if interrupted_at is not None:
-                wait = max(0.01, interrupted_at + _INTERRUPT_GRACE - time.monotonic())
-            elif deadline is not None:
-                wait = max(0.01, deadline - time.monotonic())
-            if watch or client_alive is not None:
-                wait = _WATCH_INTERVAL if wait is None else min(wait, _WATCH_INTERVAL)
-            if client_alive is not None and interrupted_at is None and time.monotonic() - checked >= _WATCH_INTERVAL:
-                checked = time.monotonic()
-                if not client_alive():
-                    log.warning("executor %s: the client went away during the cell; interrupting it", self.proc.pid)
-                    orphaned, interrupted_at = True, checked
-                    self.interrupt()
-                    continue
+            if self._client_gone(st, client_alive):
+                continue
             try:
                 # Wait for the next message's first byte, then read it whole: a timeout never cuts a frame.
-                readable = bool(select.select([self.sock], [], [], wait)[0])
+                readable = bool(select.select([self.sock], [], [], st.wait(watch or client_alive is not None))[0])
             except (OSError, ValueError) as exc:
                 raise self.crashed_error() from exc
             if not readable:
-                if watch:
-                    hit = self.check_usage(cell_cpu)
-                    if hit is not None:
-                        raise hit
-                now = time.monotonic()
-                if interrupted_at is None and (deadline is None or now < deadline):
-                    continue
-                if interrupted_at is None:
-                    interrupted_at = now
-                    self.interrupt()
-                    continue
-                if now < interrupted_at + _INTERRUPT_GRACE:
-                    continue
-                self.kill()
-                if orphaned:
-                    msg_ = "the client went away during the cell, which did not stop when interrupted: executor killed"
-                    raise RemoteInterrupted(msg_, killed=True)
-                msg_ = (
-                    f"the cell ran past its timeout of {timeout:g} s and did not stop when interrupted; "
-                    "the executor was killed and the session must be restarted"
-                )
-                raise RemoteTimeout(msg_, killed=True)
-            try:
-                self.sock.settimeout(_FRAME_TIMEOUT)  # OSError if another thread killed the worker meanwhile
-                msg = ipc_recv(self.sock)
-            except (EOFError, OSError, MesateeError) as exc:
-                if isinstance(exc, TimeoutError):
-                    self.kill()  # a frame started and stalled: the executor is not behaving
-                raise self.crashed_error() from exc
-            finally:
-                if self.sock.fileno() >= 0:
-                    self.sock.settimeout(None)
+                self._on_silence(st, watch, cell_cpu)
+                continue
+            msg = self._read()
             if on_message(msg):
-                if orphaned:
-                    msg_ = "the client went away during the cell; it was interrupted and the session is intact"
-                    raise RemoteInterrupted(msg_, killed=False)
-                if interrupted_at is not None and msg.type == "error":
-                    msg_ = f"the cell ran past its timeout of {timeout:g} s and was interrupted; the session is intact"
-                    raise RemoteTimeout(
-                        msg_, killed=False, traceback=msg.header.get("details", {}).get("traceback", "")
-                    )
-                return msg
+                return st.finish(msg)
+
+    def _client_gone(self, st: _Watch, client_alive: Callable[[], bool] | None) -> bool:
+        """Every half second: is anyone still waiting? If not, interrupt the cell (True: look again)."""
+        if client_alive is None or st.interrupted_at is not None or time.monotonic() - st.checked < _WATCH_INTERVAL:
+            return False
+        st.checked = time.monotonic()
+        if client_alive():
+            return False
+        log.warning("executor %s: the client went away during the cell; interrupting it", self.proc.pid)
+        st.orphaned, st.interrupted_at = True, st.checked
+        self.interrupt()
+        return True
+
+    def _on_silence(self, st: _Watch, watch: bool, cell_cpu: float | None) -> None:
+        """Nothing arrived: check the sandbox's limits, interrupt at the deadline, kill after the grace period."""
+        if watch:
+            hit = self.check_usage(cell_cpu)
+            if hit is not None:
+                raise hit
+        now = time.monotonic()
+        if st.interrupted_at is None:
+            if st.deadline is not None and now >= st.deadline:
+                st.interrupted_at = now
+                self.interrupt()
+            return
+        if now < st.interrupted_at + _INTERRUPT_GRACE:
+            return
+        self.kill()
+        raise st.killed_error()
+
+    def _read(self) -> Message:
+        """One whole message from the executor (it has started sending); its crash if it cannot."""
+        try:
+            self.sock.settimeout(_FRAME_TIMEOUT)  # OSError if another thread killed the worker meanwhile
+            return ipc_recv(self.comm)
+        except (EOFError, OSError, MesateeError) as exc:
+            if isinstance(exc, TimeoutError):
+                self.kill()  # a frame started and stalled: the executor is not behaving
+            raise self.crashed_error() from exc
+        finally:
+            if self.sock.fileno() >= 0:
+                self.sock.settimeout(None)
 
 
 @dataclass
-class Session:
-    """A named session: an executor, its owner connection, its state."""
+class _Watch:
+    """One exchange's clock: its deadline, and whether (and why) the cell was interrupted."""
+
+    timeout: float | None
+    deadline: float | None
+    interrupted_at: float | None = None
+    orphaned: bool = False  # the client went away: the cell is being stopped for nobody
+    checked: float = field(default_factory=time.monotonic)
+
+    def wait(self, watching: bool) -> float | None:
+        """How long to wait for the executor's next message."""
+        wait: float | None = None
+        if self.interrupted_at is not None:
+            wait = max(0.01, self.interrupted_at + _INTERRUPT_GRACE - time.monotonic())
+        elif self.deadline is not None:
+            wait = max(0.01, self.deadline - time.monotonic())
+        if watching:
+            wait = _WATCH_INTERVAL if wait is None else min(wait, _WATCH_INTERVAL)
+        return wait
+
+    def killed_error(self) -> RemoteInterrupted | RemoteTimeout:
+        """Why the executor was killed: its client went away, or the cell ran past its timeout."""
+        if self.orphaned:
+            msg = "the client went away during the cell, which did not stop when interrupted: executor killed"
+            return RemoteInterrupted(msg, killed=True)
+        msg = (
+            f"the cell ran past its timeout of {self.timeout:g} s and did not stop when interrupted; "
+            "the executor was killed and the session must be restarted"
+        )
+        return RemoteTimeout(msg, killed=True)
+
+    def finish(self, msg: Message) -> Message:
+        """The final message, unless the cell was interrupted on the way (then why, as an error)."""
+        if self.orphaned:
+            text = "the client went away during the cell; it was interrupted and the session is intact"
+            raise RemoteInterrupted(text, killed=False)
+        if self.interrupted_at is not None and msg.type == "error":
+            text = f"the cell ran past its timeout of {self.timeout:g} s and was interrupted; the session is intact"
+            raise RemoteTimeout(text, killed=False, traceback=msg.header.get("details", {}).get("traceback", ""))
+        return msg
+
+
+@dataclass
+class KernelSession:
+    """The kernel's record of one client session: its executor, its owner's token, its state.
+
+    (The client's handle on it is :class:`mesatee_notebook.remote.session.Session`.)
+    """
 
     name: str
     memory_limit: int

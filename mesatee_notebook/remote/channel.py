@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import itertools
-import socket
-import ssl
 import threading
-import urllib.parse
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from mesatee_notebook.attestation.policy import (
@@ -19,23 +17,29 @@ from mesatee_notebook.attestation.policy import (
     verify_certificate,
 )
 from mesatee_notebook.errors import KernelConnectionError, MalformedFrame, MesateeError, error_from_wire
+from mesatee_notebook.wire.comm import DEFAULT_PORT, Comm, connect
+from mesatee_notebook.wire.comm import parse_url as split_url
 from mesatee_notebook.wire.framing import Limits
 from mesatee_notebook.wire.messages import PROTOCOL_VERSION
-from mesatee_notebook.wire.stream import Message, Progress, recv_message, send_message
+from mesatee_notebook.wire.stream import Message, Progress
 
-__all__ = ["Channel", "open_channel", "parse_url"]
-
-DEFAULT_PORT = 7443
+__all__ = ["DEFAULT_PORT", "Channel", "Reply", "open_channel", "parse_url"]
 
 
 def parse_url(url: str) -> tuple[str, int]:
     """``mesatee://host:port`` (or ``host:port``) → (host, port)."""
-    text = url if "://" in url else f"mesatee://{url}"
-    parsed = urllib.parse.urlsplit(text)
-    if parsed.scheme != "mesatee" or not parsed.hostname:
+    scheme, host, port = split_url(url)
+    if scheme != "mesatee":
         msg = f"not a mesatee URL: {url!r} (expected mesatee://HOST:PORT)"
         raise ValueError(msg)
-    return parsed.hostname, parsed.port or DEFAULT_PORT
+    return host, port
+
+
+@dataclass(slots=True)
+class Reply(Message):
+    """A request's final reply, with the digests of the payloads the request sent (``sent``)."""
+
+    sent: list[str] | None = None
 
 
 def _client_version() -> str:
@@ -48,44 +52,31 @@ def _client_version() -> str:
 
 
 class Channel:
-    """One attested TLS connection. Requests are sequential; a lock serialises callers."""
+    """One attested connection over a :class:`~mesatee_notebook.wire.comm.Comm`. Requests are sequential.
 
-    def __init__(
-        self, host: str, port: int, policy: Policy, *, timeout: float = 30.0, limits: Limits | None = None
-    ) -> None:
-        self.host, self.port, self.policy = host, port, policy
+    It attests what the comm presents (the kernel's certificate, with its evidence) before a byte of the user's is
+    sent, then says hello; a lock serialises callers. Open one with :func:`open_channel`.
+    """
+
+    def __init__(self, comm: Comm, policy: Policy, *, limits: Limits | None = None) -> None:
+        self.policy = policy
+        self.comm = comm
+        self.url = comm.url
+        scheme, where, port = split_url(comm.url) if comm.url else ("", "", 0)
+        self.host, self.port = (where, port) if scheme == "mesatee" else (comm.url, 0)
         self.limits = limits or Limits()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        try:
-            raw = socket.create_connection((host, port), timeout=timeout)
-        except OSError as exc:
-            msg = f"cannot reach a mesatee kernel at {host}:{port}: {exc.strerror or exc}"
-            raise KernelConnectionError(msg) from exc
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        # The certificate is self-signed by design (RA-TLS): trust comes from the evidence inside
-        # it, checked below before any request byte is written.
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        try:
-            sock = ctx.wrap_socket(raw, server_hostname=host)
-        except (OSError, ssl.SSLError) as exc:
-            raw.close()
-            msg = f"TLS handshake with {host}:{port} failed: {exc}"
-            raise KernelConnectionError(msg) from exc
-        der = sock.getpeercert(binary_form=True)
+        der = comm.peer_certificate()
         try:
             if not der:
                 msg = "the kernel presented no certificate"
                 raise KernelConnectionError(msg)
             self.attestation: AttestationReport = verify_certificate(der, policy, live=True)
         except BaseException:
-            sock.close()
+            comm.close()
             raise
-        self.sock = sock
-        sock.settimeout(None)
+        comm.set_timeout(None)
         try:
             # tpm: a fresh nonce and a credential challenge ride in hello; no user byte goes before they check out.
             tpm_fields, tpm_kept = tpm_hello_request(self.attestation, policy)
@@ -118,8 +109,8 @@ class Channel:
         try:
             if self.closed:
                 return False
-            send_message(self.sock, {"t": "ping", "id": next(self._ids)})
-            return recv_message(self.sock, self.limits).type == "pong"
+            self.comm.send({"t": "ping", "id": next(self._ids)})
+            return self.comm.recv(self.limits).type == "pong"
         except (OSError, EOFError, MesateeError):
             return False
         finally:
@@ -135,21 +126,19 @@ class Channel:
         upload_progress: Progress | None = None,
         download_progress: Progress | None = None,
         on_interrupt: Callable[[], object] | None = None,
-    ) -> Message:
+    ) -> Reply:
         """Send a request and return its final reply; stream frames go to ``on_stream``.
 
-        A typed error reply is raised as its local exception class. Returns the reply
-        message with ``sent_digests`` in ``header['_sent']`` when ``digests`` is set.
+        A typed error reply is raised as its local exception class. With ``digests`` the reply carries the
+        digests of what was sent (``reply.sent``) and of what came back (``reply.digests``).
         """
         with self._lock:
             rid = next(self._ids)
-            sent = send_message(
-                self.sock, {**header, "id": rid}, payloads or [], digests=digests, progress=upload_progress
-            )
+            sent = self.comm.send({**header, "id": rid}, payloads or [], digests=digests, progress=upload_progress)
             interrupted = False
             while True:
                 try:
-                    msg = recv_message(self.sock, self.limits, digests=digests, progress=download_progress)
+                    msg = self.comm.recv(self.limits, digests=digests, progress=download_progress)
                 except EOFError:
                     msg_ = "the kernel closed the connection"
                     raise KernelConnectionError(msg_) from None
@@ -173,8 +162,7 @@ class Channel:
                     continue
                 if msg.type == "error":
                     raise error_from_wire(msg.header)
-                msg.header["_sent"] = sent
-                return msg
+                return Reply(msg.header, msg.payloads, msg.digests, msg.fds, sent=sent)
 
     def authenticate(self, identity: Any) -> str:
         """Prove ``identity`` (a PartyIdentity) on this channel; returns the party id the kernel recorded."""
@@ -193,14 +181,13 @@ class Channel:
         closing = getattr(self, "_closing", None)
         if closing is not None:
             closing.set()
-        try:
-            self.sock.close()
-        except (OSError, AttributeError):
-            pass
+        comm = getattr(self, "comm", None)
+        if comm is not None:
+            comm.close()
 
     @property
     def closed(self) -> bool:
-        return self.sock.fileno() < 0
+        return self.comm.closed
 
 
 def _keepalive(ref: weakref.ref[Channel], closing: threading.Event, interval: float) -> None:
@@ -211,7 +198,6 @@ def _keepalive(ref: weakref.ref[Channel], closing: threading.Event, interval: fl
         del channel
 
 
-def open_channel(url: str, policy: Policy, **kwargs: Any) -> Channel:
-    """Connect to ``url`` and attest it under ``policy``."""
-    host, port = parse_url(url)
-    return Channel(host, port, policy, **kwargs)
+def open_channel(url: str, policy: Policy, *, timeout: float = 30.0, limits: Limits | None = None) -> Channel:
+    """Connect to ``url`` (by its scheme: ``mesatee://`` is TLS) and attest it under ``policy``."""
+    return Channel(connect(url, timeout=timeout), policy, limits=limits)

@@ -15,7 +15,7 @@ from mesatee_notebook.attestation.receipts import Receipt, VerifiedReceipt, veri
 from mesatee_notebook.errors import MalformedFrame, ProtocolError, ReceiptError
 from mesatee_notebook.errors import PolicyViolation as PolicyViolationError
 from mesatee_notebook.remote._public import public_api, public_methods
-from mesatee_notebook.remote.channel import Channel, parse_url
+from mesatee_notebook.remote.channel import Channel, Reply, open_channel
 from mesatee_notebook.wire.codecs import decode_value, encode_value
 from mesatee_notebook.wire.stream import Message, Progress
 
@@ -98,7 +98,7 @@ class Session:
     @property
     def url(self) -> str:
         """``mesatee://host:port`` of the kernel."""
-        return f"mesatee://{self._channel.host}:{self._channel.port}"
+        return self._channel.url
 
     def __repr__(self) -> str:
         a = self.attestation
@@ -168,7 +168,7 @@ class Session:
 
     def _verified_result(
         self,
-        reply: Message,
+        reply: Reply,
         nonce: str,
         code: str,
         specs: list[dict[str, Any]],
@@ -176,7 +176,7 @@ class Session:
         names: list[str],
         allow_pickle: bool,
     ) -> RunResult:
-        sent = reply.header.get("_sent") or []
+        sent = reply.sent or []
         input_digests = {str(s["name"]): d for s, d in zip(specs, sent, strict=True)}
         stdout, stderr = "".join(out_text["stdout"]), "".join(out_text["stderr"])
         got = {
@@ -261,7 +261,7 @@ class Session:
             )
         finally:
             self._inflight.discard(nonce)
-        sent = reply.header.get("_sent") or []
+        sent = reply.sent or []
         info = reply.header.get("info") or {}
         value_specs = reply.header.get("values")
         if not isinstance(value_specs, list) or len(value_specs) != len(reply.payloads):
@@ -486,7 +486,7 @@ class Session:
 
         # Pin what was attested at connect time: the same kernel, not whatever is installed now.
         pinned = replace(self.policy, measurements=(self.attestation.measurement,))
-        return Channel(self._channel.host, self._channel.port, pinned)
+        return open_channel(self._channel.url, pinned)
 
     def interrupt(self) -> bool:
         """Interrupt the running cell (over a second attested connection). True if one was running."""
@@ -598,15 +598,15 @@ def connect(
         from mesatee_notebook.remote.embedded import ensure_embedded_kernel
 
         host, port, fp = ensure_embedded_kernel()
+        url = f"mesatee://{host}:{port}"
         pol = policy or Policy(platform_roots=[fp], allow_unprotected=allow_unprotected)
     else:
-        host, port = parse_url(url)
         pol = policy or Policy(allow_unprotected=allow_unprotected)
     if allow_unprotected and not pol.allow_unprotected:
         from dataclasses import replace
 
         pol = replace(pol, allow_unprotected=True)
-    channel = Channel(host, port, pol, timeout=timeout)
+    channel = open_channel(url, pol, timeout=timeout)
     try:
         party = None
         if identity is not False:

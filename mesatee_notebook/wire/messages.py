@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from mesatee_notebook.errors import MalformedFrame, VersionMismatch
+from mesatee_notebook.wire.protocol import REQUEST_TYPES as _REQUEST_TYPES
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -19,25 +20,8 @@ __all__ = [
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({1})
 
-#: Requests a client may send after the handshake; anything else is refused with a typed error.
-REQUEST_TYPES = frozenset(
-    {
-        "hello",
-        "session.open",
-        "session.close",
-        "session.restart",
-        "session.list",
-        "execute",
-        "interrupt",
-        "call",
-        "call.cancel",
-        "ping",
-        "auth",
-        "whoami",
-        "audit",
-        "migration",
-    }
-)
+#: Requests a client may send after the handshake (derived from the message classes of wire/protocol.py).
+REQUEST_TYPES = _REQUEST_TYPES
 
 
 def negotiate(offered: Any, *, client_version: str, server_version: str) -> int:

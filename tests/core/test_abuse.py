@@ -24,6 +24,8 @@ from mesatee_notebook.wire.messages import PROTOCOL_VERSION
 from mesatee_notebook.wire.stream import recv_message, send_message
 from tests.conftest import KernelProc, start_kernel, stop_kernel
 
+pytestmark = pytest.mark.process
+
 
 def raw_tls(kernel: KernelProc, timeout: float = 10) -> ssl.SSLSocket:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)

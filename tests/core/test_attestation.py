@@ -26,6 +26,8 @@ from mesatee_notebook.errors import (
 )
 from tests.core.fakes import FakeKernel, now
 
+pytestmark = pytest.mark.process
+
 
 def _kernel_cert(kernel) -> bytes:
     pem = ssl.get_server_certificate((kernel.host, kernel.port))

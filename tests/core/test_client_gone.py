@@ -10,9 +10,12 @@ import textwrap
 import time
 
 import psutil
+import pytest
 
 import mesatee_notebook as mn
 from tests.conftest import KernelProc
+
+pytestmark = pytest.mark.process
 
 _CLIENT = textwrap.dedent(
     """

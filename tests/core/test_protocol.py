@@ -16,6 +16,8 @@ from mesatee_notebook.wire.framing import MAGIC, PREFIX, Limits, pack_header
 from mesatee_notebook.wire.messages import PROTOCOL_VERSION
 from mesatee_notebook.wire.stream import recv_message, send_message
 
+pytestmark = pytest.mark.process
+
 
 def raw_tls(kernel) -> ssl.SSLSocket:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)

@@ -14,6 +14,8 @@ from mesatee_notebook.errors import QuotaExceeded
 from mesatee_notebook.remote.session import Session
 from tests.conftest import KernelProc, start_kernel, stop_kernel
 
+pytestmark = pytest.mark.process
+
 
 @pytest.fixture(scope="module")
 def tight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelProc]:

@@ -13,6 +13,8 @@ import pytest
 import mesatee_notebook as mn
 from mesatee_notebook.errors import NotFound
 
+pytestmark = pytest.mark.process
+
 
 @pytest.fixture
 def alice(kernel, tmp_path):

@@ -17,6 +17,8 @@ import pytest
 import mesatee_notebook as mn
 from mesatee_notebook.errors import ExecutorCrashed, NotFound, RemoteInterrupted, RemoteTimeout
 
+pytestmark = pytest.mark.process
+
 
 @pytest.fixture
 def session(kernel):

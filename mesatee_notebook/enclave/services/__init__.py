@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from mesatee_notebook.errors import NotFound
 
 if TYPE_CHECKING:
-    from mesatee_notebook.enclave.executor import Executor
+    from mesatee_notebook.enclave.supervisor_client import SupervisorClient
 
 __all__ = ["SERVICE_MODULES", "ServiceContext", "ServiceResult", "dispatch", "service"]
 
@@ -66,7 +66,7 @@ class ServiceResult:
 class ServiceContext:
     """The caller and the kernel facilities a service may use."""
 
-    def __init__(self, ex: Executor, party: str, state: dict[str, Any], *, fresh: bool = False) -> None:
+    def __init__(self, ex: SupervisorClient, party: str, state: dict[str, Any], *, fresh: bool = False) -> None:
         self._ex = ex
         self.party = party
         self.state = state

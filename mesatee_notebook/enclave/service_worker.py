@@ -1,0 +1,72 @@
+"""The service worker: a process that runs trusted services for proven parties, and never user code.
+
+It is started by the supervisor (``python -m mesatee_notebook.enclave.executor FD ... --service``, see
+``executor.py``) and talks to it through a :class:`~mesatee_notebook.enclave.supervisor_client.SupervisorClient`,
+which it hands to each service as :class:`~mesatee_notebook.enclave.services.ServiceContext`. It holds no keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mesatee_notebook.enclave.ipc import unpack_values
+from mesatee_notebook.enclave.services import ServiceContext, dispatch
+from mesatee_notebook.enclave.supervisor_client import SupervisorClient
+from mesatee_notebook.errors import MesateeError
+from mesatee_notebook.wire.codecs import decode_value, encode_value
+from mesatee_notebook.wire.protocol import ExecutorError, Ready, RunService, Shutdown
+from mesatee_notebook.wire.stream import Message
+
+__all__ = ["ServiceWorker"]
+
+
+class ServiceWorker:
+    """Runs the services the supervisor orders; keeps per-worker state (caches) between calls."""
+
+    def __init__(self, client: SupervisorClient) -> None:
+        self.client = client
+        self.state: dict[str, Any] = {}
+
+    def serve(self) -> None:
+        """Answer the supervisor's orders until it says shutdown or hangs up."""
+        import os
+        import signal
+
+        # A service is never interrupted midway: on a timeout the supervisor's SIGINT is ignored and, after the
+        # grace period, the worker is killed (its caller gets RemoteTimeout; sealed state stays consistent).
+        signal.signal(signal.SIGINT, lambda signum, frame: None)
+        self.client.send(Ready(os.getpid()))
+        while True:
+            try:
+                msg = self.client.receive()
+            except EOFError:
+                return
+            if msg.type == RunService.T:
+                self.call(msg)
+            elif msg.type == Shutdown.T:
+                return
+            else:  # a cell (or anything else) is not for a service worker
+                self.client.send(ExecutorError("protocol", f"executor: unknown request {msg.type!r}"))
+
+    def call(self, msg: Message) -> None:
+        """Run one trusted service for the party named by the supervisor."""
+        try:
+            order = RunService.from_header(msg.header)
+            inputs = {
+                str(spec["name"]): decode_value(str(spec["kind"]), buf, meta=spec.get("meta"))
+                for spec, buf in unpack_values(list(order.inputs), msg)
+            }
+            msg.payloads.clear()
+            ctx = ServiceContext(self.client, order.party, self.state, fresh=order.fresh)
+            result = dispatch(order.service, ctx, order.args, inputs)
+            values = []
+            for name, value in result.values.items():
+                enc = encode_value(value)
+                values.append(({"name": f"out/{name}", "kind": enc.kind, "meta": enc.meta}, enc.parts, None))
+            self.client.result(values, info=result.info)
+        except MesateeError as exc:
+            self.client.error(exc)
+        except Exception as exc:
+            # Only the class and message: a traceback of engine internals could quote data.
+            ename = type(exc).__name__
+            self.client.send(ExecutorError("remote", f"{ename}: {exc}", {"ename": ename}))

@@ -1,0 +1,478 @@
+"""The supervisor: lifecycle, the listener, spare executors, service pools, idle shutdown; it owns the keys.
+
+It accepts connections (TCP + TLS, or in-process comms for tests) and hands each to a
+:class:`~mesatee_notebook.enclave.connection.Connection` on its own thread. Executors' mid-call requests are
+answered by ``enclave/broker.py``; receipts are built by ``enclave/receipting.py``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import os
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from mesatee_notebook.attestation.levels import Level
+from mesatee_notebook.attestation.measurement import build_manifest
+from mesatee_notebook.enclave import receipting
+from mesatee_notebook.enclave.broker import answer_executor, dataset_for_cell
+from mesatee_notebook.enclave.config import AVAILABLE_LEVELS, KernelConfig
+from mesatee_notebook.enclave.connection import Connection
+from mesatee_notebook.enclave.hardening import harden_process
+from mesatee_notebook.enclave.identity import KernelIdentity
+from mesatee_notebook.enclave.platform import load_platform
+from mesatee_notebook.enclave.quotas import ByteBudget, QuotaBook
+from mesatee_notebook.enclave.sandbox import Sandbox
+from mesatee_notebook.enclave.service_pool import ServicePool
+from mesatee_notebook.enclave.sessions import ExecutorHandle, KernelSession
+from mesatee_notebook.enclave.tpm import open_tpm
+from mesatee_notebook.errors import MalformedFrame, MesateeError, PolicyViolation
+from mesatee_notebook.transports import listen_inproc, stop_inproc
+from mesatee_notebook.wire.comm import Comm, TLSComm
+from mesatee_notebook.wire.protocol import RunService
+from mesatee_notebook.wire.stream import Message
+
+__all__ = ["Kernel"]
+
+log = logging.getLogger("mesatee.enclave")
+_NONCE_MEMORY = 1 << 20
+
+
+class _Gate:
+    """Many service calls at once (shared), or one migration alone (exclusive)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._exclusive = True
+            self._cond.wait_for(lambda: self._shared == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+class _NonceGuard:
+    """Refuses a request nonce seen before (bounded memory, oldest forgotten first)."""
+
+    def __init__(self, size: int = _NONCE_MEMORY) -> None:
+        self._seen: set[str] = set()
+        self._order: collections.deque[str] = collections.deque()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def claim(self, nonce: Any) -> str:
+        if not isinstance(nonce, str) or not 16 <= len(nonce) <= 128:
+            msg = "a request needs a fresh random nonce of 16 to 128 characters"
+            raise MalformedFrame(msg)
+        with self._lock:
+            if nonce in self._seen:
+                msg = "this request nonce was already used: refusing a replayed request"
+                raise PolicyViolation(msg, check="replay")
+            self._seen.add(nonce)
+            self._order.append(nonce)
+            if len(self._order) > self._size:
+                self._seen.discard(self._order.popleft())
+        return nonce
+
+
+class Kernel:
+    """The enclave kernel's supervisor."""
+
+    def __init__(self, config: KernelConfig) -> None:
+        self.config = config
+        # tpm: available only when --tcti names a TPM that answers (open_tpm refuses clearly otherwise).
+        self.tpm = (
+            open_tpm(config.tcti, app_pcr=config.tpm_app_pcr, boot_pcrs=config.tpm_boot_pcrs)
+            if config.level is Level.TPM
+            else None
+        )
+        config.level.require_available(AVAILABLE_LEVELS | ({Level.TPM} if self.tpm else set()))
+        self.hardening = harden_process()
+        self.sandbox: Sandbox | None = None
+        if config.sandbox:
+            # Refuses (SandboxUnavailable, naming what is missing) rather than serve cells unisolated.
+            self.sandbox = Sandbox.create(
+                config.sandbox_limits, hidden=[config.data_dir], untrusted_dir=config.untrusted_dir
+            )
+        else:
+            log.warning(
+                "SANDBOX OFF (--no-sandbox): every cell runs with the kernel's uid and can read its keys; "
+                "the evidence and the measurement say so, and clients that require a sandbox refuse this kernel"
+            )
+        platform_key = None
+        self.sealing_secret: bytes | None = None
+        self.platform_fingerprint = "none"
+        if config.level in (Level.SOFTTEE, Level.TPM):  # tpm: the platform key signs the audit log, roots sealing
+            platform = load_platform(config.data_dir)
+            platform_key = platform.key
+            self.sealing_secret = platform.sealing_secret
+            self.platform_fingerprint = platform.fingerprint
+        self.identity = KernelIdentity.create(
+            config.level,
+            build_manifest(sandboxed=self.sandbox is not None),
+            platform_key,
+            config.cert_lifetime,
+            sandbox=self.sandbox.report() if self.sandbox is not None else None,
+            tpm=self.tpm,
+        )
+        self.sessions: dict[str, KernelSession] = {}
+        self.nonces = _NonceGuard()
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._connections = 0
+        self._last_activity = time.monotonic()
+        self._last_watch = time.monotonic()
+        self._listener: socket.socket | None = None
+        self.address: tuple[str, int] = (config.host, config.port)
+        self.service_pools: dict[str, ServicePool] = {}
+        self._inproc_names: list[str] = []
+        self._spare: ExecutorHandle | None = None
+        self._pools_lock = threading.Lock()
+        # Service calls share this gate; a migration takes it alone, so no service call runs meanwhile.
+        self.service_gate = _Gate()
+        from mesatee_notebook.enclave.migration import SealedState
+
+        # Before anything opens the live store: stores of other measurements are moved aside and reported.
+        self.sealed_state = SealedState.at_start(config.data_dir, self.sealing_secret, self.identity.measurement)
+        self.audit_log = self._open_audit_log(platform_key)
+        if self.sealed_state is not None:
+            self.sealed_state.announce(self.audit_log)
+        self.quotas = QuotaBook(
+            config.party_quota, config.anonymous_quota, self.sealed_store if self.sealing_secret is not None else None
+        )
+        self.anonymous_bytes = ByteBudget(config.anonymous_inflight_bytes)
+
+    def _open_audit_log(self, platform_key: Any) -> Any:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from mesatee_notebook.enclave.audit import AuditLog
+
+        # softtee: the platform key signs the log, so parties check it against the root they pinned.
+        key = platform_key if platform_key is not None else Ed25519PrivateKey.generate()
+        head_store = self.sealed_store() if self.sealing_secret is not None else None
+        name = "audit.log" if platform_key is not None else f"audit-unprotected-{os.getpid()}.log"
+        return AuditLog(self.config.data_dir / name, key, head_store=head_store)
+
+    # -- sessions -------------------------------------------------------------------------------
+    def open_session(self, name: str, party: str | None = None) -> KernelSession:
+        holder = self.quotas.holder(party)
+        self.quotas.take(holder, sessions=1, executors=1)
+        session = KernelSession(name=name, memory_limit=self.config.executor_memory, party=party, sandbox=self.sandbox)
+        with self._lock:
+            spare, self._spare = self._spare, None
+        try:
+            session.start(spare if spare is not None and spare.alive else None)
+        except BaseException:
+            self.quotas.give_back(holder, sessions=1, executors=1)
+            raise
+        with self._lock:
+            self.sessions[session.id] = session
+        self._refill_spare()
+        log.info("session %s (%s) opened, executor pid %s", session.id, name, session.executor and session.executor.pid)
+        return session
+
+    def _refill_spare(self) -> None:
+        """Start one executor ahead of time (it has never run code), so the next session opens at once."""
+
+        def fill() -> None:
+            try:
+                handle = ExecutorHandle(self.config.executor_memory, sandbox=self.sandbox)
+            except MesateeError as exc:
+                log.warning("could not pre-start an executor: %s", exc)
+                return
+            with self._lock:
+                if self._spare is None and not self.stopping.is_set():
+                    self._spare = handle
+                    return
+            handle.shutdown()
+
+        threading.Thread(target=fill, name="mesatee-spare", daemon=True).start()
+
+    def close_session(self, session: KernelSession) -> None:
+        with self._lock:
+            was_open = self.sessions.pop(session.id, None) is not None
+        session.close()
+        if was_open:
+            self.quotas.give_back(self.quotas.holder(session.party), sessions=1, executors=1)
+
+    def handle_executor_request(
+        self, executor: ExecutorHandle, m: Message, *, prefix: str, party: str | None, service: bool = False
+    ) -> None:
+        """Answer an executor's mid-call request: sealed storage, a dataset for a cell, an audit entry."""
+        answer_executor(self, executor, m, prefix=prefix, party=party, service=service)
+
+    def dataset_for_cell(self, name: str, party: str | None) -> bytes:
+        """Arrow bytes of a dataset, for a cell whose party the owner's policy gives code access."""
+        return dataset_for_cell(self, name, party)
+
+    # -- the service workers --------------------------------------------------------------------
+    def service_pool(self, service: str) -> ServicePool:
+        """The pool ``service`` runs in (started on first use).
+
+        ``job.*``/``psi.*`` run in the one jobs worker (the sealed job store has a single writer); everything
+        else runs in the general pool.
+        """
+        if self.config.service_workers <= 0:
+            lane = "serial"  # one worker for every service, in arrival order (the design before the pools)
+        else:
+            lane = "jobs" if service.startswith(("job.", "psi.")) else "general"
+        with self._pools_lock:
+            pool = self.service_pools.get(lane)
+            if pool is None:
+                size = self.config.service_workers if lane == "general" else 1
+                pool = ServicePool(
+                    lane,
+                    size,
+                    lambda: ExecutorHandle(self.config.executor_memory, service=True, sandbox=self.sandbox),
+                    lambda details: self.audit_log.append("recovery", None, details, concerns=["*"]),
+                )
+                self.service_pools[lane] = pool
+            return pool
+
+    def run_service(
+        self,
+        party: str,
+        nonce: str,
+        order: RunService | dict[str, Any],
+        payloads: list[Any],
+        fds: list[int],
+        on_message: Any,
+        timeout: float | None,
+    ) -> Message:
+        """Run a service call in its pool, fairly scheduled among the parties waiting there."""
+        header = order.to_header() if isinstance(order, RunService) else order
+        requested = timeout if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) else None
+        t = receipting.clamp_timeout(requested, self.config.max_cell_timeout)
+        service = str(header["service"])
+        with self.service_gate.shared():
+            return self.service_pool(service).run(party, nonce, service, header, payloads, fds, on_message, t)
+
+    def restart_service_pools(self) -> None:
+        """Stop every service worker; the next calls start fresh ones (which re-read sealed state)."""
+        with self._pools_lock:
+            pools, self.service_pools = list(self.service_pools.values()), {}
+        for pool in pools:
+            pool.shutdown()
+
+    def cancel_service_call(self, party: str | None, nonce: str) -> bool:
+        """Cancel the call with ``nonce`` (made by ``party``, if the canceller proved one) in any pool."""
+        with self._pools_lock:
+            pools = list(self.service_pools.values())
+        return any(pool.cancel(party, nonce) for pool in pools)
+
+    def sealed_store(self) -> Any:
+        from mesatee_notebook.enclave.migration import live_store
+
+        if self.sealing_secret is None:
+            msg = "sealed storage needs a softtee (or hardware) platform; an unprotected kernel has no sealing key"
+            raise PolicyViolation(msg)
+        return live_store(self.config.data_dir, self.sealing_secret, self.identity.measurement)
+
+    def sign_receipt(self, subjects: dict[str, str], predicate: dict[str, Any]) -> dict[str, Any]:
+        return receipting.sign(self.identity, subjects, predicate)
+
+    # -- serving --------------------------------------------------------------------------------
+    def bind(self) -> tuple[str, int]:
+        """Bind and listen; record the address in DATA_DIR/kernel.json for local clients."""
+        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.config.host, self.config.port))
+        listener.listen(64)
+        self._listener = listener
+        host, port = listener.getsockname()[:2]
+        self.address = (host, port)
+        info = {
+            "host": host,
+            "port": port,
+            "pid": os.getpid(),
+            "level": self.config.level.label,
+            "platform": self.platform_fingerprint,
+            "started": time.time(),
+            "measurement": self.identity.measurement,
+        }
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.config.data_dir / f".kernel.json.{os.getpid()}"
+        tmp.write_text(json.dumps(info))
+        tmp.replace(self.config.data_dir / "kernel.json")
+        return host, port
+
+    def serve_forever(self) -> None:
+        if self._listener is None:
+            self.bind()
+        assert self._listener is not None
+        self._listener.settimeout(1.0)
+        threading.Thread(target=self._refresher, name="mesatee-refresh", daemon=True).start()
+        self._refill_spare()
+        try:
+            while not self.stopping.is_set():
+                if time.monotonic() - self._last_watch > 1.0:
+                    self._watch_sandboxes()
+                try:
+                    conn, addr = self._listener.accept()
+                except TimeoutError:
+                    self._check_idle()
+                    continue
+                except OSError:
+                    if self.stopping.is_set():
+                        break
+                    raise
+                with self._lock:
+                    if self._connections >= self.config.max_connections:
+                        conn.close()
+                        log.warning("refused %s: too many connections", addr)
+                        continue
+                    self._connections += 1
+                    self._last_activity = time.monotonic()
+                threading.Thread(target=self._handle, args=(conn, f"{addr[0]}:{addr[1]}"), daemon=True).start()
+        finally:
+            self.shutdown()
+
+    def _check_idle(self) -> None:
+        idle = self.config.idle_timeout
+        if idle is None:
+            return
+        with self._lock:
+            busy = self._connections > 0 or any(s.busy for s in self.sessions.values())
+            if busy:
+                self._last_activity = time.monotonic()
+            elif time.monotonic() - self._last_activity > idle:
+                log.info("idle for %.0f s: shutting down", idle)
+                self.stopping.set()
+
+    def _watch_sandboxes(self) -> None:
+        """Between cells too, a sandbox over its memory limit is stopped (its next call says why)."""
+        self._last_watch = time.monotonic()
+        if self.sandbox is None:
+            return
+        with self._lock:
+            handles = [s.executor for s in self.sessions.values() if s.executor is not None and not s.busy]
+        for handle in handles:
+            handle.check_usage()
+
+    def _refresher(self) -> None:
+        while not self.stopping.wait(self.config.refresh_interval):
+            try:
+                self.identity.refresh()
+            except MesateeError as exc:  # e.g. the TPM stopped answering: keep the current certificate
+                log.warning("could not refresh the evidence: %s", exc)
+                continue
+            log.info("evidence and certificate refreshed")
+
+    def _handle(self, raw: socket.socket, peer: str) -> None:
+        """A new TCP connection: the TLS handshake, then its requests (on this thread)."""
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            raw.settimeout(self.config.handshake_timeout)
+            ctx = self.identity.ssl_context
+            cert_der = self.identity.certificate_der  # the one this handshake presents (a refresh may follow)
+            assert ctx is not None
+            try:
+                sock = ctx.wrap_socket(raw, server_side=True)
+            except (OSError, ssl.SSLError) as exc:
+                log.info("TLS handshake with %s failed: %s", peer, exc)
+                raw.close()
+                return
+            sock.settimeout(None)
+            self.serve_comm(TLSComm(sock, peer=peer), cert_der)
+        except Exception:
+            log.exception("connection %s failed unexpectedly", peer)
+        finally:
+            with self._lock:
+                self._connections -= 1
+                self._last_activity = time.monotonic()
+
+    def serve_comm(self, comm: Comm, cert_der: bytes | None = None) -> None:
+        """Serve one client over ``comm`` until it hangs up; its sessions close with it.
+
+        ``cert_der`` is the certificate the client was shown (a party's proof signs over it).
+        """
+        conn = Connection(self, comm, cert_der if cert_der is not None else self.identity.certificate_der)
+        try:
+            conn.serve()
+        finally:
+            for session in list(conn.sessions.values()):
+                self.close_session(session)
+            comm.close()
+
+    # -- in-process clients (tests) --------------------------------------------------------------
+    def listen_inproc(self, name: str) -> str:
+        """Accept ``inproc://NAME`` connections from this process (tests); returns the URL.
+
+        Nothing here is attested by a TLS handshake: the comm presents this kernel's certificate as given.
+        """
+        self._inproc_names.append(name)
+        return listen_inproc(name, self._accept_inproc, lambda: self.identity.certificate_der)
+
+    def _accept_inproc(self, comm: Comm, cert_der: bytes) -> None:
+        with self._lock:
+            self._connections += 1
+            self._last_activity = time.monotonic()
+
+        def run() -> None:
+            try:
+                self.serve_comm(comm, cert_der)
+            except Exception:
+                log.exception("connection %s failed unexpectedly", comm.peer)
+            finally:
+                with self._lock:
+                    self._connections -= 1
+                    self._last_activity = time.monotonic()
+
+        threading.Thread(target=run, name="mesatee-inproc", daemon=True).start()
+
+    def shutdown(self) -> None:
+        self.stopping.set()
+        for name in self._inproc_names:
+            stop_inproc(name)
+        if self._listener is not None:
+            try:
+                self._listener.close()
+            except OSError:
+                pass
+        for session in list(self.sessions.values()):
+            self.close_session(session)
+        with self._pools_lock:
+            pools = list(self.service_pools.values())
+        for pool in pools:
+            pool.shutdown()
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.shutdown()
+        if self.tpm is not None:
+            self.tpm.close()
+        info = self.config.data_dir / "kernel.json"
+        try:
+            if json.loads(info.read_text()).get("pid") == os.getpid():
+                info.unlink()
+        except (OSError, ValueError):
+            pass
