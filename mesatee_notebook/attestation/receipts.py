@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from mesatee_notebook.attestation.measurement import canonical_json
 from mesatee_notebook.attestation.policy import AttestationReport, Policy, verify_certificate
 from mesatee_notebook.errors import AttestationError, ReceiptError
+from mesatee_notebook.wire.digest import digest_set, from_digest_set
 
 __all__ = [
     "MEDIA_TYPE",
@@ -81,7 +82,7 @@ def build_receipt(
     """Build a signed receipt bundle; ``sign`` is the enclave's receipt key."""
     statement = {
         "_type": STATEMENT_TYPE,
-        "subject": [{"name": name, "digest": {"sha256": digest}} for name, digest in sorted(subjects.items())],
+        "subject": [{"name": name, "digest": digest_set(digest)} for name, digest in sorted(subjects.items())],
         "predicateType": PREDICATE_TYPE,
         "predicate": predicate,
     }
@@ -148,11 +149,11 @@ class Receipt:
 
     @property
     def subjects(self) -> dict[str, str]:
-        """Output name → SHA-256 hex."""
+        """Output name → payload digest hex (BLAKE3; SHA-256 in a receipt made before BLAKE3)."""
         out: dict[str, str] = {}
         for s in self.statement.get("subject", []):
             if isinstance(s, dict) and isinstance(s.get("digest"), dict):
-                out[str(s.get("name"))] = str(s["digest"].get("sha256"))
+                out[str(s.get("name"))] = str(from_digest_set(s["digest"]))
         return out
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -223,7 +224,7 @@ def verify_receipt(
     Checks: the RA-TLS certificate's evidence under ``policy``, with validity judged at the
     receipt's own time; the DSSE signature by the evidence's receipt key; that the predicate's
     measurement and level are the attested ones; and, when given, the request ``nonce``, the
-    ``outputs`` and ``inputs`` digests (name → SHA-256 hex) and the ``code`` text.
+    ``outputs`` and ``inputs`` digests (name → payload digest hex, BLAKE3: ``wire/digest.py``) and the ``code`` text.
     ``attested`` lets a live client skip re-verifying the very certificate it verified at
     connect time (same DER bytes); any other certificate is verified in full.
     """

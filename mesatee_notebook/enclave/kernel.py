@@ -48,6 +48,7 @@ from mesatee_notebook.errors import (
     ProtocolError,
     QuotaExceeded,
 )
+from mesatee_notebook.wire.digest import payload_digest, payload_hasher
 from mesatee_notebook.wire.framing import Limits
 from mesatee_notebook.wire.messages import REQUEST_TYPES, negotiate, require
 from mesatee_notebook.wire.stream import Message, recv_message, send_message
@@ -453,7 +454,7 @@ class _Connection:
         _raise_if_error(result)
         subjects, value_specs, out_payloads = _result_values(result)
         info = result.header.get("info") or {}
-        subjects["info"] = hashlib.sha256(canonical_json(info)).hexdigest()
+        subjects["info"] = payload_digest(canonical_json(info))
         predicate = {
             "kind": "call",
             "service": name,
@@ -504,7 +505,7 @@ class _Connection:
             for fd in fds:
                 os.close(fd)
             raise
-        stdout_h, stderr_h = hashlib.sha256(), hashlib.sha256()
+        stdout_h, stderr_h = payload_hasher(), payload_hasher()
         started = time.time()
         try:
             session.busy = True
@@ -562,7 +563,7 @@ class _Connection:
         subjects.update({"stdout": stdout_h.hexdigest(), "stderr": stderr_h.hexdigest()})
         value_repr = result.header.get("value_repr")
         if isinstance(value_repr, str):
-            subjects["value_repr"] = hashlib.sha256(value_repr.encode()).hexdigest()
+            subjects["value_repr"] = payload_digest(value_repr.encode())
         predicate = {
             "kind": "execute",
             "party": session.party,
@@ -637,7 +638,7 @@ def _result_values(result: Message) -> tuple[dict[str, str], list[dict[str, Any]
     specs: list[dict[str, Any]] = []
     buffers: list[Any] = []
     for spec, buf in unpack_values(result.header.get("values", []), result):
-        subjects[str(spec["name"])] = hashlib.sha256(memoryview(buf).cast("B")).hexdigest()
+        subjects[str(spec["name"])] = payload_digest(memoryview(buf).cast("B"))
         specs.append({"name": spec["name"], "kind": spec["kind"], "meta": spec.get("meta") or {}})
         buffers.append(buf)
     return subjects, specs, buffers
