@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from mesatee_notebook.attestation.measurement import canonical_json
 from mesatee_notebook.attestation.policy import AttestationReport, Policy, verify_certificate
 from mesatee_notebook.errors import AttestationError, ReceiptError
-from mesatee_notebook.wire.digest import digest_set, from_digest_set
+from mesatee_notebook.wire.digest import LEGACY_DIGESTS, PAYLOAD_DIGEST, digest_set, from_digest_set
 
 __all__ = [
     "MEDIA_TYPE",
@@ -155,6 +155,16 @@ class Receipt:
             if isinstance(s, dict) and isinstance(s.get("digest"), dict):
                 out[str(s.get("name"))] = str(from_digest_set(s["digest"]))
         return out
+
+    @property
+    def digest_algorithm(self) -> str:
+        """The algorithm of the subject and input digests: ``"blake3"``, or ``"sha256"`` for a receipt made before."""
+        for s in self.statement.get("subject", []):
+            if isinstance(s, dict) and isinstance(s.get("digest"), dict):
+                for alg in (PAYLOAD_DIGEST, *LEGACY_DIGESTS):
+                    if alg in s["digest"]:
+                        return alg
+        return PAYLOAD_DIGEST
 
     def to_json(self, indent: int | None = 2) -> str:
         """The bundle as JSON text."""

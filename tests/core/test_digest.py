@@ -72,11 +72,39 @@ def test_receipts_name_blake3_in_the_in_toto_digest_set():
     statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
     assert statement["subject"] == [{"name": "out", "digest": {"blake3": payload_digest(b"v")}}]
     assert Receipt(bundle).subjects == {"out": payload_digest(b"v")}
+    assert Receipt(bundle).digest_algorithm == "blake3"
     assert PAYLOAD_DIGEST == "blake3" and digest_set("ab") == {"blake3": "ab"}
 
 
 def test_a_receipt_made_before_blake3_still_reads_its_sha256_subjects():
     old = hashlib.sha256(b"v").hexdigest()
     assert Receipt(_bundle({"sha256": old})).subjects == {"out": old}
+    assert Receipt(_bundle({"sha256": old})).digest_algorithm == "sha256"
     assert from_digest_set({"sha256": old, "blake3": "b3"}) == "b3"  # BLAKE3 wins when both are named
     assert from_digest_set({"md5": "x"}) is None
+
+
+def test_a_live_receipt_names_blake3_digests_and_the_cli_says_so(kernel, tmp_path):
+    import subprocess
+    import sys
+
+    import mesatee_notebook as mn
+
+    s = mn.connect(kernel.url, policy=kernel.policy())
+    try:
+        blob = bytes(range(256)) * 4096
+        r = s.run("out = len(b)\nprint('hi')", inputs={"b": blob}, outputs=["out"])
+    finally:
+        s.close()
+    assert r.verified.predicate["inputs"] == {"b": payload_digest(blob)}  # the kernel hashed what the client sent
+    assert r.receipt.subjects["stdout"] == payload_digest(b"hi\n")
+    subjects = json.loads(base64.b64decode(r.receipt.bundle["dsseEnvelope"]["payload"]))["subject"]
+    assert subjects and all(set(x["digest"]) == {"blake3"} for x in subjects)
+    path = r.receipt.save(tmp_path / "receipt.json")
+    out = subprocess.run(
+        [sys.executable, "-m", "mesatee_notebook.cli", "client", "verify-receipt", str(path),
+         "--platform-root", kernel.fingerprint, "--measurement", kernel.measurement],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert f"input  {'b':<20} blake3 {payload_digest(blob)}" in out.stdout
