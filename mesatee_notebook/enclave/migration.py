@@ -730,19 +730,26 @@ def _unit_of(name: str) -> tuple[str, str, str] | None:
     measurement). The differencing guard's history protects the dataset's owner, so it moves with the dataset.
     """
     parts = name.split("/")
-    if parts[0] == "svc" and len(parts) >= 3 and parts[1] == "datasets":
-        return "dataset", parts[2], "dataset"
-    if parts[0] == "svc" and len(parts) >= 5 and parts[1] == "guard":
-        return "dataset", parts[3], "dataset"
-    if (parts[0] == "svc" and len(parts) >= 2 and parts[1] == "cache") or parts[0] == "audit":
+    if parts[0] == "audit" or parts[:2] == ["svc", "cache"]:
         return None
-    if parts[0] == "svc" and len(parts) >= 3 and parts[1] in ("models", "jobs"):
-        return parts[1][:-1], parts[2], parts[1]
-    if parts[0] == "svc" and len(parts) == 4 and parts[1:3] == ["tvm", "modules"]:
-        return "tvm", parts[3], "tvm"
     if parts[0] == "cells" and len(parts) >= 3 and not parts[1].startswith("anon"):
         return "cells", parts[1], "cells"
+    if parts[0] == "svc" and len(parts) >= 3:
+        return _service_unit(parts)
     return "other", parts[0] if parts[0] != "svc" else "/".join(parts[:2]), ""
+
+
+def _service_unit(parts: list[str]) -> tuple[str, str, str]:
+    """The unit of a service object ``svc/<service>/...`` (at least three parts)."""
+    if parts[1] == "datasets":
+        return "dataset", parts[2], "dataset"
+    if parts[1] == "guard" and len(parts) >= 5:
+        return "dataset", parts[3], "dataset"
+    if parts[1] in ("models", "jobs"):
+        return parts[1][:-1], parts[2], parts[1]
+    if len(parts) == 4 and parts[1:3] == ["tvm", "modules"]:
+        return "tvm", parts[3], "tvm"
+    return "other", "/".join(parts[:2]), ""
 
 
 def _owners_of(source: SealedStore, kind: str, key: str) -> list[str]:
