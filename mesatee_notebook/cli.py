@@ -395,10 +395,11 @@ def client_main(argv: list[str] | None = None) -> int:
         print(f"  measurement {p.get('measurement')}")
         print(f"  nonce       {p.get('nonce')}")
         print(f"  code sha256 {p.get('code', {}).get('sha256')}")
+        alg = v.receipt.digest_algorithm
         for name, digest in sorted(p.get("inputs", {}).items()):
-            print(f"  input  {name:<20} sha256 {digest}")
+            print(f"  input  {name:<20} {alg} {digest}")
         for name, digest in sorted(v.subjects.items()):
-            print(f"  output {name:<20} sha256 {digest}")
+            print(f"  output {name:<20} {alg} {digest}")
         print(f"  {v.attestation.trust_note}")
         return 0
     except MesateeError as exc:

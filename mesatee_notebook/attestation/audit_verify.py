@@ -158,20 +158,7 @@ def verify_audit_log(
             raise _fail(
                 index, entry, "signature does not verify (entry changed, or not signed by this enclave)"
             ) from None
-        seq = int(entry["seq"])
-        if prev is None:
-            if not partial and seq != 0:
-                raise _fail(index, entry, f"log does not start at seq 0 (starts at {seq}): entries removed")
-            if seq == 0 and entry["prev"] != GENESIS:
-                raise _fail(index, entry, "first entry does not link to the genesis hash")
-        else:
-            prev_seq = int(prev["seq"])
-            if seq <= prev_seq:
-                raise _fail(index, entry, f"seq {seq} does not follow seq {prev_seq}: entries reordered or repeated")
-            if seq != prev_seq + 1 and not partial:
-                raise _fail(index, entry, f"seq {seq} follows seq {prev_seq}: entries removed")
-            if seq == prev_seq + 1 and entry["prev"] != entry_hash(prev):
-                raise _fail(index, entry, f"does not link to the entry with seq {prev_seq}: log changed or reordered")
+        _check_link(index, entry, prev, partial)
         prev = entry
     if prev is None:
         if expected_head is not None:
@@ -179,13 +166,37 @@ def verify_audit_log(
         return None
     head = AuditHead(int(prev["seq"]), entry_hash(prev))
     if expected_head is not None:
-        if head.seq < expected_head.seq:
-            raise _fail(
-                len(entries) - 1, prev, f"log ends at seq {head.seq} before the expected head seq {expected_head.seq}"
-            )
-        if head.seq == expected_head.seq and head.hash != expected_head.hash:
-            raise _fail(len(entries) - 1, prev, "last entry does not match the expected head")
-        for index, entry in enumerate(entries):
-            if entry["seq"] == expected_head.seq and entry_hash(entry) != expected_head.hash:
-                raise _fail(index, entry, "does not match the expected head (log rewritten)")
+        _check_expected_head(entries, prev, head, expected_head)
     return head
+
+
+def _check_link(index: int, entry: Mapping[str, Any], prev: Mapping[str, Any] | None, partial: bool) -> None:
+    """``entry`` follows ``prev`` in the hash chain (or starts it)."""
+    seq = int(entry["seq"])
+    if prev is None:
+        if not partial and seq != 0:
+            raise _fail(index, entry, f"log does not start at seq 0 (starts at {seq}): entries removed")
+        if seq == 0 and entry["prev"] != GENESIS:
+            raise _fail(index, entry, "first entry does not link to the genesis hash")
+        return
+    prev_seq = int(prev["seq"])
+    if seq <= prev_seq:
+        raise _fail(index, entry, f"seq {seq} does not follow seq {prev_seq}: entries reordered or repeated")
+    if seq != prev_seq + 1 and not partial:
+        raise _fail(index, entry, f"seq {seq} follows seq {prev_seq}: entries removed")
+    if seq == prev_seq + 1 and entry["prev"] != entry_hash(prev):
+        raise _fail(index, entry, f"does not link to the entry with seq {prev_seq}: log changed or reordered")
+
+
+def _check_expected_head(
+    entries: Sequence[Mapping[str, Any]], last: Mapping[str, Any], head: AuditHead, expected_head: AuditHead
+) -> None:
+    if head.seq < expected_head.seq:
+        raise _fail(
+            len(entries) - 1, last, f"log ends at seq {head.seq} before the expected head seq {expected_head.seq}"
+        )
+    if head.seq == expected_head.seq and head.hash != expected_head.hash:
+        raise _fail(len(entries) - 1, last, "last entry does not match the expected head")
+    for index, entry in enumerate(entries):
+        if entry["seq"] == expected_head.seq and entry_hash(entry) != expected_head.hash:
+            raise _fail(index, entry, "does not match the expected head (log rewritten)")

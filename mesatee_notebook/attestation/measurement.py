@@ -48,6 +48,7 @@ UNSAFE_COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("onnx", ("onnx",)),
     ("tpm2_pytss", ("tpm2-pytss",)),  # the kernel's TPM stack at level tpm (links the system tpm2-tss)
     ("opendp", ("opendp",)),
+    ("blake3", ("blake3",)),  # payload digests (wire/digest.py)
 )
 _LIB_SUFFIXES = (".so", ".dylib", ".pyd")
 MANIFEST_FORMAT = 1

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from mesatee_notebook.attestation.measurement import canonical_json
 from mesatee_notebook.attestation.policy import AttestationReport, Policy, verify_certificate
 from mesatee_notebook.errors import AttestationError, ReceiptError
+from mesatee_notebook.wire.digest import LEGACY_DIGESTS, PAYLOAD_DIGEST, digest_set, from_digest_set
 
 __all__ = [
     "MEDIA_TYPE",
@@ -81,7 +82,7 @@ def build_receipt(
     """Build a signed receipt bundle; ``sign`` is the enclave's receipt key."""
     statement = {
         "_type": STATEMENT_TYPE,
-        "subject": [{"name": name, "digest": {"sha256": digest}} for name, digest in sorted(subjects.items())],
+        "subject": [{"name": name, "digest": digest_set(digest)} for name, digest in sorted(subjects.items())],
         "predicateType": PREDICATE_TYPE,
         "predicate": predicate,
     }
@@ -148,12 +149,22 @@ class Receipt:
 
     @property
     def subjects(self) -> dict[str, str]:
-        """Output name → SHA-256 hex."""
+        """Output name → payload digest hex (BLAKE3; SHA-256 in a receipt made before BLAKE3)."""
         out: dict[str, str] = {}
         for s in self.statement.get("subject", []):
             if isinstance(s, dict) and isinstance(s.get("digest"), dict):
-                out[str(s.get("name"))] = str(s["digest"].get("sha256"))
+                out[str(s.get("name"))] = str(from_digest_set(s["digest"]))
         return out
+
+    @property
+    def digest_algorithm(self) -> str:
+        """The algorithm of the subject and input digests: ``"blake3"``, or ``"sha256"`` for a receipt made before."""
+        for s in self.statement.get("subject", []):
+            if isinstance(s, dict) and isinstance(s.get("digest"), dict):
+                for alg in (PAYLOAD_DIGEST, *LEGACY_DIGESTS):
+                    if alg in s["digest"]:
+                        return alg
+        return PAYLOAD_DIGEST
 
     def to_json(self, indent: int | None = 2) -> str:
         """The bundle as JSON text."""
@@ -223,11 +234,19 @@ def verify_receipt(
     Checks: the RA-TLS certificate's evidence under ``policy``, with validity judged at the
     receipt's own time; the DSSE signature by the evidence's receipt key; that the predicate's
     measurement and level are the attested ones; and, when given, the request ``nonce``, the
-    ``outputs`` and ``inputs`` digests (name → SHA-256 hex) and the ``code`` text.
+    ``outputs`` and ``inputs`` digests (name → payload digest hex, BLAKE3: ``wire/digest.py``) and the ``code`` text.
     ``attested`` lets a live client skip re-verifying the very certificate it verified at
     connect time (same DER bytes); any other certificate is verified in full.
     """
     r = Receipt.load(receipt)
+    statement, pred = _statement_and_predicate(r)
+    report = _receipt_report(r, pred, policy, attested)
+    _check_signature(r, report)
+    _check_expectations(r, pred, report, nonce=nonce, outputs=outputs, inputs=inputs, code=code)
+    return VerifiedReceipt(receipt=r, attestation=report, statement=statement)
+
+
+def _statement_and_predicate(r: Receipt) -> tuple[dict[str, Any], dict[str, Any]]:
     if r.bundle.get("mediaType") != MEDIA_TYPE:
         msg = f"not a mesatee receipt (mediaType {r.bundle.get('mediaType')!r})"
         raise ReceiptError(msg)
@@ -239,16 +258,25 @@ def verify_receipt(
     if not isinstance(pred, dict) or not isinstance(pred.get("finishedAt"), (int, float)):
         msg = "receipt predicate lacks finishedAt"
         raise ReceiptError(msg)
+    return statement, pred
+
+
+def _receipt_report(
+    r: Receipt, pred: dict[str, Any], policy: Policy, attested: AttestationReport | None
+) -> AttestationReport:
+    """The receipt certificate's evidence, verified under ``policy`` at the receipt's own time."""
     when = dt.datetime.fromtimestamp(float(pred["finishedAt"]), dt.UTC)
     cert_der = _unb64(r.bundle.get("certificate"), "certificate")
     if attested is not None and attested.certificate_der == cert_der:
-        report = attested
-    else:
-        try:
-            report = verify_certificate(cert_der, policy, now=when)
-        except AttestationError as exc:
-            msg = f"the receipt's attestation evidence is refused: {exc}"
-            raise type(exc)(msg, **exc.details) from exc
+        return attested
+    try:
+        return verify_certificate(cert_der, policy, now=when)
+    except AttestationError as exc:
+        msg = f"the receipt's attestation evidence is refused: {exc}"
+        raise type(exc)(msg, **exc.details) from exc
+
+
+def _check_signature(r: Receipt, report: AttestationReport) -> None:
     env = r.bundle["dsseEnvelope"]
     payload = _unb64(env.get("payload"), "payload")
     sigs = env.get("signatures")
@@ -256,19 +284,28 @@ def verify_receipt(
         msg = "receipt envelope has no signature or an unexpected payload type"
         raise ReceiptError(msg)
     key = Ed25519PublicKey.from_public_bytes(report.receipt_key)
-    ok = False
     for s in sigs:
         if not isinstance(s, dict):
             continue
         try:
             key.verify(_unb64(s.get("sig"), "signature"), pae(PAYLOAD_TYPE, payload))
-            ok = True
-            break
         except InvalidSignature:
             continue
-    if not ok:
-        msg = "the receipt's signature does not verify under the attested receipt key: the receipt was altered"
-        raise ReceiptError(msg)
+        return
+    msg = "the receipt's signature does not verify under the attested receipt key: the receipt was altered"
+    raise ReceiptError(msg)
+
+
+def _check_expectations(
+    r: Receipt,
+    pred: dict[str, Any],
+    report: AttestationReport,
+    *,
+    nonce: str | None,
+    outputs: Mapping[str, str] | None,
+    inputs: Mapping[str, str] | None,
+    code: str | None,
+) -> None:
     if pred.get("measurement") != report.measurement or pred.get("level") != report.level.label:
         msg = "the receipt's measurement or level is not the attested one"
         raise ReceiptError(msg)
@@ -279,21 +316,23 @@ def verify_receipt(
         msg = "the receipt's code digest does not match the code that was sent"
         raise ReceiptError(msg)
     if outputs is not None:
-        got = r.subjects
-        for name, digest in outputs.items():
-            if got.get(name) != digest:
-                msg = f"output {name!r} does not match its digest in the receipt"
-                raise ReceiptError(msg)
-        extra = set(got) - set(outputs)
-        if extra:
-            msg = f"the receipt lists outputs that were not received: {sorted(extra)}"
-            raise ReceiptError(msg)
+        _check_outputs(r.subjects, outputs)
     if inputs is not None:
         sent = pred.get("inputs", {})
         if not isinstance(sent, dict) or {k: sent.get(k) for k in inputs} != dict(inputs) or set(sent) != set(inputs):
             msg = "the receipt's input digests do not match the inputs that were sent"
             raise ReceiptError(msg)
-    return VerifiedReceipt(receipt=r, attestation=report, statement=statement)
+
+
+def _check_outputs(got: Mapping[str, str], outputs: Mapping[str, str]) -> None:
+    for name, digest in outputs.items():
+        if got.get(name) != digest:
+            msg = f"output {name!r} does not match its digest in the receipt"
+            raise ReceiptError(msg)
+    extra = set(got) - set(outputs)
+    if extra:
+        msg = f"the receipt lists outputs that were not received: {sorted(extra)}"
+        raise ReceiptError(msg)
 
 
 __all__ += ["VerifiedReceipt"]

@@ -31,6 +31,7 @@ from mesatee_notebook.errors import (
     QuotaExceeded,
 )
 from mesatee_notebook.wire.comm import Comm
+from mesatee_notebook.wire.digest import payload_digest, payload_hasher
 from mesatee_notebook.wire.framing import Limits
 from mesatee_notebook.wire.messages import negotiate
 from mesatee_notebook.wire.protocol import (
@@ -336,7 +337,7 @@ class Connection:
         receipting.raise_if_error(result)
         subjects, value_specs, out_payloads = receipting.result_values(result)
         info = result.header.get("info") or {}
-        subjects["info"] = hashlib.sha256(canonical_json(info)).hexdigest()
+        subjects["info"] = payload_digest(canonical_json(info))
         predicate = receipting.predicate(
             "call",
             k.identity,
@@ -383,7 +384,7 @@ class Connection:
         subjects.update({"stdout": stdout_h.hexdigest(), "stderr": stderr_h.hexdigest()})
         value_repr = result.header.get("value_repr")
         if isinstance(value_repr, str):
-            subjects["value_repr"] = hashlib.sha256(value_repr.encode()).hexdigest()
+            subjects["value_repr"] = payload_digest(value_repr.encode())
         predicate = receipting.predicate(
             "execute",
             k.identity,
@@ -409,7 +410,7 @@ class Connection:
         if executor is None or not executor.alive:
             _close_fds(fds)
             raise (executor.crashed_error() if executor else NotFound("session is closed"))
-        stdout_h, stderr_h = hashlib.sha256(), hashlib.sha256()
+        stdout_h, stderr_h = payload_hasher(), payload_hasher()
         gone = False  # a write to the client failed: nobody reads this cell's output any more
 
         def on_message(m: Message) -> bool:

@@ -423,64 +423,80 @@ def _one(
     n_max: int,
     cache: dict[str | None, Any],
 ) -> Released:
-    lap = "discrete laplace (OpenDP make_laplace)"
     if func == "size":
-        noisy, scale, acc = noisy_count(sizes, k, eps)
-        return Released(
-            np.maximum(noisy, 0), np.full(n_groups, acc), lap, eps, 0.0, details={"scale": scale, "sensitivity": k}
-        )
+        return _released_count(sizes, n_groups, k, eps)
     assert col is not None
     column = cache.get(col)
     if column is None:
         column = cache[col] = _Column(frame, codes, n_groups, col, squares=col in cache.get(None, ()))
-    c = column.codes
     if func == "count":
-        noisy, scale, acc = noisy_count(column.counts, k, eps)
-        return Released(
-            np.maximum(noisy, 0), np.full(n_groups, acc), lap, eps, 0.0, details={"scale": scale, "sensitivity": k}
-        )
+        return _released_count(column.counts, n_groups, k, eps)
     lo, hi, integral = _bounds(policy, col, column.dtype)
-    clamp = {"bounds": [lo, hi]}
-    x = column.x
     if func == "sum":
-        grid = _grid(lo, hi, centered=False, n_max=n_max, integral=integral)
-        sums, scale, acc = noisy_sum(column.sums(grid), grid, k, eps)
-        acc += n_max * grid.step / 2 if grid.step != 1.0 else 0.0  # worst-case rounding to the grid
-        values: Any = np.rint(sums).astype(np.int64) if grid.step == 1.0 else sums
-        return Released(
-            values,
-            np.full(n_groups, acc),
-            lap,
-            eps,
-            0.0,
-            details={"scale": scale, "sensitivity": k * grid.qmax * grid.step, **clamp},
-        )
+        return _released_sum(column, n_groups, lo, hi, integral, k, eps, n_max)
     if func in _QUANTILE_FUNCS:
-        a = _QUANTILE_FUNCS[func]
-        vals = np.empty(n_groups)
-        rank = 0.0
-        scale = 0.0
-        order = np.argsort(c, kind="stable")
-        bounds_ = np.r_[0, np.cumsum(column.counts)]
-        xs = x[order]
-        for g in range(n_groups):
-            vals[g], scale, rank = private_quantile(xs[bounds_[g] : bounds_[g + 1]], a, lo, hi, k, eps)
-        return Released(
-            vals,
-            np.full(n_groups, rank),
-            "private quantile (OpenDP make_private_quantile)",
-            eps,
-            0.0,
-            "rank",
-            details={
-                "scale": scale,
-                "quantile": a,
-                "candidates": QUANTILE_CANDIDATES,
-                "grid_step": (hi - lo) / (QUANTILE_CANDIDATES - 1),
-                **clamp,
-            },
-        )
-    # mean, var, std: noisy count, centered sum (and sum of squares) at alpha split over the parts
+        return _released_quantile(column, n_groups, _QUANTILE_FUNCS[func], lo, hi, k, eps)
+    return _released_moments(column, func, n_groups, lo, hi, k, eps, n_max)
+
+
+_LAPLACE = "discrete laplace (OpenDP make_laplace)"
+
+
+def _released_count(counts: IntArray, n_groups: int, k: int, eps: float) -> Released:
+    noisy, scale, acc = noisy_count(counts, k, eps)
+    return Released(
+        np.maximum(noisy, 0), np.full(n_groups, acc), _LAPLACE, eps, 0.0, details={"scale": scale, "sensitivity": k}
+    )
+
+
+def _released_sum(
+    column: _Column, n_groups: int, lo: float, hi: float, integral: bool, k: int, eps: float, n_max: int
+) -> Released:
+    grid = _grid(lo, hi, centered=False, n_max=n_max, integral=integral)
+    sums, scale, acc = noisy_sum(column.sums(grid), grid, k, eps)
+    acc += n_max * grid.step / 2 if grid.step != 1.0 else 0.0  # worst-case rounding to the grid
+    values: Any = np.rint(sums).astype(np.int64) if grid.step == 1.0 else sums
+    return Released(
+        values,
+        np.full(n_groups, acc),
+        _LAPLACE,
+        eps,
+        0.0,
+        details={"scale": scale, "sensitivity": k * grid.qmax * grid.step, "bounds": [lo, hi]},
+    )
+
+
+def _released_quantile(column: _Column, n_groups: int, a: float, lo: float, hi: float, k: int, eps: float) -> Released:
+    vals = np.empty(n_groups)
+    rank = 0.0
+    scale = 0.0
+    order = np.argsort(column.codes, kind="stable")
+    bounds_ = np.r_[0, np.cumsum(column.counts)]
+    xs = column.x[order]
+    for g in range(n_groups):
+        vals[g], scale, rank = private_quantile(xs[bounds_[g] : bounds_[g + 1]], a, lo, hi, k, eps)
+    return Released(
+        vals,
+        np.full(n_groups, rank),
+        "private quantile (OpenDP make_private_quantile)",
+        eps,
+        0.0,
+        "rank",
+        details={
+            "scale": scale,
+            "quantile": a,
+            "candidates": QUANTILE_CANDIDATES,
+            "grid_step": (hi - lo) / (QUANTILE_CANDIDATES - 1),
+            "bounds": [lo, hi],
+        },
+    )
+
+
+def _released_moments(
+    column: _Column, func: str, n_groups: int, lo: float, hi: float, k: int, eps: float, n_max: int
+) -> Released:
+    """mean, var, std: noisy count, centered sum (and sum of squares) at alpha split over the parts."""
+    clamp = {"bounds": [lo, hi]}
     parts = 2 if func == "mean" else 3
     a_part = ALPHA / parts
     n_noisy, _, acc_n = noisy_count(column.counts, k, eps, a_part)
@@ -497,7 +513,7 @@ def _one(
         return Released(
             mid + mean_c,
             acc_mean,
-            lap,
+            _LAPLACE,
             eps * 2,
             0.0,
             details={"parts": "noisy count and noisy centered sum, eps/2 each", **clamp},
@@ -519,9 +535,9 @@ def _one(
     v_hi = np.clip(sec_hi - m2_lo, 0.0, half**2)
     details = {"parts": "noisy count, centered sum and sum of squares, eps/3 each", "ddof": 0, **clamp}
     if func == "var":
-        return Released(var, np.maximum(var - v_lo, v_hi - var), lap, eps * 3, 0.0, details=details)
+        return Released(var, np.maximum(var - v_lo, v_hi - var), _LAPLACE, eps * 3, 0.0, details=details)
     std = np.sqrt(var)
-    return Released(std, np.maximum(std - np.sqrt(v_lo), np.sqrt(v_hi) - std), lap, eps * 3, 0.0, details=details)
+    return Released(std, np.maximum(std - np.sqrt(v_lo), np.sqrt(v_hi) - std), _LAPLACE, eps * 3, 0.0, details=details)
 
 
 # ---------------------------------------------------------------------------

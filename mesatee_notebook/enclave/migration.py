@@ -515,24 +515,20 @@ class SealedState:
             return owners_seen[ds]
 
         for name in names:
-            parts = name.split("/")
-            if parts[0] == "svc" and len(parts) >= 3 and parts[1] == "datasets":
-                unit("dataset", parts[2], [dataset_owner(parts[2])]).names.append(name)
-            elif parts[0] == "svc" and len(parts) >= 5 and parts[1] == "guard":
-                # the differencing guard protects the dataset's owner: its history moves with the dataset
-                unit("dataset", parts[3], [dataset_owner(parts[3])]).names.append(name)
-            elif parts[0] == "svc" and len(parts) >= 2 and parts[1] == "cache":
+            where = _unit_of(name)
+            if where is None:
                 dropped.append(name)
-            elif parts[0] == "svc" and len(parts) >= 3 and parts[1] in ("models", "jobs"):
-                unit(parts[1][:-1], parts[2], _owners_of(source, parts[1], parts[2])).names.append(name)
-            elif parts[0] == "svc" and len(parts) == 4 and parts[1:3] == ["tvm", "modules"]:
-                unit("tvm", parts[3], _owners_of(source, "tvm", name)).names.append(name)
-            elif parts[0] == "cells" and len(parts) >= 3 and not parts[1].startswith("anon"):
-                unit("cells", parts[1], [parts[1]]).names.append(name)
-            elif parts[0] == "audit":
-                dropped.append(name)  # the audit head: the log continues under the new measurement
+                continue
+            kind, key, owners_from = where
+            if owners_from == "dataset":
+                owners: Iterable[str] = [dataset_owner(key)]
+            elif owners_from == "cells":
+                owners = [key]
+            elif owners_from:
+                owners = _owners_of(source, owners_from, name if kind == "tvm" else key)
             else:
-                unit("other", parts[0] if parts[0] != "svc" else "/".join(parts[:2]), []).names.append(name)
+                owners = []
+            unit(kind, key, owners).names.append(name)
 
         chosen: list[_Unit] = []
         held: list[dict[str, Any]] = []
@@ -725,6 +721,35 @@ class SealedState:
                 self._audit_migration(record, audit, recovered=True)
         for note in self.notes:
             log.warning("%s", note)
+
+
+def _unit_of(name: str) -> tuple[str, str, str] | None:
+    """(unit kind, unit key, where its owners come from) for one sealed name; None for what is dropped.
+
+    Dropped: the worker caches (rebuilt on demand) and the audit head (the log continues under the new
+    measurement). The differencing guard's history protects the dataset's owner, so it moves with the dataset.
+    """
+    parts = name.split("/")
+    if parts[0] == "audit" or parts[:2] == ["svc", "cache"]:
+        return None
+    if parts[0] == "cells" and len(parts) >= 3 and not parts[1].startswith("anon"):
+        return "cells", parts[1], "cells"
+    if parts[0] == "svc" and len(parts) >= 3:
+        return _service_unit(parts)
+    return "other", parts[0] if parts[0] != "svc" else "/".join(parts[:2]), ""
+
+
+def _service_unit(parts: list[str]) -> tuple[str, str, str]:
+    """The unit of a service object ``svc/<service>/...`` (at least three parts)."""
+    if parts[1] == "datasets":
+        return "dataset", parts[2], "dataset"
+    if parts[1] == "guard" and len(parts) >= 5:
+        return "dataset", parts[3], "dataset"
+    if parts[1] in ("models", "jobs"):
+        return parts[1][:-1], parts[2], parts[1]
+    if len(parts) == 4 and parts[1:3] == ["tvm", "modules"]:
+        return "tvm", parts[3], "tvm"
+    return "other", "/".join(parts[:2]), ""
 
 
 def _owners_of(source: SealedStore, kind: str, key: str) -> list[str]:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from mesatee_notebook.attestation.receipts import build_receipt
 from mesatee_notebook.enclave.ipc import unpack_values
+from mesatee_notebook.wire.digest import payload_digest
 from mesatee_notebook.wire.protocol import ExecutorError, ValueSpec
 from mesatee_notebook.wire.stream import Message
 
@@ -66,7 +67,7 @@ def result_values(result: Message) -> tuple[dict[str, str], list[dict[str, Any]]
     specs: list[dict[str, Any]] = []
     buffers: list[Any] = []
     for spec, buf in unpack_values(result.header.get("values", []), result):
-        subjects[str(spec["name"])] = hashlib.sha256(memoryview(buf).cast("B")).hexdigest()
+        subjects[str(spec["name"])] = payload_digest(memoryview(buf).cast("B"))
         specs.append({"name": spec["name"], "kind": spec["kind"], "meta": spec.get("meta") or {}})
         buffers.append(buf)
     return subjects, specs, buffers

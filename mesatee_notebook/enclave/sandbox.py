@@ -45,7 +45,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -650,10 +650,11 @@ def confine(settings: dict[str, Any], keep_fds: Sequence[int]) -> dict[str, Any]
     return applied
 
 
+_Check = Callable[[str, bool, str], None]
+
+
 def _probe(fd: int) -> None:
     """The self-test, run inside a fresh sandbox: every wall must hold."""
-    import ctypes
-
     sock = socket.socket(fileno=fd)
     data = _read_line(sock)
     if not data:
@@ -662,17 +663,42 @@ def _probe(fd: int) -> None:
     checks: dict[str, bool] = {}
     why: dict[str, str] = {}
     result: dict[str, Any] = {"uid": os.getuid(), "pid": os.getpid(), "checks": checks, "why": why}
-    libc = ctypes.CDLL(None, use_errno=True)
 
     def check(name: str, ok: bool, detail: str = "") -> None:
         checks[name] = bool(ok)
         if not ok:
             why[name] = detail or "failed"
 
+    _probe_process_walls(check, given)
+    _probe_file_walls(check, given)
+    try:
+        with socket.create_connection(("127.0.0.1", int(given["port"])), timeout=2):
+            reached = True
+    except OSError:
+        reached = False
+    check("no network", not reached, "reached the supervisor's loopback listener")
+    applied = confine(given["confine"], [fd])
+    result["landlock"] = applied.get("landlock")
+    try:
+        Path("/tmp/.probe").write_bytes(b"ok")
+        tmp_ok = True
+    except OSError:
+        tmp_ok = False
+    check("private /tmp writable", tmp_ok, "")
+    if given["supervisor_uid"] == 0:
+        check("not root", os.getuid() != 0, f"uid {os.getuid()}")
+    sock.sendall(json.dumps(result).encode() + b"\n")
+
+
+def _probe_process_walls(check: _Check, given: dict[str, Any]) -> None:
+    """seccomp, no_new_privs, capabilities, ptrace, unshare and the pid namespace."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
     status = Path("/proc/self/status").read_text()
     fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
     check("seccomp filter", fields.get("Seccomp", "").strip() == "2", f"Seccomp: {fields.get('Seccomp')}")
-    check("no new privileges", fields.get("NoNewPrivs", "").strip() == "1")
+    check("no new privileges", fields.get("NoNewPrivs", "").strip() == "1", "")
     caps = ("CapEff", "CapPrm", "CapBnd")
     check(
         "no capabilities",
@@ -695,7 +721,11 @@ def _probe(fd: int) -> None:
         given["supervisor_pid"] not in {int(p) for p in os.listdir("/proc") if p.isdigit()} and os.getpid() < 100,
         f"pid {os.getpid()}",
     )
-    check("data directory invisible", not any(os.path.lexists(h) for h in given["hidden"]))
+
+
+def _probe_file_walls(check: _Check, given: dict[str, Any]) -> None:
+    """The data directory is invisible and the package is read-only."""
+    check("data directory invisible", not any(os.path.lexists(h) for h in given["hidden"]), "")
     pkg = Path(given["package"])
     writable = []
     for target in [pkg, *sorted(pkg.rglob("*.py"))]:
@@ -709,23 +739,6 @@ def _probe(fd: int) -> None:
         except OSError:
             continue
     check("package read-only", not writable, f"writable: {', '.join(writable[:3])}")
-    try:
-        with socket.create_connection(("127.0.0.1", int(given["port"])), timeout=2):
-            reached = True
-    except OSError:
-        reached = False
-    check("no network", not reached, "reached the supervisor's loopback listener")
-    applied = confine(given["confine"], [fd])
-    result["landlock"] = applied.get("landlock")
-    try:
-        Path("/tmp/.probe").write_bytes(b"ok")
-        tmp_ok = True
-    except OSError:
-        tmp_ok = False
-    check("private /tmp writable", tmp_ok)
-    if given["supervisor_uid"] == 0:
-        check("not root", os.getuid() != 0, f"uid {os.getuid()}")
-    sock.sendall(json.dumps(result).encode() + b"\n")
 
 
 if __name__ == "__main__":

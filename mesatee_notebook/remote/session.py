@@ -17,6 +17,7 @@ from mesatee_notebook.errors import PolicyViolation as PolicyViolationError
 from mesatee_notebook.remote._public import public_api, public_methods
 from mesatee_notebook.remote.channel import Channel, Reply, open_channel
 from mesatee_notebook.wire.codecs import decode_value, encode_value
+from mesatee_notebook.wire.digest import payload_digest
 from mesatee_notebook.wire.stream import Message, Progress
 
 __all__ = ["CallResult", "RunResult", "Session", "connect", "default_policy", "verify_receipt_default"]
@@ -180,8 +181,8 @@ class Session:
         input_digests = {str(s["name"]): d for s, d in zip(specs, sent, strict=True)}
         stdout, stderr = "".join(out_text["stdout"]), "".join(out_text["stderr"])
         got = {
-            "stdout": hashlib.sha256(stdout.encode()).hexdigest(),
-            "stderr": hashlib.sha256(stderr.encode()).hexdigest(),
+            "stdout": payload_digest(stdout.encode()),
+            "stderr": payload_digest(stderr.encode()),
         }
         value_specs = reply.header.get("values")
         if not isinstance(value_specs, list) or len(value_specs) != len(reply.payloads):
@@ -191,7 +192,7 @@ class Session:
             got[str(spec["name"])] = digest
         value_repr = reply.header.get("value_repr")
         if isinstance(value_repr, str):
-            got["value_repr"] = hashlib.sha256(value_repr.encode()).hexdigest()
+            got["value_repr"] = payload_digest(value_repr.encode())
         receipt = Receipt.load(reply.header.get("receipt") or {})
         verified = verify_receipt(
             receipt, self.policy, nonce=nonce, outputs=got, inputs=input_digests, code=code, attested=self.attestation
@@ -268,7 +269,7 @@ class Session:
             msg = "result values and payloads do not match"
             raise MalformedFrame(msg)
         got = {str(s["name"]): d for s, d in zip(value_specs, reply.digests or [], strict=True)}
-        got["info"] = hashlib.sha256(canonical_json(info)).hexdigest()
+        got["info"] = payload_digest(canonical_json(info))
         receipt = Receipt.load(reply.header.get("receipt") or {})
         verified = verify_receipt(
             receipt,

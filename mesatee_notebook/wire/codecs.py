@@ -145,26 +145,34 @@ def encode_value(value: Any, *, allow_pickle: bool = False) -> Encoded:
         meta: dict[str, Any] = {"name": name if isinstance(name, (str, int, float)) or name is None else str(name)}
         return _encode_frame(frame, "arrow.series", meta)
     if isinstance(value, np.ndarray):
-        if value.dtype.hasobject:
-            if allow_pickle:
-                return _encode_pickle(value)
-            msg = _way_out(value) + " (numpy object arrays hold Python objects; use a typed dtype)"
-            raise EncodingError(msg, type="ndarray[object]")
-        return _encode_npy(value)
+        return _encode_array(value, allow_pickle)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return Encoded("bytes", [value])
     if value is None or value is pd.NaT or isinstance(value, _SCALARS):
-        try:
-            raw = msgpack.packb(value, use_bin_type=True, default=_msgpack_default, strict_types=False)
-        except (EncodingError, OverflowError, TypeError, ValueError) as exc:
-            if allow_pickle:
-                return _encode_pickle(value)
-            msg = _way_out(value) + f" ({exc})"
-            raise EncodingError(msg, type=type(value).__qualname__) from exc
-        return Encoded("msgpack", [raw])
+        return _encode_scalar(value, allow_pickle)
     if allow_pickle:
         return _encode_pickle(value)
     raise EncodingError(_way_out(value), type=type(value).__qualname__)
+
+
+def _encode_array(value: np.ndarray[Any, Any], allow_pickle: bool) -> Encoded:
+    if not value.dtype.hasobject:
+        return _encode_npy(value)
+    if allow_pickle:
+        return _encode_pickle(value)
+    msg = _way_out(value) + " (numpy object arrays hold Python objects; use a typed dtype)"
+    raise EncodingError(msg, type="ndarray[object]")
+
+
+def _encode_scalar(value: Any, allow_pickle: bool) -> Encoded:
+    try:
+        raw = msgpack.packb(value, use_bin_type=True, default=_msgpack_default, strict_types=False)
+    except (EncodingError, OverflowError, TypeError, ValueError) as exc:
+        if allow_pickle:
+            return _encode_pickle(value)
+        msg = _way_out(value) + f" ({exc})"
+        raise EncodingError(msg, type=type(value).__qualname__) from exc
+    return Encoded("msgpack", [raw])
 
 
 def _encode_pickle(value: Any) -> Encoded:
@@ -296,31 +304,8 @@ def _encode_npy(arr: np.ndarray[Any, Any]) -> Encoded:
 
 def decode_value(kind: str, buf: Any, *, allow_pickle: bool = False, meta: dict[str, Any] | None = None) -> Any:
     """Decode one payload; Arrow and npy results share memory with ``buf``."""
-    meta = meta or {}
     if kind in ("arrow.frame", "arrow.series"):
-        import pyarrow as pa
-
-        try:
-            table = pa.ipc.open_stream(pa.py_buffer(buf)).read_all()
-        except (pa.ArrowException, OSError, ValueError) as exc:  # ArrowIOError is an OSError
-            msg = f"payload is not a valid Arrow IPC stream: {exc}"
-            raise MalformedFrame(msg) from exc
-        try:
-            table.validate(full=True)  # offsets and lengths checked before pandas reads the buffers
-            df = table.to_pandas(split_blocks=True, self_destruct=True)
-        except Exception as exc:  # pyarrow and pandas raise many unrelated types on a bad schema or metadata
-            msg = f"payload's Arrow table cannot be read as a DataFrame: {type(exc).__name__}: {exc}"[:500]
-            raise MalformedFrame(msg) from exc
-        finally:
-            del table
-        if kind == "arrow.series":
-            if _SERIES_COL not in df.columns:
-                msg = "an Arrow series payload has no series column"
-                raise MalformedFrame(msg)
-            series = df[_SERIES_COL]
-            series.name = meta.get("name")
-            return series
-        return df
+        return _decode_frame(kind, buf, meta or {})
     if kind == "npy":
         return _decode_npy(buf)
     if kind == "bytes":
@@ -340,6 +325,32 @@ def decode_value(kind: str, buf: Any, *, allow_pickle: bool = False, meta: dict[
         return pickle.loads(memoryview(buf))  # noqa: TID251 - explicit opt-in in this call
     msg = f"unknown value kind {kind!r}"
     raise MalformedFrame(msg)
+
+
+def _decode_frame(kind: str, buf: Any, meta: dict[str, Any]) -> Any:
+    import pyarrow as pa
+
+    try:
+        table = pa.ipc.open_stream(pa.py_buffer(buf)).read_all()
+    except (pa.ArrowException, OSError, ValueError) as exc:  # ArrowIOError is an OSError
+        msg = f"payload is not a valid Arrow IPC stream: {exc}"
+        raise MalformedFrame(msg) from exc
+    try:
+        table.validate(full=True)  # offsets and lengths checked before pandas reads the buffers
+        df = table.to_pandas(split_blocks=True, self_destruct=True)
+    except Exception as exc:  # pyarrow and pandas raise many unrelated types on a bad schema or metadata
+        msg = f"payload's Arrow table cannot be read as a DataFrame: {type(exc).__name__}: {exc}"[:500]
+        raise MalformedFrame(msg) from exc
+    finally:
+        del table
+    if kind == "arrow.frame":
+        return df
+    if _SERIES_COL not in df.columns:
+        msg = "an Arrow series payload has no series column"
+        raise MalformedFrame(msg)
+    series = df[_SERIES_COL]
+    series.name = meta.get("name")
+    return series
 
 
 def _decode_npy(buf: Any) -> np.ndarray[Any, Any]:

@@ -3,13 +3,12 @@
 It opens nothing and chooses no peer: the caller hands it a connected
 ``ssl.SSLSocket`` (client ↔ kernel) or a Unix socket (supervisor ↔ executor).
 Large payloads are sent from memoryviews and received straight into buffers
-from an allocator, in big chunks, with SHA-256 digests computed on a helper
-thread while the bytes move (``hashlib`` releases the GIL on large buffers).
+from an allocator, in big chunks, with payload digests (BLAKE3, ``wire/digest.py``) computed on a helper
+thread while the bytes move (``blake3`` releases the GIL on large buffers).
 """
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import queue
 import socket
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mesatee_notebook.errors import KernelConnectionError, MalformedFrame
+from mesatee_notebook.wire.digest import payload_hasher
 from mesatee_notebook.wire.framing import PREFIX, Limits, pack_header, unpack_header, unpack_prefix
 
 __all__ = [
@@ -63,10 +63,10 @@ class Message:
 
 
 class _Hasher:
-    """SHA-256 of a sequence of buffers, on a helper thread when they are large."""
+    """The payload digest (BLAKE3) of a sequence of buffers, on a helper thread when they are large."""
 
     def __init__(self, total: int) -> None:
-        self._h = hashlib.sha256()
+        self._h = payload_hasher()
         self._thread: threading.Thread | None = None
         self._q: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
         self._aborted = False

@@ -15,6 +15,7 @@ import pytest
 
 import mesatee_notebook as mn
 from mesatee_notebook.attestation.measurement import canonical_json
+from mesatee_notebook.wire.digest import payload_digest
 from tests.conftest import KernelProc, start_kernel, stop_kernel
 
 POLICY = mn.DataPolicy(
@@ -74,7 +75,7 @@ def test_receipt_info_carries_the_budget(kernel: KernelProc, tmp_path: Path) -> 
         assert budget["epsilon_spent"] == pytest.approx(0.1) and budget["epsilon_remaining"] == pytest.approx(0.9)
         assert res.info["dp"]["epsilon"] == 0.1
         assert res.info["dp"]["columns"]["value"]["mechanism"].startswith("discrete laplace")
-        assert res.verified.subjects["info"] == hashlib.sha256(canonical_json(res.info)).hexdigest()  # signed
+        assert res.verified.subjects["info"] == payload_digest(canonical_json(res.info))  # signed
     finally:
         owner.close()
         analyst.close()

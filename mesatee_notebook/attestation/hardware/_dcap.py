@@ -153,56 +153,18 @@ def parse_quote(data: bytes) -> DcapQuote:
     pce_svn = r.u16("PCE SVN")
     qe_vendor_id = r.take(16, "QE vendor id")
     user_data = r.take(20, "user data")
-    if version not in (3, 4, 5):
-        raise malformed(_HEADER, f"quote version {version} is not supported (3, 4 or 5)")
-    if key_type != ATT_KEY_ECDSA_P256:
-        raise malformed(_HEADER, f"attestation key type {key_type} is not ECDSA-256-with-P-256")
-    if version == 3:
-        if tee_type != TEE_SGX:
-            raise malformed(_HEADER, f"a v3 quote must be SGX, header says TEE type 0x{tee_type:x}")
-        body_type = BODY_SGX
-    elif tee_type not in (TEE_SGX, TEE_TDX):
-        raise malformed(_HEADER, f"unknown TEE type 0x{tee_type:x}")
-    if version == 4:
-        body_type = BODY_TDX10 if tee_type == TEE_TDX else BODY_SGX
-    elif version == 5:
-        body_type = r.u16("body type")
-        body_size = r.u32("body size")
-        if body_type not in BODY_SIZES or BODY_SIZES[body_type] != body_size:
-            raise malformed(_HEADER, f"v5 body type {body_type} with size {body_size} is not known")
-        if (body_type == BODY_SGX) != (tee_type == TEE_SGX):
-            raise malformed(_HEADER, f"v5 body type {body_type} contradicts TEE type 0x{tee_type:x}")
+    body_type = _body_type(r, version, key_type, tee_type)
     body = r.take(BODY_SIZES[body_type], "report body")
     signed = r.data[: r.pos]
     sig_len = r.u32("signature data length")
     s = _Reader(r.take(sig_len, "signature data"), "quote signature data")
     signature = s.take(64, "quote signature")
     attest_key = s.take(64, "attestation key")
-    if version == 3:
-        qe = s
-        outer_type = CERT_PCK_CHAIN
-    else:
-        outer_type = s.u16("certification data type")
-        if outer_type != CERT_QE_REPORT:
-            raise refuse(
-                MissingEndorsement,
-                _CHAIN_CHECK,
-                f"certification data type {outer_type} is not 6 (QE report with PCK chain); cannot verify offline",
-            )
-        qe = _Reader(s.take(s.u32("certification data size"), "certification data"), "QE report certification data")
+    qe, outer_type = _certification_data(s, version)
     qe_report = qe.take(SGX_REPORT_SIZE, "QE report")
     qe_sig = qe.take(64, "QE report signature")
     auth = qe.take(qe.u16("QE auth data size"), "QE auth data")
-    cert_type = qe.u16("PCK certification data type")
-    if cert_type != CERT_PCK_CHAIN:
-        raise refuse(
-            MissingEndorsement,
-            _CHAIN_CHECK,
-            f"certification data type {cert_type} is not 5 (PCK certificate chain); "
-            "fetch the PCK certificate from Intel PCS to verify this quote",
-        )
-    chain = qe.take(qe.u32("PCK chain size"), "PCK certificate chain")
-    qe.done("the PCK certificate chain")
+    chain = _pck_chain(qe)
     if qe is not s:
         s.done("the certification data")
     return DcapQuote(
@@ -225,6 +187,58 @@ def parse_quote(data: bytes) -> DcapQuote:
         length=r.pos,
         trailing=len(r.data) - r.pos,
     )
+
+
+def _body_type(r: _Reader, version: int, key_type: int, tee_type: int) -> int:
+    """The report body type a quote header announces (v5 reads it from the quote), checked against the TEE type."""
+    if version not in (3, 4, 5):
+        raise malformed(_HEADER, f"quote version {version} is not supported (3, 4 or 5)")
+    if key_type != ATT_KEY_ECDSA_P256:
+        raise malformed(_HEADER, f"attestation key type {key_type} is not ECDSA-256-with-P-256")
+    if version == 3:
+        if tee_type != TEE_SGX:
+            raise malformed(_HEADER, f"a v3 quote must be SGX, header says TEE type 0x{tee_type:x}")
+        return BODY_SGX
+    if tee_type not in (TEE_SGX, TEE_TDX):
+        raise malformed(_HEADER, f"unknown TEE type 0x{tee_type:x}")
+    if version == 4:
+        return BODY_TDX10 if tee_type == TEE_TDX else BODY_SGX
+    body_type = r.u16("body type")
+    body_size = r.u32("body size")
+    if body_type not in BODY_SIZES or BODY_SIZES[body_type] != body_size:
+        raise malformed(_HEADER, f"v5 body type {body_type} with size {body_size} is not known")
+    if (body_type == BODY_SGX) != (tee_type == TEE_SGX):
+        raise malformed(_HEADER, f"v5 body type {body_type} contradicts TEE type 0x{tee_type:x}")
+    return body_type
+
+
+def _certification_data(s: _Reader, version: int) -> tuple[_Reader, int]:
+    """The reader positioned at the QE report, and the outer certification data type."""
+    if version == 3:
+        return s, CERT_PCK_CHAIN
+    outer_type = s.u16("certification data type")
+    if outer_type != CERT_QE_REPORT:
+        raise refuse(
+            MissingEndorsement,
+            _CHAIN_CHECK,
+            f"certification data type {outer_type} is not 6 (QE report with PCK chain); cannot verify offline",
+        )
+    qe = _Reader(s.take(s.u32("certification data size"), "certification data"), "QE report certification data")
+    return qe, outer_type
+
+
+def _pck_chain(qe: _Reader) -> bytes:
+    cert_type = qe.u16("PCK certification data type")
+    if cert_type != CERT_PCK_CHAIN:
+        raise refuse(
+            MissingEndorsement,
+            _CHAIN_CHECK,
+            f"certification data type {cert_type} is not 5 (PCK certificate chain); "
+            "fetch the PCK certificate from Intel PCS to verify this quote",
+        )
+    chain = qe.take(qe.u32("PCK chain size"), "PCK certificate chain")
+    qe.done("the PCK certificate chain")
+    return chain
 
 
 def sgx_report_fields(body: bytes) -> dict[str, Any]:
