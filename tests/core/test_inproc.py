@@ -253,7 +253,7 @@ def test_a_proof_for_another_connection_is_refused(ik: InprocKernel) -> None:
 
 
 def test_reply_carries_the_sent_digests(ik: InprocKernel) -> None:
-    import hashlib
+    from mesatee_notebook.wire.digest import payload_digest
 
     ch = open_channel(ik.url, ik.policy())
     try:
@@ -262,7 +262,7 @@ def test_reply_carries_the_sent_digests(ik: InprocKernel) -> None:
         spec = {"name": "x", "kind": "bytes", "meta": {}}
         req = _execute(opened["session"], opened["token"], code="len(x)", inputs=[spec])
         reply = ch.request({k: v for k, v in req.items() if k != "id"}, [payload], digests=True)
-        assert reply.sent == [hashlib.sha256(payload).hexdigest()]
+        assert reply.sent == [payload_digest(payload)]
         assert "_sent" not in reply.header
         statement = mn.Receipt.load(reply.header["receipt"]).statement
         assert statement["predicate"]["inputs"] == {"x": reply.sent[0]}
