@@ -880,6 +880,10 @@ class Kernel:
         limit = self.config.max_cell_timeout
         t = limit if not isinstance(timeout, (int, float)) or timeout <= 0 else min(float(timeout), limit)
         service = str(header["service"])
+        if service.startswith("cluster."):  # the cluster head (serve --cluster) serves these in the supervisor
+            from mesatee_notebook.enclave.cluster.head import cluster_call
+
+            return cluster_call(self, party, header)
         with self._service_gate.shared():
             return self.service_pool(service).run(party, nonce, service, header, payloads, fds, on_message, t)
 

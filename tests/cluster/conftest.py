@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -52,10 +51,8 @@ def init_platform(data_dir: Path) -> str:
     return (data_dir / "platform" / "fingerprint").read_text().strip()
 
 
-def start_node(
-    role: str, data_dir: Path, *extra: str, env: dict[str, str] | None = None, wait: bool = True
-) -> NodeProc:
-    """Start a node; wait until it prints its atls:// address (or exits)."""
+def spawn_node(role: str, data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> NodeProc:
+    """Start a node process (see :func:`wait_serving`)."""
     log = data_dir / f"{role}-{time.monotonic_ns()}.log"
     with log.open("ab") as fh:
         proc = subprocess.Popen(
@@ -65,20 +62,26 @@ def start_node(
             stdin=subprocess.DEVNULL,
             env=env,
         )
-    node = NodeProc(role, proc, log)
-    if not wait:
-        return node
-    deadline = time.monotonic() + 120
+    return NodeProc(role, proc, log)
+
+
+def wait_serving(node: NodeProc, timeout: float = 120) -> NodeProc:
+    """Wait until the node prints its atls:// address; raise with its log if it exits first."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         m = _SERVING.search(node.text())
         if m:
             node.address = m.group(1)
             return node
-        if proc.poll() is not None:
-            raise RuntimeError(f"{role} exited ({proc.returncode}):\n{node.text()[-3000:]}")
+        if node.proc.poll() is not None:
+            raise RuntimeError(f"{node.role} exited ({node.proc.returncode}):\n{node.text()[-3000:]}")
         time.sleep(0.1)
     stop_node(node)
-    raise RuntimeError(f"{role} did not start:\n{node.text()[-3000:]}")
+    raise RuntimeError(f"{node.role} did not start:\n{node.text()[-3000:]}")
+
+
+def start_node(role: str, data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> NodeProc:
+    return wait_serving(spawn_node(role, data_dir, *extra, env=env))
 
 
 def stop_node(node: NodeProc) -> None:
@@ -110,17 +113,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         scheduler = start_node("scheduler", data_dir, "--port", "0")
         nodes.append(scheduler)
         c = Cluster(data_dir, fp, scheduler)
-        for i in range(2):
-            w = start_node("worker", data_dir, "--scheduler", scheduler.address, "--name", f"w{i}")
-            nodes.append(w)
-            c.workers.append(w)
+        workers = [
+            spawn_node("worker", data_dir, "--scheduler", scheduler.address, "--name", f"w{i}") for i in range(2)
+        ]
+        nodes.extend(workers)
+        c.workers.extend(wait_serving(w) for w in workers)
         wait_for(lambda: scheduler.text().count("Register worker") >= 2, what="both workers registered")
         yield c
     finally:
         for n in nodes:
             stop_node(n)
-
-
-@pytest.fixture
-def clean_env() -> dict[str, str]:
-    return dict(os.environ)

@@ -26,7 +26,7 @@ from mesatee_notebook.enclave.cluster.identity import (
 from mesatee_notebook.enclave.platform import load_platform
 from mesatee_notebook.errors import KeyBindingError, MeasurementMismatch, UntrustedPlatform
 
-from .conftest import Cluster, init_platform, start_node, stop_node, wait_for
+from .conftest import Cluster, init_platform, spawn_node, start_node, stop_node, wait_for
 
 
 def _node(
@@ -137,6 +137,7 @@ def test_forged_certificate_refused(cluster: Cluster) -> None:
     wait_for(lambda: "KeyBindingError" in cluster.scheduler.text(), what="scheduler logs the refusal")
 
 
+@pytest.mark.slow
 def test_head_refuses_scheduler_of_unpinned_platform(cluster: Cluster, tmp_path: Path) -> None:
     """A scheduler on another platform: the head (and a worker) refuse it with the typed error."""
     from mesatee_notebook.enclave.cluster.head import ClusterHead
@@ -149,7 +150,7 @@ def test_head_refuses_scheduler_of_unpinned_platform(cluster: Cluster, tmp_path:
         with pytest.raises(UntrustedPlatform):
             ClusterHead(rogue.address, _node(cluster), timeout=10)
         assert time.monotonic() - t0 < 10  # refused at once, not retried until the timeout
-        worker = start_node("worker", cluster.data_dir, "--scheduler", rogue.address, wait=False)
+        worker = spawn_node("worker", cluster.data_dir, "--scheduler", rogue.address)
         try:
             assert worker.proc.wait(timeout=60) == 2
         finally:
