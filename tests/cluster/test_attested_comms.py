@@ -182,3 +182,52 @@ def test_plain_tls_client_gets_no_dask_bytes(cluster: Cluster) -> None:
                 tls.sendall(b"x")
                 assert tls.recv(1) == b""
                 raise OSError("closed")
+
+
+def test_worker_to_worker_transfer_is_attested(cluster: Cluster) -> None:
+    """Data on worker A needed by a task on worker B moves over an attested A<->B connection."""
+    from mesatee_notebook.enclave.cluster.head import ClusterHead
+
+    a, b = cluster.workers
+    head = ClusterHead(cluster.url, _node(cluster))
+    try:
+        [data] = head.client.scatter([b"x" * 1000], workers=[a.address], broadcast=False)
+        n = head.client.submit(len, data, workers=[b.address], allow_other_workers=False, pure=False).result()
+    finally:
+        head.close()
+    assert n == 1000
+    wait_for(lambda: "admitted incoming worker" in a.text() and "admitted outgoing worker" in b.text(), what="A<->B")
+
+
+def test_refresh_presents_new_evidence_on_live_contexts() -> None:
+    """refresh() re-signs the evidence and the SSL context already handed to Dask serves the new certificate."""
+    import socket
+    import threading
+
+    key = Ed25519PrivateKey.generate()
+    server = NodeIdentity.create("worker", key)
+    client = NodeIdentity.create("head", key)
+    ctx = server.server_context
+    old = server.certificate_der
+    server.refresh()
+    assert server.certificate_der != old
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: list[bytes] = []
+
+    def accept() -> None:
+        conn, _ = listener.accept()
+        with ctx.wrap_socket(conn, server_side=True) as tls:
+            seen.append(tls.getpeercert(binary_form=True) or b"")
+            tls.sendall(b"k")
+
+    t = threading.Thread(target=accept)
+    t.start()
+    port = listener.getsockname()[1]
+    with socket.create_connection(("127.0.0.1", port)) as raw, client.client_context.wrap_socket(raw) as tls:
+        assert tls.getpeercert(binary_form=True) == server.certificate_der
+        assert tls.recv(1) == b"k"
+    t.join(5)
+    listener.close()
+    assert seen == [client.certificate_der]
+    node = ClusterNode(client, cluster_policy((server.platform_fingerprint,), (server.measurement,)))
+    assert node.admit(server.certificate_der, "test", "incoming").measurement == server.measurement

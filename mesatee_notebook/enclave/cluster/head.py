@@ -41,8 +41,10 @@ class ClusterHead:
         self.security = AttestedSecurity(node)
         # Raises the failing check's AttestationError when the scheduler is not attested under the cluster policy.
         self.client = Client(url, security=self.security, timeout=timeout, set_as_default=False)
+        self._stop_refresh = node.identity.refresh_every()
 
     def close(self) -> None:
+        self._stop_refresh.set()
         self.client.close()
 
     def verify_workers(self, addresses: list[str]) -> list[PeerRecord]:

@@ -42,6 +42,7 @@ from mesatee_notebook.errors import AttestationError, MalformedEvidence, NotAvai
 
 __all__ = [
     "CLUSTER_COMPONENTS",
+    "REFRESH_INTERVAL",
     "NODE_CONFINEMENT",
     "ClusterNode",
     "NodeIdentity",
@@ -68,6 +69,8 @@ NODE_CONFINEMENT: Final = {
     "http_routes": [],
     "plaintext_comms": False,
 }
+#: Evidence is re-issued this often (seconds); the cluster policy accepts evidence up to 24 h old.
+REFRESH_INTERVAL: Final = 3600.0
 _HANDSHAKE_SEED: Final = b"mesatee-notebook cluster handshake issuer v1: a PUBLIC key that vouches for nothing"
 _HANDSHAKE_NAME: Final = "mesatee cluster handshake issuer (public; vouches for nothing)"
 
@@ -174,7 +177,7 @@ def _node_certificate(key: ec.EllipticCurvePrivateKey, evidence: bytes, role: st
 
 @dataclass
 class NodeIdentity:
-    """One node's keys (memory only), evidence and certificate."""
+    """One node's keys (memory only), evidence and certificate; :meth:`refresh` re-issues the evidence."""
 
     role: str
     level: Level
@@ -182,8 +185,13 @@ class NodeIdentity:
     platform_fingerprint: str
     tls_key: ec.EllipticCurvePrivateKey
     receipt_key: Ed25519PrivateKey
-    certificate_der: bytes
-    _pem: bytes = field(repr=False)
+    certificate_der: bytes = b""
+    _pem: bytes = field(default=b"", repr=False)
+    platform_key: Ed25519PrivateKey | None = field(default=None, repr=False)
+    confinement: dict[str, Any] = field(default_factory=dict)
+    lifetime: float = 7 * 24 * 3600.0
+    issued_at: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def create(
@@ -200,27 +208,77 @@ class NodeIdentity:
         if level is not Level.SOFTTEE:
             msg = f"cluster nodes at level {level.label} are not available yet; cluster nodes run at softtee"
             raise NotAvailableYet(msg)
-        manifest = manifest if manifest is not None else cluster_manifest()
-        tls_key = ec.generate_private_key(ec.SECP256R1())
-        receipt_key = Ed25519PrivateKey.generate()
-        evidence = make_evidence(
-            level=level,
-            manifest=manifest,
-            tls_spki_der=tls_key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo),
-            receipt_key=receipt_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw),
-            time=int(time.time()),
-            platform_key=platform_key,
-            # The runtime report: not a bubblewrap sandbox (active False), and what the node did apply.
-            sandbox={"active": False, "why": "cluster node", "cluster_node": {"role": role, **(confinement or {})}},
-        )
-        cert = _node_certificate(tls_key, evidence, role, lifetime)
-        pem = cert.public_bytes(Encoding.PEM) + tls_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
         platform = fingerprint(platform_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
-        return cls(role, level, manifest, platform, tls_key, receipt_key, cert.public_bytes(Encoding.DER), pem)
+        ident = cls(
+            role,
+            level,
+            manifest if manifest is not None else cluster_manifest(),
+            platform,
+            ec.generate_private_key(ec.SECP256R1()),
+            Ed25519PrivateKey.generate(),
+            platform_key=platform_key,
+            confinement=dict(confinement or {}),
+            lifetime=lifetime,
+        )
+        ident.refresh()
+        return ident
+
+    def refresh(self) -> None:
+        """Issue fresh evidence and certificate for the same keys, and load them into the live SSL contexts.
+
+        Dask keeps the contexts it was given for the life of a listener, so they are updated in place; connections
+        made from then on present the new certificate.
+        """
+        if self.platform_key is None:
+            msg = "this identity has no platform key to re-sign its evidence with"
+            raise NotAvailableYet(msg)
+        evidence = make_evidence(
+            level=self.level,
+            manifest=self.manifest,
+            tls_spki_der=self.tls_key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo),
+            receipt_key=self.receipt_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw),
+            time=int(time.time()),
+            platform_key=self.platform_key,
+            # The runtime report: not a bubblewrap sandbox (active False), and what the node did apply.
+            sandbox={"active": False, "why": "cluster node", "cluster_node": {"role": self.role, **self.confinement}},
+        )
+        cert = _node_certificate(self.tls_key, evidence, self.role, self.lifetime)
+        pem = cert.public_bytes(Encoding.PEM) + self.tls_key.private_bytes(
+            Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()
+        )
+        with self._lock:
+            self.certificate_der, self._pem, self.issued_at = cert.public_bytes(Encoding.DER), pem, time.time()
+            for name in ("server_context", "client_context"):
+                ctx = self.__dict__.get(name)
+                if isinstance(ctx, ssl.SSLContext):
+                    self._load_chain(ctx)
+
+    def refresh_every(self, interval: float = REFRESH_INTERVAL) -> threading.Event:
+        """Re-issue the evidence every ``interval`` seconds on a daemon thread; set the returned event to stop."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(interval):
+                try:
+                    self.refresh()
+                except (OSError, ValueError, ssl.SSLError) as exc:  # keep the old certificate; peers will say why
+                    log.error("cluster %s: could not refresh the evidence: %s", self.role, exc)
+
+        threading.Thread(target=loop, name=f"mesatee-cluster-refresh-{self.role}", daemon=True).start()
+        return stop
 
     @property
     def measurement(self) -> str:
         return measurement_of(self.manifest)
+
+    def _load_chain(self, ctx: ssl.SSLContext) -> None:
+        # The key reaches OpenSSL through an anonymous memfd: never on disk, argv or environment.
+        fd = os.memfd_create("mesatee-cluster-tls", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, self._pem)
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
 
     def _context(self, purpose: int) -> ssl.SSLContext:
         ctx = ssl.SSLContext(purpose)
@@ -230,22 +288,18 @@ class NodeIdentity:
         # handshake issuer proves nothing. ClusterNode.admit checks the evidence.
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.load_verify_locations(cadata=_handshake_issuer()[1].public_bytes(Encoding.PEM).decode())
-        # The key reaches OpenSSL through an anonymous memfd: never on disk, argv or environment.
-        fd = os.memfd_create("mesatee-cluster-tls", os.MFD_CLOEXEC)
-        try:
-            os.write(fd, self._pem)
-            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
-        finally:
-            os.close(fd)
+        self._load_chain(ctx)
         return ctx
 
     @functools.cached_property
     def server_context(self) -> ssl.SSLContext:
-        return self._context(ssl.PROTOCOL_TLS_SERVER)
+        with self._lock:
+            return self._context(ssl.PROTOCOL_TLS_SERVER)
 
     @functools.cached_property
     def client_context(self) -> ssl.SSLContext:
-        return self._context(ssl.PROTOCOL_TLS_CLIENT)
+        with self._lock:
+            return self._context(ssl.PROTOCOL_TLS_CLIENT)
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,11 @@ A node loads the softtee platform, builds its evidence over the cluster measurem
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import ctypes.util
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -136,6 +136,7 @@ async def _serve(node: ClusterNode, options: NodeOptions, workdir: Path) -> None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server
+    stop_refresh = node.identity.refresh_every()
     print(f"mesatee-enclave {options.role} serving on {server.address}", flush=True)
     print(f"  measurement {node.identity.measurement}", flush=True)
     print(f"  platform    {node.identity.platform_fingerprint}", flush=True)
@@ -143,6 +144,7 @@ async def _serve(node: ClusterNode, options: NodeOptions, workdir: Path) -> None
     finished = asyncio.ensure_future(server.finished())
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({finished, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stop_refresh.set()
     if not finished.done():
         await server.close()
     stopping.cancel()
@@ -161,19 +163,20 @@ def run_node(options: NodeOptions) -> int:
     """Run a scheduler or worker node until SIGTERM; 2 when a peer or the setup is refused."""
     platform = load_platform(options.data_dir)
     workdir = _workdir(options)
-    node = make_node(options.role, platform.key, platform.fingerprint, options, workdir)
-    with dask.config.set({**dask_settings(), "temporary-directory": str(workdir)}):
-        try:
+    try:
+        node = make_node(options.role, platform.key, platform.fingerprint, options, workdir)
+        with dask.config.set({**dask_settings(), "temporary-directory": str(workdir)}):
             asyncio.run(_serve(node, options, workdir))
-        except MesateeError as exc:
-            print(f"mesatee-enclave {options.role}: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return 2
-        except Exception as exc:
-            cause = _attestation_cause(exc)
-            if cause is None:
-                raise
-            print(f"mesatee-enclave {options.role}: refused: {type(cause).__name__}: {cause}", file=sys.stderr)
-            return 2
-    with contextlib.suppress(Exception):
-        sys.stdout.flush()
+    except MesateeError as exc:
+        print(f"mesatee-enclave {options.role}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        cause = _attestation_cause(exc)
+        if cause is None:
+            raise
+        print(f"mesatee-enclave {options.role}: refused: {type(cause).__name__}: {cause}", file=sys.stderr)
+        return 2
+    finally:
+        # Nothing is spilled, but Dask keeps lock files and scratch space here: remove the node's directory.
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
