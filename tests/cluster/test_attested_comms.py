@@ -231,3 +231,19 @@ def test_refresh_presents_new_evidence_on_live_contexts() -> None:
     assert seen == [client.certificate_der]
     node = ClusterNode(client, cluster_policy((server.platform_fingerprint,), (server.measurement,)))
     assert node.admit(server.certificate_der, "test", "incoming").measurement == server.measurement
+
+
+def test_dask_http_server_serves_no_routes(cluster: Cluster) -> None:
+    """Dask always starts an HTTP server; on a node it is on loopback with no routes (no dashboard, info, metrics)."""
+    import re
+    import urllib.error
+    import urllib.request
+
+    m = re.search(r"dashboard at:\s+http://([\d.]+):(\d+)", cluster.scheduler.text())
+    assert m, "the scheduler logs its HTTP address"
+    assert m.group(1) == "127.0.0.1"
+    for path in ("/status", "/info/main/workers.html", "/metrics", "/health", "/json/identity.json"):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"http://127.0.0.1:{m.group(2)}{path}", timeout=5)
+        err.value.close()
+        assert err.value.code == 404
