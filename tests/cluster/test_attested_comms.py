@@ -247,3 +247,32 @@ def test_dask_http_server_serves_no_routes(cluster: Cluster) -> None:
             urllib.request.urlopen(f"http://127.0.0.1:{m.group(2)}{path}", timeout=5)
         err.value.close()
         assert err.value.code == 404
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_worker_gives_a_typed_error_or_the_live_workers(cluster: Cluster) -> None:
+    """A worker killed with SIGKILL during a probe: the head answers with the live workers or a typed error, never
+    hangs and never reports the dead worker as having taken part."""
+    import signal
+
+    from mesatee_notebook.enclave.cluster.head import ClusterHead
+    from mesatee_notebook.errors import RemoteExecutionError
+
+    extra = start_node("worker", cluster.data_dir, "--scheduler", cluster.url, "--name", "doomed")
+    head = ClusterHead(cluster.url, _node(cluster))
+    try:
+        wait_for(lambda: extra.address in head._workers(), what="the extra worker registered")
+        extra.proc.send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        try:
+            info = head.probe(timeout=20)
+        except RemoteExecutionError as exc:  # RemoteTimeout included
+            assert "did not all answer" in str(exc) or "cannot reach" in str(exc) or "task failed" in str(exc)
+        else:
+            assert extra.address not in {w["address"] for w in info["workers"]}
+        assert time.monotonic() - t0 < 60
+        info = head.probe(timeout=30)  # the cluster goes on with the others
+        assert {w["address"] for w in info["workers"]} == {w.address for w in cluster.workers}
+    finally:
+        head.close()
+        stop_node(extra)

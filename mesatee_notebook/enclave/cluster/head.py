@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,14 @@ from distributed import Client
 from mesatee_notebook.enclave.cluster.comm import AttestedSecurity
 from mesatee_notebook.enclave.cluster.identity import ClusterNode, PeerRecord
 from mesatee_notebook.enclave.cluster.node import NodeOptions, dask_settings, make_node
-from mesatee_notebook.errors import AttestationError, MalformedFrame, NotAvailableYet, RemoteExecutionError
+from mesatee_notebook.errors import (
+    AttestationError,
+    MalformedFrame,
+    MesateeError,
+    NotAvailableYet,
+    RemoteExecutionError,
+    RemoteTimeout,
+)
 from mesatee_notebook.wire.stream import Message
 
 if TYPE_CHECKING:
@@ -29,6 +37,8 @@ __all__ = ["SERVICES", "ClusterHead", "attach_head", "cluster_call"]
 
 log = logging.getLogger("mesatee.cluster")
 SERVICES = ("cluster.status", "cluster.probe")
+#: Seconds cluster.probe waits for every worker before it gives up with RemoteTimeout.
+PROBE_TIMEOUT = 60.0
 
 
 class ClusterHead:
@@ -58,20 +68,48 @@ class ClusterHead:
             await comm.close()
 
         for address in addresses:
-            self.client.sync(check, address)
+            try:
+                self.client.sync(check, address)
+            except OSError as exc:  # Dask's CommClosedError and timeouts are OSErrors; AttestationError is not
+                msg = f"cannot reach cluster worker {address} over atls:// ({exc})"
+                raise RemoteExecutionError(msg) from None
         return [self.node.peers[a] for a in addresses]
 
     def _workers(self) -> list[str]:
         return sorted(self.client.scheduler_info(n_workers=-1)["workers"])
 
+    def _scheduler_record(self) -> dict[str, Any] | None:
+        record = self.node.peers.get(self.client.scheduler.address)
+        return record.to_dict() if record else None
+
     def status(self) -> dict[str, Any]:
-        scheduler = self.node.peers.get(self.client.scheduler.address)
         return {
-            "scheduler": scheduler.to_dict() if scheduler else None,
+            "scheduler": self._scheduler_record(),
             "workers": [r.to_dict() for r in self.verify_workers(self._workers())],
         }
 
-    def probe(self) -> dict[str, Any]:
+    def _run_on_each(self, fn: Any, workers: list[str], timeout: float) -> list[Any]:
+        """Run ``fn()`` once on each worker; a typed error if any does not answer in time or fails."""
+        tag = uuid.uuid4().hex
+        futures = [
+            self.client.submit(fn, workers=[w], allow_other_workers=False, pure=False, key=f"probe-{tag}-{w}")
+            for w in workers
+        ]
+        deadline = time.monotonic() + timeout
+        try:
+            return [f.result(timeout=max(0.0, deadline - time.monotonic())) for f in futures]
+        except TimeoutError:
+            self.client.cancel(futures)
+            msg = f"{len(workers)} workers did not all answer within {timeout:g} s (a worker died or is stuck)"
+            raise RemoteTimeout(msg) from None
+        except MesateeError:
+            raise
+        except Exception as exc:  # a task failed on the cluster (KilledWorker, CancelledError, ...)
+            self.client.cancel(futures)
+            msg = f"a cluster task failed: {type(exc).__name__}: {exc}"
+            raise RemoteExecutionError(msg) from None
+
+    def probe(self, timeout: float = PROBE_TIMEOUT) -> dict[str, Any]:
         """Run :func:`node_report` on every worker; check each answer against the head's own verification."""
         from mesatee_notebook.enclave.cluster.tasks import node_report
 
@@ -79,11 +117,7 @@ class ClusterHead:
         if not workers:
             msg = f"the cluster at {self.url} has no workers"
             raise RemoteExecutionError(msg)
-        futures = [
-            self.client.submit(node_report, workers=[w], allow_other_workers=False, pure=False, key=f"probe-{w}")
-            for w in workers
-        ]
-        reports = self.client.gather(futures)
+        reports = self._run_on_each(node_report, workers, timeout)
         verified = {r.address: r for r in self.verify_workers(workers)}
         for report in reports:
             record = verified.get(report["address"])
@@ -94,7 +128,7 @@ class ClusterHead:
                 )
                 raise AttestationError(msg)
         return {
-            "scheduler": self.status()["scheduler"],
+            "scheduler": self._scheduler_record(),
             "workers": [verified[r["address"]].to_dict() | {"pid": r["pid"]} for r in reports],
         }
 
