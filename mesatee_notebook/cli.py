@@ -1,4 +1,4 @@
-"""Command lines: ``mesatee-enclave init-platform|serve|migrate|tpm-info`` and ``mesatee attest|verify-receipt``."""
+"""Command lines: ``mesatee-enclave init-platform|serve|migrate|tpm-info|scheduler|worker``, ``mesatee attest|...``."""
 
 from __future__ import annotations
 
@@ -113,6 +113,10 @@ def _enclave_parser() -> argparse.ArgumentParser:
     mp.add_argument("--data-dir", type=Path, default=_default_data_dir())
     tp = sub.add_parser("tpm-info", help="print a TPM's attestation key fingerprint and PCRs (what clients pin)")
     _tpm_arguments(tp)
+    from mesatee_notebook.enclave.cluster.cli import add_node_parsers, add_serve_arguments
+
+    add_node_parsers(sub, _default_data_dir())  # scheduler, worker (docs/cluster.md)
+    add_serve_arguments(sp)
     return p
 
 
@@ -201,22 +205,37 @@ def _tpm_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init_platform(args: argparse.Namespace) -> int:
+    from mesatee_notebook.enclave.platform import init_platform
+
+    fp = init_platform(args.data_dir)
+    print(f"softtee platform in {args.data_dir / 'platform'}")
+    print(f"fingerprint (pin this in client policies): {fp}")
+    print("softtee is SOFTWARE trust: whoever runs this host can read the kernel's memory.")
+    return 0
+
+
+def _cluster_node(args: argparse.Namespace) -> int:
+    from mesatee_notebook.enclave.cluster.cli import run_node_command
+
+    return run_node_command(args)
+
+
+_COMMANDS = {
+    "init-platform": _init_platform,
+    "migrate": _migrate,
+    "tpm-info": _tpm_info,
+    "scheduler": _cluster_node,
+    "worker": _cluster_node,
+}
+
+
 def enclave_main(argv: list[str] | None = None) -> int:
     """``mesatee-enclave``."""
     args = _enclave_parser().parse_args(argv)
     try:
-        if args.cmd == "init-platform":
-            from mesatee_notebook.enclave.platform import init_platform
-
-            fp = init_platform(args.data_dir)
-            print(f"softtee platform in {args.data_dir / 'platform'}")
-            print(f"fingerprint (pin this in client policies): {fp}")
-            print("softtee is SOFTWARE trust: whoever runs this host can read the kernel's memory.")
-            return 0
-        if args.cmd == "migrate":
-            return _migrate(args)
-        if args.cmd == "tpm-info":
-            return _tpm_info(args)
+        if args.cmd in _COMMANDS:
+            return _COMMANDS[args.cmd](args)
         from dataclasses import replace
 
         from mesatee_notebook.attestation.levels import Level
@@ -275,6 +294,10 @@ def enclave_main(argv: list[str] | None = None) -> int:
         if args.service_workers is not None:
             cfg.service_workers = max(0, args.service_workers)
         kernel = Kernel(cfg)
+        if args.cluster:
+            from mesatee_notebook.enclave.cluster.head import attach_head
+
+            attach_head(kernel, args.cluster, args.cluster_platform_root, args.cluster_measurement)
         # SIGTERM stops the kernel cleanly, like Ctrl-C: executors end and TPM objects are flushed
         # (swtpm without a resource manager would otherwise keep them).
         signal.signal(signal.SIGTERM, lambda signum, frame: kernel.stopping.set())

@@ -81,11 +81,17 @@ def abi_version() -> int:
     return int(v) if v > 0 else 0
 
 
-def restrict(writable: tuple[str, ...] = ("/tmp", "/dev/shm"), devices: str = "/dev") -> LandlockResult:  # noqa: S108
+def restrict(
+    writable: tuple[str, ...] = ("/tmp", "/dev/shm"),  # noqa: S108
+    devices: str = "/dev",
+    *,
+    allow_tcp: bool = False,
+) -> LandlockResult:
     """Restrict this process for good: read and execute anywhere it can see, write only to ``writable``.
 
-    Needs ``NO_NEW_PRIVS`` (bubblewrap sets it). Returns what was enforced; raises OSError if
-    the kernel offers Landlock but refuses the ruleset.
+    Needs ``NO_NEW_PRIVS`` (bubblewrap sets it). ``allow_tcp`` leaves TCP unrestricted (a cluster node must
+    connect and listen). Returns what was enforced; raises OSError if the kernel offers Landlock but refuses
+    the ruleset.
     """
     abi = abi_version()
     if abi == 0:
@@ -100,7 +106,7 @@ def restrict(writable: tuple[str, ...] = ("/tmp", "/dev/shm"), devices: str = "/
         fs |= _FS_TRUNCATE
     if abi >= 5:
         fs |= _FS_IOCTL_DEV
-    net = (_NET_BIND_TCP | _NET_CONNECT_TCP) if abi >= 4 else 0
+    net = (_NET_BIND_TCP | _NET_CONNECT_TCP) if abi >= 4 and not allow_tcp else 0
     scoped = (_SCOPE_ABSTRACT_UNIX | _SCOPE_SIGNAL) if abi >= 6 else 0
     attr = _RulesetAttr(fs, net, scoped)
     size = 8 if abi < 4 else (16 if abi < 6 else 24)

@@ -272,6 +272,10 @@ class Kernel:
         requested = timeout if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) else None
         t = receipting.clamp_timeout(requested, self.config.max_cell_timeout)
         service = str(header["service"])
+        if service.startswith("cluster."):  # the cluster head (serve --cluster) serves these in the supervisor
+            from mesatee_notebook.enclave.cluster.head import cluster_call
+
+            return cluster_call(self, party, header)
         with self.service_gate.shared():
             return self.service_pool(service).run(party, nonce, service, header, payloads, fds, on_message, t)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from mesatee_notebook.attestation.policy import AttestationReport, Policy
 from mesatee_notebook.attestation.receipts import Receipt, VerifiedReceipt, verify_receipt
-from mesatee_notebook.errors import MalformedFrame, ProtocolError, ReceiptError
+from mesatee_notebook.errors import MalformedFrame, NotAvailableYet, ProtocolError, ReceiptError
 from mesatee_notebook.errors import PolicyViolation as PolicyViolationError
 from mesatee_notebook.remote._public import public_api, public_methods
 from mesatee_notebook.remote.channel import Channel, Reply, open_channel
@@ -376,8 +376,16 @@ class Session:
         return TvmClient(self)
 
     # -- SecureDataFrame -------------------------------------------------------------------------
-    def upload(self, df: Any, name: str, *, policy: Any = None, replace: bool = False) -> Any:
-        """Put a DataFrame into the enclave as dataset ``name`` under ``policy``; return a SecureDataFrame."""
+    def upload(
+        self, df: Any, name: str, *, policy: Any = None, replace: bool = False, partitions: int | None = None
+    ) -> Any:
+        """Put a DataFrame into the enclave as dataset ``name`` under ``policy``; return a SecureDataFrame.
+
+        ``partitions`` (a dataset split across a cluster's workers) is not available yet (docs/cluster.md).
+        """
+        if partitions is not None:
+            msg = "upload(..., partitions=N) is not available yet: partitioned datasets on a cluster (docs/cluster.md)"
+            raise NotAvailableYet(msg)
         from mesatee_notebook.remote.frame import SecureDataFrame
         from mesatee_notebook.wire.datapolicy import DataPolicy
 
