@@ -33,6 +33,7 @@ _REGISTRY: dict[str, ServiceFn] = {}
 SERVICE_MODULES = (
     "mesatee_notebook.enclave.services.datasets",
     "mesatee_notebook.enclave.services.frames",
+    "mesatee_notebook.enclave.services.jobs",
     "mesatee_notebook.enclave.services.psi",
     "mesatee_notebook.enclave.services.gbdt",
     "mesatee_notebook.enclave.services.gbdt_jobs",

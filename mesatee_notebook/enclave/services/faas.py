@@ -7,7 +7,8 @@
 - ``job.create_task`` makes a job of kind ``faas.task`` on the one jobs state machine (:mod:`~mesatee_notebook.enclave.
   jobs`): each input names a dataset, whose owner becomes that input's owner. The spec digest an owner approves
   covers the function digest, the args, the receivers, the limits and the input datasets. Owners approve with
-  ``job.submit_dataset`` (binds the dataset's current digest, then approves) or reject with ``job.cancel``.
+  ``job.submit_dataset`` (:mod:`~mesatee_notebook.enclave.services.jobs`: binds the dataset's current digest, then
+  approves through the one approve/submit helper every kind of job uses) or reject with ``job.cancel``.
 - The runner (:func:`run_task`) never runs the function here: it packs the function and its bound inputs and asks
   the supervisor (``ctx.run_function``), which runs it in a fresh sandboxed executor
   (:mod:`~mesatee_notebook.enclave.faas_exec`). Results are the job's sealed result (only receivers fetch it), or
@@ -29,13 +30,14 @@ from mesatee_notebook.enclave.faas_runtime import MAX_LIMITS
 from mesatee_notebook.enclave.jobs import Job, JobStore
 from mesatee_notebook.enclave.services import ServiceContext, ServiceResult, service
 from mesatee_notebook.enclave.services.datasets import load_dataset, load_meta
-from mesatee_notebook.enclave.services.jobstore import (
-    job_id_for_name,
-    job_store,
-    pack_values,
-    unpack_values,
+from mesatee_notebook.enclave.services.jobs import (
+    job_info,
+    new_job_id,
+    party_ids,
+    register_runner,
+    store_job_dataset,
 )
-from mesatee_notebook.enclave.services.psi import _store_dataset, job_info, register_runner
+from mesatee_notebook.enclave.services.jobstore import job_store, pack_values, unpack_values
 from mesatee_notebook.errors import EncodingError, NotFound, PolicyViolation
 from mesatee_notebook.wire.datapolicy import DataPolicy
 
@@ -255,10 +257,7 @@ def task_create(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any
     """``{name, function: digest, inputs: {arg: dataset}, args, receivers, limits?, output_dataset?}``."""
     store = job_store(ctx)
     name = str(args.get("name", ""))
-    job_id = job_id_for_name(name)
-    if job_id in {j.job_id for j in store.jobs()} or job_id in store.damaged:
-        msg = f"a task or job named {name!r} already exists; choose another name"
-        raise PolicyViolation(msg, job=name)
+    job_id = new_job_id(store, name, "a task or job")
     digest = str(args.get("function", ""))
     meta, _ = _load_function(ctx, digest)
     bound = args.get("inputs") or {}
@@ -283,14 +282,7 @@ def task_create(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any
     if clash:
         msg = f"{clash} are both inputs and args"
         raise EncodingError(msg)
-    receivers = args.get("receivers") or [ctx.party]
-    if (
-        isinstance(receivers, str)
-        or not isinstance(receivers, list)
-        or not all(isinstance(r, str) and r for r in receivers)
-    ):
-        msg = "receivers must be a list of party ids"
-        raise EncodingError(msg)
+    receivers = party_ids(args.get("receivers") or [ctx.party], "receivers")
     output = args.get("output_dataset")
     if output is not None:
         try:
@@ -384,6 +376,6 @@ def run_task(ctx: ServiceContext, store: JobStore, job: Job) -> bytes:
         if not isinstance(frame, pd.DataFrame):
             msg = "output_dataset needs a function that returns one DataFrame"
             raise PolicyViolation(msg)
-        _store_dataset(ctx, job, str(output), frame, DataPolicy())
+        store_job_dataset(ctx, job, str(output), frame, DataPolicy())
         return pack_values({}, **common, dataset=str(output), rows=len(frame))
     return pack_values(values, **common)
