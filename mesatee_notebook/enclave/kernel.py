@@ -793,7 +793,9 @@ class Kernel:
                     raise PolicyViolation("only trusted services run registered functions")  # noqa: EM101
                 from mesatee_notebook.enclave.faas_exec import run_function
 
-                out = run_function(self, bytes(m.payloads[0]) if m.payloads else b"", m.header.get("timeout"))
+                out = run_function(
+                    self, bytes(m.payloads[0]) if m.payloads else b"", m.header.get("timeout"), m.header
+                )
                 ipc_send(executor.sock, {"t": "ok"}, [out])
                 return
             if m.type == "key.call":  # issue 17: a cell's mesatee.keys, served by the KeyStore as its party
@@ -1050,6 +1052,9 @@ class Kernel:
             spare, self._spare = self._spare, None
         if spare is not None:
             spare.shutdown()
+        from mesatee_notebook.enclave.faas_exec import shutdown_pool
+
+        shutdown_pool(self)  # issue 17: the warmed function executors
         if self.tpm is not None:
             self.tpm.close()
         info = self.config.data_dir / "kernel.json"

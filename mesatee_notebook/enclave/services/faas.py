@@ -50,6 +50,7 @@ _DIGEST: Final = re.compile(r"^[0-9a-f]{64}$")
 _LANGS: Final = ("python", "wasm")
 _MAX_CODE: Final = 64 << 20
 _WASM_MAGIC: Final = b"\x00asm"
+_MAX_TASK_KEYS: Final = 16
 
 
 def _fn_key(digest: str) -> str:
@@ -292,7 +293,7 @@ def task_create(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any
         else:
             msg = f"a dataset named {output!r} already exists; choose another output_dataset"
             raise PolicyViolation(msg, dataset=output)
-    params = {
+    params: dict[str, Any] = {
         "name": name,
         "function": digest,
         "function_name": meta["name"],
@@ -302,10 +303,29 @@ def task_create(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any
         "datasets": {arg: {"dataset": ds} for arg, ds in bound.items()},
         "output_dataset": output,
     }
+    keys = _task_keys(args.get("keys"), meta)
+    if keys:  # in the spec digest: every data owner approves which keys the function may use
+        params["keys"] = keys
     tr = store.create(
         creator=ctx.party, kind=KIND, inputs=owners, receivers=list(receivers), params=params, job_id=job_id
     )
     return ServiceResult(info=job_info(tr.job, ctx.party))
+
+
+def _task_keys(value: object, meta: dict[str, Any]) -> list[str]:
+    """The KeyStore keys a task's function may use (as the task's creator), sorted; Python functions only."""
+    if value is None or value == []:
+        return []
+    if isinstance(value, str) or not isinstance(value, list) or not all(isinstance(k, str) for k in value):
+        msg = "keys must be a list of key names"
+        raise EncodingError(msg)
+    if any(not _NAME.match(k) for k in value) or len(value) > _MAX_TASK_KEYS:
+        msg = f"keys must be at most {_MAX_TASK_KEYS} key names (letters, digits and _.-)"
+        raise EncodingError(msg)
+    if meta["lang"] != "python":
+        msg = "only Python functions can use keys (mesatee.keys); a WebAssembly module has no such import"
+        raise EncodingError(msg)
+    return sorted(set(value))
 
 
 def _bound_frames(ctx: ServiceContext, store: JobStore, job: Job) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
@@ -340,14 +360,23 @@ def run_task(ctx: ServiceContext, store: JobStore, job: Job) -> bytes:
     fn = {k: meta[k] for k in ("name", "lang", "entry", "inputs", "outputs")}
     fn["raw_inputs"] = list(meta.get("raw_inputs") or [])
     code_value: Any = code.decode() if meta["lang"] == "python" else code
+    keys = [str(k) for k in params.get("keys") or []]
     blob = pack_values(
         {"__code__": code_value, **frames},
         function=fn,
         args=dict(params.get("args") or {}),
         limits=dict(params.get("limits") or {}),
+        keys=keys,
     )
     t0 = time.perf_counter()
-    out = ctx.run_function(blob, timeout=float((params.get("limits") or {}).get("seconds", 300)) + 60)
+    out = ctx.run_function(
+        blob,
+        timeout=float((params.get("limits") or {}).get("seconds", 300)) + 60,
+        keys=keys,
+        act_as=job.spec.creator,
+        task=job.job_id,
+        parties=sorted(job.spec.parties),
+    )
     seconds = round(time.perf_counter() - t0, 4)
     values, info = unpack_values(out)
     common = {
@@ -358,6 +387,8 @@ def run_task(ctx: ServiceContext, store: JobStore, job: Job) -> bytes:
         "fuel": info.get("fuel"),
         "run_seconds": seconds,
     }
+    if keys:
+        common["keys"] = keys
     ctx.audit(
         "job",
         {
