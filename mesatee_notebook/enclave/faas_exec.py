@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -51,6 +52,7 @@ _DEFAULT_TIMEOUT: Final = 600.0
 POOL_ENV: Final = "MESATEE_FUNCTION_POOL"
 _DEFAULT_POOL: Final = 1
 _MAX_POOL: Final = 4
+_TAKE_WAIT: Final = 30.0  # at most this long for a starting executor before starting another
 _STORAGE: Final = frozenset({"seal.get", "seal.put", "seal.list", "seal.delete", "data.get", "audit"})
 
 
@@ -84,25 +86,35 @@ class FunctionPool:
         self.size = size
         self._ready: list[ExecutorHandle] = []
         self._filling = 0
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self._closed = False
 
     def take(self) -> ExecutorHandle:
-        """A warmed executor that never ran a function (or a new one, if none is ready); refills behind it."""
-        with self._lock:
-            handle = None
-            while self._ready and handle is None:
-                candidate = self._ready.pop()
-                if candidate.alive:
-                    handle = candidate
-                else:
-                    candidate.kill()
+        """A warmed executor that never ran a function; refills behind it.
+
+        With none ready, it waits for one already starting (sooner than starting another beside it on the same
+        cores), and starts one itself only when none is on its way.
+        """
+        handle = None
+        deadline = time.monotonic() + _TAKE_WAIT
+        with self._cond:
+            while handle is None and not self._closed:
+                while self._ready and handle is None:
+                    candidate = self._ready.pop()
+                    if candidate.alive:
+                        handle = candidate
+                    else:
+                        candidate.kill()
+                left = deadline - time.monotonic()
+                if handle is not None or self._filling == 0 or left <= 0:
+                    break
+                self._cond.wait(left)
         self.refill()
         return handle if handle is not None else self._start()
 
     def refill(self) -> None:
         """Start executors in the background until ``size`` are ready or starting."""
-        with self._lock:
+        with self._cond:
             missing = self.size - len(self._ready) - self._filling
             if self._closed or missing <= 0:
                 return
@@ -120,8 +132,9 @@ class FunctionPool:
             if handle is not None:
                 handle.kill()
             handle = None
-        with self._lock:
+        with self._cond:
             self._filling -= 1
+            self._cond.notify_all()
             if handle is not None and not self._closed:
                 self._ready.append(handle)
                 return
@@ -130,9 +143,10 @@ class FunctionPool:
 
     def shutdown(self) -> None:
         """Stop every waiting executor; later ``take`` calls start fresh ones (nothing is refilled)."""
-        with self._lock:
+        with self._cond:
             self._closed = True
             ready, self._ready = self._ready, []
+            self._cond.notify_all()
         for handle in ready:
             handle.shutdown()
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -104,3 +106,56 @@ def test_sum_matches_numpy(parties: Parties) -> None:
     assert st.state == "done", st.error
     got = np.frombuffer(parties.b.tasks.result(n1).value, dtype="<i8")
     assert got.tolist() == [int(values.sum())]
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "wasm"
+
+
+def test_prebuilt_rust_module_runs_as_a_task(parties: Parties) -> None:
+    """examples/wasm/sum_i64_rs.wasm, built from sum_i64.rs by rustc for wasm32-wasi (WASI preview 1)."""
+    import pandas as pd
+
+    values = np.random.default_rng(2).integers(-(10**12), 10**12, 50_000, dtype=np.int64)
+    ds = unique("ints").replace("-", "_")
+    parties.b.upload(pd.DataFrame({"v": values}), ds)
+    fn = parties.b.functions.register(
+        unique("rust"), wasm=(EXAMPLES / "sum_i64_rs.wasm").read_bytes(), inputs=["data"], raw_inputs=["data"]
+    )
+    runs = []
+    for _ in range(2):
+        name = unique("rtask")
+        st = parties.b.tasks.create(name, function=fn, inputs={"data": ds}, receivers=[parties.b.party_id])
+        assert st.state == "done", st.error
+        runs.append(parties.b.tasks.result(name))
+    assert [np.frombuffer(r.value, dtype="<i8").tolist() for r in runs] == [[int(values.sum())]] * 2
+    assert runs[0].fuel == runs[1].fuel and runs[0].fuel > len(values)  # metered, and the same on every run
+
+
+def _debian_wasi_rustc() -> bool:
+    rustc = Path("/usr/bin/rustc")
+    if not rustc.exists():
+        return False
+    out = subprocess.run([str(rustc), "--print", "target-list"], capture_output=True, text=True, check=False)
+    version = subprocess.run([str(rustc), "--version"], capture_output=True, text=True, check=False).stdout
+    return (
+        "wasm32-wasi" in out.stdout.split()
+        and version.startswith("rustc 1.63.0")
+        and Path("/usr/lib/rustlib/wasm32-wasi").is_dir()
+    )
+
+
+@pytest.mark.skipif(not _debian_wasi_rustc(), reason="needs Debian's rustc 1.63 with libstd-rust-dev-wasm32")
+def test_rust_example_rebuilds_to_the_shipped_bytes(tmp_path: Path) -> None:
+    import shutil
+    import sys
+
+    for f in ("build.sh", "sum_i64.rs", "sum_i64.wat"):
+        shutil.copy(EXAMPLES / f, tmp_path / f)
+    subprocess.run(
+        ["sh", str(tmp_path / "build.sh")],
+        check=True,
+        capture_output=True,
+        env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
+    )
+    assert (tmp_path / "sum_i64_rs.wasm").read_bytes() == (EXAMPLES / "sum_i64_rs.wasm").read_bytes()
+    assert (tmp_path / "sum_i64.wasm").read_bytes() == (EXAMPLES / "sum_i64.wasm").read_bytes()
