@@ -63,7 +63,8 @@ def _faas_run(who: _Asker, req: FaasRun, m: Message) -> list[Any]:
         raise PolicyViolation("only trusted services run registered functions")  # noqa: EM101
     from mesatee_notebook.enclave.faas_exec import run_function
 
-    return [run_function(who.kernel, bytes(m.payloads[0]) if m.payloads else b"", req.timeout)]
+    # the key grant (keys, act_as, task, parties) is read and validated by faas_exec.KeyGrant.from_header
+    return [run_function(who.kernel, bytes(m.payloads[0]) if m.payloads else b"", req.timeout, m.header)]
 
 
 def _key_call(who: _Asker, req: KeyCall, m: Message) -> list[Any]:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
-from mesatee_notebook.errors import EncodingError, NotAvailableYet, ResourceExhausted, WasmError
+from mesatee_notebook.errors import EncodingError, PolicyViolation, ResourceExhausted, WasmError
 
 __all__ = ["DEFAULT_LIMITS", "CellKeys", "FunctionAPI", "run_blob"]
 
@@ -33,16 +33,22 @@ _EPOCH_TICK: Final = 0.05
 _MAX_STDOUT: Final = 256 << 20
 
 
-def run_blob(blob: bytes) -> bytes:
-    """Run the function described by ``blob`` (see ``services/faas.py``) and return its packed result."""
+def run_blob(blob: bytes, keys: CellKeys | None = None) -> bytes:
+    """Run the function described by ``blob`` (see ``services/faas.py``) and return its packed result.
+
+    ``keys`` is the executor's ``mesatee.keys``: a Python function sees it as ``mesatee.keys`` when its task names
+    keys (the supervisor serves only those, as the task's creator); otherwise ``mesatee.keys`` explains why not.
+    """
     from mesatee_notebook.enclave.services.jobstore import pack_values, unpack_values
 
     values, extra = unpack_values(blob)
     code = values.pop("__code__")
     fn = dict(extra["function"])
     args = dict(extra.get("args") or {})
+    named = [str(k) for k in extra.get("keys") or []]
     if fn["lang"] == "python":
-        out, info = _run_python(str(code), fn, args, values)
+        api = FunctionAPI(keys if named and keys is not None else _NoKeys(named))
+        out, info = _run_python(str(code), fn, args, values, api)
     else:
         out, info = _run_wasm(bytes(code), fn, args, values, dict(extra.get("limits") or {}))
     return pack_values(out, **info)
@@ -82,30 +88,47 @@ class CellKeys:
         extra = {} if aad is None else {"aad": bytes(aad)}
         return bytes(self._call("decrypt", {"name": name}, ciphertext=bytes(ciphertext), **extra)[0]["plaintext"])
 
+    def wrap(self, name: str, key_material: bytes) -> bytes:
+        """``key_material`` wrapped under ``aes-256-gcm`` key ``name`` (RFC 5649)."""
+        return bytes(self._call("wrap", {"name": name}, key=bytes(key_material))[0]["wrapped"])
+
+    def unwrap(self, name: str, wrapped: bytes) -> bytes:
+        """The key material ``wrap`` wrapped (refused if it does not authenticate)."""
+        return bytes(self._call("unwrap", {"name": name}, wrapped=bytes(wrapped))[0]["key"])
+
     def public_key(self, name: str) -> str | None:
         """Key ``name``'s PEM public key (None for a symmetric key)."""
         return self._call("info", {"name": name})[1].get("public_key")
 
     def __repr__(self) -> str:
-        return "<mesatee.keys: sign, verify, encrypt, decrypt, public_key by name; the key bytes stay in the enclave>"
+        return "<mesatee.keys: sign, verify, en/decrypt, wrap/unwrap, public_key by name; keys stay in the enclave>"
 
 
 class _NoKeys:
+    """``mesatee.keys`` in a function whose task names no keys: every use says how to get one."""
+
+    def __init__(self, named: list[str]) -> None:
+        self._named = named
+
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
         msg = (
-            "mesatee.keys is not available yet inside registered functions (a task has no single party to act "
-            "as); use keys from a cell or from the client (s.keys)"
+            "this task names no keys, so mesatee.keys is not available to its function: create the task with "
+            "keys=[names] (every data owner then approves that list, and the function uses them as the task's "
+            "creator, who must own or be a user of each key)"
         )
-        raise NotAvailableYet(msg)
+        raise PolicyViolation(msg)
 
 
 class FunctionAPI:
-    """The ``mesatee`` object inside a registered function: no storage, no datasets; keys not available yet."""
+    """The ``mesatee`` object inside a registered function: no storage, no datasets; only the task's named keys."""
 
-    keys = _NoKeys()
+    def __init__(self, keys: CellKeys | _NoKeys | None = None) -> None:
+        self.keys = keys if keys is not None else _NoKeys([])
 
     def __repr__(self) -> str:
-        return "<mesatee function API: only the bound inputs are reachable>"
+        return "<mesatee function API: only the bound inputs, and the keys the task names, are reachable>"
 
 
 def _as_bytes(data: bytes | str) -> bytes:
@@ -113,9 +136,9 @@ def _as_bytes(data: bytes | str) -> bytes:
 
 
 def _run_python(
-    source: str, fn: dict[str, Any], args: dict[str, Any], inputs: dict[str, Any]
+    source: str, fn: dict[str, Any], args: dict[str, Any], inputs: dict[str, Any], api: FunctionAPI | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    namespace: dict[str, Any] = {"__name__": f"faas.{fn['name']}", "mesatee": FunctionAPI()}
+    namespace: dict[str, Any] = {"__name__": f"faas.{fn['name']}", "mesatee": api or FunctionAPI()}
     exec(compile(source, f"<function {fn['name']}>", "exec"), namespace)
     entry = namespace.get(str(fn["entry"]))
     if not callable(entry):
@@ -175,9 +198,25 @@ def _limits(asked: dict[str, Any]) -> dict[str, Any]:
 def _run_wasm(
     wasm: bytes, fn: dict[str, Any], args: dict[str, Any], inputs: dict[str, Any], asked: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    lim = _limits(asked)
+    engine = _engine(lim)
+    module = _compile(engine, wasm, fn)
+    work = _workdir(fn, inputs)
+    store = _wasi_store(engine, fn, args, work, lim)
+    t0 = time.perf_counter()
+    exit_code = _call(engine, store, _instantiate(engine, store, module, fn, lim), fn, lim)
+    seconds = time.perf_counter() - t0
+    fuel = int(lim["fuel"]) - store.get_fuel()
+    if exit_code != 0:
+        # stderr stays in the sandbox: it could quote the inputs
+        msg = f"function {fn['name']!r} exited with status {exit_code}"
+        raise WasmError(msg, exit_code=exit_code, fuel=fuel)
+    return _outputs(fn, work), {"fuel": fuel, "seconds": round(seconds, 4)}
+
+
+def _engine(lim: dict[str, Any]) -> Any:
     import wasmtime
 
-    lim = _limits(asked)
     config = wasmtime.Config()
     config.consume_fuel = True
     config.epoch_interruption = True
@@ -187,13 +226,22 @@ def _run_wasm(
     config.memory_reservation_for_growth = 0
     config.memory_init_cow = False  # copy-on-write images need memfds, which the sandbox refuses
     config.parallel_compilation = False  # the sandbox allows few threads
-    engine = wasmtime.Engine(config)
+    return wasmtime.Engine(config)
+
+
+def _compile(engine: Any, wasm: bytes, fn: dict[str, Any]) -> Any:
+    import wasmtime
+
     try:
-        module = wasmtime.Module(engine, wasm)
+        return wasmtime.Module(engine, wasm)
     except wasmtime.WasmtimeError as exc:
         msg = f"function {fn['name']!r}: the WebAssembly module is not valid: {_first_line(exc)}"
         raise WasmError(msg) from None
-    work = Path(tempfile.mkdtemp(prefix="faas-"))  # the sandbox's private /tmp
+
+
+def _workdir(fn: dict[str, Any], inputs: dict[str, Any]) -> Path:
+    """``in/<input>`` files (the first is also ``stdin``), an empty ``out/``; in the sandbox's private /tmp."""
+    work = Path(tempfile.mkdtemp(prefix="faas-"))
     (work / "in").mkdir()
     (work / "out").mkdir()
     first: Path | None = None
@@ -201,79 +249,91 @@ def _run_wasm(
         path = work / "in" / name
         path.write_bytes(_wasm_input_bytes(value, name in (fn.get("raw_inputs") or [])))
         first = first or path
-    stdin = first or (work / "empty")
+    (work / "stdin").symlink_to(first or (work / "empty"))
     if first is None:
-        stdin.write_bytes(b"")
-    stdout, stderr = work / "stdout", work / "stderr"
+        (work / "empty").write_bytes(b"")
+    return work
+
+
+def _wasi_store(engine: Any, fn: dict[str, Any], args: dict[str, Any], work: Path, lim: dict[str, Any]) -> Any:
+    import wasmtime
+
     wasi = wasmtime.WasiConfig()
     wasi.argv = [str(fn["name"]), *(f"{k}={v}" for k, v in sorted(args.items()))]
     wasi.env = [(f"MESATEE_ARG_{k.upper()}", str(v)) for k, v in sorted(args.items())]
-    wasi.stdin_file = str(stdin)
-    wasi.stdout_file = str(stdout)
-    wasi.stderr_file = str(stderr)
+    wasi.stdin_file = str((work / "stdin").resolve())
+    wasi.stdout_file = str(work / "stdout")
+    wasi.stderr_file = str(work / "stderr")
     wasi.preopen_dir(str(work / "in"), "/in", fs_mutable=False)
     wasi.preopen_dir(str(work / "out"), "/out")
     store = wasmtime.Store(engine)
     store.set_wasi(wasi)
     store.set_limits(memory_size=int(lim["memory"]), table_elements=int(lim["table_elements"]))
     store.set_fuel(int(lim["fuel"]))
-    ticks = max(1, int(float(lim["seconds"]) / _EPOCH_TICK))
-    store.set_epoch_deadline(ticks)
+    store.set_epoch_deadline(max(1, int(float(lim["seconds"]) / _EPOCH_TICK)))
+    return store
+
+
+def _instantiate(engine: Any, store: Any, module: Any, fn: dict[str, Any], lim: dict[str, Any]) -> Any:
+    import wasmtime
+
     linker = wasmtime.Linker(engine)
     linker.define_wasi()
+    try:
+        return linker.instantiate(store, module)
+    except wasmtime.WasmtimeError as exc:
+        text = _first_line(exc)
+    low = text.lower()
+    if "unknown import" in text or "import" in low:
+        msg = f"function {fn['name']!r} imports something this kernel does not provide: {text}"
+        raise WasmError(msg) from None
+    if "table" in low and "limit" in low:
+        allowed = int(lim["table_elements"])
+        msg = f"function {fn['name']!r} needs a larger table than its limit of {allowed} elements: {text}"
+        raise ResourceExhausted(msg, limit="table_elements", allowed=allowed) from None
+    if "memory" in low or "limit" in low:
+        allowed = int(lim["memory"])
+        msg = f"function {fn['name']!r} needs more memory than its limit of {allowed} bytes: {text}"
+        raise ResourceExhausted(msg, limit="memory", allowed=allowed) from None
+    msg = f"function {fn['name']!r} could not be instantiated: {text}"
+    raise WasmError(msg) from None
+
+
+def _call(engine: Any, store: Any, instance: Any, fn: dict[str, Any], lim: dict[str, Any]) -> int:
+    """Run the entry under the epoch ticker; return the WASI exit status (0 when the entry just returns)."""
+    import wasmtime
+
+    entry_name = str(fn.get("entry") or "_start")
+    entry = instance.exports(store).get(entry_name)
+    if not isinstance(entry, wasmtime.Func):
+        msg = f"function {fn['name']!r}: the module exports no function {entry_name!r}"
+        raise WasmError(msg)
     stop = threading.Event()
 
     def tick() -> None:
         while not stop.wait(_EPOCH_TICK):
             engine.increment_epoch()
 
-    ticker = threading.Thread(target=tick, daemon=True)
-    exit_code = 0
-    t0 = time.perf_counter()
+    threading.Thread(target=tick, daemon=True).start()
     try:
-        try:
-            instance = linker.instantiate(store, module)
-        except wasmtime.WasmtimeError as exc:
-            text = _first_line(exc)
-            if "unknown import" in text or "import" in text.lower():
-                msg = f"function {fn['name']!r} imports something this kernel does not provide: {text}"
-            elif "table" in text.lower() and "limit" in text.lower():
-                allowed = int(lim["table_elements"])
-                msg_t = f"function {fn['name']!r} needs a larger table than its limit of {allowed} elements: {text}"
-                raise ResourceExhausted(msg_t, limit="table_elements", allowed=allowed) from None
-            elif "memory" in text.lower() or "limit" in text.lower():
-                allowed = int(lim["memory"])
-                msg_m = f"function {fn['name']!r} needs more memory than its limit of {allowed} bytes: {text}"
-                raise ResourceExhausted(msg_m, limit="memory", allowed=allowed) from None
-            else:
-                msg = f"function {fn['name']!r} could not be instantiated: {text}"
-            raise WasmError(msg) from None
-        entry_name = str(fn.get("entry") or "_start")
-        entry = instance.exports(store).get(entry_name)
-        if not isinstance(entry, wasmtime.Func):
-            msg = f"function {fn['name']!r}: the module exports no function {entry_name!r}"
-            raise WasmError(msg)
-        ticker.start()
-        try:
-            entry(store)
-        except wasmtime.ExitTrap as exc:
-            exit_code = int(exc.code)
-        except wasmtime.Trap as exc:
-            _raise_trap(fn, exc, store, lim)
-        except wasmtime.WasmtimeError as exc:
-            msg = f"function {fn['name']!r} failed: {_first_line(exc)}"
-            raise WasmError(msg) from None
+        entry(store)
+    except wasmtime.ExitTrap as exc:
+        return int(exc.code)
+    except wasmtime.Trap as exc:
+        _raise_trap(fn, exc, store, lim)
+    except wasmtime.WasmtimeError as exc:
+        msg = f"function {fn['name']!r} failed: {_first_line(exc)}"
+        raise WasmError(msg) from None
     finally:
         stop.set()
-    seconds = time.perf_counter() - t0
-    fuel = int(lim["fuel"]) - store.get_fuel()
-    if exit_code != 0:
-        # stderr stays in the sandbox: it could quote the inputs
-        msg = f"function {fn['name']!r} exited with status {exit_code}"
-        raise WasmError(msg, exit_code=exit_code, fuel=fuel)
+    return 0
+
+
+def _outputs(fn: dict[str, Any], work: Path) -> dict[str, Any]:
+    stdout = work / "stdout"
     if stdout.stat().st_size > _MAX_STDOUT:
-        msg_0 = f"function {fn['name']!r} wrote more than {_MAX_STDOUT} bytes to stdout"
-        raise ResourceExhausted(msg_0, limit="stdout")
+        msg = f"function {fn['name']!r} wrote more than {_MAX_STDOUT} bytes to stdout"
+        raise ResourceExhausted(msg, limit="stdout")
     out: dict[str, Any] = {"stdout": stdout.read_bytes()}
     for name in fn.get("outputs") or []:
         path = work / "out" / str(name)
@@ -282,7 +342,7 @@ def _run_wasm(
                 msg = f"function {fn['name']!r} did not write its declared output /out/{name}"
                 raise WasmError(msg)
             out[str(name)] = path.read_bytes()
-    return out, {"fuel": fuel, "seconds": round(seconds, 4)}
+    return out
 
 
 def _raise_trap(fn: dict[str, Any], exc: Any, store: Any, lim: dict[str, Any]) -> None:

@@ -17,6 +17,11 @@ Two layers, like distributed's worker state machine:
   refusal. Actions tell the caller what to do (run the job, notify parties, release a result, write audit entries).
 - :class:`JobStore` persists every job through :class:`~mesatee_notebook.enclave.sealing.SealedStore` (state,
   inputs, result), writes audit entries, and restores jobs after a restart (a job that was running is failed).
+
+An owner's two steps, submitting an input and approving the spec, go through one helper pair, :func:`submit` and
+:func:`approve`: check the event against the state machine first (a refusal goes through the caller's ``refuse``,
+which audits it), apply it, and run the job (the caller's ``run``) when that made it runnable. Every kind of job
+(generic jobs, PSI, ``gbdt.train``, FaaS tasks) uses them; none has its own approval path.
 """
 
 from __future__ import annotations
@@ -58,6 +63,11 @@ __all__ = [
     "StopJob",
     "SubmitInput",
     "Transition",
+    "approve",
+    "check_event",
+    "check_submit",
+    "runnable",
+    "submit",
     "transition",
     "validate_spec",
 ]
@@ -747,3 +757,53 @@ class JobStore:
             for name in self._store.list(self._name(job_id, "")):
                 if not name.endswith("/state"):
                     self._store.delete(name)
+
+
+# -- an owner's steps: the one approve/submit path of every kind of job ---------------------------------------
+
+#: ``refuse(job, reason, details)`` audits a refusal about ``job`` and returns the error to raise.
+Refuse = Callable[[Job, str, dict[str, Any]], PolicyViolation]
+#: ``run(job)`` runs a job that became runnable and returns it as it is afterwards.
+Run = Callable[[Job], Job]
+_NO_DIGEST: Final = "0" * 64
+
+
+def check_event(job: Job, event: SubmitInput | ApproveJob, refuse: Refuse) -> None:
+    """Check ``event`` against the state machine before any work; a refusal goes through ``refuse`` and is raised."""
+    try:
+        transition(job, event)
+    except PolicyViolation as exc:
+        raise refuse(job, exc.message.split(": ", 1)[-1], {"event": type(event).__name__}) from None
+
+
+def runnable(tr: Transition) -> bool:
+    """Whether the transition made its job runnable (every input in, every owner approved)."""
+    return any(isinstance(a, RunJob) for a in tr.actions)
+
+
+def check_submit(job: Job, party: str, input_name: str, refuse: Refuse) -> None:
+    """Whether ``party`` may submit ``input_name`` now (before reading, hashing or binding anything)."""
+    check_event(job, SubmitInput(job.job_id, party, input_name, _NO_DIGEST), refuse)
+
+
+def submit(
+    store: JobStore,
+    job: Job,
+    party: str,
+    input_name: str,
+    data: bytes | memoryview,
+    *,
+    refuse: Refuse,
+    run: Run,
+) -> Job:
+    """An owner submits one input: checked, sealed, recorded; the job runs if this completed it."""
+    check_submit(job, party, input_name, refuse)
+    tr = store.submit_input(job.job_id, party, input_name, data)
+    return run(tr.job) if runnable(tr) else tr.job
+
+
+def approve(store: JobStore, job: Job, party: str, spec_digest: str, *, refuse: Refuse, run: Run) -> Job:
+    """An owner approves the spec with ``spec_digest``: checked, recorded; the job runs if this completed it."""
+    check_event(job, ApproveJob(job.job_id, party, spec_digest), refuse)
+    tr = store.approve(job.job_id, party, spec_digest)
+    return run(tr.job) if runnable(tr) else tr.job

@@ -472,6 +472,9 @@ class Kernel:
             spare, self._spare = self._spare, None
         if spare is not None:
             spare.shutdown()
+        from mesatee_notebook.enclave.faas_exec import shutdown_pool
+
+        shutdown_pool(self)  # issue 17: the warmed function executors
         if self.tpm is not None:
             self.tpm.close()
         info = self.config.data_dir / "kernel.json"

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from mesatee_notebook.errors import EncodingError, MesateeError, NotAvailableYet, NotFound, error_from_wire
+from mesatee_notebook.errors import EncodingError, MesateeError, NotFound, error_from_wire
 
 if TYPE_CHECKING:
     from mesatee_notebook.attestation.receipts import Receipt
@@ -191,9 +191,14 @@ class TasksClient:
         receivers: Sequence[str] | None = None,
         limits: Mapping[str, float] | None = None,
         output_dataset: str | None = None,
+        keys: Sequence[str] | None = None,
         approve: bool = True,
     ) -> JobStatus:
-        """Create task ``name``; ``inputs`` maps each function input to a dataset. A creator who owns one approves."""
+        """Create task ``name``; ``inputs`` maps each function input to a dataset. A creator who owns one approves.
+
+        ``keys`` names KeyStore keys the (Python) function may use as ``mesatee.keys``, acting as this party (the
+        task's creator, who must own or be a user of each); every data owner approves that list with the task.
+        """
         from mesatee_notebook.remote.psi import JobStatus
 
         digest = function.digest if isinstance(function, SecureFunction) else function
@@ -206,6 +211,8 @@ class TasksClient:
             "limits": dict(limits or {}),
             "output_dataset": output_dataset,
         }
+        if keys:
+            call_args["keys"] = list(keys)
         status = JobStatus.from_info(self._session.call("job.create_task", call_args).info)
         if approve and self._session.party_id in status.owners.values():
             return self.approve(name, spec_digest=status.spec_digest)
@@ -328,10 +335,12 @@ class KeysClient:
         return self._call("key.destroy", {"name": name}).info
 
     def wrap(self, name: str, key_material: bytes) -> bytes:
-        """Not available yet: wrap with ``encrypt`` on an ``aes-256-gcm`` key (AEAD) meanwhile."""
-        del name, key_material
-        msg = "keys.wrap (RFC 3394 key wrap) is not available yet; use keys.encrypt with an aes-256-gcm key"
-        raise NotAvailableYet(msg)
+        """Wrap ``key_material`` under ``aes-256-gcm`` key ``name`` (AES key wrap with padding, RFC 5649)."""
+        return bytes(self._call("key.wrap", {"name": name}, {"key": _b(key_material)}).values["wrapped"])
+
+    def unwrap(self, name: str, wrapped: bytes) -> bytes:
+        """The key material ``wrap`` wrapped; an altered or foreign one raises ``PolicyViolation``."""
+        return bytes(self._call("key.unwrap", {"name": name}, {"wrapped": _b(wrapped)}).values["key"])
 
 
 def _b(data: bytes | str) -> bytes:

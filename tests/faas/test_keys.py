@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
@@ -134,3 +134,70 @@ def test_rotate_and_destroy_survive_a_restart(own_kernel: tuple[KernelProc, Path
         s2.close()
     finally:
         stop_kernel(k2)
+
+
+def test_wrap_and_unwrap_a_data_key(parties: Parties) -> None:
+    p = parties
+    name = unique("kek")
+    p.a.keys.create(name, kind="aes-256-gcm", users=[p.b.party_id])
+    dek = bytes(range(32))
+    wrapped = p.a.keys.wrap(name, dek)
+    assert dek not in wrapped and len(wrapped) == 4 + 40  # version | RFC 5649 (32 bytes -> 40)
+    assert p.b.keys.unwrap(name, wrapped) == dek  # a listed user unwraps
+    assert p.a.keys.unwrap(name, p.a.keys.wrap(name, b"odd-length")) == b"odd-length"  # padded (RFC 5649)
+    forged = wrapped[:-1] + bytes([wrapped[-1] ^ 1])
+    with pytest.raises(PolicyViolation, match="does not authenticate"):
+        p.a.keys.unwrap(name, forged)
+    with pytest.raises(PolicyViolation, match="may not"):
+        p.c.keys.wrap(name, dek)  # not a user
+    p.a.keys.rotate(name)
+    assert p.a.keys.unwrap(name, wrapped) == dek  # the version is in front: old wraps still unwrap
+    sig_key = unique("sig")
+    p.a.keys.create(sig_key, kind="ed25519")
+    with pytest.raises(EncodingError, match="aes-256-gcm"):
+        p.a.keys.wrap(sig_key, dek)
+    ops = [e["details"].get("op") for e in p.a.audit() if e["kind"] == "key" and e["details"].get("key") == name]
+    assert "wrap" in ops and "unwrap" in ops
+
+
+USES_KEY = """
+def main(data, key):
+    return mesatee.keys.sign(key, b"rows=" + str(len(data)).encode())
+"""
+
+
+def _key_task(p: Parties, key: str, keys: list[str] | None) -> Any:
+    fn = p.b.functions.register(unique("keyfn"), python=USES_KEY, inputs=["data"])
+    name = unique("ktask")
+    p.b.tasks.create(name, function=fn, inputs={"data": p.ds_b}, args={"key": key}, keys=keys)
+    return p.b.tasks.status(name)
+
+
+def test_a_function_uses_only_the_keys_its_task_names(parties: Parties) -> None:
+    p = parties
+    key, other = unique("fk"), unique("fk")
+    pem = p.b.keys.create(key, kind="ed25519")["public_key"]
+    p.b.keys.create(other, kind="ed25519")
+    st = _key_task(p, key, [key])  # B creates, owns the input (approves at once) and owns the key
+    assert st.state == "done", st.error
+    sig = p.b.tasks.result(st.name).value
+    pub = serialization.load_pem_public_key(pem.encode())
+    assert isinstance(pub, ed25519.Ed25519PublicKey)
+    pub.verify(sig, f"rows={len(p.sales_b)}".encode())
+    uses = [e for e in p.b.audit() if e["kind"] == "key" and (e.get("details") or {}).get("via") == "function"]
+    assert any(u["details"]["key"] == key and u["details"]["task"] == st.job_id for u in uses)
+    # a key the task does not name, and a task that names none: the function's call is refused, the task fails
+    for asked, named in ((other, [key]), (key, None)):
+        failed = _key_task(p, asked, named)
+        assert failed.state == "failed" and "PolicyViolation" in str(failed.error)
+
+
+def test_a_task_cannot_lend_a_key_its_creator_may_not_use(parties: Parties) -> None:
+    p = parties
+    key = unique("fk")
+    p.c.keys.create(key, kind="ed25519")  # C's key; B is not a user
+    failed = _key_task(p, key, [key])
+    assert failed.state == "failed" and "may not sign" in str(failed.error)
+    with pytest.raises(EncodingError, match="Python functions"):
+        fn = p.b.functions.register(unique("w"), wasm=b"\0asm\x01\0\0\0", inputs=["data"])
+        p.b.tasks.create(unique("wk"), function=fn, inputs={"data": p.ds_b}, keys=[key])

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -104,3 +107,47 @@ def test_sum_matches_numpy(parties: Parties) -> None:
     assert st.state == "done", st.error
     got = np.frombuffer(parties.b.tasks.result(n1).value, dtype="<i8")
     assert got.tolist() == [int(values.sum())]
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "wasm"
+
+
+@pytest.mark.parametrize("module", ["sum_i64_rs.wasm", "sum_i64_c.wasm"])
+def test_prebuilt_rust_and_c_modules_run_as_tasks(parties: Parties, module: str) -> None:
+    """examples/wasm/: built from sum_i64.rs (rustc, wasm32-wasi) and sum_i64.c (clang + wasi-libc), WASI preview 1."""
+    import pandas as pd
+
+    values = np.random.default_rng(2).integers(-(10**12), 10**12, 50_001, dtype=np.int64)
+    ds = unique("ints").replace("-", "_")
+    parties.b.upload(pd.DataFrame({"v": values}), ds)
+    fn = parties.b.functions.register(
+        unique("native"), wasm=(EXAMPLES / module).read_bytes(), inputs=["data"], raw_inputs=["data"]
+    )
+    runs = []
+    for _ in range(2):
+        name = unique("ntask")
+        st = parties.b.tasks.create(name, function=fn, inputs={"data": ds}, receivers=[parties.b.party_id])
+        assert st.state == "done", st.error
+        runs.append(parties.b.tasks.result(name))
+    assert [np.frombuffer(r.value, dtype="<i8").tolist() for r in runs] == [[int(values.sum())]] * 2
+    assert runs[0].fuel == runs[1].fuel and runs[0].fuel > len(values)  # metered, and the same on every run
+
+
+def _debian_toolchains() -> bool:
+    rustc = Path("/usr/bin/rustc")
+    if not rustc.exists() or shutil.which("clang-14") is None:
+        return False
+    version = subprocess.run([str(rustc), "--version"], capture_output=True, text=True, check=False).stdout
+    return version.startswith("rustc 1.63.0") and Path("/usr/lib/rustlib/wasm32-wasi").is_dir()
+
+
+@pytest.mark.skipif(not _debian_toolchains(), reason="needs Debian 12's rustc 1.63 (wasm32-wasi) and clang-14")
+def test_example_modules_rebuild_to_the_shipped_bytes(tmp_path: Path) -> None:
+    import sys
+
+    for f in ("build.sh", "sum_i64.rs", "sum_i64.c", "sum_i64.wat"):
+        shutil.copy(EXAMPLES / f, tmp_path / f)
+    env = {"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}
+    subprocess.run(["sh", str(tmp_path / "build.sh")], check=True, capture_output=True, env=env)
+    for module in ("sum_i64.wasm", "sum_i64_rs.wasm", "sum_i64_c.wasm"):
+        assert (tmp_path / module).read_bytes() == (EXAMPLES / module).read_bytes(), module

@@ -289,3 +289,40 @@ def test_purge_only_terminal(sealed: SealedStore) -> None:
     jobs.cancel(JID, ALICE)
     jobs.purge(JID)
     assert sealed.list(f"jobs/{JID}") == [f"jobs/{JID}/state"]
+
+
+def test_owner_helpers_check_first_run_once_and_refuse_through_the_callers_hook(sealed: SealedStore) -> None:
+    """``jobs.submit``/``jobs.approve``: the one owner path of PSI, gbdt.train, FaaS tasks and generic jobs."""
+    from mesatee_notebook.enclave import jobs as core
+
+    store = JobStore(sealed)
+    job = store.create(
+        creator=ALICE, kind="psi", inputs={"left": ALICE, "right": BOB}, receivers=[ALICE], job_id=JID
+    ).job
+    refusals: list[tuple[str, str]] = []
+    ran: list[str] = []
+
+    def refuse(j: Job, reason: str, details: dict[str, object]) -> PolicyViolation:
+        refusals.append((reason, str(details.get("event"))))
+        return PolicyViolation(f"refused: {reason}")
+
+    def run(j: Job) -> Job:
+        ran.append(j.job_id)
+        return j
+
+    digest = job.spec.digest()
+    job = core.submit(store, job, ALICE, "left", b"alice's set", refuse=refuse, run=run)
+    with pytest.raises(PolicyViolation, match=r"refused: .*belongs to another party"):
+        core.submit(store, job, ALICE, "right", b"not hers", refuse=refuse, run=run)
+    assert sealed.list(f"jobs/{JID}/input/right") == []  # checked before anything was sealed
+    with pytest.raises(PolicyViolation, match=r"refused: .*different job spec"):
+        core.approve(store, job, BOB, "0" * 64, refuse=refuse, run=run)
+    assert refusals == [
+        ("input 'right' belongs to another party; party " + ALICE + " cannot submit it", "SubmitInput"),
+        ("the approval is for a different job spec (digest mismatch); fetch the job again and check it", "ApproveJob"),
+    ]
+    job = core.approve(store, job, ALICE, digest, refuse=refuse, run=run)
+    job = core.submit(store, job, BOB, "right", b"bob's set", refuse=refuse, run=run)
+    assert ran == []  # Bob has not approved yet
+    job = core.approve(store, job, BOB, digest, refuse=refuse, run=run)
+    assert ran == [JID] and job.state is JobState.APPROVED  # the step that completed the job ran it, once

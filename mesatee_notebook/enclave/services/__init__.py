@@ -33,6 +33,7 @@ _REGISTRY: dict[str, ServiceFn] = {}
 SERVICE_MODULES = (
     "mesatee_notebook.enclave.services.datasets",
     "mesatee_notebook.enclave.services.frames",
+    "mesatee_notebook.enclave.services.jobs",
     "mesatee_notebook.enclave.services.psi",
     "mesatee_notebook.enclave.services.gbdt",
     "mesatee_notebook.enclave.services.gbdt_jobs",
@@ -96,9 +97,12 @@ class ServiceContext:
 
         return list(json.loads(self._ex.request({"t": "seal.list", "name": prefix}) or b"[]"))
 
-    def run_function(self, blob: bytes, timeout: float | None = None) -> bytes:
-        """Run a packed registered function in a fresh sandboxed executor (the supervisor starts it)."""
-        return self._ex.request({"t": "faas.run", "timeout": timeout}, [blob])
+    def run_function(self, blob: bytes, timeout: float | None = None, **grant: Any) -> bytes:
+        """Run a packed registered function in a never-used sandboxed executor (the supervisor's function pool).
+
+        ``grant`` (``keys``, ``act_as``, ``task``, ``parties``) names the keys the function may use and as whom.
+        """
+        return self._ex.request({"t": "faas.run", "timeout": timeout, **grant}, [blob])
 
     def seal_delete(self, name: str) -> None:
         """Delete the sealed object ``svc/<name>``."""

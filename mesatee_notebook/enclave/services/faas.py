@@ -7,7 +7,8 @@
 - ``job.create_task`` makes a job of kind ``faas.task`` on the one jobs state machine (:mod:`~mesatee_notebook.enclave.
   jobs`): each input names a dataset, whose owner becomes that input's owner. The spec digest an owner approves
   covers the function digest, the args, the receivers, the limits and the input datasets. Owners approve with
-  ``job.submit_dataset`` (binds the dataset's current digest, then approves) or reject with ``job.cancel``.
+  ``job.submit_dataset`` (:mod:`~mesatee_notebook.enclave.services.jobs`: binds the dataset's current digest, then
+  approves through the one approve/submit helper every kind of job uses) or reject with ``job.cancel``.
 - The runner (:func:`run_task`) never runs the function here: it packs the function and its bound inputs and asks
   the supervisor (``ctx.run_function``), which runs it in a fresh sandboxed executor
   (:mod:`~mesatee_notebook.enclave.faas_exec`). Results are the job's sealed result (only receivers fetch it), or
@@ -29,13 +30,14 @@ from mesatee_notebook.enclave.faas_runtime import MAX_LIMITS
 from mesatee_notebook.enclave.jobs import Job, JobStore
 from mesatee_notebook.enclave.services import ServiceContext, ServiceResult, service
 from mesatee_notebook.enclave.services.datasets import load_dataset, load_meta
-from mesatee_notebook.enclave.services.jobstore import (
-    job_id_for_name,
-    job_store,
-    pack_values,
-    unpack_values,
+from mesatee_notebook.enclave.services.jobs import (
+    job_info,
+    new_job_id,
+    party_ids,
+    register_runner,
+    store_job_dataset,
 )
-from mesatee_notebook.enclave.services.psi import _store_dataset, job_info, register_runner
+from mesatee_notebook.enclave.services.jobstore import job_store, pack_values, unpack_values
 from mesatee_notebook.errors import EncodingError, NotFound, PolicyViolation
 from mesatee_notebook.wire.datapolicy import DataPolicy
 
@@ -48,6 +50,7 @@ _DIGEST: Final = re.compile(r"^[0-9a-f]{64}$")
 _LANGS: Final = ("python", "wasm")
 _MAX_CODE: Final = 64 << 20
 _WASM_MAGIC: Final = b"\x00asm"
+_MAX_TASK_KEYS: Final = 16
 
 
 def _fn_key(digest: str) -> str:
@@ -255,10 +258,7 @@ def task_create(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any
     """``{name, function: digest, inputs: {arg: dataset}, args, receivers, limits?, output_dataset?}``."""
     store = job_store(ctx)
     name = str(args.get("name", ""))
-    job_id = job_id_for_name(name)
-    if job_id in {j.job_id for j in store.jobs()} or job_id in store.damaged:
-        msg = f"a task or job named {name!r} already exists; choose another name"
-        raise PolicyViolation(msg, job=name)
+    job_id = new_job_id(store, name, "a task or job")
     digest = str(args.get("function", ""))
     meta, _ = _load_function(ctx, digest)
     bound = args.get("inputs") or {}
@@ -283,14 +283,7 @@ def task_create(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any
     if clash:
         msg = f"{clash} are both inputs and args"
         raise EncodingError(msg)
-    receivers = args.get("receivers") or [ctx.party]
-    if (
-        isinstance(receivers, str)
-        or not isinstance(receivers, list)
-        or not all(isinstance(r, str) and r for r in receivers)
-    ):
-        msg = "receivers must be a list of party ids"
-        raise EncodingError(msg)
+    receivers = party_ids(args.get("receivers") or [ctx.party], "receivers")
     output = args.get("output_dataset")
     if output is not None:
         try:
@@ -300,7 +293,7 @@ def task_create(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any
         else:
             msg = f"a dataset named {output!r} already exists; choose another output_dataset"
             raise PolicyViolation(msg, dataset=output)
-    params = {
+    params: dict[str, Any] = {
         "name": name,
         "function": digest,
         "function_name": meta["name"],
@@ -310,10 +303,29 @@ def task_create(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any
         "datasets": {arg: {"dataset": ds} for arg, ds in bound.items()},
         "output_dataset": output,
     }
+    keys = _task_keys(args.get("keys"), meta)
+    if keys:  # in the spec digest: every data owner approves which keys the function may use
+        params["keys"] = keys
     tr = store.create(
         creator=ctx.party, kind=KIND, inputs=owners, receivers=list(receivers), params=params, job_id=job_id
     )
     return ServiceResult(info=job_info(tr.job, ctx.party))
+
+
+def _task_keys(value: object, meta: dict[str, Any]) -> list[str]:
+    """The KeyStore keys a task's function may use (as the task's creator), sorted; Python functions only."""
+    if value is None or value == []:
+        return []
+    if isinstance(value, str) or not isinstance(value, list) or not all(isinstance(k, str) for k in value):
+        msg = "keys must be a list of key names"
+        raise EncodingError(msg)
+    if any(not _NAME.match(k) for k in value) or len(value) > _MAX_TASK_KEYS:
+        msg = f"keys must be at most {_MAX_TASK_KEYS} key names (letters, digits and _.-)"
+        raise EncodingError(msg)
+    if meta["lang"] != "python":
+        msg = "only Python functions can use keys (mesatee.keys); a WebAssembly module has no such import"
+        raise EncodingError(msg)
+    return sorted(set(value))
 
 
 def _bound_frames(ctx: ServiceContext, store: JobStore, job: Job) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
@@ -348,14 +360,23 @@ def run_task(ctx: ServiceContext, store: JobStore, job: Job) -> bytes:
     fn = {k: meta[k] for k in ("name", "lang", "entry", "inputs", "outputs")}
     fn["raw_inputs"] = list(meta.get("raw_inputs") or [])
     code_value: Any = code.decode() if meta["lang"] == "python" else code
+    keys = [str(k) for k in params.get("keys") or []]
     blob = pack_values(
         {"__code__": code_value, **frames},
         function=fn,
         args=dict(params.get("args") or {}),
         limits=dict(params.get("limits") or {}),
+        keys=keys,
     )
     t0 = time.perf_counter()
-    out = ctx.run_function(blob, timeout=float((params.get("limits") or {}).get("seconds", 300)) + 60)
+    out = ctx.run_function(
+        blob,
+        timeout=float((params.get("limits") or {}).get("seconds", 300)) + 60,
+        keys=keys,
+        act_as=job.spec.creator,
+        task=job.job_id,
+        parties=sorted(job.spec.parties),
+    )
     seconds = round(time.perf_counter() - t0, 4)
     values, info = unpack_values(out)
     common = {
@@ -366,6 +387,8 @@ def run_task(ctx: ServiceContext, store: JobStore, job: Job) -> bytes:
         "fuel": info.get("fuel"),
         "run_seconds": seconds,
     }
+    if keys:
+        common["keys"] = keys
     ctx.audit(
         "job",
         {
@@ -384,6 +407,6 @@ def run_task(ctx: ServiceContext, store: JobStore, job: Job) -> bytes:
         if not isinstance(frame, pd.DataFrame):
             msg = "output_dataset needs a function that returns one DataFrame"
             raise PolicyViolation(msg)
-        _store_dataset(ctx, job, str(output), frame, DataPolicy())
+        store_job_dataset(ctx, job, str(output), frame, DataPolicy())
         return pack_values({}, **common, dataset=str(output), rows=len(frame))
     return pack_values(values, **common)

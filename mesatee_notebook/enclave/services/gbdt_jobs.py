@@ -13,7 +13,8 @@ The job's params (everything the owner approves)::
      "datasets": {"data": {"dataset": "churn"}}, "name": ...}
 
 ``datasets`` maps an input to the dataset that fills it (``JobsClient.create`` writes it from
-``inputs={"data": {"dataset": ..., "owner": ...}}``). The owner fills it with ``job.submit_dataset``: the enclave
+``inputs={"data": {"dataset": ..., "owner": ...}}``). The owner fills it with ``job.submit_dataset``
+(:mod:`~mesatee_notebook.enclave.services.jobs`, which runs :func:`train_spec` first): the enclave
 checks that the caller owns the input *and* the dataset, and seals a reference bound to the dataset's current
 digest (a dataset replaced after the approval fails the job); then it approves the same spec digest in the same
 call. The runner (:func:`register_runner` ``("gbdt.train")``) refuses a model that would read a hidden column of the
@@ -29,12 +30,12 @@ from typing import Any, Final
 
 import pandas as pd
 
-from mesatee_notebook.enclave.jobs import Job, JobStore, SubmitInput, transition
-from mesatee_notebook.enclave.services import ServiceContext, ServiceResult, service
+from mesatee_notebook.enclave.jobs import Job, JobStore
+from mesatee_notebook.enclave.services import ServiceContext
 from mesatee_notebook.enclave.services.datasets import load_dataset, load_meta
 from mesatee_notebook.enclave.services.gbdt import _MODEL_ID_LEN, _public, _save_handle
-from mesatee_notebook.enclave.services.jobstore import job_store, pack_values, refuse, resolve_job, unpack_values
-from mesatee_notebook.enclave.services.psi import job_approve, job_status, register_runner
+from mesatee_notebook.enclave.services.jobs import dataset_inputs, register_check, register_runner
+from mesatee_notebook.enclave.services.jobstore import pack_values, unpack_values
 from mesatee_notebook.errors import EncodingError, NotFound, PolicyViolation
 from mesatee_notebook.wire.datapolicy import DataPolicy
 
@@ -89,76 +90,7 @@ def train_spec(job: Job) -> TrainSpec:
     return TrainSpec(job)
 
 
-def dataset_inputs(job: Job) -> dict[str, dict[str, Any]]:
-    """Input name -> ``{"dataset": name}`` for the inputs the spec fills from stored datasets."""
-    refs = job.spec.params.get("datasets") or {}
-    if not isinstance(refs, dict):
-        return {}
-    out: dict[str, dict[str, Any]] = {}
-    for name, ref in refs.items():
-        if isinstance(ref, dict) and isinstance(ref.get("dataset"), str):
-            out[str(name)] = dict(ref)
-    return out
-
-
-_CHECKS: Final = {KIND: train_spec}
-
-
-# -- binding a dataset to a job input --------------------------------------------------------------------------
-
-
-@service("job.submit_dataset")
-def submit_dataset(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
-    """Fill the caller's dataset inputs of a job (``{job, spec_digest, approve=True}``), then approve that spec.
-
-    The caller must own the input (the job's spec) and the dataset (its metadata); the sealed input is a reference
-    bound to the dataset's digest. With ``approve`` the same call approves ``spec_digest``, and the job runs once
-    every input is in and every owner approved.
-    """
-    store = job_store(ctx)
-    job = resolve_job(store, args.get("job"))
-    if ctx.party not in job.spec.parties:
-        raise refuse(ctx, job, f"party {ctx.party} is not a party to this job")
-    if ctx.party not in job.spec.owners:
-        raise refuse(ctx, job, f"party {ctx.party} owns no input of this job, so it has nothing to submit or approve")
-    if job.spec.kind == "psi":
-        msg = "submit PSI inputs with psi.submit"
-        raise EncodingError(msg)
-    digest = str(args.get("spec_digest", ""))
-    if digest != job.spec.digest():
-        raise refuse(ctx, job, "the spec digest does not match this job (fetch the job again and check it)")
-    check = _CHECKS.get(job.spec.kind)
-    if check is not None:
-        try:
-            check(job)
-        except EncodingError as exc:
-            raise refuse(ctx, job, f"its spec cannot run: {exc.message}") from None
-    refs = dataset_inputs(job)
-    for inp in job.spec.inputs:
-        if inp.owner != ctx.party or inp.name not in refs or inp.name in job.submitted:
-            continue
-        _bind(ctx, store, job, inp.name, str(refs[inp.name]["dataset"]))
-        job = store.get(job.job_id)
-    if args.get("approve", True) and ctx.party in job.missing_approvals:
-        return job_approve(ctx, {"job": job.job_id, "spec_digest": digest}, {})
-    return job_status(ctx, {"job": job.job_id}, {})  # runs the job if binding completed it
-
-
-def _bind(ctx: ServiceContext, store: JobStore, job: Job, input_name: str, dataset: str) -> None:
-    try:
-        transition(job, SubmitInput(job.job_id, ctx.party, input_name, "0" * 64))
-    except PolicyViolation as exc:
-        raise refuse(ctx, job, exc.message.split(": ", 1)[-1], event="SubmitInput") from None
-    meta = load_meta(ctx, dataset)
-    if meta.get("owner") != ctx.party or meta.get("readers") is not None:
-        raise refuse(
-            ctx,
-            job,
-            f"dataset {dataset!r} is not party {ctx.party}'s: only a dataset's owner can put it into a job",
-            dataset=dataset,
-        )
-    blob = pack_values({}, dataset=dataset, owner=ctx.party, sha256=str(meta["sha256"]))
-    store.submit_input(job.job_id, ctx.party, input_name, blob)
+register_check(KIND, train_spec)
 
 
 # -- the runner ------------------------------------------------------------------------------------------------

@@ -11,6 +11,11 @@ Kinds: ``ed25519`` (sign), ``p256`` (ECDSA P-256 with SHA-256, DER signatures), 
 signatures, RSA-OAEP SHA-256 encryption), ``aes-256-gcm`` (AEAD; ciphertext = version u32 BE | 12-byte nonce |
 ciphertext+tag). Signatures verify with the public key alone; after ``rotate`` new operations use the new version
 and old versions still verify and decrypt (``version`` picks one).
+
+``wrap``/``unwrap`` (``aes-256-gcm`` keys): AES key wrap with padding (RFC 5649, the padded form of RFC 3394's AES
+key wrap) under a key-encryption key derived from the key's version by HKDF-SHA256 (so the AEAD key itself is
+never used for a second algorithm); wrapped = version u32 BE | RFC 5649 output. For wrapping other keys (a data
+key to hand out wrapped), not for bulk data: use ``encrypt`` for that.
 """
 
 from __future__ import annotations
@@ -28,6 +33,12 @@ from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.keywrap import (
+    InvalidUnwrap,
+    aes_key_unwrap_with_padding,
+    aes_key_wrap_with_padding,
+)
 
 from mesatee_notebook.enclave.services import ServiceContext, ServiceResult, service
 from mesatee_notebook.errors import EncodingError, NotFound, PolicyViolation
@@ -38,6 +49,8 @@ KINDS: Final = ("ed25519", "p256", "rsa-3072", "aes-256-gcm")
 _NAME: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
 _VER: Final = struct.Struct(">I")
 _MAX_DATA: Final = 64 << 20
+_MAX_WRAP: Final = 1 << 16
+_KEK_INFO: Final = b"mesatee-notebook keystore key-wrap v1"
 
 
 def _key_name(name: object) -> str:
@@ -387,3 +400,48 @@ def _aad(inputs: dict[str, Any]) -> bytes | None:
 
 def _oaep() -> Any:
     return padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+
+
+def _kek(v: dict[str, Any]) -> bytes:
+    """The key-encryption key of an ``aes-256-gcm`` key version (HKDF-SHA256, its own label)."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_KEK_INFO).derive(_material(v))
+
+
+def _wrapping_key(ctx: ServiceContext, args: dict[str, Any], op: str) -> dict[str, Any]:
+    record = _usable(ctx, args.get("name"), op)
+    if record["kind"] != "aes-256-gcm":
+        msg = f"key {record['name']!r} is an {record['kind']} key: wrap and unwrap with an aes-256-gcm key"
+        raise EncodingError(msg)
+    return record
+
+
+@service("key.wrap")
+def wrap(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
+    """Wrap ``key`` (key material, 1 byte to 64 KiB) with AES key wrap with padding (RFC 5649)."""
+    record = _wrapping_key(ctx, args, "wrap")
+    material = _data(inputs, "key")
+    if not material or len(material) > _MAX_WRAP:
+        msg = f"the key material to wrap must be 1 byte to {_MAX_WRAP >> 10} KiB (encrypt bulk data instead)"
+        raise EncodingError(msg)
+    v = _version(record, None)
+    wrapped = _VER.pack(int(v["version"])) + aes_key_wrap_with_padding(_kek(v), material)
+    _use(ctx, record, "wrap", int(v["version"]), material)
+    return ServiceResult(info={"key": record["name"], "version": v["version"]}, values={"wrapped": bytes(wrapped)})
+
+
+@service("key.unwrap")
+def unwrap(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
+    """Unwrap what ``key.wrap`` made (the version is in front); an altered one is refused."""
+    record = _wrapping_key(ctx, args, "unwrap")
+    wrapped = _data(inputs, "wrapped")
+    if len(wrapped) < _VER.size + 16:
+        msg = "the wrapped key is too short to be one this key made"
+        raise EncodingError(msg)
+    (version,) = _VER.unpack_from(wrapped)
+    v = _version(record, version)
+    try:
+        material = aes_key_unwrap_with_padding(_kek(v), wrapped[_VER.size :])
+    except InvalidUnwrap:
+        raise _refuse(ctx, record, "unwrap", "the wrapped key does not authenticate under this key") from None
+    _use(ctx, record, "unwrap", int(v["version"]), wrapped)
+    return ServiceResult(info={"key": record["name"], "version": v["version"]}, values={"key": bytes(material)})

@@ -1,9 +1,4 @@
-"""Job and PSI services: multi-party jobs with approvals, and private set intersection on top of them.
-
-Generic jobs (``job.*``) follow :mod:`mesatee_notebook.enclave.jobs`: a job names its inputs and their owners and
-its receivers; it runs only when every input is in and every owner approved the exact spec; its result goes only to
-the receivers. Every step and every refusal is in the audit log. A kind of job is run by the runner registered for
-it (:func:`register_runner`); ``psi`` is registered here, other engines (GBDT on another party's data) add theirs.
+"""PSI services: private set intersection as a job of kind ``psi`` on the one jobs path (``services/jobs.py``).
 
 PSI (``psi.*``) is a job of kind ``psi`` with one input per party::
 
@@ -26,53 +21,43 @@ policy come out.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
-from collections.abc import Callable
 from typing import Any, Final, cast
 
 import numpy as np
 import pandas as pd
 
-from mesatee_notebook.enclave.datasets import data_name, meta_name, validate_dataset_name
-from mesatee_notebook.enclave.jobs import (
-    ApproveJob,
-    Job,
-    JobState,
-    JobStore,
-    RunJob,
-    SubmitInput,
-    Transition,
-    transition,
-)
+from mesatee_notebook.enclave.datasets import validate_dataset_name
+from mesatee_notebook.enclave.jobs import Job, JobState, JobStore
 from mesatee_notebook.enclave.services import ServiceContext, ServiceResult, service
 from mesatee_notebook.enclave.services.datasets import load_dataset, load_meta
+from mesatee_notebook.enclave.services.jobs import (
+    check_submit,
+    ensure_run,
+    job_approve,
+    job_create,
+    job_info,
+    job_status,
+    party_ids,
+    register_cleanup,
+    register_result_view,
+    register_runner,
+    store_job_dataset,
+    submit_input,
+)
 from mesatee_notebook.enclave.services.jobstore import (
-    job_id_for_name,
     job_store,
     pack_values,
     refuse,
     resolve_job,
     unpack_values,
 )
-from mesatee_notebook.errors import (
-    EncodingError,
-    NotFound,
-    PolicyViolation,
-    RemoteTimeout,
-    ResourceLimitExceeded,
-    TamperedData,
-    WasmError,
-)
+from mesatee_notebook.errors import EncodingError, NotFound, PolicyViolation
 from mesatee_notebook.ml.psi import PsiInput, PsiKey, PsiMode, run_psi
-from mesatee_notebook.wire.codecs import encode_value
 from mesatee_notebook.wire.datapolicy import DataPolicy
 
-__all__ = ["RUNNERS", "job_info", "register_runner", "strictest_policy"]
+__all__ = ["strictest_policy"]
 
-Runner = Callable[[ServiceContext, JobStore, Job], bytes]
-#: kind -> function that computes a running job's result (sealed as the job's result).
-RUNNERS: dict[str, Runner] = {}
 _MODES: Final = ("intersection", "cardinality", "join")
 _CACHE: Final = "psi.inputs"  # job id -> (PsiKey, {input name: (digest, PsiInput)})
 _HEAP: Final = "psi.heap"  # set once the worker's allocator keeps freed memory for reuse
@@ -105,204 +90,6 @@ def _keep_freed_memory(ctx: ServiceContext) -> None:
     mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)  # and freed ones stay there (up to 2 GiB free at the top)
 
 
-def register_runner(kind: str) -> Callable[[Runner], Runner]:
-    """Register the function that runs approved jobs of ``kind``."""
-
-    def deco(fn: Runner) -> Runner:
-        RUNNERS[kind] = fn
-        return fn
-
-    return deco
-
-
-# -- helpers ---------------------------------------------------------------------------------------------------
-
-
-def job_info(job: Job, party: str) -> dict[str, Any]:
-    """What a party to the job may know about it: spec, state, who submitted and approved (no data)."""
-    spec = job.spec
-    return {
-        "job_id": job.job_id,
-        "name": spec.params.get("name"),
-        "kind": spec.kind,
-        "state": job.state.value,
-        "creator": spec.creator,
-        "inputs": [{"name": i.name, "owner": i.owner, "submitted": i.name in job.submitted} for i in spec.inputs],
-        "receivers": list(spec.receivers),
-        "params": dict(spec.params),
-        "spec_digest": spec.digest(),
-        "approvals": sorted(job.approvals),
-        "missing_inputs": job.missing_inputs,
-        "missing_approvals": job.missing_approvals,
-        "error": job.error,
-        "cancelled_by": job.cancelled_by,
-        "you": {
-            "owner_of": [i.name for i in spec.inputs if i.owner == party],
-            "receiver": party in spec.receivers,
-            "approved": party in job.approvals,
-        },
-    }
-
-
-def _visible_job(ctx: ServiceContext, store: JobStore, ref: object) -> Job:
-    job = resolve_job(store, ref)
-    if ctx.party not in job.spec.parties:
-        raise refuse(ctx, job, f"party {ctx.party} is not a party to this job")
-    return job
-
-
-def _precheck(ctx: ServiceContext, store: JobStore, job: Job, event: SubmitInput | ApproveJob) -> None:
-    """Run the state machine's checks before any work; a refusal is audited and raised."""
-    try:
-        transition(job, event)
-    except PolicyViolation as exc:
-        raise refuse(ctx, job, exc.message.split(": ", 1)[-1], event=type(event).__name__) from None
-
-
-def _after(ctx: ServiceContext, store: JobStore, tr: Transition) -> Job:
-    """Run the job if the transition made it runnable; return the job as it is now."""
-    if any(isinstance(a, RunJob) for a in tr.actions):
-        return _run(ctx, store, tr.job)
-    return tr.job
-
-
-def _run(ctx: ServiceContext, store: JobStore, job: Job) -> Job:
-    runner = RUNNERS.get(job.spec.kind)
-    if runner is None or job.state is not JobState.APPROVED:
-        return job  # another engine's service runs it
-    store.start(job.job_id)
-    ctx.progress(job=job.job_id, state="running")
-    try:
-        result = runner(ctx, store, store.get(job.job_id))
-    except (TamperedData, PolicyViolation, NotFound, ResourceLimitExceeded, WasmError, RemoteTimeout) as exc:
-        # our own messages: ids, names and limits, never data
-        store.fail(job.job_id, f"{type(exc).__name__}: {exc.message}")
-        return store.get(job.job_id)
-    except Exception as exc:  # an engine's message could quote items: every party sees job.error
-        store.fail(job.job_id, f"the engine failed ({type(exc).__name__}; details withheld: they could hold data)")
-        return store.get(job.job_id)
-    finally:
-        ctx.state.get(_CACHE, {}).pop(job.job_id, None)
-    store.finish(job.job_id, result)
-    ctx.progress(job=job.job_id, state="done")
-    return store.get(job.job_id)
-
-
-def _ensure_run(ctx: ServiceContext, store: JobStore, job: Job) -> Job:
-    """A job restored in the approved state (the kernel stopped before running it) runs now."""
-    return _run(ctx, store, job) if job.state is JobState.APPROVED else job
-
-
-def _names(value: object, what: str) -> list[str]:
-    if isinstance(value, str) or not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        msg = f"{what} must be a list of party ids"
-        raise EncodingError(msg)
-    return list(value)
-
-
-# -- generic jobs ----------------------------------------------------------------------------------------------
-
-
-@service("job.create")
-def job_create(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
-    """Define a job: ``{name, kind, inputs: {input: owner}, receivers, params}``; the caller is its creator."""
-    store = job_store(ctx)
-    name = str(args.get("name", ""))
-    job_id = job_id_for_name(name)
-    spec_inputs = args.get("inputs")
-    if not isinstance(spec_inputs, dict) or not all(isinstance(v, str) for v in spec_inputs.values()):
-        msg = "inputs must map each input name to its owner's party id"
-        raise EncodingError(msg)
-    if job_id in {j.job_id for j in store.jobs()} or job_id in store.damaged:
-        msg = f"a job named {name!r} already exists; choose another name"
-        raise PolicyViolation(msg, job=name)
-    params = dict(args.get("params") or {})
-    params["name"] = name
-    kind = str(args.get("kind", ""))
-    if kind == "psi" and not params.get("psi.v1"):
-        msg = "create PSI jobs with psi.create"
-        raise EncodingError(msg)
-    tr = store.create(
-        creator=ctx.party,
-        kind=kind,
-        inputs={str(k): v for k, v in spec_inputs.items()},
-        receivers=_names(args.get("receivers") or [ctx.party], "receivers"),
-        params=params,
-        job_id=job_id,
-    )
-    job = tr.job
-    if args.get("approve", True) and ctx.party in job.spec.owners:
-        job = _after(ctx, store, store.approve(job.job_id, ctx.party, job.spec.digest()))
-    return ServiceResult(info=job_info(job, ctx.party))
-
-
-@service("job.submit")
-def job_submit(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
-    """Submit the caller's input ``args['input']`` (any value, as ``inputs['data']``) to a job."""
-    store = job_store(ctx)
-    job = resolve_job(store, args.get("job"))
-    if job.spec.kind == "psi":
-        msg = "submit PSI inputs with psi.submit"
-        raise EncodingError(msg)
-    name = str(args.get("input", ""))
-    _precheck(ctx, store, job, SubmitInput(job.job_id, ctx.party, name, "0" * 64))
-    if "data" not in inputs:
-        msg = "job.submit needs the input's value as input 'data'"
-        raise EncodingError(msg)
-    tr = store.submit_input(job.job_id, ctx.party, name, pack_values({"data": inputs["data"]}))
-    return ServiceResult(info=job_info(_after(ctx, store, tr), ctx.party))
-
-
-@service("job.approve")
-def job_approve(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
-    """Approve the job whose spec has ``args['spec_digest']`` (from job.status: what the owner was shown)."""
-    store = job_store(ctx)
-    job = resolve_job(store, args.get("job"))
-    digest = str(args.get("spec_digest", ""))
-    _precheck(ctx, store, job, ApproveJob(job.job_id, ctx.party, digest))
-    tr = store.approve(job.job_id, ctx.party, digest)
-    return ServiceResult(info=job_info(_after(ctx, store, tr), ctx.party))
-
-
-@service("job.status")
-def job_status(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
-    """The job as its parties may see it (others are refused)."""
-    store = job_store(ctx)
-    job = _ensure_run(ctx, store, _visible_job(ctx, store, args.get("job")))
-    return ServiceResult(info=job_info(job, ctx.party))
-
-
-@service("job.cancel")
-def job_cancel(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
-    """Cancel a job (its creator or an input owner) and delete its sealed inputs."""
-    store = job_store(ctx)
-    job = resolve_job(store, args.get("job"))
-    tr = store.cancel(job.job_id, ctx.party)
-    store.purge(job.job_id)
-    ctx.state.get(_CACHE, {}).pop(job.job_id, None)
-    return ServiceResult(info=job_info(tr.job, ctx.party))
-
-
-@service("job.list")
-def job_list(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
-    """The jobs that concern the caller, and any job whose sealed state failed to authenticate."""
-    store = job_store(ctx)
-    jobs = [job_info(j, ctx.party) for j in store.jobs(ctx.party)]
-    damaged = [{"job_id": k, "error": v} for k, v in sorted(store.damaged.items())]
-    return ServiceResult(info={"jobs": sorted(jobs, key=lambda j: str(j["name"])), "damaged": damaged})
-
-
-@service("job.result")
-def job_result(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
-    """A receiver fetches a done job's result (decoded); anyone else is refused."""
-    store = job_store(ctx)
-    job = _ensure_run(ctx, store, resolve_job(store, args.get("job")))
-    if job.spec.kind == "psi":
-        return psi_result(ctx, args | {"name": args.get("job")}, inputs)
-    values, extra = unpack_values(store.fetch_result(job.job_id, ctx.party))
-    return ServiceResult(info={**job_info(job, ctx.party), "result": extra}, values=values)
-
-
 # -- PSI -------------------------------------------------------------------------------------------------------
 
 
@@ -318,7 +105,7 @@ def psi_create(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]
     if isinstance(parties, dict):
         labelled = {str(k): str(v) for k, v in parties.items()}
     else:
-        labelled = {f"p{i}": p for i, p in enumerate(_names(parties, "parties"))}
+        labelled = {f"p{i}": p for i, p in enumerate(party_ids(parties, "parties"))}
     if len(labelled) < 2:
         msg = "a PSI needs at least two parties"
         raise PolicyViolation(msg)
@@ -455,7 +242,7 @@ def psi_submit(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]
         msg = f"job {args.get('name')!r} is not a PSI job; use job.submit"
         raise EncodingError(msg)
     name = _input_of(job, ctx.party)
-    _precheck(ctx, store, job, SubmitInput(job.job_id, ctx.party, name, "0" * 64))
+    check_submit(ctx, job, name)
     raw, fmt, values, policy, source = _submitted_items(ctx, job, args, inputs)
     items = _decode_items(raw, fmt)
     if job.spec.params.get("mode") == "join" and values is None:
@@ -472,10 +259,13 @@ def psi_submit(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]
     blob = pack_values(
         packed_values, items_format=fmt, policy=None if policy is None else policy.to_dict(), source=source
     )
-    tr = store.submit_input(job.job_id, ctx.party, name, blob)  # seals it; the job records its SHA-256
-    digest = tr.job.submitted[name]
-    cached[name] = (digest, hashed)
-    job = _after(ctx, store, tr)
+    digest = hashlib.sha256(blob).hexdigest()  # the SHA-256 the job records for the sealed input
+    cached[name] = (digest, hashed)  # first: this submission may complete the job, whose runner reads the cache
+    try:
+        job = submit_input(ctx, store, job, name, blob)  # seals it
+    except BaseException:
+        cached.pop(name, None)
+        raise
     info = job_info(job, ctx.party)
     info["submitted"] = {"input": name, "items": len(hashed), "sha256": digest, "hash_s": round(hash_s, 4)}
     return ServiceResult(info=info)
@@ -513,7 +303,7 @@ def psi_result(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]
     job = resolve_job(store, args.get("name"))
     if ctx.party not in job.spec.receivers:
         raise refuse(ctx, job, f"party {ctx.party} is not a receiver of its result; only its receivers may fetch it")
-    job = _ensure_run(ctx, store, job)
+    job = ensure_run(ctx, store, job)
     if job.state is not JobState.DONE:
         waiting = []
         if job.missing_inputs:
@@ -589,31 +379,14 @@ def _run_psi(ctx: ServiceContext, store: JobStore, job: Job) -> bytes:
     assert res.frame is not None
     dataset = str(params["dataset"])
     policy = strictest_policy(policies, [h for h in hidden if h in res.frame.columns])
-    _store_dataset(ctx, job, dataset, res.frame, policy)
+    store_job_dataset(ctx, job, dataset, res.frame, policy)
     return pack_values({}, **common, dataset=dataset, rows=len(res.frame), policy=policy.to_dict())
 
 
-def _store_dataset(ctx: ServiceContext, job: Job, name: str, df: pd.DataFrame, policy: DataPolicy) -> None:
-    """Seal the joined rows as a dataset owned by the job, readable by its receivers only."""
-    enc = encode_value(df.reset_index(drop=True))
-    data = b"".join(bytes(memoryview(p).cast("B")) for p in enc.parts)
-    digest = hashlib.sha256(data).hexdigest()
-    ctx.seal_put(data_name(name, prefix=""), data)
-    meta = {
-        "name": name,
-        "owner": f"job:{job.job_id}",
-        "policy": policy.to_dict(),
-        "columns": [[str(c), str(t)] for c, t in df.dtypes.items()],
-        "rows": len(df),
-        "sha256": digest,
-        "created": time.time(),
-        "job_id": job.job_id,
-        "readers": list(job.spec.receivers),
-    }
-    ctx.seal_put(meta_name(name, prefix=""), json.dumps(meta).encode())
-    ctx.audit(
-        "upload",
-        # no row count: the host reads the log, and the join's size is its cardinality
-        {"dataset": name, "sha256": digest, "job_id": job.job_id, "owner": meta["owner"]},
-        concerns=sorted(job.spec.parties),
-    )
+@register_cleanup
+def _drop_cache(ctx: ServiceContext, job_id: str) -> None:
+    """A job that ended or was cancelled: forget its hashed inputs in this worker."""
+    ctx.state.get(_CACHE, {}).pop(job_id, None)
+
+
+register_result_view("psi", psi_result)
