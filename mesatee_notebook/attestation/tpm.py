@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import os
 import struct
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ except ImportError:  # pragma: no cover - older cryptography
     from cryptography.hazmat.primitives.ciphers.modes import CFB
 
 from mesatee_notebook.attestation.measurement import canonical_json, measurement_of
+from mesatee_notebook.attestation.statement import parse_statement
 from mesatee_notebook.errors import (
     AppPcrMismatch,
     BootPcrMismatch,
@@ -430,21 +430,7 @@ def parse_tpm_evidence(raw: bytes, value: Any) -> TpmEvidence:
         msg = "TPM evidence must be [statement, attest, signature, ak_public, ek_cert] byte strings"
         raise MalformedEvidence(msg)
     body, attest, signature, ak_public, ek_cert = value
-    try:
-        statement = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        msg = "TPM evidence statement is not JSON"
-        raise MalformedEvidence(msg) from exc
-    if not isinstance(statement, dict):
-        msg = "TPM evidence statement must be a JSON object"
-        raise MalformedEvidence(msg)
-    for key, kind in _REQUIRED.items():
-        if not isinstance(statement.get(key), kind):
-            msg = f"TPM evidence statement lacks a valid {key!r}"
-            raise MalformedEvidence(msg)
-    if statement["format"] != TPM_EVIDENCE_FORMAT:
-        msg = f"unsupported evidence format {statement['format']!r} (this client reads {TPM_EVIDENCE_FORMAT})"
-        raise MalformedEvidence(msg)
+    statement = parse_statement(body, _REQUIRED, TPM_EVIDENCE_FORMAT, "TPM evidence")
     if statement["level"] != "tpm" or statement["tpm_kind"] not in ("software", "hardware"):
         msg = "TPM evidence must claim level 'tpm' and a tpm_kind of 'software' or 'hardware'"
         raise MalformedEvidence(msg)
