@@ -40,7 +40,9 @@ def _enclave_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("serve", help="serve the attested channel")
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=7443)
-    sp.add_argument("--level", default="softtee", help="unprotected | softtee | tpm | sev | sgx")
+    sp.add_argument(
+        "--level", default="softtee", help="unprotected | softtee | tpm | sgx | tdx | sev-snp (sev: tdx or sev-snp)"
+    )
     sp.add_argument("--data-dir", type=Path, default=_default_data_dir())
     sp.add_argument("--idle-timeout", type=float, default=None, help="exit after this many idle seconds")
     sp.add_argument("--executor-memory", type=_size, default=None, help="alias of --cell-memory")
@@ -229,6 +231,10 @@ def enclave_main(argv: list[str] | None = None) -> int:
             format="%(asctime)s %(name)s %(levelname)s %(message)s",
         )
         level = Level.parse(args.level)
+        if level in (Level.SEV, Level.SGX):  # names the TEE asked for (tdx / sev-snp) and each path it looked for
+            from mesatee_notebook.enclave.hw_providers import hardware_level_error
+
+            raise hardware_level_error(args.level)
         if level is Level.UNPROTECTED:
             print("WARNING: serving UNPROTECTED: no attestation; clients must opt in explicitly.", file=sys.stderr)
         if args.no_sandbox:

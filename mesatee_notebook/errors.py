@@ -107,6 +107,7 @@ __all__ = [
     "FrameUsageError",
     "KernelConnectionError",
     "KeyBindingError",
+    "HardwareLevelUnavailable",
     "LevelNotAvailableError",
     "LevelTooLow",
     "MalformedEvidence",
@@ -337,6 +338,12 @@ class LevelNotAvailableError(MesateeError, RuntimeError):
     """No evidence provider or verifier exists for that level on this platform."""
 
     code = "level-unavailable"
+
+
+class HardwareLevelUnavailable(LevelNotAvailableError):
+    """``serve --level sgx|tdx|sev-snp``: no such TEE here, or serving on it is not built; see ``details``."""
+
+    code = "level-unavailable.hardware"
 
 
 class SandboxUnavailable(LevelNotAvailableError):

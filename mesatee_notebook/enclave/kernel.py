@@ -654,6 +654,10 @@ class Kernel:
             if config.level is Level.TPM
             else None
         )
+        if config.level in (Level.SEV, Level.SGX):
+            from mesatee_notebook.enclave.hw_providers import hardware_level_error
+
+            raise hardware_level_error(config.level.label)
         config.level.require_available(AVAILABLE_LEVELS | ({Level.TPM} if self.tpm else set()))
         self.hardening = harden_process()
         self.sandbox: Sandbox | None = None
