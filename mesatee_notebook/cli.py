@@ -1,4 +1,4 @@
-"""Command lines: ``mesatee-enclave init-platform|serve|migrate|tpm-info`` and ``mesatee attest|verify-receipt``."""
+"""Command lines: ``mesatee-enclave init-platform|serve|migrate|tpm-info|tpm-reseal`` and ``mesatee attest``."""
 
 from __future__ import annotations
 
@@ -9,8 +9,12 @@ import signal
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mesatee_notebook.errors import MesateeError
+
+if TYPE_CHECKING:
+    from mesatee_notebook.attestation.levels import Level
 
 __all__ = ["client_main", "enclave_main", "main"]
 
@@ -115,6 +119,12 @@ def _enclave_parser() -> argparse.ArgumentParser:
     mp.add_argument("--data-dir", type=Path, default=_default_data_dir())
     tp = sub.add_parser("tpm-info", help="print a TPM's attestation key fingerprint and PCRs (what clients pin)")
     _tpm_arguments(tp)
+    rp = sub.add_parser(
+        "tpm-reseal", help="seal the TPM-held sealing secret for the next version's measurement (run the OLD one)"
+    )
+    rp.add_argument("--for", dest="for_", required=True, help="the new version's measurement (64 hex digits)")
+    rp.add_argument("--data-dir", type=Path, default=_default_data_dir())
+    _tpm_arguments(rp)
     return p
 
 
@@ -203,22 +213,65 @@ def _tpm_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init_platform(args: argparse.Namespace) -> int:
+    from mesatee_notebook.enclave.platform import init_platform
+
+    fp = init_platform(args.data_dir)
+    print(f"softtee platform in {args.data_dir / 'platform'}")
+    print(f"fingerprint (pin this in client policies): {fp}")
+    print("softtee is SOFTWARE trust: whoever runs this host can read the kernel's memory.")
+    return 0
+
+
+def _reseal(args: argparse.Namespace) -> int:
+    """``mesatee-enclave tpm-reseal --for B``: this install (measurement A) seals the TPM-held secret for B too."""
+    from mesatee_notebook.attestation.measurement import expected_measurement
+    from mesatee_notebook.enclave.tpm import open_tpm
+    from mesatee_notebook.enclave.tpm_secret import reseal_for
+
+    if _serving_pid(args.data_dir) is not None:
+        print(f"mesatee-enclave tpm-reseal: a kernel serves {args.data_dir}; stop it first", file=sys.stderr)
+        return 2
+    with open_tpm(args.tcti, app_pcr=args.tpm_app_pcr, boot_pcrs=args.tpm_boot_pcrs, with_ek=False) as tpm:
+        path = reseal_for(tpm, args.data_dir, expected_measurement(), args.for_)
+        print(f"sealing secret sealed in the TPM for measurement {args.for_} ({path})")
+        print(f"  policy: PCRs {','.join(map(str, tpm.pcrs))} (boot PCRs as now, application PCR {tpm.app_pcr} "
+              "as a launch of that version leaves it); start that version next")  # fmt: skip
+        if tpm.kind == "software":
+            print("  a software TPM is SOFTWARE trust: whoever runs it holds its state file and the seal.")
+    return 0
+
+
+def _serving_pid(data_dir: Path) -> int | None:
+    import json
+    import os
+
+    with contextlib.suppress(OSError, ValueError, KeyError, ProcessLookupError):
+        pid = int(json.loads((data_dir / "kernel.json").read_text())["pid"])
+        os.kill(pid, 0)
+        return pid
+    return None
+
+
+def _serve_level(text: str) -> Level:
+    """The level to serve; a hardware level (sgx, tdx, sev-snp) raises what it looked for and did not find."""
+    from mesatee_notebook.attestation.levels import Level
+
+    level = Level.parse(text)
+    if level in (Level.SEV, Level.SGX):
+        from mesatee_notebook.enclave.hw_providers import hardware_level_error
+
+        raise hardware_level_error(text)
+    return level
+
+
 def enclave_main(argv: list[str] | None = None) -> int:
     """``mesatee-enclave``."""
     args = _enclave_parser().parse_args(argv)
     try:
-        if args.cmd == "init-platform":
-            from mesatee_notebook.enclave.platform import init_platform
-
-            fp = init_platform(args.data_dir)
-            print(f"softtee platform in {args.data_dir / 'platform'}")
-            print(f"fingerprint (pin this in client policies): {fp}")
-            print("softtee is SOFTWARE trust: whoever runs this host can read the kernel's memory.")
-            return 0
-        if args.cmd == "migrate":
-            return _migrate(args)
-        if args.cmd == "tpm-info":
-            return _tpm_info(args)
+        commands = {"init-platform": _init_platform, "migrate": _migrate, "tpm-info": _tpm_info, "tpm-reseal": _reseal}
+        if args.cmd in commands:
+            return commands[args.cmd](args)
         from dataclasses import replace
 
         from mesatee_notebook.attestation.levels import Level
@@ -230,11 +283,7 @@ def enclave_main(argv: list[str] | None = None) -> int:
             level=logging.INFO if args.verbose else logging.WARNING,
             format="%(asctime)s %(name)s %(levelname)s %(message)s",
         )
-        level = Level.parse(args.level)
-        if level in (Level.SEV, Level.SGX):  # names the TEE asked for (tdx / sev-snp) and each path it looked for
-            from mesatee_notebook.enclave.hw_providers import hardware_level_error
-
-            raise hardware_level_error(args.level)
+        level = _serve_level(args.level)
         if level is Level.UNPROTECTED:
             print("WARNING: serving UNPROTECTED: no attestation; clients must opt in explicitly.", file=sys.stderr)
         if args.no_sandbox:

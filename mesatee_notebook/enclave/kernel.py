@@ -675,7 +675,7 @@ class Kernel:
         self.sealing_secret: bytes | None = None
         self.platform_fingerprint = "none"
         if config.level in (Level.SOFTTEE, Level.TPM):  # tpm: the platform key signs the audit log, roots sealing
-            platform = load_platform(config.data_dir)
+            platform = load_platform(config.data_dir, secret_in_tpm_ok=self.tpm is not None)
             platform_key = platform.key
             self.sealing_secret = platform.sealing_secret
             self.platform_fingerprint = platform.fingerprint
@@ -687,6 +687,14 @@ class Kernel:
             sandbox=self.sandbox.report() if self.sandbox is not None else None,
             tpm=self.tpm,
         )
+        if self.tpm is not None:  # after the measured launch: the TPM unseals only to this measurement
+            from mesatee_notebook.enclave.tpm_secret import tpm_sealing_secret
+
+            try:
+                self.sealing_secret = tpm_sealing_secret(self.tpm, config.data_dir, self.identity.measurement)
+            except BaseException:
+                self.tpm.close()  # swtpm without a resource manager would keep the AK and EK otherwise
+                raise
         self.sessions: dict[str, Session] = {}
         self.nonces = _NonceGuard()
         self.stopping = threading.Event()

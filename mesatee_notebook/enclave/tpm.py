@@ -21,11 +21,12 @@ A software TPM is a software TPM: its owner can reset PCRs and read its keys. Th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -231,17 +232,136 @@ class Tpm:
                 raise LevelNotAvailableError(msg, level="tpm") from exc
         return bytes(attest), bytes(signature.marshal())
 
+    # -- sealing (the kernel's sealing secret, under a PCR policy) ---------------------------------------------
+    def _srk(self) -> Any:
+        """The storage root key: an ECC P-256 owner-hierarchy primary from a fixed template (the same key each start).
+
+        Restricted decrypt, noDA; flushed after each use.
+        """
+        from tpm2_pytss import ESYS_TR, TPM2B_PUBLIC, TPMA_OBJECT
+
+        attrs = TPMA_OBJECT.DEFAULT_TPM2_TOOLS_CREATEPRIMARY_ATTRS | TPMA_OBJECT.NODA
+        template = TPM2B_PUBLIC.parse("ecc256:aes128cfb", objectAttributes=attrs, nameAlg="sha256")
+        handle, *_ = self._esapi.create_primary(None, template, ESYS_TR.OWNER)
+        return handle
+
+    def _session(self, kind: Any, salt_key: Any, attributes: int) -> Any:
+        """An auth session salted by ``salt_key`` (AES-128-CFB parameter encryption) with ``attributes``."""
+        from tpm2_pytss import ESYS_TR, TPM2_ALG, TPMA_SESSION, TPMT_SYM_DEF, TPMU_SYM_KEY_BITS, TPMU_SYM_MODE
+
+        sym = TPMT_SYM_DEF(
+            algorithm=TPM2_ALG.AES, keyBits=TPMU_SYM_KEY_BITS(aes=128), mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB)
+        )
+        session = self._esapi.start_auth_session(salt_key, ESYS_TR.NONE, kind, sym, TPM2_ALG.SHA256)
+        self._esapi.trsess_set_attributes(session, TPMA_SESSION.CONTINUESESSION | attributes)
+        return session
+
+    def _flush(self, *handles: Any) -> None:
+        for handle in handles:
+            if handle is not None:
+                try:
+                    self._esapi.flush_context(handle)
+                except self.errors:
+                    pass
+
+    @contextlib.contextmanager
+    def _ek_swapped_out(self) -> Iterator[None]:
+        """Park the EK's context while the SRK and a sealed object load (swtpm holds three transient objects)."""
+        saved = None
+        if self._ek is not None:
+            saved = self._esapi.context_save(self._ek)
+            self._esapi.flush_context(self._ek)
+            self._ek = None
+        try:
+            yield
+        finally:
+            if saved is not None:
+                self._ek = self._esapi.context_load(saved)
+
+    def pcr_policy(self, values: dict[int, str]) -> bytes:
+        """The ``TPM2_PolicyPCR`` digest over the quoted PCRs (``self.pcrs``) holding ``values`` (trial session)."""
+        from tpm2_pytss import ESYS_TR, TPM2_ALG, TPM2_SE, TPMT_SYM_DEF
+
+        if sorted(values) != list(self.pcrs):
+            msg = f"a PCR policy needs values for PCRs {list(self.pcrs)}, got {sorted(values)}"
+            raise ValueError(msg)
+        digest = hashlib.sha256(b"".join(bytes.fromhex(values[i]) for i in self.pcrs)).digest()
+        with self._lock:
+            trial = self._esapi.start_auth_session(
+                ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.TRIAL, TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256
+            )
+            try:
+                self._esapi.policy_pcr(trial, digest, self._selection())
+                return bytes(self._esapi.policy_get_digest(trial))
+            finally:
+                self._flush(trial)
+
+    def seal(self, secret: bytes, policy: bytes) -> tuple[bytes, bytes]:
+        """Seal ``secret`` under the SRK as a data object only ``policy`` unseals: (TPM2B_PUBLIC, TPM2B_PRIVATE).
+
+        userWithAuth is clear, so there is no password path around the policy.
+        """
+        from tpm2_pytss import (
+            TPM2_ALG,
+            TPM2B_PUBLIC,
+            TPM2B_SENSITIVE_CREATE,
+            TPM2B_SENSITIVE_DATA,
+            TPMA_OBJECT,
+            TPMA_SESSION,
+            TPMS_KEYEDHASH_PARMS,
+            TPMS_SENSITIVE_CREATE,
+            TPMT_KEYEDHASH_SCHEME,
+            TPMT_PUBLIC,
+            TPMU_PUBLIC_PARMS,
+        )
+
+        public = TPM2B_PUBLIC(
+            publicArea=TPMT_PUBLIC(
+                type=TPM2_ALG.KEYEDHASH,
+                nameAlg=TPM2_ALG.SHA256,
+                objectAttributes=TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT,
+                authPolicy=policy,
+                parameters=TPMU_PUBLIC_PARMS(
+                    keyedHashDetail=TPMS_KEYEDHASH_PARMS(scheme=TPMT_KEYEDHASH_SCHEME(scheme=TPM2_ALG.NULL))
+                ),
+            )
+        )
+        sensitive = TPM2B_SENSITIVE_CREATE(sensitive=TPMS_SENSITIVE_CREATE(data=TPM2B_SENSITIVE_DATA(secret)))
+        with self._lock, self._ek_swapped_out():
+            srk = self._srk()
+            session = None
+            try:  # the secret travels to the TPM encrypted (decrypt session salted by the SRK)
+                session = self._session(_hmac_kind(), srk, TPMA_SESSION.DECRYPT)
+                private, out_public, *_ = self._esapi.create(srk, sensitive, public, session1=session)
+            finally:
+                self._flush(session, srk)
+        return bytes(out_public.marshal()), bytes(private.marshal())
+
+    def unseal(self, public: bytes, private: bytes) -> bytes:
+        """Load a sealed object under the SRK and unseal it through a PolicyPCR session over the current PCRs.
+
+        The reply is encrypted (session salted by the SRK). A PCR that differs from the sealed policy
+        makes the TPM refuse (``TSS2_Exception``, "a policy check failed").
+        """
+        from tpm2_pytss import TPM2_SE, TPM2B_PRIVATE, TPM2B_PUBLIC, TPMA_SESSION
+
+        with self._lock, self._ek_swapped_out():
+            srk = self._srk()
+            item = session = None
+            try:
+                item = self._esapi.load(srk, TPM2B_PRIVATE.unmarshal(private)[0], TPM2B_PUBLIC.unmarshal(public)[0])
+                session = self._session(TPM2_SE.POLICY, srk, TPMA_SESSION.ENCRYPT)
+                self._esapi.policy_pcr(session, None, self._selection())
+                return bytes(self._esapi.unseal(item, session1=session))
+            finally:
+                self._flush(session, item, srk)
+
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            for handle in (self._ak, self._ek):
-                try:
-                    if handle is not None:
-                        self._esapi.flush_context(handle)
-                except self.errors:
-                    pass
+            self._flush(self._ak, self._ek)
             self._esapi.close()
 
     def __enter__(self) -> Tpm:
@@ -249,6 +369,12 @@ class Tpm:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+def _hmac_kind() -> Any:
+    from tpm2_pytss import TPM2_SE
+
+    return TPM2_SE.HMAC
 
 
 def _explain(exc: BaseException) -> str:
