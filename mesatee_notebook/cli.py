@@ -182,6 +182,12 @@ def _tpm_arguments(sp: argparse.ArgumentParser) -> None:
     )
     sp.add_argument("--tpm-app-pcr", type=int, default=23, help="resettable PCR the kernel measures into (23, or 16)")
     sp.add_argument("--tpm-boot-pcrs", type=_pcr_list, default=(0, 1, 2, 3, 4, 5, 6, 7), help="boot PCRs to quote")
+    sp.add_argument(
+        "--tpm-ek",
+        choices=("auto", "rsa", "ecc"),
+        default="auto",
+        help="certified EK: RSA 2048 or ECC P-256 (TCG L-1/L-2)",
+    )
 
 
 def _tpm_info(args: argparse.Namespace) -> int:
@@ -191,7 +197,9 @@ def _tpm_info(args: argparse.Namespace) -> int:
 
     # with_ek=False: the EK's certificate is read, but no EK object is loaded (a serving kernel may hold
     # two of swtpm's three object slots).
-    with open_tpm(args.tcti, app_pcr=args.tpm_app_pcr, boot_pcrs=args.tpm_boot_pcrs, with_ek=False) as tpm:
+    with open_tpm(
+        args.tcti, app_pcr=args.tpm_app_pcr, boot_pcrs=args.tpm_boot_pcrs, with_ek=False, ek=args.tpm_ek
+    ) as tpm:
         pcrs = tpm.read_pcrs()
         kind = "software TPM" if tpm.kind == "software" else "says it is a chip"
         print(f"TPM 2.0 {tpm.vendor} ({kind}) at {args.tcti}")
@@ -200,9 +208,11 @@ def _tpm_info(args: argparse.Namespace) -> int:
             from cryptography import x509
 
             issuer = x509.load_der_x509_certificate(tpm.ek_cert).issuer.rfc4514_string()
-            print(f"EK certificate issued by {issuer} (pin that CA's certificates as tpm_ek_roots)")
+            print(
+                f"{tpm.ek_kind.upper()} EK certificate issued by {issuer} (pin that CA's certificates as tpm_ek_roots)"
+            )
         else:
-            print("no RSA EK certificate in NV: clients must pin the AK")
+            print("no EK certificate (RSA 2048 or ECC P-256) in NV: clients must pin the AK")
         print("boot PCRs (SHA-256; pin the ones you trust as tpm_pcrs in the client policy):")
         for i, v in sorted(pcrs.items()):
             if i != tpm.app_pcr:
@@ -232,7 +242,9 @@ def _reseal(args: argparse.Namespace) -> int:
     if _serving_pid(args.data_dir) is not None:
         print(f"mesatee-enclave tpm-reseal: a kernel serves {args.data_dir}; stop it first", file=sys.stderr)
         return 2
-    with open_tpm(args.tcti, app_pcr=args.tpm_app_pcr, boot_pcrs=args.tpm_boot_pcrs, with_ek=False) as tpm:
+    with open_tpm(
+        args.tcti, app_pcr=args.tpm_app_pcr, boot_pcrs=args.tpm_boot_pcrs, with_ek=False, ek=args.tpm_ek
+    ) as tpm:
         path = reseal_for(tpm, args.data_dir, expected_measurement(), args.for_)
         print(f"sealing secret sealed in the TPM for measurement {args.for_} ({path})")
         print(f"  policy: PCRs {','.join(map(str, tpm.pcrs))} (boot PCRs as now, application PCR {tpm.app_pcr} "
@@ -321,6 +333,7 @@ def enclave_main(argv: list[str] | None = None) -> int:
             tcti=args.tcti,
             tpm_app_pcr=args.tpm_app_pcr,
             tpm_boot_pcrs=args.tpm_boot_pcrs,
+            tpm_ek=args.tpm_ek,
             anonymous_limits=replace(ANONYMOUS_LIMITS, max_payload=min(args.anonymous_max_payload, args.max_payload)),
             idle_connection_timeout=args.idle_connection_timeout,
             anonymous_inflight_bytes=args.anonymous_inflight_bytes,

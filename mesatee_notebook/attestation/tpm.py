@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
 
 try:  # CFB lives in "decrepit" since cryptography 47; TPM2_MakeCredential still uses it
     from cryptography.hazmat.decrepit.ciphers.modes import CFB
@@ -90,6 +91,7 @@ TPM_TAG = 0x4D54504D  # "MTPM": project-private CBOR content type for TPM eviden
 TPM_EVIDENCE_FORMAT = "mesatee-tpm/1"
 EVIDENCE_CONTEXT = b"mesatee-tpm-evidence/1\x00"
 FRESH_CONTEXT = b"mesatee-tpm-fresh/1\x00"
+_IDENTITY = b"IDENTITY\x00"  # the label TPM2_MakeCredential's seed is bound to
 
 _TPM_GENERATED = 0xFF544347
 _ST_ATTEST_QUOTE = 0x8018
@@ -320,13 +322,22 @@ class TpmEvidence:
             msg = "the EK certificate in the evidence is not the one the quoted statement names: it was swapped"
             raise QualifyingDataMismatch(msg)
 
-    def ek_key(self) -> rsa.RSAPublicKey:
-        """The EK's public key, from its certificate (RSA 2048, the TCG default EK)."""
-        key = x509.load_der_x509_certificate(self.ek_cert).public_key()
-        if not isinstance(key, rsa.RSAPublicKey):
-            msg = "the EK certificate's key is not RSA (this client activates credentials with RSA 2048 EKs)"
-            raise MalformedEvidence(msg)
-        return key
+    def ek_key(self) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
+        """The EK's public key, from its certificate: RSA 2048 (TCG L-1) or ECC NIST P-256 (TCG L-2)."""
+        try:
+            key = x509.load_der_x509_certificate(self.ek_cert).public_key()
+        except ValueError as exc:
+            msg = f"the TPM's EK certificate cannot be parsed: {exc}"
+            raise MalformedEvidence(msg) from exc
+        if isinstance(key, rsa.RSAPublicKey) and key.key_size == 2048:
+            return key
+        if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+            return key
+        msg = (
+            "the EK certificate's key is neither RSA 2048 nor ECC P-256 (this client activates credentials with the "
+            "TCG low-range EKs, L-1 and L-2)"
+        )
+        raise MalformedEvidence(msg)
 
     def check_manifest(self) -> None:
         """The measurement must be the digest of the manifest that travels with it."""
@@ -456,17 +467,39 @@ def _kdfa(key: bytes, label: bytes, context_u: bytes, context_v: bytes, bits: in
     return out[: bits // 8]
 
 
-def make_credential(ek_key: rsa.RSAPublicKey, credential: bytes, ak_name: bytes) -> tuple[bytes, bytes]:
-    """``TPM2_MakeCredential`` in software, for an RSA 2048 EK of the TCG default template (SHA-256, AES-128-CFB).
+def _ecc_seed(ek_key: ec.EllipticCurvePublicKey) -> tuple[bytes, bytes]:
+    r"""The seed and its ``TPMS_ECC_POINT`` for an ECC EK: one-pass ECDH with an ephemeral P-256 key, then KDFe.
+
+    KDFe (TPM 2.0 part 1, 11.4.10.3) is NIST SP 800-56A's concatenation KDF with SHA-256 over
+    ``Z || "IDENTITY\0" || x(ephemeral) || x(EK)``.
+    """
+    ephemeral = ec.generate_private_key(ec.SECP256R1())
+    z = ephemeral.exchange(ec.ECDH(), ek_key)
+    ex = ephemeral.public_key().public_numbers().x.to_bytes(32, "big")
+    ey = ephemeral.public_key().public_numbers().y.to_bytes(32, "big")
+    vx = ek_key.public_numbers().x.to_bytes(32, "big")
+    seed = ConcatKDFHash(hashes.SHA256(), 32, otherinfo=_IDENTITY + ex + vx).derive(z)
+    return seed, struct.pack(">H", 32) + ex + struct.pack(">H", 32) + ey
+
+
+def make_credential(
+    ek_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey, credential: bytes, ak_name: bytes
+) -> tuple[bytes, bytes]:
+    """``TPM2_MakeCredential`` in software, for a TCG low-range EK (SHA-256, AES-128-CFB): RSA 2048 or ECC P-256.
 
     Returns (credential blob, encrypted secret): the contents of the ``TPM2B_ID_OBJECT`` and the
     ``TPM2B_ENCRYPTED_SECRET``. Only the TPM holding the EK's private key *and* a loaded object
-    named ``ak_name`` gets ``credential`` back from ``TPM2_ActivateCredential``.
+    named ``ak_name`` gets ``credential`` back from ``TPM2_ActivateCredential``. The seed is
+    RSA-OAEP encrypted to an RSA EK, or agreed by ECDH with an ECC EK (the secret is then the
+    ephemeral public point).
     """
-    seed = os.urandom(32)
-    secret = ek_key.encrypt(
-        seed, padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=b"IDENTITY\x00")
-    )
+    if isinstance(ek_key, ec.EllipticCurvePublicKey):
+        seed, secret = _ecc_seed(ek_key)
+    else:
+        seed = os.urandom(32)
+        secret = ek_key.encrypt(
+            seed, padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=_IDENTITY)
+        )
     sym_key = _kdfa(seed, b"STORAGE", ak_name, b"", 128)
     encryptor = Cipher(algorithms.AES(sym_key), CFB(bytes(16))).encryptor()
     enc_identity = encryptor.update(struct.pack(">H", len(credential)) + credential) + encryptor.finalize()

@@ -97,6 +97,7 @@ class KernelConfig:
     tcti: str | None = None
     tpm_app_pcr: int = 23
     tpm_boot_pcrs: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)
+    tpm_ek: str = "auto"  # the certified EK to activate with: rsa, ecc, or auto (RSA if certified, else ECC)
     sandbox: bool = True
     untrusted_dir: Path | None = None
     sandbox_limits: SandboxLimits = field(default_factory=SandboxLimits)
@@ -650,7 +651,7 @@ class Kernel:
         self.config = config
         # tpm: available only when --tcti names a TPM that answers (open_tpm refuses clearly otherwise).
         self.tpm = (
-            open_tpm(config.tcti, app_pcr=config.tpm_app_pcr, boot_pcrs=config.tpm_boot_pcrs)
+            open_tpm(config.tcti, app_pcr=config.tpm_app_pcr, boot_pcrs=config.tpm_boot_pcrs, ek=config.tpm_ek)
             if config.level is Level.TPM
             else None
         )

@@ -11,9 +11,9 @@ for a chip, ``swtpm:host=127.0.0.1,port=2321`` for swtpm); no TPM command is mar
   endorsement hierarchy from a fixed template: the TPM derives it from its endorsement seed,
   so the same TPM gives the same AK on every start and a client can pin its fingerprint.
 * **Quotes** cover the boot PCRs named at serve time plus the application PCR (SHA-256 bank).
-* **EK.** If the TPM holds an RSA 2048 EK certificate in NV (every chip; swtpm after
-  ``swtpm_setup --create-ek-cert``), the EK is loaded and :meth:`Tpm.activate_credential`
-  answers a client's ``TPM2_MakeCredential`` challenge, proving the AK sits in that TPM.
+* **EK.** If the TPM holds an EK certificate of the TCG low range in NV (RSA 2048 at 0x01c00002: every chip,
+  swtpm after ``swtpm_setup --create-ek-cert``; or ECC P-256 at 0x01c0000a), the EK is loaded and
+  :meth:`Tpm.activate_credential` answers a client's ``TPM2_MakeCredential`` challenge, proving the AK sits in that TPM.
 
 A software TPM is a software TPM: its owner can reset PCRs and read its keys. The kind
 (``software`` for swtpm/libtpms, ``hardware`` otherwise) is what the TPM reports of itself.
@@ -40,6 +40,8 @@ APP_PCR_DEFAULT = 23
 BOOT_PCRS_DEFAULT = (0, 1, 2, 3, 4, 5, 6, 7)
 _RESETTABLE = (16, 23)  # resettable from locality 0 (PC client profile): debug and application PCRs
 _SOFTWARE_VENDORS = ("SW", "SW TPM", "SWTPM", "LIBTPMS")
+_EK_TEMPLATES = {"rsa": "EK-RSA2048", "ecc": "EK-ECC256"}  # TCG EK credential profile L-1, L-2
+_EK_ORDER = {"auto": ("rsa", "ecc"), "rsa": ("rsa",), "ecc": ("ecc",)}
 
 
 def _unavailable(tcti: str, why: str) -> LevelNotAvailableError:
@@ -57,7 +59,11 @@ class Tpm:
         app_pcr: int = APP_PCR_DEFAULT,
         boot_pcrs: Iterable[int] = BOOT_PCRS_DEFAULT,
         with_ek: bool = True,
+        ek: str = "auto",
     ) -> None:
+        if ek not in _EK_ORDER:
+            msg = f"the EK kind is rsa, ecc or auto, not {ek!r}"
+            raise ValueError(msg)
         if app_pcr not in _RESETTABLE:
             msg = f"the application PCR must be a resettable one ({', '.join(map(str, _RESETTABLE))}), not {app_pcr}"
             raise ValueError(msg)
@@ -78,6 +84,7 @@ class Tpm:
         self._closed = False
         self._ek: Any = None
         self._ak: Any = None
+        self.ek_kind = ""  # "rsa" or "ecc" once a certified EK is found
         self.errors: tuple[type[BaseException], ...] = (TSS2_Exception,)
         # what tpm2-pytss raises for a client's malformed credential blob, besides the TPM's own refusal
         self.challenge_errors: tuple[type[BaseException], ...] = (
@@ -93,7 +100,7 @@ class Tpm:
             raise _unavailable(tcti, _explain(exc)) from exc
         try:
             self.vendor, self.kind = self._identify()
-            self._ek, self.ek_cert = self._load_ek(with_ek)
+            self._ek, self.ek_cert = self._load_ek(with_ek, ek)
             self._ak, self.ak_public = self._create_ak()
         except TSS2_Exception as exc:
             self._esapi.close()
@@ -114,15 +121,23 @@ class Tpm:
         kind = "software" if vendor.upper() in _SOFTWARE_VENDORS else "hardware"
         return f"{manufacturer} {vendor}".strip(), kind
 
-    def _load_ek(self, load: bool) -> tuple[Any, bytes]:
-        """The TCG default RSA 2048 EK's certificate from NV (chips, swtpm_setup), and the EK if ``load``."""
+    def _load_ek(self, load: bool, ek: str) -> tuple[Any, bytes]:
+        """A certified low-range EK (TCG L-1 RSA 2048, L-2 ECC P-256): its NV certificate, and the EK if ``load``.
+
+        The EK is created from the TCG template, so it is the certified key.
+        ``ek``: ``rsa``, ``ecc`` or ``auto`` (RSA if certified, else ECC).
+        """
         from tpm2_pytss import ESYS_TR
         from tpm2_pytss.utils import NVReadEK, create_ek_template
 
-        cert, template = create_ek_template("EK-RSA2048", NVReadEK(self._esapi))
-        if not cert:
-            log.warning("the TPM has no RSA EK certificate in NV: clients can only pin its AK")
+        for kind in _EK_ORDER[ek]:
+            cert, template = create_ek_template(_EK_TEMPLATES[kind], NVReadEK(self._esapi))
+            if cert:
+                break
+        else:
+            log.warning("the TPM has no %s EK certificate in NV: clients can only pin its AK", "/".join(_EK_ORDER[ek]))
             return None, b""
+        self.ek_kind = kind
         if not load:
             return None, bytes(cert)
         handle, *_ = self._esapi.create_primary(None, template, ESYS_TR.ENDORSEMENT)
@@ -393,6 +408,7 @@ def open_tpm(
     app_pcr: int = APP_PCR_DEFAULT,
     boot_pcrs: Iterable[int] = BOOT_PCRS_DEFAULT,
     with_ek: bool = True,
+    ek: str = "auto",
 ) -> Tpm:
     """Open the TPM at ``tcti``; without one, the level stays unavailable with a clear reason."""
     if not tcti:
@@ -401,4 +417,4 @@ def open_tpm(
             "device:/dev/tpmrm0 (a TPM chip) or --tcti swtpm:host=127.0.0.1,port=2321 (swtpm, a software TPM)"
         )
         raise LevelNotAvailableError(msg, level="tpm")
-    return Tpm(tcti, app_pcr=app_pcr, boot_pcrs=boot_pcrs, with_ek=with_ek)
+    return Tpm(tcti, app_pcr=app_pcr, boot_pcrs=boot_pcrs, with_ek=with_ek, ek=ek)
