@@ -96,6 +96,7 @@ __all__ = [
     "SoftwareTpmNotAllowed",
     "UntrustedAttestationKey",
     "EkChainError",
+    "EventLogMismatch",
     "CredentialActivationFailed",
     "CertificateExpired",
     "DebugNotAllowed",
@@ -297,6 +298,13 @@ class BootPcrMismatch(PcrMismatch):
 
     code = "attestation.pcr.boot"
     check = "boot-pcr"
+
+
+class EventLogMismatch(PcrMismatch):
+    """Replaying the kernel's measured-launch event log does not give the quoted application PCR."""
+
+    code = "attestation.pcr.event-log"
+    check = "event-log"
 
 
 class UntrustedAttestationKey(UntrustedPlatform):

@@ -19,6 +19,7 @@ TPM evidence (``attestation/tpm.py``) travels in the same extension under its ow
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -151,7 +152,16 @@ _REQUIRED: dict[str, type] = {
 
 
 def parse_evidence(raw: bytes) -> SoftteeEvidence | TpmEvidence:
-    """Parse evidence bytes (softtee/unprotected, or TPM); raise MalformedEvidence on anything unexpected."""
+    """Parse evidence bytes (softtee/unprotected, or TPM); raise MalformedEvidence on anything unexpected.
+
+    The same bytes parse to the same (frozen, not yet trusted) object: a connect parses its evidence several times
+    (certificate check, hello, activation cache), so the last few parses are kept. Failures are not cached.
+    """
+    return _parse_cached(bytes(raw))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_cached(raw: bytes) -> SoftteeEvidence | TpmEvidence:
     try:
         tagged = cbor2.loads(raw)
     except Exception as exc:  # cbor2 raises several types on garbage

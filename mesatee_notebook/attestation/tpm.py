@@ -59,6 +59,7 @@ from mesatee_notebook.errors import (
     AppPcrMismatch,
     BootPcrMismatch,
     EkChainError,
+    EventLogMismatch,
     MalformedEvidence,
     PcrDigestMismatch,
     QualifyingDataMismatch,
@@ -68,6 +69,7 @@ from mesatee_notebook.errors import (
 
 __all__ = [
     "EVIDENCE_CONTEXT",
+    "KERNEL_EVENT",
     "FRESH_CONTEXT",
     "TPM_EVIDENCE_FORMAT",
     "TPM_TAG",
@@ -91,6 +93,7 @@ TPM_TAG = 0x4D54504D  # "MTPM": project-private CBOR content type for TPM eviden
 TPM_EVIDENCE_FORMAT = "mesatee-tpm/1"
 EVIDENCE_CONTEXT = b"mesatee-tpm-evidence/1\x00"
 FRESH_CONTEXT = b"mesatee-tpm-fresh/1\x00"
+KERNEL_EVENT = "mesatee-kernel-measurement"  # the one event type of the kernel's measured-launch log
 _IDENTITY = b"IDENTITY\x00"  # the label TPM2_MakeCredential's seed is bound to
 
 _TPM_GENERATED = 0xFF544347
@@ -380,6 +383,42 @@ class TpmEvidence:
             msg = "the reported PCR values are not the ones the TPM quoted (PCR digest differs): they were altered"
             raise PcrDigestMismatch(msg)
 
+    def replay_event_log(self) -> int:
+        """Replay the kernel's measured-launch log from a reset PCR; it must give the quoted application PCR.
+
+        The log (quoted with the statement) lists every extend of the application PCR since its reset: one
+        ``KERNEL_EVENT`` whose digest is the statement's measurement. A PCR extended by anything else, after or
+        before, does not replay (:class:`EventLogMismatch`). Returns the number of events replayed. There is no
+        firmware log for the boot PCRs here: they are checked against the policy's golden values only.
+        """
+        app = int(self.statement["app_pcr"])
+        events = self.statement.get("event_log")
+        if not isinstance(events, list) or not all(_is_event(e) for e in events):
+            msg = "the TPM evidence's event log is missing or malformed (a list of {pcr, type, digest} events)"
+            raise MalformedEvidence(msg)
+        if any(int(e["pcr"]) != app for e in events):
+            msg = f"the kernel's event log names PCRs other than its application PCR {app}"
+            raise EventLogMismatch(msg, pcr=app)
+        value = bytes(32)
+        for event in events:
+            value = hashlib.sha256(value + bytes.fromhex(event["digest"])).digest()
+        quoted = self.pcrs.get(app)
+        if value.hex() != quoted:
+            msg = (
+                f"replaying the kernel's event log ({len(events)} event(s)) gives application PCR {app} = "
+                f"{value.hex()[:16]}…, but the TPM quoted {str(quoted)[:16]}…: something extended the PCR that the "
+                "log does not show (or the log was edited before quoting)"
+            )
+            raise EventLogMismatch(msg, pcr=app)
+        kinds = [(e["type"], e["digest"]) for e in events]
+        if kinds != [(KERNEL_EVENT, self.statement["measurement"])]:
+            msg = (
+                f"the kernel's event log is {[k for k, _ in kinds]}, not the one {KERNEL_EVENT} event of the "
+                "statement's measurement a launch of this kernel writes"
+            )
+            raise EventLogMismatch(msg, pcr=app)
+        return len(events)
+
     def check_pcrs(self, measurement: str, golden: dict[int, str]) -> None:
         """The application PCR must hold ``measurement``; boot PCRs must equal the policy's values."""
         pcrs = self.pcrs
@@ -404,6 +443,21 @@ class TpmEvidence:
                     "booted different firmware, boot loader or kernel"
                 )
                 raise BootPcrMismatch(msg, pcr=index)
+
+
+def _is_event(event: Any) -> bool:
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        return False
+    digest, pcr = event.get("digest"), event.get("pcr")
+    return isinstance(pcr, int) and isinstance(digest, str) and len(digest) == 64 and _is_hex(digest)
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return True
 
 
 def make_tpm_evidence(

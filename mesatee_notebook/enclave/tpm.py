@@ -30,6 +30,7 @@ from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
+from mesatee_notebook.attestation.tpm import KERNEL_EVENT
 from mesatee_notebook.errors import LevelNotAvailableError
 
 __all__ = ["APP_PCR_DEFAULT", "BOOT_PCRS_DEFAULT", "Tpm", "open_tpm"]
@@ -85,6 +86,8 @@ class Tpm:
         self._ek: Any = None
         self._ak: Any = None
         self.ek_kind = ""  # "rsa" or "ecc" once a certified EK is found
+        self.event_log: list[dict[str, Any]] = []  # this launch's extends of the application PCR
+        self._next_session: Any = None  # the next activation's policy session, started ahead of time
         self.errors: tuple[type[BaseException], ...] = (TSS2_Exception,)
         # what tpm2-pytss raises for a client's malformed credential blob, besides the TPM's own refusal
         self.challenge_errors: tuple[type[BaseException], ...] = (
@@ -105,6 +108,7 @@ class Tpm:
         except TSS2_Exception as exc:
             self._esapi.close()
             raise _unavailable(tcti, _explain(exc)) from exc
+        self.prepare_activation()
 
     def _identify(self) -> tuple[str, str]:
         from tpm2_pytss import TPM2_CAP, TPM2_PT
@@ -143,26 +147,47 @@ class Tpm:
         handle, *_ = self._esapi.create_primary(None, template, ESYS_TR.ENDORSEMENT)
         return handle, bytes(cert)
 
-    def activate_credential(self, blob: bytes, secret: bytes) -> bytes:
-        """``TPM2_ActivateCredential`` of a client's challenge for the AK, under the EK (PolicySecret)."""
-        from tpm2_pytss import (
-            ESYS_TR,
-            TPM2_ALG,
-            TPM2_SE,
-            TPM2B_ENCRYPTED_SECRET,
-            TPM2B_ID_OBJECT,
-            TPMT_SYM_DEF,
+    def _ek_session(self) -> Any:
+        """A policy session satisfying the EK's policy, PolicySecret(endorsement); the TPM ends it after one use."""
+        from tpm2_pytss import ESYS_TR, TPM2_ALG, TPM2_SE, TPMA_SESSION, TPMT_SYM_DEF
+
+        session = self._esapi.start_auth_session(
+            ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY, TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256
         )
+        try:
+            self._esapi.policy_secret(ESYS_TR.ENDORSEMENT, session)
+            self._esapi.trsess_set_attributes(session, 0, TPMA_SESSION.CONTINUESESSION)  # no flush round trip
+        except BaseException:
+            self._flush(session)
+            raise
+        return session
+
+    def prepare_activation(self) -> None:
+        """Start the next activation's policy session now, off a connection's critical path (two TPM commands)."""
+        with self._lock:
+            if self._closed or self._ek is None or self._next_session is not None:
+                return
+            try:
+                self._next_session = self._ek_session()
+            except self.errors as exc:
+                log.warning("the TPM did not start a policy session ahead of time: %s", _explain(exc))
+
+    def activate_credential(self, blob: bytes, secret: bytes) -> bytes:
+        """``TPM2_ActivateCredential`` of a client's challenge for the AK, under the EK (PolicySecret).
+
+        The policy session was started ahead of time (:meth:`prepare_activation`), so a connection waits for one
+        TPM command; the next one is prepared in the background right after.
+        """
+        from tpm2_pytss import ESYS_TR, TPM2B_ENCRYPTED_SECRET, TPM2B_ID_OBJECT
 
         if self._ek is None:
             msg = "this TPM has no EK certificate, so there is no EK to activate a credential with"
             raise _unavailable(self.tcti, msg)
         with self._lock:
-            session = self._esapi.start_auth_session(
-                ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY, TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256
-            )
+            session, self._next_session = self._next_session, None
+            if session is None:
+                session = self._ek_session()
             try:
-                self._esapi.policy_secret(ESYS_TR.ENDORSEMENT, session)
                 out = self._esapi.activate_credential(
                     self._ak,
                     self._ek,
@@ -171,11 +196,10 @@ class Tpm:
                     session1=ESYS_TR.PASSWORD,
                     session2=session,
                 )
-            finally:
-                try:
-                    self._esapi.flush_context(session)
-                except self.errors:
-                    pass
+            except BaseException:
+                self._flush(session)  # a failed command leaves the session loaded
+                raise
+        threading.Thread(target=self.prepare_activation, name="tpm-session", daemon=True).start()
         return bytes(out)
 
     def _create_ak(self) -> tuple[Any, bytes]:
@@ -212,6 +236,9 @@ class Tpm:
             self._esapi.pcr_extend(
                 handle, TPML_DIGEST_VALUES([TPMT_HA(hashAlg=TPM2_ALG.SHA256, digest=TPMU_HA(sha256=digest))])
             )
+        # The measured-launch event log: what was extended into the application PCR since its reset. A client
+        # replays it against the quoted value (attestation/tpm.py, replay_event_log).
+        self.event_log = [{"pcr": self.app_pcr, "type": KERNEL_EVENT, "digest": measurement}]
         value = self.read_pcrs()[self.app_pcr]
         if value != hashlib.sha256(bytes(32) + digest).hexdigest():
             msg = f"PCR {self.app_pcr} does not hold the measurement after extending it: another process uses it"
@@ -376,7 +403,7 @@ class Tpm:
             if self._closed:
                 return
             self._closed = True
-            self._flush(self._ak, self._ek)
+            self._flush(self._next_session, self._ak, self._ek)
             self._esapi.close()
 
     def __enter__(self) -> Tpm:
