@@ -1,4 +1,4 @@
-"""Command lines: ``mesatee-enclave init-platform|serve|migrate|tpm-info|scheduler|worker``, ``mesatee attest|...``."""
+"""Command lines: ``mesatee-enclave init-platform|serve|migrate|tpm-info|tpm-reseal|scheduler|worker``, ``mesatee``."""
 
 from __future__ import annotations
 
@@ -9,8 +9,12 @@ import signal
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mesatee_notebook.errors import MesateeError
+
+if TYPE_CHECKING:
+    from mesatee_notebook.attestation.levels import Level
 
 __all__ = ["client_main", "enclave_main", "main"]
 
@@ -40,7 +44,9 @@ def _enclave_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("serve", help="serve the attested channel")
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=7443)
-    sp.add_argument("--level", default="softtee", help="unprotected | softtee | tpm | sev | sgx")
+    sp.add_argument(
+        "--level", default="softtee", help="unprotected | softtee | tpm | sgx | tdx | sev-snp (sev: tdx or sev-snp)"
+    )
     sp.add_argument("--data-dir", type=Path, default=_default_data_dir())
     sp.add_argument("--idle-timeout", type=float, default=None, help="exit after this many idle seconds")
     sp.add_argument("--executor-memory", type=_size, default=None, help="alias of --cell-memory")
@@ -113,6 +119,12 @@ def _enclave_parser() -> argparse.ArgumentParser:
     mp.add_argument("--data-dir", type=Path, default=_default_data_dir())
     tp = sub.add_parser("tpm-info", help="print a TPM's attestation key fingerprint and PCRs (what clients pin)")
     _tpm_arguments(tp)
+    rp = sub.add_parser(
+        "tpm-reseal", help="seal the TPM-held sealing secret for the next version's measurement (run the OLD one)"
+    )
+    rp.add_argument("--for", dest="for_", required=True, help="the new version's measurement (64 hex digits)")
+    rp.add_argument("--data-dir", type=Path, default=_default_data_dir())
+    _tpm_arguments(rp)
     from mesatee_notebook.enclave.cluster.cli import add_node_parsers, add_serve_arguments
 
     add_node_parsers(sub, _default_data_dir())  # scheduler, worker (docs/cluster.md)
@@ -174,6 +186,12 @@ def _tpm_arguments(sp: argparse.ArgumentParser) -> None:
     )
     sp.add_argument("--tpm-app-pcr", type=int, default=23, help="resettable PCR the kernel measures into (23, or 16)")
     sp.add_argument("--tpm-boot-pcrs", type=_pcr_list, default=(0, 1, 2, 3, 4, 5, 6, 7), help="boot PCRs to quote")
+    sp.add_argument(
+        "--tpm-ek",
+        choices=("auto", "rsa", "ecc"),
+        default="auto",
+        help="certified EK: RSA 2048 or ECC P-256 (TCG L-1/L-2)",
+    )
 
 
 def _tpm_info(args: argparse.Namespace) -> int:
@@ -183,7 +201,9 @@ def _tpm_info(args: argparse.Namespace) -> int:
 
     # with_ek=False: the EK's certificate is read, but no EK object is loaded (a serving kernel may hold
     # two of swtpm's three object slots).
-    with open_tpm(args.tcti, app_pcr=args.tpm_app_pcr, boot_pcrs=args.tpm_boot_pcrs, with_ek=False) as tpm:
+    with open_tpm(
+        args.tcti, app_pcr=args.tpm_app_pcr, boot_pcrs=args.tpm_boot_pcrs, with_ek=False, ek=args.tpm_ek
+    ) as tpm:
         pcrs = tpm.read_pcrs()
         kind = "software TPM" if tpm.kind == "software" else "says it is a chip"
         print(f"TPM 2.0 {tpm.vendor} ({kind}) at {args.tcti}")
@@ -192,9 +212,11 @@ def _tpm_info(args: argparse.Namespace) -> int:
             from cryptography import x509
 
             issuer = x509.load_der_x509_certificate(tpm.ek_cert).issuer.rfc4514_string()
-            print(f"EK certificate issued by {issuer} (pin that CA's certificates as tpm_ek_roots)")
+            print(
+                f"{tpm.ek_kind.upper()} EK certificate issued by {issuer} (pin that CA's certificates as tpm_ek_roots)"
+            )
         else:
-            print("no RSA EK certificate in NV: clients must pin the AK")
+            print("no EK certificate (RSA 2048 or ECC P-256) in NV: clients must pin the AK")
         print("boot PCRs (SHA-256; pin the ones you trust as tpm_pcrs in the client policy):")
         for i, v in sorted(pcrs.items()):
             if i != tpm.app_pcr:
@@ -215,6 +237,50 @@ def _init_platform(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reseal(args: argparse.Namespace) -> int:
+    """``mesatee-enclave tpm-reseal --for B``: this install (measurement A) seals the TPM-held secret for B too."""
+    from mesatee_notebook.attestation.measurement import expected_measurement
+    from mesatee_notebook.enclave.tpm import open_tpm
+    from mesatee_notebook.enclave.tpm_secret import reseal_for
+
+    if _serving_pid(args.data_dir) is not None:
+        print(f"mesatee-enclave tpm-reseal: a kernel serves {args.data_dir}; stop it first", file=sys.stderr)
+        return 2
+    with open_tpm(
+        args.tcti, app_pcr=args.tpm_app_pcr, boot_pcrs=args.tpm_boot_pcrs, with_ek=False, ek=args.tpm_ek
+    ) as tpm:
+        path = reseal_for(tpm, args.data_dir, expected_measurement(), args.for_)
+        print(f"sealing secret sealed in the TPM for measurement {args.for_} ({path})")
+        print(f"  policy: PCRs {','.join(map(str, tpm.pcrs))} (boot PCRs as now, application PCR {tpm.app_pcr} "
+              "as a launch of that version leaves it); start that version next")  # fmt: skip
+        if tpm.kind == "software":
+            print("  a software TPM is SOFTWARE trust: whoever runs it holds its state file and the seal.")
+    return 0
+
+
+def _serving_pid(data_dir: Path) -> int | None:
+    import json
+    import os
+
+    with contextlib.suppress(OSError, ValueError, KeyError, ProcessLookupError):
+        pid = int(json.loads((data_dir / "kernel.json").read_text())["pid"])
+        os.kill(pid, 0)
+        return pid
+    return None
+
+
+def _serve_level(text: str) -> Level:
+    """The level to serve; a hardware level (sgx, tdx, sev-snp) raises what it looked for and did not find."""
+    from mesatee_notebook.attestation.levels import Level
+
+    level = Level.parse(text)
+    if level in (Level.SEV, Level.SGX):
+        from mesatee_notebook.enclave.hw_providers import hardware_level_error
+
+        raise hardware_level_error(text)
+    return level
+
+
 def _cluster_node(args: argparse.Namespace) -> int:
     from mesatee_notebook.enclave.cluster.cli import run_node_command
 
@@ -225,6 +291,7 @@ _COMMANDS = {
     "init-platform": _init_platform,
     "migrate": _migrate,
     "tpm-info": _tpm_info,
+    "tpm-reseal": _reseal,
     "scheduler": _cluster_node,
     "worker": _cluster_node,
 }
@@ -247,7 +314,7 @@ def enclave_main(argv: list[str] | None = None) -> int:
             level=logging.INFO if args.verbose else logging.WARNING,
             format="%(asctime)s %(name)s %(levelname)s %(message)s",
         )
-        level = Level.parse(args.level)
+        level = _serve_level(args.level)
         if level is Level.UNPROTECTED:
             print("WARNING: serving UNPROTECTED: no attestation; clients must opt in explicitly.", file=sys.stderr)
         if args.no_sandbox:
@@ -285,6 +352,7 @@ def enclave_main(argv: list[str] | None = None) -> int:
             tcti=args.tcti,
             tpm_app_pcr=args.tpm_app_pcr,
             tpm_boot_pcrs=args.tpm_boot_pcrs,
+            tpm_ek=args.tpm_ek,
             anonymous_limits=replace(ANONYMOUS_LIMITS, max_payload=min(args.anonymous_max_payload, args.max_payload)),
             idle_connection_timeout=args.idle_connection_timeout,
             anonymous_inflight_bytes=args.anonymous_inflight_bytes,

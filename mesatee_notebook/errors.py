@@ -96,6 +96,7 @@ __all__ = [
     "SoftwareTpmNotAllowed",
     "UntrustedAttestationKey",
     "EkChainError",
+    "EventLogMismatch",
     "CredentialActivationFailed",
     "CertificateExpired",
     "DebugNotAllowed",
@@ -107,6 +108,7 @@ __all__ = [
     "FrameUsageError",
     "KernelConnectionError",
     "KeyBindingError",
+    "HardwareLevelUnavailable",
     "LevelNotAvailableError",
     "LevelTooLow",
     "MalformedEvidence",
@@ -298,6 +300,13 @@ class BootPcrMismatch(PcrMismatch):
     check = "boot-pcr"
 
 
+class EventLogMismatch(PcrMismatch):
+    """Replaying the kernel's measured-launch event log does not give the quoted application PCR."""
+
+    code = "attestation.pcr.event-log"
+    check = "event-log"
+
+
 class UntrustedAttestationKey(UntrustedPlatform):
     """A TPM attestation key the policy does not pin."""
 
@@ -337,6 +346,12 @@ class LevelNotAvailableError(MesateeError, RuntimeError):
     """No evidence provider or verifier exists for that level on this platform."""
 
     code = "level-unavailable"
+
+
+class HardwareLevelUnavailable(LevelNotAvailableError):
+    """``serve --level sgx|tdx|sev-snp``: no such TEE here, or serving on it is not built; see ``details``."""
+
+    code = "level-unavailable.hardware"
 
 
 class SandboxUnavailable(LevelNotAvailableError):

@@ -19,8 +19,8 @@ TPM evidence (``attestation/tpm.py``) travels in the same extension under its ow
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from mesatee_notebook.attestation.levels import Level
 from mesatee_notebook.attestation.measurement import canonical_json, measurement_of
+from mesatee_notebook.attestation.statement import parse_statement
 from mesatee_notebook.attestation.tpm import TPM_TAG, TpmEvidence, parse_tpm_evidence
 from mesatee_notebook.errors import EvidenceSignatureError, MalformedEvidence
 
@@ -139,8 +140,28 @@ def make_evidence(
     return bytes(cbor2.dumps(cbor2.CBORTag(SOFTTEE_TAG, [body, sig, pub])))
 
 
+_REQUIRED: dict[str, type] = {
+    "format": str,
+    "level": str,
+    "measurement": str,
+    "manifest": dict,
+    "time": int,
+    "report_data": str,
+    "receipt_key": str,
+}
+
+
 def parse_evidence(raw: bytes) -> SoftteeEvidence | TpmEvidence:
-    """Parse evidence bytes (softtee/unprotected, or TPM); raise MalformedEvidence on anything unexpected."""
+    """Parse evidence bytes (softtee/unprotected, or TPM); raise MalformedEvidence on anything unexpected.
+
+    The same bytes parse to the same (frozen, not yet trusted) object: a connect parses its evidence several times
+    (certificate check, hello, activation cache), so the last few parses are kept. Failures are not cached.
+    """
+    return _parse_cached(bytes(raw))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_cached(raw: bytes) -> SoftteeEvidence | TpmEvidence:
     try:
         tagged = cbor2.loads(raw)
     except Exception as exc:  # cbor2 raises several types on garbage
@@ -156,30 +177,7 @@ def parse_evidence(raw: bytes) -> SoftteeEvidence | TpmEvidence:
         msg = "softtee evidence must be [statement, signature, platform_key] byte strings"
         raise MalformedEvidence(msg)
     body, sig, pub = value
-    try:
-        statement = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        msg = "softtee statement is not JSON"
-        raise MalformedEvidence(msg) from exc
-    required = {
-        "format": str,
-        "level": str,
-        "measurement": str,
-        "manifest": dict,
-        "time": int,
-        "report_data": str,
-        "receipt_key": str,
-    }
-    if not isinstance(statement, dict):
-        msg = "softtee statement must be a JSON object"
-        raise MalformedEvidence(msg)
-    for key, kind in required.items():
-        if not isinstance(statement.get(key), kind):
-            msg = f"softtee statement lacks a valid {key!r}"
-            raise MalformedEvidence(msg)
-    if statement["format"] != EVIDENCE_FORMAT:
-        msg = f"unsupported evidence format {statement['format']!r} (this client reads {EVIDENCE_FORMAT})"
-        raise MalformedEvidence(msg)
+    statement = parse_statement(body, _REQUIRED, EVIDENCE_FORMAT, "softtee")
     try:
         Level.parse(statement["level"])
         bytes.fromhex(statement["receipt_key"])

@@ -588,6 +588,15 @@ def _verify_tpm(
     evidence.check_manifest()
     sandbox = _check_sandbox(evidence.statement, Level.TPM, policy, checks)
     measurement, local = _check_measurement(evidence.statement, policy, checks)
+    events = evidence.replay_event_log()
+    checks.append(
+        Check(
+            "event log",
+            True,
+            f"{events} launch event(s) replay to the quoted application PCR; boot PCRs: no firmware event log "
+            "replayed (golden values only)",
+        )
+    )
     golden = dict(policy.tpm_pcrs)
     evidence.check_pcrs(measurement, golden)
     app = int(evidence.statement["app_pcr"])

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import os
 import struct
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
 
 try:  # CFB lives in "decrepit" since cryptography 47; TPM2_MakeCredential still uses it
     from cryptography.hazmat.decrepit.ciphers.modes import CFB
@@ -54,10 +54,12 @@ except ImportError:  # pragma: no cover - older cryptography
     from cryptography.hazmat.primitives.ciphers.modes import CFB
 
 from mesatee_notebook.attestation.measurement import canonical_json, measurement_of
+from mesatee_notebook.attestation.statement import parse_statement
 from mesatee_notebook.errors import (
     AppPcrMismatch,
     BootPcrMismatch,
     EkChainError,
+    EventLogMismatch,
     MalformedEvidence,
     PcrDigestMismatch,
     QualifyingDataMismatch,
@@ -67,6 +69,7 @@ from mesatee_notebook.errors import (
 
 __all__ = [
     "EVIDENCE_CONTEXT",
+    "KERNEL_EVENT",
     "FRESH_CONTEXT",
     "TPM_EVIDENCE_FORMAT",
     "TPM_TAG",
@@ -90,6 +93,8 @@ TPM_TAG = 0x4D54504D  # "MTPM": project-private CBOR content type for TPM eviden
 TPM_EVIDENCE_FORMAT = "mesatee-tpm/1"
 EVIDENCE_CONTEXT = b"mesatee-tpm-evidence/1\x00"
 FRESH_CONTEXT = b"mesatee-tpm-fresh/1\x00"
+KERNEL_EVENT = "mesatee-kernel-measurement"  # the one event type of the kernel's measured-launch log
+_IDENTITY = b"IDENTITY\x00"  # the label TPM2_MakeCredential's seed is bound to
 
 _TPM_GENERATED = 0xFF544347
 _ST_ATTEST_QUOTE = 0x8018
@@ -320,13 +325,22 @@ class TpmEvidence:
             msg = "the EK certificate in the evidence is not the one the quoted statement names: it was swapped"
             raise QualifyingDataMismatch(msg)
 
-    def ek_key(self) -> rsa.RSAPublicKey:
-        """The EK's public key, from its certificate (RSA 2048, the TCG default EK)."""
-        key = x509.load_der_x509_certificate(self.ek_cert).public_key()
-        if not isinstance(key, rsa.RSAPublicKey):
-            msg = "the EK certificate's key is not RSA (this client activates credentials with RSA 2048 EKs)"
-            raise MalformedEvidence(msg)
-        return key
+    def ek_key(self) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
+        """The EK's public key, from its certificate: RSA 2048 (TCG L-1) or ECC NIST P-256 (TCG L-2)."""
+        try:
+            key = x509.load_der_x509_certificate(self.ek_cert).public_key()
+        except ValueError as exc:
+            msg = f"the TPM's EK certificate cannot be parsed: {exc}"
+            raise MalformedEvidence(msg) from exc
+        if isinstance(key, rsa.RSAPublicKey) and key.key_size == 2048:
+            return key
+        if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+            return key
+        msg = (
+            "the EK certificate's key is neither RSA 2048 nor ECC P-256 (this client activates credentials with the "
+            "TCG low-range EKs, L-1 and L-2)"
+        )
+        raise MalformedEvidence(msg)
 
     def check_manifest(self) -> None:
         """The measurement must be the digest of the manifest that travels with it."""
@@ -369,6 +383,42 @@ class TpmEvidence:
             msg = "the reported PCR values are not the ones the TPM quoted (PCR digest differs): they were altered"
             raise PcrDigestMismatch(msg)
 
+    def replay_event_log(self) -> int:
+        """Replay the kernel's measured-launch log from a reset PCR; it must give the quoted application PCR.
+
+        The log (quoted with the statement) lists every extend of the application PCR since its reset: one
+        ``KERNEL_EVENT`` whose digest is the statement's measurement. A PCR extended by anything else, after or
+        before, does not replay (:class:`EventLogMismatch`). Returns the number of events replayed. There is no
+        firmware log for the boot PCRs here: they are checked against the policy's golden values only.
+        """
+        app = int(self.statement["app_pcr"])
+        events = self.statement.get("event_log")
+        if not isinstance(events, list) or not all(_is_event(e) for e in events):
+            msg = "the TPM evidence's event log is missing or malformed (a list of {pcr, type, digest} events)"
+            raise MalformedEvidence(msg)
+        if any(int(e["pcr"]) != app for e in events):
+            msg = f"the kernel's event log names PCRs other than its application PCR {app}"
+            raise EventLogMismatch(msg, pcr=app)
+        value = bytes(32)
+        for event in events:
+            value = hashlib.sha256(value + bytes.fromhex(event["digest"])).digest()
+        quoted = self.pcrs.get(app)
+        if value.hex() != quoted:
+            msg = (
+                f"replaying the kernel's event log ({len(events)} event(s)) gives application PCR {app} = "
+                f"{value.hex()[:16]}…, but the TPM quoted {str(quoted)[:16]}…: something extended the PCR that the "
+                "log does not show (or the log was edited before quoting)"
+            )
+            raise EventLogMismatch(msg, pcr=app)
+        kinds = [(e["type"], e["digest"]) for e in events]
+        if kinds != [(KERNEL_EVENT, self.statement["measurement"])]:
+            msg = (
+                f"the kernel's event log is {[k for k, _ in kinds]}, not the one {KERNEL_EVENT} event of the "
+                "statement's measurement a launch of this kernel writes"
+            )
+            raise EventLogMismatch(msg, pcr=app)
+        return len(events)
+
     def check_pcrs(self, measurement: str, golden: dict[int, str]) -> None:
         """The application PCR must hold ``measurement``; boot PCRs must equal the policy's values."""
         pcrs = self.pcrs
@@ -393,6 +443,21 @@ class TpmEvidence:
                     "booted different firmware, boot loader or kernel"
                 )
                 raise BootPcrMismatch(msg, pcr=index)
+
+
+def _is_event(event: Any) -> bool:
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        return False
+    digest, pcr = event.get("digest"), event.get("pcr")
+    return isinstance(pcr, int) and isinstance(digest, str) and len(digest) == 64 and _is_hex(digest)
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return True
 
 
 def make_tpm_evidence(
@@ -430,21 +495,7 @@ def parse_tpm_evidence(raw: bytes, value: Any) -> TpmEvidence:
         msg = "TPM evidence must be [statement, attest, signature, ak_public, ek_cert] byte strings"
         raise MalformedEvidence(msg)
     body, attest, signature, ak_public, ek_cert = value
-    try:
-        statement = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        msg = "TPM evidence statement is not JSON"
-        raise MalformedEvidence(msg) from exc
-    if not isinstance(statement, dict):
-        msg = "TPM evidence statement must be a JSON object"
-        raise MalformedEvidence(msg)
-    for key, kind in _REQUIRED.items():
-        if not isinstance(statement.get(key), kind):
-            msg = f"TPM evidence statement lacks a valid {key!r}"
-            raise MalformedEvidence(msg)
-    if statement["format"] != TPM_EVIDENCE_FORMAT:
-        msg = f"unsupported evidence format {statement['format']!r} (this client reads {TPM_EVIDENCE_FORMAT})"
-        raise MalformedEvidence(msg)
+    statement = parse_statement(body, _REQUIRED, TPM_EVIDENCE_FORMAT, "TPM evidence")
     if statement["level"] != "tpm" or statement["tpm_kind"] not in ("software", "hardware"):
         msg = "TPM evidence must claim level 'tpm' and a tpm_kind of 'software' or 'hardware'"
         raise MalformedEvidence(msg)
@@ -470,17 +521,39 @@ def _kdfa(key: bytes, label: bytes, context_u: bytes, context_v: bytes, bits: in
     return out[: bits // 8]
 
 
-def make_credential(ek_key: rsa.RSAPublicKey, credential: bytes, ak_name: bytes) -> tuple[bytes, bytes]:
-    """``TPM2_MakeCredential`` in software, for an RSA 2048 EK of the TCG default template (SHA-256, AES-128-CFB).
+def _ecc_seed(ek_key: ec.EllipticCurvePublicKey) -> tuple[bytes, bytes]:
+    r"""The seed and its ``TPMS_ECC_POINT`` for an ECC EK: one-pass ECDH with an ephemeral P-256 key, then KDFe.
+
+    KDFe (TPM 2.0 part 1, 11.4.10.3) is NIST SP 800-56A's concatenation KDF with SHA-256 over
+    ``Z || "IDENTITY\0" || x(ephemeral) || x(EK)``.
+    """
+    ephemeral = ec.generate_private_key(ec.SECP256R1())
+    z = ephemeral.exchange(ec.ECDH(), ek_key)
+    ex = ephemeral.public_key().public_numbers().x.to_bytes(32, "big")
+    ey = ephemeral.public_key().public_numbers().y.to_bytes(32, "big")
+    vx = ek_key.public_numbers().x.to_bytes(32, "big")
+    seed = ConcatKDFHash(hashes.SHA256(), 32, otherinfo=_IDENTITY + ex + vx).derive(z)
+    return seed, struct.pack(">H", 32) + ex + struct.pack(">H", 32) + ey
+
+
+def make_credential(
+    ek_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey, credential: bytes, ak_name: bytes
+) -> tuple[bytes, bytes]:
+    """``TPM2_MakeCredential`` in software, for a TCG low-range EK (SHA-256, AES-128-CFB): RSA 2048 or ECC P-256.
 
     Returns (credential blob, encrypted secret): the contents of the ``TPM2B_ID_OBJECT`` and the
     ``TPM2B_ENCRYPTED_SECRET``. Only the TPM holding the EK's private key *and* a loaded object
-    named ``ak_name`` gets ``credential`` back from ``TPM2_ActivateCredential``.
+    named ``ak_name`` gets ``credential`` back from ``TPM2_ActivateCredential``. The seed is
+    RSA-OAEP encrypted to an RSA EK, or agreed by ECDH with an ECC EK (the secret is then the
+    ephemeral public point).
     """
-    seed = os.urandom(32)
-    secret = ek_key.encrypt(
-        seed, padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=b"IDENTITY\x00")
-    )
+    if isinstance(ek_key, ec.EllipticCurvePublicKey):
+        seed, secret = _ecc_seed(ek_key)
+    else:
+        seed = os.urandom(32)
+        secret = ek_key.encrypt(
+            seed, padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=_IDENTITY)
+        )
     sym_key = _kdfa(seed, b"STORAGE", ak_name, b"", 128)
     encryptor = Cipher(algorithms.AES(sym_key), CFB(bytes(16))).encryptor()
     enc_identity = encryptor.update(struct.pack(">H", len(credential)) + credential) + encryptor.finalize()

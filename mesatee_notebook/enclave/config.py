@@ -43,6 +43,7 @@ class KernelConfig:
     tcti: str | None = None
     tpm_app_pcr: int = 23
     tpm_boot_pcrs: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)
+    tpm_ek: str = "auto"  # the certified EK to activate with: rsa, ecc, or auto (RSA if certified, else ECC)
     sandbox: bool = True
     untrusted_dir: Path | None = None
     sandbox_limits: SandboxLimits = field(default_factory=SandboxLimits)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mesatee_notebook.attestation.hardware._dcap import looks_like_quote, parse_quote
 from mesatee_notebook.attestation.levels import Level
-from mesatee_notebook.errors import LevelNotAvailableError, MalformedEvidence
+from mesatee_notebook.errors import HardwareLevelUnavailable, LevelNotAvailableError, MalformedEvidence
 
 __all__ = [
     "ConfigfsTsm",
@@ -29,6 +29,7 @@ __all__ = [
     "TsmReport",
     "available_hardware_levels",
     "get_hardware_evidence",
+    "hardware_level_error",
 ]
 
 REPORT_DATA_SIZE = 64
@@ -225,3 +226,62 @@ def get_hardware_evidence(level: Level, report_data: bytes, root: str | os.PathL
         return ConfigfsTsm(root).report(report_data).outblob
     msg = f"security level {level.label!r} has no hardware evidence provider here (only sgx and sev)"
     raise LevelNotAvailableError(msg, level=level.label)
+
+
+# What `serve --level X` looks for, per TEE: (path under root, what it is). Printed in the refusal.
+_LOOKED_FOR: dict[str, tuple[tuple[str, str], ...]] = {
+    "sev-snp": (
+        ("dev/sev-guest", "the AMD SEV-SNP guest driver's device (sev-guest module, inside an SNP guest)"),
+        (TSM_REPORT_DIR, "the configfs-tsm report interface (Linux >= 6.7, configfs mounted)"),
+    ),
+    "tdx": (
+        ("dev/tdx_guest", "the Intel TDX guest driver's device (tdx_guest module, inside a TD)"),
+        (TSM_REPORT_DIR, "the configfs-tsm report interface (Linux >= 6.7, configfs mounted)"),
+    ),
+    "sgx": (
+        (f"{GRAMINE_DIR}/attestation_type", "Gramine's attestation pseudo-file, reading 'dcap' (gramine-sgx)"),
+        (f"{GRAMINE_DIR}/quote", "Gramine's DCAP quote pseudo-file (needs the SGX driver /dev/sgx_enclave and a QE)"),
+    ),
+}
+_TEES = {"sev": ("sev-snp", "tdx"), "sev-snp": ("sev-snp",), "snp": ("sev-snp",), "tdx": ("tdx",), "sgx": ("sgx",)}
+
+
+def hardware_level_error(requested: str, root: str | os.PathLike[str] = "/") -> HardwareLevelUnavailable:
+    """Why ``serve --level requested`` (``sgx``, ``tdx``, ``sev-snp`` or ``sev``) cannot serve on this machine.
+
+    Always an error: where the device is missing it names each path it looked for; where the hardware is
+    present, serving on it is not built yet (the providers above read evidence, but the kernel does not put
+    it in its RA-TLS certificate), and the message says so rather than fall back to software trust.
+    """
+    name = str(requested).strip().lower()
+    tees = _TEES.get(name)
+    if tees is None:
+        msg = f"{requested!r} is not a hardware level (expected sgx, tdx, sev-snp or sev)"
+        raise ValueError(msg)
+    base = Path(root)
+    looked = [(tee, path, what, (base / path).exists()) for tee in tees for path, what in _LOOKED_FOR[tee]]
+    found = sorted({tee for tee in tees if all(ok for t, _, _, ok in looked if t == tee)})
+    details = {
+        "level": Level.parse(name).label,
+        "tee": list(tees),
+        "looked_for": sorted({str(base / path) for _, path, _, _ in looked}),
+        "missing": sorted({str(base / path) for _, path, _, ok in looked if not ok}),
+        "found": found,
+    }
+    if found:
+        msg = (
+            f"security level {name!r}: this machine is a {' and '.join(found)} guest "
+            f"({', '.join(sorted({str(base / p) for _, p, _, _ in looked}))} present), but serving at this level "
+            "is not built yet in mesatee_notebook: the kernel does not yet put "
+            "its hardware report in the RA-TLS certificate (see docs/tpm.md, 'Hardware levels'). Nothing was served."
+        )
+        return HardwareLevelUnavailable(msg, **details)
+    unique = {path: (what, ok) for _, path, what, ok in looked}
+    lines = "; ".join(
+        f"{base / path} ({what}): {'present' if ok else 'MISSING'}" for path, (what, ok) in unique.items()
+    )
+    msg = (
+        f"security level {name!r} is not available on this platform: no {'/'.join(tees)} hardware here. "
+        f"Looked for {lines}. There is no software fallback for a hardware level (see docs/tpm.md, 'Hardware levels')."
+    )
+    return HardwareLevelUnavailable(msg, **details)

@@ -94,6 +94,7 @@ class KernelIdentity:
             "receipt_key": self.receipt_public.hex(),
             "app_pcr": tpm.app_pcr,
             "pcrs": {str(i): v for i, v in tpm.read_pcrs().items()},
+            "event_log": tpm.event_log,
             "audit_key": fingerprint(audit) if audit else "",
             "sandbox": self.sandbox if self.sandbox is not None else {"active": False, "why": "--no-sandbox"},
         }

@@ -82,14 +82,28 @@ def platform_fingerprint(data_dir: Path) -> str:
         raise MesateeError(msg) from None
 
 
-def load_platform(data_dir: Path) -> Platform:
-    """Load the platform; refuse key files readable by others."""
+def load_platform(data_dir: Path, *, secret_in_tpm_ok: bool = False) -> Platform:
+    """Load the platform; refuse key files readable by others.
+
+    Once a ``--level tpm`` kernel has moved the sealing secret into the TPM (``enclave/tpm_secret.py``) there is no
+    ``sealing.key``: with ``secret_in_tpm_ok`` the platform loads with an empty ``sealing_secret`` (the kernel unseals
+    it after its measured launch); without it, the refusal says to serve at ``--level tpm``.
+    """
     pdir = Path(data_dir).expanduser() / "platform"
     key_path = pdir / "platform_key.pem"
     if not key_path.exists():
         msg = f"no softtee platform in {data_dir}; run `mesatee-enclave init-platform --data-dir {data_dir}` first"
         raise MesateeError(msg)
-    for p in (key_path, pdir / "sealing.key"):
+    secret_path = pdir / "sealing.key"
+    if not secret_path.exists() and any((pdir / "tpm-sealed").glob("*.json")):
+        if not secret_in_tpm_ok:
+            msg = (
+                f"the sealing secret of {data_dir} is sealed in a TPM (platform/tpm-sealed/): serve it with "
+                "--level tpm --tcti TCTI, or reseal for another measurement with `mesatee-enclave tpm-reseal`"
+            )
+            raise MesateeError(msg)
+        secret_path = key_path  # checked for permissions below; the secret itself comes from the TPM
+    for p in (key_path, secret_path):
         if p.stat().st_mode & 0o077:
             msg = f"{p} is readable by other users; chmod 600 it (keys must be private)"
             raise MesateeError(msg)
@@ -97,6 +111,6 @@ def load_platform(data_dir: Path) -> Platform:
     if not isinstance(key, Ed25519PrivateKey):
         msg = f"{key_path} is not an Ed25519 key"
         raise MesateeError(msg)
-    secret = (pdir / "sealing.key").read_bytes()
+    secret = secret_path.read_bytes() if secret_path != key_path else b""
     fp = fingerprint(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
     return Platform(key=key, sealing_secret=secret, fingerprint=fp, directory=pdir)

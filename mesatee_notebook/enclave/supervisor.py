@@ -110,10 +110,14 @@ class Kernel:
         self.config = config
         # tpm: available only when --tcti names a TPM that answers (open_tpm refuses clearly otherwise).
         self.tpm = (
-            open_tpm(config.tcti, app_pcr=config.tpm_app_pcr, boot_pcrs=config.tpm_boot_pcrs)
+            open_tpm(config.tcti, app_pcr=config.tpm_app_pcr, boot_pcrs=config.tpm_boot_pcrs, ek=config.tpm_ek)
             if config.level is Level.TPM
             else None
         )
+        if config.level in (Level.SEV, Level.SGX):
+            from mesatee_notebook.enclave.hw_providers import hardware_level_error
+
+            raise hardware_level_error(config.level.label)
         config.level.require_available(AVAILABLE_LEVELS | ({Level.TPM} if self.tpm else set()))
         self.hardening = harden_process()
         self.sandbox: Sandbox | None = None
@@ -131,7 +135,7 @@ class Kernel:
         self.sealing_secret: bytes | None = None
         self.platform_fingerprint = "none"
         if config.level in (Level.SOFTTEE, Level.TPM):  # tpm: the platform key signs the audit log, roots sealing
-            platform = load_platform(config.data_dir)
+            platform = load_platform(config.data_dir, secret_in_tpm_ok=self.tpm is not None)
             platform_key = platform.key
             self.sealing_secret = platform.sealing_secret
             self.platform_fingerprint = platform.fingerprint
@@ -143,6 +147,14 @@ class Kernel:
             sandbox=self.sandbox.report() if self.sandbox is not None else None,
             tpm=self.tpm,
         )
+        if self.tpm is not None:  # after the measured launch: the TPM unseals only to this measurement
+            from mesatee_notebook.enclave.tpm_secret import tpm_sealing_secret
+
+            try:
+                self.sealing_secret = tpm_sealing_secret(self.tpm, config.data_dir, self.identity.measurement)
+            except BaseException:
+                self.tpm.close()  # swtpm without a resource manager would keep the AK and EK otherwise
+                raise
         self.sessions: dict[str, KernelSession] = {}
         self.nonces = _NonceGuard()
         self.stopping = threading.Event()

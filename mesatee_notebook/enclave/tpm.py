@@ -11,9 +11,9 @@ for a chip, ``swtpm:host=127.0.0.1,port=2321`` for swtpm); no TPM command is mar
   endorsement hierarchy from a fixed template: the TPM derives it from its endorsement seed,
   so the same TPM gives the same AK on every start and a client can pin its fingerprint.
 * **Quotes** cover the boot PCRs named at serve time plus the application PCR (SHA-256 bank).
-* **EK.** If the TPM holds an RSA 2048 EK certificate in NV (every chip; swtpm after
-  ``swtpm_setup --create-ek-cert``), the EK is loaded and :meth:`Tpm.activate_credential`
-  answers a client's ``TPM2_MakeCredential`` challenge, proving the AK sits in that TPM.
+* **EK.** If the TPM holds an EK certificate of the TCG low range in NV (RSA 2048 at 0x01c00002: every chip,
+  swtpm after ``swtpm_setup --create-ek-cert``; or ECC P-256 at 0x01c0000a), the EK is loaded and
+  :meth:`Tpm.activate_credential` answers a client's ``TPM2_MakeCredential`` challenge, proving the AK sits in that TPM.
 
 A software TPM is a software TPM: its owner can reset PCRs and read its keys. The kind
 (``software`` for swtpm/libtpms, ``hardware`` otherwise) is what the TPM reports of itself.
@@ -21,14 +21,16 @@ A software TPM is a software TPM: its owner can reset PCRs and read its keys. Th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
+from mesatee_notebook.attestation.tpm import KERNEL_EVENT
 from mesatee_notebook.errors import LevelNotAvailableError
 
 __all__ = ["APP_PCR_DEFAULT", "BOOT_PCRS_DEFAULT", "Tpm", "open_tpm"]
@@ -39,6 +41,8 @@ APP_PCR_DEFAULT = 23
 BOOT_PCRS_DEFAULT = (0, 1, 2, 3, 4, 5, 6, 7)
 _RESETTABLE = (16, 23)  # resettable from locality 0 (PC client profile): debug and application PCRs
 _SOFTWARE_VENDORS = ("SW", "SW TPM", "SWTPM", "LIBTPMS")
+_EK_TEMPLATES = {"rsa": "EK-RSA2048", "ecc": "EK-ECC256"}  # TCG EK credential profile L-1, L-2
+_EK_ORDER = {"auto": ("rsa", "ecc"), "rsa": ("rsa",), "ecc": ("ecc",)}
 
 
 def _unavailable(tcti: str, why: str) -> LevelNotAvailableError:
@@ -56,7 +60,11 @@ class Tpm:
         app_pcr: int = APP_PCR_DEFAULT,
         boot_pcrs: Iterable[int] = BOOT_PCRS_DEFAULT,
         with_ek: bool = True,
+        ek: str = "auto",
     ) -> None:
+        if ek not in _EK_ORDER:
+            msg = f"the EK kind is rsa, ecc or auto, not {ek!r}"
+            raise ValueError(msg)
         if app_pcr not in _RESETTABLE:
             msg = f"the application PCR must be a resettable one ({', '.join(map(str, _RESETTABLE))}), not {app_pcr}"
             raise ValueError(msg)
@@ -77,6 +85,9 @@ class Tpm:
         self._closed = False
         self._ek: Any = None
         self._ak: Any = None
+        self.ek_kind = ""  # "rsa" or "ecc" once a certified EK is found
+        self.event_log: list[dict[str, Any]] = []  # this launch's extends of the application PCR
+        self._next_session: Any = None  # the next activation's policy session, started ahead of time
         self.errors: tuple[type[BaseException], ...] = (TSS2_Exception,)
         # what tpm2-pytss raises for a client's malformed credential blob, besides the TPM's own refusal
         self.challenge_errors: tuple[type[BaseException], ...] = (
@@ -92,11 +103,12 @@ class Tpm:
             raise _unavailable(tcti, _explain(exc)) from exc
         try:
             self.vendor, self.kind = self._identify()
-            self._ek, self.ek_cert = self._load_ek(with_ek)
+            self._ek, self.ek_cert = self._load_ek(with_ek, ek)
             self._ak, self.ak_public = self._create_ak()
         except TSS2_Exception as exc:
             self._esapi.close()
             raise _unavailable(tcti, _explain(exc)) from exc
+        self.prepare_activation()
 
     def _identify(self) -> tuple[str, str]:
         from tpm2_pytss import TPM2_CAP, TPM2_PT
@@ -113,40 +125,69 @@ class Tpm:
         kind = "software" if vendor.upper() in _SOFTWARE_VENDORS else "hardware"
         return f"{manufacturer} {vendor}".strip(), kind
 
-    def _load_ek(self, load: bool) -> tuple[Any, bytes]:
-        """The TCG default RSA 2048 EK's certificate from NV (chips, swtpm_setup), and the EK if ``load``."""
+    def _load_ek(self, load: bool, ek: str) -> tuple[Any, bytes]:
+        """A certified low-range EK (TCG L-1 RSA 2048, L-2 ECC P-256): its NV certificate, and the EK if ``load``.
+
+        The EK is created from the TCG template, so it is the certified key.
+        ``ek``: ``rsa``, ``ecc`` or ``auto`` (RSA if certified, else ECC).
+        """
         from tpm2_pytss import ESYS_TR
         from tpm2_pytss.utils import NVReadEK, create_ek_template
 
-        cert, template = create_ek_template("EK-RSA2048", NVReadEK(self._esapi))
-        if not cert:
-            log.warning("the TPM has no RSA EK certificate in NV: clients can only pin its AK")
+        for kind in _EK_ORDER[ek]:
+            cert, template = create_ek_template(_EK_TEMPLATES[kind], NVReadEK(self._esapi))
+            if cert:
+                break
+        else:
+            log.warning("the TPM has no %s EK certificate in NV: clients can only pin its AK", "/".join(_EK_ORDER[ek]))
             return None, b""
+        self.ek_kind = kind
         if not load:
             return None, bytes(cert)
         handle, *_ = self._esapi.create_primary(None, template, ESYS_TR.ENDORSEMENT)
         return handle, bytes(cert)
 
-    def activate_credential(self, blob: bytes, secret: bytes) -> bytes:
-        """``TPM2_ActivateCredential`` of a client's challenge for the AK, under the EK (PolicySecret)."""
-        from tpm2_pytss import (
-            ESYS_TR,
-            TPM2_ALG,
-            TPM2_SE,
-            TPM2B_ENCRYPTED_SECRET,
-            TPM2B_ID_OBJECT,
-            TPMT_SYM_DEF,
+    def _ek_session(self) -> Any:
+        """A policy session satisfying the EK's policy, PolicySecret(endorsement); the TPM ends it after one use."""
+        from tpm2_pytss import ESYS_TR, TPM2_ALG, TPM2_SE, TPMA_SESSION, TPMT_SYM_DEF
+
+        session = self._esapi.start_auth_session(
+            ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY, TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256
         )
+        try:
+            self._esapi.policy_secret(ESYS_TR.ENDORSEMENT, session)
+            self._esapi.trsess_set_attributes(session, 0, TPMA_SESSION.CONTINUESESSION)  # no flush round trip
+        except BaseException:
+            self._flush(session)
+            raise
+        return session
+
+    def prepare_activation(self) -> None:
+        """Start the next activation's policy session now, off a connection's critical path (two TPM commands)."""
+        with self._lock:
+            if self._closed or self._ek is None or self._next_session is not None:
+                return
+            try:
+                self._next_session = self._ek_session()
+            except self.errors as exc:
+                log.warning("the TPM did not start a policy session ahead of time: %s", _explain(exc))
+
+    def activate_credential(self, blob: bytes, secret: bytes) -> bytes:
+        """``TPM2_ActivateCredential`` of a client's challenge for the AK, under the EK (PolicySecret).
+
+        The policy session was started ahead of time (:meth:`prepare_activation`), so a connection waits for one
+        TPM command; the next one is prepared in the background right after.
+        """
+        from tpm2_pytss import ESYS_TR, TPM2B_ENCRYPTED_SECRET, TPM2B_ID_OBJECT
 
         if self._ek is None:
             msg = "this TPM has no EK certificate, so there is no EK to activate a credential with"
             raise _unavailable(self.tcti, msg)
         with self._lock:
-            session = self._esapi.start_auth_session(
-                ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY, TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256
-            )
+            session, self._next_session = self._next_session, None
+            if session is None:
+                session = self._ek_session()
             try:
-                self._esapi.policy_secret(ESYS_TR.ENDORSEMENT, session)
                 out = self._esapi.activate_credential(
                     self._ak,
                     self._ek,
@@ -155,11 +196,10 @@ class Tpm:
                     session1=ESYS_TR.PASSWORD,
                     session2=session,
                 )
-            finally:
-                try:
-                    self._esapi.flush_context(session)
-                except self.errors:
-                    pass
+            except BaseException:
+                self._flush(session)  # a failed command leaves the session loaded
+                raise
+        threading.Thread(target=self.prepare_activation, name="tpm-session", daemon=True).start()
         return bytes(out)
 
     def _create_ak(self) -> tuple[Any, bytes]:
@@ -196,6 +236,9 @@ class Tpm:
             self._esapi.pcr_extend(
                 handle, TPML_DIGEST_VALUES([TPMT_HA(hashAlg=TPM2_ALG.SHA256, digest=TPMU_HA(sha256=digest))])
             )
+        # The measured-launch event log: what was extended into the application PCR since its reset. A client
+        # replays it against the quoted value (attestation/tpm.py, replay_event_log).
+        self.event_log = [{"pcr": self.app_pcr, "type": KERNEL_EVENT, "digest": measurement}]
         value = self.read_pcrs()[self.app_pcr]
         if value != hashlib.sha256(bytes(32) + digest).hexdigest():
             msg = f"PCR {self.app_pcr} does not hold the measurement after extending it: another process uses it"
@@ -231,17 +274,136 @@ class Tpm:
                 raise LevelNotAvailableError(msg, level="tpm") from exc
         return bytes(attest), bytes(signature.marshal())
 
+    # -- sealing (the kernel's sealing secret, under a PCR policy) ---------------------------------------------
+    def _srk(self) -> Any:
+        """The storage root key: an ECC P-256 owner-hierarchy primary from a fixed template (the same key each start).
+
+        Restricted decrypt, noDA; flushed after each use.
+        """
+        from tpm2_pytss import ESYS_TR, TPM2B_PUBLIC, TPMA_OBJECT
+
+        attrs = TPMA_OBJECT.DEFAULT_TPM2_TOOLS_CREATEPRIMARY_ATTRS | TPMA_OBJECT.NODA
+        template = TPM2B_PUBLIC.parse("ecc256:aes128cfb", objectAttributes=attrs, nameAlg="sha256")
+        handle, *_ = self._esapi.create_primary(None, template, ESYS_TR.OWNER)
+        return handle
+
+    def _session(self, kind: Any, salt_key: Any, attributes: int) -> Any:
+        """An auth session salted by ``salt_key`` (AES-128-CFB parameter encryption) with ``attributes``."""
+        from tpm2_pytss import ESYS_TR, TPM2_ALG, TPMA_SESSION, TPMT_SYM_DEF, TPMU_SYM_KEY_BITS, TPMU_SYM_MODE
+
+        sym = TPMT_SYM_DEF(
+            algorithm=TPM2_ALG.AES, keyBits=TPMU_SYM_KEY_BITS(aes=128), mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB)
+        )
+        session = self._esapi.start_auth_session(salt_key, ESYS_TR.NONE, kind, sym, TPM2_ALG.SHA256)
+        self._esapi.trsess_set_attributes(session, TPMA_SESSION.CONTINUESESSION | attributes)
+        return session
+
+    def _flush(self, *handles: Any) -> None:
+        for handle in handles:
+            if handle is not None:
+                try:
+                    self._esapi.flush_context(handle)
+                except self.errors:
+                    pass
+
+    @contextlib.contextmanager
+    def _ek_swapped_out(self) -> Iterator[None]:
+        """Park the EK's context while the SRK and a sealed object load (swtpm holds three transient objects)."""
+        saved = None
+        if self._ek is not None:
+            saved = self._esapi.context_save(self._ek)
+            self._esapi.flush_context(self._ek)
+            self._ek = None
+        try:
+            yield
+        finally:
+            if saved is not None:
+                self._ek = self._esapi.context_load(saved)
+
+    def pcr_policy(self, values: dict[int, str]) -> bytes:
+        """The ``TPM2_PolicyPCR`` digest over the quoted PCRs (``self.pcrs``) holding ``values`` (trial session)."""
+        from tpm2_pytss import ESYS_TR, TPM2_ALG, TPM2_SE, TPMT_SYM_DEF
+
+        if sorted(values) != list(self.pcrs):
+            msg = f"a PCR policy needs values for PCRs {list(self.pcrs)}, got {sorted(values)}"
+            raise ValueError(msg)
+        digest = hashlib.sha256(b"".join(bytes.fromhex(values[i]) for i in self.pcrs)).digest()
+        with self._lock:
+            trial = self._esapi.start_auth_session(
+                ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.TRIAL, TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256
+            )
+            try:
+                self._esapi.policy_pcr(trial, digest, self._selection())
+                return bytes(self._esapi.policy_get_digest(trial))
+            finally:
+                self._flush(trial)
+
+    def seal(self, secret: bytes, policy: bytes) -> tuple[bytes, bytes]:
+        """Seal ``secret`` under the SRK as a data object only ``policy`` unseals: (TPM2B_PUBLIC, TPM2B_PRIVATE).
+
+        userWithAuth is clear, so there is no password path around the policy.
+        """
+        from tpm2_pytss import (
+            TPM2_ALG,
+            TPM2B_PUBLIC,
+            TPM2B_SENSITIVE_CREATE,
+            TPM2B_SENSITIVE_DATA,
+            TPMA_OBJECT,
+            TPMA_SESSION,
+            TPMS_KEYEDHASH_PARMS,
+            TPMS_SENSITIVE_CREATE,
+            TPMT_KEYEDHASH_SCHEME,
+            TPMT_PUBLIC,
+            TPMU_PUBLIC_PARMS,
+        )
+
+        public = TPM2B_PUBLIC(
+            publicArea=TPMT_PUBLIC(
+                type=TPM2_ALG.KEYEDHASH,
+                nameAlg=TPM2_ALG.SHA256,
+                objectAttributes=TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT,
+                authPolicy=policy,
+                parameters=TPMU_PUBLIC_PARMS(
+                    keyedHashDetail=TPMS_KEYEDHASH_PARMS(scheme=TPMT_KEYEDHASH_SCHEME(scheme=TPM2_ALG.NULL))
+                ),
+            )
+        )
+        sensitive = TPM2B_SENSITIVE_CREATE(sensitive=TPMS_SENSITIVE_CREATE(data=TPM2B_SENSITIVE_DATA(secret)))
+        with self._lock, self._ek_swapped_out():
+            srk = self._srk()
+            session = None
+            try:  # the secret travels to the TPM encrypted (decrypt session salted by the SRK)
+                session = self._session(_hmac_kind(), srk, TPMA_SESSION.DECRYPT)
+                private, out_public, *_ = self._esapi.create(srk, sensitive, public, session1=session)
+            finally:
+                self._flush(session, srk)
+        return bytes(out_public.marshal()), bytes(private.marshal())
+
+    def unseal(self, public: bytes, private: bytes) -> bytes:
+        """Load a sealed object under the SRK and unseal it through a PolicyPCR session over the current PCRs.
+
+        The reply is encrypted (session salted by the SRK). A PCR that differs from the sealed policy
+        makes the TPM refuse (``TSS2_Exception``, "a policy check failed").
+        """
+        from tpm2_pytss import TPM2_SE, TPM2B_PRIVATE, TPM2B_PUBLIC, TPMA_SESSION
+
+        with self._lock, self._ek_swapped_out():
+            srk = self._srk()
+            item = session = None
+            try:
+                item = self._esapi.load(srk, TPM2B_PRIVATE.unmarshal(private)[0], TPM2B_PUBLIC.unmarshal(public)[0])
+                session = self._session(TPM2_SE.POLICY, srk, TPMA_SESSION.ENCRYPT)
+                self._esapi.policy_pcr(session, None, self._selection())
+                return bytes(self._esapi.unseal(item, session1=session))
+            finally:
+                self._flush(session, item, srk)
+
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            for handle in (self._ak, self._ek):
-                try:
-                    if handle is not None:
-                        self._esapi.flush_context(handle)
-                except self.errors:
-                    pass
+            self._flush(self._next_session, self._ak, self._ek)
             self._esapi.close()
 
     def __enter__(self) -> Tpm:
@@ -249,6 +411,12 @@ class Tpm:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+def _hmac_kind() -> Any:
+    from tpm2_pytss import TPM2_SE
+
+    return TPM2_SE.HMAC
 
 
 def _explain(exc: BaseException) -> str:
@@ -267,6 +435,7 @@ def open_tpm(
     app_pcr: int = APP_PCR_DEFAULT,
     boot_pcrs: Iterable[int] = BOOT_PCRS_DEFAULT,
     with_ek: bool = True,
+    ek: str = "auto",
 ) -> Tpm:
     """Open the TPM at ``tcti``; without one, the level stays unavailable with a clear reason."""
     if not tcti:
@@ -275,4 +444,4 @@ def open_tpm(
             "device:/dev/tpmrm0 (a TPM chip) or --tcti swtpm:host=127.0.0.1,port=2321 (swtpm, a software TPM)"
         )
         raise LevelNotAvailableError(msg, level="tpm")
-    return Tpm(tcti, app_pcr=app_pcr, boot_pcrs=boot_pcrs, with_ek=with_ek)
+    return Tpm(tcti, app_pcr=app_pcr, boot_pcrs=boot_pcrs, with_ek=with_ek, ek=ek)

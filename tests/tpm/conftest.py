@@ -183,3 +183,66 @@ def local_tpm(other_swtpm: Swtpm) -> Iterator[object]:
 
     with open_tpm(other_swtpm.tcti, app_pcr=16) as tpm:
         yield tpm
+
+
+ECC_EK_CERT_INDEX = 0x01C0000A  # TCG EK credential profile, low range L-2: ECC NIST P-256 EK certificate
+
+
+def provision_ecc_ek(tpm: Swtpm) -> bytes:
+    """Certify the TPM's TCG L-2 ECC P-256 EK with the swtpm's local CA and store the certificate at 0x01c0000a.
+
+    swtpm_setup 0.7 certifies an RSA 2048 EK (L-1) and an ECC P-384 EK of the high range (H-3), not the L-2 one;
+    this does what a manufacturer (or a newer swtpm_setup) does for L-2, with the same CA. The EK itself is the TPM's,
+    created from the TCG template; only the certificate is made here. Returns the certificate (DER).
+    """
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from tpm2_pytss import ESAPI, ESYS_TR, TPM2_ALG, TPM2B_NV_PUBLIC, TPMA_NV, TPMS_NV_PUBLIC
+    from tpm2_pytss.utils import NVReadEK, create_ek_template
+
+    with ESAPI(tpm.tcti) as esapi:
+        _, template = create_ek_template("EK-ECC256", NVReadEK(esapi))
+        handle, public, *_ = esapi.create_primary(None, template, ESYS_TR.ENDORSEMENT)
+        esapi.flush_context(handle)
+        point = public.publicArea.unique.ecc
+        key = ec.EllipticCurvePublicNumbers(
+            int.from_bytes(bytes(point.x), "big"), int.from_bytes(bytes(point.y), "big"), ec.SECP256R1()
+        ).public_key()
+        ca_key = serialization.load_pem_private_key((tpm.ca_issuer.parent / "signkey.pem").read_bytes(), None)
+        issuer = x509.load_pem_x509_certificate(tpm.ca_issuer.read_bytes())
+        now = dt.datetime.now(dt.UTC)
+        tpm_name = x509.Name([x509.NameAttribute(x509.ObjectIdentifier("2.23.133.2.1"), "id:00001014")])
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(issuer.subject)
+            .public_key(key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=3650))
+            .add_extension(x509.SubjectAlternativeName([x509.DirectoryName(tpm_name)]), critical=True)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+            .public_bytes(serialization.Encoding.DER)
+        )
+        attrs = TPMA_NV.PPWRITE | TPMA_NV.PPREAD | TPMA_NV.OWNERREAD | TPMA_NV.AUTHREAD | TPMA_NV.NO_DA
+        attrs |= TPMA_NV.PLATFORMCREATE | TPMA_NV.WRITEDEFINE
+        nv_public = TPMS_NV_PUBLIC(
+            nvIndex=ECC_EK_CERT_INDEX, nameAlg=TPM2_ALG.SHA256, attributes=attrs, dataSize=len(cert)
+        )
+        nv = esapi.nv_define_space(None, TPM2B_NV_PUBLIC(nvPublic=nv_public), auth_handle=ESYS_TR.PLATFORM)
+        for offset in range(0, len(cert), 512):
+            esapi.nv_write(nv, cert[offset : offset + 512], offset, auth_handle=ESYS_TR.PLATFORM)
+    return cert
+
+
+@pytest.fixture(scope="session")
+def ecc_swtpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swtpm]:
+    """A TPM whose ECC P-256 EK (TCG L-2) is certified by its local CA, beside the RSA one."""
+    tpm = start_swtpm(tmp_path_factory.mktemp("swtpm-ecc"))
+    provision_ecc_ek(tpm)
+    yield tpm
+    stop_swtpm(tpm)

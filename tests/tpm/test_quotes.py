@@ -22,6 +22,7 @@ from mesatee_notebook.attestation.measurement import canonical_json
 from mesatee_notebook.attestation.policy import verify_certificate
 from mesatee_notebook.attestation.ratls import build_ratls_certificate, evidence_from_certificate, load_certificate
 from mesatee_notebook.attestation.tpm import (
+    KERNEL_EVENT,
     TPM_TAG,
     AkPublic,
     Quote,
@@ -35,7 +36,7 @@ from mesatee_notebook.attestation.tpm import (
 )
 from mesatee_notebook.enclave.identity import KernelIdentity
 from mesatee_notebook.errors import (
-    AppPcrMismatch,
+    EventLogMismatch,
     MalformedEvidence,
     PcrDigestMismatch,
     QualifyingDataMismatch,
@@ -160,8 +161,8 @@ def test_app_pcr_extended_after_launch_is_refused(identity: KernelIdentity, loca
     finally:
         esapi.close()
     try:
-        identity.refresh()
-        with pytest.raises(AppPcrMismatch, match="application PCR 16"):
+        identity.refresh()  # the log (one launch event) no longer replays to what the TPM quotes
+        with pytest.raises(EventLogMismatch, match="replaying the kernel's event log"):
             verify_certificate(identity.certificate_der, _policy(identity))
     finally:
         local_tpm.measured_launch(identity.measurement)
@@ -254,3 +255,37 @@ def test_a_tpm_that_stops_answering_gives_a_typed_error(tmp_path: Path) -> None:
     with pytest.raises(mn.LevelNotAvailableError, match="did not read its PCRs"):
         tpm.read_pcrs()
     tpm.close()
+
+
+def _relogged(identity: KernelIdentity, local_tpm: Any, events: Any) -> bytes:
+    """The kernel's evidence with another event log, quoted for real by the same TPM (a lying kernel)."""
+    value = _value(identity)
+    statement = json.loads(value[0])
+    statement.pop("ek_cert_sha256")
+    statement["event_log"] = events
+    evidence = make_tpm_evidence(statement=statement, quoter=local_tpm.quote, ak_public=value[3], ek_cert=value[4])
+    return _cert(identity, list(cbor2.loads(evidence).value))
+
+
+def test_event_log_is_replayed_against_the_quoted_pcr(identity: KernelIdentity, local_tpm: Any) -> None:
+    report = verify_certificate(identity.certificate_der, _policy(identity))
+    detail = {c.name: c.detail for c in report.checks}["event log"]
+    assert "1 launch event(s) replay" in detail and "no firmware event log" in detail
+    m = identity.measurement
+    # A log that claims a second extend the PCR does not hold: does not replay.
+    extra = [{"pcr": 16, "type": KERNEL_EVENT, "digest": m}, {"pcr": 16, "type": "config", "digest": "07" * 32}]
+    with pytest.raises(EventLogMismatch, match="2 event"):
+        verify_certificate(_relogged(identity, local_tpm, extra), _policy(identity))
+    # A log of another program's event with the same digest replays, but is not what a kernel launch writes.
+    with pytest.raises(EventLogMismatch, match="not the one"):
+        verify_certificate(
+            _relogged(identity, local_tpm, [{"pcr": 16, "type": "other", "digest": m}]), _policy(identity)
+        )
+    with pytest.raises(EventLogMismatch, match="other than its application PCR"):
+        verify_certificate(
+            _relogged(identity, local_tpm, [{"pcr": 0, "type": KERNEL_EVENT, "digest": m}]), _policy(identity)
+        )
+    with pytest.raises(MalformedEvidence, match="event log"):
+        verify_certificate(_relogged(identity, local_tpm, [{"pcr": 16, "digest": "zz"}]), _policy(identity))
+    with pytest.raises(MalformedEvidence, match="event log"):
+        verify_certificate(_relogged(identity, local_tpm, None), _policy(identity))

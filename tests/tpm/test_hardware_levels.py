@@ -1,0 +1,77 @@
+"""serve --level sgx|tdx|sev-snp: no TEE here, so a typed refusal naming what was looked for; never a fallback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mesatee_notebook.enclave.hw_providers import hardware_level_error
+from mesatee_notebook.errors import HardwareLevelUnavailable, LevelNotAvailableError
+
+
+@pytest.mark.parametrize(
+    ("level", "device"),
+    [("sgx", "/dev/attestation/quote"), ("tdx", "/dev/tdx_guest"), ("sev-snp", "/dev/sev-guest")],
+)
+def test_no_hardware_names_each_path(level: str, device: str) -> None:
+    if Path(device).exists():
+        pytest.skip(f"{device} exists: this host has the hardware")
+    err = hardware_level_error(level)
+    assert isinstance(err, LevelNotAvailableError)
+    assert err.code == "level-unavailable.hardware"
+    assert device in err.message and "MISSING" in err.message
+    assert device in err.details["missing"]
+    assert err.details["found"] == []
+
+
+def test_sev_means_either_tee() -> None:
+    err = hardware_level_error("sev")
+    assert err.details["tee"] == ["sev-snp", "tdx"]
+    assert {"/dev/sev-guest", "/dev/tdx_guest"} <= set(err.details["looked_for"])
+
+
+def test_present_hardware_is_still_refused_as_not_built(tmp_path: Path) -> None:
+    """A mimic SNP guest tree (device + configfs-tsm): the refusal says serving is not built, not 'missing'."""
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "sev-guest").write_bytes(b"")
+    (tmp_path / "sys/kernel/config/tsm/report").mkdir(parents=True)
+    err = hardware_level_error("sev-snp", root=tmp_path)
+    assert err.details["found"] == ["sev-snp"] and err.details["missing"] == []
+    assert "not built yet" in err.message
+    assert "tdx" not in hardware_level_error("tdx", root=tmp_path).details["found"]
+
+
+def test_serve_refuses_with_the_typed_message(tmp_path: Path) -> None:
+    if Path("/dev/tdx_guest").exists():
+        pytest.skip("this host is a TDX guest")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mesatee_notebook.cli",
+            "enclave",
+            "serve",
+            "--level",
+            "tdx",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "security level 'tdx' is not available on this platform" in out.stderr
+    assert "/dev/tdx_guest" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "kernel.json").exists()
+
+
+def test_kernel_class_refuses_too(tmp_path: Path) -> None:
+    from mesatee_notebook.attestation.levels import Level
+    from mesatee_notebook.enclave.kernel import Kernel, KernelConfig
+
+    with pytest.raises(HardwareLevelUnavailable, match="sev"):
+        Kernel(KernelConfig(data_dir=tmp_path, level=Level.SEV))
