@@ -15,7 +15,7 @@ from mesatee_notebook.errors import EncodingError, MesateeError, NotAvailableYet
 
 if TYPE_CHECKING:
     from mesatee_notebook.attestation.receipts import Receipt
-    from mesatee_notebook.remote.psi import JobStatus
+    from mesatee_notebook.remote.jobs import JobStatus
     from mesatee_notebook.remote.session import CallResult, Session
 
 __all__ = ["FunctionsClient", "KeysClient", "SecureFunction", "TaskResult", "TasksClient"]
@@ -177,7 +177,7 @@ class TasksClient:
 
     def __init__(self, session: Session) -> None:
         self._session = session
-        from mesatee_notebook.remote.psi import JobsClient
+        from mesatee_notebook.remote.jobs import JobsClient
 
         self._jobs = JobsClient(session)
 
@@ -194,7 +194,7 @@ class TasksClient:
         approve: bool = True,
     ) -> JobStatus:
         """Create task ``name``; ``inputs`` maps each function input to a dataset. A creator who owns one approves."""
-        from mesatee_notebook.remote.psi import JobStatus
+        from mesatee_notebook.remote.jobs import JobStatus
 
         digest = function.digest if isinstance(function, SecureFunction) else function
         call_args = {

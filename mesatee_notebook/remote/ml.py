@@ -21,13 +21,17 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import pandas as pd
 
 from mesatee_notebook.errors import EncodingError
+from mesatee_notebook.remote._public import public_methods
 from mesatee_notebook.remote.frame import Column, SecureDataFrame, SecureSeries, Select, Source
+
+if TYPE_CHECKING:
+    from mesatee_notebook.remote.session import CallResult, Session
 
 __all__ = [
     "GbdtClient",
@@ -40,9 +44,12 @@ __all__ = [
 
 _LABEL = "__mesatee_label__"
 
+#: A result kept in the enclave (another party's data): one column, or several.
+RemoteResult: TypeAlias = "SecureSeries | SecureDataFrame"
 
-def _call(session: Any, service: str, args: Mapping[str, Any] | None = None,
-          inputs: Mapping[str, Any] | None = None, **kw: Any) -> Any:
+
+def _call(session: Session, service: str, args: Mapping[str, Any] | None = None,
+          inputs: Mapping[str, Any] | None = None, **kw: Any) -> CallResult:
     """``session.call``; engine errors arrive typed (``ml.*`` codes are in the one error tree)."""
     return session.call(service, args, inputs, **kw)
 
@@ -132,7 +139,7 @@ class _PhaseBar:
             self.bar.close()
 
 
-def _remote_result(session: Any, info: Mapping[str, Any]) -> Any:
+def _remote_result(session: Session, info: Mapping[str, Any]) -> RemoteResult:
     """A SecureSeries (one column) or SecureDataFrame over a result kept in the enclave."""
     desc = info["dataset"]
     sdf = session.dataframe(str(desc["name"]))
@@ -140,13 +147,14 @@ def _remote_result(session: Any, info: Mapping[str, Any]) -> Any:
     return sdf[cols[0]] if len(cols) == 1 else sdf
 
 
+@public_methods
 class RemoteModel:
     """A handle on a GBDT model that stays in the enclave.
 
     ``info`` is the model's public description (objective, features, rounds, provenance, release).
     """
 
-    def __init__(self, session: Any, info: Mapping[str, Any], history: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, session: Session, info: Mapping[str, Any], history: Mapping[str, Any] | None = None) -> None:
         self._session = session
         self.info = dict(info)
         self.history: dict[str, Any] = dict(history or {})
@@ -173,7 +181,7 @@ class RemoteModel:
                 f"rounds={i.get('num_rounds')} released={self.released}>")
 
     def _call(self, service: str, args: dict[str, Any], inputs: dict[str, Any] | None = None,
-              timeout: float | None = None) -> Any:
+              timeout: float | None = None) -> CallResult:
         res = _call(self._session, service, {"model": self.id, **args}, inputs or {}, timeout=timeout)
         self.last_receipt = res.receipt
         return res
@@ -197,7 +205,7 @@ class RemoteModel:
         engine: str = "auto",
         remote: bool | None = None,
         name: str | None = None,
-    ) -> Any:
+    ) -> np.ndarray | RemoteResult:
         """Predict: a numpy array for your own data, a remote result for another party's dataset.
 
         On another party's dataset the predictions stay in the enclave, as a SecureSeries (one column) or
@@ -246,10 +254,11 @@ class RemoteModel:
         self._call("gbdt.delete", {})
 
 
+@public_methods
 class GbdtClient:
     """``session.gbdt``: xgboost (hist) training and prediction in the enclave."""
 
-    def __init__(self, session: Any) -> None:
+    def __init__(self, session: Session) -> None:
         self._session = session
 
     def train(
@@ -310,10 +319,11 @@ class GbdtClient:
         return dict(_call(self._session, "gbdt.release", {"model": mid}).info["model"])
 
 
+@public_methods
 class RemoteTVMModule:
     """A TVM-compiled model in the enclave; ``info`` has its inputs, outputs, tuning and library digest."""
 
-    def __init__(self, session: Any, info: Mapping[str, Any]) -> None:
+    def __init__(self, session: Session, info: Mapping[str, Any]) -> None:
         self._session = session
         self.info = dict(info)
         self.last_receipt: Any = None
@@ -345,7 +355,7 @@ class RemoteTVMModule:
         remote: bool | None = None,
         name: str | None = None,
         timeout: float | None = None,
-    ) -> Any:
+    ) -> dict[str, np.ndarray] | RemoteResult:
         """Run the model.
 
         ``data``: arrays (a mapping of input name to array, or one array for a one-input model) give
@@ -376,10 +386,11 @@ class RemoteTVMModule:
         return {k: np.asarray(v) for k, v in res.values.items()}
 
 
+@public_methods
 class TvmClient:
     """``session.tvm``: compile ONNX models with apache-tvm in the enclave and run them there."""
 
-    def __init__(self, session: Any) -> None:
+    def __init__(self, session: Session) -> None:
         self._session = session
 
     def compile(
@@ -558,7 +569,7 @@ class _SecureXGBBase(BaseEstimator):  # type: ignore[misc]
         Xa: np.ndarray = validate_data(self, X, reset=False, ensure_all_finite="allow-nan", dtype=np.float64)
         return Xa
 
-    def _raw_predict(self, X: Any, margin: bool = False) -> Any:
+    def _raw_predict(self, X: Any, margin: bool = False) -> np.ndarray | RemoteResult:
         from sklearn.utils.validation import check_is_fitted
 
         if isinstance(X, (SecureDataFrame, str)):
@@ -576,6 +587,7 @@ class _SecureXGBBase(BaseEstimator):  # type: ignore[misc]
         return self.model_
 
 
+@public_methods
 class SecureXGBRegressor(RegressorMixin, _SecureXGBBase):  # type: ignore[misc]
     """An xgboost regressor that trains in the enclave; scikit-learn conventions (pipelines, CV).
 
@@ -591,12 +603,13 @@ class SecureXGBRegressor(RegressorMixin, _SecureXGBBase):  # type: ignore[misc]
             self._fit_local(X, y, eval_set)
         return self
 
-    def predict(self, X: Any) -> Any:
+    def predict(self, X: Any) -> np.ndarray | RemoteResult:
         """Predicted values (numpy for local X; remote for a dataset)."""
         out = self._raw_predict(X)
         return out.astype(np.float64) if isinstance(out, np.ndarray) else out
 
 
+@public_methods
 class SecureXGBClassifier(ClassifierMixin, _SecureXGBBase):  # type: ignore[misc]
     """An xgboost classifier that trains in the enclave; scikit-learn conventions (pipelines, CV).
 
@@ -634,7 +647,7 @@ class SecureXGBClassifier(ClassifierMixin, _SecureXGBBase):  # type: ignore[misc
         self._fit_local(X, y, eval_set)
         return self
 
-    def predict_proba(self, X: Any) -> Any:
+    def predict_proba(self, X: Any) -> np.ndarray | RemoteResult:
         """Class probabilities ``(n, n_classes)`` (local X), or remote probabilities for a dataset."""
         out = self._raw_predict(X)
         if not isinstance(out, np.ndarray):
@@ -644,10 +657,10 @@ class SecureXGBClassifier(ClassifierMixin, _SecureXGBBase):  # type: ignore[misc
             return np.column_stack([1.0 - out, out])
         return out
 
-    def predict(self, X: Any) -> Any:
+    def predict(self, X: Any) -> np.ndarray:
         """Class labels (local X only: on remote data use ``predict_proba``, which stays remote)."""
         if isinstance(X, (SecureDataFrame, str)):
             msg = "class labels are predicted locally only; on remote data use predict_proba (it stays remote)"
             raise EncodingError(msg)
         proba = self.predict_proba(X)
-        return self.classes_[np.argmax(proba, axis=1)]
+        return np.asarray(self.classes_[np.argmax(proba, axis=1)])

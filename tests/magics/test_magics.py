@@ -497,3 +497,27 @@ def test_connect_to_nothing_says_unreachable_not_lost(ip: InteractiveShell) -> N
     shown = render(info.value)
     assert "Cannot reach the kernel" in shown and "Nothing was sent" in shown, shown
     assert "Lost the kernel" not in shown and "namespace is lost" not in shown, shown
+
+
+def test_refusals_through_the_jobs_psi_and_ml_clients_are_short(mesatee_home: Path, tmp_path: Path) -> None:
+    """``Session.jobs``, ``.psi``, ``.gbdt``, ``.tvm`` and the estimators cut their tracebacks like the frames do."""
+    del mesatee_home
+    from mesatee_notebook.remote._public import full_traceback
+
+    session = mn.connect(identity=tmp_path / "client")
+    try:
+        cases = {
+            "jobs.status": (lambda: session.jobs.status("no-such-job"), mn.errors.NotFound),
+            "psi.result": (lambda: session.psi.result("no-such-psi"), mn.errors.NotFound),
+            "gbdt.model": (lambda: session.gbdt.model("0" * 64), mn.errors.NotFound),
+            "fit": (lambda: mn.SecureXGBRegressor().fit(pd.DataFrame({"a": [1.0, 2.0]}), [1.0, 2.0]), mn.EncodingError),
+        }
+        for label, (call, error) in cases.items():
+            with pytest.raises(error) as info:
+                call()
+            frames = [f.name for f in info.traceback]
+            method = label.rsplit(".", 1)[-1]
+            assert frames[-2:] == ["<lambda>", method] and len(frames) == 3, (label, frames)  # caller, lambda, method
+            assert full_traceback(info.value), label  # the cut frames are kept for %mesatee traceback
+    finally:
+        session.close()
