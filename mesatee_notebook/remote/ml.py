@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from mesatee_notebook.errors import EncodingError
+from mesatee_notebook.remote._bars import close_bar, open_bar
 from mesatee_notebook.remote._public import public_methods
 from mesatee_notebook.remote.frame import Column, SecureDataFrame, SecureSeries, Select, Source
 
@@ -98,9 +99,7 @@ class _RoundBar:
         if not self.enabled or event.get("event") != "round":
             return
         if self.bar is None:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=self.total, desc="mesatee gbdt", unit="round", leave=True)
+            self.bar = open_bar(total=self.total, desc="mesatee gbdt", unit="round", leave=True, disable=False)
         metrics = event.get("metrics") or {}
         shown = {f"{d}-{m}": f"{v:.4g}" for d, per in metrics.items() for m, v in per.items()}
         self.bar.set_postfix(shown, refresh=False)
@@ -108,7 +107,7 @@ class _RoundBar:
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.close()
+            close_bar(self.bar)
 
 
 class _PhaseBar:
@@ -123,9 +122,7 @@ class _PhaseBar:
         if not self.enabled:
             return
         if self.bar is None:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=self.budget or None, desc="mesatee tvm", unit="trial", leave=True)
+            self.bar = open_bar(total=self.budget or None, desc="mesatee tvm", unit="trial", leave=True, disable=False)
         if event.get("event") == "trial":
             self.bar.update(int(event.get("trials", 0)) - self.bar.n)
             best = event.get("best_us")
@@ -136,7 +133,7 @@ class _PhaseBar:
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.close()
+            close_bar(self.bar)
 
 
 def _remote_result(session: Session, info: Mapping[str, Any]) -> RemoteResult:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -74,3 +75,38 @@ def _check_quickstart(nb: nbformat.NotebookNode) -> None:
     assert "out/by_clinic" in verified and "visits" in verified
     tampered = "".join(o.get("text", "") for o in outputs_of("import base64"))
     assert tampered.startswith("refused:") and "signature does not verify" in tampered
+
+
+@pytest.mark.slow
+def test_saved_notebook_keeps_no_stale_progress(notebook_env: Path, tmp_path: Path) -> None:
+    """Widget bars end as their final line (training) or as nothing (transfers), so a saved file has no '0%|'."""
+    del notebook_env
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+    nb.cells = [
+        nbformat.v4.new_code_cell(
+            "%load_ext mesatee_notebook\n%mesatee connect\n%config MesateeMagics.progress_after = 0.0"
+        ),
+        nbformat.v4.new_code_cell("%%mesatee\nimport numpy as np\nimport time\ntime.sleep(1.5)\nnp.ones(1_500_000)"),
+        nbformat.v4.new_code_cell(
+            "import numpy as np, pandas as pd, mesatee_notebook as mn\n"
+            "rng = np.random.default_rng(0)\n"
+            "df = pd.DataFrame({'a': rng.normal(size=300), 'b': rng.normal(size=300)})\n"
+            "df['y'] = (df.a + df.b > 0).astype(float)\n"
+            "model = mn.connect().gbdt.train(df, 'y', params={'objective': 'binary:logistic'}, num_boost_round=12)"
+        ),
+    ]
+    client = NotebookClient(nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    saved = tmp_path / "saved.ipynb"
+    nbformat.write(nb, saved)
+    text = saved.read_text()
+    assert not re.search(r"(?<!\d)0%\||(?<!\d)0/12", text), text  # nothing saved at its starting state
+    assert "application/vnd.jupyter.widget-view+json" not in text  # every bar's widget output was replaced
+    training = [o for o in nb.cells[2].outputs if o.output_type in ("display_data", "update_display_data")]
+    final = [o["data"]["text/plain"] for o in training if o["data"].get("text/plain")]
+    assert len(final) == 1 and "mesatee gbdt: 100%" in final[0] and "12/12" in final[0], final
+    transfer = [o for o in nb.cells[1].outputs if o.output_type == "display_data"]
+    assert transfer and all(o["data"] == {"text/plain": ""} for o in transfer), transfer  # cleared when done
+    shown = next(o for o in nb.cells[1].outputs if o.output_type == "execute_result")
+    assert "shape=(1500000,)" in shown["data"]["text/plain"]
