@@ -423,10 +423,17 @@ class RemoteExecutionError(MesateeError):
         return str(self.details.get("traceback", ""))
 
     def _render_traceback_(self) -> list[str]:
+        """The user's remote lines, then what happened when the traceback does not say it.
+
+        A timeout or an interrupt stops the cell with a remote ``KeyboardInterrupt``; that alone would be all a
+        notebook shows, so the explanation (the limit, and that the session is intact) follows it.
+        """
         tb = self.remote_traceback.rstrip("\n")
         head = "Remote error in the enclave kernel (mesatee)"
         lines = [head]
         lines.extend(tb.splitlines() if tb else [f"{self.ename}: {self.message}"])
+        if tb and self.message and self.message not in tb:
+            lines.append(f"{type(self).__name__}: {self.message}")
         return lines
 
 

@@ -331,6 +331,9 @@ def test_timeout_stops_the_remote_cell(ip: InteractiveShell) -> None:
         ip.run_cell("%%mesatee --timeout 0.5\nimport time\ntime.sleep(30)")
     assert isinstance(info.value, TimeoutError)
     assert time.monotonic() - started < 15
+    shown = render(info.value)  # what JupyterLab shows: the remote KeyboardInterrupt, then why, not only the former
+    assert "KeyboardInterrupt" in shown and shown.splitlines()[-1].startswith("RemoteTimeout: "), shown
+    assert "ran past its timeout of 0.5 s" in shown and "the session is intact" in shown, shown
     assert ip.run_cell("%%mesatee\n'alive'").result == "alive"
 
 
@@ -342,11 +345,13 @@ def test_interrupt_stops_the_remote_cell(ip: InteractiveShell) -> None:
     started = time.monotonic()
     timer.start()
     try:
-        with pytest.raises(mn.errors.RemoteInterrupted):
+        with pytest.raises(mn.errors.RemoteInterrupted) as info:
             ip.run_cell("%%mesatee\nimport time\ntime.sleep(30)")
     finally:
         timer.cancel()
     assert time.monotonic() - started < 15
+    shown = render(info.value)
+    assert shown.splitlines()[-1] == f"RemoteInterrupted: {info.value.message}" and info.value.message, shown
     assert ip.run_cell("%%mesatee\nbefore_interrupt").result == 5
 
 

@@ -101,8 +101,9 @@ def _check_quickstart(nb: nbformat.NotebookNode) -> None:
 
 
 @pytest.mark.slow
-def test_saved_notebook_keeps_no_stale_progress(notebook_env: Path, tmp_path: Path) -> None:
-    """Widget bars end as their final line (training) or as nothing (transfers), so a saved file has no '0%|'."""
+def test_saved_notebook_explains_timeouts_and_keeps_no_stale_progress(notebook_env: Path, tmp_path: Path) -> None:
+    """Widget bars end as their final line (training) or as nothing (transfers), so a saved file has no '0%|';
+    a timed-out cell's traceback (what JupyterLab shows) says why after the remote KeyboardInterrupt."""
     del notebook_env
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
@@ -118,6 +119,9 @@ def test_saved_notebook_keeps_no_stale_progress(notebook_env: Path, tmp_path: Pa
             "df['y'] = (df.a + df.b > 0).astype(float)\n"
             "model = mn.connect().gbdt.train(df, 'y', params={'objective': 'binary:logistic'}, num_boost_round=12)"
         ),
+        nbformat.v4.new_code_cell(
+            "%%mesatee --timeout 0.5\nimport time\ntime.sleep(30)", metadata={"tags": ["raises-exception"]}
+        ),
     ]
     client = NotebookClient(nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(tmp_path)}})
     client.execute()
@@ -131,5 +135,10 @@ def test_saved_notebook_keeps_no_stale_progress(notebook_env: Path, tmp_path: Pa
     assert len(final) == 1 and "mesatee gbdt: 100%" in final[0] and "12/12" in final[0], final
     transfer = [o for o in nb.cells[1].outputs if o.output_type == "display_data"]
     assert transfer and all(o["data"] == {"text/plain": ""} for o in transfer), transfer  # cleared when done
+    error = next(o for o in nb.cells[3].outputs if o.output_type == "error")
+    assert error["ename"] == "RemoteTimeout" and "KeyboardInterrupt" in error["traceback"], error
+    assert re.sub(r"\x1b\[[0-9;]*m", "", error["traceback"][-1]).startswith(
+        "RemoteTimeout: the cell ran past its timeout"
+    )
     shown = next(o for o in nb.cells[1].outputs if o.output_type == "execute_result")
     assert "shape=(1500000,)" in shown["data"]["text/plain"]
