@@ -430,6 +430,34 @@ def test_dead_kernel_is_one_message_then_reconnects(
     assert os.path.exists(mesatee_home / "kernel.json")
 
 
+def test_a_shared_embedded_kernel_is_said_and_shown(
+    ip: InteractiveShell, mesatee_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A kernel home shared by two installs: reusing the other's kernel is warned about and shown on connect."""
+    import sys
+
+    from mesatee_notebook.remote import embedded
+
+    embedded.ensure_embedded_kernel()
+    origin_file = mesatee_home / "launcher.json"
+    mine = json.loads(origin_file.read_text())
+    pid = json.loads((mesatee_home / "kernel.json").read_text())["pid"]
+    assert mine == {"pid": pid, "python": sys.executable, "package": str(Path(mn.__file__).resolve().parent)}
+    ip.run_cell("%mesatee connect")
+    assert f"pid {pid}, home {mesatee_home})" in capsys.readouterr().out  # its own kernel: no warning
+    assert "another install" not in embedded.describe_embedded()
+    try:
+        origin_file.write_text(json.dumps({**mine, "python": "/elsewhere/.venv/bin/python"}))
+        with pytest.warns(embedded.SharedKernelWarning, match=r"reusing the embedded kernel \(pid \d+\).*/elsewhere/"):
+            embedded.ensure_embedded_kernel()
+        with pytest.warns(embedded.SharedKernelWarning):
+            ip.run_cell("%mesatee connect")
+        line = capsys.readouterr().out
+        assert f"pid {pid}, home {mesatee_home}; started by another install: /elsewhere/.venv/bin/python" in line
+    finally:
+        origin_file.write_text(json.dumps(mine))
+
+
 def test_stale_embedded_kernel_hint_names_the_pid(mesatee_home: Path) -> None:
     from mesatee_notebook.magics._magics import _stale_embedded_hint
 
