@@ -49,10 +49,31 @@ _LABEL = "__mesatee_label__"
 RemoteResult: TypeAlias = "SecureSeries | SecureDataFrame"
 
 
-def _call(session: Session, service: str, args: Mapping[str, Any] | None = None,
-          inputs: Mapping[str, Any] | None = None, **kw: Any) -> CallResult:
+def _call(
+    session: Session,
+    service: str,
+    args: Mapping[str, Any] | None = None,
+    inputs: Mapping[str, Any] | None = None,
+    **kw: Any,
+) -> CallResult:
     """``session.call``; engine errors arrive typed (``ml.*`` codes are in the one error tree)."""
     return session.call(service, args, inputs, **kw)
+
+
+def _remote_ref(data: SecureDataFrame | SecureSeries) -> dict[str, Any]:
+    """The wire reference for a stored dataset, or a column selection of it."""
+    node = data._node
+    if isinstance(node, Source):
+        return {"dataset": node.name}
+    if isinstance(node, Select) and isinstance(node.input, Source):
+        return {"dataset": node.input.name, "columns": list(node.columns)}
+    if isinstance(node, Column) and isinstance(node.input, Source):
+        return {"dataset": node.input.name, "columns": [node.name]}
+    msg = (
+        "the ML services work on a stored dataset or a column selection of it; this remote frame is derived "
+        "(filter, assign, merge, ...). Store it first, or pass the dataset name"
+    )
+    raise EncodingError(msg, op=node.op)
 
 
 def _data_ref(data: Any, slot: str, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -62,23 +83,9 @@ def _data_ref(data: Any, slot: str, inputs: dict[str, Any]) -> dict[str, Any]:
     if isinstance(data, dict) and "dataset" in data:  # an already-built reference
         return dict(data)
     if isinstance(data, (SecureDataFrame, SecureSeries)):
-        node = data._node
-        if isinstance(node, Source):
-            return {"dataset": node.name}
-        if isinstance(node, Select) and isinstance(node.input, Source):
-            return {"dataset": node.input.name, "columns": list(node.columns)}
-        if isinstance(node, Column) and isinstance(node.input, Source):
-            return {"dataset": node.input.name, "columns": [node.name]}
-        msg = (
-            "the ML services work on a stored dataset or a column selection of it; this remote frame is derived "
-            "(filter, assign, merge, ...). Store it first, or pass the dataset name"
-        )
-        raise EncodingError(msg, op=node.op)
-    if isinstance(data, (pd.DataFrame, np.ndarray)):
-        inputs[slot] = data
-        return {"input": slot}
-    if isinstance(data, pd.Series):
-        inputs[slot] = data.to_frame()
+        return _remote_ref(data)
+    if isinstance(data, (pd.DataFrame, np.ndarray, pd.Series)):
+        inputs[slot] = data.to_frame() if isinstance(data, pd.Series) else data
         return {"input": slot}
     kind = type(data).__name__
     msg = f"data must be a pandas DataFrame, a numpy array, a dataset name or a SecureDataFrame, not {kind}"
@@ -174,11 +181,14 @@ class RemoteModel:
 
     def __repr__(self) -> str:
         i = self.info
-        return (f"<RemoteModel {self.id[:12]}… {i.get('objective')} features={len(self.features)} "
-                f"rounds={i.get('num_rounds')} released={self.released}>")
+        return (
+            f"<RemoteModel {self.id[:12]}… {i.get('objective')} features={len(self.features)} "
+            f"rounds={i.get('num_rounds')} released={self.released}>"
+        )
 
-    def _call(self, service: str, args: dict[str, Any], inputs: dict[str, Any] | None = None,
-              timeout: float | None = None) -> CallResult:
+    def _call(
+        self, service: str, args: dict[str, Any], inputs: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> CallResult:
         res = _call(self._session, service, {"model": self.id, **args}, inputs or {}, timeout=timeout)
         self.last_receipt = res.receipt
         return res
@@ -426,8 +436,14 @@ class TvmClient:
             args["timeout_s"] = float(timeout)
         bar = _PhaseBar(tune_trials, progress and tune_trials > 0)
         try:
-            res = _call(self._session, "tvm.compile", args, {"model": raw}, progress=bar,
-                                     timeout=None if timeout is None else timeout + 30)
+            res = _call(
+                self._session,
+                "tvm.compile",
+                args,
+                {"model": raw},
+                progress=bar,
+                timeout=None if timeout is None else timeout + 30,
+            )
         finally:
             bar.close()
         module = RemoteTVMModule(self._session, res.info)
@@ -528,8 +544,9 @@ class _SecureXGBBase(BaseEstimator):  # type: ignore[misc]
         if "columns" in ref and y not in ref["columns"]:
             ref["columns"] = [*ref["columns"], y]
         client = GbdtClient(self._session_or_fail())
-        self.model_ = client.train(ref, y, params={**self._params(), **extra}, num_boost_round=self.n_estimators,
-                                   progress=self.progress)
+        self.model_ = client.train(
+            ref, y, params={**self._params(), **extra}, num_boost_round=self.n_estimators, progress=self.progress
+        )
         features = [f for f in self.model_.features if f != y]
         self.n_features_in_ = len(features)
         self.feature_names_in_ = np.asarray(features, dtype=object)
@@ -551,10 +568,15 @@ class _SecureXGBBase(BaseEstimator):  # type: ignore[misc]
             ef[_LABEL] = self._encode_y(np.asarray(ey), fitting=False)
             evals = {"valid": ef}
         client = GbdtClient(self._session_or_fail())
-        self.model_ = client.train(frame, _LABEL, params={**self._params(), **extra},
-                                   num_boost_round=self.n_estimators, evals=evals,
-                                   early_stopping_rounds=self.early_stopping_rounds if evals else None,
-                                   progress=self.progress)
+        self.model_ = client.train(
+            frame,
+            _LABEL,
+            params={**self._params(), **extra},
+            num_boost_round=self.n_estimators,
+            evals=evals,
+            early_stopping_rounds=self.early_stopping_rounds if evals else None,
+            progress=self.progress,
+        )
 
     def _encode_y(self, y: Any, *, fitting: bool = True) -> np.ndarray:
         return np.asarray(y, dtype=np.float64)

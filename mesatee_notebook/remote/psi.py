@@ -98,6 +98,40 @@ def _from_list(values: Sequence[Any]) -> tuple[Any, str]:
     return mixed, "msgpack"
 
 
+def _from_series(items: Any) -> tuple[Any, str]:
+    import pandas as pd
+    import pyarrow as pa
+
+    dtype = items.dtype
+    if pd.api.types.is_bool_dtype(dtype) or pd.api.types.is_float_dtype(dtype):
+        msg = f"a Series of dtype {dtype}"
+        raise _refuse(msg, "Cast it to int or str first.")
+    if isinstance(dtype, np.dtype) and dtype.kind in "iu":
+        return np.ascontiguousarray(items.to_numpy()), "npy"
+    if isinstance(dtype, np.dtype) and dtype.kind == "O":
+        return _from_list(items.tolist())
+    try:
+        return _arrow_payload(pa.array(items)), "arrow"
+    except (pa.ArrowException, TypeError, ValueError):
+        return _from_list(items.tolist())
+
+
+def _from_ndarray(items: np.ndarray) -> tuple[Any, str]:
+    import pyarrow as pa
+
+    if items.ndim != 1:
+        msg = f"a {items.ndim}-d array"
+        raise _refuse(msg, "Pass a 1-d array (one item per element).")
+    if items.dtype.kind in "iu":
+        return np.ascontiguousarray(items), "npy"
+    if items.dtype.kind in "US":
+        return _arrow_payload(pa.array(items)), "arrow"
+    if items.dtype.kind == "O":
+        return _from_list(items.tolist())
+    msg = f"a numpy array of dtype {items.dtype}"
+    raise _refuse(msg, "Cast it to int or str first.")
+
+
 def prepare_items(items: Any) -> tuple[Any, str]:
     """Turn a set of items into (payload, format) for ``psi.submit``; types are kept exactly."""
     import pandas as pd
@@ -109,30 +143,9 @@ def prepare_items(items: Any) -> tuple[Any, str]:
     if isinstance(items, (pa.Array, pa.ChunkedArray)):
         return _arrow_payload(items), "arrow"
     if isinstance(items, (pd.Series, pd.Index)):
-        dtype = items.dtype
-        if pd.api.types.is_bool_dtype(dtype) or pd.api.types.is_float_dtype(dtype):
-            msg = f"a Series of dtype {dtype}"
-            raise _refuse(msg, "Cast it to int or str first.")
-        if isinstance(dtype, np.dtype) and dtype.kind in "iu":
-            return np.ascontiguousarray(items.to_numpy()), "npy"
-        if isinstance(dtype, np.dtype) and dtype.kind == "O":
-            return _from_list(items.tolist())
-        try:
-            return _arrow_payload(pa.array(items)), "arrow"
-        except (pa.ArrowException, TypeError, ValueError):
-            return _from_list(items.tolist())
+        return _from_series(items)
     if isinstance(items, np.ndarray):
-        if items.ndim != 1:
-            msg = f"a {items.ndim}-d array"
-            raise _refuse(msg, "Pass a 1-d array (one item per element).")
-        if items.dtype.kind in "iu":
-            return np.ascontiguousarray(items), "npy"
-        if items.dtype.kind in "US":
-            return _arrow_payload(pa.array(items)), "arrow"
-        if items.dtype.kind == "O":
-            return _from_list(items.tolist())
-        msg = f"a numpy array of dtype {items.dtype}"
-        raise _refuse(msg, "Cast it to int or str first.")
+        return _from_ndarray(items)
     if isinstance(items, Iterable) and not isinstance(items, Mapping):
         return _from_list(list(items))
     raise _refuse(type(items).__name__, "Pass a list, numpy array, pandas Series or Arrow array.")
