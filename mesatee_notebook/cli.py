@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import signal
+import socket
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
-from mesatee_notebook.errors import MesateeError
+from mesatee_notebook.errors import KernelConnectionError, MesateeError, UntrustedPlatform
 
 if TYPE_CHECKING:
     from mesatee_notebook.attestation.levels import Level
+    from mesatee_notebook.enclave.kernel import KernelConfig
 
 __all__ = ["client_main", "enclave_main", "main"]
 
@@ -23,29 +26,97 @@ def _default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "mesatee_notebook" / "kernel"
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (not the whole usage) and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+class _Refused(Exception):
+    """A command-line refusal: printed as one line, exit status 2."""
+
+
 def _size(text: str) -> int:
+    """``8g``, ``512m``, ``64k``, ``1t`` or a byte count (``0`` turns a limit off)."""
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().rstrip("b")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
+    t = text.strip().lower().removesuffix("ib").rstrip("b")
+    try:
+        value = int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        msg = f"{text!r} is not a size: give bytes, or a number with k, m, g or t (e.g. 512m, 8g)"
+        raise argparse.ArgumentTypeError(msg) from None
+    if value < 0:
+        msg = f"{text!r} is negative: a size is 0 (no limit) or more"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        msg = f"{text!r} is not a TCP port: give 0 to 65535 (0: any free port)"
+        raise argparse.ArgumentTypeError(msg)
+    return port
+
+
+def _level_name(text: str) -> str:
+    from mesatee_notebook.attestation.levels import Level
+
+    try:
+        Level.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _timeout(text: str) -> float | None:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        msg = f"{text!r} is not a number of seconds"
+        raise argparse.ArgumentTypeError(msg) from None
     return None if value <= 0 else value
 
 
+def _bind(kernel: Any, host: str, port: int) -> tuple[str, int]:
+    """``kernel.bind()``, with the usual socket failures said in one sentence."""
+    try:
+        return cast("tuple[str, int]", kernel.bind())
+    except socket.gaierror as exc:
+        msg = f"cannot resolve --host {host!r} ({exc.strerror}); give an IP address, or a name this machine resolves"
+        raise _Refused(msg) from None
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            msg = (
+                f"port {port} on {host} is already in use (another kernel?); choose another with --port "
+                "(0: any free port), or stop what holds it"
+            )
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            msg = f"--host {host} is not an address of this machine; give one of its addresses (e.g. 127.0.0.1)"
+        elif exc.errno == errno.EACCES:
+            msg = f"not allowed to listen on port {port} (ports below 1024 need privileges); choose another --port"
+        else:
+            msg = f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+        raise _Refused(msg) from None
+
+
 def _enclave_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mesatee-enclave", description="Run a mesatee enclave kernel.")
+    p = _Parser(prog="mesatee-enclave", description="Run a mesatee enclave kernel.")
     sub = p.add_subparsers(dest="cmd", required=True)
     ip = sub.add_parser("init-platform", help="create the softtee platform key and sealing secret")
     ip.add_argument("--data-dir", type=Path, default=_default_data_dir())
     sp = sub.add_parser("serve", help="serve the attested channel")
     sp.add_argument("--host", default="127.0.0.1")
-    sp.add_argument("--port", type=int, default=7443)
+    sp.add_argument("--port", type=_port, default=7443)
     sp.add_argument(
-        "--level", default="softtee", help="unprotected | softtee | tpm | sgx | tdx | sev-snp (sev: tdx or sev-snp)"
+        "--level",
+        type=_level_name,
+        default="softtee",
+        help="unprotected | softtee | tpm | sgx | tdx | sev-snp (sev: tdx or sev-snp)",
     )
     sp.add_argument("--data-dir", type=Path, default=_default_data_dir())
     sp.add_argument("--idle-timeout", type=float, default=None, help="exit after this many idle seconds")
@@ -287,135 +358,157 @@ def _cluster_node(args: argparse.Namespace) -> int:
     return run_node_command(args)
 
 
-_COMMANDS = {
-    "init-platform": _init_platform,
-    "migrate": _migrate,
-    "tpm-info": _tpm_info,
-    "tpm-reseal": _reseal,
-    "scheduler": _cluster_node,
-    "worker": _cluster_node,
-}
+def _serve_config(args: argparse.Namespace) -> tuple[Level, KernelConfig]:
+    """The kernel's configuration from the ``serve`` flags (and the warnings they deserve)."""
+    from dataclasses import replace
+
+    from mesatee_notebook.attestation.levels import Level
+    from mesatee_notebook.enclave.kernel import ANONYMOUS_LIMITS, KernelConfig
+    from mesatee_notebook.enclave.quotas import LIMITS, Quota
+    from mesatee_notebook.wire.framing import Limits
+
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    level = _serve_level(args.level)
+    if level is Level.UNPROTECTED:
+        print("WARNING: serving UNPROTECTED: no attestation; clients must opt in explicitly.", file=sys.stderr)
+    if args.no_sandbox:
+        print(
+            "WARNING: SANDBOX OFF (--no-sandbox): cells run with this kernel's uid, can read its platform key "
+            "and sealing secret, and can reach every other party's data. Clients that require a sandbox "
+            "(the default above unprotected) refuse this kernel.",
+            file=sys.stderr,
+        )
+    from mesatee_notebook.enclave.sandbox import SandboxLimits
+
+    cell_memory = args.executor_memory if args.executor_memory is not None else args.cell_memory
+    limits = SandboxLimits(
+        cell_memory=cell_memory or None,
+        service_memory=args.service_memory or None,
+        cell_cpu=args.cell_cpu or None,
+        processes=args.max_processes,
+        file_size=args.max_file_size,
+        open_files=args.max_open_files,
+        tmp_size=args.tmp_size,
+        shm_size=args.tmp_size,
+    )
+    cfg = KernelConfig(
+        data_dir=args.data_dir,
+        level=level,
+        host=args.host,
+        port=args.port,
+        idle_timeout=args.idle_timeout,
+        executor_memory=0 if not args.no_sandbox else (cell_memory or 0),
+        sandbox=not args.no_sandbox,
+        untrusted_dir=args.untrusted_dir,
+        sandbox_limits=limits,
+        limits=Limits(max_payload=args.max_payload),
+        max_cell_timeout=args.max_cell_timeout,
+        tcti=args.tcti,
+        tpm_app_pcr=args.tpm_app_pcr,
+        tpm_boot_pcrs=args.tpm_boot_pcrs,
+        tpm_ek=args.tpm_ek,
+        anonymous_limits=replace(ANONYMOUS_LIMITS, max_payload=min(args.anonymous_max_payload, args.max_payload)),
+        idle_connection_timeout=args.idle_connection_timeout,
+        anonymous_inflight_bytes=args.anonymous_inflight_bytes,
+        party_quota=Quota(**{limit: getattr(args, f"party_{limit}") for limit in LIMITS}),
+        anonymous_quota=Quota(**{limit: getattr(args, f"anonymous_{limit}") for limit in LIMITS}),
+    )
+    if args.service_workers is not None:
+        cfg.service_workers = max(0, args.service_workers)
+    return level, cfg
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """``mesatee-enclave serve``: build the kernel from the flags, bind, say what it is, serve."""
+    from mesatee_notebook.enclave.kernel import Kernel
+
+    level, cfg = _serve_config(args)
+    kernel = Kernel(cfg)
+    if args.cluster:
+        from mesatee_notebook.enclave.cluster.head import attach_head
+
+        attach_head(kernel, args.cluster, args.cluster_platform_root, args.cluster_measurement)
+    # SIGTERM stops the kernel cleanly, like Ctrl-C: executors end and TPM objects are flushed
+    # (swtpm without a resource manager would otherwise keep them).
+    signal.signal(signal.SIGTERM, lambda signum, frame: kernel.stopping.set())
+    host, port = _bind(kernel, args.host, args.port)
+    print(f"mesatee-enclave serving {level.label} on mesatee://{host}:{port}", flush=True)
+    print(f"  measurement {kernel.identity.measurement}", flush=True)
+    print(f"  platform    {kernel.platform_fingerprint}", flush=True)
+    if kernel.tpm is not None:
+        from mesatee_notebook.attestation.tpm import ak_fingerprint
+
+        tpm = kernel.tpm
+        print(f"  TPM AK      {ak_fingerprint(tpm.ak_public)} (pin this as a platform root)", flush=True)
+        print(f"  TPM         {tpm.vendor} ({tpm.kind}), application PCR {tpm.app_pcr}", flush=True)
+        if tpm.kind == "software":
+            print("  a software TPM is SOFTWARE trust: whoever runs swtpm holds its keys.", flush=True)
+    print(f"  {level.trust_note}", flush=True)
+    if kernel.sandbox is not None:
+        print(f"  sandbox     {kernel.sandbox.summary()}", flush=True)
+    else:
+        print("  sandbox     OFF (--no-sandbox): NO isolation between parties", flush=True)
+    kernel.serve_forever()
+    return 0
 
 
 def enclave_main(argv: list[str] | None = None) -> int:
     """``mesatee-enclave``."""
     args = _enclave_parser().parse_args(argv)
+    commands = {
+        "init-platform": _init_platform,
+        "migrate": _migrate,
+        "tpm-info": _tpm_info,
+        "tpm-reseal": _reseal,
+        "scheduler": _cluster_node,
+        "worker": _cluster_node,
+        "serve": _serve,
+    }
     try:
-        if args.cmd in _COMMANDS:
-            return _COMMANDS[args.cmd](args)
-        from dataclasses import replace
-
-        from mesatee_notebook.attestation.levels import Level
-        from mesatee_notebook.enclave.kernel import ANONYMOUS_LIMITS, Kernel, KernelConfig
-        from mesatee_notebook.enclave.quotas import LIMITS, Quota
-        from mesatee_notebook.wire.framing import Limits
-
-        logging.basicConfig(
-            level=logging.INFO if args.verbose else logging.WARNING,
-            format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        )
-        level = _serve_level(args.level)
-        if level is Level.UNPROTECTED:
-            print("WARNING: serving UNPROTECTED: no attestation; clients must opt in explicitly.", file=sys.stderr)
-        if args.no_sandbox:
-            print(
-                "WARNING: SANDBOX OFF (--no-sandbox): cells run with this kernel's uid, can read its platform key "
-                "and sealing secret, and can reach every other party's data. Clients that require a sandbox "
-                "(the default above unprotected) refuse this kernel.",
-                file=sys.stderr,
-            )
-        from mesatee_notebook.enclave.sandbox import SandboxLimits
-
-        cell_memory = args.executor_memory if args.executor_memory is not None else args.cell_memory
-        limits = SandboxLimits(
-            cell_memory=cell_memory or None,
-            service_memory=args.service_memory or None,
-            cell_cpu=args.cell_cpu or None,
-            processes=args.max_processes,
-            file_size=args.max_file_size,
-            open_files=args.max_open_files,
-            tmp_size=args.tmp_size,
-            shm_size=args.tmp_size,
-        )
-        cfg = KernelConfig(
-            data_dir=args.data_dir,
-            level=level,
-            host=args.host,
-            port=args.port,
-            idle_timeout=args.idle_timeout,
-            executor_memory=0 if not args.no_sandbox else (cell_memory or 0),
-            sandbox=not args.no_sandbox,
-            untrusted_dir=args.untrusted_dir,
-            sandbox_limits=limits,
-            limits=Limits(max_payload=args.max_payload),
-            max_cell_timeout=args.max_cell_timeout,
-            tcti=args.tcti,
-            tpm_app_pcr=args.tpm_app_pcr,
-            tpm_boot_pcrs=args.tpm_boot_pcrs,
-            tpm_ek=args.tpm_ek,
-            anonymous_limits=replace(ANONYMOUS_LIMITS, max_payload=min(args.anonymous_max_payload, args.max_payload)),
-            idle_connection_timeout=args.idle_connection_timeout,
-            anonymous_inflight_bytes=args.anonymous_inflight_bytes,
-            party_quota=Quota(**{limit: getattr(args, f"party_{limit}") for limit in LIMITS}),
-            anonymous_quota=Quota(**{limit: getattr(args, f"anonymous_{limit}") for limit in LIMITS}),
-        )
-        if args.service_workers is not None:
-            cfg.service_workers = max(0, args.service_workers)
-        kernel = Kernel(cfg)
-        if args.cluster:
-            from mesatee_notebook.enclave.cluster.head import attach_head
-
-            attach_head(kernel, args.cluster, args.cluster_platform_root, args.cluster_measurement)
-        # SIGTERM stops the kernel cleanly, like Ctrl-C: executors end and TPM objects are flushed
-        # (swtpm without a resource manager would otherwise keep them).
-        signal.signal(signal.SIGTERM, lambda signum, frame: kernel.stopping.set())
-        host, port = kernel.bind()
-        print(f"mesatee-enclave serving {level.label} on mesatee://{host}:{port}", flush=True)
-        print(f"  measurement {kernel.identity.measurement}", flush=True)
-        print(f"  platform    {kernel.platform_fingerprint}", flush=True)
-        if kernel.tpm is not None:
-            from mesatee_notebook.attestation.tpm import ak_fingerprint
-
-            tpm = kernel.tpm
-            print(f"  TPM AK      {ak_fingerprint(tpm.ak_public)} (pin this as a platform root)", flush=True)
-            print(f"  TPM         {tpm.vendor} ({tpm.kind}), application PCR {tpm.app_pcr}", flush=True)
-            if tpm.kind == "software":
-                print("  a software TPM is SOFTWARE trust: whoever runs swtpm holds its keys.", flush=True)
-        print(f"  {level.trust_note}", flush=True)
-        if kernel.sandbox is not None:
-            print(f"  sandbox     {kernel.sandbox.summary()}", flush=True)
-        else:
-            print("  sandbox     OFF (--no-sandbox): NO isolation between parties", flush=True)
-        kernel.serve_forever()
-        return 0
-    except MesateeError as exc:
+        return commands[args.cmd](args)
+    except (MesateeError, _Refused) as exc:
         print(f"mesatee-enclave: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. a --data-dir that cannot be created or read
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"mesatee-enclave: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
 
 
 def _client_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mesatee", description="Attest mesatee kernels and verify receipts.")
+    p = _Parser(prog="mesatee", description="Attest mesatee kernels and verify receipts.")
     sub = p.add_subparsers(dest="cmd", required=True)
     ap = sub.add_parser("attest", help="attest a kernel (URL) or verify standalone evidence (--evidence)")
     ap.add_argument("url", nargs="?", help="mesatee://HOST:PORT")
     ap.add_argument("--policy", type=Path, help="policy TOML file")
     ap.add_argument("--platform-root", action="append", default=[], help="pinned platform fingerprint/PEM (repeat)")
-    ap.add_argument("--measurement", action="append", default=None, help="accepted measurement (repeat)")
+    ap.add_argument(
+        "--measurement", action="append", type=_measurement, default=None, help="accepted measurement (repeat)"
+    )
     ap.add_argument("--min-level", default=None)
     ap.add_argument("--allow-unprotected", action="store_true")
     ap.add_argument("--refuse-software-tpm", action="store_true", help="refuse swtpm and uncertified TPMs")
     ap.add_argument("--tpm-pcr", action="append", default=[], help="golden boot PCR INDEX=HEX (repeat)")
     ap.add_argument("--evidence", type=Path, help="a quote, SNP report or RA-TLS certificate file")
-    ap.add_argument("--cert-chain", type=Path, help="PEM chain for --evidence (e.g. VCEK/ASK/ARK)")
+    ap.add_argument(
+        "--cert-chain",
+        type=Path,
+        action="append",
+        default=[],
+        help="certificates for --evidence, PEM or DER (e.g. the VCEK, then the ASK/ARK chain); repeat per file",
+    )
     ap.add_argument("--as-of", help="judge certificate validity at this date (YYYY-MM-DD)")
     ap.add_argument("--allow-debug", action="store_true", help="accept debug enclaves/guests (--evidence)")
     vp = sub.add_parser("verify-receipt", help="verify a receipt offline")
     vp.add_argument("receipt", type=Path)
     vp.add_argument("--policy", type=Path)
     vp.add_argument("--platform-root", action="append", default=[])
-    vp.add_argument("--measurement", action="append", default=None)
+    vp.add_argument("--measurement", action="append", type=_measurement, default=None)
     return p
 
 
@@ -447,60 +540,104 @@ def _policy(args: argparse.Namespace) -> object:
     return pol
 
 
+def _attest_url(args: argparse.Namespace) -> int:
+    if not args.url:
+        print("mesatee attest: give a mesatee://HOST:PORT URL or --evidence FILE", file=sys.stderr)
+        return 2
+    from mesatee_notebook.attestation.policy import Policy, UnprotectedWarning
+    from mesatee_notebook.remote.channel import open_channel
+
+    policy = _policy(args)
+    assert isinstance(policy, Policy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnprotectedWarning)
+        channel = open_channel(args.url, policy)
+    for w in caught:
+        print(f"WARNING: {w.message}", file=sys.stderr)
+    try:
+        print(repr(channel.attestation))
+        print(f"  kernel mesatee_notebook {channel.server_version}, protocol {channel.protocol}")
+        for line in _sealed_state_lines(channel):
+            print(f"  SEALED STATE: {line}")
+    finally:
+        channel.close()
+    return 0
+
+
+def _verify_receipt(args: argparse.Namespace) -> int:
+    from mesatee_notebook.attestation.policy import Policy
+    from mesatee_notebook.attestation.receipts import verify_receipt
+
+    policy = _policy(args)
+    assert isinstance(policy, Policy)
+    v = verify_receipt(args.receipt, policy)
+    p = v.predicate
+    print(f"receipt OK: {p.get('kind')} in session {p.get('session')} at level {v.attestation.level_text}")
+    print(f"  measurement {p.get('measurement')}")
+    print(f"  nonce       {p.get('nonce')}")
+    print(f"  code sha256 {p.get('code', {}).get('sha256')}")
+    alg = v.receipt.digest_algorithm
+    for name, digest in sorted(p.get("inputs", {}).items()):
+        print(f"  input  {name:<20} {alg} {digest}")
+    for name, digest in sorted(v.subjects.items()):
+        print(f"  output {name:<20} {alg} {digest}")
+    print(f"  {v.attestation.trust_note}")
+    return 0
+
+
 def client_main(argv: list[str] | None = None) -> int:
     """``mesatee``."""
     args = _client_parser().parse_args(argv)
     try:
-        if args.cmd == "attest":
-            if args.evidence is not None:
-                return _attest_evidence(args)
-            if not args.url:
-                print("mesatee attest: give a mesatee://HOST:PORT URL or --evidence FILE", file=sys.stderr)
-                return 2
-            from mesatee_notebook.attestation.policy import Policy, UnprotectedWarning
-            from mesatee_notebook.remote.channel import open_channel
-
-            policy = _policy(args)
-            assert isinstance(policy, Policy)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", UnprotectedWarning)
-                channel = open_channel(args.url, policy)
-            for w in caught:
-                print(f"WARNING: {w.message}", file=sys.stderr)
-            try:
-                print(repr(channel.attestation))
-                print(f"  kernel mesatee_notebook {channel.server_version}, protocol {channel.protocol}")
-                for line in _sealed_state_lines(channel):
-                    print(f"  SEALED STATE: {line}")
-            finally:
-                channel.close()
-            return 0
-        from mesatee_notebook.attestation.policy import Policy
-        from mesatee_notebook.attestation.receipts import verify_receipt
-
-        policy = _policy(args)
-        assert isinstance(policy, Policy)
-        v = verify_receipt(args.receipt, policy)
-        p = v.predicate
-        print(f"receipt OK: {p.get('kind')} in session {p.get('session')} at level {v.attestation.level_text}")
-        print(f"  measurement {p.get('measurement')}")
-        print(f"  nonce       {p.get('nonce')}")
-        print(f"  code sha256 {p.get('code', {}).get('sha256')}")
-        alg = v.receipt.digest_algorithm
-        for name, digest in sorted(p.get("inputs", {}).items()):
-            print(f"  input  {name:<20} {alg} {digest}")
-        for name, digest in sorted(v.subjects.items()):
-            print(f"  output {name:<20} {alg} {digest}")
-        print(f"  {v.attestation.trust_note}")
-        return 0
+        if args.cmd == "verify-receipt":
+            return _verify_receipt(args)
+        return _attest_evidence(args) if args.evidence is not None else _attest_url(args)
+    except KernelConnectionError as exc:
+        print(f"mesatee: {exc}", file=sys.stderr)
+        return 2
     except MesateeError as exc:
         check = getattr(exc, "check", None)
         label = f" [{check}]" if check else ""
-        print(f"REFUSED{label} ({type(exc).__name__}): {exc}", file=sys.stderr)
+        print(
+            f"REFUSED{label} ({type(exc).__name__}): {_in_cli_words(str(exc))}{_pin_hint(exc, args)}", file=sys.stderr
+        )
         return 1
     except (OSError, ValueError) as exc:
         print(f"mesatee: {exc}", file=sys.stderr)
         return 2
+
+
+# The Python API's words in a refusal, and the flags of this command line that mean the same
+_CLI_WORDS = {
+    "allow_unprotected=True": "--allow-unprotected",
+    "allow_debug=True": "--allow-debug",
+    "allow_software_tpm=False": "--refuse-software-tpm",
+}
+
+
+def _in_cli_words(text: str) -> str:
+    for words, flag in _CLI_WORDS.items():
+        text = text.replace(f"the policy sets {words}", f"{flag} is given").replace(words, flag)
+    return text
+
+
+def _pin_hint(exc: MesateeError, args: argparse.Namespace) -> str:
+    """Without a pinned root the policy pins only this machine's embedded kernel: say how to pin another."""
+    if not isinstance(exc, UntrustedPlatform) or getattr(args, "policy", None) or getattr(args, "platform_root", None):
+        return ""
+    found = str(exc.details.get("platform") or "FINGERPRINT")
+    return (
+        ". With no --platform-root or --policy, only this machine's own embedded kernel is pinned. If this kernel "
+        f"is the one you mean (its operator sees the fingerprint when it starts), pin it: --platform-root {found}"
+    )
+
+
+def _measurement(text: str) -> str:
+    value = text.strip().lower()
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        msg = f"{text!r} is not a measurement: give 64 hex digits (SHA-256), as `mesatee attest` prints it"
+        raise argparse.ArgumentTypeError(msg)
+    return value
 
 
 def _sealed_state_lines(channel: object) -> list[str]:
@@ -525,9 +662,9 @@ def _attest_evidence(args: argparse.Namespace) -> int:
         )
         return 2
     verdict = verify_evidence_file(
-        args.evidence, cert_chain_path=args.cert_chain, as_of=args.as_of, allow_debug=args.allow_debug
+        args.evidence, cert_chain_path=args.cert_chain or None, as_of=args.as_of, allow_debug=args.allow_debug or None
     )
-    print(verdict.render_text())
+    print(_in_cli_words(verdict.render_text()))
     return 0
 
 

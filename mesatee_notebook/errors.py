@@ -9,7 +9,12 @@ keeps working::
     ├── AttestationError                             the peer's evidence was refused
     │   ├── MalformedEvidence (ValueError)           evidence or certificate cannot be parsed
     │   ├── EvidenceSignatureError                   a signature over the evidence does not verify
+    │   │   └── ChainBroken                          a certificate in the chain is not signed by the next one
     │   ├── UntrustedPlatform                        the platform root is not one the policy pins
+    │   │   ├── RootNotTrusted                       the chain ends at a root not pinned for this evidence
+    │   │   ├── MissingEndorsement                   the certificate that vouches (e.g. the VCEK) was not given
+    │   │   ├── EndorsementMismatch                  the endorsement was issued for another chip or TCB
+    │   │   └── TcbTooLow                            the platform's TCB is below the policy's minimum
     │   ├── MeasurementMismatch                      the code measurement is not an accepted one
     │   ├── KeyBindingError                          report data does not commit to the TLS/receipt keys
     │   ├── StaleEvidence                            evidence older than the policy's maximum age
@@ -64,7 +69,8 @@ keeps working::
         └── CompileTimeout (TimeoutError)            compilation or tuning ran past its timeout
 
 Errors cross the wire as ``{"code": ..., "message": ..., ...}``, never pickled;
-:func:`error_from_wire` rebuilds the local class from the code.
+:func:`error_from_wire` rebuilds the local class from the code, through the explicit registry at the end of this
+module (one class per code, fixed at import: subclasses made elsewhere, e.g. for display, never enter it).
 """
 
 from __future__ import annotations
@@ -99,6 +105,11 @@ __all__ = [
     "EventLogMismatch",
     "CredentialActivationFailed",
     "CertificateExpired",
+    "ChainBroken",
+    "EndorsementMismatch",
+    "MissingEndorsement",
+    "RootNotTrusted",
+    "TcbTooLow",
     "DebugNotAllowed",
     "EncodingError",
     "EvidenceSignatureError",
@@ -251,6 +262,41 @@ class DebugNotAllowed(AttestationError):
     check = "debug"
 
 
+class ChainBroken(EvidenceSignatureError):
+    """A certificate in the chain is not signed by the next one (or not a CA)."""
+
+    code = "attestation.signature.chain"
+    check = "certificate chain"
+
+
+class RootNotTrusted(UntrustedPlatform):
+    """The chain ends at a root that is not pinned for this kind of evidence."""
+
+    code = "attestation.platform.root"
+    check = "platform root"
+
+
+class MissingEndorsement(UntrustedPlatform):
+    """The certificate that would vouch for the evidence (e.g. the VCEK) was not supplied."""
+
+    code = "attestation.platform.missing"
+    check = "endorsement key"
+
+
+class EndorsementMismatch(UntrustedPlatform):
+    """The endorsement certificate was issued for another chip or another TCB."""
+
+    code = "attestation.platform.mismatch"
+    check = "endorsement match"
+
+
+class TcbTooLow(UntrustedPlatform):
+    """The platform's reported TCB is below the policy's minimum."""
+
+    code = "attestation.platform.tcb"
+    check = "minimum TCB"
+
+
 class QuoteSignatureError(EvidenceSignatureError):
     """The attestation key's signature over a TPM quote does not verify, or names another key."""
 
@@ -392,10 +438,17 @@ class RemoteExecutionError(MesateeError):
         return str(self.details.get("traceback", ""))
 
     def _render_traceback_(self) -> list[str]:
+        """The user's remote lines, then what happened when the traceback does not say it.
+
+        A timeout or an interrupt stops the cell with a remote ``KeyboardInterrupt``; that alone would be all a
+        notebook shows, so the explanation (the limit, and that the session is intact) follows it.
+        """
         tb = self.remote_traceback.rstrip("\n")
         head = "Remote error in the enclave kernel (mesatee)"
         lines = [head]
         lines.extend(tb.splitlines() if tb else [f"{self.ename}: {self.message}"])
+        if tb and self.message and self.message not in tb:
+            lines.append(f"{type(self).__name__}: {self.message}")
         return lines
 
 
@@ -580,6 +633,89 @@ def _all_subclasses(cls: type[MesateeError]) -> list[type[MesateeError]]:
     return out
 
 
+# Every class that crosses the wire, by its code. Written out, not discovered: `__subclasses__()` also finds
+# classes made at runtime (the notebook's short-rendering subclasses share their parent's code), so a registry
+# built from it would depend on what ran before. A test checks this tuple holds every class defined here.
+WIRE_CLASSES: tuple[type[MesateeError], ...] = (
+    MesateeError,
+    KernelConnectionError,
+    AttestationError,
+    MalformedEvidence,
+    EvidenceSignatureError,
+    ChainBroken,
+    UntrustedPlatform,
+    RootNotTrusted,
+    MissingEndorsement,
+    EndorsementMismatch,
+    TcbTooLow,
+    MeasurementMismatch,
+    KeyBindingError,
+    StaleEvidence,
+    LevelTooLow,
+    UnprotectedNotAllowed,
+    CertificateExpired,
+    DebugNotAllowed,
+    QuoteSignatureError,
+    QualifyingDataMismatch,
+    ReplayedQuote,
+    PcrDigestMismatch,
+    PcrMismatch,
+    AppPcrMismatch,
+    BootPcrMismatch,
+    UntrustedAttestationKey,
+    EkChainError,
+    CredentialActivationFailed,
+    SoftwareTpmNotAllowed,
+    SandboxRequired,
+    LevelNotAvailableError,
+    SandboxUnavailable,
+    PolicyViolation,
+    QuotaExceeded,
+    RemoteExecutionError,
+    ExecutorCrashed,
+    RemoteTimeout,
+    ResourceLimitExceeded,
+    ResourceExhausted,
+    WasmError,
+    RemoteInterrupted,
+    ProtocolError,
+    VersionMismatch,
+    FrameTooLarge,
+    MalformedFrame,
+    ReceiptError,
+    EncodingError,
+    FrameUsageError,
+    FrameNotSupported,
+    SealingError,
+    TamperedData,
+    NotFound,
+    MLInputError,
+    MissingLabel,
+    NonNumericFeatures,
+    InvalidLabels,
+    FeatureMismatch,
+    InputShapeError,
+    ModelFormatError,
+    NotAvailableYet,
+    UnsupportedOperator,
+    CompileError,
+    CompileTimeout,
+)
+
+
+def _registry(classes: tuple[type[MesateeError], ...]) -> dict[str, type[MesateeError]]:
+    out: dict[str, type[MesateeError]] = {}
+    for cls in classes:
+        if cls.code in out:
+            msg = f"error code {cls.code!r} is used by both {out[cls.code].__name__} and {cls.__name__}"
+            raise RuntimeError(msg)
+        out[cls.code] = cls
+    return out
+
+
+_REGISTRY: dict[str, type[MesateeError]] = _registry(WIRE_CLASSES)
+
+
 def error_from_wire(payload: dict[str, Any]) -> MesateeError:
     """Rebuild a local exception from its wire form; unknown codes map to the root."""
     code = str(payload.get("code", "error"))
@@ -587,6 +723,5 @@ def error_from_wire(payload: dict[str, Any]) -> MesateeError:
     details = payload.get("details") or {}
     if not isinstance(details, dict):
         details = {}
-    registry = {c.code: c for c in _all_subclasses(MesateeError)}
-    cls = registry.get(code, MesateeError)
+    cls = _REGISTRY.get(code, MesateeError)
     return cls(message, **{str(k): v for k, v in details.items()})

@@ -130,7 +130,11 @@ def _summary(session: Session, card: AttestationCard) -> str:
 
 
 def _where(target: _Target, session: Session) -> str:
-    return f"{target.where} ({session.url})" if target.url is None else session.url
+    if target.url is not None:
+        return session.url
+    from mesatee_notebook.remote.embedded import describe_embedded
+
+    return f"{target.where} ({session.url}, {describe_embedded()})"  # which kernel, and who started it
 
 
 @magics_class

@@ -12,6 +12,8 @@ import threading
 from types import TracebackType
 from typing import Any
 
+from mesatee_notebook.remote._bars import close_bar, open_bar
+
 __all__ = ["CallProgress"]
 
 _TICK = 0.5
@@ -45,7 +47,7 @@ class CallProgress:
             self._ticker.join()
         with self._lock:
             for bar in self._bars.values():
-                bar.close()
+                close_bar(bar)  # in a notebook its output is cleared, so no stale "0%" is saved
             self._bars.clear()
 
     # -- callbacks ------------------------------------------------------------------------------
@@ -76,7 +78,7 @@ class CallProgress:
         with self._lock:
             bar = self._bars.get(key)
             if bar is not None and (bar.total != total or done < bar.n):
-                bar.close()  # the next payload of a multi-part message
+                close_bar(bar)  # the next payload of a multi-part message
                 bar = None
             if bar is None:
                 bar = _tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024)
@@ -95,10 +97,8 @@ class CallProgress:
 
 
 def _tqdm(**kwargs: Any) -> Any:
-    from tqdm.auto import tqdm
-
     # disable=None: a widget in notebooks, a text bar on a terminal, nothing in logs and pipes.
-    return tqdm(leave=False, disable=None, **kwargs)
+    return open_bar(leave=False, disable=None, **kwargs)
 
 
 def _is_widget(bar: Any) -> bool:

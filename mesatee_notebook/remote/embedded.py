@@ -1,4 +1,10 @@
-"""The embedded local kernel: started on first use, reused while it runs, pinned by its own platform key."""
+"""The embedded local kernel: started on first use, reused while it runs, pinned by its own platform key.
+
+Its home (``$MESATEE_HOME``, by default one per account) can be shared by several installs. A kernel that runs other
+code than this install (another measurement) is stopped and replaced, with a warning that says so; one started by
+another install of the same code is reused, and that reuse is said too (:class:`SharedKernelWarning`, and
+:func:`describe_embedded` in ``%mesatee connect``).
+"""
 
 from __future__ import annotations
 
@@ -17,11 +23,56 @@ from pathlib import Path
 
 from mesatee_notebook.errors import KernelConnectionError
 
-__all__ = ["SealedStateWarning", "embedded_home", "ensure_embedded_kernel", "local_platform_fingerprint"]
+__all__ = [
+    "SealedStateWarning",
+    "SharedKernelWarning",
+    "describe_embedded",
+    "embedded_home",
+    "ensure_embedded_kernel",
+    "local_platform_fingerprint",
+]
 
 
 class SealedStateWarning(UserWarning):
     """State sealed for another measurement: readable again only after its owners approve a migration."""
+
+
+class SharedKernelWarning(UserWarning):
+    """The embedded kernel in use was started by another install (another Python or checkout) of the same code."""
+
+
+_ORIGIN = "launcher.json"  # who started the running kernel: {"pid", "python", "package"}
+
+
+def _this_install() -> dict[str, str]:
+    return {"python": sys.executable, "package": str(Path(__file__).resolve().parents[1])}
+
+
+def _origin(home: Path) -> dict[str, object] | None:
+    """Who started the kernel that ``home/kernel.json`` names (None if unknown or stale)."""
+    try:
+        origin = json.loads((home / _ORIGIN).read_text())
+        kernel_pid = int(json.loads((home / "kernel.json").read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return origin if isinstance(origin, dict) and origin.get("pid") == kernel_pid else None
+
+
+def _started_by(origin: dict[str, object] | None) -> str:
+    if origin is None:
+        return "an unknown install"
+    return f"{origin.get('python')} (package {origin.get('package')})"
+
+
+def describe_embedded(home: Path | None = None) -> str:
+    """``pid N, home H`` and, when another install started it, by whom: for the connect line."""
+    home = home or embedded_home()
+    origin = _origin(home)
+    pid = f"pid {origin['pid']}, " if origin else ""
+    text = f"{pid}home {home}"
+    if origin is not None and {k: origin.get(k) for k in ("python", "package")} != _this_install():
+        text += f"; started by another install: {_started_by(origin)}"
+    return text
 
 
 _START_TIMEOUT = 120.0
@@ -68,10 +119,12 @@ def _running(home: Path) -> tuple[str, int] | None:
     here = expected_measurement()
     if info.get("measurement") != here:
         # It runs other code than this install (an upgrade or an edit): replace it, never reuse it.
+        who = _started_by(_origin(home))
         _stop(pid)  # before a new kernel moves the old store aside, the old kernel must have stopped writing to it
         old = str(info.get("measurement"))
         warnings.warn(
-            f"the embedded kernel ran measurement {old[:16]}…, this install is {here[:16]}…: starting a new kernel. "
+            f"stopped the embedded kernel (pid {pid}, started by {who}) in {home}: it ran measurement {old[:16]}…, "
+            f"this install is {here[:16]}…, so a new kernel starts for this install. "
             f"The old kernel's datasets, jobs and models stay sealed for {old[:16]}… (moved aside, untouched, in "
             f"{home / 'sealed-parked'}); the new kernel lists them as pending in Session.datasets(), and each owner "
             f"moves theirs with Session.approve_migration('*', from_='{old}').",
@@ -110,6 +163,19 @@ def _stop(pid: int, timeout: float = 15.0) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def _say_if_shared(home: Path) -> None:
+    origin = _origin(home)  # (None: started by hand, `mesatee-enclave serve --data-dir`; nothing to compare)
+    if origin is None or {k: origin.get(k) for k in ("python", "package")} == _this_install():
+        return
+    warnings.warn(
+        f"reusing the embedded kernel (pid {origin['pid']}) in {home}, started by "
+        f"{_started_by(origin)}: it runs the same code as this install (same measurement), with that install's "
+        "Python packages. To give this install a kernel of its own, set MESATEE_HOME to another directory.",
+        SharedKernelWarning,
+        stacklevel=3,
+    )
+
+
 def _enclave_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "mesatee_notebook.cli", "enclave", *args]
 
@@ -126,6 +192,7 @@ def ensure_embedded_kernel(home: Path | None = None) -> tuple[str, int, str]:
         assert fp is not None
         found = _running(home)
         if found is not None:
+            _say_if_shared(home)
             return (*found, fp)
         with contextlib.suppress(FileNotFoundError):
             (home / "kernel.json").unlink()
@@ -163,6 +230,7 @@ def ensure_embedded_kernel(home: Path | None = None) -> tuple[str, int, str]:
                 raise KernelConnectionError(msg)
             found = _running(home)
             if found is not None:
+                (home / _ORIGIN).write_text(json.dumps({"pid": pid, **_this_install()}))
                 return (*found, fp)
             time.sleep(0.05)
         os.kill(pid, signal.SIGKILL)

@@ -15,7 +15,7 @@ from mesatee_notebook.errors import EncodingError, MesateeError, NotFound, error
 
 if TYPE_CHECKING:
     from mesatee_notebook.attestation.receipts import Receipt
-    from mesatee_notebook.remote.psi import JobStatus
+    from mesatee_notebook.remote.jobs import JobStatus
     from mesatee_notebook.remote.session import CallResult, Session
 
 __all__ = ["FunctionsClient", "KeysClient", "SecureFunction", "TaskResult", "TasksClient"]
@@ -177,7 +177,7 @@ class TasksClient:
 
     def __init__(self, session: Session) -> None:
         self._session = session
-        from mesatee_notebook.remote.psi import JobsClient
+        from mesatee_notebook.remote.jobs import JobsClient
 
         self._jobs = JobsClient(session)
 
@@ -199,7 +199,7 @@ class TasksClient:
         ``keys`` names KeyStore keys the (Python) function may use as ``mesatee.keys``, acting as this party (the
         task's creator, who must own or be a user of each); every data owner approves that list with the task.
         """
-        from mesatee_notebook.remote.psi import JobStatus
+        from mesatee_notebook.remote.jobs import JobStatus
 
         digest = function.digest if isinstance(function, SecureFunction) else function
         call_args = {

@@ -21,13 +21,18 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import pandas as pd
 
 from mesatee_notebook.errors import EncodingError
+from mesatee_notebook.remote._bars import close_bar, open_bar
+from mesatee_notebook.remote._public import public_methods
 from mesatee_notebook.remote.frame import Column, SecureDataFrame, SecureSeries, Select, Source
+
+if TYPE_CHECKING:
+    from mesatee_notebook.remote.session import CallResult, Session
 
 __all__ = [
     "GbdtClient",
@@ -40,11 +45,35 @@ __all__ = [
 
 _LABEL = "__mesatee_label__"
 
+#: A result kept in the enclave (another party's data): one column, or several.
+RemoteResult: TypeAlias = "SecureSeries | SecureDataFrame"
 
-def _call(session: Any, service: str, args: Mapping[str, Any] | None = None,
-          inputs: Mapping[str, Any] | None = None, **kw: Any) -> Any:
+
+def _call(
+    session: Session,
+    service: str,
+    args: Mapping[str, Any] | None = None,
+    inputs: Mapping[str, Any] | None = None,
+    **kw: Any,
+) -> CallResult:
     """``session.call``; engine errors arrive typed (``ml.*`` codes are in the one error tree)."""
     return session.call(service, args, inputs, **kw)
+
+
+def _remote_ref(data: SecureDataFrame | SecureSeries) -> dict[str, Any]:
+    """The wire reference for a stored dataset, or a column selection of it."""
+    node = data._node
+    if isinstance(node, Source):
+        return {"dataset": node.name}
+    if isinstance(node, Select) and isinstance(node.input, Source):
+        return {"dataset": node.input.name, "columns": list(node.columns)}
+    if isinstance(node, Column) and isinstance(node.input, Source):
+        return {"dataset": node.input.name, "columns": [node.name]}
+    msg = (
+        "the ML services work on a stored dataset or a column selection of it; this remote frame is derived "
+        "(filter, assign, merge, ...). Store it first, or pass the dataset name"
+    )
+    raise EncodingError(msg, op=node.op)
 
 
 def _data_ref(data: Any, slot: str, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -54,23 +83,9 @@ def _data_ref(data: Any, slot: str, inputs: dict[str, Any]) -> dict[str, Any]:
     if isinstance(data, dict) and "dataset" in data:  # an already-built reference
         return dict(data)
     if isinstance(data, (SecureDataFrame, SecureSeries)):
-        node = data._node
-        if isinstance(node, Source):
-            return {"dataset": node.name}
-        if isinstance(node, Select) and isinstance(node.input, Source):
-            return {"dataset": node.input.name, "columns": list(node.columns)}
-        if isinstance(node, Column) and isinstance(node.input, Source):
-            return {"dataset": node.input.name, "columns": [node.name]}
-        msg = (
-            "the ML services work on a stored dataset or a column selection of it; this remote frame is derived "
-            "(filter, assign, merge, ...). Store it first, or pass the dataset name"
-        )
-        raise EncodingError(msg, op=node.op)
-    if isinstance(data, (pd.DataFrame, np.ndarray)):
-        inputs[slot] = data
-        return {"input": slot}
-    if isinstance(data, pd.Series):
-        inputs[slot] = data.to_frame()
+        return _remote_ref(data)
+    if isinstance(data, (pd.DataFrame, np.ndarray, pd.Series)):
+        inputs[slot] = data.to_frame() if isinstance(data, pd.Series) else data
         return {"input": slot}
     kind = type(data).__name__
     msg = f"data must be a pandas DataFrame, a numpy array, a dataset name or a SecureDataFrame, not {kind}"
@@ -91,9 +106,7 @@ class _RoundBar:
         if not self.enabled or event.get("event") != "round":
             return
         if self.bar is None:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=self.total, desc="mesatee gbdt", unit="round", leave=True)
+            self.bar = open_bar(total=self.total, desc="mesatee gbdt", unit="round", leave=True, disable=False)
         metrics = event.get("metrics") or {}
         shown = {f"{d}-{m}": f"{v:.4g}" for d, per in metrics.items() for m, v in per.items()}
         self.bar.set_postfix(shown, refresh=False)
@@ -101,7 +114,7 @@ class _RoundBar:
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.close()
+            close_bar(self.bar)
 
 
 class _PhaseBar:
@@ -116,9 +129,7 @@ class _PhaseBar:
         if not self.enabled:
             return
         if self.bar is None:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=self.budget or None, desc="mesatee tvm", unit="trial", leave=True)
+            self.bar = open_bar(total=self.budget or None, desc="mesatee tvm", unit="trial", leave=True, disable=False)
         if event.get("event") == "trial":
             self.bar.update(int(event.get("trials", 0)) - self.bar.n)
             best = event.get("best_us")
@@ -129,10 +140,10 @@ class _PhaseBar:
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.close()
+            close_bar(self.bar)
 
 
-def _remote_result(session: Any, info: Mapping[str, Any]) -> Any:
+def _remote_result(session: Session, info: Mapping[str, Any]) -> RemoteResult:
     """A SecureSeries (one column) or SecureDataFrame over a result kept in the enclave."""
     desc = info["dataset"]
     sdf = session.dataframe(str(desc["name"]))
@@ -140,13 +151,14 @@ def _remote_result(session: Any, info: Mapping[str, Any]) -> Any:
     return sdf[cols[0]] if len(cols) == 1 else sdf
 
 
+@public_methods
 class RemoteModel:
     """A handle on a GBDT model that stays in the enclave.
 
     ``info`` is the model's public description (objective, features, rounds, provenance, release).
     """
 
-    def __init__(self, session: Any, info: Mapping[str, Any], history: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, session: Session, info: Mapping[str, Any], history: Mapping[str, Any] | None = None) -> None:
         self._session = session
         self.info = dict(info)
         self.history: dict[str, Any] = dict(history or {})
@@ -169,11 +181,14 @@ class RemoteModel:
 
     def __repr__(self) -> str:
         i = self.info
-        return (f"<RemoteModel {self.id[:12]}… {i.get('objective')} features={len(self.features)} "
-                f"rounds={i.get('num_rounds')} released={self.released}>")
+        return (
+            f"<RemoteModel {self.id[:12]}… {i.get('objective')} features={len(self.features)} "
+            f"rounds={i.get('num_rounds')} released={self.released}>"
+        )
 
-    def _call(self, service: str, args: dict[str, Any], inputs: dict[str, Any] | None = None,
-              timeout: float | None = None) -> Any:
+    def _call(
+        self, service: str, args: dict[str, Any], inputs: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> CallResult:
         res = _call(self._session, service, {"model": self.id, **args}, inputs or {}, timeout=timeout)
         self.last_receipt = res.receipt
         return res
@@ -197,7 +212,7 @@ class RemoteModel:
         engine: str = "auto",
         remote: bool | None = None,
         name: str | None = None,
-    ) -> Any:
+    ) -> np.ndarray | RemoteResult:
         """Predict: a numpy array for your own data, a remote result for another party's dataset.
 
         On another party's dataset the predictions stay in the enclave, as a SecureSeries (one column) or
@@ -246,10 +261,11 @@ class RemoteModel:
         self._call("gbdt.delete", {})
 
 
+@public_methods
 class GbdtClient:
     """``session.gbdt``: xgboost (hist) training and prediction in the enclave."""
 
-    def __init__(self, session: Any) -> None:
+    def __init__(self, session: Session) -> None:
         self._session = session
 
     def train(
@@ -310,10 +326,11 @@ class GbdtClient:
         return dict(_call(self._session, "gbdt.release", {"model": mid}).info["model"])
 
 
+@public_methods
 class RemoteTVMModule:
     """A TVM-compiled model in the enclave; ``info`` has its inputs, outputs, tuning and library digest."""
 
-    def __init__(self, session: Any, info: Mapping[str, Any]) -> None:
+    def __init__(self, session: Session, info: Mapping[str, Any]) -> None:
         self._session = session
         self.info = dict(info)
         self.last_receipt: Any = None
@@ -345,7 +362,7 @@ class RemoteTVMModule:
         remote: bool | None = None,
         name: str | None = None,
         timeout: float | None = None,
-    ) -> Any:
+    ) -> dict[str, np.ndarray] | RemoteResult:
         """Run the model.
 
         ``data``: arrays (a mapping of input name to array, or one array for a one-input model) give
@@ -376,10 +393,11 @@ class RemoteTVMModule:
         return {k: np.asarray(v) for k, v in res.values.items()}
 
 
+@public_methods
 class TvmClient:
     """``session.tvm``: compile ONNX models with apache-tvm in the enclave and run them there."""
 
-    def __init__(self, session: Any) -> None:
+    def __init__(self, session: Session) -> None:
         self._session = session
 
     def compile(
@@ -418,8 +436,14 @@ class TvmClient:
             args["timeout_s"] = float(timeout)
         bar = _PhaseBar(tune_trials, progress and tune_trials > 0)
         try:
-            res = _call(self._session, "tvm.compile", args, {"model": raw}, progress=bar,
-                                     timeout=None if timeout is None else timeout + 30)
+            res = _call(
+                self._session,
+                "tvm.compile",
+                args,
+                {"model": raw},
+                progress=bar,
+                timeout=None if timeout is None else timeout + 30,
+            )
         finally:
             bar.close()
         module = RemoteTVMModule(self._session, res.info)
@@ -520,8 +544,9 @@ class _SecureXGBBase(BaseEstimator):  # type: ignore[misc]
         if "columns" in ref and y not in ref["columns"]:
             ref["columns"] = [*ref["columns"], y]
         client = GbdtClient(self._session_or_fail())
-        self.model_ = client.train(ref, y, params={**self._params(), **extra}, num_boost_round=self.n_estimators,
-                                   progress=self.progress)
+        self.model_ = client.train(
+            ref, y, params={**self._params(), **extra}, num_boost_round=self.n_estimators, progress=self.progress
+        )
         features = [f for f in self.model_.features if f != y]
         self.n_features_in_ = len(features)
         self.feature_names_in_ = np.asarray(features, dtype=object)
@@ -543,10 +568,15 @@ class _SecureXGBBase(BaseEstimator):  # type: ignore[misc]
             ef[_LABEL] = self._encode_y(np.asarray(ey), fitting=False)
             evals = {"valid": ef}
         client = GbdtClient(self._session_or_fail())
-        self.model_ = client.train(frame, _LABEL, params={**self._params(), **extra},
-                                   num_boost_round=self.n_estimators, evals=evals,
-                                   early_stopping_rounds=self.early_stopping_rounds if evals else None,
-                                   progress=self.progress)
+        self.model_ = client.train(
+            frame,
+            _LABEL,
+            params={**self._params(), **extra},
+            num_boost_round=self.n_estimators,
+            evals=evals,
+            early_stopping_rounds=self.early_stopping_rounds if evals else None,
+            progress=self.progress,
+        )
 
     def _encode_y(self, y: Any, *, fitting: bool = True) -> np.ndarray:
         return np.asarray(y, dtype=np.float64)
@@ -558,7 +588,7 @@ class _SecureXGBBase(BaseEstimator):  # type: ignore[misc]
         Xa: np.ndarray = validate_data(self, X, reset=False, ensure_all_finite="allow-nan", dtype=np.float64)
         return Xa
 
-    def _raw_predict(self, X: Any, margin: bool = False) -> Any:
+    def _raw_predict(self, X: Any, margin: bool = False) -> np.ndarray | RemoteResult:
         from sklearn.utils.validation import check_is_fitted
 
         if isinstance(X, (SecureDataFrame, str)):
@@ -576,6 +606,7 @@ class _SecureXGBBase(BaseEstimator):  # type: ignore[misc]
         return self.model_
 
 
+@public_methods
 class SecureXGBRegressor(RegressorMixin, _SecureXGBBase):  # type: ignore[misc]
     """An xgboost regressor that trains in the enclave; scikit-learn conventions (pipelines, CV).
 
@@ -591,12 +622,13 @@ class SecureXGBRegressor(RegressorMixin, _SecureXGBBase):  # type: ignore[misc]
             self._fit_local(X, y, eval_set)
         return self
 
-    def predict(self, X: Any) -> Any:
+    def predict(self, X: Any) -> np.ndarray | RemoteResult:
         """Predicted values (numpy for local X; remote for a dataset)."""
         out = self._raw_predict(X)
         return out.astype(np.float64) if isinstance(out, np.ndarray) else out
 
 
+@public_methods
 class SecureXGBClassifier(ClassifierMixin, _SecureXGBBase):  # type: ignore[misc]
     """An xgboost classifier that trains in the enclave; scikit-learn conventions (pipelines, CV).
 
@@ -634,7 +666,7 @@ class SecureXGBClassifier(ClassifierMixin, _SecureXGBBase):  # type: ignore[misc
         self._fit_local(X, y, eval_set)
         return self
 
-    def predict_proba(self, X: Any) -> Any:
+    def predict_proba(self, X: Any) -> np.ndarray | RemoteResult:
         """Class probabilities ``(n, n_classes)`` (local X), or remote probabilities for a dataset."""
         out = self._raw_predict(X)
         if not isinstance(out, np.ndarray):
@@ -644,10 +676,10 @@ class SecureXGBClassifier(ClassifierMixin, _SecureXGBBase):  # type: ignore[misc
             return np.column_stack([1.0 - out, out])
         return out
 
-    def predict(self, X: Any) -> Any:
+    def predict(self, X: Any) -> np.ndarray:
         """Class labels (local X only: on remote data use ``predict_proba``, which stays remote)."""
         if isinstance(X, (SecureDataFrame, str)):
             msg = "class labels are predicted locally only; on remote data use predict_proba (it stays remote)"
             raise EncodingError(msg)
         proba = self.predict_proba(X)
-        return self.classes_[np.argmax(proba, axis=1)]
+        return np.asarray(self.classes_[np.argmax(proba, axis=1)])

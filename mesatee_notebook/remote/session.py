@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mesatee_notebook.attestation.policy import AttestationReport, Policy
 from mesatee_notebook.attestation.receipts import Receipt, VerifiedReceipt, verify_receipt
@@ -19,6 +19,14 @@ from mesatee_notebook.remote.channel import Channel, Reply, open_channel
 from mesatee_notebook.wire.codecs import decode_value, encode_value
 from mesatee_notebook.wire.digest import payload_digest
 from mesatee_notebook.wire.stream import Message, Progress
+
+if TYPE_CHECKING:
+    from mesatee_notebook.remote.faas import FunctionsClient, KeysClient, TasksClient
+    from mesatee_notebook.remote.frame import SecureDataFrame
+    from mesatee_notebook.remote.jobs import JobsClient
+    from mesatee_notebook.remote.ml import GbdtClient, TvmClient
+    from mesatee_notebook.remote.psi import PsiClient
+    from mesatee_notebook.wire.datapolicy import DataPolicy
 
 __all__ = ["CallResult", "RunResult", "Session", "connect", "default_policy", "verify_receipt_default"]
 
@@ -327,49 +335,49 @@ class Session:
 
     # -- service facades (each in its own module) -------------------------------------------------
     @property
-    def psi(self) -> Any:
+    def psi(self) -> PsiClient:
         """Private set intersection jobs among parties (``remote/psi.py``)."""
         from mesatee_notebook.remote.psi import PsiClient
 
         return PsiClient(self)
 
     @property
-    def jobs(self) -> Any:
-        """Multi-party jobs: create, submit, approve, result (``remote/psi.py``)."""
-        from mesatee_notebook.remote.psi import JobsClient
+    def jobs(self) -> JobsClient:
+        """Multi-party jobs: create, submit, approve, result (``remote/jobs.py``)."""
+        from mesatee_notebook.remote.jobs import JobsClient
 
         return JobsClient(self)
 
     @property
-    def functions(self) -> Any:
+    def functions(self) -> FunctionsClient:
         """Registered Python and WebAssembly functions (``remote/faas.py``)."""
         from mesatee_notebook.remote.faas import FunctionsClient
 
         return FunctionsClient(self)
 
     @property
-    def tasks(self) -> Any:
+    def tasks(self) -> TasksClient:
         """Tasks: a registered function run on datasets once their owners approve (``remote/faas.py``)."""
         from mesatee_notebook.remote.faas import TasksClient
 
         return TasksClient(self)
 
     @property
-    def keys(self) -> Any:
+    def keys(self) -> KeysClient:
         """The KeyStore: keys held in the enclave, used by name (``remote/faas.py``)."""
         from mesatee_notebook.remote.faas import KeysClient
 
         return KeysClient(self)
 
     @property
-    def gbdt(self) -> Any:
+    def gbdt(self) -> GbdtClient:
         """GBDT training and prediction with xgboost in the enclave (``remote/ml.py``)."""
         from mesatee_notebook.remote.ml import GbdtClient
 
         return GbdtClient(self)
 
     @property
-    def tvm(self) -> Any:
+    def tvm(self) -> TvmClient:
         """TVM-compiled model inference in the enclave (``remote/ml.py``)."""
         from mesatee_notebook.remote.ml import TvmClient
 
@@ -377,8 +385,14 @@ class Session:
 
     # -- SecureDataFrame -------------------------------------------------------------------------
     def upload(
-        self, df: Any, name: str, *, policy: Any = None, replace: bool = False, partitions: int | None = None
-    ) -> Any:
+        self,
+        df: Any,
+        name: str,
+        *,
+        policy: DataPolicy | None = None,
+        replace: bool = False,
+        partitions: int | None = None,
+    ) -> SecureDataFrame:
         """Put a DataFrame into the enclave as dataset ``name`` under ``policy``; return a SecureDataFrame.
 
         ``partitions`` (a dataset split across a cluster's workers) is not available yet (docs/cluster.md).
@@ -393,7 +407,7 @@ class Session:
         res = self.call("dataset.upload", {"name": name, "policy": pol.to_dict(), "replace": replace}, {"data": df})
         return SecureDataFrame.from_dataset_info(res.info, _FrameBackend(self))
 
-    def dataframe(self, name: str) -> Any:
+    def dataframe(self, name: str) -> SecureDataFrame:
         """A lazy SecureDataFrame over dataset ``name`` (any party; the owner's policy decides what leaves)."""
         from mesatee_notebook.remote.frame import SecureDataFrame
 

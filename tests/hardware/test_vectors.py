@@ -230,6 +230,7 @@ def test_snp_policy_values_checked(policy: HardwarePolicy) -> None:
 
 def test_render_text_lists_not_checked(policy: HardwarePolicy) -> None:
     text = verify_evidence(vec("tdx/quote_v5_sample.dat"), policy=policy).render_text()
-    assert text.startswith("VERIFIED TDX quote v5: tee=tdx, level=sev")
+    assert text.startswith("PARTLY VERIFIED TDX quote v5: tee=tdx, level=sev")
+    assert "checks are NOT CHECKED (below): this result does not vouch for them" in text
     assert "[NOT CHECKED] TCB status" in text
     assert "mrtd: 7348651a34b2d2d3" in text

@@ -331,6 +331,9 @@ def test_timeout_stops_the_remote_cell(ip: InteractiveShell) -> None:
         ip.run_cell("%%mesatee --timeout 0.5\nimport time\ntime.sleep(30)")
     assert isinstance(info.value, TimeoutError)
     assert time.monotonic() - started < 15
+    shown = render(info.value)  # what JupyterLab shows: the remote KeyboardInterrupt, then why, not only the former
+    assert "KeyboardInterrupt" in shown and shown.splitlines()[-1].startswith("RemoteTimeout: "), shown
+    assert "ran past its timeout of 0.5 s" in shown and "the session is intact" in shown, shown
     assert ip.run_cell("%%mesatee\n'alive'").result == "alive"
 
 
@@ -342,11 +345,13 @@ def test_interrupt_stops_the_remote_cell(ip: InteractiveShell) -> None:
     started = time.monotonic()
     timer.start()
     try:
-        with pytest.raises(mn.errors.RemoteInterrupted):
+        with pytest.raises(mn.errors.RemoteInterrupted) as info:
             ip.run_cell("%%mesatee\nimport time\ntime.sleep(30)")
     finally:
         timer.cancel()
     assert time.monotonic() - started < 15
+    shown = render(info.value)
+    assert shown.splitlines()[-1] == f"RemoteInterrupted: {info.value.message}" and info.value.message, shown
     assert ip.run_cell("%%mesatee\nbefore_interrupt").result == 5
 
 
@@ -425,6 +430,34 @@ def test_dead_kernel_is_one_message_then_reconnects(
     assert os.path.exists(mesatee_home / "kernel.json")
 
 
+def test_a_shared_embedded_kernel_is_said_and_shown(
+    ip: InteractiveShell, mesatee_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A kernel home shared by two installs: reusing the other's kernel is warned about and shown on connect."""
+    import sys
+
+    from mesatee_notebook.remote import embedded
+
+    embedded.ensure_embedded_kernel()
+    origin_file = mesatee_home / "launcher.json"
+    mine = json.loads(origin_file.read_text())
+    pid = json.loads((mesatee_home / "kernel.json").read_text())["pid"]
+    assert mine == {"pid": pid, "python": sys.executable, "package": str(Path(mn.__file__).resolve().parent)}
+    ip.run_cell("%mesatee connect")
+    assert f"pid {pid}, home {mesatee_home})" in capsys.readouterr().out  # its own kernel: no warning
+    assert "another install" not in embedded.describe_embedded()
+    try:
+        origin_file.write_text(json.dumps({**mine, "python": "/elsewhere/.venv/bin/python"}))
+        with pytest.warns(embedded.SharedKernelWarning, match=r"reusing the embedded kernel \(pid \d+\).*/elsewhere/"):
+            embedded.ensure_embedded_kernel()
+        with pytest.warns(embedded.SharedKernelWarning):
+            ip.run_cell("%mesatee connect")
+        line = capsys.readouterr().out
+        assert f"pid {pid}, home {mesatee_home}; started by another install: /elsewhere/.venv/bin/python" in line
+    finally:
+        origin_file.write_text(json.dumps(mine))
+
+
 def test_stale_embedded_kernel_hint_names_the_pid(mesatee_home: Path) -> None:
     from mesatee_notebook.magics._magics import _stale_embedded_hint
 
@@ -497,3 +530,27 @@ def test_connect_to_nothing_says_unreachable_not_lost(ip: InteractiveShell) -> N
     shown = render(info.value)
     assert "Cannot reach the kernel" in shown and "Nothing was sent" in shown, shown
     assert "Lost the kernel" not in shown and "namespace is lost" not in shown, shown
+
+
+def test_refusals_through_the_jobs_psi_and_ml_clients_are_short(mesatee_home: Path, tmp_path: Path) -> None:
+    """``Session.jobs``, ``.psi``, ``.gbdt``, ``.tvm`` and the estimators cut their tracebacks like the frames do."""
+    del mesatee_home
+    from mesatee_notebook.remote._public import full_traceback
+
+    session = mn.connect(identity=tmp_path / "client")
+    try:
+        cases = {
+            "jobs.status": (lambda: session.jobs.status("no-such-job"), mn.errors.NotFound),
+            "psi.result": (lambda: session.psi.result("no-such-psi"), mn.errors.NotFound),
+            "gbdt.model": (lambda: session.gbdt.model("0" * 64), mn.errors.NotFound),
+            "fit": (lambda: mn.SecureXGBRegressor().fit(pd.DataFrame({"a": [1.0, 2.0]}), [1.0, 2.0]), mn.EncodingError),
+        }
+        for label, (call, error) in cases.items():
+            with pytest.raises(error) as info:
+                call()
+            frames = [f.name for f in info.traceback]
+            method = label.rsplit(".", 1)[-1]
+            assert frames[-2:] == ["<lambda>", method] and len(frames) == 3, (label, frames)  # caller, lambda, method
+            assert full_traceback(info.value), label  # the cut frames are kept for %mesatee traceback
+    finally:
+        session.close()

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from mesatee_notebook.errors import (
+from mesatee_notebook.errors import (  # the leaves live in the one drawn tree, so they rebuild from the wire
     AttestationError,
-    EvidenceSignatureError,
+    ChainBroken,
+    EndorsementMismatch,
     MalformedEvidence,
-    UntrustedPlatform,
+    MissingEndorsement,
+    RootNotTrusted,
+    TcbTooLow,
 )
 
 __all__ = [
@@ -26,41 +29,6 @@ __all__ = [
 ]
 
 E = TypeVar("E", bound=AttestationError)
-
-
-class ChainBroken(EvidenceSignatureError):
-    """A certificate in the chain is not signed by the next one (or not a CA)."""
-
-    code = "attestation.signature.chain"
-    check = "certificate chain"
-
-
-class RootNotTrusted(UntrustedPlatform):
-    """The chain ends at a root that is not pinned for this kind of evidence."""
-
-    code = "attestation.platform.root"
-    check = "platform root"
-
-
-class MissingEndorsement(UntrustedPlatform):
-    """The certificate that would vouch for the evidence (e.g. the VCEK) was not supplied."""
-
-    code = "attestation.platform.missing"
-    check = "endorsement key"
-
-
-class EndorsementMismatch(UntrustedPlatform):
-    """The endorsement certificate was issued for another chip or another TCB."""
-
-    code = "attestation.platform.mismatch"
-    check = "endorsement match"
-
-
-class TcbTooLow(UntrustedPlatform):
-    """The platform's reported TCB is below the policy's minimum."""
-
-    code = "attestation.platform.tcb"
-    check = "minimum TCB"
 
 
 def refuse(cls: type[E], check: str, reason: str, **details: Any) -> E:

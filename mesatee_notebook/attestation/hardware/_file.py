@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -46,7 +47,7 @@ def _read(path: str | os.PathLike[str], what: str) -> bytes:
 
 def verify_evidence_file(
     path: str | os.PathLike[str],
-    cert_chain_path: str | os.PathLike[str] | None = None,
+    cert_chain_path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
     as_of: datetime | date | str | None = None,
     policy: HardwarePolicy | None = None,
     *,
@@ -54,8 +55,9 @@ def verify_evidence_file(
 ) -> Verdict:
     """Read evidence (and optional endorsement certificates) from files and verify them.
 
-    ``as_of`` and ``allow_debug`` (when given) override the policy's fields; they are the
-    CLI's ``--as-of`` and ``--allow-debug``.
+    ``cert_chain_path`` may name several files (PEM or DER, e.g. the VCEK and the ASK/ARK chain); their
+    certificates are read in order. ``as_of`` and ``allow_debug`` (when given) override the policy's fields;
+    they are the CLI's ``--as-of`` and ``--allow-debug``.
     """
     policy = policy or HardwarePolicy()
     when = parse_as_of(as_of)
@@ -64,5 +66,6 @@ def verify_evidence_file(
     if allow_debug is not None:
         policy = replace(policy, allow_debug=allow_debug)
     data = _read(path, "evidence file")
-    chain = _read(cert_chain_path, "certificate chain file") if cert_chain_path is not None else None
+    paths = [cert_chain_path] if isinstance(cert_chain_path, (str, os.PathLike)) else list(cert_chain_path or [])
+    chain = b"\n".join(_read(c, "certificate chain file") for c in paths) if paths else None
     return verify_evidence(data, cert_chain=chain, policy=policy)

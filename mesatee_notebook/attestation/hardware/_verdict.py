@@ -56,7 +56,14 @@ class Verdict:
 
     def render_text(self) -> str:
         """Render a plain-text report for the CLI: verdict line, every check, then the claims."""
-        lines = [f"VERIFIED {self.format}: tee={self.tee}, level={self.level.label}"]
+        level = self.level.label + (" (the confidential-VM level: SEV-SNP or TDX)" if self.level is Level.SEV else "")
+        lines = [f"VERIFIED {self.format}: tee={self.tee}, level={level}"]
+        if self.not_checked:
+            lines[0] = f"PARTLY VERIFIED {self.format}: tee={self.tee}, level={level}"
+            lines.append(
+                f"  {len(self.not_checked)} of {len(self.checks)} checks are NOT CHECKED (below): this result does not "
+                "vouch for them; supply the collateral or the policy values they name"
+            )
         if self.debug:
             lines.append("WARNING: debug enclave/guest - the host can read its memory (allowed by policy)")
         width = max((len(c.mark) for c in self.checks), default=2)
