@@ -28,6 +28,7 @@ keeps working::
     │   ├── PcrDigestMismatch                        reported PCR values are not the ones the TPM quoted
     │   ├── PcrMismatch (MeasurementMismatch)        a PCR differs from the policy or the expected measurement
     │   │   ├── AppPcrMismatch                       the application PCR does not hold the accepted measurement
+    │   │   ├── EventLogMismatch                     the kernel's launch event log does not replay to the quoted PCR
     │   │   └── BootPcrMismatch                      a boot PCR differs from the policy's golden value
     │   ├── UntrustedAttestationKey (UntrustedPlatform)  a TPM AK the policy does not pin
     │   ├── EkChainError (UntrustedPlatform)         a TPM's EK certificate does not chain to a pinned CA
@@ -35,6 +36,7 @@ keeps working::
     │   ├── SoftwareTpmNotAllowed                    a software (or uncertified) TPM the policy refuses
     │   └── SandboxRequired                          the kernel runs cells without the sandbox the policy requires
     ├── LevelNotAvailableError (RuntimeError)        no provider for that level on this platform
+    │   ├── HardwareLevelUnavailable                 serve --level sgx|tdx|sev-snp: no such TEE here, or not built
     │   └── SandboxUnavailable                       this host lacks what the executor sandbox needs (named)
     ├── PolicyViolation (PermissionError)            a data owner's or kernel policy refused the request
     │   └── QuotaExceeded                            a party's (or the anonymous) quota is used up (names the limit)
@@ -95,6 +97,7 @@ __all__ = [
     "PcrDigestMismatch",
     "PcrMismatch",
     "AppPcrMismatch",
+    "EventLogMismatch",
     "BootPcrMismatch",
     "QualifyingDataMismatch",
     "QuoteSignatureError",
@@ -121,6 +124,7 @@ __all__ = [
     "KeyBindingError",
     "HardwareLevelUnavailable",
     "LevelNotAvailableError",
+    "HardwareLevelUnavailable",
     "LevelTooLow",
     "MalformedEvidence",
     "MalformedFrame",
@@ -661,6 +665,7 @@ WIRE_CLASSES: tuple[type[MesateeError], ...] = (
     PcrDigestMismatch,
     PcrMismatch,
     AppPcrMismatch,
+    EventLogMismatch,
     BootPcrMismatch,
     UntrustedAttestationKey,
     EkChainError,
@@ -668,6 +673,7 @@ WIRE_CLASSES: tuple[type[MesateeError], ...] = (
     SoftwareTpmNotAllowed,
     SandboxRequired,
     LevelNotAvailableError,
+    HardwareLevelUnavailable,
     SandboxUnavailable,
     PolicyViolation,
     QuotaExceeded,
