@@ -3,6 +3,10 @@
 :class:`_Run` has one ``visit_<OpClass>`` method per node class of :mod:`mesatee_notebook.wire.ops`;
 a node without one is refused with ``FrameNotSupported`` (``tests/frames/test_catalog.py`` checks
 that every op has its visitor).
+
+Why this module is over ~500 lines: it is the one place every op's evaluation lives (one short
+visitor per op of the catalog, with its provenance bookkeeping); splitting the class would scatter
+what "how does the enclave run op X" answers in one file.
 """
 
 from __future__ import annotations
