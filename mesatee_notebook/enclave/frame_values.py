@@ -98,9 +98,21 @@ def _compose(arr: IntArray | None, pos: IntArray) -> IntArray:
     return np.where(pos >= 0, out, -1)
 
 
+#: Largest (groups x source rows) domain deduplicated with a bitmap (bytes of memory) rather than a hash.
+_BITMAP_MAX = 1 << 26
+
+
 def _dedupe(g: IntArray, s: IntArray, n_src: int) -> tuple[IntArray, IntArray]:
-    width = np.int64(max(n_src, 1))
-    keys = np.asarray(pd.unique(g * width + s), dtype=np.int64)  # hash-based: O(n), unlike np.unique
+    """The distinct (group, source row) pairs (groups are >= 0), in no particular order."""
+    width = max(n_src, 1)
+    keys = g * np.int64(width) + s
+    domain = (int(g.max()) + 1) * width if len(g) else 0
+    if 0 < domain <= _BITMAP_MAX:  # few groups: mark each pair in a bitmap, O(n + domain), no hashing
+        seen = np.zeros(domain, dtype=bool)
+        seen[keys] = True
+        keys = np.flatnonzero(seen).astype(np.int64, copy=False)
+    else:
+        keys = np.asarray(pd.unique(keys), dtype=np.int64)  # hash-based: O(n), unlike np.unique
     return keys // width, keys % width
 
 

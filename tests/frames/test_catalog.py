@@ -177,3 +177,18 @@ def test_catalog_entries_are_named_documented_methods(cls: type) -> None:
         fn = vars(cls)[name]
         assert fn.__name__ == name, (cls, name)
         assert fn.__doc__, (cls, name)
+
+
+def test_pair_deduplication_is_the_same_with_a_bitmap_or_a_hash(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mesatee_notebook.enclave import frame_values
+
+    rng = np.random.default_rng(0)
+    g = rng.integers(0, 7, 5000).astype(np.int64)
+    s = rng.integers(0, 300, 5000).astype(np.int64)
+    want = set(zip(g.tolist(), s.tolist(), strict=True))
+    for limit in (1 << 26, 0):  # the bitmap path, then the hash path
+        monkeypatch.setattr(frame_values, "_BITMAP_MAX", limit)
+        dg, ds = frame_values._dedupe(g, s, 300)
+        assert len(dg) == len(want)
+        assert set(zip(dg.tolist(), ds.tolist(), strict=True)) == want
+    assert len(frame_values._dedupe(g[:0], s[:0], 300)[0]) == 0
