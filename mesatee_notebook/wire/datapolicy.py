@@ -112,54 +112,9 @@ class DP:
         if self.query_delta is not None and self.query_delta > self.delta:
             msg = "DP.query_delta cannot exceed DP.delta"
             raise MalformedFrame(msg)
-        if isinstance(self.max_rows_per_unit, bool) or not isinstance(self.max_rows_per_unit, int):
-            msg = "DP.max_rows_per_unit must be an int"
-            raise MalformedFrame(msg)
-        if not 1 <= self.max_rows_per_unit <= 1000:
-            msg = "DP.max_rows_per_unit must be within [1, 1000]"
-            raise MalformedFrame(msg)
-        if self.unit is not None and (not isinstance(self.unit, str) or not self.unit):
-            msg = "DP.unit must be a column name or None"
-            raise MalformedFrame(msg)
-        if not isinstance(self.bounds, Mapping):
-            msg = "DP.bounds must be a mapping {column: (lo, hi)}"
-            raise MalformedFrame(msg)
-        bounds: dict[str, tuple[float, float]] = {}
-        for col, pair in self.bounds.items():
-            if not isinstance(col, str) or not col:
-                msg = f"DP.bounds keys must be column names, got {col!r}"
-                raise MalformedFrame(msg)
-            if isinstance(pair, (str, bytes)) or not isinstance(pair, Iterable):
-                msg = f"DP.bounds[{col!r}] must be a (lo, hi) pair"
-                raise MalformedFrame(msg)
-            items = list(cast("Iterable[object]", pair))
-            if len(items) != 2:
-                msg = f"DP.bounds[{col!r}] must be a (lo, hi) pair"
-                raise MalformedFrame(msg)
-            lo = float(items[0]) if not isinstance(items[0], bool) and isinstance(items[0], (int, float)) else None
-            hi = float(items[1]) if not isinstance(items[1], bool) and isinstance(items[1], (int, float)) else None
-            if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)) or not lo < hi:
-                msg = f"DP.bounds[{col!r}] must be finite numbers with lo < hi, got {tuple(items)!r}"
-                raise MalformedFrame(msg)
-            bounds[col] = (lo, hi)
-        set_(self, "bounds", bounds)
-        if not isinstance(self.public_groups, Mapping):
-            msg = "DP.public_groups must be a mapping {column: [values]}"
-            raise MalformedFrame(msg)
-        groups: dict[str, tuple[Any, ...]] = {}
-        for col, values in self.public_groups.items():
-            if not isinstance(col, str) or not col:
-                msg = f"DP.public_groups keys must be column names, got {col!r}"
-                raise MalformedFrame(msg)
-            if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-                msg = f"DP.public_groups[{col!r}] must be a list of values"
-                raise MalformedFrame(msg)
-            vals = tuple(_scalar_literal(v, f"public_groups[{col!r}]") for v in cast("Iterable[object]", values))
-            if not vals or len(set(vals)) != len(vals) or len(vals) > 100_000:
-                msg = f"DP.public_groups[{col!r}] must be 1..100000 distinct values"
-                raise MalformedFrame(msg)
-            groups[col] = vals
-        set_(self, "public_groups", groups)
+        _check_units(self.max_rows_per_unit, self.unit)
+        set_(self, "bounds", _checked_bounds(self.bounds))
+        set_(self, "public_groups", _checked_groups(self.public_groups))
 
     @property
     def default_epsilon(self) -> float:
@@ -289,3 +244,65 @@ class DataPolicy:
         if kwargs.get("privacy") is not None:
             kwargs["privacy"] = DP.from_dict(kwargs["privacy"])
         return cls(**kwargs)
+
+
+def _check_units(max_rows_per_unit: Any, unit: Any) -> None:
+    if isinstance(max_rows_per_unit, bool) or not isinstance(max_rows_per_unit, int):
+        msg = "DP.max_rows_per_unit must be an int"
+        raise MalformedFrame(msg)
+    if not 1 <= max_rows_per_unit <= 1000:
+        msg = "DP.max_rows_per_unit must be within [1, 1000]"
+        raise MalformedFrame(msg)
+    if unit is not None and (not isinstance(unit, str) or not unit):
+        msg = "DP.unit must be a column name or None"
+        raise MalformedFrame(msg)
+
+
+def _bound(value: object) -> float | None:
+    return float(value) if not isinstance(value, bool) and isinstance(value, (int, float)) else None
+
+
+def _checked_bounds(raw: Any) -> dict[str, tuple[float, float]]:
+    """``DP.bounds`` validated: column name -> finite (lo, hi) with lo < hi."""
+    if not isinstance(raw, Mapping):
+        msg = "DP.bounds must be a mapping {column: (lo, hi)}"
+        raise MalformedFrame(msg)
+    bounds: dict[str, tuple[float, float]] = {}
+    for col, pair in raw.items():
+        if not isinstance(col, str) or not col:
+            msg = f"DP.bounds keys must be column names, got {col!r}"
+            raise MalformedFrame(msg)
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Iterable):
+            msg = f"DP.bounds[{col!r}] must be a (lo, hi) pair"
+            raise MalformedFrame(msg)
+        items = list(cast("Iterable[object]", pair))
+        if len(items) != 2:
+            msg = f"DP.bounds[{col!r}] must be a (lo, hi) pair"
+            raise MalformedFrame(msg)
+        lo, hi = _bound(items[0]), _bound(items[1])
+        if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)) or not lo < hi:
+            msg = f"DP.bounds[{col!r}] must be finite numbers with lo < hi, got {tuple(items)!r}"
+            raise MalformedFrame(msg)
+        bounds[col] = (lo, hi)
+    return bounds
+
+
+def _checked_groups(raw: Any) -> dict[str, tuple[Any, ...]]:
+    """``DP.public_groups`` validated: column name -> 1..100000 distinct literal values."""
+    if not isinstance(raw, Mapping):
+        msg = "DP.public_groups must be a mapping {column: [values]}"
+        raise MalformedFrame(msg)
+    groups: dict[str, tuple[Any, ...]] = {}
+    for col, values in raw.items():
+        if not isinstance(col, str) or not col:
+            msg = f"DP.public_groups keys must be column names, got {col!r}"
+            raise MalformedFrame(msg)
+        if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+            msg = f"DP.public_groups[{col!r}] must be a list of values"
+            raise MalformedFrame(msg)
+        vals = tuple(_scalar_literal(v, f"public_groups[{col!r}]") for v in cast("Iterable[object]", values))
+        if not vals or len(set(vals)) != len(vals) or len(vals) > 100_000:
+            msg = f"DP.public_groups[{col!r}] must be 1..100000 distinct values"
+            raise MalformedFrame(msg)
+        groups[col] = vals
+    return groups

@@ -12,9 +12,11 @@ from test_parity import OPEN, random_frame
 import mesatee_notebook as mn
 from mesatee_notebook.errors import FrameNotSupported
 from mesatee_notebook.remote.frame import NOT_SUPPORTED, SecureDataFrame, SecureGroupBy, SecureSeries
+from mesatee_notebook.remote.frame_groupby import GROUPBY_NOT_SUPPORTED
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "dataframe.md"
 TABLES = {"DataFrame": SecureDataFrame, "Series": SecureSeries, "GroupBy": SecureGroupBy}
+REFUSED = {"DataFrame": NOT_SUPPORTED, "Series": NOT_SUPPORTED, "GroupBy": GROUPBY_NOT_SUPPORTED}
 PROXY = {"collect", "collect_with_receipt", "to_pandas", "plan_json", "explain", "schema", "privacy_budget",
          "from_source", "from_dataset_info"}  # fmt: skip
 
@@ -53,7 +55,7 @@ def test_every_listed_call_exists_and_every_method_is_listed(kind: str) -> None:
         for name in names:
             listed.add(name)
             if status == "refused":
-                assert name in NOT_SUPPORTED, name
+                assert name in REFUSED[kind], name
                 assert name not in vars(cls), f"{name} is listed as refused but {cls.__name__} defines it"
             else:
                 assert hasattr(cls, name), f"{cls.__name__}.{name} is listed but does not exist"
@@ -63,8 +65,8 @@ def test_every_listed_call_exists_and_every_method_is_listed(kind: str) -> None:
 
 def test_refused_calls_raise_a_clear_error() -> None:
     sdf = World({"d": (random_frame(0, 5), OPEN, OWNER)}).frame("d", OWNER)
-    for kind in ("DataFrame", "Series"):
-        target = sdf if kind == "DataFrame" else sdf.x
+    for kind in ("DataFrame", "Series", "GroupBy"):
+        target = {"DataFrame": sdf, "Series": sdf.x, "GroupBy": sdf.groupby("a")}[kind]
         for names, status in table(kind):
             for name in names if status == "refused" else ():
                 with pytest.raises(FrameNotSupported):
@@ -87,3 +89,32 @@ def test_the_coverage_figures_in_the_doc_are_the_table_s() -> None:
         m = re.search(rf"{kind}: (\d+)\s+calls\s+supported,\s+(\d+)\s+refused", text)
         assert m is not None, kind
         assert (int(m.group(1)), int(m.group(2))) == (supported, refused), kind
+
+
+def reference_coverage() -> dict[str, tuple[int, int]]:
+    """(supported, listed) per kind over tests/frames/pandas_calls.py's fixed list of common pandas calls."""
+    import pandas_calls
+
+    lists = {"DataFrame": pandas_calls.DATAFRAME, "Series": pandas_calls.SERIES, "GroupBy": pandas_calls.GROUPBY}
+    out = {}
+    for kind, names in lists.items():
+        cls = TABLES[kind]
+        ok = [
+            n for n in names
+            if (n in pandas_calls.MODULE and n in mn.__all__) or hasattr(cls, n)  # refused calls are no attributes
+        ]  # fmt: skip
+        out[kind] = (len(ok), len(names))
+    return out
+
+
+def test_the_reference_coverage_in_the_doc_is_counted() -> None:
+    cov = reference_coverage()
+    total = (sum(s for s, _ in cov.values()), sum(n for _, n in cov.values()))
+    words = ", ".join(f"{k} {s}/{n}" for k, (s, n) in cov.items())
+    expected = f"{words}; together {total[0]}/{total[1]}"
+    assert expected in " ".join(section().split()), expected
+    # and every call the table refuses really is one a user may reach for: none is silently missing
+    for kind, cls in TABLES.items():
+        for names, status in table(kind):
+            for name in names:
+                assert status == "refused" or hasattr(cls, name), (kind, name)

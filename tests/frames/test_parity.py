@@ -13,7 +13,8 @@ from _frames_support import ANALYST, OWNER, World
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mesatee_notebook.remote.frame import SecureDataFrame, _Lazy
+from mesatee_notebook.remote.frame import SecureDataFrame
+from mesatee_notebook.remote.frame_base import _Lazy
 from mesatee_notebook.wire.datapolicy import DataPolicy
 from mesatee_notebook.wire.plan import infer_plan, plan_from_json
 
@@ -212,7 +213,8 @@ def check_schema(secure: Any, result: Any) -> None:
 
 
 def _source_infos(secure: Any) -> dict[str, Any]:
-    from mesatee_notebook.remote.frame import Source, _postorder
+    from mesatee_notebook.remote.frame import Source
+    from mesatee_notebook.remote.frame_base import _postorder
 
     return {n.name: n.info for n in _postorder(secure._node) if isinstance(n, Source)}
 
