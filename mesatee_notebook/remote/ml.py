@@ -413,6 +413,11 @@ class RemoteTVMModule:
         return str(self.info["id"])
 
     @property
+    def engine(self) -> str:
+        """The engine that runs the module: ``tvm`` or ``onnxruntime``."""
+        return str(self.info.get("engine", "tvm"))
+
+    @property
     def inputs(self) -> dict[str, tuple[int, ...]]:
         """Input name → compiled (static) shape."""
         return {str(s["name"]): tuple(int(d) for d in s["shape"]) for s in self.info["inputs"]}
@@ -481,11 +486,14 @@ class TvmClient:
         target: str = "llvm",
         timeout: float | None = None,
         progress: bool = True,
+        engine: str = "auto",
     ) -> RemoteTVMModule:
         """Compile an ONNX model (path, bytes or ``onnx.ModelProto``) for static ``input_shapes``.
 
         Cached by digest in the enclave's sealed storage: compiling the same request again loads it.
         ``tune_trials`` > 0 runs MetaSchedule with that trial budget (slow: minutes), with a progress bar.
+        ``engine``: ``"auto"`` (TVM, or onnxruntime for graphs TVM's frontend cannot import: ``ai.onnx.ml``
+        operators, LSTM, GRU), or pin ``"tvm"`` or ``"onnxruntime"``; ``module.engine`` says which ran.
         """
         if isinstance(model, (bytes, bytearray, memoryview)):
             raw = bytes(model)
@@ -500,6 +508,7 @@ class TvmClient:
             "input_shapes": {str(k): [int(d) for d in v] for k, v in input_shapes.items()},
             "tune_trials": int(tune_trials),
             "target": target,
+            "engine": str(engine),
         }
         if max_trials_per_task is not None:
             args["max_trials_per_task"] = int(max_trials_per_task)
