@@ -65,6 +65,16 @@ def test_remote_multiclass_trains_softprob_and_matches_xgboost(parties: Parties)
     X = df[FEATURES].to_numpy()
     ref = xgb.XGBClassifier(n_estimators=8, max_depth=3, learning_rate=0.3, random_state=0).fit(X, df.k)
     np.testing.assert_allclose(clf.predict_proba(df[FEATURES][:50]), ref.predict_proba(X[:50]), atol=1e-6)
+    cols = sdf[[*FEATURES, "k"]]
+    stopped = SecureXGBClassifier(parties.owner, n_estimators=30, early_stopping_rounds=2).fit(
+        cols, "k", eval_set=[(cols, "k")]
+    )
+    ref_es = xgb.XGBClassifier(n_estimators=30, early_stopping_rounds=2, random_state=0)
+    ref_es.fit(X, df.k, eval_set=[(X, df.k)], verbose=False)
+    assert stopped.best_iteration == ref_es.best_iteration
+    np.testing.assert_allclose(
+        stopped.evals_result()["validation_0"]["mlogloss"], ref_es.evals_result()["validation_0"]["mlogloss"], rtol=1e-5
+    )
     binary = SecureXGBClassifier(parties.owner, n_estimators=4).fit(sdf[[*FEATURES, "b"]], "b")
     assert binary.model_.info["objective"] == "binary:logistic" and binary.n_classes_ == 2
 
