@@ -46,6 +46,7 @@ UNSAFE_COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("tvm", ("apache-tvm",)),
     ("tvm_ffi", ("apache-tvm-ffi",)),
     ("onnx", ("onnx",)),
+    ("onnxruntime", ("onnxruntime",)),  # the second ONNX engine, for graphs TVM cannot import (ml/onnx_engine.py)
     ("tpm2_pytss", ("tpm2-pytss",)),  # the kernel's TPM stack at level tpm (links the system tpm2-tss)
     ("opendp", ("opendp",)),
     ("blake3", ("blake3",)),  # payload digests (wire/digest.py)

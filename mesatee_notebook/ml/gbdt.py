@@ -429,7 +429,11 @@ def _regression_metrics(y: npt.NDArray[np.float64], pred: npt.NDArray[np.float64
 
 
 def _dmatrix(
-    X: F32Array, y: npt.NDArray[np.float64], names: list[str] | None, ref: xgb.QuantileDMatrix | None = None
+    X: F32Array,
+    y: npt.NDArray[np.float64],
+    names: list[str] | None,
+    ref: xgb.QuantileDMatrix | None = None,
+    weight: npt.NDArray[np.float64] | None = None,
 ) -> xgb.QuantileDMatrix:
     """A quantised matrix: ``hist`` trains on bin indices (1 byte a value), so no float copy is kept.
 
@@ -437,7 +441,7 @@ def _dmatrix(
     training matrix's cuts through ``ref``.
     """
     try:
-        return xgb.QuantileDMatrix(X, label=y, feature_names=names, ref=ref)
+        return xgb.QuantileDMatrix(X, label=y, weight=weight, feature_names=names, ref=ref)
     except (ValueError, xgb.core.XGBoostError) as exc:
         msg = f"xgboost refused the data: {exc}"
         raise MLInputError(msg) from exc
@@ -453,6 +457,7 @@ def train(
     early_stopping_rounds: int | None = None,
     progress: Progress | None = None,
     init_model: GBDTModel | None = None,
+    weight: Sequence[float] | np.ndarray | None = None,
 ) -> GBDTModel:
     """Train (or continue training) an xgboost ``hist`` model.
 
@@ -460,6 +465,7 @@ def train(
     ``seed`` to 0; ``tree_method`` must stay ``hist`` and ``device`` ``cpu``).
     ``evals`` maps a name to an eval set; with ``early_stopping_rounds`` the last
     eval set's last metric decides, and the model is cut back to its best round.
+    ``weight`` is one non-negative sample weight per training row.
     """
     merged: dict[str, Any] = {"objective": "reg:squarederror", "seed": 0, "tree_method": "hist"}
     if init_model is not None:
@@ -487,7 +493,7 @@ def train(
     if init_model is not None:
         _check_continuation(init_model, objective, X.shape[1], names)
 
-    dtrain = _dmatrix(X, y, names)
+    dtrain = _dmatrix(X, y, names, weight=None if weight is None else _weights(weight, X.shape[0]))
     n_features = X.shape[1]
     del X  # the quantised matrix is all training needs; drop the float32 copy before boosting
     watch: list[tuple[xgb.DMatrix, str]] = []
@@ -532,6 +538,14 @@ def train(
     elif init_model is not None and init_model.label is not None:
         booster.set_attr(**{_LABEL_ATTR: init_model.label})
     return GBDTModel(booster, history)
+
+
+def _weights(values: Sequence[float] | np.ndarray, rows: int) -> npt.NDArray[np.float64]:
+    w = _labels(values, rows, "sample_weight")
+    if np.any(w < 0):
+        msg = "sample_weight must be non-negative"
+        raise InvalidLabels(msg)
+    return w
 
 
 def _check_continuation(model: GBDTModel, objective: str, n_features: int, names: list[str] | None) -> None:

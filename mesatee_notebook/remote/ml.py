@@ -18,6 +18,7 @@ unsupported operator, shape mismatch), each with a message that says what to cha
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import numpy as np
 import pandas as pd
 
-from mesatee_notebook.errors import EncodingError
+from mesatee_notebook.errors import EncodingError, PolicyViolation
 from mesatee_notebook.remote._bars import close_bar, open_bar
 from mesatee_notebook.remote._public import public_methods
 from mesatee_notebook.remote.frame import Column, SecureDataFrame, SecureSeries, Select, Source
@@ -49,15 +50,78 @@ _LABEL = "__mesatee_label__"
 RemoteResult: TypeAlias = "SecureSeries | SecureDataFrame"
 
 
+class _SessionRef:
+    """What a pickled model handle or estimator keeps of its session; it reconnects on first use.
+
+    The kernel's URL, the client policy pinned to the measurement the session attested, the session name
+    and the *path* of the party's identity directory: never a key (a session whose key is only in memory
+    cannot be pickled). The new session attests the kernel again under the pinned policy.
+    """
+
+    __slots__ = ("_session", "identity", "name", "policy", "url")
+
+    def __init__(self, url: str, policy: Any, identity: str | None, name: str) -> None:
+        self.url, self.policy, self.identity, self.name = url, policy, identity, name
+        self._session: Any = None
+
+    @classmethod
+    def of(cls, session: Any) -> _SessionRef:
+        """The reference for a live session (or the reference itself)."""
+        if isinstance(session, _SessionRef):
+            return session
+        from dataclasses import replace
+
+        ident = getattr(session, "_identity", None)
+        path = getattr(ident, "path", None)
+        if ident is not None and path is None:
+            msg = (
+                "this session's party key is held only in memory, and keys are never pickled: connect with an "
+                "identity directory (mn.connect(url, identity=PATH)) to pickle a fitted estimator or model"
+            )
+            raise EncodingError(msg)
+        pinned = replace(session.policy, measurements=(session.attestation.measurement,))
+        directory = None if path is None else str(Path(path).parent)  # the key file's directory
+        return cls(str(session.url), pinned, directory, str(session.name))
+
+    def connect(self) -> Any:
+        """The live session, connected (and attested) on first use."""
+        if self._session is None:
+            from mesatee_notebook.remote.session import connect
+
+            self._session = connect(
+                self.url,
+                policy=self.policy,
+                session=self.name,
+                identity=False if self.identity is None else self.identity,
+            )
+        return self._session
+
+    def __getstate__(self) -> tuple[str, Any, str | None, str]:
+        return (self.url, self.policy, self.identity, self.name)
+
+    def __setstate__(self, state: tuple[str, Any, str | None, str]) -> None:
+        self.url, self.policy, self.identity, self.name = state
+        self._session = None
+
+    def __repr__(self) -> str:
+        state = "connected" if self._session is not None else "not connected yet"
+        return f"<mesatee session reference {self.url} ({state})>"
+
+
+def _live(session: Session | _SessionRef) -> Session:
+    """A live session (an unpickled :class:`_SessionRef` connects here)."""
+    return session.connect() if isinstance(session, _SessionRef) else session
+
+
 def _call(
-    session: Session,
+    session: Session | _SessionRef,
     service: str,
     args: Mapping[str, Any] | None = None,
     inputs: Mapping[str, Any] | None = None,
     **kw: Any,
 ) -> CallResult:
     """``session.call``; engine errors arrive typed (``ml.*`` codes are in the one error tree)."""
-    return session.call(service, args, inputs, **kw)
+    return _live(session).call(service, args, inputs, **kw)
 
 
 def _remote_ref(data: SecureDataFrame | SecureSeries) -> dict[str, Any]:
@@ -143,10 +207,10 @@ class _PhaseBar:
             close_bar(self.bar)
 
 
-def _remote_result(session: Session, info: Mapping[str, Any]) -> RemoteResult:
+def _remote_result(session: Session | _SessionRef, info: Mapping[str, Any]) -> RemoteResult:
     """A SecureSeries (one column) or SecureDataFrame over a result kept in the enclave."""
     desc = info["dataset"]
-    sdf = session.dataframe(str(desc["name"]))
+    sdf = _live(session).dataframe(str(desc["name"]))
     cols = [str(c) for c, _ in desc["columns"]]
     return sdf[cols[0]] if len(cols) == 1 else sdf
 
@@ -158,7 +222,9 @@ class RemoteModel:
     ``info`` is the model's public description (objective, features, rounds, provenance, release).
     """
 
-    def __init__(self, session: Session, info: Mapping[str, Any], history: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, session: Session | _SessionRef, info: Mapping[str, Any], history: Mapping[str, Any] | None = None
+    ) -> None:
         self._session = session
         self.info = dict(info)
         self.history: dict[str, Any] = dict(history or {})
@@ -260,6 +326,16 @@ class RemoteModel:
         """Delete the model from the enclave."""
         self._call("gbdt.delete", {})
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle the handle and a reference to the session (reconnects lazily; no keys, no receipt)."""
+        return {"session": _SessionRef.of(self._session), "info": self.info, "history": self.history}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._session = state["session"]
+        self.info = dict(state["info"])
+        self.history = dict(state["history"])
+        self.last_receipt = None
+
 
 @public_methods
 class GbdtClient:
@@ -280,12 +356,14 @@ class GbdtClient:
         init_model: RemoteModel | str | None = None,
         progress: bool | Callable[[dict[str, Any]], None] = True,
         timeout: float | None = None,
+        sample_weight: str | Sequence[float] | np.ndarray | None = None,
     ) -> RemoteModel:
         """Train a model; per-round metrics stream into a progress bar. Returns a handle; the model stays remote.
 
         ``data`` holds the features and the ``label`` column. ``evals`` maps names to eval sets (same
         columns). ``init_model`` continues training a model you trained. ``progress`` may be a callable
-        receiving each round's event instead of the bar.
+        receiving each round's event instead of the bar. ``sample_weight`` is a weight column of ``data``
+        (by name; not used as a feature) or one weight per row.
         """
         inputs: dict[str, Any] = {}
         args: dict[str, Any] = {
@@ -301,6 +379,11 @@ class GbdtClient:
             args["early_stopping_rounds"] = int(early_stopping_rounds)
         if init_model is not None:
             args["init_model"] = init_model.id if isinstance(init_model, RemoteModel) else str(init_model)
+        if isinstance(sample_weight, str):
+            args["weight"] = {"column": sample_weight}
+        elif sample_weight is not None:
+            inputs["weight"] = np.asarray(sample_weight, dtype=np.float64)
+            args["weight"] = {"input": "weight"}
         bar = _RoundBar(num_boost_round, progress is True)
         callback: Callable[[dict[str, Any]], None] = progress if callable(progress) else bar
         try:
@@ -339,6 +422,11 @@ class RemoteTVMModule:
     def id(self) -> str:
         """Digest of (model, shapes, target, TVM version, tuning budget)."""
         return str(self.info["id"])
+
+    @property
+    def engine(self) -> str:
+        """The engine that runs the module: ``tvm`` or ``onnxruntime``."""
+        return str(self.info.get("engine", "tvm"))
 
     @property
     def inputs(self) -> dict[str, tuple[int, ...]]:
@@ -410,11 +498,14 @@ class TvmClient:
         target: str = "llvm",
         timeout: float | None = None,
         progress: bool = True,
+        engine: str = "auto",
     ) -> RemoteTVMModule:
         """Compile an ONNX model (path, bytes or ``onnx.ModelProto``) for static ``input_shapes``.
 
         Cached by digest in the enclave's sealed storage: compiling the same request again loads it.
         ``tune_trials`` > 0 runs MetaSchedule with that trial budget (slow: minutes), with a progress bar.
+        ``engine``: ``"auto"`` (TVM, or onnxruntime for graphs TVM's frontend cannot import: ``ai.onnx.ml``
+        operators, LSTM, GRU), or pin ``"tvm"`` or ``"onnxruntime"``; ``module.engine`` says which ran.
         """
         if isinstance(model, (bytes, bytearray, memoryview)):
             raw = bytes(model)
@@ -429,6 +520,7 @@ class TvmClient:
             "input_shapes": {str(k): [int(d) for d in v] for k, v in input_shapes.items()},
             "tune_trials": int(tune_trials),
             "target": target,
+            "engine": str(engine),
         }
         if max_trials_per_task is not None:
             args["max_trials_per_task"] = int(max_trials_per_task)
@@ -460,9 +552,30 @@ except ImportError:  # pragma: no cover - scikit-learn is an optional client dep
     BaseEstimator = object
     ClassifierMixin = RegressorMixin = object
 
+_AUTO_CLASSIFIER = "auto:classifier"  # resolved in the enclave from the label column (services/gbdt.py)
+
+
+def _eval_sets(eval_set: Any) -> list[tuple[Any, Any]]:
+    """Eval sets in xgboost's list form ``[(X, y), ...]``; a single ``(X, y)`` pair is accepted too."""
+    if eval_set is None:
+        return []
+    if isinstance(eval_set, tuple) and len(eval_set) == 2 and not isinstance(eval_set[0], tuple):
+        return [eval_set]
+    pairs = list(eval_set)
+    if not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs):
+        msg = "eval_set must be a list of (X, y) pairs, as in xgboost: eval_set=[(X_valid, y_valid)]"
+        raise ValueError(msg)
+    return [(p[0], p[1]) for p in pairs]
+
 
 class _SecureXGBBase(BaseEstimator):  # type: ignore[misc]
-    """Shared parameters and plumbing of the scikit-learn style estimators."""
+    """Shared parameters and plumbing of the scikit-learn style estimators.
+
+    A fitted estimator pickles its model handle, the kernel's URL, the policy pinned to the measurement it
+    attested and the path of the party's identity directory (never a key: ``_SessionRef``); an
+    unpickled copy reconnects on its first call. So ``n_jobs=2`` in scikit-learn (joblib's process backend)
+    works: each worker process opens its own attested session as the same party.
+    """
 
     _objective: str = "reg:squarederror"
 
@@ -483,6 +596,17 @@ class _SecureXGBBase(BaseEstimator):  # type: ignore[misc]
         early_stopping_rounds: int | None = None,
         objective: str | None = None,
         progress: bool = False,
+        gamma: float | None = None,
+        scale_pos_weight: float | None = None,
+        base_score: float | None = None,
+        n_jobs: int | None = None,
+        max_leaves: int | None = None,
+        grow_policy: str | None = None,
+        eval_metric: str | list[str] | None = None,
+        tree_method: str | None = None,
+        importance_type: str | None = None,
+        missing: float = np.nan,
+        enable_categorical: bool = False,
     ) -> None:
         self.session = session
         self.n_estimators = n_estimators
@@ -498,6 +622,17 @@ class _SecureXGBBase(BaseEstimator):  # type: ignore[misc]
         self.early_stopping_rounds = early_stopping_rounds
         self.objective = objective
         self.progress = progress
+        self.gamma = gamma
+        self.scale_pos_weight = scale_pos_weight
+        self.base_score = base_score
+        self.n_jobs = n_jobs
+        self.max_leaves = max_leaves
+        self.grow_policy = grow_policy
+        self.eval_metric = eval_metric
+        self.tree_method = tree_method
+        self.importance_type = importance_type
+        self.missing = missing
+        self.enable_categorical = enable_categorical
 
     def __sklearn_clone__(self) -> Any:
         """Clone the parameters but share the session (a live connection cannot be deep-copied)."""
@@ -514,14 +649,31 @@ class _SecureXGBBase(BaseEstimator):  # type: ignore[misc]
         tags.non_deterministic = False
         return tags
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        if state.get("session") is not None:
+            state["session"] = ref = _SessionRef.of(state["session"])
+            model = state.get("model_")
+            if isinstance(model, RemoteModel):  # one reference for both: an unpickled copy connects once
+                shared = copy.copy(model)
+                shared._session = ref
+                state["model_"] = shared
+        return state
+
     def _session_or_fail(self) -> Any:
         if self.session is None:
             msg = "pass session=mn.connect(...) to the estimator: it trains in an enclave kernel"
             raise EncodingError(msg)
-        return self.session
+        return _live(self.session)
 
     def _params(self) -> dict[str, Any]:
-        return {
+        if self.enable_categorical:
+            msg = (
+                "enable_categorical=True is not available yet: the enclave engine trains on numeric features; "
+                "encode categories as codes (e.g. df[c].cat.codes) first"
+            )
+            raise EncodingError(msg)
+        params: dict[str, Any] = {
             "max_depth": self.max_depth,
             "eta": self.learning_rate,
             "subsample": self.subsample,
@@ -531,49 +683,90 @@ class _SecureXGBBase(BaseEstimator):  # type: ignore[misc]
             "alpha": self.reg_alpha,
             "max_bin": self.max_bin,
             "seed": self.random_state,
-            "tree_method": "hist",
+            "tree_method": self.tree_method or "hist",
         }
+        optional = {
+            "gamma": self.gamma,
+            "scale_pos_weight": self.scale_pos_weight,
+            "base_score": self.base_score,
+            "nthread": self.n_jobs,
+            "max_leaves": self.max_leaves,
+            "grow_policy": self.grow_policy,
+            "eval_metric": self.eval_metric,
+        }
+        return params | {k: v for k, v in optional.items() if v is not None}
 
-    def _fit_remote(self, X: Any, y: Any, extra: dict[str, Any]) -> None:
+    def _missing_to_nan(self, Xa: np.ndarray) -> np.ndarray:
+        if self.missing is None or np.isnan(self.missing):
+            return Xa
+        return np.where(Xa == self.missing, np.nan, Xa)
+
+    def _fit_remote(self, X: Any, y: Any, extra: dict[str, Any], sample_weight: Any, eval_set: Any) -> None:
         if isinstance(y, SecureSeries):
             y = y.name
         if not isinstance(y, str):
             msg = "with remote X, give y as the label column's name (or a column of the same dataset)"
             raise EncodingError(msg)
+        if not (self.missing is None or np.isnan(self.missing)):
+            msg = "missing= other than NaN is not available yet for remote data; store the column with NaN instead"
+            raise EncodingError(msg)
+        if sample_weight is not None and not isinstance(sample_weight, str):
+            msg = "with remote X, give sample_weight as the name of a weight column of the same dataset"
+            raise EncodingError(msg)
         ref = _data_ref(X, "data", {})
-        if "columns" in ref and y not in ref["columns"]:
-            ref["columns"] = [*ref["columns"], y]
+        for col in (y, sample_weight):
+            if col is not None and "columns" in ref and col not in ref["columns"]:
+                ref["columns"] = [*ref["columns"], col]
+        evals = {f"validation_{i}": self._remote_eval(eX, ey, y) for i, (eX, ey) in enumerate(_eval_sets(eval_set))}
         client = GbdtClient(self._session_or_fail())
         self.model_ = client.train(
-            ref, y, params={**self._params(), **extra}, num_boost_round=self.n_estimators, progress=self.progress
+            ref,
+            y,
+            params={**self._params(), **extra},
+            num_boost_round=self.n_estimators,
+            evals=evals or None,
+            sample_weight=sample_weight,
+            early_stopping_rounds=self.early_stopping_rounds if evals else None,
+            progress=self.progress,
         )
         features = [f for f in self.model_.features if f != y]
         self.n_features_in_ = len(features)
         self.feature_names_in_ = np.asarray(features, dtype=object)
 
+    @staticmethod
+    def _remote_eval(eX: Any, ey: Any, label: str) -> dict[str, Any]:
+        if not isinstance(eX, (str, SecureDataFrame)) or (ey is not None and str(ey) != label):
+            msg = f"with remote X, each eval_set entry is (dataset or SecureDataFrame, {label!r})"
+            raise EncodingError(msg)
+        ref = _data_ref(eX, "eval", {})
+        if "columns" in ref and label not in ref["columns"]:
+            ref["columns"] = [*ref["columns"], label]
+        return ref
+
     def _objective_params(self) -> dict[str, Any]:
         return {"objective": self.objective or "reg:squarederror"}
 
-    def _fit_local(self, X: Any, y: Any, eval_set: Any = None) -> None:
-        from sklearn.utils.validation import validate_data
+    def _fit_local(self, X: Any, y: Any, sample_weight: Any, eval_set: Any) -> None:
+        from sklearn.utils.validation import _check_sample_weight, validate_data
 
         Xa, ya = validate_data(self, X, y, ensure_all_finite="allow-nan", dtype=np.float64, y_numeric=False)
-        frame = pd.DataFrame(Xa, columns=[f"f{i}" for i in range(Xa.shape[1])])
+        frame = pd.DataFrame(self._missing_to_nan(Xa), columns=[f"f{i}" for i in range(Xa.shape[1])])
         frame[_LABEL] = self._encode_y(ya)
+        weight = None if sample_weight is None else _check_sample_weight(sample_weight, Xa, dtype=np.float64)
         extra = self._objective_params()
-        evals = None
-        if eval_set is not None:
-            eX, ey = eval_set
-            ef = pd.DataFrame(np.asarray(eX, dtype=np.float64), columns=frame.columns[:-1])
+        evals: dict[str, Any] = {}
+        for i, (eX, ey) in enumerate(_eval_sets(eval_set)):
+            ef = pd.DataFrame(self._missing_to_nan(np.asarray(eX, dtype=np.float64)), columns=frame.columns[:-1])
             ef[_LABEL] = self._encode_y(np.asarray(ey), fitting=False)
-            evals = {"valid": ef}
+            evals[f"validation_{i}"] = ef
         client = GbdtClient(self._session_or_fail())
         self.model_ = client.train(
             frame,
             _LABEL,
             params={**self._params(), **extra},
             num_boost_round=self.n_estimators,
-            evals=evals,
+            evals=evals or None,
+            sample_weight=weight,
             early_stopping_rounds=self.early_stopping_rounds if evals else None,
             progress=self.progress,
         )
@@ -586,7 +779,7 @@ class _SecureXGBBase(BaseEstimator):  # type: ignore[misc]
 
         check_is_fitted(self, "model_")
         Xa: np.ndarray = validate_data(self, X, reset=False, ensure_all_finite="allow-nan", dtype=np.float64)
-        return Xa
+        return self._missing_to_nan(Xa)
 
     def _raw_predict(self, X: Any, margin: bool = False) -> np.ndarray | RemoteResult:
         from sklearn.utils.validation import check_is_fitted
@@ -605,6 +798,56 @@ class _SecureXGBBase(BaseEstimator):  # type: ignore[misc]
         check_is_fitted(self, "model_")
         return self.model_
 
+    @property
+    def feature_importances_(self) -> np.ndarray:
+        """Importance of each feature by ``importance_type`` (default ``gain``), normalised to sum 1 as in xgboost."""
+        model = self.booster_handle
+        scores = model.feature_importance(self.importance_type or "gain")
+        names = [n for n in model.features if n != model.info.get("label")]
+        values = np.asarray([float(scores.get(n, 0.0)) for n in names], dtype=np.float32)
+        total = values.sum()
+        return values / total if total > 0 else values
+
+    @property
+    def best_iteration(self) -> int:
+        """The best round found by early stopping (0-based); like xgboost, only defined when it ran."""
+        value = self.booster_handle.info.get("best_iteration")
+        if value is None:
+            msg = "`best_iteration` is only defined when early stopping is used."
+            raise AttributeError(msg)
+        return int(value)
+
+    def evals_result(self) -> dict[str, dict[str, list[float]]]:
+        """Per-round metrics of each eval set, ``{"validation_0": {"logloss": [...]}}`` as in xgboost."""
+        history = self.booster_handle.history
+        if not history:
+            msg = "no evaluation results: fit with eval_set=[(X_valid, y_valid)]"
+            raise ValueError(msg)
+        return {str(k): {str(m): [float(v) for v in vals] for m, vals in d.items()} for k, d in history.items()}
+
+    def get_booster(self) -> Any:
+        """The trained model as a local ``xgboost.Booster``, only when its policy releases it.
+
+        A model trained on another party's data stays in the enclave until every data owner released it
+        (``gbdt.release``): until then this raises ``PolicyViolation``.
+        """
+        import xgboost as xgb
+
+        model = self.booster_handle
+        try:
+            raw = model.export()
+        except PolicyViolation as exc:
+            msg = (
+                f"get_booster: the model stays in the enclave, its data owner(s) have not released it ({exc}); "
+                "use predict/predict_proba, which run there"
+            )
+            raise PolicyViolation(msg, model=model.id) from exc
+        booster = xgb.Booster()
+        booster.load_model(bytearray(raw))
+        if not hasattr(self, "feature_names_in_"):  # fitted on an array: no names, as in xgboost
+            booster.feature_names = None
+        return booster
+
 
 @public_methods
 class SecureXGBRegressor(RegressorMixin, _SecureXGBBase):  # type: ignore[misc]
@@ -614,12 +857,12 @@ class SecureXGBRegressor(RegressorMixin, _SecureXGBBase):  # type: ignore[misc]
     with ``y`` the label column's name). Predictions on remote data stay remote.
     """
 
-    def fit(self, X: Any, y: Any, *, eval_set: Any = None) -> SecureXGBRegressor:
-        """Train ``n_estimators`` rounds in the enclave."""
+    def fit(self, X: Any, y: Any, *, sample_weight: Any = None, eval_set: Any = None) -> SecureXGBRegressor:
+        """Train ``n_estimators`` rounds in the enclave (``eval_set=[(X, y), ...]`` as in xgboost)."""
         if isinstance(X, (SecureDataFrame, str)):
-            self._fit_remote(X, y, self._objective_params())
+            self._fit_remote(X, y, self._objective_params(), sample_weight, eval_set)
         else:
-            self._fit_local(X, y, eval_set)
+            self._fit_local(X, y, sample_weight, eval_set)
         return self
 
     def predict(self, X: Any) -> np.ndarray | RemoteResult:
@@ -633,7 +876,8 @@ class SecureXGBClassifier(ClassifierMixin, _SecureXGBBase):  # type: ignore[misc
     """An xgboost classifier that trains in the enclave; scikit-learn conventions (pipelines, CV).
 
     Local labels may be any sortable values (encoded to 0..k-1 here); remote labels must already be
-    0..k-1. Binary problems train ``binary:logistic``, more classes ``multi:softprob``.
+    0..k-1, and the enclave picks the objective from the label column it sees. Binary problems train
+    ``binary:logistic``, more classes ``multi:softprob``.
     """
 
     def _encode_y(self, y: Any, *, fitting: bool = True) -> np.ndarray:
@@ -646,8 +890,16 @@ class SecureXGBClassifier(ClassifierMixin, _SecureXGBBase):  # type: ignore[misc
                 msg = f"the classifier needs at least 2 classes; got {len(self.classes_)} class"
                 raise ValueError(msg)
             return np.asarray(codes, dtype=np.float64)
-        idx = np.searchsorted(self.classes_, y)
-        return np.asarray(idx, dtype=np.float64)
+        y = np.asarray(y)
+        unseen = np.setdiff1d(np.unique(y), self.classes_)
+        if unseen.size:
+            shown = ", ".join(map(repr, unseen[:5].tolist()))
+            msg = (
+                f"eval_set has label(s) {shown} not seen in fit (classes: {self.classes_.tolist()}); "
+                "an eval set can only hold the training classes"
+            )
+            raise ValueError(msg)
+        return np.asarray(np.searchsorted(self.classes_, y), dtype=np.float64)
 
     def _objective_params(self) -> dict[str, Any]:
         k = len(getattr(self, "classes_", ()))
@@ -657,13 +909,22 @@ class SecureXGBClassifier(ClassifierMixin, _SecureXGBBase):  # type: ignore[misc
             return {"objective": "binary:logistic"}
         return {"objective": "multi:softprob", "num_class": k}
 
-    def fit(self, X: Any, y: Any, *, eval_set: Any = None) -> SecureXGBClassifier:
-        """Train ``n_estimators`` rounds in the enclave."""
+    @property
+    def n_classes_(self) -> int:
+        """Number of classes seen in fit."""
+        from sklearn.utils.validation import check_is_fitted
+
+        check_is_fitted(self, "classes_")
+        return len(self.classes_)
+
+    def fit(self, X: Any, y: Any, *, sample_weight: Any = None, eval_set: Any = None) -> SecureXGBClassifier:
+        """Train ``n_estimators`` rounds in the enclave (``eval_set=[(X, y), ...]`` as in xgboost)."""
         if isinstance(X, (SecureDataFrame, str)):
-            self._fit_remote(X, y, {"objective": self.objective or "binary:logistic"})
-            self.classes_ = np.arange(max(2, int(self.model_.info.get("num_class") or 1)))
+            self._fit_remote(X, y, {"objective": self.objective or _AUTO_CLASSIFIER}, sample_weight, eval_set)
+            multi = str(self.model_.info.get("objective")).startswith("multi:")
+            self.classes_ = np.arange(int(self.model_.info.get("num_class") or 0) if multi else 2)
             return self
-        self._fit_local(X, y, eval_set)
+        self._fit_local(X, y, sample_weight, eval_set)
         return self
 
     def predict_proba(self, X: Any) -> np.ndarray | RemoteResult:

@@ -298,6 +298,40 @@ def _train_data(ctx: ServiceContext, ref: Any, inputs: dict[str, Any], what: str
     return data
 
 
+_AUTO_CLASSIFIER = "auto:classifier"
+
+
+def _resolve_objective(frame: Any, label: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``objective="auto:classifier"``: binary or multiclass, decided here from the label column the enclave sees.
+
+    Labels above 1 give ``multi:softprob`` (the engine then sets ``num_class`` and checks the labels are 0..k-1).
+    """
+    if params.get("objective") != _AUTO_CLASSIFIER:
+        return params
+    top = 0.0
+    if isinstance(frame, pd.DataFrame) and label in frame.columns:
+        top = float(pd.to_numeric(frame[label], errors="coerce").max(skipna=True) or 0.0)
+    return {**params, "objective": "multi:softprob" if top > 1 else "binary:logistic"}
+
+
+def _sample_weight(data: DataRef, ref: Any, inputs: dict[str, Any]) -> np.ndarray | None:
+    """Sample weights: ``{"column": NAME}`` of the training data (taken out of the features) or ``{"input": NAME}``."""
+    if ref is None:
+        return None
+    if isinstance(ref, dict) and "column" in ref and isinstance(data.frame, pd.DataFrame):
+        col = str(ref["column"])
+        if col not in data.frame.columns:
+            msg = f"sample_weight column {col!r} is not in the training data"
+            raise NotFound(msg, column=col)
+        weights = data.frame[col].to_numpy(dtype=np.float64, na_value=np.nan)
+        data.frame = data.frame.drop(columns=[col])
+        return weights
+    if isinstance(ref, dict) and "input" in ref and str(ref["input"]) in inputs:
+        return np.asarray(inputs[str(ref["input"])], dtype=np.float64).reshape(-1)
+    msg = "sample_weight: give a column name of the training data or one weight per row"
+    raise EncodingError(msg)
+
+
 @service("gbdt.train")
 def train(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """Train (or continue) an xgboost model; per-round metrics stream as progress; returns a handle."""
@@ -308,6 +342,8 @@ def train(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> 
     if not isinstance(label, str) or not label:
         msg = "give the label column by name (label='y')"
         raise EncodingError(msg)
+    weight = _sample_weight(data, args.get("weight"), inputs)
+    params = _resolve_objective(data.frame, label, dict(args.get("params") or {}))
     sources = [data]
     evals: dict[str, pd.DataFrame] = {}
     for name, ref in dict(args.get("evals") or {}).items():
@@ -327,12 +363,13 @@ def train(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> 
     model = gbdt.train(
         data.frame,
         label,
-        params=dict(args.get("params") or {}),
+        params=params,
         num_boost_round=int(args.get("num_boost_round", 100)),
         evals=evals or None,
         early_stopping_rounds=None if args.get("early_stopping_rounds") is None else int(args["early_stopping_rounds"]),
         progress=progress if args.get("progress", True) else None,
         init_model=init,
+        weight=weight,
     )
     seconds = time.perf_counter() - t0
     provenance = prior + [s.describe() for s in sources]

@@ -38,6 +38,7 @@ from mesatee_notebook.enclave.services.gbdt import (
 from mesatee_notebook.errors import EncodingError, NotFound, PolicyViolation
 
 if TYPE_CHECKING:
+    from mesatee_notebook.ml.onnx_engine import ORTModel
     from mesatee_notebook.ml.tvm_runtime import TVMModel
 
 __all__: list[str] = []
@@ -83,6 +84,11 @@ def compile_model(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, A
         raise EncodingError(msg)
     model = bytes(raw)
     shapes = _shapes(args.get("input_shapes"))
+    from mesatee_notebook.enclave.services import onnx_ort  # engine hook: graphs TVM cannot take (onnx_engine.py)
+    from mesatee_notebook.ml.onnx_engine import choose_engine
+
+    if choose_engine(model, str(args.get("engine") or "auto")) == "onnxruntime":
+        return onnx_ort.compile_ort(ctx, model, shapes)
     target = args.get("target") or "llvm"
     trials = int(args.get("tune_trials", 0))
     per_task = args.get("max_trials_per_task")
@@ -128,10 +134,10 @@ def compile_model(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, A
     ctx.seal_put(meta_name, json.dumps(meta).encode())
     ctx.audit("job", {"service": "tvm.compile", "module": key, "tune_trials": trials, "source": source})
     info = {k: v for k, v in meta.items() if k != "owners"}
-    return ServiceResult(info={**info, "source": source, "seconds": time.perf_counter() - t0})
+    return ServiceResult(info={**info, "engine": "tvm", "source": source, "seconds": time.perf_counter() - t0})
 
 
-def _module(ctx: ServiceContext, key: Any) -> TVMModel:
+def _module(ctx: ServiceContext, key: Any) -> TVMModel | ORTModel:
     """A module the caller compiled, loaded in this worker (unsealed again after a restart)."""
     from mesatee_notebook.ml import tvm_runtime
 
@@ -144,6 +150,10 @@ def _module(ctx: ServiceContext, key: Any) -> TVMModel:
     if ctx.party not in meta.get("owners", []):
         msg = "this module was compiled by another party"
         raise PolicyViolation(msg, module=mid)
+    if meta.get("engine") == "onnxruntime":  # engine hook (enclave/services/onnx_ort.py)
+        from mesatee_notebook.enclave.services.onnx_ort import load_ort
+
+        return load_ort(ctx, mid)
     loaded: dict[str, TVMModel] = ctx.state.setdefault("tvm_modules", {})
     module = loaded.get(mid)
     if module is None:
@@ -159,7 +169,7 @@ def _module(ctx: ServiceContext, key: Any) -> TVMModel:
     return module
 
 
-def _run_dataset(module: TVMModel, data: DataRef, input_name: str | None) -> dict[str, np.ndarray]:
+def _run_dataset(module: TVMModel | ORTModel, data: DataRef, input_name: str | None) -> dict[str, np.ndarray]:
     from mesatee_notebook.ml._errors import InputShapeError, NonNumericFeatures
 
     specs = module.inputs
@@ -212,6 +222,10 @@ def _outputs_frame(outputs: dict[str, np.ndarray]) -> pd.DataFrame:
     return pd.DataFrame(cols)
 
 
+def _engine(module: TVMModel | ORTModel) -> str:
+    return str(getattr(module, "engine", "tvm"))
+
+
 @service("tvm.run")
 def run(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """Run a compiled module on arrays, or on a dataset (the result stays remote when it is another's)."""
@@ -234,7 +248,7 @@ def run(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> Se
                 raise refuse(ctx, data, f"the model would read hidden column(s) {', '.join(sorted(used))}; select "
                              "other columns", columns=sorted(used))
         outputs = _run_dataset(module, data, args.get("input"))
-        info: dict[str, Any] = {"module": module.digest, "rows": len(data.frame),
+        info: dict[str, Any] = {"module": module.digest, "rows": len(data.frame), "engine": _engine(module),
                                 "run_seconds": time.perf_counter() - t0, "library_sha256": module.library_sha256}
         if keep:
             derived = {"kind": "tvm", "module": module.digest}
@@ -245,4 +259,4 @@ def run(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> Se
     feeds = {str(names.get(k, k)): v for k, v in inputs.items()}
     outputs = module.run(feeds)
     return ServiceResult(info={"module": module.digest, "run_seconds": time.perf_counter() - t0,
-                               "library_sha256": module.library_sha256}, values=outputs)
+                               "library_sha256": module.library_sha256, "engine": _engine(module)}, values=outputs)
