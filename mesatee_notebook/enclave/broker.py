@@ -113,7 +113,8 @@ _ANSWERS: dict[type[ProtocolMessage], _Answer] = {
     SealList: _seal_list,
 }
 if set(_ANSWERS) != set(EXECUTOR_REQUESTS.values()):  # a new executor request needs its answer here
-    raise ImportError("every executor request in wire/protocol.py needs an answer in enclave/broker.py")
+    _msg = "every executor request in wire/protocol.py needs an answer in enclave/broker.py"
+    raise ImportError(_msg)
 
 
 def answer_executor(
