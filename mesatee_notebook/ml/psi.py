@@ -181,6 +181,26 @@ def _from_arrow(arr: pa.Array) -> _Canonical:
 def _from_objects(values: Sequence[Any] | np.ndarray[Any, Any]) -> _Canonical:
     if len(values) == 0:
         return _Canonical(0, [], np.empty(0, dtype=np.int64))
+    fast = _homogeneous(values)
+    if fast is not None:
+        return fast
+    groups: dict[bytes, tuple[list[int], list[Any]]] = {_KIND_INT: ([], []), _KIND_STR: ([], []), _KIND_BYTES: ([], [])}
+    for i, item in enumerate(values):
+        kind, v = _classify_item(i, item)
+        groups[kind][0].append(i)
+        groups[kind][1].append(v)
+    present = {kind: g for kind, g in groups.items() if g[0]}
+    if len(present) == 1:
+        ((kind, (_, vals)),) = present.items()
+        if kind == _KIND_INT:
+            lo, hi, display = _ints_from_python(vals)
+            return _Canonical(len(values), [_Part(kind, None, lo=lo, hi=hi)], display)
+        return _from_arrow(pa.array(vals, type=pa.large_string() if kind == _KIND_STR else pa.large_binary()))
+    return _mixed(len(values), present)
+
+
+def _homogeneous(values: Sequence[Any] | np.ndarray[Any, Any]) -> _Canonical | None:
+    """The fast paths for all-int, all-str and all-bytes lists; None when the items are mixed (or need checks)."""
     kinds = set(map(type, values))  # C-speed scan; pa.array alone would quietly mix str into binary
     if kinds == {int}:
         with contextlib.suppress(OverflowError):
@@ -191,40 +211,36 @@ def _from_objects(values: Sequence[Any] | np.ndarray[Any, Any]) -> _Canonical:
             return _from_arrow(pa.array(values, type=pa.large_string()))
     elif kinds == {bytes}:
         return _from_arrow(pa.array(values, type=pa.large_binary()))
-    groups: dict[bytes, tuple[list[int], list[Any]]] = {_KIND_INT: ([], []), _KIND_STR: ([], []), _KIND_BYTES: ([], [])}
-    for i, item in enumerate(values):
-        v = item
-        if isinstance(v, str):
-            kind: bytes = _KIND_STR
-            try:
-                v.encode()
-            except UnicodeEncodeError:
-                msg = f"str item at position {i} is not valid Unicode (lone surrogate); encode it to bytes first"
-                raise EncodingError(msg) from None
-        elif isinstance(v, (bytes, bytearray, memoryview)):
-            kind, v = _KIND_BYTES, bytes(v)
-        elif isinstance(v, (bool, np.bool_)):
-            what = f"a bool at position {i}"
-            raise _refuse(what, "Use ints 0/1 or strings if you mean them as items.")
-        elif isinstance(v, (int, np.integer)):
-            kind, v = _KIND_INT, int(v)
-        elif v is None or (isinstance(v, float) and np.isnan(v)):
-            what = f"a null at position {i}"
-            raise _refuse(what, "Drop nulls before the PSI.")
-        else:
-            what = f"{type(v).__name__} at position {i}"
-            raise _refuse(what, "Convert floats/dates/objects to int, str or bytes explicitly.")
-        groups[kind][0].append(i)
-        groups[kind][1].append(v)
-    present = {kind: g for kind, g in groups.items() if g[0]}
-    if len(present) == 1:
-        ((kind, (_, vals)),) = present.items()
-        if kind == _KIND_INT:
-            lo, hi, display = _ints_from_python(vals)
-            return _Canonical(len(values), [_Part(kind, None, lo=lo, hi=hi)], display)
-        return _from_arrow(pa.array(vals, type=pa.large_string() if kind == _KIND_STR else pa.large_binary()))
+    return None
+
+
+def _classify_item(i: int, v: Any) -> tuple[bytes, Any]:
+    """(kind, canonical value) of item ``i``, or a typed refusal naming its position."""
+    if isinstance(v, str):
+        try:
+            v.encode()
+        except UnicodeEncodeError:
+            msg = f"str item at position {i} is not valid Unicode (lone surrogate); encode it to bytes first"
+            raise EncodingError(msg) from None
+        return _KIND_STR, v
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return _KIND_BYTES, bytes(v)
+    if isinstance(v, (bool, np.bool_)):
+        what = f"a bool at position {i}"
+        raise _refuse(what, "Use ints 0/1 or strings if you mean them as items.")
+    if isinstance(v, (int, np.integer)):
+        return _KIND_INT, int(v)
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        what = f"a null at position {i}"
+        raise _refuse(what, "Drop nulls before the PSI.")
+    what = f"{type(v).__name__} at position {i}"
+    raise _refuse(what, "Convert floats/dates/objects to int, str or bytes explicitly.")
+
+
+def _mixed(n: int, present: dict[bytes, tuple[list[int], list[Any]]]) -> _Canonical:
+    """Items of several kinds: one part per kind, each with the positions it came from."""
     parts: list[_Part] = []
-    mixed = np.empty(len(values), dtype=object)
+    mixed = np.empty(n, dtype=object)
     for kind, (idx, vals) in present.items():
         index = np.asarray(idx, dtype=np.intp)
         if kind == _KIND_INT:
@@ -238,7 +254,7 @@ def _from_objects(values: Sequence[Any] | np.ndarray[Any, Any]) -> _Canonical:
         else:
             parts.append(_Part(kind, index, binary=pa.array(vals, type=pa.large_binary())))
             mixed[index] = vals
-    return _Canonical(len(values), parts, mixed)
+    return _Canonical(n, parts, mixed)
 
 
 def _canonicalise(items: Any) -> _Canonical:
@@ -249,33 +265,41 @@ def _canonicalise(items: Any) -> _Canonical:
     if isinstance(items, (pa.Array, pa.ChunkedArray)):
         return _from_arrow(items)
     if isinstance(items, (pd.Series, pd.Index)):
-        dtype = items.dtype
-        if isinstance(dtype, np.dtype) and dtype.kind in "iu":
-            return _canonicalise(items.to_numpy())
-        if isinstance(dtype, np.dtype) and dtype.kind == "O":
-            return _from_objects(items.to_numpy(dtype=object))
-        if pd.api.types.is_bool_dtype(dtype) or pd.api.types.is_float_dtype(dtype):
-            what = f"a Series of dtype {dtype}"
-            raise _refuse(what, "Cast it to int or str first.")
-        return _from_arrow(pa.array(items))
+        return _from_pandas(items)
     if isinstance(items, np.ndarray):
-        if items.ndim != 1:
-            what = f"a {items.ndim}-d array"
-            raise _refuse(what, "Pass a 1-d array (one item per element).")
-        kind = items.dtype.kind
-        if kind in "iu":
-            lo, hi, display = _ints_from_numpy(items)
-            return _Canonical(len(items), [_Part(_KIND_INT, None, lo=lo, hi=hi)], display)
-        if kind in "US":
-            return _from_arrow(pa.array(items))
-        if kind == "O":
-            return _from_objects(items)
-        what = f"a numpy array of dtype {items.dtype}"
-        raise _refuse(what, "Cast it to int or str first.")
+        return _from_numpy(items)
     if isinstance(items, Iterable) and not isinstance(items, Mapping):
         return _from_objects(list(items))
     what = f"{type(items).__name__}"
     raise _refuse(what, "Pass a list, numpy array, pandas Series or Arrow array.")
+
+
+def _from_pandas(items: pd.Series[Any] | pd.Index[Any]) -> _Canonical:
+    dtype = items.dtype
+    if isinstance(dtype, np.dtype) and dtype.kind in "iu":
+        return _from_numpy(items.to_numpy())
+    if isinstance(dtype, np.dtype) and dtype.kind == "O":
+        return _from_objects(items.to_numpy(dtype=object))
+    if pd.api.types.is_bool_dtype(dtype) or pd.api.types.is_float_dtype(dtype):
+        what = f"a Series of dtype {dtype}"
+        raise _refuse(what, "Cast it to int or str first.")
+    return _from_arrow(pa.array(items))
+
+
+def _from_numpy(items: np.ndarray[Any, Any]) -> _Canonical:
+    if items.ndim != 1:
+        what = f"a {items.ndim}-d array"
+        raise _refuse(what, "Pass a 1-d array (one item per element).")
+    kind = items.dtype.kind
+    if kind in "iu":
+        lo, hi, display = _ints_from_numpy(items)
+        return _Canonical(len(items), [_Part(_KIND_INT, None, lo=lo, hi=hi)], display)
+    if kind in "US":
+        return _from_arrow(pa.array(items))
+    if kind == "O":
+        return _from_objects(items)
+    what = f"a numpy array of dtype {items.dtype}"
+    raise _refuse(what, "Cast it to int or str first.")
 
 
 # -- keyed hashing ---------------------------------------------------------------------------------------------
@@ -512,39 +536,12 @@ def _intersect_keys(keys: Sequence[tuple[U64, U64]], *, rows: bool = True) -> _M
     """
     k = len(keys)
     sizes = [len(h1) for h1, _ in keys]
-    total = sum(sizes)
     row_bits = max(1, (max(sizes) - 1).bit_length())
     low_bits = row_bits + max(1, (k - 1).bit_length())
     row_mask = np.uint64((1 << row_bits) - 1)
     low_mask = np.uint64((1 << low_bits) - 1)
-    prefix_mask = np.uint64(_MASK64 ^ ((1 << low_bits) - 1))
-    words = np.empty(total, dtype=np.uint64)
-    numbers = np.arange(max(sizes), dtype=np.uint64)
-    pos = 0
-    for i, (h1, _) in enumerate(keys):
-        part = words[pos : pos + len(h1)]
-        np.bitwise_and(h1, prefix_mask, out=part)
-        part |= numbers[: len(h1)]
-        if i:
-            part |= np.uint64(i << row_bits)
-        pos += len(h1)
-    del numbers
-    words.sort()
-    # run_start[j]: words[j] starts a new prefix; party_start[j]: it starts a new (prefix, party) pair.
-    run_start = np.empty(total, dtype=bool)
-    party_start = np.empty(total, dtype=bool)
-    if total:
-        run_start[0] = party_start[0] = True
-        diff = words[1:] ^ words[:-1]
-        np.greater(diff, low_mask, out=run_start[1:])
-        np.greater(diff, row_mask, out=party_start[1:])
-        del diff
-    starts = np.flatnonzero(run_start)
-    common_run = np.add.reduceat(party_start, starts, dtype=np.intp) == k if len(starts) else run_start[:0]
-    lengths = np.diff(starts, append=total)
-    cand = words[np.repeat(common_run, lengths)]  # words of the rows under a common prefix, in sorted order
-    del words, run_start, party_start
-    m = int(np.count_nonzero(common_run))
+    # words of the rows under a common prefix, in sorted order (the sorted words themselves are freed inside)
+    cand, m = _common_candidates(_sorted_words(keys, sizes, row_bits, low_bits), k, low_mask, row_mask)
     if m == 0:
         return (
             _Match(0, [np.zeros(n, dtype=bool) for n in sizes], [np.empty(0, np.intp) for _ in sizes])
@@ -562,21 +559,8 @@ def _intersect_keys(keys: Sequence[tuple[U64, U64]], *, rows: bool = True) -> _M
     cand &= row_mask
     row = cand.view(np.intp)
     del cand
-    # Each candidate row's full key as one 16-byte element (complex128 is only the container: numpy gathers
-    # 16-byte scalars fast, n x 2 rows slowly); compared as uint64 halves.
-    full_c = np.empty(len(row), dtype=np.complex128)
+    full_c, sel = _full_keys(keys, party, row)
     full = full_c.view(np.uint64).reshape(-1, 2)
-    sel: list[npt.NDArray[np.intp]] = []
-    for i, (h1, h2) in enumerate(keys):
-        s = np.flatnonzero(party == i)
-        sel.append(s)
-        r = row[s]
-        pairs = _pairs(h1, h2)
-        if pairs is not None:
-            full_c[s] = pairs.view(np.complex128)[:, 0][r]  # one random access per row, not two
-        else:
-            full[s, 0] = h1[r]
-            full[s, 1] = h2[r]
     f1, f2 = full[:, 0], full[:, 1]
     heads = np.flatnonzero(new_group)  # party 0's first occurrence of each common prefix
     ref = full_c[heads][group].view(np.uint64).reshape(-1, 2)
@@ -609,6 +593,68 @@ def _intersect_keys(keys: Sequence[tuple[U64, U64]], *, rows: bool = True) -> _M
         match.masks.append(mask)
         match.groups.append(ids[mask])
     return match
+
+
+def _sorted_words(keys: Sequence[tuple[U64, U64]], sizes: list[int], row_bits: int, low_bits: int) -> U64:
+    """Every row as one word (prefix of its high half | party | row), sorted."""
+    prefix_mask = np.uint64(_MASK64 ^ ((1 << low_bits) - 1))
+    words = np.empty(sum(sizes), dtype=np.uint64)
+    numbers = np.arange(max(sizes), dtype=np.uint64)
+    pos = 0
+    for i, (h1, _) in enumerate(keys):
+        part = words[pos : pos + len(h1)]
+        np.bitwise_and(h1, prefix_mask, out=part)
+        part |= numbers[: len(h1)]
+        if i:
+            part |= np.uint64(i << row_bits)
+        pos += len(h1)
+    del numbers
+    words.sort()
+    return words
+
+
+def _common_candidates(words: U64, k: int, low_mask: np.uint64, row_mask: np.uint64) -> tuple[U64, int]:
+    """The words under a prefix every party has (sorted), and how many such prefixes there are."""
+    total = len(words)
+    # run_start[j]: words[j] starts a new prefix; party_start[j]: it starts a new (prefix, party) pair.
+    run_start = np.empty(total, dtype=bool)
+    party_start = np.empty(total, dtype=bool)
+    if total:
+        run_start[0] = party_start[0] = True
+        diff = words[1:] ^ words[:-1]
+        np.greater(diff, low_mask, out=run_start[1:])
+        np.greater(diff, row_mask, out=party_start[1:])
+        del diff
+    starts = np.flatnonzero(run_start)
+    common_run = np.add.reduceat(party_start, starts, dtype=np.intp) == k if len(starts) else run_start[:0]
+    lengths = np.diff(starts, append=total)
+    cand = words[np.repeat(common_run, lengths)]
+    del words, run_start, party_start
+    return cand, int(np.count_nonzero(common_run))
+
+
+def _full_keys(
+    keys: Sequence[tuple[U64, U64]], party: npt.NDArray[np.intp], row: npt.NDArray[np.intp]
+) -> tuple[npt.NDArray[np.complex128], list[npt.NDArray[np.intp]]]:
+    """Each candidate row's full key as one 16-byte element, and the candidate positions of each party.
+
+    complex128 is only the container: numpy gathers 16-byte scalars fast, n x 2 rows slowly; the keys are
+    compared as uint64 halves.
+    """
+    full_c = np.empty(len(row), dtype=np.complex128)
+    full = full_c.view(np.uint64).reshape(-1, 2)
+    sel: list[npt.NDArray[np.intp]] = []
+    for i, (h1, h2) in enumerate(keys):
+        s = np.flatnonzero(party == i)
+        sel.append(s)
+        r = row[s]
+        pairs = _pairs(h1, h2)
+        if pairs is not None:
+            full_c[s] = pairs.view(np.complex128)[:, 0][r]  # one random access per row, not two
+        else:
+            full[s, 0] = h1[r]
+            full[s, 1] = h2[r]
+    return full_c, sel
 
 
 def _pairs(h1: U64, h2: U64) -> U64 | None:
