@@ -218,26 +218,25 @@ class ExecutorHandle:
         request) before ``waitpid`` reports it, and its socket closes only when its last thread is gone. So the
         process state in /proc and EOF on the socket are checked too.
         """
-        if self.proc.poll() is not None:
-            return False
+        return self.proc.poll() is None and not self._zombie() and self._socket_open()
+
+    def _zombie(self) -> bool:
         try:
             stat = Path(f"/proc/{self.proc.pid}/stat").read_bytes()
-            state = stat.rsplit(b")", 1)[1].split()[0]
-            if state in (b"Z", b"X"):
-                return False
+            return stat.rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
         except (OSError, IndexError):
-            pass  # no /proc (or the process is already reaped): poll() above and the socket below decide
+            return False  # no /proc (or the process is already reaped): poll() and the socket decide
+
+    def _socket_open(self) -> bool:
         try:
             if self.sock.fileno() < 0:
                 return False
             readable, _, _ = select.select([self.sock], [], [], 0)
-            if readable and self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
-                return False
+            return not (readable and self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"")
         except BlockingIOError:
             return True
         except (OSError, ValueError):
             return False
-        return True
 
     def crashed_error(self) -> ExecutorCrashed | ResourceLimitExceeded:
         if self.limit_hit is not None:
