@@ -2,5 +2,6 @@
 # Set up (from a bare Python) and run every check: ruff, mypy --strict, the whole pytest suite.
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 echo "== ruff"; ruff check mesatee_notebook tests bench
+echo "== ruff format"; ruff format --check mesatee_notebook tests bench
 echo "== mypy (strict on the package)"; mypy
 echo "== pytest"; python -m pytest "$@"

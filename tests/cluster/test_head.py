@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from collections.abc import Iterator
 
@@ -13,6 +12,7 @@ import mesatee_notebook as mn
 from mesatee_notebook.attestation.measurement import canonical_json
 from mesatee_notebook.enclave.cluster.identity import cluster_measurement
 from mesatee_notebook.errors import MalformedFrame, NotAvailableYet
+from mesatee_notebook.wire.digest import payload_digest
 from tests.conftest import KernelProc, start_kernel, stop_kernel
 
 from .conftest import Cluster
@@ -35,7 +35,7 @@ def test_probe_through_the_head_names_the_workers_in_the_receipt(cluster: Cluste
     info = res.info["cluster"]
     # The receipt (verified by connect's policy before call() returned) covers the info naming the workers.
     assert res.verified.predicate["service"] == "cluster.probe"
-    assert res.verified.subjects["info"] == hashlib.sha256(canonical_json(res.info)).hexdigest()
+    assert res.verified.subjects["info"] == payload_digest(canonical_json(res.info))
     workers = {w["address"]: w for w in info["workers"]}
     assert set(workers) == {w.address for w in cluster.workers}
     for w in cluster.workers:
