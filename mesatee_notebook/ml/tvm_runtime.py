@@ -264,11 +264,15 @@ def _shipped_tag(base: str) -> str:
     return _digest(*(_sha256_file(where / n) for n in (*_DB_FILES, "done.json")))
 
 
+_PIPELINE = "host-target, layout-free weights, no DLight"
+"""Names the lowering in :func:`_schedule`; part of a compiled module's key, so a change rebuilds it."""
+
+
 def _budget_key(base: str, tune_trials: int, max_trials_per_task: int | None) -> str:
     if tune_trials <= 0:
         shipped = _shipped_tag(base)  # an untuned request still uses a shipped database
-        return _digest(base, "untuned", f"shipped={shipped}") if shipped else _digest(base, "untuned")
-    return _digest(base, f"trials={tune_trials}", f"per_task={max_trials_per_task}")
+        return _digest(base, _PIPELINE, "untuned", *([f"shipped={shipped}"] if shipped else []))
+    return _digest(base, _PIPELINE, f"trials={tune_trials}", f"per_task={max_trials_per_task}")
 
 
 def _seed_tuning(base: str, tune_dir: Path) -> bool:
@@ -687,16 +691,15 @@ def _import_model(request: Mapping[str, Any], jobdir: Path, emit: Callable[[dict
 def _schedule(
     mod: Any, target: Any, request: Mapping[str, Any], jobdir: Path, emit: Callable[[dict[str, Any]], None]
 ) -> tuple[Any, float]:
-    """Legalise and fuse ``mod``, apply tuned schedules (if a budget is given), then DLight's CPU rules.
+    """Legalise and fuse ``mod``, then apply tuned schedules (tuned now, cached, or shipped) if any.
 
     Tuned: the weights (constants) are marked layout-free, so MetaSchedule may pick a packed weight
     layout; the weight transform is split out and folded into the constants at compile time.
-    Functions without a tuned schedule (and all of them untuned) get DLight's CPU GEMV/reduction
-    schedules where those apply; the rest are compiled as written.
+    DLight's CPU rules (GEMV, reduction) are not applied: measured on this project's MLP and CNN they
+    made the modules 1.3-5x slower than TVM's default lowering (docs/benchmarks.md, P5).
     """
     import tvm
     from tvm import relax
-    from tvm.s_tir import dlight
     from tvm.s_tir import meta_schedule as ms
 
     trials = int(request["tune_trials"])
@@ -729,8 +732,6 @@ def _schedule(
                     relax.transform.FoldConstant(),
                 ]
             )(mod)
-    with target:
-        mod = dlight.ApplyDefaultSchedule(dlight.cpu.GEMV(), dlight.cpu.Reduction())(mod)
     return mod, tuning_seconds
 
 

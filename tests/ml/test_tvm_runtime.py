@@ -302,7 +302,8 @@ def test_tuned_compile_matches_and_caches(tmp_path: Path, monkeypatch: pytest.Mo
     assert "tune-shipped" in [e.get("phase") for e in events]
     assert not [e for e in events if e["event"] == "trial"]
     assert served.meta["shipped_database"] is True and served.tuned_trials == 0
-    assert served.digest != tvm_runtime._digest(tune_dir.name.removeprefix("tvm-tune-"), "untuned")
+    base = tune_dir.name.removeprefix("tvm-tune-")
+    assert served.digest != tvm_runtime._digest(base, tvm_runtime._PIPELINE, "untuned")
     np.testing.assert_allclose(served.run(x)["y"], want, rtol=1e-4, atol=1e-4)
 
 
