@@ -512,39 +512,14 @@ def _intersect_keys(keys: Sequence[tuple[U64, U64]], *, rows: bool = True) -> _M
     """
     k = len(keys)
     sizes = [len(h1) for h1, _ in keys]
-    total = sum(sizes)
     row_bits = max(1, (max(sizes) - 1).bit_length())
     low_bits = row_bits + max(1, (k - 1).bit_length())
     row_mask = np.uint64((1 << row_bits) - 1)
     low_mask = np.uint64((1 << low_bits) - 1)
-    prefix_mask = np.uint64(_MASK64 ^ ((1 << low_bits) - 1))
-    words = np.empty(total, dtype=np.uint64)
-    numbers = np.arange(max(sizes), dtype=np.uint64)
-    pos = 0
-    for i, (h1, _) in enumerate(keys):
-        part = words[pos : pos + len(h1)]
-        np.bitwise_and(h1, prefix_mask, out=part)
-        part |= numbers[: len(h1)]
-        if i:
-            part |= np.uint64(i << row_bits)
-        pos += len(h1)
-    del numbers
+    words = _packed_words(keys, row_bits, np.uint64(_MASK64 ^ ((1 << low_bits) - 1)))
     words.sort()
-    # run_start[j]: words[j] starts a new prefix; party_start[j]: it starts a new (prefix, party) pair.
-    run_start = np.empty(total, dtype=bool)
-    party_start = np.empty(total, dtype=bool)
-    if total:
-        run_start[0] = party_start[0] = True
-        diff = words[1:] ^ words[:-1]
-        np.greater(diff, low_mask, out=run_start[1:])
-        np.greater(diff, row_mask, out=party_start[1:])
-        del diff
-    starts = np.flatnonzero(run_start)
-    common_run = np.add.reduceat(party_start, starts, dtype=np.intp) == k if len(starts) else run_start[:0]
-    lengths = np.diff(starts, append=total)
-    cand = words[np.repeat(common_run, lengths)]  # words of the rows under a common prefix, in sorted order
-    del words, run_start, party_start
-    m = int(np.count_nonzero(common_run))
+    cand, m = _common_candidates(words, k, row_mask, low_mask)
+    del words
     if m == 0:
         return (
             _Match(0, [np.zeros(n, dtype=bool) for n in sizes], [np.empty(0, np.intp) for _ in sizes])
@@ -562,21 +537,8 @@ def _intersect_keys(keys: Sequence[tuple[U64, U64]], *, rows: bool = True) -> _M
     cand &= row_mask
     row = cand.view(np.intp)
     del cand
-    # Each candidate row's full key as one 16-byte element (complex128 is only the container: numpy gathers
-    # 16-byte scalars fast, n x 2 rows slowly); compared as uint64 halves.
-    full_c = np.empty(len(row), dtype=np.complex128)
+    full_c, sel = _full_keys(keys, party, row)
     full = full_c.view(np.uint64).reshape(-1, 2)
-    sel: list[npt.NDArray[np.intp]] = []
-    for i, (h1, h2) in enumerate(keys):
-        s = np.flatnonzero(party == i)
-        sel.append(s)
-        r = row[s]
-        pairs = _pairs(h1, h2)
-        if pairs is not None:
-            full_c[s] = pairs.view(np.complex128)[:, 0][r]  # one random access per row, not two
-        else:
-            full[s, 0] = h1[r]
-            full[s, 1] = h2[r]
     f1, f2 = full[:, 0], full[:, 1]
     heads = np.flatnonzero(new_group)  # party 0's first occurrence of each common prefix
     ref = full_c[heads][group].view(np.uint64).reshape(-1, 2)
@@ -609,6 +571,87 @@ def _intersect_keys(keys: Sequence[tuple[U64, U64]], *, rows: bool = True) -> _M
         match.masks.append(mask)
         match.groups.append(ids[mask])
     return match
+
+
+def _packed_words(keys: Sequence[tuple[U64, U64]], row_bits: int, prefix_mask: np.uint64) -> U64:
+    """One (prefix, party, row) word per row of every party, unsorted."""
+    words = np.empty(sum(len(h1) for h1, _ in keys), dtype=np.uint64)
+    numbers = np.arange(max(len(h1) for h1, _ in keys), dtype=np.uint64)
+    pos = 0
+    for i, (h1, _) in enumerate(keys):
+        part = words[pos : pos + len(h1)]
+        np.bitwise_and(h1, prefix_mask, out=part)
+        part |= numbers[: len(h1)]
+        if i:
+            part |= np.uint64(i << row_bits)
+        pos += len(h1)
+    return words
+
+
+_BLOCK = 1 << 20  # words per block of the run scan: its temporaries stay in cache and are touched once
+
+
+def _common_candidates(words: U64, k: int, row_mask: np.uint64, low_mask: np.uint64) -> tuple[U64, int]:
+    """The sorted words under a prefix every party has, and how many such prefixes there are.
+
+    Written to touch little fresh memory: in a fresh service worker every new page costs a fault, and the
+    whole-array temporaries this replaced (XOR of neighbours, run starts and lengths as intp, a per-run
+    count) made the first job there 2-3x slower than the next. Per-run counts are uint8 when k < 256.
+    """
+    total = len(words)
+    # run_start[j]: words[j] starts a new prefix; party_start[j]: it starts a new (prefix, party) pair.
+    run_start = np.empty(total, dtype=bool)
+    party_start = np.empty(total, dtype=bool)
+    if total == 0:
+        return words[:0], 0
+    run_start[0] = party_start[0] = True
+    diff = np.empty(min(total, _BLOCK), dtype=np.uint64)
+    for lo in range(1, total, _BLOCK):
+        hi = min(total, lo + _BLOCK)
+        d = diff[: hi - lo]
+        np.bitwise_xor(words[lo:hi], words[lo - 1 : hi - 1], out=d)
+        np.greater(d, low_mask, out=run_start[lo:hi])
+        np.greater(d, row_mask, out=party_start[lo:hi])
+    del diff
+    starts = np.flatnonzero(run_start)
+    del run_start
+    count_type = np.uint8 if k < 256 else np.intp
+    common_run = np.add.reduceat(party_start, starts, dtype=count_type) == k
+    del party_start
+    # Mark the rows of the common runs: +1 at each such run's start, -1 at its end, then a running sum.
+    first = np.flatnonzero(common_run)
+    m = len(first)
+    mark = np.zeros(total + 1, dtype=np.int8)
+    mark[starts[first]] = 1
+    ends = np.append(starts, total)[first + 1]
+    mark[ends] -= 1
+    del starts, first, ends
+    inside = np.cumsum(mark[:total], dtype=np.int8).view(bool)
+    return words[inside], m
+
+
+def _full_keys(
+    keys: Sequence[tuple[U64, U64]], party: npt.NDArray[np.intp], row: npt.NDArray[np.intp]
+) -> tuple[npt.NDArray[np.complex128], list[npt.NDArray[np.intp]]]:
+    """Each candidate row's full key as one 16-byte element, and the candidate positions of each party.
+
+    complex128 is only the container: numpy gathers 16-byte scalars fast, n x 2 rows slowly; the caller
+    compares them as uint64 halves.
+    """
+    full_c = np.empty(len(row), dtype=np.complex128)
+    full = full_c.view(np.uint64).reshape(-1, 2)
+    sel: list[npt.NDArray[np.intp]] = []
+    for i, (h1, h2) in enumerate(keys):
+        s = np.flatnonzero(party == i)
+        sel.append(s)
+        r = row[s]
+        pairs = _pairs(h1, h2)
+        if pairs is not None:
+            full_c[s] = pairs.view(np.complex128)[:, 0][r]  # one random access per row, not two
+        else:
+            full[s, 0] = h1[r]
+            full[s, 1] = h2[r]
+    return full_c, sel
 
 
 def _pairs(h1: U64, h2: U64) -> U64 | None:
