@@ -563,7 +563,17 @@ def _intersect_keys(keys: Sequence[tuple[U64, U64]], *, rows: bool = True) -> _M
             return _Match(m)
         count = m
         first_rows = np.sort(row[heads])
-    match = _Match(count, first_rows=first_rows)
+    return _with_rows(_Match(count, first_rows=first_rows), sizes, sel, row, group)
+
+
+def _with_rows(
+    match: _Match,
+    sizes: Sequence[int],
+    sel: Sequence[npt.NDArray[np.intp]],
+    row: npt.NDArray[np.intp],
+    group: npt.NDArray[np.intp],
+) -> _Match:
+    """Fill in each party's mask of matched rows and the group id of each matched row."""
     for n, s in zip(sizes, sel, strict=True):
         ids = np.full(n, -1, dtype=np.intp)
         ids[row[s]] = group[s]
