@@ -73,8 +73,14 @@ def main() -> None:
     for name, r in rows:
         print(f"{name:<55} {r['median_ms']:>10.3f} {r['p99_ms']:>10.3f}")
     print(f"ratio mesatee/ipykernel (median): {ratio:.2f}x   target <= 1.0x")
-    out = {"benchmark": "P1", "n": n, "mesatee": m, "ipykernel": j, "ratio_median": ratio,
-           "p99_ratio": m["p99_ms"] / j["p99_ms"]}
+    out = {
+        "benchmark": "P1",
+        "n": n,
+        "mesatee": m,
+        "ipykernel": j,
+        "ratio_median": ratio,
+        "p99_ratio": m["p99_ms"] / j["p99_ms"],
+    }
     path = Path(__file__).parent / "results" / "p1_roundtrip.json"
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(out, indent=2))

@@ -42,11 +42,19 @@ def _self_signed(path: Path) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")])
     now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
-            .sign(key, hashes.SHA256()))
-    path.write_bytes(cert.public_bytes(Encoding.PEM) + key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8,
-                                                                        NoEncryption()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    path.write_bytes(
+        cert.public_bytes(Encoding.PEM) + key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    )
 
 
 def _bare_server(pem: str, port_q: mp.Queue, size: int, repeats: int) -> None:
@@ -174,8 +182,10 @@ def main() -> None:
                     cpus.append(_cpu(tree) - cpu)
                 peaks.append(pm.peak)
                 assert r.value == [rows, cols]
-            idle = sum(p.memory_full_info().pss for p in [psutil.Process(k.proc.pid),
-                                                           *psutil.Process(k.proc.pid).children(recursive=True)])
+            idle = sum(
+                p.memory_full_info().pss
+                for p in [psutil.Process(k.proc.pid), *psutil.Process(k.proc.pid).children(recursive=True)]
+            )
             s.close()
         finally:
             stop_kernel(k)
@@ -191,13 +201,26 @@ def main() -> None:
     print(f"{'bare TLS 1.3 socket, same bytes':<50} {bt:>9.3f} {nbytes / bt / 1e9:>7.2f} {bc:>7.2f}")
     print(f"repeats (s): mesatee {[round(x, 2) for x in times]}  bare {[round(x, 2) for x in bare]}")
     print(f"throughput ratio mesatee/bare: {ratio:.2f}x   target >= 0.7x")
-    print(f"kernel peak PSS during upload: {peak / 1e9:.2f} GB = {peak / nbytes:.2f}x payload "
-          f"(idle after: {idle / 1e9:.2f} GB)   target <= 2.5x")
-    out = {"benchmark": "P2", "payload_bytes": nbytes, "repeats": repeats, "mesatee_s": times, "bare_s": bare,
-           "median_mesatee_s": mt, "median_bare_s": bt,
-           "mesatee_cpu_s": cpus, "bare_cpu_s": bare_cpus, "median_mesatee_cpu_s": mc, "median_bare_cpu_s": bc,
-           "throughput_ratio": ratio, "peak_pss_bytes": peak,
-           "peak_over_payload": peak / nbytes}
+    print(
+        f"kernel peak PSS during upload: {peak / 1e9:.2f} GB = {peak / nbytes:.2f}x payload "
+        f"(idle after: {idle / 1e9:.2f} GB)   target <= 2.5x"
+    )
+    out = {
+        "benchmark": "P2",
+        "payload_bytes": nbytes,
+        "repeats": repeats,
+        "mesatee_s": times,
+        "bare_s": bare,
+        "median_mesatee_s": mt,
+        "median_bare_s": bt,
+        "mesatee_cpu_s": cpus,
+        "bare_cpu_s": bare_cpus,
+        "median_mesatee_cpu_s": mc,
+        "median_bare_cpu_s": bc,
+        "throughput_ratio": ratio,
+        "peak_pss_bytes": peak,
+        "peak_over_payload": peak / nbytes,
+    }
     path = Path(__file__).parent / "results" / "p2_upload.json"
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(out, indent=2))

@@ -35,8 +35,7 @@ import mesatee_notebook as mn
 from bench.p2_upload import PeakMemory
 from tests.conftest import start_kernel, stop_kernel
 
-PARAMS = {"objective": "binary:logistic", "tree_method": "hist", "max_depth": 6, "eta": 0.1, "seed": 0,
-          "max_bin": 256}
+PARAMS = {"objective": "binary:logistic", "tree_method": "hist", "max_depth": 6, "eta": 0.1, "seed": 0, "max_bin": 256}
 
 
 def higgs_like(rows: int, seed: int = 0) -> pd.DataFrame:
@@ -78,8 +77,11 @@ def timed(fn: object, n: int) -> dict[str, float]:
         fn()  # type: ignore[operator]
         samples.append(time.perf_counter() - t)
     samples.sort()
-    return {"median_s": statistics.median(samples), "p10_s": samples[len(samples) // 10],
-            "p90_s": samples[(len(samples) * 9) // 10]}
+    return {
+        "median_s": statistics.median(samples),
+        "p10_s": samples[len(samples) // 10],
+        "p90_s": samples[(len(samples) * 9) // 10],
+    }
 
 
 def main() -> None:
@@ -89,18 +91,28 @@ def main() -> None:
     df = higgs_like(rows)
     nbytes = int(df.memory_usage(index=False).sum())
     load_before = os.getloadavg()
-    out: dict[str, object] = {"bench": "p3_gbdt", "when": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S%z"),
-                              "machine": {"cpus": os.cpu_count(), "loadavg_before": load_before},
-                              "versions": {"xgboost": xgb.__version__}, "rows": rows, "features": 28,
-                              "rounds": rounds, "params": PARAMS, "dataset_bytes": nbytes}
+    out: dict[str, object] = {
+        "bench": "p3_gbdt",
+        "when": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"cpus": os.cpu_count(), "loadavg_before": load_before},
+        "versions": {"xgboost": xgb.__version__},
+        "rows": rows,
+        "features": 28,
+        "rounds": rounds,
+        "params": PARAMS,
+        "dataset_bytes": nbytes,
+    }
     native: list[float] = []
     inline: list[float] = []
     stored: list[float] = []
     with tempfile.TemporaryDirectory() as d:
         k = start_kernel(Path(d) / "k")
         try:
-            s = mn.connect(k.url, policy=mn.Policy(platform_roots=[k.fingerprint], measurements=[k.measurement]),
-                           identity=Path(d) / "party")
+            s = mn.connect(
+                k.url,
+                policy=mn.Policy(platform_roots=[k.fingerprint], measurements=[k.measurement]),
+                identity=Path(d) / "party",
+            )
             warm = higgs_like(2_000, seed=1)
             s.gbdt.train(warm, "label", params=PARAMS, num_boost_round=2, progress=False)  # worker + xgboost import
             idle = tree_pss(k.proc.pid)
@@ -146,27 +158,45 @@ def main() -> None:
         finally:
             stop_kernel(k)
     mn_native, mn_inline, mn_stored = statistics.median(native), statistics.median(inline), statistics.median(stored)
-    out.update({
-        "native_s": native, "enclave_inline_s": inline, "enclave_upload_then_train_s": stored,
-        "ratio_inline": mn_inline / mn_native, "ratio_upload_then_train": mn_stored / mn_native,
-        "p8_peak_pss_bytes": peak, "p8_idle_pss_bytes": idle, "p8_peak_over_dataset": peak / nbytes,
-        "p8_increment_over_dataset": (peak - idle) / nbytes,
-        "p4_e2e": {"1 row": {"service": svc_1, "engine": engine_1, "native inplace_predict": nat_1,
-                             "ping round trip": ping},
-                   "100k rows": {"service": svc_100k, "engine": engine_100k, "native inplace_predict": nat_100k}},
-    })
+    out.update(
+        {
+            "native_s": native,
+            "enclave_inline_s": inline,
+            "enclave_upload_then_train_s": stored,
+            "ratio_inline": mn_inline / mn_native,
+            "ratio_upload_then_train": mn_stored / mn_native,
+            "p8_peak_pss_bytes": peak,
+            "p8_idle_pss_bytes": idle,
+            "p8_peak_over_dataset": peak / nbytes,
+            "p8_increment_over_dataset": (peak - idle) / nbytes,
+            "p4_e2e": {
+                "1 row": {
+                    "service": svc_1,
+                    "engine": engine_1,
+                    "native inplace_predict": nat_1,
+                    "ping round trip": ping,
+                },
+                "100k rows": {"service": svc_100k, "engine": engine_100k, "native inplace_predict": nat_100k},
+            },
+        }
+    )
     out["machine"]["loadavg_after"] = os.getloadavg()  # type: ignore[index]
     print(f"P3 xgboost {rows}x28 float32, {rounds} rounds hist depth 6 (dataset {nbytes / 1e6:.0f} MB)")
     print(f"  native xgboost (DMatrix + train)        {mn_native:8.2f} s   runs {[round(x, 2) for x in native]}")
     print(f"  enclave, data inline with the call      {mn_inline:8.2f} s   ratio {mn_inline / mn_native:.2f}x")
     print(f"  enclave, upload {up:.2f} s + train by name {mn_stored:8.2f} s   ratio {mn_stored / mn_native:.2f}x")
     print(f"  parity vs native on 100k rows: max |diff| {parity:.2e}")
-    print(f"P8 kernel peak PSS while training: {peak / 1e9:.2f} GB = {peak / nbytes:.2f}x dataset "
-          f"(idle {idle / 1e9:.2f} GB; increment {(peak - idle) / nbytes:.2f}x)")
-    print(f"P4 e2e 1 row: service {svc_1['median_s'] * 1e3:.2f} ms ({engine_1}), ping {ping['median_s'] * 1e3:.2f} ms, "
-          f"native {nat_1['median_s'] * 1e6:.0f} us")
-    print(f"P4 e2e 100k rows: service {svc_100k['median_s']:.3f} s ({engine_100k}), "
-          f"native {nat_100k['median_s']:.3f} s")
+    print(
+        f"P8 kernel peak PSS while training: {peak / 1e9:.2f} GB = {peak / nbytes:.2f}x dataset "
+        f"(idle {idle / 1e9:.2f} GB; increment {(peak - idle) / nbytes:.2f}x)"
+    )
+    print(
+        f"P4 e2e 1 row: service {svc_1['median_s'] * 1e3:.2f} ms ({engine_1}), ping {ping['median_s'] * 1e3:.2f} ms, "
+        f"native {nat_1['median_s'] * 1e6:.0f} us"
+    )
+    print(
+        f"P4 e2e 100k rows: service {svc_100k['median_s']:.3f} s ({engine_100k}), native {nat_100k['median_s']:.3f} s"
+    )
     path = Path(__file__).resolve().parent / "results" / "p3_gbdt.json"
     path.write_text(json.dumps(out, indent=1))
     print(f"wrote {path}")

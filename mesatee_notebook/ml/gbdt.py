@@ -96,7 +96,11 @@ def _numeric_kind(dtype: Any) -> bool:
 
 
 def _frame_to_matrix(frame: pd.DataFrame) -> F32Array:
-    bad = [str(c) for c in frame.columns if not _numeric_kind(frame[c].dtype)]
+    # frame.dtypes builds a Series and iterating pandas 3's Arrow-backed column index is slow: on a 1-row
+    # predict these checks cost more than the prediction, so read both once and check each dtype once.
+    dtypes = frame.dtypes.tolist()
+    numeric = {t: _numeric_kind(t) for t in set(dtypes)}
+    bad = [str(c) for c, t in zip(frame.columns.tolist(), dtypes, strict=True) if not numeric[t]]
     if bad:
         kinds = ", ".join(f"{c!r} ({frame[c].dtype})" for c in frame.columns if str(c) in bad)
         msg = f"feature columns must be numeric; encode these first (e.g. one-hot or category codes): {kinds}"
@@ -122,7 +126,7 @@ def _array_to_matrix(array: np.ndarray, expected: int | None) -> F32Array:
 
 
 def _column_names(frame: pd.DataFrame) -> list[str]:
-    names = [str(c) for c in frame.columns]
+    names = [str(c) for c in frame.columns.tolist()]
     if len(set(names)) != len(names):
         dupes = sorted({n for n in names if names.count(n) > 1})
         msg = f"duplicate feature column names: {', '.join(dupes)}"
@@ -148,8 +152,24 @@ def _labels(values: Any, rows: int, name: str) -> npt.NDArray[np.float64]:
     return y
 
 
-def _split(data: Data, label: Label, what: str = "label") -> tuple[F32Array, npt.NDArray[np.float64], list[str] | None]:
-    """Return (features, labels, feature names or None for arrays)."""
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+Features: TypeAlias = F32Array | pd.DataFrame
+"""Training features: a float32 matrix, or a DataFrame whose columns are all plain numpy floats."""
+
+
+def _float_columns(frame: pd.DataFrame) -> bool:
+    """Whether xgboost can read ``frame``'s columns in place (numpy float32/float64, no extension types)."""
+    return all(isinstance(t, np.dtype) and t in _FLOAT_DTYPES for t in frame.dtypes)
+
+
+def _split(
+    data: Data, label: Label, what: str = "label", *, in_place: bool = False
+) -> tuple[Features, npt.NDArray[np.float64], list[str] | None]:
+    """Return (features, labels, feature names or None for arrays).
+
+    With ``in_place``, a DataFrame of plain float columns is returned as it is (xgboost reads its
+    columns where they lie, casting to float32 as ``_frame_to_matrix`` does), not copied into a matrix.
+    """
     if isinstance(data, pd.DataFrame):
         if isinstance(label, str):
             if label not in data.columns:
@@ -160,7 +180,7 @@ def _split(data: Data, label: Label, what: str = "label") -> tuple[F32Array, npt
         else:
             y_values, frame = label, data
         names = _column_names(frame)
-        X = _frame_to_matrix(frame)
+        X: Features = frame.set_axis(names, axis=1) if in_place and _float_columns(frame) else _frame_to_matrix(frame)
         return X, _labels(y_values, X.shape[0], f"{what} {label!r}" if isinstance(label, str) else what), names
     if isinstance(data, np.ndarray):
         if isinstance(label, str):
@@ -307,8 +327,8 @@ class GBDTModel:
                         parts.append(f"not in the model: {', '.join(extra)}")
                     msg = f"feature columns differ from training ({'; '.join(parts)})"
                     raise FeatureMismatch(msg, missing=missing, extra=extra)
-                renamed = data.set_axis(names, axis=1)
-                X = _frame_to_matrix(renamed[list(trained_names)])
+                ordered = names == list(trained_names)  # the usual case: no renaming or reordering needed
+                X = _frame_to_matrix(data if ordered else data.set_axis(names, axis=1)[list(trained_names)])
         elif isinstance(data, np.ndarray):
             X = _array_to_matrix(data, self.num_features)
         else:
@@ -429,7 +449,7 @@ def _regression_metrics(y: npt.NDArray[np.float64], pred: npt.NDArray[np.float64
 
 
 def _dmatrix(
-    X: F32Array,
+    X: Features,
     y: npt.NDArray[np.float64],
     names: list[str] | None,
     ref: xgb.QuantileDMatrix | None = None,
@@ -438,13 +458,71 @@ def _dmatrix(
     """A quantised matrix: ``hist`` trains on bin indices (1 byte a value), so no float copy is kept.
 
     Models are identical to those trained from a plain ``DMatrix`` with ``hist``; eval sets share the
-    training matrix's cuts through ``ref``.
+    training matrix's cuts through ``ref``. A DataFrame of float columns is read column by column in
+    place (no float32 copy of the whole table).
     """
     try:
         return xgb.QuantileDMatrix(X, label=y, weight=weight, feature_names=names, ref=ref)
     except (ValueError, xgb.core.XGBoostError) as exc:
         msg = f"xgboost refused the data: {exc}"
         raise MLInputError(msg) from exc
+
+
+def _trim_heap() -> None:
+    """Hand the sketching's freed temporaries back to the OS (glibc keeps them mapped otherwise)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
+def _train_params(
+    params: Mapping[str, Any] | None, init_model: GBDTModel | None, num_boost_round: int
+) -> dict[str, Any]:
+    merged: dict[str, Any] = {"objective": "reg:squarederror", "seed": 0, "tree_method": "hist"}
+    if init_model is not None:
+        merged["objective"] = init_model.objective
+        if init_model.task == "multiclass":
+            merged["num_class"] = init_model.num_class
+    merged.update(params or {})
+    if merged["tree_method"] != "hist":
+        msg = f"this engine trains with tree_method='hist', not {merged['tree_method']!r}"
+        raise MLInputError(msg, tree_method=merged["tree_method"])
+    if str(merged.get("device", "cpu")) != "cpu":
+        msg = "the enclave has no GPU: device must be 'cpu'"
+        raise MLInputError(msg, device=merged["device"])
+    if num_boost_round < 1:
+        msg = f"num_boost_round must be at least 1, got {num_boost_round}"
+        raise MLInputError(msg)
+    _task_of(str(merged["objective"]))
+    return merged
+
+
+def _watchlist(
+    evals: Mapping[str, EvalSet] | None,
+    label: Label,
+    dtrain: xgb.QuantileDMatrix,
+    n_features: int,
+    names: list[str] | None,
+) -> list[tuple[xgb.DMatrix, str]]:
+    watch: list[tuple[xgb.DMatrix, str]] = []
+    for name, eval_set in (evals or {}).items():
+        if isinstance(eval_set, tuple):
+            eX, ey, enames = _split(eval_set[0], eval_set[1], f"eval set {name!r} label", in_place=True)
+        elif not isinstance(label, str):
+            msg = f"eval set {name!r} must be a (features, labels) pair when the label is not a column name"
+            raise MLInputError(msg, eval_set=name)
+        else:
+            eX, ey, enames = _split(eval_set, label, f"eval set {name!r} label", in_place=True)
+        if eX.shape[1] != n_features or (names is not None and enames is not None and enames != names):
+            msg = f"eval set {name!r} has features {enames or eX.shape[1]}, training has {names or n_features}"
+            raise FeatureMismatch(msg, eval_set=name)
+        watch.append((_dmatrix(eX, ey, names, ref=dtrain), name))
+    return watch
 
 
 def train(
@@ -467,48 +545,23 @@ def train(
     eval set's last metric decides, and the model is cut back to its best round.
     ``weight`` is one non-negative sample weight per training row.
     """
-    merged: dict[str, Any] = {"objective": "reg:squarederror", "seed": 0, "tree_method": "hist"}
-    if init_model is not None:
-        merged["objective"] = init_model.objective
-        if init_model.task == "multiclass":
-            merged["num_class"] = init_model.num_class
-    merged.update(params or {})
-    if merged["tree_method"] != "hist":
-        msg = f"this engine trains with tree_method='hist', not {merged['tree_method']!r}"
-        raise MLInputError(msg, tree_method=merged["tree_method"])
-    if str(merged.get("device", "cpu")) != "cpu":
-        msg = "the enclave has no GPU: device must be 'cpu'"
-        raise MLInputError(msg, device=merged["device"])
-    if num_boost_round < 1:
-        msg = f"num_boost_round must be at least 1, got {num_boost_round}"
-        raise MLInputError(msg)
+    merged = _train_params(params, init_model, num_boost_round)
     objective = str(merged["objective"])
-    X, y, names = _split(data, label)
+    X, y, names = _split(data, label, in_place=True)
     if X.shape[0] == 0:
         msg = "no training rows"
         raise MLInputError(msg)
     if objective in MULTICLASS_OBJECTIVES and "num_class" not in merged:
         merged["num_class"] = int(y.max()) + 1
     _check_labels(objective, y, merged.get("num_class"))
+    n_features = X.shape[1]
     if init_model is not None:
-        _check_continuation(init_model, objective, X.shape[1], names)
+        _check_continuation(init_model, objective, n_features, names)
 
     dtrain = _dmatrix(X, y, names, weight=None if weight is None else _weights(weight, X.shape[0]))
-    n_features = X.shape[1]
-    del X  # the quantised matrix is all training needs; drop the float32 copy before boosting
-    watch: list[tuple[xgb.DMatrix, str]] = []
-    for name, eval_set in (evals or {}).items():
-        if isinstance(eval_set, tuple):
-            eX, ey, enames = _split(eval_set[0], eval_set[1], f"eval set {name!r} label")
-        elif not isinstance(label, str):
-            msg = f"eval set {name!r} must be a (features, labels) pair when the label is not a column name"
-            raise MLInputError(msg, eval_set=name)
-        else:
-            eX, ey, enames = _split(eval_set, label, f"eval set {name!r} label")
-        if eX.shape[1] != n_features or (names is not None and enames is not None and enames != names):
-            msg = f"eval set {name!r} has features {enames or eX.shape[1]}, training has {names or n_features}"
-            raise FeatureMismatch(msg, eval_set=name)
-        watch.append((_dmatrix(eX, ey, names, ref=dtrain), name))
+    del X  # the quantised matrix is all training needs; drop any float32 copy before boosting
+    _trim_heap()
+    watch = _watchlist(evals, label, dtrain, n_features, names)
     callbacks: list[xgb.callback.TrainingCallback] = []
     if early_stopping_rounds is not None:
         if not watch:

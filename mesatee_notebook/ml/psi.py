@@ -540,8 +540,10 @@ def _intersect_keys(keys: Sequence[tuple[U64, U64]], *, rows: bool = True) -> _M
     low_bits = row_bits + max(1, (k - 1).bit_length())
     row_mask = np.uint64((1 << row_bits) - 1)
     low_mask = np.uint64((1 << low_bits) - 1)
-    # words of the rows under a common prefix, in sorted order (the sorted words themselves are freed inside)
-    cand, m = _common_candidates(_sorted_words(keys, sizes, row_bits, low_bits), k, low_mask, row_mask)
+    words = _packed_words(keys, row_bits, np.uint64(_MASK64 ^ ((1 << low_bits) - 1)))
+    words.sort()
+    cand, m = _common_candidates(words, k, row_mask, low_mask)
+    del words
     if m == 0:
         return (
             _Match(0, [np.zeros(n, dtype=bool) for n in sizes], [np.empty(0, np.intp) for _ in sizes])
@@ -585,7 +587,17 @@ def _intersect_keys(keys: Sequence[tuple[U64, U64]], *, rows: bool = True) -> _M
             return _Match(m)
         count = m
         first_rows = np.sort(row[heads])
-    match = _Match(count, first_rows=first_rows)
+    return _with_rows(_Match(count, first_rows=first_rows), sizes, sel, row, group)
+
+
+def _with_rows(
+    match: _Match,
+    sizes: Sequence[int],
+    sel: Sequence[npt.NDArray[np.intp]],
+    row: npt.NDArray[np.intp],
+    group: npt.NDArray[np.intp],
+) -> _Match:
+    """Fill in each party's mask of matched rows and the group id of each matched row."""
     for n, s in zip(sizes, sel, strict=True):
         ids = np.full(n, -1, dtype=np.intp)
         ids[row[s]] = group[s]
@@ -595,11 +607,10 @@ def _intersect_keys(keys: Sequence[tuple[U64, U64]], *, rows: bool = True) -> _M
     return match
 
 
-def _sorted_words(keys: Sequence[tuple[U64, U64]], sizes: list[int], row_bits: int, low_bits: int) -> U64:
-    """Every row as one word (prefix of its high half | party | row), sorted."""
-    prefix_mask = np.uint64(_MASK64 ^ ((1 << low_bits) - 1))
-    words = np.empty(sum(sizes), dtype=np.uint64)
-    numbers = np.arange(max(sizes), dtype=np.uint64)
+def _packed_words(keys: Sequence[tuple[U64, U64]], row_bits: int, prefix_mask: np.uint64) -> U64:
+    """One (prefix, party, row) word per row of every party, unsorted."""
+    words = np.empty(sum(len(h1) for h1, _ in keys), dtype=np.uint64)
+    numbers = np.arange(max(len(h1) for h1, _ in keys), dtype=np.uint64)
     pos = 0
     for i, (h1, _) in enumerate(keys):
         part = words[pos : pos + len(h1)]
@@ -608,29 +619,49 @@ def _sorted_words(keys: Sequence[tuple[U64, U64]], sizes: list[int], row_bits: i
         if i:
             part |= np.uint64(i << row_bits)
         pos += len(h1)
-    del numbers
-    words.sort()
     return words
 
 
-def _common_candidates(words: U64, k: int, low_mask: np.uint64, row_mask: np.uint64) -> tuple[U64, int]:
-    """The words under a prefix every party has (sorted), and how many such prefixes there are."""
+_BLOCK = 1 << 20  # words per block of the run scan: its temporaries stay in cache and are touched once
+
+
+def _common_candidates(words: U64, k: int, row_mask: np.uint64, low_mask: np.uint64) -> tuple[U64, int]:
+    """The sorted words under a prefix every party has, and how many such prefixes there are.
+
+    Written to touch little fresh memory: in a fresh service worker every new page costs a fault, and the
+    whole-array temporaries this replaced (XOR of neighbours, run starts and lengths as intp, a per-run
+    count) made the first job there 2-3x slower than the next. Per-run counts are uint8 when k < 256.
+    """
     total = len(words)
     # run_start[j]: words[j] starts a new prefix; party_start[j]: it starts a new (prefix, party) pair.
     run_start = np.empty(total, dtype=bool)
     party_start = np.empty(total, dtype=bool)
-    if total:
-        run_start[0] = party_start[0] = True
-        diff = words[1:] ^ words[:-1]
-        np.greater(diff, low_mask, out=run_start[1:])
-        np.greater(diff, row_mask, out=party_start[1:])
-        del diff
+    if total == 0:
+        return words[:0], 0
+    run_start[0] = party_start[0] = True
+    diff = np.empty(min(total, _BLOCK), dtype=np.uint64)
+    for lo in range(1, total, _BLOCK):
+        hi = min(total, lo + _BLOCK)
+        d = diff[: hi - lo]
+        np.bitwise_xor(words[lo:hi], words[lo - 1 : hi - 1], out=d)
+        np.greater(d, low_mask, out=run_start[lo:hi])
+        np.greater(d, row_mask, out=party_start[lo:hi])
+    del diff
     starts = np.flatnonzero(run_start)
-    common_run = np.add.reduceat(party_start, starts, dtype=np.intp) == k if len(starts) else run_start[:0]
-    lengths = np.diff(starts, append=total)
-    cand = words[np.repeat(common_run, lengths)]
-    del words, run_start, party_start
-    return cand, int(np.count_nonzero(common_run))
+    del run_start
+    count_type = np.uint8 if k < 256 else np.intp
+    common_run = np.add.reduceat(party_start, starts, dtype=count_type) == k
+    del party_start
+    # Mark the rows of the common runs: +1 at each such run's start, -1 at its end, then a running sum.
+    first = np.flatnonzero(common_run)
+    m = len(first)
+    mark = np.zeros(total + 1, dtype=np.int8)
+    mark[starts[first]] = 1
+    ends = np.append(starts, total)[first + 1]
+    mark[ends] -= 1
+    del starts, first, ends
+    inside = np.cumsum(mark[:total], dtype=np.int8).view(bool)
+    return words[inside], m
 
 
 def _full_keys(
@@ -638,8 +669,8 @@ def _full_keys(
 ) -> tuple[npt.NDArray[np.complex128], list[npt.NDArray[np.intp]]]:
     """Each candidate row's full key as one 16-byte element, and the candidate positions of each party.
 
-    complex128 is only the container: numpy gathers 16-byte scalars fast, n x 2 rows slowly; the keys are
-    compared as uint64 halves.
+    complex128 is only the container: numpy gathers 16-byte scalars fast, n x 2 rows slowly; the caller
+    compares them as uint64 halves.
     """
     full_c = np.empty(len(row), dtype=np.complex128)
     full = full_c.view(np.uint64).reshape(-1, 2)

@@ -164,7 +164,6 @@ class CompiledTrees:
             return out.astype(np.float32, copy=False)
         return out.reshape(-1).astype(np.float32, copy=False)
 
-
     def _predict_direct(self, X: F32Array, margin: bool) -> F32Array:
         """Call the generated ``predict(Entry*, margin, float*)`` row by row: no DMatrix, no thread pool.
 
@@ -194,11 +193,7 @@ def _direct_entry(path: Path) -> tuple[Any, int]:
     for name in ("get_threshold_type", "get_leaf_output_type"):
         getattr(lib, name).restype = ctypes.c_char_p
     # The Entry union and the result buffer are float32 only for float32 models with one target.
-    if (
-        lib.get_num_target() != 1
-        or lib.get_threshold_type() != b"float32"
-        or lib.get_leaf_output_type() != b"float32"
-    ):
+    if lib.get_num_target() != 1 or lib.get_threshold_type() != b"float32" or lib.get_leaf_output_type() != b"float32":
         return None, 0
     width = ctypes.c_int32()
     lib.get_num_class(ctypes.byref(width))

@@ -44,6 +44,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -64,12 +65,15 @@ from mesatee_notebook.ml._errors import (
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
+    "HOST_TARGET",
     "Progress",
     "TVMModel",
     "TargetSpec",
     "TensorSpec",
     "compile_onnx",
+    "host_target",
     "model_digest",
+    "resolve_target",
     "unsupported_ops",
 ]
 
@@ -82,6 +86,7 @@ DEFAULT_TIMEOUT_S = 900.0
 _COMPILED_PREFIX = "tvm-"
 _TUNE_PREFIX = "tvm-tune-"
 _LOG_TAIL_LINES = 20
+_DB_FILES = ("database_workload.json", "database_tuning_record.json")
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,7 @@ class TensorSpec:
 class TVMModel:
     """A compiled ONNX model loaded into a relax VirtualMachine."""
 
-    __slots__ = ("_vm", "digest", "from_cache", "inputs", "meta", "outputs", "path")
+    __slots__ = ("_args", "_lock", "_main", "_vm", "digest", "from_cache", "inputs", "meta", "outputs", "path")
 
     def __init__(self, path: Path, digest: str, meta: Mapping[str, Any], *, from_cache: bool) -> None:
         import tvm
@@ -120,9 +125,12 @@ class TVMModel:
         try:
             lib = tvm.runtime.load_module(str(path))
             self._vm = relax.VirtualMachine(lib, tvm.cpu())
+            self._main = self._vm["main"]
+            self._args = [tvm.runtime.empty(s.shape, s.dtype, tvm.cpu()) for s in self.inputs]
         except Exception as exc:  # TVM raises its own error classes from C++
             msg = f"cannot load the compiled module {path.name}: {exc}"
             raise CompileError(msg) from exc
+        self._lock = threading.Lock()
 
     @property
     def library_sha256(self) -> str:
@@ -164,22 +172,52 @@ class TVMModel:
         return args
 
     def run(self, inputs: Mapping[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
-        """Run the model; ``inputs`` maps input names to arrays (or is the array of a one-input model)."""
-        import tvm
+        """Run the model; ``inputs`` maps input names to arrays (or is the array of a one-input model).
 
-        args = [tvm.runtime.tensor(a) for a in self._arguments(inputs)]
-        result = self._vm["main"](*args)
-        values = [result] if hasattr(result, "numpy") else list(result)
-        return {spec.name: v.numpy() for spec, v in zip(self.outputs, values, strict=True)}
+        The input tensors are allocated once (64-byte aligned, as TVM's kernels want) and refilled per
+        call under a lock: allocating them cost more than the whole batch-1 MLP.
+        """
+        arrays = self._arguments(inputs)
+        with self._lock:
+            for tensor, value in zip(self._args, arrays, strict=True):
+                tensor.copyfrom(value)
+            result = self._main(*self._args)
+            values = [result] if hasattr(result, "numpy") else list(result)
+            return {spec.name: v.numpy() for spec, v in zip(self.outputs, values, strict=True)}
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{s.name}{list(s.shape)}" for s in self.inputs)
         return f"TVMModel({shapes}, tuned_trials={self.tuned_trials}, digest={self.digest[:12]})"
 
 
+HOST_TARGET = "host"
+"""Alias of :func:`host_target`; a bare ``"llvm"`` means the same (the module runs where it is compiled)."""
+
+
+def host_target() -> dict[str, Any]:
+    """The target of this machine's CPU exactly: ``llvm -mcpu=<host cpu> -num-cores=<physical cores>``.
+
+    A bare ``llvm`` target compiles for generic x86-64 (SSE2), several times slower than AVX2/AVX-512
+    code on the same CPU; MetaSchedule also needs ``num-cores``.
+    """
+    import psutil
+    import tvm
+
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    return {"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu()), "num-cores": int(cores)}
+
+
+def resolve_target(target: TargetSpec) -> TargetSpec:
+    """``"host"`` and a bare ``"llvm"`` become :func:`host_target`; anything else is kept as given."""
+    if isinstance(target, str) and target.strip() in (HOST_TARGET, "llvm"):
+        return host_target()
+    return target
+
+
 def _target_json(target: TargetSpec) -> str:
     import tvm
 
+    target = resolve_target(target)
     spec: Any = dict(target) if isinstance(target, Mapping) else target
     try:
         exported = tvm.target.Target(spec).export()
@@ -209,16 +247,54 @@ def _base_digest(model: bytes, input_shapes: Mapping[str, Sequence[int]], target
     return _digest(hashlib.sha256(model).hexdigest(), _shapes_json(input_shapes), _target_json(target), _versions())
 
 
+_SHIPPED = Path(__file__).with_name("tuned")
+"""Tuned MetaSchedule databases shipped in the package, one directory per base digest (docs/benchmarks.md, P5)."""
+
+
+def _shipped_dir(base: str) -> Path | None:
+    """The shipped tuning database for this (model, shapes, target, versions), if the package has one."""
+    where = _SHIPPED / base
+    return where if all((where / n).is_file() for n in (*_DB_FILES, "done.json")) else None
+
+
+def _shipped_tag(base: str) -> str:
+    where = _shipped_dir(base)
+    if where is None:
+        return ""
+    return _digest(*(_sha256_file(where / n) for n in (*_DB_FILES, "done.json")))
+
+
+_PIPELINE = "host-target, layout-free weights, no DLight"
+"""Names the lowering in :func:`_schedule`; part of a compiled module's key, so a change rebuilds it."""
+
+
 def _budget_key(base: str, tune_trials: int, max_trials_per_task: int | None) -> str:
     if tune_trials <= 0:
-        return _digest(base, "untuned")
-    return _digest(base, f"trials={tune_trials}", f"per_task={max_trials_per_task}")
+        shipped = _shipped_tag(base)  # an untuned request still uses a shipped database
+        return _digest(base, _PIPELINE, "untuned", *([f"shipped={shipped}"] if shipped else []))
+    return _digest(base, _PIPELINE, f"trials={tune_trials}", f"per_task={max_trials_per_task}")
+
+
+def _seed_tuning(base: str, tune_dir: Path) -> bool:
+    """Copy the shipped database (if any) into an empty tuning cache; True when one exists for ``base``."""
+    shipped = _shipped_dir(base)
+    if shipped is None:
+        return False
+    if not (tune_dir / "done.json").is_file():
+        staging = Path(tempfile.mkdtemp(prefix=".seed-", dir=tune_dir.parent))
+        for name in (*_DB_FILES, "done.json"):
+            shutil.copyfile(shipped / name, staging / name)
+        try:
+            staging.rename(tune_dir)
+        except OSError:  # a concurrent compile seeded it (or tuned) first
+            shutil.rmtree(staging, ignore_errors=True)
+    return True
 
 
 def model_digest(
     model: bytes,
     input_shapes: Mapping[str, Sequence[int]],
-    target: TargetSpec = "llvm",
+    target: TargetSpec = HOST_TARGET,
     *,
     tune_trials: int = 0,
     max_trials_per_task: int | None = None,
@@ -316,7 +392,7 @@ def compile_onnx(
     input_shapes: Mapping[str, Sequence[int]],
     cache_dir: str | os.PathLike[str],
     *,
-    target: TargetSpec = "llvm",
+    target: TargetSpec = HOST_TARGET,
     tune_trials: int = 0,
     max_trials_per_task: int | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -328,6 +404,7 @@ def compile_onnx(
     database is cached too); ``timeout_s`` bounds the whole compile.
     """
     model_bytes = model if isinstance(model, bytes) else model.SerializeToString()
+    target = resolve_target(target)
     if tune_trials < 0:
         msg = f"tune_trials must be >= 0, got {tune_trials}"
         raise MLInputError(msg)
@@ -344,6 +421,7 @@ def compile_onnx(
         return cached
 
     onnx_model, input_specs = _parse_and_check(model_bytes, input_shapes)
+    tune_dir = cache / f"{_TUNE_PREFIX}{base}"
     jobdir = Path(tempfile.mkdtemp(prefix=".job-", dir=cache))
     try:
         (jobdir / "model.onnx").write_bytes(model_bytes)
@@ -353,7 +431,8 @@ def compile_onnx(
             "outputs": [o.name for o in onnx_model.graph.output],
             "tune_trials": tune_trials,
             "max_trials_per_task": max_trials_per_task,
-            "tune_dir": str(cache / f"{_TUNE_PREFIX}{base}"),
+            "tune_dir": str(tune_dir),
+            "use_tuned": _seed_tuning(base, tune_dir) and tune_trials <= 0,
         }
         (jobdir / "request.json").write_text(json.dumps(request))
         _run_child(jobdir, timeout_s, progress)
@@ -405,6 +484,32 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+def _read_events(read_fd: int, deadline: float, timeout_s: float, progress: Progress | None) -> dict[str, Any] | None:
+    """Pass the child's JSON-line events to ``progress`` until it closes the pipe; return its error event."""
+    error: dict[str, Any] | None = None
+    buffer = b""
+    with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                msg = f"compilation ran past its timeout of {timeout_s:g} s and was stopped"
+                raise CompileTimeout(msg, timeout_s=timeout_s)
+            ready, _, _ = select.select([pipe], [], [], min(remaining, 1.0))
+            if not ready:
+                continue
+            chunk = pipe.read(65536)
+            if not chunk:
+                return error
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                event = json.loads(line)
+                if event.get("event") == "error":
+                    error = event
+                elif progress is not None:
+                    progress(event)
+
+
 def _run_child(jobdir: Path, timeout_s: float, progress: Progress | None) -> None:
     """Run the compile in a child process group; stream its events; enforce the timeout."""
     package_root = str(Path(__file__).resolve().parents[2])
@@ -425,29 +530,8 @@ def _run_child(jobdir: Path, timeout_s: float, progress: Progress | None) -> Non
         )
     os.close(write_fd)
     deadline = time.monotonic() + timeout_s
-    error: dict[str, Any] | None = None
-    buffer = b""
     try:
-        with os.fdopen(read_fd, "rb", buffering=0) as pipe:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    msg = f"compilation ran past its timeout of {timeout_s:g} s and was stopped"
-                    raise CompileTimeout(msg, timeout_s=timeout_s)
-                ready, _, _ = select.select([pipe], [], [], min(remaining, 1.0))
-                if not ready:
-                    continue
-                chunk = pipe.read(65536)
-                if not chunk:
-                    break
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for line in lines:
-                    event = json.loads(line)
-                    if event.get("event") == "error":
-                        error = event
-                    elif progress is not None:
-                        progress(event)
+        error = _read_events(read_fd, deadline, timeout_s, progress)
         # Wait for the exit without reaping, so the process group id cannot be reused before
         # _kill_group clears out any worker the child left behind.
         while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
@@ -491,9 +575,6 @@ def _output_specs(ret_type: Any, names: Sequence[str]) -> list[dict[str, Any]]:
         name = names[i] if i < len(names) else f"output_{i}"
         specs.append(TensorSpec(name, tuple(dims), str(field.dtype)).to_json())
     return specs
-
-
-_DB_FILES = ("database_workload.json", "database_tuning_record.json")
 
 
 def _tune(
@@ -583,6 +664,77 @@ def _tuning_target(spec: Any, tune_trials: int) -> Any:
     return doc
 
 
+def _import_model(request: Mapping[str, Any], jobdir: Path, emit: Callable[[dict[str, Any]], None]) -> Any:
+    """The relax module of ``model.onnx``, or None after emitting an ``UnsupportedOperator`` error event."""
+    import onnx
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    inputs = [TensorSpec.from_json(d) for d in request["inputs"]]
+    onnx_model = onnx.load_from_string((jobdir / "model.onnx").read_bytes())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return from_onnx(
+                onnx_model,
+                shape_dict={s.name: list(s.shape) for s in inputs},
+                dtype_dict={s.name: s.dtype for s in inputs},
+                keep_params_in_input=False,
+            )
+        except tvm.error.OpNotImplemented as exc:
+            text = str(exc).strip().splitlines()[-1]
+            ops = sorted(o.strip() for o in text.split(":")[-1].split(","))
+            emit({"event": "error", "code": UnsupportedOperator.code, "message": text, "ops": ops})
+            return None
+
+
+def _schedule(
+    mod: Any, target: Any, request: Mapping[str, Any], jobdir: Path, emit: Callable[[dict[str, Any]], None]
+) -> tuple[Any, float]:
+    """Legalise and fuse ``mod``, then apply tuned schedules (tuned now, cached, or shipped) if any.
+
+    Tuned: the weights (constants) are marked layout-free, so MetaSchedule may pick a packed weight
+    layout; the weight transform is split out and folded into the constants at compile time.
+    DLight's CPU rules (GEMV, reduction) are not applied: measured on this project's MLP and CNN they
+    made the modules 1.3-5x slower than TVM's default lowering (docs/benchmarks.md, P5).
+    """
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    trials = int(request["tune_trials"])
+    tuned = trials > 0 or bool(request.get("use_tuned"))
+    passes = [
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        relax.pipeline.zero_pipeline(),
+    ]
+    if tuned:
+        passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
+    with target:
+        mod = tvm.transform.Sequential(passes)(mod)
+    tuning_seconds = 0.0
+    if tuned:
+        t_tune = time.perf_counter()
+        if trials > 0:
+            database = _tune(mod, target, request, jobdir, emit)
+        else:
+            emit({"event": "phase", "phase": "tune-shipped"})
+            database = ms.database.JSONDatabase(work_dir=str(request["tune_dir"]))
+        tuning_seconds = time.perf_counter() - t_tune
+        with target, database:
+            mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+        with target:
+            mod = tvm.transform.Sequential(
+                [
+                    relax.transform.SplitLayoutRewritePreproc(),
+                    relax.transform.LiftTransformParams(),
+                    relax.transform.FoldConstant(),
+                ]
+            )(mod)
+    return mod, tuning_seconds
+
+
 def _child_main(jobdir_str: str, fd: int) -> None:
     """Entry point of the compile child process: read request.json, write model.so and result.json."""
     out = os.fdopen(fd, "wb", buffering=0)
@@ -595,44 +747,14 @@ def _child_main(jobdir_str: str, fd: int) -> None:
     try:
         request = json.loads((jobdir / "request.json").read_text())
         emit({"event": "phase", "phase": "import"})
-        import onnx
         import tvm
-        from tvm import relax
-        from tvm.relax.frontend.onnx import from_onnx
 
         target = tvm.target.Target(_tuning_target(request["target"], int(request["tune_trials"])))
-        inputs = [TensorSpec.from_json(d) for d in request["inputs"]]
-        onnx_model = onnx.load_from_string((jobdir / "model.onnx").read_bytes())
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                mod = from_onnx(
-                    onnx_model,
-                    shape_dict={s.name: list(s.shape) for s in inputs},
-                    dtype_dict={s.name: s.dtype for s in inputs},
-                    keep_params_in_input=False,
-                )
-            except tvm.error.OpNotImplemented as exc:
-                text = str(exc).strip().splitlines()[-1]
-                ops = sorted(o.strip() for o in text.split(":")[-1].split(","))
-                emit({"event": "error", "code": UnsupportedOperator.code, "message": text, "ops": ops})
-                return
+        mod = _import_model(request, jobdir, emit)
+        if mod is None:
+            return
         outputs = _output_specs(mod["main"].ret_ty, request["outputs"])
-        tuning_seconds = 0.0
-        if int(request["tune_trials"]) > 0:
-            with target:
-                mod = tvm.transform.Sequential(
-                    [
-                        relax.transform.DecomposeOpsForInference(),
-                        relax.transform.CanonicalizeBindings(),
-                        relax.pipeline.zero_pipeline(),
-                    ]
-                )(mod)
-            t_tune = time.perf_counter()
-            database = _tune(mod, target, request, jobdir, emit)
-            tuning_seconds = time.perf_counter() - t_tune
-            with target, database:
-                mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+        mod, tuning_seconds = _schedule(mod, target, request, jobdir, emit)
         emit({"event": "phase", "phase": "build"})
         executable = tvm.compile(mod, target=target)
         emit({"event": "phase", "phase": "export"})
@@ -643,6 +765,7 @@ def _child_main(jobdir_str: str, fd: int) -> None:
             "target": request["target"],
             "tune_trials": int(request["tune_trials"]),
             "max_trials_per_task": request["max_trials_per_task"],
+            "shipped_database": bool(request.get("use_tuned")),
             "tuning_seconds": tuning_seconds,
             "compile_seconds": time.perf_counter() - t0,
         }

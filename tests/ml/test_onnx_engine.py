@@ -7,7 +7,6 @@ onnxruntime run locally at 1e-4.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
@@ -21,6 +20,7 @@ from mesatee_notebook.attestation.measurement import build_manifest, canonical_j
 from mesatee_notebook.errors import MesateeError
 from mesatee_notebook.ml._errors import UnsupportedOperator
 from mesatee_notebook.ml.onnx_engine import ORTModel
+from mesatee_notebook.wire.digest import payload_digest
 from tests.conftest import KernelProc
 from tests.ml.conftest import mlp_model
 
@@ -160,7 +160,7 @@ def test_receipt_names_the_engine_and_pinning(session: mn.Session) -> None:
     name = model.graph.input[0].name
     mod = session.tvm.compile(model, input_shapes={name: (ROWS, WIDTH)})
     subjects = dict(mod.last_receipt.subjects)  # type: ignore[union-attr]
-    assert subjects["info"] == hashlib.sha256(canonical_json(mod.info)).hexdigest()
+    assert subjects["info"] == payload_digest(canonical_json(mod.info))
     assert mod.info["engine"] == "onnxruntime" and mod.info["onnxruntime"]
     mod.run({name: np.zeros((ROWS, WIDTH), np.float32)})
     run_subjects = dict(mod.last_receipt.subjects)  # type: ignore[union-attr]

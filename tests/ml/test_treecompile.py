@@ -148,7 +148,7 @@ def test_direct_small_batch_path_equals_the_tl2cgen_wrapper(tmp_path, objective)
     model = train(X, y, params=params, num_boost_round=20)
     compiled = treecompile.compile_trees(model, tmp_path)
     assert compiled._direct is not None
-    rows = X[:treecompile.DIRECT_MAX_ROWS].copy()
+    rows = X[: treecompile.DIRECT_MAX_ROWS].copy()
     rows[0, 2] = np.nan
     rows[3, :] = np.nan
     for margin in (False, True):

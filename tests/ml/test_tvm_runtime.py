@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,30 @@ def test_digest_covers_model_shapes_and_budget() -> None:
     assert base != tvm_runtime.model_digest(blob, {"x": (1024, 64)}, tune_trials=8)
     with pytest.raises(MLInputError, match="invalid TVM target"):
         tvm_runtime.model_digest(blob, {"x": (1024, 64)}, "no-such-target")
+
+
+def test_bare_llvm_means_this_cpu_exactly() -> None:
+    import psutil
+    import tvm
+
+    host = tvm_runtime.host_target()
+    assert host["kind"] == "llvm" and host["mcpu"] == tvm.target.codegen.llvm_get_system_cpu()
+    assert host["num-cores"] == (psutil.cpu_count(logical=False) or os.cpu_count())
+    assert tvm_runtime.resolve_target("llvm") == host == tvm_runtime.resolve_target("host")
+    generic = {"kind": "llvm", "mcpu": "x86-64"}
+    assert tvm_runtime.resolve_target(generic) is generic
+
+
+def test_inputs_are_refilled_on_every_run(mlp_1024: tvm_runtime.TVMModel) -> None:
+    """The input tensors are reused between calls; each call must see its own data, and keep its outputs."""
+    rng = np.random.default_rng(9)
+    a, b = (rng.normal(size=(1024, 64)).astype(np.float32) for _ in range(2))
+    out_a = mlp_1024.run(a)["logits"]
+    out_b = mlp_1024.run(b)["logits"]
+    (want_a,) = ort_run(mlp_model(), {"x": a})
+    (want_b,) = ort_run(mlp_model(), {"x": b})
+    np.testing.assert_allclose(out_a, want_a, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out_b, want_b, rtol=1e-4, atol=1e-4)
 
 
 def test_untuned_compile_reports_phases(tmp_path: Path) -> None:
@@ -215,7 +240,7 @@ def test_compiler_failure_is_a_compile_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_tuned_compile_matches_and_caches(tmp_path: Path) -> None:
+def test_tuned_compile_matches_and_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(5)
     weight = numpy_helper.from_array((rng.normal(size=(32, 16)) * 0.2).astype(np.float32), "w")
     graph = helper.make_graph(
@@ -265,6 +290,21 @@ def test_tuned_compile_matches_and_caches(tmp_path: Path) -> None:
     assert "tune-cached" in [e.get("phase") for e in events]
     assert not [e for e in events if e["event"] == "trial"]
     np.testing.assert_allclose(rebuilt.run(x)["y"], want, rtol=1e-4, atol=1e-4)
+
+    # Shipped in the package (here: a stand-in package directory), the database serves an untuned
+    # request in a fresh cache: no tuning, the tuned schedules, a cache key of its own.
+    shipped = tmp_path / "shipped"
+    shutil.copytree(tune_dir, shipped / tune_dir.name.removeprefix("tvm-tune-"))
+    monkeypatch.setattr(tvm_runtime, "_SHIPPED", shipped)
+    fresh = tmp_path / "fresh"
+    events.clear()
+    served = tvm_runtime.compile_onnx(model, {"x": (64, 32)}, fresh, progress=events.append)
+    assert "tune-shipped" in [e.get("phase") for e in events]
+    assert not [e for e in events if e["event"] == "trial"]
+    assert served.meta["shipped_database"] is True and served.tuned_trials == 0
+    base = tune_dir.name.removeprefix("tvm-tune-")
+    assert served.digest != tvm_runtime._digest(base, tvm_runtime._PIPELINE, "untuned")
+    np.testing.assert_allclose(served.run(x)["y"], want, rtol=1e-4, atol=1e-4)
 
 
 def _children() -> list[int]:

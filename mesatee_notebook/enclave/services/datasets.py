@@ -30,9 +30,11 @@ def load_meta(ctx: ServiceContext, name: str) -> dict[str, Any]:
     return meta
 
 
-def load_dataset(ctx: ServiceContext, name: str) -> tuple[pd.DataFrame, DataPolicy, str]:
-    """(frame, policy, owner), cached in the worker by the data's digest."""
-    meta = load_meta(ctx, name)
+def load_dataset(
+    ctx: ServiceContext, name: str, meta: dict[str, Any] | None = None
+) -> tuple[pd.DataFrame, DataPolicy, str]:
+    """(frame, policy, owner), cached in the worker by the data's digest; ``meta``: already read by the caller."""
+    meta = load_meta(ctx, name) if meta is None else meta
     readers = meta.get("readers")  # set on datasets a job made (PSI join): only its receivers may query them
     if readers is not None and ctx.party not in readers:
         msg = f"dataset {name!r} was made by a job and only that job's receivers may query it"

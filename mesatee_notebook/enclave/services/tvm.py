@@ -52,8 +52,9 @@ def _shapes(value: Any) -> dict[str, list[int]]:
         raise EncodingError(msg)
     out: dict[str, list[int]] = {}
     for name, shape in value.items():
-        if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool)
-                                                           for d in shape):
+        if not isinstance(shape, (list, tuple)) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in shape
+        ):
             msg = f"input_shapes[{name!r}] must be a list of integers, got {shape!r}"
             raise EncodingError(msg)
         out[str(name)] = [int(d) for d in shape]
@@ -104,9 +105,12 @@ def compile_model(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, A
         where.mkdir(exist_ok=True)
         blob = f"cache/tvm/{key}"
         had_blob = restore_blob(ctx, blob, where)
-        tune_blob = "cache/tvm-tune/" + hashlib.sha256(
-            hashlib.sha256(model).digest() + json.dumps([shapes, target], sort_keys=True).encode()
-        ).hexdigest()
+        tune_blob = (
+            "cache/tvm-tune/"
+            + hashlib.sha256(
+                hashlib.sha256(model).digest() + json.dumps([shapes, target], sort_keys=True).encode()
+            ).hexdigest()
+        )
         if trials > 0 and not had_blob:
             restore_blob(ctx, tune_blob, where)
         before = {p.name: p.stat().st_mtime_ns for p in where.iterdir()}
@@ -114,8 +118,16 @@ def compile_model(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, A
         def progress(event: dict[str, Any]) -> None:
             ctx.progress(**event)
 
-        module = tvm_runtime.compile_onnx(model, shapes, where, target=target, tune_trials=trials,
-                                          max_trials_per_task=per_task, timeout_s=timeout, progress=progress)
+        module = tvm_runtime.compile_onnx(
+            model,
+            shapes,
+            where,
+            target=target,
+            tune_trials=trials,
+            max_trials_per_task=per_task,
+            timeout_s=timeout,
+            progress=progress,
+        )
         source = "sealed cache" if had_blob and module.from_cache else "compiled"
         if source == "compiled":
             seal_dir(ctx, blob, module.path.parent)
@@ -163,8 +175,9 @@ def _module(ctx: ServiceContext, key: Any) -> TVMModel | ORTModel:
             msg = f"compiled module {mid[:12]}… is no longer cached; compile it again"
             raise NotFound(msg, module=mid)
         final = where / f"tvm-{mid}"
-        module = tvm_runtime.TVMModel(final / "model.so", mid, json.loads((final / "meta.json").read_text()),
-                                      from_cache=True)
+        module = tvm_runtime.TVMModel(
+            final / "model.so", mid, json.loads((final / "meta.json").read_text()), from_cache=True
+        )
         loaded[mid] = module
     return module
 
@@ -241,15 +254,27 @@ def run(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> Se
             raise EncodingError(msg)
         if not data.code_access(ctx.party):
             if not keep:
-                raise refuse(ctx, data, f"results on dataset {data.dataset!r} stay in the enclave: its owner has "
-                             "not given you code access")
+                raise refuse(
+                    ctx,
+                    data,
+                    f"results on dataset {data.dataset!r} stay in the enclave: its owner has not given you code access",
+                )
             used = set(map(str, data.frame.columns)) & data.hidden()
             if used:
-                raise refuse(ctx, data, f"the model would read hidden column(s) {', '.join(sorted(used))}; select "
-                             "other columns", columns=sorted(used))
+                raise refuse(
+                    ctx,
+                    data,
+                    f"the model would read hidden column(s) {', '.join(sorted(used))}; select other columns",
+                    columns=sorted(used),
+                )
         outputs = _run_dataset(module, data, args.get("input"))
-        info: dict[str, Any] = {"module": module.digest, "rows": len(data.frame), "engine": _engine(module),
-                                "run_seconds": time.perf_counter() - t0, "library_sha256": module.library_sha256}
+        info: dict[str, Any] = {
+            "module": module.digest,
+            "rows": len(data.frame),
+            "engine": _engine(module),
+            "run_seconds": time.perf_counter() - t0,
+            "library_sha256": module.library_sha256,
+        }
         if keep:
             derived = {"kind": "tvm", "module": module.digest}
             info["dataset"] = store_derived(ctx, data, _outputs_frame(outputs), args.get("name"), derived)
@@ -258,5 +283,12 @@ def run(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> Se
     names = dict(args.get("inputs") or {})
     feeds = {str(names.get(k, k)): v for k, v in inputs.items()}
     outputs = module.run(feeds)
-    return ServiceResult(info={"module": module.digest, "run_seconds": time.perf_counter() - t0,
-                               "library_sha256": module.library_sha256, "engine": _engine(module)}, values=outputs)
+    return ServiceResult(
+        info={
+            "module": module.digest,
+            "run_seconds": time.perf_counter() - t0,
+            "library_sha256": module.library_sha256,
+            "engine": _engine(module),
+        },
+        values=outputs,
+    )
