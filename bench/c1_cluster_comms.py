@@ -28,8 +28,8 @@ from distributed.comm import connect
 from distributed.security import Security
 
 from mesatee_notebook.enclave.cluster.comm import AttestedSecurity
-from mesatee_notebook.enclave.cluster.identity import ClusterNode, NodeIdentity, cluster_policy
 from mesatee_notebook.enclave.cluster.node import dask_settings
+from mesatee_notebook.enclave.cluster.node_identity import ClusterNode, NodeIdentity, cluster_policy
 
 
 def _security(protocol: str) -> tuple[Any, Any, Any]:

@@ -21,11 +21,11 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from mesatee_notebook.attestation.identity import migration_grant
+from mesatee_notebook.attestation.party_proof import migration_grant
 from mesatee_notebook.enclave.audit import AuditLog
 from mesatee_notebook.enclave.migration import SealedState, live_store
 from mesatee_notebook.enclave.sealing import SealedStore
-from mesatee_notebook.remote.identity import PartyIdentity
+from mesatee_notebook.remote.party_key import PartyIdentity
 
 SECRET, A, B = bytes(range(32)), "aa" * 32, "bb" * 32
 

@@ -79,9 +79,9 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     """Import the scikit-learn style estimators on first use (scikit-learn is not imported before)."""
     if name in ("SecureXGBClassifier", "SecureXGBRegressor"):
-        from mesatee_notebook.remote import ml
+        from mesatee_notebook.remote import estimators
 
-        return getattr(ml, name)
+        return getattr(estimators, name)
     msg = f"module 'mesatee_notebook' has no attribute {name!r}"
     raise AttributeError(msg)
 

@@ -28,6 +28,9 @@ a TPM command. The statement's ``tpm_kind`` is what the TPM says of itself (swtp
 "IBM / SW TPM"); the client's verdict (:func:`tpm_kind_of`) is ``software`` for swtpm or an
 EK issued by swtpm's local CA, ``hardware`` only when the EK chains to a CA the client pins,
 and ``uncertified`` otherwise.
+
+Why this module is over ~500 lines: the TPM evidence verifier: every check a client makes on a quote, in the order
+it makes them, so that the order can be audited top to bottom in one file.
 """
 
 from __future__ import annotations

@@ -213,7 +213,7 @@ class Connection:
 
     def on_auth(self, req: Auth, msg: Message, alloc: SharedAllocator, rid: Any) -> None:
         """A party proves its key: a signature over this connection's nonce and the certificate it was shown."""
-        from mesatee_notebook.attestation.identity import verify_party_proof
+        from mesatee_notebook.attestation.party_proof import verify_party_proof
 
         cert_sha = hashlib.sha256(self.cert_der).digest()
         self.party = verify_party_proof(req.public_key, self.kernel_nonce, cert_sha, req.signature)

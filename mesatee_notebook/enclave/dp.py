@@ -23,6 +23,9 @@ The budget: every query writes a reservation (its epsilon and delta) to sealed s
 if the analyst's total or the cap over all analysts would be exceeded. Entries are immutable
 and written before the check, so two workers racing on one ledger can both be refused but
 never both pass the cap (see :class:`BudgetLedger`).
+
+Why this module is over ~500 lines: the DP release: the OpenDP mechanisms per statistic, their accuracy bounds, and
+the sealed budget ledger they charge.
 """
 
 from __future__ import annotations

@@ -22,6 +22,9 @@ An owner's two steps, submitting an input and approving the spec, go through one
 :func:`approve`: check the event against the state machine first (a refusal goes through the caller's ``refuse``,
 which audits it), apply it, and run the job (the caller's ``run``) when that made it runnable. Every kind of job
 (generic jobs, PSI, ``gbdt.train``, FaaS tasks) uses them; none has its own approval path.
+
+Why this module is over ~500 lines: the one jobs state machine and its one approval path, shared by PSI, GBDT jobs
+and FaaS tasks; kept whole so every transition is in one file.
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ commit record (one atomic rename: the commit point) → move the staged files in
 the index entries → remove the record. After a kill -9 the next start rolls a committed migration forward and
 discards an uncommitted one, so each migration is either complete or never happened; A's files are only deleted after
 the commit.
+
+Why this module is over ~500 lines: the sealed-state migration (plan, grants, re-seal, verify, commit): one state
+machine whose steps must be read together to see that nothing is lost.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from mesatee_notebook.attestation.identity import verify_migration_grant
 from mesatee_notebook.attestation.measurement import canonical_json
+from mesatee_notebook.attestation.party_proof import verify_migration_grant
 from mesatee_notebook.enclave.sealing import SealedStore
 from mesatee_notebook.errors import MalformedFrame, NotFound, PolicyViolation, SealingError, TamperedData
 from mesatee_notebook.wire.messages import sealed_state_summary

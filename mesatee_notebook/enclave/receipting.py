@@ -19,7 +19,7 @@ from mesatee_notebook.wire.protocol import ExecutorError, ValueSpec
 from mesatee_notebook.wire.stream import Message
 
 if TYPE_CHECKING:
-    from mesatee_notebook.enclave.identity import KernelIdentity
+    from mesatee_notebook.enclave.kernel_keys import KernelIdentity
     from mesatee_notebook.enclave.shm import SharedAllocator
 
 __all__ = ["clamp_timeout", "forward_inputs", "predicate", "raise_if_error", "result_values", "sign"]

@@ -25,6 +25,9 @@ a service worker) starts as::
   (:meth:`mesatee_notebook.enclave.sessions.ExecutorHandle.check_usage`).
 
 See ``docs/sandbox.md`` for what each mechanism stops and what it does not.
+
+Why this module is over ~500 lines: the executor sandbox: bubblewrap arguments, the seccomp profile, ``confine()``
+and the self-test probe; one file so that every wall can be audited together.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from mesatee_notebook.enclave.broker import answer_executor, dataset_for_cell
 from mesatee_notebook.enclave.config import AVAILABLE_LEVELS, KernelConfig
 from mesatee_notebook.enclave.connection import Connection
 from mesatee_notebook.enclave.hardening import harden_process
-from mesatee_notebook.enclave.identity import KernelIdentity
+from mesatee_notebook.enclave.kernel_keys import KernelIdentity
 from mesatee_notebook.enclave.platform import load_platform
 from mesatee_notebook.enclave.quotas import ByteBudget, QuotaBook
 from mesatee_notebook.enclave.sandbox import Sandbox

@@ -4,6 +4,9 @@ State lives on the one :class:`MesateeMagics` instance that ``%load_ext`` regist
 open sessions by name, how each was reached (so a lost connection can be re-made), and
 the last verified receipt. Outputs are bound into the notebook only after
 ``Session.run`` has verified the receipt, all at once, so a failure binds nothing.
+
+Why this module is over ~500 lines: the ``%mesatee`` / ``%%mesatee`` magics: IPython registers one Magics class, and
+each subcommand is a short method.
 """
 
 from __future__ import annotations

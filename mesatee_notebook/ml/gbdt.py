@@ -6,6 +6,9 @@ callback, and keeps the model as a :class:`GBDTModel` handle. Models leave only
 as xgboost JSON bytes (:meth:`GBDTModel.to_json`), never pickled.
 
 Every input problem is a typed error from :mod:`mesatee_notebook.ml._errors`.
+
+Why this module is over ~500 lines: the xgboost engine (train, continue, predict, evaluate, export) and the
+parameter checks that keep exact parity with native xgboost.
 """
 
 from __future__ import annotations

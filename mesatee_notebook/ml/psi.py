@@ -26,6 +26,9 @@ Keyed hashing (128 bits):
 Both are pseudo-random under a secret key. Across 2**25 items the chance of any 128-bit collision is below 2**-78.
 Even so, the intersection matches on a prefix of the high half, checks all 128 bits of every matched row, and
 resolves any mismatch exactly.
+
+Why this module is over ~500 lines: the PSI engine: item canonicalisation, keyed hashing and the exact intersection,
+kept together so that the exactness argument reads in one place.
 """
 
 from __future__ import annotations

@@ -30,6 +30,9 @@ Tuning cost on the 2-core dev machine: about 13 s fixed (TVM's
 trials per task. The builder uses :func:`_ms_build`, which skips that import in
 every builder worker (TVM restarts its builder pool on each batch, paying it
 again each time); float models on ``llvm`` use no tensor intrinsics.
+
+Why this module is over ~500 lines: the TVM pipeline: ONNX import, target, tuning database, compile in a child
+process, and the VM run.
 """
 
 from __future__ import annotations

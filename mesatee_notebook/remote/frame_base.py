@@ -3,6 +3,9 @@
 ``len()``, ``float()`` and ``int()`` are explicit evaluations (each sends one policy-checked query and
 returns its released value); ``bool()``, iteration and ``np.asarray`` raise ``FrameUsageError``, because
 Python calls them implicitly (``if``, ``and``/``or``, ``for``), where a remote query would be a surprise.
+
+Why this module is over ~500 lines: the lazy base that SecureDataFrame and SecureSeries share (plan building,
+release, display); just over, split would cut one class.
 """
 
 from __future__ import annotations

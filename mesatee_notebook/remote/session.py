@@ -1,4 +1,8 @@
-"""Sessions on an attested kernel: run cells, send inputs, get verified outputs with receipts."""
+"""Sessions on an attested kernel: run cells, send inputs, get verified outputs with receipts.
+
+Why this module is over ~500 lines: the client ``Session``: each public method is a thin request, and users read the
+whole API of a session in one place.
+"""
 
 from __future__ import annotations
 
@@ -454,7 +458,7 @@ class Session:
         """
         import time
 
-        from mesatee_notebook.attestation.identity import migration_grant
+        from mesatee_notebook.attestation.party_proof import migration_grant
 
         if self._identity is None or self.party_id is None:
             msg = "approve_migration needs this session's party key: connect with an identity"
@@ -633,7 +637,7 @@ def connect(
     try:
         party = None
         if identity is not False:
-            from mesatee_notebook.remote.identity import PartyIdentity
+            from mesatee_notebook.remote.party_key import PartyIdentity
 
             if isinstance(identity, PartyIdentity):
                 ident = identity

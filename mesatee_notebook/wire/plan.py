@@ -24,6 +24,8 @@ nodes, whose references are node ids. :func:`infer_plan` then runs each node's
 schema rule (``Op.infer``) against the datasets' schemas (columns exist, types
 fit, hidden columns are not referenced). The client runs the same rules when it
 builds an expression, so a mistake surfaces at once, with the enclave's message.
+
+Why this module is over ~500 lines: the version-1 plan JSON codec, one decoder per argument kind; just over.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from mesatee_notebook.attestation.ratls import evidence_from_certificate, load_certificate
 from mesatee_notebook.enclave.cluster.comm import AttestedSecurity
-from mesatee_notebook.enclave.cluster.identity import (
+from mesatee_notebook.enclave.cluster.node_identity import (
     ClusterNode,
     NodeIdentity,
     _node_certificate,

@@ -10,7 +10,7 @@ import pytest
 
 import mesatee_notebook as mn
 from mesatee_notebook.attestation.measurement import canonical_json
-from mesatee_notebook.enclave.cluster.identity import cluster_measurement
+from mesatee_notebook.enclave.cluster.node_identity import cluster_measurement
 from mesatee_notebook.errors import MalformedFrame, NotAvailableYet
 from mesatee_notebook.wire.digest import payload_digest
 from tests.conftest import KernelProc, start_kernel, stop_kernel

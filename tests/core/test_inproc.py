@@ -29,7 +29,7 @@ from mesatee_notebook.errors import (
     error_from_wire,
 )
 from mesatee_notebook.remote.channel import Channel, open_channel
-from mesatee_notebook.remote.identity import PartyIdentity
+from mesatee_notebook.remote.party_key import PartyIdentity
 from mesatee_notebook.wire.comm import Comm, InprocComm, connect
 from mesatee_notebook.wire.framing import MAGIC, PREFIX, Limits
 from mesatee_notebook.wire.messages import PROTOCOL_VERSION

@@ -27,8 +27,9 @@ from mesatee_notebook.ml._errors import (
     NonNumericFeatures,
     UnsupportedOperator,
 )
+from mesatee_notebook.remote.estimators import SecureXGBClassifier, SecureXGBRegressor
 from mesatee_notebook.remote.frame import SecureSeries
-from mesatee_notebook.remote.ml import RemoteModel, RemoteTVMModule, SecureXGBClassifier, SecureXGBRegressor
+from mesatee_notebook.remote.ml import RemoteModel, RemoteTVMModule
 from tests.conftest import KernelProc
 from tests.ml.conftest import cnn_model, mlp_model, ort_run, single_op_model
 

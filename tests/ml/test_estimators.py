@@ -18,7 +18,7 @@ import xgboost as xgb
 
 import mesatee_notebook as mn
 from mesatee_notebook.errors import EncodingError, PolicyViolation
-from mesatee_notebook.remote.ml import SecureXGBClassifier, SecureXGBRegressor
+from mesatee_notebook.remote.estimators import SecureXGBClassifier, SecureXGBRegressor
 from tests.conftest import KernelProc
 
 FEATURES = [f"x{i}" for i in range(5)]

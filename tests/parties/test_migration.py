@@ -24,9 +24,9 @@ import pandas as pd
 import pytest
 
 import mesatee_notebook as mn
-from mesatee_notebook.attestation.identity import migration_grant
+from mesatee_notebook.attestation.party_proof import migration_grant
 from mesatee_notebook.errors import NotFound
-from mesatee_notebook.remote.identity import PartyIdentity
+from mesatee_notebook.remote.party_key import PartyIdentity
 from tests.conftest import KernelProc, start_kernel, stop_kernel
 
 POLICY = mn.DataPolicy(min_group_size=2)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from mesatee_notebook.attestation.identity import party_id_of, proof_message, verify_party_proof
+from mesatee_notebook.attestation.party_proof import party_id_of, proof_message, verify_party_proof
 from mesatee_notebook.errors import MalformedFrame, PolicyViolation
-from mesatee_notebook.remote.identity import KEY_FILE_NAME, PartyIdentity
+from mesatee_notebook.remote.party_key import KEY_FILE_NAME, PartyIdentity
 
 NONCE = os.urandom(32)
 CERT = hashlib.sha256(b"server certificate DER").digest()

@@ -34,7 +34,7 @@ from mesatee_notebook.attestation.tpm import (
     statement_qualifying_data,
     verify_fresh_quote,
 )
-from mesatee_notebook.enclave.identity import KernelIdentity
+from mesatee_notebook.enclave.kernel_keys import KernelIdentity
 from mesatee_notebook.errors import (
     EventLogMismatch,
     MalformedEvidence,

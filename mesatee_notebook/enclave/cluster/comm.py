@@ -19,7 +19,7 @@ from distributed.comm import registry
 from distributed.comm.tcp import TLS, BaseTCPBackend, TLSConnector, TLSListener
 from distributed.security import Security
 
-from mesatee_notebook.enclave.cluster.identity import ClusterNode
+from mesatee_notebook.enclave.cluster.node_identity import ClusterNode
 from mesatee_notebook.errors import AttestationError
 
 __all__ = ["SCHEME", "AttestedBackend", "AttestedConnector", "AttestedListener", "AttestedSecurity", "register"]

@@ -18,8 +18,8 @@ import dask
 from distributed import Client
 
 from mesatee_notebook.enclave.cluster.comm import AttestedSecurity
-from mesatee_notebook.enclave.cluster.identity import ClusterNode, PeerRecord
 from mesatee_notebook.enclave.cluster.node import NodeOptions, dask_settings, make_node
+from mesatee_notebook.enclave.cluster.node_identity import ClusterNode, PeerRecord
 from mesatee_notebook.errors import (
     AttestationError,
     MalformedFrame,

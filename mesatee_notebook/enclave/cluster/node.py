@@ -24,7 +24,7 @@ import dask
 
 from mesatee_notebook.attestation.levels import Level
 from mesatee_notebook.enclave.cluster.comm import SCHEME, AttestedSecurity
-from mesatee_notebook.enclave.cluster.identity import ClusterNode, NodeIdentity, cluster_policy
+from mesatee_notebook.enclave.cluster.node_identity import ClusterNode, NodeIdentity, cluster_policy
 from mesatee_notebook.enclave.hardening import harden_process
 from mesatee_notebook.enclave.landlock import restrict
 from mesatee_notebook.enclave.platform import load_platform

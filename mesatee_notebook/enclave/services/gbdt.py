@@ -20,6 +20,9 @@ worker restart. Compiled trees for fast small-batch prediction are cached sealed
 ``svc/cache/trees/<model digest>`` and materialised into a private 0700 directory of the worker to be
 loaded. On ``softtee`` that directory is on the host's tmpfs in plaintext while loaded: the host is
 trusted not to read it, as it is trusted not to read the worker's memory.
+
+Why this module is over ~500 lines: the ``gbdt.*`` service handlers (train, continue, evaluate, predict, importance,
+export, release) over one engine; each handler is short.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The private key is an unencrypted PKCS#8 PEM file, mode 0600, in a directory of mode 0700 owned by the user. A key
 file or directory that others can read is refused, as ssh refuses it. The party id is the SHA-256 fingerprint of the
-raw public key (see :mod:`mesatee_notebook.attestation.identity`).
+raw public key (see :mod:`mesatee_notebook.attestation.party_proof`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from mesatee_notebook.attestation.identity import migration_grant_message, party_id_of, proof_message
+from mesatee_notebook.attestation.party_proof import migration_grant_message, party_id_of, proof_message
 from mesatee_notebook.errors import PolicyViolation
 
 __all__ = ["KEY_FILE_NAME", "PartyIdentity", "default_identity_dir"]
@@ -118,5 +118,5 @@ class PartyIdentity:
         return self._key.sign(proof_message(server_nonce, server_cert_sha256, self.public_key_raw))
 
     def sign_migration_grant(self, grant: dict[str, Any]) -> bytes:
-        """Sign a migration grant (see :func:`~mesatee_notebook.attestation.identity.migration_grant`)."""
+        """Sign a migration grant (see :func:`~mesatee_notebook.attestation.party_proof.migration_grant`)."""
         return self._key.sign(migration_grant_message(grant))
