@@ -497,21 +497,29 @@ def test_refusals_through_the_api_show_a_short_traceback(
         ip.user_ns["sdf"] = analyst.dataframe("short_tb")
         cases = {  # code: (the message, where it was raised)
             "sdf.head().collect()": ("does not allow row-level results (allow_rows=False); aggregate", "channel.py"),
-            "sdf.rename(columns={'ssn': 'x'})": ("rename() refers to column 'ssn', which the owner of", "plan.py"),
+            "sdf.rename(columns={'ssn': 'x'})": ("rename() refers to column 'ssn', which the owner of", "schema.py"),
             "len(sdf[sdf.a == 7])": ("fewer than 10 rows of dataset 'short_tb' (min_group_size=10)", "channel.py"),
-            "bool(sdf)": ("the expression is lazy and evaluated in the enclave only on .collect()", "frame.py"),
+            "bool(sdf)": ("the expression is lazy and evaluated in the enclave only on .collect()", "frame_base.py"),
         }
         for code, (message, origin) in cases.items():
             shown = _shown_traceback(ip, code, capsys)
             assert message in shown, code  # the message is complete
             assert len(shown.strip().splitlines()) <= 14, shown  # it was 30-45 lines through frame.py and plan.py
-            for internal in ("plan.py", "channel.py", "frame.py", "__create_fn__", "<genexpr>"):
+            for internal in (
+                "plan.py",
+                "schema.py",
+                "channel.py",
+                "frame.py",
+                "frame_base.py",
+                "__create_fn__",
+                "<genexpr>",
+            ):
                 assert internal not in shown, (code, internal)
             # nothing is lost: %mesatee traceback shows the frames that were cut
             ip.run_line_magic("mesatee", "traceback")
             full = capsys.readouterr().out
             assert "mesatee_notebook's own frames included" in full and code in full
-            assert "frame.py" in full and origin in full and message in full
+            assert "remote/frame" in full and origin in full and message in full  # remote/frame*.py
             assert "_public.py" not in full and "IPython" not in full
         # the error is the same class, and plain Python (no IPython) sees the same short trace
         with pytest.raises(mn.PolicyViolation) as info:
