@@ -360,6 +360,20 @@ class Sandbox:
                     raise SandboxUnavailable(msg, missing=["a data directory outside the sandbox's view"])
         return out
 
+    def _bind_args(self, paths: list[str], made: set[str]) -> list[str]:
+        """Read-only binds (symlinks as symlinks), with the directories leading to them made first."""
+        a: list[str] = []
+        for p in paths:
+            for anc in _ancestors(p):
+                if anc not in made and not any(_inside(anc, b) for b in self.binds if b != anc):
+                    a += ["--perms", "0755", "--dir", anc]
+                    made.add(anc)
+            if os.path.islink(p):
+                a += ["--symlink", os.readlink(p), p]
+            else:
+                a += ["--ro-bind", p, p]
+        return a
+
     def _args(self, service: bool, uid: int | None) -> list[str]:
         lim = self.limits
         a = [
@@ -373,21 +387,18 @@ class Sandbox:
             "--tmpfs",
             "/",
         ]
+        # bwrap mounts in order: what lies under /tmp or /dev/shm (a venv or checkout in /tmp) is bound after the
+        # private tmpfs mounts there, or they would hide it.
+        private = ("/tmp", "/dev/shm")
+        under = [p for p in self.binds if any(_inside(p, t) and p != t for t in private)]
         made: set[str] = set()
-        for p in self.binds:
-            for anc in _ancestors(p):
-                if anc not in made and not any(_inside(anc, b) for b in self.binds if b != anc):
-                    a += ["--perms", "0755", "--dir", anc]
-                    made.add(anc)
-            if os.path.islink(p):
-                a += ["--symlink", os.readlink(p), p]
-            else:
-                a += ["--ro-bind", p, p]
+        a += self._bind_args([p for p in self.binds if p not in under], made)
         a += ["--proc", "/proc", "--dev", "/dev"]
         a += ["--perms", "1777", "--size", str(lim.tmp_size), "--tmpfs", "/tmp"]
         # A service worker spools its (trusted) outputs there: give it room up to its memory limit.
         shm = max(lim.shm_size, lim.service_memory or 0) if service else lim.shm_size
         a += ["--perms", "1777", "--size", str(shm), "--tmpfs", "/dev/shm"]
+        a += self._bind_args(under, {*made, *private})
         if self.untrusted_dir is not None and not service:
             for anc in _ancestors(str(self.untrusted_dir)):
                 if not any(_inside(anc, b) for b in self.binds):

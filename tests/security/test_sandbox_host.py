@@ -117,3 +117,37 @@ def test_policy_files_know_require_sandbox(tmp_path: Path) -> None:
     f.write_text("require_sandbox = false\nplatform_roots = []\n")
     assert mn.Policy.from_toml(f).require_sandbox is False
     assert mn.Policy().require_sandbox is True
+
+
+def test_binds_under_tmp_are_mounted_after_the_private_tmp() -> None:
+    from mesatee_notebook.enclave.sandbox import Sandbox
+
+    sb = Sandbox(binds=["/usr", "/tmp/checkout/.venv", "/dev/shm/env"])
+    args = sb._args(service=False, uid=None)
+    tmp_fs = args.index("/tmp", args.index("--tmpfs", args.index("--tmpfs") + 1))  # the second --tmpfs: /tmp
+    shm_fs = args.index("/dev/shm", tmp_fs)
+    bind_venv = args.index("/tmp/checkout/.venv")
+    bind_shm = args.index("/dev/shm/env")
+    assert args[bind_venv - 1] == "--ro-bind" and bind_venv > tmp_fs and bind_shm > shm_fs
+    assert args.index("/tmp/checkout") > tmp_fs  # the directory leading to it is made inside the private /tmp
+    assert args.index("/usr") < tmp_fs
+
+
+@pytest.mark.slow
+def test_a_package_installed_under_tmp_still_runs_sandboxed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkout or venv under /tmp (the sandbox mounts its own /tmp) is still what the sandbox imports."""
+    import shutil
+
+    src = tmp_path / "src"  # pytest's tmp_path is under /tmp
+    shutil.copytree(Path(mn.__file__).parent, src / "mesatee_notebook", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setenv("PYTHONPATH", f"{src}{os.pathsep}{Path(__file__).resolve().parents[2]}")
+    k = start_kernel(tmp_path / "data")
+    try:
+        s = mn.connect(k.url, policy=mn.Policy(platform_roots=[k.fingerprint], measurements=[k.measurement]))
+        try:
+            r = s.run("import mesatee_notebook, os\nos.path.dirname(mesatee_notebook.__file__)")
+        finally:
+            s.close()
+        assert r.value == str(src / "mesatee_notebook")  # the copy under /tmp, seen inside the sandbox
+    finally:
+        stop_kernel(k)
