@@ -38,7 +38,7 @@ LIMITS = (
     "--max-file-size",
     "32M",
     "--cell-cpu",
-    "3",
+    "8",  # a walk of the whole visible tree (the isolation test) takes ~2-3 CPU-s with every extra installed
 )
 
 
