@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "MEASURED_MODULES",
     "MEASURED_SUBPACKAGES",
     "UNSAFE_COMPONENTS",
     "build_manifest",
@@ -32,7 +33,11 @@ __all__ = [
     "measurement_of",
 ]
 
-MEASURED_SUBPACKAGES = ("attestation", "enclave", "ml", "wire")
+MEASURED_SUBPACKAGES = ("attestation", "enclave", "ml", "wire", "remote")
+#: Top-level modules the kernel and its executors import (``python -m mesatee_notebook.cli``, the package's
+#: ``__init__``, the error tree, the transports): measured like the subpackages, or code the kernel runs would not be
+#: in its measurement. ``remote/`` is measured for the same reason: the package's ``__init__`` imports it.
+MEASURED_MODULES = ("__init__.py", "cli.py", "errors.py", "transports.py")
 #: (import name, distribution names to try for the version)
 UNSAFE_COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("numpy", ("numpy",)),
@@ -89,6 +94,10 @@ def _measured_files(root: Path) -> list[list[str]]:
             if not path.is_file() or "__pycache__" in path.parts or path.suffix in (".pyc", ".pyo"):
                 continue
             out.append([path.relative_to(root).as_posix(), _digest(path)])
+    for name in MEASURED_MODULES:
+        path = root / name
+        if path.is_file():
+            out.append([name, _digest(path)])
     return out
 
 
