@@ -33,10 +33,11 @@ __all__ = [
     "measurement_of",
 ]
 
-MEASURED_SUBPACKAGES = ("attestation", "enclave", "ml", "wire", "remote")
+MEASURED_SUBPACKAGES = ("attestation", "enclave", "ml", "wire")
 #: Top-level modules the kernel and its executors import (``python -m mesatee_notebook.cli``, the package's
 #: ``__init__``, the error tree, the transports): measured like the subpackages, or code the kernel runs would not be
-#: in its measurement. ``remote/`` is measured for the same reason: the package's ``__init__`` imports it.
+#: in its measurement. ``remote/`` (the client) is not measured: the package's ``__init__`` imports nothing until first
+#: use, and no kernel module imports the client (tests/core/test_public_api.py checks both).
 MEASURED_MODULES = ("__init__.py", "cli.py", "errors.py", "transports.py")
 #: (import name, distribution names to try for the version)
 UNSAFE_COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (

@@ -79,6 +79,32 @@ def test_client_code_never_imports_enclave_or_engines():
             assert not bad, f"{path.relative_to(PKG)} imports {bad}"
 
 
+def test_kernel_code_never_imports_the_client():
+    """The kernel runs attestation/, enclave/, ml/, wire/ and the top-level modules: the measured code. It never imports
+    ``remote/`` (client code, not measured): statically, and in a fresh interpreter that imports every kernel entry."""
+    for sub in ("attestation", "enclave", "ml", "wire"):
+        for path in (PKG / sub).rglob("*.py"):
+            bad = {m for m in _imports(path) if m.startswith(("mesatee_notebook.remote", "mesatee_notebook.magics"))}
+            assert not bad, f"{path.relative_to(PKG)} imports {bad}"
+    entries = [
+        "mesatee_notebook.cli",
+        "mesatee_notebook.enclave.supervisor",
+        "mesatee_notebook.enclave.executor",
+        "mesatee_notebook.enclave.cell_executor",
+        "mesatee_notebook.enclave.service_worker",
+        "mesatee_notebook.enclave.faas_exec",
+        "mesatee_notebook.enclave.sandbox",
+        "mesatee_notebook.enclave.cluster.node",
+    ]
+    code = (
+        "import importlib, sys\n"
+        f"for m in {entries!r}: importlib.import_module(m)\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('mesatee_notebook.remote', 'mesatee_notebook.magics'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_pure_layers_open_no_sockets_or_processes():
     for sub in ("attestation", "wire"):
         for path in (PKG / sub).rglob("*.py"):
