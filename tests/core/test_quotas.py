@@ -45,12 +45,26 @@ def executors(kernel: KernelProc) -> int:
     return len(psutil.Process(kernel.proc.pid).children())
 
 
+def settled_executors(kernel: KernelProc, *, quiet_s: float = 1.5, limit_s: float = 30.0) -> int:
+    """The kernel's child count once it has not changed for ``quiet_s`` (spares refill in the background)."""
+    deadline = time.monotonic() + limit_s
+    last, since = executors(kernel), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = executors(kernel)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            break
+    return last
+
+
 def test_session_flood_from_one_party_is_refused(tight: KernelProc) -> None:
     first = mn.connect(tight.url, policy=tight.policy())
     extra: list[Session] = []
     try:
         extra = [Session(first._channel, name=f"s{i}", party_id=first.party_id) for i in range(2)]
-        before = executors(tight)
+        before = settled_executors(tight)
         with pytest.raises(QuotaExceeded) as info:
             for i in range(20):
                 extra.append(Session(first._channel, name=f"flood{i}", party_id=first.party_id))
