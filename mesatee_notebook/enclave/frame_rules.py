@@ -22,7 +22,18 @@ from mesatee_notebook.errors import (
     PolicyViolation,
 )
 from mesatee_notebook.wire.datapolicy import DP, DataPolicy
-from mesatee_notebook.wire.ops import Describe, Distinct, FrameReduce, GroupByAgg, GroupMap, Merge, Op, Reduce, Window
+from mesatee_notebook.wire.ops import (
+    Describe,
+    Distinct,
+    FrameReduce,
+    GroupByAgg,
+    GroupMap,
+    GroupWindow,
+    Merge,
+    Op,
+    Reduce,
+    Window,
+)
 from mesatee_notebook.wire.plan import (
     QUANTILE_FUNCS,
     ROW_REVEALING_FUNCS,
@@ -74,8 +85,14 @@ def _row_revealing(node: Op) -> str | None:
     """The name of what ``node`` does if it reveals single records (or where they are), else None."""
     if isinstance(node, (Window, Distinct)) and node.op in ROW_REVEALING_OPS:
         return node.func
-    if isinstance(node, Reduce) and node.func in ROW_REVEALING_FUNCS:
+    if isinstance(node, GroupWindow):  # a window within each group
+        return f"groupby().{node.func}"
+    if isinstance(node, (Reduce, FrameReduce)) and node.func in ROW_REVEALING_FUNCS:
         return node.func
+    if isinstance(node, GroupByAgg):  # idxmax/idxmin per group: where a record is
+        found = [f for _, _, f in node.aggs if f in ROW_REVEALING_FUNCS]
+        if found:
+            return f"groupby().{found[0]}"
     if isinstance(node, GroupMap):  # a row's rank in its group, or its group's value on every row
         return f"groupby().{'cumcount' if node.func.startswith('cumcount') else 'transform'}"
     return None
@@ -113,6 +130,7 @@ _DP_UNSUPPORTED = {
     "slice": "loc[a:b]/iloc[a:b]",
     "sample": "sample()",
     "melt": "melt()",  # one record becomes several rows: more than one contribution
+    "corr_matrix": "a frame-level corr()/cov() (no DP mechanism for correlations)",
 }
 
 

@@ -46,6 +46,7 @@ from mesatee_notebook.remote.frame_groupby import (
     SecureGroupBy,
     _GroupSpec,
 )
+from mesatee_notebook.remote.frame_more import _FrameMore
 from mesatee_notebook.remote.frame_series import SecureSeries
 from mesatee_notebook.wire.ops import (
     Assign,
@@ -135,8 +136,8 @@ def cut(x: SecureSeries, bins: Sequence[float], labels: Sequence[str] | bool | N
 
 
 @public_methods
-class SecureDataFrame(_Rows):
-    """A lazy, pandas-like DataFrame whose data stays in the enclave."""
+class SecureDataFrame(_FrameMore, _Rows):
+    """A lazy, pandas-like DataFrame whose data stays in the enclave (more methods: ``frame_more._FrameMore``)."""
 
     __slots__ = ()
     _what = "DataFrame"

@@ -170,6 +170,9 @@ class _Lazy:
         value = _restore_missing(value, self.schema)
         if self._post is not None and not isinstance(value, DPResult):  # a DP release keeps its own shape
             value = self._post(value)
+        elif isinstance(value, DPResult) and getattr(self._post, "dp_shape", False):  # a reshape: post-processing
+            assert self._post is not None
+            value = DPResult(self._post(value.value), self._post(value.accuracy), value.meta, value.receipt)
         return value, receipt
 
     def collect(self, *, epsilon: float | None = None, delta: float | None = None) -> Any:
@@ -421,13 +424,10 @@ NOT_SUPPORTED: dict[str, str] = {
         "groupby(...) (as_index=True) or set the index locally after collect()"
     ),
     "join": ("join() aligns on the index, which for remote rows is a storage position; use merge(on=...) instead"),
-    "pivot_table": (
-        "pivot_table() is not available yet; use groupby([index, columns]).agg(...) and unstack() the collected "
-        "result locally"
+    "pivot": (
+        "pivot() is not available: each of its cells is one record's value; use pivot_table(index=, columns=, "
+        "values=, aggfunc=), an aggregate released under the group rules"
     ),
-    "pivot": "pivot() is not available yet; use groupby([index, columns]).agg(...) and unstack() locally",
-    "corr": "frame-level corr() is not available yet; use frame[a].corr(frame[b]) for each pair",
-    "cov": "frame-level cov() is not available yet; use frame[a].cov(frame[b]) for each pair",
     "to_csv": "to_csv() needs the data; collect() first",
     "to_parquet": "to_parquet() needs the data; collect() first",
 }

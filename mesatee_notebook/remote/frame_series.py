@@ -27,6 +27,7 @@ from mesatee_notebook.remote.frame_base import (
     _sample,
     _window_fn,
 )
+from mesatee_notebook.remote.frame_more import _SeriesMore
 from mesatee_notebook.wire.ops import (
     AsType,
     Binary,
@@ -62,8 +63,8 @@ if TYPE_CHECKING:
 
 
 @public_methods
-class SecureSeries(_Rows):
-    """A lazy remote column or column expression."""
+class SecureSeries(_SeriesMore, _Rows):
+    """A lazy remote column or column expression (more methods: ``frame_more._SeriesMore``)."""
 
     __slots__ = ()
     _what = "series"

@@ -1,0 +1,77 @@
+"""The enclave's visitors for the ops of :mod:`mesatee_notebook.wire.ops.reshape` (a mixin of ``frame_eval._Run``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+import pandas as pd
+
+from mesatee_notebook.enclave.frame_values import (
+    Cells,
+    _counts,
+    _FrameV,
+    _membership,
+    _Origin,
+    _positions,
+    _SeriesV,
+    _Value,
+)
+from mesatee_notebook.wire.ops import CorrMatrix, GroupWindow, SortIndex
+
+
+def _group_window(gb: Any, func: str, args: tuple[Any, ...]) -> pd.Series:
+    """One window function within each group of a selected column (pandas' own GroupBy method)."""
+    if func == "rank":
+        out: pd.Series = gb.rank(method=args[0], ascending=args[1])
+    elif func in ("shift", "diff", "pct_change"):
+        out = getattr(gb, func)(args[0])
+    else:
+        out = getattr(gb, func)()
+    return out
+
+
+class _ReshapeVisitors:
+    """``visit_SortIndex``, ``visit_GroupWindow`` and ``visit_CorrMatrix``."""
+
+    n_src: dict[str, int]
+
+    if TYPE_CHECKING:
+
+        def _get(self, ref: Any) -> _Value: ...
+        def _frame(self, ref: Any) -> _FrameV: ...
+        def _rows(self, v: _Value) -> _FrameV | _SeriesV: ...
+        def _like(self, v: _FrameV | _SeriesV, data: pd.DataFrame | pd.Series) -> _FrameV | _SeriesV: ...
+        @staticmethod
+        def _data(v: _FrameV | _SeriesV) -> pd.DataFrame | pd.Series: ...
+
+    def visit_SortIndex(self, nid: str, node: SortIndex) -> _Value:
+        v = self._rows(self._get(node.input))
+        return self._like(v, self._data(v).sort_index(ascending=node.ascending, kind="stable"))
+
+    def visit_GroupWindow(self, nid: str, node: GroupWindow) -> _Value:
+        v = self._frame(node.input)
+        gb = v.df.groupby(list(node.by), sort=False, dropna=node.dropna)[node.column]
+        return _SeriesV(_group_window(gb, node.func, tuple(node.args_)), v.origin)
+
+    def visit_CorrMatrix(self, nid: str, node: CorrMatrix) -> _Value:
+        """Every entry needs enough rows where both of its columns are present; a column's cell count is its least."""
+        v = self._frame(node.input)
+        df = v.df
+        value = df.cov() if node.method == "cov" else df.corr(method=cast("Any", node.method))
+        origin = _Origin("summary", 1)
+        if not (v.origin.rows or v.origin.members):
+            return _FrameV(value, origin)
+        pos = _positions(df.index)
+        zeros = np.zeros(len(pos), dtype=np.int64)
+        origin.members = _membership(v.origin, pos, zeros, None, self.n_src)
+        origin.dup = dict(v.origin.dup)
+        present = {str(c): df[c].notna().to_numpy() for c in df.columns}
+        cells: dict[str, Cells] = {}
+        for c, here in present.items():
+            least: Cells | None = None
+            for other in present.values():
+                pair = _counts(_membership(v.origin, pos, zeros, here & other, self.n_src), 1)
+                least = pair if least is None else {ds: np.minimum(least[ds], pair[ds]) for ds in pair}
+            cells[c] = least or {}
+        return _FrameV(value, origin, cells)
