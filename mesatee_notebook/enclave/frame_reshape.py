@@ -55,23 +55,30 @@ class _ReshapeVisitors:
         return _SeriesV(_group_window(gb, node.func, tuple(node.args_)), v.origin)
 
     def visit_CorrMatrix(self, nid: str, node: CorrMatrix) -> _Value:
-        """Every entry needs enough rows where both of its columns are present; a column's cell count is its least."""
+        """Row i of the matrix is a "group" of every row; entry (i, c) counts the rows where both i and c are present.
+
+        So the group rules suppress (or refuse) exactly the entries computed from too few rows.
+        """
         v = self._frame(node.input)
         df = v.df
         value = df.cov() if node.method == "cov" else df.corr(method=cast("Any", node.method))
-        origin = _Origin("summary", 1)
         if not (v.origin.rows or v.origin.members):
-            return _FrameV(value, origin)
+            return _FrameV(value, _Origin("summary", 1))
+        k = len(value.columns)
+        origin = _Origin("groups", k, keys=value.index)
         pos = _positions(df.index)
         zeros = np.zeros(len(pos), dtype=np.int64)
-        origin.members = _membership(v.origin, pos, zeros, None, self.n_src)
+        every = _membership(v.origin, pos, zeros, None, self.n_src)
+        origin.members = {
+            ds: (np.concatenate([g + i for i in range(k)]), np.tile(s, k)) for ds, (g, s) in every.items()
+        }
+        origin.sizes = _counts(origin.members, k)
         origin.dup = dict(v.origin.dup)
-        present = {str(c): df[c].notna().to_numpy() for c in df.columns}
+        present = [df[c].notna().to_numpy() for c in df.columns]
         cells: dict[str, Cells] = {}
-        for c, here in present.items():
-            least: Cells | None = None
-            for other in present.values():
-                pair = _counts(_membership(v.origin, pos, zeros, here & other, self.n_src), 1)
-                least = pair if least is None else {ds: np.minimum(least[ds], pair[ds]) for ds in pair}
-            cells[c] = least or {}
-        return _FrameV(value, origin, cells)
+        for j, c in enumerate(df.columns):
+            pairs = [
+                _counts(_membership(v.origin, pos, zeros, present[i] & present[j], self.n_src), 1) for i in range(k)
+            ]
+            cells[str(c)] = {ds: np.concatenate([p[ds] for p in pairs]) for ds in every}
+        return _FrameV(value.set_axis(pd.RangeIndex(k), axis=0), origin, cells)

@@ -238,16 +238,16 @@ class SecureGroupBy:
     def value_counts(
         self, normalize: bool = False, sort: bool = True, ascending: bool = False, dropna: bool = True
     ) -> SecureSeries:
-        """Count each value of the selected column within each group (an aggregate, like ``size()``)."""
+        """Count each value (or combination of the other columns' values) within each group, like ``size()``."""
         g = self._node
-        if not isinstance(g.selection, str):
-            msg = "groupby().value_counts() is supported on one selected column, e.g. gb['x'].value_counts()"
+        cols = self._targets()
+        if not cols:
+            msg = "groupby().value_counts() needs a column besides the keys"
             raise FrameUsageError(msg)
         if dropna != g.dropna:
             msg = "groupby().value_counts(dropna=...) must match groupby(dropna=...) here"
             raise FrameUsageError(msg)
-        col = g.selection
-        node = GroupByAgg(g.frame._node, (*g.by, col), (("count", col, "size"),), True, g.dropna, True)
+        node = GroupByAgg(g.frame._node, (*g.by, *cols), (("count", cols[0], "size"),), True, g.dropna, True)
         levels = list(range(len(g.by)))
 
         def post(value: Any) -> Any:  # pandas' order and shape, computed locally from the released counts

@@ -173,7 +173,8 @@ def _map_dict(func: str, vals: tuple[Any, ...], inp: Schema, dt: str, kind: str)
         return with_dtype(inp, value_dtype(new, None, func) if len(new) else "float64")
     if kind in ("category", "other"):
         fail(f"replace() is not supported for dtype {dt}")
-    return with_dtype(inp, value_dtype(new, dt, func) if any(literal_fits(o, dt) for o in old) else dt)
+    kept = [n for o, n in zip(old, new, strict=True) if literal_fits(o, dt)]  # an old that cannot occur: no change
+    return with_dtype(inp, value_dtype(kept, dt, func) if kept else dt)
 
 
 def _map_cut(func: str, vals: tuple[Any, ...], inp: Schema, dt: str, kind: str) -> Schema:
