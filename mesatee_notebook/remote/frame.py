@@ -21,7 +21,6 @@ from mesatee_notebook.errors import FrameNotSupported, FrameUsageError
 from mesatee_notebook.remote._public import public_methods
 from mesatee_notebook.remote.frame_accessors import _Indexer
 from mesatee_notebook.remote.frame_base import (
-    NOT_SUPPORTED,
     FrameBackend,
     Node,
     Operand,
@@ -47,6 +46,7 @@ from mesatee_notebook.remote.frame_groupby import (
     _GroupSpec,
 )
 from mesatee_notebook.remote.frame_more import _FrameMore
+from mesatee_notebook.remote.frame_refusals import NOT_SUPPORTED
 from mesatee_notebook.remote.frame_series import SecureSeries
 from mesatee_notebook.wire.ops import (
     Assign,

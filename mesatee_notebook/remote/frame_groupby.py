@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 from mesatee_notebook.errors import FrameNotSupported, FrameUsageError
 from mesatee_notebook.remote._public import public_methods
 from mesatee_notebook.remote.frame_base import (
-    _CALLABLE_HINT,
     FrameBackend,
     _as_strs,
     _group_agg,
     _literals,
     _quantile_func,
 )
+from mesatee_notebook.remote.frame_refusals import _CALLABLE_HINT
 from mesatee_notebook.remote.frame_series import SecureSeries
 from mesatee_notebook.wire.ops import GROUP_MAP_FUNCS, GroupByAgg, GroupMap, GroupWindow
 from mesatee_notebook.wire.plan import AGG_FUNCS, dtype_kind

@@ -19,12 +19,12 @@ import pandas as pd
 from mesatee_notebook.errors import FrameNotSupported, FrameUsageError
 from mesatee_notebook.remote._public import public_methods
 from mesatee_notebook.remote.frame_base import (
-    _CALLABLE_HINT,
     _as_strs,
     _frame_reduction,
     _quantile_func,
     _reduction,
 )
+from mesatee_notebook.remote.frame_refusals import _CALLABLE_HINT
 from mesatee_notebook.wire.ops import CorrMatrix, FrameReduce, GroupByAgg, GroupMap, Op, SortIndex
 from mesatee_notebook.wire.schema import MOVING_FUNCS, Schema, dtype_kind
 

@@ -9,7 +9,8 @@ from typing import Any
 import pandas as pd
 
 from mesatee_notebook.errors import FrameNotSupported, FrameUsageError
-from mesatee_notebook.remote.frame_base import _CALLABLE_HINT, _as_strs
+from mesatee_notebook.remote.frame_base import _as_strs
+from mesatee_notebook.remote.frame_refusals import _CALLABLE_HINT
 
 
 def pivot_aggs(

@@ -11,7 +11,6 @@ import numpy as np
 from mesatee_notebook.errors import FrameNotSupported, FrameUsageError
 from mesatee_notebook.remote._public import public_methods
 from mesatee_notebook.remote.frame_base import (
-    NOT_SUPPORTED,
     SecureArray,
     SecureScalar,
     _Lazy,
@@ -28,6 +27,7 @@ from mesatee_notebook.remote.frame_base import (
     _window_fn,
 )
 from mesatee_notebook.remote.frame_more import _SeriesMore
+from mesatee_notebook.remote.frame_refusals import NOT_SUPPORTED
 from mesatee_notebook.wire.ops import (
     AsType,
     Binary,
