@@ -14,10 +14,11 @@ from mesatee_notebook.enclave.frame_values import (
     _membership,
     _Origin,
     _positions,
+    _rows_origin,
     _SeriesV,
     _Value,
 )
-from mesatee_notebook.wire.ops import CorrMatrix, GroupWindow, SortIndex
+from mesatee_notebook.wire.ops import CorrMatrix, GroupWindow, ModeFrame, SortIndex
 
 
 def _group_window(gb: Any, func: str, args: tuple[Any, ...]) -> pd.Series:
@@ -82,3 +83,9 @@ class _ReshapeVisitors:
             ]
             cells[str(c)] = {ds: np.concatenate([p[ds] for p in pairs]) for ds in every}
         return _FrameV(value.set_axis(pd.RangeIndex(k), axis=0), origin, cells)
+
+    def visit_ModeFrame(self, nid: str, node: ModeFrame) -> _Value:
+        """Each cell is some record's value, a different one per column: the rows count as no source row."""
+        v = self._frame(node.input)
+        out = v.df.mode(dropna=node.dropna)
+        return _FrameV(out, _rows_origin(len(out), ((v.origin, np.full(len(out), -1, dtype=np.int64)),)))

@@ -25,7 +25,7 @@ from mesatee_notebook.remote.frame_base import (
     _reduction,
 )
 from mesatee_notebook.remote.frame_refusals import _CALLABLE_HINT
-from mesatee_notebook.wire.ops import CorrMatrix, FrameReduce, GroupByAgg, GroupMap, Op, SortIndex
+from mesatee_notebook.wire.ops import CorrMatrix, FrameReduce, GroupByAgg, GroupMap, ModeFrame, Op, SortIndex
 from mesatee_notebook.wire.schema import MOVING_FUNCS, Schema, dtype_kind
 
 if TYPE_CHECKING:
@@ -328,6 +328,12 @@ class _FrameMore:
     def mask(self: _FrameLike, cond: Any, other: Any = np.nan, axis: Any = None) -> SecureDataFrame:
         """Replace values by ``other`` where ``cond`` holds."""
         return self._each_name(lambda c: self[c].mask(_where_cond(self, cond, c, axis), other))
+
+    def mode(self: _FrameLike, numeric_only: bool = False, dropna: bool = True) -> SecureDataFrame:
+        """The most common value(s) of each visible column, padded with missing values (row-revealing)."""
+        kinds = ("int", "float", "bool")
+        cols = [c for c in self._visible() if not numeric_only or dtype_kind(self.schema.dtype(c)) in kinds]
+        return _frame(ModeFrame(self[cols]._node, bool(dropna)), self._ctx)
 
     idxmax = _frame_reduction("idxmax", "Row label of each column's maximum (where a record is: needs allow_rows).")
     idxmin = _frame_reduction("idxmin", "Row label of each column's minimum (needs allow_rows).")

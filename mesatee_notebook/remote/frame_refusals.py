@@ -44,7 +44,6 @@ NOT_SUPPORTED: dict[str, str] = {
         "reshaping a remote value is not available; collect() the aggregate and reshape it locally (or use "
         "pivot_table())",
     ),
-    "mode": "frame-level mode() is not available yet; use frame[column].mode() for each column",
     "explode": "explode() needs list-valued columns, which remote frames do not hold",
     "insert": "insert() changes a frame in place; remote values are immutable: use assign(...)",
     **dict.fromkeys(

@@ -75,7 +75,7 @@ DTYPES = frozenset(
 )  # fmt: skip
 #: Ops whose result reveals single records (or where they are) whatever follows them: refused for
 #: analysts of a dataset whose owner does not allow rows, and never evaluated in the DP mode.
-ROW_REVEALING_OPS = frozenset({"window", "distinct", "group_window"})
+ROW_REVEALING_OPS = frozenset({"window", "distinct", "group_window", "mode_frame"})
 ROW_REVEALING_FUNCS = frozenset({"idxmax", "idxmin"})
 
 

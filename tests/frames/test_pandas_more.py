@@ -180,6 +180,18 @@ def test_multi_column_groupby_value_counts_equal_pandas(seed: int, by: Any, cols
     pd.testing.assert_frame_equal(_canonical(got), _canonical(want))  # equal counts may be in another order
 
 
+@pytest.mark.parametrize("party", [OWNER, ANALYST])
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 40))
+def test_frame_mode_equals_pandas(party: str, seed: int, n: int) -> None:
+    df = rich_frame(seed, n)
+    sdf = World({"d": (df, OPEN, OWNER)}).frame("d", party)
+    for fn in (lambda d: d.mode(), lambda d: d[["a", "g"]].mode(), lambda d: d.mode(numeric_only=True),
+               lambda d: d[["x", "flag"]].mode(dropna=False)):  # fmt: skip
+        # (the dtype of a padded int column is float64 in pandas, predicted as int64: compare the values)
+        same(fn(df), fn(sdf).collect())
+
+
 def test_info_prints_the_schema_and_the_released_counts() -> None:
     df = rich_frame(3, 50)
     world = World({"d": (df, OPEN, OWNER)})
@@ -217,6 +229,7 @@ ROW_REVEALING: list[Case] = [
     ("expanding", lambda d: d.income.expanding().max().mean()),
     ("pct_change", lambda d: d.weight.pct_change().mean()),
     ("interpolate", lambda d: d.weight.interpolate().sum()),
+    ("frame_mode", lambda d: d[["age", "region"]].mode().age.count()),
 ]
 
 
@@ -320,6 +333,7 @@ def dp() -> World:
         (lambda d: d.age.rolling(5).mean().sum(), r"rolling\(\) is not available in DP mode"),
         (lambda d: d.duplicated(subset=["age"]).sum(), r"cumcount\(\) is not available in DP mode"),
         (lambda d: d.sort_values("age").sort_index(), "row-level results are never released"),
+        (lambda d: d[["age"]].mode().age.count(), r"mode\(\) is not available in DP mode"),
     ],
 )
 def test_dp_mode_refuses_what_it_cannot_noise(dp: World, fn: Callable[[Any], Any], match: str) -> None:

@@ -21,7 +21,7 @@ from mesatee_notebook.wire.ops.aggregates import (
     Reduce,
     ValueCounts,
 )
-from mesatee_notebook.wire.ops.reshape import GROUP_WINDOW_FUNCS, CorrMatrix, GroupWindow, SortIndex
+from mesatee_notebook.wire.ops.reshape import GROUP_WINDOW_FUNCS, CorrMatrix, GroupWindow, ModeFrame, SortIndex
 from mesatee_notebook.wire.ops.rows import (
     Assign,
     AsType,
@@ -88,6 +88,7 @@ __all__ = [
     "Map",
     "Melt",
     "Merge",
+    "ModeFrame",
     "Op",
     "Reduce",
     "Rename",

@@ -94,3 +94,22 @@ class CorrMatrix(Op):
                 fail(f"{what}() needs numeric columns; {c!r} is {d} (pass numeric_only=True)")
         cols = tuple((c, "float64") for c, _ in inp.columns)
         return Schema("frame", cols, "summary", ctx.token, inp.datasets, frozenset(), inp.hidden_join, inp.names)
+
+
+@op("mode_frame")
+@dataclass(frozen=True, slots=True, eq=False)
+class ModeFrame(Op):
+    """``DataFrame.mode()``: the most common value(s) of each column, padded with missing values (row-revealing)."""
+
+    input: Any = field(metadata=arg("node"))
+    dropna: bool = field(metadata=arg("bool"))
+
+    def infer(self, ctx: InferCtx) -> Schema:
+        inp = ctx.schema_of(self.input)
+        need(inp, ("frame",), "mode")
+        if inp.level != "rows":
+            fail("mode() of an aggregate is not supported; collect the aggregate and apply it locally")
+        for c, _ in inp.columns:
+            if c in inp.hidden:
+                ref_col(inp, str(c), "mode")
+        return Schema("frame", inp.columns, "rows", ctx.token, inp.datasets, frozenset(), inp.hidden_join)
