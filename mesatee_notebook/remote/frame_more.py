@@ -407,8 +407,8 @@ class _FrameMore:
         counts: pd.Series | None = None
         rows: int | None = None
         if show_counts is not False:
+            counts = self.count().collect()  # first: refused in the DP mode before len() spends any budget
             rows = len(self)
-            counts = self.count().collect()
         out = buf if buf is not None else sys.stdout
         out.write(info_text(self, rows, counts))
 

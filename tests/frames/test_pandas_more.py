@@ -92,8 +92,10 @@ FRAMES: list[Case] = [
 ]
 
 GROUPS: list[Case] = [
-    *[(f"gb_{f}", lambda d, f=f: getattr(d.groupby("a")["x"], f)()) for f in
-      ("cumsum", "cumprod", "cummax", "cummin", "ffill", "bfill")],  # fmt: skip
+    *[
+        (f"gb_{f}", lambda d, f=f: getattr(d.groupby("a")["x"], f)())
+        for f in ("cumsum", "cumprod", "cummax", "cummin", "ffill", "bfill")
+    ],  # fmt: skip
     ("gb_cumsum_frame", lambda d: d.groupby("g")[["x", "y"]].cumsum()),
     ("gb_shift", lambda d: d.groupby("g")["y"].shift(2)),
     ("gb_shift_frame", lambda d: d.groupby(["g", "flag"])[["a", "s"]].shift()),
@@ -140,8 +142,10 @@ PIVOTS: list[Case] = [
     ("values_str", lambda d: d.pivot_table(values="x", index="a", columns="g")),
     ("values_list_sum", lambda d: d.pivot_table(values=["x", "y"], index="g", columns="flag", aggfunc="sum")),
     ("no_columns", lambda d: d.pivot_table(values="y", index=["a", "flag"], aggfunc="count")),
-    ("two_columns_fill", lambda d: d.pivot_table(values="y", index="g", columns=["a", "flag"], aggfunc="max",
-                                                 fill_value=0)),  # fmt: skip
+    (
+        "two_columns_fill",
+        lambda d: d.pivot_table(values="y", index="g", columns=["a", "flag"], aggfunc="max", fill_value=0),
+    ),  # fmt: skip
     ("keep_na", lambda d: d.pivot_table(index="g", columns="flag", values="x", dropna=False)),
     ("dict_aggfunc", lambda d: d.pivot_table(index="g", aggfunc={"x": "mean", "y": "sum"})),
     ("default_values", lambda d: d[["a", "g", "x", "y"]].pivot_table(index="a", columns="g")),
@@ -230,6 +234,9 @@ ROW_REVEALING: list[Case] = [
     ("pct_change", lambda d: d.weight.pct_change().mean()),
     ("interpolate", lambda d: d.weight.interpolate().sum()),
     ("frame_mode", lambda d: d[["age", "region"]].mode().age.count()),
+    ("frame_shift", lambda d: d[["age", "weight"]].shift().sum()),
+    ("frame_rank", lambda d: d[["age", "weight"]].rank().mean()),
+    ("frame_diff", lambda d: d[["age", "weight"]].diff(2).count()),
 ]
 
 
@@ -254,6 +261,44 @@ def test_row_revealing_calls_are_refused_without_allow_rows(closed: World, name:
 def test_row_level_results_are_refused_without_allow_rows(closed: World, fn: Callable[[Any], Any]) -> None:
     with pytest.raises(PolicyViolation, match="allow_rows"):
         collect(fn(closed.frame("patients", ANALYST)))
+
+
+def test_elementwise_frame_calls_are_row_level_but_aggregate_freely(closed: World) -> None:
+    df = patients()
+    sdf = closed.frame("patients", ANALYST)
+    for fn in (lambda d: d[["age"]].replace(30, 31), lambda d: d[["age"]].where(d[["age"]].notna(), 0)):
+        with pytest.raises(PolicyViolation, match="allow_rows"):
+            collect(fn(sdf))
+    got = collect(sdf[["age", "weight"]].where(sdf.smoker, 0, axis=0).sum())
+    pd.testing.assert_series_equal(got, df[["age", "weight"]].where(df.smoker, 0, axis=0).sum())
+    got = collect(sdf[["age"]].replace({30: 300}).age.mean())
+    assert got == pytest.approx(df[["age"]].replace({30: 300}).age.mean())
+
+
+def test_series_groupby_is_released_under_the_group_rules() -> None:
+    df = patients(200)
+    df["rare"] = np.where(np.arange(200) < 4, "few", "many")
+    world = World({"p": (df, POLICY, OWNER)})
+    sdf = world.frame("p", ANALYST)
+    got = collect(sdf.income.groupby(sdf.region).mean())
+    pd.testing.assert_series_equal(got, df.income.groupby(df.region).mean())
+    got = collect(sdf.income.groupby(sdf.rare).sum())
+    assert list(got.index) == ["many"] and got["many"] == df.income[df.rare == "many"].sum()  # "few" suppressed
+    got = collect(sdf.groupby("region")[["rare", "smoker"]].value_counts())
+    want = df.groupby("region")[["rare", "smoker"]].value_counts()
+    assert "few" not in got.index.get_level_values("rare")
+    pd.testing.assert_series_equal(got.sort_index(), want[want >= 10].sort_index())
+
+
+def test_info_in_the_threshold_and_the_dp_mode(closed: World, dp: World) -> None:
+    buf = io.StringIO()
+    closed.frame("patients", ANALYST).info(buf=buf)
+    assert "400 entries" in buf.getvalue() and "ssn" in buf.getvalue() and "hidden" in buf.getvalue()
+    with pytest.raises(PolicyViolation, match="DP mode"):
+        dp.frame("patients", ANALYST).info(buf=io.StringIO())
+    quiet = io.StringIO()
+    dp.frame("patients", ANALYST).info(show_counts=False, buf=quiet)  # the schema only: nothing is queried
+    assert "age" in quiet.getvalue() and dp.evaluator.privacy_budget("patients", ANALYST)["queries"] == 0
 
 
 def test_frame_quantile_is_a_record_value(closed: World) -> None:
