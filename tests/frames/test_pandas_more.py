@@ -95,7 +95,7 @@ GROUPS: list[Case] = [
     *[
         (f"gb_{f}", lambda d, f=f: getattr(d.groupby("a")["x"], f)())
         for f in ("cumsum", "cumprod", "cummax", "cummin", "ffill", "bfill")
-    ],  # fmt: skip
+    ],
     ("gb_cumsum_frame", lambda d: d.groupby("g")[["x", "y"]].cumsum()),
     ("gb_shift", lambda d: d.groupby("g")["y"].shift(2)),
     ("gb_shift_frame", lambda d: d.groupby(["g", "flag"])[["a", "s"]].shift()),
@@ -145,7 +145,7 @@ PIVOTS: list[Case] = [
     (
         "two_columns_fill",
         lambda d: d.pivot_table(values="y", index="g", columns=["a", "flag"], aggfunc="max", fill_value=0),
-    ),  # fmt: skip
+    ),
     ("keep_na", lambda d: d.pivot_table(index="g", columns="flag", values="x", dropna=False)),
     ("dict_aggfunc", lambda d: d.pivot_table(index="g", aggfunc={"x": "mean", "y": "sum"})),
     ("default_values", lambda d: d[["a", "g", "x", "y"]].pivot_table(index="a", columns="g")),
