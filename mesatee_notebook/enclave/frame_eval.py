@@ -19,6 +19,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from mesatee_notebook.enclave.frame_funcs import _map_series, _window_series
+from mesatee_notebook.enclave.frame_reshape import _ReshapeVisitors
 from mesatee_notebook.enclave.frame_values import (
     _BINARY,
     _LPOS,
@@ -93,8 +94,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-class _Run:
-    """One evaluation: visits the plan's nodes in order and keeps their values."""
+class _Run(_ReshapeVisitors):
+    """One evaluation: visits the plan's nodes in order and keeps their values (more visitors: the mixin)."""
 
     def __init__(
         self, plan: Plan, schemas: Mapping[str, Schema], frames: Mapping[str, pd.DataFrame], protected: set[str]
@@ -519,7 +520,7 @@ class _Run:
     def visit_FrameReduce(self, nid: str, node: FrameReduce) -> _Value:
         v = self._frame(node.input)
         func = node.func
-        value = getattr(v.df, func)()
+        value = v.df.quantile(int(func[1:]) / 100) if func in QUANTILE_FUNCS else getattr(v.df, func)()
         pos = _positions(v.df.index)
         origin = _Origin("summary", 1)
         if not (v.origin.rows or v.origin.members):

@@ -64,12 +64,22 @@ def _map_series(s: pd.Series, func: str, args: tuple[Any, ...]) -> pd.Series:
 
 def _window_series(s: pd.Series, func: str, args: tuple[Any, ...]) -> pd.Series:
     """Apply one function that mixes values across rows (a ``window`` node)."""
-    if func in ("shift", "diff"):
-        out: pd.Series = getattr(s, func)(args[0])
-        return out
-    if func == "rank":
-        return s.rank(method=args[0], ascending=args[1])
-    if func == "duplicated":
-        return s.duplicated(keep=False if args[0] == "none" else args[0])
-    out = getattr(s, func)()
+    out: pd.Series
+    if func in ("shift", "diff", "pct_change"):
+        out = getattr(s, func)(args[0])
+    elif func == "rank":
+        out = s.rank(method=args[0], ascending=args[1])
+    elif func == "duplicated":
+        out = s.duplicated(keep=False if args[0] == "none" else args[0])
+    elif func == "rolling":
+        out = _moving(s.rolling(args[1], min_periods=args[2]), args[0])
+    elif func == "expanding":
+        out = _moving(s.expanding(min_periods=args[1]), args[0])
+    else:
+        out = getattr(s, func)()
+    return out
+
+
+def _moving(window: Any, agg: str) -> pd.Series:
+    out: pd.Series = getattr(window, agg)()
     return out

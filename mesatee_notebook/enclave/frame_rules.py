@@ -22,7 +22,19 @@ from mesatee_notebook.errors import (
     PolicyViolation,
 )
 from mesatee_notebook.wire.datapolicy import DP, DataPolicy
-from mesatee_notebook.wire.ops import Describe, Distinct, FrameReduce, GroupByAgg, GroupMap, Merge, Op, Reduce, Window
+from mesatee_notebook.wire.ops import (
+    Describe,
+    Distinct,
+    FrameReduce,
+    GroupByAgg,
+    GroupMap,
+    GroupWindow,
+    Merge,
+    ModeFrame,
+    Op,
+    Reduce,
+    Window,
+)
 from mesatee_notebook.wire.plan import (
     QUANTILE_FUNCS,
     ROW_REVEALING_FUNCS,
@@ -72,13 +84,21 @@ _RECORD_FUNCS = frozenset({"min", "max", "median", "any", "all", "first", "last"
 
 def _row_revealing(node: Op) -> str | None:
     """The name of what ``node`` does if it reveals single records (or where they are), else None."""
+    what: str | None = None
     if isinstance(node, (Window, Distinct)) and node.op in ROW_REVEALING_OPS:
-        return node.func
-    if isinstance(node, Reduce) and node.func in ROW_REVEALING_FUNCS:
-        return node.func
-    if isinstance(node, GroupMap):  # a row's rank in its group, or its group's value on every row
-        return f"groupby().{'cumcount' if node.func.startswith('cumcount') else 'transform'}"
-    return None
+        what = node.func
+    elif isinstance(node, GroupWindow):  # a window within each group
+        what = f"groupby().{node.func}"
+    elif isinstance(node, ModeFrame):  # every column's most common values
+        what = "mode"
+    elif isinstance(node, (Reduce, FrameReduce)) and node.func in ROW_REVEALING_FUNCS:
+        what = node.func
+    elif isinstance(node, GroupByAgg):  # idxmax/idxmin per group: where a record is
+        found = [f for _, _, f in node.aggs if f in ROW_REVEALING_FUNCS]
+        what = f"groupby().{found[0]}" if found else None
+    elif isinstance(node, GroupMap):  # a row's rank in its group, or its group's value on every row
+        what = f"groupby().{'cumcount' if node.func.startswith('cumcount') else 'transform'}"
+    return what
 
 
 def _refuse_row_revealing(plan: Plan, schemas: Mapping[str, Schema], protected: Mapping[str, DataPolicy]) -> None:
@@ -113,6 +133,7 @@ _DP_UNSUPPORTED = {
     "slice": "loc[a:b]/iloc[a:b]",
     "sample": "sample()",
     "melt": "melt()",  # one record becomes several rows: more than one contribution
+    "corr_matrix": "a frame-level corr()/cov() (no DP mechanism for correlations)",
 }
 
 

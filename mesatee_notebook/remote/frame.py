@@ -21,7 +21,6 @@ from mesatee_notebook.errors import FrameNotSupported, FrameUsageError
 from mesatee_notebook.remote._public import public_methods
 from mesatee_notebook.remote.frame_accessors import _Indexer
 from mesatee_notebook.remote.frame_base import (
-    NOT_SUPPORTED,
     FrameBackend,
     Node,
     Operand,
@@ -46,6 +45,8 @@ from mesatee_notebook.remote.frame_groupby import (
     SecureGroupBy,
     _GroupSpec,
 )
+from mesatee_notebook.remote.frame_more import _FrameMore
+from mesatee_notebook.remote.frame_refusals import NOT_SUPPORTED
 from mesatee_notebook.remote.frame_series import SecureSeries
 from mesatee_notebook.wire.ops import (
     Assign,
@@ -135,8 +136,8 @@ def cut(x: SecureSeries, bins: Sequence[float], labels: Sequence[str] | bool | N
 
 
 @public_methods
-class SecureDataFrame(_Rows):
-    """A lazy, pandas-like DataFrame whose data stays in the enclave."""
+class SecureDataFrame(_FrameMore, _Rows):
+    """A lazy, pandas-like DataFrame whose data stays in the enclave (more methods: ``frame_more._FrameMore``)."""
 
     __slots__ = ()
     _what = "DataFrame"

@@ -170,6 +170,9 @@ class _Lazy:
         value = _restore_missing(value, self.schema)
         if self._post is not None and not isinstance(value, DPResult):  # a DP release keeps its own shape
             value = self._post(value)
+        elif isinstance(value, DPResult) and getattr(self._post, "dp_shape", False):  # a reshape: post-processing
+            assert self._post is not None
+            value = DPResult(self._post(value.value), self._post(value.accuracy), value.meta, value.receipt)
         return value, receipt
 
     def collect(self, *, epsilon: float | None = None, delta: float | None = None) -> Any:
@@ -401,36 +404,6 @@ class SecureArray(_Lazy):
         """Evaluate in the enclave; return ``(values, receipt)``."""
         value, receipt = super().collect_with_receipt(epsilon=epsilon, delta=delta)
         return (value.unique() if isinstance(value, pd.Series) else value), receipt
-
-
-_CALLABLE_HINT = (
-    "it would run your code on the data: run it in a %%mesatee cell, which needs code access granted by the owner"
-)
-#: pandas calls that are not evaluated in the enclave, and why (a clear error, not an AttributeError).
-NOT_SUPPORTED: dict[str, str] = {
-    "apply": f"apply() takes a function; {_CALLABLE_HINT}",
-    "applymap": f"applymap() takes a function; {_CALLABLE_HINT}",
-    "pipe": f"pipe() takes a function; {_CALLABLE_HINT}",
-    "transform": f"transform() takes a function; {_CALLABLE_HINT}",
-    "iterrows": "iterrows() would release every row; collect() a policy-checked result instead",
-    "itertuples": "itertuples() would release every row; collect() a policy-checked result instead",
-    "to_numpy": "to_numpy() needs the data; collect() first (row-level results need allow_rows)",
-    "values": "values needs the data; collect() first (row-level results need allow_rows)",
-    "set_index": (
-        "set_index() is not available yet: remote rows are labelled by storage position; group with "
-        "groupby(...) (as_index=True) or set the index locally after collect()"
-    ),
-    "join": ("join() aligns on the index, which for remote rows is a storage position; use merge(on=...) instead"),
-    "pivot_table": (
-        "pivot_table() is not available yet; use groupby([index, columns]).agg(...) and unstack() the collected "
-        "result locally"
-    ),
-    "pivot": "pivot() is not available yet; use groupby([index, columns]).agg(...) and unstack() locally",
-    "corr": "frame-level corr() is not available yet; use frame[a].corr(frame[b]) for each pair",
-    "cov": "frame-level cov() is not available yet; use frame[a].cov(frame[b]) for each pair",
-    "to_csv": "to_csv() needs the data; collect() first",
-    "to_parquet": "to_parquet() needs the data; collect() first",
-}
 
 
 # ---------------------------------------------------------------------------

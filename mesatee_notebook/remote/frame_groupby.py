@@ -9,14 +9,15 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 from mesatee_notebook.errors import FrameNotSupported, FrameUsageError
 from mesatee_notebook.remote._public import public_methods
 from mesatee_notebook.remote.frame_base import (
-    _CALLABLE_HINT,
     FrameBackend,
     _as_strs,
     _group_agg,
+    _literals,
     _quantile_func,
 )
+from mesatee_notebook.remote.frame_refusals import _CALLABLE_HINT
 from mesatee_notebook.remote.frame_series import SecureSeries
-from mesatee_notebook.wire.ops import GROUP_MAP_FUNCS, GroupByAgg, GroupMap
+from mesatee_notebook.wire.ops import GROUP_MAP_FUNCS, GroupByAgg, GroupMap, GroupWindow
 from mesatee_notebook.wire.plan import AGG_FUNCS, dtype_kind
 
 if TYPE_CHECKING:
@@ -45,17 +46,10 @@ GROUPBY_NOT_SUPPORTED: dict[str, str] = {
         "size() and merge or filter on the keys"
     ),
     "pipe": f"groupby().pipe() takes a function; {_CALLABLE_HINT}",
-    "get_group": "get_group() is not available; select the group's rows with frame[frame.key == value] (row-level)",
-    "nth": "nth() is not available yet; use head(n)/tail(n) (row-level)",
     "ohlc": "ohlc() is not available; use agg(open=(c, 'first'), high=(c, 'max'), low=(c, 'min'), close=(c, 'last'))",
-    **dict.fromkeys(
-        ("cumsum", "cumprod", "cummax", "cummin", "shift", "diff", "rank", "ffill", "bfill", "pct_change"),
-        "per-group window functions are not available yet; cumcount() and transform(name) are",
-    ),
     **dict.fromkeys(
         ("rolling", "expanding", "ewm", "resample"), "moving windows per group are not available in the enclave"
     ),
-    **dict.fromkeys(("idxmax", "idxmin"), "per-group idxmax()/idxmin() are not available yet"),
     **dict.fromkeys(("corr", "cov"), "per-group corr()/cov() are not available yet; use series.corr() per group"),
     **dict.fromkeys(("plot", "hist", "boxplot"), "plotting needs the data; collect() an aggregate and plot it locally"),
 }
@@ -183,6 +177,8 @@ class SecureGroupBy:
     sem = _group_agg("sem", "Standard error of the mean per group.")
     skew = _group_agg("skew", "Skewness per group.")
     any = _group_agg("any", "Whether any value is true, per group (record values: need allow_rows).")
+    idxmax = _group_agg("idxmax", "Row label of each group's maximum (where a record is: needs allow_rows).")
+    idxmin = _group_agg("idxmin", "Row label of each group's minimum (needs allow_rows).")
     all = _group_agg("all", "Whether every value is true, per group (record values: need allow_rows).")
 
     @property
@@ -242,16 +238,16 @@ class SecureGroupBy:
     def value_counts(
         self, normalize: bool = False, sort: bool = True, ascending: bool = False, dropna: bool = True
     ) -> SecureSeries:
-        """Count each value of the selected column within each group (an aggregate, like ``size()``)."""
+        """Count each value (or combination of the other columns' values) within each group, like ``size()``."""
         g = self._node
-        if not isinstance(g.selection, str):
-            msg = "groupby().value_counts() is supported on one selected column, e.g. gb['x'].value_counts()"
+        cols = self._targets()
+        if not cols:
+            msg = "groupby().value_counts() needs a column besides the keys"
             raise FrameUsageError(msg)
         if dropna != g.dropna:
             msg = "groupby().value_counts(dropna=...) must match groupby(dropna=...) here"
             raise FrameUsageError(msg)
-        col = g.selection
-        node = GroupByAgg(g.frame._node, (*g.by, col), (("count", col, "size"),), True, g.dropna, True)
+        node = GroupByAgg(g.frame._node, (*g.by, *cols), (("count", cols[0], "size"),), True, g.dropna, True)
         levels = list(range(len(g.by)))
 
         def post(value: Any) -> Any:  # pandas' order and shape, computed locally from the released counts
@@ -304,3 +300,91 @@ class SecureGroupBy:
             return value.groupby(keys, sort=g.sort, dropna=g.dropna)[col].unique()
 
         return type(g.frame)(rows._node, self._ctx, post)
+
+    # -- issue 16, second round: windows within groups, get_group, nth ---------------------------
+
+    def _window(self, func: str, *args: Any) -> Any:
+        g = self._node
+        vals = _literals(args, func)
+
+        def one(col: str) -> SecureSeries:
+            return SecureSeries(GroupWindow(g.frame._node, g.by, col, func, vals, g.dropna), self._ctx)
+
+        if isinstance(g.selection, str):
+            return one(g.selection)
+        targets = self._targets()
+        return g.frame[targets].assign(**{c: one(c) for c in targets})
+
+    def cumsum(self) -> Any:
+        """Cumulative sum within each group (row-revealing: needs allow_rows)."""
+        return self._window("cumsum")
+
+    def cumprod(self) -> Any:
+        """Cumulative product within each group (row-revealing)."""
+        return self._window("cumprod")
+
+    def cummax(self) -> Any:
+        """Cumulative maximum within each group (row-revealing)."""
+        return self._window("cummax")
+
+    def cummin(self) -> Any:
+        """Cumulative minimum within each group (row-revealing)."""
+        return self._window("cummin")
+
+    def ffill(self) -> Any:
+        """Missing values filled from the previous row of the group (row-revealing)."""
+        return self._window("ffill")
+
+    def bfill(self) -> Any:
+        """Missing values filled from the next row of the group (row-revealing)."""
+        return self._window("bfill")
+
+    def shift(self, periods: int = 1) -> Any:
+        """Values moved by ``periods`` rows within each group (row-revealing)."""
+        return self._window("shift", _int(periods, "shift", "periods"))
+
+    def diff(self, periods: int = 1) -> Any:
+        """Difference with the row ``periods`` before in the group (row-revealing)."""
+        return self._window("diff", _int(periods, "diff", "periods"))
+
+    def pct_change(self, periods: int = 1) -> Any:
+        """Relative change within each group (row-revealing)."""
+        return self._window("pct_change", _int(periods, "pct_change", "periods"))
+
+    def rank(self, method: str = "average", ascending: bool = True) -> Any:
+        """Rank within each group (row-revealing)."""
+        return self._window("rank", str(method), bool(ascending))
+
+    def get_group(self, name: Any) -> Any:
+        """The rows of one group (row-level: needs allow_rows); ``name`` is a tuple for several keys."""
+        g = self._node
+        keys = name if isinstance(name, tuple) else (name,)
+        if len(keys) != len(g.by):
+            msg = f"get_group() needs one value per key {list(g.by)} (a tuple for several keys)"
+            raise FrameUsageError(msg)
+        frame = g.frame
+        mask: Any = None
+        for col, value in zip(g.by, _literals(keys, "get_group"), strict=True):
+            hit = frame[col].isna() if value is None else frame[col] == value
+            mask = hit if mask is None else mask & hit
+        return self._selected(frame[mask])
+
+    def nth(self, n: int | Sequence[int]) -> Any:
+        """The ``n``-th row(s) of each group (negative: from the end), in the rows' order (row-level)."""
+        picks = [n] if not isinstance(n, (list, tuple)) else list(n)
+        if not picks:
+            msg = "nth() needs at least one position"
+            raise FrameUsageError(msg)
+        mask: Any = None
+        for i in picks:
+            k = _int(i, "nth", "n")
+            hit = self._group_map("", "cumcount") == k if k >= 0 else self._group_map("", "cumcount_desc") == -k - 1
+            mask = hit if mask is None else mask | hit
+        return self._selected(self._node.frame[mask])
+
+
+def _int(value: Any, what: str, arg: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        msg = f"groupby().{what}() {arg} must be an integer (slices are not supported)"
+        raise FrameUsageError(msg)
+    return value

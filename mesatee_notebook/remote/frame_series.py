@@ -11,7 +11,6 @@ import numpy as np
 from mesatee_notebook.errors import FrameNotSupported, FrameUsageError
 from mesatee_notebook.remote._public import public_methods
 from mesatee_notebook.remote.frame_base import (
-    NOT_SUPPORTED,
     SecureArray,
     SecureScalar,
     _Lazy,
@@ -27,6 +26,8 @@ from mesatee_notebook.remote.frame_base import (
     _sample,
     _window_fn,
 )
+from mesatee_notebook.remote.frame_more import _SeriesMore
+from mesatee_notebook.remote.frame_refusals import NOT_SUPPORTED
 from mesatee_notebook.wire.ops import (
     AsType,
     Binary,
@@ -62,8 +63,8 @@ if TYPE_CHECKING:
 
 
 @public_methods
-class SecureSeries(_Rows):
-    """A lazy remote column or column expression."""
+class SecureSeries(_SeriesMore, _Rows):
+    """A lazy remote column or column expression (more methods: ``frame_more._SeriesMore``)."""
 
     __slots__ = ()
     _what = "series"

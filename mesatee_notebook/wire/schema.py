@@ -30,13 +30,14 @@ AGG_FUNCS = (
     frozenset(
         {
             "size", "count", "sum", "mean", "min", "max", "std", "var", "median", "nunique",
-            "prod", "sem", "skew", "any", "all", "first", "last",
+            "prod", "sem", "skew", "any", "all", "first", "last", "idxmax", "idxmin",
         }
     )
     | QUANTILE_FUNCS
 )  # fmt: skip
-#: Reductions of a series only; ``idxmax``/``idxmin`` return a row's label, so they are row-revealing.
-REDUCE_FUNCS = (AGG_FUNCS - {"size", "first", "last"}) | {"idxmax", "idxmin"}
+#: Reductions of a series only; ``idxmax``/``idxmin`` return a row's label, so they are row-revealing
+#: (also as a groupby aggregation); ``kurt`` is a series and frame reduction only.
+REDUCE_FUNCS = (AGG_FUNCS - {"size", "first", "last"}) | {"kurt"}
 #: Elementwise functions of a series (``map`` op): name -> number of literal arguments (-1: any).
 MAP_FUNCS: dict[str, int] = {
     "isna": 0, "notna": 0,
@@ -51,14 +52,19 @@ MAP_FUNCS: dict[str, int] = {
 #: so the per-group row counts of the threshold mode do not bound what they reveal. Row-revealing.
 WINDOW_FUNCS: dict[str, int] = {
     "cumsum": 0, "cumprod": 0, "cummax": 0, "cummin": 0, "shift": 1, "diff": 1, "rank": 2,
-    "ffill": 0, "bfill": 0, "duplicated": 1,
+    "ffill": 0, "bfill": 0, "duplicated": 1, "pct_change": 1, "interpolate": 0,
+    "rolling": 3, "expanding": 2,
 }  # fmt: skip
+#: What ``rolling(window, min_periods)`` and ``expanding(min_periods)`` aggregate (``window`` op args[0]).
+MOVING_FUNCS = frozenset({"sum", "mean", "min", "max", "std", "var", "median", "count"})
 #: ``distinct``: the distinct values (``unique``) or the most common ones (``mode``): record values.
 DISTINCT_FUNCS = frozenset({"unique", "mode"})
 #: Frame-level reductions (``frame_reduce`` op): one value per column.
 FRAME_REDUCE_FUNCS = frozenset(
-    {"sum", "mean", "min", "max", "count", "std", "var", "median", "prod", "sem", "skew", "nunique", "any", "all"}
-)
+    {"sum", "mean", "min", "max", "count", "std", "var", "median", "prod", "sem", "skew", "nunique", "any", "all",
+     "kurt", "idxmax", "idxmin"}
+    | QUANTILE_FUNCS
+)  # fmt: skip
 DTYPES = frozenset(
     {
         "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
@@ -69,7 +75,7 @@ DTYPES = frozenset(
 )  # fmt: skip
 #: Ops whose result reveals single records (or where they are) whatever follows them: refused for
 #: analysts of a dataset whose owner does not allow rows, and never evaluated in the DP mode.
-ROW_REVEALING_OPS = frozenset({"window", "distinct"})
+ROW_REVEALING_OPS = frozenset({"window", "distinct", "group_window", "mode_frame"})
 ROW_REVEALING_FUNCS = frozenset({"idxmax", "idxmin"})
 
 
@@ -314,7 +320,7 @@ _AGG_RULES: dict[str, tuple[tuple[str, ...] | None, str, str | None]] = {
     **dict.fromkeys(("any", "all"), (_NUMBERS, "a boolean or numeric", "bool")),
     **dict.fromkeys(("idxmax", "idxmin"), ((*_NUMBERS, "datetime"), "a numeric or datetime", "int64")),
     **dict.fromkeys(
-        ("mean", "std", "var", "median", "sem", "skew", *QUANTILE_FUNCS), (_NUMBERS, "a numeric", "float64")
+        ("mean", "std", "var", "median", "sem", "skew", "kurt", *QUANTILE_FUNCS), (_NUMBERS, "a numeric", "float64")
     ),
     **dict.fromkeys(("sum", "prod"), (_NUMBERS, "a numeric", None)),
 }

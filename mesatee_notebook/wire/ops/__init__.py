@@ -6,7 +6,7 @@ Each op is a frozen dataclass registered with :func:`~mesatee_notebook.wire.ops.
 when an expression is built and the enclave runs on a received plan. The enclave evaluates the same
 nodes with a ``visit_<ClassName>`` method (:mod:`mesatee_notebook.enclave.frame_eval`).
 
-A new op: a class in the family module it belongs to (``rows``, ``values`` or ``aggregates``), its
+A new op: a class in the family module it belongs to (``rows``, ``values``, ``aggregates`` or ``reshape``), its
 ``visit_`` method in the enclave, and a case in ``tests/frames/test_catalog.py``.
 """
 
@@ -21,6 +21,7 @@ from mesatee_notebook.wire.ops.aggregates import (
     Reduce,
     ValueCounts,
 )
+from mesatee_notebook.wire.ops.reshape import GROUP_WINDOW_FUNCS, CorrMatrix, GroupWindow, ModeFrame, SortIndex
 from mesatee_notebook.wire.ops.rows import (
     Assign,
     AsType,
@@ -68,6 +69,7 @@ __all__ = [
     "Column",
     "Concat",
     "Corr",
+    "CorrMatrix",
     "CountRows",
     "Describe",
     "Distinct",
@@ -76,14 +78,17 @@ __all__ = [
     "Filter",
     "FrameReduce",
     "GROUP_MAP_FUNCS",
+    "GROUP_WINDOW_FUNCS",
     "GroupByAgg",
     "GroupMap",
+    "GroupWindow",
     "Head",
     "InferCtx",
     "IsIn",
     "Map",
     "Melt",
     "Merge",
+    "ModeFrame",
     "Op",
     "Reduce",
     "Rename",
@@ -92,6 +97,7 @@ __all__ = [
     "Select",
     "SetName",
     "Slice",
+    "SortIndex",
     "SortValues",
     "Source",
     "Tail",

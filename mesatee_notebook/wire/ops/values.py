@@ -16,6 +16,7 @@ from mesatee_notebook.wire.schema import (
     DISTINCT_FUNCS,
     FREQS,
     MAP_FUNCS,
+    MOVING_FUNCS,
     NUMERIC,
     UNARY_OPS,
     WINDOW_FUNCS,
@@ -172,7 +173,8 @@ def _map_dict(func: str, vals: tuple[Any, ...], inp: Schema, dt: str, kind: str)
         return with_dtype(inp, value_dtype(new, None, func) if len(new) else "float64")
     if kind in ("category", "other"):
         fail(f"replace() is not supported for dtype {dt}")
-    return with_dtype(inp, value_dtype(new, dt, func) if any(literal_fits(o, dt) for o in old) else dt)
+    kept = [n for o, n in zip(old, new, strict=True) if literal_fits(o, dt)]  # an old that cannot occur: no change
+    return with_dtype(inp, value_dtype(kept, dt, func) if kept else dt)
 
 
 def _map_cut(func: str, vals: tuple[Any, ...], inp: Schema, dt: str, kind: str) -> Schema:
@@ -217,6 +219,8 @@ class Map(Op):
 
 
 def _window_numeric(func: str, periods: Any, inp: Schema, dt: str, kind: str) -> Schema:
+    if func == "shift" and kind not in NUMERIC and kind not in ("bool", "datetime"):
+        return inp  # strings, categories: moved as they are (missing at the ends)
     ok = kind in NUMERIC or (kind == "bool" and func in ("cumsum", "cumprod", "shift"))
     if not ok and not (kind == "datetime" and func in ("cummax", "cummin", "shift", "diff")):
         fail(f"{func}() needs a numeric series, not {dt}")
@@ -237,26 +241,54 @@ class Window(Op):
     args_: tuple[Any, ...] = field(metadata=arg("literals", wire="args"))
 
     def infer(self, ctx: InferCtx) -> Schema:
-        inp = ctx.schema_of(self.input)
-        func, vals = self.func, tuple(self.args_)
-        _, dt, kind = series_dtype(inp, func)
-        if len(vals) != WINDOW_FUNCS[func]:
-            fail(f"{func}() takes {WINDOW_FUNCS[func]} argument(s), got {len(vals)}")
-        if inp.level != "rows":
-            fail(f"{func}() of an aggregate is not supported; collect the aggregate and apply it locally")
-        if func in ("shift", "diff") and (not isinstance(vals[0], int) or isinstance(vals[0], bool)):
-            fail(f"{func}() periods must be an integer")
-        if func == "duplicated":
-            if vals[0] not in ("first", "last", "none"):
-                fail("duplicated() keep must be 'first', 'last' or False")
-            return with_dtype(inp, "bool")
-        if func == "rank":
-            if vals[0] not in ("average", "min", "max", "first", "dense") or not isinstance(vals[1], bool):
-                fail("rank() method must be average, min, max, first or dense, and ascending a bool")
-            return with_dtype(inp, "float64")
-        if func in ("ffill", "bfill"):
-            return inp
-        return _window_numeric(func, vals[0] if vals else None, inp, dt, kind)
+        return window_schema(self.func, tuple(self.args_), ctx.schema_of(self.input))
+
+
+def window_schema(func: str, vals: tuple[Any, ...], inp: Schema) -> Schema:
+    """The schema rule of a window function ``func(*vals)`` of the series ``inp`` (also per group)."""
+    _, dt, kind = series_dtype(inp, func)
+    if len(vals) != WINDOW_FUNCS[func]:
+        fail(f"{func}() takes {WINDOW_FUNCS[func]} argument(s), got {len(vals)}")
+    if inp.level != "rows":
+        fail(f"{func}() of an aggregate is not supported; collect the aggregate and apply it locally")
+    if func in ("shift", "diff") and (not isinstance(vals[0], int) or isinstance(vals[0], bool)):
+        fail(f"{func}() periods must be an integer")
+    if func == "duplicated":
+        if vals[0] not in ("first", "last", "none"):
+            fail("duplicated() keep must be 'first', 'last' or False")
+        return with_dtype(inp, "bool")
+    if func == "rank":
+        if vals[0] not in ("average", "min", "max", "first", "dense") or not isinstance(vals[1], bool):
+            fail("rank() method must be average, min, max, first or dense, and ascending a bool")
+        return with_dtype(inp, "float64")
+    if func in ("ffill", "bfill"):
+        return inp
+    if func in ("pct_change", "interpolate", "rolling", "expanding"):
+        return _window_float(func, vals, inp, dt, kind)
+    return _window_numeric(func, vals[0] if vals else None, inp, dt, kind)
+
+
+def _int_arg(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _window_float(func: str, vals: tuple[Any, ...], inp: Schema, dt: str, kind: str) -> Schema:
+    """pct_change, interpolate, rolling(...).agg and expanding(...).agg: numeric in, float64 out."""
+    if kind not in ("int", "float"):
+        fail(f"{func}() needs a numeric series, not {dt}")
+    if func == "pct_change" and not _int_arg(vals[0], -(2**62)):
+        fail("pct_change() periods must be an integer")
+    if func == "interpolate":
+        return inp if kind == "float" else with_dtype(inp, dt)
+    if func in ("rolling", "expanding"):
+        agg, rest = vals[0], vals[1:]
+        if agg not in MOVING_FUNCS:
+            fail(f"{func}() aggregates with one of {', '.join(sorted(MOVING_FUNCS))}, not {agg!r}")
+        if func == "rolling" and not _int_arg(rest[0], 1):
+            fail("rolling() window must be an integer number of rows >= 1 (time-based windows are not supported)")
+        if not (rest[-1] is None or _int_arg(rest[-1], 0)):
+            fail(f"{func}() min_periods must be an integer >= 0 or None")
+    return with_dtype(inp, "float64")
 
 
 #: ``group_map`` functions: a row's number within its group, or its group's aggregate (``transform``).
