@@ -10,26 +10,41 @@
 Every function takes ``root``, the filesystem root these paths hang from (``/`` on real
 hardware), so tests can point it at a temporary tree. Such tests exercise the file ABI
 only; they are **not** hardware tests and prove nothing about a real TEE.
+
+Serving (``serve --level sev|tdx|sev-snp``) goes through :func:`open_hardware_reporter`: on a real guest it is
+:class:`ConfigfsTsm` at ``/``. ``serve --hw-root DIR`` (refused unless ``MESATEE_TEST_MIMIC_HARDWARE=1``) uses
+:class:`MimicTsm` instead: a plain directory cannot generate ``outblob`` when ``inblob`` is written, so
+:class:`MimicTsm` plays that part of the Linux kernel and asks a test-only "firmware" listening on
+``DIR/mimic-firmware.sock`` (``tests/hardware/mimic.py``; nothing in this package can sign a report). Everything else,
+the report flow here, the evidence and the client's verification, is the code a real guest runs.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+import cbor2
 
 from mesatee_notebook.attestation.hardware._dcap import looks_like_quote, parse_quote
 from mesatee_notebook.attestation.levels import Level
 from mesatee_notebook.errors import HardwareLevelUnavailable, LevelNotAvailableError, MalformedEvidence
 
 __all__ = [
+    "MIMIC_ENV",
     "ConfigfsTsm",
     "GramineAttestation",
+    "HardwareReporter",
+    "MimicTsm",
     "TsmReport",
     "available_hardware_levels",
     "get_hardware_evidence",
     "hardware_level_error",
+    "open_hardware_reporter",
 ]
 
 REPORT_DATA_SIZE = 64
@@ -39,6 +54,8 @@ _TSM_DEVICES = {"tdx_guest": "dev/tdx_guest", "sev_guest": "dev/sev-guest"}
 _TSM_PROVIDERS = {"tdx_guest": "tdx", "sev_guest": "sev-snp"}
 _MAX_BLOB = 1 << 20
 _RETRIES = 3
+MIMIC_ENV = "MESATEE_TEST_MIMIC_HARDWARE"  # =1 lets `serve --hw-root DIR` use a mimic tree (tests only)
+MIMIC_SOCKET = "mimic-firmware.sock"
 
 
 def _report_data(report_data: bytes) -> bytes:
@@ -158,6 +175,112 @@ class ConfigfsTsm:
         return TsmReport(outblob, provider, auxblob, after)
 
 
+class MimicTsm(ConfigfsTsm):
+    """TEST ONLY: configfs-tsm's kernel side on a plain directory; a test "firmware" behind a Unix socket reports.
+
+    Real configfs creates an entry's attribute files on ``mkdir`` and generates ``outblob`` when ``inblob`` is
+    written; a plain directory does neither, so this does it, asking ``root/mimic-firmware.sock`` for the blobs.
+    It holds no key and makes no signature. A kernel using it says MIMIC in its evidence, banner and log.
+    """
+
+    def _new_entry(self) -> Path:
+        entry = super()._new_entry()
+        provider = self.guest_provider() or "none"
+        _write(entry / "generation", b"0\n")
+        _write(entry / "provider", provider.encode() + b"\n")
+        return entry
+
+    def _write_attr(self, entry: Path, name: str, data: bytes) -> None:
+        super()._write_attr(entry, name, data)
+        if name != "inblob":
+            return
+        provider = self._read_attr(entry, "provider").decode("ascii", "replace").strip()
+        answer = _ask_firmware(self.root / MIMIC_SOCKET, {"provider": provider, "inblob": bytes(data)})
+        _write(entry / "outblob", answer.get("outblob", b""))
+        if answer.get("auxblob"):
+            _write(entry / "auxblob", answer["auxblob"])
+        generation = int(self._read_attr(entry, "generation").strip() or b"0")
+        _write(entry / "generation", b"%d\n" % (generation + 1))
+
+    def _remove_entry(self, entry: Path) -> None:
+        for item in entry.iterdir():  # configfs removes attribute files itself; a plain directory needs this
+            item.unlink()
+        super()._remove_entry(entry)
+
+
+def _ask_firmware(path: Path, request: dict[str, object]) -> dict[str, bytes]:
+    """One request to the mimic firmware: CBOR in, CBOR out, the socket half-closed in between."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(str(path))
+        sock.sendall(cbor2.dumps(request))
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    answer = cbor2.loads(b"".join(chunks))
+    if not isinstance(answer, dict) or not all(isinstance(v, bytes) for v in answer.values()):
+        msg = "the mimic firmware answered something that is not {outblob, auxblob} bytes"
+        raise ValueError(msg)
+    return answer
+
+
+class HardwareReporter:
+    """What a ``sev`` kernel asks for reports: one configfs-tsm (or, in tests, mimic) guest, one report at a time."""
+
+    def __init__(self, tsm: ConfigfsTsm, tee: str, *, mimic: bool) -> None:
+        self.tsm = tsm
+        self.tee = tee
+        self.mimic = mimic
+        self._lock = threading.Lock()
+
+    @property
+    def source(self) -> str:
+        """``configfs-tsm``, or ``mimic`` for the test-only tree (never shown as hardware)."""
+        return "mimic" if self.mimic else "configfs-tsm"
+
+    @property
+    def description(self) -> str:
+        """One line for the banner and the log."""
+        if self.mimic:
+            return (
+                f"MIMIC {self.tee} guest: a test-only configfs-tsm tree at {self.tsm.root} whose reports a test "
+                "'firmware' signs with a TEST chain. This is NOT a TEE and NOT hardware."
+            )
+        return f"{self.tee} guest, configfs-tsm at {self.tsm.report_dir}"
+
+    def report(self, report_data: bytes) -> TsmReport:
+        """A report over ``report_data`` (64 bytes) from this guest; a provider that changed TEE is refused."""
+        with self._lock:
+            rep = self.tsm.report(report_data)
+        if rep.tee != self.tee:
+            msg = f"configfs-tsm now reports as {rep.tee!r}, not the {self.tee!r} guest this kernel started on"
+            raise LevelNotAvailableError(msg, level=Level.SEV.label)
+        return rep
+
+
+def open_hardware_reporter(requested: str, hw_root: str | os.PathLike[str] | None = None) -> HardwareReporter:
+    """The guest a ``serve --level requested`` kernel reports from (``sev``: either TEE; ``tdx``; ``sev-snp``).
+
+    ``hw_root`` (a mimic tree, tests only) needs ``MESATEE_TEST_MIMIC_HARDWARE=1`` in the environment. Without the
+    hardware, the refusal is :func:`hardware_level_error`'s, naming what was looked for.
+    """
+    name = str(requested).strip().lower()
+    if _TEES.get(name) is None or name == "sgx":
+        raise hardware_level_error(name, hw_root or "/")
+    if hw_root is not None and os.environ.get(MIMIC_ENV) != "1":
+        msg = (
+            f"--hw-root {hw_root} is a TEST-ONLY option: it serves from a mimic configfs-tsm tree whose reports a "
+            f"test chain signs, which is NOT hardware. Set {MIMIC_ENV}=1 to use it in tests; on a real guest, omit it."
+        )
+        raise HardwareLevelUnavailable(msg, level=Level.SEV.label, tee=list(_TEES[name]), looked_for=[], found=[])
+    tsm: ConfigfsTsm = MimicTsm(hw_root) if hw_root is not None else ConfigfsTsm("/")
+    tee = _TSM_PROVIDERS.get(tsm.guest_provider() or "")
+    if not tsm.present() or tee not in _TEES[name]:
+        raise hardware_level_error(name, tsm.root)
+    return HardwareReporter(tsm, tee, mimic=hw_root is not None)
+
+
 class GramineAttestation:
     """Gramine's ``/dev/attestation`` pseudo-files, inside an SGX enclave (DCAP)."""
 
@@ -249,9 +372,10 @@ _TEES = {"sev": ("sev-snp", "tdx"), "sev-snp": ("sev-snp",), "snp": ("sev-snp",)
 def hardware_level_error(requested: str, root: str | os.PathLike[str] = "/") -> HardwareLevelUnavailable:
     """Why ``serve --level requested`` (``sgx``, ``tdx``, ``sev-snp`` or ``sev``) cannot serve on this machine.
 
-    Always an error: where the device is missing it names each path it looked for; where the hardware is
-    present, serving on it is not built yet (the providers above read evidence, but the kernel does not put
-    it in its RA-TLS certificate), and the message says so rather than fall back to software trust.
+    Always an error: where the device is missing it names each path it looked for. SEV-SNP and TDX guests that
+    have their devices are served (:func:`open_hardware_reporter`); where SGX (Gramine) is present, serving on it is
+    not built yet (the kernel does not put Gramine's quote in its RA-TLS certificate), and the message says so
+    rather than fall back to software trust.
     """
     name = str(requested).strip().lower()
     tees = _TEES.get(name)

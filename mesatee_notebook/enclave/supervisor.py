@@ -114,11 +114,18 @@ class Kernel:
             if config.level is Level.TPM
             else None
         )
-        if config.level in (Level.SEV, Level.SGX):
-            from mesatee_notebook.enclave.hw_providers import hardware_level_error
+        self.hw = None
+        if config.level in (Level.SEV, Level.SGX):  # sev: a configfs-tsm guest (or, tests only, a mimic tree)
+            from mesatee_notebook.enclave.hw_providers import hardware_level_error, open_hardware_reporter
 
-            raise hardware_level_error(config.level.label)
-        config.level.require_available(AVAILABLE_LEVELS | ({Level.TPM} if self.tpm else set()))
+            if config.level is Level.SGX:
+                raise hardware_level_error(config.level.label)
+            self.hw = open_hardware_reporter(config.hw_tee, config.hw_root)
+            if self.hw.mimic:
+                log.warning("%s", self.hw.description)
+        config.level.require_available(
+            AVAILABLE_LEVELS | ({Level.TPM} if self.tpm else set()) | ({Level.SEV} if self.hw else set())
+        )
         self.hardening = harden_process()
         self.sandbox: Sandbox | None = None
         if config.sandbox:
@@ -134,7 +141,7 @@ class Kernel:
         platform_key = None
         self.sealing_secret: bytes | None = None
         self.platform_fingerprint = "none"
-        if config.level in (Level.SOFTTEE, Level.TPM):  # tpm: the platform key signs the audit log, roots sealing
+        if config.level in (Level.SOFTTEE, Level.TPM, Level.SEV):  # tpm/sev: it signs the audit log, roots sealing
             platform = load_platform(config.data_dir, secret_in_tpm_ok=self.tpm is not None)
             platform_key = platform.key
             self.sealing_secret = platform.sealing_secret
@@ -146,6 +153,7 @@ class Kernel:
             config.cert_lifetime,
             sandbox=self.sandbox.report() if self.sandbox is not None else None,
             tpm=self.tpm,
+            hw=self.hw,
         )
         if self.tpm is not None:  # after the measured launch: the TPM unseals only to this measurement
             from mesatee_notebook.enclave.tpm_secret import tpm_sealing_secret
