@@ -464,7 +464,9 @@ def _serve(args: argparse.Namespace) -> int:
         if kernel.hw.mimic:
             print(f"WARNING: {kernel.hw.description}", file=sys.stderr, flush=True)
     mimic = kernel.hw is not None and kernel.hw.mimic
-    print(f"  {'MIMIC: NOT a TEE and NOT hardware trust (a test chain signs)' if mimic else level.trust_note}", flush=True)
+    print(
+        f"  {'MIMIC: NOT a TEE and NOT hardware trust (a test chain signs)' if mimic else level.trust_note}", flush=True
+    )
     if kernel.sandbox is not None:
         print(f"  sandbox     {kernel.sandbox.summary()}", flush=True)
     else:

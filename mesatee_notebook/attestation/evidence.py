@@ -153,7 +153,7 @@ _REQUIRED: dict[str, type] = {
 
 
 def parse_evidence(raw: bytes) -> SoftteeEvidence | TpmEvidence | HwEvidence:
-    """Parse evidence bytes (softtee/unprotected, TPM, or SEV-SNP/TDX hardware); raise MalformedEvidence on anything unexpected.
+    """Parse evidence bytes (softtee/unprotected, TPM, SEV-SNP/TDX); raise MalformedEvidence on anything unexpected.
 
     The same bytes parse to the same (frozen, not yet trusted) object: a connect parses its evidence several times
     (certificate check, hello, activation cache), so the last few parses are kept. Failures are not cached.

@@ -95,7 +95,9 @@ def verify_hw(
         msg = f"the kernel's level sev ({tee}) is below the policy's minimum {policy.min_level.label}"
         raise LevelTooLow(msg)
     hw = _hardware_policy(policy)
-    verdict = verify_hw_report(tee, evidence.report, evidence.auxblob, hw, statement_report_data(evidence.statement_bytes))
+    verdict = verify_hw_report(
+        tee, evidence.report, evidence.auxblob, hw, statement_report_data(evidence.statement_bytes)
+    )
     vendor = bool(verdict.claims.get("vendor_root"))
     checks.append(Check("level", True, f"sev ≥ minimum {policy.min_level.label} ({tee_text(tee, vendor)})"))
     not_checked = ", ".join(c.name for c in verdict.not_checked if c.name != "report data")
@@ -162,7 +164,9 @@ def check_hw_hello(
         raise ReplayedQuote(msg)
     hw = _hardware_policy(policy) if policy is not None else HardwarePolicy()
     tee = evidence.tee
-    first = verify_hw_report(tee, evidence.report, evidence.auxblob, hw, statement_report_data(evidence.statement_bytes))
+    first = verify_hw_report(
+        tee, evidence.report, evidence.auxblob, hw, statement_report_data(evidence.statement_bytes)
+    )
     try:
         now = verify_hw_report(
             tee, blob, aux or evidence.auxblob, hw, fresh_report_data(evidence.statement["report_data"], kept["nonce"])

@@ -21,6 +21,7 @@ the report flow here, the evidence and the client's verification, is the code a 
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
@@ -45,6 +46,7 @@ __all__ = [
     "get_hardware_evidence",
     "hardware_level_error",
     "open_hardware_reporter",
+    "open_level_hardware",
 ]
 
 REPORT_DATA_SIZE = 64
@@ -281,6 +283,20 @@ def open_hardware_reporter(requested: str, hw_root: str | os.PathLike[str] | Non
     return HardwareReporter(tsm, tee, mimic=hw_root is not None)
 
 
+def open_level_hardware(
+    level: Level, requested: str, hw_root: str | os.PathLike[str] | None
+) -> HardwareReporter | None:
+    """The kernel's hardware for ``level``: None below sev, a reporter at sev, a typed refusal at sgx."""
+    if level is Level.SGX:
+        raise hardware_level_error(level.label)
+    if level is not Level.SEV:
+        return None
+    reporter = open_hardware_reporter(requested, hw_root)
+    if reporter.mimic:
+        logging.getLogger("mesatee.enclave").warning("%s", reporter.description)
+    return reporter
+
+
 class GramineAttestation:
     """Gramine's ``/dev/attestation`` pseudo-files, inside an SGX enclave (DCAP)."""
 
@@ -393,11 +409,14 @@ def hardware_level_error(requested: str, root: str | os.PathLike[str] = "/") -> 
         "found": found,
     }
     if found:
+        present = ", ".join(sorted({str(base / p) for _, p, _, _ in looked}))
         msg = (
-            f"security level {name!r}: this machine is a {' and '.join(found)} guest "
-            f"({', '.join(sorted({str(base / p) for _, p, _, _ in looked}))} present), but serving at this level "
-            "is not built yet in mesatee_notebook: the kernel does not yet put "
-            "its hardware report in the RA-TLS certificate (see docs/tpm.md, 'Hardware levels'). Nothing was served."
+            f"security level {name!r}: this machine has SGX through Gramine ({present} present), but serving at sgx "
+            "is not built yet in mesatee_notebook: the kernel does not yet put Gramine's quote in its RA-TLS "
+            "certificate (see docs/tpm.md, 'Hardware levels'). Nothing was served."
+            if found == ["sgx"]
+            else f"security level {name!r}: the {' and '.join(found)} guest devices are present ({present}) but "
+            "configfs-tsm could not be used; nothing was served"
         )
         return HardwareLevelUnavailable(msg, **details)
     unique = {path: (what, ok) for _, path, what, ok in looked}

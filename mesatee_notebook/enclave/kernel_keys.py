@@ -81,8 +81,11 @@ class KernelIdentity:
 
     @property
     def tpm_claims(self) -> dict[str, str]:
-        """What receipts and ``hello.ok`` add: at tpm the kind of TPM (``software`` for swtpm) as it reports itself;
-        at sev the TEE and the evidence source (``mimic`` for the test-only tree)."""
+        """What receipts and ``hello.ok`` add for the level: its TPM kind, or its TEE and evidence source.
+
+        At tpm the kind of TPM (``software`` for swtpm) as it reports itself; at sev the TEE and the source
+        (``mimic`` for the test-only tree).
+        """
         if self.hw is not None:
             return {"tee": self.hw.tee, "hwSource": self.hw.source}
         return {} if self.tpm is None else {"tpmKind": self.tpm.kind}

@@ -26,6 +26,7 @@ from mesatee_notebook.enclave.broker import answer_executor, dataset_for_cell
 from mesatee_notebook.enclave.config import AVAILABLE_LEVELS, KernelConfig
 from mesatee_notebook.enclave.connection import Connection
 from mesatee_notebook.enclave.hardening import harden_process
+from mesatee_notebook.enclave.hw_providers import open_level_hardware
 from mesatee_notebook.enclave.kernel_keys import KernelIdentity
 from mesatee_notebook.enclave.platform import load_platform
 from mesatee_notebook.enclave.quotas import ByteBudget, QuotaBook
@@ -114,15 +115,8 @@ class Kernel:
             if config.level is Level.TPM
             else None
         )
-        self.hw = None
-        if config.level in (Level.SEV, Level.SGX):  # sev: a configfs-tsm guest (or, tests only, a mimic tree)
-            from mesatee_notebook.enclave.hw_providers import hardware_level_error, open_hardware_reporter
-
-            if config.level is Level.SGX:
-                raise hardware_level_error(config.level.label)
-            self.hw = open_hardware_reporter(config.hw_tee, config.hw_root)
-            if self.hw.mimic:
-                log.warning("%s", self.hw.description)
+        # sev: a configfs-tsm guest (or, tests only, a mimic tree); sgx and absent hardware: a typed refusal
+        self.hw = open_level_hardware(config.level, config.hw_tee, config.hw_root)
         config.level.require_available(
             AVAILABLE_LEVELS | ({Level.TPM} if self.tpm else set()) | ({Level.SEV} if self.hw else set())
         )
