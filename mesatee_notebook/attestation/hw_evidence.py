@@ -22,17 +22,17 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cbor2
 
-from mesatee_notebook.attestation.hardware._verdict import Verdict
-from mesatee_notebook.attestation.hardware.policy import HardwarePolicy
-from mesatee_notebook.attestation.hardware.snp import certs_from_cert_table, verify_snp_report
-from mesatee_notebook.attestation.hardware.tdx import verify_tdx_quote
 from mesatee_notebook.attestation.measurement import canonical_json, measurement_of
 from mesatee_notebook.attestation.statement import parse_statement
 from mesatee_notebook.errors import MalformedEvidence, MeasurementMismatch
+
+if TYPE_CHECKING:  # the verifiers load only when hardware evidence is met (a client's import stays light)
+    from mesatee_notebook.attestation.hardware._verdict import Verdict
+    from mesatee_notebook.attestation.hardware.policy import HardwarePolicy
 
 __all__ = [
     "EVIDENCE_CONTEXT",
@@ -139,6 +139,9 @@ def verify_hw_report(tee: str, report: bytes, auxblob: bytes, policy: HardwarePo
     Raises the verifier's typed error: ``RootNotTrusted`` for a chain to a root neither pinned nor trusted by the
     policy, ``EvidenceSignatureError`` for an altered report, ``KeyBindingError`` when the report data differs.
     """
+    from mesatee_notebook.attestation.hardware.snp import certs_from_cert_table, verify_snp_report
+    from mesatee_notebook.attestation.hardware.tdx import verify_tdx_quote
+
     pol = replace(policy, report_data=report_data)
     if tee == "sev-snp":
         table = certs_from_cert_table(auxblob) if auxblob else {}

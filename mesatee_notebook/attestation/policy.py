@@ -20,13 +20,12 @@ import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_public_key
 
 from mesatee_notebook.attestation.evidence import fingerprint, parse_evidence, report_data_for
-from mesatee_notebook.attestation.hardware.policy import HardwarePolicy
 from mesatee_notebook.attestation.hw_evidence import HwEvidence
 from mesatee_notebook.attestation.levels import Level
 from mesatee_notebook.attestation.measurement import expected_measurement
@@ -48,6 +47,9 @@ from mesatee_notebook.errors import (
     UntrustedAttestationKey,
     UntrustedPlatform,
 )
+
+if TYPE_CHECKING:  # the hardware verifiers load only when a sev kernel is met
+    from mesatee_notebook.attestation.hardware.policy import HardwarePolicy
 
 __all__ = [
     "AttestationReport",
