@@ -1,15 +1,17 @@
-r"""Evidence of a kernel serving at ``sev`` (AMD SEV-SNP or Intel TDX guest), carried in its RA-TLS certificate (pure).
+r"""Evidence of a kernel at ``sev`` (SEV-SNP / TDX guest) or ``sgx`` (Gramine), carried in its RA-TLS cert (pure).
 
 The evidence is CBOR ``tag(HW_TAG, [statement, report, auxblob])``:
 
-* ``statement``: canonical JSON with ``format``, ``level`` (``sev``), ``tee`` (``sev-snp`` or ``tdx``), ``source``
-  (``configfs-tsm``, or ``mimic`` for the test-only tree), ``measurement``, ``manifest``, ``time``, ``report_data``
+* ``statement``: canonical JSON with ``format``, ``level`` (``sev``; ``sgx``), ``tee`` (``sev-snp``, ``tdx``; ``sgx``),
+  ``source`` (``configfs-tsm``, ``gramine``, or ``mimic`` for the test-only tree), ``measurement``, ``manifest``,
+  ``time``, ``report_data``
   (``SHA-256(TLS SPKI DER || receipt key)``, the softtee key binding), ``receipt_key``, ``audit_key`` and ``sandbox``;
-* ``report``: what configfs-tsm's ``outblob`` returned for ``inblob = SHA-512(EVIDENCE_CONTEXT || statement)``: an
-  SEV-SNP attestation report or a TDX DCAP quote, so the hardware signature commits to the whole statement and, through
+* ``report``: what configfs-tsm's ``outblob`` (Gramine's ``quote``) returned for ``inblob`` (``user_report_data``)
+  ``= SHA-512(EVIDENCE_CONTEXT || statement)``: an SEV-SNP attestation report, a TDX DCAP quote or an SGX DCAP quote,
+  so the hardware signature commits to the whole statement and, through
   its ``report_data``, to the TLS and receipt keys;
-* ``auxblob``: SEV-SNP's certificate table (VCEK, ASK, ARK) from ``auxblob``, empty for TDX (the quote carries its
-  PCK chain).
+* ``auxblob``: SEV-SNP's certificate table (VCEK, ASK, ARK) from ``auxblob``, empty for TDX and SGX (the quote carries
+  its PCK chain).
 
 Each connection also gets a fresh report over ``SHA-512(FRESH_CONTEXT || report_data || client nonce)``
 (:func:`fresh_report_data`), checked by the client before any request.
@@ -53,11 +55,12 @@ HW_TAG = 0x4D544857  # "MTHW": project-private CBOR content type for configfs-ts
 HW_EVIDENCE_FORMAT = "mesatee-hw/1"
 EVIDENCE_CONTEXT = b"mesatee-hw-evidence/1\x00"
 FRESH_CONTEXT = b"mesatee-hw-fresh/1\x00"
-TEES = ("sev-snp", "tdx")
+TEES = {"sev-snp": "sev", "tdx": "sev", "sgx": "sgx"}  # TEE -> the level it serves
 # What must be equal between the certificate's report and a connection's fresh report: the same guest, same launch.
 IDENTITY_CLAIMS = {
     "sev-snp": ("measurement", "host_data", "chip_id", "policy", "id_key_digest", "author_key_digest"),
     "tdx": ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mrseam", "td_attributes", "mrconfigid", "mrowner"),
+    "sgx": ("mrenclave", "mrsigner", "isv_prod_id", "isv_svn", "attributes", "config_id"),
 }
 _REQUIRED: dict[str, type] = {
     "format": str,
@@ -122,8 +125,11 @@ def parse_hw_evidence(raw: bytes, value: Any) -> HwEvidence:
         raise MalformedEvidence(msg)
     body, report, aux = value
     statement = parse_statement(body, _REQUIRED, HW_EVIDENCE_FORMAT, "hardware evidence")
-    if statement["tee"] not in TEES or statement["level"] != "sev":
-        msg = f"hardware evidence names tee {statement['tee']!r} at level {statement['level']!r} (expected sev-snp/tdx)"
+    if TEES.get(statement["tee"]) != statement["level"]:
+        msg = (
+            f"hardware evidence names tee {statement['tee']!r} at level {statement['level']!r} "
+            "(expected sev-snp or tdx at sev, sgx at sgx)"
+        )
         raise MalformedEvidence(msg)
     try:
         bytes.fromhex(statement["receipt_key"])
@@ -134,11 +140,12 @@ def parse_hw_evidence(raw: bytes, value: Any) -> HwEvidence:
 
 
 def verify_hw_report(tee: str, report: bytes, auxblob: bytes, policy: HardwarePolicy, report_data: bytes) -> Verdict:
-    """Verify an SEV-SNP report (with its auxblob certificate table) or a TDX quote, expecting ``report_data``.
+    """Verify an SEV-SNP report (with its auxblob certificate table), a TDX or an SGX quote, expecting ``report_data``.
 
     Raises the verifier's typed error: ``RootNotTrusted`` for a chain to a root neither pinned nor trusted by the
     policy, ``EvidenceSignatureError`` for an altered report, ``KeyBindingError`` when the report data differs.
     """
+    from mesatee_notebook.attestation.hardware.sgx import verify_sgx_quote
     from mesatee_notebook.attestation.hardware.snp import certs_from_cert_table, verify_snp_report
     from mesatee_notebook.attestation.hardware.tdx import verify_tdx_quote
 
@@ -149,6 +156,8 @@ def verify_hw_report(tee: str, report: bytes, auxblob: bytes, policy: HardwarePo
         return verify_snp_report(report, chain, pol)
     if tee == "tdx":
         return verify_tdx_quote(report, pol)
+    if tee == "sgx":
+        return verify_sgx_quote(report, pol)
     msg = f"unknown TEE {tee!r} in hardware evidence"
     raise MalformedEvidence(msg)
 

@@ -1,4 +1,4 @@
-"""The client's checks of a kernel serving at ``sev`` (SEV-SNP or TDX guest, configfs-tsm evidence), in order (pure).
+"""The client's checks of a kernel at ``sev`` (SEV-SNP/TDX guest) or ``sgx`` (Gramine enclave), in order (pure).
 
 :func:`verify_hw` runs on the RA-TLS certificate (from :func:`~mesatee_notebook.attestation.policy.verify_certificate`);
 :func:`hw_hello_request` and :func:`check_hw_hello` add a fresh report per connection, checked before any request.
@@ -35,16 +35,21 @@ from mesatee_notebook.errors import KeyBindingError, LevelTooLow, MalformedEvide
 
 __all__ = ["check_hw_hello", "hw_hello_request", "tee_text", "verify_hw"]
 
-_TEE_NAMES = {"sev-snp": "AMD SEV-SNP", "tdx": "Intel TDX"}
-_LAUNCH = {"sev-snp": ("MEASUREMENT", "snp_measurement"), "tdx": ("MRTD", "mrtd")}
+_TEE_NAMES = {"sev-snp": "AMD SEV-SNP guest", "tdx": "Intel TDX guest", "sgx": "Intel SGX enclave"}
+# (what the launch identity is called, its HardwarePolicy field, its claim in the verdict)
+_LAUNCH = {
+    "sev-snp": ("MEASUREMENT", "snp_measurement", "measurement"),
+    "tdx": ("MRTD", "mrtd", "mrtd"),
+    "sgx": ("MRENCLAVE", "mrenclave", "mrenclave"),
+}
 
 
 def tee_text(tee: str | None, vendor_root: bool | None) -> str:
     """``AMD SEV-SNP guest`` or, on a chain the caller trusted explicitly, a loud ``TEST CHAIN`` (never 'hardware')."""
     name = _TEE_NAMES.get(str(tee), str(tee))
     if vendor_root:
-        return f"{name} guest (vendor root)"
-    return f"{name} format on a TEST CHAIN you trusted explicitly: NOT hardware, NOT a TEE"
+        return f"{name} (vendor root)"
+    return f"{name.rsplit(' ', 1)[0]} format on a TEST CHAIN you trusted explicitly: NOT hardware, NOT a TEE"
 
 
 def _hardware_policy(policy: Policy) -> HardwarePolicy:
@@ -64,8 +69,8 @@ def _root_check(verdict: Verdict) -> Check:
 
 
 def _launch_check(tee: str, verdict: Verdict, hw: HardwarePolicy) -> Check:
-    label, field = _LAUNCH[tee]
-    value = str(verdict.claims.get("measurement" if tee == "sev-snp" else "mrtd", "?"))
+    label, field, claim = _LAUNCH[tee]
+    value = str(verdict.claims.get(claim, "?"))
     if hw.expected(field) is None:
         return Check(
             "launch measurement",
@@ -90,16 +95,17 @@ def verify_hw(
     Then manifest, sandbox, measurement, freshness and key binding (report data = SHA-256(TLS SPKI ‖ receipt key)).
     """
     tee = evidence.tee
+    level = Level.SGX if tee == "sgx" else Level.SEV
     checks.append(Check("evidence format", True, f"{evidence.statement['format']} ({tee}) in TCG DICE extension"))
-    if policy.min_level > Level.SEV:
-        msg = f"the kernel's level sev ({tee}) is below the policy's minimum {policy.min_level.label}"
+    if policy.min_level > level:
+        msg = f"the kernel's level {level.label} ({tee}) is below the policy's minimum {policy.min_level.label}"
         raise LevelTooLow(msg)
     hw = _hardware_policy(policy)
     verdict = verify_hw_report(
         tee, evidence.report, evidence.auxblob, hw, statement_report_data(evidence.statement_bytes)
     )
     vendor = bool(verdict.claims.get("vendor_root"))
-    checks.append(Check("level", True, f"sev ≥ minimum {policy.min_level.label} ({tee_text(tee, vendor)})"))
+    checks.append(Check("level", True, f"{level.label} ≥ minimum {policy.min_level.label} ({tee_text(tee, vendor)})"))
     not_checked = ", ".join(c.name for c in verdict.not_checked if c.name != "report data")
     checks.append(
         Check(
@@ -112,15 +118,15 @@ def verify_hw(
     checks.append(_root_check(verdict))
     checks.append(_launch_check(tee, verdict, hw))
     evidence.check_manifest()
-    sandbox = _check_sandbox(evidence.statement, Level.SEV, policy, checks)
+    sandbox = _check_sandbox(evidence.statement, level, policy, checks)
     measurement, local = _check_measurement(evidence.statement, policy, checks)
     t = _check_freshness(evidence.statement, policy, now, check_freshness, checks)
     _check_key_binding(evidence.statement, spki, evidence.receipt_key, checks)
     return AttestationReport(
-        level=Level.SEV,
+        level=level,
         measurement=measurement,
         expected_measurement=local,
-        platform=f"{tee} {verdict.claims.get('chip_id') or verdict.claims.get('mrtd') or '?'}"[:48],
+        platform=f"{tee} {verdict.claims.get(_LAUNCH[tee][2]) or '?'}"[:48],
         manifest=evidence.statement["manifest"],
         evidence_time=t,
         receipt_key=evidence.receipt_key,

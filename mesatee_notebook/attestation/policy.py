@@ -260,10 +260,10 @@ class AttestationReport:
         """The level for people: ``tpm`` names its kind (``TPM 2.0 (software TPM)``), ``sev`` its TEE and root."""
         if self.level is Level.TPM:
             return f"tpm — {_tpm_kind_text(self.tpm_kind)}"
-        if self.level is Level.SEV and self.hw_tee is not None:
+        if self.hw_tee is not None:
             from mesatee_notebook.attestation.hw_policy import tee_text
 
-            return f"sev — {tee_text(self.hw_tee, self.hw_vendor_root)}"
+            return f"{self.level.label} — {tee_text(self.hw_tee, self.hw_vendor_root)}"
         return self.level.label
 
     @property
@@ -308,7 +308,7 @@ class AttestationReport:
             return CERTIFIED_TPM_NOTE
         if self.level is Level.TPM:
             return UNCERTIFIED_TPM_NOTE
-        if self.level is Level.SEV and self.hw_tee is not None and not self.hw_vendor_root:
+        if self.hw_tee is not None and not self.hw_vendor_root:
             return TEST_CHAIN_NOTE
         return self.level.trust_note
 
@@ -375,8 +375,8 @@ UNCERTIFIED_TPM_NOTE = (
     "no EK CA is pinned, so nothing tells it from a software TPM. The host can still read the kernel's memory."
 )
 TEST_CHAIN_NOTE = (
-    "sev on a TEST CHAIN: the report is SEV-SNP/TDX-shaped and verifies, but under a root this policy trusts "
-    "explicitly, not AMD's or Intel's (the mimic configfs-tsm tree of the tests). NOT a TEE: no memory is protected."
+    "on a TEST CHAIN: the report is SEV-SNP/TDX/SGX-shaped and verifies, but under a root this policy trusts "
+    "explicitly, not AMD's or Intel's (the mimic tree of the tests). NOT a TEE: no memory is protected."
 )
 CERTIFIED_TPM_NOTE = (
     "tpm: a TPM chip whose EK chains to the CA you pinned quotes the boot PCRs and the application PCR; the "
@@ -668,7 +668,7 @@ def tpm_hello_request(
     """
     from mesatee_notebook.attestation.tpm import make_credential
 
-    if report.level is Level.SEV and report.hw_tee is not None:
+    if report.hw_tee is not None:
         from mesatee_notebook.attestation.hw_policy import hw_hello_request
 
         return hw_hello_request(report)
@@ -709,7 +709,7 @@ def check_tpm_hello(
     """
     from mesatee_notebook.attestation.tpm import verify_fresh_quote
 
-    if report.level is Level.SEV and report.hw_tee is not None:
+    if report.hw_tee is not None:
         from mesatee_notebook.attestation.hw_policy import check_hw_hello
 
         return check_hw_hello(report, kept, reply, policy)

@@ -95,7 +95,7 @@ class KernelIdentity:
         audit = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw) if key is not None else b""
         statement = {
             "format": HW_EVIDENCE_FORMAT,
-            "level": Level.SEV.label,
+            "level": hw.level.label,
             "tee": hw.tee,
             "source": hw.source,
             "measurement": self.measurement,
@@ -106,15 +106,15 @@ class KernelIdentity:
             "audit_key": fingerprint(audit) if audit else "",
             "sandbox": self.sandbox if self.sandbox is not None else {"active": False, "why": "--no-sandbox"},
         }
-        report = hw.report(statement_report_data(canonical_json(statement)))
-        return make_hw_evidence(statement, report.outblob, report.auxblob)
+        report, auxblob = hw.report(statement_report_data(canonical_json(statement)))
+        return make_hw_evidence(statement, report, auxblob)
 
     def hw_hello(self, nonce: object) -> dict[str, Any]:
-        """What a sev kernel adds to ``hello.ok``: a report over the key binding and this connection's nonce."""
+        """What a sev/sgx kernel adds to ``hello.ok``: a report over the key binding and this connection's nonce."""
         if self.hw is None or not isinstance(nonce, bytes) or not 16 <= len(nonce) <= 32:
             return {}
-        rep = self.hw.report(fresh_report_data(self.report_data, nonce))
-        return {"hw_report": {"report": rep.outblob, "auxblob": rep.auxblob}}
+        report, auxblob = self.hw.report(fresh_report_data(self.report_data, nonce))
+        return {"hw_report": {"report": report, "auxblob": auxblob}}
 
     @property
     def report_data(self) -> str:
@@ -149,7 +149,7 @@ class KernelIdentity:
         """
         out: dict[str, Any] = {}
         nonce, challenge = header.get("tpm_nonce"), header.get("tpm_credential")
-        if self.hw is not None:  # sev: the same evidence-nonce field asks for a fresh hardware report
+        if self.hw is not None:  # sev/sgx: the same evidence-nonce field asks for a fresh hardware report
             return self.hw_hello(nonce)
         if self.tpm is None:
             return out

@@ -118,7 +118,7 @@ class Kernel:
         # sev: a configfs-tsm guest (or, tests only, a mimic tree); sgx and absent hardware: a typed refusal
         self.hw = open_level_hardware(config.level, config.hw_tee, config.hw_root)
         config.level.require_available(
-            AVAILABLE_LEVELS | ({Level.TPM} if self.tpm else set()) | ({Level.SEV} if self.hw else set())
+            AVAILABLE_LEVELS | ({Level.TPM} if self.tpm else set()) | ({self.hw.level} if self.hw else set())
         )
         self.hardening = harden_process()
         self.sandbox: Sandbox | None = None
@@ -135,7 +135,7 @@ class Kernel:
         platform_key = None
         self.sealing_secret: bytes | None = None
         self.platform_fingerprint = "none"
-        if config.level in (Level.SOFTTEE, Level.TPM, Level.SEV):  # tpm/sev: it signs the audit log, roots sealing
+        if config.level is not Level.UNPROTECTED:  # tpm/sev/sgx too: it signs the audit log and roots sealing
             platform = load_platform(config.data_dir, secret_in_tpm_ok=self.tpm is not None)
             platform_key = platform.key
             self.sealing_secret = platform.sealing_secret

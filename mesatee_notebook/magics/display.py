@@ -77,7 +77,7 @@ def _level_badge(report: AttestationReport) -> tuple[str, str]:
         return {"software": ("SOFTWARE TPM", _AMBER), "hardware": ("TPM CHIP, EK CERTIFIED", _GREEN)}.get(
             str(report.tpm_kind), ("UNCERTIFIED TPM", _AMBER)
         )
-    if report.level is Level.SEV and report.hw_tee is not None and not report.hw_vendor_root:
+    if report.hw_tee is not None and not report.hw_vendor_root:
         return ("TEST CHAIN, NOT HARDWARE", _RED)  # the mimic configfs-tsm tree: a root the policy trusts, not a vendor
     return _BADGES.get(report.level, ("HARDWARE TRUST", _GREEN))
 

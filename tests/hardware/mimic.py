@@ -1,11 +1,13 @@
-"""TEST ONLY: a mimic configfs-tsm guest tree, and the "firmware" that signs its reports with a test chain.
+"""TEST ONLY: a mimic configfs-tsm guest (or Gramine enclave) tree, and the "firmware" that signs with a test chain.
 
 Nothing here is hardware. :class:`MimicFirmware` lays out ``sys/kernel/config/tsm/report`` and ``dev/sev-guest`` (or
-``dev/tdx_guest``) in a temporary directory and answers, on ``mimic-firmware.sock``, the requests the package's
-``MimicTsm`` sends when the kernel writes ``inblob``: a correctly structured SEV-SNP report v3 (ECDSA P-384 over
+``dev/tdx_guest``; or Gramine's ``dev/attestation``) in a temporary directory and answers, on ``mimic-firmware.sock``,
+the requests the package's ``MimicTsm`` (``MimicGramine``) sends when the kernel writes ``inblob``
+(``user_report_data``): a correctly structured SEV-SNP report v3 (ECDSA P-384 over
 ``[0:0x2A0]`` by a VCEK whose chain VCEK <- ASK <- ARK is RSA-PSS SHA-384, all generated here, with the VCEK's product,
 hwID and TCB extensions) plus its certificate table for ``auxblob``; or a TDX DCAP v4 quote (ECDSA P-256 by an
-attestation key that a QE report binds, the QE report signed by a PCK leaf chaining to a test root). The package's
+attestation key that a QE report binds, the QE report signed by a PCK leaf chaining to a test root), or an SGX DCAP
+v3 quote signed the same way. The package's
 verifiers check them exactly as a vendor's; only a policy that lists the test root in
 ``HardwarePolicy.extra_trusted_roots`` accepts them.
 """
@@ -168,19 +170,11 @@ class TdxTestChain:
     def root_pem(self) -> bytes:
         return _pem(self.root)
 
-    def quote(self, report_data: bytes, *, mrtd: bytes = b"\x33" * 48, tamper: bool = False) -> bytes:
-        """A TDX DCAP quote v4 (TDX 1.0 body) over ``report_data``, with QE report and PCK chain (type 6 / 5)."""
-        header = struct.pack("<HHIHH", 4, 2, 0x81, 7, 13) + _INTEL_QE_VENDOR + b"\x00" * 20
-        body = bytearray(584)
-        body[0:16] = b"\x03" * 16  # TEE TCB SVN
-        body[16:64] = b"\x44" * 48  # MRSEAM
-        struct.pack_into("<Q", body, 120, 1 << 28)  # TD attributes: SEPT_VE_DISABLE, not DEBUG
-        struct.pack_into("<Q", body, 128, 0xE7)  # XFAM
-        body[136:184] = mrtd
-        for i in range(4):
-            body[328 + 48 * i : 376 + 48 * i] = bytes([0x50 + i]) * 48  # RTMR0..3
-        body[520:584] = report_data.ljust(64, b"\x00")
-        signed = header + bytes(body)
+    def _signature_data(self, signed: bytes, *, wrapped: bool) -> bytes:
+        """Quote signature, attestation key, QE report (binding that key) signed by the PCK, PCK chain (type 5).
+
+        ``wrapped``: v4 puts the QE part inside certification data type 6; v3 has it inline.
+        """
         point = self.attest_key.public_key().public_bytes(
             serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
         )[1:]
@@ -198,7 +192,39 @@ class TdxTestChain:
             + struct.pack("<HI", 5, len(chain))
             + chain
         )
-        sig_data = _p256_sig(self.attest_key, signed) + point + struct.pack("<HI", 6, len(inner)) + inner
+        head = _p256_sig(self.attest_key, signed) + point
+        return head + (struct.pack("<HI", 6, len(inner)) + inner if wrapped else inner)
+
+    def sgx_quote(self, report_data: bytes, *, mrenclave: bytes = b"\x88" * 32, tamper: bool = False) -> bytes:
+        """An SGX DCAP quote v3 (what Gramine's /dev/attestation/quote returns) over ``report_data``."""
+        header = struct.pack("<HHIHH", 3, 2, 0, 7, 13) + _INTEL_QE_VENDOR + b"\x00" * 20
+        body = bytearray(384)
+        struct.pack_into("<QQ", body, 48, 0x5, 0x3)  # attributes: INIT | MODE64BIT, not DEBUG; XFRM
+        body[64:96] = mrenclave
+        body[128:160] = b"\x89" * 32  # MRSIGNER
+        struct.pack_into("<HH", body, 256, 1, 2)  # ISVPRODID, ISVSVN
+        body[320:384] = report_data.ljust(64, b"\x00")
+        signed = header + bytes(body)
+        sig_data = self._signature_data(signed, wrapped=False)
+        quote = bytearray(signed + struct.pack("<I", len(sig_data)) + sig_data)
+        if tamper:
+            quote[48 + 64] ^= 0x01  # one bit of the signed MRENCLAVE
+        return bytes(quote)
+
+    def quote(self, report_data: bytes, *, mrtd: bytes = b"\x33" * 48, tamper: bool = False) -> bytes:
+        """A TDX DCAP quote v4 (TDX 1.0 body) over ``report_data``, with QE report and PCK chain (type 6 / 5)."""
+        header = struct.pack("<HHIHH", 4, 2, 0x81, 7, 13) + _INTEL_QE_VENDOR + b"\x00" * 20
+        body = bytearray(584)
+        body[0:16] = b"\x03" * 16  # TEE TCB SVN
+        body[16:64] = b"\x44" * 48  # MRSEAM
+        struct.pack_into("<Q", body, 120, 1 << 28)  # TD attributes: SEPT_VE_DISABLE, not DEBUG
+        struct.pack_into("<Q", body, 128, 0xE7)  # XFAM
+        body[136:184] = mrtd
+        for i in range(4):
+            body[328 + 48 * i : 376 + 48 * i] = bytes([0x50 + i]) * 48  # RTMR0..3
+        body[520:584] = report_data.ljust(64, b"\x00")
+        signed = header + bytes(body)
+        sig_data = self._signature_data(signed, wrapped=True)
         quote = bytearray(signed + struct.pack("<I", len(sig_data)) + sig_data)
         if tamper:
             quote[48 + 136] ^= 0x01  # one bit of the signed MRTD
@@ -213,7 +239,7 @@ class _Handler(socketserver.StreamRequestHandler):
 
 
 class MimicFirmware:
-    """A mimic SEV-SNP or TDX guest tree in ``root``, answering on ``root/mimic-firmware.sock`` in a thread.
+    """A mimic SEV-SNP or TDX guest (or Gramine SGX enclave) tree in ``root``, answering on its socket in a thread.
 
     ``mode`` changes what the next reports are: ``ok``; ``tamper`` (a signed bit flipped after signing);
     ``replay`` (the first report made, whatever inblob asks); ``other-guest`` (another launch measurement).
@@ -225,10 +251,16 @@ class MimicFirmware:
         self.inblobs: list[bytes] = []
         self._first: dict[str, bytes] | None = None
         self.snp = SnpTestChain() if tee == "sev-snp" else None
-        self.tdx = TdxTestChain() if tee == "tdx" else None
-        (root / "sys/kernel/config/tsm/report").mkdir(parents=True)
-        (root / "dev").mkdir()
-        (root / "dev" / ("sev-guest" if tee == "sev-snp" else "tdx_guest")).touch()
+        self.tdx = TdxTestChain() if tee in ("tdx", "sgx") else None
+        if tee == "sgx":
+            gramine = root / "dev/attestation"
+            gramine.mkdir(parents=True)
+            (gramine / "attestation_type").write_text("dcap\n")
+            (gramine / "quote").write_bytes(b"")
+        else:
+            (root / "sys/kernel/config/tsm/report").mkdir(parents=True)
+            (root / "dev").mkdir()
+            (root / "dev" / ("sev-guest" if tee == "sev-snp" else "tdx_guest")).touch()
         self.server = socketserver.ThreadingUnixStreamServer(str(root / "mimic-firmware.sock"), _Handler)
         self.server.firmware = self  # type: ignore[attr-defined]
         self.thread = threading.Thread(target=self.server.serve_forever, name="mimic-firmware", daemon=True)
@@ -254,6 +286,10 @@ class MimicFirmware:
                 "outblob": self.snp.report(inblob, measurement=b"\x99" * 48 if other else b"\x11" * 48, tamper=tamper),
                 "auxblob": self.snp.cert_table(),
             }
+        elif self.tee == "sgx":
+            assert self.tdx is not None
+            mrenclave = b"\x97" * 32 if other else b"\x88" * 32
+            out = {"outblob": self.tdx.sgx_quote(inblob, mrenclave=mrenclave, tamper=tamper)}
         else:
             assert self.tdx is not None
             out = {"outblob": self.tdx.quote(inblob, mrtd=b"\x98" * 48 if other else b"\x33" * 48, tamper=tamper)}

@@ -33,14 +33,22 @@ def test_sev_means_either_tee() -> None:
     assert {"/dev/sev-guest", "/dev/tdx_guest"} <= set(err.details["looked_for"])
 
 
-def test_present_sgx_is_still_refused_as_not_built(tmp_path: Path) -> None:
-    """A mimic Gramine tree (attestation_type dcap + quote): the refusal says serving is not built, not 'missing'."""
+def test_gramine_without_dcap_is_refused_as_unusable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mimic Gramine tree whose attestation type is epid: present, but it makes no DCAP quotes; no fallback."""
+    from mesatee_notebook.enclave.hw_providers import MIMIC_ENV, open_hardware_reporter
+
     (tmp_path / "dev/attestation").mkdir(parents=True)
-    (tmp_path / "dev/attestation/attestation_type").write_text("dcap\n")
+    (tmp_path / "dev/attestation/attestation_type").write_text("epid\n")
     (tmp_path / "dev/attestation/quote").write_bytes(b"")
     err = hardware_level_error("sgx", root=tmp_path)
     assert err.details["found"] == ["sgx"] and err.details["missing"] == []
-    assert "not built yet" in err.message and "Gramine" in err.message
+    assert "cannot make reports" in err.message and "dcap" in err.message
+    monkeypatch.setenv(MIMIC_ENV, "1")
+    with pytest.raises(HardwareLevelUnavailable, match="dcap"):
+        open_hardware_reporter("sgx", tmp_path)
+    (tmp_path / "dev/attestation/attestation_type").write_text("dcap\n")
+    reporter = open_hardware_reporter("sgx", tmp_path)
+    assert reporter.tee == "sgx" and reporter.mimic and "NOT hardware" in reporter.description
 
 
 def test_present_snp_tree_is_served_only_as_a_test_mimic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
