@@ -23,6 +23,7 @@ plus any root the caller trusts explicitly in ``HardwarePolicy.extra_trusted_roo
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -162,12 +163,15 @@ def verify_hw_report(tee: str, report: bytes, auxblob: bytes, policy: HardwarePo
     raise MalformedEvidence(msg)
 
 
-def check_same_guest(tee: str, first: Verdict, fresh: Verdict) -> None:
-    """A connection's fresh report must come from the guest (same launch identity) the certificate's report names."""
+def check_same_guest(tee: str, first: Mapping[str, Any], fresh: Mapping[str, Any]) -> None:
+    """A connection's fresh report must come from the guest (same launch identity) the certificate's report names.
+
+    ``first`` and ``fresh`` are the verified claims of the two reports.
+    """
     for name in IDENTITY_CLAIMS[tee]:
-        if first.claims.get(name) != fresh.claims.get(name):
+        if first.get(name) != fresh.get(name):
             msg = (
-                f"the report made for this connection has another {name} ({str(fresh.claims.get(name))[:16]}…) than "
-                f"the certificate's ({str(first.claims.get(name))[:16]}…): another guest answered"
+                f"the report made for this connection has another {name} ({str(fresh.get(name))[:16]}…) than "
+                f"the certificate's ({str(first.get(name))[:16]}…): another guest answered"
             )
             raise MeasurementMismatch(msg, check="fresh report")

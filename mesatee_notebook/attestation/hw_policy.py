@@ -138,6 +138,7 @@ def verify_hw(
         hw_tee=tee,
         hw_vendor_root=vendor,
         hw_source=str(evidence.statement["source"]),
+        hw_claims=dict(verdict.claims),
     )
 
 
@@ -170,9 +171,6 @@ def check_hw_hello(
         raise ReplayedQuote(msg)
     hw = _hardware_policy(policy) if policy is not None else HardwarePolicy()
     tee = evidence.tee
-    first = verify_hw_report(
-        tee, evidence.report, evidence.auxblob, hw, statement_report_data(evidence.statement_bytes)
-    )
     try:
         now = verify_hw_report(
             tee, blob, aux or evidence.auxblob, hw, fresh_report_data(evidence.statement["report_data"], kept["nonce"])
@@ -183,6 +181,6 @@ def check_hw_hello(
             f"another connection): {exc}"
         )
         raise ReplayedQuote(msg) from exc
-    check_same_guest(tee, first, now)
+    check_same_guest(tee, report.hw_claims, now.claims)
     added = Check("fresh report", True, f"{now.format} over this connection's nonce, same guest and launch")
     return replace(report, checks=(*report.checks, added))

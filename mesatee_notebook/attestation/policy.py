@@ -254,6 +254,7 @@ class AttestationReport:
     hw_tee: str | None = None
     hw_vendor_root: bool | None = None
     hw_source: str | None = None
+    hw_claims: Mapping[str, Any] = field(default_factory=dict)  # the verified report's claims (sev, sgx)
 
     @property
     def level_text(self) -> str:
