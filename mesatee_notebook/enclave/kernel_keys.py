@@ -1,4 +1,4 @@
-"""The kernel's in-memory identity: TLS key, receipt key, evidence (softtee, TPM or SEV-SNP/TDX) and RA-TLS cert."""
+"""The kernel's in-memory identity: TLS key, receipt key, evidence (softtee, TPM, SNP/TDX/SGX) and RA-TLS cert."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ class KernelIdentity:
     def tpm_claims(self) -> dict[str, str]:
         """What receipts and ``hello.ok`` add for the level: its TPM kind, or its TEE and evidence source.
 
-        At tpm the kind of TPM (``software`` for swtpm) as it reports itself; at sev the TEE and the source
+        At tpm the kind of TPM (``software`` for swtpm) as it reports itself; at sev/sgx the TEE and the source
         (``mimic`` for the test-only tree).
         """
         if self.hw is not None:

@@ -115,7 +115,7 @@ class Kernel:
             if config.level is Level.TPM
             else None
         )
-        # sev: a configfs-tsm guest (or, tests only, a mimic tree); sgx and absent hardware: a typed refusal
+        # sev: a configfs-tsm guest, sgx: Gramine (tests only: a mimic tree); absent hardware: a typed refusal
         self.hw = open_level_hardware(config.level, config.hw_tee, config.hw_root)
         config.level.require_available(
             AVAILABLE_LEVELS | ({Level.TPM} if self.tpm else set()) | ({self.hw.level} if self.hw else set())
