@@ -148,6 +148,13 @@ def _enclave_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-cell-timeout", type=float, default=24 * 3600.0)
     _tpm_arguments(sp)
     sp.add_argument(
+        "--hw-root",
+        type=Path,
+        default=None,
+        help="TESTS ONLY (needs MESATEE_TEST_MIMIC_HARDWARE=1): serve --level sev|tdx|sev-snp|sgx from a mimic "
+        "configfs-tsm or Gramine tree signed by a test chain; NOT hardware",
+    )
+    sp.add_argument(
         "--anonymous-max-payload",
         type=_size,
         default=64 << 20,
@@ -345,15 +352,10 @@ def _serving_pid(data_dir: Path) -> int | None:
 
 
 def _serve_level(text: str) -> Level:
-    """The level to serve; a hardware level (sgx, tdx, sev-snp) raises what it looked for and did not find."""
+    """The level to serve (sev, tdx, sev-snp, sgx: the kernel opens the device, or says what it did not find)."""
     from mesatee_notebook.attestation.levels import Level
 
-    level = Level.parse(text)
-    if level in (Level.SEV, Level.SGX):
-        from mesatee_notebook.enclave.hw_providers import hardware_level_error
-
-        raise hardware_level_error(text)
-    return level
+    return Level.parse(text)
 
 
 def _cluster_node(args: argparse.Namespace) -> int:
@@ -414,6 +416,8 @@ def _serve_config(args: argparse.Namespace) -> tuple[Level, KernelConfig]:
         tpm_app_pcr=args.tpm_app_pcr,
         tpm_boot_pcrs=args.tpm_boot_pcrs,
         tpm_ek=args.tpm_ek,
+        hw_tee=str(args.level).strip().lower(),
+        hw_root=args.hw_root,
         anonymous_limits=replace(ANONYMOUS_LIMITS, max_payload=min(args.anonymous_max_payload, args.max_payload)),
         idle_connection_timeout=args.idle_connection_timeout,
         anonymous_inflight_bytes=args.anonymous_inflight_bytes,
@@ -450,7 +454,14 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"  TPM         {tpm.vendor} ({tpm.kind}), application PCR {tpm.app_pcr}", flush=True)
         if tpm.kind == "software":
             print("  a software TPM is SOFTWARE trust: whoever runs swtpm holds its keys.", flush=True)
-    print(f"  {level.trust_note}", flush=True)
+    if kernel.hw is not None:
+        print(f"  hardware    {kernel.hw.description}", flush=True)
+        if kernel.hw.mimic:
+            print(f"WARNING: {kernel.hw.description}", file=sys.stderr, flush=True)
+    mimic = kernel.hw is not None and kernel.hw.mimic
+    print(
+        f"  {'MIMIC: NOT a TEE and NOT hardware trust (a test chain signs)' if mimic else level.trust_note}", flush=True
+    )
     if kernel.sandbox is not None:
         print(f"  sandbox     {kernel.sandbox.summary()}", flush=True)
     else:

@@ -28,6 +28,7 @@ import cbor2
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from mesatee_notebook.attestation.hw_evidence import HW_TAG, HwEvidence, parse_hw_evidence
 from mesatee_notebook.attestation.levels import Level
 from mesatee_notebook.attestation.measurement import canonical_json, measurement_of
 from mesatee_notebook.attestation.statement import parse_statement
@@ -151,8 +152,8 @@ _REQUIRED: dict[str, type] = {
 }
 
 
-def parse_evidence(raw: bytes) -> SoftteeEvidence | TpmEvidence:
-    """Parse evidence bytes (softtee/unprotected, or TPM); raise MalformedEvidence on anything unexpected.
+def parse_evidence(raw: bytes) -> SoftteeEvidence | TpmEvidence | HwEvidence:
+    """Parse evidence bytes (softtee/unprotected, TPM, SEV-SNP/TDX); raise MalformedEvidence on anything unexpected.
 
     The same bytes parse to the same (frozen, not yet trusted) object: a connect parses its evidence several times
     (certificate check, hello, activation cache), so the last few parses are kept. Failures are not cached.
@@ -161,7 +162,7 @@ def parse_evidence(raw: bytes) -> SoftteeEvidence | TpmEvidence:
 
 
 @functools.lru_cache(maxsize=16)
-def _parse_cached(raw: bytes) -> SoftteeEvidence | TpmEvidence:
+def _parse_cached(raw: bytes) -> SoftteeEvidence | TpmEvidence | HwEvidence:
     try:
         tagged = cbor2.loads(raw)
     except Exception as exc:  # cbor2 raises several types on garbage
@@ -169,8 +170,10 @@ def _parse_cached(raw: bytes) -> SoftteeEvidence | TpmEvidence:
         raise MalformedEvidence(msg) from exc
     if isinstance(tagged, cbor2.CBORTag) and tagged.tag == TPM_TAG:
         return parse_tpm_evidence(raw, tagged.value)
+    if isinstance(tagged, cbor2.CBORTag) and tagged.tag == HW_TAG:
+        return parse_hw_evidence(raw, tagged.value)
     if not isinstance(tagged, cbor2.CBORTag) or tagged.tag != SOFTTEE_TAG:
-        msg = "evidence is neither mesatee softtee nor TPM evidence (unexpected CBOR tag)"
+        msg = "evidence is neither mesatee softtee, TPM nor hardware (SEV-SNP/TDX) evidence (unexpected CBOR tag)"
         raise MalformedEvidence(msg)
     value = tagged.value
     if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, bytes) for v in value)):

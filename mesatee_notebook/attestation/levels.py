@@ -73,6 +73,9 @@ LEVEL_DESCRIPTIONS: dict[Level, str] = {
         "tpm: a TPM 2.0 quote vouches for the boot PCRs the policy pins and for the kernel's measurement in the "
         "application PCR; memory is not encrypted. With swtpm (a software TPM) it is software trust."
     ),
-    Level.SEV: "sev: an AMD SEV-SNP or Intel TDX guest; the CPU vendor vouches for the launch measurement.",
+    Level.SEV: (
+        "sev: an AMD SEV-SNP or Intel TDX guest; the CPU vendor vouches for the launch measurement, which covers "
+        "this code only if the guest image contains it and the policy pins that measurement."
+    ),
     Level.SGX: "sgx: an Intel SGX enclave; Intel's root vouches for MRENCLAVE/MRSIGNER.",
 }

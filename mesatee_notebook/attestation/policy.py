@@ -20,12 +20,13 @@ import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_public_key
 
 from mesatee_notebook.attestation.evidence import fingerprint, parse_evidence, report_data_for
+from mesatee_notebook.attestation.hw_evidence import HwEvidence
 from mesatee_notebook.attestation.levels import Level
 from mesatee_notebook.attestation.measurement import expected_measurement
 from mesatee_notebook.attestation.ratls import evidence_from_certificate, load_certificate, spki_der
@@ -46,6 +47,9 @@ from mesatee_notebook.errors import (
     UntrustedAttestationKey,
     UntrustedPlatform,
 )
+
+if TYPE_CHECKING:  # the hardware verifiers load only when a sev kernel is met
+    from mesatee_notebook.attestation.hardware.policy import HardwarePolicy
 
 __all__ = [
     "AttestationReport",
@@ -136,7 +140,8 @@ class Policy:
     ``tpm_ek_roots`` are EK CA certificates (PEM text, DER bytes or paths to PEM files: the TPM
     manufacturer's root and intermediates, or swtpm's local CA). With them, a TPM kernel's AK need
     not be pinned: its EK must chain to one, and the AK is proved to sit beside that EK by credential
-    activation on the live connection.
+    activation on the live connection. ``hardware`` is what a ``sev`` kernel (SEV-SNP or TDX guest) must show:
+    its launch measurement and the roots trusted besides the pinned AMD and Intel ones (a test chain).
     """
 
     measurements: tuple[str, ...] | None = None
@@ -152,6 +157,7 @@ class Policy:
     # later connections only need the fresh quote.
     _tpm_activated: set[tuple[str, str]] = field(default_factory=set, init=False, compare=False, repr=False)
     require_sandbox: bool = True
+    hardware: HardwarePolicy | None = None
 
     def __init__(
         self,
@@ -164,6 +170,7 @@ class Policy:
         allow_software_tpm: bool = True,
         tpm_ek_roots: Iterable[str | bytes | Path] = (),
         require_sandbox: bool = True,
+        hardware: HardwarePolicy | None = None,
     ) -> None:
         object.__setattr__(
             self, "measurements", None if measurements is None else tuple(m.lower() for m in measurements)
@@ -180,6 +187,7 @@ class Policy:
         object.__setattr__(self, "tpm_ek_roots", _ek_roots(tpm_ek_roots))
         object.__setattr__(self, "_tpm_activated", set())
         object.__setattr__(self, "require_sandbox", bool(require_sandbox))
+        object.__setattr__(self, "hardware", hardware)
 
     def with_roots(self, *roots: str) -> Policy:
         """A copy that also pins ``roots``."""
@@ -243,12 +251,20 @@ class AttestationReport:
     tpm_vendor: str | None = None
     audit_key: str | None = None
     tpm_activation: bool = False
+    hw_tee: str | None = None
+    hw_vendor_root: bool | None = None
+    hw_source: str | None = None
+    hw_claims: Mapping[str, Any] = field(default_factory=dict)  # the verified report's claims (sev, sgx)
 
     @property
     def level_text(self) -> str:
-        """The level for people: ``tpm`` always names its kind (``TPM 2.0 (software TPM)``)."""
+        """The level for people: ``tpm`` names its kind (``TPM 2.0 (software TPM)``), ``sev`` its TEE and root."""
         if self.level is Level.TPM:
             return f"tpm — {_tpm_kind_text(self.tpm_kind)}"
+        if self.hw_tee is not None:
+            from mesatee_notebook.attestation.hw_policy import tee_text
+
+            return f"{self.level.label} — {tee_text(self.hw_tee, self.hw_vendor_root)}"
         return self.level.label
 
     @property
@@ -293,6 +309,8 @@ class AttestationReport:
             return CERTIFIED_TPM_NOTE
         if self.level is Level.TPM:
             return UNCERTIFIED_TPM_NOTE
+        if self.hw_tee is not None and not self.hw_vendor_root:
+            return TEST_CHAIN_NOTE
         return self.level.trust_note
 
     def age(self, now: dt.datetime | None = None) -> dt.timedelta:
@@ -357,6 +375,10 @@ UNCERTIFIED_TPM_NOTE = (
     "tpm: a TPM that says it is a chip quotes the boot PCRs and the application PCR with the AK you pinned; "
     "no EK CA is pinned, so nothing tells it from a software TPM. The host can still read the kernel's memory."
 )
+TEST_CHAIN_NOTE = (
+    "on a TEST CHAIN: the report is SEV-SNP/TDX/SGX-shaped and verifies, but under a root this policy trusts "
+    "explicitly, not AMD's or Intel's (the mimic tree of the tests). NOT a TEE: no memory is protected."
+)
 CERTIFIED_TPM_NOTE = (
     "tpm: a TPM chip whose EK chains to the CA you pinned quotes the boot PCRs and the application PCR; the "
     "boot PCRs you pin are what it proves. The host OS can still read the kernel's memory."
@@ -412,6 +434,10 @@ def verify_certificate(
     evidence = parse_evidence(raw)
     if isinstance(evidence, TpmEvidence):
         return _verify_tpm(cert_der, spki_der(cert), evidence, policy, now, check_freshness, checks, live)
+    if isinstance(evidence, HwEvidence):
+        from mesatee_notebook.attestation.hw_policy import verify_hw
+
+        return verify_hw(cert_der, spki_der(cert), evidence, policy, now, check_freshness, checks)
     level = evidence.level
     checks.append(Check("evidence format", True, f"{evidence.statement['format']} in TCG DICE extension"))
 
@@ -643,6 +669,10 @@ def tpm_hello_request(
     """
     from mesatee_notebook.attestation.tpm import make_credential
 
+    if report.hw_tee is not None:
+        from mesatee_notebook.attestation.hw_policy import hw_hello_request
+
+        return hw_hello_request(report)
     if report.level is not Level.TPM:
         return {}, {}
     nonce = secrets.token_bytes(32)
@@ -680,6 +710,10 @@ def check_tpm_hello(
     """
     from mesatee_notebook.attestation.tpm import verify_fresh_quote
 
+    if report.hw_tee is not None:
+        from mesatee_notebook.attestation.hw_policy import check_hw_hello
+
+        return check_hw_hello(report, kept, reply, policy)
     if not kept:
         return report
     evidence = _tpm_evidence_of(report)

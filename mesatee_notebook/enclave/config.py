@@ -44,6 +44,8 @@ class KernelConfig:
     tpm_app_pcr: int = 23
     tpm_boot_pcrs: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)
     tpm_ek: str = "auto"  # the certified EK to activate with: rsa, ecc, or auto (RSA if certified, else ECC)
+    hw_tee: str = "sev"  # at level sev: the TEE asked for (sev: either, tdx, sev-snp); sgx ignores it
+    hw_root: Path | None = None  # TESTS ONLY: a mimic configfs-tsm/Gramine tree (needs MESATEE_TEST_MIMIC_HARDWARE=1)
     sandbox: bool = True
     untrusted_dir: Path | None = None
     sandbox_limits: SandboxLimits = field(default_factory=SandboxLimits)

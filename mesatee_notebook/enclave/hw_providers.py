@@ -10,26 +10,45 @@
 Every function takes ``root``, the filesystem root these paths hang from (``/`` on real
 hardware), so tests can point it at a temporary tree. Such tests exercise the file ABI
 only; they are **not** hardware tests and prove nothing about a real TEE.
+
+Serving (``serve --level sev|tdx|sev-snp|sgx``) goes through :func:`open_hardware_reporter`: on real hardware it is
+:class:`ConfigfsTsm` or :class:`GramineAttestation` at ``/``. ``serve --hw-root DIR`` (refused unless
+``MESATEE_TEST_MIMIC_HARDWARE=1``) uses :class:`MimicTsm` / :class:`MimicGramine` instead: a plain directory cannot
+generate ``outblob`` (or ``quote``) when ``inblob`` (``user_report_data``) is written, so they play that part of the
+Linux kernel (or of Gramine) and ask a test-only "firmware" listening on
+``DIR/mimic-firmware.sock`` (``tests/hardware/mimic.py``; nothing in this package can sign a report). Everything else,
+the report flow here, the evidence and the client's verification, is the code a real guest runs.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
+import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+import cbor2
 
 from mesatee_notebook.attestation.hardware._dcap import looks_like_quote, parse_quote
 from mesatee_notebook.attestation.levels import Level
 from mesatee_notebook.errors import HardwareLevelUnavailable, LevelNotAvailableError, MalformedEvidence
 
 __all__ = [
+    "MIMIC_ENV",
     "ConfigfsTsm",
     "GramineAttestation",
+    "HardwareReporter",
+    "MimicGramine",
+    "MimicTsm",
     "TsmReport",
     "available_hardware_levels",
     "get_hardware_evidence",
     "hardware_level_error",
+    "open_hardware_reporter",
+    "open_level_hardware",
 ]
 
 REPORT_DATA_SIZE = 64
@@ -39,6 +58,8 @@ _TSM_DEVICES = {"tdx_guest": "dev/tdx_guest", "sev_guest": "dev/sev-guest"}
 _TSM_PROVIDERS = {"tdx_guest": "tdx", "sev_guest": "sev-snp"}
 _MAX_BLOB = 1 << 20
 _RETRIES = 3
+MIMIC_ENV = "MESATEE_TEST_MIMIC_HARDWARE"  # =1 lets `serve --hw-root DIR` use a mimic tree (tests only)
+MIMIC_SOCKET = "mimic-firmware.sock"
 
 
 def _report_data(report_data: bytes) -> bytes:
@@ -158,6 +179,149 @@ class ConfigfsTsm:
         return TsmReport(outblob, provider, auxblob, after)
 
 
+class MimicTsm(ConfigfsTsm):
+    """TEST ONLY: configfs-tsm's kernel side on a plain directory; a test "firmware" behind a Unix socket reports.
+
+    Real configfs creates an entry's attribute files on ``mkdir`` and generates ``outblob`` when ``inblob`` is
+    written; a plain directory does neither, so this does it, asking ``root/mimic-firmware.sock`` for the blobs.
+    It holds no key and makes no signature. A kernel using it says MIMIC in its evidence, banner and log.
+    """
+
+    def _new_entry(self) -> Path:
+        entry = super()._new_entry()
+        provider = self.guest_provider() or "none"
+        _write(entry / "generation", b"0\n")
+        _write(entry / "provider", provider.encode() + b"\n")
+        return entry
+
+    def _write_attr(self, entry: Path, name: str, data: bytes) -> None:
+        super()._write_attr(entry, name, data)
+        if name != "inblob":
+            return
+        provider = self._read_attr(entry, "provider").decode("ascii", "replace").strip()
+        answer = _ask_firmware(self.root / MIMIC_SOCKET, {"provider": provider, "inblob": bytes(data)})
+        _write(entry / "outblob", answer.get("outblob", b""))
+        if answer.get("auxblob"):
+            _write(entry / "auxblob", answer["auxblob"])
+        generation = int(self._read_attr(entry, "generation").strip() or b"0")
+        _write(entry / "generation", b"%d\n" % (generation + 1))
+
+    def _remove_entry(self, entry: Path) -> None:
+        for item in entry.iterdir():  # configfs removes attribute files itself; a plain directory needs this
+            item.unlink()
+        super()._remove_entry(entry)
+
+
+def _ask_firmware(path: Path, request: dict[str, object]) -> dict[str, bytes]:
+    """One request to the mimic firmware: CBOR in, CBOR out, the socket half-closed in between."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(str(path))
+        sock.sendall(cbor2.dumps(request))
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    answer = cbor2.loads(b"".join(chunks))
+    if not isinstance(answer, dict) or not all(isinstance(v, bytes) for v in answer.values()):
+        msg = "the mimic firmware answered something that is not {outblob, auxblob} bytes"
+        raise ValueError(msg)
+    return answer
+
+
+class HardwareReporter:
+    """What a ``sev``/``sgx`` kernel asks for reports: one guest or enclave (in tests, a mimic), one at a time.
+
+    ``device`` is a :class:`ConfigfsTsm` (SEV-SNP, TDX) or a :class:`GramineAttestation` (SGX).
+    """
+
+    def __init__(self, device: ConfigfsTsm | GramineAttestation, tee: str, *, mimic: bool) -> None:
+        self.device = device
+        self.tee = tee
+        self.mimic = mimic
+        self._lock = threading.Lock()
+
+    @property
+    def level(self) -> Level:
+        """``Level.SGX`` for an SGX enclave, ``Level.SEV`` for an SEV-SNP or TDX guest."""
+        return Level.SGX if self.tee == "sgx" else Level.SEV
+
+    @property
+    def source(self) -> str:
+        """``configfs-tsm`` or ``gramine``; ``mimic`` for the test-only tree (never shown as hardware)."""
+        if self.mimic:
+            return "mimic"
+        return "gramine" if isinstance(self.device, GramineAttestation) else "configfs-tsm"
+
+    @property
+    def description(self) -> str:
+        """One line for the banner and the log."""
+        what = "enclave" if self.tee == "sgx" else "guest"
+        if self.mimic:
+            return (
+                f"MIMIC {self.tee} {what}: a test-only {self.source_abi} tree at {self.device.root} whose reports a "
+                "test 'firmware' signs with a TEST chain. This is NOT a TEE and NOT hardware."
+            )
+        return f"{self.tee} {what}, {self.source_abi} under {self.device.root}"
+
+    @property
+    def source_abi(self) -> str:
+        """The file interface the reports come through."""
+        return "Gramine /dev/attestation" if isinstance(self.device, GramineAttestation) else "configfs-tsm"
+
+    def report(self, report_data: bytes) -> tuple[bytes, bytes]:
+        """``(report, auxblob)`` over ``report_data`` (64 bytes); a configfs provider that changed TEE is refused."""
+        with self._lock:
+            if isinstance(self.device, GramineAttestation):
+                return self.device.quote(report_data), b""
+            rep = self.device.report(report_data)
+        if rep.tee != self.tee:
+            msg = f"configfs-tsm now reports as {rep.tee!r}, not the {self.tee!r} guest this kernel started on"
+            raise LevelNotAvailableError(msg, level=Level.SEV.label)
+        return rep.outblob, rep.auxblob
+
+
+def open_hardware_reporter(requested: str, hw_root: str | os.PathLike[str] | None = None) -> HardwareReporter:
+    """The guest or enclave a ``serve --level requested`` kernel reports from (sev: either TEE; tdx; sev-snp; sgx).
+
+    ``hw_root`` (a mimic tree, tests only) needs ``MESATEE_TEST_MIMIC_HARDWARE=1`` in the environment. Without the
+    hardware, the refusal is :func:`hardware_level_error`'s, naming what was looked for.
+    """
+    name = str(requested).strip().lower()
+    tees = _TEES.get(name)
+    if tees is None:
+        raise hardware_level_error(name, hw_root or "/")
+    if hw_root is not None and os.environ.get(MIMIC_ENV) != "1":
+        msg = (
+            f"--hw-root {hw_root} is a TEST-ONLY option: it serves from a mimic {name} tree whose reports a test "
+            f"chain signs, which is NOT hardware. Set {MIMIC_ENV}=1 to use it in tests; on real hardware, omit it."
+        )
+        raise HardwareLevelUnavailable(msg, level=Level.parse(name).label, tee=list(tees), looked_for=[], found=[])
+    mimic = hw_root is not None
+    if name == "sgx":
+        gramine = MimicGramine(hw_root) if hw_root is not None else GramineAttestation("/")
+        if not gramine.present():
+            raise hardware_level_error(name, gramine.root)
+        return HardwareReporter(gramine, "sgx", mimic=mimic)
+    tsm: ConfigfsTsm = MimicTsm(hw_root) if hw_root is not None else ConfigfsTsm("/")
+    tee = _TSM_PROVIDERS.get(tsm.guest_provider() or "")
+    if not tsm.present() or tee not in tees:
+        raise hardware_level_error(name, tsm.root)
+    return HardwareReporter(tsm, tee, mimic=mimic)
+
+
+def open_level_hardware(
+    level: Level, requested: str, hw_root: str | os.PathLike[str] | None
+) -> HardwareReporter | None:
+    """The kernel's hardware for ``level``: None below sev, else a reporter, or a refusal naming what is missing."""
+    if level not in (Level.SEV, Level.SGX):
+        return None
+    reporter = open_hardware_reporter(requested if level is Level.SEV else "sgx", hw_root)
+    if reporter.mimic:
+        logging.getLogger("mesatee.enclave").warning("%s", reporter.description)
+    return reporter
+
+
 class GramineAttestation:
     """Gramine's ``/dev/attestation`` pseudo-files, inside an SGX enclave (DCAP)."""
 
@@ -176,6 +340,10 @@ class GramineAttestation:
         """Tell whether this runs inside a Gramine SGX enclave configured for DCAP quotes."""
         return self.attestation_type() == "dcap" and (self.dir / "quote").exists()
 
+    def _write_attr(self, name: str, data: bytes) -> None:
+        """Write one pseudo-file (Gramine makes the quote when ``user_report_data`` is written)."""
+        _write(self.dir / name, data)
+
     def quote(self, report_data: bytes) -> bytes:
         """Write ``user_report_data`` and read the DCAP quote that commits to it."""
         blob = _report_data(report_data)
@@ -187,7 +355,7 @@ class GramineAttestation:
             msg = f'Gramine attestation type is {kind!r}; set sgx.remote_attestation = "dcap" in the manifest'
             raise LevelNotAvailableError(msg, level=Level.SGX.label)
         try:
-            _write(self.dir / "user_report_data", blob)
+            self._write_attr("user_report_data", blob)
             quote = _read(self.dir / "quote")
         except OSError as exc:
             msg = f"Gramine /dev/attestation failed: {exc.strerror or exc}"
@@ -200,6 +368,16 @@ class GramineAttestation:
             msg = "Gramine returned a quote whose report data is not the one just written (raced?)"
             raise MalformedEvidence(msg, check="report data")
         return quote
+
+
+class MimicGramine(GramineAttestation):
+    """TEST ONLY: Gramine's part on a plain directory: writing ``user_report_data`` asks the test firmware."""
+
+    def _write_attr(self, name: str, data: bytes) -> None:
+        super()._write_attr(name, data)
+        if name == "user_report_data":
+            answer = _ask_firmware(self.root / MIMIC_SOCKET, {"provider": "gramine-sgx", "inblob": bytes(data)})
+            _write(self.dir / "quote", answer.get("outblob", b""))
 
 
 def available_hardware_levels(root: str | os.PathLike[str] = "/") -> frozenset[Level]:
@@ -249,9 +427,8 @@ _TEES = {"sev": ("sev-snp", "tdx"), "sev-snp": ("sev-snp",), "snp": ("sev-snp",)
 def hardware_level_error(requested: str, root: str | os.PathLike[str] = "/") -> HardwareLevelUnavailable:
     """Why ``serve --level requested`` (``sgx``, ``tdx``, ``sev-snp`` or ``sev``) cannot serve on this machine.
 
-    Always an error: where the device is missing it names each path it looked for; where the hardware is
-    present, serving on it is not built yet (the providers above read evidence, but the kernel does not put
-    it in its RA-TLS certificate), and the message says so rather than fall back to software trust.
+    Always an error: where the device is missing it names each path it looked for; where it is present but cannot
+    make reports (Gramine without DCAP), it says so. There is never a fallback to software trust.
     """
     name = str(requested).strip().lower()
     tees = _TEES.get(name)
@@ -269,11 +446,11 @@ def hardware_level_error(requested: str, root: str | os.PathLike[str] = "/") -> 
         "found": found,
     }
     if found:
+        present = ", ".join(sorted({str(base / p) for _, p, _, _ in looked}))
         msg = (
-            f"security level {name!r}: this machine is a {' and '.join(found)} guest "
-            f"({', '.join(sorted({str(base / p) for _, p, _, _ in looked}))} present), but serving at this level "
-            "is not built yet in mesatee_notebook: the kernel does not yet put "
-            "its hardware report in the RA-TLS certificate (see docs/tpm.md, 'Hardware levels'). Nothing was served."
+            f"security level {name!r}: the {' and '.join(found)} interfaces are present ({present}) but cannot make "
+            "reports (Gramine: attestation_type must read 'dcap', sgx.remote_attestation = \"dcap\"; configfs-tsm: "
+            "no guest provider); nothing was served"
         )
         return HardwareLevelUnavailable(msg, **details)
     unique = {path: (what, ok) for _, path, what, ok in looked}

@@ -1,4 +1,4 @@
-"""The kernel's in-memory identity: TLS key, receipt key, evidence (softtee or TPM) and RA-TLS certificate."""
+"""The kernel's in-memory identity: TLS key, receipt key, evidence (softtee, TPM, SNP/TDX/SGX) and RA-TLS cert."""
 
 from __future__ import annotations
 
@@ -15,14 +15,21 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from mesatee_notebook.attestation.evidence import fingerprint, make_evidence, report_data_for
+from mesatee_notebook.attestation.hw_evidence import (
+    HW_EVIDENCE_FORMAT,
+    fresh_report_data,
+    make_hw_evidence,
+    statement_report_data,
+)
 from mesatee_notebook.attestation.levels import Level
-from mesatee_notebook.attestation.measurement import measurement_of
+from mesatee_notebook.attestation.measurement import canonical_json, measurement_of
 from mesatee_notebook.attestation.ratls import build_ratls_certificate
 from mesatee_notebook.attestation.tpm import TPM_EVIDENCE_FORMAT, fresh_qualifying_data, make_tpm_evidence
 
 log = logging.getLogger("mesatee.enclave")
 
 if TYPE_CHECKING:
+    from mesatee_notebook.enclave.hw_providers import HardwareReporter
     from mesatee_notebook.enclave.tpm import Tpm
 
 __all__ = ["KernelIdentity"]
@@ -43,6 +50,7 @@ class KernelIdentity:
     issued_at: float = 0.0
     tpm: Tpm | None = None
     sandbox: dict[str, Any] | None = None
+    hw: HardwareReporter | None = None
 
     @classmethod
     def create(
@@ -53,6 +61,7 @@ class KernelIdentity:
         cert_lifetime: float,
         tpm: Tpm | None = None,
         sandbox: dict[str, Any] | None = None,
+        hw: HardwareReporter | None = None,
     ) -> KernelIdentity:
         ident = cls(
             sandbox=sandbox,
@@ -63,6 +72,7 @@ class KernelIdentity:
             tls_key=ec.generate_private_key(ec.SECP256R1()),
             receipt_key=Ed25519PrivateKey.generate(),
             tpm=tpm,
+            hw=hw,
         )
         if tpm is not None:
             tpm.measured_launch(ident.measurement)
@@ -71,8 +81,40 @@ class KernelIdentity:
 
     @property
     def tpm_claims(self) -> dict[str, str]:
-        """What receipts add at level tpm: the kind of TPM (``software`` for swtpm) as it reports itself."""
+        """What receipts and ``hello.ok`` add for the level: its TPM kind, or its TEE and evidence source.
+
+        At tpm the kind of TPM (``software`` for swtpm) as it reports itself; at sev/sgx the TEE and the source
+        (``mimic`` for the test-only tree).
+        """
+        if self.hw is not None:
+            return {"tee": self.hw.tee, "hwSource": self.hw.source}
         return {} if self.tpm is None else {"tpmKind": self.tpm.kind}
+
+    def _hw_evidence(self, hw: HardwareReporter, now: float) -> bytes:
+        key = self.platform_key
+        audit = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw) if key is not None else b""
+        statement = {
+            "format": HW_EVIDENCE_FORMAT,
+            "level": hw.level.label,
+            "tee": hw.tee,
+            "source": hw.source,
+            "measurement": self.measurement,
+            "manifest": self.manifest,
+            "time": int(now),
+            "report_data": self.report_data,
+            "receipt_key": self.receipt_public.hex(),
+            "audit_key": fingerprint(audit) if audit else "",
+            "sandbox": self.sandbox if self.sandbox is not None else {"active": False, "why": "--no-sandbox"},
+        }
+        report, auxblob = hw.report(statement_report_data(canonical_json(statement)))
+        return make_hw_evidence(statement, report, auxblob)
+
+    def hw_hello(self, nonce: object) -> dict[str, Any]:
+        """What a sev/sgx kernel adds to ``hello.ok``: a report over the key binding and this connection's nonce."""
+        if self.hw is None or not isinstance(nonce, bytes) or not 16 <= len(nonce) <= 32:
+            return {}
+        report, auxblob = self.hw.report(fresh_report_data(self.report_data, nonce))
+        return {"hw_report": {"report": report, "auxblob": auxblob}}
 
     @property
     def report_data(self) -> str:
@@ -107,6 +149,8 @@ class KernelIdentity:
         """
         out: dict[str, Any] = {}
         nonce, challenge = header.get("tpm_nonce"), header.get("tpm_credential")
+        if self.hw is not None:  # sev/sgx: the same evidence-nonce field asks for a fresh hardware report
+            return self.hw_hello(nonce)
         if self.tpm is None:
             return out
         if isinstance(nonce, bytes) and 16 <= len(nonce) <= 32:
@@ -141,6 +185,8 @@ class KernelIdentity:
         now = time.time()
         if self.tpm is not None:
             evidence = self._tpm_evidence(self.tpm, now)
+        elif self.hw is not None:
+            evidence = self._hw_evidence(self.hw, now)
         else:
             evidence = make_evidence(
                 level=self.level,

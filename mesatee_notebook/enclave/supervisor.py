@@ -26,6 +26,7 @@ from mesatee_notebook.enclave.broker import answer_executor, dataset_for_cell
 from mesatee_notebook.enclave.config import AVAILABLE_LEVELS, KernelConfig
 from mesatee_notebook.enclave.connection import Connection
 from mesatee_notebook.enclave.hardening import harden_process
+from mesatee_notebook.enclave.hw_providers import open_level_hardware
 from mesatee_notebook.enclave.kernel_keys import KernelIdentity
 from mesatee_notebook.enclave.platform import load_platform
 from mesatee_notebook.enclave.quotas import ByteBudget, QuotaBook
@@ -114,11 +115,11 @@ class Kernel:
             if config.level is Level.TPM
             else None
         )
-        if config.level in (Level.SEV, Level.SGX):
-            from mesatee_notebook.enclave.hw_providers import hardware_level_error
-
-            raise hardware_level_error(config.level.label)
-        config.level.require_available(AVAILABLE_LEVELS | ({Level.TPM} if self.tpm else set()))
+        # sev: a configfs-tsm guest, sgx: Gramine (tests only: a mimic tree); absent hardware: a typed refusal
+        self.hw = open_level_hardware(config.level, config.hw_tee, config.hw_root)
+        config.level.require_available(
+            AVAILABLE_LEVELS | ({Level.TPM} if self.tpm else set()) | ({self.hw.level} if self.hw else set())
+        )
         self.hardening = harden_process()
         self.sandbox: Sandbox | None = None
         if config.sandbox:
@@ -134,7 +135,7 @@ class Kernel:
         platform_key = None
         self.sealing_secret: bytes | None = None
         self.platform_fingerprint = "none"
-        if config.level in (Level.SOFTTEE, Level.TPM):  # tpm: the platform key signs the audit log, roots sealing
+        if config.level is not Level.UNPROTECTED:  # tpm/sev/sgx too: it signs the audit log and roots sealing
             platform = load_platform(config.data_dir, secret_in_tpm_ok=self.tpm is not None)
             platform_key = platform.key
             self.sealing_secret = platform.sealing_secret
@@ -146,6 +147,7 @@ class Kernel:
             config.cert_lifetime,
             sandbox=self.sandbox.report() if self.sandbox is not None else None,
             tpm=self.tpm,
+            hw=self.hw,
         )
         if self.tpm is not None:  # after the measured launch: the TPM unseals only to this measurement
             from mesatee_notebook.enclave.tpm_secret import tpm_sealing_secret

@@ -123,8 +123,10 @@ def _summary(session: Session, card: AttestationCard) -> str:
         trust = f"{session.attestation.level_text}: SOFTWARE or uncertified TPM, the host can read its memory"
     elif level is Level.TPM:
         trust = f"{session.attestation.level_text}: measured boot, the host OS can still read its memory"
+    elif session.attestation.hw_tee is not None and not session.attestation.hw_vendor_root:
+        trust = f"{session.attestation.level_text}: a TEST chain, no memory protection"
     else:
-        trust = f"{level.label}: hardware trust"
+        trust = f"{session.attestation.level_text}: hardware trust"
     if level is Level.UNPROTECTED:
         code = "(self-reported, unverified)"
     else:

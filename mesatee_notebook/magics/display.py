@@ -77,6 +77,8 @@ def _level_badge(report: AttestationReport) -> tuple[str, str]:
         return {"software": ("SOFTWARE TPM", _AMBER), "hardware": ("TPM CHIP, EK CERTIFIED", _GREEN)}.get(
             str(report.tpm_kind), ("UNCERTIFIED TPM", _AMBER)
         )
+    if report.hw_tee is not None and not report.hw_vendor_root:
+        return ("TEST CHAIN, NOT HARDWARE", _RED)  # the mimic configfs-tsm tree: a root the policy trusts, not a vendor
     return _BADGES.get(report.level, ("HARDWARE TRUST", _GREEN))
 
 

@@ -33,15 +33,40 @@ def test_sev_means_either_tee() -> None:
     assert {"/dev/sev-guest", "/dev/tdx_guest"} <= set(err.details["looked_for"])
 
 
-def test_present_hardware_is_still_refused_as_not_built(tmp_path: Path) -> None:
-    """A mimic SNP guest tree (device + configfs-tsm): the refusal says serving is not built, not 'missing'."""
+def test_gramine_without_dcap_is_refused_as_unusable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mimic Gramine tree whose attestation type is epid: present, but it makes no DCAP quotes; no fallback."""
+    from mesatee_notebook.enclave.hw_providers import MIMIC_ENV, open_hardware_reporter
+
+    (tmp_path / "dev/attestation").mkdir(parents=True)
+    (tmp_path / "dev/attestation/attestation_type").write_text("epid\n")
+    (tmp_path / "dev/attestation/quote").write_bytes(b"")
+    err = hardware_level_error("sgx", root=tmp_path)
+    assert err.details["found"] == ["sgx"] and err.details["missing"] == []
+    assert "cannot make reports" in err.message and "dcap" in err.message
+    monkeypatch.setenv(MIMIC_ENV, "1")
+    with pytest.raises(HardwareLevelUnavailable, match="dcap"):
+        open_hardware_reporter("sgx", tmp_path)
+    (tmp_path / "dev/attestation/attestation_type").write_text("dcap\n")
+    reporter = open_hardware_reporter("sgx", tmp_path)
+    assert reporter.tee == "sgx" and reporter.mimic and "NOT hardware" in reporter.description
+
+
+def test_present_snp_tree_is_served_only_as_a_test_mimic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mimic SNP guest tree is found, but only the test-only switch lets a kernel use it, and then says MIMIC."""
+    from mesatee_notebook.enclave.hw_providers import MIMIC_ENV, open_hardware_reporter
+
     (tmp_path / "dev").mkdir()
     (tmp_path / "dev" / "sev-guest").write_bytes(b"")
     (tmp_path / "sys/kernel/config/tsm/report").mkdir(parents=True)
-    err = hardware_level_error("sev-snp", root=tmp_path)
-    assert err.details["found"] == ["sev-snp"] and err.details["missing"] == []
-    assert "not built yet" in err.message
-    assert "tdx" not in hardware_level_error("tdx", root=tmp_path).details["found"]
+    monkeypatch.delenv(MIMIC_ENV, raising=False)
+    with pytest.raises(HardwareLevelUnavailable, match="TEST-ONLY"):
+        open_hardware_reporter("sev-snp", tmp_path)
+    monkeypatch.setenv(MIMIC_ENV, "1")
+    reporter = open_hardware_reporter("sev", tmp_path)
+    assert reporter.tee == "sev-snp" and reporter.mimic and reporter.source == "mimic"
+    assert "NOT a TEE" in reporter.description and "NOT hardware" in reporter.description
+    with pytest.raises(HardwareLevelUnavailable, match="MISSING"):
+        open_hardware_reporter("tdx", tmp_path)
 
 
 def test_serve_refuses_with_the_typed_message(tmp_path: Path) -> None:

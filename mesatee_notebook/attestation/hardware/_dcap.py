@@ -38,7 +38,7 @@ from mesatee_notebook.attestation.hardware._certs import (
 from mesatee_notebook.attestation.hardware._errors import MissingEndorsement, malformed, refuse
 from mesatee_notebook.attestation.hardware._verdict import Check
 from mesatee_notebook.attestation.hardware.policy import HardwarePolicy
-from mesatee_notebook.attestation.hardware.roots import intel_anchors
+from mesatee_notebook.attestation.hardware.roots import INTEL_SGX_ROOT_CA_SHA256, intel_anchors
 from mesatee_notebook.errors import EvidenceSignatureError, KeyBindingError
 
 __all__ = [
@@ -383,6 +383,8 @@ def verify_quote(quote: DcapQuote, policy: HardwarePolicy) -> tuple[list[Check],
         "qe_isv_prod_id": qe["isv_prod_id"],
         "qe_isv_svn": qe["isv_svn"],
         **_pck_claims(chain[0]),
+        "root": anchor.name,
+        "vendor_root": anchor.sha256 == INTEL_SGX_ROOT_CA_SHA256,  # False: a root trusted only by the policy
     }
     return checks, claims
 

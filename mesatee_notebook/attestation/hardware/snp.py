@@ -34,7 +34,7 @@ from mesatee_notebook.attestation.hardware._errors import (
 )
 from mesatee_notebook.attestation.hardware._verdict import Check, Verdict
 from mesatee_notebook.attestation.hardware.policy import HardwarePolicy
-from mesatee_notebook.attestation.hardware.roots import SNP_PRODUCTS, amd_anchors, amd_ask
+from mesatee_notebook.attestation.hardware.roots import AMD_ARK_SHA256, SNP_PRODUCTS, amd_anchors, amd_ask
 from mesatee_notebook.attestation.levels import Level
 from mesatee_notebook.errors import EvidenceSignatureError
 
@@ -331,6 +331,8 @@ def verify_snp_report(data: bytes, cert_chain: bytes | None = None, policy: Hard
     with parsing("endorsement match"):
         checks += _endorsement_checks(report, leaf, product, tcb)
     claims = _claims(report, product, tcb, leaf)
+    claims["root"] = anchor.name
+    claims["vendor_root"] = anchor.sha256 in AMD_ARK_SHA256.values()  # False: a root trusted only by the policy
     checks += _policy_checks(report, claims, tcb, policy)
     return Verdict(Level.SEV, "sev-snp", f"SEV-SNP attestation report v{report.version}", claims, tuple(checks))
 
