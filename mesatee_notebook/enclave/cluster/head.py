@@ -20,6 +20,7 @@ from distributed import Client
 from mesatee_notebook.enclave.cluster.comm import AttestedSecurity
 from mesatee_notebook.enclave.cluster.node import NodeOptions, dask_settings, make_node
 from mesatee_notebook.enclave.cluster.node_identity import ClusterNode, PeerRecord
+from mesatee_notebook.enclave.cluster.partitions import PartitionBook, cluster_secret
 from mesatee_notebook.errors import (
     AttestationError,
     MalformedFrame,
@@ -52,6 +53,8 @@ class ClusterHead:
         # Raises the failing check's AttestationError when the scheduler is not attested under the cluster policy.
         self.client = Client(url, security=self.security, timeout=timeout, set_as_default=False)
         self._stop_refresh = node.identity.refresh_every()
+        #: The head's dataset store and the cluster secret (set by attach_head; docs/cluster.md "Partition keys").
+        self.partitions: PartitionBook | None = None
 
     def close(self) -> None:
         self._stop_refresh.set()
@@ -148,6 +151,8 @@ def attach_head(kernel: Kernel, url: str, roots: list[str], measurements: list[s
     )
     node = make_node("head", ident.platform_key, kernel.platform_fingerprint, options)
     head = ClusterHead(url, node)
+    if kernel.sealing_secret:
+        head.partitions = PartitionBook(kernel.sealed_store(), cluster_secret(kernel.sealing_secret))
     kernel.cluster_head = head  # type: ignore[attr-defined]
     log.warning("cluster head: attested scheduler %s with %d workers", url, len(head._workers()))
     return head
