@@ -57,6 +57,7 @@ __all__ = [
     "node_secret",
     "partition_futures",
     "place_frame",
+    "ready_partitions",
     "schema_frame",
     "seal_partition",
 ]
@@ -262,15 +263,8 @@ def partitioned_meta(head: ClusterHead, name: str) -> dict[str, Any]:
     return meta
 
 
-def partition_futures(head: ClusterHead, dataset_id: str) -> list[Future]:
-    """One future per partition, in row order, each resolving in its worker to that partition as a DataFrame.
-
-    The frame is loaded from the worker's sealed store, its digest checked against the head's metadata.
-
-    The caller must keep the data on the cluster (run tasks on the futures); gathering them to the head is what
-    :func:`gather_frame` does, for the head's own evaluators only. Nothing here checks a policy: the engine that
-    releases a result does (docs/cluster.md).
-    """
+def ready_partitions(head: ClusterHead, dataset_id: str) -> dict[str, Any]:
+    """The dataset's metadata, once every worker holding a partition is alive, verified and holds its key."""
     meta = partitioned_meta(head, dataset_id)
     workers = sorted({str(p["worker"]) for p in meta["partitions"]})
     live = set(head._workers())
@@ -282,6 +276,19 @@ def partition_futures(head: ClusterHead, dataset_id: str) -> list[Future]:
         )
         raise RemoteExecutionError(msg)
     _ensure_secrets(head, workers)
+    return meta
+
+
+def partition_futures(head: ClusterHead, dataset_id: str) -> list[Future]:
+    """One future per partition, in row order, each resolving in its worker to that partition as a DataFrame.
+
+    The frame is loaded from the worker's sealed store, its digest checked against the head's metadata.
+
+    The caller must keep the data on the cluster (run tasks on the futures); gathering them to the head is what
+    :func:`gather_frame` does, for the head's own evaluators only. Nothing here checks a policy: the engine that
+    releases a result does (docs/cluster.md).
+    """
+    meta = ready_partitions(head, dataset_id)
     return [
         head.client.submit(
             load_partition,
