@@ -187,11 +187,9 @@ def _ensure_secrets(head: ClusterHead, workers: list[str]) -> None:
 
 def _result(futures: list[Any], what: str, timeout: float = TASK_TIMEOUT) -> list[Any]:
     """Gather ``futures``; any failure (a worker died, a digest mismatch) is one typed error, nothing half-used."""
-    from distributed import wait
-
+    deadline = time.monotonic() + timeout
     try:
-        wait(futures, timeout=timeout)
-        return [f.result(timeout=1) for f in futures]
+        return [f.result(timeout=max(0.0, deadline - time.monotonic())) for f in futures]
     except TimeoutError:
         msg = f"{what}: the workers did not answer within {timeout:g} s (a worker died or is stuck)"
         raise RemoteExecutionError(msg) from None
