@@ -174,7 +174,7 @@ def test_partition_interface_and_sharded_psi(cluster: Cluster, third: NodeProc, 
         pd.testing.assert_frame_equal(pd.concat(parts, ignore_index=True), df)
         # sharded PSI, three parties with duplicates, equals set intersection
         rng = np.random.default_rng(3)
-        sets = [list(rng.integers(0, 400, 500)) + [7, 7, 7] for _ in range(3)]
+        sets = [[*rng.integers(0, 400, 500).tolist(), 7, 7, 7] for _ in range(3)]
         sets[1].append(7)
         want = set(sets[0]) & set(sets[1]) & set(sets[2])
         card = sharded_psi(head, [item_chunks(head, s) for s in sets], "cardinality")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ __all__ = [
     "seal_partition",
 ]
 
+log = logging.getLogger("mesatee.cluster")
 _SALT: Final = b"mesatee-notebook/cluster"
 _INFO: Final = b"cluster partitions v1\x00"
 #: Seconds a placement or a gather waits for the workers before it gives up with RemoteExecutionError.
@@ -239,10 +241,30 @@ def place_frame(head: ClusterHead, name: str, df: pd.DataFrame, n: int) -> list[
         records.append(
             {"index": i, "worker": worker, "offset": offset, "rows": rows, "sha256": digest, "sealed_as": sealed_as}
         )
-    sizes = _result(futures, f"placing the {n} partitions of {name!r}")
+    try:
+        sizes = _result(futures, f"placing the {n} partitions of {name!r}")
+    except RemoteExecutionError:
+        _forget(head, records)  # no metadata is written: drop what the live workers did seal
+        raise
     for rec, size in zip(records, sizes, strict=True):
         rec["bytes"] = int(size)
     return records
+
+
+def _forget(head: ClusterHead, records: list[dict[str, Any]]) -> None:
+    """Best effort: delete these partitions on the workers still alive (a failed placement)."""
+    live = set(head._workers())
+    futures = [
+        head.client.submit(
+            delete_partition, str(r["sealed_as"]), workers=[str(r["worker"])], allow_other_workers=False, pure=False
+        )
+        for r in records
+        if str(r["worker"]) in live
+    ]
+    try:
+        _result(futures, "dropping the partitions of a failed placement", timeout=30)
+    except RemoteExecutionError as exc:
+        log.warning("cluster head: %s", exc)
 
 
 def partitions_digest(records: list[dict[str, Any]]) -> str:
