@@ -106,6 +106,9 @@ def test_groupby_over_3_partitions_equals_pandas(head: KernelProc, tmp_path: Pat
         value = got.collect()
         counts = sdf.k.value_counts().collect()  # does not decompose: gathered, same answer
         filtered = sdf[sdf.x > 50].groupby("k", as_index=False).agg(s=("x", "sum")).collect()
+        mean_y = sdf.y.mean()
+        scalars = [mean_y.collect(), sdf.x.sum().collect(), sdf.y.min().collect(), sdf.x.max().collect(), len(sdf)]
+        scalar_mode = s.call("frame.collect", {"plan": mean_y.plan_json()}).info["cluster"]["evaluation"]
     want = df.groupby("k").agg(
         n=("x", "size"), s=("x", "sum"), c=("y", "count"), m=("y", "mean"), lo=("y", "min"), hi=("x", "max")
     )
@@ -114,6 +117,8 @@ def test_groupby_over_3_partitions_equals_pandas(head: KernelProc, tmp_path: Pat
     pd.testing.assert_series_equal(counts, df.k.value_counts(), check_dtype=False, check_names=False)
     want_f = df[df.x > 50].groupby("k", as_index=False).agg(s=("x", "sum"))
     pd.testing.assert_frame_equal(filtered.reset_index(drop=True), want_f, check_dtype=False)
+    assert scalars == pytest.approx([df.y.mean(), df.x.sum(), df.y.min(), df.x.max(), len(df)])
+    assert scalar_mode == "partial"
 
 
 def test_policy_runs_on_the_combined_result(head: KernelProc, tmp_path: Path) -> None:
@@ -131,6 +136,9 @@ def test_policy_runs_on_the_combined_result(head: KernelProc, tmp_path: Path) ->
         pd.testing.assert_frame_equal(got, want, check_dtype=False)  # 50 and 30 rows per partition, < 60
         with pytest.raises(mn.PolicyViolation, match="fewer than 60 rows"):
             sdf.groupby("k").agg(n=("x", "size")).collect()  # "rare": 6 rows in all
+        with pytest.raises(mn.PolicyViolation, match="fewer than 60 rows"):
+            sdf[sdf.k == "rare"].x.sum().collect()  # a scalar from 6 rows in all (partial path)
+        assert sdf[sdf.k == "a"].x.sum().collect() == df[df.k == "a"].x.sum()  # 150 rows combined
         with pytest.raises(mn.PolicyViolation, match="allow_rows"):
             sdf.head(5).collect()
         with pytest.raises(mn.PolicyViolation, match="code access"):

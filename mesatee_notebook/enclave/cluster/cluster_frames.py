@@ -1,15 +1,17 @@
 """SecureDataFrame plans over partitioned datasets, evaluated by the head (issue 18, "Engines on the cluster").
 
 A plan that *decomposes* runs as one Dask task per partition, in the worker that holds it: a group-by whose
-aggregations are ``sum``/``count``/``size``/``min``/``max``/``mean`` over row-wise ops only (source, select,
+aggregations are ``sum``/``count``/``size``/``min``/``max``/``mean``, a series reduction (the same functions but
+``size``) or ``len``, over row-wise ops only (source, select,
 column, filter, assign, rename, astype, set_name, to_frame, binary, unary, isin, where) on one partitioned
 dataset. Each task returns the partial aggregates (``mean`` as sum and count), the contributor counts and the
 (group, source row) membership the policy needs. The head combines them into one value, exactly the value the
 single-node evaluator builds, and runs the release rules on it: min group size, suppression, cell counts and the
 differencing guard run on the COMBINED result, never per partition.
 
-Every other plan (value_counts, reductions, joins, sorts, DP-mode datasets, boolean sums ...) is *gathered*: the
-partitions come to the head over ``atls://`` and the stock evaluator runs on the whole frame, as on one node.
+Every other plan (value_counts, describe, frame-wide reductions, joins, sorts, DP-mode datasets, boolean sums ...)
+is *gathered*: the partitions come to the head over ``atls://`` and the stock evaluator runs on the whole frame, as
+on one node.
 """
 
 from __future__ import annotations
@@ -33,13 +35,13 @@ from mesatee_notebook.enclave.cluster.partitions import (
 from mesatee_notebook.enclave.datasets import data_name, load_meta
 from mesatee_notebook.enclave.frame_eval import _Run
 from mesatee_notebook.enclave.frame_rules import _refuse_hidden_merge_keys, _refuse_record_values, _refuse_row_revealing
-from mesatee_notebook.enclave.frame_values import _FrameV, _Origin
+from mesatee_notebook.enclave.frame_values import _FrameV, _Origin, _ScalarV, _SeriesV
 from mesatee_notebook.enclave.frames import FrameEvaluator, FrameResult
 from mesatee_notebook.enclave.services.frames import SealedGuardStore, SealedLedgerStore
 from mesatee_notebook.errors import MesateeError, NotFound, PolicyViolation
 from mesatee_notebook.wire.datapolicy import DataPolicy
-from mesatee_notebook.wire.ops.aggregates import GroupByAgg
-from mesatee_notebook.wire.plan import Plan, SourceInfo, infer_plan, plan_from_json, source_columns
+from mesatee_notebook.wire.ops.aggregates import CountRows, GroupByAgg, Reduce
+from mesatee_notebook.wire.plan import Plan, Schema, SourceInfo, infer_plan, plan_from_json, source_columns
 from mesatee_notebook.wire.stream import Message
 
 if TYPE_CHECKING:
@@ -65,17 +67,23 @@ def plan_datasets(plan_json: Any) -> list[str]:
     return sorted({str(n.args["name"]) for n in plan.nodes.values() if n.op == "source"})
 
 
-def decomposes(plan: Plan, dtypes: Mapping[str, str]) -> bool:
-    """Whether the plan is a partial-aggregation group-by over row-wise ops on one source."""
+def decomposes(plan: Plan, schemas: Mapping[str, Schema]) -> bool:
+    """Whether the plan is a partial aggregation (group-by, reduction, len) over row-wise ops on one source."""
     root = plan.nodes[plan.root]
-    if not isinstance(root, GroupByAgg) or any(f not in PARTIAL_FUNCS for _, _, f in root.aggs):
-        return False
     if sum(1 for n in plan.nodes.values() if n.op == "source") != 1:
         return False
     if any(n.op not in ROW_WISE for k, n in plan.nodes.items() if k != plan.root):
         return False
-    # a boolean sum/mean counts contributors as min(true, false) per group: not additive over partitions
-    return not any(f in ("sum", "mean") and dtypes.get(c, "bool") == "bool" for _, c, f in root.aggs)
+    # a boolean sum/mean counts contributors as min(true, false): not additive over partitions
+    if isinstance(root, GroupByAgg):
+        dtypes = {str(c): str(t) for c, t in schemas[root.input].columns}
+        if any(f not in PARTIAL_FUNCS for _, _, f in root.aggs):
+            return False
+        return not any(f in ("sum", "mean") and dtypes.get(c, "bool") == "bool" for _, c, f in root.aggs)
+    if isinstance(root, Reduce):
+        dtype = str(schemas[root.input].columns[0][1])
+        return root.func in PARTIAL_FUNCS - {"size"} and not (root.func in ("sum", "mean") and dtype == "bool")
+    return isinstance(root, CountRows)
 
 
 def _partial_plan(plan: Plan) -> Plan:
@@ -91,13 +99,43 @@ def _partial_plan(plan: Plan) -> Plan:
 
 
 def partial_groupby(sealed_as: str, sha256: str, plan: Plan, name: str, protected: bool) -> dict[str, Any]:
-    """A Dask task, in the worker holding the partition: the partial group-by and its provenance."""
+    """A Dask task, in the worker holding the partition: the partial aggregate and its provenance."""
     df = load_partition(sealed_as, sha256)
     sources = {name: SourceInfo(name, source_columns(df.dtypes.items()), frozenset())}
     run = _Run(plan, infer_plan(plan, sources), {name: df}, {name} if protected else set())
     value = run.evaluate()
+    if isinstance(value, _ScalarV):
+        root = plan.nodes[plan.root]
+        out: dict[str, Any] = {"value": value.value, "counts": value.counts, "members": value.members}
+        if isinstance(root, Reduce) and root.func == "mean":
+            series = run.values[root.input]
+            assert isinstance(series, _SeriesV)
+            out.update(sum=series.s.sum(), count=int(series.s.count()))
+        return out
     assert isinstance(value, _FrameV)
     return {"df": value.df, "members": value.origin.members, "cells": value.cells, "rows": len(df)}
+
+
+def combine_scalar(node: Reduce | CountRows, parts: list[dict[str, Any]], offsets: list[int], name: str) -> _ScalarV:
+    """Partial reductions as one scalar value, with the contributor counts and membership added up."""
+    values = [p["value"] for p in parts]
+    func = node.func if isinstance(node, Reduce) else "count"
+    if func == "mean":
+        total = sum(int(p["count"]) for p in parts)
+        value: Any = sum(p["sum"] for p in parts) / total if total else np.nan
+    elif func in ("min", "max"):
+        present = [v for v in values if not pd.isna(v)]
+        value = (min if func == "min" else max)(present) if present else np.nan
+    else:
+        value = sum(values[1:], values[0]) if values else 0
+    counts: dict[str, int] = {}
+    members: dict[str, tuple[Any, Any]] = {}
+    if any(name in p["members"] for p in parts):
+        counts[name] = sum(int(p["counts"].get(name, 0)) for p in parts)
+        gs = [p["members"][name][0] for p in parts if name in p["members"]]
+        ss = [p["members"][name][1] + off for p, off in zip(parts, offsets, strict=True) if name in p["members"]]
+        members[name] = (np.concatenate(gs), np.concatenate(ss))
+    return _ScalarV(value, counts, members, {name: False} if members else {})
 
 
 def _combine_aggs(node: GroupByAgg, cat: pd.DataFrame) -> tuple[pd.DataFrame, Any]:
@@ -262,21 +300,26 @@ class ClusterFrameEvaluator(FrameEvaluator):
         names = sorted({n.args["name"] for n in plan.nodes.values() if n.op == "source"})
         if len(names) == 1 and is_partitioned(self.store, names[0]):
             df, policy, owner = self._meta_lookup(names[0])
-            dtypes = {str(c): str(t) for c, t in df.dtypes.items()}
-            if decomposes(plan, dtypes) and (owner == party or policy.privacy is None):
+            hidden = frozenset(() if owner == party else policy.hidden_columns)
+            event["datasets"] = names
+            schemas = infer_plan(plan, {names[0]: SourceInfo(names[0], source_columns(df.dtypes.items()), hidden)})
+            if decomposes(plan, schemas) and (owner == party or policy.privacy is None):
                 self.mode.value = "partial"
-                return self._evaluate_partial(plan, party, event, digest, (df, policy, owner))
+                return self._evaluate_partial(plan, schemas, party, event, digest, (policy, owner))
         self.mode.value = "gathered"
         return super()._evaluate(plan_json, party, event, digest, epsilon, delta)
 
     def _evaluate_partial(
-        self, plan: Plan, party: str, event: dict[str, Any], digest: str, stored: tuple[pd.DataFrame, DataPolicy, str]
+        self,
+        plan: Plan,
+        schemas: Mapping[str, Schema],
+        party: str,
+        event: dict[str, Any],
+        digest: str,
+        stored: tuple[DataPolicy, str],
     ) -> FrameResult:
         name = str(next(n.args["name"] for n in plan.nodes.values() if n.op == "source"))
-        df, pol, owner = stored
-        event["datasets"] = [name]
-        hidden = frozenset(() if owner == party else pol.hidden_columns)
-        schemas = infer_plan(plan, {name: SourceInfo(name, source_columns(df.dtypes.items()), hidden)})
+        pol, owner = stored
         root = schemas[plan.root]
         event.update(root_op=plan.nodes[plan.root].op, level=root.level, cluster="partial")
         protected = {name: pol} if owner != party else {}
@@ -286,7 +329,8 @@ class ClusterFrameEvaluator(FrameEvaluator):
         _refuse_record_values(plan, schemas, protected)
         self._static_policy(root, protected)
         meta = ready_partitions(self.head, name)  # every worker holding a partition is alive and holds its key
-        partial = _partial_plan(plan)
+        node = plan.nodes[plan.root]
+        partial = _partial_plan(plan) if isinstance(node, GroupByAgg) else plan
         tasks = [
             self.head.client.submit(
                 partial_groupby,
@@ -301,12 +345,18 @@ class ClusterFrameEvaluator(FrameEvaluator):
             )
             for p in meta["partitions"]
         ]
-        parts = _result(tasks, f"the partial group-by over {len(tasks)} partitions of {name!r}")
-        node = plan.nodes[plan.root]
-        assert isinstance(node, GroupByAgg)
-        value = combine_groupby(node, parts, [int(p["offset"]) for p in meta["partitions"]], name)
+        parts = _result(tasks, f"the partial {node.op} over {len(tasks)} partitions of {name!r}")
+        offsets = [int(p["offset"]) for p in meta["partitions"]]
+        value: _FrameV | _ScalarV
+        if isinstance(node, GroupByAgg):
+            value = combine_groupby(node, parts, offsets, name)
+        else:
+            assert isinstance(node, (Reduce, CountRows))
+            value = combine_scalar(node, parts, offsets, name)
         released, suppressed = self._release(value, protected, party, {name: int(meta["rows"])})
-        event.update(outcome="released", suppressed=suppressed, rows_out=len(released))
+        event.update(outcome="released", suppressed=suppressed)
+        if isinstance(released, (pd.DataFrame, pd.Series)):
+            event["rows_out"] = len(released)
         return FrameResult(released, digest, (name,), root.level, suppressed)
 
 
