@@ -92,6 +92,11 @@ def test_upload_partitions_seals_each_on_its_worker_and_the_receipt_binds_every_
     sealed = [f for d in _workdirs([*cluster.workers, third]) for f in (d / "mesatee-partitions").iterdir()]
     assert len(sealed) >= 6 and all(f.name.endswith(".seal") for f in sealed)
     assert not any(b"SECRET-00" in f.read_bytes() for f in sealed)
+    with mn.connect(head.url, policy=head.policy(), identity=tmp_path / "owner") as s:
+        s.delete_dataset("parted2")  # the owner deletes: the partitions go from the workers too
+        assert "parted2" not in {d["name"] for d in s.datasets()}
+    left = [f for d in _workdirs([*cluster.workers, third]) for f in (d / "mesatee-partitions").iterdir()]
+    assert len(left) == len(sealed) - 3
 
 
 def test_groupby_over_3_partitions_equals_pandas(head: KernelProc, tmp_path: Path) -> None:

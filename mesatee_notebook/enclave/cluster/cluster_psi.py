@@ -235,6 +235,10 @@ def psi_call(kernel: Kernel, head: ClusterHead, party: str, header: dict[str, An
             raise PolicyViolation(msg, dataset=name)
         chunks.append(dataset_chunks(head, name, str(src.get("column", ""))))
     out = sharded_psi(head, chunks, str(args.get("mode", "cardinality")))
+    owners = sorted({str(load_meta(head.partitions.store, str(v["dataset"]))["owner"]) for v in inputs.values()})
+    details = {"event": "cluster.psi", "mode": out["mode"], "cardinality": out["cardinality"],
+               "datasets": sorted({str(v["dataset"]) for v in inputs.values()})}  # fmt: skip
+    kernel.audit_log.append("query", party, details, concerns=owners)
     items = out.pop("items", None)
     if items is not None:
         out["items"] = [x.item() if hasattr(x, "item") else x for x in items.tolist()]
