@@ -32,6 +32,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -68,6 +69,8 @@ _SALT: Final = b"mesatee-notebook/cluster"
 _INFO: Final = b"cluster partitions v1\x00"
 #: Seconds a placement or a gather waits for the workers before it gives up with RemoteExecutionError.
 TASK_TIMEOUT: Final = 120.0
+#: Decoded partitions a worker keeps in memory between tasks (most recently used).
+CACHED_PARTITIONS: Final = 4
 
 
 def _hkdf(secret: bytes, info: bytes) -> bytes:
@@ -133,16 +136,31 @@ def load_partition(sealed_as: str, sha256: str) -> pd.DataFrame:
     """Load this worker's partition as a pandas DataFrame, from its sealed store, checked against the head's digest."""
     from mesatee_notebook.wire.codecs import decode_value
 
-    raw = _store().get(sealed_as)
+    store = _store()
+    with _WORKER_LOCK:
+        cache: OrderedDict[tuple[str, str], pd.DataFrame] = _WORKER.setdefault("cache", OrderedDict())
+        hit = cache.get((sealed_as, sha256))
+        if hit is not None:
+            cache.move_to_end((sealed_as, sha256))
+            return hit
+    raw = store.get(sealed_as)
     if hashlib.sha256(raw).hexdigest() != sha256:
         msg = f"partition {sealed_as}: the sealed bytes do not match the digest in the head's metadata"
         raise TamperedData(msg)
     df = decode_value("arrow.frame", raw)
     assert isinstance(df, pd.DataFrame)
+    with _WORKER_LOCK:  # decoded partitions stay in memory (never on disk), the most recent few
+        cache[(sealed_as, sha256)] = df
+        while len(cache) > CACHED_PARTITIONS:
+            cache.popitem(last=False)
     return df
 
 
 def delete_partition(sealed_as: str) -> bool:
+    with _WORKER_LOCK:
+        cache = _WORKER.get("cache", {})
+        for key in [k for k in cache if k[0] == sealed_as]:
+            del cache[key]
     try:
         _store().delete(sealed_as)
     except NotFound:
@@ -172,12 +190,15 @@ def _book(head: ClusterHead) -> PartitionBook:
 
 
 def _ensure_secrets(head: ClusterHead, workers: list[str]) -> None:
-    """Verify each worker now and install its node secret if it has none yet (or its measurement changed)."""
+    """Install a node secret on each worker that has none yet, after verifying it on a fresh attested connection.
+
+    A worker that holds one is not verified again here: every Dask connection to it is attested anyway, and a
+    worker restarted at the same address has an empty store, so it can only fail with ``NotFound``.
+    """
     book = _book(head)
-    for record in head.verify_workers(workers):
-        with book.lock:
-            if book.installed.get(record.address) == record.measurement:
-                continue
+    with book.lock:
+        todo = [w for w in workers if w not in book.installed]
+    for record in head.verify_workers(todo) if todo else []:
         secret = node_secret(book.secret, record.measurement, record.address)
         done = head.client.run(install_node_secret, secret, workers=[record.address])
         if done.get(record.address) != record.address:
