@@ -7,7 +7,7 @@ import logging
 import os
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -43,6 +43,7 @@ class KernelIdentity:
     issued_at: float = 0.0
     tpm: Tpm | None = None
     sandbox: dict[str, Any] | None = None
+    _measurement: tuple[dict[str, Any], str] | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def create(
@@ -130,7 +131,11 @@ class KernelIdentity:
 
     @property
     def measurement(self) -> str:
-        return measurement_of(self.manifest)
+        # Every receipt names it: hashed once per manifest, not per call (the canonical manifest is ~100 KB).
+        cached = self._measurement
+        if cached is None or cached[0] is not self.manifest:
+            cached = self._measurement = (self.manifest, measurement_of(self.manifest))
+        return cached[1]
 
     @property
     def receipt_public(self) -> bytes:
