@@ -44,6 +44,7 @@ class KernelIdentity:
     tpm: Tpm | None = None
     sandbox: dict[str, Any] | None = None
     _measurement: tuple[dict[str, Any], str] | None = field(default=None, init=False, repr=False, compare=False)
+    _receipt_public: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def create(
@@ -139,7 +140,10 @@ class KernelIdentity:
 
     @property
     def receipt_public(self) -> bytes:
-        return self.receipt_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        # every receipt names its key: the raw public bytes of the (never replaced) receipt key, computed once
+        if self._receipt_public is None:
+            self._receipt_public = self.receipt_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        return self._receipt_public
 
     def refresh(self) -> None:
         """Issue fresh evidence and a new certificate for the same keys; swap the SSL context."""

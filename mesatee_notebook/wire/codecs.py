@@ -268,11 +268,26 @@ class _PartsSink:
 def _encode_npy(arr: np.ndarray[Any, Any]) -> Encoded:
     if not (arr.flags.c_contiguous or arr.flags.f_contiguous):
         arr = np.ascontiguousarray(arr)
-    head = io.BytesIO()
-    np.lib.format.write_array_header_2_0(head, np.lib.format.header_data_from_array_1_0(arr))
+    key = (arr.dtype, bool(arr.flags.f_contiguous and not arr.flags.c_contiguous), arr.shape)
+    header = _NPY_HEADS.get(key)
+    if header is None:  # numpy writes the header in Python: remembered per (dtype, order, shape)
+        head = io.BytesIO()
+        np.lib.format.write_array_header_2_0(head, np.lib.format.header_data_from_array_1_0(arr))
+        header = _remember(_NPY_HEADS, key, head.getvalue())
     data = arr.reshape(-1, order="F" if (arr.flags.f_contiguous and not arr.flags.c_contiguous) else "C")
     body: Any = data.view(np.uint8).data if data.size else b""
-    return Encoded("npy", [head.getvalue(), body])
+    return Encoded("npy", [header, body])
+
+
+_NPY_HEADS: dict[Any, Any] = {}
+_NPY_PARSED: dict[Any, Any] = {}
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> Any:
+    if len(cache) >= 1024:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 def decode_value(kind: str, buf: Any, *, allow_pickle: bool = False, meta: dict[str, Any] | None = None) -> Any:
@@ -330,7 +345,34 @@ def _decode_frame(kind: str, buf: Any, meta: dict[str, Any]) -> Any:
 
 def _decode_npy(buf: Any) -> np.ndarray[Any, Any]:
     view = memoryview(buf).cast("B")
-    fp = io.BytesIO(view[: min(view.nbytes, 1 << 16)])
+    head = bytes(view[: min(view.nbytes, 1 << 16)])
+    wide = head[6:7] != b"\x01"  # format 2.0+: a 4-byte header length
+    size = 12 + int.from_bytes(head[8:12], "little") if wide else 10 + int.from_bytes(head[8:10], "little")
+    key = head[:size] if size <= 256 else None  # the exact header bytes: parsed once, then looked up
+    parsed = _NPY_PARSED.get(key) if key is not None else None
+    if parsed is None:
+        parsed = _npy_header(head)
+        if key is not None and parsed[3] == size:
+            _remember(_NPY_PARSED, key, parsed)
+    shape, fortran, dtype, offset = parsed
+    if dtype.hasobject:
+        msg = "refusing a .npy payload with dtype=object (it would need pickle)"
+        raise MalformedFrame(msg)
+    count = math.prod(int(d) for d in shape) if shape else 1  # exact: np.prod would wrap around on huge shapes
+    if view.nbytes - offset != count * dtype.itemsize:
+        msg = "the .npy payload's length does not match its header"
+        raise MalformedFrame(msg)
+    try:
+        flat = np.frombuffer(view, dtype=dtype, count=count, offset=offset)
+        return flat.reshape(shape, order="F" if fortran else "C")
+    except ValueError as exc:  # e.g. a zero-size dtype
+        msg = f"the .npy payload cannot be read as its header says: {exc}"
+        raise MalformedFrame(msg) from exc
+
+
+def _npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any], int]:
+    """(shape, fortran order, dtype, offset of the data) of a .npy header."""
+    fp = io.BytesIO(head)
     try:
         version = np.lib.format.read_magic(fp)
         reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
@@ -343,20 +385,7 @@ def _decode_npy(buf: Any) -> np.ndarray[Any, Any]:
     except Exception as exc:  # numpy's header parser raises ValueError, TokenError, SyntaxError, ...
         msg = f"payload is not a valid .npy array: {exc}"
         raise MalformedFrame(msg) from exc
-    if dtype.hasobject:
-        msg = "refusing a .npy payload with dtype=object (it would need pickle)"
-        raise MalformedFrame(msg)
-    offset = fp.tell()
-    count = math.prod(int(d) for d in shape) if shape else 1  # exact: np.prod would wrap around on huge shapes
-    if view.nbytes - offset != count * dtype.itemsize:
-        msg = "the .npy payload's length does not match its header"
-        raise MalformedFrame(msg)
-    try:
-        flat = np.frombuffer(view, dtype=dtype, count=count, offset=offset)
-        return flat.reshape(shape, order="F" if fortran else "C")
-    except ValueError as exc:  # e.g. a zero-size dtype
-        msg = f"the .npy payload cannot be read as its header says: {exc}"
-        raise MalformedFrame(msg) from exc
+    return tuple(shape), bool(fortran), dtype, fp.tell()
 
 
 def describe(value: Any) -> str:

@@ -111,3 +111,16 @@ def test_small_message_carries_fds() -> None:
             os.close(fd)
         a.close()
         b.close()
+
+
+def test_npy_headers_remembered_give_the_same_arrays_and_refusals() -> None:
+    from mesatee_notebook.errors import MalformedFrame
+
+    for arr in (np.arange(3, dtype=np.float32), np.ones((2, 3), order="F"), np.zeros(0), np.array(5.0)):
+        raw = b"".join(bytes(memoryview(p).cast("B")) for p in codecs.encode_value(arr).parts)
+        for _ in range(2):  # parsed, then from the remembered header
+            out = codecs.decode_value("npy", raw)
+            assert out.shape == arr.shape and out.dtype == arr.dtype and np.array_equal(out, arr)
+            assert out.flags.f_contiguous == arr.flags.f_contiguous
+            with pytest.raises(MalformedFrame):
+                codecs.decode_value("npy", raw + b"\x00")  # a length that does not match the header
