@@ -67,7 +67,12 @@ print(json.dumps(out))
 def sample(tree: Path, items: int) -> dict[str, dict[str, float]]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tree), str(items)], capture_output=True, text=True, cwd=tree, env=env
+        [sys.executable, "-c", CHILD, str(tree), str(items)],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=tree,
+        env=env,
     )
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
