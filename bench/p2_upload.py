@@ -4,6 +4,8 @@ Both on loopback, same run, medians of R repeats; the two paths alternate (bare,
 that load from other jobs on the machine hits both alike. Also reports the kernel's peak memory (PSS of
 the supervisor + executor) during the upload, as a multiple of the payload, and the CPU seconds (user +
 system) each path spent, client and server side together.
+A third path, bare TLS into fresh memory for every upload (as a receiver that keeps the data must, and as the
+kernel's memfds are), shows what page zeroing alone costs the baseline.
 Prints a table and writes bench/results/p2_upload.json. Usage: python bench/p2_upload.py [GB] [REPEATS]
 """
 
@@ -57,14 +59,17 @@ def _self_signed(path: Path) -> None:
     )
 
 
-def _bare_server(pem: str, port_q: mp.Queue, size: int, repeats: int) -> None:
+def _bare_server(pem: str, port_q: mp.Queue, size: int, repeats: int, fresh: bool) -> None:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_cert_chain(pem)
     lsock = socket.create_server(("127.0.0.1", 0))
     port_q.put(lsock.getsockname()[1])
-    buf = bytearray(size)
+    buf = bytearray(0 if fresh else size)
     for _ in range(repeats):
+        if fresh:  # a receiver that keeps what it receives: fresh memory for every upload, as the kernel's memfds
+            del buf
+            buf = bytearray(size)
         conn, _ = lsock.accept()
         tls = ctx.wrap_socket(conn, server_side=True)
         view = memoryview(buf)
@@ -81,10 +86,10 @@ def _bare_server(pem: str, port_q: mp.Queue, size: int, repeats: int) -> None:
 class BareTLS:
     """A bare TLS 1.3 receiver in its own process; ``send`` times one upload of the payload to it."""
 
-    def __init__(self, pem: Path, size: int, repeats: int) -> None:
+    def __init__(self, pem: Path, size: int, repeats: int, *, fresh: bool = False) -> None:
         spawn = mp.get_context("spawn")
         q: mp.Queue = spawn.Queue()
-        self.proc = spawn.Process(target=_bare_server, args=(str(pem), q, size, repeats))
+        self.proc = spawn.Process(target=_bare_server, args=(str(pem), q, size, repeats, fresh))
         self.proc.start()
         self.port = q.get(timeout=60)
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -160,11 +165,12 @@ def main() -> None:
     nbytes = int(df.memory_usage(index=False).sum())
     raw = np.ascontiguousarray(df.to_numpy())
     payload = memoryview(raw).cast("B")
-    times, peaks, cpus, bare, bare_cpus = [], [], [], [], []
+    times, peaks, cpus, bare, bare_cpus, fresh, fresh_cpus = [], [], [], [], [], [], []
     with tempfile.TemporaryDirectory() as d:
         pem = Path(d) / "c.pem"
         _self_signed(pem)
         server = BareTLS(pem, payload.nbytes, repeats)
+        fresh_server = BareTLS(pem, payload.nbytes, repeats, fresh=True)
         k = start_kernel(Path(d) / "k")
         try:
             s = mn.connect(k.url, policy=mn.Policy(platform_roots=[k.fingerprint], measurements=[k.measurement]))
@@ -174,6 +180,9 @@ def main() -> None:
                 wall, cpu = server.send(payload)
                 bare.append(wall)
                 bare_cpus.append(cpu)
+                wall, cpu = fresh_server.send(payload)
+                fresh.append(wall)
+                fresh_cpus.append(cpu)
                 with PeakMemory(k.proc.pid) as pm:
                     cpu = _cpu(tree)
                     t = time.perf_counter()
@@ -190,6 +199,7 @@ def main() -> None:
         finally:
             stop_kernel(k)
             server.close()
+            fresh_server.close()
     del raw, payload
     mt, bt = statistics.median(times), statistics.median(bare)
     peak = max(peaks)
@@ -199,6 +209,9 @@ def main() -> None:
     print(f"{'path':<50} {'median s':>9} {'GB/s':>7} {'CPU s':>7}")
     print(f"{'mesatee Session.run(inputs={df}) end to end':<50} {mt:>9.3f} {nbytes / mt / 1e9:>7.2f} {mc:>7.2f}")
     print(f"{'bare TLS 1.3 socket, same bytes':<50} {bt:>9.3f} {nbytes / bt / 1e9:>7.2f} {bc:>7.2f}")
+    ft, fc = statistics.median(fresh), statistics.median(fresh_cpus)
+    print(f"{'bare TLS 1.3, into fresh memory per upload':<50} {ft:>9.3f} {nbytes / ft / 1e9:>7.2f} {fc:>7.2f}")
+    print(f"ratio to bare TLS into fresh memory: {ft / mt:.2f}x")
     print(f"repeats (s): mesatee {[round(x, 2) for x in times]}  bare {[round(x, 2) for x in bare]}")
     print(f"throughput ratio mesatee/bare: {ratio:.2f}x   target >= 0.7x")
     print(
@@ -218,6 +231,11 @@ def main() -> None:
         "median_mesatee_cpu_s": mc,
         "median_bare_cpu_s": bc,
         "throughput_ratio": ratio,
+        "bare_fresh_s": fresh,
+        "bare_fresh_cpu_s": fresh_cpus,
+        "median_bare_fresh_s": ft,
+        "median_bare_fresh_cpu_s": fc,
+        "throughput_ratio_vs_fresh": ft / mt,
         "peak_pss_bytes": peak,
         "peak_over_payload": peak / nbytes,
     }

@@ -107,12 +107,12 @@ class _DifferencingGuard:
         if not dup:
             labels = np.full(n_src, n_groups, dtype=_label_dtype(n_groups))
             labels[s] = g
-            h.update(labels.tobytes())
+            h.update(labels.data)  # the array's own bytes (C order), not a copy of them
             return h.digest(), _Release(sizes, labels)
         order = np.lexsort((g, s))
         src, grp = s[order], g[order]
-        h.update(src.tobytes())
-        h.update(grp.tobytes())
+        h.update(np.ascontiguousarray(src, dtype=np.int64).data)
+        h.update(np.ascontiguousarray(grp, dtype=np.int64).data)
         return h.digest(), _Release(sizes, None, src, grp)
 
     def check(self, key: tuple[str, str], fp: bytes, new: _Release, k: int) -> None:

@@ -92,10 +92,39 @@ def _positions(index: pd.Index) -> IntArray:
 
 
 def _compose(arr: IntArray | None, pos: IntArray) -> IntArray:
+    """``arr[pos]``, with -1 wherever ``pos`` is -1 (no row)."""
     if arr is None:
         return pos
-    out = arr[np.clip(pos, 0, None)] if len(arr) else np.full(len(pos), -1, dtype=np.int64)
-    return np.where(pos >= 0, out, -1)
+    if _identity(pos, len(arr)):  # e.g. a group-by straight after a merge: every row, in order
+        return arr
+    if not len(arr):
+        return np.full(len(pos), -1, dtype=np.int64)
+    if len(pos) and int(pos.min()) >= 0:  # no missing rows: one gather
+        return arr[pos]
+    return np.where(pos >= 0, arr[np.maximum(pos, 0)], -1)
+
+
+_BLOCK = 1 << 16
+_STEPS = np.arange(_BLOCK, dtype=np.int64)
+
+
+def _identity(pos: IntArray, n: int) -> bool:
+    """Whether ``pos`` is 0, 1, ..., n-1 (checked in full only when its length and ends say it may be).
+
+    Compared block by block against one small ramp: no array as long as ``pos`` is made (fresh pages are
+    dear on the VMs this runs on).
+    """
+    if len(pos) != n:
+        return False
+    if n == 0:
+        return True
+    if pos[0] != 0 or pos[-1] != n - 1:
+        return False
+    for start in range(0, n, _BLOCK):
+        block = pos[start : start + _BLOCK]
+        if not np.array_equal(block - start, _STEPS[: len(block)]):
+            return False
+    return True
 
 
 #: Largest (groups x source rows) domain deduplicated with a bitmap (bytes of memory) rather than a hash.
@@ -104,16 +133,34 @@ _BITMAP_MAX = 1 << 26
 
 def _dedupe(g: IntArray, s: IntArray, n_src: int) -> tuple[IntArray, IntArray]:
     """The distinct (group, source row) pairs (groups are >= 0), in no particular order."""
-    width = max(n_src, 1)
-    keys = g * np.int64(width) + s
-    domain = (int(g.max()) + 1) * width if len(g) else 0
+    width = np.int64(max(n_src, 1))
+    domain = (int(g.max()) + 1) * int(width) if len(g) else 0
     if 0 < domain <= _BITMAP_MAX:  # few groups: mark each pair in a bitmap, O(n + domain), no hashing
         seen = np.zeros(domain, dtype=bool)
-        seen[keys] = True
+        for start in range(0, len(g), _BLOCK * 16):  # block by block: no temporary as long as the input
+            block = g[start : start + _BLOCK * 16] * width
+            block += s[start : start + _BLOCK * 16]
+            seen[block] = True
         keys = np.flatnonzero(seen).astype(np.int64, copy=False)
     else:
+        keys = g * width
+        keys += s
         keys = np.asarray(pd.unique(keys), dtype=np.int64)  # hash-based: O(n), unlike np.unique
     return keys // width, keys % width
+
+
+def _has_repeats(src: IntArray) -> bool:
+    """Whether a source row (>= 0) occurs more than once.
+
+    A sorted ``src`` (a merge keeps the left order) is checked by comparing neighbours, without a count array as
+    long as the source.
+    """
+    valid = src if not len(src) or int(src.min()) >= 0 else src[src >= 0]
+    if len(valid) < 2:
+        return False
+    if bool(np.all(valid[1:] >= valid[:-1])):
+        return bool(np.any(valid[1:] == valid[:-1]))
+    return int(np.bincount(valid).max()) > 1
 
 
 def _membership(
@@ -127,18 +174,20 @@ def _membership(
     keep = codes >= 0 if mask is None else (codes >= 0) & mask
     out: dict[str, tuple[IntArray, IntArray]] = {}
     if origin.kind == "rows":
+        all_kept = bool(keep.all())
         for ds, arrays in origin.rows.items():
             gs, ss = [], []
-            all_kept = bool(keep.all())
             for arr in arrays:
                 src = _compose(arr, pos)
-                if arr is None and all_kept:  # the common case: no copies
+                ok = None if all_kept else keep
+                if arr is not None and len(src) and int(src.min()) < 0:  # rows an outer join did not match
+                    ok = src >= 0 if ok is None else ok & (src >= 0)
+                if ok is None:  # the common case: every row counts, no copies
                     gs.append(codes)
                     ss.append(src)
-                    continue
-                ok = keep if arr is None else keep & (src >= 0)
-                gs.append(codes[ok])
-                ss.append(src[ok])
+                else:
+                    gs.append(codes[ok])
+                    ss.append(src[ok])
             g, s = (gs[0], ss[0]) if len(gs) == 1 else (np.concatenate(gs), np.concatenate(ss))
             out[ds] = _dedupe(g, s, n_src[ds]) if origin.dup.get(ds) or len(arrays) > 1 else (g, s)
         return out
@@ -149,6 +198,25 @@ def _membership(
         ok = g >= 0
         g, s = g[ok], msrc[ok]
         out[ds] = _dedupe(g, s, n_src[ds])
+    return out
+
+
+def _renumber(
+    members: Mapping[str, tuple[IntArray, IntArray]], pos: IntArray, n: int
+) -> dict[str, tuple[IntArray, IntArray]]:
+    """The (group, source row) pairs of the groups kept at ``pos`` (of ``n``), numbered 0, 1, ... in that order.
+
+    When every group is kept in order (nothing suppressed, no reordering), the pairs are returned as they are.
+    """
+    if _identity(pos, n):
+        return dict(members)
+    remap = np.full(n, -1, dtype=np.int64)
+    remap[pos] = np.arange(len(pos))
+    out = {}
+    for ds, (g, s) in members.items():
+        ng = remap[g]
+        ok = ng >= 0
+        out[ds] = (ng[ok], s[ok])
     return out
 
 
@@ -177,8 +245,7 @@ def _rows_origin(n: int, sides: Any) -> _Origin:
             continue
         src = arrays[0]
         assert src is not None
-        valid = src[src >= 0]
-        origin.dup[ds] = bool(len(valid)) and int(np.bincount(valid, minlength=1).max()) > 1
+        origin.dup[ds] = _has_repeats(src)
     return origin
 
 

@@ -69,6 +69,7 @@ from mesatee_notebook.enclave.frame_values import (
     _compose,
     _FrameV,
     _positions,
+    _renumber,
     _ScalarV,
     _SeriesV,
     _Value,
@@ -389,13 +390,7 @@ class FrameEvaluator:
             data = data[keep]
             pos = pos[keep]
         data = self._suppress_cells(data.copy() if any(cells.values()) else data, pos, cells, protected)
-        remap = np.full(origin.n, -1, dtype=np.int64)
-        remap[pos] = np.arange(len(pos))
-        members = {}
-        for ds, (g, s) in origin.members.items():
-            ng = remap[g]
-            ok = ng >= 0
-            members[ds] = (ng[ok], s[ok])
+        members = _renumber(origin.members, pos, origin.n)
         self._guard_release(party, protected, members, len(pos), origin.dup, n_src)
         if origin.keys is not None:
             data = data.set_axis(origin.keys.take(pos), axis=0)

@@ -7,7 +7,7 @@ import logging
 import os
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -51,6 +51,8 @@ class KernelIdentity:
     tpm: Tpm | None = None
     sandbox: dict[str, Any] | None = None
     hw: HardwareReporter | None = None
+    _measurement: tuple[dict[str, Any], str] | None = field(default=None, init=False, repr=False, compare=False)
+    _receipt_public: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def create(
@@ -174,11 +176,18 @@ class KernelIdentity:
 
     @property
     def measurement(self) -> str:
-        return measurement_of(self.manifest)
+        # Every receipt names it: hashed once per manifest, not per call (the canonical manifest is ~100 KB).
+        cached = self._measurement
+        if cached is None or cached[0] is not self.manifest:
+            cached = self._measurement = (self.manifest, measurement_of(self.manifest))
+        return cached[1]
 
     @property
     def receipt_public(self) -> bytes:
-        return self.receipt_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        # every receipt names its key: the raw public bytes of the (never replaced) receipt key, computed once
+        if self._receipt_public is None:
+            self._receipt_public = self.receipt_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        return self._receipt_public
 
     def refresh(self) -> None:
         """Issue fresh evidence and a new certificate for the same keys; swap the SSL context."""

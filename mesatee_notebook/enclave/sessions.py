@@ -308,7 +308,7 @@ class ExecutorHandle:
         except (OSError, MesateeError) as exc:
             raise self.crashed_error() from exc
         watch = self.sandbox is not None
-        if watch:
+        if watch and cell_cpu is not None:  # only a cell's CPU is limited (a /proc walk of the sandbox per call)
             self._cpu_base = self.cpu_seconds()
         st = _Watch(timeout, None if timeout is None else time.monotonic() + timeout)
         while True:

@@ -170,6 +170,7 @@ class Kernel:
         self._inproc_names: list[str] = []
         self._spare: ExecutorHandle | None = None
         self._pools_lock = threading.Lock()
+        self._sealed_store: tuple[tuple[bytes, str], Any] | None = None
         # Service calls share this gate; a migration takes it alone, so no service call runs meanwhile.
         self.service_gate = _Gate()
         from mesatee_notebook.enclave.migration import SealedState
@@ -318,7 +319,13 @@ class Kernel:
         if self.sealing_secret is None:
             msg = "sealed storage needs a softtee (or hardware) platform; an unprotected kernel has no sealing key"
             raise PolicyViolation(msg)
-        return live_store(self.config.data_dir, self.sealing_secret, self.identity.measurement)
+        # One store object for the kernel's life (its keys and directory never change while it runs): building it
+        # derives two keys and lists the directory, which every sealed read of every service call paid before.
+        key = (self.sealing_secret, self.identity.measurement)
+        cached = self._sealed_store
+        if cached is None or cached[0] != key:
+            cached = self._sealed_store = (key, live_store(self.config.data_dir, *key))
+        return cached[1]
 
     def sign_receipt(self, subjects: dict[str, str], predicate: dict[str, Any]) -> dict[str, Any]:
         return receipting.sign(self.identity, subjects, predicate)

@@ -39,6 +39,7 @@ import msgpack
 import numpy as np
 
 from mesatee_notebook.errors import EncodingError, MalformedFrame
+from mesatee_notebook.wire.arrow_fast import SMALL_FRAME, small_numeric_frame, zero_copy_table
 
 __all__ = ["KINDS", "Encoded", "decode_value", "digest_parts", "encode_value", "describe"]
 
@@ -187,9 +188,11 @@ def _encode_frame(df: Any, kind: str, meta: dict[str, Any]) -> Encoded:
     import pyarrow as pa
 
     try:
-        table = _zero_copy_table(df)
+        table = zero_copy_table(df)  # one chunk per column
         if table is None:
             table = pa.Table.from_pandas(df, preserve_index=None)
+            if any(col.num_chunks > 1 for col in table.columns):
+                table = table.combine_chunks()
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, ValueError) as exc:
         msg = (
             f"cannot send this {type(df).__name__} as Arrow: {exc}. Columns of mixed Python objects "
@@ -198,17 +201,18 @@ def _encode_frame(df: Any, kind: str, meta: dict[str, Any]) -> Encoded:
         raise EncodingError(msg, type=type(df).__name__) from exc
     # One record batch: each column stays one contiguous buffer, so the receiver can build the
     # DataFrame on top of the received bytes without copying them again.
-    if any(col.num_chunks > 1 for col in table.columns):
-        table = table.combine_chunks()
-    sink = _PartsSink()
-    with pa.ipc.new_stream(pa.PythonFile(sink, mode="w"), table.schema) as writer:
+    small = (
+        table.get_total_buffer_size() <= SMALL_FRAME
+    )  # small: one buffer written by Arrow itself (no Python call per buffer)
+    sink: Any = pa.BufferOutputStream() if small else _PartsSink()
+    with pa.ipc.new_stream(sink if small else pa.PythonFile(sink, mode="w"), table.schema) as writer:
         if table.num_rows == 0 and table.num_columns:
             # write_table writes no batch for 0 rows, and with it go the dictionaries: a categorical
             # column would arrive without its categories. One empty batch carries them.
             writer.write_batch(pa.record_batch([c.combine_chunks() for c in table.columns], schema=table.schema))
         else:
             writer.write_table(table)
-    return Encoded(kind, sink.parts, meta)
+    return Encoded(kind, [sink.getvalue()] if small else sink.parts, meta)
 
 
 class _PartsSink:
@@ -261,45 +265,29 @@ class _PartsSink:
         return False
 
 
-def _zero_copy_table(df: Any) -> Any:
-    """The Arrow table of a frame of plain numpy int/float columns, sharing the columns' memory.
-
-    ``pa.Table.from_pandas`` scans float columns for NaN (to mark them null), a full pass over
-    the data on one core. For frames whose columns are all numpy int/uint/float, with unique
-    string labels and a RangeIndex, the schema (with the same pandas metadata) comes from
-    ``pa.Schema.from_pandas`` and each column becomes an Arrow array on its own buffer; NaN stays
-    a NaN value instead of becoming null, which decodes to the same DataFrame. Anything else:
-    ``None`` (the caller uses ``from_pandas``).
-    """
-    import pandas as pd
-    import pyarrow as pa
-
-    if not isinstance(df.index, pd.RangeIndex) or isinstance(df.columns, pd.MultiIndex) or df.shape[1] == 0:
-        return None
-    if not df.columns.is_unique or not all(type(c) is str for c in df.columns):
-        return None
-    if not all(isinstance(t, np.dtype) and (t.kind in "iu" or t.str[1:] in ("f4", "f8")) for t in df.dtypes):
-        return None
-    schema = pa.Schema.from_pandas(df, preserve_index=None)
-    if schema.names != list(df.columns):
-        return None
-    arrays = []
-    for i, field_ in enumerate(schema):
-        col = df.iloc[:, i].to_numpy()
-        if col.dtype.byteorder not in ("=", "|"):
-            return None
-        arrays.append(pa.array(col, type=field_.type, from_pandas=False))
-    return pa.Table.from_arrays(arrays, schema=schema)
-
-
 def _encode_npy(arr: np.ndarray[Any, Any]) -> Encoded:
     if not (arr.flags.c_contiguous or arr.flags.f_contiguous):
         arr = np.ascontiguousarray(arr)
-    head = io.BytesIO()
-    np.lib.format.write_array_header_2_0(head, np.lib.format.header_data_from_array_1_0(arr))
+    key = (arr.dtype, bool(arr.flags.f_contiguous and not arr.flags.c_contiguous), arr.shape)
+    header = _NPY_HEADS.get(key)
+    if header is None:  # numpy writes the header in Python: remembered per (dtype, order, shape)
+        head = io.BytesIO()
+        np.lib.format.write_array_header_2_0(head, np.lib.format.header_data_from_array_1_0(arr))
+        header = _remember(_NPY_HEADS, key, head.getvalue())
     data = arr.reshape(-1, order="F" if (arr.flags.f_contiguous and not arr.flags.c_contiguous) else "C")
     body: Any = data.view(np.uint8).data if data.size else b""
-    return Encoded("npy", [head.getvalue(), body])
+    return Encoded("npy", [header, body])
+
+
+_NPY_HEADS: dict[Any, Any] = {}
+_NPY_PARSED: dict[Any, Any] = {}
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> Any:
+    if len(cache) >= 1024:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 def decode_value(kind: str, buf: Any, *, allow_pickle: bool = False, meta: dict[str, Any] | None = None) -> Any:
@@ -337,7 +325,9 @@ def _decode_frame(kind: str, buf: Any, meta: dict[str, Any]) -> Any:
         raise MalformedFrame(msg) from exc
     try:
         table.validate(full=True)  # offsets and lengths checked before pandas reads the buffers
-        df = table.to_pandas(split_blocks=True, self_destruct=True)
+        df = small_numeric_frame(table)
+        if df is None:
+            df = table.to_pandas(split_blocks=True, self_destruct=True)
     except Exception as exc:  # pyarrow and pandas raise many unrelated types on a bad schema or metadata
         msg = f"payload's Arrow table cannot be read as a DataFrame: {type(exc).__name__}: {exc}"[:500]
         raise MalformedFrame(msg) from exc
@@ -355,7 +345,34 @@ def _decode_frame(kind: str, buf: Any, meta: dict[str, Any]) -> Any:
 
 def _decode_npy(buf: Any) -> np.ndarray[Any, Any]:
     view = memoryview(buf).cast("B")
-    fp = io.BytesIO(view[: min(view.nbytes, 1 << 16)])
+    head = bytes(view[: min(view.nbytes, 1 << 16)])
+    wide = head[6:7] != b"\x01"  # format 2.0+: a 4-byte header length
+    size = 12 + int.from_bytes(head[8:12], "little") if wide else 10 + int.from_bytes(head[8:10], "little")
+    key = head[:size] if size <= 256 else None  # the exact header bytes: parsed once, then looked up
+    parsed = _NPY_PARSED.get(key) if key is not None else None
+    if parsed is None:
+        parsed = _npy_header(head)
+        if key is not None and parsed[3] == size:
+            _remember(_NPY_PARSED, key, parsed)
+    shape, fortran, dtype, offset = parsed
+    if dtype.hasobject:
+        msg = "refusing a .npy payload with dtype=object (it would need pickle)"
+        raise MalformedFrame(msg)
+    count = math.prod(int(d) for d in shape) if shape else 1  # exact: np.prod would wrap around on huge shapes
+    if view.nbytes - offset != count * dtype.itemsize:
+        msg = "the .npy payload's length does not match its header"
+        raise MalformedFrame(msg)
+    try:
+        flat = np.frombuffer(view, dtype=dtype, count=count, offset=offset)
+        return flat.reshape(shape, order="F" if fortran else "C")
+    except ValueError as exc:  # e.g. a zero-size dtype
+        msg = f"the .npy payload cannot be read as its header says: {exc}"
+        raise MalformedFrame(msg) from exc
+
+
+def _npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any], int]:
+    """(shape, fortran order, dtype, offset of the data) of a .npy header."""
+    fp = io.BytesIO(head)
     try:
         version = np.lib.format.read_magic(fp)
         reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
@@ -368,20 +385,7 @@ def _decode_npy(buf: Any) -> np.ndarray[Any, Any]:
     except Exception as exc:  # numpy's header parser raises ValueError, TokenError, SyntaxError, ...
         msg = f"payload is not a valid .npy array: {exc}"
         raise MalformedFrame(msg) from exc
-    if dtype.hasobject:
-        msg = "refusing a .npy payload with dtype=object (it would need pickle)"
-        raise MalformedFrame(msg)
-    offset = fp.tell()
-    count = math.prod(int(d) for d in shape) if shape else 1  # exact: np.prod would wrap around on huge shapes
-    if view.nbytes - offset != count * dtype.itemsize:
-        msg = "the .npy payload's length does not match its header"
-        raise MalformedFrame(msg)
-    try:
-        flat = np.frombuffer(view, dtype=dtype, count=count, offset=offset)
-        return flat.reshape(shape, order="F" if fortran else "C")
-    except ValueError as exc:  # e.g. a zero-size dtype
-        msg = f"the .npy payload cannot be read as its header says: {exc}"
-        raise MalformedFrame(msg) from exc
+    return tuple(shape), bool(fortran), dtype, fp.tell()
 
 
 def describe(value: Any) -> str:
