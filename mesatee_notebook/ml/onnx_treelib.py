@@ -90,6 +90,7 @@ class TreeliteONNXModel:
     """A compiled tree-ensemble graph: same interface as ``ORTModel`` / ``TVMModel`` (``run``, specs, digest)."""
 
     __slots__ = (
+        "_buffers",
         "_direct",
         "_graph",
         "_predictor",
@@ -120,6 +121,7 @@ class TreeliteONNXModel:
         )
         self._predictor = tl2cgen.Predictor(self.path, nthread=1)
         self._direct, self._width = _direct_entry(self.path)
+        self._buffers: dict[int, tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]] = {}
 
     @property
     def library_sha256(self) -> str:
@@ -136,15 +138,28 @@ class TreeliteONNXModel:
         import tl2cgen
 
         if self._direct is not None and X.shape[0] <= DIRECT_MAX_ROWS:
-            rows = np.ascontiguousarray(X, dtype=np.float32)
-            entries = rows.view(np.int32).copy()
-            entries[np.isnan(rows)] = -1  # tl2cgen's Entry union: missing == -1
-            out = np.zeros((rows.shape[0], self._width), dtype=np.float32)
-            for i in range(rows.shape[0]):
-                self._direct(entries[i].ctypes.data, 0, out[i].ctypes.data)
-            return out
+            return self._scores_direct(X)
         raw = np.asarray(self._predictor.predict(tl2cgen.DMatrix(X, dtype="float32"), pred_margin=True))
         return raw.reshape(X.shape[0], -1).astype(np.float32, copy=False)
+
+    def _scores_direct(self, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """Call the generated ``predict(Entry*, margin, float*)`` per row, through buffers kept per batch size."""
+        assert self._direct is not None
+        bufs = self._buffers.get(X.shape[0])
+        if bufs is None:
+            entries = np.zeros(X.shape, dtype=np.float32)
+            out = np.zeros((X.shape[0], self._width), dtype=np.float32)
+            ptrs = [(entries[i].ctypes.data, out[i].ctypes.data) for i in range(X.shape[0])]
+            bufs = self._buffers[X.shape[0]] = (entries, out, ptrs)
+        entries, out, ptrs = bufs
+        np.copyto(entries, X)
+        missing = np.isnan(entries)
+        if missing.any():
+            entries.view(np.int32)[missing] = -1  # tl2cgen's Entry union: missing == -1
+        out.fill(0.0)  # the generated function adds the trees' outputs into the result buffer
+        for row, res in ptrs:
+            self._direct(row, 0, res)
+        return out.copy()
 
     def run(self, inputs: Mapping[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
         """Run on ``{input name: array}`` (or the array); outputs named and shaped as the ONNX graph's."""

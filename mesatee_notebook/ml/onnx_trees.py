@@ -22,6 +22,7 @@ it must reproduce onnxruntime's outputs on probe rows built from the split thres
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import deque
 from typing import Any, Literal, NoReturn
 
@@ -85,6 +86,11 @@ class TreeGraph:
     labels: tuple[int, ...]
     scored: tuple[bool, ...]  # classes that receive any score (argmax skips the others, like onnxruntime)
     outputs: tuple[tuple[str, Role, str], ...]  # (graph output name, role, dtype), in graph order
+
+    @functools.cached_property
+    def label_array(self) -> npt.NDArray[np.int64]:
+        """The class labels as an array (indexed by the winning score column)."""
+        return np.asarray(self.labels, dtype=np.int64)
 
     @property
     def out_columns(self) -> int:
@@ -405,12 +411,12 @@ def finalize(graph: TreeGraph, raw: npt.NDArray[np.float32]) -> dict[str, np.nda
             label_idx = (s > 0).astype(np.intp)
     else:
         values = _transform(scores, graph.post)
-        masked = np.where(np.asarray(graph.scored)[None, :], scores, -np.inf)
+        masked = scores if all(graph.scored) else np.where(np.asarray(graph.scored)[None, :], scores, -np.inf)
         label_idx = masked.argmax(axis=1)
     out: dict[str, np.ndarray] = {}
     for name, role, dtype in graph.outputs:
         if role == "label":
-            out[name] = np.asarray(graph.labels, dtype=np.int64)[label_idx].astype(dtype)
+            out[name] = graph.label_array.take(label_idx).astype(dtype, copy=False)
         else:
             out[name] = values.astype(dtype, copy=False)
     return out
