@@ -15,8 +15,9 @@ Usage: python bench/p5_tvm.py [TRIALS] [REPEATS] [--target JSON] [--cache DIR] [
        python bench/p5_tvm.py --overhead SECONDS [--cache DIR] [--cases mlp1,cnn1]
 --overhead: where a batch-1 call's time goes, the variants interleaved round-robin for SECONDS each case
 (on a shared machine a slower variant's longer samples are preempted more often, so p10 is the fairer
-figure and both are printed): onnxruntime (1 thread); ``TVMModel.run``; the same module's VM ``main`` alone
-(bytecode) and built with ``exec_mode="compiled"``; the pre-session-4 run (``Tensor.copyfrom`` in,
+figure and both are printed): onnxruntime (1 thread); ``TVMModel.run``; the same module's VM ``main`` alone;
+the untuned module's ``main`` built with ``exec_mode="bytecode"`` and with ``"compiled"``; the pre-session-4
+run (``Tensor.copyfrom`` in,
 ``Tensor.numpy()`` out); and a one-``Relu`` model's VM call (the VM's fixed cost). Writes
 bench/results/p5_tvm_overhead.json.
 """
@@ -167,7 +168,9 @@ def _vm_main(model: onnx.ModelProto, input_name: str, shape: tuple[int, ...], mo
     target = tvm.target.Target(tvm_runtime.resolve_target("host"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mod = from_onnx(model, shape_dict={input_name: list(shape)}, dtype_dict={input_name: "float32"})
+        mod = from_onnx(
+            model, shape_dict={input_name: list(shape)}, dtype_dict={input_name: "float32"}, keep_params_in_input=False
+        )
     passes = [
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
@@ -175,7 +178,7 @@ def _vm_main(model: onnx.ModelProto, input_name: str, shape: tuple[int, ...], mo
     ]
     with target:
         mod = tvm.transform.Sequential(passes)(mod)
-    path = where / f"overhead-{mode}.so"
+    path = where / f"overhead-{mode}-{shape[1]}.so"  # distinct per model: dlopen caches by path
     relax.build(mod, target=target, exec_mode=mode).export_library(str(path))
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
     arg = tvm.runtime.empty(shape, "float32", tvm.cpu())
@@ -219,8 +222,9 @@ def overhead(cases: list[str], seconds: float, cache: Path) -> None:
             "onnxruntime (1 thread)": lambda s=session, n=input_name, x=x: s.run(None, {n: x}),
             "TVMModel.run": lambda m=module, x=x: m.run(x),
             "pre-session-4 run (copyfrom, numpy())": old_run,
-            "VM main alone (bytecode)": lambda main=main, arg=arg: main(arg),
-            "VM main alone (exec_mode=compiled)": _vm_main(model, input_name, shape, "compiled", cache),
+            "VM main alone": lambda main=main, arg=arg: main(arg),
+            "untuned VM main, exec_mode=bytecode": _vm_main(model, input_name, shape, "bytecode", cache),
+            "untuned VM main, exec_mode=compiled": _vm_main(model, input_name, shape, "compiled", cache),
             "one-Relu model: VM main alone": lambda: trivial._main(trivial._args[0]),
         }
         out[case] = _interleaved(variants, seconds)
