@@ -210,9 +210,8 @@ def onnx_trees(repeats: int) -> dict[str, object]:
     for case, engines in rows.items():
         for engine, st in engines.items():
             if engine != "compile_s":
-                print(
-                    f"{case:<36} {engine:<24} {fmt_us(st['median_s']):>12} {fmt_us(st['p10_s']):>12} {fmt_us(st['p90_s']):>12}"
-                )
+                spread = f"{fmt_us(st['p10_s']):>12} {fmt_us(st['p90_s']):>12}"
+                print(f"{case:<36} {engine:<24} {fmt_us(st['median_s']):>12} {spread}")
     for name, value in ratios.items():
         print(f"ratio {name}: {value:.2f}x")
     result = {
