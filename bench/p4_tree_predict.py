@@ -6,7 +6,13 @@ the crossover used by ``TreePredictor``. xgboost runs with its default threads (
 comparison, with nthread=1: on a shared machine its OpenMP barriers wait for a busy core's time slice.
 Medians of R samples, each sample a loop of at least 50 ms. The load average is recorded with the figures.
 Prints a table and writes bench/results/p4_tree_predict.json.
-Usage: python bench/p4_tree_predict.py [REPEATS]
+
+ONNX tree ensembles (issue 16): skl2onnx graphs of a GradientBoostingClassifier (3 classes, 100 trees,
+depth 4) and a RandomForestClassifier (binary, 100 trees, depth 8) on 30 features, run by the ``treelite``
+engine (``ml/onnx_treelib.py``, 1 thread) and by onnxruntime (1 thread, and 2 intra-op threads), batch 1
+and 1024, same run, engine level (``module.run``). Written to bench/results/p4_onnx_trees.json.
+Usage: python bench/p4_tree_predict.py [REPEATS]      (everything)
+       python bench/p4_tree_predict.py onnx [REPEATS] (the ONNX tree-ensemble rows only)
 """
 
 from __future__ import annotations
@@ -145,5 +151,87 @@ def main() -> None:
     print(f"wrote {out}")
 
 
+def _onnx_models() -> dict[str, bytes]:
+    from skl2onnx import to_onnx
+    from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
+
+    X, y = make_data(4000, 2)
+    X = np.nan_to_num(X)
+    klass = np.digitize(X[:, 0] + 0.5 * X[:, 1], [-0.5, 0.5])
+    opset = {"": 17, "ai.onnx.ml": 3}
+    gb = GradientBoostingClassifier(n_estimators=100, max_depth=4, random_state=0).fit(X, klass)
+    rf = RandomForestClassifier(n_estimators=100, max_depth=8, random_state=0).fit(X, y)
+    return {
+        "GB multiclass (100x d4)": to_onnx(gb, X[:1], target_opset=opset).SerializeToString(),
+        "RF binary (100x d8)": to_onnx(rf, X[:1], target_opset=opset).SerializeToString(),
+    }
+
+
+def onnx_trees(repeats: int) -> dict[str, object]:
+    """treelite engine vs onnxruntime on skl2onnx tree ensembles, batch 1 and 1024 (medians, same run)."""
+    import onnxruntime as ort
+
+    from mesatee_notebook.ml.onnx_engine import ORTModel
+    from mesatee_notebook.ml.onnx_treelib import compile_onnx_trees
+
+    load_before = os.getloadavg()
+    rows: dict[str, dict[str, dict[str, float]]] = {}
+    ratios: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as cache:
+        for name, raw in _onnx_models().items():
+            for batch in (1, 1024):
+                shapes = {"X": [batch, FEATURES]}
+                t0 = time.perf_counter()
+                trees = compile_onnx_trees(raw, shapes, Path(cache))
+                compile_s = time.perf_counter() - t0
+                ort1 = ORTModel(raw, shapes, from_cache=False)
+                opts = ort.SessionOptions()
+                opts.intra_op_num_threads = 2
+                ort2 = ort.InferenceSession(raw, opts, providers=["CPUExecutionProvider"])
+                X = make_data(batch, 3)[0]
+                want, got = ort1.run({"X": X}), trees.run({"X": X})
+                for out, value in want.items():
+                    assert np.allclose(got[out], value, rtol=1e-4, atol=1e-4), (name, batch, out)
+                case = f"{name}, batch {batch}"
+                rows[case] = {
+                    "treelite (1 thread)": timeit(lambda t=trees, x=X: t.run({"X": x}), repeats),
+                    "onnxruntime (1 thread)": timeit(lambda o=ort1, x=X: o.run({"X": x}), repeats),
+                    "onnxruntime (2 threads)": timeit(lambda o=ort2, x=X: o.run(None, {"X": x}), repeats),
+                    "compile_s": {"median_s": compile_s, "p10_s": compile_s, "p90_s": compile_s},
+                }
+                best_ort = min(
+                    rows[case]["onnxruntime (1 thread)"]["median_s"], rows[case]["onnxruntime (2 threads)"]["median_s"]
+                )
+                ratios[case + ": best onnxruntime / treelite"] = (
+                    best_ort / rows[case]["treelite (1 thread)"]["median_s"]
+                )
+    print(f"ONNX tree ensembles ({FEATURES} features): treelite engine vs onnxruntime; load {load_before}")
+    print(f"{'case':<36} {'engine':<24} {'median':>12} {'p10':>12} {'p90':>12}")
+    for case, engines in rows.items():
+        for engine, st in engines.items():
+            if engine != "compile_s":
+                spread = f"{fmt_us(st['p10_s']):>12} {fmt_us(st['p90_s']):>12}"
+                print(f"{case:<36} {engine:<24} {fmt_us(st['median_s']):>12} {spread}")
+    for name, value in ratios.items():
+        print(f"ratio {name}: {value:.2f}x")
+    result = {
+        "bench": "p4_onnx_trees",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+        "versions": {"onnxruntime": ort.__version__},
+        "cases": rows,
+        "ratios": ratios,
+    }
+    out = Path(__file__).resolve().parent / "results" / "p4_onnx_trees.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return result
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] == "onnx":
+        onnx_trees(int(sys.argv[2]) if len(sys.argv) > 2 else 15)
+    else:
+        main()
+        onnx_trees(int(sys.argv[1]) if len(sys.argv) > 1 else 15)

@@ -12,6 +12,14 @@ baseline. TVM targets this CPU exactly (``--target host``: llvm -mcpu=<host> -nu
 (model, shapes, target, TVM version) when there is one (column "shipped").
 Usage: python bench/p5_tvm.py [TRIALS] [REPEATS] [--target JSON] [--cache DIR] [--cases mlp1,...]
        [--tune-cases mlp1024,...]   (TRIALS 0: untuned only)
+       python bench/p5_tvm.py --overhead SECONDS [--cache DIR] [--cases mlp1,cnn1]
+--overhead: where a batch-1 call's time goes, the variants interleaved round-robin for SECONDS each case
+(on a shared machine a slower variant's longer samples are preempted more often, so p10 is the fairer
+figure and both are printed): onnxruntime (1 thread); ``TVMModel.run``; the same module's VM ``main`` alone;
+the untuned module's ``main`` built with ``exec_mode="bytecode"`` and with ``"compiled"``; the pre-session-4
+run (``Tensor.copyfrom`` in,
+``Tensor.numpy()`` out); and a one-``Relu`` model's VM call (the VM's fixed cost). Writes
+bench/results/p5_tvm_overhead.json.
 """
 
 from __future__ import annotations
@@ -131,6 +139,110 @@ def ship_database(tune_dir: Path, dest: Path) -> int:
     return len(best)
 
 
+def _interleaved(variants: dict[str, Any], seconds: float, inner: int = 20) -> dict[str, dict[str, float]]:
+    samples: dict[str, list[float]] = {k: [] for k in variants}
+    for fn in variants.values():
+        fn()
+        fn()
+    end = time.time() + seconds
+    while time.time() < end:
+        for key, fn in variants.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            samples[key].append((time.perf_counter() - t0) / inner)
+    return {
+        k: {"median_s": float(np.median(v)), "p10_s": float(np.percentile(v, 10)), "rounds": len(v)}
+        for k, v in samples.items()
+    }
+
+
+def _vm_main(model: onnx.ModelProto, input_name: str, shape: tuple[int, ...], mode: str, where: Path) -> Any:
+    """The untuned module's relax VM ``main`` built with ``exec_mode`` (same passes as the compile path)."""
+    import warnings
+
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    target = tvm.target.Target(tvm_runtime.resolve_target("host"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mod = from_onnx(
+            model, shape_dict={input_name: list(shape)}, dtype_dict={input_name: "float32"}, keep_params_in_input=False
+        )
+    passes = [
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        relax.pipeline.zero_pipeline(),
+    ]
+    with target:
+        mod = tvm.transform.Sequential(passes)(mod)
+    path = where / f"overhead-{mode}-{shape[1]}.so"  # distinct per model: dlopen caches by path
+    relax.build(mod, target=target, exec_mode=mode).export_library(str(path))
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+    arg = tvm.runtime.empty(shape, "float32", tvm.cpu())
+    main = vm["main"]
+    return lambda: main(arg)
+
+
+def overhead(cases: list[str], seconds: float, cache: Path) -> None:
+    """Batch-1 call breakdown (see the module docstring); prints a table, writes p5_tvm_overhead.json."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    relu = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["y"])],
+            "relu",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    trivial = tvm_runtime.compile_onnx(relu, {"x": (1, 64)}, cache)
+    models = {"mlp1": (mlp_model(), "x", (1, 64)), "cnn1": (cnn_model(), "image", (1, 3, 16, 16))}
+    load_before = os.getloadavg()
+    out: dict[str, Any] = {}
+    for case in cases:
+        model, input_name, shape = models[case]
+        x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+        module = tvm_runtime.compile_onnx(model, {input_name: shape}, cache)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        arg, main = module._args[0], module._main
+
+        def old_run(arg: Any = arg, main: Any = main, x: np.ndarray = x) -> Any:
+            arg.copyfrom(x)
+            result = main(arg)
+            return [v.numpy() for v in ([result] if hasattr(result, "numpy") else list(result))]
+
+        variants = {
+            "onnxruntime (1 thread)": lambda s=session, n=input_name, x=x: s.run(None, {n: x}),
+            "TVMModel.run": lambda m=module, x=x: m.run(x),
+            "pre-session-4 run (copyfrom, numpy())": old_run,
+            "VM main alone": lambda main=main, arg=arg: main(arg),
+            "untuned VM main, exec_mode=bytecode": _vm_main(model, input_name, shape, "bytecode", cache),
+            "untuned VM main, exec_mode=compiled": _vm_main(model, input_name, shape, "compiled", cache),
+            "one-Relu model: VM main alone": lambda: trivial._main(trivial._args[0]),
+        }
+        out[case] = _interleaved(variants, seconds)
+        base = out[case]["onnxruntime (1 thread)"]
+        print(f"{case}: load {os.getloadavg()[0]:.1f}")
+        for key, st in out[case].items():
+            print(
+                f"  {key:<40} p10 {fmt(st['p10_s']):>9} ({st['p10_s'] / base['p10_s']:5.2f}x)  "
+                f"median {fmt(st['median_s']):>9} ({st['median_s'] / base['median_s']:5.2f}x)"
+            )
+    result = {"bench": "p5_tvm_overhead", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cases": out}
+    result["machine"] = {"cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+    path = Path(__file__).resolve().parent / "results" / "p5_tvm_overhead.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+
+
 def parse_target(text: str) -> Any:
     """A target kind name, or the JSON dict form (``{"kind": "llvm", "mcpu": "..."}``)."""
     return json.loads(text) if text.lstrip().startswith("{") else text
@@ -149,7 +261,13 @@ def main() -> None:
         "--ship", action="store_true", help="write the tuned databases into mesatee_notebook/ml/tuned/ (best records)"
     )
     parser.add_argument("--cache", type=Path, help="keep compiled modules here (tuning time then comes from meta)")
+    parser.add_argument("--overhead", type=float, default=0.0, help="SECONDS: batch-1 call breakdown only")
     args = parser.parse_args()
+    if args.overhead > 0:
+        with tempfile.TemporaryDirectory() as d:
+            cases = [c for c in args.cases.split(",") if c in ("mlp1", "cnn1")] or ["mlp1", "cnn1"]
+            overhead(cases, args.overhead, args.cache or Path(d))
+        return
     trials, repeats, target = args.trials, args.repeats, args.target
     load_before = os.getloadavg()
     all_cases = {

@@ -53,6 +53,8 @@ UNSAFE_COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("tvm_ffi", ("apache-tvm-ffi",)),
     ("onnx", ("onnx",)),
     ("onnxruntime", ("onnxruntime",)),  # the second ONNX engine, for graphs TVM cannot import (ml/onnx_engine.py)
+    ("treelite", ("treelite",)),  # compiled trees: xgboost models and ONNX tree ensembles (ml/onnx_trees.py)
+    ("tl2cgen", ("tl2cgen",)),  # generates the compiled trees' C code (ml/treecompile.py)
     ("tpm2_pytss", ("tpm2-pytss",)),  # the kernel's TPM stack at level tpm (links the system tpm2-tss)
     ("opendp", ("opendp",)),
     ("blake3", ("blake3",)),  # payload digests (wire/digest.py)

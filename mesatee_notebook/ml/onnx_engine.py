@@ -5,7 +5,10 @@ TVM stays the compiler for what it supports. A graph with an operator its fronte
 ``Scaler``, ``ArrayFeatureExtractor``, ``TreeEnsemble*``...; ``LSTM``, ``GRU``) runs on onnxruntime's CPU
 execution provider instead, in the same service worker (``engine="auto"``; an operator of a domain
 onnxruntime does not implement stays an ``UnsupportedOperator`` error from TVM's path). A caller may pin
-an engine: ``"tvm"`` (an unsupported operator is then an ``UnsupportedOperator`` error) or ``"onnxruntime"``.
+an engine: ``"tvm"`` (an unsupported operator is then an ``UnsupportedOperator`` error), ``"onnxruntime"``,
+or ``"treelite"``: tree ensembles (``TreeEnsembleRegressor`` / ``TreeEnsembleClassifier``, optionally followed by
+``ZipMap``/``Cast``/``Identity``) compiled to a library by the compiled-tree path (``ml/onnx_trees.py``);
+``auto`` sends such a graph there, and on to onnxruntime if treelite refuses it.
 
 onnxruntime is native code the enclave loads, so it is listed in the measurement's unsafe components
 (``attestation/measurement.py``). The module's ``library_sha256`` is the digest of (onnxruntime's
@@ -23,12 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from mesatee_notebook.ml._errors import InputShapeError, MLInputError, ModelFormatError
+from mesatee_notebook.ml._errors import InputShapeError, MLInputError, ModelFormatError, UnsupportedOperator
 from mesatee_notebook.ml.tvm_runtime import TensorSpec
 
 __all__ = ["ENGINES", "ORTModel", "choose_engine", "model_digest", "ort_version"]
 
-ENGINES = ("auto", "tvm", "onnxruntime")
+ENGINES = ("auto", "tvm", "onnxruntime", "treelite")
 _ORT_DOMAINS = frozenset({"ai.onnx.ml", "com.microsoft"})
 
 _ORT_DTYPES = {
@@ -47,8 +50,12 @@ def ort_version() -> str:
     return str(onnxruntime.__version__)
 
 
-def choose_engine(model_bytes: bytes, requested: str) -> str:
-    """``"tvm"`` or ``"onnxruntime"`` for this model; ``auto`` picks onnxruntime only when TVM cannot import it."""
+def choose_engine(model_bytes: bytes, requested: str, input_shapes: Mapping[str, Sequence[int]] | None = None) -> str:
+    """``"tvm"``, ``"onnxruntime"`` or ``"treelite"`` for this model.
+
+    ``auto`` picks treelite for a tree-ensemble graph it can take (``ml/onnx_trees.py``), onnxruntime for
+    other graphs TVM cannot import, TVM for the rest.
+    """
     if requested not in ENGINES:
         msg = f"engine must be one of {', '.join(ENGINES)}, not {requested!r}"
         raise MLInputError(msg, engine=requested)
@@ -63,10 +70,25 @@ def choose_engine(model_bytes: bytes, requested: str) -> str:
     except Exception:  # protobuf's DecodeError among others: TVM's path reports ModelFormatError
         return "tvm"
     bad = unsupported_ops(model)
+    if bad and _takes_trees(model, input_shapes):
+        return "treelite"
     # Only domains onnxruntime implements: an unknown domain stays on TVM's path, which names the operator.
     if bad and all(op.split(":")[0] in _ORT_DOMAINS for op in bad if ":" in op):
         return "onnxruntime"
     return "tvm"
+
+
+def _takes_trees(model: Any, input_shapes: Mapping[str, Sequence[int]] | None) -> bool:
+    """Whether the treelite engine can take this graph (a refusal here only means: not treelite)."""
+    from mesatee_notebook.ml.onnx_trees import parse_tree_graph
+
+    shapes = list((input_shapes or {}).values())
+    width = int(shapes[0][-1]) if len(shapes) == 1 and len(shapes[0]) == 2 else 1 << 30
+    try:
+        parse_tree_graph(model, width)
+    except UnsupportedOperator:
+        return False
+    return True
 
 
 def model_digest(model_bytes: bytes, input_shapes: Mapping[str, Sequence[int]]) -> str:

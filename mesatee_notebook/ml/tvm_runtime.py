@@ -113,7 +113,19 @@ class TensorSpec:
 class TVMModel:
     """A compiled ONNX model loaded into a relax VirtualMachine."""
 
-    __slots__ = ("_args", "_lock", "_main", "_vm", "digest", "from_cache", "inputs", "meta", "outputs", "path")
+    __slots__ = (
+        "_args",
+        "_lock",
+        "_main",
+        "_views",
+        "_vm",
+        "digest",
+        "from_cache",
+        "inputs",
+        "meta",
+        "outputs",
+        "path",
+    )
 
     def __init__(self, path: Path, digest: str, meta: Mapping[str, Any], *, from_cache: bool) -> None:
         import tvm
@@ -130,6 +142,7 @@ class TVMModel:
             self._vm = relax.VirtualMachine(lib, tvm.cpu())
             self._main = self._vm["main"]
             self._args = [tvm.runtime.empty(s.shape, s.dtype, tvm.cpu()) for s in self.inputs]
+            self._views = [np.from_dlpack(a) for a in self._args]  # numpy views of the input tensors
         except Exception as exc:  # TVM raises its own error classes from C++
             msg = f"cannot load the compiled module {path.name}: {exc}"
             raise CompileError(msg) from exc
@@ -178,15 +191,18 @@ class TVMModel:
         """Run the model; ``inputs`` maps input names to arrays (or is the array of a one-input model).
 
         The input tensors are allocated once (64-byte aligned, as TVM's kernels want) and refilled per
-        call under a lock: allocating them cost more than the whole batch-1 MLP.
+        call under a lock: allocating them cost more than the whole batch-1 MLP. They are refilled
+        through numpy views of them (``np.copyto``: ~0.7 µs, where ``Tensor.copyfrom`` took ~8 µs),
+        and outputs leave through DLPack and a numpy copy (~1 µs, where ``Tensor.numpy()`` took ~9 µs;
+        the copy keeps a caller from aliasing a constant or an input buffer the VM returned).
         """
         arrays = self._arguments(inputs)
         with self._lock:
-            for tensor, value in zip(self._args, arrays, strict=True):
-                tensor.copyfrom(value)
+            for view, value in zip(self._views, arrays, strict=True):
+                np.copyto(view, value)
             result = self._main(*self._args)
             values = [result] if hasattr(result, "numpy") else list(result)
-            return {spec.name: v.numpy() for spec, v in zip(self.outputs, values, strict=True)}
+            return {spec.name: np.from_dlpack(v).copy() for spec, v in zip(self.outputs, values, strict=True)}
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{s.name}{list(s.shape)}" for s in self.inputs)

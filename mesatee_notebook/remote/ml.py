@@ -425,7 +425,7 @@ class RemoteTVMModule:
 
     @property
     def engine(self) -> str:
-        """The engine that runs the module: ``tvm`` or ``onnxruntime``."""
+        """The engine that runs the module: ``tvm``, ``onnxruntime`` or ``treelite``."""
         return str(self.info.get("engine", "tvm"))
 
     @property
@@ -504,8 +504,9 @@ class TvmClient:
 
         Cached by digest in the enclave's sealed storage: compiling the same request again loads it.
         ``tune_trials`` > 0 runs MetaSchedule with that trial budget (slow: minutes), with a progress bar.
-        ``engine``: ``"auto"`` (TVM, or onnxruntime for graphs TVM's frontend cannot import: ``ai.onnx.ml``
-        operators, LSTM, GRU), or pin ``"tvm"`` or ``"onnxruntime"``; ``module.engine`` says which ran.
+        ``engine``: ``"auto"`` (TVM; tree ensembles on ``"treelite"``, compiled trees; onnxruntime for other
+        graphs TVM's frontend cannot import: ``ai.onnx.ml`` operators, LSTM, GRU), or pin ``"tvm"``,
+        ``"onnxruntime"`` or ``"treelite"``; ``module.engine`` says which ran.
         """
         if isinstance(model, (bytes, bytearray, memoryview)):
             raw = bytes(model)

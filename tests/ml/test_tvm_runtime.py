@@ -108,6 +108,17 @@ def test_inputs_are_refilled_on_every_run(mlp_1024: tvm_runtime.TVMModel) -> Non
     np.testing.assert_allclose(out_b, want_b, rtol=1e-4, atol=1e-4)
 
 
+def test_outputs_never_alias_the_reused_input_tensor(tmp_path: Path) -> None:
+    """An Identity graph may hand back the input tensor itself; the output is a copy the next run cannot change."""
+    compiled = tvm_runtime.compile_onnx(single_op_model("Identity"), {"x": (4, 8)}, tmp_path)
+    a, b = np.arange(32, dtype=np.float32).reshape(4, 8), np.ones((4, 8), np.float32)
+    out_a = compiled.run(a)["y"]
+    out_b = compiled.run(b)["y"]
+    out_b[:] = -1  # writing into a result must not reach the module either
+    np.testing.assert_array_equal(out_a, a)
+    np.testing.assert_array_equal(compiled.run(b)["y"], b)
+
+
 def test_untuned_compile_reports_phases(tmp_path: Path) -> None:
     events: list[dict[str, Any]] = []
     compiled = tvm_runtime.compile_onnx(single_op_model("Relu"), {"x": (4, 8)}, tmp_path, progress=events.append)

@@ -39,6 +39,7 @@ from mesatee_notebook.errors import EncodingError, NotFound, PolicyViolation
 
 if TYPE_CHECKING:
     from mesatee_notebook.ml.onnx_engine import ORTModel
+    from mesatee_notebook.ml.onnx_treelib import TreeliteONNXModel
     from mesatee_notebook.ml.tvm_runtime import TVMModel
 
 __all__: list[str] = []
@@ -86,10 +87,10 @@ def compile_model(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, A
     model = bytes(raw)
     shapes = _shapes(args.get("input_shapes"))
     from mesatee_notebook.enclave.services import onnx_ort  # engine hook: graphs TVM cannot take (onnx_engine.py)
-    from mesatee_notebook.ml.onnx_engine import choose_engine
 
-    if choose_engine(model, str(args.get("engine") or "auto")) == "onnxruntime":
-        return onnx_ort.compile_ort(ctx, model, shapes)
+    other = onnx_ort.compile_other(ctx, model, shapes, str(args.get("engine") or "auto"))
+    if other is not None:
+        return other
     target = args.get("target") or "llvm"
     trials = int(args.get("tune_trials", 0))
     per_task = args.get("max_trials_per_task")
@@ -149,7 +150,7 @@ def compile_model(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, A
     return ServiceResult(info={**info, "engine": "tvm", "source": source, "seconds": time.perf_counter() - t0})
 
 
-def _module(ctx: ServiceContext, key: Any) -> TVMModel | ORTModel:
+def _module(ctx: ServiceContext, key: Any) -> TVMModel | ORTModel | TreeliteONNXModel:
     """A module the caller compiled, loaded in this worker (unsealed again after a restart)."""
     from mesatee_notebook.ml import tvm_runtime
 
@@ -162,10 +163,14 @@ def _module(ctx: ServiceContext, key: Any) -> TVMModel | ORTModel:
     if ctx.party not in meta.get("owners", []):
         msg = "this module was compiled by another party"
         raise PolicyViolation(msg, module=mid)
-    if meta.get("engine") == "onnxruntime":  # engine hook (enclave/services/onnx_ort.py)
+    if meta.get("engine") == "onnxruntime":  # engine hooks (enclave/services/onnx_ort.py)
         from mesatee_notebook.enclave.services.onnx_ort import load_ort
 
         return load_ort(ctx, mid)
+    if meta.get("engine") == "treelite":
+        from mesatee_notebook.enclave.services.onnx_ort import load_treelite
+
+        return load_treelite(ctx, mid)
     loaded: dict[str, TVMModel] = ctx.state.setdefault("tvm_modules", {})
     module = loaded.get(mid)
     if module is None:
@@ -182,7 +187,9 @@ def _module(ctx: ServiceContext, key: Any) -> TVMModel | ORTModel:
     return module
 
 
-def _run_dataset(module: TVMModel | ORTModel, data: DataRef, input_name: str | None) -> dict[str, np.ndarray]:
+def _run_dataset(
+    module: TVMModel | ORTModel | TreeliteONNXModel, data: DataRef, input_name: str | None
+) -> dict[str, np.ndarray]:
     from mesatee_notebook.ml._errors import InputShapeError, NonNumericFeatures
 
     specs = module.inputs
@@ -235,7 +242,7 @@ def _outputs_frame(outputs: dict[str, np.ndarray]) -> pd.DataFrame:
     return pd.DataFrame(cols)
 
 
-def _engine(module: TVMModel | ORTModel) -> str:
+def _engine(module: TVMModel | ORTModel | TreeliteONNXModel) -> str:
     return str(getattr(module, "engine", "tvm"))
 
 
