@@ -13,7 +13,7 @@ Measures:
   (built by the clusterdata work); otherwise the row says it was skipped.
 
 Prints a table and writes bench/results/c2_cluster_overhead.json.
-Usage: python bench/c2_cluster_overhead.py [ROWS] [ROUNDS]   (defaults 200000 rows, 50 rounds)
+Usage: python bench/c2_cluster_overhead.py [ROWS] [ROUNDS] [PSI_ITEMS]   (defaults 200000, 50, 1000000)
 """
 
 from __future__ import annotations
@@ -138,6 +138,10 @@ def _cluster_gbdt(head: ClusterHead, workers: list[Any], df: pd.DataFrame, round
     ]
     placement = time.perf_counter() - t
     train_on_partitions(head, parts, "y", params=PARAMS, num_boost_round=2)  # warm-up: workers import xgboost
+    short = max(1, rounds // 3)
+    t = time.perf_counter()
+    train_on_partitions(head, parts, "y", params=PARAMS, num_boost_round=short)
+    short_s = time.perf_counter() - t
     dask_before = _dask_transfers(head)
     sampler = _Sampler({w.proc.pid for w in workers})
     t = time.perf_counter()
@@ -148,6 +152,8 @@ def _cluster_gbdt(head: ClusterHead, workers: list[Any], df: pd.DataFrame, round
     return {
         "placement_s": placement,
         "train_s": seconds,
+        "short_rounds": short,
+        "short_train_s": short_s,
         "worker_rows": [w.get("rows") for w in trained.workers],
         "bytes_sent": _split_traffic(sent, dask_ports),
         "dask_worker_to_worker_bytes": _dask_transfers(head) - dask_before,
@@ -155,12 +161,39 @@ def _cluster_gbdt(head: ClusterHead, workers: list[Any], df: pd.DataFrame, round
     }
 
 
-def _psi(head: ClusterHead) -> dict[str, Any]:
+def _psi(head: ClusterHead, workers: list[Any], n: int) -> dict[str, Any]:
+    """The same PSI (cardinality of two sets of n integers, half shared): ml.psi here, sharded on the cluster."""
     try:
-        from mesatee_notebook.enclave.cluster import cluster_psi  # noqa: F401  (clusterdata's sharded PSI)
+        from mesatee_notebook.enclave.cluster.cluster_psi import item_chunks, sharded_psi
     except ImportError:
-        return {"skipped": "enclave/cluster/cluster_psi.py is not in this tree (sharded PSI: clusterdata work)"}
-    return {"skipped": "sharded PSI is present but this bench does not drive it yet"}
+        return {"skipped": "enclave/cluster/cluster_psi.py is not in this tree (sharded PSI: the clusterdata work)"}
+    from mesatee_notebook.ml.psi import psi
+
+    rng = np.random.default_rng(3)
+    pool = rng.choice(np.iinfo(np.int64).max, size=int(n * 1.5), replace=False)
+    a, b = pool[:n], pool[n // 2 :]
+    t = time.perf_counter()
+    single = psi({"a": a, "b": b}, "cardinality").cardinality
+    single_s = time.perf_counter() - t
+    t = time.perf_counter()
+    chunks = [item_chunks(head, a), item_chunks(head, b)]
+    placement = time.perf_counter() - t
+    sharded_psi(head, [item_chunks(head, a[:1000]), item_chunks(head, b[:1000])])  # warm-up
+    sampler = _Sampler({w.proc.pid for w in workers})
+    t = time.perf_counter()
+    result = sharded_psi(head, chunks, "cardinality")
+    cluster_s = time.perf_counter() - t
+    sent = sampler.finish()
+    dask_ports = {a_.rsplit(":", 1)[1] for a_ in [head.client.scheduler.address, *(w.address for w in workers)]}
+    assert result["cardinality"] == single == n // 2, (result["cardinality"], single)
+    return {
+        "items_per_party": n,
+        "cardinality": single,
+        "single_s": single_s,
+        "cluster_s": cluster_s,
+        "placement_s": placement,
+        "bytes_sent": _split_traffic(sent, dask_ports),
+    }
 
 
 def _start(data_dir: Path) -> tuple[Any, list[Any]]:
@@ -174,6 +207,7 @@ def _start(data_dir: Path) -> tuple[Any, list[Any]]:
 def main() -> None:
     rows = int(sys.argv[1]) if len(sys.argv) > 1 else 200_000
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 50
+    psi_items = int(sys.argv[3]) if len(sys.argv) > 3 else 1_000_000
     df = _frame(rows)
     data_dir = Path(tempfile.mkdtemp(prefix="c2-"))
     fp = init_platform(data_dir)
@@ -187,9 +221,14 @@ def main() -> None:
         while len(head._workers()) < 2:
             time.sleep(0.2)
         single1, model1 = _single(df, rounds, 1)
+        single1_short, _ = _single(df, max(1, rounds // 3), 1)
         single2, _ = _single(df, rounds, 2)
         cluster = _cluster_gbdt(head, workers, df, rounds)
-        psi = _psi(head)
+        psi = _psi(head, workers, psi_items)
+    except Exception:
+        for n in nodes:
+            print(f"--- {n.role} log tail ---\n{n.text()[-2500:]}", file=sys.stderr)
+        raise
     finally:
         if head is not None:
             head.close()
@@ -199,6 +238,15 @@ def main() -> None:
     auc_single = model1.evaluate(df)["auc"]
     auc_cluster = cluster.pop("model").evaluate(df)["auc"]
     sent = cluster["bytes_sent"]
+    short = cluster["short_rounds"]
+    per_round = {
+        "single": (single1 - single1_short) / (rounds - short),
+        "cluster": (cluster["train_s"] - cluster["short_train_s"]) / (rounds - short),
+    }
+    fixed = {
+        "single": single1 - per_round["single"] * rounds,
+        "cluster": cluster["train_s"] - per_round["cluster"] * rounds,
+    }
     print(f"C2: GBDT {rows} rows x {FEATURES} features, {rounds} rounds, max_depth {PARAMS['max_depth']}")
     print(f"{'':<34} {'seconds':>9} {'auc':>8}")
     print(f"{'single node, 1 thread':<34} {single1:>9.2f} {auc_single:>8.4f}")
@@ -206,11 +254,22 @@ def main() -> None:
     print(f"{'cluster, 2 workers x 1 thread':<34} {cluster['train_s']:>9.2f} {auc_cluster:>8.4f}")
     print(f"{'  placing 2 partitions (atls://)':<34} {cluster['placement_s']:>9.2f}")
     print(
+        f"from {short} and {rounds} rounds: per round single {per_round['single'] * 1e3:.0f} ms, cluster "
+        f"{per_round['cluster'] * 1e3:.0f} ms; fixed single {fixed['single']:.2f} s, cluster {fixed['cluster']:.2f} s"
+    )
+    print(
         f"bytes sent by the 2 workers during training: collective (ring + tracker) {sent['collective'] / 1e6:.2f} MB "
         f"({sent['collective'] / rounds / 1e3:.1f} kB a round), Dask atls:// {sent['dask_atls'] / 1e3:.1f} kB; "
         f"Dask worker-to-worker transfers: {cluster['dask_worker_to_worker_bytes']} B"
     )
-    print(f"PSI: {psi.get('skipped', psi)}")
+    if "skipped" in psi:
+        print(f"PSI: skipped: {psi['skipped']}")
+    else:
+        print(f"PSI cardinality, 2 x {psi['items_per_party']} items (half shared)")
+        print(f"{'single node (ml.psi)':<34} {psi['single_s']:>9.2f}")
+        print(f"{'cluster, sharded over 2 workers':<34} {psi['cluster_s']:>9.2f}")
+        print(f"{'  placing the items (atls://)':<34} {psi['placement_s']:>9.2f}")
+        print(f"bytes sent by the 2 workers during PSI: Dask atls:// {psi['bytes_sent']['dask_atls'] / 1e6:.2f} MB")
     out = ROOT / "bench" / "results" / "c2_cluster_overhead.json"
     out.write_text(
         json.dumps(
@@ -221,6 +280,9 @@ def main() -> None:
                 "params": PARAMS,
                 "single_1thread_s": single1,
                 "single_2threads_s": single2,
+                "single_1thread_short_s": single1_short,
+                "per_round_s": per_round,
+                "fixed_s": fixed,
                 "auc_single": auc_single,
                 "auc_cluster": auc_cluster,
                 "cluster": cluster,

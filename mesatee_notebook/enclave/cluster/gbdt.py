@@ -53,7 +53,7 @@ __all__ = [
 #: Seconds a cluster training may take before the head gives up with RemoteTimeout.
 TRAIN_TIMEOUT = 600.0
 #: Seconds the collective may take to form (every worker connects to the tracker and its ring peers).
-BOOTSTRAP_TIMEOUT = 60
+BOOTSTRAP_TIMEOUT = 300
 _POLL = 0.5
 
 
@@ -106,6 +106,7 @@ def _frame_of(parts: tuple[pd.DataFrame, ...], columns: list[str] | None) -> pd.
 def partition_summary(label: str, columns: list[str] | None, *parts: pd.DataFrame) -> dict[str, Any]:
     """Rows, columns and label range of the partitions this worker holds (checked by the head before training)."""
     import pandas as pd
+    import xgboost  # noqa: F401  (imported now, so the collective's tasks start together)
 
     frame = _frame_of(parts, columns)
     y = pd.to_numeric(frame[label], errors="coerce") if label in frame.columns else None
