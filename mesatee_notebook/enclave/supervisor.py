@@ -287,7 +287,13 @@ class Kernel:
         if service.startswith("cluster."):  # the cluster head (serve --cluster) serves these in the supervisor
             from mesatee_notebook.enclave.cluster.head import cluster_call
 
-            return cluster_call(self, party, header)
+            return cluster_call(self, party, header, payloads, fds)
+        if getattr(self, "cluster_head", None) is not None:  # frame.* / dataset.delete on a partitioned dataset
+            from mesatee_notebook.enclave.cluster.head import partitioned_call
+
+            routed = partitioned_call(self, party, header)
+            if routed is not None:
+                return routed
         with self.service_gate.shared():
             return self.service_pool(service).run(party, nonce, service, header, payloads, fds, on_message, t)
 

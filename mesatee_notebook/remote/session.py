@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from mesatee_notebook.attestation.policy import AttestationReport, Policy
 from mesatee_notebook.attestation.receipts import Receipt, VerifiedReceipt, verify_receipt
-from mesatee_notebook.errors import MalformedFrame, NotAvailableYet, ProtocolError, ReceiptError
+from mesatee_notebook.errors import EncodingError, MalformedFrame, ProtocolError, ReceiptError
 from mesatee_notebook.errors import PolicyViolation as PolicyViolationError
 from mesatee_notebook.remote._public import public_api, public_methods
 from mesatee_notebook.remote.channel import Channel, Reply, open_channel
@@ -399,16 +399,22 @@ class Session:
     ) -> SecureDataFrame:
         """Put a DataFrame into the enclave as dataset ``name`` under ``policy``; return a SecureDataFrame.
 
-        ``partitions`` (a dataset split across a cluster's workers) is not available yet (docs/cluster.md).
+        ``partitions=N``: on a kernel served with ``--cluster``, the frame is split into N row partitions, each
+        sealed in a cluster worker's store; the receipt's info holds a digest per partition and of the whole
+        (docs/cluster.md). Any other kernel refuses it with ``NotAvailableYet``.
         """
-        if partitions is not None:
-            msg = "upload(..., partitions=N) is not available yet: partitioned datasets on a cluster (docs/cluster.md)"
-            raise NotAvailableYet(msg)
         from mesatee_notebook.remote.frame import SecureDataFrame
         from mesatee_notebook.wire.datapolicy import DataPolicy
 
         pol = policy if policy is not None else DataPolicy()
-        res = self.call("dataset.upload", {"name": name, "policy": pol.to_dict(), "replace": replace}, {"data": df})
+        args: dict[str, Any] = {"name": name, "policy": pol.to_dict(), "replace": replace}
+        if partitions is not None:
+            if not isinstance(partitions, int) or isinstance(partitions, bool) or partitions < 1:
+                msg = f"partitions must be a positive integer, not {partitions!r}"
+                raise EncodingError(msg)
+            res = self.call("cluster.upload", {**args, "partitions": partitions}, {"data": df})
+        else:
+            res = self.call("dataset.upload", args, {"data": df})
         return SecureDataFrame.from_dataset_info(res.info, _FrameBackend(self))
 
     def dataframe(self, name: str) -> SecureDataFrame:

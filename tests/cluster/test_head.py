@@ -46,9 +46,12 @@ def test_probe_through_the_head_names_the_workers_in_the_receipt(cluster: Cluste
 
 
 @pytest.mark.slow
-def test_unknown_cluster_service_and_partitions_are_typed(head: KernelProc) -> None:
+def test_unknown_cluster_service_and_partitions_without_a_cluster_are_typed(
+    head: KernelProc, kernel: KernelProc
+) -> None:
     with mn.connect(head.url, policy=head.policy()) as s:
         with pytest.raises(MalformedFrame, match=r"cluster\.train"):
             s.call("cluster.train")
-        with pytest.raises(NotAvailableYet, match="partitions"):
+    with mn.connect(kernel.url, policy=kernel.policy()) as s:  # a kernel served without --cluster
+        with pytest.raises(NotAvailableYet, match=r"partitions=N\) needs a cluster"):
             s.upload(pd.DataFrame({"a": [1]}), "parted", partitions=3)

@@ -20,6 +20,7 @@ from distributed import Client
 from mesatee_notebook.enclave.cluster.comm import AttestedSecurity
 from mesatee_notebook.enclave.cluster.node import NodeOptions, dask_settings, make_node
 from mesatee_notebook.enclave.cluster.node_identity import ClusterNode, PeerRecord
+from mesatee_notebook.enclave.cluster.partitions import PartitionBook, cluster_secret
 from mesatee_notebook.errors import (
     AttestationError,
     MalformedFrame,
@@ -33,10 +34,10 @@ from mesatee_notebook.wire.stream import Message
 if TYPE_CHECKING:
     from mesatee_notebook.enclave.kernel import Kernel
 
-__all__ = ["SERVICES", "ClusterHead", "attach_head", "cluster_call"]
+__all__ = ["SERVICES", "ClusterHead", "attach_head", "cluster_call", "partitioned_call"]
 
 log = logging.getLogger("mesatee.cluster")
-SERVICES = ("cluster.status", "cluster.probe")
+SERVICES = ("cluster.status", "cluster.probe", "cluster.upload", "cluster.psi")
 #: Seconds cluster.probe waits for every worker before it gives up with RemoteTimeout.
 PROBE_TIMEOUT = 60.0
 
@@ -52,6 +53,8 @@ class ClusterHead:
         # Raises the failing check's AttestationError when the scheduler is not attested under the cluster policy.
         self.client = Client(url, security=self.security, timeout=timeout, set_as_default=False)
         self._stop_refresh = node.identity.refresh_every()
+        #: The head's dataset store and the cluster secret (set by attach_head; docs/cluster.md "Partition keys").
+        self.partitions: PartitionBook | None = None
 
     def close(self) -> None:
         self._stop_refresh.set()
@@ -148,22 +151,73 @@ def attach_head(kernel: Kernel, url: str, roots: list[str], measurements: list[s
     )
     node = make_node("head", ident.platform_key, kernel.platform_fingerprint, options)
     head = ClusterHead(url, node)
+    if kernel.sealing_secret:
+        head.partitions = PartitionBook(kernel.sealed_store(), cluster_secret(kernel.sealing_secret))
     kernel.cluster_head = head  # type: ignore[attr-defined]
     log.warning("cluster head: attested scheduler %s with %d workers", url, len(head._workers()))
     return head
 
 
-def cluster_call(kernel: Kernel, party: str, header: dict[str, Any]) -> Message:
+def _serve(kernel: Kernel, head: ClusterHead, party: str, header: dict[str, Any], payloads: Any, fds: Any) -> Any:
+    service = str(header["service"])
+    if service == "cluster.status":
+        return {"cluster": head.status()}
+    if service == "cluster.probe":
+        return {"cluster": head.probe()}
+    if service == "cluster.upload":
+        from mesatee_notebook.enclave.cluster.datasets import cluster_upload
+
+        return cluster_upload(kernel, head, party, header, payloads, fds)
+    from mesatee_notebook.enclave.cluster.cluster_psi import psi_call
+
+    return psi_call(kernel, head, party, header)
+
+
+def cluster_call(kernel: Kernel, party: str, header: dict[str, Any], payloads: Any = (), fds: Any = ()) -> Message:
     """Serve a ``cluster.*`` service call in the supervisor; the kernel signs the receipt as for any call."""
+    import os
+
+    try:
+        head: ClusterHead | None = getattr(kernel, "cluster_head", None)
+        service = str(header["service"])
+        if head is None:
+            what = "upload(..., partitions=N)" if service == "cluster.upload" else service
+            msg = (
+                f"{what} needs a cluster: this kernel is not a cluster head (serve it with --cluster atls://HOST:PORT)"
+            )
+            raise NotAvailableYet(msg)
+        if service not in SERVICES:
+            msg = f"unknown cluster service {service!r} (known: {', '.join(SERVICES)}; not built yet: docs/cluster.md)"
+            raise MalformedFrame(msg)
+        started = time.time()
+        info = _serve(kernel, head, party, header, payloads, fds)
+        log.info("cluster call %s for %s… in %.2f s", service, party[:16], time.time() - started)
+        return Message({"t": "result", "values": [], "info": info})
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def partitioned_call(kernel: Kernel, party: str, header: dict[str, Any]) -> Message | None:
+    """``frame.*`` and ``dataset.delete`` on a partitioned dataset, served by the head; None: not one of those."""
+    from mesatee_notebook.enclave.cluster.cluster_frames import frame_call, plan_datasets
+    from mesatee_notebook.enclave.cluster.partitions import is_partitioned
+
     head: ClusterHead | None = getattr(kernel, "cluster_head", None)
     service = str(header["service"])
-    if head is None:
-        msg = f"{service}: this kernel is not a cluster head (start it with `serve --cluster atls://HOST:PORT`)"
-        raise NotAvailableYet(msg)
-    if service not in SERVICES:
-        msg = f"unknown cluster service {service!r} (known: {', '.join(SERVICES)}; not built yet: docs/cluster.md)"
-        raise MalformedFrame(msg)
-    started = time.time()
-    info = head.status() if service == "cluster.status" else head.probe()
-    log.info("cluster call %s for %s… in %.2f s", service, party[:16], time.time() - started)
-    return Message({"t": "result", "values": [], "info": {"cluster": info}})
+    args = header.get("args") or {}
+    if head is None or head.partitions is None or not isinstance(args, dict):
+        return None
+    if service == "frame.collect":
+        names = plan_datasets(args.get("plan"))
+    elif service in ("frame.info", "frame.budget", "dataset.delete"):
+        names = [str(args.get("name", ""))]
+    else:
+        return None
+    if not any(is_partitioned(head, n) for n in names):
+        return None
+    if service == "dataset.delete":
+        from mesatee_notebook.enclave.cluster.datasets import cluster_delete
+
+        return Message({"t": "result", "values": [], "info": cluster_delete(kernel, head, party, names[0])})
+    return frame_call(kernel, head, party, service, args)
