@@ -251,8 +251,7 @@ def _gather(head: ClusterHead, futures: dict[str, Future], timeout: float) -> di
                 raise _task_error(failed[0])
             if all(f.status == "finished" for f in pending):
                 return {w: f.result() for w, f in futures.items()}
-            alive = set(head.client.scheduler_info(n_workers=-1)["workers"])
-            gone = sorted(set(futures) - alive)
+            gone = sorted(set(futures) - _live_workers(head))
             if gone:
                 msg = f"worker(s) {', '.join(gone)} left the cluster during training; nothing was kept"
                 raise RemoteExecutionError(msg, workers=gone)
@@ -267,6 +266,16 @@ def _gather(head: ClusterHead, futures: dict[str, Future], timeout: float) -> di
         head.client.cancel(pending, force=True)
         msg = f"cluster training failed: {type(exc).__name__}: {exc}"
         raise RemoteExecutionError(msg) from None
+
+
+def _live_workers(head: ClusterHead) -> set[str]:
+    """The workers the scheduler knows now, asked directly.
+
+    ``Client.scheduler_info()`` returns a cache that Dask's periodic refresh can replace, between the fetch and the
+    return, with one that lists no worker (seen under load: every worker looked gone).
+    """
+    info = head.client.sync(head.client.scheduler.identity, n_workers=-1)
+    return set(info["workers"])
 
 
 def _task_error(future: Future) -> MesateeError:
