@@ -3,7 +3,7 @@
 Two extra workers (g0, g1, loopback) join the session's scheduler (whose workers are w0, w1) for this module, plus one
 worker listening on a non-loopback address of this host when there is one. The engine is driven through an in-process
 ClusterHead, then end to end through a head kernel. The kill -9 test runs last and only on this module's workers:
-xgboost's error path makes the surviving peers of a broken collective exit too.
+a surviving peer of a broken collective stays busy until xgboost gives up on the lost peer.
 """
 
 from __future__ import annotations
