@@ -17,9 +17,10 @@ CommunicatorContext``, ``QuantileDMatrix`` and ``train`` inside it, per-worker t
 from module-level functions of the measured package, so tasks travel as references, and the tracker's address is
 chosen here, not guessed.
 
-**Faults.** A worker that dies mid-training (kill -9) fails the round on every peer; the head raises a typed
-:class:`RemoteExecutionError` naming it, and no model handle is written. Dask cannot retry a collective task on
-another worker: the partitions live only where they are.
+**Faults.** When a worker dies mid-training (kill -9), the head sees it leave the scheduler and raises a typed
+:class:`RemoteExecutionError` naming it; no model handle is written. The survivors' tasks are cancelled, but a running
+xgboost call cannot be interrupted: each stays busy until xgboost gives up on the lost peer (``dmlc_timeout``). Dask
+cannot retry a collective task on another worker: the partitions live only where they are.
 """
 
 from __future__ import annotations

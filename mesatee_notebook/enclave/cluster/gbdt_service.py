@@ -86,7 +86,7 @@ def _columns(ref: dict[str, Any], meta: dict[str, Any], label: str, weight: str 
     return wanted
 
 
-def _handle_meta(party: str, meta: dict[str, Any], training: Any, args: dict[str, Any]) -> dict[str, Any]:
+def _handle_meta(party: str, meta: dict[str, Any], training: Any) -> dict[str, Any]:
     model = training.model
     source = {"dataset": meta["name"], "owner": meta["owner"], "sha256": meta.get("sha256")}
     owners = sorted({str(meta["owner"])} - {party})
@@ -137,7 +137,7 @@ def train_call(kernel: Kernel, head: ClusterHead, party: str, name: str, args: d
     finally:
         for f in futures:
             f.release()
-    handle = _handle_meta(party, meta, training, args)
+    handle = _handle_meta(party, meta, training)
     store = kernel.sealed_store()
     store.put(f"svc/models/{handle['id']}/model", bytes(training.model.booster.save_raw(raw_format="ubj")))
     store.put(f"svc/models/{handle['id']}/meta", json.dumps(handle).encode())
