@@ -6,6 +6,7 @@ import hashlib
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -240,8 +241,10 @@ def test_kill_9_of_a_worker_mid_query_gives_a_typed_error(
         t = threading.Thread(target=run)
         t.start()
         third.proc.send_signal(signal.SIGKILL)
-        t.join(120)
+        t0 = time.monotonic()
+        t.join(60)
         assert outcome, "the query returned"
+        assert time.monotonic() - t0 < 30  # the head notices the worker left; it does not wait for the timeout
         first = outcome[0]
         if isinstance(first, pd.DataFrame):  # it finished before the kill: then it is whole and exact
             pd.testing.assert_frame_equal(first, df.groupby("k").agg(s=("x", "sum")), check_dtype=False)

@@ -345,7 +345,8 @@ class ClusterFrameEvaluator(FrameEvaluator):
             )
             for p in meta["partitions"]
         ]
-        parts = _result(tasks, f"the partial {node.op} over {len(tasks)} partitions of {name!r}")
+        what = f"the partial {node.op} over {len(tasks)} partitions of {name!r}"
+        parts = _result(tasks, what, head=self.head, workers=[str(p["worker"]) for p in meta["partitions"]])
         offsets = [int(p["offset"]) for p in meta["partitions"]]
         value: _FrameV | _ScalarV
         if isinstance(node, GroupByAgg):

@@ -138,7 +138,7 @@ class ShardedPsi:
             )
             for s in range(self.shards)
         ]
-        results = _result(tasks, f"sharded PSI over {self.shards} shards")
+        results = _result(tasks, f"sharded PSI over {self.shards} shards", head=self.head, workers=self.workers)
         out: dict[str, Any] = {"mode": self.mode, "cardinality": sum(r["count"] for r in results)}
         out["shards"] = [{"shard": s, "worker": self.workers[s % len(self.workers)], "count": r["count"]}
                          for s, r in enumerate(results)]  # fmt: skip

@@ -33,6 +33,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -208,19 +209,46 @@ def _ensure_secrets(head: ClusterHead, workers: list[str]) -> None:
             book.installed[record.address] = record.measurement
 
 
-def _result(futures: list[Any], what: str, timeout: float = TASK_TIMEOUT) -> list[Any]:
-    """Gather ``futures``; any failure (a worker died, a digest mismatch) is one typed error, nothing half-used."""
+def _result(
+    futures: list[Any],
+    what: str,
+    timeout: float = TASK_TIMEOUT,
+    head: ClusterHead | None = None,
+    workers: Sequence[str] = (),
+) -> list[Any]:
+    """Gather ``futures``; any failure (a worker died, a digest mismatch) is one typed error, nothing half-used.
+
+    With ``head``, a task whose pinned worker (in ``workers``) leaves the cluster fails at once: Dask would keep it
+    waiting for that worker (the tasks run where the data is, ``allow_other_workers=False``).
+    """
     deadline = time.monotonic() + timeout
+    pinned = set(workers)
+    next_check = time.monotonic() + 0.5
     try:
-        return [f.result(timeout=max(0.0, deadline - time.monotonic())) for f in futures]
+        while not all(f.done() for f in futures):
+            now = time.monotonic()
+            if now > deadline:
+                raise TimeoutError
+            if head is not None and pinned and now >= next_check:
+                gone = sorted(pinned - set(head._workers()))
+                if gone:
+                    msg = f"{what}: worker(s) {gone} left the cluster during the tasks; nothing was released"
+                    raise RemoteExecutionError(msg)
+                next_check = now + 0.5
+            time.sleep(0.02)
+        return [f.result(timeout=1) for f in futures]
     except TimeoutError:
         msg = f"{what}: the workers did not answer within {timeout:g} s (a worker died or is stuck)"
         raise RemoteExecutionError(msg) from None
+    except RemoteExecutionError:
+        raise
     except Exception as exc:  # KilledWorker, CommClosedError, a worker's own error ...
         msg = f"{what} failed on the cluster: {type(exc).__name__}: {exc}"
         raise RemoteExecutionError(msg) from None
     finally:
         for f in futures:
+            if not f.done():
+                f.cancel()
             f.release()
 
 
@@ -263,7 +291,7 @@ def place_frame(head: ClusterHead, name: str, df: pd.DataFrame, n: int) -> list[
             {"index": i, "worker": worker, "offset": offset, "rows": rows, "sha256": digest, "sealed_as": sealed_as}
         )
     try:
-        sizes = _result(futures, f"placing the {n} partitions of {name!r}")
+        sizes = _result(futures, f"placing the {n} partitions of {name!r}", head=head, workers=workers)
     except RemoteExecutionError:
         _forget(head, records)  # no metadata is written: drop what the live workers did seal
         raise
@@ -346,7 +374,10 @@ def partition_futures(head: ClusterHead, dataset_id: str) -> list[Future]:
 
 def gather_frame(head: ClusterHead, dataset_id: str) -> pd.DataFrame:
     """The whole dataset in the head (over atls://), for plans that do not decompose; row order kept."""
-    parts = _result(partition_futures(head, dataset_id), f"gathering dataset {dataset_id!r}")
+    workers = [str(p["worker"]) for p in partitioned_meta(head, dataset_id)["partitions"]]
+    parts = _result(
+        partition_futures(head, dataset_id), f"gathering dataset {dataset_id!r}", head=head, workers=workers
+    )
     return pd.concat(parts, ignore_index=True) if parts else schema_frame(_book(head).store, dataset_id)
 
 
