@@ -199,7 +199,7 @@ def cluster_call(kernel: Kernel, party: str, header: dict[str, Any], payloads: A
 
 
 def partitioned_call(kernel: Kernel, party: str, header: dict[str, Any]) -> Message | None:
-    """``frame.*`` and ``dataset.delete`` on a partitioned dataset, served by the head; None: not one of those."""
+    """``frame.*``, ``dataset.delete``, ``gbdt.train`` on a partitioned dataset, served by the head; None: not one."""
     from mesatee_notebook.enclave.cluster.cluster_frames import frame_call, plan_datasets
     from mesatee_notebook.enclave.cluster.partitions import is_partitioned
 
@@ -208,6 +208,11 @@ def partitioned_call(kernel: Kernel, party: str, header: dict[str, Any]) -> Mess
     args = header.get("args") or {}
     if head is None or head.partitions is None or not isinstance(args, dict):
         return None
+    if service == "gbdt.train":  # xgboost's collective over the partitions (cluster/gbdt_service.py)
+        from mesatee_notebook.enclave.cluster.gbdt_service import partitioned_dataset, train_call
+
+        name = partitioned_dataset(head, args)
+        return None if name is None else train_call(kernel, head, party, name, args)
     if service == "frame.collect":
         names = plan_datasets(args.get("plan"))
     elif service in ("frame.info", "frame.budget", "dataset.delete"):

@@ -54,8 +54,9 @@ __all__ = [
 
 log = logging.getLogger("mesatee.cluster")
 
-#: The distributed engine's pure-Python code: it schedules, moves and (cloud)unpickles task data between nodes.
-CLUSTER_COMPONENTS: Final = ("dask", "distributed", "tornado", "cloudpickle")
+#: The distributed engine's pure-Python code: it schedules, moves and (cloud)unpickles task data between nodes; and
+#: every file of xgboost (its Python collective and tracker, which cluster GBDT runs on the workers, and its library).
+CLUSTER_COMPONENTS: Final = ("dask", "distributed", "tornado", "cloudpickle", "xgboost")
 #: What a node process applies to itself (enclave/cluster/node.py); measured, so a change is a new measurement.
 NODE_CONFINEMENT: Final = {
     "format": 1,
