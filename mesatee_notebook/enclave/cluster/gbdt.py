@@ -26,6 +26,7 @@ cannot retry a collective task on another worker: the partitions live only where
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import threading
 import time
@@ -50,6 +51,8 @@ __all__ = [
     "train_on_partitions",
     "train_task",
 ]
+
+log = logging.getLogger("mesatee.cluster")
 
 #: Seconds a cluster training may take before the head gives up with RemoteTimeout.
 TRAIN_TIMEOUT = 600.0
@@ -290,23 +293,33 @@ def _task_error(future: Future) -> MesateeError:
     return RemoteExecutionError(f"a cluster training task failed: {type(exc).__name__}: {first}; nothing was kept")
 
 
-def _start_tracker(n_workers: int) -> tuple[Any, dict[str, Any]]:
-    """A rabit tracker in the head, bound to loopback; its wait runs in a daemon thread."""
+def _start_tracker(n_workers: int) -> dict[str, Any]:
+    """A rabit tracker in the head, bound to loopback, owned by a daemon thread that waits for it and then frees it.
+
+    Only that thread holds the tracker: freeing it blocks until the group ends (up to ``BOOTSTRAP_TIMEOUT`` after a
+    lost worker) and raises for a failed group, which must not happen in whatever thread drops the last reference
+    (``RabitTracker.__del__``).
+    """
     from xgboost.tracker import RabitTracker
 
     tracker = RabitTracker(n_workers=n_workers, host_ip="127.0.0.1", port=0, sortby="task", timeout=BOOTSTRAP_TIMEOUT)
     tracker.start()
+    args = dict(tracker.worker_args())
+    args["dmlc_timeout"] = BOOTSTRAP_TIMEOUT
 
-    def wait() -> None:
+    def wait(tracker: Any) -> None:
         try:
             tracker.wait_for(int(TRAIN_TIMEOUT))
         except Exception:  # a failed or timed-out group: the head's own checks report it
-            return
+            log.info("the rabit tracker ended with a failed group")
+        try:
+            tracker.free()
+        except Exception:
+            log.info("the rabit tracker of a failed group was freed")
 
-    threading.Thread(target=wait, name="mesatee-rabit-tracker", daemon=True).start()
-    args = dict(tracker.worker_args())
-    args["dmlc_timeout"] = BOOTSTRAP_TIMEOUT
-    return tracker, args
+    threading.Thread(target=wait, args=(tracker,), name="mesatee-rabit-tracker", daemon=True).start()
+    del tracker
+    return args
 
 
 def train_on_partitions(
@@ -338,7 +351,7 @@ def train_on_partitions(
     merged, notes = _resolve_params(dict(params or {}), summaries, num_boost_round)
     order = sorted(groups)
     spec = {"params": merged, "rounds": num_boost_round, "label": label, "weight": weight_column, "columns": columns}
-    _tracker, coll_args = _start_tracker(len(order))
+    coll_args = _start_tracker(len(order))
     tag = uuid.uuid4().hex
     t0 = time.perf_counter()
     futures = {
