@@ -152,6 +152,7 @@ def test_expired_certificate(kernel):
     _refused_before_any_byte(fake, kernel.policy(), CertificateExpired)
 
 
+@pytest.mark.slow
 def test_unprotected_needs_opt_in_and_warns_every_time(tmp_path):
     from tests.conftest import start_kernel, stop_kernel
 
