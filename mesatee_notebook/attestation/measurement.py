@@ -25,6 +25,7 @@ import os
 import platform
 import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,8 @@ def _digest(path: Path) -> str:
     return _file_digest(str(path), st.st_size, st.st_mtime_ns)
 
 
-def _tree_files(base: Path) -> list[Path]:
-    """The files under ``base``, in ``sorted(base.rglob("*"))`` order (path components compared one by one).
+def _tree_files(base: Path, keep: Callable[[str], bool] | None = None) -> list[Path]:
+    """The files under ``base`` (only those whose name ``keep`` accepts), in ``sorted(base.rglob("*"))`` order.
 
     ``os.scandir`` instead of ``rglob`` and sorting ``Path`` objects: the same list (directories entered unless they
     are symlinks; a symlink counts when it leads to a file, as with ``Path.is_file``; unreadable directories skipped)
@@ -103,7 +104,7 @@ def _tree_files(base: Path) -> list[Path]:
                 for entry in entries:
                     if entry.is_dir(follow_symlinks=False):
                         stack.append((entry.path, (*rel, entry.name)))
-                    elif entry.is_file():
+                    elif (keep is None or keep(entry.name)) and entry.is_file():
                         found.append(((*rel, entry.name), entry.path))
         except PermissionError:
             continue
@@ -132,6 +133,10 @@ def _measured_files(root: Path) -> list[list[str]]:
     return out
 
 
+def _is_library(name: str) -> bool:
+    return any(s in name for s in _LIB_SUFFIXES)
+
+
 def _libraries(name: str) -> list[tuple[str, Path]] | None:
     """The shared libraries of the package ``name`` (manifest name, path), in manifest order; None if absent."""
     try:
@@ -146,9 +151,7 @@ def _libraries(name: str) -> list[tuple[str, Path]] | None:
         for folder in (pkg, pkg.parent / f"{pkg.name}.libs"):
             if folder.is_dir():
                 libs.extend(
-                    (path.relative_to(pkg.parent).as_posix(), path)
-                    for path in _tree_files(folder)
-                    if any(s in path.name for s in _LIB_SUFFIXES)
+                    (path.relative_to(pkg.parent).as_posix(), path) for path in _tree_files(folder, _is_library)
                 )
     return libs
 
