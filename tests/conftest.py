@@ -44,7 +44,11 @@ def start_kernel(data_dir: Path, *extra: str, level: str = "softtee") -> KernelP
     """Start a kernel on an ephemeral port and wait until it listens."""
     data_dir.mkdir(parents=True, exist_ok=True)
     if level != "unprotected":
-        subprocess.run(_enclave("init-platform", "--data-dir", str(data_dir)), check=True, capture_output=True)
+        # What `mesatee-enclave init-platform` does (it only calls this and prints), without a Python start-up
+        # per kernel; the command itself is tested in tests/magics/test_cli.py and by the red-team fixture.
+        from mesatee_notebook.enclave.platform import init_platform
+
+        init_platform(data_dir)
     log = (data_dir / "serve.log").open("ab")
     proc = subprocess.Popen(
         _enclave("serve", "--port", "0", "--level", level, "--data-dir", str(data_dir), *extra),
