@@ -44,7 +44,11 @@ def start_kernel(data_dir: Path, *extra: str, level: str = "softtee") -> KernelP
     """Start a kernel on an ephemeral port and wait until it listens."""
     data_dir.mkdir(parents=True, exist_ok=True)
     if level != "unprotected":
-        subprocess.run(_enclave("init-platform", "--data-dir", str(data_dir)), check=True, capture_output=True)
+        # What `mesatee-enclave init-platform` does (it only calls this and prints), without a Python start-up
+        # per kernel; the command itself is tested in tests/magics/test_cli.py and by the red-team fixture.
+        from mesatee_notebook.enclave.platform import init_platform
+
+        init_platform(data_dir)
     log = (data_dir / "serve.log").open("ab")
     proc = subprocess.Popen(
         _enclave("serve", "--port", "0", "--level", level, "--data-dir", str(data_dir), *extra),
@@ -76,9 +80,19 @@ def start_kernel(data_dir: Path, *extra: str, level: str = "softtee") -> KernelP
     raise RuntimeError("kernel did not start")
 
 
+def stop_signal() -> signal.Signals:
+    """Ctrl-C (SIGINT) for a kernel we started; SIGTERM when this process ignores SIGINT.
+
+    A child inherits an ignored SIGINT (a run started in the background by a non-interactive shell, ``nohup``, some
+    CI runners), and Python then never turns it into KeyboardInterrupt: every stop would wait out its timeout. The
+    kernel handles SIGTERM itself (a clean stop, like Ctrl-C, noticed within a second).
+    """
+    return signal.SIGTERM if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else signal.SIGINT
+
+
 def stop_kernel(k: KernelProc) -> None:
     if k.proc.poll() is None:
-        k.proc.send_signal(signal.SIGINT)
+        k.proc.send_signal(stop_signal())
         try:
             k.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
@@ -108,7 +122,7 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     info = home / "kernel.json"
     if info.exists():
         try:
-            os.kill(int(json.loads(info.read_text())["pid"]), signal.SIGINT)
+            os.kill(int(json.loads(info.read_text())["pid"]), stop_signal())
         except (OSError, ValueError, KeyError):
             pass
     if old is None:

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from mesatee_notebook.attestation.levels import Level
-from mesatee_notebook.attestation.measurement import build_manifest
+from mesatee_notebook.attestation.measurement import build_manifest, prefetch
 from mesatee_notebook.enclave import receipting
 from mesatee_notebook.enclave.broker import answer_executor, dataset_for_cell
 from mesatee_notebook.enclave.config import AVAILABLE_LEVELS, KernelConfig
@@ -109,6 +109,7 @@ class Kernel:
 
     def __init__(self, config: KernelConfig) -> None:
         self.config = config
+        prefetch()  # hash the native libraries while the TPM opens and the sandbox self-tests (build_manifest waits)
         # tpm: available only when --tcti names a TPM that answers (open_tpm refuses clearly otherwise).
         self.tpm = (
             open_tpm(config.tcti, app_pcr=config.tpm_app_pcr, boot_pcrs=config.tpm_boot_pcrs, ek=config.tpm_ek)

@@ -146,6 +146,7 @@ def test_aborted_large_uploads_free_every_buffer_and_thread(kernel: KernelProc) 
     still_serving(kernel)
 
 
+@pytest.mark.slow
 def test_idle_connections_are_closed(strict_kernel: KernelProc) -> None:
     """300 connections that said hello and then nothing: closed, and an honest client is served."""
     socks = []
@@ -174,6 +175,7 @@ def test_idle_connections_are_closed(strict_kernel: KernelProc) -> None:
     still_serving(strict_kernel)
 
 
+@pytest.mark.slow
 def test_an_idle_honest_client_stays_connected(strict_kernel: KernelProc) -> None:
     """The client pings while idle, so a notebook left alone keeps its session."""
     s = mn.connect(strict_kernel.url, policy=strict_kernel.policy())

@@ -152,6 +152,7 @@ def test_expired_certificate(kernel):
     _refused_before_any_byte(fake, kernel.policy(), CertificateExpired)
 
 
+@pytest.mark.slow
 def test_unprotected_needs_opt_in_and_warns_every_time(tmp_path):
     from tests.conftest import start_kernel, stop_kernel
 
@@ -202,6 +203,22 @@ def test_tampered_receipt_and_wrong_nonce_are_refused(kernel):
         mn.verify_receipt(r.receipt, mn.Policy(platform_roots=["cd" * 32]))
     with pytest.raises(mn.ReceiptError, match="output 'out/x'"):
         mn.verify_receipt(r.receipt, kernel.policy(), outputs={**r.receipt.subjects, "out/x": "1" * 64})
+
+
+def test_measured_tree_walk_lists_what_sorted_rglob_lists(tmp_path):
+    """The manifest's file walk (os.scandir) keeps the order and choices of ``sorted(rglob("*"))`` + ``is_file``."""
+    from mesatee_notebook.attestation.measurement import _tree_files
+
+    base = tmp_path / "tree"
+    for rel in ("a/b/x.so", "a-c/y.so", "a/z", ".hidden.so", "a/b/c/d.so.1", "A/upper.so", "a b/space.so"):
+        (base / rel).parent.mkdir(parents=True, exist_ok=True)
+        (base / rel).write_bytes(rel.encode())
+    (base / "link.so").symlink_to(base / "a" / "b" / "x.so")  # a symlink to a file counts
+    (base / "dirlink").symlink_to(base / "a")  # a symlinked directory is not entered
+    (base / "broken.so").symlink_to(base / "nowhere")  # a dangling symlink is no file
+    expected = [p for p in sorted(base.rglob("*")) if p.is_file()]
+    assert _tree_files(base) == expected and len(expected) == 8
+    assert _tree_files(base, lambda name: ".so" in name) == [p for p in expected if ".so" in p.name]
 
 
 def test_measurement_changes_when_one_byte_of_enclave_code_changes(tmp_path):

@@ -163,6 +163,7 @@ RENDER_TEST = "tests/magics/test_magics.py::test_notebook_error_keeps_class_and_
 @pytest.mark.parametrize(
     "order", [(RENDER_TEST, REGISTRY_TEST), (REGISTRY_TEST, RENDER_TEST)], ids=["render-first", "registry-first"]
 )
+@pytest.mark.slow
 def test_error_registry_does_not_depend_on_test_order(order: tuple[str, str]):
     """The notebook's short-rendering subclasses (made at runtime) never enter the wire registry, in either order."""
     root = Path(__file__).resolve().parents[2]

@@ -59,6 +59,7 @@ def settled_executors(kernel: KernelProc, *, quiet_s: float = 1.5, limit_s: floa
     return last
 
 
+@pytest.mark.slow
 def test_session_flood_from_one_party_is_refused(tight: KernelProc) -> None:
     first = mn.connect(tight.url, policy=tight.policy())
     extra: list[Session] = []
@@ -89,6 +90,7 @@ def test_session_flood_from_one_party_is_refused(tight: KernelProc) -> None:
         again.close()
 
 
+@pytest.mark.slow
 def test_anonymous_clients_share_one_quota_and_parties_keep_theirs(tight: KernelProc) -> None:
     anons = []
     try:
@@ -109,6 +111,7 @@ def test_anonymous_clients_share_one_quota_and_parties_keep_theirs(tight: Kernel
             s.close()
 
 
+@pytest.mark.slow
 def test_concurrent_calls_per_party(tight: KernelProc) -> None:
     a = mn.connect(tight.url, policy=tight.policy())
     b = mn.connect(tight.url, policy=tight.policy())

@@ -124,6 +124,7 @@ def test_timeout_interrupts_and_keeps_namespace(session):
     assert session.run("keep").value == 7
 
 
+@pytest.mark.slow
 def test_timeout_kills_a_cell_that_ignores_interrupts(session):
     code = "import time\nwhile True:\n    try:\n        time.sleep(10)\n    except KeyboardInterrupt:\n        pass"
     with pytest.raises(RemoteTimeout, match="killed"):
@@ -167,6 +168,7 @@ def test_killed_executor_gives_clear_error_and_restart_recovers(session):
     assert session.run("2 * 21").value == 42
 
 
+@pytest.mark.slow
 def test_many_sessions_at_once(kernel):
     sessions = [mn.connect(kernel.url, policy=kernel.policy(), session=f"s{i}") for i in range(4)]
     try:
@@ -242,6 +244,7 @@ def test_pickle_only_with_explicit_opt_in(session):
     assert r.value == 1
 
 
+@pytest.mark.slow
 def test_memory_limit(tmp_path):
     from tests.conftest import start_kernel, stop_kernel
 

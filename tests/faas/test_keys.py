@@ -109,6 +109,7 @@ def own_kernel(tmp_path: Path) -> Iterator[tuple[KernelProc, Path]]:
     stop_kernel(k)
 
 
+@pytest.mark.slow
 def test_rotate_and_destroy_survive_a_restart(own_kernel: tuple[KernelProc, Path]) -> None:
     k, root = own_kernel
     s = mn.connect(k.url, policy=cast("mn.Policy", k.policy()), identity=root / "owner")

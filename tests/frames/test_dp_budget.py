@@ -80,6 +80,7 @@ def test_receipt_info_carries_the_budget(kernel: KernelProc, tmp_path: Path) -> 
         analyst.close()
 
 
+@pytest.mark.slow
 def test_a_new_session_of_the_same_party_shares_the_ledger(kernel: KernelProc, tmp_path: Path) -> None:
     policy = kernel.policy()
     owner = mn.connect(kernel.url, policy=policy, identity=tmp_path / "owner")
@@ -147,6 +148,7 @@ def test_the_ledger_survives_a_service_worker_death_and_a_restart(tmp_path: Path
         stop_kernel(k2)
 
 
+@pytest.mark.slow
 def test_party_view_lists_a_meter_per_dp_dataset(kernel: KernelProc, tmp_path: Path) -> None:
     from mesatee_notebook.remote.frame import budget_meters_html
 

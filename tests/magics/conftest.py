@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from IPython.core.interactiveshell import ExecutionResult, InteractiveShell
 
+from tests.conftest import stop_signal
+
 
 class TestingShell(InteractiveShell):
     """``run_cell`` raises the cell's error, like jupysql's TestingShell."""
@@ -24,8 +26,12 @@ class TestingShell(InteractiveShell):
         return result
 
 
-def stop_embedded_kernel(home: Path, sig: signal.Signals = signal.SIGINT) -> None:
-    """Stop the embedded kernel recorded in ``home/kernel.json`` and wait until it is gone."""
+def stop_embedded_kernel(home: Path, sig: signal.Signals | None = None) -> None:
+    """Stop the embedded kernel recorded in ``home/kernel.json`` and wait until it is gone.
+
+    ``sig`` defaults to Ctrl-C, or SIGTERM where SIGINT is ignored (``tests.conftest.stop_signal``).
+    """
+    sig = stop_signal() if sig is None else sig
     try:
         pid = int(json.loads((home / "kernel.json").read_text())["pid"])
     except (OSError, ValueError, KeyError):

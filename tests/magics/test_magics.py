@@ -409,6 +409,7 @@ def test_tab_completion(ip: InteractiveShell, typed: str, expected: set[str]) ->
 # -- a dead kernel (last: it restarts the module's embedded kernel) ------------------------------------
 
 
+@pytest.mark.slow
 def test_dead_kernel_is_one_message_then_reconnects(
     ip: InteractiveShell,
     mesatee_home: Path,
@@ -430,6 +431,7 @@ def test_dead_kernel_is_one_message_then_reconnects(
     assert os.path.exists(mesatee_home / "kernel.json")
 
 
+@pytest.mark.slow
 def test_a_shared_embedded_kernel_is_said_and_shown(
     ip: InteractiveShell, mesatee_home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -74,6 +74,7 @@ def local_booster(df: pd.DataFrame, rounds: int) -> xgb.Booster:
     return xgb.train(PARAMS, xgb.DMatrix(X, label=df["y"].to_numpy(), feature_names=FEATURES), num_boost_round=rounds)
 
 
+@pytest.mark.slow
 def test_xgboost_parity_progress_and_continuation(parties: Parties) -> None:
     s, df = parties.owner, parties.data[[*FEATURES, "y"]]
     events: list[dict[str, Any]] = []
@@ -131,6 +132,7 @@ def test_compiled_tree_parity_and_engine_choice(parties: Parties) -> None:
     assert model.last_engine == "xgboost"
 
 
+@pytest.mark.slow
 def test_tvm_parity_and_cache(parties: Parties) -> None:
     s = parties.analyst
     mlp = mlp_model(seed=3)
@@ -257,6 +259,7 @@ def test_bad_inputs_are_clear_and_the_session_goes_on(
     assert s.gbdt.train(df, "y", params=PARAMS, num_boost_round=2, progress=False).info["num_rounds"] == 2
 
 
+@pytest.mark.slow
 def test_sklearn_cross_val_score_and_pipeline(parties: Parties) -> None:
     from sklearn.model_selection import cross_val_score
     from sklearn.pipeline import make_pipeline
@@ -294,6 +297,7 @@ SKIPPED_CHECKS = {
 }
 
 
+@pytest.mark.slow
 def test_sklearn_estimator_checks(parties: Parties) -> None:
     from sklearn.utils.estimator_checks import check_estimator
 

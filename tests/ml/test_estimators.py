@@ -56,6 +56,7 @@ def parties(kernel: KernelProc, tmp_path_factory: pytest.TempPathFactory) -> Ite
     p.close()
 
 
+@pytest.mark.slow
 def test_remote_multiclass_trains_softprob_and_matches_xgboost(parties: Parties) -> None:  # B2
     df = parties.df
     sdf = parties.owner.dataframe("est_data")
@@ -150,6 +151,7 @@ def test_missing_value_is_treated_as_nan(parties: Parties) -> None:
     np.testing.assert_allclose(clf.predict_proba(X), ref.predict_proba(X), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_pickle_reconnects_lazily_without_keys_and_joblib_processes(parties: Parties, tmp_path: Path) -> None:
     from sklearn.model_selection import cross_val_score
 

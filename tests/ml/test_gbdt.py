@@ -112,6 +112,7 @@ def test_early_stopping_keeps_the_best_round(frame: pd.DataFrame) -> None:
     assert metrics["logloss"] == pytest.approx(model.history["valid"]["logloss"][best], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_continue_training_matches_direct_xgboost(frame: pd.DataFrame) -> None:
     data = frame[[*FEATURES, "target"]]
     first = gbdt.train(data, "target", params=PARAMS["target"], num_boost_round=10)

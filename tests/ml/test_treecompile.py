@@ -34,6 +34,7 @@ def _train(frame: pd.DataFrame, objective: str, rounds: int = 25) -> gbdt.GBDTMo
 
 
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
+@pytest.mark.slow
 def test_compiled_predictions_equal_xgboost(frame: pd.DataFrame, tmp_path: Path, objective: str) -> None:
     model = _train(frame, objective)
     compiled = treecompile.compile_trees(model, tmp_path)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import stop_signal
+
 
 @pytest.fixture(scope="session")
 def notebook_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
@@ -49,7 +51,7 @@ def _stop_embedded_kernel(home: Path) -> None:
     except (OSError, ValueError, KeyError):
         return
     try:
-        os.killpg(pid, signal.SIGINT)  # the kernel leads its own process group, executors included
+        os.killpg(pid, stop_signal())  # the kernel leads its own process group, executors included
     except ProcessLookupError:
         return
     deadline = time.monotonic() + 10

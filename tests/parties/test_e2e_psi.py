@@ -307,6 +307,7 @@ def _flip_last_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_restart_restores_jobs_and_detects_tampering(tmp_path: Path) -> None:
     data_dir = tmp_path / "kernel"
     k = start_kernel(data_dir)

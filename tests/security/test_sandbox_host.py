@@ -56,6 +56,7 @@ def test_a_data_dir_the_sandbox_would_see_is_refused(tmp_path: Path) -> None:
         shutil.rmtree(inside, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_no_sandbox_is_loud_and_refused_unless_the_policy_says_otherwise(tmp_path: Path) -> None:
     k = start_kernel(tmp_path / "k", "--no-sandbox")
     try:

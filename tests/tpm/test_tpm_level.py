@@ -256,6 +256,7 @@ def test_tpm_info_beside_a_serving_kernel_prints_the_same_ak(tpm_kernel: TpmKern
         mn.Policy(tpm_ek_roots=["/nonexistent/ca.pem"])
 
 
+@pytest.mark.slow
 def test_tpm_kernel_without_a_sandbox_is_refused_by_default(tmp_path: Any) -> None:
     """The TPM path checks the sandbox report like softtee's (a TPM measures; it does not isolate parties)."""
     from mesatee_notebook.errors import SandboxRequired
