@@ -151,7 +151,7 @@ class FrameEvaluator:
 
     def dataset_info(self, name: str, party: str) -> dict[str, Any]:
         """Return the public schema of a dataset as ``party`` sees it (hidden columns listed, not shown)."""
-        df, policy, owner = self._lookup(name)
+        df, policy, owner = self._meta_lookup(name)
         return {
             "name": name,
             "columns": [list(c) for c in source_columns(df.dtypes.items())],
@@ -162,7 +162,7 @@ class FrameEvaluator:
 
     def privacy_budget(self, name: str, party: str) -> dict[str, Any] | None:
         """The DP budget ``party`` has spent and has left on dataset ``name`` (None: not a DP dataset)."""
-        _, policy, owner = self._lookup(name)
+        _, policy, owner = self._meta_lookup(name)
         if policy.privacy is None:
             return None
         out = self._ledger.status(name, party, policy.privacy).to_dict()
@@ -206,6 +206,10 @@ class FrameEvaluator:
         return result
 
     # -- steps ------------------------------------------------------------
+
+    def _meta_lookup(self, name: str) -> tuple[pd.DataFrame, DataPolicy, str]:
+        """A frame with the dataset's columns and dtypes (its rows where they are at hand), policy and owner."""
+        return self._lookup(name)
 
     def _lookup(self, name: str) -> tuple[pd.DataFrame, DataPolicy, str]:
         try:

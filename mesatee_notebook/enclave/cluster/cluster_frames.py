@@ -269,24 +269,6 @@ class ClusterFrameEvaluator(FrameEvaluator):
             return self._lookup(name)
         return schema_frame(self.store, name), DataPolicy.from_dict(meta["policy"]), str(meta["owner"])
 
-    def dataset_info(self, name: str, party: str) -> dict[str, Any]:
-        df, policy, owner = self._meta_lookup(name)
-        return {
-            "name": name,
-            "columns": [list(c) for c in source_columns(df.dtypes.items())],
-            "hidden": [] if party == owner else list(policy.hidden_columns),
-            "policy": policy.to_dict(),
-            "owner": owner,
-        }
-
-    def privacy_budget(self, name: str, party: str) -> dict[str, Any] | None:
-        _, policy, owner = self._meta_lookup(name)
-        if policy.privacy is None:
-            return None
-        out = self._ledger.status(name, party, policy.privacy).to_dict()
-        out["owner_exempt"] = party == owner
-        return out
-
     def _evaluate(
         self,
         plan_json: str | bytes,

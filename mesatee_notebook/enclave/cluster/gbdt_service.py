@@ -10,8 +10,6 @@ written only after every worker finished and all ended with the same model: a fa
 from __future__ import annotations
 
 import json
-import secrets
-import time
 from typing import TYPE_CHECKING, Any
 
 from mesatee_notebook.errors import EncodingError, NotAvailableYet, NotFound, PolicyViolation
@@ -90,23 +88,10 @@ def _handle_meta(party: str, meta: dict[str, Any], training: Any) -> dict[str, A
     model = training.model
     source = {"dataset": meta["name"], "owner": meta["owner"], "sha256": meta.get("sha256")}
     owners = sorted({str(meta["owner"])} - {party})
-    return {
-        "id": secrets.token_hex(16),
-        "trainer": party,
-        "objective": model.objective,
-        "num_class": model.num_class,
-        "label": model.label,
-        "features": list(model.feature_names),
-        "num_rounds": model.num_rounds,
-        "best_iteration": model.best_iteration,
-        "digest": model.digest,
-        "sources": [source],
-        "data_owners": owners,
-        "released_by": [],
-        "created": time.time(),
-        "continued_from": None,
-        "cluster": {"partitions": training.partitions, "workers": [w["address"] for w in training.workers]},
-    }
+    from mesatee_notebook.enclave.services.gbdt import model_meta
+
+    cluster = {"partitions": training.partitions, "workers": [w["address"] for w in training.workers]}
+    return model_meta(model, trainer=party, sources=[source], data_owners=owners, cluster=cluster)
 
 
 def train_call(kernel: Kernel, head: ClusterHead, party: str, name: str, args: dict[str, Any]) -> Message:

@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DataRef",
+    "model_meta",
     "private_dir",
     "resolve_data",
     "restore_blob",
@@ -288,6 +289,35 @@ def _public(meta: dict[str, Any]) -> dict[str, Any]:
     return {k: meta.get(k) for k in keys} | {"released": _released(meta)}
 
 
+def model_meta(
+    model: Any,
+    *,
+    trainer: str,
+    sources: list[dict[str, Any]],
+    data_owners: list[str],
+    continued_from: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The metadata of a new model handle (what ``gbdt.info`` shows and the release rules read), for every trainer."""
+    return {
+        "id": secrets.token_hex(_MODEL_ID_LEN // 2),
+        "trainer": trainer,
+        "objective": model.objective,
+        "num_class": model.num_class,
+        "label": model.label,
+        "features": list(model.feature_names),
+        "num_rounds": model.num_rounds,
+        "best_iteration": model.best_iteration,
+        "digest": model.digest,
+        "sources": sources,
+        "data_owners": data_owners,
+        "released_by": [],
+        "created": time.time(),
+        "continued_from": continued_from,
+        **extra,
+    }
+
+
 def _save_handle(ctx: ServiceContext, meta: dict[str, Any], model: GBDTModel) -> None:
     mid = str(meta["id"])
     ctx.seal_put(f"models/{mid}/model", bytes(model.booster.save_raw(raw_format="ubj")))
@@ -388,22 +418,13 @@ def train(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> 
     seconds = time.perf_counter() - t0
     provenance = prior + [s.describe() for s in sources]
     owners = sorted({str(s["owner"]) for s in provenance} - {ctx.party})
-    meta = {
-        "id": secrets.token_hex(_MODEL_ID_LEN // 2),
-        "trainer": ctx.party,
-        "objective": model.objective,
-        "num_class": model.num_class,
-        "label": model.label,
-        "features": list(model.feature_names),
-        "num_rounds": model.num_rounds,
-        "best_iteration": model.best_iteration,
-        "digest": model.digest,
-        "sources": provenance,
-        "data_owners": owners,
-        "released_by": [],
-        "created": time.time(),
-        "continued_from": str(args["init_model"]) if args.get("init_model") else None,
-    }
+    meta = model_meta(
+        model,
+        trainer=ctx.party,
+        sources=provenance,
+        data_owners=owners,
+        continued_from=str(args["init_model"]) if args.get("init_model") else None,
+    )
     _save_handle(ctx, meta, model)
     used = [s.dataset for s in sources if s.dataset]
     ctx.audit(

@@ -24,7 +24,6 @@ An input can also be a table the owner uploads with ``job.submit`` (value ``data
 
 from __future__ import annotations
 
-import secrets
 import time
 from typing import Any, Final
 
@@ -33,7 +32,7 @@ import pandas as pd
 from mesatee_notebook.enclave.jobs import Job, JobStore
 from mesatee_notebook.enclave.services import ServiceContext
 from mesatee_notebook.enclave.services.datasets import load_dataset, load_meta
-from mesatee_notebook.enclave.services.gbdt import _MODEL_ID_LEN, _public, _save_handle
+from mesatee_notebook.enclave.services.gbdt import _public, _save_handle, model_meta
 from mesatee_notebook.enclave.services.jobs import dataset_inputs, register_check, register_runner
 from mesatee_notebook.enclave.services.jobstore import pack_values, unpack_values
 from mesatee_notebook.errors import EncodingError, NotFound, PolicyViolation
@@ -151,23 +150,13 @@ def run_train(ctx: ServiceContext, store: JobStore, job: Job) -> bytes:
     t0 = time.perf_counter()
     model = gbdt.train(frame[columns], spec.label, params=spec.params, num_boost_round=spec.num_boost_round)
     seconds = round(time.perf_counter() - t0, 4)
-    meta = {
-        "id": secrets.token_hex(_MODEL_ID_LEN // 2),
-        "trainer": spec.trainer,
-        "objective": model.objective,
-        "num_class": model.num_class,
-        "label": model.label,
-        "features": list(model.feature_names),
-        "num_rounds": model.num_rounds,
-        "best_iteration": model.best_iteration,
-        "digest": model.digest,
-        "sources": [source],
-        "data_owners": sorted({spec.owner} - {spec.trainer}),
-        "released_by": [],
-        "created": time.time(),
-        "continued_from": None,
-        "job_id": job.job_id,
-    }
+    meta = model_meta(
+        model,
+        trainer=spec.trainer,
+        sources=[source],
+        data_owners=sorted({spec.owner} - {spec.trainer}),
+        job_id=job.job_id,
+    )
     _save_handle(ctx, meta, model)
     ctx.audit(
         "job",
