@@ -23,9 +23,9 @@ from mesatee_notebook.enclave.cluster.partitions import (
     write_meta,
 )
 from mesatee_notebook.enclave.datasets import load_meta, validate_dataset_name
+from mesatee_notebook.enclave.services.datasets import upload_policy
 from mesatee_notebook.errors import EncodingError, MalformedFrame, NotFound, PolicyViolation
 from mesatee_notebook.wire.codecs import decode_value, encode_value
-from mesatee_notebook.wire.datapolicy import DataPolicy
 
 if TYPE_CHECKING:
     from mesatee_notebook.enclave.cluster.head import ClusterHead
@@ -65,17 +65,6 @@ def _partitions_arg(args: dict[str, Any]) -> int:
     return n
 
 
-def _policy_arg(args: dict[str, Any], df: pd.DataFrame) -> DataPolicy:
-    policy = DataPolicy.from_dict(dict(args.get("policy") or {}))
-    if policy.privacy is not None:
-        named = [policy.privacy.unit] if policy.privacy.unit is not None else []
-        missing = sorted({c for c in (*named, *policy.privacy.bounds) if c not in df.columns})
-        if missing:
-            msg = f"the DP policy names column(s) {missing} that the DataFrame does not have"
-            raise EncodingError(msg)
-    return policy
-
-
 def _check_replace(kernel: Kernel, head: ClusterHead, party: str, name: str, replace: bool) -> dict[str, Any] | None:
     assert head.partitions is not None
     try:
@@ -102,7 +91,7 @@ def cluster_upload(
     name = validate_dataset_name(str(args.get("name", "")))
     n = _partitions_arg(args)
     df = input_frame(header, payloads, fds).reset_index(drop=True)
-    policy = _policy_arg(args, df)
+    policy = upload_policy(args, df)
     old = _check_replace(kernel, head, party, name, bool(args.get("replace")))
     assert head.partitions is not None
     whole = hashlib.sha256(b"".join(encode_value(df).parts)).hexdigest()

@@ -15,7 +15,7 @@ from mesatee_notebook.errors import EncodingError, NotFound, PolicyViolation
 from mesatee_notebook.wire.codecs import decode_value, encode_value
 from mesatee_notebook.wire.datapolicy import DataPolicy
 
-__all__ = ["load_dataset", "load_meta", "public_info"]
+__all__ = ["load_dataset", "load_meta", "public_info", "upload_policy"]
 
 
 def load_meta(ctx: ServiceContext, name: str) -> dict[str, Any]:
@@ -67,6 +67,18 @@ def public_info(meta: dict[str, Any], party: str) -> dict[str, Any]:
     }
 
 
+def upload_policy(args: dict[str, Any], df: pd.DataFrame) -> DataPolicy:
+    """The upload's ``args['policy']``, checked against the frame (a DP policy may name only columns it has)."""
+    policy = DataPolicy.from_dict(dict(args.get("policy") or {}))
+    if policy.privacy is not None:
+        named = [policy.privacy.unit] if policy.privacy.unit is not None else []
+        missing = sorted({c for c in (*named, *policy.privacy.bounds) if c not in df.columns})
+        if missing:
+            msg = f"the DP policy names column(s) {missing} that the DataFrame does not have"
+            raise EncodingError(msg)
+    return policy
+
+
 @service("dataset.upload")
 def upload(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """Store ``inputs['data']`` as dataset ``args['name']``, owned by the caller, under ``args['policy']``."""
@@ -75,13 +87,7 @@ def upload(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) ->
     if not isinstance(df, pd.DataFrame):
         msg = "dataset.upload needs a pandas DataFrame as input 'data'"
         raise EncodingError(msg)
-    policy = DataPolicy.from_dict(dict(args.get("policy") or {}))
-    if policy.privacy is not None:
-        named = [policy.privacy.unit] if policy.privacy.unit is not None else []
-        missing = sorted({c for c in (*named, *policy.privacy.bounds) if c not in df.columns})
-        if missing:
-            msg = f"the DP policy names column(s) {missing} that the DataFrame does not have"
-            raise EncodingError(msg)
+    policy = upload_policy(args, df)
     try:
         old = load_meta(ctx, name)
     except NotFound:
