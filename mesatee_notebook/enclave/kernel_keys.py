@@ -92,14 +92,13 @@ class KernelIdentity:
             return {"tee": self.hw.tee, "hwSource": self.hw.source}
         return {} if self.tpm is None else {"tpmKind": self.tpm.kind}
 
-    def _hw_evidence(self, hw: HardwareReporter, now: float) -> bytes:
+    def _statement(self, fmt: str, level: str, now: float, **fields: Any) -> dict[str, Any]:
+        """The fields every signed statement carries (tpm and hardware levels), plus the level's own ``fields``."""
         key = self.platform_key
         audit = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw) if key is not None else b""
-        statement = {
-            "format": HW_EVIDENCE_FORMAT,
-            "level": hw.level.label,
-            "tee": hw.tee,
-            "source": hw.source,
+        return {
+            "format": fmt,
+            "level": level,
             "measurement": self.measurement,
             "manifest": self.manifest,
             "time": int(now),
@@ -107,7 +106,11 @@ class KernelIdentity:
             "receipt_key": self.receipt_public.hex(),
             "audit_key": fingerprint(audit) if audit else "",
             "sandbox": self.sandbox if self.sandbox is not None else {"active": False, "why": "--no-sandbox"},
+            **fields,
         }
+
+    def _hw_evidence(self, hw: HardwareReporter, now: float) -> bytes:
+        statement = self._statement(HW_EVIDENCE_FORMAT, hw.level.label, now, tee=hw.tee, source=hw.source)
         report, auxblob = hw.report(statement_report_data(canonical_json(statement)))
         return make_hw_evidence(statement, report, auxblob)
 
@@ -124,24 +127,16 @@ class KernelIdentity:
         return report_data_for(spki, self.receipt_public)
 
     def _tpm_evidence(self, tpm: Tpm, now: float) -> bytes:
-        key = self.platform_key
-        audit = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw) if key is not None else b""
-        statement = {
-            "format": TPM_EVIDENCE_FORMAT,
-            "level": Level.TPM.label,
-            "tpm_kind": tpm.kind,
-            "tpm_vendor": tpm.vendor,
-            "measurement": self.measurement,
-            "manifest": self.manifest,
-            "time": int(now),
-            "report_data": self.report_data,
-            "receipt_key": self.receipt_public.hex(),
-            "app_pcr": tpm.app_pcr,
-            "pcrs": {str(i): v for i, v in tpm.read_pcrs().items()},
-            "event_log": tpm.event_log,
-            "audit_key": fingerprint(audit) if audit else "",
-            "sandbox": self.sandbox if self.sandbox is not None else {"active": False, "why": "--no-sandbox"},
-        }
+        statement = self._statement(
+            TPM_EVIDENCE_FORMAT,
+            Level.TPM.label,
+            now,
+            tpm_kind=tpm.kind,
+            tpm_vendor=tpm.vendor,
+            app_pcr=tpm.app_pcr,
+            pcrs={str(i): v for i, v in tpm.read_pcrs().items()},
+            event_log=tpm.event_log,
+        )
         return make_tpm_evidence(statement=statement, quoter=tpm.quote, ak_public=tpm.ak_public, ek_cert=tpm.ek_cert)
 
     def tpm_hello(self, header: dict[str, Any]) -> dict[str, Any]:
