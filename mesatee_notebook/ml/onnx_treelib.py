@@ -29,7 +29,7 @@ import numpy.typing as npt
 
 from mesatee_notebook.ml._errors import CompileError, InputShapeError, ModelFormatError
 from mesatee_notebook.ml.onnx_trees import ENGINE, TreeGraph, build_treelite, finalize, parse_tree_graph
-from mesatee_notebook.ml.treecompile import DIRECT_MAX_ROWS, _direct_entry, _sha256_file, _toolchain_id
+from mesatee_notebook.ml.treecompile import DIRECT_MAX_ROWS, _direct_entry, _sha256_file, _toolchain_id, threshold_rows
 from mesatee_notebook.ml.tvm_runtime import TensorSpec
 
 __all__ = ["TreeliteONNXModel", "compile_onnx_trees", "model_digest", "probe_rows"]
@@ -72,18 +72,7 @@ def probe_rows(graph: TreeGraph, rows: int = 512, seed: int = 0) -> npt.NDArray[
         for nd in tree:
             if nd.op is not None:
                 thresholds[nd.feature].append(nd.threshold)
-    rng = np.random.default_rng(seed)
-    out = rng.normal(size=(rows, graph.num_features)).astype(np.float32)
-    for j, ts in enumerate(thresholds):
-        if not ts:
-            continue
-        t = np.asarray(ts, dtype=np.float32)
-        picks = t[rng.integers(0, len(t), size=rows)]
-        mode = rng.integers(0, 5, size=rows)
-        below, above = np.nextafter(picks, np.float32(-np.inf)), np.nextafter(picks, np.float32(np.inf))
-        col = np.select([mode == 0, mode == 1, mode == 2], [picks, below, above], out[:, j] + picks)
-        out[:, j] = np.where(mode == 4, np.float32(np.nan), col).astype(np.float32)
-    return out
+    return threshold_rows(thresholds, rows, seed, above=True)
 
 
 class TreeliteONNXModel:

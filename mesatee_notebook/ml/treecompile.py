@@ -97,17 +97,30 @@ def probe_rows(model: GBDTModel, rows: int = 512, seed: int = 0) -> F32Array:
         ):
             if left != -1:
                 thresholds[int(feature)].append(float(cond))
+    return threshold_rows(thresholds, rows, seed, above=False)
+
+
+def threshold_rows(thresholds: list[list[float]], rows: int, seed: int, *, above: bool) -> F32Array:
+    """Probe rows that compiled trees are checked on before they are cached.
+
+    Feature ``j`` sits on, just below (with ``above``: or just above), or away from one of ``thresholds[j]``, or is NaN.
+    """
     rng = np.random.default_rng(seed)
-    out = rng.normal(size=(rows, model.num_features)).astype(np.float32)
+    out = rng.normal(size=(rows, len(thresholds))).astype(np.float32)
+    kinds = 5 if above else 4  # the last kind is NaN
     for j, ts in enumerate(thresholds):
         if not ts:
             continue
         t = np.asarray(ts, dtype=np.float32)
         picks = t[rng.integers(0, len(t), size=rows)]
-        mode = rng.integers(0, 4, size=rows)
+        mode = rng.integers(0, kinds, size=rows)
         below = np.nextafter(picks, np.float32(-np.inf))
-        col = np.where(mode == 0, picks, np.where(mode == 1, below, out[:, j] + picks))
-        out[:, j] = np.where(mode == 3, np.float32(np.nan), col).astype(np.float32)
+        if above:
+            up = np.nextafter(picks, np.float32(np.inf))
+            col = np.select([mode == 0, mode == 1, mode == 2], [picks, below, up], out[:, j] + picks)
+        else:
+            col = np.where(mode == 0, picks, np.where(mode == 1, below, out[:, j] + picks))
+        out[:, j] = np.where(mode == kinds - 1, np.float32(np.nan), col).astype(np.float32)
     return out
 
 
