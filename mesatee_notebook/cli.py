@@ -209,7 +209,7 @@ def _enclave_parser() -> argparse.ArgumentParser:
     _tpm_arguments(rp)
     from mesatee_notebook.enclave.cluster.cli import add_node_parsers, add_serve_arguments
 
-    add_node_parsers(sub, _default_data_dir())  # scheduler, worker (docs/cluster.md)
+    add_node_parsers(sub, _default_data_dir())  # scheduler, worker, cluster (docs/cluster.md)
     add_serve_arguments(sp)
     return p
 
@@ -480,6 +480,7 @@ def enclave_main(argv: list[str] | None = None) -> int:
         "tpm-reseal": _reseal,
         "scheduler": _cluster_node,
         "worker": _cluster_node,
+        "cluster": _cluster_node,
         "serve": _serve,
     }
     try:

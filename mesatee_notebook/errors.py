@@ -66,6 +66,7 @@ keeps working::
     │   └── InputShapeError                          a tensor's name, shape or dtype does not fit
     ├── ModelFormatError (ValueError)                model bytes that cannot be parsed (xgboost JSON, ONNX)
     ├── NotAvailableYet (NotImplementedError)        a documented feature this kernel does not implement yet
+    ├── ClusterSetupError (RuntimeError)             a local cluster cannot start (worker count, port, root, extra)
     ├── UnsupportedOperator (NotImplementedError)    ONNX ops the TVM frontend cannot import (named)
     └── CompileError (RuntimeError)                  a native compiler (gcc, TVM) failed
         └── CompileTimeout (TimeoutError)            compilation or tuning ran past its timeout
@@ -86,6 +87,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 __all__ = [
+    "ClusterSetupError",
     "NotAvailableYet",
     "ResourceExhausted",
     "WasmError",
@@ -616,6 +618,15 @@ class ModelFormatError(MesateeError, ValueError):
     code = "ml.model-format"
 
 
+class ClusterSetupError(MesateeError, RuntimeError):
+    """``mesatee-enclave cluster up`` cannot start a local cluster; the message names what to change.
+
+    A worker count out of range, a port in use, ``--netns`` without root, the cluster extra missing.
+    """
+
+    code = "cluster.setup"
+
+
 class UnsupportedOperator(MesateeError, NotImplementedError):
     """The model uses operators the compiler cannot import; ``details['ops']`` lists them."""
 
@@ -707,6 +718,7 @@ WIRE_CLASSES: tuple[type[MesateeError], ...] = (
     InputShapeError,
     ModelFormatError,
     NotAvailableYet,
+    ClusterSetupError,
     UnsupportedOperator,
     CompileError,
     CompileTimeout,

@@ -40,6 +40,40 @@ def add_node_parsers(sub: Any, data_dir: Path) -> None:
     wp.add_argument("--nthreads", type=int, default=1)
     wp.add_argument("--memory-limit", default="auto")
     wp.add_argument("--name", default=None)
+    _cluster_parser(sub)
+
+
+def _workers(text: str) -> int:
+    from mesatee_notebook.enclave.cluster.local import MAX_WORKERS
+
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_WORKERS:
+        msg = f"{text!r} workers: give a whole number from 1 to {MAX_WORKERS}"
+        raise argparse.ArgumentTypeError(msg)
+    return n
+
+
+def _cluster_parser(sub: Any) -> None:
+    """``cluster up|down|status``: a scheduler, N workers and a head kernel on this host (docs/cluster.md)."""
+    from mesatee_notebook.enclave.cluster.local import default_data_dir
+
+    cp = sub.add_parser("cluster", help="start, stop or show a local cluster: scheduler, N workers, a head kernel")
+    actions = cp.add_subparsers(dest="action", required=True)
+    up = actions.add_parser("up", help="start it and serve until Ctrl-C/SIGTERM (--detach: in the background)")
+    up.add_argument("--workers", type=_workers, default=2, help="attested workers to start (default 2)")
+    up.add_argument("--netns", action="store_true", help="each node in its own network namespace (root only)")
+    up.add_argument("--port", type=int, default=0, help="the scheduler's port (default 0: any free port)")
+    up.add_argument("--head-port", type=int, default=0, help="the head kernel's port (default 0: any free port)")
+    up.add_argument("--nthreads", type=int, default=1, help="threads per worker")
+    up.add_argument("--detach", action="store_true", help="start in the background, print the state, return")
+    for name in ("up", "down", "status"):
+        p = up if name == "up" else actions.add_parser(name, help=f"{name} the cluster of --data-dir")
+        p.add_argument(
+            "--data-dir", type=Path, default=default_data_dir(), help="platform, head and logs (default %(default)s)"
+        )
 
 
 def add_serve_arguments(sp: argparse.ArgumentParser) -> None:
@@ -54,8 +88,30 @@ def add_serve_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--cluster-measurement", action="append", default=[], help="accepted node measurement (repeat)")
 
 
+def run_cluster_command(args: argparse.Namespace) -> int:
+    """Run ``mesatee-enclave cluster up|down|status`` (a :class:`ClusterSetupError` is printed by the caller)."""
+    from mesatee_notebook.enclave.cluster import local
+
+    if args.action == "down":
+        stopped = local.down(args.data_dir)
+        print(f"mesatee-enclave cluster: {'stopped ' + ', '.join(stopped) if stopped else 'nothing was running'}")
+        return 0
+    if args.action == "status":
+        running = local.status(args.data_dir)
+        print(running if running else f"mesatee-enclave cluster: none running from {args.data_dir}")
+        return 0 if running else 1
+    if args.detach:
+        print(local.up(args.workers, args.data_dir, use_netns=args.netns, port=args.port, head_port=args.head_port,
+                       nthreads=args.nthreads))  # fmt: skip
+        return 0
+    spec = local.ClusterSpec(args.data_dir, args.workers, args.netns, args.port, args.head_port, args.nthreads)
+    return local.run_foreground(spec)
+
+
 def run_node_command(args: argparse.Namespace) -> int:
-    """Run ``mesatee-enclave scheduler|worker``."""
+    """Run ``mesatee-enclave scheduler|worker`` (and ``cluster``)."""
+    if args.cmd == "cluster":
+        return run_cluster_command(args)
     import logging
 
     logging.basicConfig(
