@@ -43,6 +43,8 @@ _PR_SET_PDEATHSIG = 1
 _SERVING = re.compile(r"serving on (atls://\S+)")
 _MEASUREMENT = re.compile(r"measurement ([0-9a-f]{64})")
 _START_TIMEOUT = 180.0
+# Launchers this process started with up(): kept so that down() (or the next up()) reaps them (no zombie, no warning).
+_DETACHED: dict[int, subprocess.Popen[bytes]] = {}
 
 
 @dataclass(frozen=True)
@@ -517,6 +519,7 @@ def up(
     while time.monotonic() < deadline:
         state = _read_state(spec.data_dir)
         if state.get("ready") and state.get("launcher_pid") == proc.pid:
+            _DETACHED[proc.pid] = proc
             return LocalCluster(spec.data_dir, state)
         if proc.poll() is not None:
             log = (cdir / "launcher.log").read_text(errors="replace").strip()
@@ -542,8 +545,8 @@ def down(data_dir: Path | str | None = None, timeout: float = 60.0) -> list[str]
         if _launcher_alive(data_dir):
             os.kill(pid, signal.SIGKILL)
         done.append(f"launcher pid {pid}")
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
+    for child in [p for p in _DETACHED.values() if p.poll() is not None]:
+        del _DETACHED[child.pid]
     if not _launcher_alive(data_dir):
         done.extend(clean_stale(data_dir))
     return done
