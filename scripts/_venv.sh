@@ -6,10 +6,10 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
-# Debian packages the kernel's sandbox (and the TPM level) need, and Chromium for the browser test (Playwright drives
-# /usr/bin/chromium; it never downloads a browser). As root they are installed here;
-# otherwise the missing ones are named, and the kernel refuses to serve cells until they are there.
-DEB_PKGS=(bubblewrap python3-seccomp util-linux passwd swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config chromium)
+# Debian packages the kernel's sandbox (and the TPM level) need, Chromium for the browser test (Playwright drives
+# /usr/bin/chromium; it never downloads a browser) and iproute2 for `cluster up --netns`. As root they are installed
+# here; otherwise the missing ones are named, and the kernel refuses to serve cells until they are there.
+DEB_PKGS=(bubblewrap python3-seccomp util-linux passwd swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config chromium iproute2)
 APT_KEY="$(printf '%s\n' "${DEB_PKGS[@]}" | sha256sum | cut -d' ' -f1)"
 PIP_KEY="$({ cat pyproject.toml; "$PY" -c 'import sys; print(sys.version)'; } | sha256sum | cut -d' ' -f1)"
 
