@@ -40,9 +40,19 @@ def notebook_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("JUPYTER_PATH", str(root))
         mp.setenv("MESATEE_HOME", str(home))
-        mp.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config")))
+        config = tmp_path_factory.mktemp("config")
+        mp.setenv("XDG_CONFIG_HOME", str(config))
         yield home
     _stop_embedded_kernel(home)
+    _stop_tutorial_cluster(config / "mesatee_notebook" / "tutorials" / "07-cluster" / "cluster")
+
+
+def _stop_tutorial_cluster(data_dir: Path) -> None:
+    """07-cluster stops its cluster in its last cell; after a failed run, stop what it left (no-op otherwise)."""
+    if data_dir.exists():
+        from mesatee_notebook.enclave.cluster import local
+
+        local.down(data_dir)
 
 
 def _stop_embedded_kernel(home: Path) -> None:
