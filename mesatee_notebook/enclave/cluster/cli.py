@@ -68,6 +68,9 @@ def _cluster_parser(sub: Any) -> None:
     up.add_argument("--port", type=int, default=0, help="the scheduler's port (default 0: any free port)")
     up.add_argument("--head-port", type=int, default=0, help="the head kernel's port (default 0: any free port)")
     up.add_argument("--nthreads", type=int, default=1, help="threads per worker")
+    up.add_argument(
+        "--bwrap", action="store_true", help="scheduler and workers in bubblewrap: private /tmp, read-only system"
+    )
     up.add_argument("--detach", action="store_true", help="start in the background, print the state, return")
     for name in ("up", "down", "status"):
         p = up if name == "up" else actions.add_parser(name, help=f"{name} the cluster of --data-dir")
@@ -101,11 +104,15 @@ def run_cluster_command(args: argparse.Namespace) -> int:
         print(running if running else f"mesatee-enclave cluster: none running from {args.data_dir}")
         return 0 if running else 1
     if args.detach:
-        print(local.up(args.workers, args.data_dir, use_netns=args.netns, port=args.port, head_port=args.head_port,
-                       nthreads=args.nthreads))  # fmt: skip
+        kw = {"use_netns": args.netns, "port": args.port, "head_port": args.head_port, "nthreads": args.nthreads}
+        print(local.up(args.workers, args.data_dir, **kw, bwrap=args.bwrap))
         return 0
-    spec = local.ClusterSpec(args.data_dir, args.workers, args.netns, args.port, args.head_port, args.nthreads)
-    return local.run_foreground(spec)
+    spec = local.ClusterSpec(
+        args.data_dir, args.workers, args.netns, args.port, args.head_port, args.nthreads, args.bwrap
+    )
+    from mesatee_notebook.enclave.cluster.launcher import run_foreground
+
+    return run_foreground(spec)
 
 
 def run_node_command(args: argparse.Namespace) -> int:

@@ -1,12 +1,15 @@
 """``mesatee-enclave cluster up|down|status``: a scheduler, N attested workers and a head kernel on one host.
 
-The launcher starts each node as its own process (``mesatee-enclave scheduler``, ``worker``, ``serve --cluster``),
-on loopback or, with ``--netns``, each in a network namespace of its own (:mod:`.netns`). It holds
-``DATA_DIR/cluster/lock`` while it runs and writes ``DATA_DIR/cluster/state.json`` (addresses, pids, what a notebook
-pins) once every worker has registered and the head serves. On SIGINT/SIGTERM it stops the head, the workers and
-the scheduler, in that order, and removes the namespaces. Every node also gets ``PR_SET_PDEATHSIG``: if the launcher
-is killed, its nodes stop too, and the next ``up`` or ``down`` on the same directory removes what was left (stale
-namespaces and links). No Dask import here: the ``cluster`` extra is checked, not assumed.
+This module checks the request, holds the state and offers the detached API (:func:`up`, :func:`down`,
+:func:`status`); the launcher process itself is :mod:`.launcher`. The launcher starts each node as its own process
+(``mesatee-enclave scheduler``, ``worker``, ``serve --cluster``), on loopback or, with ``--netns``, each in a
+network namespace of its own (:mod:`.netns`), and with ``--bwrap`` the scheduler and workers in bubblewrap
+(:mod:`.node_bwrap`). It holds ``DATA_DIR/cluster/lock`` while it runs and writes ``DATA_DIR/cluster/state.json``
+(addresses, pids, what a notebook pins) once every worker has registered and the head serves. On SIGINT/SIGTERM it
+stops the head, the workers and the scheduler, in that order, and removes the namespaces. Every node also gets
+``PR_SET_PDEATHSIG``: if the launcher is killed, its nodes stop too, and the next ``up`` or ``down`` on the same
+directory removes what was left (stale namespaces and links). No Dask import here: the ``cluster`` extra is checked,
+not assumed.
 
 Layout: ``DATA_DIR/platform`` (one softtee platform for every node; created if missing), ``DATA_DIR/head`` (the head
 kernel's data directory, with a copy of the platform), ``DATA_DIR/cluster/logs/NODE.log``.
@@ -15,33 +18,35 @@ kernel's data directory, with a copy of the platform), ``DATA_DIR/cluster/logs/N
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import fcntl
 import importlib.util
 import json
 import os
-import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from mesatee_notebook.enclave.cluster import netns
 from mesatee_notebook.errors import ClusterSetupError
 
-__all__ = ["MAX_WORKERS", "ClusterSpec", "LocalCluster", "down", "run_foreground", "status", "up"]
+__all__ = [
+    "MAX_WORKERS",
+    "ClusterSpec",
+    "LocalCluster",
+    "check_spec",
+    "clean_stale",
+    "describe",
+    "down",
+    "status",
+    "up",
+]
 
 MAX_WORKERS = 32
-_PR_SET_PDEATHSIG = 1
-_SERVING = re.compile(r"serving on (atls://\S+)")
-_MEASUREMENT = re.compile(r"measurement ([0-9a-f]{64})")
 _START_TIMEOUT = 180.0
 # Launchers this process started with up(): kept so that down() (or the next up()) reaps them (no zombie, no warning).
 _DETACHED: dict[int, subprocess.Popen[bytes]] = {}
@@ -57,6 +62,7 @@ class ClusterSpec:
     port: int = 0
     head_port: int = 0
     nthreads: int = 1
+    bwrap: bool = False
 
 
 @dataclass
@@ -114,6 +120,10 @@ def check_spec(spec: ClusterSpec) -> None:
     if importlib.util.find_spec("distributed") is None:
         msg = "needs the cluster extra (Dask distributed): pip install 'mesatee_notebook[cluster]'"
         raise ClusterSetupError(msg)
+    if spec.bwrap:
+        from mesatee_notebook.enclave.cluster.node_bwrap import require_bwrap
+
+        require_bwrap()
     if spec.use_netns:
         netns.require_netns()
         return
@@ -207,202 +217,9 @@ def clean_stale(data_dir: Path) -> list[str]:
     return removed
 
 
-# -- the launcher -------------------------------------------------------------------------------------------------
-
-
-def _pdeathsig() -> None:
-    """In the child before exec: SIGTERM when the launcher dies (kept across exec), so no node is orphaned."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-
-def _enclave(*args: str) -> list[str]:
-    return [sys.executable, "-m", "mesatee_notebook.cli", "enclave", *args]
-
-
-@dataclass
-class _Node:
-    name: str
-    role: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-    host: str
-    netns: str | None = None
-    address: str = ""
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def record(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "address": self.address,
-            "pid": self.proc.pid,
-            "host": self.host,
-            "netns": self.netns,
-            "log": str(self.log),
-        }
-
-
-class _Stopped(Exception):
-    """The launcher was asked to stop while it was starting the cluster."""
-
-
-@dataclass
-class _Launcher:
-    spec: ClusterSpec
-    data_dir: Path
-    stop: threading.Event = field(default_factory=threading.Event)
-    nodes: list[_Node] = field(default_factory=list)
-    plan: netns.NetPlan | None = None
-
-    def spawn(self, name: str, role: str, args: list[str]) -> _Node:
-        logs = _cluster_dir(self.data_dir) / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        log = logs / f"{name}.log"
-        host = self.plan.node(name).address if self.plan else "127.0.0.1"
-        space = self.plan.node(name).netns if self.plan else None
-        prefix = netns.ip_exec(space) if space else []
-        with log.open("wb") as fh:
-            proc = subprocess.Popen(
-                [*prefix, *_enclave(*args, "--host", host)],
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # Ctrl-C reaches the launcher only; it stops the nodes in order
-                preexec_fn=_pdeathsig,  # noqa: PLW1509 (the launcher runs no threads)
-            )
-        node = _Node(name, role, proc, log, host, space)
-        self.nodes.append(node)
-        return node
-
-    def wait_until(self, what: str, ready: Any, watch: list[_Node]) -> None:
-        deadline = time.monotonic() + _START_TIMEOUT
-        while not ready():
-            if self.stop.is_set():
-                raise _Stopped
-            for n in watch:
-                if n.proc.poll() is not None:
-                    tail = "\n".join(n.text().strip().splitlines()[-8:])
-                    msg = f"{n.name} exited ({n.proc.returncode}) before {what}; its log ({n.log}):\n{tail}"
-                    raise ClusterSetupError(msg)
-            if time.monotonic() > deadline:
-                msg = f"timed out after {_START_TIMEOUT:.0f} s waiting for {what} (logs: {self.data_dir}/cluster/logs)"
-                raise ClusterSetupError(msg)
-            time.sleep(0.1)
-
-    def serving(self, node: _Node) -> bool:
-        m = _SERVING.search(node.text())
-        if m:
-            node.address = m.group(1)
-        return bool(m)
-
-    def start(self) -> dict[str, Any]:
-        d = str(self.data_dir)
-        names = ["sched", *[f"w{i}" for i in range(self.spec.workers)], "head"]
-        if self.spec.use_netns:
-            self.plan = netns.create(netns.tag_for(self.data_dir), names)
-        sched = self.spawn("sched", "scheduler", ["scheduler", "--data-dir", d, "-v", "--port", str(self.spec.port)])
-        self.wait_until("the scheduler serves", lambda: self.serving(sched), [sched])
-        workers = [
-            self.spawn(
-                name,
-                "worker",
-                [
-                    "worker",
-                    "--data-dir",
-                    d,
-                    "-v",
-                    "--scheduler",
-                    sched.address,
-                    "--name",
-                    name,
-                    "--nthreads",
-                    str(self.spec.nthreads),
-                ],
-            )
-            for name in names[1:-1]
-        ]
-        self.wait_until("the workers serve", lambda: all([self.serving(w) for w in workers]), [sched, *workers])
-        self.wait_until(
-            "every worker registered with the scheduler",
-            lambda: sched.text().count("Register worker") >= len(workers),
-            [sched, *workers],
-        )
-        head_dir = _head_dir(self.data_dir)
-        head = self.spawn(
-            "head",
-            "head",
-            ["serve", "--data-dir", str(head_dir), "--port", str(self.spec.head_port), "--cluster", sched.address],
-        )
-        info: dict[str, Any] = {}
-        self.wait_until("the head kernel serves", lambda: _kernel_info(head_dir, head.proc.pid, info), [sched, head])
-        head.address = f"mesatee://{head.host}:{info['port']}"
-        return self.state(sched, workers, head, info)
-
-    def state(self, sched: _Node, workers: list[_Node], head: _Node, info: dict[str, Any]) -> dict[str, Any]:
-        m = _MEASUREMENT.search(sched.text())
-        fingerprint = (self.data_dir / "platform" / "fingerprint").read_text().strip()
-        net = None
-        if self.plan:
-            net = {
-                "bridge": self.plan.bridge,
-                "gateway": self.plan.gateway,
-                "subnet": self.plan.subnet,
-                "veth": {n.name: n.host_veth for n in self.plan.nodes},
-            }
-        return {
-            "ready": True,
-            "launcher_pid": os.getpid(),
-            "data_dir": str(self.data_dir),
-            "cluster_measurement": m.group(1) if m else "",
-            "scheduler": {**sched.record(), "address": sched.address},
-            "workers": [w.record() for w in workers],
-            "head": {**head.record(), "url": head.address, "measurement": info["measurement"], "platform": fingerprint},
-            "netns": net,
-        }
-
-    def teardown(self) -> None:
-        """Stop the head, then the workers, then the scheduler (SIGTERM, then SIGKILL after a grace period)."""
-        for group in ([n for n in self.nodes if n.role == r] for r in ("head", "worker", "scheduler")):
-            for n in group:
-                if n.proc.poll() is None:
-                    n.proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + 15
-            for n in group:
-                try:
-                    n.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    n.proc.kill()
-                    n.proc.wait()
-        if self.plan is not None:
-            netns.remove(self.plan.tag)
-
-
-def _head_dir(data_dir: Path) -> Path:
-    """The head's data directory, holding a copy of the cluster's platform (replaced if it differs)."""
-    head = data_dir / "head"
-    src, dst = data_dir / "platform", head / "platform"
-    if not dst.exists() or (dst / "fingerprint").read_bytes() != (src / "fingerprint").read_bytes():
-        shutil.rmtree(dst, ignore_errors=True)
-        head.mkdir(parents=True, exist_ok=True, mode=0o700)
-        shutil.copytree(src, dst)
-    return head
-
-
-def _kernel_info(head_dir: Path, pid: int, out: dict[str, Any]) -> bool:
-    try:
-        info = json.loads((head_dir / "kernel.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if info.get("pid") != pid:
-        return False
-    out.update(info)
-    return True
-
-
 def _where(node: dict[str, Any]) -> str:
-    return f"  [netns {node['netns']}]" if node.get("netns") else ""
+    netns_note = f"  [netns {node['netns']}]" if node.get("netns") else ""
+    return netns_note + ("  [bubblewrap]" if node.get("bwrap") else "")
 
 
 def describe(state: dict[str, Any]) -> str:
@@ -429,50 +246,8 @@ def describe(state: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _install_stop(stop: threading.Event) -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda signum, frame: stop.set())
-
-
-def run_foreground(spec: ClusterSpec, *, out: IO[str] | None = None) -> int:
-    """``cluster up``: start everything, print the state, serve until a signal or until the scheduler or head dies."""
-    out = out or sys.stdout
-    check_spec(spec)
-    data_dir = Path(spec.data_dir).expanduser().resolve()
-    lock = _take_lock(data_dir)
-    try:
-        stale = clean_stale(data_dir)
-        if stale:
-            print(f"mesatee-enclave cluster: removed what a stopped launcher left: {', '.join(stale)}", file=out)
-        from mesatee_notebook.enclave.platform import init_platform
-
-        init_platform(data_dir)
-        launcher = _Launcher(spec, data_dir)
-        _install_stop(launcher.stop)
-        return _serve(launcher, out)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            (_cluster_dir(data_dir) / "state.json").unlink()
-        lock.close()
-
-
-def _serve(launcher: _Launcher, out: IO[str]) -> int:
-    try:
-        state = launcher.start()
-        _write_state(launcher.data_dir, state)
-        print(describe(state), file=out, flush=True)
-        vital = [n for n in launcher.nodes if n.role in ("scheduler", "head")]
-        while not launcher.stop.wait(0.5):
-            dead = [n for n in vital if n.proc.poll() is not None]
-            if dead:
-                print(f"mesatee-enclave cluster: {dead[0].name} exited ({dead[0].proc.returncode}); stopping", file=out)
-                return 1
-        return 0
-    except _Stopped:
-        return 130
-    finally:
-        launcher.teardown()
-        print("mesatee-enclave cluster: stopped", file=out, flush=True)
+def _enclave(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mesatee_notebook.cli", "enclave", *args]
 
 
 # -- detached use (notebooks, scripts) ----------------------------------------------------------------------------
@@ -486,10 +261,17 @@ def up(
     port: int = 0,
     head_port: int = 0,
     nthreads: int = 1,
+    bwrap: bool = False,
 ) -> LocalCluster:
     """Start ``mesatee-enclave cluster up`` in the background (its own session) and return once it serves."""
     spec = ClusterSpec(
-        Path(data_dir or default_data_dir()).expanduser().resolve(), workers, use_netns, port, head_port, nthreads
+        Path(data_dir or default_data_dir()).expanduser().resolve(),
+        workers,
+        use_netns,
+        port,
+        head_port,
+        nthreads,
+        bwrap,
     )
     check_spec(spec)
     if _launcher_alive(spec.data_dir):
@@ -510,6 +292,7 @@ def up(
         "--nthreads",
         str(nthreads),
         *(["--netns"] if use_netns else []),
+        *(["--bwrap"] if bwrap else []),
     ]
     with (cdir / "launcher.log").open("wb") as fh:
         proc = subprocess.Popen(
