@@ -89,6 +89,20 @@ def wait_gone(pids: set[int], timeout: float = 30) -> set[int]:
     return alive(pids)
 
 
+def processes_naming(path: Path) -> set[int]:
+    """Live processes whose command line names ``path`` (a cluster's nodes all name its data directory)."""
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(path).encode() in cmdline:
+                out.add(int(entry.name))
+    return alive(out)
+
+
 def visits(n: int = 600) -> pd.DataFrame:
     rng = np.random.default_rng(18)
     return pd.DataFrame({"site": rng.choice(["north", "south", "east"], n), "cost": rng.integers(10, 500, n)})
@@ -104,6 +118,7 @@ __all__ = [
     "descendants",
     "expected_groups",
     "node_pids",
+    "processes_naming",
     "run_cluster",
     "spawn_launcher",
     "visits",

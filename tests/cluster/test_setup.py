@@ -17,6 +17,7 @@ from .setup_helpers import (
     descendants,
     expected_groups,
     node_pids,
+    processes_naming,
     run_cluster,
     spawn_launcher,
     visits,
@@ -114,3 +115,26 @@ def test_a_killed_launcher_takes_its_nodes_and_down_reports_clean(tmp_path: Path
     run = run_cluster("down", "--data-dir", str(data_dir))
     assert run.returncode == 0 and "Traceback" not in run.stderr
     assert not (data_dir / "cluster" / "state.json").exists()
+
+
+@pytest.mark.slow
+def test_down_while_the_launcher_is_still_starting_stops_it(tmp_path: Path) -> None:
+    import json
+    import time
+
+    data_dir = tmp_path / "c"
+    launcher = spawn_launcher(data_dir, "--workers", "1")
+    state_path = data_dir / "cluster" / "state.json"
+    deadline = time.monotonic() + 60
+    while not state_path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert json.loads(state_path.read_text())["ready"] is False
+    assert local.status(data_dir) is None  # not ready: nothing to connect to yet
+    run = run_cluster("down", "--data-dir", str(data_dir))
+    assert run.returncode == 0 and f"stopped launcher pid {launcher.pid}" in run.stdout
+    assert launcher.wait(timeout=60) == 130
+    logs = data_dir / "cluster" / "logs"
+    started = [p.stem for p in logs.iterdir()] if logs.exists() else []
+    assert "head" not in started  # stopped before the head
+    assert not state_path.exists()
+    assert wait_gone(processes_naming(data_dir)) == set()

@@ -272,6 +272,8 @@ def run_foreground(spec: ClusterSpec, *, out: IO[str] | None = None) -> int:
         init_platform(data_dir)
         launcher = _Launcher(spec, data_dir)
         _install_stop(launcher.stop)
+        # not ready yet, but `cluster down` can already find (and stop) this launcher while it starts the nodes
+        _write_state(data_dir, {"ready": False, "launcher_pid": os.getpid(), "data_dir": str(data_dir)})
         return _serve(launcher, out)
     finally:
         with contextlib.suppress(FileNotFoundError):
