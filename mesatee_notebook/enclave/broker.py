@@ -153,4 +153,8 @@ def dataset_for_cell(kernel: Kernel, name: str, party: str | None) -> bytes:
         )
         raise PolicyViolation(msg, dataset=name)
     kernel.audit_log.append("release", party, {"dataset": name, "to": "code cell"}, concerns=[str(meta["owner"])])
+    if "partitions" in meta:  # issue 18: a partitioned dataset is gathered from the workers (same checks above)
+        from mesatee_notebook.enclave.cluster.datasets import cell_dataset
+
+        return cell_dataset(kernel, name, str(party))
     return bytes(store.get(data_name(name)))
