@@ -119,7 +119,7 @@ def test_an_oversized_upload_is_refused_and_others_go_on(head: KernelProc, tmp_p
 
 def test_many_concurrent_calls_are_limited_and_served_in_turn(head: KernelProc, tmp_path: Path) -> None:
     policy = head.policy()
-    n = 60_000
+    n = 20_000  # 160 kB + 80 kB of int64: inside the quota
     items = pd.DataFrame({"id": np.arange(n)})
     with mn.connect(head.url, policy=policy, identity=tmp_path / "hostile") as owner:
         owner.upload(items, "pa", partitions=2)
