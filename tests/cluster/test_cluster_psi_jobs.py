@@ -64,7 +64,9 @@ def test_three_parties_psi_job_on_the_cluster_equals_set_intersection(
         assert {w["address"] for w in workers} <= {w.address for w in cluster.workers}
         assert workers and all(w["measurement"] == cluster_measurement() for w in workers)
         assert res.receipt.predicate["service"] == "psi.result"
-        assert {unicodedata.normalize("NFC", x) for x in b.psi.result("cj").items or []} == expected
+        b_items_got = b.psi.result("cj").items
+        assert b_items_got is not None
+        assert {unicodedata.normalize("NFC", x) for x in b_items_got} == expected
         with pytest.raises(mn.PolicyViolation, match="not a receiver"):  # the release rule is the single-node one
             c.psi.result("cj")
 
