@@ -15,6 +15,7 @@ import pytest
 
 import mesatee_notebook as mn
 from mesatee_notebook.enclave.cluster.node_identity import cluster_measurement
+from mesatee_notebook.errors import NotAvailableYet
 from tests.conftest import KernelProc, start_kernel, stop_kernel
 
 from .conftest import Cluster
@@ -83,5 +84,5 @@ def test_two_party_cardinality_job_on_the_cluster(head: KernelProc, tmp_path: Pa
         b.psi.approve("cc")
         res = a.psi.result("cc")
         assert res.cardinality == 5_000 and res.items is None
-        with pytest.raises(mn.NotAvailableYet, match="join on the cluster"):
+        with pytest.raises(NotAvailableYet, match="join on the cluster"):
             a.psi.create("cjoin", [a.party_id, b.party_id], mode="join", cluster=True)
