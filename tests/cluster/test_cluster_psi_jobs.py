@@ -86,3 +86,18 @@ def test_two_party_cardinality_job_on_the_cluster(head: KernelProc, tmp_path: Pa
         assert res.cardinality == 5_000 and res.items is None
         with pytest.raises(NotAvailableYet, match="join on the cluster"):
             a.psi.create("cjoin", [a.party_id, b.party_id], mode="join", cluster=True)
+
+
+def test_a_cluster_job_on_a_kernel_without_a_cluster_is_a_typed_refusal(kernel: KernelProc, tmp_path: Path) -> None:
+    policy = kernel.policy()
+    with (
+        mn.connect(kernel.url, policy=policy, identity=tmp_path / "a") as a,
+        mn.connect(kernel.url, policy=policy, identity=tmp_path / "b") as b,
+    ):
+        a.psi.create("nc", [a.party_id, b.party_id], mode="cardinality", cluster=True)
+        a.psi.submit("nc", [1, 2, 3])
+        b.psi.submit("nc", [2, 3, 4])
+        with pytest.raises(NotAvailableYet, match="needs a cluster"):
+            b.psi.approve("nc")  # the last approval runs the job
+        with pytest.raises(mn.PolicyViolation, match="no result"):
+            a.psi.result("nc")
