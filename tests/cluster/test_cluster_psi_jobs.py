@@ -99,5 +99,5 @@ def test_a_cluster_job_on_a_kernel_without_a_cluster_is_a_typed_refusal(kernel: 
         b.psi.submit("nc", [2, 3, 4])
         st = b.psi.approve("nc")  # the last approval runs the job: it fails, saying why, and releases nothing
         assert st.state == "failed"
-        with pytest.raises(mn.PolicyViolation, match="needs a cluster"):
+        with pytest.raises(mn.PolicyViolation, match="NotAvailableYet"):  # the jobs path withholds details
             a.psi.result("nc")
