@@ -19,6 +19,7 @@ from mesatee_notebook.errors import KernelConnectionError, MesateeError, PolicyV
 from mesatee_notebook.wire.protocol import (
     EXECUTOR_REQUESTS,
     AuditAppend,
+    ClusterPsi,
     DataGet,
     FaasRun,
     KeyCall,
@@ -78,6 +79,15 @@ def _data_get(who: _Asker, req: DataGet, m: Message) -> list[Any]:
     return [dataset_for_cell(who.kernel, req.name, who.party)]
 
 
+def _cluster_psi(who: _Asker, req: ClusterPsi, m: Message) -> list[Any]:
+    """Issue 18: a PSI job's intersection, sharded on the cluster (the jobs worker keeps approvals and release)."""
+    if not who.service:
+        raise PolicyViolation("only trusted services run a PSI on the cluster")  # noqa: EM101
+    from mesatee_notebook.enclave.cluster.cluster_psi import job_psi
+
+    return [job_psi(who.kernel, str(who.party), req.name, list(m.payloads))]
+
+
 def _seal_put(who: _Asker, req: SealPut, m: Message) -> list[Any]:
     store, full = who.kernel.sealed_store(), f"{who.prefix}/{req.name}"
     data = m.payloads[0] if m.payloads else b""
@@ -104,6 +114,7 @@ def _seal_list(who: _Asker, req: SealList, m: Message) -> list[Any]:
 
 _ANSWERS: dict[type[ProtocolMessage], _Answer] = {
     AuditAppend: _audit,
+    ClusterPsi: _cluster_psi,
     FaasRun: _faas_run,
     KeyCall: _key_call,
     DataGet: _data_get,
@@ -153,4 +164,8 @@ def dataset_for_cell(kernel: Kernel, name: str, party: str | None) -> bytes:
         )
         raise PolicyViolation(msg, dataset=name)
     kernel.audit_log.append("release", party, {"dataset": name, "to": "code cell"}, concerns=[str(meta["owner"])])
+    if "partitions" in meta:  # issue 18: a partitioned dataset is gathered from the workers (same checks above)
+        from mesatee_notebook.enclave.cluster.datasets import cell_dataset
+
+        return cell_dataset(kernel, name, str(party))
     return bytes(store.get(data_name(name)))

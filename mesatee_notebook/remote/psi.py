@@ -168,12 +168,14 @@ class PsiClient:
         dataset: str | None = None,
         max_items: int | None = None,
         approve: bool = True,
+        cluster: bool = False,
     ) -> JobStatus:
         """Define PSI ``name`` among ``parties`` (ids, or ``{label: id}`` to name the join's columns).
 
         ``mode``: ``"intersection"``, ``"cardinality"`` or ``"join"``. ``receivers`` (default: this party) are
         the only ones who get the result. In join mode the joined rows become dataset ``dataset`` (default
-        ``psi-<name>``) in the enclave. The creator approves at once if it is one of the parties.
+        ``psi-<name>``) in the enclave. The creator approves at once if it is one of the parties. ``cluster=True``
+        (a kernel served with ``--cluster``): the approved job intersects sharded on the cluster's workers.
         """
         args: dict[str, Any] = {
             "name": name,
@@ -186,6 +188,8 @@ class PsiClient:
             args["dataset"] = dataset
         if max_items is not None:
             args["max_items"] = int(max_items)
+        if cluster:
+            args["cluster"] = True
         return JobStatus.from_info(self._session.call("psi.create", args).info)
 
     def submit(

@@ -46,6 +46,7 @@ __all__ = [
     "Auth",
     "Call",
     "CallCancel",
+    "ClusterPsi",
     "DataGet",
     "Execute",
     "ExecutorError",
@@ -551,6 +552,13 @@ class DataGet(_Named):
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterPsi(_Named):
+    """Issue 18: a PSI job's intersection on the cluster (``name``: the mode; one Arrow items stream per input)."""
+
+    T: ClassVar[str] = "cluster.psi"
+
+
+@dataclass(frozen=True, slots=True)
 class AuditAppend(ProtocolMessage):
     """A trusted service appends an entry to the signed audit log."""
 
@@ -595,7 +603,7 @@ class KeyCall(ProtocolMessage):
 
 #: What an executor may ask the supervisor in the middle of a call, by type tag.
 EXECUTOR_REQUESTS: dict[str, type[ProtocolMessage]] = {
-    c.T: c for c in (SealGet, SealPut, SealList, SealDelete, DataGet, AuditAppend, FaasRun, KeyCall)
+    c.T: c for c in (SealGet, SealPut, SealList, SealDelete, DataGet, AuditAppend, FaasRun, KeyCall, ClusterPsi)
 }
 
 

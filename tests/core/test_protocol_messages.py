@@ -70,6 +70,7 @@ MESSAGES: dict[type[p.ProtocolMessage], st.SearchStrategy[Any]] = {
     p.SealList: st.builds(p.SealList, texts),
     p.SealDelete: st.builds(p.SealDelete, texts),
     p.DataGet: st.builds(p.DataGet, texts),
+    p.ClusterPsi: st.builds(p.ClusterPsi, texts),
     p.AuditAppend: st.builds(p.AuditAppend, texts, json_maps, st.lists(texts, max_size=3).map(tuple)),
     p.FaasRun: st.builds(p.FaasRun, timeouts),
     p.KeyCall: st.builds(p.KeyCall, st.sampled_from(["sign", "verify", "encrypt", "decrypt", "info"])),

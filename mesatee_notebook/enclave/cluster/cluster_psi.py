@@ -13,6 +13,7 @@ The key secret is fresh per run and goes to the workers inside their tasks, over
 
 from __future__ import annotations
 
+import json
 import operator
 import os
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ import pandas as pd
 
 from mesatee_notebook.enclave.cluster.partitions import _result, load_partition, ready_partitions
 from mesatee_notebook.enclave.datasets import load_meta
-from mesatee_notebook.errors import EncodingError, NotFound, PolicyViolation, RemoteExecutionError
+from mesatee_notebook.errors import EncodingError, NotAvailableYet, NotFound, PolicyViolation, RemoteExecutionError
 
 if TYPE_CHECKING:
     from distributed import Future
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from mesatee_notebook.enclave.cluster.head import ClusterHead
     from mesatee_notebook.enclave.supervisor import Kernel
 
-__all__ = ["MODES", "ShardedPsi", "dataset_chunks", "item_chunks", "psi_call", "sharded_psi"]
+__all__ = ["MODES", "ShardedPsi", "dataset_chunks", "item_chunks", "job_psi", "psi_call", "sharded_psi"]
 
 MODES: Final = ("cardinality", "intersection")
 
@@ -243,3 +244,50 @@ def psi_call(kernel: Kernel, head: ClusterHead, party: str, header: dict[str, An
     if items is not None:
         out["items"] = [x.item() if hasattr(x, "item") else x for x in items.tolist()]
     return out
+
+
+def _arrow_items(raw: Any) -> pd.Series:
+    import pyarrow as pa
+
+    try:
+        table = pa.ipc.open_stream(pa.py_buffer(raw)).read_all()
+    except (pa.ArrowInvalid, TypeError):
+        msg = "a PSI job's items for the cluster must be an Arrow IPC stream"
+        raise EncodingError(msg) from None
+    if table.column_names != ["item"]:
+        msg = "a PSI job's items stream must have exactly one column, 'item'"
+        raise EncodingError(msg)
+    series: pd.Series = table.column("item").to_pandas()
+    return series
+
+
+def job_psi(kernel: Kernel, party: str, mode: str, payloads: Sequence[Any]) -> bytes:
+    """A ``psi.*`` job's intersection on the cluster, for the jobs worker (``psi.create(..., cluster=True)``).
+
+    The jobs worker keeps the approvals, the sealed inputs, the receipts and the release to the receivers, as on
+    one node; it sends the approved inputs' items here (one Arrow stream each) once the job may run. The head
+    scatters them to the workers and runs :class:`ShardedPsi`; the JSON reply holds the mode, the cardinality,
+    the items (``intersection``) and the workers that took part, with the measurements the head verified.
+    """
+    from mesatee_notebook.enclave.cluster.admission import lane_of
+
+    head: ClusterHead | None = getattr(kernel, "cluster_head", None)
+    if head is None:
+        msg = "psi.create(..., cluster=True) needs a cluster: this kernel is not a cluster head (serve --cluster)"
+        raise NotAvailableYet(msg)
+    if mode not in ("intersection", "cardinality"):
+        msg = f"a PSI on the cluster runs mode 'intersection' or 'cardinality', not {mode!r}"
+        raise EncodingError(msg)
+    if len(payloads) < 2:
+        msg = f"a PSI needs at least two parties' inputs, got {len(payloads)}"
+        raise EncodingError(msg)
+    inputs = [_arrow_items(p) for p in payloads]
+    with lane_of(kernel).turn(party):
+        out = sharded_psi(head, [item_chunks(head, items) for items in inputs], mode)
+        workers = sorted({str(s["worker"]) for s in out.get("shards", [])})
+        records = [r.to_dict() for r in head.verify_workers(workers)]
+    reply: dict[str, Any] = {"mode": out["mode"], "cardinality": int(out["cardinality"]), "workers": records}
+    items = out.get("items")
+    if items is not None:
+        reply["items"] = [x.item() if hasattr(x, "item") else x for x in items.tolist()]
+    return json.dumps(reply).encode()

@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 import pandas as pd
 
+from mesatee_notebook.enclave.cluster.admission import ledger_name
 from mesatee_notebook.enclave.cluster.partitions import (
     drop_dataset,
+    encode_partitions,
     partitioned_meta,
     partitions_digest,
     place_frame,
@@ -24,14 +26,14 @@ from mesatee_notebook.enclave.cluster.partitions import (
 )
 from mesatee_notebook.enclave.datasets import load_meta, validate_dataset_name
 from mesatee_notebook.enclave.services.datasets import upload_policy
-from mesatee_notebook.errors import EncodingError, MalformedFrame, NotFound, PolicyViolation
+from mesatee_notebook.errors import EncodingError, MalformedFrame, NotAvailableYet, NotFound, PolicyViolation
 from mesatee_notebook.wire.codecs import decode_value, encode_value
 
 if TYPE_CHECKING:
     from mesatee_notebook.enclave.cluster.head import ClusterHead
     from mesatee_notebook.enclave.supervisor import Kernel
 
-__all__ = ["MAX_PARTITIONS", "cluster_delete", "cluster_upload", "input_frame"]
+__all__ = ["MAX_PARTITIONS", "cell_dataset", "cluster_delete", "cluster_upload", "input_frame"]
 
 MAX_PARTITIONS: Final = 1024
 
@@ -86,7 +88,12 @@ def _check_replace(kernel: Kernel, head: ClusterHead, party: str, name: str, rep
 def cluster_upload(
     kernel: Kernel, head: ClusterHead, party: str, header: dict[str, Any], payloads: Sequence[Any], fds: Sequence[int]
 ) -> dict[str, Any]:
-    """Partition the input frame across the workers; the info the receipt binds."""
+    """Partition the input frame across the workers; the info the receipt binds.
+
+    The partitions' bytes count in the owner's ``sealed_bytes`` quota (under the dataset's data name, as a
+    single-node dataset's Arrow data does): the quota is checked, and the bytes reserved, before any partition is
+    placed, so a party over its quota moves nothing to the workers (``QuotaExceeded``, ``limit="sealed_bytes"``).
+    """
     args = dict(header.get("args") or {})
     name = validate_dataset_name(str(args.get("name", "")))
     n = _partitions_arg(args)
@@ -95,9 +102,18 @@ def cluster_upload(
     old = _check_replace(kernel, head, party, name, bool(args.get("replace")))
     assert head.partitions is not None
     whole = hashlib.sha256(b"".join(encode_value(df).parts)).hexdigest()
-    records = place_frame(head, name, df, n)
-    if old is not None:  # the new partitions are sealed: now drop the old ones (or the unpartitioned data)
-        _drop_old(kernel, head, name, old)
+    encoded = encode_partitions(df, n)
+    size = sum(len(data) for _, _, data in encoded)
+    placed: list[list[dict[str, Any]]] = []
+
+    def place() -> None:
+        records = place_frame(head, name, df, n, encoded)
+        if old is not None:  # the new partitions are sealed: now drop the old ones (or the unpartitioned data)
+            _drop_old(head, name, old)
+        placed.append(records)
+
+    kernel.quotas.seal(kernel.quotas.holder(party), ledger_name(name), size, place)
+    records = placed[0]
     meta = {
         "name": name,
         "owner": party,
@@ -122,21 +138,24 @@ def cluster_upload(
         "policy": meta["policy"],
         "rows": len(df),
         "sha256": whole,
+        "bytes": size,
         "partitions": [{k: v for k, v in p.items() if k != "sealed_as"} for p in records],
         "partitions_sha256": meta["partitions_sha256"],
         "workers": list(workers.values()),
     }
 
 
-def _drop_old(kernel: Kernel, head: ClusterHead, name: str, old: dict[str, Any]) -> None:
-    from mesatee_notebook.enclave.datasets import data_name
+def _drop_old(head: ClusterHead, name: str, old: dict[str, Any]) -> None:
+    """Drop the dataset being replaced: its partitions, or its unpartitioned data in the head's store.
 
+    Its quota entry (the same ledger name) is taken over by the new upload's reservation.
+    """
     if "partitions" in old:
         drop_dataset(head, name)
         return
-    store = kernel.sealed_store()
+    assert head.partitions is not None
     try:
-        store.delete(data_name(name))
+        head.partitions.store.delete(ledger_name(name))
     except NotFound:
         pass
 
@@ -151,5 +170,29 @@ def cluster_delete(kernel: Kernel, head: ClusterHead, party: str, name: str) -> 
         msg = f"only the owner may delete dataset {name!r}"
         raise PolicyViolation(msg, dataset=name)
     drop_dataset(head, name)
+    kernel.quotas.unseal(ledger_name(name), lambda: None)  # after the slow part: unseal holds the quota lock
     kernel.audit_log.append("upload", party, {"dataset": name, "deleted": True}, concerns=[party])
     return {"deleted": name}
+
+
+def cell_dataset(kernel: Kernel, name: str, party: str) -> bytes:
+    """A partitioned dataset's Arrow bytes for a code cell, after ``broker.dataset_for_cell``'s policy check.
+
+    The partitions are gathered to the head over ``atls://`` (each checked against its digest in the head's
+    metadata), in the party's fair turn on the cluster, and handed to the cell's sandbox as a single-node
+    dataset's bytes would be. The whole dataset must fit in the head's and the cell's memory. On a kernel that
+    is not (or no longer) a cluster head, the cell gets a typed refusal saying so.
+    """
+    from mesatee_notebook.enclave.cluster.admission import lane_of
+    from mesatee_notebook.enclave.cluster.partitions import gather_frame
+
+    head: ClusterHead | None = getattr(kernel, "cluster_head", None)
+    if head is None or head.partitions is None:
+        msg = (
+            f"dataset {name!r} is partitioned on a cluster, and this kernel is not its cluster head "
+            "(serve it with --cluster atls://HOST:PORT)"
+        )
+        raise NotAvailableYet(msg)
+    with lane_of(kernel).turn(party):
+        df = gather_frame(head, name)
+    return b"".join(encode_value(df).parts)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dask
 from distributed import Client
 
+from mesatee_notebook.enclave.cluster.admission import admitted
 from mesatee_notebook.enclave.cluster.comm import AttestedSecurity
 from mesatee_notebook.enclave.cluster.node import NodeOptions, dask_settings, make_node
 from mesatee_notebook.enclave.cluster.node_identity import ClusterNode, PeerRecord
@@ -40,6 +42,9 @@ log = logging.getLogger("mesatee.cluster")
 SERVICES = ("cluster.status", "cluster.probe", "cluster.upload", "cluster.psi")
 #: Seconds cluster.probe waits for every worker before it gives up with RemoteTimeout.
 PROBE_TIMEOUT = 60.0
+#: Times the head asks the scheduler for its workers when the answer is empty or fails, and the pause unit (s).
+WORKER_LIST_TRIES = 4
+WORKER_LIST_PAUSE = 0.15
 
 
 class ClusterHead:
@@ -79,7 +84,31 @@ class ClusterHead:
         return [self.node.peers[a] for a in addresses]
 
     def _workers(self) -> list[str]:
-        return sorted(self.client.scheduler_info(n_workers=-1)["workers"])
+        """The workers the scheduler knows now, sorted by address.
+
+        Asked of the scheduler on each call (its ``identity``), not read from ``Client.scheduler_info()``: that
+        returns the client's cached identity, which Dask's periodic refresh overwrites with one that has no
+        per-worker entries, and which a failed fetch (an ``OSError`` under load) silently leaves in place. An
+        empty answer or a failed fetch is asked again a few times over about a second, so placement does not
+        see an empty cluster by accident; a scheduler that cannot be reached raises ``RemoteExecutionError``.
+        """
+        last: Exception | None = None
+        for attempt in range(WORKER_LIST_TRIES):
+            if attempt:
+                time.sleep(WORKER_LIST_PAUSE * attempt)
+            try:
+                identity = self.client.sync(self.client.scheduler.identity, n_workers=-1)
+            except OSError as exc:  # CommClosedError, timeouts
+                last = exc
+                continue
+            workers = sorted((identity or {}).get("workers") or {})
+            if workers:
+                return workers
+            last = None
+        if last is not None:
+            msg = f"cannot ask the scheduler at {self.url} for its workers ({type(last).__name__}: {last})"
+            raise RemoteExecutionError(msg)
+        return []
 
     def _scheduler_record(self) -> dict[str, Any] | None:
         record = self.node.peers.get(self.client.scheduler.address)
@@ -190,7 +219,8 @@ def cluster_call(kernel: Kernel, party: str, header: dict[str, Any], payloads: A
             msg = f"unknown cluster service {service!r} (known: {', '.join(SERVICES)}; not built yet: docs/cluster.md)"
             raise MalformedFrame(msg)
         started = time.time()
-        info = _serve(kernel, head, party, header, payloads, fds)
+        with admitted(kernel, party):  # the service gate and a fair turn, as a service call on one node
+            info = _serve(kernel, head, party, header, payloads, fds)
         log.info("cluster call %s for %s… in %.2f s", service, party[:16], time.time() - started)
         return Message({"t": "result", "values": [], "info": info})
     finally:
@@ -199,20 +229,33 @@ def cluster_call(kernel: Kernel, party: str, header: dict[str, Any], payloads: A
 
 
 def partitioned_call(kernel: Kernel, party: str, header: dict[str, Any]) -> Message | None:
-    """``frame.*``, ``dataset.delete``, ``gbdt.train`` on a partitioned dataset, served by the head; None: not one."""
-    from mesatee_notebook.enclave.cluster.cluster_frames import frame_call, plan_datasets
-    from mesatee_notebook.enclave.cluster.partitions import is_partitioned
+    """``frame.*``, ``dataset.delete``, ``gbdt.train`` on a partitioned dataset, served by the head; None: not one.
 
+    A routed call passes the same gate and fair turn as every cluster call (:mod:`.admission`).
+    """
     head: ClusterHead | None = getattr(kernel, "cluster_head", None)
-    service = str(header["service"])
     args = header.get("args") or {}
     if head is None or head.partitions is None or not isinstance(args, dict):
         return None
+    serve = _route(kernel, head, party, str(header["service"]), args)
+    if serve is None:
+        return None
+    with admitted(kernel, party):
+        return serve()
+
+
+def _route(
+    kernel: Kernel, head: ClusterHead, party: str, service: str, args: dict[str, Any]
+) -> Callable[[], Message] | None:
+    """A callable serving the call on the cluster, or None when it is not about a partitioned dataset."""
+    from mesatee_notebook.enclave.cluster.cluster_frames import frame_call, plan_datasets
+    from mesatee_notebook.enclave.cluster.partitions import is_partitioned
+
     if service == "gbdt.train":  # xgboost's collective over the partitions (cluster/gbdt_service.py)
         from mesatee_notebook.enclave.cluster.gbdt_service import partitioned_dataset, train_call
 
         name = partitioned_dataset(head, args)
-        return None if name is None else train_call(kernel, head, party, name, args)
+        return None if name is None else lambda: train_call(kernel, head, party, name, args)
     if service == "frame.collect":
         names = plan_datasets(args.get("plan"))
     elif service in ("frame.info", "frame.budget", "dataset.delete"):
@@ -224,5 +267,5 @@ def partitioned_call(kernel: Kernel, party: str, header: dict[str, Any]) -> Mess
     if service == "dataset.delete":
         from mesatee_notebook.enclave.cluster.datasets import cluster_delete
 
-        return Message({"t": "result", "values": [], "info": cluster_delete(kernel, head, party, names[0])})
-    return frame_call(kernel, head, party, service, args)
+        return lambda: Message({"t": "result", "values": [], "info": cluster_delete(kernel, head, party, names[0])})
+    return lambda: frame_call(kernel, head, party, service, args)

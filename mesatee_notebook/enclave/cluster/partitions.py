@@ -54,6 +54,7 @@ __all__ = [
     "PartitionBook",
     "cluster_secret",
     "drop_dataset",
+    "encode_partitions",
     "gather_frame",
     "is_partitioned",
     "load_partition",
@@ -263,10 +264,21 @@ def split_rows(n_rows: int, n: int) -> list[tuple[int, int]]:
     return out
 
 
-def place_frame(head: ClusterHead, name: str, df: pd.DataFrame, n: int) -> list[dict[str, Any]]:
-    """Split ``df`` into ``n`` row partitions, seal each on a worker; the partition records for the metadata."""
+def encode_partitions(df: pd.DataFrame, n: int) -> list[tuple[int, int, bytes]]:
+    """``df`` split into ``n`` contiguous row ranges, each as Arrow IPC bytes: ``(offset, rows, bytes)``."""
     from mesatee_notebook.wire.codecs import encode_value
 
+    out = []
+    for offset, rows in split_rows(len(df), n):
+        part = df.iloc[offset : offset + rows].reset_index(drop=True)
+        out.append((offset, rows, b"".join(encode_value(part).parts)))
+    return out
+
+
+def place_frame(
+    head: ClusterHead, name: str, df: pd.DataFrame, n: int, encoded: list[tuple[int, int, bytes]] | None = None
+) -> list[dict[str, Any]]:
+    """Split ``df`` into ``n`` row partitions (or take ``encoded``), seal each on a worker; the partition records."""
     workers = head._workers()
     if not workers:
         msg = f"the cluster at {head.url} has no workers to hold partitions"
@@ -274,10 +286,8 @@ def place_frame(head: ClusterHead, name: str, df: pd.DataFrame, n: int) -> list[
     _ensure_secrets(head, workers)
     tag = hashlib.sha256(f"{name}\x00{time.time_ns()}".encode()).hexdigest()[:16]
     records, futures = [], []
-    for i, (offset, rows) in enumerate(split_rows(len(df), n)):
+    for i, (offset, rows, data) in enumerate(encoded if encoded is not None else encode_partitions(df, n)):
         worker = workers[i % len(workers)]
-        part = df.iloc[offset : offset + rows].reset_index(drop=True)
-        data = b"".join(encode_value(part).parts)
         digest = hashlib.sha256(data).hexdigest()
         sealed_as = f"part/{name}/{tag}/{i}"
         [blob] = head.client.scatter([data], workers=[worker], direct=True, hash=False)

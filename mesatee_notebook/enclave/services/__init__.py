@@ -104,6 +104,10 @@ class ServiceContext:
         """
         return self._ex.request({"t": "faas.run", "timeout": timeout, **grant}, [blob])
 
+    def cluster_psi(self, mode: str, inputs: list[bytes]) -> bytes:
+        """Issue 18: intersect ``inputs`` (Arrow streams of items) sharded on the cluster; JSON of the result."""
+        return self._ex.request({"t": "cluster.psi", "name": mode}, inputs)
+
     def seal_delete(self, name: str) -> None:
         """Delete the sealed object ``svc/<name>``."""
         self._ex.request({"t": "seal.delete", "name": name})

@@ -21,6 +21,7 @@ policy come out.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from typing import Any, Final, cast
 
@@ -52,7 +53,7 @@ from mesatee_notebook.enclave.services.jobstore import (
     resolve_job,
     unpack_values,
 )
-from mesatee_notebook.errors import EncodingError, NotFound, PolicyViolation
+from mesatee_notebook.errors import EncodingError, NotAvailableYet, NotFound, PolicyViolation
 from mesatee_notebook.ml.psi import PsiInput, PsiKey, PsiMode, run_psi
 from mesatee_notebook.wire.datapolicy import DataPolicy
 
@@ -125,6 +126,11 @@ def psi_create(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]
         params["dataset"] = dataset
     if args.get("max_items") is not None:
         params["max_items"] = int(args["max_items"])
+    if args.get("cluster"):  # issue 18: intersect sharded on the workers (a kernel served with --cluster)
+        if mode == "join":
+            msg = "a PSI join on the cluster is not available yet; use mode 'intersection' or 'cardinality'"
+            raise NotAvailableYet(msg)
+        params["cluster"] = True
     return job_create(
         ctx,
         {
@@ -338,6 +344,8 @@ def strictest_policy(policies: list[DataPolicy], hidden: list[str]) -> DataPolic
 def _run_psi(ctx: ServiceContext, store: JobStore, job: Job) -> bytes:
     params = job.spec.params
     mode = str(params["mode"])
+    if params.get("cluster"):
+        return _run_on_cluster(ctx, store, job, mode)
     key, cached = _cache(ctx, job.job_id)
     _keep_freed_memory(ctx)
     psi_inputs: list[PsiInput] = []
@@ -381,6 +389,34 @@ def _run_psi(ctx: ServiceContext, store: JobStore, job: Job) -> bytes:
     policy = strictest_policy(policies, [h for h in hidden if h in res.frame.columns])
     store_job_dataset(ctx, job, dataset, res.frame, policy)
     return pack_values({}, **common, dataset=dataset, rows=len(res.frame), policy=policy.to_dict())
+
+
+def _run_on_cluster(ctx: ServiceContext, store: JobStore, job: Job, mode: str) -> bytes:
+    """Issue 18: the approved job's sealed inputs, intersected sharded on the cluster by the head (broker)."""
+    import pyarrow as pa
+
+    streams = []
+    for inp in job.spec.inputs:
+        values, extra = unpack_values(store.input_data(job.job_id, inp.name))  # checked against its digest
+        items = _decode_items(values["items"], str(extra["items_format"]))
+        series = items.to_pandas() if isinstance(items, pa.ChunkedArray) else pd.Series(items)
+        try:
+            table = pa.Table.from_pandas(pd.DataFrame({"item": series.reset_index(drop=True)}), preserve_index=False)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            msg = f"input {inp.name!r}: a PSI on the cluster takes items of one type (str or int), not mixed"
+            raise NotAvailableYet(msg) from None
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        streams.append(sink.getvalue().to_pybytes())
+    ctx.progress(job=job.job_id, state="intersecting on the cluster")
+    started = time.perf_counter()
+    out = json.loads(ctx.cluster_psi(mode, streams))
+    common = {"mode": mode, "cardinality": int(out["cardinality"]), "psi_s": round(time.perf_counter() - started, 4)}
+    common["cluster"] = {"workers": out.get("workers", [])}
+    if mode == "cardinality":
+        return pack_values({}, **common)
+    return pack_values({"items": pd.Series(out.get("items", []), name="item")}, **common)
 
 
 @register_cleanup
