@@ -292,10 +292,15 @@ class Kernel:
             from mesatee_notebook.enclave.cluster.head import cluster_call
 
             return cluster_call(self, party, header, payloads, fds)
-        if getattr(self, "cluster_head", None) is not None:  # frame.* / dataset.delete on a partitioned dataset
+        if getattr(self, "cluster_head", None) is not None:  # frame.*, dataset.delete/upload on a partitioned dataset
             from mesatee_notebook.enclave.cluster.head import partitioned_call
 
-            routed = partitioned_call(self, party, header)
+            try:
+                routed = partitioned_call(self, party, header)
+            except BaseException:  # e.g. a plain upload over a partitioned name: its payload fds go nowhere
+                for fd in fds:
+                    os.close(fd)
+                raise
             if routed is not None:
                 return routed
         with self.service_gate.shared():

@@ -127,6 +127,21 @@ def test_groupby_over_3_partitions_equals_pandas(head: KernelProc, tmp_path: Pat
     assert scalar_mode == "partial"
 
 
+def test_plain_upload_over_a_partitioned_name_is_refused_and_leaves_it_intact(head: KernelProc, tmp_path: Path) -> None:
+    """A one-node upload cannot replace partitions it cannot see (they would stay sealed on the workers)."""
+    df = frame(300)
+    with mn.connect(head.url, policy=head.policy(), identity=tmp_path / "owner") as s:
+        s.upload(df, "plainover", partitions=3)
+        with pytest.raises(mn.PolicyViolation, match="partitioned on the cluster"):
+            s.upload(df.head(10), "plainover", replace=True)
+        with mn.connect(head.url, policy=head.policy(), identity=tmp_path / "other") as other:
+            with pytest.raises(mn.PolicyViolation, match="belongs to another party"):
+                other.upload(df.head(10), "plainover", replace=True)
+        assert len(s.dataframe("plainover")) == len(df)  # still the partitioned rows
+        s.upload(df.head(30), "plainover", partitions=2, replace=True)  # the way the message points to
+        assert len(s.dataframe("plainover")) == 30
+
+
 def test_policy_runs_on_the_combined_result(head: KernelProc, tmp_path: Path) -> None:
     """Each partition's groups are below min_group_size; combined they pass. A group small in the combined result
     is refused; rows never leave, from any partition."""

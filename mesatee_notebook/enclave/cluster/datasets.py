@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import pandas as pd
 
@@ -83,6 +83,20 @@ def _check_replace(kernel: Kernel, head: ClusterHead, party: str, name: str, rep
         msg = f"dataset {name!r} already exists; pass replace=True to overwrite it"
         raise PolicyViolation(msg, dataset=name)
     return old
+
+
+def refuse_plain_upload(kernel: Kernel, head: ClusterHead, party: str, name: str) -> NoReturn:
+    """``dataset.upload`` (one node) over a partitioned dataset's name: refused, so no partitions are orphaned.
+
+    The single-node store cannot see the partitions, so replacing them there would leave the old rows sealed on
+    the workers; the owner re-uploads with ``partitions=N`` (and ``replace=True``) or deletes the dataset first.
+    """
+    _check_replace(kernel, head, party, name, replace=True)  # another party's name: refused as on one node
+    msg = (
+        f"dataset {name!r} is partitioned on the cluster; upload it again with partitions=N and replace=True, "
+        "or delete it first"
+    )
+    raise PolicyViolation(msg, dataset=name)
 
 
 def cluster_upload(

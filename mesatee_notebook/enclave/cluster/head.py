@@ -229,7 +229,7 @@ def cluster_call(kernel: Kernel, party: str, header: dict[str, Any], payloads: A
 
 
 def partitioned_call(kernel: Kernel, party: str, header: dict[str, Any]) -> Message | None:
-    """``frame.*``, ``dataset.delete``, ``gbdt.train`` on a partitioned dataset, served by the head; None: not one.
+    """``frame.*``, ``dataset.delete``/``upload``, ``gbdt.train`` on a partitioned dataset, via the head; None: not one.
 
     A routed call passes the same gate and fair turn as every cluster call (:mod:`.admission`).
     """
@@ -258,12 +258,16 @@ def _route(
         return None if name is None else lambda: train_call(kernel, head, party, name, args)
     if service == "frame.collect":
         names = plan_datasets(args.get("plan"))
-    elif service in ("frame.info", "frame.budget", "dataset.delete"):
+    elif service in ("frame.info", "frame.budget", "dataset.delete", "dataset.upload"):
         names = [str(args.get("name", ""))]
     else:
         return None
     if not any(is_partitioned(head, n) for n in names):
         return None
+    if service == "dataset.upload":
+        from mesatee_notebook.enclave.cluster.datasets import refuse_plain_upload
+
+        return lambda: refuse_plain_upload(kernel, head, party, names[0])
     if service == "dataset.delete":
         from mesatee_notebook.enclave.cluster.datasets import cluster_delete
 
