@@ -268,6 +268,17 @@ class AttestationReport:
         return self.level.label
 
     @property
+    def trust_label(self) -> str:
+        """What the trust rests on, in a display's words: ``SOFTWARE TRUST``, ``SOFTWARE TPM``, ``HARDWARE TRUST``..."""
+        if self.level is Level.TPM:  # a software TPM is a software TPM
+            return {"software": "SOFTWARE TPM", "hardware": "TPM CHIP, EK CERTIFIED"}.get(
+                str(self.tpm_kind), "UNCERTIFIED TPM"
+            )
+        if self.hw_tee is not None and not self.hw_vendor_root:
+            return "TEST CHAIN, NOT HARDWARE"  # the mimic configfs-tsm tree: a root the policy trusts, not a vendor
+        return {Level.UNPROTECTED: "UNPROTECTED", Level.SOFTTEE: "SOFTWARE TRUST"}.get(self.level, "HARDWARE TRUST")
+
+    @property
     def audit_signer(self) -> str:
         """Fingerprint of the key that signs the kernel's audit log (the platform key, or one the TPM quoted)."""
         return self.audit_key or self.platform

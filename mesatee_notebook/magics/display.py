@@ -33,11 +33,6 @@ _AMBER = "#9a5b00"
 _GREEN = "#1b5e20"
 _GREY = "#666"
 
-_BADGES: dict[Level, tuple[str, str]] = {
-    Level.UNPROTECTED: ("UNPROTECTED", _RED),
-    Level.SOFTTEE: ("SOFTWARE TRUST", _AMBER),
-}
-
 
 def _left_aligned(page: str) -> str:
     """Left-align every table cell: JupyterLab's stylesheet right-aligns them, which scatters a card's labels."""
@@ -73,13 +68,10 @@ def _libraries(n: int) -> str:
 
 
 def _level_badge(report: AttestationReport) -> tuple[str, str]:
-    if report.level is Level.TPM:  # a software TPM is a software TPM
-        return {"software": ("SOFTWARE TPM", _AMBER), "hardware": ("TPM CHIP, EK CERTIFIED", _GREEN)}.get(
-            str(report.tpm_kind), ("UNCERTIFIED TPM", _AMBER)
-        )
-    if report.hw_tee is not None and not report.hw_vendor_root:
-        return ("TEST CHAIN, NOT HARDWARE", _RED)  # the mimic configfs-tsm tree: a root the policy trusts, not a vendor
-    return _BADGES.get(report.level, ("HARDWARE TRUST", _GREEN))
+    label = report.trust_label
+    colour = {"UNPROTECTED": _RED, "TEST CHAIN, NOT HARDWARE": _RED, "HARDWARE TRUST": _GREEN}
+    colour["TPM CHIP, EK CERTIFIED"] = _GREEN
+    return label, colour.get(label, _AMBER)  # software trust and software or uncertified TPMs: amber
 
 
 class AttestationCard:

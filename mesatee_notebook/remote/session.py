@@ -115,7 +115,10 @@ class Session:
 
     def __repr__(self) -> str:
         a = self.attestation
-        return f"<mesatee Session {self.name!r} on {self.url} level={a.level.label} measurement={a.measurement[:12]}…>"
+        return (
+            f"<mesatee Session {self.name!r} on {self.url} level={a.level.label} ({a.trust_label}) "
+            f"measurement={a.measurement[:12]}…>"
+        )
 
     # -- running code ---------------------------------------------------------------------------
     def run(

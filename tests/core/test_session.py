@@ -45,6 +45,12 @@ def test_run_returns_value_outputs_stdout_and_verified_receipt(session, kernel):
     assert v.subjects["out/total"] == r.receipt.subjects["out/total"]
 
 
+def test_session_repr_says_softtee_is_software_trust(session, kernel):
+    text = repr(session)
+    assert "level=softtee (SOFTWARE TRUST)" in text
+    assert kernel.measurement[:12] in text
+
+
 def test_values_round_trip_through_the_enclave(session):
     values = {
         "frame": pd.DataFrame({"a": [1, 2, 3], "s": ["x", "y", None], "f": [0.5, np.nan, 2.0]}),
