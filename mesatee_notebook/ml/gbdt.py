@@ -174,8 +174,11 @@ def _float_columns(frame: pd.DataFrame) -> bool:
 
 
 def _frame_features(frame: pd.DataFrame, names: list[str], in_place: bool, categorical: bool) -> Features:
-    """The features xgboost reads: the frame itself (float columns in place; with ``categorical``, numeric and
-    ``category`` columns as they are, as native xgboost takes them), else a float32 copy."""
+    """The features xgboost reads: the frame itself, or a float32 copy.
+
+    Float columns are read in place; with ``categorical``, numeric and ``category`` columns as they are (as
+    native xgboost takes them).
+    """
     if categorical and gbdt_cats.category_columns(frame):
         gbdt_cats.check_categorical_frame(frame, _dtype_kinds(frame))
         return frame.set_axis(names, axis=1)
@@ -309,7 +312,7 @@ class GBDTModel:
 
     @property
     def feature_types(self) -> tuple[str, ...] | None:
-        """xgboost feature types (``"c"`` for a categorical feature), or None when all are numbers by default."""
+        """The xgboost feature types (``"c"`` for a categorical feature), or None when all are numbers."""
         return self._types
 
     @property

@@ -285,6 +285,7 @@ def _public(meta: dict[str, Any]) -> dict[str, Any]:
         "released_by",
         "created",
         "num_class",
+        "feature_types",
     )
     return {k: meta.get(k) for k in keys} | {"released": _released(meta)}
 
@@ -306,6 +307,7 @@ def model_meta(
         "num_class": model.num_class,
         "label": model.label,
         "features": list(model.feature_names),
+        "feature_types": list(getattr(model, "feature_types", None) or []) or None,
         "num_rounds": model.num_rounds,
         "best_iteration": model.best_iteration,
         "digest": model.digest,
@@ -376,6 +378,15 @@ def _sample_weight(data: DataRef, ref: Any, inputs: dict[str, Any]) -> np.ndarra
     raise EncodingError(msg)
 
 
+def _feature_types(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value):
+        msg = "feature_types must be a list of xgboost feature types ('q', 'c', 'float', 'int', ...)"
+        raise EncodingError(msg)
+    return list(value)
+
+
 @service("gbdt.train")
 def train(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """Train (or continue) an xgboost model; per-round metrics stream as progress; returns a handle."""
@@ -414,6 +425,8 @@ def train(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> 
         progress=progress if args.get("progress", True) else None,
         init_model=init,
         weight=weight,
+        enable_categorical=bool(args.get("enable_categorical", False)),
+        feature_types=_feature_types(args.get("feature_types")),
     )
     seconds = time.perf_counter() - t0
     provenance = prior + [s.describe() for s in sources]
