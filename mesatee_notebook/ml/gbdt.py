@@ -13,6 +13,7 @@ parameter checks that keep exact parity with native xgboost.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -147,7 +148,8 @@ def _column_names(frame: pd.DataFrame) -> list[str]:
 
 def _labels(values: Any, rows: int, name: str) -> npt.NDArray[np.float64]:
     try:
-        y = np.asarray(values, dtype=np.float64)
+        # a copy, never a view: a view would keep the received buffers alive while boosting (P8)
+        y = np.array(values, dtype=np.float64, copy=True)
     except (TypeError, ValueError) as exc:
         msg = f"{name} must be numeric"
         raise InvalidLabels(msg) from exc
@@ -627,6 +629,7 @@ def train(
     weight: Sequence[float] | np.ndarray | None = None,
     enable_categorical: bool = False,
     feature_types: Sequence[str] | None = None,
+    release: Callable[[], None] | None = None,
 ) -> GBDTModel:
     """Train (or continue training) an xgboost ``hist`` model.
 
@@ -638,6 +641,8 @@ def train(
     ``enable_categorical`` (or ``params["enable_categorical"]``): train on pandas ``category`` columns with
     xgboost's native categorical splits (``max_cat_to_onehot``, ``max_cat_threshold`` are ordinary params);
     ``feature_types`` (``"q"``/``"c"`` per feature) as in ``xgboost.DMatrix``.
+    ``release`` is called once the quantised matrices exist and this function holds no reference to ``data``
+    any more: a caller that drops its own references there lets the data's buffers go while boosting.
     """
     merged = _train_params(params, init_model, num_boost_round)
     cat = _CatSpec.of(merged, enable_categorical, feature_types)
@@ -661,8 +666,12 @@ def train(
     w = None if weight is None else _weights(weight, X.shape[0])
     dtrain = _dmatrix(X, y, names, weight=w, cat=cat, max_bin=max_bin)
     del X  # the quantised matrix is all training needs; drop any float32 copy before boosting
-    _trim_heap()
     watch = _watchlist(evals, label, dtrain, n_features, names, cat, max_bin)
+    del data, evals
+    if release is not None:
+        release()
+    gc.collect()  # pandas frames can sit in reference cycles: free the buffers now, not at some later collection
+    _trim_heap()
     callbacks: list[xgb.callback.TrainingCallback] = []
     if early_stopping_rounds is not None:
         if not watch:

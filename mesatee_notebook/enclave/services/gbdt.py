@@ -369,7 +369,7 @@ def _sample_weight(data: DataRef, ref: Any, inputs: dict[str, Any]) -> np.ndarra
         if col not in data.frame.columns:
             msg = f"sample_weight column {col!r} is not in the training data"
             raise NotFound(msg, column=col)
-        weights = data.frame[col].to_numpy(dtype=np.float64, na_value=np.nan)
+        weights = data.frame[col].to_numpy(dtype=np.float64, na_value=np.nan, copy=True)  # not a view (P8)
         data.frame = data.frame.drop(columns=[col])
         return weights
     if isinstance(ref, dict) and "input" in ref and str(ref["input"]) in inputs:
@@ -414,6 +414,18 @@ def train(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> 
     def progress(event: dict[str, Any]) -> None:
         ctx.progress(**event)
 
+    def release() -> None:
+        """The matrices exist: drop the inline tables so their received buffers are freed while boosting (P8).
+
+        A stored dataset stays in the worker's cache (the next call by name would unseal and decode it again).
+        """
+        for ref in sources:
+            ref.frame = None
+        evals.clear()
+        for ref in (args.get("data"), *dict(args.get("evals") or {}).values()):
+            if isinstance(ref, dict) and "input" in ref:
+                inputs.pop(str(ref["input"]), None)
+
     t0 = time.perf_counter()
     model = gbdt.train(
         data.frame,
@@ -427,6 +439,7 @@ def train(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> 
         weight=weight,
         enable_categorical=bool(args.get("enable_categorical", False)),
         feature_types=_feature_types(args.get("feature_types")),
+        release=release,
     )
     seconds = time.perf_counter() - t0
     provenance = prior + [s.describe() for s in sources]
