@@ -325,3 +325,29 @@ def test_max_bin_other_than_256_matches_direct_xgboost(frame: pd.DataFrame, max_
     np.testing.assert_array_equal(model.predict(frame[FEATURES]), booster.inplace_predict(frame[FEATURES]))
     evals = gbdt.train(frame, "target", params=params, num_boost_round=2, evals={"v": frame.iloc[:100]})
     assert len(evals.history["v"]["rmse"]) == 2
+
+
+def test_training_lets_the_data_go_before_boosting(frame: pd.DataFrame) -> None:
+    """P8: once the quantised matrix exists, the engine holds no reference to the training frame."""
+    import gc
+    import weakref
+
+    data = frame[[*FEATURES, "target"]].copy()
+    holder = {"data": data}
+    alive = weakref.ref(data)
+    del data
+    seen: list[bool] = []
+
+    def release() -> None:
+        holder.clear()
+        gc.collect()
+        seen.append(alive() is None)
+
+    model = gbdt.train(holder["data"], "target", params=PARAMS["target"], num_boost_round=3, release=release)
+    assert seen == [True]
+    np.testing.assert_array_equal(
+        model.predict(frame[FEATURES]),
+        gbdt.train(frame[[*FEATURES, "target"]], "target", params=PARAMS["target"], num_boost_round=3).predict(
+            frame[FEATURES]
+        ),
+    )
