@@ -13,7 +13,6 @@ parameter checks that keep exact parity with native xgboost.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import math
@@ -552,15 +551,6 @@ class _CatSpec:
         return X
 
 
-def _let_go(release: Callable[[], None] | None, large: bool) -> None:
-    """After the matrices are built: the caller drops the data, and its memory goes back to the OS."""
-    if release is not None:
-        release()
-    if large:  # a full collection costs 0.1-0.5 s: only where the buffers it may free are worth it
-        gc.collect()  # objects in reference cycles that hold the data: free them now, not at some later collection
-    _trim_heap()
-
-
 def _trim_heap() -> None:
     """Hand the sketching's freed temporaries back to the OS (glibc keeps them mapped otherwise)."""
     import ctypes
@@ -674,11 +664,12 @@ def train(
     max_bin = _max_bin(merged)
     w = None if weight is None else _weights(weight, X.shape[0])
     dtrain = _dmatrix(X, y, names, weight=w, cat=cat, max_bin=max_bin)
-    large = X.shape[0] * X.shape[1] >= _LARGE_VALUES
     del X  # the quantised matrix is all training needs; drop any float32 copy before boosting
     watch = _watchlist(evals, label, dtrain, n_features, names, cat, max_bin)
     del data, evals
-    _let_go(release, large)
+    if release is not None:
+        release()  # the received buffers are freed here (reference counts: no cycles hold a decoded frame)
+    _trim_heap()
     callbacks: list[xgb.callback.TrainingCallback] = []
     if early_stopping_rounds is not None:
         if not watch:
@@ -708,10 +699,6 @@ def train(
     elif init_model is not None and init_model.label is not None:
         booster.set_attr(**{_LABEL_ATTR: init_model.label})
     return GBDTModel(booster, history)
-
-
-_LARGE_VALUES = 1 << 24
-"""Feature values (16M, 64 MB of float32) from which training collects garbage and trims the heap after sketching."""
 
 
 def _max_bin(merged: Mapping[str, Any]) -> int | None:
