@@ -11,6 +11,10 @@ P4 end to end: prediction of 1 row and of 100k rows through ``gbdt.predict`` (ve
 included) against native ``inplace_predict`` in this process.
 
 Usage: python bench/p3_gbdt.py [ROWS] [ROUNDS]; writes bench/results/p3_gbdt.json.
+P8 alone: python bench/p3_gbdt.py --p8-only [ROWS] [ROUNDS]: inline training, then upload and training by name,
+each with the peak PSS of the kernel tree and its split between supervisor and service worker at the peak;
+writes bench/results/p8_gbdt_memory_<ROWS>.json. Memory is not load-sensitive (time is), so it can run on a
+busy machine; peak is reached while the matrix is built and in the first rounds, so few rounds suffice.
 """
 
 from __future__ import annotations
@@ -70,6 +74,104 @@ def tree_pss(pid: int) -> int:
     return total
 
 
+class TreePeak:
+    """Samples the PSS of each process of a kernel tree every 0.1 s; keeps the peak total and its split."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self.split: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            parts: dict[str, int] = {}
+            for p in [self.proc, *self.proc.children(recursive=True)]:
+                try:
+                    name = "supervisor" if p.pid == self.proc.pid else f"child {p.pid}"
+                    parts[name] = p.memory_full_info().pss
+                except psutil.Error:
+                    pass
+            total = sum(parts.values())
+            if total > self.peak:
+                self.peak, self.split = total, parts
+            time.sleep(0.1)
+
+    def __enter__(self) -> TreePeak:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def p8_only(rows: int, rounds: int) -> None:
+    """P8: the kernel tree's peak PSS while training inline and by name, over the dataset's bytes."""
+    os.environ.setdefault("MESATEE_HOME", tempfile.mkdtemp())
+    df = higgs_like(rows)
+    nbytes = int(df.memory_usage(index=False).sum())
+    out: dict[str, object] = {
+        "bench": "p8_gbdt_memory",
+        "when": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"cpus": os.cpu_count(), "loadavg_before": os.getloadavg()},
+        "versions": {"xgboost": xgb.__version__},
+        "rows": rows,
+        "rounds": rounds,
+        "params": PARAMS,
+        "dataset_bytes": nbytes,
+    }
+    with tempfile.TemporaryDirectory() as d:
+        k = start_kernel(Path(d) / "k")
+        try:
+            s = mn.connect(
+                k.url,
+                policy=mn.Policy(platform_roots=[k.fingerprint], measurements=[k.measurement]),
+                identity=Path(d) / "party",
+            )
+            s.gbdt.train(higgs_like(2_000, seed=1), "label", params=PARAMS, num_boost_round=2, progress=False)
+            idle = tree_pss(k.proc.pid)
+            with TreePeak(k.proc.pid) as inline:
+                t0 = time.perf_counter()
+                s.gbdt.train(df, "label", params=PARAMS, num_boost_round=rounds, progress=False)
+                inline_s = time.perf_counter() - t0
+            after_inline = tree_pss(k.proc.pid)
+            s.upload(df, "p8_higgs", replace=True)
+            idle_stored = tree_pss(k.proc.pid)
+            with TreePeak(k.proc.pid) as stored:
+                s.gbdt.train("p8_higgs", "label", params=PARAMS, num_boost_round=rounds, progress=False)
+            after_stored = tree_pss(k.proc.pid)
+            s.close()
+        finally:
+            stop_kernel(k)
+    for name, peak, base in (("inline", inline, idle), ("by_name", stored, idle_stored)):
+        out[name] = {
+            "peak_pss_bytes": peak.peak,
+            "idle_pss_bytes": base,
+            "split_at_peak": peak.split,
+            "peak_over_dataset": peak.peak / nbytes,
+            "increment_over_dataset": (peak.peak - base) / nbytes,
+        }
+    out["inline"]["seconds"] = inline_s  # type: ignore[index]
+    out["after_inline_pss_bytes"], out["after_by_name_pss_bytes"] = after_inline, after_stored
+    out["machine"]["loadavg_after"] = os.getloadavg()  # type: ignore[index]
+    print(f"P8 {rows}x28 float32 ({nbytes / 1e6:.0f} MB), {rounds} rounds: kernel tree PSS")
+    for name, base in (("inline", idle), ("by_name", idle_stored)):
+        r = out[name]
+        assert isinstance(r, dict)
+        split = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in r["split_at_peak"].items())
+        print(
+            f"  {name:8s} idle {base / 1e9:.2f} GB  peak {r['peak_pss_bytes'] / 1e9:.2f} GB = "
+            f"{r['peak_over_dataset']:.2f}x dataset (increment {r['increment_over_dataset']:.2f}x)  [{split}]"
+        )
+    path = Path(__file__).resolve().parent / "results" / f"p8_gbdt_memory_{rows}.json"
+    path.write_text(json.dumps(out, indent=1))
+    print(f"wrote {path}")
+
+
 def timed(fn: object, n: int) -> dict[str, float]:
     samples = []
     for _ in range(n):
@@ -85,6 +187,10 @@ def timed(fn: object, n: int) -> dict[str, float]:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--p8-only"]:
+        rest = sys.argv[2:]
+        p8_only(int(rest[0]) if rest else 1_000_000, int(rest[1]) if len(rest) > 1 else 10)
+        return
     rows = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 100
     os.environ.setdefault("MESATEE_HOME", tempfile.mkdtemp())

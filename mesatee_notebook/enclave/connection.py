@@ -313,6 +313,8 @@ class Connection:
             )
             raise MalformedFrame(msg_) from None
         input_digests, specs, payloads, fds = receipting.forward_inputs(req.inputs, msg, alloc)
+        msg.payloads.clear()  # digested and handed on (the worker has its own descriptors): unmap them here now,
+        alloc.close()  # so the inputs' memory goes as soon as the service lets go of them (P8), not after the call
         started = time.time()
 
         def on_message(worker: ExecutorHandle, m: Message) -> bool:

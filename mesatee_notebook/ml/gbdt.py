@@ -25,6 +25,7 @@ import numpy.typing as npt
 import pandas as pd
 import xgboost as xgb
 
+from mesatee_notebook.ml import gbdt_cats
 from mesatee_notebook.ml._errors import (
     FeatureMismatch,
     InvalidLabels,
@@ -98,6 +99,11 @@ def _numeric_kind(dtype: Any) -> bool:
     )
 
 
+def _dtype_kinds(frame: pd.DataFrame) -> dict[Any, bool]:
+    """Whether each of the frame's dtypes is numeric (read once: pandas 3's column index is slow to iterate)."""
+    return {t: _numeric_kind(t) for t in set(frame.dtypes.tolist())}
+
+
 def _frame_to_matrix(frame: pd.DataFrame) -> F32Array:
     # frame.dtypes builds a Series and iterating pandas 3's Arrow-backed column index is slow: on a 1-row
     # predict these checks cost more than the prediction, so read both once and check each dtype once.
@@ -106,7 +112,9 @@ def _frame_to_matrix(frame: pd.DataFrame) -> F32Array:
     bad = [str(c) for c, t in zip(frame.columns.tolist(), dtypes, strict=True) if not numeric[t]]
     if bad:
         kinds = ", ".join(f"{c!r} ({frame[c].dtype})" for c in frame.columns if str(c) in bad)
-        msg = f"feature columns must be numeric; encode these first (e.g. one-hot or category codes): {kinds}"
+        cats = gbdt_cats.category_columns(frame)
+        hint = " or train with enable_categorical=True for the 'category' columns" if cats else ""
+        msg = f"feature columns must be numeric; encode these first (e.g. one-hot or category codes){hint}: {kinds}"
         raise NonNumericFeatures(msg, columns=bad)
     return np.ascontiguousarray(frame.to_numpy(dtype=np.float32, na_value=np.nan))
 
@@ -139,7 +147,8 @@ def _column_names(frame: pd.DataFrame) -> list[str]:
 
 def _labels(values: Any, rows: int, name: str) -> npt.NDArray[np.float64]:
     try:
-        y = np.asarray(values, dtype=np.float64)
+        # a copy, never a view: a view would keep the received buffers alive while boosting (P8)
+        y = np.array(values, dtype=np.float64, copy=True)
     except (TypeError, ValueError) as exc:
         msg = f"{name} must be numeric"
         raise InvalidLabels(msg) from exc
@@ -165,13 +174,28 @@ def _float_columns(frame: pd.DataFrame) -> bool:
     return all(isinstance(t, np.dtype) and t in _FLOAT_DTYPES for t in frame.dtypes)
 
 
+def _frame_features(frame: pd.DataFrame, names: list[str], in_place: bool, categorical: bool) -> Features:
+    """The features xgboost reads: the frame itself, or a float32 copy.
+
+    Float columns are read in place; with ``categorical``, numeric and ``category`` columns as they are (as
+    native xgboost takes them).
+    """
+    if categorical and gbdt_cats.category_columns(frame):
+        gbdt_cats.check_categorical_frame(frame, _dtype_kinds(frame))
+        return frame.set_axis(names, axis=1)
+    if in_place and _float_columns(frame):
+        return frame.set_axis(names, axis=1)
+    return _frame_to_matrix(frame)
+
+
 def _split(
-    data: Data, label: Label, what: str = "label", *, in_place: bool = False
+    data: Data, label: Label, what: str = "label", *, in_place: bool = False, categorical: bool = False
 ) -> tuple[Features, npt.NDArray[np.float64], list[str] | None]:
     """Return (features, labels, feature names or None for arrays).
 
     With ``in_place``, a DataFrame of plain float columns is returned as it is (xgboost reads its
     columns where they lie, casting to float32 as ``_frame_to_matrix`` does), not copied into a matrix.
+    With ``categorical``, a DataFrame with ``category`` columns is returned as it is too.
     """
     if isinstance(data, pd.DataFrame):
         if isinstance(label, str):
@@ -183,7 +207,7 @@ def _split(
         else:
             y_values, frame = label, data
         names = _column_names(frame)
-        X: Features = frame.set_axis(names, axis=1) if in_place and _float_columns(frame) else _frame_to_matrix(frame)
+        X = _frame_features(frame, names, in_place, categorical)
         return X, _labels(y_values, X.shape[0], f"{what} {label!r}" if isinstance(label, str) else what), names
     if isinstance(data, np.ndarray):
         if isinstance(label, str):
@@ -244,7 +268,7 @@ class GBDTModel:
     user code should go through the methods.
     """
 
-    __slots__ = ("_booster", "_history", "_num_class", "_objective")
+    __slots__ = ("_booster", "_cats", "_history", "_num_class", "_objective", "_types")
 
     def __init__(self, booster: xgb.Booster, history: Mapping[str, Mapping[str, list[float]]] | None = None) -> None:
         self._booster = booster
@@ -252,6 +276,8 @@ class GBDTModel:
         self._objective = str(config["objective"]["name"])
         self._num_class = int(config["learner_model_param"].get("num_class", "0"))
         self._history = {k: dict(v) for k, v in (history or {}).items()}
+        self._types: tuple[str, ...] | None = tuple(booster.feature_types) if booster.feature_types else None
+        self._cats = gbdt_cats.model_categories(booster) if self.categorical else {}
         _task_of(self._objective)
 
     @property
@@ -286,6 +312,21 @@ class GBDTModel:
         return tuple(names) if names else tuple(f"f{i}" for i in range(self.num_features))
 
     @property
+    def feature_types(self) -> tuple[str, ...] | None:
+        """The xgboost feature types (``"c"`` for a categorical feature), or None when all are numbers."""
+        return self._types
+
+    @property
+    def categorical(self) -> bool:
+        """Whether the model has categorical features (trained with ``enable_categorical=True``)."""
+        return self._types is not None and "c" in self._types
+
+    @property
+    def categories(self) -> dict[str, list[Any]]:
+        """The categories recorded at training per categorical feature, in code order (they came from the data)."""
+        return {k: v.tolist() for k, v in self._cats.items()}
+
+    @property
     def label(self) -> str | None:
         """The label column name, when trained on a DataFrame by name."""
         return self._booster.attr(_LABEL_ATTR)
@@ -317,7 +358,7 @@ class GBDTModel:
             trained_names = self._booster.feature_names
             if trained_names is None:
                 frame = data.drop(columns=[c for c in data.columns if str(c) == self.label])
-                X = _frame_to_matrix(frame)
+                X = self._frame_matrix(frame)
             else:
                 names = _column_names(data)
                 missing = [n for n in trained_names if n not in names]
@@ -331,7 +372,8 @@ class GBDTModel:
                     msg = f"feature columns differ from training ({'; '.join(parts)})"
                     raise FeatureMismatch(msg, missing=missing, extra=extra)
                 ordered = names == list(trained_names)  # the usual case: no renaming or reordering needed
-                X = _frame_to_matrix(data if ordered else data.set_axis(names, axis=1)[list(trained_names)])
+                sub = data if ordered else data.set_axis(names, axis=1)[list(trained_names)]
+                X = self._frame_matrix(sub)
         elif isinstance(data, np.ndarray):
             X = _array_to_matrix(data, self.num_features)
         else:
@@ -341,6 +383,15 @@ class GBDTModel:
             msg = f"model expects {self.num_features} features, got {X.shape[1]}"
             raise FeatureMismatch(msg, expected=self.num_features, got=int(X.shape[1]))
         return X
+
+    def _frame_matrix(self, frame: pd.DataFrame) -> F32Array:
+        """Numbers as float32; categorical columns as the codes of the categories recorded at training."""
+        if self._types is None or not self.categorical:
+            return _frame_to_matrix(frame)
+        if frame.shape[1] != len(self._types):
+            msg = f"model expects {len(self._types)} features, got {frame.shape[1]}"
+            raise FeatureMismatch(msg, expected=len(self._types), got=int(frame.shape[1]))
+        return gbdt_cats.encode_frame(frame, self._types, self._cats)
 
     def predict(self, data: Data, *, margin: bool = False) -> npt.NDArray[np.float32]:
         """Predict: probabilities (binary ``(n,)``, multiclass ``(n, k)``), values, or raw margins."""
@@ -457,6 +508,8 @@ def _dmatrix(
     names: list[str] | None,
     ref: xgb.QuantileDMatrix | None = None,
     weight: npt.NDArray[np.float64] | None = None,
+    cat: _CatSpec | None = None,
+    max_bin: int | None = None,
 ) -> xgb.QuantileDMatrix:
     """A quantised matrix: ``hist`` trains on bin indices (1 byte a value), so no float copy is kept.
 
@@ -464,11 +517,38 @@ def _dmatrix(
     training matrix's cuts through ``ref``. A DataFrame of float columns is read column by column in
     place (no float32 copy of the whole table).
     """
+    kw: dict[str, Any] = {} if cat is None else {"enable_categorical": cat.enabled, "feature_types": cat.types}
+    if max_bin is not None:  # the cuts are made here: the booster's max_bin must match them (issue 16, B1)
+        kw["max_bin"] = max_bin
     try:
-        return xgb.QuantileDMatrix(X, label=y, weight=weight, feature_names=names, ref=ref)
+        return xgb.QuantileDMatrix(X, label=y, weight=weight, feature_names=names, ref=ref, **kw)
     except (ValueError, xgb.core.XGBoostError) as exc:
         msg = f"xgboost refused the data: {exc}"
         raise MLInputError(msg) from exc
+
+
+class _CatSpec:
+    """The categorical settings of one training call (``enable_categorical``, ``feature_types``)."""
+
+    __slots__ = ("categories", "enabled", "types")
+
+    def __init__(self, enabled: bool, types: Sequence[str] | None) -> None:
+        self.enabled = enabled
+        self.types = None if types is None else [str(t) for t in types]
+        self.categories: dict[str, pd.Index] = {}  # the training frame's, that eval sets are re-coded to
+
+    @classmethod
+    def of(cls, merged: dict[str, Any], enabled: bool, types: Sequence[str] | None) -> _CatSpec | None:
+        """Take the DMatrix settings out of ``merged`` (``params={"enable_categorical": True}`` works too)."""
+        enabled = bool(merged.pop("enable_categorical", False)) or enabled
+        types = merged.pop("feature_types", None) if types is None else types
+        return cls(enabled, types) if enabled or types is not None else None
+
+    def align(self, X: Features, what: str) -> Features:
+        """Eval-set and continuation frames in the training frame's category order (values checked)."""
+        if isinstance(X, pd.DataFrame) and self.categories:
+            return gbdt_cats.align_categories(X, self.categories, what)
+        return X
 
 
 def _trim_heap() -> None:
@@ -511,20 +591,27 @@ def _watchlist(
     dtrain: xgb.QuantileDMatrix,
     n_features: int,
     names: list[str] | None,
+    cat: _CatSpec | None = None,
+    max_bin: int | None = None,
 ) -> list[tuple[xgb.DMatrix, str]]:
     watch: list[tuple[xgb.DMatrix, str]] = []
+    categorical = cat is not None and cat.enabled
     for name, eval_set in (evals or {}).items():
         if isinstance(eval_set, tuple):
-            eX, ey, enames = _split(eval_set[0], eval_set[1], f"eval set {name!r} label", in_place=True)
+            eX, ey, enames = _split(
+                eval_set[0], eval_set[1], f"eval set {name!r} label", in_place=True, categorical=categorical
+            )
         elif not isinstance(label, str):
             msg = f"eval set {name!r} must be a (features, labels) pair when the label is not a column name"
             raise MLInputError(msg, eval_set=name)
         else:
-            eX, ey, enames = _split(eval_set, label, f"eval set {name!r} label", in_place=True)
+            eX, ey, enames = _split(eval_set, label, f"eval set {name!r} label", in_place=True, categorical=categorical)
         if eX.shape[1] != n_features or (names is not None and enames is not None and enames != names):
             msg = f"eval set {name!r} has features {enames or eX.shape[1]}, training has {names or n_features}"
             raise FeatureMismatch(msg, eval_set=name)
-        watch.append((_dmatrix(eX, ey, names, ref=dtrain), name))
+        if cat is not None:
+            eX = cat.align(eX, f"eval set {name!r}")
+        watch.append((_dmatrix(eX, ey, names, ref=dtrain, cat=cat, max_bin=max_bin), name))
     return watch
 
 
@@ -539,6 +626,9 @@ def train(
     progress: Progress | None = None,
     init_model: GBDTModel | None = None,
     weight: Sequence[float] | np.ndarray | None = None,
+    enable_categorical: bool = False,
+    feature_types: Sequence[str] | None = None,
+    release: Callable[[], None] | None = None,
 ) -> GBDTModel:
     """Train (or continue training) an xgboost ``hist`` model.
 
@@ -547,10 +637,20 @@ def train(
     ``evals`` maps a name to an eval set; with ``early_stopping_rounds`` the last
     eval set's last metric decides, and the model is cut back to its best round.
     ``weight`` is one non-negative sample weight per training row.
+    ``enable_categorical`` (or ``params["enable_categorical"]``): train on pandas ``category`` columns with
+    xgboost's native categorical splits (``max_cat_to_onehot``, ``max_cat_threshold`` are ordinary params);
+    ``feature_types`` (``"q"``/``"c"`` per feature) as in ``xgboost.DMatrix``.
+    ``release`` is called once the quantised matrices exist and this function holds no reference to ``data``
+    any more: a caller that drops its own references there lets the data's buffers go while boosting.
     """
     merged = _train_params(params, init_model, num_boost_round)
+    cat = _CatSpec.of(merged, enable_categorical, feature_types)
     objective = str(merged["objective"])
-    X, y, names = _split(data, label, in_place=True)
+    X, y, names = _split(data, label, in_place=True, categorical=cat is not None and cat.enabled)
+    if cat is not None and isinstance(X, pd.DataFrame):
+        if init_model is not None and init_model.categorical:
+            X = gbdt_cats.align_categories(X, dict(init_model._cats), "continued training data")
+        cat.categories = {n: X[n].cat.categories for n in gbdt_cats.category_columns(X)}
     if X.shape[0] == 0:
         msg = "no training rows"
         raise MLInputError(msg)
@@ -561,10 +661,15 @@ def train(
     if init_model is not None:
         _check_continuation(init_model, objective, n_features, names)
 
-    dtrain = _dmatrix(X, y, names, weight=None if weight is None else _weights(weight, X.shape[0]))
+    max_bin = _max_bin(merged)
+    w = None if weight is None else _weights(weight, X.shape[0])
+    dtrain = _dmatrix(X, y, names, weight=w, cat=cat, max_bin=max_bin)
     del X  # the quantised matrix is all training needs; drop any float32 copy before boosting
+    watch = _watchlist(evals, label, dtrain, n_features, names, cat, max_bin)
+    del data, evals
+    if release is not None:
+        release()  # the received buffers are freed here (reference counts: no cycles hold a decoded frame)
     _trim_heap()
-    watch = _watchlist(evals, label, dtrain, n_features, names)
     callbacks: list[xgb.callback.TrainingCallback] = []
     if early_stopping_rounds is not None:
         if not watch:
@@ -594,6 +699,17 @@ def train(
     elif init_model is not None and init_model.label is not None:
         booster.set_attr(**{_LABEL_ATTR: init_model.label})
     return GBDTModel(booster, history)
+
+
+def _max_bin(merged: Mapping[str, Any]) -> int | None:
+    value = merged.get("max_bin")
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError) as exc:
+        msg = f"max_bin must be an integer, not {value!r}"
+        raise MLInputError(msg) from exc
 
 
 def _weights(values: Sequence[float] | np.ndarray, rows: int) -> npt.NDArray[np.float64]:

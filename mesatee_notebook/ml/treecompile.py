@@ -8,6 +8,13 @@ built from the model's own split thresholds (values at, just below and missing
 for each threshold), so a version skew between treelite and tl2cgen cannot
 silently change predictions.
 
+Categorical splits (``enable_categorical=True`` models) compile too. treelite 4.8 refuses xgboost's
+category *encoder* (the categories recorded at training), so it is left out of the JSON treelite reads:
+the library takes training codes, which :meth:`GBDTModel.to_matrix` produces from the recorded categories
+for both engines. The parity check then also covers the categorical features: codes of every category,
+invalid codes (negative, past the last category, fractional) and NaN; and, from a DataFrame whose
+categories come in another order, the codes this engine computes against xgboost's own re-coder.
+
 :class:`TreePredictor` chooses per call: the compiled library for small batches,
 xgboost ``inplace_predict`` (multi-threaded, vectorised) for large ones. The
 crossover was measured with ``bench/p4_tree_predict.py`` on the 2-core dev
@@ -33,7 +40,7 @@ from typing import Any, Literal, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
-from mesatee_notebook.ml._errors import CompileError, FeatureMismatch, MLInputError
+from mesatee_notebook.ml._errors import CompileError, FeatureMismatch
 from mesatee_notebook.ml.gbdt import Data, GBDTModel
 
 __all__ = [
@@ -88,16 +95,40 @@ def _sha256_file(path: Path) -> str:
 
 
 def probe_rows(model: GBDTModel, rows: int = 512, seed: int = 0) -> F32Array:
-    """Rows that exercise the model's splits: each value sits on, just below, or away from a threshold, or is NaN."""
+    """Rows that exercise the model's splits: each value sits on, just below, or away from a threshold, or is NaN.
+
+    A categorical feature gets codes instead: every category's, and invalid ones (see :func:`_category_probe`).
+    """
     doc = json.loads(model.to_json())
     thresholds: list[list[float]] = [[] for _ in range(model.num_features)]
+    top_code = [-1] * model.num_features
     for tree in doc["learner"]["gradient_booster"]["model"]["trees"]:
-        for left, feature, cond in zip(
-            tree["left_children"], tree["split_indices"], tree["split_conditions"], strict=True
+        kinds = tree.get("split_type") or [0] * len(tree["left_children"])
+        for left, feature, cond, kind in zip(
+            tree["left_children"], tree["split_indices"], tree["split_conditions"], kinds, strict=True
         ):
-            if left != -1:
+            if left != -1 and not kind:
                 thresholds[int(feature)].append(float(cond))
-    return threshold_rows(thresholds, rows, seed, above=False)
+        for cat in tree.get("categories") or []:  # categories named by categorical splits, all features together
+            top_code = [max(t, int(cat)) for t in top_code]
+    out = threshold_rows(thresholds, rows, seed, above=False)
+    types = model.feature_types or ()
+    known = model.categories
+    for j, kind in enumerate(types):
+        if kind == "c":
+            count = len(known.get(model.feature_names[j], ())) or top_code[j] + 2
+            out[:, j] = _category_probe(count, rows, seed + j)
+    return out
+
+
+def _category_probe(count: int, rows: int, seed: int) -> F32Array:
+    """Codes of a categorical feature: mostly ``0..count-1``, some NaN, some invalid (-1, count, 10^6, 1.5)."""
+    rng = np.random.default_rng(seed)
+    col = rng.integers(0, max(1, count), size=rows).astype(np.float32)
+    invalid = np.asarray([np.nan, -1.0, float(count), 1e6, 1.5, -0.5], dtype=np.float32)
+    pick = rng.random(rows) < 0.2
+    col[pick] = invalid[rng.integers(0, len(invalid), size=int(pick.sum()))]
+    return col
 
 
 def threshold_rows(thresholds: list[list[float]], rows: int, seed: int, *, above: bool) -> F32Array:
@@ -222,7 +253,7 @@ def _compile_into(model: GBDTModel, workdir: Path, threads: int) -> Path:
 
     libpath = workdir / "model.so"
     try:
-        tl_model = treelite.frontend.from_xgboost_json(model.to_json(), allow_unknown_field=True)
+        tl_model = treelite.frontend.from_xgboost_json(_treelite_json(model), allow_unknown_field=True)
         tl2cgen.export_lib(
             tl_model,
             toolchain="gcc",
@@ -236,11 +267,24 @@ def _compile_into(model: GBDTModel, workdir: Path, threads: int) -> Path:
     return libpath
 
 
+def _treelite_json(model: GBDTModel) -> bytes:
+    """The model's JSON for treelite: without xgboost's category encoder, which treelite 4.8 refuses.
+
+    The trees' categorical splits stay; they read training codes, which ``to_matrix`` gives both engines.
+    """
+    raw = model.to_json()
+    if not model.categorical:
+        return raw
+    doc = json.loads(raw)
+    booster = doc["learner"]["gradient_booster"]
+    for holder in (booster.get("model"), booster.get("gbtree", {}).get("model")):
+        if isinstance(holder, dict) and "cats" in holder:
+            holder["cats"] = {"enc": [], "feature_segments": [], "sorted_idx": []}
+    return json.dumps(doc).encode()
+
+
 def compile_trees(model: GBDTModel, cache_dir: str | os.PathLike[str], *, nthread: int = 1) -> CompiledTrees:
     """Compile ``model``'s trees (or load them from ``cache_dir``); ``nthread`` is the predictor's thread count."""
-    if model.booster.feature_types is not None and any(t == "c" for t in model.booster.feature_types):
-        msg = "models with categorical splits are not compiled; use GBDTModel.predict"
-        raise MLInputError(msg)
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(model.to_json() + b"\0" + _toolchain_id().encode()).hexdigest()
@@ -296,12 +340,41 @@ def _load_cached(final: Path, model: GBDTModel, key: str, nthread: int) -> Compi
 
 def _check_parity(model: GBDTModel, compiled: CompiledTrees) -> None:
     X = probe_rows(model, seed=int(model.digest[:8], 16))
-    want = model.predict(X, margin=True)
-    got = compiled.predict_matrix(X, margin=True)
+    _compare(model.predict(X, margin=True), compiled.predict_matrix(X, margin=True), "probe rows")
+    if model.categories:
+        frame = _category_frame(model, X)
+        native = np.asarray(model.booster.inplace_predict(frame, predict_type="margin"), dtype=np.float32)
+        _compare(native, compiled.predict_matrix(model.to_matrix(frame), margin=True), "re-coded category probe rows")
+
+
+def _compare(want: F32Array, got: F32Array, what: str) -> None:
     if want.shape != got.shape or not np.allclose(got, want, rtol=_PARITY_RTOL, atol=_PARITY_ATOL):
         worst = float(np.max(np.abs(got.astype(np.float64) - want))) if want.shape == got.shape else float("nan")
-        msg = f"compiled trees disagree with xgboost on probe rows (max |diff| {worst:.3g}); not cached"
+        msg = f"compiled trees disagree with xgboost on {what} (max |diff| {worst:.3g}); not cached"
         raise CompileError(msg, max_abs_diff=worst)
+
+
+def _category_frame(model: GBDTModel, X: F32Array) -> Any:
+    """The probe rows as a DataFrame: categorical features as pandas categories in *reversed* training order.
+
+    Invalid codes become missing (a DataFrame cannot hold them). xgboost re-codes such a frame itself, so the
+    check compares its re-coder with ``to_matrix``'s encoding as well as the two engines.
+    """
+    import pandas as pd
+
+    cats = {k: pd.Index(v) for k, v in model.categories.items()}
+    columns: dict[str, Any] = {}
+    for j, name in enumerate(model.feature_names):
+        col = X[:, j]
+        if name in cats:
+            known = cats[name]
+            valid = np.isfinite(col) & (col >= 0) & (col < len(known)) & (col == np.floor(col))
+            codes = np.where(valid, col, -1).astype(np.int64)
+            values = pd.Categorical.from_codes(codes, categories=known)
+            columns[name] = values.reorder_categories(list(known[::-1]))
+        else:
+            columns[name] = col
+    return pd.DataFrame(columns)
 
 
 class TreePredictor:

@@ -82,6 +82,9 @@ class _SecureXGBBase(BaseEstimator):  # type: ignore[misc]
         importance_type: str | None = None,
         missing: float = np.nan,
         enable_categorical: bool = False,
+        max_cat_to_onehot: int | None = None,
+        max_cat_threshold: int | None = None,
+        feature_types: list[str] | None = None,
     ) -> None:
         self.session = session
         self.n_estimators = n_estimators
@@ -108,6 +111,9 @@ class _SecureXGBBase(BaseEstimator):  # type: ignore[misc]
         self.importance_type = importance_type
         self.missing = missing
         self.enable_categorical = enable_categorical
+        self.max_cat_to_onehot = max_cat_to_onehot
+        self.max_cat_threshold = max_cat_threshold
+        self.feature_types = feature_types
 
     def __sklearn_clone__(self) -> Any:
         """Clone the parameters but share the session (a live connection cannot be deep-copied)."""
@@ -122,6 +128,7 @@ class _SecureXGBBase(BaseEstimator):  # type: ignore[misc]
         tags.input_tags.allow_nan = True
         tags.input_tags.sparse = False
         tags.non_deterministic = False
+        tags.input_tags.categorical = bool(self.enable_categorical)
         return tags
 
     def __getstate__(self) -> dict[str, Any]:
@@ -142,12 +149,6 @@ class _SecureXGBBase(BaseEstimator):  # type: ignore[misc]
         return _live(self.session)
 
     def _params(self) -> dict[str, Any]:
-        if self.enable_categorical:
-            msg = (
-                "enable_categorical=True is not available yet: the enclave engine trains on numeric features; "
-                "encode categories as codes (e.g. df[c].cat.codes) first"
-            )
-            raise EncodingError(msg)
         params: dict[str, Any] = {
             "max_depth": self.max_depth,
             "eta": self.learning_rate,
@@ -168,6 +169,11 @@ class _SecureXGBBase(BaseEstimator):  # type: ignore[misc]
             "max_leaves": self.max_leaves,
             "grow_policy": self.grow_policy,
             "eval_metric": self.eval_metric,
+            "max_cat_to_onehot": self.max_cat_to_onehot,
+            "max_cat_threshold": self.max_cat_threshold,
+            "feature_types": None if self.feature_types is None else list(self.feature_types),
+            # taken by the engine for the QuantileDMatrix, as xgboost's estimators give it to their DMatrix
+            "enable_categorical": True if self.enable_categorical else None,
         }
         return params | {k: v for k, v in optional.items() if v is not None}
 
@@ -221,24 +227,48 @@ class _SecureXGBBase(BaseEstimator):  # type: ignore[misc]
     def _objective_params(self) -> dict[str, Any]:
         return {"objective": self.objective or "reg:squarederror"}
 
-    def _fit_local(self, X: Any, y: Any, sample_weight: Any, eval_set: Any) -> None:
-        from sklearn.utils.validation import _check_sample_weight, validate_data
+    def _categorical_input(self, X: Any) -> bool:
+        """A DataFrame with pandas ``category`` columns under ``enable_categorical=True``: sent as it is."""
+        return (
+            bool(self.enable_categorical)
+            and isinstance(X, pd.DataFrame)
+            and any(isinstance(t, pd.CategoricalDtype) for t in X.dtypes)
+        )
 
-        Xa, ya = validate_data(self, X, y, ensure_all_finite="allow-nan", dtype=np.float64, y_numeric=False)
-        frame = pd.DataFrame(self._missing_to_nan(Xa), columns=[f"f{i}" for i in range(Xa.shape[1])])
-        frame[_LABEL] = self._encode_y(ya)
-        weight = None if sample_weight is None else _check_sample_weight(sample_weight, Xa, dtype=np.float64)
-        extra = self._objective_params()
+    def _missing_frame(self, X: pd.DataFrame) -> pd.DataFrame:
+        """``X`` with string column names, ``missing`` values of its numeric columns as NaN (categories kept)."""
+        frame = X.set_axis([str(c) for c in X.columns], axis=1)
+        if self.missing is None or np.isnan(self.missing):
+            return frame
+        numeric = [
+            c for c, t in zip(frame.columns, frame.dtypes, strict=True) if not isinstance(t, pd.CategoricalDtype)
+        ]
+        return frame.assign(**{c: frame[c].mask(frame[c] == self.missing) for c in numeric})
+
+    def _fit_categorical(self, X: pd.DataFrame, y: Any, sample_weight: Any, eval_set: Any) -> None:
+        from sklearn.utils.validation import _check_sample_weight, check_consistent_length, validate_data
+
+        validate_data(self, X, skip_check_array=True)  # n_features_in_, feature_names_in_ from the frame
+        ya = np.asarray(y)
+        check_consistent_length(X, ya)
+        frame = self._missing_frame(X).assign(**{_LABEL: self._encode_y(ya)})
+        weight = None if sample_weight is None else _check_sample_weight(sample_weight, frame, dtype=np.float64)
         evals: dict[str, Any] = {}
         for i, (eX, ey) in enumerate(_eval_sets(eval_set)):
-            ef = pd.DataFrame(self._missing_to_nan(np.asarray(eX, dtype=np.float64)), columns=frame.columns[:-1])
-            ef[_LABEL] = self._encode_y(np.asarray(ey), fitting=False)
-            evals[f"validation_{i}"] = ef
+            if not isinstance(eX, pd.DataFrame):
+                msg = "with enable_categorical=True and a DataFrame in fit, each eval_set X must be a DataFrame too"
+                raise ValueError(msg)
+            evals[f"validation_{i}"] = self._missing_frame(eX).assign(
+                **{_LABEL: self._encode_y(np.asarray(ey), fitting=False)}
+            )
+        self._train_local(frame, weight, evals)
+
+    def _train_local(self, frame: pd.DataFrame, weight: Any, evals: dict[str, Any]) -> None:
         client = GbdtClient(self._session_or_fail())
         self.model_ = client.train(
             frame,
             _LABEL,
-            params={**self._params(), **extra},
+            params={**self._params(), **self._objective_params()},
             num_boost_round=self.n_estimators,
             evals=evals or None,
             sample_weight=weight,
@@ -246,13 +276,37 @@ class _SecureXGBBase(BaseEstimator):  # type: ignore[misc]
             progress=self.progress,
         )
 
+    def _fit_local(self, X: Any, y: Any, sample_weight: Any, eval_set: Any) -> None:
+        from sklearn.utils.validation import _check_sample_weight, validate_data
+
+        self.categorical_input_ = self._categorical_input(X)
+        if self.categorical_input_:
+            self._fit_categorical(X, y, sample_weight, eval_set)
+            return
+        Xa, ya = validate_data(self, X, y, ensure_all_finite="allow-nan", dtype=np.float64, y_numeric=False)
+        frame = pd.DataFrame(self._missing_to_nan(Xa), columns=[f"f{i}" for i in range(Xa.shape[1])])
+        frame[_LABEL] = self._encode_y(ya)
+        weight = None if sample_weight is None else _check_sample_weight(sample_weight, Xa, dtype=np.float64)
+        evals: dict[str, Any] = {}
+        for i, (eX, ey) in enumerate(_eval_sets(eval_set)):
+            ef = pd.DataFrame(self._missing_to_nan(np.asarray(eX, dtype=np.float64)), columns=frame.columns[:-1])
+            ef[_LABEL] = self._encode_y(np.asarray(ey), fitting=False)
+            evals[f"validation_{i}"] = ef
+        self._train_local(frame, weight, evals)
+
     def _encode_y(self, y: Any, *, fitting: bool = True) -> np.ndarray:
         return np.asarray(y, dtype=np.float64)
 
-    def _local_X(self, X: Any) -> np.ndarray:
+    def _local_X(self, X: Any) -> np.ndarray | pd.DataFrame:
         from sklearn.utils.validation import check_is_fitted, validate_data
 
         check_is_fitted(self, "model_")
+        if getattr(self, "categorical_input_", False):
+            if not isinstance(X, pd.DataFrame):
+                msg = "this estimator was fitted on a DataFrame with category columns: predict on a DataFrame too"
+                raise ValueError(msg)
+            validate_data(self, X, reset=False, skip_check_array=True)
+            return self._missing_frame(X)
         Xa: np.ndarray = validate_data(self, X, reset=False, ensure_all_finite="allow-nan", dtype=np.float64)
         return self._missing_to_nan(Xa)
 

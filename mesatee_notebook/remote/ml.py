@@ -357,13 +357,17 @@ class GbdtClient:
         progress: bool | Callable[[dict[str, Any]], None] = True,
         timeout: float | None = None,
         sample_weight: str | Sequence[float] | np.ndarray | None = None,
+        enable_categorical: bool = False,
+        feature_types: Sequence[str] | None = None,
     ) -> RemoteModel:
         """Train a model; per-round metrics stream into a progress bar. Returns a handle; the model stays remote.
 
         ``data`` holds the features and the ``label`` column. ``evals`` maps names to eval sets (same
         columns). ``init_model`` continues training a model you trained. ``progress`` may be a callable
         receiving each round's event instead of the bar. ``sample_weight`` is a weight column of ``data``
-        (by name; not used as a feature) or one weight per row.
+        (by name; not used as a feature) or one weight per row. ``enable_categorical=True`` (or the same key
+        in ``params``) trains on pandas ``category`` columns with xgboost's categorical splits; ``feature_types``
+        as in ``xgboost.DMatrix``.
         """
         inputs: dict[str, Any] = {}
         args: dict[str, Any] = {
@@ -377,6 +381,10 @@ class GbdtClient:
             args["evals"] = {str(k): _data_ref(v, f"eval{i}", inputs) for i, (k, v) in enumerate(evals.items())}
         if early_stopping_rounds is not None:
             args["early_stopping_rounds"] = int(early_stopping_rounds)
+        if enable_categorical:
+            args["enable_categorical"] = True
+        if feature_types is not None:
+            args["feature_types"] = [str(t) for t in feature_types]
         if init_model is not None:
             args["init_model"] = init_model.id if isinstance(init_model, RemoteModel) else str(init_model)
         if isinstance(sample_weight, str):

@@ -17,7 +17,7 @@ import pytest
 import xgboost as xgb
 
 import mesatee_notebook as mn
-from mesatee_notebook.errors import EncodingError, PolicyViolation
+from mesatee_notebook.errors import PolicyViolation
 from mesatee_notebook.remote.estimators import SecureXGBClassifier, SecureXGBRegressor
 from tests.conftest import KernelProc
 
@@ -138,8 +138,10 @@ def test_sample_weight_params_importances_and_booster(parties: Parties) -> None:
     np.testing.assert_allclose(rb, rref.predict(X), atol=1e-5)
     with pytest.raises(PolicyViolation, match=r"get_booster.*not released"):  # trained on the owner's data
         remote.get_booster()
-    with pytest.raises(EncodingError, match="enable_categorical"):
-        SecureXGBRegressor(parties.owner, enable_categorical=True).fit(X, df.t)
+    # enable_categorical=True on an array with no feature_types: numbers, as in xgboost (frames: test_categorical_e2e)
+    as_numbers = SecureXGBRegressor(parties.owner, n_estimators=6, enable_categorical=True).fit(X, df.t)
+    plain = xgb.XGBRegressor(n_estimators=6, tree_method="hist", random_state=0).fit(X, df.t)
+    np.testing.assert_allclose(as_numbers.predict(X), plain.predict(X), atol=1e-6)
 
 
 def test_missing_value_is_treated_as_nan(parties: Parties) -> None:

@@ -315,3 +315,37 @@ def test_different_seed_data_gives_different_digest() -> None:
     b = gbdt.train(make_frame(seed=2)[[*FEATURES, "target"]], "target", num_boost_round=3)
     assert a.digest != b.digest
     assert len(a.digest) == 64
+
+
+@pytest.mark.parametrize("max_bin", [16, 64, 1024])
+def test_max_bin_other_than_256_matches_direct_xgboost(frame: pd.DataFrame, max_bin: int) -> None:  # issue 16, B1
+    params = {**PARAMS["target"], "max_bin": max_bin}
+    model = gbdt.train(frame[[*FEATURES, "target"]], "target", params=params, num_boost_round=10)
+    booster = _direct(frame, "target", params, 10)
+    np.testing.assert_array_equal(model.predict(frame[FEATURES]), booster.inplace_predict(frame[FEATURES]))
+    evals = gbdt.train(frame, "target", params=params, num_boost_round=2, evals={"v": frame.iloc[:100]})
+    assert len(evals.history["v"]["rmse"]) == 2
+
+
+def test_training_lets_the_data_go_before_boosting(frame: pd.DataFrame) -> None:
+    """P8: once the quantised matrix exists, the engine holds no reference to the training frame."""
+    import weakref
+
+    data = frame[[*FEATURES, "target"]].copy()
+    holder = {"data": data}
+    alive = weakref.ref(data)
+    del data
+    seen: list[bool] = []
+
+    def release() -> None:
+        holder.clear()
+        seen.append(alive() is None)  # reference counts alone free it: no collection needed (or done) there
+
+    model = gbdt.train(holder["data"], "target", params=PARAMS["target"], num_boost_round=3, release=release)
+    assert seen == [True]
+    np.testing.assert_array_equal(
+        model.predict(frame[FEATURES]),
+        gbdt.train(frame[[*FEATURES, "target"]], "target", params=PARAMS["target"], num_boost_round=3).predict(
+            frame[FEATURES]
+        ),
+    )

@@ -285,6 +285,7 @@ def _public(meta: dict[str, Any]) -> dict[str, Any]:
         "released_by",
         "created",
         "num_class",
+        "feature_types",
     )
     return {k: meta.get(k) for k in keys} | {"released": _released(meta)}
 
@@ -306,6 +307,7 @@ def model_meta(
         "num_class": model.num_class,
         "label": model.label,
         "features": list(model.feature_names),
+        "feature_types": list(getattr(model, "feature_types", None) or []) or None,
         "num_rounds": model.num_rounds,
         "best_iteration": model.best_iteration,
         "digest": model.digest,
@@ -367,13 +369,22 @@ def _sample_weight(data: DataRef, ref: Any, inputs: dict[str, Any]) -> np.ndarra
         if col not in data.frame.columns:
             msg = f"sample_weight column {col!r} is not in the training data"
             raise NotFound(msg, column=col)
-        weights = data.frame[col].to_numpy(dtype=np.float64, na_value=np.nan)
+        weights = data.frame[col].to_numpy(dtype=np.float64, na_value=np.nan, copy=True)  # not a view (P8)
         data.frame = data.frame.drop(columns=[col])
         return weights
     if isinstance(ref, dict) and "input" in ref and str(ref["input"]) in inputs:
         return np.asarray(inputs[str(ref["input"])], dtype=np.float64).reshape(-1)
     msg = "sample_weight: give a column name of the training data or one weight per row"
     raise EncodingError(msg)
+
+
+def _feature_types(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value):
+        msg = "feature_types must be a list of xgboost feature types ('q', 'c', 'float', 'int', ...)"
+        raise EncodingError(msg)
+    return list(value)
 
 
 @service("gbdt.train")
@@ -403,6 +414,18 @@ def train(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> 
     def progress(event: dict[str, Any]) -> None:
         ctx.progress(**event)
 
+    def release() -> None:
+        """The matrices exist: drop the inline tables so their received buffers are freed while boosting (P8).
+
+        A stored dataset stays in the worker's cache (the next call by name would unseal and decode it again).
+        """
+        for ref in sources:
+            ref.frame = None
+        evals.clear()
+        for ref in (args.get("data"), *dict(args.get("evals") or {}).values()):
+            if isinstance(ref, dict) and "input" in ref:
+                inputs.pop(str(ref["input"]), None)
+
     t0 = time.perf_counter()
     model = gbdt.train(
         data.frame,
@@ -414,6 +437,9 @@ def train(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> 
         progress=progress if args.get("progress", True) else None,
         init_model=init,
         weight=weight,
+        enable_categorical=bool(args.get("enable_categorical", False)),
+        feature_types=_feature_types(args.get("feature_types")),
+        release=release,
     )
     seconds = time.perf_counter() - t0
     provenance = prior + [s.describe() for s in sources]
