@@ -395,7 +395,8 @@ class FrameEvaluator:
             pos = pos[keep]
         data = self._suppress_cells(data.copy() if any(cells.values()) else data, pos, cells, protected)
         members = _renumber(origin.members, pos, origin.n)
-        self._guard_release(party, protected, members, len(pos), origin.dup, n_src)
+        sizes = {ds: counts[pos] for ds, counts in origin.sizes.items()}  # = bincount of the renumbered pairs
+        self._guard_release(party, protected, members, len(pos), origin.dup, n_src, sizes)
         if origin.keys is not None:
             data = data.set_axis(origin.keys.take(pos), axis=0)
         return data, int(small.sum())
@@ -499,12 +500,14 @@ class FrameEvaluator:
         n_groups: int,
         dup: Mapping[str, bool],
         n_src: Mapping[str, int],
+        sizes: Mapping[str, IntArray] | None = None,
     ) -> None:
         staged = []
         for ds, (g, s) in members.items():
             pol = protected[ds]
             if pol.differencing_guard:
-                fp, rel = self._guard.prepare(g, s, n_groups, n_src[ds], dup.get(ds, False))
+                known = None if sizes is None else sizes.get(ds)
+                fp, rel = self._guard.prepare(g, s, n_groups, n_src[ds], dup.get(ds, False), known)
                 staged.append(((party, ds), fp, rel, pol.min_group_size))
         with self._guard_lock:
             for key, fp, rel, k in staged:
