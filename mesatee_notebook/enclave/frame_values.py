@@ -166,10 +166,8 @@ def _sorted_repeats(valid: IntArray) -> bool | None:
     """
     for start in range(0, len(valid) - 1, _BLOCK):
         block = valid[start : start + _BLOCK + 1]
-        if bool(np.any(block[1:] == block[:-1])):
-            return True  # a repeat, whatever the order
-        if not bool(np.all(block[1:] > block[:-1])):
-            return None
+        if not bool(np.all(block[1:] > block[:-1])):  # the common case, increasing, costs one comparison
+            return True if bool(np.any(block[1:] == block[:-1])) else None  # a repeat, whatever the order
     return False
 
 
@@ -243,11 +241,14 @@ def _merge_rows(left: pd.DataFrame, right: pd.DataFrame, kwargs: Mapping[str, An
     )
 
 
-def _side_positions(index: pd.Index, rows: IntArray | None) -> IntArray:
-    """The positions (in its origin) of a merge side's row behind each result row: ``rows`` through ``index``."""
+def _side_positions(index: pd.Index, rows: IntArray | None) -> IntArray | None:
+    """The positions (in its origin) of a merge side's row behind each result row: ``rows`` through ``index``.
+
+    None: the result takes the side's origin positions 0, 1, ... in order (no array is made).
+    """
     at = _range_positions(index)
     if rows is None:
-        return _positions(index)
+        return at
     if at is None:
         return rows
     return _compose(at, rows)
@@ -358,19 +359,27 @@ def _min_cells(a: Cells | None, b: Cells | None) -> Cells | None:
 
 
 def _rows_origin(n: int, sides: Any) -> _Origin:
-    """A new row origin whose row i comes from position ``pos[i]`` (-1: none) of each side's origin."""
+    """A new row origin whose row i comes from position ``pos[i]`` (-1: none) of each side's origin.
+
+    ``pos`` None: row i comes from position i (the side's arrays are kept as they are, an identity stays one).
+    """
     origin = _Origin("rows", n)
     for side, pos in sides:
         for ds, arrays in side.rows.items():
-            origin.rows.setdefault(ds, []).extend(_compose(arr, pos) for arr in arrays)
+            origin.rows.setdefault(ds, []).extend(_kept_rows(arr, pos, n) for arr in arrays)
     for ds, arrays in origin.rows.items():
         if len(arrays) > 1:
             origin.dup[ds] = True
             continue
         src = arrays[0]
-        assert src is not None
-        origin.dup[ds] = _has_repeats(src)
+        origin.dup[ds] = False if src is None else _has_repeats(src)
     return origin
+
+
+def _kept_rows(arr: IntArray | None, pos: IntArray | None, n: int) -> IntArray | None:
+    if pos is not None:
+        return _compose(arr, pos)
+    return arr if arr is None or len(arr) == n else arr[:n]
 
 
 def _group_codes(gb: Any) -> IntArray:
