@@ -212,7 +212,7 @@ def _merge_rows(left: pd.DataFrame, right: pd.DataFrame, kwargs: Mapping[str, An
     columns go through the join; where that pandas internal is not there, the rows go through as columns.
     """
     try:
-        from pandas.core.reshape.merge import _MergeOperation
+        from pandas.core.reshape.merge import _MergeOperation  # type: ignore[attr-defined]
 
         # pd.merge's own defaults, spelled out: _MergeOperation's differ (it sorts by default)
         op = _MergeOperation(left, right, **{"sort": False, "indicator": False, "validate": None, **kwargs})
@@ -226,7 +226,7 @@ def _merge_rows(left: pd.DataFrame, right: pd.DataFrame, kwargs: Mapping[str, An
         seen.append(info)
         return info
 
-    op._get_join_info = spy  # type: ignore[method-assign]
+    op._get_join_info = spy
     out = op.get_result()
     if len(seen) != 1:
         return _merge_by_columns(left, right, kwargs)
