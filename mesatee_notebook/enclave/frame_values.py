@@ -204,6 +204,15 @@ def _merge_by_columns(left: pd.DataFrame, right: pd.DataFrame, kwargs: Mapping[s
     return out, lrow, rrow
 
 
+def _pandas_merge_op() -> Any:
+    """The merge operation class of pandas (``pd.merge`` runs one), or None where this pandas has none by that name."""
+    try:
+        from pandas.core.reshape.merge import _MergeOperation  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _MergeOperation
+
+
 def _merge_rows(left: pd.DataFrame, right: pd.DataFrame, kwargs: Mapping[str, Any]) -> _Merged:
     """``left.merge(right, **kwargs)`` and, per side, the row of that side behind each result row (-1: none).
 
@@ -211,13 +220,14 @@ def _merge_rows(left: pd.DataFrame, right: pd.DataFrame, kwargs: Mapping[str, An
     computes for the merge anyway (``_MergeOperation._get_join_info``, read as it returns), so no position
     columns go through the join; where that pandas internal is not there, the rows go through as columns.
     """
+    merge_op = _pandas_merge_op()
+    if merge_op is None:
+        return _merge_by_columns(left, right, kwargs)
     try:
-        from pandas.core.reshape.merge import _MergeOperation  # type: ignore[attr-defined]
-
         # pd.merge's own defaults, spelled out: _MergeOperation's differ (it sorts by default)
-        op = _MergeOperation(left, right, **{"sort": False, "indicator": False, "validate": None, **kwargs})
+        op = merge_op(left, right, **{"sort": False, "indicator": False, "validate": None, **kwargs})
         join_info = op._get_join_info
-    except (ImportError, AttributeError, TypeError):
+    except (AttributeError, TypeError):
         return _merge_by_columns(left, right, kwargs)
     seen: list[tuple[Any, Any, Any]] = []
 
