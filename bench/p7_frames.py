@@ -118,6 +118,7 @@ def main() -> None:
         """Time pandas and the enclave variants interleaved, so they share memory conditions."""
         fns = {"pandas": local, **remote}
         times: dict[str, list[float]] = {k: [] for k in fns}
+        cpu: dict[str, list[float]] = {k: [] for k in fns}  # this process's CPU time: in-process variants only
         expected = local()
         for fn in remote.values():  # correctness first (also the warm-up)
             got = fn()
@@ -127,16 +128,21 @@ def main() -> None:
         for _ in range(args.repeat):
             for label, fn in fns.items():
                 gc.collect()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out = fn()
                 times[label].append(time.perf_counter() - t0)
+                cpu[label].append(time.process_time() - c0)
                 del out
         t_local = statistics.median(times["pandas"])
-        row: dict[str, Any] = {"query": name, "pandas_s": t_local}
+        c_local = statistics.median(cpu["pandas"])
+        row: dict[str, Any] = {"query": name, "pandas_s": t_local, "pandas_cpu_s": c_local}
         for label in remote:
             t = statistics.median(times[label])
             row[f"{label}_s"] = t
             row[f"{label}_ratio"] = t / t_local
+            if label.startswith("enclave_"):  # a kernel's work is in other processes: no CPU figure
+                row[f"{label}_cpu_s"] = statistics.median(cpu[label])
+                row[f"{label}_cpu_ratio"] = row[f"{label}_cpu_s"] / c_local
         rows.append(row)
         print(f"  {name}: " + ", ".join(f"{k} {statistics.median(v):.3f}s" for k, v in times.items()), flush=True)
 
@@ -233,6 +239,17 @@ def main() -> None:
             continue
         cells = [f"{r[f'{k}_s']:7.3f} {r[f'{k}_ratio']:6.2f}x" if f"{k}_s" in r else f"{'-':>16}" for k in labels]
         print(f"{r['query']:45} {r['pandas_s']:7.3f} " + " ".join(f"{c:>16}" for c in cells))
+    print("CPU time of this process (in-process variants; steadier than wall time on a shared machine):")
+    for r in rows:
+        if "pandas_cpu_s" in r:
+            cells = [
+                f"{h} {r[f'{k}_cpu_s']:.3f}s {r[f'{k}_cpu_ratio']:.2f}x"
+                for k, h in zip(labels[:2], heads[:2], strict=True)
+                if f"{k}_cpu_s" in r
+            ]
+            print(f"{r['query']:45} pandas {r['pandas_cpu_s']:.3f}s  " + "  ".join(cells))
+    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
+    print(f"load average at the end: {' '.join(load)}")
     if upload:
         print(
             f"upload through the kernel (separate): fact {upload['fact_s']:.2f}s, dim {upload['dim_s']:.2f}s; "
@@ -252,6 +269,7 @@ def main() -> None:
                 "cpus": __import__("os").cpu_count(),
                 "results": rows,
                 "kernel_upload": upload,
+                "load_average": load,
                 "audit_events": len(events),
                 "refused": sum(e["outcome"] != "released" for e in events),
             },

@@ -22,20 +22,22 @@ from mesatee_notebook.enclave.frame_funcs import _map_series, _window_series
 from mesatee_notebook.enclave.frame_reshape import _ReshapeVisitors
 from mesatee_notebook.enclave.frame_values import (
     _BINARY,
-    _LPOS,
-    _RPOS,
     Cells,
     IntArray,
     _codes,
     _counts,
     _FrameV,
+    _group_codes,
     _membership,
+    _merge_rows,
     _min_cells,
     _Origin,
     _positions,
+    _range_positions,
     _rows_origin,
     _ScalarV,
     _SeriesV,
+    _side_positions,
     _Value,
 )
 from mesatee_notebook.errors import (
@@ -257,11 +259,9 @@ class _Run(_ReshapeVisitors):
         if not track:
             out = left.df.merge(right.df, **kwargs)
             return _FrameV(out.reset_index(drop=True), _Origin("rows", len(out)))
-        ldf = left.df.assign(**{_LPOS: _positions(left.df.index)})
-        rdf = right.df.assign(**{_RPOS: _positions(right.df.index)})
-        out = ldf.merge(rdf, **kwargs)
-        lpos = np.asarray(out.pop(_LPOS).fillna(-1).to_numpy(), dtype=np.int64)
-        rpos = np.asarray(out.pop(_RPOS).fillna(-1).to_numpy(), dtype=np.int64)
+        out, lrows, rrows = _merge_rows(left.df, right.df, kwargs)
+        lpos = _side_positions(left.df.index, lrows)
+        rpos = _side_positions(right.df.index, rrows)
         out = out.reset_index(drop=True)
         return _FrameV(out, _rows_origin(len(out), ((left.origin, lpos), (right.origin, rpos))))
 
@@ -270,11 +270,12 @@ class _Run(_ReshapeVisitors):
     def _group_cells(self, v: _FrameV, codes: IntArray, sizes: Cells, col: str, func: str) -> Cells:
         """Distinct protected rows behind each group's value of ``col`` (non-missing; both outcomes for booleans)."""
         series = v.df[col]
-        pos = _positions(v.df.index)
-        notna = series.notna().to_numpy()
         boolean = func in ("sum", "mean") and series.dtype.kind == "b"
-        if notna.all() and not boolean:
+        present = _present(series)
+        if present is None and not boolean:
             return sizes
+        pos = _range_positions(v.df.index)
+        notna = np.ones(len(series), dtype=bool) if present is None else present
         n_groups = len(next(iter(sizes.values())))
         if boolean:
             truth = series.to_numpy(dtype=bool, na_value=False)
@@ -293,10 +294,9 @@ class _Run(_ReshapeVisitors):
         origin = _Origin("groups", n_groups, keys=None if not a.as_index else res.index)
         cells: dict[str, Cells] = {}
         if v.origin.rows or v.origin.members:
-            codes = _codes(gb.ngroup())
-            pos = _positions(v.df.index)
-            origin.members = _membership(v.origin, pos, codes, None, self.n_src)
-            origin.sizes = _counts(origin.members, n_groups)
+            codes = _group_codes(gb)
+            origin.members = _membership(v.origin, _range_positions(v.df.index), codes, None, self.n_src)
+            origin.sizes = _group_sizes(origin.members, codes, res, a.aggs)
             origin.dup = dict(v.origin.dup)
             for out, col, func in a.aggs:
                 if func != "size":
@@ -540,6 +540,33 @@ class _Run(_ReshapeVisitors):
             else:
                 entries[str(c)] = _counts(_membership(v.origin, pos, zeros, notna, self.n_src), 1)
         return _SeriesV(value, origin, entry_cells=entries)
+
+
+def _present(series: pd.Series) -> npt.NDArray[np.bool_] | None:
+    """Which values are present (not missing); None when all are (no pass at all for numpy ints and bools)."""
+    if isinstance(series.dtype, np.dtype) and series.dtype.kind in "iub":
+        return None
+    notna = series.notna().to_numpy()
+    return None if bool(notna.all()) else notna
+
+
+def _group_sizes(
+    members: Mapping[str, tuple[IntArray, IntArray]], codes: IntArray, res: pd.DataFrame, aggs: Any
+) -> Cells:
+    """Distinct source rows per group and dataset: the group-by's own ``size`` where every row counts once.
+
+    A dataset whose pairs are the group codes themselves (no row dropped, none repeated) has exactly the
+    group sizes; pandas computed them for a ``size`` aggregation already. Others: one ``bincount``.
+    """
+    n_groups = len(res)
+    size_col = next((out for out, _, func in aggs if func == "size"), None)
+    sizes: Cells = {}
+    for ds, (g, _) in members.items():
+        if g is codes and size_col is not None:
+            sizes[ds] = np.asarray(res[size_col].to_numpy(), dtype=np.int64)
+        else:
+            sizes[ds] = np.bincount(g, minlength=n_groups).astype(np.int64)
+    return sizes
 
 
 def _pandas_func(func: str) -> Any:

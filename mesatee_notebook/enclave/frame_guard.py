@@ -15,6 +15,7 @@ import numpy.typing as npt
 
 from mesatee_notebook.enclave.frame_values import (
     IntArray,
+    _identity,
 )
 from mesatee_notebook.errors import (
     PolicyViolation,
@@ -79,6 +80,17 @@ def _pair_counts(a: IntArray, b: IntArray, nb: int) -> tuple[IntArray, IntArray,
     return keys // max(nb, 1), keys % max(nb, 1), cnt.astype(np.int64)
 
 
+def _by_source(g: IntArray, s: IntArray) -> bool:
+    """Whether the (group, source row) pairs are sorted by source row, then group, as ``np.lexsort((g, s))``."""
+    if len(s) < 2:
+        return True
+    ds = np.diff(s)
+    if bool((ds < 0).any()):
+        return False
+    same = ds == 0
+    return not bool((g[1:][same] < g[:-1][same]).any())
+
+
 class _DifferencingGuard:
     """Released row sets per (party, dataset); refuses near-duplicates of earlier releases."""
 
@@ -101,16 +113,30 @@ class _DifferencingGuard:
         self._seen[key] = seen
         self._history[key] = history
 
-    def prepare(self, g: IntArray, s: IntArray, n_groups: int, n_src: int, dup: bool) -> tuple[bytes, _Release]:
-        sizes = np.bincount(g, minlength=n_groups).astype(np.int64)
+    def prepare(
+        self, g: IntArray, s: IntArray, n_groups: int, n_src: int, dup: bool, sizes: IntArray | None = None
+    ) -> tuple[bytes, _Release]:
+        """The fingerprint and record of a release of (group, source row) pairs ``g``, ``s``.
+
+        ``sizes``: the pairs per group (``bincount(g)``) where the caller has them already.
+        """
+        if sizes is None:
+            sizes = np.bincount(g, minlength=n_groups).astype(np.int64)
         h = hashlib.sha256(f"{n_groups}:{n_src}:{int(dup)}".encode())
         if not dup:
-            labels = np.full(n_src, n_groups, dtype=_label_dtype(n_groups))
-            labels[s] = g
+            dtype = _label_dtype(n_groups)
+            if _identity(s, n_src):  # every source row once, in order: the labels are the groups
+                labels = g.astype(dtype)
+            else:
+                labels = np.full(n_src, n_groups, dtype=dtype)
+                labels[s] = g.astype(dtype)  # cast, then scatter: faster than a casting scatter
             h.update(labels.data)  # the array's own bytes (C order), not a copy of them
             return h.digest(), _Release(sizes, labels)
-        order = np.lexsort((g, s))
-        src, grp = s[order], g[order]
+        if _by_source(g, s):
+            src, grp = s, g  # already in order (a deduplication by bitmap leaves them so)
+        else:
+            order = np.lexsort((g, s))
+            src, grp = s[order], g[order]
         h.update(np.ascontiguousarray(src, dtype=np.int64).data)
         h.update(np.ascontiguousarray(grp, dtype=np.int64).data)
         return h.digest(), _Release(sizes, None, src, grp)

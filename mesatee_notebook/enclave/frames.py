@@ -241,12 +241,8 @@ class FrameEvaluator:
         event["level"] = root.level
         protected = {n: pol for n, (_, pol, owner) in stored.items() if owner != party}
         event["owner_only"] = not protected
-        _refuse_hidden_merge_keys(plan, schemas, protected)
-        _refuse_row_revealing(plan, schemas, protected)
-        if any(pol.privacy is not None for pol in protected.values()):
+        if self._static_checks(plan, schemas, protected):
             return self._evaluate_dp(plan, schemas, stored, protected, party, event, digest, epsilon, delta)
-        _refuse_record_values(plan, schemas, protected)
-        self._static_policy(root, protected)
         run = _Run(plan, schemas, {n: df for n, (df, _, _) in stored.items()}, set(protected))
         value = run.evaluate()
         released, suppressed = self._release(value, protected, party, run.n_src)
@@ -346,6 +342,22 @@ class FrameEvaluator:
         root = schemas[plan.root]
         return FrameResult(released, digest, tuple(sorted(stored)), root.level, 0, meta, accuracy)
 
+    def _static_checks(self, plan: Plan, schemas: Mapping[str, Schema], protected: Mapping[str, DataPolicy]) -> bool:
+        """The refusals decided from the plan alone, before anything is evaluated; True: a DP-mode query.
+
+        For every analyst: no merge on a hidden key, no row-revealing op of a dataset that keeps its rows.
+        A query over a DP-mode dataset then follows the DP evaluator's own rules (True is returned);
+        any other query also may not release one record's value (min, max, quantiles ... of such a dataset),
+        nor row-level results the owners do not allow (:meth:`_static_policy`).
+        """
+        _refuse_hidden_merge_keys(plan, schemas, protected)
+        _refuse_row_revealing(plan, schemas, protected)
+        if any(pol.privacy is not None for pol in protected.values()):
+            return True
+        _refuse_record_values(plan, schemas, protected)
+        self._static_policy(schemas[plan.root], protected)
+        return False
+
     @staticmethod
     def _static_policy(root: Schema, protected: Mapping[str, DataPolicy]) -> None:
         if root.level != "rows":
@@ -395,7 +407,8 @@ class FrameEvaluator:
             pos = pos[keep]
         data = self._suppress_cells(data.copy() if any(cells.values()) else data, pos, cells, protected)
         members = _renumber(origin.members, pos, origin.n)
-        self._guard_release(party, protected, members, len(pos), origin.dup, n_src)
+        kept = {ds: counts[pos] for ds, counts in origin.sizes.items()}  # = bincount of the renumbered pairs
+        self._guard_release(party, protected, members, len(pos), origin.dup, n_src, kept)
         if origin.keys is not None:
             data = data.set_axis(origin.keys.take(pos), axis=0)
         return data, int(small.sum())
@@ -499,12 +512,14 @@ class FrameEvaluator:
         n_groups: int,
         dup: Mapping[str, bool],
         n_src: Mapping[str, int],
+        sizes: Mapping[str, IntArray] | None = None,
     ) -> None:
         staged = []
         for ds, (g, s) in members.items():
             pol = protected[ds]
             if pol.differencing_guard:
-                fp, rel = self._guard.prepare(g, s, n_groups, n_src[ds], dup.get(ds, False))
+                known = None if sizes is None else sizes.get(ds)
+                fp, rel = self._guard.prepare(g, s, n_groups, n_src[ds], dup.get(ds, False), known)
                 staged.append(((party, ds), fp, rel, pol.min_group_size))
         with self._guard_lock:
             for key, fp, rel, k in staged:

@@ -34,7 +34,6 @@ from mesatee_notebook.enclave.cluster.partitions import (
 )
 from mesatee_notebook.enclave.datasets import data_name, load_meta
 from mesatee_notebook.enclave.frame_eval import _Run
-from mesatee_notebook.enclave.frame_rules import _refuse_hidden_merge_keys, _refuse_record_values, _refuse_row_revealing
 from mesatee_notebook.enclave.frame_values import _FrameV, _Origin, _ScalarV, _SeriesV
 from mesatee_notebook.enclave.frames import FrameEvaluator, FrameResult
 from mesatee_notebook.enclave.services.frames import SealedGuardStore, SealedLedgerStore
@@ -306,10 +305,9 @@ class ClusterFrameEvaluator(FrameEvaluator):
         event.update(root_op=plan.nodes[plan.root].op, level=root.level, cluster="partial")
         protected = {name: pol} if owner != party else {}
         event["owner_only"] = not protected
-        _refuse_hidden_merge_keys(plan, schemas, protected)
-        _refuse_row_revealing(plan, schemas, protected)
-        _refuse_record_values(plan, schemas, protected)
-        self._static_policy(root, protected)
+        if self._static_checks(plan, schemas, protected):  # the base evaluator's refusals, in its order
+            msg = f"a DP-mode query of {name!r} is evaluated on the gathered frame, not by partitions"
+            raise PolicyViolation(msg, dataset=name, rule="dp")  # _evaluate never sends one here
         meta = ready_partitions(self.head, name)  # every worker holding a partition is alive and holds its key
         node = plan.nodes[plan.root]
         partial = _partial_plan(plan) if isinstance(node, GroupByAgg) else plan
