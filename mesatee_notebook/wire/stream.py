@@ -17,7 +17,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypedDict, cast
 
 from mesatee_notebook.errors import KernelConnectionError, MalformedFrame
 from mesatee_notebook.wire.digest import payload_hasher
@@ -28,6 +28,8 @@ __all__ = [
     "Allocator",
     "Message",
     "Progress",
+    "RecvOptions",
+    "SendOptions",
     "recv_message",
     "send_message",
 ]
@@ -47,6 +49,24 @@ class Allocator(Protocol):
     """Returns a writable buffer of exactly ``size`` bytes for an incoming payload."""
 
     def __call__(self, size: int) -> Any: ...
+
+
+class SendOptions(TypedDict, total=False):
+    """The keyword options of :func:`send_message` (and of ``Comm.send``, which passes them on)."""
+
+    digests: bool
+    progress: Progress | None
+    fds: Sequence[int]
+
+
+class RecvOptions(TypedDict, total=False):
+    """The keyword options of :func:`recv_message` (and of ``Comm.recv``, which passes them on)."""
+
+    allocator: Allocator | None
+    digests: bool
+    progress: Progress | None
+    want_fds: bool
+    body_timeout: float | None
 
 
 @dataclass(slots=True)
@@ -121,7 +141,7 @@ def send_message(
 ) -> list[str] | None:
     """Send one message; a payload is a buffer or a list of buffers sent back to back.
 
-    Returns the payload digest (``wire/digest.py``) of each payload when ``digests`` is true.
+    Returns the payload digest (BLAKE3 hex, ``wire/digest.py``) of each payload when ``digests`` is true.
     ``fds`` (Unix sockets only) travel as SCM_RIGHTS with the header. A message of at most 64 KiB of
     payloads goes out in one write (:func:`_send_small`); larger payloads stream from their own buffers.
     """
