@@ -73,8 +73,9 @@ def _bare_server(pem: str, port_q: mp.Queue, size: int, repeats: int, fresh: boo
         conn, _ = lsock.accept()
         tls = ctx.wrap_socket(conn, server_side=True)
         # A receiver that keeps what it receives gets fresh memory for every upload (as the kernel's memfds are):
-        # mapped once the upload has begun, so that faulting in (zeroing) its pages is inside the timed window.
-        buf: Any = mmap.mmap(-1, size) if fresh else warm
+        # private anonymous memory (what malloc gives), mapped once the upload has begun, so that faulting in
+        # (zeroing) its pages is inside the timed window.
+        buf: Any = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) if fresh else warm
         with memoryview(buf) as view:
             pos = 0
             while pos < size:
