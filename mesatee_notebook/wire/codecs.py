@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import ast
 import datetime
-import hashlib
 import io
 import math
 import pickle
@@ -40,6 +39,7 @@ import numpy as np
 
 from mesatee_notebook.errors import EncodingError, MalformedFrame
 from mesatee_notebook.wire.arrow_fast import SMALL_FRAME, small_numeric_frame, zero_copy_table
+from mesatee_notebook.wire.digest import payload_hasher
 
 __all__ = ["KINDS", "Encoded", "decode_value", "digest_parts", "encode_value", "describe"]
 
@@ -74,13 +74,13 @@ class Encoded:
         return sum(memoryview(p).nbytes for p in self.parts)
 
     def digest(self) -> str:
-        """SHA-256 of the payload bytes, as the receipt records it."""
+        """The payload digest (BLAKE3, ``wire/digest.py``) of the payload bytes, as the receipt records it."""
         return digest_parts(self.parts)
 
 
 def digest_parts(parts: list[Any]) -> str:
-    """SHA-256 hex digest of buffers taken back to back."""
-    h = hashlib.sha256()
+    """The payload digest (BLAKE3 hex) of buffers taken back to back."""
+    h = payload_hasher()
     for p in parts:
         h.update(memoryview(p).cast("B"))
     return h.hexdigest()

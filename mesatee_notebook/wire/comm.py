@@ -30,10 +30,10 @@ from __future__ import annotations
 import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Unpack
 
 from mesatee_notebook.wire.framing import Limits
-from mesatee_notebook.wire.stream import Allocator, Message, Progress, recv_message, send_message
+from mesatee_notebook.wire.stream import Message, RecvOptions, SendOptions, recv_message, send_message
 
 __all__ = [
     "DEFAULT_PORT",
@@ -61,28 +61,13 @@ class Comm(ABC):
 
     @abstractmethod
     def send(
-        self,
-        header: dict[str, Any],
-        payloads: Sequence[Any] = (),
-        *,
-        digests: bool = False,
-        progress: Progress | None = None,
-        fds: Sequence[int] = (),
+        self, header: dict[str, Any], payloads: Sequence[Any] = (), **options: Unpack[SendOptions]
     ) -> list[str] | None:
-        """Send one message; the payload digests when ``digests`` is set."""
+        """Send one message (options as ``wire.stream.send_message``); the payload digests when ``digests`` is set."""
 
     @abstractmethod
-    def recv(
-        self,
-        limits: Limits,
-        *,
-        allocator: Allocator | None = None,
-        digests: bool = False,
-        progress: Progress | None = None,
-        want_fds: bool = False,
-        body_timeout: float | None = None,
-    ) -> Message:
-        """Receive one message (EOFError on a clean close between messages)."""
+    def recv(self, limits: Limits, **options: Unpack[RecvOptions]) -> Message:
+        """Receive one message (options as ``wire.stream.recv_message``); EOFError on a clean close between messages."""
 
     @abstractmethod
     def close(self) -> None:
@@ -118,35 +103,12 @@ class SocketComm(Comm):
         self.peer = peer
 
     def send(
-        self,
-        header: dict[str, Any],
-        payloads: Sequence[Any] = (),
-        *,
-        digests: bool = False,
-        progress: Progress | None = None,
-        fds: Sequence[int] = (),
+        self, header: dict[str, Any], payloads: Sequence[Any] = (), **options: Unpack[SendOptions]
     ) -> list[str] | None:
-        return send_message(self.sock, header, payloads, digests=digests, progress=progress, fds=fds)
+        return send_message(self.sock, header, payloads, **options)
 
-    def recv(
-        self,
-        limits: Limits,
-        *,
-        allocator: Allocator | None = None,
-        digests: bool = False,
-        progress: Progress | None = None,
-        want_fds: bool = False,
-        body_timeout: float | None = None,
-    ) -> Message:
-        return recv_message(
-            self.sock,
-            limits,
-            allocator=allocator,
-            digests=digests,
-            progress=progress,
-            want_fds=want_fds,
-            body_timeout=body_timeout,
-        )
+    def recv(self, limits: Limits, **options: Unpack[RecvOptions]) -> Message:
+        return recv_message(self.sock, limits, **options)
 
     def close(self) -> None:
         try:

@@ -9,6 +9,7 @@ thread while the bytes move (``blake3`` releases the GIL on large buffers).
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import queue
 import socket
@@ -16,7 +17,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict, cast
 
 from mesatee_notebook.errors import KernelConnectionError, MalformedFrame
 from mesatee_notebook.wire.digest import payload_hasher
@@ -27,6 +28,8 @@ __all__ = [
     "Allocator",
     "Message",
     "Progress",
+    "RecvOptions",
+    "SendOptions",
     "recv_message",
     "send_message",
 ]
@@ -36,7 +39,7 @@ _INLINE_HASH = 1 << 20
 _COALESCE = 64 << 10  # a message with at most this many payload bytes goes out in one write
 _MAX_FDS = 64
 # Linux 5.14+; Python 3.11's mmap module does not name it yet.
-_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23) if sys.platform == "linux" else None
+_MADV_POPULATE_WRITE: int | None = int(getattr(mmap, "MADV_POPULATE_WRITE", 23)) if sys.platform == "linux" else None
 
 Progress = Callable[[int, int], None]
 """``progress(done_bytes, total_bytes)`` called after each chunk of a large payload."""
@@ -46,6 +49,24 @@ class Allocator(Protocol):
     """Returns a writable buffer of exactly ``size`` bytes for an incoming payload."""
 
     def __call__(self, size: int) -> Any: ...
+
+
+class SendOptions(TypedDict, total=False):
+    """The keyword options of :func:`send_message` (and of ``Comm.send``, which passes them on)."""
+
+    digests: bool
+    progress: Progress | None
+    fds: Sequence[int]
+
+
+class RecvOptions(TypedDict, total=False):
+    """The keyword options of :func:`recv_message` (and of ``Comm.recv``, which passes them on)."""
+
+    allocator: Allocator | None
+    digests: bool
+    progress: Progress | None
+    want_fds: bool
+    body_timeout: float | None
 
 
 @dataclass(slots=True)
@@ -120,7 +141,7 @@ def send_message(
 ) -> list[str] | None:
     """Send one message; a payload is a buffer or a list of buffers sent back to back.
 
-    Returns the payload digest (``wire/digest.py``) of each payload when ``digests`` is true.
+    Returns the payload digest (BLAKE3 hex, ``wire/digest.py``) of each payload when ``digests`` is true.
     ``fds`` (Unix sockets only) travel as SCM_RIGHTS with the header. A message of at most 64 KiB of
     payloads goes out in one write (:func:`_send_small`); larger payloads stream from their own buffers.
     """
@@ -196,20 +217,77 @@ def _digest_of(views: list[memoryview]) -> str:
     return h.hexdigest()
 
 
-def _populator(buf: Any) -> Callable[[int, int], None] | None:
-    """Pre-fault the pages of a large ``mmap`` buffer chunk by chunk; None when it does not apply."""
-    if _MADV_POPULATE_WRITE is None or not isinstance(buf, mmap.mmap):
+class _Prefaulter:
+    """Faults in a large ``mmap`` payload buffer on a helper thread, at most ``LEAD`` chunks ahead of the reads.
+
+    A fresh shared-memory page costs more to fault in (allocate, zero, account, map) than the bytes cost to
+    receive: about 0.5 CPU-s per GB here. Done on the reading thread, it stops the socket while the sender fills
+    the socket buffer and waits. On a helper thread it overlaps the reads; the lead bounds the memory committed
+    ahead of bytes that have arrived (a peer that stalls mid-frame commits at most ``LEAD`` chunks more).
+    ``mmap.madvise`` holds the GIL for the whole call, so the thread calls libc's ``madvise`` through ctypes
+    (which releases it) on an address pinned by a ctypes export of the buffer: the mapping cannot be closed under
+    the thread (``stop`` joins it before anyone unmaps). Where the advice is not there (not Linux, a kernel
+    before 5.14) nothing is done ahead: the reads' own page faults do the same work.
+    """
+
+    LEAD = 4
+
+    def __init__(self, buf: mmap.mmap, size: int) -> None:
+        self._size = size
+        self._credit = threading.Semaphore(self.LEAD)
+        self._stopped = False
+        self._pin: Any = (ctypes.c_char * size).from_buffer(buf)
+        self._thread = threading.Thread(target=self._run, name="mesatee-prefault", daemon=True)
+        try:
+            self._thread.start()
+        except BaseException:
+            self._pin = None
+            raise
+
+    @classmethod
+    def start(cls, buf: Any, size: int) -> _Prefaulter | None:
+        """A prefaulter for ``buf``, or None when it does not apply (a small or non-mmap buffer, no advice)."""
+        if size <= CHUNK or _madvise is None or _MADV_POPULATE_WRITE is None or not isinstance(buf, mmap.mmap):
+            return None
+        return cls(buf, size)
+
+    def _run(self) -> None:
+        assert _madvise is not None and _MADV_POPULATE_WRITE is not None
+        base = ctypes.addressof(self._pin)
+        try:
+            for off in range(0, self._size, CHUNK):
+                self._credit.acquire()
+                if self._stopped:
+                    return
+                if _madvise(base + off, min(CHUNK, self._size - off), _MADV_POPULATE_WRITE) != 0:
+                    return  # an older kernel (EINVAL) or no memory: the reads' page faults do it (or fail) instead
+        finally:
+            self._pin = None  # the export ends here, so the buffer can be closed once this thread is joined
+
+    def advance(self) -> None:
+        """One more chunk has been read: the thread may fault in one more ahead."""
+        self._credit.release()
+
+    def stop(self) -> None:
+        """Stop (the frame is complete, or was cut off) and wait for the thread: its export of the buffer ends."""
+        self._stopped = True
+        self._credit.release()
+        self._thread.join()
+
+
+def _libc_madvise() -> Callable[[int, int, int], int] | None:
+    if _MADV_POPULATE_WRITE is None:
         return None
-    state = {"ok": True}
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return cast("Callable[[int, int, int], int]", fn)
 
-    def populate(start: int, length: int) -> None:
-        if state["ok"]:
-            try:
-                buf.madvise(_MADV_POPULATE_WRITE, start, length)
-            except (OSError, ValueError):  # an older kernel: page faults do the same work
-                state["ok"] = False
 
-    return populate
+_madvise = _libc_madvise()
 
 
 def _recv_exact_into(sock: socket.socket, view: memoryview, what: str) -> None:
@@ -254,44 +332,67 @@ def _recv_payloads(
 ) -> None:
     """Receive every payload into ``payloads``; on any failure free what this frame allocated."""
     hasher: _Hasher | None = None
+    prefault: _Prefaulter | None = None
     buf: Any = None
-    done = 0
+    done = [0, payload_total]
     try:
         for size in sizes:
             buf = alloc(size)
-            with memoryview(buf) as raw_view, raw_view.cast("B") as view:
-                if view.nbytes != size:
-                    msg = "allocator returned a buffer of the wrong size"
-                    raise MalformedFrame(msg)
-                hasher = _Hasher(size) if out is not None else None
-                populate = _populator(buf) if size > CHUNK else None
-                for off in range(0, size, CHUNK):
-                    with view[off : off + CHUNK] as chunk:
-                        if populate is not None:
-                            populate(off, chunk.nbytes)
-                        _recv_exact_into(sock, chunk, "payload")
-                        if hasher is not None:
-                            hasher.update(chunk)
-                        done += chunk.nbytes
-                    if progress is not None and payload_total > CHUNK:
-                        progress(done, payload_total)
+            hasher = _Hasher(size) if out is not None else None
+            prefault = _Prefaulter.start(buf, size)
+            _recv_payload(sock, buf, size, hasher, prefault, progress, done)
+            if prefault is not None:
+                prefault.stop()
+                prefault = None
             if out is not None and hasher is not None:
                 out.append(hasher.hexdigest())
             hasher = None
             payloads.append(buf)
             buf = None
     except BaseException:
-        # A cut-off or refused frame: stop its hashing thread and unmap its buffers now, not at the next GC.
+        # A cut-off or refused frame: stop its helper threads and unmap its buffers now, not at the next GC.
+        if prefault is not None:
+            prefault.stop()
         if hasher is not None:
             hasher.abort()
-        for b in [*payloads, buf]:
-            if isinstance(b, mmap.mmap):
-                try:
-                    b.close()
-                except BufferError:  # still exported somewhere: the mapping goes with its last view
-                    pass
+        _unmap([*payloads, buf])
         payloads.clear()
         raise
+
+
+def _recv_payload(
+    sock: socket.socket,
+    buf: Any,
+    size: int,
+    hasher: _Hasher | None,
+    prefault: _Prefaulter | None,
+    progress: Progress | None,
+    done: list[int],
+) -> None:
+    """Receive one payload into ``buf`` chunk by chunk; ``done`` is [bytes so far, bytes in the frame]."""
+    with memoryview(buf) as raw_view, raw_view.cast("B") as view:
+        if view.nbytes != size:
+            msg = "allocator returned a buffer of the wrong size"
+            raise MalformedFrame(msg)
+        for off in range(0, size, CHUNK):
+            with view[off : off + CHUNK] as chunk:
+                _recv_exact_into(sock, chunk, "payload")
+                if prefault is not None:
+                    prefault.advance()
+                if hasher is not None:
+                    hasher.update(chunk)
+                done[0] += chunk.nbytes
+            if progress is not None and done[1] > CHUNK:
+                progress(done[0], done[1])
+
+
+def _unmap(buffers: list[Any]) -> None:
+    for b in buffers:
+        if isinstance(b, mmap.mmap):
+            try:
+                b.close()
+            except BufferError:  # still exported somewhere: the mapping goes with its last view
+                pass
 
 
 def recv_message(
