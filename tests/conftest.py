@@ -1,18 +1,95 @@
-"""Shared fixtures: real kernel processes on loopback, isolated data directories."""
+"""Shared fixtures: real kernel processes on loopback, isolated data directories; parallel runs (pytest-xdist).
+
+``bash scripts/test.sh`` runs the suite on two pytest-xdist workers (``-n 2 --dist loadgroup``). The hooks below
+keep that efficient and safe:
+
+- every test gets an ``xdist_group``: its module, or its whole directory where session fixtures are costly
+  (tests/cluster starts a scheduler and workers, tests/tpm three swtpm and a TPM kernel), so a module- or
+  session-scoped fixture starts once per group rather than on both workers;
+- a test marked ``serial`` (timing-sensitive: quotas, CPU-time limits, a runaway cell found by its CPU-seconds)
+  runs alone: it takes a run-wide lock exclusively, every other test takes it shared, so the other worker waits
+  between two of its tests until the serial one is done (a gate lock keeps the serial test from starving).
+
+Without xdist (``-p no:xdist`` or ``-n 0``) none of this does anything.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+#: directories whose tests share costly session fixtures: one xdist group each
+_DIRECTORY_GROUPS = ("cluster", "tpm")
+
+
+def _group_of(item: pytest.Item, root: Path) -> str:
+    rel = item.path.relative_to(root) if item.path.is_relative_to(root) else item.path
+    parts = rel.parts
+    if len(parts) > 2 and parts[0] == "tests" and parts[1] in _DIRECTORY_GROUPS:
+        return "/".join(parts[:2])
+    return rel.as_posix()
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks (its worker's hook appends "@group" to node ids)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(_group_of(item, config.rootpath)))
+
+
+class _RunLock:
+    """A readers-writer lock shared by the workers of one xdist run (flock on files in the run's base temp)."""
+
+    def __init__(self, directory: Path) -> None:
+        self._gate = (directory / "mesatee-serial.gate").open("a+")
+        self._rw = (directory / "mesatee-serial.lock").open("a+")
+
+    def acquire(self, exclusive: bool) -> None:
+        fcntl.flock(self._gate, fcntl.LOCK_EX)
+        if exclusive:
+            fcntl.flock(self._rw, fcntl.LOCK_EX)  # the gate stays held: no new shared holder meanwhile
+        else:
+            fcntl.flock(self._rw, fcntl.LOCK_SH)
+            fcntl.flock(self._gate, fcntl.LOCK_UN)
+
+    def release(self, exclusive: bool) -> None:
+        fcntl.flock(self._rw, fcntl.LOCK_UN)
+        if exclusive:
+            fcntl.flock(self._gate, fcntl.LOCK_UN)
+
+
+_RUN_LOCK = pytest.StashKey[_RunLock]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput") and config.option.basetemp:
+        # an xdist worker: its basetemp is <run's basetemp>/popen-gwN, the parent is shared by the run's workers only
+        config.stash[_RUN_LOCK] = _RunLock(Path(config.option.basetemp).parent)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    """Under xdist: hold the run lock over setup, call and teardown (module fixtures start and stop in them)."""
+    del nextitem
+    lock = item.config.stash.get(_RUN_LOCK, None)
+    if lock is None:
+        return (yield)
+    exclusive = item.get_closest_marker("serial") is not None
+    lock.acquire(exclusive)
+    try:
+        return (yield)
+    finally:
+        lock.release(exclusive)
 
 
 @dataclass
