@@ -47,6 +47,36 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group(_group_of(item, config.rootpath)))
 
 
+#: seconds per xdist group in a measured run (tests/xdist_weights.json); the scheduler hands out the heaviest group
+#: first, so a long module does not start last while the other worker has nothing left. A group not listed is
+#: estimated from its tests. A stale table only makes the order worse, never a test wrong.
+_WEIGHTS = Path(__file__).with_name("xdist_weights.json")
+
+
+def _estimate(items: list[pytest.Item]) -> float:
+    return sum(20.0 if item.get_closest_marker("slow") else 0.5 for item in items)
+
+
+def _group_name(item: pytest.Item) -> str:
+    mark = item.get_closest_marker("xdist_group")
+    if mark is None:
+        return ""
+    return str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+
+
+class _GroupOrder:
+    """Under ``--dist loadgroup`` on a worker: the items of the heaviest group first, each group's own order kept."""
+
+    @pytest.hookimpl(trylast=True)  # after pytest's own reordering for parametrized fixtures
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        groups: dict[str, list[pytest.Item]] = {}
+        for item in items:
+            groups.setdefault(_group_name(item), []).append(item)
+        known = json.loads(_WEIGHTS.read_text()) if _WEIGHTS.exists() else {}
+        order = sorted(groups, key=lambda g: -float(known.get(g, _estimate(groups[g]))))
+        items[:] = [item for g in order for item in groups[g]]
+
+
 class _RunLock:
     """A readers-writer lock shared by the workers of one xdist run (flock on files in the run's base temp)."""
 
@@ -72,6 +102,10 @@ _RUN_LOCK = pytest.StashKey[_RunLock]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("dist", "no") == "loadgroup":  # the controller
+        config.option.loadscopereorder = False  # keep the workers' order: heaviest group first (above)
+    if getattr(config.option, "loadgroup", False):  # a worker (xdist sets dist to "no" there)
+        config.pluginmanager.register(_GroupOrder(), "mesatee-xdist-group-order")
     if hasattr(config, "workerinput") and config.option.basetemp:
         # an xdist worker: its basetemp is <run's basetemp>/popen-gwN, the parent is shared by the run's workers only
         config.stash[_RUN_LOCK] = _RunLock(Path(config.option.basetemp).parent)
