@@ -37,7 +37,12 @@ def _group_of(item: pytest.Item, root: Path) -> str:
     parts = rel.parts
     if len(parts) > 2 and parts[0] == "tests" and parts[1] in _DIRECTORY_GROUPS:
         return "/".join(parts[:2])
-    return rel.as_posix()
+    # a module parametrized by a module-scoped fixture (the red team's root and user kernels) starts one fixture per
+    # parameter anyway: one group per parameter, so the two halves can run on two workers
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    split = sorted(f"{n}={v}" for n, v in params.items() if n in defs and defs[n][-1].scope == "module")
+    return rel.as_posix() + (f"[{','.join(split)}]" if split else "")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the marks (its worker's hook appends "@group" to node ids)
