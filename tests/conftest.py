@@ -3,9 +3,10 @@
 ``bash scripts/test.sh`` runs the suite on two pytest-xdist workers (``-n 2 --dist loadgroup``). The hooks below
 keep that efficient and safe:
 
-- every test gets an ``xdist_group``: its module, or its whole directory where session fixtures are costly
-  (tests/cluster starts a scheduler and workers, tests/tpm three swtpm and a TPM kernel), so a module- or
-  session-scoped fixture starts once per group rather than on both workers;
+- every test is in a group that runs on one worker: its module, or its whole directory where session fixtures are
+  costly (tests/cluster starts a scheduler and workers, tests/tpm three swtpm and a TPM kernel), so a module- or
+  session-scoped fixture starts once per group rather than on both workers (our own scheduler: xdist 3.8's loadgroup
+  does not group under pytest 9, see ``pytest_xdist_make_scheduler``); the heaviest group is handed out first;
 - a test marked ``serial`` (timing-sensitive: quotas, CPU-time limits, a runaway cell found by its CPU-seconds)
   runs alone: it takes a run-wide lock exclusively, every other test takes it shared, so the other worker waits
   between two of its tests until the serial one is done (a gate lock keeps the serial test from starving).
@@ -25,6 +26,7 @@ import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,15 +39,10 @@ def _group_of(item: pytest.Item, root: Path) -> str:
     parts = rel.parts
     if len(parts) > 2 and parts[0] == "tests" and parts[1] in _DIRECTORY_GROUPS:
         return "/".join(parts[:2])
-    # a module parametrized by a module-scoped fixture (the red team's root and user kernels) starts one fixture per
-    # parameter anyway: one group per parameter, so the two halves can run on two workers
-    params = getattr(getattr(item, "callspec", None), "params", {})
-    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
-    split = sorted(f"{n}={v}" for n, v in params.items() if n in defs and defs[n][-1].scope == "module")
-    return rel.as_posix() + (f"[{','.join(split)}]" if split else "")
+    return rel.as_posix()
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks (its worker's hook appends "@group" to node ids)
+@pytest.hookimpl(tryfirst=True)  # the marks say which group a test is in (the scheduler below groups by path)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
@@ -62,13 +59,6 @@ def _estimate(items: list[pytest.Item]) -> float:
     return sum(20.0 if item.get_closest_marker("slow") else 0.5 for item in items)
 
 
-def _group_name(item: pytest.Item) -> str:
-    mark = item.get_closest_marker("xdist_group")
-    if mark is None:
-        return ""
-    return str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
-
-
 class _GroupOrder:
     """Under ``--dist loadgroup`` on a worker: the items of the heaviest group first, each group's own order kept."""
 
@@ -76,10 +66,38 @@ class _GroupOrder:
     def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
         groups: dict[str, list[pytest.Item]] = {}
         for item in items:
-            groups.setdefault(_group_name(item), []).append(item)
+            groups.setdefault(_scope_of(item.nodeid), []).append(item)
         known = json.loads(_WEIGHTS.read_text()) if _WEIGHTS.exists() else {}
         order = sorted(groups, key=lambda g: -float(known.get(g, _estimate(groups[g]))))
         items[:] = [item for g in order for item in groups[g]]
+
+
+def _scope_of(nodeid: str) -> str:
+    """The group of a node id, as :func:`_group_of` names it (the controller sees node ids, not items)."""
+    path = nodeid.split("::", 1)[0]
+    parts = path.split("/")
+    if len(parts) > 2 and parts[0] == "tests" and parts[1] in _DIRECTORY_GROUPS:
+        return "/".join(parts[:2])
+    return path
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup``: one work unit per group of :func:`_scope_of`.
+
+    pytest-xdist 3.8's own loadgroup scheduler marks a group by rewriting ``item._nodeid``, which pytest 9 no longer
+    reads (``nodeid`` comes from ``_id``): every test became its own unit and module fixtures started on both workers.
+    This scheduler groups by path instead (a module, or tests/cluster and tests/tpm as a whole).
+    """
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling  # type: ignore[import-untyped]
+
+    class _PathGroups(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return _scope_of(nodeid)
+
+    return _PathGroups(config, log)
 
 
 class _RunLock:
