@@ -1,18 +1,158 @@
-"""Shared fixtures: real kernel processes on loopback, isolated data directories."""
+"""Shared fixtures: real kernel processes on loopback, isolated data directories; parallel runs (pytest-xdist).
+
+``bash scripts/test.sh`` runs the suite on two pytest-xdist workers (``-n 2 --dist loadgroup``). The hooks below
+keep that efficient and safe:
+
+- every test is in a group that runs on one worker: its module, or its whole directory where session fixtures are
+  costly (tests/cluster starts a scheduler and workers, tests/tpm three swtpm and a TPM kernel), so a module- or
+  session-scoped fixture starts once per group rather than on both workers (our own scheduler: xdist 3.8's loadgroup
+  does not group under pytest 9, see ``pytest_xdist_make_scheduler``); the heaviest group is handed out first;
+- a test marked ``serial`` (timing-sensitive: quotas, CPU-time limits, a runaway cell found by its CPU-seconds)
+  runs alone: it takes a run-wide lock exclusively, every other test takes it shared, so the other worker waits
+  between two of its tests until the serial one is done (a gate lock keeps the serial test from starving).
+
+Without xdist (``-p no:xdist`` or ``-n 0``) none of this does anything.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Generating examples slowly is the machine's load (two workers, other jobs), not a finding: the too_slow health
+# check failed test_codecs at load 15-20. Every property is still checked on every example it draws.
+settings.register_profile("mesatee", suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("mesatee")
+
+#: directories whose tests share costly session fixtures: one xdist group each
+_DIRECTORY_GROUPS = ("cluster", "tpm")
+
+
+def _group_of(item: pytest.Item, root: Path) -> str:
+    rel = item.path.relative_to(root) if item.path.is_relative_to(root) else item.path
+    parts = rel.parts
+    if len(parts) > 2 and parts[0] == "tests" and parts[1] in _DIRECTORY_GROUPS:
+        return "/".join(parts[:2])
+    return rel.as_posix()
+
+
+@pytest.hookimpl(tryfirst=True)  # the marks say which group a test is in (the scheduler below groups by path)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(_group_of(item, config.rootpath)))
+
+
+#: seconds per xdist group in a measured run (tests/xdist_weights.json); the scheduler hands out the heaviest group
+#: first, so a long module does not start last while the other worker has nothing left. A group not listed is
+#: estimated from its tests. A stale table only makes the order worse, never a test wrong.
+_WEIGHTS = Path(__file__).with_name("xdist_weights.json")
+
+
+def _estimate(items: list[pytest.Item]) -> float:
+    return sum(20.0 if item.get_closest_marker("slow") else 0.5 for item in items)
+
+
+class _GroupOrder:
+    """Under ``--dist loadgroup`` on a worker: the items of the heaviest group first, each group's own order kept."""
+
+    @pytest.hookimpl(trylast=True)  # after pytest's own reordering for parametrized fixtures
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        groups: dict[str, list[pytest.Item]] = {}
+        for item in items:
+            groups.setdefault(_scope_of(item.nodeid), []).append(item)
+        known = json.loads(_WEIGHTS.read_text()) if _WEIGHTS.exists() else {}
+        order = sorted(groups, key=lambda g: -float(known.get(g, _estimate(groups[g]))))
+        items[:] = [item for g in order for item in groups[g]]
+
+
+def _scope_of(nodeid: str) -> str:
+    """The group of a node id, as :func:`_group_of` names it (the controller sees node ids, not items)."""
+    path = nodeid.split("::", 1)[0]
+    parts = path.split("/")
+    if len(parts) > 2 and parts[0] == "tests" and parts[1] in _DIRECTORY_GROUPS:
+        return "/".join(parts[:2])
+    return path
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # optional: -p no:xdist leaves the hook undefined
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup``: one work unit per group of :func:`_scope_of`.
+
+    pytest-xdist 3.8's own loadgroup scheduler marks a group by rewriting ``item._nodeid``, which pytest 9 no longer
+    reads (``nodeid`` comes from ``_id``): every test became its own unit and module fixtures started on both workers.
+    This scheduler groups by path instead (a module, or tests/cluster and tests/tpm as a whole).
+    """
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling  # type: ignore[import-untyped]
+
+    class _PathGroups(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return _scope_of(nodeid)
+
+    return _PathGroups(config, log)
+
+
+class _RunLock:
+    """A readers-writer lock shared by the workers of one xdist run (flock on files in the run's base temp)."""
+
+    def __init__(self, directory: Path) -> None:
+        self._gate = (directory / "mesatee-serial.gate").open("a+")
+        self._rw = (directory / "mesatee-serial.lock").open("a+")
+
+    def acquire(self, exclusive: bool) -> None:
+        fcntl.flock(self._gate, fcntl.LOCK_EX)
+        if exclusive:
+            fcntl.flock(self._rw, fcntl.LOCK_EX)  # the gate stays held: no new shared holder meanwhile
+        else:
+            fcntl.flock(self._rw, fcntl.LOCK_SH)
+            fcntl.flock(self._gate, fcntl.LOCK_UN)
+
+    def release(self, exclusive: bool) -> None:
+        fcntl.flock(self._rw, fcntl.LOCK_UN)
+        if exclusive:
+            fcntl.flock(self._gate, fcntl.LOCK_UN)
+
+
+_RUN_LOCK = pytest.StashKey[_RunLock]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("dist", "no") == "loadgroup":  # the controller
+        config.option.loadscopereorder = False  # keep the workers' order: heaviest group first (above)
+    if getattr(config.option, "loadgroup", False):  # a worker (xdist sets dist to "no" there)
+        config.pluginmanager.register(_GroupOrder(), "mesatee-xdist-group-order")
+    if hasattr(config, "workerinput") and config.option.basetemp:
+        # an xdist worker: its basetemp is <run's basetemp>/popen-gwN, the parent is shared by the run's workers only
+        config.stash[_RUN_LOCK] = _RunLock(Path(config.option.basetemp).parent)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    """Under xdist: hold the run lock over setup, call and teardown (module fixtures start and stop in them)."""
+    del nextitem
+    lock = item.config.stash.get(_RUN_LOCK, None)
+    if lock is None:
+        return (yield)
+    exclusive = item.get_closest_marker("serial") is not None
+    lock.acquire(exclusive)
+    try:
+        return (yield)
+    finally:
+        lock.release(exclusive)
 
 
 @dataclass

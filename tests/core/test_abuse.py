@@ -175,6 +175,7 @@ def test_idle_connections_are_closed(strict_kernel: KernelProc) -> None:
     still_serving(strict_kernel)
 
 
+@pytest.mark.serial  # timing-sensitive: runs alone under pytest-xdist (tests/conftest.py)
 @pytest.mark.slow
 def test_an_idle_honest_client_stays_connected(strict_kernel: KernelProc) -> None:
     """The client pings while idle, so a notebook left alone keeps its session."""

@@ -68,6 +68,7 @@ def _stopped(pid: int, *, window_s: float = 2.0) -> bool:
         return True
 
 
+@pytest.mark.serial  # timing-sensitive: runs alone under pytest-xdist (tests/conftest.py)
 def test_runaway_cell_stops_when_its_client_is_killed(kernel: KernelProc) -> None:
     client = subprocess.Popen(
         [sys.executable, "-c", _CLIENT, kernel.url, kernel.fingerprint, kernel.measurement],

@@ -111,6 +111,7 @@ def test_anonymous_clients_share_one_quota_and_parties_keep_theirs(tight: Kernel
             s.close()
 
 
+@pytest.mark.serial  # timing-sensitive: runs alone under pytest-xdist (tests/conftest.py)
 @pytest.mark.slow
 def test_concurrent_calls_per_party(tight: KernelProc) -> None:
     a = mn.connect(tight.url, policy=tight.policy())

@@ -337,6 +337,7 @@ def test_timeout_stops_the_remote_cell(ip: InteractiveShell) -> None:
     assert ip.run_cell("%%mesatee\n'alive'").result == "alive"
 
 
+@pytest.mark.serial  # timing-sensitive (SIGINT 1 s into the cell): runs alone under pytest-xdist
 def test_interrupt_stops_the_remote_cell(ip: InteractiveShell) -> None:
     ip.run_cell("%%mesatee\nbefore_interrupt = 5")
     main = threading.main_thread().ident

@@ -10,6 +10,7 @@ host exactly as a kernel installed for that user would.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pwd
@@ -43,15 +44,19 @@ LIMITS = (
 
 
 def _ensure_user() -> pwd.struct_passwd:
-    try:
-        return pwd.getpwnam(RT_USER)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", RT_USER],
-            check=True,
-            capture_output=True,
-        )
-        return pwd.getpwnam(RT_USER)
+    """The red-team user, created once; a host-wide lock, since pytest-xdist workers (or two runs) may ask at once."""
+    lock = (Path("/run/lock") if os.path.isdir("/run/lock") else Path(tempfile.gettempdir())) / f"{RT_USER}.lock"
+    with lock.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            return pwd.getpwnam(RT_USER)
+        except KeyError:
+            subprocess.run(
+                ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", RT_USER],
+                check=True,
+                capture_output=True,
+            )
+            return pwd.getpwnam(RT_USER)
 
 
 def _needed_paths() -> list[str]:

@@ -269,6 +269,7 @@ def _count(marker: str) -> int:
     return n
 
 
+@pytest.mark.serial  # a bomb: runs alone under pytest-xdist, not starving the other worker's tests
 def test_fork_bomb_is_bounded(world: dict[str, Any]) -> None:
     m = _mallory(world)
     res = m.run(
@@ -287,6 +288,7 @@ def test_fork_bomb_is_bounded(world: dict[str, Any]) -> None:
     m.restart()
 
 
+@pytest.mark.serial  # a bomb: runs alone under pytest-xdist, not starving the other worker's tests
 def test_memory_bombs_are_typed_and_contained(world: dict[str, Any]) -> None:
     m = _mallory(world)
     # One huge allocation: the address-space limit says no, the session lives on.
@@ -389,6 +391,7 @@ def test_anonymous_sessions_do_not_share_sealed_files(world: dict[str, Any]) -> 
     _others_fine(world)
 
 
+@pytest.mark.serial  # timing-sensitive: runs alone under pytest-xdist (tests/conftest.py)
 def test_cpu_per_cell_is_limited(world: dict[str, Any]) -> None:
     m = _mallory(world)
     t0 = time.monotonic()

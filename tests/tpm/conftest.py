@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import KernelProc, start_kernel, stop_kernel
@@ -83,7 +84,17 @@ def start_swtpm(root: Path) -> Swtpm:
         capture_output=True,
         timeout=60,
     )
-    port = _free_port_pair()
+    for _ in range(5):  # a port found free can be taken before swtpm binds it (another worker, a kernel on port 0)
+        port = _free_port_pair()
+        proc = _serve_swtpm(root, state, port)
+        if proc is not None:
+            return Swtpm(f"swtpm:host=127.0.0.1,port={port}", port, ca / "swtpm-localca-rootca-cert.pem",
+                         ca / "issuercert.pem", proc)  # fmt: skip
+    raise RuntimeError(f"swtpm did not start: {(root / 'swtpm.log').read_text()}")
+
+
+def _serve_swtpm(root: Path, state: Path, port: int) -> subprocess.Popen[bytes] | None:
+    """swtpm serving ``state`` on ``port`` and ``port + 1``, once it listens on both itself; None if it exits."""
     log = (root / "swtpm.log").open("ab")
     proc = subprocess.Popen(
         [
@@ -98,17 +109,21 @@ def start_swtpm(root: Path) -> Swtpm:
         stdin=subprocess.DEVNULL,
     )  # fmt: skip
     log.close()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"swtpm exited: {(root / 'swtpm.log').read_text()}")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    return Swtpm(f"swtpm:host=127.0.0.1,port={port}", port, ca / "swtpm-localca-rootca-cert.pem",
-                 ca / "issuercert.pem", proc)  # fmt: skip
+            listening = {
+                c.laddr.port for c in psutil.Process(proc.pid).net_connections("tcp") if c.status == psutil.CONN_LISTEN
+            }
+        except psutil.Error:
+            listening = set()
+        if {port, port + 1} <= listening:
+            return proc
+        time.sleep(0.05)
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    return None
 
 
 def stop_swtpm(tpm: Swtpm) -> None:
