@@ -343,6 +343,7 @@ def test_interrupt_stops_the_remote_cell(ip: InteractiveShell) -> None:
     main = threading.main_thread().ident
     assert main is not None
     timer = threading.Timer(1.0, signal.pthread_kill, args=(main, signal.SIGINT))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a pytest-xdist worker ignores SIGINT
     started = time.monotonic()
     timer.start()
     try:
@@ -350,6 +351,7 @@ def test_interrupt_stops_the_remote_cell(ip: InteractiveShell) -> None:
             ip.run_cell("%%mesatee\nimport time\ntime.sleep(30)")
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - started < 15
     shown = render(info.value)
     assert shown.splitlines()[-1] == f"RemoteInterrupted: {info.value.message}" and info.value.message, shown
