@@ -343,7 +343,7 @@ def test_interrupt_stops_the_remote_cell(ip: InteractiveShell) -> None:
     main = threading.main_thread().ident
     assert main is not None
     timer = threading.Timer(1.0, signal.pthread_kill, args=(main, signal.SIGINT))
-    # Ctrl-C as a user's kernel sees it (KeyboardInterrupt): pytest-xdist's workers ignore SIGINT
+    # whatever an earlier module or a background start left on SIGINT, the timer's Ctrl-C must raise here
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
     timer.start()
