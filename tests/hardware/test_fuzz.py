@@ -103,3 +103,17 @@ def test_mutated_der_certificates(data: st.DataObject) -> None:
     blob = data.draw(mutated(der))
     only_typed(parse_cert_view, blob)
     only_typed(lambda d: verify_evidence(d, policy=POLICY), blob)
+
+
+@pytest.mark.parametrize("value", [b"\xd9", b"\xd8\x40\x82\x41", b"\xc1\x82\x41x\x41\xff", b"\x1c"])
+def test_broken_cbor_in_a_tcg_extension_is_malformed_evidence(value: bytes) -> None:
+    """cbor2 6's CBORDecodeError is no longer a ValueError: it must still become a typed AttestationError."""
+    import cbor2
+
+    from mesatee_notebook.attestation.hardware._certs import CertExtension
+    from mesatee_notebook.attestation.hardware.ratls import _decode_tcg
+
+    with pytest.raises(cbor2.CBORError):  # truncated, or a reserved/invalid item: broken CBOR to cbor2 itself
+        cbor2.loads(value)
+    with pytest.raises(AttestationError, match="cannot be parsed"):
+        _decode_tcg(CertExtension("2.23.133.5.4.9", False, value))

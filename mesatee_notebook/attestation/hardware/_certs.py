@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
+import cbor2
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -42,6 +43,7 @@ _PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
 _PEM_END = b"-----END CERTIFICATE-----"
 _PARSE_ERRORS = (
     ValueError,
+    cbor2.CBORError,  # not a ValueError since cbor2 6: a broken TCG/RA-TLS CBOR extension
     x509.InvalidVersion,  # not a ValueError: an X.509 version field outside v1..v3
     TypeError,
     IndexError,
