@@ -127,11 +127,7 @@ def p8_only(rows: int, rounds: int) -> None:
     with tempfile.TemporaryDirectory() as d:
         k = start_kernel(Path(d) / "k")
         try:
-            s = mn.connect(
-                k.url,
-                policy=mn.Policy(platform_roots=[k.fingerprint], measurements=[k.measurement]),
-                identity=Path(d) / "party",
-            )
+            s = mn.connect(k.url, policy=k.policy(), identity=Path(d) / "party")
             s.gbdt.train(higgs_like(2_000, seed=1), "label", params=PARAMS, num_boost_round=2, progress=False)
             idle = tree_pss(k.proc.pid)
             with TreePeak(k.proc.pid) as inline:
@@ -214,11 +210,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         k = start_kernel(Path(d) / "k")
         try:
-            s = mn.connect(
-                k.url,
-                policy=mn.Policy(platform_roots=[k.fingerprint], measurements=[k.measurement]),
-                identity=Path(d) / "party",
-            )
+            s = mn.connect(k.url, policy=k.policy(), identity=Path(d) / "party")
             warm = higgs_like(2_000, seed=1)
             s.gbdt.train(warm, "label", params=PARAMS, num_boost_round=2, progress=False)  # worker + xgboost import
             idle = tree_pss(k.proc.pid)
