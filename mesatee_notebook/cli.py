@@ -438,7 +438,11 @@ def _serve(args: argparse.Namespace) -> int:
     if args.cluster:
         from mesatee_notebook.enclave.cluster.head import attach_head
 
-        attach_head(kernel, args.cluster, args.cluster_platform_root, args.cluster_measurement)
+        mb = args.auto_partition_mb
+        auto = None if mb is None else int(mb * (1 << 20))
+        attach_head(
+            kernel, args.cluster, args.cluster_platform_root, args.cluster_measurement, auto_partition_bytes=auto
+        )
     # SIGTERM stops the kernel cleanly, like Ctrl-C: executors end and TPM objects are flushed
     # (swtpm without a resource manager would otherwise keep them).
     signal.signal(signal.SIGTERM, lambda signum, frame: kernel.stopping.set())

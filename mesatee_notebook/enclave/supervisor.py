@@ -292,8 +292,13 @@ class Kernel:
             from mesatee_notebook.enclave.cluster.head import cluster_call
 
             return cluster_call(self, party, header, payloads, fds)
-        if getattr(self, "cluster_head", None) is not None:  # frame.*, dataset.delete/upload on a partitioned dataset
-            from mesatee_notebook.enclave.cluster.head import partitioned_call
+        head = getattr(self, "cluster_head", None)
+        if head is not None:  # frame.*, dataset.delete/upload on a partitioned dataset
+            from mesatee_notebook.enclave.cluster.datasets import auto_partition_header
+            from mesatee_notebook.enclave.cluster.head import cluster_call, partitioned_call
+
+            if service == "dataset.upload" and (big := auto_partition_header(head, header, payloads, fds)):
+                return cluster_call(self, party, big, payloads, fds)  # big enough to spread over the workers
 
             try:
                 routed = partitioned_call(self, party, header)

@@ -79,6 +79,17 @@ def _cluster_parser(sub: Any) -> None:
         )
 
 
+def _megabytes(text: str) -> float:
+    try:
+        mb = float(text)
+    except ValueError:
+        mb = -1.0
+    if not 0 <= mb < 1e9:  # also NaN and inf
+        msg = f"expected a size in megabytes, at least 0 and under 1e9, not {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return mb
+
+
 def add_serve_arguments(sp: argparse.ArgumentParser) -> None:
     """``serve --cluster URL``: the kernel becomes the cluster's head (its only Dask client)."""
     sp.add_argument("--cluster", default=None, help="atls://HOST:PORT of an attested scheduler (cluster extra)")
@@ -89,6 +100,13 @@ def add_serve_arguments(sp: argparse.ArgumentParser) -> None:
         help="pinned platform of cluster nodes (repeat; default: this kernel's platform)",
     )
     sp.add_argument("--cluster-measurement", action="append", default=[], help="accepted node measurement (repeat)")
+    sp.add_argument(
+        "--auto-partition-mb",
+        type=_megabytes,
+        default=None,
+        metavar="MB",
+        help="partition a plain upload of at least MB megabytes (2^20 bytes) across the workers (default 1024; 0: off)",
+    )
 
 
 def run_cluster_command(args: argparse.Namespace) -> int:

@@ -33,9 +33,20 @@ if TYPE_CHECKING:
     from mesatee_notebook.enclave.cluster.head import ClusterHead
     from mesatee_notebook.enclave.supervisor import Kernel
 
-__all__ = ["MAX_PARTITIONS", "cell_dataset", "cluster_delete", "cluster_upload", "input_frame"]
+__all__ = [
+    "AUTO_PARTITION_BYTES",
+    "MAX_PARTITIONS",
+    "auto_partition_header",
+    "cell_dataset",
+    "cluster_delete",
+    "cluster_upload",
+    "input_frame",
+]
 
 MAX_PARTITIONS: Final = 1024
+#: A plain ``upload`` whose Arrow data is at least this big is partitioned across the workers (``serve --cluster
+#: URL --auto-partition-mb M``; 0 turns it off).
+AUTO_PARTITION_BYTES: Final = 1 << 30
 
 
 def input_frame(header: dict[str, Any], payloads: Sequence[Any], fds: Sequence[int]) -> pd.DataFrame:
@@ -57,6 +68,46 @@ def input_frame(header: dict[str, Any], payloads: Sequence[Any], fds: Sequence[i
         msg = "cluster.upload needs a pandas DataFrame as input 'data'"
         raise EncodingError(msg)
     return df
+
+
+def _data_bytes(header: dict[str, Any], payloads: Sequence[Any], fds: Sequence[int]) -> int | None:
+    """Bytes of the call's Arrow input ``data`` as received (None: no such input, or it is not Arrow)."""
+    import os
+
+    specs = [s for s in header.get("inputs", []) if isinstance(s, dict) and s.get("name") == "data"]
+    if len(specs) != 1 or specs[0].get("kind") != "arrow.frame":
+        return None
+    spec = specs[0]
+    try:
+        if "fd" in spec:
+            return os.fstat(fds[int(spec["fd"])]).st_size
+        return len(payloads[int(spec["inline"])])
+    except (IndexError, KeyError, ValueError, TypeError, OSError):
+        return None  # the upload itself reports the malformed reference
+
+
+def auto_partition_header(
+    head: ClusterHead, header: dict[str, Any], payloads: Sequence[Any], fds: Sequence[int]
+) -> dict[str, Any] | None:
+    """A ``dataset.upload`` big enough to partition, as the ``cluster.upload`` header to serve it; None: not one.
+
+    At least ``head.auto_partition_bytes`` of Arrow data becomes ``max(workers, ceil(bytes / threshold))``
+    partitions (at most :data:`MAX_PARTITIONS`): every worker holds a share and none more than the threshold. The
+    policy, quota, replace and ownership checks are those of ``cluster.upload``; the receipt's info names the
+    partitions, so the owner sees where the data went.
+    """
+    threshold = head.auto_partition_bytes
+    args = header.get("args")
+    if threshold <= 0 or head.partitions is None or not isinstance(args, dict) or "partitions" in args:
+        return None
+    size = _data_bytes(header, payloads, fds)
+    if size is None or size < threshold:
+        return None
+    workers = head._workers()
+    if not workers:
+        return None  # nothing to spread over: the upload stays on the head, as on one node
+    n = min(MAX_PARTITIONS, max(len(workers), -(-size // threshold)))
+    return {**header, "service": "cluster.upload", "args": {**args, "partitions": n}}
 
 
 def _partitions_arg(args: dict[str, Any]) -> int:

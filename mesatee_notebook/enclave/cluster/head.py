@@ -60,6 +60,8 @@ class ClusterHead:
         self._stop_refresh = node.identity.refresh_every()
         #: The head's dataset store and the cluster secret (set by attach_head; docs/cluster.md "Partition keys").
         self.partitions: PartitionBook | None = None
+        #: A plain upload of at least this many bytes is partitioned across the workers (0: never).
+        self.auto_partition_bytes = 0
 
     def close(self) -> None:
         self._stop_refresh.set()
@@ -165,8 +167,16 @@ class ClusterHead:
         }
 
 
-def attach_head(kernel: Kernel, url: str, roots: list[str], measurements: list[str]) -> ClusterHead:
-    """Make ``kernel`` the head of the cluster at ``url`` (``serve --cluster``)."""
+def attach_head(
+    kernel: Kernel, url: str, roots: list[str], measurements: list[str], *, auto_partition_bytes: int | None = None
+) -> ClusterHead:
+    """Make ``kernel`` the head of the cluster at ``url`` (``serve --cluster``).
+
+    ``auto_partition_bytes``: a plain upload at least this big is partitioned across the workers (default
+    :data:`~.datasets.AUTO_PARTITION_BYTES`; 0 turns it off).
+    """
+    from mesatee_notebook.enclave.cluster.datasets import AUTO_PARTITION_BYTES
+
     ident = kernel.identity
     if ident.platform_key is None:
         msg = "a cluster head needs a softtee platform (an unprotected kernel has none)"
@@ -180,6 +190,7 @@ def attach_head(kernel: Kernel, url: str, roots: list[str], measurements: list[s
     )
     node = make_node("head", ident.platform_key, kernel.platform_fingerprint, options)
     head = ClusterHead(url, node)
+    head.auto_partition_bytes = AUTO_PARTITION_BYTES if auto_partition_bytes is None else max(0, auto_partition_bytes)
     if kernel.sealing_secret:
         head.partitions = PartitionBook(kernel.sealed_store(), cluster_secret(kernel.sealing_secret))
     kernel.cluster_head = head  # type: ignore[attr-defined]
