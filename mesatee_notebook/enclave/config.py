@@ -38,6 +38,10 @@ class KernelConfig:
     cert_lifetime: float = 7 * 24 * 3600.0
     refresh_interval: float = 3600.0
     max_connections: int = 256
+    #: Connections that have not said hello yet; beyond this the oldest is closed (enclave/conn_slots.py).
+    max_pending_connections: int = 64
+    #: Connections one proven party may hold at once.
+    max_party_connections: int = 64
     body_timeout: float = 120.0
     handshake_timeout: float = 20.0
     tcti: str | None = None

@@ -103,6 +103,7 @@ class Connection:
         self.sessions: dict[str, KernelSession] = {}
         self.hello_done = False
         self.party: str | None = None
+        self.slotted = False  # a TCP connection holding one of the kernel's slots (enclave/conn_slots.py)
         self.kernel_nonce = secrets.token_hex(16)
 
     def reply(self, header: dict[str, Any], payloads: list[Any] | None = None) -> None:
@@ -216,8 +217,14 @@ class Connection:
         from mesatee_notebook.attestation.party_proof import verify_party_proof
 
         cert_sha = hashlib.sha256(self.cert_der).digest()
-        self.party = verify_party_proof(req.public_key, self.kernel_nonce, cert_sha, req.signature)
-        log.info("connection %s authenticated as party %s", self.peer, self.party[:16])
+        party = verify_party_proof(req.public_key, self.kernel_nonce, cert_sha, req.signature)
+        previous, self.party = self.party, party
+        if self.slotted and self.kernel.slots.party_full(self):
+            self.party = previous
+            limit = self.kernel.slots.max_per_party
+            text = f"party {party[:16]}… already holds {limit} connections to this kernel; close one first"
+            raise QuotaExceeded(text, limit="connections", value=limit)
+        log.info("connection %s authenticated as party %s", self.peer, party[:16])
         self.reply({"t": "auth.ok", "re": rid, "party": self.party})
 
     def on_whoami(self, req: Whoami, msg: Message, alloc: SharedAllocator, rid: Any) -> None:

@@ -24,6 +24,7 @@ from mesatee_notebook.attestation.measurement import build_manifest, prefetch
 from mesatee_notebook.enclave import receipting
 from mesatee_notebook.enclave.broker import answer_executor, dataset_for_cell
 from mesatee_notebook.enclave.config import AVAILABLE_LEVELS, KernelConfig
+from mesatee_notebook.enclave.conn_slots import ConnectionSlots
 from mesatee_notebook.enclave.connection import Connection
 from mesatee_notebook.enclave.hardening import harden_process
 from mesatee_notebook.enclave.hw_providers import open_level_hardware
@@ -163,6 +164,9 @@ class Kernel:
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._connections = 0
+        self.slots = ConnectionSlots(
+            config.max_connections, config.max_pending_connections, config.max_party_connections
+        )
         self._last_activity = time.monotonic()
         self._last_watch = time.monotonic()
         self._listener: socket.socket | None = None
@@ -387,14 +391,16 @@ class Kernel:
                     if self.stopping.is_set():
                         break
                     raise
+                peer = f"{addr[0]}:{addr[1]}"
+                token = self.slots.admit(conn, peer)  # may close an older pending or idle anonymous connection
+                if token is None:
+                    conn.close()
+                    log.warning("refused %s: every connection slot is held by a party at work", peer)
+                    continue
                 with self._lock:
-                    if self._connections >= self.config.max_connections:
-                        conn.close()
-                        log.warning("refused %s: too many connections", addr)
-                        continue
                     self._connections += 1
                     self._last_activity = time.monotonic()
-                threading.Thread(target=self._handle, args=(conn, f"{addr[0]}:{addr[1]}"), daemon=True).start()
+                threading.Thread(target=self._handle, args=(conn, peer, token), daemon=True).start()
         finally:
             self.shutdown()
 
@@ -429,7 +435,7 @@ class Kernel:
                 continue
             log.info("evidence and certificate refreshed")
 
-    def _handle(self, raw: socket.socket, peer: str) -> None:
+    def _handle(self, raw: socket.socket, peer: str, token: int) -> None:
         """A new TCP connection: the TLS handshake, then its requests (on this thread)."""
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -443,21 +449,29 @@ class Kernel:
                 log.info("TLS handshake with %s failed: %s", peer, exc)
                 raw.close()
                 return
+            if not self.slots.handed_over(token, sock):  # its slot was given to a newer connection meanwhile
+                sock.close()
+                return
             sock.settimeout(None)
-            self.serve_comm(TLSComm(sock, peer=peer), cert_der)
+            self.serve_comm(TLSComm(sock, peer=peer), cert_der, slot=token)
         except Exception:
             log.exception("connection %s failed unexpectedly", peer)
         finally:
+            self.slots.release(token)
             with self._lock:
                 self._connections -= 1
                 self._last_activity = time.monotonic()
 
-    def serve_comm(self, comm: Comm, cert_der: bytes | None = None) -> None:
+    def serve_comm(self, comm: Comm, cert_der: bytes | None = None, *, slot: int | None = None) -> None:
         """Serve one client over ``comm`` until it hangs up; its sessions close with it.
 
-        ``cert_der`` is the certificate the client was shown (a party's proof signs over it).
+        ``cert_der`` is the certificate the client was shown (a party's proof signs over it); ``slot``: the
+        connection's token in :attr:`slots` (TCP connections).
         """
         conn = Connection(self, comm, cert_der if cert_der is not None else self.identity.certificate_der)
+        if slot is not None:
+            self.slots.attach(slot, conn)
+            conn.slotted = True
         try:
             conn.serve()
         finally:
