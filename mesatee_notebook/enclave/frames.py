@@ -294,7 +294,7 @@ class FrameEvaluator:
             )
             raise PolicyViolation(msg, dataset=name, rule="dp_groups")
         frames = {n: df for n, (df, _, _) in stored.items()}
-        run = _Run(Plan(spec.input_id, plan.nodes), schemas, frames, set(protected))
+        run = _Run(Plan(spec.input_id, plan.nodes), schemas, frames, set(protected), isolate_rows=True)
         value = run.evaluate()
         assert isinstance(value, (_FrameV, _SeriesV))
         arrays = value.origin.rows.get(name)
