@@ -68,3 +68,20 @@ def test_predictions_on_a_dp_dataset_do_not_reset_the_privacy_budget(parties: di
     with pytest.raises(mn.PolicyViolation):
         pred = model.predict("rt_dp_rows")
         pred.count().collect(epsilon=1.0)
+
+
+def test_guard_histories_of_datasets_whose_names_share_a_prefix_stay_apart(parties: dict[str, Any]) -> None:
+    """The sealed guard history of ``rtg`` was listed by name prefix, so it took in ``rtg_more``'s releases too.
+
+    Their label arrays differ in length: the next release of ``rtg`` failed (an evaluation error), so whoever
+    names a dataset after yours could make your analysts' queries on it fail, or be refused for another
+    dataset's releases.
+    """
+    owner, analyst = parties["owner"], parties["analyst"]
+    policy = mn.DataPolicy(min_group_size=5)
+    owner.upload(pd.DataFrame({"x": np.arange(60)}), "rtg_more", policy=policy, replace=True)
+    owner.upload(pd.DataFrame({"x": np.arange(40)}), "rtg", policy=policy, replace=True)
+    assert len(analyst.dataframe("rtg_more")) == 60
+    assert len(analyst.dataframe("rtg")) == 40
+    rtg = analyst.dataframe("rtg")
+    assert int(rtg[rtg.x >= 10].x.count().collect()) == 30
