@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import mesatee_notebook as mn
@@ -66,4 +67,46 @@ def test_a_row_that_cannot_be_computed_is_no_oracle_in_dp_mode(lab: _Lab) -> Non
     # a cast that fails on the one missing value (IntCastingNaNError) is no oracle either
     res = sdf.assign(age=sdf.bonus.astype("int64")).age.sum().collect(epsilon=0.01)
     assert isinstance(res, mn.DPResult)
+    _no_traceback_in_log(lab.kernel)
+
+
+def _categories(value: Any) -> set[str]:
+    out: set[str] = set()
+    frame = value.to_frame() if hasattr(value, "to_frame") and not hasattr(value, "columns") else value
+    for idx in [frame.index, *(frame.index.levels if hasattr(frame.index, "levels") else [])]:
+        if hasattr(idx, "categories"):
+            out |= {str(c) for c in idx.categories}
+    for c in frame.columns:
+        if hasattr(frame[c], "cat"):
+            out |= {str(x) for x in frame[c].cat.categories}
+    return out
+
+
+def test_released_categorical_keys_carry_only_released_categories(lab: _Lab) -> None:
+    """A category key's released groups carried every category of the column, released or not.
+
+    The one record of ``tiny_village`` was suppressed (threshold mode) or not selected (DP partition selection),
+    yet its name came back in the result's categories: whether a record with that value exists leaked.
+    """
+    data = staff()
+    data["city"] = pd.Series([f"c{i % 5}" for i in range(len(data))])
+    data.loc[7, "city"] = "tiny_village"
+    data["city"] = data["city"].astype("category")
+    lab.owner.upload(data, "rt_cat_thr", policy=mn.DataPolicy(min_group_size=10, allow_rows=False), replace=True)
+    dp = mn.DP(epsilon=3.0, delta=1e-6, bounds={"salary": (0, 250_000)}, unit="id")
+    lab.owner.upload(data, "rt_cat_dp", policy=mn.DataPolicy(privacy=dp), replace=True)
+    analyst = mn.connect(lab.kernel.url, policy=lab.policy, identity=lab.root / "cat_analyst")
+    lab.sessions.append(analyst)
+    thr, dpf = analyst.dataframe("rt_cat_thr"), analyst.dataframe("rt_cat_dp")
+    released = [
+        thr.groupby("city").agg(n=("salary", "size")).collect(),
+        thr.groupby("city", as_index=False).agg(n=("salary", "size")).collect(),
+        thr.groupby(["city", "region"]).agg(n=("salary", "size")).collect(),
+        thr.city.value_counts().collect(),
+        dpf.groupby("city").agg(n=("salary", "size")).collect(epsilon=0.5, delta=1e-7).value,
+        dpf.value_counts("city").collect(epsilon=0.5, delta=1e-7).value,
+    ]
+    for value in released:
+        assert len(value) >= 1
+        assert "tiny_village" not in _categories(value), value
     _no_traceback_in_log(lab.kernel)
