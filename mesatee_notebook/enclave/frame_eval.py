@@ -34,6 +34,7 @@ from mesatee_notebook.enclave.frame_values import (
     _Origin,
     _positions,
     _range_positions,
+    _row_isolated,
     _rows_origin,
     _ScalarV,
     _SeriesV,
@@ -100,9 +101,16 @@ class _Run(_ReshapeVisitors):
     """One evaluation: visits the plan's nodes in order and keeps their values (more visitors: the mixin)."""
 
     def __init__(
-        self, plan: Plan, schemas: Mapping[str, Schema], frames: Mapping[str, pd.DataFrame], protected: set[str]
+        self,
+        plan: Plan,
+        schemas: Mapping[str, Schema],
+        frames: Mapping[str, pd.DataFrame],
+        protected: set[str],
+        *,
+        isolate_rows: bool = False,
     ) -> None:
         self.plan = plan
+        self.isolate_rows = isolate_rows  # the DP mode: a row an elementwise op cannot compute must not fail the query
         self.schemas = schemas
         self.frames = frames
         self.protected = protected
@@ -119,6 +127,23 @@ class _Run(_ReshapeVisitors):
                 raise FrameNotSupported(msg)
             self.values[nid] = visit(nid, node)
         return self.values[self.plan.root]
+
+    def _elementwise(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``; with ``isolate_rows``, a failure is confined to the rows that cause it (``_row_isolated``)."""
+        try:
+            return fn(*args)
+        except Exception:
+            if not self.isolate_rows:
+                raise
+        data = [a for a in args if isinstance(a, (pd.Series, pd.DataFrame))]
+        index = data[0].index
+        for other in data[1:]:
+            if not other.index.equals(index):
+                index = index.union(other.index)  # what pandas' alignment of the operands gives
+        if not index.is_unique:
+            return fn(*args)  # not row by row: the error stands
+        aligned = tuple(a.reindex(index) if isinstance(a, (pd.Series, pd.DataFrame)) else a for a in args)
+        return _row_isolated(fn, aligned, index)
 
     def _get(self, ref: Any) -> _Value:
         return self.values[ref]
@@ -214,13 +239,14 @@ class _Run(_ReshapeVisitors):
 
     def visit_FillNA(self, nid: str, node: FillNA) -> _Value:
         v = self._rows(self._get(node.input))
-        return self._like(v, self._data(v).fillna(node.value))
+        return self._like(v, self._elementwise(lambda d: d.fillna(node.value), self._data(v)))
 
     def visit_AsType(self, nid: str, node: AsType) -> _Value:
         v = self._rows(self._get(node.input))
         spec: Any = node.dtype
         data: Any = self._data(v)
-        return self._like(v, data.astype(spec if isinstance(spec, str) else dict(spec)))
+        dtype = spec if isinstance(spec, str) else dict(spec)
+        return self._like(v, self._elementwise(lambda d: d.astype(dtype), data))
 
     def visit_SortValues(self, nid: str, node: SortValues) -> _Value:
         v = self._rows(self._get(node.input))
@@ -408,23 +434,24 @@ class _Run(_ReshapeVisitors):
                 cells = _min_cells(cells, sv.cells)
                 origin = sv.origin
         assert origin is not None
-        return _SeriesV(fn(operands[0], operands[1]), origin, cells)
+        return _SeriesV(self._elementwise(fn, operands[0], operands[1]), origin, cells)
 
     def visit_Unary(self, nid: str, node: Unary) -> _Value:
         v = self._series(node.input)
         op = node.uop
-        out = -v.s if op == "neg" else ~v.s if op == "invert" else v.s.abs()
+        out = self._elementwise(lambda s: -s if op == "neg" else ~s if op == "invert" else s.abs(), v.s)
         return _SeriesV(out, v.origin, v.cells)
 
     def visit_IsIn(self, nid: str, node: IsIn) -> _Value:
         v = self._series(node.input)
-        return _SeriesV(v.s.isin(list(node.values)), v.origin, v.cells)
+        return _SeriesV(self._elementwise(lambda s: s.isin(list(node.values)), v.s), v.origin, v.cells)
 
     # -- issue 16: pandas as users know it ------------------------------
 
     def visit_Map(self, nid: str, node: Map) -> _Value:
         v = self._series(node.input)
-        return _SeriesV(_map_series(v.s, node.func, tuple(node.args_)), v.origin, v.cells)
+        out = self._elementwise(lambda s: _map_series(s, node.func, tuple(node.args_)), v.s)
+        return _SeriesV(out, v.origin, v.cells)
 
     def visit_Window(self, nid: str, node: Window) -> _Value:
         v = self._series(node.input)
@@ -450,7 +477,7 @@ class _Run(_ReshapeVisitors):
             ov = self._series(a.other)
             other, cells = ov.s, _min_cells(cells, ov.cells)
         mask = cond.s if cond.s.index.equals(v.s.index) else cond.s.reindex(v.s.index)
-        out = v.s.where(mask, other) if a.keep else v.s.mask(mask, other)
+        out = self._elementwise(lambda s, m, o: s.where(m, o) if a.keep else s.mask(m, o), v.s, mask, other)
         return _SeriesV(out, v.origin, cells)
 
     def visit_Distinct(self, nid: str, node: Distinct) -> _Value:

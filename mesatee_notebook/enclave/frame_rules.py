@@ -353,3 +353,35 @@ def _dp_shape(
         else:
             result, accuracy = result[node.args["name"]], accuracy[node.args["name"]]
     return result, accuracy
+
+
+def _released_categories(value: Any) -> Any:
+    """``value`` with only the categories (and MultiIndex level values) that its released rows hold.
+
+    pandas keeps every category of a key in a group-by's result, and every level value in a MultiIndex after
+    rows are taken from it, so a suppressed (or not selected) group's key would leave with the released ones:
+    whether a record with that value exists. Arrow carries a categorical's whole dictionary to the client.
+    """
+    if not isinstance(value, (pd.DataFrame, pd.Series)):
+        return value
+    if isinstance(value, pd.DataFrame):
+        cats = [i for i, dt in enumerate(value.dtypes) if isinstance(dt, pd.CategoricalDtype)]
+        if cats:
+            value = value.copy()
+            for i in cats:
+                value.isetitem(i, value.iloc[:, i].cat.remove_unused_categories())
+    elif isinstance(value.dtype, pd.CategoricalDtype):
+        value = value.cat.remove_unused_categories()
+    return value.set_axis(_released_index(value.index), axis=0)
+
+
+def _released_index(index: pd.Index) -> pd.Index:
+    if isinstance(index, pd.CategoricalIndex):
+        return index.remove_unused_categories()
+    if isinstance(index, pd.MultiIndex):
+        index = index.remove_unused_levels()
+        levels: list[Any] = [
+            lv.remove_unused_categories() if isinstance(lv, pd.CategoricalIndex) else lv for lv in index.levels
+        ]
+        return index.set_levels(levels, verify_integrity=False)
+    return index

@@ -412,3 +412,50 @@ def _codes(ngroup: pd.Series) -> IntArray:
     if arr.dtype.kind == "f":
         return np.asarray(np.nan_to_num(arr, nan=-1.0), dtype=np.int64)
     return np.asarray(arr, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------
+# Row-isolated evaluation (the DP mode)
+
+
+def _row_isolated(fn: Callable[..., Any], args: tuple[Any, ...], index: pd.Index) -> Any:
+    """``fn(*args)`` (series/frames aligned on ``index``, or scalars), where a row it cannot compute gets a stand-in.
+
+    The DP mode calls this when the vectorised call raised: whether a query fails must not depend on one
+    record (``2 ** (salary - t)`` raises iff some salary < t: an exact bit per query, past the noise). The rows
+    are bisected until each failing row is alone; each failing row's value is then missing where the result's
+    dtype can say so, else 0 / False, so the result keeps the dtype the other rows give and depends on each row
+    only through that row.
+    """
+    parts: list[Any] = []
+    failed: list[int] = []
+    stack = [(0, len(index))]
+    while stack:
+        lo, hi = stack.pop()
+        if lo >= hi:
+            continue
+        try:
+            parts.append(fn(*(a.iloc[lo:hi] if isinstance(a, (pd.Series, pd.DataFrame)) else a for a in args)))
+        except Exception:  # any failure of this block of rows: bisect it
+            if hi - lo == 1:
+                failed.append(lo)
+            else:
+                mid = (lo + hi) // 2
+                stack += [(mid, hi), (lo, mid)]
+    if not parts:  # every row failed: the empty call says what the result is (a frame or series, its dtype)
+        parts.append(fn(*(a.iloc[0:0] if isinstance(a, (pd.Series, pd.DataFrame)) else a for a in args)))
+    out = pd.concat(parts) if len(parts) > 1 else parts[0]
+    natural = out.dtypes if isinstance(out, pd.DataFrame) else out.dtype
+    out = out.reindex(index)
+    if failed:
+        out = _stand_in(out, natural)
+    return out
+
+
+def _stand_in(out: Any, natural: Any) -> Any:
+    """Fill the rows ``reindex`` left missing with a value of the natural dtype (numpy numbers and bools: 0/False)."""
+    if isinstance(out, pd.DataFrame):
+        return out.assign(**{str(c): _stand_in(out[c], natural[c]) for c in out.columns})
+    if isinstance(natural, np.dtype) and natural.kind in "iub":
+        return out.fillna(natural.type(0)).astype(natural)
+    return out

@@ -63,6 +63,7 @@ from mesatee_notebook.enclave.frame_rules import (
     _refuse_hidden_merge_keys,
     _refuse_record_values,
     _refuse_row_revealing,
+    _released_categories,
 )
 from mesatee_notebook.enclave.frame_values import (
     Cells,
@@ -294,7 +295,7 @@ class FrameEvaluator:
             )
             raise PolicyViolation(msg, dataset=name, rule="dp_groups")
         frames = {n: df for n, (df, _, _) in stored.items()}
-        run = _Run(Plan(spec.input_id, plan.nodes), schemas, frames, set(protected))
+        run = _Run(Plan(spec.input_id, plan.nodes), schemas, frames, set(protected), isolate_rows=True)
         value = run.evaluate()
         assert isinstance(value, (_FrameV, _SeriesV))
         arrays = value.origin.rows.get(name)
@@ -325,6 +326,7 @@ class FrameEvaluator:
             n_max=priv.max_rows_per_unit * max(len(source), 1),
         )  # fmt: skip
         released, accuracy = _dp_shape(agg, keys, spec, plan, schemas)
+        released, accuracy = _released_categories(released), _released_categories(accuracy)
         meta: dict[str, Any] = {
             "dataset": name,
             "epsilon": eps_q,
@@ -411,7 +413,7 @@ class FrameEvaluator:
         self._guard_release(party, protected, members, len(pos), origin.dup, n_src, kept)
         if origin.keys is not None:
             data = data.set_axis(origin.keys.take(pos), axis=0)
-        return data, int(small.sum())
+        return (_released_categories(data) if protected else data), int(small.sum())
 
     def _release_scalar(
         self, value: _ScalarV, protected: Mapping[str, DataPolicy], party: str, n_src: Mapping[str, int]

@@ -82,7 +82,8 @@ class SealedGuardStore:
         prefix = self._prefix(party, dataset)
         out = []
         for name in sorted(ctx.seal_list(prefix)):
-            out.append((bytes.fromhex(name.rsplit("/", 1)[1]), ctx.seal_get(name)))
+            if name.startswith(prefix + "/"):  # the listing is by name prefix: "guard/P/ab" lists "guard/P/abc/..." too
+                out.append((bytes.fromhex(name.rsplit("/", 1)[1]), ctx.seal_get(name)))
         return out
 
     def save(self, party: str, dataset: str, fp: bytes, release: bytes) -> None:
