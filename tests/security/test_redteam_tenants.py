@@ -51,12 +51,6 @@ def _own_model(analyst: mn.Session) -> Any:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hole (gbdt.predict / tvm run -> store_derived, enclave/services/gbdt.py): predictions on a DP-mode "
-    "dataset become a new dataset under the same DP policy but a new name, so the analyst gets a fresh privacy "
-    "budget (the ledger is keyed by dataset name) per predict call",
-)
 def test_predictions_on_a_dp_dataset_do_not_reset_the_privacy_budget(parties: dict[str, Any]) -> None:
     analyst = parties["analyst"]
     sdf = analyst.dataframe("rt_dp_rows")

@@ -13,7 +13,42 @@ from mesatee_notebook.enclave.services.datasets import load_dataset, load_meta
 from mesatee_notebook.errors import NotFound
 from mesatee_notebook.wire.datapolicy import DataPolicy
 
-__all__ = ["SealedDatasets"]
+__all__ = ["SealedDatasets", "budget_root"]
+
+
+def budget_root(ctx: ServiceContext, dataset: str) -> str:
+    """The dataset whose DP budget and differencing-guard history ``dataset`` shares.
+
+    A dataset derived from another's rows (``gbdt.predict``/``tvm.run`` on a stored dataset keep one prediction per
+    source row, under the source's policy) is charged to its root: otherwise each new prediction dataset would come
+    with a fresh privacy budget and a fresh guard history over the same people (red team, session 6).
+    """
+    try:
+        derived = load_meta(ctx, dataset).get("derived")
+    except (NotFound, ValueError):
+        return dataset
+    if not isinstance(derived, dict):
+        return dataset
+    root = derived.get("root") or derived.get("from")  # "from": datasets derived before "root" was recorded
+    return str(root) if root else dataset
+
+
+class _Roots:
+    """``budget_root`` per dataset name, remembered for one call (a name may be deleted and reused later)."""
+
+    def __init__(self, sink: dict[str, Any]) -> None:
+        self._sink = sink
+        self._seen: tuple[int, dict[str, str]] = (0, {})
+
+    def __call__(self, dataset: str) -> str:
+        ctx: ServiceContext = self._sink["ctx"]
+        key, cache = self._seen
+        if key != id(ctx):
+            cache = {}
+            self._seen = (id(ctx), cache)
+        if dataset not in cache:
+            cache[dataset] = budget_root(ctx, dataset)
+        return cache[dataset]
 
 
 class SealedDatasets(Mapping[str, tuple[pd.DataFrame, DataPolicy, str]]):
@@ -49,22 +84,33 @@ class SealedLedgerStore:
 
     def __init__(self, sink: dict[str, Any]) -> None:
         self._sink = sink
+        self._root = _Roots(sink)
 
     def _ctx(self) -> ServiceContext:
         ctx: ServiceContext = self._sink["ctx"]
         return ctx
 
+    def _canon(self, name: str) -> str:
+        """``dp/DATASET/...`` as ``dp/ROOT/...``: a derived dataset's entries are its root's (:func:`budget_root`)."""
+        parts = name.split("/", 2)
+        if len(parts) == 3 and parts[0] == "dp" and parts[1]:
+            root = self._root(parts[1])
+            if root != parts[1]:
+                return f"dp/{root}/{parts[2]}"
+        return name
+
     def put(self, name: str, data: bytes) -> None:
-        self._ctx().seal_put(name, data)
+        self._ctx().seal_put(self._canon(name), data)
 
     def get(self, name: str) -> bytes:
-        return bytes(self._ctx().seal_get(name))
+        return bytes(self._ctx().seal_get(self._canon(name)))
 
     def list(self, prefix: str) -> list[str]:
+        prefix = self._canon(prefix)
         return [n for n in self._ctx().seal_list(prefix.rstrip("/")) if n.startswith(prefix)]
 
     def delete(self, name: str) -> None:
-        self._ctx().seal_delete(name)
+        self._ctx().seal_delete(self._canon(name))
 
 
 class SealedGuardStore:
@@ -72,10 +118,10 @@ class SealedGuardStore:
 
     def __init__(self, sink: dict[str, Any]) -> None:
         self._sink = sink
+        self._root = _Roots(sink)
 
-    @staticmethod
-    def _prefix(party: str, dataset: str) -> str:
-        return f"guard/{party}/{dataset}"
+    def _prefix(self, party: str, dataset: str) -> str:
+        return f"guard/{party}/{self._root(dataset)}"  # a derived dataset's releases count in its root's history
 
     def load(self, party: str, dataset: str) -> list[tuple[bytes, bytes]]:
         ctx: ServiceContext = self._sink["ctx"]

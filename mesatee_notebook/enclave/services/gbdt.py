@@ -151,6 +151,8 @@ def store_derived(
     dataset's public description for the caller.
     """
     assert source.policy is not None and source.dataset is not None
+    from mesatee_notebook.enclave.services.frames import budget_root
+
     name = validate_dataset_name(name or f"{derived.get('kind', 'result')}_{secrets.token_hex(6)}")
     try:
         load_meta(ctx, name)
@@ -172,7 +174,8 @@ def store_derived(
         "rows": len(frame),
         "sha256": digest,
         "created": time.time(),
-        "derived": {**derived, "from": source.dataset, "by": ctx.party},
+        # its DP budget and differencing history are its root's (services/frames.py budget_root)
+        "derived": {**derived, "from": source.dataset, "root": budget_root(ctx, source.dataset), "by": ctx.party},
     }
     ctx.seal_put(meta_name(name, prefix=""), json.dumps(meta).encode())
     ctx.audit("result", {"derived_dataset": name, "from": source.dataset, **derived}, concerns=[source.owner])
