@@ -304,7 +304,8 @@ def _dp_groups(data: pd.DataFrame, spec: _DPSpec, priv: DP) -> tuple[IntArray, i
         keys = levels[0] if len(levels) == 1 else pd.MultiIndex.from_product(levels)
         return codes, len(keys), keys
     dropna = bool(spec.args.get("dropna", True))
-    sort = bool(spec.args.get("sort", True))
+    # Keys in key order, whatever ``sort`` says: the order they first occur in is the rows' (one record moves it).
+    sort = True
     if len(spec.by) == 1:  # one key: a single hash pass; sort the few distinct keys, not the rows
         seen, uniques = pd.factorize(data[spec.by[0]], use_na_sentinel=dropna)
         keys = pd.Index(uniques, name=spec.by[0])

@@ -455,7 +455,10 @@ def _row_isolated(fn: Callable[..., Any], args: tuple[Any, ...], index: pd.Index
 def _stand_in(out: Any, natural: Any) -> Any:
     """Fill the rows ``reindex`` left missing with a value of the natural dtype (numpy numbers and bools: 0/False)."""
     if isinstance(out, pd.DataFrame):
-        return out.assign(**{str(c): _stand_in(out[c], natural[c]) for c in out.columns})
+        out = out.copy()
+        for i in range(out.shape[1]):
+            out.isetitem(i, _stand_in(out.iloc[:, i], natural.iloc[i]))
+        return out
     if isinstance(natural, np.dtype) and natural.kind in "iub":
         return out.fillna(natural.type(0)).astype(natural)
     return out

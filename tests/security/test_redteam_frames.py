@@ -31,10 +31,10 @@ class _Lab:
         self.owner.upload(data, "rt_dp_staff", policy=POLICY, replace=True)
         self.sessions: list[mn.Session] = [self.owner]
 
-    def attacker(self, name: str) -> Any:
+    def attacker(self, name: str, dataset: str = "rt_dp_staff") -> Any:
         s = mn.connect(self.kernel.url, policy=self.policy, identity=self.root / name)
         self.sessions.append(s)
-        return s.dataframe("rt_dp_staff")
+        return s.dataframe(dataset)
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +110,22 @@ def test_released_categorical_keys_carry_only_released_categories(lab: _Lab) -> 
         assert len(value) >= 1
         assert "tiny_village" not in _categories(value), value
     _no_traceback_in_log(lab.kernel)
+
+
+def test_dp_groups_do_not_come_in_the_order_of_the_records(lab: _Lab) -> None:
+    """``groupby(sort=False)`` released the selected keys in the order they first occur in the rows.
+
+    That order is one record's (here row 0's region) and moved with it, whatever the noise: two datasets that
+    differ in one record gave two orders. Released keys now come in key order.
+    """
+    dp = mn.DP(epsilon=3.0, delta=1e-6, bounds={"salary": (0, 250_000)}, unit="id")
+    orders = []
+    for first in ("west", "east"):
+        data = staff()
+        data.loc[0, "region"] = first
+        lab.owner.upload(data, f"rt_order_{first}", policy=mn.DataPolicy(privacy=dp), replace=True)
+        sdf = lab.attacker(f"order_{first}", f"rt_order_{first}")
+        res = sdf.groupby("region", sort=False).agg(n=("salary", "size")).collect(epsilon=1.0, delta=1e-7)
+        assert set(res.value.index) == {"east", "north", "south", "west"}
+        orders.append(list(res.value.index))
+    assert orders[0] == orders[1]
