@@ -18,7 +18,7 @@ import pytest
 
 import mesatee_notebook as mn
 import mesatee_notebook.remote.session as remote_session
-from mesatee_notebook.errors import MalformedFrame
+from mesatee_notebook.errors import MalformedFrame, NotFound
 from mesatee_notebook.wire.codecs import Encoded
 from tests.conftest import KernelProc
 
@@ -98,17 +98,21 @@ def test_crafted_arrow_uploads_get_typed_errors(
     assert "Traceback" not in (kernel.data_dir / "serve.log").read_text(errors="replace")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hole (enclave/services/datasets.py upload): column names the plan format refuses (empty, NUL-led, "
-    "over 1024 characters, non-strings) are accepted, and the dataset then cannot be opened by anyone",
-)
 def test_an_upload_refuses_column_names_no_query_can_name(
     kernel: KernelProc, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     policy = cast("mn.Policy", kernel.policy())
     with mn.connect(kernel.url, policy=policy, identity=tmp_path / "owner") as owner:
         upload = _uploader(monkeypatch, owner)
-        with pytest.raises(MalformedFrame):
-            upload("rt_badnames", pa.table({"": range(20), "ok": range(20)}))
-        owner.dataframe("rt_badnames")  # not reached before the fix: the upload is refused
+        bad = [
+            pa.table({"": range(20), "ok": range(20)}),
+            pa.table({"\x00x": range(20)}),
+            pa.table({"x" * 1025: range(20)}),
+            pa.Table.from_arrays([pa.array(range(20)), pa.array(range(20))], names=["a", "a"]),
+        ]
+        for i, table in enumerate(bad):
+            with pytest.raises(MalformedFrame):
+                upload(f"rt_badnames{i}", table)
+            with pytest.raises(NotFound):  # refused whole: nothing was stored
+                owner.dataframe(f"rt_badnames{i}")
+        assert owner.run("1 + 1").value == 2

@@ -11,7 +11,7 @@ import pandas as pd
 
 from mesatee_notebook.enclave.datasets import data_name, meta_name, validate_dataset_name
 from mesatee_notebook.enclave.services import ServiceContext, ServiceResult, service
-from mesatee_notebook.errors import EncodingError, NotFound, PolicyViolation
+from mesatee_notebook.errors import EncodingError, MalformedFrame, NotFound, PolicyViolation
 from mesatee_notebook.wire.codecs import decode_value, encode_value
 from mesatee_notebook.wire.datapolicy import DataPolicy
 
@@ -68,7 +68,21 @@ def public_info(meta: dict[str, Any], party: str) -> dict[str, Any]:
 
 
 def upload_policy(args: dict[str, Any], df: pd.DataFrame) -> DataPolicy:
-    """The upload's ``args['policy']``, checked against the frame (a DP policy may name only columns it has)."""
+    """The upload's ``args['policy']``, checked against the frame (a DP policy may name only columns it has).
+
+    The frame's column names must be names a plan can say (a non-empty string of at most 1024 characters, not
+    starting with NUL, each once): otherwise the dataset could be stored but never opened (red team, session 6).
+    """
+    from mesatee_notebook.wire.schema import check_name
+
+    for c in df.columns:
+        if check_name(c, f"column name {str(c)[:40]!r}") == "":
+            msg = "a column name must not be empty: name every column before uploading"
+            raise MalformedFrame(msg)
+    if df.columns.has_duplicates:
+        dup = sorted({str(c) for c in df.columns[df.columns.duplicated()]})[:5]
+        msg = f"column names must be unique; repeated: {dup}"
+        raise MalformedFrame(msg)
     policy = DataPolicy.from_dict(dict(args.get("policy") or {}))
     if policy.privacy is not None:
         named = [policy.privacy.unit] if policy.privacy.unit is not None else []
