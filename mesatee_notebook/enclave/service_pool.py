@@ -206,6 +206,11 @@ class ServicePool:
             worker.kill()
         return True
 
+    def forget_party(self, party: str) -> None:
+        """Serve ``party``'s next call as ``fresh`` (its worker re-reads the party's sealed state first)."""
+        with self._cond:
+            self._last_slot.pop(party, None)
+
     def status(self) -> dict[str, Any]:
         """Workers, running calls and queue lengths (no arguments, no data)."""
         with self._cond:

@@ -315,6 +315,17 @@ class Kernel:
         with self.service_gate.shared():
             return self.service_pool(service).run(party, nonce, service, header, payloads, fds, on_message, t)
 
+    def forget_party_frames(self, party: str) -> None:
+        """Serve ``party``'s next service call as ``fresh`` in every pool.
+
+        Its worker then re-reads the sealed differencing history the cluster head just added to
+        (enclave/cluster/cluster_frames.py).
+        """
+        with self._pools_lock:
+            pools = list(self.service_pools.values())
+        for pool in pools:
+            pool.forget_party(party)
+
     def restart_service_pools(self) -> None:
         """Stop every service worker; the next calls start fresh ones (which re-read sealed state)."""
         with self._pools_lock:

@@ -88,7 +88,9 @@ def test_an_explicit_partition_count_wins_and_replace_keeps_the_rules(head: Kern
 def test_a_bad_threshold_is_refused_before_the_kernel_starts(tmp_path: Path) -> None:
     for bad in ("-1", "nan", "inf", "lots"):
         proc = subprocess.run(
-            enclave("serve", "--data-dir", str(tmp_path), "--cluster", "atls://127.0.0.1:1", "--auto-partition-mb", bad),
+            enclave(
+                "serve", "--data-dir", str(tmp_path), "--cluster", "atls://127.0.0.1:1", "--auto-partition-mb", bad
+            ),
             capture_output=True,
             text=True,
             timeout=60,

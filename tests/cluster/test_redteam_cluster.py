@@ -6,7 +6,8 @@ guard history from sealed storage once and then keeps it in memory, and neither 
 other records afterwards. An analyst who mixes its own partitioned dataset into a query of another party's
 single-node dataset gets the query answered by the head against a stale history: the pair "sum of all
 rows" (worker) and "sum of all rows but one" (head) is released, and their difference is that row's value.
-The hole spans the head and the service pool (the lead's and the nodes' areas): ``xfail(strict=True)``.
+Fixed: the head re-reads the party's sealed history before each check (``forget_party``), and after a head call
+every service pool serves the party's next call as ``fresh``, so its worker re-reads it too.
 """
 
 from __future__ import annotations
@@ -39,11 +40,6 @@ def head(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     stop_kernel(k)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hole (cluster head vs service pool): each FrameEvaluator caches a party's guard history after its "
-    "first read, so releases recorded by the other one are not compared against",
-)
 def test_the_head_and_the_workers_share_one_differencing_history(head: KernelProc, tmp_path: Path) -> None:
     policy = cast("mn.Policy", head.policy())
     with (

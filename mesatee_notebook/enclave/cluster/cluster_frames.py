@@ -379,7 +379,13 @@ def frame_call(kernel: Kernel, head: ClusterHead, party: str, service: str, args
         return Message({"t": "result", "values": [], "info": described})
     plan = str(args.get("plan", ""))
     _check_readers(ev, plan_datasets(plan), party)
-    result = ev.evaluate(plan, party, epsilon=args.get("epsilon"), delta=args.get("delta"))
+    # One differencing history for the head and the service workers (red team, session 6): the head re-reads the
+    # party's sealed history before each check, and the workers re-read it on the party's next call there.
+    ev.forget_party(party)
+    try:
+        result = ev.evaluate(plan, party, epsilon=args.get("epsilon"), delta=args.get("delta"))
+    finally:
+        kernel.forget_party_frames(party)
     info: dict[str, Any] = {
         "plan_sha256": result.plan_sha256,
         "datasets": list(result.datasets),
