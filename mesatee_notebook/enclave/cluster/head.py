@@ -36,7 +36,7 @@ from mesatee_notebook.wire.stream import Message
 if TYPE_CHECKING:
     from mesatee_notebook.enclave.kernel import Kernel
 
-__all__ = ["SERVICES", "ClusterHead", "attach_head", "cluster_call", "partitioned_call"]
+__all__ = ["SERVICES", "ClusterHead", "attach_head", "cluster_call", "detach_head", "partitioned_call"]
 
 log = logging.getLogger("mesatee.cluster")
 SERVICES = ("cluster.status", "cluster.probe", "cluster.upload", "cluster.psi")
@@ -63,7 +63,7 @@ class ClusterHead:
 
     def close(self) -> None:
         self._stop_refresh.set()
-        self.client.close()
+        self.client.close(timeout=10)
 
     def verify_workers(self, addresses: list[str]) -> list[PeerRecord]:
         """Open an attested connection to each worker now, so its record is the head's own verification."""
@@ -185,6 +185,20 @@ def attach_head(kernel: Kernel, url: str, roots: list[str], measurements: list[s
     kernel.cluster_head = head  # type: ignore[attr-defined]
     log.warning("cluster head: attested scheduler %s with %d workers", url, len(head._workers()))
     return head
+
+
+def detach_head(kernel: Kernel) -> None:
+    """At kernel shutdown: release the calls waiting on the cluster lane (typed error), then close the client."""
+    from mesatee_notebook.enclave.cluster.admission import close_lane
+
+    close_lane(kernel)
+    head: ClusterHead | None = getattr(kernel, "cluster_head", None)
+    if head is not None:
+        kernel.cluster_head = None  # type: ignore[attr-defined]
+        try:
+            head.close()
+        except (OSError, RuntimeError, TimeoutError) as exc:  # the scheduler is gone already: nothing to close
+            log.info("cluster head: the Dask client did not close cleanly: %s", exc)
 
 
 def _serve(kernel: Kernel, head: ClusterHead, party: str, header: dict[str, Any], payloads: Any, fds: Any) -> Any:
