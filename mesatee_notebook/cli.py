@@ -438,7 +438,15 @@ def _serve(args: argparse.Namespace) -> int:
     if args.cluster:
         from mesatee_notebook.enclave.cluster.head import attach_head
 
-        attach_head(kernel, args.cluster, args.cluster_platform_root, args.cluster_measurement)
+        attach_head(
+            kernel,
+            args.cluster,
+            args.cluster_platform_root,
+            args.cluster_measurement,
+            level=args.cluster_level,
+            tcti=args.cluster_tcti,
+            require_confinement=args.cluster_require_confinement,
+        )
     # SIGTERM stops the kernel cleanly, like Ctrl-C: executors end and TPM objects are flushed
     # (swtpm without a resource manager would otherwise keep them).
     signal.signal(signal.SIGTERM, lambda signum, frame: kernel.stopping.set())

@@ -63,7 +63,10 @@ class ClusterHead:
 
     def close(self) -> None:
         self._stop_refresh.set()
-        self.client.close(timeout=10)
+        try:
+            self.client.close(timeout=10)
+        finally:
+            self.node.identity.close()
 
     def verify_workers(self, addresses: list[str]) -> list[PeerRecord]:
         """Open an attested connection to each worker now, so its record is the head's own verification."""
@@ -165,8 +168,22 @@ class ClusterHead:
         }
 
 
-def attach_head(kernel: Kernel, url: str, roots: list[str], measurements: list[str]) -> ClusterHead:
-    """Make ``kernel`` the head of the cluster at ``url`` (``serve --cluster``)."""
+def attach_head(
+    kernel: Kernel,
+    url: str,
+    roots: list[str],
+    measurements: list[str],
+    *,
+    level: str = "softtee",
+    tcti: str | None = None,
+    require_confinement: str | None = None,
+) -> ClusterHead:
+    """Make ``kernel`` the head of the cluster at ``url`` (``serve --cluster``).
+
+    At ``level`` tpm the head's cluster identity quotes with the TPM at ``tcti`` (its own, not the kernel's).
+    """
+    from mesatee_notebook.attestation.levels import Level
+
     ident = kernel.identity
     if ident.platform_key is None:
         msg = "a cluster head needs a softtee platform (an unprotected kernel has none)"
@@ -174,12 +191,19 @@ def attach_head(kernel: Kernel, url: str, roots: list[str], measurements: list[s
     options = NodeOptions(
         role="head",
         data_dir=Path(kernel.config.data_dir),
+        level=Level.parse(level),
         platform_roots=tuple(roots),
         measurements=tuple(m.lower() for m in measurements),
         confine=False,
+        tcti=tcti,
+        require_confinement=require_confinement,
     )
     node = make_node("head", ident.platform_key, kernel.platform_fingerprint, options)
-    head = ClusterHead(url, node)
+    try:
+        head = ClusterHead(url, node)
+    except BaseException:
+        node.identity.close()
+        raise
     if kernel.sealing_secret:
         head.partitions = PartitionBook(kernel.sealed_store(), cluster_secret(kernel.sealing_secret))
     kernel.cluster_head = head  # type: ignore[attr-defined]

@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -34,21 +34,40 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 from cryptography.x509.oid import NameOID
 
-from mesatee_notebook.attestation.evidence import TCG_TAGGED_EVIDENCE_OID, fingerprint, make_evidence
+from mesatee_notebook.attestation.evidence import (
+    TCG_TAGGED_EVIDENCE_OID,
+    fingerprint,
+    make_evidence,
+    parse_evidence,
+    report_data_for,
+)
 from mesatee_notebook.attestation.levels import Level
 from mesatee_notebook.attestation.measurement import build_manifest, measurement_of
 from mesatee_notebook.attestation.policy import AttestationReport, Policy, verify_certificate
-from mesatee_notebook.errors import AttestationError, MalformedEvidence, NotAvailableYet
+from mesatee_notebook.attestation.tpm import TPM_EVIDENCE_FORMAT, TpmEvidence, ak_fingerprint, make_tpm_evidence
+from mesatee_notebook.errors import (
+    AttestationError,
+    EventLogMismatch,
+    LevelNotAvailableError,
+    MalformedEvidence,
+    NotAvailableYet,
+    SandboxRequired,
+)
+
+if TYPE_CHECKING:
+    from mesatee_notebook.enclave.tpm import Tpm
 
 __all__ = [
     "CLUSTER_COMPONENTS",
     "REFRESH_INTERVAL",
     "NODE_CONFINEMENT",
+    "NO_CONFINEMENT",
     "ClusterNode",
     "NodeIdentity",
     "PeerRecord",
     "cluster_manifest",
     "cluster_measurement",
+    "check_confinement",
     "cluster_policy",
 ]
 
@@ -70,6 +89,12 @@ NODE_CONFINEMENT: Final = {
     "http_routes": [],
     "plaintext_comms": False,
 }
+#: The confinement profile of a node that no launcher wrapped: it claims nothing, so there is nothing to check.
+NO_CONFINEMENT: Final = {"format": 1, "name": "none"}
+#: The PCR a tpm node's launcher extends with the confinement profile (enclave/cluster/node_tpm.py).
+_CONFINEMENT_PCR: Final = 16
+#: Roles that a policy requiring confinement holds to it (the head runs its own sandboxes; docs/cluster.md).
+CONFINED_ROLES: Final = ("scheduler", "worker")
 #: Evidence is re-issued this often (seconds); the cluster policy accepts evidence up to 24 h old.
 REFRESH_INTERVAL: Final = 3600.0
 _HANDSHAKE_SEED: Final = b"mesatee-notebook cluster handshake issuer v1: a PUBLIC key that vouches for nothing"
@@ -122,18 +147,66 @@ def cluster_measurement() -> str:
     return measurement_of(cluster_manifest())
 
 
-def cluster_policy(platform_roots: tuple[str, ...], measurements: tuple[str, ...] | None = None) -> Policy:
-    """What every node accepts from its peers: softtee or better, pinned platform(s), the cluster measurement.
+def cluster_policy(
+    platform_roots: tuple[str, ...], measurements: tuple[str, ...] | None = None, min_level: Level = Level.SOFTTEE
+) -> Policy:
+    """What every node accepts from its peers: ``min_level`` or better, pinned roots, the cluster measurement.
 
-    ``require_sandbox=False`` because no node is in bubblewrap (docs/cluster.md says why); the confinement each
-    node applies is in its measured manifest instead.
+    A root is a softtee platform fingerprint or, at tpm, a TPM's attestation key fingerprint (pinned as the
+    single-node tpm level pins it). ``require_sandbox=False`` because a node is not in the kernel's executor
+    sandbox (docs/cluster.md says why); the confinement each node applies is in its measured manifest, and the
+    bubblewrap profile a launcher put it in is checked by :func:`check_confinement`.
     """
     return Policy(
         measurements=measurements if measurements else (cluster_measurement(),),
         platform_roots=platform_roots,
-        min_level=Level.SOFTTEE,
+        min_level=min_level,
         require_sandbox=False,
     )
+
+
+def _profile_of(report: AttestationReport) -> tuple[str, dict[str, Any]]:
+    """The peer's role and the confinement profile its evidence states (NO_CONFINEMENT when it states none)."""
+    node = report.sandbox.get("cluster_node") if isinstance(report.sandbox, dict) else None
+    node = node if isinstance(node, dict) else {}
+    profile = node.get("profile")
+    if profile is None:
+        profile = NO_CONFINEMENT
+    if not isinstance(profile, dict) or not isinstance(profile.get("name"), str):
+        msg = "the node's evidence states a confinement profile that is not a {name, ...} object"
+        raise MalformedEvidence(msg)
+    return str(node.get("role", "?")), profile
+
+
+def check_confinement(report: AttestationReport, required: str | None) -> str:
+    """Check the peer's stated confinement profile; return its name.
+
+    At tpm a stated profile (other than ``none``, which claims nothing) must be what the quoted PCR 16 holds:
+    SHA-256(0³² ‖ SHA-256(profile)), measured by the launcher before the node started. At softtee the statement is
+    the node software's own word (softtee trusts the operator who runs it). ``required`` (a profile name) refuses a
+    scheduler or worker that does not state it, with :class:`SandboxRequired`.
+    """
+    from mesatee_notebook.enclave.cluster.node_tpm import confinement_pcr_value
+
+    role, profile = _profile_of(report)
+    name = str(profile["name"])
+    if report.level is Level.TPM and name != NO_CONFINEMENT["name"]:
+        evidence = parse_evidence(report.evidence)
+        quoted = evidence.pcrs.get(_CONFINEMENT_PCR) if isinstance(evidence, TpmEvidence) else None
+        if quoted != confinement_pcr_value(profile):
+            msg = (
+                f"the node states confinement profile {name!r}, but its TPM's quoted PCR {_CONFINEMENT_PCR} "
+                f"({str(quoted)[:16]}…) is not that profile measured from a reset PCR: no launcher measured it "
+                "before the node started"
+            )
+            raise EventLogMismatch(msg, pcr=_CONFINEMENT_PCR)
+    if required and role in CONFINED_ROLES and name != required:
+        msg = (
+            f"the cluster {role} is not confined as this cluster's policy requires: it shows confinement "
+            f"{name!r}, the policy requires {required!r} (start it with `cluster up --bwrap`)"
+        )
+        raise SandboxRequired(msg)
+    return name
 
 
 @functools.cache
@@ -194,35 +267,97 @@ class NodeIdentity:
     issued_at: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    tpm: Tpm | None = field(default=None, repr=False)
+
     @classmethod
     def create(
         cls,
         role: str,
-        platform_key: Ed25519PrivateKey,
+        platform_key: Ed25519PrivateKey | None,
         *,
         level: Level = Level.SOFTTEE,
         manifest: dict[str, Any] | None = None,
         lifetime: float = 7 * 24 * 3600.0,
         confinement: dict[str, Any] | None = None,
+        tpm: Tpm | None = None,
     ) -> NodeIdentity:
-        """Fresh keys, softtee evidence signed by ``platform_key``, and the node certificate."""
-        if level is not Level.SOFTTEE:
-            msg = f"cluster nodes at level {level.label} are not available yet; cluster nodes run at softtee"
+        """Fresh keys, evidence and the node certificate.
+
+        softtee: evidence signed by ``platform_key``. tpm: ``tpm`` (the node's own TPM, ``node_tpm.open_node_tpm``)
+        gets the cluster measurement in its application PCR, and every certificate carries its quote.
+        """
+        if level is Level.TPM and tpm is None:
+            msg = "a cluster node at level tpm needs its TPM: give --tcti (swtpm:host=...,port=... or device:...)"
+            raise LevelNotAvailableError(msg, level="tpm")
+        if level not in (Level.SOFTTEE, Level.TPM):
+            msg = f"cluster nodes at level {level.label} are not available yet; cluster nodes run at softtee or tpm"
             raise NotAvailableYet(msg)
-        platform = fingerprint(platform_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+        if level is Level.SOFTTEE and platform_key is None:
+            msg = "a softtee cluster node needs the platform key to sign its evidence"
+            raise NotAvailableYet(msg)
         ident = cls(
             role,
             level,
             manifest if manifest is not None else cluster_manifest(),
-            platform,
+            "",
             ec.generate_private_key(ec.SECP256R1()),
             Ed25519PrivateKey.generate(),
-            platform_key=platform_key,
+            platform_key=platform_key if level is Level.SOFTTEE else None,
             confinement=dict(confinement or {}),
             lifetime=lifetime,
+            tpm=tpm if level is Level.TPM else None,
         )
+        if ident.tpm is not None:
+            ident.platform_fingerprint = ak_fingerprint(ident.tpm.ak_public)
+            ident.tpm.measured_launch(ident.measurement)  # the cluster measurement into the application PCR
+        elif platform_key is not None:
+            ident.platform_fingerprint = fingerprint(
+                platform_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+            )
         ident.refresh()
         return ident
+
+    def _sandbox_report(self) -> dict[str, Any]:
+        # The runtime report: not the kernel's bubblewrap sandbox (active False), and what the node did apply.
+        return {"active": False, "why": "cluster node", "cluster_node": {"role": self.role, **self.confinement}}
+
+    def _evidence(self) -> bytes:
+        spki = self.tls_key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        receipt = self.receipt_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        now = int(time.time())
+        if self.tpm is not None:  # the single-node tpm level's statement and quote (attestation/tpm.py)
+            tpm = self.tpm
+            statement = {
+                "format": TPM_EVIDENCE_FORMAT,
+                "level": Level.TPM.label,
+                "measurement": self.measurement,
+                "manifest": self.manifest,
+                "time": now,
+                "report_data": report_data_for(spki, receipt),
+                "receipt_key": receipt.hex(),
+                "audit_key": "",
+                "sandbox": self._sandbox_report(),
+                "tpm_kind": tpm.kind,
+                "tpm_vendor": tpm.vendor,
+                "app_pcr": tpm.app_pcr,
+                "pcrs": {str(i): v for i, v in tpm.read_pcrs().items()},
+                "event_log": tpm.event_log,
+            }
+            return make_tpm_evidence(
+                statement=statement, quoter=tpm.quote, ak_public=tpm.ak_public, ek_cert=tpm.ek_cert
+            )
+        if self.platform_key is None:
+            msg = "this identity has no platform key to re-sign its evidence with"
+            raise NotAvailableYet(msg)
+        return make_evidence(
+            level=self.level,
+            manifest=self.manifest,
+            tls_spki_der=spki,
+            receipt_key=receipt,
+            time=now,
+            platform_key=self.platform_key,
+            sandbox=self._sandbox_report(),
+        )
 
     def refresh(self) -> None:
         """Issue fresh evidence and certificate for the same keys, and load them into the live SSL contexts.
@@ -230,19 +365,7 @@ class NodeIdentity:
         Dask keeps the contexts it was given for the life of a listener, so they are updated in place; connections
         made from then on present the new certificate.
         """
-        if self.platform_key is None:
-            msg = "this identity has no platform key to re-sign its evidence with"
-            raise NotAvailableYet(msg)
-        evidence = make_evidence(
-            level=self.level,
-            manifest=self.manifest,
-            tls_spki_der=self.tls_key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo),
-            receipt_key=self.receipt_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw),
-            time=int(time.time()),
-            platform_key=self.platform_key,
-            # The runtime report: not a bubblewrap sandbox (active False), and what the node did apply.
-            sandbox={"active": False, "why": "cluster node", "cluster_node": {"role": self.role, **self.confinement}},
-        )
+        evidence = self._evidence()
         cert = _node_certificate(self.tls_key, evidence, self.role, self.lifetime)
         pem = cert.public_bytes(Encoding.PEM) + self.tls_key.private_bytes(
             Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()
@@ -254,6 +377,11 @@ class NodeIdentity:
                 if isinstance(ctx, ssl.SSLContext):
                     self._load_chain(ctx)
 
+    def close(self) -> None:
+        """Close the node's TPM (flushes its AK: swtpm without a resource manager would keep it)."""
+        if self.tpm is not None:
+            self.tpm.close()
+
     def refresh_every(self, interval: float = REFRESH_INTERVAL) -> threading.Event:
         """Re-issue the evidence every ``interval`` seconds on a daemon thread; set the returned event to stop."""
         stop = threading.Event()
@@ -262,7 +390,7 @@ class NodeIdentity:
             while not stop.wait(interval):
                 try:
                     self.refresh()
-                except (OSError, ValueError, ssl.SSLError) as exc:  # keep the old certificate; peers will say why
+                except (OSError, ValueError, ssl.SSLError, LevelNotAvailableError) as exc:  # keep the old certificate
                     log.error("cluster %s: could not refresh the evidence: %s", self.role, exc)
 
         threading.Thread(target=loop, name=f"mesatee-cluster-refresh-{self.role}", daemon=True).start()
@@ -313,16 +441,22 @@ class PeerRecord:
     platform: str
     level: str
     verified_at: float
+    confinement: str = "none"
+    tpm_kind: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "address": self.address,
             "role": self.role,
             "measurement": self.measurement,
             "platform": self.platform,
             "level": self.level,
             "verified_at": self.verified_at,
+            "confinement": self.confinement,
         }
+        if self.tpm_kind is not None:  # "software" for swtpm: a software TPM is software trust
+            out["tpm_kind"] = self.tpm_kind
+        return out
 
 
 @dataclass
@@ -331,6 +465,8 @@ class ClusterNode:
 
     identity: NodeIdentity
     policy: Policy
+    #: A confinement profile name (``bwrap``) every scheduler and worker must show, or None (check_confinement).
+    require_confinement: str | None = None
     peers: dict[str, PeerRecord] = field(default_factory=dict)
     refusals: list[dict[str, Any]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -342,6 +478,7 @@ class ClusterNode:
                 msg = "the peer presented no certificate"
                 raise MalformedEvidence(msg)
             report = verify_certificate(cert_der, self.policy)
+            confinement = check_confinement(report, self.require_confinement)
         except AttestationError as exc:
             log.warning(
                 "cluster %s: refused %s peer %s: %s: %s",
@@ -357,9 +494,17 @@ class ClusterNode:
                 )
                 del self.refusals[:-100]
             raise
-        node = report.sandbox.get("cluster_node") if isinstance(report.sandbox, dict) else None
-        role = str(node.get("role", "?")) if isinstance(node, dict) else "?"
-        record = PeerRecord(address, role, report.measurement, report.platform, report.level.label, time.time())
+        role = _profile_of(report)[0]
+        record = PeerRecord(
+            address,
+            role,
+            report.measurement,
+            report.platform,
+            report.level.label,
+            time.time(),
+            confinement,
+            report.tpm_kind,
+        )
         with self._lock:
             self.peers[address] = record
         log.info(
