@@ -1,8 +1,11 @@
 """``mesatee-enclave scheduler|worker``: a Dask scheduler or worker as an attested, confined cluster node.
 
-A node loads the softtee platform, builds its evidence over the cluster measurement, confines its own process
-(no core dumps, not dumpable, NO_NEW_PRIVS, Landlock: write only its private work directory) and serves Dask on
-``atls://`` only. It is *not* in a bubblewrap sandbox: it needs TCP, and it runs no user code (docs/cluster.md).
+A node loads the softtee platform (or, at ``--level tpm``, opens its TPM and measures the cluster measurement into
+its application PCR), builds its evidence over the cluster measurement, confines its own process (no core dumps,
+not dumpable, NO_NEW_PRIVS, Landlock: write only its private work directory) and serves Dask on ``atls://`` only.
+It is not in the kernel's executor sandbox: it needs TCP, and it runs no user code (docs/cluster.md). With
+``--confinement bwrap`` (``cluster up --bwrap``) it checks that it runs in bubblewrap and states that profile in its
+evidence; at tpm the profile must already be in PCR 16 (the launcher measures it).
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
 """A cluster node's attested identity, and the cluster's admission policy.
 
 Every node (scheduler, worker, and the head kernel as Dask's one client) holds a fresh P-256 TLS key in memory and
-presents a certificate whose TCG DICE extension carries softtee evidence (``attestation/evidence.make_evidence``,
-signed by the platform key) over the *cluster node measurement*: the kernel's manifest plus the pure-Python code of
-the distributed engine (dask, distributed, tornado, cloudpickle) and the node confinement profile.
+presents a certificate whose TCG DICE extension carries evidence over the *cluster node measurement*: the kernel's
+manifest plus the code of the distributed engine (dask, distributed, tornado, cloudpickle, xgboost) and the node
+confinement profile. At softtee the evidence is signed by the platform key (``attestation/evidence.make_evidence``);
+at tpm it is the single-node tpm level's statement quoted by the node's own TPM (``attestation/tpm.make_tpm_evidence``;
+the TPM is ``enclave/tpm.py``, see ``node_tpm.py``), and peers pin its AK. Either way a peer checks it with
+``attestation.policy.verify_certificate``, then the stated confinement (``node_confinement.py``).
 
 Why an issuer at all: the standard library's ``ssl`` has no certificate callback, and OpenSSL refuses a self-signed
 client certificate, so mutual TLS needs a CA both sides load. The *handshake issuer* is derived from a public
@@ -34,25 +37,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 from cryptography.x509.oid import NameOID
 
-from mesatee_notebook.attestation.evidence import (
-    TCG_TAGGED_EVIDENCE_OID,
-    fingerprint,
-    make_evidence,
-    parse_evidence,
-    report_data_for,
-)
+from mesatee_notebook.attestation.evidence import TCG_TAGGED_EVIDENCE_OID, fingerprint, make_evidence, report_data_for
 from mesatee_notebook.attestation.levels import Level
 from mesatee_notebook.attestation.measurement import build_manifest, measurement_of
 from mesatee_notebook.attestation.policy import AttestationReport, Policy, verify_certificate
-from mesatee_notebook.attestation.tpm import TPM_EVIDENCE_FORMAT, TpmEvidence, ak_fingerprint, make_tpm_evidence
-from mesatee_notebook.errors import (
-    AttestationError,
-    EventLogMismatch,
-    LevelNotAvailableError,
-    MalformedEvidence,
-    NotAvailableYet,
-    SandboxRequired,
-)
+from mesatee_notebook.attestation.tpm import TPM_EVIDENCE_FORMAT, ak_fingerprint, make_tpm_evidence
+from mesatee_notebook.enclave.cluster.node_confinement import check_confinement, peer_role
+from mesatee_notebook.errors import AttestationError, LevelNotAvailableError, MalformedEvidence, NotAvailableYet
 
 if TYPE_CHECKING:
     from mesatee_notebook.enclave.tpm import Tpm
@@ -61,13 +52,11 @@ __all__ = [
     "CLUSTER_COMPONENTS",
     "REFRESH_INTERVAL",
     "NODE_CONFINEMENT",
-    "NO_CONFINEMENT",
     "ClusterNode",
     "NodeIdentity",
     "PeerRecord",
     "cluster_manifest",
     "cluster_measurement",
-    "check_confinement",
     "cluster_policy",
 ]
 
@@ -79,7 +68,8 @@ CLUSTER_COMPONENTS: Final = ("dask", "distributed", "tornado", "cloudpickle", "x
 #: What a node process applies to itself (enclave/cluster/node.py); measured, so a change is a new measurement.
 NODE_CONFINEMENT: Final = {
     "format": 1,
-    "bubblewrap": False,
+    "bubblewrap": "per node: the profile its launcher put it in, stated in sandbox.cluster_node.profile (at tpm "
+    "measured into PCR 16 before the node starts); none by default",
     "why": "a Dask node must open TCP connections; it runs no user code (tasks come only from the attested head)",
     "no_new_privs": True,
     "dumpable": False,
@@ -89,12 +79,6 @@ NODE_CONFINEMENT: Final = {
     "http_routes": [],
     "plaintext_comms": False,
 }
-#: The confinement profile of a node that no launcher wrapped: it claims nothing, so there is nothing to check.
-NO_CONFINEMENT: Final = {"format": 1, "name": "none"}
-#: The PCR a tpm node's launcher extends with the confinement profile (enclave/cluster/node_tpm.py).
-_CONFINEMENT_PCR: Final = 16
-#: Roles that a policy requiring confinement holds to it (the head runs its own sandboxes; docs/cluster.md).
-CONFINED_ROLES: Final = ("scheduler", "worker")
 #: Evidence is re-issued this often (seconds); the cluster policy accepts evidence up to 24 h old.
 REFRESH_INTERVAL: Final = 3600.0
 _HANDSHAKE_SEED: Final = b"mesatee-notebook cluster handshake issuer v1: a PUBLIC key that vouches for nothing"
@@ -163,50 +147,6 @@ def cluster_policy(
         min_level=min_level,
         require_sandbox=False,
     )
-
-
-def _profile_of(report: AttestationReport) -> tuple[str, dict[str, Any]]:
-    """The peer's role and the confinement profile its evidence states (NO_CONFINEMENT when it states none)."""
-    node = report.sandbox.get("cluster_node") if isinstance(report.sandbox, dict) else None
-    node = node if isinstance(node, dict) else {}
-    profile = node.get("profile")
-    if profile is None:
-        profile = NO_CONFINEMENT
-    if not isinstance(profile, dict) or not isinstance(profile.get("name"), str):
-        msg = "the node's evidence states a confinement profile that is not a {name, ...} object"
-        raise MalformedEvidence(msg)
-    return str(node.get("role", "?")), profile
-
-
-def check_confinement(report: AttestationReport, required: str | None) -> str:
-    """Check the peer's stated confinement profile; return its name.
-
-    At tpm a stated profile (other than ``none``, which claims nothing) must be what the quoted PCR 16 holds:
-    SHA-256(0³² ‖ SHA-256(profile)), measured by the launcher before the node started. At softtee the statement is
-    the node software's own word (softtee trusts the operator who runs it). ``required`` (a profile name) refuses a
-    scheduler or worker that does not state it, with :class:`SandboxRequired`.
-    """
-    from mesatee_notebook.enclave.cluster.node_tpm import confinement_pcr_value
-
-    role, profile = _profile_of(report)
-    name = str(profile["name"])
-    if report.level is Level.TPM and name != NO_CONFINEMENT["name"]:
-        evidence = parse_evidence(report.evidence)
-        quoted = evidence.pcrs.get(_CONFINEMENT_PCR) if isinstance(evidence, TpmEvidence) else None
-        if quoted != confinement_pcr_value(profile):
-            msg = (
-                f"the node states confinement profile {name!r}, but its TPM's quoted PCR {_CONFINEMENT_PCR} "
-                f"({str(quoted)[:16]}…) is not that profile measured from a reset PCR: no launcher measured it "
-                "before the node started"
-            )
-            raise EventLogMismatch(msg, pcr=_CONFINEMENT_PCR)
-    if required and role in CONFINED_ROLES and name != required:
-        msg = (
-            f"the cluster {role} is not confined as this cluster's policy requires: it shows confinement "
-            f"{name!r}, the policy requires {required!r} (start it with `cluster up --bwrap`)"
-        )
-        raise SandboxRequired(msg)
-    return name
 
 
 @functools.cache
@@ -494,7 +434,7 @@ class ClusterNode:
                 )
                 del self.refusals[:-100]
             raise
-        role = _profile_of(report)[0]
+        role = peer_role(report)
         record = PeerRecord(
             address,
             role,
