@@ -5,7 +5,8 @@ A :class:`ServicePool` owns a few of them and hands them out to calls:
 
 - each party has its own FIFO queue, and **at most one call of a party runs at a time** in a pool; free workers
   go to the waiting parties in round-robin order. One party's long job therefore holds one worker, and another
-  party's short query waits at most for a worker to finish the short task in front of it;
+  party's short query waits at most for a worker to finish the short task in front of it (the queue is
+  ``enclave/fairqueue.py``'s, shared with the cluster head's lane);
 - because a party's calls never overlap, state a worker caches *per party* stays correct: when a party's call
   lands on a different worker than its previous one, the call is marked ``fresh`` and the worker re-reads that
   party's cached state (the differencing guard's history) from sealed storage;
