@@ -68,15 +68,22 @@ class _Node:
     tpm: dict[str, Any] | None = None  # its swtpm: pid, tcti, AK fingerprint, kind
 
     def terminate(self) -> None:
-        """SIGTERM (to a bubblewrapped node's process group, which holds the node itself).
+        """SIGTERM to the node (for a bubblewrapped node: the processes of its group that are not bubblewrap).
 
-        bwrap does not pass signals on, and its ``--die-with-parent`` would SIGKILL the node: no clean stop.
+        bwrap does not pass signals on, and its ``--die-with-parent`` would SIGKILL the node: no clean stop. Nor may
+        bwrap itself get the SIGTERM: when its init (pid 1 of the node's PID namespace) exits, the kernel SIGKILLs
+        the node before it has stopped. bwrap exits by itself once the node has.
         """
         with contextlib.suppress(ProcessLookupError):
-            if self.bwrap:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            else:
+            if not self.bwrap:
                 self.proc.send_signal(signal.SIGTERM)
+                return
+            inside = _group_members(self.proc.pid, skip="bwrap")
+            for pid in inside:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+            if not inside:  # nothing but bwrap left (or not started yet): stop it
+                os.killpg(self.proc.pid, signal.SIGTERM)
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -92,6 +99,22 @@ class _Node:
             "log": str(self.log),
             **({"tpm": self.tpm} if self.tpm else {}),
         }
+
+
+def _group_members(pgid: int, skip: str) -> list[int]:
+    """Processes of process group ``pgid`` whose command name is not ``skip`` (from /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+        if len(rest) > 2 and int(rest[2]) == pgid and comm != skip:
+            out.append(int(entry.name))
+    return out
 
 
 class _Stopped(Exception):
