@@ -101,6 +101,17 @@ class _Node:
         }
 
 
+def _prepare_here(tcti: str, profile: dict[str, Any] | None, name: str) -> dict[str, str]:
+    from mesatee_notebook.enclave.cluster.node_tpm import prepare
+    from mesatee_notebook.errors import LevelNotAvailableError
+
+    try:
+        return prepare(tcti, profile)
+    except LevelNotAvailableError as exc:
+        msg = f"the TPM of {name} did not answer: {exc}"
+        raise ClusterSetupError(msg) from None
+
+
 def _group_members(pgid: int, skip: str) -> list[int]:
     """Processes of process group ``pgid`` whose command name is not ``skip`` (from /proc)."""
     out = []
@@ -150,10 +161,12 @@ class _Launcher:
             self.tpms[name] = (proc, {})
         waiting = {}
         for name, (proc, _) in self.tpms.items():
-            prefix = netns.ip_exec(self.plan.node(name).netns) if self.plan else []
             profile = BWRAP_PROFILE if self._wrapped("head" if name == "head" else "worker") else None
-            waiting[name] = run_prepare(proc.tcti, profile, prefix)
-        for name, child in waiting.items():
+            if self.plan is None:  # the swtpm listens on this namespace's loopback: measure from here
+                self.tpms[name] = (proc, _prepare_here(proc.tcti, profile, name))
+                continue
+            waiting[name] = run_prepare(proc.tcti, profile, netns.ip_exec(self.plan.node(name).netns))
+        for name, child in waiting.items():  # in the node's own namespace, where its swtpm listens
             self.tpms[name] = (self.tpms[name][0], prepared(child, name))
 
     def level_args(self, name: str, head: bool = False) -> list[str]:

@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -81,6 +82,17 @@ def open_node_tpm(tcti: str) -> Tpm:
 
 def prepare(tcti: str, profile: dict[str, Any] | None, wait: float = 30.0) -> dict[str, str]:
     """Wait for the TPM; with a profile, reset PCR 16 and extend its digest; return the AK fingerprint and kind."""
+    # A node's TPM needs no EK certificate (peers pin its AK): do not warn about a missing one for each node.
+    quiet = logging.getLogger("mesatee.enclave")
+    level = quiet.level
+    quiet.setLevel(max(level, logging.ERROR))
+    try:
+        return _prepare(tcti, profile, wait)
+    finally:
+        quiet.setLevel(level)
+
+
+def _prepare(tcti: str, profile: dict[str, Any] | None, wait: float) -> dict[str, str]:
     from mesatee_notebook.attestation.tpm import ak_fingerprint
     from mesatee_notebook.enclave.tpm import open_tpm
 
