@@ -2,8 +2,8 @@
 
 For each mode, in one run: the time until the launcher reports ready (the scheduler, 2 workers registered and the
 head serving), a partitioned upload (``upload(..., partitions=2)``) of R rows through the head, the median of 5
-partial group-bys, the time ``cluster down`` takes until every process is gone, and the CPU seconds of the whole
-process tree for the mode (the launcher, its nodes, swtpms and the head, reaped: ``RUSAGE_CHILDREN``). The ``tpm``
+partial group-bys, the time ``cluster down`` takes until every process is gone, and the CPU seconds the launcher's
+process tree (its nodes, swtpms, the head and its executors) used until just before ``down``. The ``tpm``
 row starts one swtpm (a SOFTWARE TPM) per node and every certificate is a TPM quote; it is skipped without swtpm or
 tpm2-pytss. ``--netns`` needs root; the row is skipped otherwise.
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -35,14 +34,23 @@ def _frame(rows: int) -> pd.DataFrame:
     return pd.DataFrame({"k": rng.choice([f"g{i}" for i in range(20)], rows), "x": rng.normal(size=rows)})
 
 
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds of a live process tree: each process's own time and that of the children it has reaped."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
 
 
 def _run(mode: str, rows: int, root: Path) -> dict[str, Any]:
     data_dir = root / mode
-    cpu0 = _children_cpu()
     t0 = time.perf_counter()
     level = "tpm" if mode == "tpm" else "softtee"
     cluster = local.up(workers=2, data_dir=data_dir, use_netns=mode == "netns", bwrap=mode == "bwrap", level=level)
@@ -58,14 +66,14 @@ def _run(mode: str, rows: int, root: Path) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 sdf.groupby("k").agg(n=("x", "size"), m=("x", "mean")).collect()
                 times.append(time.perf_counter() - t0)
+        cpu = _tree_cpu(int(cluster.state["launcher_pid"]))
     finally:
         t0 = time.perf_counter()
         local.down(data_dir)
         stop = time.perf_counter() - t0
         launcher = local._DETACHED.pop(int(cluster.state["launcher_pid"]), None)
-        if launcher is not None:  # reap it here, so its tree's CPU time counts in this mode's row
+        if launcher is not None:
             launcher.wait()
-    cpu = _children_cpu() - cpu0
     return {
         "mode": mode,
         "ready_s": ready,
