@@ -439,9 +439,15 @@ def _serve(args: argparse.Namespace) -> int:
         from mesatee_notebook.enclave.cluster.head import attach_head
 
         mb = args.auto_partition_mb
-        auto = None if mb is None else int(mb * (1 << 20))
         attach_head(
-            kernel, args.cluster, args.cluster_platform_root, args.cluster_measurement, auto_partition_bytes=auto
+            kernel,
+            args.cluster,
+            args.cluster_platform_root,
+            args.cluster_measurement,
+            level=args.cluster_level,
+            tcti=args.cluster_tcti,
+            require_confinement=args.cluster_require_confinement,
+            auto_partition_bytes=None if mb is None else int(mb * (1 << 20)),
         )
     # SIGTERM stops the kernel cleanly, like Ctrl-C: executors end and TPM objects are flushed
     # (swtpm without a resource manager would otherwise keep them).

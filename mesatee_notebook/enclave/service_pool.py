@@ -5,7 +5,8 @@ A :class:`ServicePool` owns a few of them and hands them out to calls:
 
 - each party has its own FIFO queue, and **at most one call of a party runs at a time** in a pool; free workers
   go to the waiting parties in round-robin order. One party's long job therefore holds one worker, and another
-  party's short query waits at most for a worker to finish the short task in front of it;
+  party's short query waits at most for a worker to finish the short task in front of it (the queue is
+  ``enclave/fairqueue.py``'s, shared with the cluster head's lane);
 - because a party's calls never overlap, state a worker caches *per party* stays correct: when a party's call
   lands on a different worker than its previous one, the call is marked ``fresh`` and the worker re-reads that
   party's cached state (the differencing guard's history) from sealed storage;
@@ -20,13 +21,13 @@ The kernel runs two pools: the *jobs* pool (one worker, the single writer of the
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mesatee_notebook.enclave.fairqueue import FairQueue
 from mesatee_notebook.enclave.sessions import ExecutorHandle
 from mesatee_notebook.errors import ExecutorCrashed, MesateeError, RemoteInterrupted
 from mesatee_notebook.wire.stream import Message
@@ -74,43 +75,26 @@ class ServicePool:
         self._cond = threading.Condition()
         self._workers: list[ExecutorHandle | None] = [None] * size
         self._free: list[int] = list(range(size))
-        self._queues: dict[str, collections.deque[_Ticket]] = {}
-        self._order: collections.deque[str] = collections.deque()  # parties with waiting tickets, round robin
-        self._running: dict[str, _Ticket] = {}  # party -> its running ticket
+        self._fair: FairQueue[_Ticket] = FairQueue()  # per-party queues, round robin, one running call per party
         self._last_slot: dict[str, int] = {}
         self._closed = False
 
     # -- scheduling ---------------------------------------------------------------------------------------------
     def _dispatch(self) -> None:
         """Give free workers to waiting parties in round-robin order (caller holds the lock)."""
-        turns = len(self._order)
-        while self._free and turns > 0:
-            turns -= 1
-            party = self._order.popleft()
-            queue = self._queues.get(party)
-            if not queue:
-                self._queues.pop(party, None)
-                continue
-            if party in self._running:  # one call per party at a time: it waits its own turn
-                self._order.append(party)
-                continue
-            ticket = queue.popleft()
-            if queue:
-                self._order.append(party)
-            else:
-                self._queues.pop(party, None)
-            last = self._last_slot.get(party)
-            slot = last if last in self._free else self._free[0]
-            self._free.remove(slot)
-            ticket.slot = slot
-            self._running[party] = ticket
-            ticket.ready.set()
-            turns = len(self._order)
+        self._fair.dispatch(lambda: bool(self._free), self._assign)
+
+    def _assign(self, party: str, ticket: _Ticket) -> None:
+        """The party's last worker if it is free (its cached state is warm), else the first free one."""
+        last = self._last_slot.get(party)
+        slot = last if last in self._free else self._free[0]
+        self._free.remove(slot)
+        ticket.slot = slot
+        ticket.ready.set()
 
     def _release(self, ticket: _Ticket) -> None:
         with self._cond:
-            if self._running.get(ticket.party) is ticket:
-                del self._running[ticket.party]
+            self._fair.finish(ticket.party, ticket)
             if ticket.slot is not None:
                 self._last_slot[ticket.party] = ticket.slot
                 self._free.append(ticket.slot)
@@ -150,10 +134,7 @@ class ServicePool:
             if self._closed:
                 msg = "the kernel is shutting down"
                 raise MesateeError(msg)
-            if party not in self._queues:
-                self._queues[party] = collections.deque()
-                self._order.append(party)
-            self._queues[party].append(ticket)
+            self._fair.push(party, ticket)
             self._dispatch()
         ticket.ready.wait()
         try:
@@ -187,14 +168,12 @@ class ServicePool:
     def cancel(self, party: str | None, nonce: str) -> bool:
         """Cancel the call with ``nonce`` if ``party`` made it; True if one was queued or running."""
         with self._cond:
-            for queue in self._queues.values():
-                for ticket in queue:
-                    if ticket.nonce == nonce and (party is None or ticket.party == party):
-                        queue.remove(ticket)
-                        ticket.cancelled = True
-                        ticket.ready.set()
-                        return True
-            for ticket in self._running.values():
+            queued = self._fair.remove(lambda t: t.nonce == nonce and (party is None or t.party == party))
+            if queued is not None:
+                queued.cancelled = True
+                queued.ready.set()
+                return True
+            for ticket in self._fair.running.values():
                 if ticket.nonce == nonce and (party is None or ticket.party == party):
                     ticket.cancelled = True
                     worker = ticket.worker
@@ -216,8 +195,8 @@ class ServicePool:
         with self._cond:
             return {
                 "workers": self.size,
-                "running": {p[:16]: t.service for p, t in self._running.items()},
-                "queued": {p[:16]: len(q) for p, q in self._queues.items()},
+                "running": {p[:16]: t.service for p, t in self._fair.running.items()},
+                "queued": {p[:16]: n for p, n in self._fair.waiting()},
             }
 
     def shutdown(self) -> None:

@@ -518,6 +518,10 @@ class Kernel:
 
     def shutdown(self) -> None:
         self.stopping.set()
+        if getattr(self, "cluster_head", None) is not None:  # serve --cluster: release the lane, close the client
+            from mesatee_notebook.enclave.cluster.head import detach_head
+
+            detach_head(self)
         for name in self._inproc_names:
             stop_inproc(name)
         if self._listener is not None:

@@ -149,3 +149,51 @@ def test_a_cluster_with_no_workers_is_empty_and_an_unreachable_scheduler_is_type
     head, _ = _head([OSError("connection closed")] * 10)
     with pytest.raises(RemoteExecutionError, match="cannot ask the scheduler"):
         head._workers()
+
+
+class _FakeHead:
+    def __init__(self) -> None:
+        self.closed = 0
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def test_head_shutdown_closes_the_lane_and_the_client() -> None:
+    """Kernel.shutdown (serve --cluster) calls detach_head: waiters get the typed error, the client is closed."""
+    import types
+
+    from mesatee_notebook.enclave.cluster.admission import lane_of
+    from mesatee_notebook.enclave.cluster.head import detach_head
+
+    kernel: Any = types.SimpleNamespace(cluster_head=_FakeHead())
+    fake = kernel.cluster_head
+    lane = lane_of(kernel)
+    lane.slots = 1
+    release, started = threading.Event(), threading.Event()
+    holder = threading.Thread(target=_hold, args=(lane, "a", [], release, started), daemon=True)
+    holder.start()
+    assert started.wait(5)
+    errors: list[BaseException] = []
+
+    def wait_turn() -> None:
+        try:
+            with lane.turn("b"):
+                errors.append(AssertionError("b ran on a closed lane"))
+        except MesateeError as exc:
+            errors.append(exc)
+
+    waiter = threading.Thread(target=wait_turn, daemon=True)
+    waiter.start()
+    deadline = time.monotonic() + 5
+    while lane.status()["queued"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    detach_head(kernel)
+    waiter.join(5)
+    assert len(errors) == 1 and "shutting down" in str(errors[0])
+    assert fake.closed == 1 and kernel.cluster_head is None and lane.closed
+    with pytest.raises(MesateeError, match="shutting down"), lane.turn("c"):
+        pass
+    release.set()
+    holder.join(5)
+    assert lane.status() == {"slots": 1, "running": 0, "queued": 0}

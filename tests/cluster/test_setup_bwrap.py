@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,36 @@ def _node_inside(bwrap_pid: int) -> int:
         if b"mesatee_notebook.cli" in cmdline and not cmdline.startswith(b"/usr/bin/bwrap"):
             return pid
     raise AssertionError(f"no node process below bwrap {bwrap_pid}")
+
+
+def _unconfined_worker_is_refused(data_dir: Path, scheduler: str) -> None:
+    """A worker on the cluster's own platform and code, but not in bubblewrap: the scheduler refuses it."""
+    import asyncio
+
+    from distributed.comm import connect
+
+    from mesatee_notebook.enclave.cluster.comm import AttestedSecurity
+    from mesatee_notebook.enclave.cluster.node_identity import ClusterNode, NodeIdentity, cluster_policy
+    from mesatee_notebook.enclave.platform import load_platform
+
+    ident = NodeIdentity.create("worker", load_platform(data_dir).key)
+    node = ClusterNode(ident, cluster_policy((ident.platform_fingerprint,)))
+
+    async def go() -> None:
+        comm = await connect(scheduler, timeout=5, **AttestedSecurity(node).get_connection_args("client"))
+        try:
+            await comm.write({"op": "identity"})
+            await comm.read()
+        finally:
+            await comm.close()
+
+    with pytest.raises(OSError):
+        asyncio.run(go())
+    log = data_dir / "cluster" / "logs" / "sched.log"
+    deadline = time.monotonic() + 30
+    while "SandboxRequired" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "SandboxRequired: the cluster worker is not confined" in log.read_text()
 
 
 def test_bwrapped_nodes_see_only_the_platform_and_a_private_tmp(tmp_path: Path) -> None:
@@ -46,9 +77,13 @@ def test_bwrapped_nodes_see_only_the_platform_and_a_private_tmp(tmp_path: Path) 
         assert running is not None
         df = visits()
         with mn.connect(running.head_url, policy=running.policy(), identity=tmp_path / "owner") as s:
+            status = s.call("cluster.status").info["cluster"]
             sdf = s.upload(df, "visits", partitions=2)
             got = sdf.groupby("site").agg(n=("cost", "size"), total=("cost", "sum"), mean=("cost", "mean")).collect()
         assert got.sort_index().equals(expected_groups(df).sort_index())
+        # Every node requires the profile of schedulers and workers; the head verified each one's statement.
+        assert {r["confinement"] for r in (status["scheduler"], *status["workers"])} == {"bwrap"}
+        _unconfined_worker_is_refused(data_dir, state["scheduler"]["address"])
         tree = descendants(node_pids(state))
     finally:
         launcher.send_signal(signal.SIGINT)

@@ -15,19 +15,19 @@ Storage: a partitioned upload's partition bytes are counted in the owner's ``sea
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
+from mesatee_notebook.enclave.fairqueue import FairQueue
 from mesatee_notebook.errors import MesateeError
 
 if TYPE_CHECKING:
     from mesatee_notebook.enclave.supervisor import Kernel
 
-__all__ = ["CLUSTER_SLOTS", "ClusterLane", "admitted", "ledger_name"]
+__all__ = ["CLUSTER_SLOTS", "ClusterLane", "admitted", "close_lane", "ledger_name"]
 
 #: Cluster calls that run at once (each one a different party's); more queue, fairly, in the head.
 CLUSTER_SLOTS: Final = 2
@@ -60,33 +60,12 @@ class ClusterLane:
             raise ValueError(msg)
         self.slots = slots
         self._cond = threading.Condition()
-        self._queues: dict[str, collections.deque[_Ticket]] = {}
-        self._order: collections.deque[str] = collections.deque()
-        self._running: set[str] = set()
+        self._fair: FairQueue[_Ticket] = FairQueue()  # the service pools' fair queue (enclave/fairqueue.py)
         self._closed = False
 
     def _dispatch(self) -> None:
         """Start waiting tickets while slots are free (caller holds the lock)."""
-        turns = len(self._order)
-        while len(self._running) < self.slots and turns > 0:
-            turns -= 1
-            party = self._order.popleft()
-            queue = self._queues.get(party)
-            if not queue:
-                self._queues.pop(party, None)
-                continue
-            if party in self._running:  # its own earlier call is still running: it waits its turn
-                self._order.append(party)
-                continue
-            ticket = queue.popleft()
-            if queue:
-                self._order.append(party)
-            else:
-                self._queues.pop(party, None)
-            self._running.add(party)
-            ticket.running = True
-            ticket.ready.set()
-            turns = len(self._order)
+        self._fair.dispatch(lambda: len(self._fair.running) < self.slots, _start)
 
     @contextlib.contextmanager
     def turn(self, party: str) -> Iterator[None]:
@@ -96,10 +75,7 @@ class ClusterLane:
             if self._closed:
                 msg = "the kernel is shutting down"
                 raise MesateeError(msg)
-            if party not in self._queues:
-                self._queues[party] = collections.deque()
-                self._order.append(party)
-            self._queues[party].append(ticket)
+            self._fair.push(party, ticket)
             self._dispatch()
         ticket.ready.wait()
         try:
@@ -109,28 +85,29 @@ class ClusterLane:
             yield
         finally:
             with self._cond:
-                if ticket.running:
-                    self._running.discard(party)
+                self._fair.finish(party, ticket)
                 self._dispatch()
 
     def status(self) -> dict[str, int]:
         """Calls running and waiting (counts only: no party names, no arguments)."""
         with self._cond:
-            return {
-                "slots": self.slots,
-                "running": len(self._running),
-                "queued": sum(len(q) for q in self._queues.values()),
-            }
+            return {"slots": self.slots, "running": len(self._fair.running), "queued": self._fair.queued()}
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
-        """Release every waiting call with an error (the kernel stops)."""
+        """Release every waiting call with an error (the kernel stops); calls already running finish."""
         with self._cond:
             self._closed = True
-            for queue in self._queues.values():
-                for ticket in queue:
-                    ticket.ready.set()
-            self._queues.clear()
-            self._order.clear()
+            for ticket in self._fair.drain():
+                ticket.ready.set()
+
+
+def _start(party: str, ticket: _Ticket) -> None:
+    ticket.running = True
+    ticket.ready.set()
 
 
 _LANES_LOCK = threading.Lock()
@@ -144,6 +121,16 @@ def lane_of(kernel: Kernel) -> ClusterLane:
             lane = ClusterLane()
             kernel.cluster_lane = lane  # type: ignore[attr-defined]
         return lane
+
+
+def close_lane(kernel: Kernel) -> None:
+    """Close the kernel's cluster lane, if it has one, and keep it closed (kernel shutdown)."""
+    with _LANES_LOCK:
+        lane = getattr(kernel, "cluster_lane", None)
+        if not isinstance(lane, ClusterLane):
+            lane = ClusterLane()
+            kernel.cluster_lane = lane  # type: ignore[attr-defined]
+    lane.close()
 
 
 @contextlib.contextmanager

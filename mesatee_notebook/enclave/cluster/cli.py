@@ -12,7 +12,22 @@ __all__ = ["add_node_parsers", "add_serve_arguments", "run_node_command"]
 def _common(p: argparse.ArgumentParser, data_dir: Path) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     p.add_argument("--data-dir", type=Path, default=data_dir, help="the softtee platform (shared by the cluster)")
-    p.add_argument("--level", default="softtee", help="softtee (tpm, sev, sgx: not available yet for nodes)")
+    p.add_argument(
+        "--level", default="softtee", help="softtee, or tpm with --tcti (sev, sgx: not available yet for nodes)"
+    )
+    p.add_argument("--tcti", default=None, help="at --level tpm: this node's TPM (swtpm:host=H,port=P: a SOFTWARE TPM)")
+    p.add_argument(
+        "--confinement",
+        default=None,
+        choices=("none", "bwrap"),
+        help="the profile this node runs in, stated in its evidence (set by `cluster up --bwrap`; checked at start)",
+    )
+    p.add_argument(
+        "--require-confinement",
+        default=None,
+        choices=("bwrap",),
+        help="refuse a scheduler or worker peer that does not show this confinement profile",
+    )
     p.add_argument(
         "--platform-root",
         action="append",
@@ -71,6 +86,12 @@ def _cluster_parser(sub: Any) -> None:
     up.add_argument(
         "--bwrap", action="store_true", help="scheduler and workers in bubblewrap: private /tmp, read-only system"
     )
+    up.add_argument(
+        "--level",
+        default="softtee",
+        choices=("softtee", "tpm"),
+        help="tpm: one swtpm (a SOFTWARE TPM) per node, each node's certificate a quote (default softtee)",
+    )
     up.add_argument("--detach", action="store_true", help="start in the background, print the state, return")
     for name in ("up", "down", "status"):
         p = up if name == "up" else actions.add_parser(name, help=f"{name} the cluster of --data-dir")
@@ -107,6 +128,18 @@ def add_serve_arguments(sp: argparse.ArgumentParser) -> None:
         metavar="MB",
         help="partition a plain upload of at least MB megabytes (2^20 bytes) across the workers (default 1024; 0: off)",
     )
+    sp.add_argument(
+        "--cluster-level",
+        default="softtee",
+        help="the head's level on the cluster: softtee, or tpm with --cluster-tcti",
+    )
+    sp.add_argument("--cluster-tcti", default=None, help="the TPM the head's cluster identity quotes with (tpm)")
+    sp.add_argument(
+        "--cluster-require-confinement",
+        default=None,
+        choices=("bwrap",),
+        help="refuse a scheduler or worker that does not show this confinement profile",
+    )
 
 
 def run_cluster_command(args: argparse.Namespace) -> int:
@@ -123,10 +156,10 @@ def run_cluster_command(args: argparse.Namespace) -> int:
         return 0 if running else 1
     if args.detach:
         kw = {"use_netns": args.netns, "port": args.port, "head_port": args.head_port, "nthreads": args.nthreads}
-        print(local.up(args.workers, args.data_dir, **kw, bwrap=args.bwrap))
+        print(local.up(args.workers, args.data_dir, **kw, bwrap=args.bwrap, level=args.level))
         return 0
     spec = local.ClusterSpec(
-        args.data_dir, args.workers, args.netns, args.port, args.head_port, args.nthreads, args.bwrap
+        args.data_dir, args.workers, args.netns, args.port, args.head_port, args.nthreads, args.bwrap, args.level
     )
     from mesatee_notebook.enclave.cluster.launcher import run_foreground
 
@@ -162,5 +195,8 @@ def run_node_command(args: argparse.Namespace) -> int:
         nthreads=getattr(args, "nthreads", 1),
         memory_limit=getattr(args, "memory_limit", "auto"),
         name=getattr(args, "name", None),
+        tcti=args.tcti,
+        confinement=args.confinement,
+        require_confinement=args.require_confinement,
     )
     return run_node(options)

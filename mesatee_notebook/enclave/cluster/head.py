@@ -36,7 +36,7 @@ from mesatee_notebook.wire.stream import Message
 if TYPE_CHECKING:
     from mesatee_notebook.enclave.kernel import Kernel
 
-__all__ = ["SERVICES", "ClusterHead", "attach_head", "cluster_call", "partitioned_call"]
+__all__ = ["SERVICES", "ClusterHead", "attach_head", "cluster_call", "detach_head", "partitioned_call"]
 
 log = logging.getLogger("mesatee.cluster")
 SERVICES = ("cluster.status", "cluster.probe", "cluster.upload", "cluster.psi")
@@ -65,7 +65,10 @@ class ClusterHead:
 
     def close(self) -> None:
         self._stop_refresh.set()
-        self.client.close()
+        try:
+            self.client.close(timeout=10)
+        finally:
+            self.node.identity.close()
 
     def verify_workers(self, addresses: list[str]) -> list[PeerRecord]:
         """Open an attested connection to each worker now, so its record is the head's own verification."""
@@ -168,13 +171,23 @@ class ClusterHead:
 
 
 def attach_head(
-    kernel: Kernel, url: str, roots: list[str], measurements: list[str], *, auto_partition_bytes: int | None = None
+    kernel: Kernel,
+    url: str,
+    roots: list[str],
+    measurements: list[str],
+    *,
+    level: str = "softtee",
+    tcti: str | None = None,
+    require_confinement: str | None = None,
+    auto_partition_bytes: int | None = None,
 ) -> ClusterHead:
     """Make ``kernel`` the head of the cluster at ``url`` (``serve --cluster``).
 
+    At ``level`` tpm the head's cluster identity quotes with the TPM at ``tcti`` (its own, not the kernel's).
     ``auto_partition_bytes``: a plain upload at least this big is partitioned across the workers (default
     :data:`~.datasets.AUTO_PARTITION_BYTES`; 0 turns it off).
     """
+    from mesatee_notebook.attestation.levels import Level
     from mesatee_notebook.enclave.cluster.datasets import AUTO_PARTITION_BYTES
 
     ident = kernel.identity
@@ -184,18 +197,39 @@ def attach_head(
     options = NodeOptions(
         role="head",
         data_dir=Path(kernel.config.data_dir),
+        level=Level.parse(level),
         platform_roots=tuple(roots),
         measurements=tuple(m.lower() for m in measurements),
         confine=False,
+        tcti=tcti,
+        require_confinement=require_confinement,
     )
     node = make_node("head", ident.platform_key, kernel.platform_fingerprint, options)
-    head = ClusterHead(url, node)
+    try:
+        head = ClusterHead(url, node)
+    except BaseException:
+        node.identity.close()
+        raise
     head.auto_partition_bytes = AUTO_PARTITION_BYTES if auto_partition_bytes is None else max(0, auto_partition_bytes)
     if kernel.sealing_secret:
         head.partitions = PartitionBook(kernel.sealed_store(), cluster_secret(kernel.sealing_secret))
     kernel.cluster_head = head  # type: ignore[attr-defined]
     log.warning("cluster head: attested scheduler %s with %d workers", url, len(head._workers()))
     return head
+
+
+def detach_head(kernel: Kernel) -> None:
+    """At kernel shutdown: release the calls waiting on the cluster lane (typed error), then close the client."""
+    from mesatee_notebook.enclave.cluster.admission import close_lane
+
+    close_lane(kernel)
+    head: ClusterHead | None = getattr(kernel, "cluster_head", None)
+    if head is not None:
+        kernel.cluster_head = None  # type: ignore[attr-defined]
+        try:
+            head.close()
+        except (OSError, RuntimeError, TimeoutError) as exc:  # the scheduler is gone already: nothing to close
+            log.info("cluster head: the Dask client did not close cleanly: %s", exc)
 
 
 def _serve(kernel: Kernel, head: ClusterHead, party: str, header: dict[str, Any], payloads: Any, fds: Any) -> Any:

@@ -36,6 +36,7 @@ from mesatee_notebook.enclave.cluster.local import (
     clean_stale,
     describe,
 )
+from mesatee_notebook.enclave.cluster.node_tpm import SwtpmProc, prepared, run_prepare, start_swtpm
 from mesatee_notebook.errors import ClusterSetupError
 
 __all__ = ["run_foreground"]
@@ -64,17 +65,25 @@ class _Node:
     netns: str | None = None
     address: str = ""
     bwrap: bool = False
+    tpm: dict[str, Any] | None = None  # its swtpm: pid, tcti, AK fingerprint, kind
 
     def terminate(self) -> None:
-        """SIGTERM (to a bubblewrapped node's process group, which holds the node itself).
+        """SIGTERM to the node (for a bubblewrapped node: the processes of its group that are not bubblewrap).
 
-        bwrap does not pass signals on, and its ``--die-with-parent`` would SIGKILL the node: no clean stop.
+        bwrap does not pass signals on, and its ``--die-with-parent`` would SIGKILL the node: no clean stop. Nor may
+        bwrap itself get the SIGTERM: when its init (pid 1 of the node's PID namespace) exits, the kernel SIGKILLs
+        the node before it has stopped. bwrap exits by itself once the node has.
         """
         with contextlib.suppress(ProcessLookupError):
-            if self.bwrap:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            else:
+            if not self.bwrap:
                 self.proc.send_signal(signal.SIGTERM)
+                return
+            inside = _group_members(self.proc.pid, skip="bwrap")
+            for pid in inside:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+            if not inside:  # nothing but bwrap left (or not started yet): stop it
+                os.killpg(self.proc.pid, signal.SIGTERM)
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -88,7 +97,35 @@ class _Node:
             "netns": self.netns,
             "bwrap": self.bwrap,
             "log": str(self.log),
+            **({"tpm": self.tpm} if self.tpm else {}),
         }
+
+
+def _prepare_here(tcti: str, profile: dict[str, Any] | None, name: str) -> dict[str, str]:
+    from mesatee_notebook.enclave.cluster.node_tpm import prepare
+    from mesatee_notebook.errors import LevelNotAvailableError
+
+    try:
+        return prepare(tcti, profile)
+    except LevelNotAvailableError as exc:
+        msg = f"the TPM of {name} did not answer: {exc}"
+        raise ClusterSetupError(msg) from None
+
+
+def _group_members(pgid: int, skip: str) -> list[int]:
+    """Processes of process group ``pgid`` whose command name is not ``skip`` (from /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+        if len(rest) > 2 and int(rest[2]) == pgid and comm != skip:
+            out.append(int(entry.name))
+    return out
 
 
 class _Stopped(Exception):
@@ -102,6 +139,49 @@ class _Launcher:
     stop: threading.Event = field(default_factory=threading.Event)
     nodes: list[_Node] = field(default_factory=list)
     plan: netns.NetPlan | None = None
+    tpms: dict[str, tuple[SwtpmProc, dict[str, str]]] = field(default_factory=dict)
+
+    def _wrapped(self, role: str) -> bool:
+        return self.spec.bwrap and role != "head"  # the head runs its own bubblewrap sandboxes (node_bwrap.py)
+
+    def start_tpms(self, names: list[str]) -> None:
+        """One swtpm per node (state in ``D/cluster/tpm/NODE``), then measure each wrapped node's profile.
+
+        The profile goes into PCR 16 of that node's TPM before the node starts, so its quotes cover it. Every
+        node's AK is read here, so that every node can pin every other's.
+        """
+        from mesatee_notebook.enclave.cluster.node_bwrap import BWRAP_PROFILE
+
+        base = _cluster_dir(self.data_dir) / "tpm"
+        for name in names:
+            prefix = netns.ip_exec(self.plan.node(name).netns) if self.plan else []
+            log = _cluster_dir(self.data_dir) / "logs" / f"{name}-swtpm.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            proc = start_swtpm(base / name, log, prefix, _pdeathsig, in_netns=self.plan is not None)
+            self.tpms[name] = (proc, {})
+        waiting = {}
+        for name, (proc, _) in self.tpms.items():
+            profile = BWRAP_PROFILE if self._wrapped("head" if name == "head" else "worker") else None
+            if self.plan is None:  # the swtpm listens on this namespace's loopback: measure from here
+                self.tpms[name] = (proc, _prepare_here(proc.tcti, profile, name))
+                continue
+            waiting[name] = run_prepare(proc.tcti, profile, netns.ip_exec(self.plan.node(name).netns))
+        for name, child in waiting.items():  # in the node's own namespace, where its swtpm listens
+            self.tpms[name] = (self.tpms[name][0], prepared(child, name))
+
+    def level_args(self, name: str, head: bool = False) -> list[str]:
+        """The level, TPM and pinned AKs, and the confinement flags of one node's command line."""
+        flag = "--cluster-" if head else "--"
+        out: list[str] = []
+        if self.tpms:
+            out += [f"{flag}level", "tpm", f"{flag}tcti", self.tpms[name][0].tcti]
+            for _, answer in self.tpms.values():
+                out += [f"{flag}platform-root", answer["ak"]]
+        if self.spec.bwrap:
+            out += [f"{flag}require-confinement", "bwrap"]
+            if not head:
+                out += ["--confinement", "bwrap"]
+        return out
 
     def spawn(self, name: str, role: str, args: list[str]) -> _Node:
         logs = _cluster_dir(self.data_dir) / "logs"
@@ -110,7 +190,7 @@ class _Launcher:
         host = self.plan.node(name).address if self.plan else "127.0.0.1"
         space = self.plan.node(name).netns if self.plan else None
         prefix = netns.ip_exec(space) if space else []
-        if self.spec.bwrap and role != "head":  # the head runs its own bubblewrap sandboxes (node_bwrap.py)
+        if self._wrapped(role):
             from mesatee_notebook.enclave.cluster.node_bwrap import bwrap_prefix
 
             prefix += bwrap_prefix(self.data_dir / "platform")
@@ -123,7 +203,10 @@ class _Launcher:
                 start_new_session=True,  # Ctrl-C reaches the launcher only; it stops the nodes in order
                 preexec_fn=_pdeathsig,  # noqa: PLW1509 (the launcher runs no threads)
             )
-        node = _Node(name, role, proc, log, host, space, bwrap=self.spec.bwrap and role != "head")
+        node = _Node(name, role, proc, log, host, space, bwrap=self._wrapped(role))
+        if name in self.tpms:
+            swtpm, answer = self.tpms[name]
+            node.tpm = {"pid": swtpm.proc.pid, "tcti": swtpm.tcti, **answer}
         self.nodes.append(node)
         return node
 
@@ -153,7 +236,13 @@ class _Launcher:
         names = ["sched", *[f"w{i}" for i in range(self.spec.workers)], "head"]
         if self.spec.use_netns:
             self.plan = netns.create(netns.tag_for(self.data_dir), names)
-        sched = self.spawn("sched", "scheduler", ["scheduler", "--data-dir", d, "-v", "--port", str(self.spec.port)])
+        if self.spec.level == "tpm":
+            self.start_tpms(names)
+        sched = self.spawn(
+            "sched",
+            "scheduler",
+            ["scheduler", "--data-dir", d, "-v", "--port", str(self.spec.port), *self.level_args("sched")],
+        )
         self.wait_until("the scheduler serves", lambda: self.serving(sched), [sched])
         workers = [
             self.spawn(
@@ -170,6 +259,7 @@ class _Launcher:
                     name,
                     "--nthreads",
                     str(self.spec.nthreads),
+                    *self.level_args(name),
                 ],
             )
             for name in names[1:-1]
@@ -184,7 +274,16 @@ class _Launcher:
         head = self.spawn(
             "head",
             "head",
-            ["serve", "--data-dir", str(head_dir), "--port", str(self.spec.head_port), "--cluster", sched.address],
+            [
+                "serve",
+                "--data-dir",
+                str(head_dir),
+                "--port",
+                str(self.spec.head_port),
+                "--cluster",
+                sched.address,
+                *self.level_args("head", head=True),
+            ],
         )
         info: dict[str, Any] = {}
         self.wait_until("the head kernel serves", lambda: _kernel_info(head_dir, head.proc.pid, info), [sched, head])
@@ -211,6 +310,8 @@ class _Launcher:
             "workers": [w.record() for w in workers],
             "head": {**head.record(), "url": head.address, "measurement": info["measurement"], "platform": fingerprint},
             "netns": net,
+            "level": self.spec.level,
+            "confinement": "bwrap" if self.spec.bwrap else None,
         }
 
     def teardown(self) -> None:
@@ -226,6 +327,8 @@ class _Launcher:
                 except subprocess.TimeoutExpired:
                     n.proc.kill()
                     n.proc.wait()
+        for swtpm, _ in self.tpms.values():  # after the nodes: each one flushed its objects as it stopped
+            swtpm.stop()
         if self.plan is not None:
             netns.remove(self.plan.tag)
 

@@ -63,6 +63,7 @@ class ClusterSpec:
     head_port: int = 0
     nthreads: int = 1
     bwrap: bool = False
+    level: str = "softtee"
 
 
 @dataclass
@@ -124,12 +125,28 @@ def check_spec(spec: ClusterSpec) -> None:
         from mesatee_notebook.enclave.cluster.node_bwrap import require_bwrap
 
         require_bwrap()
+    _check_level(spec.level)
     if spec.use_netns:
         netns.require_netns()
         return
     for flag, port in (("--port", spec.port), ("--head-port", spec.head_port)):
         if port:
             _check_port_free(flag, port)
+
+
+def _check_level(level: str) -> None:
+    if level not in ("softtee", "tpm"):
+        msg = f"--level {level}: a local cluster runs at softtee or tpm (one swtpm, a SOFTWARE TPM, per node)"
+        raise ClusterSetupError(msg)
+    if level == "tpm":
+        import shutil
+
+        missing = [] if shutil.which("swtpm") else ["swtpm (Debian package swtpm)"]
+        if importlib.util.find_spec("tpm2_pytss") is None:
+            missing.append("tpm2-pytss (pip install 'mesatee_notebook[tpm]')")
+        if missing:
+            msg = f"--level tpm needs {' and '.join(missing)}"
+            raise ClusterSetupError(msg)
 
 
 def _check_port_free(flag: str, port: int) -> None:
@@ -203,8 +220,10 @@ def clean_stale(data_dir: Path) -> list[str]:
     """Remove what a dead launcher left: node processes (checked by command line), namespaces, links, state."""
     removed = []
     state = _read_state(data_dir)
-    for node in [state.get("scheduler"), state.get("head"), *state.get("workers", [])]:
-        pid = int(node.get("pid", 0)) if isinstance(node, dict) else 0
+    nodes = [n for n in [state.get("scheduler"), state.get("head"), *state.get("workers", [])] if isinstance(n, dict)]
+    tpms = [n["tpm"] for n in nodes if isinstance(n.get("tpm"), dict)]  # each node's swtpm (its state names D)
+    for node in [*nodes, *tpms]:
+        pid = int(node.get("pid", 0) or 0)
         if pid and _ours(pid, data_dir):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -219,7 +238,9 @@ def clean_stale(data_dir: Path) -> list[str]:
 
 def _where(node: dict[str, Any]) -> str:
     netns_note = f"  [netns {node['netns']}]" if node.get("netns") else ""
-    return netns_note + ("  [bubblewrap]" if node.get("bwrap") else "")
+    tpm = node.get("tpm")
+    tpm_note = f"  [SOFTWARE TPM, AK {str(tpm.get('ak'))[:16]}…]" if isinstance(tpm, dict) else ""
+    return netns_note + ("  [bubblewrap]" if node.get("bwrap") else "") + tpm_note
 
 
 def describe(state: dict[str, Any]) -> str:
@@ -237,7 +258,15 @@ def describe(state: dict[str, Any]) -> str:
     if state.get("netns"):
         net = state["netns"]
         lines.append(f"  network    bridge {net['bridge']} {net['subnet']} (this host: {net['gateway']})")
-    lines.append("  softtee is SOFTWARE trust: whoever runs this host can read every node's memory.")
+    if state.get("level") == "tpm":
+        from mesatee_notebook.enclave.cluster.node_tpm import SOFTWARE_TPM_NOTE
+
+        lines.append(f"  level      tpm: {SOFTWARE_TPM_NOTE}.")
+        lines.append("  The head kernel faces notebooks at softtee: SOFTWARE trust.")
+    else:
+        lines.append("  softtee is SOFTWARE trust: whoever runs this host can read every node's memory.")
+    if state.get("confinement"):
+        lines.append(f"  every node requires confinement {state['confinement']!r} of the scheduler and workers")
     lines.append(
         f'  connect:   mn.connect("{head["url"]}", policy=mn.Policy(platform_roots=["{head["platform"]}"], '
         f'measurements=["{head["measurement"]}"]))'
@@ -262,6 +291,7 @@ def up(
     head_port: int = 0,
     nthreads: int = 1,
     bwrap: bool = False,
+    level: str = "softtee",
 ) -> LocalCluster:
     """Start ``mesatee-enclave cluster up`` in the background (its own session) and return once it serves."""
     spec = ClusterSpec(
@@ -272,6 +302,7 @@ def up(
         head_port,
         nthreads,
         bwrap,
+        level,
     )
     check_spec(spec)
     if _launcher_alive(spec.data_dir):
@@ -293,6 +324,8 @@ def up(
         str(nthreads),
         *(["--netns"] if use_netns else []),
         *(["--bwrap"] if bwrap else []),
+        "--level",
+        level,
     ]
     with (cdir / "launcher.log").open("wb") as fh:
         proc = subprocess.Popen(

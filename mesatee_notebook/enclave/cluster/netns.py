@@ -2,7 +2,9 @@
 
 Each node gets a namespace ``mtc<tag>-<node>`` with its loopback up and one veth end (``eth0``) addressed
 ``10.213.<net>.<10+i>/24``; the other end (``mtc<tag>v<i>``) is a port of the bridge ``mtc<tag>br`` in the launcher's
-namespace, which holds ``10.213.<net>.1`` so that a notebook on the host reaches the head. Dask traffic between two
+namespace, which holds ``10.213.<net>.1`` so that a notebook on the host reaches the head. ``<net>`` is chosen, and
+the bridge given its address, under a host-wide lock (``/run/lock/mesatee-cluster-netns.lock``), so two launchers
+starting at once never take the same /24. Dask traffic between two
 nodes therefore leaves one namespace on a veth, crosses the bridge and enters the other: a real interface whose
 counters (``/sys/class/net/mtc<tag>v<i>/statistics``) grow, unlike loopback.
 
@@ -13,11 +15,15 @@ root or CAP_NET_ADMIN.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
 import signal
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +33,7 @@ __all__ = ["NetNode", "NetPlan", "create", "node_names", "remove", "require_netn
 
 _CAP_NET_ADMIN = 12
 _PREFIX = "10.213"
+_LOCK_NAME = "mesatee-cluster-netns.lock"
 
 
 @dataclass(frozen=True)
@@ -111,18 +118,40 @@ def _free_subnet(tag: str) -> int:
     raise ClusterSetupError(msg)
 
 
+@contextlib.contextmanager
+def _subnet_lock() -> Iterator[None]:
+    """A host-wide lock around choosing a /24 and putting its gateway on the bridge.
+
+    Without it two launchers at once could both see 10.213.X.0/24 free and both take it (check, then use). The
+    chosen subnet is visible to the next launcher once the bridge holds its address, so that is when it is released.
+    """
+    base = Path("/run/lock") if Path("/run/lock").is_dir() else Path(tempfile.gettempdir())
+    fd = os.open(base / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
 def create(tag: str, names: list[str]) -> NetPlan:
     """Create the bridge and one namespace per node name; on any failure remove what was made, then raise."""
-    net = _free_subnet(tag)
-    subnet = f"{_PREFIX}.{net}.0/24"
     bridge = f"mtc{tag}br"
+    try:
+        with _subnet_lock():
+            net = _free_subnet(tag)
+            gateway = f"{_PREFIX}.{net}.1"
+            _ip("link", "add", bridge, "type", "bridge")
+            _ip("addr", "add", f"{gateway}/24", "dev", bridge)
+    except ClusterSetupError:
+        remove(tag)
+        raise
+    subnet = f"{_PREFIX}.{net}.0/24"
     nodes = tuple(
         NetNode(name, f"mtc{tag}-{name}", f"{_PREFIX}.{net}.{10 + i}", f"mtc{tag}v{i}") for i, name in enumerate(names)
     )
-    plan = NetPlan(tag, bridge, f"{_PREFIX}.{net}.1", subnet, nodes)
+    plan = NetPlan(tag, bridge, gateway, subnet, nodes)
     try:
-        _ip("link", "add", bridge, "type", "bridge")
-        _ip("addr", "add", f"{plan.gateway}/24", "dev", bridge)
         _ip("link", "set", bridge, "up")
         for n in nodes:
             _ip("netns", "add", n.netns)

@@ -18,9 +18,25 @@ from pathlib import Path
 from mesatee_notebook.enclave.sandbox import Sandbox
 from mesatee_notebook.errors import ClusterSetupError
 
-__all__ = ["bwrap_prefix", "require_bwrap"]
+__all__ = ["BWRAP_PROFILE", "PROFILES", "bwrap_prefix", "require_bwrap"]
 
 _PRIVATE = ("/tmp", "/dev/shm")
+
+#: What a wrapped node's evidence states (``sandbox.cluster_node.profile``) and, at tpm, what the launcher measures
+#: into PCR 16 before it starts the node (node_tpm.py). A change here is a new profile digest.
+BWRAP_PROFILE: dict[str, object] = {
+    "format": 1,
+    "name": "bwrap",
+    "namespaces": ["mount", "pid", "ipc", "uts", "cgroup (if the kernel allows)"],
+    "read_only": "/usr, /lib*, /bin, the loader's /etc, the Python prefixes, PYTHONPATH, the package, the platform",
+    "private": ["/tmp (work directory)", "/dev/shm", "/proc (own PID namespace)"],
+    "not_there": "the head's data directory, the host's /tmp, home directories, every other file",
+    "network": "the node's network namespace (loopback, or its own with --netns)",
+    "uid": "the launcher's",
+    "seccomp": False,
+}
+#: Profiles by the name a launcher passes to a node (``--confinement NAME``).
+PROFILES: dict[str, dict[str, object]] = {"bwrap": BWRAP_PROFILE}
 
 
 def require_bwrap() -> str:

@@ -1,9 +1,12 @@
 """A cluster node's attested identity, and the cluster's admission policy.
 
 Every node (scheduler, worker, and the head kernel as Dask's one client) holds a fresh P-256 TLS key in memory and
-presents a certificate whose TCG DICE extension carries softtee evidence (``attestation/evidence.make_evidence``,
-signed by the platform key) over the *cluster node measurement*: the kernel's manifest plus the pure-Python code of
-the distributed engine (dask, distributed, tornado, cloudpickle) and the node confinement profile.
+presents a certificate whose TCG DICE extension carries evidence over the *cluster node measurement*: the kernel's
+manifest plus the code of the distributed engine (dask, distributed, tornado, cloudpickle, xgboost) and the node
+confinement profile. At softtee the evidence is signed by the platform key (``attestation/evidence.make_evidence``);
+at tpm it is the single-node tpm level's statement quoted by the node's own TPM (``attestation/tpm.make_tpm_evidence``;
+the TPM is ``enclave/tpm.py``, see ``node_tpm.py``), and peers pin its AK. Either way a peer checks it with
+``attestation.policy.verify_certificate``, then the stated confinement (``node_confinement.py``).
 
 Why an issuer at all: the standard library's ``ssl`` has no certificate callback, and OpenSSL refuses a self-signed
 client certificate, so mutual TLS needs a CA both sides load. The *handshake issuer* is derived from a public
@@ -25,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -34,11 +37,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 from cryptography.x509.oid import NameOID
 
-from mesatee_notebook.attestation.evidence import TCG_TAGGED_EVIDENCE_OID, fingerprint, make_evidence
+from mesatee_notebook.attestation.evidence import TCG_TAGGED_EVIDENCE_OID, fingerprint, make_evidence, report_data_for
 from mesatee_notebook.attestation.levels import Level
 from mesatee_notebook.attestation.measurement import build_manifest, measurement_of
 from mesatee_notebook.attestation.policy import AttestationReport, Policy, verify_certificate
-from mesatee_notebook.errors import AttestationError, MalformedEvidence, NotAvailableYet
+from mesatee_notebook.attestation.tpm import TPM_EVIDENCE_FORMAT, ak_fingerprint, make_tpm_evidence
+from mesatee_notebook.enclave.cluster.node_confinement import check_confinement, peer_role
+from mesatee_notebook.errors import AttestationError, LevelNotAvailableError, MalformedEvidence, NotAvailableYet
+
+if TYPE_CHECKING:
+    from mesatee_notebook.enclave.tpm import Tpm
 
 __all__ = [
     "CLUSTER_COMPONENTS",
@@ -60,7 +68,8 @@ CLUSTER_COMPONENTS: Final = ("dask", "distributed", "tornado", "cloudpickle", "x
 #: What a node process applies to itself (enclave/cluster/node.py); measured, so a change is a new measurement.
 NODE_CONFINEMENT: Final = {
     "format": 1,
-    "bubblewrap": False,
+    "bubblewrap": "per node: the profile its launcher put it in, stated in sandbox.cluster_node.profile (at tpm "
+    "measured into PCR 16 before the node starts); none by default",
     "why": "a Dask node must open TCP connections; it runs no user code (tasks come only from the attested head)",
     "no_new_privs": True,
     "dumpable": False,
@@ -122,16 +131,20 @@ def cluster_measurement() -> str:
     return measurement_of(cluster_manifest())
 
 
-def cluster_policy(platform_roots: tuple[str, ...], measurements: tuple[str, ...] | None = None) -> Policy:
-    """What every node accepts from its peers: softtee or better, pinned platform(s), the cluster measurement.
+def cluster_policy(
+    platform_roots: tuple[str, ...], measurements: tuple[str, ...] | None = None, min_level: Level = Level.SOFTTEE
+) -> Policy:
+    """What every node accepts from its peers: ``min_level`` or better, pinned roots, the cluster measurement.
 
-    ``require_sandbox=False`` because no node is in bubblewrap (docs/cluster.md says why); the confinement each
-    node applies is in its measured manifest instead.
+    A root is a softtee platform fingerprint or, at tpm, a TPM's attestation key fingerprint (pinned as the
+    single-node tpm level pins it). ``require_sandbox=False`` because a node is not in the kernel's executor
+    sandbox (docs/cluster.md says why); the confinement each node applies is in its measured manifest, and the
+    bubblewrap profile a launcher put it in is checked by :func:`check_confinement`.
     """
     return Policy(
         measurements=measurements if measurements else (cluster_measurement(),),
         platform_roots=platform_roots,
-        min_level=Level.SOFTTEE,
+        min_level=min_level,
         require_sandbox=False,
     )
 
@@ -194,35 +207,97 @@ class NodeIdentity:
     issued_at: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    tpm: Tpm | None = field(default=None, repr=False)
+
     @classmethod
     def create(
         cls,
         role: str,
-        platform_key: Ed25519PrivateKey,
+        platform_key: Ed25519PrivateKey | None,
         *,
         level: Level = Level.SOFTTEE,
         manifest: dict[str, Any] | None = None,
         lifetime: float = 7 * 24 * 3600.0,
         confinement: dict[str, Any] | None = None,
+        tpm: Tpm | None = None,
     ) -> NodeIdentity:
-        """Fresh keys, softtee evidence signed by ``platform_key``, and the node certificate."""
-        if level is not Level.SOFTTEE:
-            msg = f"cluster nodes at level {level.label} are not available yet; cluster nodes run at softtee"
+        """Fresh keys, evidence and the node certificate.
+
+        softtee: evidence signed by ``platform_key``. tpm: ``tpm`` (the node's own TPM, ``node_tpm.open_node_tpm``)
+        gets the cluster measurement in its application PCR, and every certificate carries its quote.
+        """
+        if level is Level.TPM and tpm is None:
+            msg = "a cluster node at level tpm needs its TPM: give --tcti (swtpm:host=...,port=... or device:...)"
+            raise LevelNotAvailableError(msg, level="tpm")
+        if level not in (Level.SOFTTEE, Level.TPM):
+            msg = f"cluster nodes at level {level.label} are not available yet; cluster nodes run at softtee or tpm"
             raise NotAvailableYet(msg)
-        platform = fingerprint(platform_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+        if level is Level.SOFTTEE and platform_key is None:
+            msg = "a softtee cluster node needs the platform key to sign its evidence"
+            raise NotAvailableYet(msg)
         ident = cls(
             role,
             level,
             manifest if manifest is not None else cluster_manifest(),
-            platform,
+            "",
             ec.generate_private_key(ec.SECP256R1()),
             Ed25519PrivateKey.generate(),
-            platform_key=platform_key,
+            platform_key=platform_key if level is Level.SOFTTEE else None,
             confinement=dict(confinement or {}),
             lifetime=lifetime,
+            tpm=tpm if level is Level.TPM else None,
         )
+        if ident.tpm is not None:
+            ident.platform_fingerprint = ak_fingerprint(ident.tpm.ak_public)
+            ident.tpm.measured_launch(ident.measurement)  # the cluster measurement into the application PCR
+        elif platform_key is not None:
+            ident.platform_fingerprint = fingerprint(
+                platform_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+            )
         ident.refresh()
         return ident
+
+    def _sandbox_report(self) -> dict[str, Any]:
+        # The runtime report: not the kernel's bubblewrap sandbox (active False), and what the node did apply.
+        return {"active": False, "why": "cluster node", "cluster_node": {"role": self.role, **self.confinement}}
+
+    def _evidence(self) -> bytes:
+        spki = self.tls_key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        receipt = self.receipt_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        now = int(time.time())
+        if self.tpm is not None:  # the single-node tpm level's statement and quote (attestation/tpm.py)
+            tpm = self.tpm
+            statement = {
+                "format": TPM_EVIDENCE_FORMAT,
+                "level": Level.TPM.label,
+                "measurement": self.measurement,
+                "manifest": self.manifest,
+                "time": now,
+                "report_data": report_data_for(spki, receipt),
+                "receipt_key": receipt.hex(),
+                "audit_key": "",
+                "sandbox": self._sandbox_report(),
+                "tpm_kind": tpm.kind,
+                "tpm_vendor": tpm.vendor,
+                "app_pcr": tpm.app_pcr,
+                "pcrs": {str(i): v for i, v in tpm.read_pcrs().items()},
+                "event_log": tpm.event_log,
+            }
+            return make_tpm_evidence(
+                statement=statement, quoter=tpm.quote, ak_public=tpm.ak_public, ek_cert=tpm.ek_cert
+            )
+        if self.platform_key is None:
+            msg = "this identity has no platform key to re-sign its evidence with"
+            raise NotAvailableYet(msg)
+        return make_evidence(
+            level=self.level,
+            manifest=self.manifest,
+            tls_spki_der=spki,
+            receipt_key=receipt,
+            time=now,
+            platform_key=self.platform_key,
+            sandbox=self._sandbox_report(),
+        )
 
     def refresh(self) -> None:
         """Issue fresh evidence and certificate for the same keys, and load them into the live SSL contexts.
@@ -230,19 +305,7 @@ class NodeIdentity:
         Dask keeps the contexts it was given for the life of a listener, so they are updated in place; connections
         made from then on present the new certificate.
         """
-        if self.platform_key is None:
-            msg = "this identity has no platform key to re-sign its evidence with"
-            raise NotAvailableYet(msg)
-        evidence = make_evidence(
-            level=self.level,
-            manifest=self.manifest,
-            tls_spki_der=self.tls_key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo),
-            receipt_key=self.receipt_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw),
-            time=int(time.time()),
-            platform_key=self.platform_key,
-            # The runtime report: not a bubblewrap sandbox (active False), and what the node did apply.
-            sandbox={"active": False, "why": "cluster node", "cluster_node": {"role": self.role, **self.confinement}},
-        )
+        evidence = self._evidence()
         cert = _node_certificate(self.tls_key, evidence, self.role, self.lifetime)
         pem = cert.public_bytes(Encoding.PEM) + self.tls_key.private_bytes(
             Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()
@@ -254,6 +317,11 @@ class NodeIdentity:
                 if isinstance(ctx, ssl.SSLContext):
                     self._load_chain(ctx)
 
+    def close(self) -> None:
+        """Close the node's TPM (flushes its AK: swtpm without a resource manager would keep it)."""
+        if self.tpm is not None:
+            self.tpm.close()
+
     def refresh_every(self, interval: float = REFRESH_INTERVAL) -> threading.Event:
         """Re-issue the evidence every ``interval`` seconds on a daemon thread; set the returned event to stop."""
         stop = threading.Event()
@@ -262,7 +330,7 @@ class NodeIdentity:
             while not stop.wait(interval):
                 try:
                     self.refresh()
-                except (OSError, ValueError, ssl.SSLError) as exc:  # keep the old certificate; peers will say why
+                except (OSError, ValueError, ssl.SSLError, LevelNotAvailableError) as exc:  # keep the old certificate
                     log.error("cluster %s: could not refresh the evidence: %s", self.role, exc)
 
         threading.Thread(target=loop, name=f"mesatee-cluster-refresh-{self.role}", daemon=True).start()
@@ -313,16 +381,22 @@ class PeerRecord:
     platform: str
     level: str
     verified_at: float
+    confinement: str = "none"
+    tpm_kind: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "address": self.address,
             "role": self.role,
             "measurement": self.measurement,
             "platform": self.platform,
             "level": self.level,
             "verified_at": self.verified_at,
+            "confinement": self.confinement,
         }
+        if self.tpm_kind is not None:  # "software" for swtpm: a software TPM is software trust
+            out["tpm_kind"] = self.tpm_kind
+        return out
 
 
 @dataclass
@@ -331,6 +405,8 @@ class ClusterNode:
 
     identity: NodeIdentity
     policy: Policy
+    #: A confinement profile name (``bwrap``) every scheduler and worker must show, or None (check_confinement).
+    require_confinement: str | None = None
     peers: dict[str, PeerRecord] = field(default_factory=dict)
     refusals: list[dict[str, Any]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -342,6 +418,7 @@ class ClusterNode:
                 msg = "the peer presented no certificate"
                 raise MalformedEvidence(msg)
             report = verify_certificate(cert_der, self.policy)
+            confinement = check_confinement(report, self.require_confinement)
         except AttestationError as exc:
             log.warning(
                 "cluster %s: refused %s peer %s: %s: %s",
@@ -357,9 +434,17 @@ class ClusterNode:
                 )
                 del self.refusals[:-100]
             raise
-        node = report.sandbox.get("cluster_node") if isinstance(report.sandbox, dict) else None
-        role = str(node.get("role", "?")) if isinstance(node, dict) else "?"
-        record = PeerRecord(address, role, report.measurement, report.platform, report.level.label, time.time())
+        role = peer_role(report)
+        record = PeerRecord(
+            address,
+            role,
+            report.measurement,
+            report.platform,
+            report.level.label,
+            time.time(),
+            confinement,
+            report.tpm_kind,
+        )
         with self._lock:
             self.peers[address] = record
         log.info(
