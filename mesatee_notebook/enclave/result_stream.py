@@ -1,13 +1,14 @@
-"""Large DataFrame results of a service call, streamed in row chunks: worker → supervisor → client.
+"""Large results of a service call, streamed in chunks: service worker → supervisor → client.
 
 A service returns its whole result first: the evaluator (and for an analyst the policy and the differencing
 guard) has seen every row before this module sees a byte. Then, when the caller asked for it (``Call.chunked``),
-a DataFrame of at least ``CHUNKED_MIN`` bytes leaves the service worker as one Arrow IPC stream cut into
-``ResultChunk`` messages (``wire/arrow_chunks.py``) over the executor link, with no spool file: the supervisor
-passes each chunk on to the client while the worker writes the next, hashing the bytes it sends (one BLAKE3
-over the chunks back to back, on a helper thread while they go out). The Result that follows names the value
-with ``chunks: n``; the receipt signed after it binds that digest, and the client returns nothing before it has
-verified the receipt against its own digest of the bytes it received.
+a value whose encoding (``wire/codecs.py``: a DataFrame is one Arrow record batch, zero-copy) has at least
+``CHUNKED_MIN`` bytes leaves the service worker as ``ResultChunk`` messages of about 8 MiB over the executor link
+(``wire/arrow_chunks.py``), with no spool file. The supervisor passes each chunk on to the client while the worker
+sends the next, hashing the bytes it sends (one BLAKE3 over the chunks back to back, on a helper thread while they
+go out). The Result that follows names the value with ``chunks: n``; the receipt signed after it binds that
+digest, and the client returns nothing before it has verified the receipt against its own digest of the bytes it
+received.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from mesatee_notebook.enclave.ipc import ValueOut
 from mesatee_notebook.errors import MalformedFrame, MesateeError
-from mesatee_notebook.wire.arrow_chunks import frame_chunks
+from mesatee_notebook.wire.arrow_chunks import CHUNKED_MIN, split_parts
 from mesatee_notebook.wire.codecs import encode_value
 from mesatee_notebook.wire.digest import Hasher, payload_hasher
 from mesatee_notebook.wire.protocol import ResultChunk
@@ -34,15 +35,17 @@ def encode_results(
     out: list[ValueOut] = []
     streamed: list[dict[str, Any]] = []
     for name, value in values.items():
-        chunks = frame_chunks(value) if chunked else None
-        if chunks is not None:
-            n = 0
-            for n, parts in enumerate(chunks, start=1):
-                send(ResultChunk(f"out/{name}", n - 1), [parts])
-            streamed.append({"name": f"out/{name}", "kind": "arrow.frame", "meta": {}, "chunks": n})
-            continue
         enc = encode_value(value)
-        out.append(({"name": f"out/{name}", "kind": enc.kind, "meta": enc.meta}, enc.parts, None))
+        out_name = f"out/{name}"
+        spec: dict[str, Any] = {"name": out_name, "kind": enc.kind, "meta": enc.meta}
+        size = enc.nbytes
+        if not chunked or size < CHUNKED_MIN:
+            out.append((spec, enc.parts, None))
+            continue
+        n = 0
+        for n, piece in enumerate(split_parts(enc.parts), start=1):
+            send(ResultChunk(out_name, n - 1, size), [piece])
+        streamed.append({**spec, "chunks": n})
     return out, streamed
 
 
@@ -51,6 +54,7 @@ class _Stream:
     hasher: Hasher = field(default_factory=payload_hasher)
     chunks: int = 0
     size: int = 0
+    announced: int = 0
 
 
 class ChunkRelay:
@@ -73,16 +77,16 @@ class ChunkRelay:
         if len(msg.payloads) != 1:
             m = "a result chunk carries exactly one payload"
             raise MalformedFrame(m)
-        stream = self._streams.setdefault(chunk.name, _Stream())
-        if chunk.index != stream.chunks:
-            m = f"result chunk {chunk.index} of {chunk.name!r} arrived out of order"
-            raise MalformedFrame(m)
-        stream.chunks += 1
+        stream = self._streams.setdefault(chunk.name, _Stream(announced=chunk.size))
         buf = msg.payloads.pop()
         stream.size += memoryview(buf).nbytes
+        if chunk.index != stream.chunks or chunk.size != stream.announced or stream.size > stream.announced:
+            m = f"result chunk {chunk.index} of {chunk.name!r} is out of order or over its value's size"
+            raise MalformedFrame(m)
+        stream.chunks += 1
         if self._gone is not None:
             return
-        header = {"t": "result.chunk", "re": self._rid, "name": chunk.name, "index": chunk.index}
+        header = {"t": "result.chunk", "re": self._rid, "name": chunk.name, "index": chunk.index, "size": chunk.size}
         try:
             self._send(header, [buf], stream.hasher)
         except MesateeError as exc:  # the client hung up: drain the worker, report after its Result
@@ -104,7 +108,7 @@ class ChunkRelay:
                 continue
             name = str(spec.get("name"))
             stream = self._streams.pop(name, None)
-            if stream is None or spec["chunks"] != stream.chunks:
+            if stream is None or spec["chunks"] != stream.chunks or stream.size != stream.announced:
                 m = f"the result names {spec['chunks']!r} chunks of {name!r}, and {stream.chunks if stream else 0} came"
                 raise MalformedFrame(m)
             subjects[name] = stream.hasher.hexdigest()

@@ -22,7 +22,7 @@ from mesatee_notebook.wire.comm import parse_url as split_url
 from mesatee_notebook.wire.digest import Hasher
 from mesatee_notebook.wire.framing import Limits
 from mesatee_notebook.wire.messages import PROTOCOL_VERSION
-from mesatee_notebook.wire.stream import Message, Progress
+from mesatee_notebook.wire.stream import Allocator, Message, Progress
 
 __all__ = ["DEFAULT_PORT", "Channel", "Reply", "open_channel", "parse_url"]
 
@@ -128,13 +128,15 @@ class Channel:
         download_progress: Progress | None = None,
         on_interrupt: Callable[[], object] | None = None,
         hasher_for: Callable[[dict[str, Any]], Hasher | None] | None = None,
+        allocator: Allocator | None = None,
     ) -> Reply:
         """Send a request and return its final reply; stream frames go to ``on_stream``.
 
         A typed error reply is raised as its local exception class. With ``digests`` the reply carries the
         digests of what was sent (``reply.sent``) and of what came back (``reply.digests``). ``result.chunk``
-        frames (a large result in chunks) go to ``on_stream`` too; ``hasher_for`` is the frame reader's digest hook
-        for them (``remote/frames_result.py``). A frame that cannot be read whole closes the connection.
+        frames (a large result in chunks) go to ``on_stream`` too; ``hasher_for`` and ``allocator`` are the
+        frame reader's digest and buffer hooks for them (``remote/frames_result.py``). A frame that cannot be
+        read whole closes the connection.
         """
         with self._lock:
             rid = next(self._ids)
@@ -143,7 +145,11 @@ class Channel:
             while True:
                 try:
                     msg = self.comm.recv(
-                        self.limits, digests=digests, progress=download_progress, hasher_for=hasher_for
+                        self.limits,
+                        digests=digests,
+                        progress=download_progress,
+                        hasher_for=hasher_for,
+                        allocator=allocator,
                     )
                 except EOFError:
                     msg_ = "the kernel closed the connection"

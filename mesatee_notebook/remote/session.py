@@ -280,6 +280,7 @@ class Session:
                 upload_progress=upload_progress,
                 on_interrupt=lambda: self._cancel([nonce]),
                 hasher_for=chunks.hasher_for,
+                allocator=chunks.allocate,
             )
         except BaseException:
             chunks.clear()
@@ -322,7 +323,7 @@ class Session:
             str(s["name"]).removeprefix("out/"): decode_value(str(s["kind"]), buf, meta=s.get("meta"))
             for s, buf in zip(value_specs, reply.payloads, strict=True)
         }
-        values |= {str(s["name"]).removeprefix("out/"): chunks.decode(str(s["name"])) for s in streamed}
+        values |= {str(s["name"]).removeprefix("out/"): chunks.decode(s) for s in streamed}
         return CallResult(info=dict(info), values=values, receipt=receipt, verified=verified)
 
     def whoami(self) -> str | None:

@@ -666,23 +666,26 @@ class ProgressUpdate(ProtocolMessage):
 
 @dataclass(frozen=True, slots=True)
 class ResultChunk(ProtocolMessage):
-    """One chunk (its one payload: whole Arrow IPC messages) of a large result value, sent before the Result.
+    """One chunk (its one payload) of a large result value's bytes, sent before the Result.
 
-    The value's spec in the Result says ``chunks: n``; the chunks back to back are its bytes, which the receipt's
-    digest covers (``wire/arrow_chunks.py``). The supervisor passes each chunk on to the caller as it comes.
+    ``size`` is the whole value's size; the value's spec in the Result says ``chunks: n``, and the chunks back to
+    back are its bytes, which the receipt's digest covers (``wire/arrow_chunks.py``). The supervisor passes each
+    chunk on to the caller as it comes.
     """
 
     T: ClassVar[str] = "result.chunk"
     name: str = ""
     index: int = 0
+    size: int = 0
 
     @classmethod
     def from_header(cls, header: Mapping[str, Any], payloads: int = 0) -> ResultChunk:
-        index = header.get("index")
-        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-            msg = "a result chunk needs a non-negative integer 'index'"
+        index, size = header.get("index"), header.get("size")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (index, size)):
+            msg = "a result chunk needs non-negative integers 'index' and 'size'"
             raise MalformedFrame(msg)
-        return cls(_require(header, "name", str), index)
+        assert isinstance(index, int) and isinstance(size, int)
+        return cls(_require(header, "name", str), index, size)
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,7 +80,7 @@ MESSAGES: dict[type[p.ProtocolMessage], st.SearchStrategy[Any]] = {
     p.Stream: st.builds(p.Stream, st.sampled_from(["stdout", "stderr"]), texts),
     p.LogLine: st.builds(p.LogLine, texts),
     p.ProgressUpdate: st.builds(p.ProgressUpdate, json_maps),
-    p.ResultChunk: st.builds(p.ResultChunk, texts, st.integers(0, 2**40)),
+    p.ResultChunk: st.builds(p.ResultChunk, texts, st.integers(0, 2**40), st.integers(0, 2**40)),
     p.Result: st.builds(p.Result, wire_specs, st.none() | json_maps, st.none() | texts),
     p.ExecutorError: st.builds(p.ExecutorError, texts, texts, json_maps),
 }
