@@ -152,6 +152,7 @@ class Channel:
                         allocator=allocator,
                     )
                 except EOFError:
+                    self.close()
                     msg_ = "the kernel closed the connection"
                     raise KernelConnectionError(msg_) from None
                 except MesateeError:
