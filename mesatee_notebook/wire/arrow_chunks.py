@@ -27,7 +27,6 @@ CHUNK_BYTES = 8 << 20
 CHUNKED_MIN = 32 << 20
 """Values with fewer encoded bytes go whole, as one payload."""
 _MAP_ANONYMOUS = int(getattr(mmap, "MAP_ANONYMOUS", 0x20))
-_MADV_HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)
 
 
 def split_parts(parts: Sequence[Any], chunk_bytes: int = CHUNK_BYTES) -> Iterator[list[memoryview]]:
@@ -54,8 +53,7 @@ def split_parts(parts: Sequence[Any], chunk_bytes: int = CHUNK_BYTES) -> Iterato
 class ChunkBuffer:
     """The receiving end: one anonymous mapping of the value's size, filled chunk by chunk in order.
 
-    Its pages are faulted in as the bytes arrive (no zero-fill pass first, unlike a ``bytearray``), in
-    transparent huge pages where the host allows them.
+    Its pages are faulted in as the bytes arrive (no zero-fill pass first, unlike a ``bytearray``).
     :meth:`take` hands each incoming chunk its place (a ``memoryview`` slice, for ``recv_into``);
     :meth:`close` unmaps it at once (a cut-off or refused result).
     """
@@ -66,15 +64,10 @@ class ChunkBuffer:
             raise MalformedFrame(msg)
         self.size = size
         self.filled = 0
-        # Private (not the shmem a plain ``mmap(-1, n)`` is) and in huge pages where the host allows them: a fresh
-        # 4 KiB page costs more to fault in here than its bytes cost to receive (docs/benchmarks.md, P7).
-        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | _MAP_ANONYMOUS)
-        if _MADV_HUGEPAGE is not None:
-            try:
-                mm.madvise(_MADV_HUGEPAGE)
-            except OSError:  # no transparent huge pages here: 4 KiB pages then
-                pass
-        self._mm: mmap.mmap | None = mm
+        # Private, not the shmem a plain ``mmap(-1, n)`` is: its pages fault in faster (docs/benchmarks.md, P7).
+        # Not MADV_HUGEPAGE: with this host's THP defrag setting a huge-page fault may compact memory first,
+        # which cost up to 6x more CPU than 4 KiB pages in the measurements there.
+        self._mm: mmap.mmap | None = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | _MAP_ANONYMOUS)
         self._views: list[memoryview] = []
 
     def take(self, n: int) -> memoryview:
