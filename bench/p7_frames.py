@@ -284,7 +284,11 @@ def main() -> None:
             f"upload through the kernel (separate): fact {upload['fact_s']:.2f}s, dim {upload['dim_s']:.2f}s; "
             f"first query {upload['first_query_s']:.2f}s"
         )
-    out = Path(__file__).parent / "results" / "p7_frames.json"
+    out = (
+        Path(__file__).parent
+        / "results"
+        / ("p7_frames.json" if args.only is None else f"p7_{args.only.replace('-', '_')}.json")
+    )
     out.parent.mkdir(exist_ok=True)
     out.write_text(
         json.dumps(
