@@ -90,8 +90,8 @@ def chunk_log(monkeypatch: pytest.MonkeyPatch) -> list[ResultChunks]:
     return made
 
 
-def test_the_test_result_is_big_enough_to_be_chunked(parties: Parties) -> None:
-    assert encode_value(parties.data).nbytes >= CHUNKED_MIN
+def test_the_test_result_is_big_enough_to_be_chunked() -> None:
+    assert encode_value(big_frame()).nbytes >= CHUNKED_MIN
 
 
 @pytest.mark.slow
@@ -168,6 +168,7 @@ def test_a_cut_off_stream_is_a_typed_error_and_frees_its_buffer(
     assert len(f[f.a >= 0].collect()) == ROWS
 
 
+@pytest.mark.slow
 def test_the_analyst_gets_nothing_before_the_policy_saw_the_whole_result(
     parties: Parties, chunk_log: list[Any]
 ) -> None:
