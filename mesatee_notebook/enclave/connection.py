@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from mesatee_notebook.attestation.measurement import canonical_json
 from mesatee_notebook.enclave import receipting
+from mesatee_notebook.enclave.result_stream import ChunkRelay
 from mesatee_notebook.enclave.sessions import ExecutorHandle, KernelSession
 from mesatee_notebook.enclave.shm import SharedAllocator
 from mesatee_notebook.errors import (
@@ -50,6 +51,7 @@ from mesatee_notebook.wire.protocol import (
     Ping,
     ProgressUpdate,
     ProtocolMessage,
+    ResultChunk,
     RunCell,
     RunService,
     SessionClose,
@@ -323,8 +325,12 @@ class Connection:
         msg.payloads.clear()  # digested and handed on (the worker has its own descriptors): unmap them here now,
         alloc.close()  # so the inputs' memory goes as soon as the service lets go of them (P8), not after the call
         started = time.time()
+        relay = ChunkRelay(lambda h, p, into: self.comm.send(h, p, hasher=into), rid)  # large results, in chunks
 
         def on_message(worker: ExecutorHandle, m: Message) -> bool:
+            if m.type == ResultChunk.T:
+                relay.on_chunk(m)
+                return False
             if m.type == ProgressUpdate.T:
                 self.reply({"t": "progress", "re": rid, "data": ProgressUpdate.from_header(m.header).data})
                 return False
@@ -333,7 +339,7 @@ class Connection:
                 return False
             return m.type != LogLine.T
 
-        order = RunService(req.service, party, req.args, tuple(specs))
+        order = RunService(req.service, party, req.args, tuple(specs), chunked=req.chunked)
         try:
             k.quotas.take(party, concurrent_calls=1, executors=1)
         except MesateeError:
@@ -344,7 +350,10 @@ class Connection:
         finally:
             k.quotas.give_back(party, concurrent_calls=1, executors=1)
         receipting.raise_if_error(result)
+        streamed, streamed_specs = relay.finish(result)
         subjects, value_specs, out_payloads = receipting.result_values(result)
+        subjects.update(streamed)
+        value_specs += streamed_specs
         info = result.header.get("info") or {}
         subjects["info"] = payload_digest(canonical_json(info))
         predicate = receipting.predicate(

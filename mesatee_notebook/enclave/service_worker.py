@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from mesatee_notebook.enclave.ipc import unpack_values
+from mesatee_notebook.enclave.ipc import pack_values, unpack_values
+from mesatee_notebook.enclave.result_stream import encode_results
 from mesatee_notebook.enclave.services import ServiceContext, dispatch
 from mesatee_notebook.enclave.supervisor_client import SupervisorClient
 from mesatee_notebook.errors import MesateeError
-from mesatee_notebook.wire.codecs import decode_value, encode_value
-from mesatee_notebook.wire.protocol import ExecutorError, Ready, RunService, Shutdown
+from mesatee_notebook.wire.codecs import decode_value
+from mesatee_notebook.wire.protocol import ExecutorError, Ready, Result, RunService, Shutdown
 from mesatee_notebook.wire.stream import Message
 
 __all__ = ["ServiceWorker"]
@@ -59,11 +60,10 @@ class ServiceWorker:
             msg.payloads.clear()
             ctx = ServiceContext(self.client, order.party, self.state, fresh=order.fresh)
             result = dispatch(order.service, ctx, order.args, inputs)
-            values = []
-            for name, value in result.values.items():
-                enc = encode_value(value)
-                values.append(({"name": f"out/{name}", "kind": enc.kind, "meta": enc.meta}, enc.parts, None))
-            self.client.result(values, info=result.info)
+            # The whole result exists (and passed its policy) before any chunk of it is sent.
+            values, streamed = encode_results(self.client.send, result.values, order.chunked)
+            specs, payloads, fds = pack_values(values)
+            self.client.send(Result((*specs, *streamed), info=result.info), payloads, fds)
         except MesateeError as exc:
             self.client.error(exc)
         except Exception as exc:

@@ -19,9 +19,10 @@ from mesatee_notebook.attestation.policy import (
 from mesatee_notebook.errors import KernelConnectionError, MalformedFrame, MesateeError, error_from_wire
 from mesatee_notebook.wire.comm import DEFAULT_PORT, Comm, connect
 from mesatee_notebook.wire.comm import parse_url as split_url
+from mesatee_notebook.wire.digest import Hasher
 from mesatee_notebook.wire.framing import Limits
 from mesatee_notebook.wire.messages import PROTOCOL_VERSION
-from mesatee_notebook.wire.stream import Message, Progress
+from mesatee_notebook.wire.stream import Allocator, Message, Progress
 
 __all__ = ["DEFAULT_PORT", "Channel", "Reply", "open_channel", "parse_url"]
 
@@ -126,11 +127,16 @@ class Channel:
         upload_progress: Progress | None = None,
         download_progress: Progress | None = None,
         on_interrupt: Callable[[], object] | None = None,
+        hasher_for: Callable[[dict[str, Any]], Hasher | None] | None = None,
+        allocator: Allocator | None = None,
     ) -> Reply:
         """Send a request and return its final reply; stream frames go to ``on_stream``.
 
         A typed error reply is raised as its local exception class. With ``digests`` the reply carries the
-        digests of what was sent (``reply.sent``) and of what came back (``reply.digests``).
+        digests of what was sent (``reply.sent``) and of what came back (``reply.digests``). ``result.chunk``
+        frames (a large result in chunks) go to ``on_stream`` too; ``hasher_for`` and ``allocator`` are the
+        frame reader's digest and buffer hooks for them (``remote/frames_result.py``). A frame that cannot be
+        read whole closes the connection.
         """
         with self._lock:
             rid = next(self._ids)
@@ -138,10 +144,20 @@ class Channel:
             interrupted = False
             while True:
                 try:
-                    msg = self.comm.recv(self.limits, digests=digests, progress=download_progress)
+                    msg = self.comm.recv(
+                        self.limits,
+                        digests=digests,
+                        progress=download_progress,
+                        hasher_for=hasher_for,
+                        allocator=allocator,
+                    )
                 except EOFError:
+                    self.close()
                     msg_ = "the kernel closed the connection"
                     raise KernelConnectionError(msg_) from None
+                except MesateeError:
+                    self.close()  # cut off or refused mid-frame: what follows on the stream cannot be read
+                    raise
                 except KeyboardInterrupt:
                     if interrupted or on_interrupt is None:
                         self.close()
@@ -156,7 +172,7 @@ class Channel:
                 if msg.header.get("re") not in (rid, None):
                     msg_ = "the kernel answered a different request"
                     raise MalformedFrame(msg_)
-                if msg.type in ("stream", "progress"):
+                if msg.type in ("stream", "progress", "result.chunk"):
                     if on_stream is not None:
                         on_stream(msg)
                     continue

@@ -20,6 +20,7 @@ from mesatee_notebook.errors import EncodingError, MalformedFrame, ProtocolError
 from mesatee_notebook.errors import PolicyViolation as PolicyViolationError
 from mesatee_notebook.remote._public import public_api, public_methods
 from mesatee_notebook.remote.channel import Channel, Reply, open_channel
+from mesatee_notebook.remote.frames_result import ResultChunks
 from mesatee_notebook.wire.codecs import decode_value, encode_value
 from mesatee_notebook.wire.digest import payload_digest
 from mesatee_notebook.wire.stream import Message, Progress
@@ -259,12 +260,16 @@ class Session:
         args = dict(args or {})
         specs, payloads = _encode_inputs(inputs or {}, allow_pickle=False)
         nonce = secrets.token_hex(16)
+        chunks = ResultChunks(self._channel.limits.max_payload)  # a large DataFrame result comes in chunks
 
         def on_stream(m: Message) -> None:
-            if m.type == "progress" and progress is not None:
+            if m.type == "result.chunk":
+                chunks.add(m)
+            elif m.type == "progress" and progress is not None:
                 progress(dict(m.header.get("data") or {}))
 
         header = {"t": "call", "service": service, "args": args, "inputs": specs, "nonce": nonce, "timeout": timeout}
+        header["chunked"] = True
         self._inflight.add(nonce)
         try:
             reply = self._channel.request(
@@ -274,16 +279,27 @@ class Session:
                 digests=True,
                 upload_progress=upload_progress,
                 on_interrupt=lambda: self._cancel([nonce]),
+                hasher_for=chunks.hasher_for,
+                allocator=chunks.allocate,
             )
+        except BaseException:
+            chunks.clear()
+            raise
         finally:
             self._inflight.discard(nonce)
         sent = reply.sent or []
         info = reply.header.get("info") or {}
-        value_specs = reply.header.get("values")
-        if not isinstance(value_specs, list) or len(value_specs) != len(reply.payloads):
+        all_specs = reply.header.get("values")
+        if not isinstance(all_specs, list) or not all(isinstance(s, dict) for s in all_specs):
+            msg = "result values must be a list of maps"
+            raise MalformedFrame(msg)
+        value_specs = [s for s in all_specs if "chunks" not in s]
+        streamed = [s for s in all_specs if "chunks" in s]
+        if len(value_specs) != len(reply.payloads):
             msg = "result values and payloads do not match"
             raise MalformedFrame(msg)
         got = {str(s["name"]): d for s, d in zip(value_specs, reply.digests or [], strict=True)}
+        got.update(chunks.digests(streamed))
         got["info"] = payload_digest(canonical_json(info))
         receipt = Receipt.load(reply.header.get("receipt") or {})
         verified = verify_receipt(
@@ -307,6 +323,7 @@ class Session:
             str(s["name"]).removeprefix("out/"): decode_value(str(s["kind"]), buf, meta=s.get("meta"))
             for s, buf in zip(value_specs, reply.payloads, strict=True)
         }
+        values |= {str(s["name"]).removeprefix("out/"): chunks.decode(s) for s in streamed}
         return CallResult(info=dict(info), values=values, receipt=receipt, verified=verified)
 
     def whoami(self) -> str | None:

@@ -58,6 +58,7 @@ __all__ = [
     "Migration",
     "Ping",
     "ProgressUpdate",
+    "ResultChunk",
     "ProtocolMessage",
     "Ready",
     "Result",
@@ -367,6 +368,7 @@ class Call(ProtocolMessage):
     args: dict[str, Any] = field(default_factory=dict)
     inputs: tuple[ValueSpec, ...] = ()
     timeout: float | None = None
+    chunked: bool = False  # the client reads large DataFrame results as a stream of ResultChunk frames
 
     @classmethod
     def from_header(cls, header: Mapping[str, Any], payloads: int = 0) -> Call:
@@ -377,7 +379,7 @@ class Call(ProtocolMessage):
             msg = "service arguments must be a map"
             raise MalformedFrame(msg)
         inputs = ValueSpec.list_from(header.get("inputs") or [], payloads)
-        return cls(service, nonce, args, inputs, _timeout(header))
+        return cls(service, nonce, args, inputs, _timeout(header), header.get("chunked") is True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -473,6 +475,7 @@ class RunService(ProtocolMessage):
     args: dict[str, Any] = field(default_factory=dict)
     inputs: tuple[dict[str, Any], ...] = ()
     fresh: bool = False
+    chunked: bool = False  # large DataFrame results go as ResultChunk messages before the Result
 
     @classmethod
     def from_header(cls, header: Mapping[str, Any], payloads: int = 0) -> RunService:
@@ -486,6 +489,7 @@ class RunService(ProtocolMessage):
             args,
             _wire_specs(header.get("inputs", [])),
             bool(header.get("fresh")),
+            header.get("chunked") is True,
         )
 
     def to_header(self) -> dict[str, Any]:
@@ -496,6 +500,7 @@ class RunService(ProtocolMessage):
             "args": self.args,
             "inputs": list(self.inputs),
             "fresh": self.fresh,
+            "chunked": self.chunked,
         }
 
 
@@ -660,6 +665,30 @@ class ProgressUpdate(ProtocolMessage):
 
 
 @dataclass(frozen=True, slots=True)
+class ResultChunk(ProtocolMessage):
+    """One chunk (its one payload) of a large result value's bytes, sent before the Result.
+
+    ``size`` is the whole value's size; the value's spec in the Result says ``chunks: n``, and the chunks back to
+    back are its bytes, which the receipt's digest covers (``wire/arrow_chunks.py``). The supervisor passes each
+    chunk on to the caller as it comes.
+    """
+
+    T: ClassVar[str] = "result.chunk"
+    name: str = ""
+    index: int = 0
+    size: int = 0
+
+    @classmethod
+    def from_header(cls, header: Mapping[str, Any], payloads: int = 0) -> ResultChunk:
+        index, size = header.get("index"), header.get("size")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (index, size)):
+            msg = "a result chunk needs non-negative integers 'index' and 'size'"
+            raise MalformedFrame(msg)
+        assert isinstance(index, int) and isinstance(size, int)
+        return cls(_require(header, "name", str), index, size)
+
+
+@dataclass(frozen=True, slots=True)
 class Result(ProtocolMessage):
     """A cell's or a service's result: value specs (inline payloads or memfds), public info, a repr."""
 
@@ -707,7 +736,7 @@ class ExecutorError(ProtocolMessage):
 #: Everything an executor may send, by type tag (its requests, then its messages).
 EXECUTOR_MESSAGES: dict[str, type[ProtocolMessage]] = {
     **EXECUTOR_REQUESTS,
-    **{c.T: c for c in (Ready, Stream, LogLine, ProgressUpdate, Result, ExecutorError)},
+    **{c.T: c for c in (Ready, Stream, LogLine, ProgressUpdate, ResultChunk, Result, ExecutorError)},
 }
 #: What the supervisor may order an executor to do, by type tag.
 SUPERVISOR_ORDERS: dict[str, type[ProtocolMessage]] = {c.T: c for c in (RunCell, RunService, Shutdown)}

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypedDict, cast
 
 from mesatee_notebook.errors import KernelConnectionError, MalformedFrame
-from mesatee_notebook.wire.digest import payload_hasher
+from mesatee_notebook.wire.digest import Hasher, payload_hasher
 from mesatee_notebook.wire.framing import PREFIX, Limits, pack_header, unpack_header, unpack_prefix
 
 __all__ = [
@@ -57,6 +57,7 @@ class SendOptions(TypedDict, total=False):
     digests: bool
     progress: Progress | None
     fds: Sequence[int]
+    hasher: Hasher | None
 
 
 class RecvOptions(TypedDict, total=False):
@@ -67,6 +68,7 @@ class RecvOptions(TypedDict, total=False):
     progress: Progress | None
     want_fds: bool
     body_timeout: float | None
+    hasher_for: Callable[[dict[str, Any]], Hasher | None] | None
 
 
 @dataclass(slots=True)
@@ -87,8 +89,8 @@ class Message:
 class _Hasher:
     """The payload digest (BLAKE3) of a sequence of buffers, on a helper thread when they are large."""
 
-    def __init__(self, total: int) -> None:
-        self._h = payload_hasher()
+    def __init__(self, total: int, into: Hasher | None = None) -> None:
+        self._h = into if into is not None else payload_hasher()
         self._thread: threading.Thread | None = None
         self._q: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
         self._aborted = False
@@ -109,11 +111,15 @@ class _Hasher:
             self._q.put(view[:])  # the thread releases its own view, so an aborted frame leaves no export behind
 
     def hexdigest(self) -> str:
+        self.finish()
+        return self._h.hexdigest()
+
+    def finish(self) -> None:
+        """Wait until every byte given so far is in the digest (a continued digest goes on with the next frame)."""
         if self._thread is not None:
             self._q.put(None)
             self._thread.join()
             self._thread = None
-        return self._h.hexdigest()
 
     def abort(self) -> None:
         """Stop the helper thread without finishing the digest (a frame was cut off)."""
@@ -138,28 +144,52 @@ def send_message(
     digests: bool = False,
     progress: Progress | None = None,
     fds: Sequence[int] = (),
+    hasher: Hasher | None = None,
 ) -> list[str] | None:
     """Send one message; a payload is a buffer or a list of buffers sent back to back.
 
     Returns the payload digest (BLAKE3 hex, ``wire/digest.py``) of each payload when ``digests`` is true.
-    ``fds`` (Unix sockets only) travel as SCM_RIGHTS with the header. A message of at most 64 KiB of
-    payloads goes out in one write (:func:`_send_small`); larger payloads stream from their own buffers.
+    ``hasher`` instead takes every payload byte into a digest that goes on across messages (a result sent in
+    chunks, ``wire/arrow_chunks.py``); it is up to date when this returns. ``fds`` (Unix sockets only) travel
+    as SCM_RIGHTS with the header. A message of at most 64 KiB of payloads goes out in one write
+    (:func:`_send_small`); larger payloads stream from their own buffers.
     """
     parts = [_as_parts(p) for p in payloads]
     sizes = [sum(v.nbytes for v in pp) for pp in parts]
     head = pack_header(header, sizes)
     if sum(sizes) <= _COALESCE:
-        return _send_small(sock, header, head, parts, digests, fds)
-    hasher: _Hasher | None = None
+        if hasher is not None:
+            for v in (v for pp in parts for v in pp):
+                hasher.update(v)
+        return _send_small(sock, header, head, parts, digests and hasher is None, fds)
     try:
         sent = socket.send_fds(sock, [head], list(fds)) if fds else 0
         if sent < len(head):
             sock.sendall(memoryview(head)[sent:])
-        total = sum(sizes)
-        done = 0
-        out: list[str] | None = [] if digests else None
+        return _send_payloads(sock, parts, sizes, digests, hasher, progress)
+    except OSError as exc:
+        if isinstance(exc, TimeoutError):
+            raise
+        msg = f"connection lost while sending a {header.get('t')!r} message: {exc}"
+        raise KernelConnectionError(msg) from exc
+
+
+def _send_payloads(
+    sock: socket.socket,
+    parts: list[list[memoryview]],
+    sizes: list[int],
+    digests: bool,
+    into: Hasher | None,
+    progress: Progress | None,
+) -> list[str] | None:
+    """Send the payloads chunk by chunk, hashing on a helper thread while the bytes move."""
+    hasher: _Hasher | None = None
+    total = sum(sizes)
+    done = 0
+    out: list[str] | None = [] if digests and into is None else None
+    try:
         for pp, size in zip(parts, sizes, strict=True):
-            hasher = _Hasher(size) if digests else None
+            hasher = _Hasher(size, into) if digests or into is not None else None
             for view in pp:
                 for off in range(0, view.nbytes, CHUNK):
                     chunk = view[off : off + CHUNK]
@@ -169,16 +199,16 @@ def send_message(
                     done += chunk.nbytes
                     if progress is not None and total > CHUNK:
                         progress(done, total)
-            if out is not None and hasher is not None:
-                out.append(hasher.hexdigest())
+            if hasher is not None:
+                if out is not None:
+                    out.append(hasher.hexdigest())
+                else:
+                    hasher.finish()
             hasher = None
-    except BaseException as exc:
+    except BaseException:
         if hasher is not None:
             hasher.abort()
-        if not isinstance(exc, OSError) or isinstance(exc, TimeoutError):
-            raise
-        msg = f"connection lost while sending a {header.get('t')!r} message: {exc}"
-        raise KernelConnectionError(msg) from exc
+        raise
     return out
 
 
@@ -329,6 +359,7 @@ def _recv_payloads(
     payloads: list[Any],
     out: list[str] | None,
     progress: Progress | None,
+    into: Hasher | None = None,
 ) -> None:
     """Receive every payload into ``payloads``; on any failure free what this frame allocated."""
     hasher: _Hasher | None = None
@@ -338,14 +369,17 @@ def _recv_payloads(
     try:
         for size in sizes:
             buf = alloc(size)
-            hasher = _Hasher(size) if out is not None else None
+            hasher = _Hasher(size, into) if out is not None or into is not None else None
             prefault = _Prefaulter.start(buf, size)
             _recv_payload(sock, buf, size, hasher, prefault, progress, done)
             if prefault is not None:
                 prefault.stop()
                 prefault = None
-            if out is not None and hasher is not None:
-                out.append(hasher.hexdigest())
+            if hasher is not None:
+                if out is not None:
+                    out.append(hasher.hexdigest())
+                else:
+                    hasher.finish()
             hasher = None
             payloads.append(buf)
             buf = None
@@ -404,13 +438,15 @@ def recv_message(
     progress: Progress | None = None,
     want_fds: bool = False,
     body_timeout: float | None = None,
+    hasher_for: Callable[[dict[str, Any]], Hasher | None] | None = None,
 ) -> Message:
     """Receive one message. Raises EOFError on a clean close between messages.
 
     Sizes are checked against ``limits`` before any header or payload byte is read.
     Each payload lands in a buffer from ``allocator`` (default: ``bytearray``).
     ``body_timeout`` bounds each read once a frame has started, so a peer that stalls
-    mid-frame cannot hold the reader forever.
+    mid-frame cannot hold the reader forever. ``hasher_for(header)`` may return a digest that goes on
+    across frames (a result in chunks): this frame's payload bytes go into it, and no per-payload digests.
     """
     saved = sock.gettimeout()
     try:
@@ -423,8 +459,9 @@ def recv_message(
         header = unpack_header(bytes(raw), payload_total, limits)
         alloc: Allocator | type[bytearray] = allocator if allocator is not None else bytearray
         payloads: list[Any] = []
-        out: list[str] | None = [] if digests else None
-        _recv_payloads(sock, header["p"], payload_total, alloc, payloads, out, progress)
+        into = hasher_for(header) if hasher_for is not None else None
+        out: list[str] | None = [] if digests and into is None else None
+        _recv_payloads(sock, header["p"], payload_total, alloc, payloads, out, progress, into)
     except (ConnectionResetError, BrokenPipeError) as exc:
         msg = f"connection reset by the peer: {exc}"
         raise KernelConnectionError(msg) from exc

@@ -60,10 +60,12 @@ MESSAGES: dict[type[p.ProtocolMessage], st.SearchStrategy[Any]] = {
         timeouts,
         st.booleans(),
     ),
-    p.Call: st.builds(p.Call, texts, nonces, json_maps, st.lists(specs, max_size=3).map(tuple), timeouts),
+    p.Call: st.builds(
+        p.Call, texts, nonces, json_maps, st.lists(specs, max_size=3).map(tuple), timeouts, st.booleans()
+    ),
     p.CallCancel: st.builds(p.CallCancel, nonces),
     p.RunCell: st.builds(p.RunCell, texts, wire_specs, st.lists(idents, max_size=3).map(tuple), st.booleans()),
-    p.RunService: st.builds(p.RunService, texts, texts, json_maps, wire_specs, st.booleans()),
+    p.RunService: st.builds(p.RunService, texts, texts, json_maps, wire_specs, st.booleans(), st.booleans()),
     p.Shutdown: st.just(p.Shutdown()),
     p.SealGet: st.builds(p.SealGet, texts),
     p.SealPut: st.builds(p.SealPut, texts),
@@ -78,6 +80,7 @@ MESSAGES: dict[type[p.ProtocolMessage], st.SearchStrategy[Any]] = {
     p.Stream: st.builds(p.Stream, st.sampled_from(["stdout", "stderr"]), texts),
     p.LogLine: st.builds(p.LogLine, texts),
     p.ProgressUpdate: st.builds(p.ProgressUpdate, json_maps),
+    p.ResultChunk: st.builds(p.ResultChunk, texts, st.integers(0, 2**40), st.integers(0, 2**40)),
     p.Result: st.builds(p.Result, wire_specs, st.none() | json_maps, st.none() | texts),
     p.ExecutorError: st.builds(p.ExecutorError, texts, texts, json_maps),
 }
