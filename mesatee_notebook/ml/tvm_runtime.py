@@ -2,8 +2,8 @@
 
 Pipeline: ``tvm.relax.frontend.onnx.from_onnx`` with the caller's static input
 shapes, then either ``tvm.compile(mod, target)`` (untuned) or MetaSchedule
-tuning (``meta_schedule.relax_integration.tune_relax`` on the fused module,
-then ``MetaScheduleApplyDatabase``) before ``tvm.compile``; the result is
+tuning (``ml/tvm_tune.py``: the fused module's tasks that carry the FLOPs, tuned with
+``meta_schedule.tune_tasks``, then ``MetaScheduleApplyDatabase``) before ``tvm.compile``; the result is
 exported as a ``.so`` and run by ``relax.VirtualMachine``.
 
 Caching. Everything lands under ``cache_dir``:
@@ -65,6 +65,7 @@ from mesatee_notebook.ml._errors import (
     ModelFormatError,
     UnsupportedOperator,
 )
+from mesatee_notebook.ml.tvm_tune import TASK_POLICY
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -291,7 +292,7 @@ def _budget_key(base: str, tune_trials: int, max_trials_per_task: int | None) ->
     if tune_trials <= 0:
         shipped = _shipped_tag(base)  # an untuned request still uses a shipped database
         return _digest(base, _PIPELINE, "untuned", *([f"shipped={shipped}"] if shipped else []))
-    return _digest(base, _PIPELINE, f"trials={tune_trials}", f"per_task={max_trials_per_task}")
+    return _digest(base, _PIPELINE, f"trials={tune_trials}", f"per_task={max_trials_per_task}", TASK_POLICY)
 
 
 def _seed_tuning(base: str, tune_dir: Path) -> bool:
@@ -607,6 +608,8 @@ def _tune(
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
 
+    from mesatee_notebook.ml.tvm_tune import tune_chosen
+
     budget = int(request["tune_trials"])
     per_task = request["max_trials_per_task"]
     tune_dir = Path(request["tune_dir"])
@@ -648,17 +651,15 @@ def _tune(
     for name in _DB_FILES:
         if (tune_dir / name).is_file():
             shutil.copyfile(tune_dir / name, work / name)
-    ms.relax_integration.tune_relax(
+    tune_chosen(
         mod,
-        {},
         target,
         str(work),
-        max_trials_global=budget,
-        max_trials_per_task=per_task,
-        num_trials_per_iter=min(64, max(8, budget // 4)),
+        budget=budget,
+        per_task=per_task,
         builder=ms.builder.LocalBuilder(f_build=_ms_build, max_workers=workers),
-        measure_callbacks=callbacks,
-        seed=0,
+        callbacks=callbacks,
+        emit=emit,
     )
     shutil.rmtree(work / "logs", ignore_errors=True)  # per-task logs: large, and compile.log has the summary
     (work / "done.json").write_text(json.dumps({"trials": budget, "per_task": per_task}))

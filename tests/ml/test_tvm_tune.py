@@ -1,0 +1,82 @@
+"""Where a MetaSchedule budget goes: the tasks that carry the model's FLOPs (ml/tvm_tune.py)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+import pytest
+
+from mesatee_notebook.ml import tvm_runtime, tvm_tune
+from tests.ml.conftest import cnn_model, mlp_model
+
+
+def _tasks(model: onnx.ModelProto, name: str, shape: tuple[int, ...]) -> list[Any]:
+    """The tasks MetaSchedule extracts from ``model``, after the compile path's own passes."""
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    target = tvm.target.Target(tvm_runtime.resolve_target("host"))
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "model.onnx").write_bytes(model.SerializeToString())
+        request = {"inputs": [{"name": name, "shape": list(shape), "dtype": "float32"}]}
+        mod = tvm_runtime._import_model(request, Path(d), lambda _e: None)
+    passes = [
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        relax.pipeline.zero_pipeline(),
+        relax.transform.AttachAttrLayoutFreeBuffers(),
+    ]
+    with target:
+        mod = tvm.transform.Sequential(passes)(mod)
+    return list(ms.relax_integration.extract_tasks(mod, target))
+
+
+def test_cnn_budget_goes_to_the_convolutions() -> None:
+    """Session 4's 24 trials went to softmax, reshape and mean; the two convs (95% of the time) got none."""
+    choices = tvm_tune.choose_tasks(_tasks(cnn_model(), "image", (1, 3, 16, 16)))
+    tuned = sorted(c.name for c in choices if c.tuned)
+    assert tuned == ["fused_conv2d1_add1_relu11", "fused_conv2d_add_relu1"]
+    skipped = {c.name for c in choices if not c.tuned}
+    assert {"softmax1", "reshape21", "mean1", "max_pool2d1", "fused_matmul_add21"} == skipped
+    assert all(c.flops > 100_000 for c in choices if c.tuned)
+
+
+def test_mlp_budget_skips_the_small_output_layer() -> None:
+    choices = {c.name: c for c in tvm_tune.choose_tasks(_tasks(mlp_model(), "x", (1024, 64)))}
+    assert {n for n, c in choices.items() if c.tuned} == {"fused_matmul1_add_relu1", "fused_matmul_add_relu1"}
+    small = choices["fused_matmul2_add11"]
+    total = sum(c.flops * c.weight for c in choices.values())
+    assert not small.tuned and 0 < small.flops < tvm_tune.MIN_FLOP_SHARE * total
+
+
+class _Task:
+    def __init__(self, name: str, weight: int = 1) -> None:
+        self.task_name, self.weight = name, weight
+
+
+@pytest.mark.parametrize(
+    ("flops", "weights", "tuned"),
+    [
+        ([1.0, 100.0], [1, 1], [False, True]),  # under 5%: left to the default lowering
+        ([1.0, 100.0], [10, 1], [True, True]),  # called ten times: 9% of the work
+        ([0.0, 0.0], [1, 1], [False, False]),  # nothing computes (tune_chosen then tunes all)
+        ([1.0] * 30, [1] * 30, [True] * 30),  # each 3%, but each is (one of) the largest
+    ],
+)
+def test_share_and_weight_decide(
+    monkeypatch: pytest.MonkeyPatch, flops: list[float], weights: list[int], tuned: list[bool]
+) -> None:
+    tasks = [_Task(f"t{i}", w) for i, w in enumerate(weights)]
+    monkeypatch.setattr(tvm_tune, "_flops", lambda t: flops[tasks.index(t)])
+    assert [c.tuned for c in tvm_tune.choose_tasks(tasks)] == tuned
+
+
+def test_tuned_cache_key_names_the_task_policy() -> None:
+    blob = mlp_model().SerializeToString()
+    base = tvm_runtime._base_digest(blob, {"x": (1024, 64)}, "host")
+    key = tvm_runtime.model_digest(blob, {"x": (1024, 64)}, tune_trials=8)
+    assert key == tvm_runtime._digest(base, tvm_runtime._PIPELINE, "trials=8", "per_task=None", tvm_tune.TASK_POLICY)
