@@ -64,6 +64,45 @@ def choose_tasks(tasks: Sequence[Any], min_share: float = MIN_FLOP_SHARE) -> lis
     ]
 
 
+def _x86_intrinsics_only() -> None:
+    """Register only TVM's x86 tensor intrinsics, which an x86 ``llvm`` target's schedule rules look up.
+
+    ``TuneContext`` imports ``tvm.s_tir.tensor_intrin``, which parses every intrinsic TVM has (CUDA, ROCm, Metal,
+    Arm, Hexagon, RISC-V: over 4,000 lines of TVMScript, each ``prim_func`` walking ``inspect.stack()``): 56 s
+    at load 1.5 and over 3 minutes at load 10-25 here, before a single trial. Float models on x86 use none of
+    them; the x86 ones (VNNI/AVX-512 int8 dot products) are registered because the AVX-512 rules name them.
+    Skipped for any other target (TVM's own import then runs), and when the package is already imported.
+    """
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.submodule_search_locations is None:
+        return
+    package = types.ModuleType(name, "TVM's tensor intrinsics: x86 only (mesatee_notebook.ml.tvm_tune)")
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__package__ = name
+    sys.modules[name] = package
+    try:
+        importlib.import_module(f"{name}.x86")
+    except BaseException:
+        del sys.modules[name]
+        raise
+
+
+def _is_x86_llvm(target: Any) -> bool:
+    """An ``llvm`` target for this x86-64 host (no other ``mtriple``)."""
+    import platform
+
+    triple = str(target.attrs.get("mtriple", "") or "")
+    return str(target.kind.name) == "llvm" and platform.machine() in ("x86_64", "AMD64") and triple[:3] in ("", "x86")
+
+
 def tune_chosen(
     mod: Any,
     target: Any,
@@ -82,6 +121,8 @@ def tune_chosen(
     """
     from tvm.s_tir import meta_schedule as ms
 
+    if _is_x86_llvm(target):
+        _x86_intrinsics_only()
     extracted = list(ms.relax_integration.extract_tasks(mod, target))
     choices = choose_tasks(extracted)
     emit({"event": "phase", "phase": "tasks", "tasks": [c.to_json() for c in choices], "policy": TASK_POLICY})

@@ -6,11 +6,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import pytest
 
 from mesatee_notebook.ml import tvm_runtime, tvm_tune
-from tests.ml.conftest import cnn_model, mlp_model
+from tests.ml.conftest import cnn_model, mlp_model, ort_run
 
 
 def _tasks(model: onnx.ModelProto, name: str, shape: tuple[int, ...]) -> list[Any]:
@@ -80,3 +81,35 @@ def test_tuned_cache_key_names_the_task_policy() -> None:
     base = tvm_runtime._base_digest(blob, {"x": (1024, 64)}, "host")
     key = tvm_runtime.model_digest(blob, {"x": (1024, 64)}, tune_trials=8)
     assert key == tvm_runtime._digest(base, tvm_runtime._PIPELINE, "trials=8", "per_task=None", tvm_tune.TASK_POLICY)
+
+
+_BENCH_CASES = {
+    "mlp1": (mlp_model, "x", (1, 64)),
+    "mlp1024": (mlp_model, "x", (1024, 64)),
+    "cnn1": (cnn_model, "image", (1, 3, 16, 16)),
+    "cnn1024": (cnn_model, "image", (1024, 3, 16, 16)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(_BENCH_CASES))
+def test_bench_models_use_their_shipped_database(tmp_path: Path, case: str) -> None:
+    """A first compile of a benchmark model on the benchmark CPU uses the database shipped in the package.
+
+    The databases are keyed by (model, shapes, exact target, TVM version): on another CPU or TVM there is
+    none to use, and the compile is TVM's default lowering (skipped here, saying so).
+    """
+    factory, name, shape = _BENCH_CASES[case]
+    model = factory()
+    base = tvm_runtime._base_digest(model.SerializeToString(), {name: shape}, "host")
+    if tvm_runtime._shipped_dir(base) is None:
+        pytest.skip(f"no tuned database shipped for this CPU and TVM ({tvm_runtime.host_target()})")
+    events: list[dict[str, Any]] = []
+    module = tvm_runtime.compile_onnx(model, {name: shape}, tmp_path, progress=events.append)
+    phases = [e["phase"] for e in events if e["event"] == "phase"]
+    assert phases == ["import", "tune-shipped", "build", "export", "done"]
+    assert module.meta["shipped_database"] is True and module.tuned_trials == 0
+    x = np.random.default_rng(3).normal(size=shape).astype(np.float32)
+    got = module.run(x)
+    for spec, want in zip(module.outputs, ort_run(model, {name: x}), strict=True):
+        assert float(np.max(np.abs(got[spec.name] - want))) <= 1e-6
