@@ -152,6 +152,19 @@ def ship_database(tune_dir: Path, dest: Path) -> int:
     return len(best)
 
 
+def merge_records(source: Path, into: Path) -> int:
+    """Commit every tuning record of the MetaSchedule database ``source`` into the one at ``into`` (re-indexed)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    src = ms.database.JSONDatabase(work_dir=str(source))
+    dst = ms.database.JSONDatabase(work_dir=str(into))
+    records = src.get_all_tuning_records()
+    for rec in records:
+        workload = dst.commit_workload(rec.workload.mod)
+        dst.commit_tuning_record(ms.database.TuningRecord(rec.trace, workload, rec.run_secs, rec.target, rec.args_info))
+    return len(records)
+
+
 def _interleaved(variants: dict[str, Any], seconds: float, inner: int = 20) -> dict[str, dict[str, float]]:
     samples: dict[str, list[float]] = {k: [] for k in variants}
     for fn in variants.values():
@@ -330,6 +343,22 @@ def ops(cases: list[str], seconds: float, cache: Path) -> None:
     print(f"wrote {path}")
 
 
+def ship_merged(case: str, source: Path, target: Any) -> None:
+    """Merge a tuning database made elsewhere (e.g. a standalone MetaSchedule run) into ``case``'s shipped one."""
+    _, model, input_name, shape = _CASES[case]
+    base = tvm_runtime._base_digest(model.SerializeToString(), {input_name: shape}, tvm_runtime.resolve_target(target))
+    dest = Path(tvm_runtime.__file__).with_name("tuned") / base
+    with tempfile.TemporaryDirectory() as d:
+        merged = Path(d)
+        for name in ("database_workload.json", "database_tuning_record.json"):
+            if (dest / name).is_file():
+                (merged / name).write_bytes((dest / name).read_bytes())
+        added = merge_records(source, merged)
+        done = dest / "done.json"  # the budget the compile path tuned with stays what it was
+        (merged / "done.json").write_bytes(done.read_bytes() if done.is_file() else b'{"trials": 0, "per_task": null}')
+        print(f"merged {added} records from {source}; shipped {ship_database(merged, dest)} records to {dest}")
+
+
 def parse_target(text: str) -> Any:
     """A target kind name, or the JSON dict form (``{"kind": "llvm", "mcpu": "..."}``)."""
     return json.loads(text) if text.lstrip().startswith("{") else text
@@ -347,6 +376,11 @@ def main() -> None:
     parser.add_argument(
         "--ship", action="store_true", help="write the tuned databases into mesatee_notebook/ml/tuned/ (best records)"
     )
+    parser.add_argument(
+        "--ship-from",
+        type=Path,
+        help="with --cases ONE: merge this MetaSchedule database into that case's shipped one (best per workload)",
+    )
     parser.add_argument("--cache", type=Path, help="keep compiled modules here (tuning time then comes from meta)")
     parser.add_argument("--overhead", type=float, default=0.0, help="SECONDS: batch-1 call breakdown only")
     parser.add_argument("--ops", type=float, default=0.0, help="SECONDS: per-kernel times vs onnxruntime's nodes")
@@ -355,6 +389,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             cases = [c for c in args.cases.split(",") if c in ("mlp1", "cnn1")] or ["mlp1", "cnn1"]
             overhead(cases, args.overhead, args.cache or Path(d))
+        return
+    if args.ship_from is not None:
+        ship_merged(args.cases, args.ship_from, args.target)
         return
     if args.ops > 0:
         with tempfile.TemporaryDirectory() as d:
