@@ -323,13 +323,22 @@ def ops(cases: list[str], seconds: float, cache: Path) -> None:
         inner = 20 if shape[0] == 1 else 2
         variants = {
             "onnxruntime (1 thread), whole call": lambda s=session, n=input_name, x=x: s.run(None, {n: x}),
+            "TVMModel.run (copy in, VM main, copy out)": lambda m=module, x=x: m.run(x),
             "TVM VM main, whole call": lambda m=module: m._main(*m._args),
         }
         variants.update({f"TVM kernel {sym}": (lambda f=f, a=a: f(*a)) for sym, f, a in _kernel_calls(module)})
         timed = _interleaved(variants, seconds, inner)
         nodes = _ort_nodes(model, {input_name: x}, 2000 if shape[0] == 1 else 20, cache)
         out[case] = {"shipped_database": bool(module.meta.get("shipped_database")), "tvm": timed, "ort_nodes": nodes}
-        print(f"{case}: load {os.getloadavg()[0]:.1f}, shipped database: {out[case]['shipped_database']}")
+        ratio = (
+            timed["TVMModel.run (copy in, VM main, copy out)"]["p10_s"]
+            / timed["onnxruntime (1 thread), whole call"]["p10_s"]
+        )
+        out[case]["ratio_run_vs_ort_p10"] = ratio
+        print(
+            f"{case}: load {os.getloadavg()[0]:.1f}, shipped database: {out[case]['shipped_database']}, "
+            f"TVMModel.run / onnxruntime (p10, interleaved) {ratio:.2f}x"
+        )
         for key, st in timed.items():
             print(f"  {key:<48} p10 {fmt(st['p10_s']):>9}  median {fmt(st['median_s']):>9}")
         for key, st in sorted(nodes.items(), key=lambda kv: -kv[1]["median_us"]):

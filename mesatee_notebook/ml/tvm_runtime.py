@@ -445,6 +445,8 @@ def compile_onnx(
     jobdir = Path(tempfile.mkdtemp(prefix=".job-", dir=cache))
     try:
         (jobdir / "model.onnx").write_bytes(model_bytes)
+        if tune_trials > 0:
+            _seed_tuning(base, tune_dir)  # tuning builds on the shipped records
         request = {
             "target": dict(target) if isinstance(target, Mapping) else target,
             "inputs": [s.to_json() for s in input_specs],
@@ -452,7 +454,10 @@ def compile_onnx(
             "tune_trials": tune_trials,
             "max_trials_per_task": max_trials_per_task,
             "tune_dir": str(tune_dir),
-            "use_tuned": _seed_tuning(base, tune_dir) and tune_trials <= 0,
+            # An untuned request reads the shipped database itself, never the cache's copy of it: a copy
+            # seeded from an older package would otherwise shadow a newer shipped database.
+            "use_tuned": tune_trials <= 0 and _shipped_dir(base) is not None,
+            "shipped_dir": str(_shipped_dir(base) or "") if tune_trials <= 0 else "",
         }
         (jobdir / "request.json").write_text(json.dumps(request))
         _run_child(jobdir, timeout_s, progress)
@@ -740,7 +745,7 @@ def _schedule(
             database = _tune(mod, target, request, jobdir, emit)
         else:
             emit({"event": "phase", "phase": "tune-shipped"})
-            database = ms.database.JSONDatabase(work_dir=str(request["tune_dir"]))
+            database = ms.database.JSONDatabase(work_dir=str(request["shipped_dir"]))
         tuning_seconds = time.perf_counter() - t_tune
         with target, database:
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)

@@ -104,12 +104,38 @@ def test_bench_models_use_their_shipped_database(tmp_path: Path, case: str) -> N
     base = tvm_runtime._base_digest(model.SerializeToString(), {name: shape}, "host")
     if tvm_runtime._shipped_dir(base) is None:
         pytest.skip(f"no tuned database shipped for this CPU and TVM ({tvm_runtime.host_target()})")
+    # A tuning cache seeded from an older package (here: an empty database) must not shadow the shipped one.
+    stale = tmp_path / f"tvm-tune-{base}"
+    stale.mkdir()
+    for file in ("database_workload.json", "database_tuning_record.json"):
+        (stale / file).write_text("")
+    (stale / "done.json").write_text('{"trials": 8, "per_task": null}')
     events: list[dict[str, Any]] = []
     module = tvm_runtime.compile_onnx(model, {name: shape}, tmp_path, progress=events.append)
     phases = [e["phase"] for e in events if e["event"] == "phase"]
     assert phases == ["import", "tune-shipped", "build", "export", "done"]
     assert module.meta["shipped_database"] is True and module.tuned_trials == 0
+    # The shipped schedules packed the weights: a kernel of the module runs on pre-packed constants.
+    assert any(symbol.endswith("_prepacked") for symbol in _kernel_symbols(module))
     x = np.random.default_rng(3).normal(size=shape).astype(np.float32)
     got = module.run(x)
     for spec, want in zip(module.outputs, ort_run(model, {name: x}), strict=True):
         assert float(np.max(np.abs(got[spec.name] - want))) <= 1e-6
+
+
+def _kernel_symbols(module: tvm_runtime.TVMModel) -> list[str]:
+    """The kernels one call of the module's VM ``main`` launches (the VM's instrument hook)."""
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(module.path)), tvm.cpu())
+    seen: list[str] = []
+
+    def instrument(_func: Any, symbol: str, before: bool, _ret: Any, *_args: Any) -> int:
+        if before and not symbol.startswith("vm.builtin"):
+            seen.append(symbol)
+        return 0
+
+    vm.set_instrument(instrument)
+    vm["main"](*module._args)
+    return seen
