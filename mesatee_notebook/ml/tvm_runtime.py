@@ -25,11 +25,12 @@ included) is killed and :class:`CompileTimeout` raised. Progress events stream
 back over a pipe to the ``progress`` callback; an exception raised by the
 callback stops the compile too.
 
-Tuning cost on the 2-core dev machine: about 13 s fixed (TVM's
-``tvm.s_tir.tensor_intrin`` import in the tuner) plus a few seconds per batch of
-trials per task. The builder uses :func:`_ms_build`, which skips that import in
-every builder worker (TVM restarts its builder pool on each batch, paying it
-again each time); float models on ``llvm`` use no tensor intrinsics.
+Tuning cost on the 2-core dev machine: a few seconds fixed (on x86 only TVM's x86
+tensor intrinsics are registered, ``ml/tvm_tune.py``; the whole ``tvm.s_tir.tensor_intrin``
+import took 56 s to 3 minutes) plus a few seconds per batch of trials per task. The
+builder uses :func:`_ms_build`, which skips that import in every builder worker (TVM
+restarts its builder pool on each batch, paying it again each time); float models on
+``llvm`` use no tensor intrinsics.
 
 Why this module is over ~500 lines: the TVM pipeline: ONNX import, target, tuning database, compile in a child
 process, and the VM run.
