@@ -14,6 +14,7 @@ Usage: python bench/p5_tvm.py [TRIALS] [REPEATS] [--target JSON] [--cache DIR] [
        [--tune-cases mlp1024,...]   (TRIALS 0: untuned only)
        python bench/p5_tvm.py --overhead SECONDS [--cache DIR] [--cases mlp1,cnn1]
        python bench/p5_tvm.py --ops SECONDS [--cache DIR] [--cases mlp1,...]
+       python bench/p5_tvm.py --cases CASE --ship-from DIR   (merge a MetaSchedule database into CASE's shipped one)
 --ops: which operator holds TVM back: every kernel the VM's ``main`` launches (captured with the VM's
 instrument hook) timed alone on the arguments it was given, interleaved with the whole ``main`` and the whole
 onnxruntime call (p10 and median), and onnxruntime's own per-node profile (its profiler adds a few µs per
