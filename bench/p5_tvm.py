@@ -8,11 +8,18 @@ Compile, cache-hit and tuning times come from the same run (fresh cache director
 Prints a table and writes bench/results/p5_tvm.json.
 onnxruntime runs with all graph optimisations, at its default threads and at 1 thread; the faster is the
 baseline. TVM targets this CPU exactly (``--target host``: llvm -mcpu=<host> -num-cores=<physical cores>);
-"untuned" is DLight's CPU rules, or a tuned database shipped in mesatee_notebook/ml/tuned/ for this exact
+"untuned" is TVM's default lowering, or a tuned database shipped in mesatee_notebook/ml/tuned/ for this exact
 (model, shapes, target, TVM version) when there is one (column "shipped").
 Usage: python bench/p5_tvm.py [TRIALS] [REPEATS] [--target JSON] [--cache DIR] [--cases mlp1,...]
        [--tune-cases mlp1024,...]   (TRIALS 0: untuned only)
        python bench/p5_tvm.py --overhead SECONDS [--cache DIR] [--cases mlp1,cnn1]
+       python bench/p5_tvm.py --ops SECONDS [--cache DIR] [--cases mlp1,...]
+       python bench/p5_tvm.py --cases CASE --ship-from DIR   (merge a MetaSchedule database into CASE's shipped one)
+--ops: which operator holds TVM back: every kernel the VM's ``main`` launches (captured with the VM's
+instrument hook) timed alone on the arguments it was given, interleaved with the whole ``main`` and the whole
+onnxruntime call (p10 and median), and onnxruntime's own per-node profile (its profiler adds a few µs per
+node, so compare its nodes with each other, the whole call with the whole call). Writes
+bench/results/p5_tvm_ops.json.
 --overhead: where a batch-1 call's time goes, the variants interleaved round-robin for SECONDS each case
 (on a shared machine a slower variant's longer samples are preempted more often, so p10 is the fairer
 figure and both are printed): onnxruntime (1 thread); ``TVMModel.run``; the same module's VM ``main`` alone;
@@ -41,6 +48,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._timing import timeit
 from mesatee_notebook.ml import tvm_runtime
 from tests.ml.conftest import cnn_model, mlp_model
+
+_CASES = {
+    "mlp1": ("mlp", mlp_model(), "x", (1, 64)),
+    "mlp1024": ("mlp", mlp_model(), "x", (1024, 64)),
+    "cnn1": ("cnn", cnn_model(), "image", (1, 3, 16, 16)),
+    "cnn1024": ("cnn", cnn_model(), "image", (1024, 3, 16, 16)),
+}
 
 
 def fmt(seconds: float) -> str:
@@ -137,6 +151,19 @@ def ship_database(tune_dir: Path, dest: Path) -> int:
     (dest / "database_tuning_record.json").write_text("".join(line + "\n" for _, line in sorted(best.values())))
     (dest / "done.json").write_bytes((tune_dir / "done.json").read_bytes())
     return len(best)
+
+
+def merge_records(source: Path, into: Path) -> int:
+    """Commit every tuning record of the MetaSchedule database ``source`` into the one at ``into`` (re-indexed)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    src = ms.database.JSONDatabase(work_dir=str(source))
+    dst = ms.database.JSONDatabase(work_dir=str(into))
+    records = src.get_all_tuning_records()
+    for rec in records:
+        workload = dst.commit_workload(rec.workload.mod)
+        dst.commit_tuning_record(ms.database.TuningRecord(rec.trace, workload, rec.run_secs, rec.target, rec.args_info))
+    return len(records)
 
 
 def _interleaved(variants: dict[str, Any], seconds: float, inner: int = 20) -> dict[str, dict[str, float]]:
@@ -243,6 +270,105 @@ def overhead(cases: list[str], seconds: float, cache: Path) -> None:
     print(f"wrote {path}")
 
 
+def _kernel_calls(module: Any) -> list[tuple[str, Any, list[Any]]]:
+    """The compiled kernels one VM ``main`` call launches, in order, with the arguments it passed them."""
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(module.path)), tvm.cpu())
+    calls: list[tuple[str, Any, list[Any]]] = []
+
+    def instrument(func: Any, symbol: str, before: bool, _ret: Any, *args: Any) -> int:
+        if before and not symbol.startswith("vm.builtin"):
+            calls.append((symbol, func, list(args)))
+        return 0
+
+    vm.set_instrument(instrument)
+    vm["main"](*module._args)
+    return calls
+
+
+def _ort_nodes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], calls: int, where: Path) -> dict[str, Any]:
+    """onnxruntime's own per-node profile (1 thread, all optimisations): median and p10 per node, in µs."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.enable_profiling = True
+    options.profile_file_prefix = str(where / "ort-profile")
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    for _ in range(calls):
+        session.run(None, feeds)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    nodes: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            label = f"{e['args'].get('op_name', '')} {e['name'].removesuffix('_kernel_time')}"
+            nodes.setdefault(label, []).append(float(e["dur"]))
+    return {k: {"median_us": float(np.median(v)), "p10_us": float(np.percentile(v, 10))} for k, v in nodes.items()}
+
+
+def ops(cases: list[str], seconds: float, cache: Path) -> None:
+    """Per-kernel times: each TVM kernel alone (p10, median) vs onnxruntime's per-node profile; p5_tvm_ops.json."""
+    import onnxruntime as ort
+
+    out: dict[str, Any] = {}
+    for case in cases:
+        _, model, input_name, shape = _CASES[case]
+        x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+        module = tvm_runtime.compile_onnx(model, {input_name: shape}, cache)
+        np.copyto(module._views[0], x)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        inner = 20 if shape[0] == 1 else 2
+        variants = {
+            "onnxruntime (1 thread), whole call": lambda s=session, n=input_name, x=x: s.run(None, {n: x}),
+            "TVMModel.run (copy in, VM main, copy out)": lambda m=module, x=x: m.run(x),
+            "TVM VM main, whole call": lambda m=module: m._main(*m._args),
+        }
+        variants.update({f"TVM kernel {sym}": (lambda f=f, a=a: f(*a)) for sym, f, a in _kernel_calls(module)})
+        timed = _interleaved(variants, seconds, inner)
+        nodes = _ort_nodes(model, {input_name: x}, 2000 if shape[0] == 1 else 20, cache)
+        out[case] = {"shipped_database": bool(module.meta.get("shipped_database")), "tvm": timed, "ort_nodes": nodes}
+        ratio = (
+            timed["TVMModel.run (copy in, VM main, copy out)"]["p10_s"]
+            / timed["onnxruntime (1 thread), whole call"]["p10_s"]
+        )
+        out[case]["ratio_run_vs_ort_p10"] = ratio
+        print(
+            f"{case}: load {os.getloadavg()[0]:.1f}, shipped database: {out[case]['shipped_database']}, "
+            f"TVMModel.run / onnxruntime (p10, interleaved) {ratio:.2f}x"
+        )
+        for key, st in timed.items():
+            print(f"  {key:<48} p10 {fmt(st['p10_s']):>9}  median {fmt(st['median_s']):>9}")
+        for key, st in sorted(nodes.items(), key=lambda kv: -kv[1]["median_us"]):
+            p10, median = fmt(st["p10_us"] * 1e-6), fmt(st["median_us"] * 1e-6)
+            print(f"  onnxruntime node {key:<37} p10 {p10:>9}  median {median:>9}")
+    result = {"bench": "p5_tvm_ops", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cases": out}
+    result["machine"] = {"cpus": os.cpu_count(), "loadavg_after": os.getloadavg()}
+    path = Path(__file__).resolve().parent / "results" / "p5_tvm_ops.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+
+
+def ship_merged(case: str, source: Path, target: Any) -> None:
+    """Merge a tuning database made elsewhere (e.g. a standalone MetaSchedule run) into ``case``'s shipped one."""
+    _, model, input_name, shape = _CASES[case]
+    base = tvm_runtime._base_digest(model.SerializeToString(), {input_name: shape}, tvm_runtime.resolve_target(target))
+    dest = Path(tvm_runtime.__file__).with_name("tuned") / base
+    with tempfile.TemporaryDirectory() as d:
+        merged = Path(d)
+        for name in ("database_workload.json", "database_tuning_record.json"):
+            if (dest / name).is_file():
+                (merged / name).write_bytes((dest / name).read_bytes())
+        added = merge_records(source, merged)
+        done = dest / "done.json"  # the budget the compile path tuned with stays what it was
+        (merged / "done.json").write_bytes(done.read_bytes() if done.is_file() else b'{"trials": 0, "per_task": null}')
+        print(f"merged {added} records from {source}; shipped {ship_database(merged, dest)} records to {dest}")
+
+
 def parse_target(text: str) -> Any:
     """A target kind name, or the JSON dict form (``{"kind": "llvm", "mcpu": "..."}``)."""
     return json.loads(text) if text.lstrip().startswith("{") else text
@@ -260,22 +386,30 @@ def main() -> None:
     parser.add_argument(
         "--ship", action="store_true", help="write the tuned databases into mesatee_notebook/ml/tuned/ (best records)"
     )
+    parser.add_argument(
+        "--ship-from",
+        type=Path,
+        help="with --cases ONE: merge this MetaSchedule database into that case's shipped one (best per workload)",
+    )
     parser.add_argument("--cache", type=Path, help="keep compiled modules here (tuning time then comes from meta)")
     parser.add_argument("--overhead", type=float, default=0.0, help="SECONDS: batch-1 call breakdown only")
+    parser.add_argument("--ops", type=float, default=0.0, help="SECONDS: per-kernel times vs onnxruntime's nodes")
     args = parser.parse_args()
     if args.overhead > 0:
         with tempfile.TemporaryDirectory() as d:
             cases = [c for c in args.cases.split(",") if c in ("mlp1", "cnn1")] or ["mlp1", "cnn1"]
             overhead(cases, args.overhead, args.cache or Path(d))
         return
+    if args.ship_from is not None:
+        ship_merged(args.cases, args.ship_from, args.target)
+        return
+    if args.ops > 0:
+        with tempfile.TemporaryDirectory() as d:
+            ops(args.cases.split(","), args.ops, args.cache or Path(d))
+        return
     trials, repeats, target = args.trials, args.repeats, args.target
     load_before = os.getloadavg()
-    all_cases = {
-        "mlp1": ("mlp", mlp_model(), "x", (1, 64)),
-        "mlp1024": ("mlp", mlp_model(), "x", (1024, 64)),
-        "cnn1": ("cnn", cnn_model(), "image", (1, 3, 16, 16)),
-        "cnn1024": ("cnn", cnn_model(), "image", (1024, 3, 16, 16)),
-    }
+    all_cases = _CASES
     chosen = args.cases.split(",")
     tune = set(chosen if args.tune_cases is None else args.tune_cases.split(","))
     target = tvm_runtime.resolve_target(target)

@@ -2,8 +2,8 @@
 
 Pipeline: ``tvm.relax.frontend.onnx.from_onnx`` with the caller's static input
 shapes, then either ``tvm.compile(mod, target)`` (untuned) or MetaSchedule
-tuning (``meta_schedule.relax_integration.tune_relax`` on the fused module,
-then ``MetaScheduleApplyDatabase``) before ``tvm.compile``; the result is
+tuning (``ml/tvm_tune.py``: the fused module's tasks that carry the FLOPs, tuned with
+``meta_schedule.tune_tasks``, then ``MetaScheduleApplyDatabase``) before ``tvm.compile``; the result is
 exported as a ``.so`` and run by ``relax.VirtualMachine``.
 
 Caching. Everything lands under ``cache_dir``:
@@ -25,11 +25,12 @@ included) is killed and :class:`CompileTimeout` raised. Progress events stream
 back over a pipe to the ``progress`` callback; an exception raised by the
 callback stops the compile too.
 
-Tuning cost on the 2-core dev machine: about 13 s fixed (TVM's
-``tvm.s_tir.tensor_intrin`` import in the tuner) plus a few seconds per batch of
-trials per task. The builder uses :func:`_ms_build`, which skips that import in
-every builder worker (TVM restarts its builder pool on each batch, paying it
-again each time); float models on ``llvm`` use no tensor intrinsics.
+Tuning cost on the 2-core dev machine: a few seconds fixed (on x86 only TVM's x86
+tensor intrinsics are registered, ``ml/tvm_tune.py``; the whole ``tvm.s_tir.tensor_intrin``
+import took 56 s to 3 minutes) plus a few seconds per batch of trials per task. The
+builder uses :func:`_ms_build`, which skips that import in every builder worker (TVM
+restarts its builder pool on each batch, paying it again each time); float models on
+``llvm`` use no tensor intrinsics.
 
 Why this module is over ~500 lines: the TVM pipeline: ONNX import, target, tuning database, compile in a child
 process, and the VM run.
@@ -65,6 +66,7 @@ from mesatee_notebook.ml._errors import (
     ModelFormatError,
     UnsupportedOperator,
 )
+from mesatee_notebook.ml.tvm_tune import TASK_POLICY
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -159,6 +161,10 @@ class TVMModel:
         return int(self.meta.get("tune_trials", 0))
 
     def _arguments(self, inputs: Mapping[str, Any] | np.ndarray) -> list[np.ndarray]:
+        if type(inputs) is np.ndarray and len(self.inputs) == 1:  # the batch-1 fast path: nothing to convert
+            spec = self.inputs[0]
+            if inputs.shape == spec.shape and inputs.dtype.name == spec.dtype:
+                return [inputs]  # np.copyto in run() reads any strides
         if isinstance(inputs, np.ndarray):
             if len(self.inputs) != 1:
                 names = ", ".join(s.name for s in self.inputs)
@@ -201,7 +207,7 @@ class TVMModel:
             for view, value in zip(self._views, arrays, strict=True):
                 np.copyto(view, value)
             result = self._main(*self._args)
-            values = [result] if hasattr(result, "numpy") else list(result)
+            values = [result] if hasattr(result, "numpy") else [result[i] for i in range(len(self.outputs))]
             return {spec.name: np.from_dlpack(v).copy() for spec, v in zip(self.outputs, values, strict=True)}
 
     def __repr__(self) -> str:
@@ -291,7 +297,7 @@ def _budget_key(base: str, tune_trials: int, max_trials_per_task: int | None) ->
     if tune_trials <= 0:
         shipped = _shipped_tag(base)  # an untuned request still uses a shipped database
         return _digest(base, _PIPELINE, "untuned", *([f"shipped={shipped}"] if shipped else []))
-    return _digest(base, _PIPELINE, f"trials={tune_trials}", f"per_task={max_trials_per_task}")
+    return _digest(base, _PIPELINE, f"trials={tune_trials}", f"per_task={max_trials_per_task}", TASK_POLICY)
 
 
 def _seed_tuning(base: str, tune_dir: Path) -> bool:
@@ -444,6 +450,8 @@ def compile_onnx(
     jobdir = Path(tempfile.mkdtemp(prefix=".job-", dir=cache))
     try:
         (jobdir / "model.onnx").write_bytes(model_bytes)
+        if tune_trials > 0:
+            _seed_tuning(base, tune_dir)  # tuning builds on the shipped records
         request = {
             "target": dict(target) if isinstance(target, Mapping) else target,
             "inputs": [s.to_json() for s in input_specs],
@@ -451,7 +459,10 @@ def compile_onnx(
             "tune_trials": tune_trials,
             "max_trials_per_task": max_trials_per_task,
             "tune_dir": str(tune_dir),
-            "use_tuned": _seed_tuning(base, tune_dir) and tune_trials <= 0,
+            # An untuned request reads the shipped database itself, never the cache's copy of it: a copy
+            # seeded from an older package would otherwise shadow a newer shipped database.
+            "use_tuned": tune_trials <= 0 and _shipped_dir(base) is not None,
+            "shipped_dir": str(_shipped_dir(base) or "") if tune_trials <= 0 else "",
         }
         (jobdir / "request.json").write_text(json.dumps(request))
         _run_child(jobdir, timeout_s, progress)
@@ -607,6 +618,8 @@ def _tune(
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
 
+    from mesatee_notebook.ml.tvm_tune import tune_chosen
+
     budget = int(request["tune_trials"])
     per_task = request["max_trials_per_task"]
     tune_dir = Path(request["tune_dir"])
@@ -648,17 +661,15 @@ def _tune(
     for name in _DB_FILES:
         if (tune_dir / name).is_file():
             shutil.copyfile(tune_dir / name, work / name)
-    ms.relax_integration.tune_relax(
+    tune_chosen(
         mod,
-        {},
         target,
         str(work),
-        max_trials_global=budget,
-        max_trials_per_task=per_task,
-        num_trials_per_iter=min(64, max(8, budget // 4)),
+        budget=budget,
+        per_task=per_task,
         builder=ms.builder.LocalBuilder(f_build=_ms_build, max_workers=workers),
-        measure_callbacks=callbacks,
-        seed=0,
+        callbacks=callbacks,
+        emit=emit,
     )
     shutil.rmtree(work / "logs", ignore_errors=True)  # per-task logs: large, and compile.log has the summary
     (work / "done.json").write_text(json.dumps({"trials": budget, "per_task": per_task}))
@@ -739,7 +750,7 @@ def _schedule(
             database = _tune(mod, target, request, jobdir, emit)
         else:
             emit({"event": "phase", "phase": "tune-shipped"})
-            database = ms.database.JSONDatabase(work_dir=str(request["tune_dir"]))
+            database = ms.database.JSONDatabase(work_dir=str(request["shipped_dir"]))
         tuning_seconds = time.perf_counter() - t_tune
         with target, database:
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)

@@ -267,9 +267,12 @@ def test_tuned_compile_matches_and_caches(tmp_path: Path, monkeypatch: pytest.Mo
     trials = [e for e in events if e["event"] == "trial"]
     assert trials and trials[-1]["trials"] == 4 and trials[-1]["budget"] == 4
     assert trials[-1]["best_us"] is not None
+    (chosen,) = [e for e in events if e.get("phase") == "tasks"]
+    assert [(t["task"][:6], t["tuned"]) for t in chosen["tasks"]] == [("matmul", True)]
     assert [e["phase"] for e in events if e["event"] == "phase"] == [
         "import",
         "tune",
+        "tasks",
         "tuned",
         "build",
         "export",

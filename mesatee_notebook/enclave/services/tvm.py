@@ -69,6 +69,7 @@ def _module_meta(module: TVMModel, owners: list[str]) -> dict[str, Any]:
         "inputs": [s.to_json() for s in module.inputs],
         "outputs": [s.to_json() for s in module.outputs],
         "tune_trials": module.tuned_trials,
+        "shipped_database": bool(module.meta.get("shipped_database")),  # tuned schedules shipped in the package
         "library_sha256": module.library_sha256,
         "tuning_seconds": float(module.meta.get("tuning_seconds", 0.0)),
         "compile_seconds": float(module.meta.get("compile_seconds", 0.0)),
