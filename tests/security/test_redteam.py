@@ -249,6 +249,9 @@ def test_signals_reach_nothing_outside_and_nothing_outlives_the_session(world: d
         "    os._exit(0)\n"
         "os.waitpid(pid, 0)\n"
     )
+    deadline = time.monotonic() + 10  # the grandchild execs sleep after its parent has exited: let it get there
+    while _count("98765") < 21 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert _count("98765") >= 21
     leaver.close()
     deadline = time.monotonic() + 10
