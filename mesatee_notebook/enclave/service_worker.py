@@ -53,7 +53,7 @@ class ServiceWorker:
         try:
             order = RunService.from_header(msg.header)
             inputs = {
-                str(spec["name"]): decode_value(str(spec["kind"]), buf, meta=spec.get("meta"))
+                str(spec["name"]): decode_value(str(spec["kind"]), buf, meta=spec.get("meta"), scope=order.party)
                 for spec, buf in unpack_values(list(order.inputs), msg)
             }
             msg.payloads.clear()
@@ -61,7 +61,7 @@ class ServiceWorker:
             result = dispatch(order.service, ctx, order.args, inputs)
             values = []
             for name, value in result.values.items():
-                enc = encode_value(value)
+                enc = encode_value(value, scope=order.party)
                 values.append(({"name": f"out/{name}", "kind": enc.kind, "meta": enc.meta}, enc.parts, None))
             self.client.result(values, info=result.info)
         except MesateeError as exc:
