@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-__all__ = ["decode_small", "encode_small", "remember_decoded", "remember_encoded"]
+__all__ = ["decode_small", "encode_small", "remember_decoded", "remember_encoded", "single_dtype"]
 
 SMALL = 1 << 16
 """Frames up to this many bytes of values are remembered (a layout's bytes are kept: one schema message each)."""
@@ -64,7 +64,7 @@ def _frame_key(df: Any) -> tuple[tuple[Any, ...], np.dtype[Any]] | None:
     rows, ncols = df.shape
     if not isinstance(idx, pd.RangeIndex) or isinstance(cols, pd.MultiIndex) or df.attrs or not rows or not ncols:
         return None
-    dtype = _single_dtype(df)
+    dtype = single_dtype(df)
     if dtype is None or rows * ncols * dtype.itemsize > SMALL:
         return None
     if not (dtype.kind in "iu" or dtype.str[1:] in ("f4", "f8")) or dtype.byteorder not in ("=", "|"):
@@ -78,7 +78,7 @@ def _frame_key(df: Any) -> tuple[tuple[Any, ...], np.dtype[Any]] | None:
     return key, dtype
 
 
-def _single_dtype(df: Any) -> np.dtype[Any] | None:
+def single_dtype(df: Any) -> np.dtype[Any] | None:
     """The frame's one numpy dtype, or None (several dtypes, or an extension dtype).
 
     ``df.dtypes`` builds a Series (about 0.1 ms for a few dozen columns); one consolidated block is its dtype.
