@@ -264,6 +264,24 @@ def test_vectorised_hash_equals_reference_construction() -> None:
         assert g1[i].astype("<u8").tobytes() + g2[i].astype("<u8").tobytes() == ref
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint64, np.uint8])
+def test_int_arrays_hash_as_int128_across_batches(dtype: type) -> None:
+    # The high word of int64 items is their sign, made block by block while hashing: check it over several
+    # 2^16-item batches, negatives and uint64 values above 2^63 (high word 0, not the sign) included.
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(11)
+    arr = rng.integers(info.min, info.max, 140_000, dtype=dtype, endpoint=True)
+    arr[:4] = [info.min, info.max, 0, 1]
+    h1, h2 = hash_items(arr, KEY)
+    ikey = KEY._keys[psi_mod._KIND_INT]
+    for i in [0, 1, 2, 3, 65_535, 65_536, 131_072, len(arr) - 1]:
+        enc = Cipher(algorithms.AES(ikey), modes.ECB()).encryptor()
+        ref = enc.update((int(arr[i]) % 2**128).to_bytes(16, "little"))
+        assert h1[i].astype("<u8").tobytes() + h2[i].astype("<u8").tobytes() == ref, i
+    as_python = hash_items([int(v) for v in arr[:1000]] + [2**100], KEY)  # the explicit high-word path
+    assert np.array_equal(as_python[0][:1000], h1[:1000]) and np.array_equal(as_python[1][:1000], h2[:1000])
+
+
 def test_keys_depend_on_the_secret() -> None:
     a = hash_items(["x", 1], KEY)
     b = hash_items(["x", 1], PsiKey(bytes(32)))
