@@ -34,7 +34,7 @@ from mesatee_notebook.ml._errors import (
     ModelFormatError,
     NonNumericFeatures,
 )
-from mesatee_notebook.wire.arrow_small import single_dtype
+from mesatee_notebook.wire.frame_layouts import single_dtype
 
 __all__ = [
     "BINARY_OBJECTIVES",

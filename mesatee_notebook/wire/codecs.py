@@ -38,7 +38,7 @@ import msgpack
 import numpy as np
 
 from mesatee_notebook.errors import EncodingError, MalformedFrame
-from mesatee_notebook.wire import arrow_small
+from mesatee_notebook.wire import frame_layouts
 from mesatee_notebook.wire.arrow_fast import SMALL_FRAME, small_numeric_frame, zero_copy_table
 from mesatee_notebook.wire.digest import payload_hasher
 
@@ -138,7 +138,7 @@ def _way_out(value: Any) -> str:
 def encode_value(value: Any, *, allow_pickle: bool = False, scope: str | None = None) -> Encoded:
     """Encode ``value`` for the wire without copying large buffers where avoidable.
 
-    ``scope``: whose small-frame layouts to remember and reuse (``wire/arrow_small.py``); a process that encodes
+    ``scope``: whose small-frame layouts to remember and reuse (``wire/frame_layouts.py``); a process that encodes
     for several parties passes the party.
     """
     import pandas as pd
@@ -162,12 +162,12 @@ def encode_value(value: Any, *, allow_pickle: bool = False, scope: str | None = 
 
 
 def _encode_dataframe(df: Any, scope: str | None) -> Encoded:
-    raw = arrow_small.encode_small(df, scope)
+    raw = frame_layouts.encode_small(df, scope)
     if raw is not None:
         return Encoded("arrow.frame", [raw], {})
     enc = _encode_frame(df, "arrow.frame", {})
     if len(enc.parts) == 1:
-        arrow_small.remember_encoded(df, enc.parts[0], scope)
+        frame_layouts.remember_encoded(df, enc.parts[0], scope)
     return enc
 
 
@@ -310,7 +310,7 @@ def decode_value(
 ) -> Any:
     """Decode one payload; Arrow and npy results share memory with ``buf`` (small frames are copied).
 
-    ``scope``: whose remembered small-frame layouts may be used (``wire/arrow_small.py``); a process that decodes
+    ``scope``: whose remembered small-frame layouts may be used (``wire/frame_layouts.py``); a process that decodes
     for several parties (the service worker) passes the party, so layouts are never shared between parties.
     """
     if kind == "arrow.frame":
@@ -339,10 +339,10 @@ def decode_value(
 
 
 def _decode_dataframe(buf: Any, meta: dict[str, Any], scope: str | None) -> Any:
-    df = arrow_small.decode_small(buf, scope)
+    df = frame_layouts.decode_small(buf, scope)
     if df is None:
         df = _decode_frame("arrow.frame", buf, meta)
-        arrow_small.remember_decoded(buf, df, scope)
+        frame_layouts.remember_decoded(buf, df, scope)
     return df
 
 

@@ -1,4 +1,4 @@
-"""Remembered small-frame layouts (issue 15 P4, ``wire/arrow_small.py``): the frames Arrow gives, per scope only."""
+"""Remembered small-frame layouts (issue 15 P4, ``wire/frame_layouts.py``): the frames Arrow gives, per scope."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from mesatee_notebook.errors import MalformedFrame
-from mesatee_notebook.wire import arrow_small, codecs
+from mesatee_notebook.wire import codecs, frame_layouts
 
 
 def _wire(df: pd.DataFrame, scope: str | None = None) -> bytes:
@@ -50,13 +50,13 @@ def test_remembered_layout_writes_and_reads_the_same_frames(i: int) -> None:
     df = _frames()[i]
     first = _wire(df, "enc")  # through Arrow, layout remembered
     again = _wire(df, "enc")  # from the remembered layout
-    assert arrow_small.encode_small(df, "enc") is not None  # the fast path is the one taken
+    assert frame_layouts.encode_small(df, "enc") is not None  # the fast path is the one taken
     for raw in (first, again):
         _same(_arrow(raw), df)
     # The receiver: the first stream through the general path, then the remembered layout.
     for raw in (first, again, again):
         _same(codecs.decode_value("arrow.frame", raw, scope="dec"), df)
-    assert arrow_small.decode_small(again, "dec") is not None
+    assert frame_layouts.decode_small(again, "dec") is not None
 
 
 def test_other_values_same_layout() -> None:
@@ -66,7 +66,7 @@ def test_other_values_same_layout() -> None:
     for seed in range(5):
         df = pd.DataFrame(np.random.default_rng(seed).normal(size=(1, 5)), columns=list("abcde"))
         raw = _wire(df, "s")
-        assert arrow_small.decode_small(raw, "s") is not None
+        assert frame_layouts.decode_small(raw, "s") is not None
         _same(codecs.decode_value("arrow.frame", raw, scope="s"), df)
         _same(_arrow(raw), df)
 
@@ -77,8 +77,8 @@ def test_layouts_are_per_scope() -> None:
     _wire(df)
     raw = _wire(df)
     codecs.decode_value("arrow.frame", raw, scope="alice")
-    assert arrow_small.decode_small(raw, "alice") is not None
-    assert arrow_small.decode_small(raw, "bob") is None
+    assert frame_layouts.decode_small(raw, "alice") is not None
+    assert frame_layouts.decode_small(raw, "bob") is None
     _same(codecs.decode_value("arrow.frame", raw, scope="bob"), df)  # bob's first: the general path
 
 
@@ -87,19 +87,19 @@ def test_a_changed_byte_outside_the_values_is_not_taken_for_the_layout() -> None
     _wire(df)
     raw = _wire(df)
     codecs.decode_value("arrow.frame", raw, scope="t")
-    assert arrow_small.decode_small(raw, "t") is not None
+    assert frame_layouts.decode_small(raw, "t") is not None
     other = pd.DataFrame({"ab": [1.0], "bb": [2.0]})
     _wire(other)
     renamed = _wire(other)  # same size, one label byte differs
     assert len(renamed) == len(raw) and renamed != raw
-    assert arrow_small.decode_small(renamed, "t") is None
+    assert frame_layouts.decode_small(renamed, "t") is None
     assert codecs.decode_value("arrow.frame", renamed, scope="t").columns.tolist() == ["ab", "bb"]
     broken = bytearray(raw)
     broken[-1] ^= 0xFF  # the end-of-stream marker
-    assert arrow_small.decode_small(bytes(broken), "t") is None
+    assert frame_layouts.decode_small(bytes(broken), "t") is None
     broken = bytearray(raw)
     broken[12] ^= 0x55  # inside the schema message
-    assert arrow_small.decode_small(bytes(broken), "t") is None
+    assert frame_layouts.decode_small(bytes(broken), "t") is None
     with pytest.raises(MalformedFrame):
         codecs.decode_value("arrow.frame", bytes(broken[:-20]), scope="t")
 
@@ -109,7 +109,7 @@ def test_decoded_frames_are_independent() -> None:
     _wire(df)
     raw = _wire(df)
     codecs.decode_value("arrow.frame", raw, scope="m")
-    assert arrow_small.decode_small(raw, "m") is not None
+    assert frame_layouts.decode_small(raw, "m") is not None
     a = codecs.decode_value("arrow.frame", raw, scope="m")
     a.iloc[0, 0] = 99.0  # writable, its own memory
     a.columns.name = "renamed"
@@ -126,9 +126,9 @@ def test_not_remembered_frames_take_the_general_paths() -> None:
     for df in (mixed, stringy, indexed, attrs):
         raw = _wire(df, "g")
         _wire(df, "g")
-        assert arrow_small.encode_small(df, "g") is None
+        assert frame_layouts.encode_small(df, "g") is None
         out = codecs.decode_value("arrow.frame", raw, scope="g")
-        assert arrow_small.decode_small(raw, "g") is None
+        assert frame_layouts.decode_small(raw, "g") is None
         pd.testing.assert_frame_equal(out, df)
     assert codecs.decode_value("arrow.frame", _wire(attrs), scope="g").attrs == {"k": "v"}
 
