@@ -31,7 +31,9 @@ __all__ = ["decode_small", "encode_small", "remember_decoded", "remember_encoded
 SMALL = 1 << 16
 """Frames up to this many bytes of values are remembered (a layout's bytes are kept: one schema message each)."""
 
-_MAX_LAYOUTS = 128
+_PER_SCOPE = 16  # layouts remembered per scope (then that scope starts over)
+_SCOPES = 64  # scopes remembered (then all start over): a bound on memory, not a policy
+_MAX_HEAD = 1 << 16  # a layout whose non-value bytes are longer (thousands of labels) is not remembered
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +54,18 @@ class _Layout:
         return len(self.head) + (self.ncols - 1) * self.stride + self.nbytes + len(self.tail)
 
 
-_ENCODE: dict[tuple[Any, ...], _Layout | None] = {}  # (scope, layout): None when Arrow lays it out otherwise
-_DECODE: dict[tuple[str | None, int], list[_Layout]] = {}  # (scope, stream size)
+_ENCODE: dict[str | None, dict[tuple[Any, ...], _Layout | None]] = {}  # None: Arrow lays that layout out otherwise
+_DECODE: dict[str | None, dict[int, list[_Layout]]] = {}  # by scope, then stream size
+
+
+def _room(cache: dict[str | None, Any], scope: str | None) -> Any:
+    """``cache[scope]``, emptied if full; a hostile party filling its own scope evicts nobody else's layouts."""
+    if scope not in cache and len(cache) >= _SCOPES:
+        cache.clear()
+    mine = cache.setdefault(scope, {})
+    if sum(len(v) if isinstance(v, list) else 1 for v in mine.values()) >= _PER_SCOPE:
+        mine.clear()
+    return mine
 
 
 def _frame_key(df: Any) -> tuple[tuple[Any, ...], np.dtype[Any]] | None:
@@ -105,7 +117,7 @@ def encode_small(df: Any, scope: str | None) -> bytes | None:
     found = _frame_key(df)
     if found is None:
         return None
-    layout = _ENCODE.get((scope, found[0]))
+    layout = _ENCODE.get(scope, {}).get(found[0])
     if layout is None:
         return None
     return _write(layout, _values(df, layout))
@@ -153,9 +165,9 @@ def _locate(raw: Any, dtype: np.dtype[Any], rows: int, ncols: int) -> tuple[byte
 def remember_encoded(df: Any, raw: Any, scope: str | None) -> None:
     """After Arrow wrote ``raw`` for ``df``: remember its layout if writing it ourselves gives the same bytes."""
     found = _frame_key(df)
-    if found is None or (scope, found[0]) in _ENCODE:
+    if found is None or found[0] in _ENCODE.get(scope, {}):
         return
-    key, dtype = (scope, found[0]), found[1]
+    key, dtype = found
     rows, ncols = df.shape
     located = _locate(_one_buffer_per_column(df, raw), dtype, rows, ncols)
     layout = None
@@ -165,9 +177,9 @@ def remember_encoded(df: Any, raw: Any, scope: str | None) -> None:
         layout = _Layout(head, tail, stride, nbytes, ncols, dtype, None, (idx.start, idx.stop, idx.step, idx.name))
         if not _reads_back(_write(layout, _values(df, layout)), df):
             layout = None
-    if len(_ENCODE) >= _MAX_LAYOUTS:
-        _ENCODE.clear()
-    _ENCODE[key] = layout
+    if layout is not None and len(layout.head) > _MAX_HEAD:
+        layout = None
+    _room(_ENCODE, scope)[key] = layout
 
 
 def _one_buffer_per_column(df: Any, raw: Any) -> bytes:
@@ -224,9 +236,9 @@ def remember_decoded(raw: Any, df: Any, scope: str | None) -> None:
     again = _build(layout, raw)
     if again.to_numpy().tobytes() != df.to_numpy().tobytes() or not again.columns.equals(df.columns):
         return
-    if sum(map(len, _DECODE.values())) >= _MAX_LAYOUTS:
-        _DECODE.clear()
-    same = _DECODE.setdefault((scope, layout.size), [])
+    if len(head) > _MAX_HEAD:
+        return
+    same = _room(_DECODE, scope).setdefault(layout.size, [])
     if all(other.head != head or other.tail != tail for other in same):
         same.append(layout)
 
@@ -235,7 +247,7 @@ def decode_small(raw: Any, scope: str | None) -> Any:
     """The frame of a stream whose layout ``scope`` decoded before (every non-value byte equal), else None."""
     view = memoryview(raw).cast("B")
     size = view.nbytes
-    for layout in _DECODE.get((scope, size), ()):
+    for layout in _DECODE.get(scope, {}).get(size, ()):
         if view[: len(layout.head)] == layout.head and view[size - len(layout.tail) :] == layout.tail:
             return _build(layout, view)
     return None

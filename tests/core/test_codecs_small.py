@@ -150,3 +150,21 @@ def test_round_trip_any_values(data: Any, dtype: np.dtype[Any], rows: int, names
         raw = _wire(df, "h")
         _same(_arrow(raw), df)
         _same(codecs.decode_value("arrow.frame", raw, scope="h"), df)
+
+
+def test_one_scope_filling_its_room_evicts_no_other_scope() -> None:
+    mine = pd.DataFrame({"keep": [1.0]})
+    _wire(mine)
+    raw = _wire(mine)
+    codecs.decode_value("arrow.frame", raw, scope="quiet")
+    for i in range(3 * frame_layouts._PER_SCOPE):  # a party sending ever new layouts
+        noisy = pd.DataFrame({f"c{i}": [float(i)]})
+        _wire(noisy, "noisy")
+        codecs.decode_value("arrow.frame", _wire(noisy, "noisy"), scope="noisy")
+    assert arrow_count("noisy") <= frame_layouts._PER_SCOPE
+    assert frame_layouts.decode_small(raw, "quiet") is not None
+
+
+def arrow_count(scope: str) -> int:
+    """Layouts remembered for decoding in ``scope``."""
+    return sum(len(v) for v in frame_layouts._DECODE.get(scope, {}).values())
