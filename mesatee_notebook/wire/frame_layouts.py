@@ -14,8 +14,9 @@ Arrow decoded in place (their addresses), and from then on:
   (``Table.validate(full=True)`` and the general decode) and builds the same frame from the values. Any bit
   pattern is a valid int or float, so there is nothing left to validate in them.
 
-Decoded layouts are remembered per ``scope``: the service worker passes the calling party, so whether a layout
-is remembered (a timing difference of about a millisecond) tells a party only about its own earlier calls.
+Layouts are remembered per ``scope``: the service worker passes the calling party, so whether a layout is
+remembered (a timing difference of about a millisecond) tells a party only about its own earlier calls, and a
+party that sends ever new layouts fills only its own room (16 layouts; heads over 64 KiB are not kept).
 """
 
 from __future__ import annotations
