@@ -75,7 +75,8 @@ def _frame_key(df: Any) -> tuple[tuple[Any, ...], np.dtype[Any]] | None:
 
     idx, cols = df.index, df.columns
     rows, ncols = df.shape
-    if not isinstance(idx, pd.RangeIndex) or isinstance(cols, pd.MultiIndex) or df.attrs or not rows or not ncols:
+    plain = isinstance(idx, pd.RangeIndex) and not isinstance(cols, pd.MultiIndex) and not df.attrs
+    if not plain or not 0 < rows * ncols <= SMALL:  # too large at any item size: look at nothing else
         return None
     dtype = single_dtype(df)
     if dtype is None or rows * ncols * dtype.itemsize > SMALL:
