@@ -643,9 +643,10 @@ class _Scan:
         party &= self.party_mask
         cand &= self.row_mask
         row = cand.view(np.intp)
-        full = self._full_keys(party, row).view(np.uint64).reshape(-1, 2)
+        full_c = self._full_keys(party, row)
+        full = full_c.view(np.uint64).reshape(-1, 2)
         heads = np.flatnonzero(new_group)  # party 0's first occurrence of each common prefix
-        ref = full[heads][local]
+        ref = full_c[heads][local].view(np.uint64).reshape(-1, 2)  # gathered as 16-byte scalars, not n x 2 rows
         bad = full[:, 0] != ref[:, 0]
         bad |= full[:, 1] != ref[:, 1]
         del ref
