@@ -2,8 +2,9 @@
 
 Each sample is a fresh Python process (a stand-in for a fresh service worker: the same ``mallopt`` as
 ``services/psi.py``'s ``_keep_freed_memory``) that hashes two sets (half shared) and runs ``run_psi`` in
-cardinality mode three times, timing each. ``--tree PATH`` runs the same in another source tree (e.g. an
-export of an older commit) alternately with this one, so both see the same load.
+cardinality mode three times, timing each (wall, and CPU user/sys seconds from ``getrusage``: on a loaded
+machine the CPU seconds compare better than the wall time). ``--tree PATH`` runs the same in another source
+tree (e.g. an export of an older commit) alternately with this one, so both see the same load.
 Prints a table and writes bench/results/p6_psi_cold.json.
 Usage: python bench/p6_psi_cold.py [--items N] [--samples S] [--tree PATH]
 """
@@ -33,10 +34,11 @@ out = []
 for rep in range(3):
     key = PsiKey.generate()
     A = PsiInput("a", key); A.add_chunk(a, None); B = PsiInput("b", key); B.add_chunk(b, None)
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    u0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter(); r = run_psi([A, B], "cardinality"); t1 = time.perf_counter()
-    f1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    out.append({"psi_s": t1 - t0, "minor_faults": f1 - f0, "cardinality": r.cardinality})
+    u1 = resource.getrusage(resource.RUSAGE_SELF)
+    out.append({"psi_s": t1 - t0, "minor_faults": u1.ru_minflt - u0.ru_minflt, "cardinality": r.cardinality,
+                "user_s": u1.ru_utime - u0.ru_utime, "sys_s": u1.ru_stime - u0.ru_stime})
     del A, B, r
 print(json.dumps(out))
 """
@@ -62,14 +64,23 @@ def main() -> None:
         for name, tree in trees.items():
             runs[name].append(sample(tree, args.items))
     print(f"P6 engine cold vs warm, {args.items:,} items per side, cardinality; load before {load_before[0]:.1f}")
-    print(f"{'tree':<12} {'first (cold) s':>15} {'2nd/3rd (warm) s':>17} {'cold faults':>12}")
+    print(f"{'tree':<12} {'first (cold) s':>15} {'2nd/3rd (warm) s':>17} {'cold faults':>12}", end="")
+    print(f" {'cold CPU user/sys s':>20} {'warm CPU user/sys s':>20}")
     summary = {}
     for name, samples in runs.items():
         cold = statistics.median(s[0]["psi_s"] for s in samples)
         warm = statistics.median(r["psi_s"] for s in samples for r in s[1:])
         faults = statistics.median(s[0]["minor_faults"] for s in samples)
-        summary[name] = {"tree": str(trees[name]), "cold_s": cold, "warm_s": warm, "cold_minor_faults": faults}
-        print(f"{name:<12} {cold:>15.2f} {warm:>17.2f} {faults:>12,.0f}")
+        cpu = {
+            f"{job}_{k}": statistics.median(r.get(k, 0.0) for s in samples for r in (s[:1] if job == "cold" else s[1:]))
+            for job in ("cold", "warm")
+            for k in ("user_s", "sys_s")
+        }
+        summary[name] = {"tree": str(trees[name]), "cold_s": cold, "warm_s": warm, "cold_minor_faults": faults, **cpu}
+        print(f"{name:<12} {cold:>15.2f} {warm:>17.2f} {faults:>12,.0f}", end="")
+        for job in ("cold", "warm"):
+            print(f" {cpu[job + '_user_s']:>10.2f}/{cpu[job + '_sys_s']:<9.2f}", end="")
+        print()
     out = {
         "bench": "p6_psi_cold",
         "when": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S%z"),

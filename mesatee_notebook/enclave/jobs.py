@@ -686,9 +686,14 @@ class JobStore:
         with self._lock:
             return [j for j in self._jobs.values() if party is None or party in j.spec.parties]
 
-    def submit_input(self, job_id: str, party: str, input_name: str, data: bytes | memoryview) -> Transition:
-        """Check, seal and record one input; refusals leave nothing on disk."""
-        digest = hashlib.sha256(data).hexdigest()
+    def submit_input(
+        self, job_id: str, party: str, input_name: str, data: bytes | memoryview, sha256: str | None = None
+    ) -> Transition:
+        """Check, seal and record one input; refusals leave nothing on disk.
+
+        ``sha256``: the digest of ``data`` when the caller (in this process) already computed it over these bytes.
+        """
+        digest = sha256 or hashlib.sha256(data).hexdigest()
         event = SubmitInput(job_id, party, input_name, digest)
         with self._lock:
             job = self.get(job_id)
@@ -798,10 +803,11 @@ def submit(
     *,
     refuse: Refuse,
     run: Run,
+    sha256: str | None = None,
 ) -> Job:
     """An owner submits one input: checked, sealed, recorded; the job runs if this completed it."""
     check_submit(job, party, input_name, refuse)
-    tr = store.submit_input(job.job_id, party, input_name, data)
+    tr = store.submit_input(job.job_id, party, input_name, data, sha256)
     return run(tr.job) if runnable(tr) else tr.job
 
 

@@ -29,13 +29,20 @@ __all__ = ["ChunkRelay", "encode_results"]
 
 
 def encode_results(
-    send: Callable[[ResultChunk, list[Any]], None], values: Mapping[str, Any], chunked: bool
+    send: Callable[[ResultChunk, list[Any]], None],
+    values: Mapping[str, Any],
+    chunked: bool,
+    *,
+    scope: str | None = None,
 ) -> tuple[list[ValueOut], list[dict[str, Any]]]:
-    """In the service worker: (values to send in the Result, specs of the values already sent in chunks)."""
+    """In the service worker: (values to send in the Result, specs of the values already sent in chunks).
+
+    ``scope``: the party the values go to (its small-frame layouts, ``wire/frame_layouts.py``).
+    """
     out: list[ValueOut] = []
     streamed: list[dict[str, Any]] = []
     for name, value in values.items():
-        enc = encode_value(value)
+        enc = encode_value(value, scope=scope)
         out_name = f"out/{name}"
         spec: dict[str, Any] = {"name": out_name, "kind": enc.kind, "meta": enc.meta}
         size = enc.nbytes

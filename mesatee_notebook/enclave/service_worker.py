@@ -54,14 +54,14 @@ class ServiceWorker:
         try:
             order = RunService.from_header(msg.header)
             inputs = {
-                str(spec["name"]): decode_value(str(spec["kind"]), buf, meta=spec.get("meta"))
+                str(spec["name"]): decode_value(str(spec["kind"]), buf, meta=spec.get("meta"), scope=order.party)
                 for spec, buf in unpack_values(list(order.inputs), msg)
             }
             msg.payloads.clear()
             ctx = ServiceContext(self.client, order.party, self.state, fresh=order.fresh)
             result = dispatch(order.service, ctx, order.args, inputs)
             # The whole result exists (and passed its policy) before any chunk of it is sent.
-            values, streamed = encode_results(self.client.send, result.values, order.chunked)
+            values, streamed = encode_results(self.client.send, result.values, order.chunked, scope=order.party)
             specs, payloads, fds = pack_values(values)
             self.client.send(Result((*specs, *streamed), info=result.info), payloads, fds)
         except MesateeError as exc:

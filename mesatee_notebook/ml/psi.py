@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, get_args
 
@@ -105,7 +105,7 @@ class _Part:
     kind: bytes
     index: npt.NDArray[np.intp] | None
     lo: U64 | None = None  # ints: low and high 64-bit words of the int128 value
-    hi: U64 | None = None
+    hi: U64 | None = None  # None: the sign extension of lo read as int64 (no n-word array)
     binary: pa.Array | None = None  # str (NFC, as large_binary) or bytes
 
 
@@ -120,17 +120,21 @@ def _refuse(what: str, way_out: str) -> EncodingError:
     return EncodingError(f"PSI items must be int, str or bytes; got {what}. {way_out}")
 
 
-def _ints_from_numpy(arr: np.ndarray[Any, Any]) -> tuple[U64, U64, np.ndarray[Any, Any]]:
+def _ints_from_numpy(arr: np.ndarray[Any, Any]) -> tuple[U64, U64 | None, np.ndarray[Any, Any]]:
+    """(low word, high word, display) of each int as int128; high None: the sign of the low word (read as int64).
+
+    The high words of int64 items are made block by block while hashing, not as an n-word array up front: in a
+    fresh service worker every new page of a 10^7-item upload costs a fault.
+    """
     if arr.dtype == np.uint64:
         lo = np.ascontiguousarray(arr, dtype=np.uint64)
-        hi = np.zeros(len(lo), dtype=np.uint64)
         fits = len(lo) == 0 or int(lo.max()) <= _INT64_MAX
-        return lo, hi, lo.view(np.int64) if fits else lo
+        return lo, None if fits else np.zeros(len(lo), dtype=np.uint64), lo.view(np.int64) if fits else lo
     a64 = np.ascontiguousarray(arr, dtype=np.int64)
-    return a64.view(np.uint64), (a64 >> 63).view(np.uint64), a64
+    return a64.view(np.uint64), None, a64
 
 
-def _ints_from_python(values: Sequence[int]) -> tuple[U64, U64, np.ndarray[Any, Any]]:
+def _ints_from_python(values: Sequence[int]) -> tuple[U64, U64 | None, np.ndarray[Any, Any]]:
     try:
         return _ints_from_numpy(np.array(values, dtype=np.int64))
     except OverflowError:
@@ -313,15 +317,20 @@ def _aes_blocks(enc: CipherContext, blocks: U64, out: U64) -> None:
     enc.update_into(blocks.data.cast("B"), out.data.cast("B"))
 
 
-def _hash_ints(key: PsiKey, lo: U64, hi: U64) -> U64:
+def _hash_ints(key: PsiKey, lo: U64, hi: U64 | None) -> U64:
+    """AES of each int128 (``hi`` None: the sign extension of ``lo`` as int64)."""
     n = len(lo)
     out = np.empty((n + 1, 2), dtype="<u8")
     enc = key._ecb(_KIND_INT)
     block = np.empty((min(n, _BATCH), 2), dtype="<u8")
+    signs = block[:, 1].view(np.int64)
     for b0 in range(0, n, _BATCH):
         m = min(_BATCH, n - b0)
         block[:m, 0] = lo[b0 : b0 + m]
-        block[:m, 1] = hi[b0 : b0 + m]
+        if hi is None:
+            np.right_shift(lo[b0 : b0 + m].view(np.int64), 63, out=signs[:m])
+        else:
+            block[:m, 1] = hi[b0 : b0 + m]
         _aes_blocks(enc, block[:m], out[b0:])
     return out[:n]
 
@@ -388,12 +397,12 @@ def hash_items(items: Any, key: PsiKey) -> tuple[U64, U64]:
 def _hash_canonical(canon: _Canonical, key: PsiKey) -> U64:
     if len(canon.parts) == 1 and canon.parts[0].index is None and canon.parts[0].kind == _KIND_INT:
         part = canon.parts[0]
-        assert part.lo is not None and part.hi is not None
+        assert part.lo is not None
         return _hash_ints(key, part.lo, part.hi)  # the common case: no copy
     keys = np.empty((canon.n, 2), dtype="<u8")
     for part in canon.parts:
         if part.kind == _KIND_INT:
-            assert part.lo is not None and part.hi is not None
+            assert part.lo is not None
             h = _hash_ints(key, part.lo, part.hi)
         else:
             assert part.binary is not None
@@ -526,7 +535,11 @@ class _Match:
     first_rows: npt.NDArray[np.intp] = field(default_factory=lambda: np.empty(0, dtype=np.intp))
 
 
-def _intersect_keys(keys: Sequence[tuple[U64, U64]], *, rows: bool = True) -> _Match:
+_SCAN_BLOCK: Final = 1 << 18  # sorted words per block of the scan: whole prefix runs, temporaries reused
+_PACK_BLOCK: Final = 1 << 18  # rows per block when packing the words
+
+
+def _intersect_keys(keys: Sequence[tuple[U64, U64]], *, rows: bool = True, block: int = _SCAN_BLOCK) -> _Match:
     """Intersect n >= 2 sets of 128-bit keys given as (high, low) halves, exactly.
 
     Every row of every party becomes one packed 64-bit word: the top bits of its high half (the prefix), then the
@@ -536,159 +549,186 @@ def _intersect_keys(keys: Sequence[tuple[U64, U64]], *, rows: bool = True) -> _M
     0's first occurrence); a run where they differ (two different keys sharing a prefix, a few hundred runs at
     2^24 items per party) is resolved exactly on the full keys. No hash table, no ``argsort``: bench/p6_psi.py
     measured it 2-3x faster than the ``pandas.factorize`` pass it replaced (whose table did not fit in cache).
+
+    After the sort, everything runs block by block (``block`` words, cut at run boundaries so that no run is
+    split): a fresh service worker faults in every new page it touches, and whole-array temporaries made its
+    first job 2x slower than the next. Per block the temporaries are a few MB, reused by the allocator.
     """
     k = len(keys)
     sizes = [len(h1) for h1, _ in keys]
     row_bits = max(1, (max(sizes) - 1).bit_length())
     low_bits = row_bits + max(1, (k - 1).bit_length())
-    row_mask = np.uint64((1 << row_bits) - 1)
     low_mask = np.uint64((1 << low_bits) - 1)
     words = _packed_words(keys, row_bits, np.uint64(_MASK64 ^ ((1 << low_bits) - 1)))
     words.sort()
-    cand, m = _common_candidates(words, k, row_mask, low_mask)
+    scan = _Scan(keys, row_bits, low_bits, rows=rows)
+    for lo, hi in _run_blocks(words, low_mask, max(1, block)):
+        scan.block(words[lo:hi])
     del words
-    if m == 0:
-        return (
-            _Match(0, [np.zeros(n, dtype=bool) for n in sizes], [np.empty(0, np.intp) for _ in sizes])
-            if rows
-            else _Match(0)
-        )
-    new_group = np.empty(len(cand), dtype=bool)
-    new_group[0] = True
-    np.greater(cand[1:] ^ cand[:-1], low_mask, out=new_group[1:])
-    group = np.cumsum(new_group, dtype=np.intp)
-    group -= 1
-    # Party and row numbers fit in 63 bits, so the uint64 results are reinterpreted as intp, not converted.
-    party = (cand >> np.uint64(row_bits)).view(np.intp)
-    party &= (1 << (low_bits - row_bits)) - 1
-    cand &= row_mask
-    row = cand.view(np.intp)
-    del cand
-    full_c, sel = _full_keys(keys, party, row)
-    full = full_c.view(np.uint64).reshape(-1, 2)
-    f1, f2 = full[:, 0], full[:, 1]
-    heads = np.flatnonzero(new_group)  # party 0's first occurrence of each common prefix
-    ref = full_c[heads][group].view(np.uint64).reshape(-1, 2)
-    bad = f1 != ref[:, 0]
-    bad |= f2 != ref[:, 1]
-    del ref
-    conflicted = np.zeros(m, dtype=bool)
-    conflicted[group[bad]] = True
-    del bad
-    n_conflicted = int(np.count_nonzero(conflicted))
-    if n_conflicted:
-        bad_rows = conflicted[group]
-        fixed = _resolve_conflicts(f1[bad_rows], f2[bad_rows], party[bad_rows], row[bad_rows], k, base=m)
-        count = m - n_conflicted + fixed.common
-        if not rows:
-            return _Match(count)
-        group[bad_rows] = fixed.ids
-        head_rows = row[heads[~conflicted]]
-        first_rows = np.sort(np.concatenate([head_rows, fixed.first_rows]))
-    else:
-        if not rows:
-            return _Match(m)
-        count = m
-        first_rows = np.sort(row[heads])
-    return _with_rows(_Match(count, first_rows=first_rows), sizes, sel, row, group)
-
-
-def _with_rows(
-    match: _Match,
-    sizes: Sequence[int],
-    sel: Sequence[npt.NDArray[np.intp]],
-    row: npt.NDArray[np.intp],
-    group: npt.NDArray[np.intp],
-) -> _Match:
-    """Fill in each party's mask of matched rows and the group id of each matched row."""
-    for n, s in zip(sizes, sel, strict=True):
-        ids = np.full(n, -1, dtype=np.intp)
-        ids[row[s]] = group[s]
-        mask = ids >= 0
-        match.masks.append(mask)
-        match.groups.append(ids[mask])
-    return match
+    return scan.finish()
 
 
 def _packed_words(keys: Sequence[tuple[U64, U64]], row_bits: int, prefix_mask: np.uint64) -> U64:
-    """One (prefix, party, row) word per row of every party, unsorted."""
+    """One (prefix, party, row) word per row of every party, unsorted (row numbers made block by block)."""
     words = np.empty(sum(len(h1) for h1, _ in keys), dtype=np.uint64)
-    numbers = np.arange(max(len(h1) for h1, _ in keys), dtype=np.uint64)
+    step = max(1, min(_PACK_BLOCK, max(len(h1) for h1, _ in keys)))
+    numbers = np.arange(step, dtype=np.uint64)
+    tmp = np.empty(step, dtype=np.uint64)
     pos = 0
     for i, (h1, _) in enumerate(keys):
-        part = words[pos : pos + len(h1)]
-        np.bitwise_and(h1, prefix_mask, out=part)
-        part |= numbers[: len(h1)]
-        if i:
-            part |= np.uint64(i << row_bits)
+        for b0 in range(0, len(h1), step):
+            b1 = min(len(h1), b0 + step)
+            part = words[pos + b0 : pos + b1]
+            np.bitwise_and(h1[b0:b1], prefix_mask, out=part)
+            t = tmp[: b1 - b0]
+            np.add(numbers[: b1 - b0], np.uint64(b0 | (i << row_bits)), out=t)  # b0 + j < 2^row_bits: an OR
+            part |= t
         pos += len(h1)
     return words
 
 
-_BLOCK = 1 << 20  # words per block of the run scan: its temporaries stay in cache and are touched once
-
-
-def _common_candidates(words: U64, k: int, row_mask: np.uint64, low_mask: np.uint64) -> tuple[U64, int]:
-    """The sorted words under a prefix every party has, and how many such prefixes there are.
-
-    Written to touch little fresh memory: in a fresh service worker every new page costs a fault, and the
-    whole-array temporaries this replaced (XOR of neighbours, run starts and lengths as intp, a per-run
-    count) made the first job there 2-3x slower than the next. Per-run counts are uint8 when k < 256.
-    """
+def _run_blocks(words: U64, low_mask: np.uint64, block: int) -> Iterator[tuple[int, int]]:
+    """Consecutive ``[lo, hi)`` ranges of about ``block`` sorted words, each made of whole prefix runs."""
     total = len(words)
-    # run_start[j]: words[j] starts a new prefix; party_start[j]: it starts a new (prefix, party) pair.
-    run_start = np.empty(total, dtype=bool)
-    party_start = np.empty(total, dtype=bool)
-    if total == 0:
-        return words[:0], 0
-    run_start[0] = party_start[0] = True
-    diff = np.empty(min(total, _BLOCK), dtype=np.uint64)
-    for lo in range(1, total, _BLOCK):
-        hi = min(total, lo + _BLOCK)
-        d = diff[: hi - lo]
-        np.bitwise_xor(words[lo:hi], words[lo - 1 : hi - 1], out=d)
-        np.greater(d, low_mask, out=run_start[lo:hi])
-        np.greater(d, row_mask, out=party_start[lo:hi])
-    del diff
-    starts = np.flatnonzero(run_start)
-    del run_start
-    count_type = np.uint8 if k < 256 else np.intp
-    common_run = np.add.reduceat(party_start, starts, dtype=count_type) == k
-    del party_start
-    # Mark the rows of the common runs: +1 at each such run's start, -1 at its end, then a running sum.
-    first = np.flatnonzero(common_run)
-    m = len(first)
-    mark = np.zeros(total + 1, dtype=np.int8)
-    mark[starts[first]] = 1
-    ends = np.append(starts, total)[first + 1]
-    mark[ends] -= 1
-    del starts, first, ends
-    inside = np.cumsum(mark[:total], dtype=np.int8).view(bool)
-    return words[inside], m
-
-
-def _full_keys(
-    keys: Sequence[tuple[U64, U64]], party: npt.NDArray[np.intp], row: npt.NDArray[np.intp]
-) -> tuple[npt.NDArray[np.complex128], list[npt.NDArray[np.intp]]]:
-    """Each candidate row's full key as one 16-byte element, and the candidate positions of each party.
-
-    complex128 is only the container: numpy gathers 16-byte scalars fast, n x 2 rows slowly; the caller
-    compares them as uint64 halves.
-    """
-    full_c = np.empty(len(row), dtype=np.complex128)
-    full = full_c.view(np.uint64).reshape(-1, 2)
-    sel: list[npt.NDArray[np.intp]] = []
-    for i, (h1, h2) in enumerate(keys):
-        s = np.flatnonzero(party == i)
-        sel.append(s)
-        r = row[s]
-        pairs = _pairs(h1, h2)
-        if pairs is not None:
-            full_c[s] = pairs.view(np.complex128)[:, 0][r]  # one random access per row, not two
+    prefix_mask = np.invert(low_mask)
+    lo = 0
+    while lo < total:
+        hi = lo + block
+        if hi >= total:
+            hi = total
         else:
-            full[s, 0] = h1[r]
-            full[s, 1] = h2[r]
-    return full_c, sel
+            cut = int(np.searchsorted(words, words[hi] & prefix_mask, side="left"))  # where words[hi]'s run starts
+            # A run longer than the block (many duplicates) is taken whole.
+            hi = cut if cut > lo else int(np.searchsorted(words, words[hi] | low_mask, side="right"))
+        yield lo, hi
+        lo = hi
+
+
+class _Scan:
+    """The pass after the sort, over blocks of whole prefix runs: candidates, the 128-bit check, matched rows.
+
+    Group ids are global: common prefixes are numbered in sorted order across blocks (``m`` so far), and the
+    rows of conflicted prefixes are kept aside and resolved exactly at the end (ids from ``m`` on).
+    """
+
+    def __init__(self, keys: Sequence[tuple[U64, U64]], row_bits: int, low_bits: int, *, rows: bool) -> None:
+        self.keys = keys
+        self.k = len(keys)
+        self.row_bits = np.uint64(row_bits)
+        self.row_mask = np.uint64((1 << row_bits) - 1)
+        self.low_mask = np.uint64((1 << low_bits) - 1)
+        self.party_mask = (1 << (low_bits - row_bits)) - 1
+        self.count_type = np.uint8 if self.k < 256 else np.intp
+        # complex128 is only a 16-byte container: numpy gathers 16-byte scalars fast, n x 2 rows slowly.
+        pairs = [_pairs(h1, h2) for h1, h2 in keys]
+        self.flat = [None if p is None else p.view(np.complex128)[:, 0] for p in pairs]
+        self.m = 0  # common prefixes so far
+        self.conflicted = 0  # of which conflicted (two different keys under one prefix)
+        self.aside: list[tuple[U64, U64, npt.NDArray[np.intp], npt.NDArray[np.intp]]] = []
+        self.ids = [np.full(len(h1), -1, dtype=np.intp) for h1, _ in keys] if rows else None
+        self.first_rows: list[npt.NDArray[np.intp]] = []
+
+    def block(self, w: U64) -> None:
+        """Scan one block of sorted words that starts and ends at run boundaries."""
+        cand, m = self._candidates(w)
+        if m == 0:
+            return
+        new_group = np.empty(len(cand), dtype=bool)
+        new_group[0] = True
+        np.greater(cand[1:] ^ cand[:-1], self.low_mask, out=new_group[1:])
+        local = np.cumsum(new_group, dtype=np.intp)
+        local -= 1
+        # Party and row numbers fit in 63 bits, so the uint64 results are reinterpreted as intp, not converted.
+        party = (cand >> self.row_bits).view(np.intp)
+        party &= self.party_mask
+        cand &= self.row_mask
+        row = cand.view(np.intp)
+        full_c = self._full_keys(party, row)
+        full = full_c.view(np.uint64).reshape(-1, 2)
+        heads = np.flatnonzero(new_group)  # party 0's first occurrence of each common prefix
+        ref = full_c[heads][local].view(np.uint64).reshape(-1, 2)  # gathered as 16-byte scalars, not n x 2 rows
+        bad = full[:, 0] != ref[:, 0]
+        bad |= full[:, 1] != ref[:, 1]
+        del ref
+        conflicted = np.zeros(m, dtype=bool)
+        conflicted[local[bad]] = True
+        n_conflicted = int(np.count_nonzero(conflicted))
+        ok: npt.NDArray[np.bool_] | None = None
+        if n_conflicted:
+            bad_rows = conflicted[local]
+            self.aside.append((full[bad_rows, 0], full[bad_rows, 1], party[bad_rows], row[bad_rows]))
+            self.conflicted += n_conflicted
+            ok = ~bad_rows
+            heads = heads[~conflicted]
+        if self.ids is not None:
+            local += self.m
+            for i, ids in enumerate(self.ids):
+                s = party == i
+                if ok is not None:
+                    s &= ok
+                ids[row[s]] = local[s]
+            self.first_rows.append(row[heads])
+        self.m += m
+
+    def _candidates(self, w: U64) -> tuple[U64, int]:
+        """The words of ``w`` under a prefix every party has (a new array), and how many such prefixes."""
+        n = len(w)
+        run_start = np.empty(n, dtype=bool)
+        party_start = np.empty(n, dtype=bool)
+        run_start[0] = party_start[0] = True
+        d = w[1:] ^ w[:-1]
+        np.greater(d, self.low_mask, out=run_start[1:])
+        np.greater(d, self.row_mask, out=party_start[1:])
+        del d
+        starts = np.flatnonzero(run_start)
+        first = np.flatnonzero(np.add.reduceat(party_start, starts, dtype=self.count_type) == self.k)
+        m = len(first)
+        if m == 0:
+            return w[:0], 0
+        # Mark the rows of the common runs: +1 at each such run's start, -1 at its end, then a running sum.
+        mark = np.zeros(n + 1, dtype=np.int8)
+        mark[starts[first]] = 1
+        mark[np.append(starts, n)[first + 1]] -= 1
+        inside = np.cumsum(mark[:n], dtype=np.int8).view(bool)
+        return w[inside], m
+
+    def _full_keys(self, party: npt.NDArray[np.intp], row: npt.NDArray[np.intp]) -> npt.NDArray[np.complex128]:
+        """Each candidate row's full key as one 16-byte element (compared as uint64 halves by the caller)."""
+        full_c = np.empty(len(row), dtype=np.complex128)
+        full = full_c.view(np.uint64).reshape(-1, 2)
+        for i, (h1, h2) in enumerate(self.keys):
+            s = np.flatnonzero(party == i)
+            r = row[s]
+            flat = self.flat[i]
+            if flat is not None:
+                full_c[s] = flat[r]  # one random access per row, not two
+            else:
+                full[s, 0] = h1[r]
+                full[s, 1] = h2[r]
+        return full_c
+
+    def finish(self) -> _Match:
+        """Resolve the conflicted prefixes exactly; the count, and with rows each party's mask and group ids."""
+        count = self.m - self.conflicted
+        fixed: _Resolved | None = None
+        if self.aside:
+            f1, f2, party, row = (np.concatenate(c) for c in zip(*self.aside, strict=True))
+            fixed = _resolve_conflicts(f1, f2, party, row, self.k, base=self.m)
+            count += fixed.common
+        if self.ids is None:
+            return _Match(count)
+        if fixed is not None:
+            for i, ids in enumerate(self.ids):
+                s = party == i
+                ids[row[s]] = fixed.ids[s]
+            self.first_rows.append(fixed.first_rows)
+        first_rows = np.sort(np.concatenate(self.first_rows)) if self.first_rows else np.empty(0, dtype=np.intp)
+        match = _Match(count, first_rows=first_rows)
+        for ids in self.ids:
+            mask = ids >= 0
+            match.masks.append(mask)
+            match.groups.append(ids[mask])
+        return match
 
 
 def _pairs(h1: U64, h2: U64) -> U64 | None:

@@ -38,6 +38,7 @@ import msgpack
 import numpy as np
 
 from mesatee_notebook.errors import EncodingError, MalformedFrame
+from mesatee_notebook.wire import frame_layouts
 from mesatee_notebook.wire.arrow_fast import SMALL_FRAME, small_numeric_frame, zero_copy_table
 from mesatee_notebook.wire.digest import payload_hasher
 
@@ -134,12 +135,16 @@ def _way_out(value: Any) -> str:
     )
 
 
-def encode_value(value: Any, *, allow_pickle: bool = False) -> Encoded:
-    """Encode ``value`` for the wire without copying large buffers where avoidable."""
+def encode_value(value: Any, *, allow_pickle: bool = False, scope: str | None = None) -> Encoded:
+    """Encode ``value`` for the wire without copying large buffers where avoidable.
+
+    ``scope``: whose small-frame layouts to remember and reuse (``wire/frame_layouts.py``); a process that encodes
+    for several parties passes the party.
+    """
     import pandas as pd
 
     if isinstance(value, pd.DataFrame):
-        return _encode_frame(value, "arrow.frame", {})
+        return _encode_dataframe(value, scope)
     if isinstance(value, pd.Series):
         name = value.name
         frame = value.to_frame(name=_SERIES_COL)
@@ -154,6 +159,16 @@ def encode_value(value: Any, *, allow_pickle: bool = False) -> Encoded:
     if allow_pickle:
         return _encode_pickle(value)
     raise EncodingError(_way_out(value), type=type(value).__qualname__)
+
+
+def _encode_dataframe(df: Any, scope: str | None) -> Encoded:
+    raw = frame_layouts.encode_small(df, scope)
+    if raw is not None:
+        return Encoded("arrow.frame", [raw], {})
+    enc = _encode_frame(df, "arrow.frame", {})
+    if len(enc.parts) == 1:
+        frame_layouts.remember_encoded(df, enc.parts[0], scope)
+    return enc
 
 
 def _encode_array(value: np.ndarray[Any, Any], allow_pickle: bool) -> Encoded:
@@ -290,9 +305,17 @@ def _remember(cache: dict[Any, Any], key: Any, value: Any) -> Any:
     return value
 
 
-def decode_value(kind: str, buf: Any, *, allow_pickle: bool = False, meta: dict[str, Any] | None = None) -> Any:
-    """Decode one payload; Arrow and npy results share memory with ``buf``."""
-    if kind in ("arrow.frame", "arrow.series"):
+def decode_value(
+    kind: str, buf: Any, *, allow_pickle: bool = False, meta: dict[str, Any] | None = None, scope: str | None = None
+) -> Any:
+    """Decode one payload; Arrow and npy results share memory with ``buf`` (small frames are copied).
+
+    ``scope``: whose remembered small-frame layouts may be used (``wire/frame_layouts.py``); a process that decodes
+    for several parties (the service worker) passes the party, so layouts are never shared between parties.
+    """
+    if kind == "arrow.frame":
+        return _decode_dataframe(buf, meta or {}, scope)
+    if kind == "arrow.series":
         return _decode_frame(kind, buf, meta or {})
     if kind == "npy":
         return _decode_npy(buf)
@@ -313,6 +336,14 @@ def decode_value(kind: str, buf: Any, *, allow_pickle: bool = False, meta: dict[
         return pickle.loads(memoryview(buf))  # noqa: TID251 - explicit opt-in in this call
     msg = f"unknown value kind {kind!r}"
     raise MalformedFrame(msg)
+
+
+def _decode_dataframe(buf: Any, meta: dict[str, Any], scope: str | None) -> Any:
+    df = frame_layouts.decode_small(buf, scope)
+    if df is None:
+        df = _decode_frame("arrow.frame", buf, meta)
+        frame_layouts.remember_decoded(buf, df, scope)
+    return df
 
 
 def _decode_frame(kind: str, buf: Any, meta: dict[str, Any]) -> Any:

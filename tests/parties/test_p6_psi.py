@@ -81,13 +81,21 @@ def test_chunked_equals_whole_and_numpy_equals_list(sets: list[list[int]], chunk
 
 
 @settings(max_examples=80, deadline=None)
-@given(st.lists(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), max_size=25), min_size=2, max_size=4))
-def test_64bit_collisions_resolved_exactly(sets: list[list[tuple[int, int]]]) -> None:
-    # Tiny key space: high halves collide all the time, so the exact 128-bit path is exercised.
+@given(
+    st.lists(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), max_size=25), min_size=2, max_size=4),
+    st.integers(1, 9),
+)
+def test_64bit_collisions_resolved_exactly(sets: list[list[tuple[int, int]]], block: int) -> None:
+    # Tiny key space: high halves collide all the time, so the exact 128-bit path is exercised; tiny scan blocks
+    # (cut at run boundaries, runs longer than a block taken whole) give the same result as one block.
     keys = [(np.array([a for a, _ in s], dtype=np.uint64), np.array([b for _, b in s], dtype=np.uint64)) for s in sets]
-    match = psi_mod._intersect_keys(keys)
+    match = psi_mod._intersect_keys(keys, block=block)
+    whole = psi_mod._intersect_keys(keys, block=1 << 30)
     common = set.intersection(*[set(s) for s in sets])
-    assert match.count == psi_mod._intersect_keys(keys, rows=False).count == len(common)
+    assert match.count == psi_mod._intersect_keys(keys, rows=False, block=block).count == len(common)
+    assert match.first_rows.tolist() == whole.first_rows.tolist()
+    for got, want in zip(match.groups, whole.groups, strict=True):
+        assert got.tolist() == want.tolist()  # the same group ids, numbered across blocks
     by_pair: dict[tuple[int, int], int] = {}
     for s, mask, groups in zip(sets, match.masks, match.groups, strict=True):
         assert mask.tolist() == [p in common for p in s]
@@ -97,6 +105,30 @@ def test_64bit_collisions_resolved_exactly(sets: list[list[tuple[int, int]]]) ->
     first0 = list(sets[0])
     want_first = [i for i, p in enumerate(first0) if p in common and first0.index(p) == i]
     assert match.first_rows.tolist() == want_first
+
+
+@pytest.mark.parametrize("block", [1000, 1 << 18])
+def test_many_blocks_match_numpy(block: int) -> None:
+    # Over 2^18 rows per party: the words are packed in several blocks and scanned in several (or many) blocks.
+    rng = np.random.default_rng(7)
+    a = rng.integers(0, 1 << 20, 600_000, dtype=np.int64)  # duplicates within each party too
+    b = rng.integers(0, 1 << 20, 500_000, dtype=np.int64)
+    inputs = []
+    for label, items in (("a", a), ("b", b)):
+        inp = PsiInput(label, KEY)
+        inp.add_chunk(items)
+        inputs.append(inp)
+    match = psi_mod._intersect_keys([i.keys() for i in inputs], block=block)
+    common = np.intersect1d(a, b)
+    assert match.count == len(common)
+    assert np.array_equal(match.masks[0], np.isin(a, common))
+    assert np.array_equal(match.masks[1], np.isin(b, common))
+    _, first = np.unique(a, return_index=True)
+    assert np.array_equal(match.first_rows, np.sort(first[np.isin(a[first], common)]))
+    groups_a = dict(zip(a[match.masks[0]].tolist(), match.groups[0].tolist(), strict=True))
+    assert dict(zip(b[match.masks[1]].tolist(), match.groups[1].tolist(), strict=True)) == {
+        v: groups_a[v] for v in b[match.masks[1]].tolist()
+    }
 
 
 def test_type_tagging_and_int_widths() -> None:
@@ -230,6 +262,24 @@ def test_vectorised_hash_equals_reference_construction() -> None:
         enc = Cipher(algorithms.AES(ikey), modes.ECB()).encryptor()
         ref = enc.update((v % 2**128).to_bytes(16, "little"))
         assert g1[i].astype("<u8").tobytes() + g2[i].astype("<u8").tobytes() == ref
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint64, np.uint8])
+def test_int_arrays_hash_as_int128_across_batches(dtype: type) -> None:
+    # The high word of int64 items is their sign, made block by block while hashing: check it over several
+    # 2^16-item batches, negatives and uint64 values above 2^63 (high word 0, not the sign) included.
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(11)
+    arr = rng.integers(info.min, info.max, 140_000, dtype=dtype, endpoint=True)
+    arr[:4] = [info.min, info.max, 0, 1]
+    h1, h2 = hash_items(arr, KEY)
+    ikey = KEY._keys[psi_mod._KIND_INT]
+    for i in [0, 1, 2, 3, 65_535, 65_536, 131_072, len(arr) - 1]:
+        enc = Cipher(algorithms.AES(ikey), modes.ECB()).encryptor()
+        ref = enc.update((int(arr[i]) % 2**128).to_bytes(16, "little"))
+        assert h1[i].astype("<u8").tobytes() + h2[i].astype("<u8").tobytes() == ref, i
+    as_python = hash_items([int(v) for v in arr[:1000]] + [2**100], KEY)  # the explicit high-word path
+    assert np.array_equal(as_python[0][:1000], h1[:1000]) and np.array_equal(as_python[1][:1000], h2[:1000])
 
 
 def test_keys_depend_on_the_secret() -> None:

@@ -158,9 +158,16 @@ def check_submit(ctx: ServiceContext, job: Job, input_name: str) -> None:
     jobs_core.check_submit(job, ctx.party, input_name, _refuser(ctx))
 
 
-def submit_input(ctx: ServiceContext, store: JobStore, job: Job, input_name: str, data: bytes) -> Job:
-    """The caller submits one input of ``job``; the job runs if that completed it. Returns the job as it is now."""
-    return jobs_core.submit(store, job, ctx.party, input_name, data, refuse=_refuser(ctx), run=_runner(ctx, store))
+def submit_input(
+    ctx: ServiceContext, store: JobStore, job: Job, input_name: str, data: bytes, sha256: str | None = None
+) -> Job:
+    """The caller submits one input of ``job``; the job runs if that completed it. Returns the job as it is now.
+
+    ``sha256``: the digest of ``data`` if the caller computed it already (PSI does, for its cache).
+    """
+    return jobs_core.submit(
+        store, job, ctx.party, input_name, data, refuse=_refuser(ctx), run=_runner(ctx, store), sha256=sha256
+    )
 
 
 def approve_job(ctx: ServiceContext, store: JobStore, job: Job, spec_digest: str) -> Job:

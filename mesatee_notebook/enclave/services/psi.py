@@ -268,7 +268,7 @@ def psi_submit(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]
     digest = hashlib.sha256(blob).hexdigest()  # the SHA-256 the job records for the sealed input
     cached[name] = (digest, hashed)  # first: this submission may complete the job, whose runner reads the cache
     try:
-        job = submit_input(ctx, store, job, name, blob)  # seals it
+        job = submit_input(ctx, store, job, name, blob, digest)  # seals it (the digest is computed once)
     except BaseException:
         cached.pop(name, None)
         raise
