@@ -270,15 +270,15 @@ def _pinned_federation(
 ) -> tuple[dict[str, Any], FederatedServer]:
     """Pin the workers' federated certificates and start the server with exactly those as its client roots.
 
-    Each certificate must carry valid evidence and the key the head sees on its own attested connection to that
-    worker.
+    Each certificate must be over the key of the node certificate the head sees on its own attested connection to
+    that worker (``gbdt_fed.py``).
     """
     from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
     from distributed.comm import get_address_host
 
     from mesatee_notebook.enclave.cluster.gbdt_fed import (
         FederatedServer,
-        check_bound,
+        check_pinned,
         local_address_towards,
         peer_spki,
         server_certificate,
@@ -286,13 +286,19 @@ def _pinned_federation(
 
     certs = [str(summaries[w]["federated_cert"]) for w in order]
     for w, cert in zip(order, certs, strict=True):
-        check_bound(cert, head.node.policy, spki=peer_spki(head.node, head.client, w))
+        check_pinned(cert, peer_spki(head.node, head.client, w))
     hosts = [local_address_towards(get_address_host(w).strip("[]")) for w in order]
     ident = head.node.identity
     server_cert = server_certificate(ident, sorted(set(hosts)))
     key_pem = ident.tls_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
     server = FederatedServer(len(order), key_pem, server_cert, "".join(certs))
-    fed = {"hosts": hosts, "port": server.port, "server_cert": server_cert, "client_certs": certs}
+    fed = {
+        "hosts": hosts,
+        "port": server.port,
+        "server_cert": server_cert,
+        "head_cert": ident.certificate_der,
+        "client_certs": certs,
+    }
     return fed, server
 
 

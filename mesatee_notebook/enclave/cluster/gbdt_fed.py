@@ -2,20 +2,24 @@
 
 Cluster GBDT's collective traffic (sketches, histograms, the model's broadcast) goes through xgboost's federated
 server, which the head runs in a child process of its own (:class:`FederatedServer`). Every byte is gRPC over TLS,
-and both ends of every connection are pinned, not chained to a CA:
+and both ends of every connection are pinned to keys verified by attestation, not chained to a CA:
 
-- **The server** presents a self-signed certificate over the *head's own cluster TLS key*, carrying the head's
-  current evidence (the TCG DICE extension of its node certificate) and an IP subjectAltName for each address the
-  workers dial. Each worker verifies that certificate's evidence under its own cluster policy (platform, cluster
-  measurement, key binding) before joining, and hands exactly that certificate to gRPC as its only root: gRPC then
-  accepts only a server holding that key, at that IP (gRPC checks an IP target against the IP SANs and never falls
-  back to the CN for an IP). A Python TLS handshake with the same pin runs first, so a wrong server is a fast typed
-  :class:`AttestationError` instead of gRPC's endless ``wait_for_ready`` retry.
-- **The clients.** Each worker presents a self-signed certificate over its own cluster TLS key with its evidence
-  (:func:`client_certificate`, built in the summary task). The head verifies each one under the cluster policy and
-  checks that its key is the key the head itself saw on its attested ``atls://`` connection to that worker. The
-  server's client-root bundle is exactly those certificates: a worker not in the training cannot complete a TLS
-  handshake with the server.
+- **The server** presents a self-signed certificate over the *head's own cluster TLS key*, with an IP
+  subjectAltName for each address the workers dial. With the task, each worker gets the head's node certificate
+  (the RA-TLS one, whose evidence binds that key), verifies its evidence under its own cluster policy (platform,
+  cluster measurement, key binding), and checks that the server certificate is over the same key and names the
+  address it dials. It then hands exactly that certificate to gRPC as its only root: gRPC accepts only a server
+  holding that key, at that IP (gRPC checks an IP target against the IP SANs, never against the CN). A Python TLS
+  handshake with the same pins runs first, so a wrong server is a fast typed :class:`AttestationError` instead of
+  gRPC's endless ``wait_for_ready`` retry.
+- **The clients.** Each worker presents a self-signed certificate over its own cluster TLS key
+  (:func:`client_certificate`, made in the summary task). The head checks that its key is the key of the node
+  certificate the worker presented on the head's own attested ``atls://`` connection to it (evidence verified by
+  :meth:`ClusterNode.admit`). The server's client-root bundle is exactly those certificates: a worker not in this
+  training cannot complete a TLS handshake with the server.
+
+The evidence itself is not copied into these certificates: it is ~57 KB (the manifest), and gRPC's TLS refuses
+certificates past a few KB; the key is what binds each certificate to its attested node.
 
 Keys reach libxgboost as ``/proc/self/fd/N`` paths of anonymous memfds: never on disk, argv or environment.
 
@@ -45,17 +49,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 from cryptography.x509.oid import NameOID
 
-from mesatee_notebook.attestation.evidence import TCG_TAGGED_EVIDENCE_OID
-from mesatee_notebook.attestation.ratls import evidence_from_certificate, load_certificate
+from mesatee_notebook.attestation.ratls import load_certificate
 from mesatee_notebook.errors import AttestationError, KeyBindingError, NotAvailableYet, RemoteExecutionError
 
 if TYPE_CHECKING:
-    from mesatee_notebook.attestation.policy import AttestationReport, Policy
+    from mesatee_notebook.attestation.policy import Policy
     from mesatee_notebook.enclave.cluster.node_identity import ClusterNode, NodeIdentity
 
 __all__ = [
     "FederatedServer",
-    "check_bound",
+    "attested_key",
+    "check_pinned",
     "client_certificate",
     "federated_available",
     "joined",
@@ -93,9 +97,8 @@ def _spki(key: ec.EllipticCurvePublicKey) -> bytes:
     return key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
 
 
-def _bound(identity: NodeIdentity, common_name: str, ips: list[str]) -> str:
-    """A self-signed certificate over the node's TLS key with the node's current evidence (PEM)."""
-    evidence = evidence_from_certificate(load_certificate(identity.certificate_der))
+def _self_signed(identity: NodeIdentity, common_name: str, ips: list[str]) -> str:
+    """A self-signed certificate over the node's cluster TLS key (PEM), naming ``ips``."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     start = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     builder = (
@@ -107,9 +110,6 @@ def _bound(identity: NodeIdentity, common_name: str, ips: list[str]) -> str:
         .not_valid_before(start)
         .not_valid_after(start + _CERT_LIFETIME)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.UnrecognizedExtension(x509.ObjectIdentifier(TCG_TAGGED_EVIDENCE_OID), evidence), critical=False
-        )
     )
     if ips:
         sans = [x509.IPAddress(ipaddress.ip_address(a)) for a in ips]
@@ -119,35 +119,33 @@ def _bound(identity: NodeIdentity, common_name: str, ips: list[str]) -> str:
 
 
 def server_certificate(identity: NodeIdentity, ips: list[str]) -> str:
-    """The federated server's certificate: the head's key and evidence, an IP SAN per address workers dial."""
-    return _bound(identity, "mesatee cluster federated server (head)", ips)
+    """The federated server's certificate: over the head's cluster key, an IP SAN per address workers dial."""
+    return _self_signed(identity, "mesatee cluster federated server (head)", ips)
 
 
 def client_certificate() -> str:
     """The calling worker's federated client certificate (a task: runs on the worker, returns PEM)."""
-    return _bound(_worker_node().identity, "mesatee cluster federated client", [])
+    return _self_signed(_worker_node().identity, "mesatee cluster federated client", [])
 
 
-def check_bound(pem: str, policy: Policy, *, spki: bytes | None = None, ip: str | None = None) -> AttestationReport:
-    """Verify a federated certificate's evidence under ``policy``; optionally its key and an IP SAN.
-
-    ``spki``: the key the caller saw on its own attested connection to that node (the pin). ``ip``: an address
-    the certificate must name (the server's).
-    """
+def attested_key(cert_der: bytes, policy: Policy) -> bytes:
+    """The key (DER SPKI) an RA-TLS node certificate's evidence binds, once verified under ``policy``."""
     from mesatee_notebook.attestation.policy import verify_certificate
+    from mesatee_notebook.attestation.ratls import spki_der
 
+    verify_certificate(cert_der, policy)
+    return spki_der(load_certificate(cert_der))
+
+
+def check_pinned(pem: str, spki: bytes, *, ip: str | None = None) -> None:
+    """Raise unless the federated certificate ``pem`` is over the attested key ``spki`` (and names ``ip``)."""
     try:
         cert = x509.load_pem_x509_certificate(pem.encode())
     except ValueError as exc:
         msg = f"a federated certificate cannot be parsed: {exc}"
         raise AttestationError(msg) from None
-    report = verify_certificate(cert.public_bytes(Encoding.DER), policy)
-    key = cert.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        msg = "a federated certificate's key is not an EC key"
-        raise KeyBindingError(msg)
-    if spki is not None and _spki(key) != spki:
-        msg = "a federated certificate's key is not the key of the node verified on its attested connection"
+    if cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo) != spki:
+        msg = "a federated certificate is not over the key of the node verified by attestation"
         raise KeyBindingError(msg)
     if ip is not None:
         try:
@@ -157,7 +155,6 @@ def check_bound(pem: str, policy: Policy, *, spki: bytes | None = None, ip: str 
         if ipaddress.ip_address(ip) not in names.get_values_for_type(x509.IPAddress):
             msg = f"the federated server's certificate does not name {ip}"
             raise KeyBindingError(msg)
-    return report
 
 
 def peer_spki(node: ClusterNode, client: Any, address: str) -> bytes:
@@ -311,18 +308,19 @@ def _preflight(host: str, port: int, paths: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def joined(fed: dict[str, Any], rank: int) -> Iterator[None]:
-    """Join the federated collective as ``rank`` (inside a worker task); checks the server's pin first."""
+def joined(fed: dict[str, Any], rank: int, node: ClusterNode | None = None) -> Iterator[None]:
+    """Join the federated collective as ``rank``; checks the server's evidence and pin first.
+
+    ``node``: this process's cluster node (default: the Dask worker running the task).
+    """
     import xgboost as xgb
 
-    node = _worker_node()
+    node = node if node is not None else _worker_node()
     host, port = str(fed["host"]), int(fed["port"])
-    check_bound(str(fed["server_cert"]), node.policy, ip=host)
+    check_pinned(str(fed["server_cert"]), attested_key(bytes(fed["head_cert"]), node.policy), ip=host)
     mine = str(fed["client_certs"][rank])
     key = node.identity.tls_key
-    if _spki_of_pem(mine) != _spki(key.public_key()):
-        msg = "the head sent this worker a federated client certificate that is not over its own key"
-        raise KeyBindingError(msg)
+    check_pinned(mine, _spki(key.public_key()))  # the head sent this rank's certificate: it must be over our key
     key_pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
     with _memfds(str(fed["server_cert"]).encode(), key_pem, mine.encode()) as paths:
         _preflight(host, port, paths)
@@ -337,8 +335,3 @@ def joined(fed: dict[str, Any], rank: int) -> Iterator[None]:
         }
         with xgb.collective.CommunicatorContext(**args):
             yield
-
-
-def _spki_of_pem(pem: str) -> bytes:
-    key = x509.load_pem_x509_certificate(pem.encode()).public_key()
-    return key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
