@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import ipaddress
 import json
 import os
@@ -98,8 +99,14 @@ def _spki(key: ec.EllipticCurvePublicKey) -> bytes:
 
 
 def _self_signed(identity: NodeIdentity, common_name: str, ips: list[str]) -> str:
-    """A self-signed certificate over the node's cluster TLS key (PEM), naming ``ips``."""
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    """A self-signed certificate over the node's cluster TLS key (PEM), naming ``ips``.
+
+    Its subject names the key's fingerprint, and it carries key identifiers: a trust store finds an issuer by
+    subject, so certificates of a bundle must not share one (OpenSSL would try the first and fail the others).
+    """
+    public = identity.tls_key.public_key()
+    tag = hashlib.sha256(_spki(public)).hexdigest()[:32]
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{common_name} {tag}")])
     start = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     builder = (
         x509.CertificateBuilder()
@@ -110,6 +117,8 @@ def _self_signed(identity: NodeIdentity, common_name: str, ips: list[str]) -> st
         .not_valid_before(start)
         .not_valid_after(start + _CERT_LIFETIME)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False)
     )
     if ips:
         sans = [x509.IPAddress(ipaddress.ip_address(a)) for a in ips]
@@ -120,7 +129,7 @@ def _self_signed(identity: NodeIdentity, common_name: str, ips: list[str]) -> st
 
 def server_certificate(identity: NodeIdentity, ips: list[str]) -> str:
     """The federated server's certificate: over the head's cluster key, an IP SAN per address workers dial."""
-    return _self_signed(identity, "mesatee cluster federated server (head)", ips)
+    return _self_signed(identity, "mesatee cluster federated server", ips)
 
 
 def client_certificate() -> str:
