@@ -129,12 +129,12 @@ def _self_signed(identity: NodeIdentity, common_name: str, ips: list[str]) -> st
 
 def server_certificate(identity: NodeIdentity, ips: list[str]) -> str:
     """The federated server's certificate: over the head's cluster key, an IP SAN per address workers dial."""
-    return _self_signed(identity, "mesatee cluster federated server", ips)
+    return _self_signed(identity, "mesatee federated server", ips)
 
 
 def client_certificate() -> str:
     """The calling worker's federated client certificate (a task: runs on the worker, returns PEM)."""
-    return _self_signed(_worker_node().identity, "mesatee cluster federated client", [])
+    return _self_signed(_worker_node().identity, "mesatee federated client", [])
 
 
 def attested_key(cert_der: bytes, policy: Policy) -> bytes:
