@@ -206,7 +206,7 @@ def test_every_certificate_of_a_bundle_is_accepted(nodes: Nodes) -> None:
     from mesatee_notebook.enclave.cluster.gbdt_fed import FederatedServer, _self_signed, server_certificate
 
     cert = server_certificate(nodes.head.identity, ["127.0.0.1"])
-    w1, w2 = (_self_signed(n.identity, "mesatee cluster federated client", []) for n in (nodes.w1, nodes.w2))
+    w1, w2 = (_self_signed(n.identity, "mesatee federated client", []) for n in (nodes.w1, nodes.w2))
     srv = FederatedServer(1, _key_pem(nodes.head), cert, w2 + w1)  # w1 second
     try:
         fed = {"host": "127.0.0.1", "port": srv.port, "server_cert": cert, "client_certs": [w1]}
