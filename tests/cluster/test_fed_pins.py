@@ -8,6 +8,8 @@ exercised by xgboost clients in subprocesses that skip the pre-flight handshake.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -213,3 +215,37 @@ def test_every_certificate_of_a_bundle_is_accepted(nodes: Nodes) -> None:
         assert _train_one({**fed, "head_cert": nodes.head.identity.certificate_der}, nodes.w1) == 3
     finally:
         srv.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2's ip")
+def test_the_server_starts_in_a_namespace_without_a_route_and_exits_when_the_head_closes(
+    nodes: Nodes, tmp_path: Path
+) -> None:
+    """Regressions: xgboost's worker_args() fails with no default route (cluster up --netns), and a server whose
+    tracker is freed at exit waits for its handlers instead of exiting."""
+    from mesatee_notebook.enclave.cluster.gbdt_fed import _self_signed, server_certificate
+
+    request = {
+        "n_workers": 1,
+        "key": _key_pem(nodes.head).decode(),
+        "cert": server_certificate(nodes.head.identity, ["127.0.0.1"]),
+        "clients": _self_signed(nodes.w1.identity, "w1", []),
+    }
+    (tmp_path / "req").write_text(json.dumps(request) + "\n")
+    ns = f"mtfedtest{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        with (tmp_path / "req").open() as stdin:  # stdin ends after the request: the head closed the pipe
+            run = subprocess.run(
+                ["ip", "netns", "exec", ns, sys.executable, "-m", "mesatee_notebook.enclave.cluster.gbdt_fed_server"],
+                stdin=stdin,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1])["port"] > 0

@@ -8,13 +8,50 @@ head SIGKILLs it to end a failed training (xgboost's server cannot be stopped wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import time
+from pathlib import Path
+
+
+def _listening_port(timeout: float = 30.0) -> int:
+    """The port of the TCP listener this process opened (gRPC's server), from /proc.
+
+    Not ``tracker.worker_args()``: it also looks for a host address, and fails ("Network is unreachable") in a
+    network namespace without a default route, as in ``cluster up --netns``.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        mine = set()
+        for fd in Path("/proc/self/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = str(fd.readlink())
+                if target.startswith("socket:["):
+                    mine.add(target[8:-1])
+        for table in ("tcp", "tcp6"):
+            with contextlib.suppress(OSError):
+                for line in Path("/proc/self/net", table).read_text().splitlines()[1:]:
+                    fields = line.split()
+                    if fields[3] == "0A" and fields[9] in mine:  # LISTEN, one of our sockets
+                        return int(fields[1].rsplit(":", 1)[1], 16)
+        time.sleep(0.05)
+    msg = f"xgboost's federated server opened no listener within {timeout:g} s"
+    raise OSError(msg)
 
 
 def main() -> None:
-    """Serve one training's collective (see the module's docstring)."""
+    """Serve one training's collective (see the module's docstring); any failure ends the process at once."""
+    try:
+        _serve()
+    except BaseException as exc:  # the gRPC thread would keep a raising interpreter alive: exit now
+        sys.stderr.write(f"federated server: {type(exc).__name__}: {exc}\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def _serve() -> None:
     from mesatee_notebook.enclave.hardening import harden_process
 
     harden_process()  # no core dumps, not dumpable: it holds the head's TLS key
@@ -35,11 +72,11 @@ def main() -> None:
         client_cert_path=paths[2],
     )
     tracker.start()
-    port = int(tracker.worker_args()["dmlc_tracker_port"])
-    sys.stdout.write(json.dumps({"port": port}) + "\n")
+    sys.stdout.write(json.dumps({"port": _listening_port()}) + "\n")
     sys.stdout.flush()
     sys.stdin.read()  # until the head closes the pipe (or dies)
-    os._exit(0)  # not tracker.free(): it would wait for handlers of a broken group
+    # Exit while the tracker is still referenced: freeing it would wait for the handlers of a broken group.
+    os._exit(0)
 
 
 if __name__ == "__main__":
