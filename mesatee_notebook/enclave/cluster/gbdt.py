@@ -152,8 +152,27 @@ class ClusterTraining:
     notes: list[str] = field(default_factory=list)
 
 
+def _loaded(parts: list[Future], timeout: float = 120.0) -> None:
+    """Wait until every partition future is in its worker's memory; a typed error if one fails or time runs out.
+
+    They may still be loading from the workers' sealed stores, and ``who_has`` lists no holder for those yet.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        failed = [f for f in parts if f.status in ("error", "cancelled", "lost")]
+        if failed:
+            raise _task_error(failed[0])
+        if all(f.status == "finished" for f in parts):
+            return
+        if time.monotonic() > deadline:
+            msg = f"the partitions were not loaded in their workers within {timeout:g} s; nothing was trained"
+            raise RemoteTimeout(msg)
+        time.sleep(0.05)
+
+
 def _by_worker(head: ClusterHead, parts: list[Future]) -> dict[str, list[Future]]:
     """Which worker holds each partition (a partition held nowhere, or in several places, is refused)."""
+    _loaded(parts)
     where = head.client.who_has(parts)
     groups: dict[str, list[Future]] = {}
     for part in parts:
