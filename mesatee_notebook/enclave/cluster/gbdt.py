@@ -331,6 +331,7 @@ def _collective_record(fed: dict[str, Any]) -> dict[str, Any]:
         "transport": "gRPC over TLS; the server pinned to the head's attested key, clients to the workers'",
         "server_cert_sha256": digest(fed["server_cert"]),
         "client_certs_sha256": [digest(c) for c in fed["client_certs"]],
+        "setup_seconds": round(float(fed.get("setup_s", 0.0)), 3),
     }
 
 
@@ -391,7 +392,9 @@ def train_on_partitions(
     merged, notes = _resolve_params(dict(params or {}), summaries, num_boost_round)
     order = sorted(groups)
     spec = {"params": merged, "rounds": num_boost_round, "label": label, "weight": weight_column, "columns": columns}
+    t_pin = time.perf_counter()
     fed, server = _pinned_federation(head, order, summaries)
+    fed["setup_s"] = time.perf_counter() - t_pin
     t0 = time.perf_counter()
     try:
         results = _run_training(head, order, groups, fed, spec, timeout)
