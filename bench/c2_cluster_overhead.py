@@ -6,14 +6,18 @@ Measures:
   against ``enclave/cluster/gbdt.train_on_partitions`` on 2 partitions (one per worker, 1 thread each); placing the
   partitions (scatter over atls://) is timed apart. A warm-up training runs first (workers import xgboost).
 * bytes moved: the kernel's per-socket ``bytes_sent`` (``ss -tinp``, sampled every 0.1 s during the training) of
-  every TCP socket the two worker processes own, split into xgboost's collective (the ring between workers and the
-  tracker in the head) and Dask's atls:// connections (to the scheduler, the head, each other); plus Dask's own
+  every TCP socket the two worker processes own, split into xgboost's collective (gRPC + TLS to the federated
+  server in the head) and Dask's atls:// connections (to the scheduler, the head, each other); plus Dask's own
   counter of worker-to-worker transfers (``Worker.transfer_outgoing_bytes_total``).
+* GBDT across network namespaces (as root, with iproute2): ``cluster up --netns --workers 2`` and ``gbdt.train``
+  through the head kernel on a 2-partition upload, with the bytes each worker's veth carried during the training
+  (everything: the collective and Dask). Skipped otherwise. The rabit ring this replaced ran on loopback only; its
+  figures come from running this bench of an older tree (docs/benchmarks.md, C2).
 * PSI: single-node ``ml.psi`` against the cluster's sharded PSI when ``enclave/cluster/cluster_psi.py`` is present
   (built by the clusterdata work); otherwise the row says it was skipped.
 
 Prints a table and writes bench/results/c2_cluster_overhead.json.
-Usage: python bench/c2_cluster_overhead.py [ROWS] [ROUNDS] [PSI_ITEMS]   (defaults 200000, 50, 1000000)
+Usage: python bench/c2_cluster_overhead.py [ROWS] [ROUNDS] [PSI_ITEMS] [--no-netns]   (defaults 200000, 50, 1000000)
 """
 
 from __future__ import annotations
@@ -152,6 +156,8 @@ def _cluster_gbdt(head: ClusterHead, workers: list[Any], df: pd.DataFrame, round
     return {
         "placement_s": placement,
         "train_s": seconds,
+        "train_only_s": trained.seconds,
+        "collective_setup_s": trained.collective.get("setup_seconds"),
         "short_rounds": short,
         "short_train_s": short_s,
         "worker_rows": [w.get("rows") for w in trained.workers],
@@ -196,6 +202,65 @@ def _psi(head: ClusterHead, workers: list[Any], n: int) -> dict[str, Any]:
     }
 
 
+def _veth_bytes(veth: str) -> int:
+    stats = Path(f"/sys/class/net/{veth}/statistics")
+    return int((stats / "rx_bytes").read_text()) + int((stats / "tx_bytes").read_text())
+
+
+def _netns_gbdt(df: pd.DataFrame, rounds: int) -> dict[str, Any]:
+    """``gbdt.train`` through the head of a ``cluster up --netns`` cluster of 2 workers (root only)."""
+    import os
+
+    import mesatee_notebook as mn
+    from mesatee_notebook.enclave.cluster import local
+
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return {"skipped": "needs root and iproute2's ip (network namespaces)"}
+    data_dir = Path(tempfile.mkdtemp(prefix="c2-netns-")) / "c"
+    t = time.perf_counter()
+    running = local.up(2, data_dir, use_netns=True)
+    start_s = time.perf_counter() - t
+    try:
+        veths = running.state["netns"]["veth"]
+        ids = data_dir.parent / "ids"
+        with mn.connect(running.head_url, policy=running.policy(), identity=ids / "owner") as s:
+            t = time.perf_counter()
+            s.upload(df, "c2", partitions=2)
+            upload_s = time.perf_counter() - t
+            args = {"data": {"dataset": "c2"}, "label": "y", "params": PARAMS}
+            s.call("gbdt.train", {**args, "num_boost_round": 2})  # warm-up: workers import xgboost
+            timed = {}
+            for n in (max(1, rounds // 3), rounds):
+                before = {w["name"]: _veth_bytes(veths[w["name"]]) for w in running.workers}
+                t = time.perf_counter()
+                info = s.call("gbdt.train", {**args, "num_boost_round": n}).info
+                timed[n] = {
+                    "call_s": time.perf_counter() - t,
+                    "train_s": float(info["train_seconds"]),
+                    "veth_bytes": {w: _veth_bytes(veths[w]) - b for w, b in before.items()},
+                    "model": info["model"]["id"],
+                }
+            model = s.gbdt.model(timed[rounds]["model"])
+            auc = float(model.evaluate(df, "y")["auc"])
+    finally:
+        local.down(data_dir)
+        shutil.rmtree(data_dir.parent, ignore_errors=True)
+    short = max(1, rounds // 3)
+    per_round = (timed[rounds]["train_s"] - timed[short]["train_s"]) / (rounds - short)
+    return {
+        "cluster_start_s": start_s,
+        "upload_s": upload_s,
+        "short_rounds": short,
+        "train_s": timed[rounds]["train_s"],
+        "call_s": timed[rounds]["call_s"],
+        "short_train_s": timed[short]["train_s"],
+        "per_round_s": per_round,
+        "fixed_s": timed[rounds]["train_s"] - per_round * rounds,
+        "veth_bytes": timed[rounds]["veth_bytes"],
+        "auc": auc,
+    }
+
+
 def _start(data_dir: Path) -> tuple[Any, list[Any]]:
     scheduler = start_node("scheduler", data_dir, "--port", "0")
     workers = [spawn_node("worker", data_dir, "--scheduler", scheduler.address, "--name", f"b{i}") for i in range(2)]
@@ -205,9 +270,10 @@ def _start(data_dir: Path) -> tuple[Any, list[Any]]:
 
 
 def main() -> None:
-    rows = int(sys.argv[1]) if len(sys.argv) > 1 else 200_000
-    rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 50
-    psi_items = int(sys.argv[3]) if len(sys.argv) > 3 else 1_000_000
+    argv = [a for a in sys.argv[1:] if not a.startswith("--")]
+    rows = int(argv[0]) if len(argv) > 0 else 200_000
+    rounds = int(argv[1]) if len(argv) > 1 else 50
+    psi_items = int(argv[2]) if len(argv) > 2 else 1_000_000
     df = _frame(rows)
     data_dir = Path(tempfile.mkdtemp(prefix="c2-"))
     fp = init_platform(data_dir)
@@ -225,6 +291,7 @@ def main() -> None:
         single2, _ = _single(df, rounds, 2)
         cluster = _cluster_gbdt(head, workers, df, rounds)
         psi = _psi(head, workers, psi_items)
+        cluster["collective"] = "xgboost federated (gRPC + mutual TLS, server in the head)"
     except Exception:
         for n in nodes:
             print(f"--- {n.role} log tail ---\n{n.text()[-2500:]}", file=sys.stderr)
@@ -235,6 +302,7 @@ def main() -> None:
         for n in nodes:
             stop_node(n)
         shutil.rmtree(data_dir, ignore_errors=True)
+    netns = {"skipped": "--no-netns"} if "--no-netns" in sys.argv else _netns_gbdt(df, rounds)
     auc_single = model1.evaluate(df)["auc"]
     auc_cluster = cluster.pop("model").evaluate(df)["auc"]
     sent = cluster["bytes_sent"]
@@ -254,14 +322,31 @@ def main() -> None:
     print(f"{'cluster, 2 workers x 1 thread':<34} {cluster['train_s']:>9.2f} {auc_cluster:>8.4f}")
     print(f"{'  placing 2 partitions (atls://)':<34} {cluster['placement_s']:>9.2f}")
     print(
+        f"  of the cluster's {cluster['train_s']:.2f} s: training tasks {cluster['train_only_s']:.2f} s, pinning and "
+        f"starting the federated server {cluster['collective_setup_s']} s"
+    )
+    print(
         f"from {short} and {rounds} rounds: per round single {per_round['single'] * 1e3:.0f} ms, cluster "
         f"{per_round['cluster'] * 1e3:.0f} ms; fixed single {fixed['single']:.2f} s, cluster {fixed['cluster']:.2f} s"
     )
     print(
-        f"bytes sent by the 2 workers during training: collective (ring + tracker) {sent['collective'] / 1e6:.2f} MB "
+        f"bytes sent by the 2 workers during training: collective (federated gRPC) {sent['collective'] / 1e6:.2f} MB "
         f"({sent['collective'] / rounds / 1e3:.1f} kB a round), Dask atls:// {sent['dask_atls'] / 1e3:.1f} kB; "
         f"Dask worker-to-worker transfers: {cluster['dask_worker_to_worker_bytes']} B"
     )
+    if "skipped" in netns:
+        print(f"GBDT across network namespaces: skipped: {netns['skipped']}")
+    else:
+        vb = netns["veth_bytes"]
+        print(
+            f"{'cluster --netns, 2 workers (head)':<34} {netns['train_s']:>9.2f} "
+            f"{netns['auc'] if netns['auc'] is not None else float('nan'):>8.4f}"
+        )
+        print(
+            f"  netns: per round {netns['per_round_s'] * 1e3:.0f} ms, fixed {netns['fixed_s']:.2f} s; upload "
+            f"{netns['upload_s']:.2f} s; veth bytes (rx+tx) during training: "
+            + ", ".join(f"{w} {b / 1e6:.2f} MB" for w, b in sorted(vb.items()))
+        )
     if "skipped" in psi:
         print(f"PSI: skipped: {psi['skipped']}")
     else:
@@ -286,6 +371,7 @@ def main() -> None:
                 "auc_single": auc_single,
                 "auc_cluster": auc_cluster,
                 "cluster": cluster,
+                "netns": netns,
                 "psi": psi,
             },
             indent=2,

@@ -50,6 +50,14 @@ fi
 if [ "$(cat .venv/.mesatee-pip-key 2>/dev/null)" != "$PIP_KEY" ] || ! _mesatee_installed_here; then
   python -m pip install --quiet --upgrade pip
   python -m pip install --quiet -e ".[all]"
+  # xgboost: the full wheel (federated communicator for cluster GBDT) without its NCCL dependency (GPU only; xgboost
+  # dlopens it). Never next to xgboost-cpu, which ships the same module: an older set-up's is removed first.
+  XGB_PIN="$(python -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["tool"]["mesatee"]["xgboost"])')"
+  if python -m pip show -q xgboost-cpu >/dev/null 2>&1; then
+    python -m pip uninstall --quiet -y xgboost-cpu xgboost
+  fi
+  python -m pip install --quiet --no-deps "$XGB_PIN"
+  python -c 'import sys, xgboost; sys.exit(0 if xgboost.build_info().get("USE_FEDERATED") else "xgboost has no federated communicator")'
   # The notebooks run on a kernelspec that points at this venv's Python. Its display name is the one the tutorials
   # are stored with, so JupyterLab has nothing to rename when it saves them.
   python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (ipykernel)" >/dev/null

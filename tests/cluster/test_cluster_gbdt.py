@@ -1,9 +1,9 @@
-"""gbdt.train on partitions with xgboost's collective, on a real attested cluster (scheduler + worker processes).
+"""gbdt.train on partitions with xgboost's federated collective, on a real attested cluster (scheduler + workers).
 
 Two extra workers (g0, g1, loopback) join the session's scheduler (whose workers are w0, w1) for this module, plus one
 worker listening on a non-loopback address of this host when there is one. The engine is driven through an in-process
-ClusterHead, then end to end through a head kernel. The kill -9 test runs last and only on this module's workers:
-a surviving peer of a broken collective stays busy until xgboost gives up on the lost peer.
+ClusterHead, then end to end through a head kernel. The kill -9 test runs last and only on this module's workers.
+Workers in network namespaces of their own: test_fed_netns.py; the pins: test_fed_pins.py.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pytest
 import mesatee_notebook as mn
 from mesatee_notebook.attestation.measurement import canonical_json
 from mesatee_notebook.enclave.cluster.node_identity import cluster_measurement
-from mesatee_notebook.errors import NotAvailableYet, RemoteExecutionError
+from mesatee_notebook.errors import RemoteExecutionError
 from mesatee_notebook.ml import gbdt
 from mesatee_notebook.wire.digest import payload_digest
 from tests.conftest import KernelProc, start_kernel, stop_kernel
@@ -127,7 +127,9 @@ def test_three_partitions_match_single_node(cluster: Cluster, nodes: GbdtNodes) 
         record = by_address[w.address]
         assert record["measurement"] == cluster_measurement()  # verified by the head on its own connection
         assert record["pid"] == w.proc.pid and record["rows"] == 1000
-    assert trained.collective["tracker"].startswith("127.0.0.1:")
+    assert "federated" in trained.collective["engine"]
+    assert [s.rsplit(":", 1)[0] for s in trained.collective["server"]] == ["127.0.0.1"]
+    assert len(trained.collective["client_certs_sha256"]) == 3
 
     # Continuous features: each worker sketches its own rows and xgboost merges the sketches, so the cuts (and the
     # trees) differ slightly from one process's; the fit is as good.
@@ -140,19 +142,21 @@ def test_three_partitions_match_single_node(cluster: Cluster, nodes: GbdtNodes) 
     assert abs(m_cluster["logloss"] - m_single["logloss"]) < 0.02, (m_cluster, m_single)
 
 
-def test_workers_off_loopback_are_refused(nodes: GbdtNodes) -> None:
-    from mesatee_notebook.enclave.cluster.gbdt import collective_refusal, train_on_partitions
+def test_a_worker_off_loopback_joins_over_the_pinned_channel(nodes: GbdtNodes) -> None:
+    from mesatee_notebook.enclave.cluster.gbdt import train_on_partitions
 
-    refusal = collective_refusal("atls://127.0.0.1:1", ["atls://127.0.0.1:2", "atls://10.1.2.3:4"])
-    assert isinstance(refusal, NotAvailableYet) and "10.1.2.3" in str(refusal)
-    assert collective_refusal("atls://127.0.0.1:1", ["atls://127.0.0.1:2", "atls://[::1]:3"]) is None
     if nodes.outside is None:
         pytest.skip("this host has no non-loopback IPv4 address for a worker to listen on")
-    parts = _scatter(nodes.head, _frame(400, continuous=False), [nodes.workers[0].address, nodes.outside.address])
-    with pytest.raises(NotAvailableYet, match="federated") as info:
-        train_on_partitions(nodes.head, parts, "y", params=PARAMS, num_boost_round=5)
-    assert nodes.outside.address in str(info.value)
-    assert "gbdt-train" not in str(nodes.head.client.processing())  # refused before any training task
+    df = _frame(400, continuous=False)
+    parts = _scatter(nodes.head, df, [nodes.workers[0].address, nodes.outside.address])
+    trained = train_on_partitions(nodes.head, parts, "y", params=PARAMS, num_boost_round=5)
+    single = gbdt.train(df, "y", params=PARAMS, num_boost_round=5)
+    X = df.drop(columns=["y"])
+    np.testing.assert_allclose(trained.model.predict(X), single.predict(X), rtol=0, atol=1e-6)
+    # The head dials each worker from the address the routing table picks, and the server's certificate names both.
+    hosts = sorted(s.rsplit(":", 1)[0] for s in trained.collective["server"])
+    outside_host = nodes.outside.address.split("://")[1].rsplit(":", 1)[0]
+    assert hosts == sorted({"127.0.0.1", outside_host})
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +190,7 @@ def test_train_through_the_head_names_the_workers_and_keeps_the_release_policy(
         assert len(workers) == 3 and sum(w["rows"] for w in workers) == 3000
         for w in workers:
             assert w["measurement"] == cluster_measurement() and w["pid"] in pids
-        assert info["cluster"]["collective"]["tracker"].startswith("127.0.0.1:")
+        assert "federated" in info["cluster"]["collective"]["engine"]
         model = trainer.gbdt.model(info["model"]["id"])
         single = gbdt.train(df, "y", params=PARAMS, num_boost_round=20)
         np.testing.assert_allclose(model.predict(X, engine="xgboost"), single.predict(X), rtol=0, atol=1e-6)
@@ -227,9 +231,18 @@ def test_kill_9_of_a_worker_mid_training_is_a_typed_error(nodes: GbdtNodes) -> N
     time.sleep(1.0)
     victim = nodes.workers[1]
     victim.proc.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
     thread.join(timeout=120)
     assert not thread.is_alive(), "the head did not give up after a worker was killed"
+    assert time.monotonic() - killed < 60
     assert "model" not in outcome  # nothing half-trained comes back
     err = outcome["error"]
     assert isinstance(err, RemoteExecutionError), repr(err)
     assert "nothing was kept" in str(err)
+    # The head killed the federated server, which failed the survivor's collective call: its worker is free again.
+    survivor = nodes.workers[0].address
+    wait_for(
+        lambda: not any(str(k).startswith("gbdt-train") for k in nodes.head.client.processing([survivor])[survivor]),
+        timeout=60,
+        what="the survivor's training task to end",
+    )

@@ -18,7 +18,6 @@ import pytest
 
 import mesatee_notebook as mn
 from mesatee_notebook.enclave.cluster import local, netns
-from mesatee_notebook.errors import NotAvailableYet
 
 from .setup_helpers import descendants, expected_groups, node_pids, spawn_launcher, visits, wait_gone, wait_ready
 
@@ -86,11 +85,6 @@ def test_group_by_and_psi_across_namespaces_cross_the_veths(netns_cluster: tuple
                 "inputs": {"a": {"dataset": "visits", "column": "cost"}, "b": {"dataset": "visits", "column": "cost"}},
             },
         ).info
-        with pytest.raises(NotAvailableYet, match="loopback"):  # docs/cluster.md: GBDT's collective stays on a host
-            s.call(
-                "gbdt.train",
-                {"data": {"dataset": "visits"}, "label": "cost", "params": {"max_depth": 2}, "num_boost_round": 2},
-            )
     assert got.sort_index().equals(expected_groups(df).sort_index())
     assert psi["cardinality"] == df["cost"].nunique()
     assert {sh["worker"] for sh in psi["shards"]} == {w["address"] for w in state["workers"]}

@@ -1,52 +1,46 @@
-"""``gbdt.train`` on a partitioned dataset: xgboost's collective (rabit) across the workers that hold the partitions.
+"""``gbdt.train`` on a partitioned dataset: xgboost's federated collective across the workers holding the partitions.
 
-Each worker trains on the partitions it holds, and xgboost's collective (a rabit tracker and a ring of TCP sockets,
-the same machinery ``xgboost.dask`` drives) combines sketches and histograms so every worker grows the same trees.
-
-**Where the collective traffic goes.** The tracker and the ring are plain TCP inside libxgboost; Dask's ``atls://``
-comms cannot carry them, and this xgboost wheel has no federated (TLS) communicator
-(``xgboost.build_info()["USE_FEDERATED"]`` is False). So the collective runs only over loopback: the head runs the
-tracker bound to 127.0.0.1, and training is refused with :class:`NotAvailableYet` unless the scheduler and every
-worker that holds a partition have loopback addresses, i.e. run on the head's host. That traffic never leaves the
-host (softtee trusts the host operator; cells run in sandboxes with no network). docs/cluster.md says why and what
-would lift the limit.
+Each worker trains on the partitions it holds, and xgboost's collective combines sketches and histograms so every
+worker grows the same trees. The collective is xgboost's *federated* communicator: gRPC with mutual TLS to a server
+the head runs in a child process, with the server's certificate and the client-root bundle pinned to the nodes'
+attested keys (``gbdt_fed.py`` says how). So it works across hosts (``cluster up --netns``) as on loopback, and no
+collective byte travels in plaintext. It needs an xgboost built with the federated plugin (the full ``xgboost``
+wheel, not ``xgboost-cpu``); without one, training is refused with :class:`NotAvailableYet`.
 
 **Tasks are references.** ``xgboost.dask.train`` ships a closure by value (cloudpickle) and starts its tracker on the
-scheduler at an address it guesses. This module uses the same pieces (``RabitTracker``, ``collective.
-CommunicatorContext``, ``QuantileDMatrix`` and ``train`` inside it, per-worker thread count as ``xgboost.dask``)
-from module-level functions of the measured package, so tasks travel as references, and the tracker's address is
-chosen here, not guessed.
+scheduler. This module uses the same pieces (``collective.CommunicatorContext``, ``QuantileDMatrix`` and ``train``
+inside it, per-worker thread count as ``xgboost.dask``) from module-level functions of the measured package, so
+tasks travel as references, and the server is started and pinned here.
 
 **Faults.** When a worker dies mid-training (kill -9), the head sees it leave the scheduler and raises a typed
-:class:`RemoteExecutionError` naming it; no model handle is written. The survivors' tasks are cancelled, but a running
-xgboost call cannot be interrupted: each stays busy until xgboost gives up on the lost peer (``dmlc_timeout``). Dask
-cannot retry a collective task on another worker: the partitions live only where they are.
+:class:`RemoteExecutionError` naming it; no model handle is written. The head then kills the federated server, which
+fails the survivors' collective calls at once (xgboost 3.2's federated RPCs have no deadline of their own), so their
+tasks end too. Dask cannot retry a collective task on another worker: the partitions live only where they are.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import hashlib
 import logging
 import os
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from mesatee_notebook.errors import EncodingError, MesateeError, NotAvailableYet, RemoteExecutionError, RemoteTimeout
+from mesatee_notebook.errors import EncodingError, MesateeError, RemoteExecutionError, RemoteTimeout
 
 if TYPE_CHECKING:
     import pandas as pd
     from distributed import Future
 
+    from mesatee_notebook.enclave.cluster.gbdt_fed import FederatedServer
     from mesatee_notebook.enclave.cluster.head import ClusterHead
     from mesatee_notebook.ml.gbdt import GBDTModel
 
 __all__ = [
     "TRAIN_TIMEOUT",
     "ClusterTraining",
-    "collective_refusal",
     "partition_summary",
     "train_on_partitions",
     "train_task",
@@ -56,8 +50,6 @@ log = logging.getLogger("mesatee.cluster")
 
 #: Seconds a cluster training may take before the head gives up with RemoteTimeout.
 TRAIN_TIMEOUT = 600.0
-#: Seconds the collective may take to form (every worker connects to the tracker and its ring peers).
-BOOTSTRAP_TIMEOUT = 300
 _POLL = 0.5
 
 
@@ -65,32 +57,6 @@ def xgboost_version() -> str:
     import xgboost
 
     return str(xgboost.__version__)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def collective_refusal(scheduler: str, workers: list[str]) -> NotAvailableYet | None:
-    """The error to raise when xgboost's collective would leave the host; None when every node is on loopback."""
-    from distributed.comm import get_address_host
-
-    away = [a for a in [scheduler, *workers] if not _is_loopback(get_address_host(a))]
-    if not away:
-        return None
-    msg = (
-        "gbdt.train on a partitioned dataset runs only when the scheduler and every worker holding a partition "
-        f"are on the head's host (loopback addresses); not on loopback: {', '.join(away)}. xgboost's collective "
-        "(its tracker and ring) is plain TCP outside the attested atls:// comms, and this xgboost build has no "
-        "federated communicator with TLS (xgboost.build_info()['USE_FEDERATED'] is False): training across hosts "
-        "needs such a build, with certificates bound to the nodes' evidence (docs/cluster.md)"
-    )
-    return NotAvailableYet(msg, workers=away)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,9 +74,14 @@ def _frame_of(parts: tuple[pd.DataFrame, ...], columns: list[str] | None) -> pd.
 
 
 def partition_summary(label: str, columns: list[str] | None, *parts: pd.DataFrame) -> dict[str, Any]:
-    """Rows, columns and label range of the partitions this worker holds (checked by the head before training)."""
+    """Rows, columns and label range of this worker's partitions, and its federated client certificate.
+
+    The head checks the summaries before training, and pins the certificate (the worker's own key and evidence).
+    """
     import pandas as pd
     import xgboost  # noqa: F401  (imported now, so the collective's tasks start together)
+
+    from mesatee_notebook.enclave.cluster.gbdt_fed import client_certificate
 
     frame = _frame_of(parts, columns)
     y = pd.to_numeric(frame[label], errors="coerce") if label in frame.columns else None
@@ -119,21 +90,23 @@ def partition_summary(label: str, columns: list[str] | None, *parts: pd.DataFram
         "columns": [[str(c), str(t)] for c, t in frame.dtypes.items()],
         "label_max": None if y is None or y.isna().all() else float(y.max()),
         "label_min": None if y is None or y.isna().all() else float(y.min()),
+        "federated_cert": client_certificate(),
     }
 
 
-def train_task(coll_args: dict[str, Any], rank: int, spec: dict[str, Any], *parts: pd.DataFrame) -> dict[str, Any]:
+def train_task(fed: dict[str, Any], rank: int, spec: dict[str, Any], *parts: pd.DataFrame) -> dict[str, Any]:
     """One worker's share of a collective training: its partitions, the same trees as every peer.
 
-    ``spec``: ``params`` (resolved by the head), ``rounds``, ``label``, ``weight`` (a column or None), ``columns``.
+    ``fed``: the federated server's address and pinned certificate, and every rank's client certificate
+    (``gbdt_fed.joined``). ``spec``: ``params`` (resolved by the head), ``rounds``, ``label``, ``weight`` (a column
+    or None), ``columns``.
     """
-    import hashlib
-
     import numpy as np
     import xgboost as xgb
     from distributed import get_worker
     from xgboost.dask.utils import get_n_threads
 
+    from mesatee_notebook.enclave.cluster.gbdt_fed import joined
     from mesatee_notebook.ml.gbdt import _split
 
     worker = get_worker()
@@ -147,8 +120,7 @@ def train_task(coll_args: dict[str, Any], rank: int, spec: dict[str, Any], *part
     threads = get_n_threads(params, worker)
     local = {**params, "nthread": threads}
     t0 = time.perf_counter()
-    # dmlc_task_id orders the ranks (the tracker sorts by task): rank i holds partition group i.
-    with xgb.collective.CommunicatorContext(**coll_args, dmlc_task_id=f"{rank:06d}"):
+    with joined({**fed, "host": fed["hosts"][rank]}, rank):
         dtrain = xgb.QuantileDMatrix(X, label=y, weight=weight, feature_names=names, nthread=threads)
         booster = xgb.train(local, dtrain, num_boost_round=int(spec["rounds"]), verbose_eval=False)
     raw = bytes(booster.save_raw(raw_format="ubj"))
@@ -180,8 +152,27 @@ class ClusterTraining:
     notes: list[str] = field(default_factory=list)
 
 
+def _loaded(parts: list[Future], timeout: float = 120.0) -> None:
+    """Wait until every partition future is in its worker's memory; a typed error if one fails or time runs out.
+
+    They may still be loading from the workers' sealed stores, and ``who_has`` lists no holder for those yet.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        failed = [f for f in parts if f.status in ("error", "cancelled", "lost")]
+        if failed:
+            raise _task_error(failed[0])
+        if all(f.status == "finished" for f in parts):
+            return
+        if time.monotonic() > deadline:
+            msg = f"the partitions were not loaded in their workers within {timeout:g} s; nothing was trained"
+            raise RemoteTimeout(msg)
+        time.sleep(0.05)
+
+
 def _by_worker(head: ClusterHead, parts: list[Future]) -> dict[str, list[Future]]:
     """Which worker holds each partition (a partition held nowhere, or in several places, is refused)."""
+    _loaded(parts)
     where = head.client.who_has(parts)
     groups: dict[str, list[Future]] = {}
     for part in parts:
@@ -293,33 +284,82 @@ def _task_error(future: Future) -> MesateeError:
     return RemoteExecutionError(f"a cluster training task failed: {type(exc).__name__}: {first}; nothing was kept")
 
 
-def _start_tracker(n_workers: int) -> dict[str, Any]:
-    """A rabit tracker in the head, bound to loopback, owned by a daemon thread that waits for it and then frees it.
+def _pinned_federation(
+    head: ClusterHead, order: list[str], summaries: dict[str, dict[str, Any]]
+) -> tuple[dict[str, Any], FederatedServer]:
+    """Pin the workers' federated certificates and start the server with exactly those as its client roots.
 
-    Only that thread holds the tracker: freeing it blocks until the group ends (up to ``BOOTSTRAP_TIMEOUT`` after a
-    lost worker) and raises for a failed group, which must not happen in whatever thread drops the last reference
-    (``RabitTracker.__del__``).
+    Each certificate must be over the key of the node certificate the head sees on its own attested connection to
+    that worker (``gbdt_fed.py``).
     """
-    from xgboost.tracker import RabitTracker
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+    from distributed.comm import get_address_host
 
-    tracker = RabitTracker(n_workers=n_workers, host_ip="127.0.0.1", port=0, sortby="task", timeout=BOOTSTRAP_TIMEOUT)
-    tracker.start()
-    args = dict(tracker.worker_args())
-    args["dmlc_timeout"] = BOOTSTRAP_TIMEOUT
+    from mesatee_notebook.enclave.cluster.gbdt_fed import (
+        FederatedServer,
+        check_pinned,
+        local_address_towards,
+        peer_spki,
+        server_certificate,
+    )
 
-    def wait(tracker: Any) -> None:
-        try:
-            tracker.wait_for(int(TRAIN_TIMEOUT))
-        except Exception:  # a failed or timed-out group: the head's own checks report it
-            log.info("the rabit tracker ended with a failed group")
-        try:
-            tracker.free()
-        except Exception:
-            log.info("the rabit tracker of a failed group was freed")
+    certs = [str(summaries[w]["federated_cert"]) for w in order]
+    for w, cert in zip(order, certs, strict=True):
+        check_pinned(cert, peer_spki(head.node, head.client, w))
+    hosts = [local_address_towards(get_address_host(w).strip("[]")) for w in order]
+    ident = head.node.identity
+    server_cert = server_certificate(ident, sorted(set(hosts)))
+    key_pem = ident.tls_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    server = FederatedServer(len(order), key_pem, server_cert, "".join(certs))
+    fed = {
+        "hosts": hosts,
+        "port": server.port,
+        "server_cert": server_cert,
+        "head_cert": ident.certificate_der,
+        "client_certs": certs,
+    }
+    return fed, server
 
-    threading.Thread(target=wait, args=(tracker,), name="mesatee-rabit-tracker", daemon=True).start()
-    del tracker
-    return args
+
+def _collective_record(fed: dict[str, Any]) -> dict[str, Any]:
+    def digest(pem: str) -> str:
+        return hashlib.sha256(pem.encode()).hexdigest()
+
+    return {
+        "engine": f"xgboost {xgboost_version()} federated (gRPC, mutual TLS; server in a child process of the head)",
+        "server": [f"{h}:{fed['port']}" for h in sorted(set(fed["hosts"]))],
+        "transport": "gRPC over TLS; the server pinned to the head's attested key, clients to the workers'",
+        "server_cert_sha256": digest(fed["server_cert"]),
+        "client_certs_sha256": [digest(c) for c in fed["client_certs"]],
+        "setup_seconds": round(float(fed.get("setup_s", 0.0)), 3),
+    }
+
+
+def _run_training(
+    head: ClusterHead,
+    order: list[str],
+    groups: dict[str, list[Future]],
+    fed: dict[str, Any],
+    spec: dict[str, Any],
+    timeout: float,
+) -> dict[str, Any]:
+    tag = uuid.uuid4().hex
+    futures = {
+        w: head.client.submit(
+            train_task,
+            fed,
+            rank,
+            spec,
+            *groups[w],
+            workers=[w],
+            allow_other_workers=False,
+            pure=False,
+            retries=0,
+            key=f"gbdt-train-{tag}-{rank}",
+        )
+        for rank, w in enumerate(order)
+    }
+    return _gather(head, futures, timeout)
 
 
 def train_on_partitions(
@@ -334,15 +374,16 @@ def train_on_partitions(
     timeout: float = TRAIN_TIMEOUT,
 ) -> ClusterTraining:
     """Train one xgboost ``hist`` model over the partitions (futures of pandas frames held by workers)."""
+    from mesatee_notebook.enclave.cluster.gbdt_fed import federated_available
     from mesatee_notebook.ml.gbdt import _LABEL_ATTR, GBDTModel, load_model
 
     if not parts:
         msg = "no partitions to train on"
         raise EncodingError(msg)
+    missing = federated_available()
+    if missing is not None:
+        raise missing
     groups = _by_worker(head, parts)
-    refusal = collective_refusal(head.client.scheduler.address, sorted(groups))
-    if refusal is not None:
-        raise refusal
     summaries = _summaries(head, groups, label, columns)
     schema = _check_partitions(summaries, label)
     if weight_column is not None and weight_column not in [c for c, _ in schema]:
@@ -351,25 +392,14 @@ def train_on_partitions(
     merged, notes = _resolve_params(dict(params or {}), summaries, num_boost_round)
     order = sorted(groups)
     spec = {"params": merged, "rounds": num_boost_round, "label": label, "weight": weight_column, "columns": columns}
-    coll_args = _start_tracker(len(order))
-    tag = uuid.uuid4().hex
+    t_pin = time.perf_counter()
+    fed, server = _pinned_federation(head, order, summaries)
+    fed["setup_s"] = time.perf_counter() - t_pin
     t0 = time.perf_counter()
-    futures = {
-        w: head.client.submit(
-            train_task,
-            coll_args,
-            rank,
-            spec,
-            *groups[w],
-            workers=[w],
-            allow_other_workers=False,
-            pure=False,
-            retries=0,
-            key=f"gbdt-train-{tag}-{rank}",
-        )
-        for rank, w in enumerate(order)
-    }
-    results = _gather(head, futures, timeout)
+    try:
+        results = _run_training(head, order, groups, fed, spec, timeout)
+    finally:
+        server.stop()  # also fails the survivors' collective calls when a worker was lost
     seconds = time.perf_counter() - t0
     digests = {r["model_sha256"] for r in results.values()}
     if len(digests) != 1:
@@ -390,10 +420,6 @@ def train_on_partitions(
         seconds=seconds,
         partitions=len(parts),
         objective=str(merged["objective"]),
-        collective={
-            "engine": f"xgboost {xgboost_version()} rabit (tracker in the head)",
-            "tracker": f"{coll_args['dmlc_tracker_uri']}:{coll_args['dmlc_tracker_port']}",
-            "transport": "plain TCP over loopback only (this host); not over atls:// (docs/cluster.md)",
-        },
+        collective=_collective_record(fed),
         notes=notes,
     )
