@@ -301,15 +301,15 @@ class Kernel:
             from mesatee_notebook.enclave.cluster.datasets import auto_partition_header
             from mesatee_notebook.enclave.cluster.head import cluster_call, partitioned_call
 
-            if service == "dataset.upload" and (big := auto_partition_header(head, header, payloads, fds)):
-                return cluster_call(self, party, big, payloads, fds)  # big enough to spread over the workers
-
             try:
-                routed = partitioned_call(self, party, header)
+                big = auto_partition_header(head, header, payloads, fds) if service == "dataset.upload" else None
+                routed = None if big is not None else partitioned_call(self, party, header)
             except BaseException:  # e.g. a plain upload over a partitioned name: its payload fds go nowhere
                 for fd in fds:
                     os.close(fd)
                 raise
+            if big is not None:  # big enough to spread over the workers (cluster_call closes the fds)
+                return cluster_call(self, party, big, payloads, fds)
             if routed is not None:
                 return routed
         with self.service_gate.shared():
