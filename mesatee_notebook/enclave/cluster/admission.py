@@ -125,12 +125,7 @@ def lane_of(kernel: Kernel) -> ClusterLane:
 
 def close_lane(kernel: Kernel) -> None:
     """Close the kernel's cluster lane, if it has one, and keep it closed (kernel shutdown)."""
-    with _LANES_LOCK:
-        lane = getattr(kernel, "cluster_lane", None)
-        if not isinstance(lane, ClusterLane):
-            lane = ClusterLane()
-            kernel.cluster_lane = lane  # type: ignore[attr-defined]
-    lane.close()
+    lane_of(kernel).close()  # a kernel with no lane yet gets a closed one, so no call is admitted later
 
 
 @contextlib.contextmanager
