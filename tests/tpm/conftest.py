@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 
+from mesatee_notebook.enclave.cluster.node_tpm import free_port_pair, swtpm_listening
 from tests.conftest import KernelProc, start_kernel, stop_kernel
 
 _MISSING = [tool for tool in ("swtpm", "swtpm_setup", "swtpm_localca") if shutil.which(tool) is None]
@@ -45,23 +44,6 @@ class Swtpm:
         return [str(self.ca_root), str(self.ca_issuer)]
 
 
-def _free_port_pair() -> int:
-    """P such that P and P+1 are free on loopback (swtpm's server and control ports)."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            if port >= 65535:
-                continue
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return int(port)
-    raise RuntimeError("no two adjacent free loopback ports")
-
-
 def start_swtpm(root: Path) -> Swtpm:
     """Manufacture a TPM (EK + EK certificate from a fresh local CA) with swtpm_setup, then serve it on TCP."""
     state, ca = root / "state", root / "ca"
@@ -85,7 +67,7 @@ def start_swtpm(root: Path) -> Swtpm:
         timeout=60,
     )
     for _ in range(5):  # a port found free can be taken before swtpm binds it (another worker, a kernel on port 0)
-        port = _free_port_pair()
+        port = free_port_pair()
         proc = _serve_swtpm(root, state, port)
         if proc is not None:
             return Swtpm(f"swtpm:host=127.0.0.1,port={port}", port, ca / "swtpm-localca-rootca-cert.pem",
@@ -109,17 +91,8 @@ def _serve_swtpm(root: Path, state: Path, port: int) -> subprocess.Popen[bytes] 
         stdin=subprocess.DEVNULL,
     )  # fmt: skip
     log.close()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            listening = {
-                c.laddr.port for c in psutil.Process(proc.pid).net_connections("tcp") if c.status == psutil.CONN_LISTEN
-            }
-        except psutil.Error:
-            listening = set()
-        if {port, port + 1} <= listening:
-            return proc
-        time.sleep(0.05)
+    if swtpm_listening(proc, port, time.monotonic() + 30):
+        return proc
     if proc.poll() is None:
         proc.kill()
     proc.wait()

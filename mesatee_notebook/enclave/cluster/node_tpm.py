@@ -49,9 +49,11 @@ __all__ = [
     "SwtpmProc",
     "confinement_digest",
     "confinement_pcr_value",
+    "free_port_pair",
     "open_node_tpm",
     "prepare",
     "start_swtpm",
+    "swtpm_listening",
 ]
 
 NODE_APP_PCR: Final = 23
@@ -131,7 +133,8 @@ class SwtpmProc:
                 self.proc.wait()
 
 
-def _free_port_pair() -> int:
+def free_port_pair() -> int:
+    """P such that P and P+1 are free on loopback (swtpm's server and control ports); tests/tpm uses it too."""
     import socket
 
     for _ in range(50):
@@ -150,7 +153,8 @@ def _free_port_pair() -> int:
     raise ClusterSetupError(msg)
 
 
-def _listening(proc: subprocess.Popen[bytes], port: int, deadline: float) -> bool:
+def swtpm_listening(proc: subprocess.Popen[bytes], port: int, deadline: float) -> bool:
+    """True once ``proc`` itself listens on ``port`` and ``port + 1``; False if it exits or ``deadline`` passes."""
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             ports = {c.laddr.port for c in psutil.Process(proc.pid).net_connections("tcp") if c.status == "LISTEN"}
@@ -172,7 +176,7 @@ def start_swtpm(
     """
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     for _ in range(5):
-        port = _SWTPM_PORT_IN_NETNS if in_netns else _free_port_pair()
+        port = _SWTPM_PORT_IN_NETNS if in_netns else free_port_pair()
         with log.open("ab") as fh:
             proc = subprocess.Popen(
                 [
@@ -184,7 +188,7 @@ def start_swtpm(
                 stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                 preexec_fn=preexec,  # noqa: PLW1509 (the launcher runs no threads)
             )  # fmt: skip
-        if in_netns or _listening(proc, port, time.monotonic() + 20):
+        if in_netns or swtpm_listening(proc, port, time.monotonic() + 20):
             return SwtpmProc(proc, f"swtpm:host=127.0.0.1,port={port}", state)
         if proc.poll() is None:
             proc.kill()
