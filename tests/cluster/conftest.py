@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
 import subprocess
@@ -10,8 +11,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from mesatee_notebook.enclave.cluster.node_identity import ClusterNode
 
 pytest.importorskip("distributed")
 
@@ -92,6 +97,23 @@ def stop_node(node: NodeProc) -> None:
         except subprocess.TimeoutExpired:
             node.proc.kill()
             node.proc.wait()
+
+
+def try_connect(node: ClusterNode, address: str) -> None:
+    """Open an attested Dask comm to ``address`` as ``node`` and ask for its identity (raises what the check raises)."""
+    from distributed.comm import connect
+
+    from mesatee_notebook.enclave.cluster.comm import AttestedSecurity
+
+    async def go() -> None:
+        comm = await connect(address, timeout=5, **AttestedSecurity(node).get_connection_args("client"))
+        try:
+            await comm.write({"op": "identity"})
+            await comm.read()
+        finally:
+            await comm.close()
+
+    asyncio.run(go())
 
 
 def wait_for(predicate: object, timeout: float = 30.0, what: str = "condition") -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import ssl
 import time
@@ -14,7 +13,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from mesatee_notebook.attestation.ratls import evidence_from_certificate, load_certificate
-from mesatee_notebook.enclave.cluster.comm import AttestedSecurity
 from mesatee_notebook.enclave.cluster.node_identity import (
     ClusterNode,
     NodeIdentity,
@@ -26,7 +24,7 @@ from mesatee_notebook.enclave.cluster.node_identity import (
 from mesatee_notebook.enclave.platform import load_platform
 from mesatee_notebook.errors import KeyBindingError, MeasurementMismatch, UntrustedPlatform
 
-from .conftest import Cluster, init_platform, spawn_node, start_node, stop_node, wait_for
+from .conftest import Cluster, init_platform, spawn_node, start_node, stop_node, try_connect, wait_for
 
 
 def _node(
@@ -35,20 +33,6 @@ def _node(
     key = platform_key or load_platform(cluster.data_dir).key
     ident = NodeIdentity.create("head", key, manifest=manifest)
     return ClusterNode(ident, cluster_policy((cluster.fingerprint,), (cluster_measurement(),)))
-
-
-def _try_connect(node: ClusterNode, address: str) -> None:
-    from distributed.comm import connect
-
-    async def go() -> None:
-        comm = await connect(address, timeout=5, **AttestedSecurity(node).get_connection_args("client"))
-        try:
-            await comm.write({"op": "identity"})
-            await comm.read()
-        finally:
-            await comm.close()
-
-    asyncio.run(go())
 
 
 def _peer_certificate(address: str) -> bytes:
@@ -103,7 +87,7 @@ def test_tampered_measurement_refused_by_scheduler_and_workers(cluster: Cluster)
     assert node.identity.measurement != cluster_measurement()
     for target in (cluster.scheduler, cluster.workers[0]):
         with pytest.raises(OSError):  # the peer closes the stream before any Dask byte
-            _try_connect(node, target.address)
+            try_connect(node, target.address)
         wait_for(lambda t=target: "MeasurementMismatch" in t.text(), what=f"{target.role} logs the refusal")
         assert "refused incoming peer" in target.text()
 
@@ -111,7 +95,7 @@ def test_tampered_measurement_refused_by_scheduler_and_workers(cluster: Cluster)
 def test_unpinned_platform_refused(cluster: Cluster) -> None:
     node = _node(cluster, platform_key=Ed25519PrivateKey.generate())
     with pytest.raises(OSError):
-        _try_connect(node, cluster.workers[1].address)
+        try_connect(node, cluster.workers[1].address)
     wait_for(lambda: "UntrustedPlatform" in cluster.workers[1].text(), what="worker logs the refusal")
 
 
@@ -133,7 +117,7 @@ def test_forged_certificate_refused(cluster: Cluster) -> None:
     )
     node = ClusterNode(fake, checker.policy)
     with pytest.raises(OSError):
-        _try_connect(node, cluster.url)
+        try_connect(node, cluster.url)
     wait_for(lambda: "KeyBindingError" in cluster.scheduler.text(), what="scheduler logs the refusal")
 
 

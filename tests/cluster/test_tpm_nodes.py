@@ -8,7 +8,6 @@ confinement, and a confinement claim the quoted PCR does not hold.
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import shutil
 import subprocess
@@ -21,7 +20,6 @@ import pytest
 import mesatee_notebook as mn
 from mesatee_notebook.attestation.levels import Level
 from mesatee_notebook.enclave.cluster import local
-from mesatee_notebook.enclave.cluster.comm import AttestedSecurity
 from mesatee_notebook.enclave.cluster.node_bwrap import BWRAP_PROFILE
 from mesatee_notebook.enclave.cluster.node_identity import ClusterNode, NodeIdentity, cluster_policy
 from mesatee_notebook.enclave.cluster.node_tpm import SwtpmProc, open_node_tpm, prepare, start_swtpm
@@ -35,7 +33,7 @@ from mesatee_notebook.errors import (
     UntrustedAttestationKey,
 )
 
-from .conftest import enclave, wait_for
+from .conftest import enclave, try_connect, wait_for
 from .setup_helpers import expected_groups, visits
 
 _MISSING = [t for t in ("swtpm",) if shutil.which(t) is None]
@@ -67,20 +65,6 @@ def own_swtpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwtpmProc]:
 def _identity(tcti: str, role: str = "worker", profile: dict[str, Any] | None = None) -> NodeIdentity:
     confinement = {"applied": [], **({"profile": dict(profile)} if profile else {})}
     return NodeIdentity.create(role, None, level=Level.TPM, tpm=open_node_tpm(tcti), confinement=confinement)
-
-
-def _connect(node: ClusterNode, address: str) -> None:
-    from distributed.comm import connect
-
-    async def go() -> None:
-        comm = await connect(address, timeout=5, **AttestedSecurity(node).get_connection_args("client"))
-        try:
-            await comm.write({"op": "identity"})
-            await comm.read()
-        finally:
-            await comm.close()
-
-    asyncio.run(go())
 
 
 def _log(c: local.LocalCluster, name: str) -> str:
@@ -123,7 +107,7 @@ def test_a_node_quoting_with_an_unpinned_tpm_is_refused(tpm_cluster: local.Local
         node = ClusterNode(ident, cluster_policy(_aks(c), min_level=Level.TPM))
         for name, address in (("sched", c.scheduler), ("w0", c.workers[0]["address"])):
             with pytest.raises(OSError):  # the peer closes the stream before any Dask byte
-                _connect(node, address)
+                try_connect(node, address)
             wait_for(lambda n=name: "UntrustedAttestationKey" in _log(c, n), what=f"{name} logs the refusal")
         assert ident.platform_fingerprint not in _aks(c)
         with pytest.raises(UntrustedAttestationKey, match="does not pin"):  # the same check, offline
@@ -139,7 +123,7 @@ def test_a_softtee_node_is_below_the_clusters_minimum_level(tpm_cluster: local.L
     ident = NodeIdentity.create("worker", key)
     node = ClusterNode(ident, cluster_policy((*_aks(c), ident.platform_fingerprint)))
     with pytest.raises(OSError):
-        _connect(node, c.scheduler)
+        try_connect(node, c.scheduler)
     wait_for(lambda: "LevelTooLow" in _log(c, "sched"), what="the scheduler logs the refusal")
     tpm_policy = ClusterNode(ident, cluster_policy((ident.platform_fingerprint,), min_level=Level.TPM))
     with pytest.raises(LevelTooLow, match="below the policy's minimum tpm"):
