@@ -40,6 +40,14 @@ class _Roots:
         self._sink = sink
         self._seen: tuple[int, dict[str, str]] = (0, {})
 
+    @classmethod
+    def of(cls, sink: dict[str, Any]) -> _Roots:
+        """The one cache of ``sink``'s evaluator, shared by its ledger and guard stores (one metadata read each)."""
+        roots = sink.get("roots")
+        if not isinstance(roots, cls):
+            roots = sink["roots"] = cls(sink)
+        return roots
+
     def __call__(self, dataset: str) -> str:
         ctx: ServiceContext = self._sink["ctx"]
         key, cache = self._seen
@@ -84,7 +92,7 @@ class SealedLedgerStore:
 
     def __init__(self, sink: dict[str, Any]) -> None:
         self._sink = sink
-        self._root = _Roots(sink)
+        self._root = _Roots.of(sink)
 
     def _ctx(self) -> ServiceContext:
         ctx: ServiceContext = self._sink["ctx"]
@@ -118,7 +126,7 @@ class SealedGuardStore:
 
     def __init__(self, sink: dict[str, Any]) -> None:
         self._sink = sink
-        self._root = _Roots(sink)
+        self._root = _Roots.of(sink)
 
     def _prefix(self, party: str, dataset: str) -> str:
         return f"guard/{party}/{self._root(dataset)}"  # a derived dataset's releases count in its root's history
