@@ -115,6 +115,8 @@ def test_a_killed_launcher_takes_its_nodes_and_down_reports_clean(tmp_path: Path
     run = run_cluster("down", "--data-dir", str(data_dir))
     assert run.returncode == 0 and "Traceback" not in run.stderr
     assert not (data_dir / "cluster" / "state.json").exists()
+    assert local.down(data_dir) == []  # nothing left to stop; reaps the launcher this process started (no warning)
+    assert launcher not in local._DETACHED
 
 
 @pytest.mark.slow

@@ -305,6 +305,7 @@ def up(
         level,
     )
     check_spec(spec)
+    _reap()  # launchers of earlier up() calls that have exited since (a test's kill -9, a `cluster down` elsewhere)
     if _launcher_alive(spec.data_dir):
         _take_lock(spec.data_dir).close()  # raises "already runs", naming the launcher
     cdir = _cluster_dir(spec.data_dir)
@@ -348,6 +349,18 @@ def up(
     raise ClusterSetupError(msg)
 
 
+def _reap(stopped: int = 0) -> None:
+    """Reap the launchers this process started that have exited, so none is left a zombie or warned about at exit.
+
+    ``stopped`` was just signalled: it drops its lock before its interpreter exits, so it is waited for a little.
+    """
+    for child in list(_DETACHED.values()):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=10.0 if child.pid == stopped else 0)
+        if child.returncode is not None:
+            del _DETACHED[child.pid]
+
+
 def down(data_dir: Path | str | None = None, timeout: float = 60.0) -> list[str]:
     """Stop the launcher of ``data_dir`` (it tears the cluster down), then remove anything stale; say what stopped."""
     data_dir = Path(data_dir or default_data_dir()).expanduser().resolve()
@@ -361,8 +374,7 @@ def down(data_dir: Path | str | None = None, timeout: float = 60.0) -> list[str]
         if _launcher_alive(data_dir):
             os.kill(pid, signal.SIGKILL)
         done.append(f"launcher pid {pid}")
-    for child in [p for p in _DETACHED.values() if p.poll() is not None]:
-        del _DETACHED[child.pid]
+    _reap(pid)
     if not _launcher_alive(data_dir):
         done.extend(clean_stale(data_dir))
     return done
