@@ -29,7 +29,7 @@ from typing import Any
 
 from mesatee_notebook.enclave.fairqueue import FairQueue
 from mesatee_notebook.enclave.sessions import ExecutorHandle
-from mesatee_notebook.errors import ExecutorCrashed, MesateeError, RemoteInterrupted
+from mesatee_notebook.errors import ExecutorCrashed, RemoteInterrupted
 from mesatee_notebook.wire.stream import Message
 
 __all__ = ["ServicePool", "default_pool_size"]
@@ -77,7 +77,6 @@ class ServicePool:
         self._free: list[int] = list(range(size))
         self._fair: FairQueue[_Ticket] = FairQueue()  # per-party queues, round robin, one running call per party
         self._last_slot: dict[str, int] = {}
-        self._closed = False
 
     # -- scheduling ---------------------------------------------------------------------------------------------
     def _dispatch(self) -> None:
@@ -131,10 +130,7 @@ class ServicePool:
         """Queue the call for ``party``, wait for a worker, run it there and return the worker's reply."""
         ticket = _Ticket(party, nonce, service)
         with self._cond:
-            if self._closed:
-                msg = "the kernel is shutting down"
-                raise MesateeError(msg)
-            self._fair.push(party, ticket)
+            self._fair.push(party, ticket)  # refused once the pool is shut down
             self._dispatch()
         ticket.ready.wait()
         try:
@@ -202,7 +198,7 @@ class ServicePool:
     def shutdown(self) -> None:
         """Stop every worker."""
         with self._cond:
-            self._closed = True
+            self._fair.close()
             workers, self._workers = self._workers, [None] * self.size
         for worker in workers:
             if worker is not None:

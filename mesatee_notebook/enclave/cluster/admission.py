@@ -61,7 +61,6 @@ class ClusterLane:
         self.slots = slots
         self._cond = threading.Condition()
         self._fair: FairQueue[_Ticket] = FairQueue()  # the service pools' fair queue (enclave/fairqueue.py)
-        self._closed = False
 
     def _dispatch(self) -> None:
         """Start waiting tickets while slots are free (caller holds the lock)."""
@@ -72,10 +71,7 @@ class ClusterLane:
         """Wait for this party's turn on the cluster, hold a slot for the block."""
         ticket = _Ticket(party)
         with self._cond:
-            if self._closed:
-                msg = "the kernel is shutting down"
-                raise MesateeError(msg)
-            self._fair.push(party, ticket)
+            self._fair.push(party, ticket)  # refused once the lane is closed
             self._dispatch()
         ticket.ready.wait()
         try:
@@ -95,12 +91,12 @@ class ClusterLane:
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._fair.closed
 
     def close(self) -> None:
         """Release every waiting call with an error (the kernel stops); calls already running finish."""
         with self._cond:
-            self._closed = True
+            self._fair.close()
             for ticket in self._fair.drain():
                 ticket.ready.set()
 
