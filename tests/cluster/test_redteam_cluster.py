@@ -13,6 +13,8 @@ every service pool serves the party's next call as ``fresh``, so its worker re-r
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -61,3 +63,55 @@ def test_the_head_and_the_workers_share_one_differencing_history(head: KernelPro
         with pytest.raises(mn.PolicyViolation, match="differencing"):
             rest = int(via_head(pay[pay.id != 7]))  # every row but one: the head must refuse it
             assert total - rest != SECRET
+
+
+def test_a_head_call_and_a_worker_call_of_one_party_cannot_both_pass_the_guard(
+    head: KernelProc, tmp_path: Path
+) -> None:
+    """Session 7: the same attack with the two calls at once (the check and the record were atomic per evaluator only).
+
+    The worker's query is made slow (a merge with a large table of the analyst's own), the head's quick, and both are
+    sent together: the worker, not yet told of the head's release, checks against its cached history; the head
+    checks before the worker has recorded. Without one turn per party across the head and the workers
+    (``enclave/party_turns.py``) both were released, and their difference was row 7's salary.
+    """
+    policy = cast("mn.Policy", head.policy())
+    with (
+        mn.connect(head.url, policy=policy, identity=tmp_path / "owner") as owner,
+        mn.connect(head.url, policy=policy, identity=tmp_path / "analyst") as analyst,
+        mn.connect(head.url, policy=policy, identity=tmp_path / "analyst") as analyst2,  # same key, second channel
+    ):
+        data = pd.DataFrame({"id": np.arange(200, dtype=np.int64), "salary": np.arange(200, dtype=np.int64) + 1000})
+        data.loc[7, "salary"] = SECRET
+        owner.upload(data, "rt_race_pay", policy=mn.DataPolicy(min_group_size=5), replace=True)
+        mine = pd.DataFrame({"k": -np.arange(1, 41, dtype=np.int64), "v": np.ones(40)})  # matches no id
+        analyst.upload(mine, "rt_race_parts", partitions=2, replace=True)
+        big = pd.DataFrame({"k": np.arange(1_500_000, dtype=np.int64) % 200, "w": np.ones(1_500_000)})
+        analyst.upload(big, "rt_race_big", replace=True)  # single-node: a merge with it runs in a worker, slowly
+        pay = analyst.dataframe("rt_race_pay")
+        pay.id[pay.id >= 100].count().collect()  # the worker now holds the party's (short) history in memory
+        pay2, parts = analyst2.dataframe("rt_race_pay"), analyst2.dataframe("rt_race_parts")
+        mybig = analyst.dataframe("rt_race_big")
+        out: dict[str, Any] = {}
+
+        def slow_worker() -> None:  # every row of the owner's data (each one many times), in a worker
+            try:
+                out["all"] = int(pay.merge(mybig, left_on="id", right_on="k").salary.sum().collect())
+            except mn.PolicyViolation as exc:
+                out["all"] = exc
+
+        def quick_head() -> None:  # every row but row 7, in the head
+            try:
+                rows = pay2[pay2.id != 7]
+                out["rest"] = int(rows.merge(parts, left_on="id", right_on="k", how="left").salary.sum().collect())
+            except mn.PolicyViolation as exc:
+                out["rest"] = exc
+
+        worker = threading.Thread(target=slow_worker)
+        worker.start()
+        time.sleep(0.05)  # the worker's call is dispatched first (as not fresh: nothing told it of a head call)
+        quick_head()
+        worker.join(60)
+        refused = [k for k, v in out.items() if isinstance(v, mn.PolicyViolation)]
+        assert refused, f"both released: their difference is row 7's salary ({out['all']} vs {out['rest']})"
+        assert all("differencing" in str(out[k]) for k in refused)

@@ -9,6 +9,7 @@ import pytest
 
 from mesatee_notebook.enclave.cluster.admission import ClusterLane
 from mesatee_notebook.enclave.fairqueue import FairQueue
+from mesatee_notebook.enclave.party_turns import PartyTurns
 from mesatee_notebook.enclave.service_pool import ServicePool
 from mesatee_notebook.errors import MesateeError
 
@@ -81,3 +82,34 @@ def test_a_closed_lane_releases_its_waiters_and_refuses_new_turns() -> None:
     release.set()
     ta.join(5)
     assert out["a"] == "done"  # a running call finishes
+
+
+def test_party_turns_serialise_one_party_only_and_forget_idle_parties() -> None:
+    turns = PartyTurns()
+    inside: list[str] = []
+    a_holds, release = threading.Event(), threading.Event()
+
+    def hold_a() -> None:
+        with turns.turn("a"):
+            inside.append("a1")
+            a_holds.set()
+            release.wait(5)
+
+    def second_a() -> None:
+        with turns.turn("a"):
+            inside.append("a2")
+
+    t1 = threading.Thread(target=hold_a)
+    t1.start()
+    assert a_holds.wait(5)
+    t2 = threading.Thread(target=second_a)
+    t2.start()
+    with turns.turn("b"):  # another party never waits for a's turn
+        inside.append("b")
+    t2.join(0.2)
+    assert inside == ["a1", "b"]  # a's second call waits for its first
+    release.set()
+    t1.join(5)
+    t2.join(5)
+    assert inside == ["a1", "b", "a2"]
+    assert len(turns) == 0  # nothing kept for a party with no call in flight (a Sybil's identities cost nothing)
