@@ -126,6 +126,11 @@ def close_lane(kernel: Kernel) -> None:
 
 @contextlib.contextmanager
 def admitted(kernel: Kernel, party: str) -> Iterator[None]:
-    """The service gate (shared, as every service call) and this party's turn on the cluster."""
-    with kernel.service_gate.shared(), lane_of(kernel).turn(party):
+    """The service gate (shared, as every service call) and this party's turn on the cluster.
+
+    Within it, the codecs' caches of the head's process are the party's (``wire/arrow_fast.caller_scope``).
+    """
+    from mesatee_notebook.wire.arrow_fast import caller_scope
+
+    with kernel.service_gate.shared(), lane_of(kernel).turn(party), caller_scope(party):
         yield
