@@ -67,6 +67,10 @@ class GuardStore(Protocol):
         """Persist one new release record."""
         ...
 
+    def root(self, dataset: str) -> str:
+        """The dataset whose history ``dataset`` shares (a derived dataset's root; else ``dataset`` itself)."""
+        ...
+
 
 def _label_dtype(n_groups: int) -> type[np.unsignedinteger[Any]]:
     for dt in (np.uint8, np.uint16, np.uint32):
@@ -99,6 +103,14 @@ class _DifferencingGuard:
         self._store = store
         self._history: dict[tuple[str, str], list[_Release]] = {}
         self._seen: dict[tuple[str, str], set[bytes]] = {}
+
+    def _canon(self, key: tuple[str, str]) -> tuple[str, str]:
+        """(party, root): the history in memory is kept per root, as in the store (red team, session 7).
+
+        Kept per dataset name, a derived dataset's history read before a release on its root (or on a sibling)
+        never learnt of it, and a pair of releases one row apart passed (``tests/security/test_redteam_derived.py``).
+        """
+        return key if self._store is None else (key[0], self._store.root(key[1]))
 
     def _ensure(self, key: tuple[str, str]) -> None:
         """Load the persisted history of ``key`` once per process, so a restart does not reset it."""
@@ -142,6 +154,7 @@ class _DifferencingGuard:
         return h.digest(), _Release(sizes, None, src, grp)
 
     def check(self, key: tuple[str, str], fp: bytes, new: _Release, k: int) -> None:
+        key = self._canon(key)
         self._ensure(key)
         if fp in self._seen.get(key, set()) or k <= 1:
             return
@@ -163,6 +176,7 @@ class _DifferencingGuard:
             raise PolicyViolation(msg, dataset=key[1], guard="differencing")
 
     def record(self, key: tuple[str, str], fp: bytes, new: _Release) -> None:
+        key = self._canon(key)
         self._ensure(key)
         seen = self._seen.setdefault(key, set())
         if fp not in seen:
@@ -181,7 +195,7 @@ class _DifferencingGuard:
 
     def released(self, party: str, dataset: str) -> int:
         """Return how many distinct aggregate releases are on record."""
-        return len(self._history.get((party, dataset), []))
+        return len(self._history.get(self._canon((party, dataset)), []))
 
     @staticmethod
     def _intersections(new: _Release, old: _Release) -> tuple[IntArray, IntArray, IntArray]:

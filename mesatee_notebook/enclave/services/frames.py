@@ -128,6 +128,10 @@ class SealedGuardStore:
         self._sink = sink
         self._root = _Roots.of(sink)
 
+    def root(self, dataset: str) -> str:
+        """:func:`budget_root` (the guard keeps its history in memory per root too)."""
+        return self._root(dataset)
+
     def _prefix(self, party: str, dataset: str) -> str:
         return f"guard/{party}/{self._root(dataset)}"  # a derived dataset's releases count in its root's history
 
