@@ -62,3 +62,35 @@ def test_an_explicit_scope_wins_over_the_callers() -> None:
         assert arrow_fast.current_scope() == "rt-caller"
         assert arrow_fast.current_scope("rt-explicit") == "rt-explicit"
     assert arrow_fast.current_scope() is None
+
+
+def test_a_remembered_layout_never_lets_an_unvalidated_stream_reach_arrow() -> None:
+    """``wire/frame_layouts.py`` skips Arrow's validation for a stream whose non-value bytes equal a validated one.
+
+    The attack: keep those bytes and change the rest (the values, the padding between columns), or change one
+    byte of them (a buffer length in the metadata). Either way nothing unvalidated reaches Arrow: a stream that
+    matches is built from the remembered layout (only its value bytes are read, and any bit pattern is a valid
+    float), and one that does not match goes through the full validation, for this party and every other.
+    """
+    from mesatee_notebook.errors import MalformedFrame
+    from mesatee_notebook.wire import frame_layouts
+
+    df = pd.DataFrame(np.arange(12, dtype=np.float64).reshape(1, 12), columns=[f"v{i}" for i in range(12)])
+    raw = bytearray(b"".join(bytes(memoryview(p).cast("B")) for p in codecs.encode_value(df, scope="rt-other").parts))
+    assert codecs.decode_value("arrow.frame", bytes(raw), scope="rt-mallory").equals(df)  # validated, remembered
+    (layout,) = frame_layouts._DECODE["rt-mallory"][len(raw)]
+    start = len(layout.head)
+    tampered = bytearray(raw)
+    tampered[start : len(raw) - len(layout.tail)] = b"\xff" * (len(raw) - start - len(layout.tail))
+    fast = codecs.decode_value("arrow.frame", bytes(tampered), scope="rt-mallory")  # values and padding: all ones
+    assert fast.shape == df.shape and list(fast.columns) == list(df.columns)
+    assert np.isnan(fast.to_numpy()).all()  # 0xff..ff is a NaN: a value, read from the value bytes only
+    for pos in range(0, start, max(1, start // 40)):  # one byte of the metadata changed: full validation again
+        bad = bytearray(raw)
+        bad[pos] ^= 0x5A
+        assert frame_layouts.decode_small(bytes(bad), "rt-mallory") is None
+        try:
+            codecs.decode_value("arrow.frame", bytes(bad), scope="rt-mallory")
+        except MalformedFrame:
+            pass  # refused by the general path, with the typed error
+    assert frame_layouts.decode_small(bytes(tampered), "rt-victim") is None  # another party: nothing remembered
