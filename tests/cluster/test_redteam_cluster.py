@@ -8,6 +8,10 @@ single-node dataset gets the query answered by the head against a stale history:
 rows" (worker) and "sum of all rows but one" (head) is released, and their difference is that row's value.
 Fixed: the head re-reads the party's sealed history before each check (``forget_party``), and after a head call
 every service pool serves the party's next call as ``fresh``, so its worker re-reads it too.
+
+Session 7: the same pair sent at once still passed (each evaluator's check and record were atomic only within
+itself). Fixed: the supervisor holds one turn per party around every ``frame.collect``, whichever evaluator
+serves it (``enclave/party_turns.py``).
 """
 
 from __future__ import annotations
