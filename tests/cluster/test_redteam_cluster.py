@@ -119,3 +119,41 @@ def test_a_head_call_and_a_worker_call_of_one_party_cannot_both_pass_the_guard(
         refused = [k for k, v in out.items() if isinstance(v, mn.PolicyViolation)]
         assert refused, f"both released: their difference is row 7's salary ({out['all']} vs {out['rest']})"
         assert all("differencing" in str(out[k]) for k in refused)
+
+
+def test_a_name_reused_as_a_derived_dataset_is_charged_to_its_root_on_the_head(
+    head: KernelProc, tmp_path: Path
+) -> None:
+    """Session 7: the head remembered each name's budget root for its whole life (its store context never changes).
+
+    An analyst's first name ``X`` is a DP dataset of its own (a second key's); the head resolves X's root as X. The
+    second key deletes X, and the analyst names a prediction over the victim's DP dataset ``X``: its root is the
+    victim's dataset, whose budget the analyst has spent. A query of X that the head serves (X merged with the
+    analyst's partitioned table) was charged to X's old ledger, with budget left: the victim's budget escaped.
+    """
+    policy = cast("mn.Policy", head.policy())
+    dp = mn.DataPolicy(privacy=mn.DP(epsilon=1.0, bounds={"salary": (0, 250_000)}, query_epsilon=0.1))
+    with (
+        mn.connect(head.url, policy=policy, identity=tmp_path / "victim") as victim,
+        mn.connect(head.url, policy=policy, identity=tmp_path / "analyst") as analyst,
+        mn.connect(head.url, policy=policy, identity=tmp_path / "accomplice") as accomplice,
+    ):
+        rows = pd.DataFrame({"id": np.arange(200, dtype=np.int64), "salary": np.arange(200, dtype=np.int64) + 1000})
+        victim.upload(rows, "rt_rx_victim", policy=dp, replace=True)
+        accomplice.upload(rows, "rt_rx_name", policy=dp, replace=True)
+        parts = pd.DataFrame({"k": -np.arange(1, 41, dtype=np.float64), "v": np.ones(40)})  # matches no key
+        analyst.upload(parts, "rt_rx_parts", partitions=2, replace=True)
+        mine = analyst.dataframe("rt_rx_parts")
+        assert isinstance(analyst.dataframe("rt_rx_victim").salary.count().collect(epsilon=1.0), mn.DPResult)
+        named = analyst.dataframe("rt_rx_name")
+        via_head = named.merge(mine, left_on="id", right_on="k", how="left").salary.count()
+        assert isinstance(via_head.collect(epsilon=0.1), mn.DPResult)  # the head resolves rt_rx_name's root
+        accomplice.delete_dataset("rt_rx_name")
+        own = pd.DataFrame({"id": np.arange(50, dtype=np.int64), "salary": np.arange(50, dtype=np.int64)})
+        own["y"] = (own.id % 2).astype("float64")
+        model = analyst.gbdt.train(own, label="y", num_boost_round=2)
+        model.predict("rt_rx_victim", name="rt_rx_name")  # the same name, now over the victim's rows
+        reused = analyst.dataframe("rt_rx_name")
+        again = reused.merge(mine, left_on="prediction", right_on="k", how="left").prediction.count()
+        with pytest.raises(mn.PolicyViolation, match="budget"):
+            again.collect(epsilon=0.5)  # the victim's budget is spent: refused, whichever evaluator serves it
