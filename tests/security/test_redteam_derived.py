@@ -53,3 +53,24 @@ def test_a_derived_dataset_sees_every_release_of_its_root(lab: dict[str, Any]) -
     with pytest.raises(mn.PolicyViolation, match="differencing"):
         rest = int(marks[(marks < 0.5) | (marks > 1.5)].count().collect())  # every row but id 7
         assert rest != 199
+
+
+def test_a_replaced_dataset_with_more_rows_keeps_a_working_and_protective_history(lab: dict[str, Any]) -> None:
+    """The owner replaces a dataset with one row appended; the guard history of its analysts stays.
+
+    The old releases' records are over 40 rows, the new ones over 41: comparing them failed every later query of
+    the analyst on that dataset (a ValueError, "evaluating the plan failed"). Now positions are compared as they
+    are: the appended row is one no old release held, so "sum of all rows" before and after (their difference is
+    the new row's value) is refused, and any query far from the old releases is answered.
+    """
+    owner, analyst = lab["owner"], lab["analyst"]
+    policy = mn.DataPolicy(min_group_size=5)
+    owner.upload(pd.DataFrame({"x": np.arange(40, dtype=np.int64)}), "rt_drv_grow", policy=policy, replace=True)
+    assert int(analyst.dataframe("rt_drv_grow").x.sum().collect()) == sum(range(40))
+    grown = pd.DataFrame({"x": np.append(np.arange(40, dtype=np.int64), 777_777)})
+    owner.upload(grown, "rt_drv_grow", policy=policy, replace=True)
+    sdf = analyst.dataframe("rt_drv_grow")
+    assert int(sdf[sdf.x >= 20].x.count().collect()) == 21
+    with pytest.raises(mn.PolicyViolation, match="differencing"):
+        total = int(sdf.x.sum().collect())
+        assert total - sum(range(40)) != 777_777
