@@ -157,3 +157,46 @@ def test_a_name_reused_as_a_derived_dataset_is_charged_to_its_root_on_the_head(
         again = reused.merge(mine, left_on="prediction", right_on="k", how="left").prediction.count()
         with pytest.raises(mn.PolicyViolation, match="budget"):
             again.collect(epsilon=0.5)  # the victim's budget is spent: refused, whichever evaluator serves it
+
+
+def test_two_analysts_charging_one_cap_at_once_through_the_head_and_a_worker_stay_under_it(
+    head: KernelProc, tmp_path: Path
+) -> None:
+    """The owner's cap over all analysts (``total_epsilon``) is charged by two evaluators, in two processes, at once.
+
+    The turn per party does not serialise two parties; the ledger's *write, then verify* does: at most one of two
+    charges that together pass the cap is kept, whichever evaluator makes it (``enclave/dp.py``).
+    """
+    policy = cast("mn.Policy", head.policy())
+    dp = mn.DP(epsilon=1.0, total_epsilon=1.0, bounds={"salary": (0, 250_000)})
+    with (
+        mn.connect(head.url, policy=policy, identity=tmp_path / "owner") as owner,
+        mn.connect(head.url, policy=policy, identity=tmp_path / "a") as a,
+        mn.connect(head.url, policy=policy, identity=tmp_path / "b") as b,
+    ):
+        rows = pd.DataFrame({"id": np.arange(200, dtype=np.int64), "salary": np.arange(200, dtype=np.int64) + 1000})
+        owner.upload(rows, "rt_cap_rows", policy=mn.DataPolicy(privacy=dp), replace=True)
+        parts = pd.DataFrame({"k": -np.arange(1, 41, dtype=np.int64), "v": np.ones(40)})
+        a.upload(parts, "rt_cap_parts", partitions=2, replace=True)
+        pa, pb, mine = a.dataframe("rt_cap_rows"), b.dataframe("rt_cap_rows"), a.dataframe("rt_cap_parts")
+        out: dict[str, Any] = {}
+
+        def run(key: str, query: Any) -> None:
+            try:
+                out[key] = query.collect(epsilon=0.6)
+            except mn.PolicyViolation as exc:
+                out[key] = exc
+
+        threads = [
+            threading.Thread(
+                target=run, args=("head", pa.merge(mine, left_on="id", right_on="k", how="left").salary.count())
+            ),
+            threading.Thread(target=run, args=("worker", pb.salary.count())),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        released = [k for k, v in out.items() if isinstance(v, mn.DPResult)]
+        assert len(out) == 2 and len(released) <= 1, out
+        assert all("budget" in str(v) for v in out.values() if isinstance(v, mn.PolicyViolation))
