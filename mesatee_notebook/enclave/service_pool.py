@@ -29,7 +29,7 @@ from typing import Any
 
 from mesatee_notebook.enclave.fairqueue import FairQueue
 from mesatee_notebook.enclave.sessions import ExecutorHandle
-from mesatee_notebook.errors import ExecutorCrashed, RemoteInterrupted
+from mesatee_notebook.errors import ExecutorCrashed, MesateeError, RemoteInterrupted
 from mesatee_notebook.wire.stream import Message
 
 __all__ = ["ServicePool", "default_pool_size"]
@@ -137,7 +137,9 @@ class ServicePool:
             if ticket.cancelled and ticket.slot is None:
                 msg = f"service call {service!r} was cancelled by its party before it started"
                 raise RemoteInterrupted(msg, service=service)
-            assert ticket.slot is not None
+            if ticket.slot is None:  # still queued when the pool shut down: no worker is started for it
+                msg = "the kernel is shutting down"
+                raise MesateeError(msg)
             fresh = self._last_slot.get(party) != ticket.slot
             worker = self._worker_for(ticket.slot)
             with self._cond:
@@ -196,9 +198,11 @@ class ServicePool:
             }
 
     def shutdown(self) -> None:
-        """Stop every worker."""
+        """Stop every worker; calls still queued fail with ``MesateeError`` (running ones finish or fail)."""
         with self._cond:
             self._fair.close()
+            for ticket in self._fair.drain():  # queued calls end with an error, rather than start a worker later
+                ticket.ready.set()
             workers, self._workers = self._workers, [None] * self.size
         for worker in workers:
             if worker is not None:

@@ -113,3 +113,50 @@ def test_party_turns_serialise_one_party_only_and_forget_idle_parties() -> None:
     t2.join(5)
     assert inside == ["a1", "b", "a2"]
     assert len(turns) == 0  # nothing kept for a party with no call in flight (a Sybil's identities cost nothing)
+
+
+def test_a_call_queued_when_the_pool_shuts_down_fails_and_starts_no_worker() -> None:
+    """Before, a call still queued at shutdown started a fresh worker in the stopped pool when a slot came free."""
+    started: list[threading.Event] = []
+
+    class Blocking:
+        alive = True
+
+        def __init__(self) -> None:
+            self.go = threading.Event()
+            started.append(self.go)
+
+        def exchange(self, *args: Any) -> Any:
+            self.go.wait(5)
+            return "done"
+
+        def shutdown(self) -> None:
+            self.go.set()
+
+    pool = ServicePool("general", 1, Blocking, lambda details: None)  # type: ignore[arg-type]
+    out: dict[str, Any] = {}
+
+    def call(party: str) -> None:
+        try:
+            out[party] = pool.run(party, party, "svc", {}, [], [], lambda w, m: True, 5)
+        except MesateeError as exc:
+            out[party] = exc
+
+    first = threading.Thread(target=call, args=("a",))
+    first.start()
+    for _ in range(100):
+        if started:
+            break
+        threading.Event().wait(0.02)
+    second = threading.Thread(target=call, args=("b",))
+    second.start()
+    for _ in range(100):
+        if pool.status()["queued"]:
+            break
+        threading.Event().wait(0.02)
+    assert pool.status()["queued"]
+    pool.shutdown()  # stops a's worker (its call returns), and b was still queued
+    first.join(5)
+    second.join(5)
+    assert isinstance(out["b"], MesateeError) and "shutting down" in str(out["b"])
+    assert len(started) == 1  # no worker was started for b after the shutdown
