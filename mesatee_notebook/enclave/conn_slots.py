@@ -13,9 +13,13 @@ first served:
 - a proven party holds at most ``max_per_party`` connections: its next one is refused after hello (its own others
   stay).
 
-So a flood of silent or anonymous connections costs other parties nothing but a reconnect of a half-open socket;
-what is left is a Sybil of proven identities that each open sessions (each one costs the attacker a TLS handshake,
-a hello, a signature and an executor) - docs/architecture.md, "Limits before trust, quotas".
+So a flood of silent or anonymous connections costs other parties nothing but a reconnect of a half-open socket,
+and no connection of a proven party is ever closed to make room, busy or idle. What is left is a Sybil of proven
+identities: a key pair is free to make, and a proven connection holds its slot with no session open, so each slot
+costs the attacker a TLS handshake, a hello and a signature (no executor); ``max_connections`` such connections
+lock newcomers out until they close (red team, session 7: ``tests/core/test_conn_slots.py``). The kernel has no
+registry of parties to tell a Sybil from a new party; a deployment that has one should admit only its keys -
+docs/architecture.md, "Limits before trust, quotas".
 """
 
 from __future__ import annotations

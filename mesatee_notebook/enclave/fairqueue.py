@@ -7,7 +7,8 @@ where a slot is a service worker) and by the cluster head's lane (``enclave/clus
 a turn on the cluster).
 
 The queue does no locking and no waiting: its owner holds its own lock (a ``threading.Condition``) around every
-call and wakes the tickets that :meth:`FairQueue.dispatch` starts.
+call and wakes the tickets that :meth:`FairQueue.dispatch` starts. A closed queue (the kernel shuts down) refuses
+every new ticket with the one typed error, so its owners need no closed flag of their own.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
+
+from mesatee_notebook.errors import MesateeError
 
 __all__ = ["FairQueue"]
 
@@ -28,9 +31,22 @@ class FairQueue(Generic[T]):
         self._queues: dict[str, collections.deque[T]] = {}
         self._order: collections.deque[str] = collections.deque()  # parties with waiting tickets, in turn
         self.running: dict[str, T] = {}  # party -> its running ticket
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (no ticket is queued any more)."""
+        return self._closed
+
+    def close(self) -> None:
+        """Refuse every later :meth:`push`; tickets already queued or running stay (see :meth:`drain`)."""
+        self._closed = True
 
     def push(self, party: str, ticket: T) -> None:
-        """Queue ``ticket`` behind ``party``'s earlier ones."""
+        """Queue ``ticket`` behind ``party``'s earlier ones; ``MesateeError`` once the queue is closed."""
+        if self._closed:
+            msg = "the kernel is shutting down"
+            raise MesateeError(msg)
         if party not in self._queues:
             self._queues[party] = collections.deque()
             self._order.append(party)

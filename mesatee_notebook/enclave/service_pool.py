@@ -77,7 +77,6 @@ class ServicePool:
         self._free: list[int] = list(range(size))
         self._fair: FairQueue[_Ticket] = FairQueue()  # per-party queues, round robin, one running call per party
         self._last_slot: dict[str, int] = {}
-        self._closed = False
 
     # -- scheduling ---------------------------------------------------------------------------------------------
     def _dispatch(self) -> None:
@@ -131,17 +130,16 @@ class ServicePool:
         """Queue the call for ``party``, wait for a worker, run it there and return the worker's reply."""
         ticket = _Ticket(party, nonce, service)
         with self._cond:
-            if self._closed:
-                msg = "the kernel is shutting down"
-                raise MesateeError(msg)
-            self._fair.push(party, ticket)
+            self._fair.push(party, ticket)  # refused once the pool is shut down
             self._dispatch()
         ticket.ready.wait()
         try:
             if ticket.cancelled and ticket.slot is None:
                 msg = f"service call {service!r} was cancelled by its party before it started"
                 raise RemoteInterrupted(msg, service=service)
-            assert ticket.slot is not None
+            if ticket.slot is None:  # still queued when the pool shut down: no worker is started for it
+                msg = "the kernel is shutting down"
+                raise MesateeError(msg)
             fresh = self._last_slot.get(party) != ticket.slot
             worker = self._worker_for(ticket.slot)
             with self._cond:
@@ -200,9 +198,11 @@ class ServicePool:
             }
 
     def shutdown(self) -> None:
-        """Stop every worker."""
+        """Stop every worker; calls still queued fail with ``MesateeError`` (running ones finish or fail)."""
         with self._cond:
-            self._closed = True
+            self._fair.close()
+            for ticket in self._fair.drain():  # queued calls end with an error, rather than start a worker later
+                ticket.ready.set()
             workers, self._workers = self._workers, [None] * self.size
         for worker in workers:
             if worker is not None:

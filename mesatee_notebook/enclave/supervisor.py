@@ -29,6 +29,7 @@ from mesatee_notebook.enclave.connection import Connection
 from mesatee_notebook.enclave.hardening import harden_process
 from mesatee_notebook.enclave.hw_providers import open_level_hardware
 from mesatee_notebook.enclave.kernel_keys import KernelIdentity
+from mesatee_notebook.enclave.party_turns import GUARDED_SERVICES, PartyTurns
 from mesatee_notebook.enclave.platform import load_platform
 from mesatee_notebook.enclave.quotas import ByteBudget, QuotaBook
 from mesatee_notebook.enclave.sandbox import Sandbox
@@ -176,8 +177,9 @@ class Kernel:
         self._spare: ExecutorHandle | None = None
         self._pools_lock = threading.Lock()
         self._sealed_store: tuple[tuple[bytes, str], Any] | None = None
-        # Service calls share this gate; a migration takes it alone, so no service call runs meanwhile.
-        self.service_gate = _Gate()
+        # Service calls share this gate; a migration takes it alone, so no service call runs meanwhile. A party's
+        # guarded calls (party_turns.GUARDED_SERVICES) take its turn first: one at a time, in the head or a worker.
+        self.service_gate, self.party_turns = _Gate(), PartyTurns()
         from mesatee_notebook.enclave.migration import SealedState
 
         # Before anything opens the live store: stores of other measurements are moved aside and reported.
@@ -289,6 +291,20 @@ class Kernel:
     ) -> Message:
         """Run a service call in its pool, fairly scheduled among the parties waiting there."""
         header = order.to_header() if isinstance(order, RunService) else order
+        guarded = str(header["service"]) in GUARDED_SERVICES  # one at a time per party, head or worker (party_turns)
+        with self.party_turns.turn(party) if guarded else contextlib.nullcontext():
+            return self._run_service(party, nonce, header, payloads, fds, on_message, timeout)
+
+    def _run_service(
+        self,
+        party: str,
+        nonce: str,
+        header: dict[str, Any],
+        payloads: list[Any],
+        fds: list[int],
+        on_message: Any,
+        timeout: float | None,
+    ) -> Message:
         requested = timeout if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) else None
         t = receipting.clamp_timeout(requested, self.config.max_cell_timeout)
         service = str(header["service"])

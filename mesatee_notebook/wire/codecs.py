@@ -39,7 +39,7 @@ import numpy as np
 
 from mesatee_notebook.errors import EncodingError, MalformedFrame
 from mesatee_notebook.wire import frame_layouts
-from mesatee_notebook.wire.arrow_fast import SMALL_FRAME, small_numeric_frame, zero_copy_table
+from mesatee_notebook.wire.arrow_fast import SMALL_FRAME, current_scope, room, small_numeric_frame, zero_copy_table
 from mesatee_notebook.wire.digest import payload_hasher
 
 __all__ = ["KINDS", "Encoded", "decode_value", "digest_parts", "encode_value", "describe"]
@@ -143,15 +143,16 @@ def encode_value(value: Any, *, allow_pickle: bool = False, scope: str | None = 
     """
     import pandas as pd
 
+    scope = current_scope(scope)  # the caches are per party (wire/arrow_fast.py)
     if isinstance(value, pd.DataFrame):
         return _encode_dataframe(value, scope)
     if isinstance(value, pd.Series):
         name = value.name
         frame = value.to_frame(name=_SERIES_COL)
         meta: dict[str, Any] = {"name": name if isinstance(name, (str, int, float)) or name is None else str(name)}
-        return _encode_frame(frame, "arrow.series", meta)
+        return _encode_frame(frame, "arrow.series", meta, scope)
     if isinstance(value, np.ndarray):
-        return _encode_array(value, allow_pickle)
+        return _encode_array(value, allow_pickle, scope)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return Encoded("bytes", [value])
     if value is None or value is pd.NaT or isinstance(value, _SCALARS):
@@ -165,15 +166,15 @@ def _encode_dataframe(df: Any, scope: str | None) -> Encoded:
     raw = frame_layouts.encode_small(df, scope)
     if raw is not None:
         return Encoded("arrow.frame", [raw], {})
-    enc = _encode_frame(df, "arrow.frame", {})
+    enc = _encode_frame(df, "arrow.frame", {}, scope)
     if len(enc.parts) == 1:
         frame_layouts.remember_encoded(df, enc.parts[0], scope)
     return enc
 
 
-def _encode_array(value: np.ndarray[Any, Any], allow_pickle: bool) -> Encoded:
+def _encode_array(value: np.ndarray[Any, Any], allow_pickle: bool, scope: str | None) -> Encoded:
     if not value.dtype.hasobject:
-        return _encode_npy(value)
+        return _encode_npy(value, scope)
     if allow_pickle:
         return _encode_pickle(value)
     msg = _way_out(value) + " (numpy object arrays hold Python objects; use a typed dtype)"
@@ -199,11 +200,11 @@ def _encode_pickle(value: Any) -> Encoded:
         raise EncodingError(msg, type=type(value).__qualname__) from exc
 
 
-def _encode_frame(df: Any, kind: str, meta: dict[str, Any]) -> Encoded:
+def _encode_frame(df: Any, kind: str, meta: dict[str, Any], scope: str | None) -> Encoded:
     import pyarrow as pa
 
     try:
-        table = zero_copy_table(df)  # one chunk per column
+        table = zero_copy_table(df, scope)  # one chunk per column
         if table is None:
             table = pa.Table.from_pandas(df, preserve_index=None)
             if any(col.num_chunks > 1 for col in table.columns):
@@ -280,28 +281,26 @@ class _PartsSink:
         return False
 
 
-def _encode_npy(arr: np.ndarray[Any, Any]) -> Encoded:
+def _encode_npy(arr: np.ndarray[Any, Any], scope: str | None) -> Encoded:
     if not (arr.flags.c_contiguous or arr.flags.f_contiguous):
         arr = np.ascontiguousarray(arr)
     key = (arr.dtype, bool(arr.flags.f_contiguous and not arr.flags.c_contiguous), arr.shape)
-    header = _NPY_HEADS.get(key)
-    if header is None:  # numpy writes the header in Python: remembered per (dtype, order, shape)
+    header = _NPY_HEADS.get(scope, {}).get(key)
+    if header is None:  # numpy writes the header in Python: remembered per (dtype, order, shape), per party
         head = io.BytesIO()
         np.lib.format.write_array_header_2_0(head, np.lib.format.header_data_from_array_1_0(arr))
-        header = _remember(_NPY_HEADS, key, head.getvalue())
+        header = _remember(_NPY_HEADS, scope, key, head.getvalue())
     data = arr.reshape(-1, order="F" if (arr.flags.f_contiguous and not arr.flags.c_contiguous) else "C")
     body: Any = data.view(np.uint8).data if data.size else b""
     return Encoded("npy", [header, body])
 
 
-_NPY_HEADS: dict[Any, Any] = {}
-_NPY_PARSED: dict[Any, Any] = {}
+_NPY_HEADS: dict[str | None, dict[Any, Any]] = {}  # scope (party) -> (dtype, order, shape) -> header bytes
+_NPY_PARSED: dict[str | None, dict[Any, Any]] = {}  # scope (party) -> header bytes -> parsed header
 
 
-def _remember(cache: dict[Any, Any], key: Any, value: Any) -> Any:
-    if len(cache) >= 1024:
-        cache.clear()
-    cache[key] = value
+def _remember(cache: dict[str | None, dict[Any, Any]], scope: str | None, key: Any, value: Any) -> Any:
+    room(cache, scope, 1024)[key] = value
     return value
 
 
@@ -313,12 +312,13 @@ def decode_value(
     ``scope``: whose remembered small-frame layouts may be used (``wire/frame_layouts.py``); a process that decodes
     for several parties (the service worker) passes the party, so layouts are never shared between parties.
     """
+    scope = current_scope(scope)  # the caches are per party (wire/arrow_fast.py)
     if kind == "arrow.frame":
         return _decode_dataframe(buf, meta or {}, scope)
     if kind == "arrow.series":
         return _decode_frame(kind, buf, meta or {})
     if kind == "npy":
-        return _decode_npy(buf)
+        return _decode_npy(buf, scope)
     if kind == "bytes":
         return bytes(buf)
     if kind == "msgpack":
@@ -374,17 +374,17 @@ def _decode_frame(kind: str, buf: Any, meta: dict[str, Any]) -> Any:
     return series
 
 
-def _decode_npy(buf: Any) -> np.ndarray[Any, Any]:
+def _decode_npy(buf: Any, scope: str | None) -> np.ndarray[Any, Any]:
     view = memoryview(buf).cast("B")
     head = bytes(view[: min(view.nbytes, 1 << 16)])
     wide = head[6:7] != b"\x01"  # format 2.0+: a 4-byte header length
     size = 12 + int.from_bytes(head[8:12], "little") if wide else 10 + int.from_bytes(head[8:10], "little")
     key = head[:size] if size <= 256 else None  # the exact header bytes: parsed once, then looked up
-    parsed = _NPY_PARSED.get(key) if key is not None else None
+    parsed = _NPY_PARSED.get(scope, {}).get(key) if key is not None else None
     if parsed is None:
         parsed = _npy_header(head)
         if key is not None and parsed[3] == size:
-            _remember(_NPY_PARSED, key, parsed)
+            _remember(_NPY_PARSED, scope, key, parsed)
     shape, fortran, dtype, offset = parsed
     if dtype.hasobject:
         msg = "refusing a .npy payload with dtype=object (it would need pickle)"

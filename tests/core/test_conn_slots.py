@@ -89,3 +89,25 @@ def test_handed_over_reports_a_slot_given_up_meanwhile() -> None:
     c, _ = _pair()
     assert slots.admit(c, "new") is not None
     assert not slots.handed_over(t, a)
+
+
+def test_a_proven_partys_connection_is_never_evicted_and_a_sybil_needs_no_session() -> None:
+    """Red team, session 7: what holds, and the limit the docs state (conn_slots.py's docstring).
+
+    A full table of proven connections, idle ones included, is never broken up for a newcomer: a party cannot evict
+    another party's proven connection. The other side of it: identities with no session open hold every slot too.
+    """
+    slots = ConnectionSlots(max_connections=4, max_pending=2, max_per_party=1)
+    pairs = [_pair() for _ in range(4)]
+    victim = Peer(True, "victim")  # idle: no session open
+    for i, peer in enumerate((victim, Peer(True, "sybil-1"), Peer(True, "sybil-2"), Peer(True, "sybil-3"))):
+        t = slots.admit(pairs[i][0], f"c{i}")
+        assert t is not None
+        slots.attach(t, peer)
+    for _ in range(3):  # newcomers: refused, whoever they will turn out to be
+        assert slots.admit(_pair()[0], "newcomer") is None
+    assert len(slots) == 4
+    for _, far in pairs:  # the idle victim (and everyone else) kept its connection: nothing was shut down
+        far.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            far.recv(1)

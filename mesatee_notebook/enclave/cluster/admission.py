@@ -61,7 +61,6 @@ class ClusterLane:
         self.slots = slots
         self._cond = threading.Condition()
         self._fair: FairQueue[_Ticket] = FairQueue()  # the service pools' fair queue (enclave/fairqueue.py)
-        self._closed = False
 
     def _dispatch(self) -> None:
         """Start waiting tickets while slots are free (caller holds the lock)."""
@@ -72,10 +71,7 @@ class ClusterLane:
         """Wait for this party's turn on the cluster, hold a slot for the block."""
         ticket = _Ticket(party)
         with self._cond:
-            if self._closed:
-                msg = "the kernel is shutting down"
-                raise MesateeError(msg)
-            self._fair.push(party, ticket)
+            self._fair.push(party, ticket)  # refused once the lane is closed
             self._dispatch()
         ticket.ready.wait()
         try:
@@ -95,12 +91,12 @@ class ClusterLane:
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._fair.closed
 
     def close(self) -> None:
         """Release every waiting call with an error (the kernel stops); calls already running finish."""
         with self._cond:
-            self._closed = True
+            self._fair.close()
             for ticket in self._fair.drain():
                 ticket.ready.set()
 
@@ -130,6 +126,11 @@ def close_lane(kernel: Kernel) -> None:
 
 @contextlib.contextmanager
 def admitted(kernel: Kernel, party: str) -> Iterator[None]:
-    """The service gate (shared, as every service call) and this party's turn on the cluster."""
-    with kernel.service_gate.shared(), lane_of(kernel).turn(party):
+    """The service gate (shared, as every service call) and this party's turn on the cluster.
+
+    Within it, the codecs' caches of the head's process are the party's (``wire/arrow_fast.caller_scope``).
+    """
+    from mesatee_notebook.wire.arrow_fast import caller_scope
+
+    with kernel.service_gate.shared(), lane_of(kernel).turn(party), caller_scope(party):
         yield

@@ -36,7 +36,7 @@ from mesatee_notebook.enclave.datasets import data_name, load_meta
 from mesatee_notebook.enclave.frame_eval import _Run
 from mesatee_notebook.enclave.frame_values import _FrameV, _Origin, _ScalarV, _SeriesV
 from mesatee_notebook.enclave.frames import FrameEvaluator, FrameResult
-from mesatee_notebook.enclave.services.frames import SealedGuardStore, SealedLedgerStore
+from mesatee_notebook.enclave.services.frames import SealedGuardStore, SealedLedgerStore, new_call
 from mesatee_notebook.errors import MesateeError, NotFound, PolicyViolation
 from mesatee_notebook.wire.datapolicy import DataPolicy
 from mesatee_notebook.wire.ops.aggregates import CountRows, GroupByAgg, Reduce
@@ -242,6 +242,7 @@ class ClusterFrameEvaluator(FrameEvaluator):
         self.head = head
         self.store = head.partitions.store
         sink: dict[str, Any] = {"ctx": _SvcCtx(self.store)}
+        self.sink = sink  # frame_call marks each call on it (services/frames.new_call): roots are read per call
 
         def audit(event: dict[str, Any]) -> None:
             owners = set()
@@ -365,6 +366,7 @@ def frame_call(kernel: Kernel, head: ClusterHead, party: str, service: str, args
     from mesatee_notebook.wire.codecs import encode_value
 
     ev = _evaluator(kernel, head)
+    new_call(ev.sink)  # a name's budget root is read again for each call (it may have been deleted and reused)
     if service != "frame.collect":
         name = str(args.get("name", ""))
         _check_readers(ev, [name], party)

@@ -137,7 +137,10 @@ def dispatch(name: str, ctx: ServiceContext, args: dict[str, Any], inputs: dict[
         known = ", ".join(sorted(_REGISTRY)) or "none"
         msg = f"no service {name!r} in this kernel (available: {known})"
         raise NotFound(msg)
-    return fn(ctx, args, inputs)
+    from mesatee_notebook.wire.arrow_fast import caller_scope
+
+    with caller_scope(ctx.party):  # the codecs' caches in this worker are the caller's (wire/arrow_fast.py)
+        return fn(ctx, args, inputs)
 
 
 def registered() -> list[str]:

@@ -13,7 +13,7 @@ from mesatee_notebook.enclave.services.datasets import load_dataset, load_meta
 from mesatee_notebook.errors import NotFound
 from mesatee_notebook.wire.datapolicy import DataPolicy
 
-__all__ = ["SealedDatasets", "budget_root"]
+__all__ = ["SealedDatasets", "budget_root", "new_call"]
 
 
 def budget_root(ctx: ServiceContext, dataset: str) -> str:
@@ -34,11 +34,17 @@ def budget_root(ctx: ServiceContext, dataset: str) -> str:
 
 
 class _Roots:
-    """``budget_root`` per dataset name, remembered for one call (a name may be deleted and reused later)."""
+    """``budget_root`` per dataset name, remembered for one call (a name may be deleted and reused later).
+
+    A call is marked by :func:`new_call`, not by the context object: the cluster head's store context lives as long
+    as the head, so keyed by it the head remembered a name's root for good; a name deleted and reused for a
+    dataset derived from another's rows was then charged to its old ledger (red team, session 7:
+    ``tests/cluster/test_redteam_cluster.py``). An ``id()`` of a freed context could also come back.
+    """
 
     def __init__(self, sink: dict[str, Any]) -> None:
         self._sink = sink
-        self._seen: tuple[int, dict[str, str]] = (0, {})
+        self._seen: tuple[int, dict[str, str]] = (-1, {})
 
     @classmethod
     def of(cls, sink: dict[str, Any]) -> _Roots:
@@ -50,13 +56,19 @@ class _Roots:
 
     def __call__(self, dataset: str) -> str:
         ctx: ServiceContext = self._sink["ctx"]
+        call = int(self._sink.get("call", 0))
         key, cache = self._seen
-        if key != id(ctx):
+        if key != call:
             cache = {}
-            self._seen = (id(ctx), cache)
+            self._seen = (call, cache)
         if dataset not in cache:
             cache[dataset] = budget_root(ctx, dataset)
         return cache[dataset]
+
+
+def new_call(sink: dict[str, Any]) -> None:
+    """A new call starts on ``sink``'s evaluator: the roots remembered for the last one are forgotten."""
+    sink["call"] = int(sink.get("call", 0)) + 1
 
 
 class SealedDatasets(Mapping[str, tuple[pd.DataFrame, DataPolicy, str]]):
@@ -128,6 +140,10 @@ class SealedGuardStore:
         self._sink = sink
         self._root = _Roots.of(sink)
 
+    def root(self, dataset: str) -> str:
+        """:func:`budget_root` (the guard keeps its history in memory per root too)."""
+        return self._root(dataset)
+
     def _prefix(self, party: str, dataset: str) -> str:
         return f"guard/{party}/{self._root(dataset)}"  # a derived dataset's releases count in its root's history
 
@@ -174,6 +190,7 @@ def _bind(ctx: ServiceContext) -> FrameEvaluator:
     _, registry, sink = ctx.state["frame_evaluator"]
     registry.ctx = ctx
     sink["ctx"] = ctx
+    new_call(sink)
     if ctx.fresh:
         ev.forget_party(ctx.party)  # another worker served this party since: re-read its guard history
     return ev
