@@ -173,6 +173,13 @@ def _enclave_parser() -> argparse.ArgumentParser:
         help="close a connection that sends nothing for this many seconds (0: never); clients ping to stay open",
     )
     sp.add_argument(
+        "--result-send-timeout",
+        type=_timeout,
+        default=30.0,
+        help="close a connection whose client takes longer than this many seconds to read one 8 MiB chunk of a "
+        "large result (0: never); a stalled reader would hold a service worker",
+    )
+    sp.add_argument(
         "--service-workers",
         type=int,
         default=None,
@@ -420,6 +427,7 @@ def _serve_config(args: argparse.Namespace) -> tuple[Level, KernelConfig]:
         hw_root=args.hw_root,
         anonymous_limits=replace(ANONYMOUS_LIMITS, max_payload=min(args.anonymous_max_payload, args.max_payload)),
         idle_connection_timeout=args.idle_connection_timeout,
+        result_send_timeout=args.result_send_timeout,
         anonymous_inflight_bytes=args.anonymous_inflight_bytes,
         party_quota=Quota(**{limit: getattr(args, f"party_{limit}") for limit in LIMITS}),
         anonymous_quota=Quota(**{limit: getattr(args, f"anonymous_{limit}") for limit in LIMITS}),

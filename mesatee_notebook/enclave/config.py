@@ -61,6 +61,9 @@ class KernelConfig:
     hello_timeout: float = 60.0
     #: Close a connection that sends no frame for this long (None: never); clients send keepalive pings.
     idle_connection_timeout: float | None = 300.0
+    #: Cut a client off that takes longer than this to take one chunk (8 MiB) of a streamed result (None: never):
+    #: the relay holds a service worker while it waits (enclave/result_stream.py deadline_sender).
+    result_send_timeout: float | None = 30.0
     #: Per proven party, and one shared quota for all anonymous clients (see enclave/quotas.py).
     party_quota: Quota = PARTY_QUOTA
     anonymous_quota: Quota = ANONYMOUS_QUOTA

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from mesatee_notebook.attestation.measurement import canonical_json
 from mesatee_notebook.enclave import receipting
-from mesatee_notebook.enclave.result_stream import ChunkRelay
+from mesatee_notebook.enclave.result_stream import ChunkRelay, deadline_sender
 from mesatee_notebook.enclave.sessions import ExecutorHandle, KernelSession
 from mesatee_notebook.enclave.shm import SharedAllocator
 from mesatee_notebook.errors import (
@@ -325,7 +325,7 @@ class Connection:
         msg.payloads.clear()  # digested and handed on (the worker has its own descriptors): unmap them here now,
         alloc.close()  # so the inputs' memory goes as soon as the service lets go of them (P8), not after the call
         started = time.time()
-        relay = ChunkRelay(lambda h, p, into: self.comm.send(h, p, hasher=into), rid)  # large results, in chunks
+        relay = ChunkRelay(deadline_sender(self.comm, k.config.result_send_timeout), rid)  # large results, in chunks
 
         def on_message(worker: ExecutorHandle, m: Message) -> bool:
             if m.type == ResultChunk.T:

@@ -13,19 +13,24 @@ received.
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from mesatee_notebook.enclave.ipc import ValueOut
-from mesatee_notebook.errors import MalformedFrame, MesateeError
+from mesatee_notebook.errors import KernelConnectionError, MalformedFrame, MesateeError
 from mesatee_notebook.wire.arrow_chunks import CHUNKED_MIN, split_parts
 from mesatee_notebook.wire.codecs import encode_value
+from mesatee_notebook.wire.comm import Comm
 from mesatee_notebook.wire.digest import Hasher, payload_hasher
 from mesatee_notebook.wire.protocol import ResultChunk
 from mesatee_notebook.wire.stream import Message
 
-__all__ = ["ChunkRelay", "encode_results"]
+__all__ = ["ChunkRelay", "deadline_sender", "encode_results"]
+
+log = logging.getLogger("mesatee.enclave")
 
 
 def encode_results(
@@ -127,3 +132,38 @@ class ChunkRelay:
             raise MalformedFrame(m)
         result.header["values"] = kept
         return subjects, specs
+
+
+Send = Callable[[dict[str, Any], list[Any], Hasher], object]
+
+
+def deadline_sender(comm: Comm, seconds: float | None) -> Send:
+    """The relay's write to the client: a chunk the client does not take within ``seconds`` cuts it off.
+
+    The relay writes a chunk to the client before it reads the next from the service worker, so a client that asks
+    for a large result and stops reading holds that worker; a few identities would hold the whole pool and stall
+    every other party (red team, session 7: ``tests/security/test_redteam_stream.py``). A timer thread shuts the
+    connection down when a chunk's write outlasts ``seconds`` (``Comm.abort``: the blocked write fails at once);
+    the relay then drains the worker's remaining chunks, the worker is free, and the client's connection is gone.
+    """
+
+    def send(header: dict[str, Any], payloads: list[Any], hasher: Hasher) -> object:
+        if seconds is None:
+            return comm.send(header, payloads, hasher=hasher)
+        timer = threading.Timer(seconds, _cut_off, (comm, seconds))
+        timer.daemon = True
+        timer.start()
+        try:
+            return comm.send(header, payloads, hasher=hasher)
+        except OSError as exc:  # the socket's own timeout (a TimeoutError is passed on unwrapped)
+            msg = f"the client did not take a result chunk within {seconds:g} s"
+            raise KernelConnectionError(msg) from exc
+        finally:
+            timer.cancel()
+
+    return send
+
+
+def _cut_off(comm: Comm, seconds: float) -> None:
+    log.info("a client took longer than %g s to read a result chunk: its connection is closed", seconds)
+    comm.abort()
