@@ -117,6 +117,8 @@ class TVMModel:
 
     __slots__ = (
         "_args",
+        "_dtypes",
+        "_getitem",
         "_lock",
         "_main",
         "_views",
@@ -139,12 +141,14 @@ class TVMModel:
         self.from_cache = from_cache
         self.inputs = tuple(TensorSpec.from_json(d) for d in meta["inputs"])
         self.outputs = tuple(TensorSpec.from_json(d) for d in meta["outputs"])
+        self._dtypes = tuple(np.dtype(s.dtype) for s in self.inputs)
         try:
             lib = tvm.runtime.load_module(str(path))
             self._vm = relax.VirtualMachine(lib, tvm.cpu())
             self._main = self._vm["main"]
             self._args = [tvm.runtime.empty(s.shape, s.dtype, tvm.cpu()) for s in self.inputs]
             self._views = [np.from_dlpack(a) for a in self._args]  # numpy views of the input tensors
+            self._getitem = _array_getitem()
         except Exception as exc:  # TVM raises its own error classes from C++
             msg = f"cannot load the compiled module {path.name}: {exc}"
             raise CompileError(msg) from exc
@@ -162,8 +166,8 @@ class TVMModel:
 
     def _arguments(self, inputs: Mapping[str, Any] | np.ndarray) -> list[np.ndarray]:
         if type(inputs) is np.ndarray and len(self.inputs) == 1:  # the batch-1 fast path: nothing to convert
-            spec = self.inputs[0]
-            if inputs.shape == spec.shape and inputs.dtype.name == spec.dtype:
+            # ``dtype ==`` against the dtype made once: ``dtype.name`` alone cost ~4 µs a call (docs/benchmarks.md, P5)
+            if inputs.shape == self.inputs[0].shape and inputs.dtype == self._dtypes[0]:
                 return [inputs]  # np.copyto in run() reads any strides
         if isinstance(inputs, np.ndarray):
             if len(self.inputs) != 1:
@@ -200,19 +204,35 @@ class TVMModel:
         call under a lock: allocating them cost more than the whole batch-1 MLP. They are refilled
         through numpy views of them (``np.copyto``: ~0.7 µs, where ``Tensor.copyfrom`` took ~8 µs),
         and outputs leave through DLPack and a numpy copy (~1 µs, where ``Tensor.numpy()`` took ~9 µs;
-        the copy keeps a caller from aliasing a constant or an input buffer the VM returned).
+        the copy keeps a caller from aliasing a constant or an input buffer the VM returned). A tuple
+        result is indexed through tvm-ffi's ``ArrayGetItem`` (~0.5 µs, where ``Array.__getitem__``'s
+        length and index checks took ~2 µs per output); the VM returns exactly the outputs it declared.
         """
         arrays = self._arguments(inputs)
         with self._lock:
             for view, value in zip(self._views, arrays, strict=True):
                 np.copyto(view, value)
             result = self._main(*self._args)
-            values = [result] if hasattr(result, "numpy") else [result[i] for i in range(len(self.outputs))]
+            if hasattr(result, "numpy"):
+                values = [result]
+            else:
+                get = self._getitem
+                values = [get(result, i) for i in range(len(self.outputs))]
             return {spec.name: np.from_dlpack(v).copy() for spec, v in zip(self.outputs, values, strict=True)}
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{s.name}{list(s.shape)}" for s in self.inputs)
         return f"TVMModel({shapes}, tuned_trials={self.tuned_trials}, digest={self.digest[:12]})"
+
+
+def _array_getitem() -> Callable[[Any, int], Any]:
+    """tvm-ffi's ``ArrayGetItem`` (what ``Array.__getitem__`` calls after its Python-side checks), or ``[]``."""
+    try:
+        from tvm_ffi import _ffi_api
+
+        return _ffi_api.ArrayGetItem  # type: ignore[no-any-return]
+    except (ImportError, AttributeError):
+        return lambda array, i: array[i]
 
 
 HOST_TARGET = "host"

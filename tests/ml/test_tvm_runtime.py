@@ -108,6 +108,18 @@ def test_inputs_are_refilled_on_every_run(mlp_1024: tvm_runtime.TVMModel) -> Non
     np.testing.assert_allclose(out_b, want_b, rtol=1e-4, atol=1e-4)
 
 
+def test_fast_path_keeps_the_dtype_and_layout_checks(mlp_1024: tvm_runtime.TVMModel) -> None:
+    """The one-array fast path compares dtypes, not names: a byte-swapped or strided array still gives the answer."""
+    x = np.random.default_rng(3).normal(size=(1024, 64)).astype(np.float32)
+    want = mlp_1024.run(x)["logits"]
+    swapped = x.astype(">f4")  # dtype.name is "float32" too; the values must be swapped on the way in
+    np.testing.assert_array_equal(mlp_1024.run(swapped)["logits"], want)
+    strided = np.asfortranarray(x)
+    np.testing.assert_array_equal(mlp_1024.run(strided)["logits"], want)
+    with pytest.raises(InputShapeError, match=r"shape \(1024, 32\)"):
+        mlp_1024.run(x[:, ::2])  # a strided view of the wrong shape is refused, not read past
+
+
 def test_outputs_never_alias_the_reused_input_tensor(tmp_path: Path) -> None:
     """An Identity graph may hand back the input tensor itself; the output is a copy the next run cannot change."""
     compiled = tvm_runtime.compile_onnx(single_op_model("Identity"), {"x": (4, 8)}, tmp_path)
