@@ -165,10 +165,15 @@ class TVMModel:
         return int(self.meta.get("tune_trials", 0))
 
     def _arguments(self, inputs: Mapping[str, Any] | np.ndarray) -> list[np.ndarray]:
-        if type(inputs) is np.ndarray and len(self.inputs) == 1:  # the batch-1 fast path: nothing to convert
-            # ``dtype ==`` against the dtype made once: ``dtype.name`` alone cost ~4 µs a call (docs/benchmarks.md, P5)
-            if inputs.shape == self.inputs[0].shape and inputs.dtype == self._dtypes[0]:
-                return [inputs]  # np.copyto in run() reads any strides
+        # The one-array fast path: nothing to convert. ``dtype ==`` against the dtype made once, where
+        # ``dtype.name`` alone cost ~4 µs a call (docs/benchmarks.md, P5); np.copyto in run() reads any strides.
+        if (
+            type(inputs) is np.ndarray
+            and len(self.inputs) == 1
+            and inputs.shape == self.inputs[0].shape
+            and inputs.dtype == self._dtypes[0]
+        ):
+            return [inputs]
         if isinstance(inputs, np.ndarray):
             if len(self.inputs) != 1:
                 names = ", ".join(s.name for s in self.inputs)
@@ -230,7 +235,7 @@ def _array_getitem() -> Callable[[Any, int], Any]:
     try:
         from tvm_ffi import _ffi_api
 
-        return _ffi_api.ArrayGetItem  # type: ignore[no-any-return]
+        return _ffi_api.ArrayGetItem
     except (ImportError, AttributeError):
         return lambda array, i: array[i]
 
