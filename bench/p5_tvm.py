@@ -57,6 +57,17 @@ _CASES = {
 }
 
 
+def tvm_threads() -> int:
+    """Threads TVM's pool uses in this thread: ``TVM_NUM_THREADS``, else half the logical CPUs on x86 (at least 1).
+
+    TVM assumes two hyper-threads per core on x86, so on this 2-vCPU VM (one thread per core) it runs every
+    kernel on one thread unless ``TVM_NUM_THREADS`` says otherwise (docs/benchmarks.md, P5, session 7).
+    """
+    import tvm
+
+    return int(tvm.get_global_func("runtime.NumThreads")())
+
+
 def fmt(seconds: float) -> str:
     return f"{seconds * 1e6:,.0f} us" if seconds < 1e-2 else f"{seconds * 1e3:,.1f} ms"
 
@@ -336,9 +347,10 @@ def ops(cases: list[str], seconds: float, cache: Path) -> None:
             / timed["onnxruntime (1 thread), whole call"]["p10_s"]
         )
         out[case]["ratio_run_vs_ort_p10"] = ratio
+        out[case]["tvm_threads"] = tvm_threads()
         print(
             f"{case}: load {os.getloadavg()[0]:.1f}, shipped database: {out[case]['shipped_database']}, "
-            f"TVMModel.run / onnxruntime (p10, interleaved) {ratio:.2f}x"
+            f"TVM threads {out[case]['tvm_threads']}, TVMModel.run / onnxruntime (p10, interleaved) {ratio:.2f}x"
         )
         for key, st in timed.items():
             print(f"  {key:<48} p10 {fmt(st['p10_s']):>9}  median {fmt(st['median_s']):>9}")
@@ -426,7 +438,10 @@ def main() -> None:
                 dest = Path(tvm_runtime.__file__).with_name("tuned") / rows[-1]["base_digest"]
                 print(f"    shipped {ship_database(tune_dir, dest)} records to {dest}", flush=True)
 
-    print(f"P5 TVM vs onnxruntime, target {json.dumps(target)}, tuning budget {trials} trials; {os.cpu_count()} cores")
+    print(
+        f"P5 TVM vs onnxruntime, target {json.dumps(target)}, tuning budget {trials} trials; {os.cpu_count()} cores; "
+        f"TVM threads {tvm_threads()}"
+    )
     head = f"{'model':<5} {'batch':>5} {'ort':>10} {'tvm untuned':>12} {'x ort':>7}"
     print(head + f" {'tvm tuned':>10} {'x ort':>7} {'tuning':>8} {'untuned compile':>16} {'cache hit':>10}")
     for r in rows:
@@ -457,7 +472,8 @@ def main() -> None:
         },
         "versions": {"tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__},
         "target": target,
-        "tvm_num_threads": os.environ.get("TVM_NUM_THREADS"),  # unset: TVM's pool uses every core
+        "tvm_num_threads": os.environ.get("TVM_NUM_THREADS"),  # unset: half the logical CPUs on x86 (here 1)
+        "tvm_threads": tvm_threads(),  # what TVM's pool actually uses (runtime.NumThreads)
         "tune_trials": trials,
         "cases": rows,
     }
