@@ -121,6 +121,7 @@ class TVMModel:
         "_getitem",
         "_lock",
         "_main",
+        "_threads",
         "_views",
         "_vm",
         "digest",
@@ -142,6 +143,7 @@ class TVMModel:
         self.inputs = tuple(TensorSpec.from_json(d) for d in meta["inputs"])
         self.outputs = tuple(TensorSpec.from_json(d) for d in meta["outputs"])
         self._dtypes = tuple(np.dtype(s.dtype) for s in self.inputs)
+        self._threads = _module_threads(self.meta)
         try:
             lib = tvm.runtime.load_module(str(path))
             self._vm = relax.VirtualMachine(lib, tvm.cpu())
@@ -158,6 +160,11 @@ class TVMModel:
     def library_sha256(self) -> str:
         """SHA-256 of the compiled ``.so`` that runs (checked before loading), for receipts."""
         return str(self.meta["so_sha256"])
+
+    @property
+    def threads(self) -> int | None:
+        """Threads this module's kernels run on (``meta["threads"]``), or None: TVM's own default decides."""
+        return self._threads
 
     @property
     def tuned_trials(self) -> int:
@@ -217,6 +224,8 @@ class TVMModel:
         with self._lock:
             for view, value in zip(self._views, arrays, strict=True):
                 np.copyto(view, value)
+            if self._threads is not None and getattr(_POOL, "threads", None) != self._threads:
+                _set_pool_threads(self._threads)
             result = self._main(*self._args)
             if hasattr(result, "numpy"):
                 values = [result]
@@ -228,6 +237,42 @@ class TVMModel:
     def __repr__(self) -> str:
         shapes = ", ".join(f"{s.name}{list(s.shape)}" for s in self.inputs)
         return f"TVMModel({shapes}, tuned_trials={self.tuned_trials}, digest={self.digest[:12]})"
+
+
+PARALLEL_MIN_FLOPS = 10e6
+"""A module whose kernels estimate at least this many FLOPs a call runs them on every CPU it may use; a smaller
+one on one thread. A batch-1 call (0.2-0.3 MFLOP here, 10-25 µs) is too short to share: the second thread's
+wake-up costs more than it saves; the batch-1024 models (170-270 MFLOP) gain from both cores when they are free
+(docs/benchmarks.md, P5, session 7). TVM's own default on x86 is half the logical CPUs: one thread on a 2-vCPU VM."""
+
+_POOL = threading.local()
+"""The thread count this calling thread's TVM pool is set to (TVM keeps one pool per calling thread)."""
+
+
+def _module_threads(meta: Mapping[str, Any]) -> int | None:
+    """The thread count a module runs with, from ``meta["threads"]`` (``1`` or ``"all"``); None leaves TVM's default.
+
+    ``TVM_NUM_THREADS`` (or ``OMP_NUM_THREADS``) set by the operator decides for every module instead, as do
+    modules compiled before the choice was recorded.
+    """
+    choice = meta.get("threads")
+    if choice is None or "TVM_NUM_THREADS" in os.environ or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return len(os.sched_getaffinity(0)) if choice == "all" else max(1, int(choice))
+
+
+def _set_pool_threads(threads: int) -> None:
+    """Size this calling thread's TVM pool: at most ``threads`` workers, over the CPUs this process may use.
+
+    ``runtime.config_threadpool`` with the CPU list raises TVM's per-thread concurrency limit to that many CPUs
+    (the pool is created with that many workers on its first use in a thread) and lets its workers (and this
+    thread) run on any of them, the affinity the process already has.
+    """
+    import tvm
+
+    cpus = [str(c) for c in sorted(os.sched_getaffinity(0))]
+    tvm.get_global_func("runtime.config_threadpool")(-3, min(threads, len(cpus)), cpus)  # -3: share all the CPUs
+    _POOL.threads = threads
 
 
 def _array_getitem() -> Callable[[Any, int], Any]:
@@ -745,8 +790,10 @@ def _import_model(request: Mapping[str, Any], jobdir: Path, emit: Callable[[dict
 
 def _schedule(
     mod: Any, target: Any, request: Mapping[str, Any], jobdir: Path, emit: Callable[[dict[str, Any]], None]
-) -> tuple[Any, float]:
+) -> tuple[Any, float, float | None]:
     """Legalise and fuse ``mod``, then apply tuned schedules (tuned now, cached, or shipped) if any.
+
+    Returns the module, the tuning seconds and the legalised kernels' estimated FLOPs per call.
 
     Tuned: the weights (constants) are marked layout-free, so MetaSchedule may pick a packed weight
     layout; the weight transform is split out and folded into the constants at compile time.
@@ -768,6 +815,7 @@ def _schedule(
         passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
     with target:
         mod = tvm.transform.Sequential(passes)(mod)
+    flops = _estimated_flops(mod)
     tuning_seconds = 0.0
     if tuned:
         t_tune = time.perf_counter()
@@ -787,7 +835,17 @@ def _schedule(
                     relax.transform.FoldConstant(),
                 ]
             )(mod)
-    return mod, tuning_seconds
+    return mod, tuning_seconds, flops
+
+
+def _estimated_flops(mod: Any) -> float | None:
+    """FLOPs of one call, estimated on the legalised kernels (each counted once); None if TVM cannot tell."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    try:
+        return float(estimate_tir_flops(mod))
+    except Exception:  # an estimate only: a kernel TVM cannot count leaves the pool at TVM's default
+        return None
 
 
 def _child_main(jobdir_str: str, fd: int) -> None:
@@ -809,7 +867,7 @@ def _child_main(jobdir_str: str, fd: int) -> None:
         if mod is None:
             return
         outputs = _output_specs(mod["main"].ret_ty, request["outputs"])
-        mod, tuning_seconds = _schedule(mod, target, request, jobdir, emit)
+        mod, tuning_seconds, flops = _schedule(mod, target, request, jobdir, emit)
         emit({"event": "phase", "phase": "build"})
         executable = tvm.compile(mod, target=target)
         emit({"event": "phase", "phase": "export"})
@@ -823,6 +881,8 @@ def _child_main(jobdir_str: str, fd: int) -> None:
             "shipped_database": bool(request.get("use_tuned")),
             "tuning_seconds": tuning_seconds,
             "compile_seconds": time.perf_counter() - t0,
+            "flops_estimate": flops,
+            "threads": None if flops is None else "all" if flops >= PARALLEL_MIN_FLOPS else 1,
         }
         (jobdir / "result.json").write_text(json.dumps(result))
         emit({"event": "phase", "phase": "done", "elapsed_s": time.perf_counter() - t0})

@@ -120,6 +120,39 @@ def test_fast_path_keeps_the_dtype_and_layout_checks(mlp_1024: tvm_runtime.TVMMo
         mlp_1024.run(x[:, ::2])  # a strided view of the wrong shape is refused, not read past
 
 
+def test_thread_count_follows_the_work(cache: Path, mlp_1024: tvm_runtime.TVMModel) -> None:
+    """A batch-1 module runs on one thread, a batch-1024 one on every CPU; each call sets its own thread's pool."""
+    import threading
+
+    import tvm
+
+    small = tvm_runtime.compile_onnx(mlp_model(), {"x": (1, 64)}, cache)
+    assert small.meta["threads"] == 1 and mlp_1024.meta["threads"] == "all"
+    assert small.meta["flops_estimate"] < tvm_runtime.PARALLEL_MIN_FLOPS <= mlp_1024.meta["flops_estimate"]
+    if "TVM_NUM_THREADS" in os.environ or "OMP_NUM_THREADS" in os.environ:
+        assert small.threads is None and mlp_1024.threads is None  # the operator's setting decides
+        return
+    cpus = len(os.sched_getaffinity(0))
+    assert (small.threads, mlp_1024.threads) == (1, cpus)
+    big_x = np.random.default_rng(5).normal(size=(1024, 64)).astype(np.float32)
+    small_x = big_x[:1].copy()
+    want_big, want_small = mlp_1024.run(big_x)["logits"], small.run(small_x)["logits"]
+    seen: list[Any] = []
+
+    def worker() -> None:  # a fresh calling thread: its own TVM pool, sized by each module it runs
+        count = tvm.get_global_func("runtime.NumThreads")
+        seen.extend([mlp_1024.run(big_x)["logits"], count(), small.run(small_x)["logits"], count()])
+        seen.extend([mlp_1024.run(big_x)["logits"], count()])
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen[1::2] == [cpus, 1, cpus]
+    np.testing.assert_array_equal(seen[0], want_big)
+    np.testing.assert_array_equal(seen[2], want_small)
+    np.testing.assert_array_equal(seen[4], want_big)
+
+
 def test_outputs_never_alias_the_reused_input_tensor(tmp_path: Path) -> None:
     """An Identity graph may hand back the input tensor itself; the output is a copy the next run cannot change."""
     compiled = tvm_runtime.compile_onnx(single_op_model("Identity"), {"x": (4, 8)}, tmp_path)
