@@ -162,8 +162,8 @@ class TVMModel:
         return str(self.meta["so_sha256"])
 
     @property
-    def threads(self) -> int | None:
-        """Threads this module's kernels run on (``meta["threads"]``), or None: TVM's own default decides."""
+    def threads(self) -> int:
+        """Threads this module's kernels run on (``TVM_NUM_THREADS`` if set, else ``meta["threads"]``)."""
         return self._threads
 
     @property
@@ -224,7 +224,7 @@ class TVMModel:
         with self._lock:
             for view, value in zip(self._views, arrays, strict=True):
                 np.copyto(view, value)
-            if self._threads is not None and getattr(_POOL, "threads", None) != self._threads:
+            if getattr(_POOL, "threads", None) != self._threads:
                 _set_pool_threads(self._threads)
             result = self._main(*self._args)
             if hasattr(result, "numpy"):
@@ -243,30 +243,51 @@ PARALLEL_MIN_FLOPS = 10e6
 """A module whose kernels estimate at least this many FLOPs a call runs them on every CPU it may use; a smaller
 one on one thread. A batch-1 call (0.2-0.3 MFLOP here, 10-25 µs) is too short to share: the second thread's
 wake-up costs more than it saves; the batch-1024 models (170-270 MFLOP) gain from both cores when they are free
-(docs/benchmarks.md, P5, session 7). TVM's own default on x86 is half the logical CPUs: one thread on a 2-vCPU VM."""
+(docs/benchmarks.md, P5, session 7)."""
 
 _POOL = threading.local()
 """The thread count this calling thread's TVM pool is set to (TVM keeps one pool per calling thread)."""
 
 
-def _module_threads(meta: Mapping[str, Any]) -> int | None:
-    """The thread count a module runs with, from ``meta["threads"]`` (``1`` or ``"all"``); None leaves TVM's default.
+def _env_threads() -> int | None:
+    """``TVM_NUM_THREADS`` (else ``OMP_NUM_THREADS``) when the operator set it to a positive number."""
+    for name in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return None
 
-    ``TVM_NUM_THREADS`` (or ``OMP_NUM_THREADS``) set by the operator decides for every module instead, as do
-    modules compiled before the choice was recorded.
+
+def _module_threads(meta: Mapping[str, Any]) -> int:
+    """The thread count a module runs with: the operator's ``TVM_NUM_THREADS``, else ``meta["threads"]``.
+
+    ``meta["threads"]`` is ``1`` or ``"all"`` (every CPU this process may use), chosen at compile time from
+    the estimated FLOPs. A module compiled before that was recorded gets TVM's own default: half the
+    logical CPUs on x86 (TVM assumes two hyper-threads per core), all of them elsewhere.
     """
+    cpus = len(os.sched_getaffinity(0))
+    env = _env_threads()
+    if env is not None:
+        return min(env, cpus)
     choice = meta.get("threads")
-    if choice is None or "TVM_NUM_THREADS" in os.environ or "OMP_NUM_THREADS" in os.environ:
-        return None
-    return len(os.sched_getaffinity(0)) if choice == "all" else max(1, int(choice))
+    if choice == "all":
+        return cpus
+    if choice is not None:
+        return max(1, min(int(choice), cpus))
+    import platform
+
+    return max(1, cpus // 2) if platform.machine() in ("x86_64", "AMD64") else cpus
 
 
 def _set_pool_threads(threads: int) -> None:
-    """Size this calling thread's TVM pool: at most ``threads`` workers, over the CPUs this process may use.
+    """Size this calling thread's TVM pool: ``threads`` workers used, over the CPUs this process may use.
 
-    ``runtime.config_threadpool`` with the CPU list raises TVM's per-thread concurrency limit to that many CPUs
-    (the pool is created with that many workers on its first use in a thread) and lets its workers (and this
-    thread) run on any of them, the affinity the process already has.
+    ``runtime.config_threadpool`` with the CPU list sets TVM's per-thread concurrency to that many CPUs (the
+    pool is created with that many workers on its first use in a thread) and lets its workers (and this
+    thread) run on any of them, the affinity the process already has. It also spares every parallel kernel
+    launch a syscall round: unconfigured, TVM asks ``std::thread::hardware_concurrency()`` on each launch,
+    which reads ``/sys/devices/system/cpu/online`` (open, read, close; ~3-4 µs a launch, three to six
+    launches a call here: the CNN's batch-1 VM ``main`` went from 26 to 14 µs).
     """
     import tvm
 

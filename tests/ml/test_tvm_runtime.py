@@ -129,10 +129,10 @@ def test_thread_count_follows_the_work(cache: Path, mlp_1024: tvm_runtime.TVMMod
     small = tvm_runtime.compile_onnx(mlp_model(), {"x": (1, 64)}, cache)
     assert small.meta["threads"] == 1 and mlp_1024.meta["threads"] == "all"
     assert small.meta["flops_estimate"] < tvm_runtime.PARALLEL_MIN_FLOPS <= mlp_1024.meta["flops_estimate"]
-    if "TVM_NUM_THREADS" in os.environ or "OMP_NUM_THREADS" in os.environ:
-        assert small.threads is None and mlp_1024.threads is None  # the operator's setting decides
-        return
     cpus = len(os.sched_getaffinity(0))
+    if tvm_runtime._env_threads() is not None:  # the operator's TVM_NUM_THREADS decides for every module
+        assert small.threads == mlp_1024.threads == min(tvm_runtime._env_threads() or 0, cpus)
+        return
     assert (small.threads, mlp_1024.threads) == (1, cpus)
     big_x = np.random.default_rng(5).normal(size=(1024, 64)).astype(np.float32)
     small_x = big_x[:1].copy()
@@ -151,6 +151,37 @@ def test_thread_count_follows_the_work(cache: Path, mlp_1024: tvm_runtime.TVMMod
     np.testing.assert_array_equal(seen[0], want_big)
     np.testing.assert_array_equal(seen[2], want_small)
     np.testing.assert_array_equal(seen[4], want_big)
+
+
+def _read_syscalls() -> int:
+    lines = Path("/proc/self/io").read_text().splitlines()
+    return int(next(line for line in lines if line.startswith("syscr:")).split()[1])
+
+
+def test_kernel_launches_make_no_syscalls(cache: Path) -> None:
+    """Unconfigured, TVM re-reads /sys/devices/system/cpu/online on every parallel kernel launch (~3-4 µs each).
+
+    Every module configures its calling thread's pool, also one compiled before ``meta["threads"]`` existed.
+    """
+    import threading
+
+    module = tvm_runtime.compile_onnx(cnn_model(), {"image": (1, 3, 16, 16)}, cache)
+    old_meta = {k: v for k, v in module.meta.items() if k != "threads"}
+    for candidate in (module, tvm_runtime.TVMModel(module.path, module.digest, old_meta, from_cache=True)):
+        counts: list[int] = []
+
+        def worker(m: tvm_runtime.TVMModel = candidate, counts: list[int] = counts) -> None:  # an unconfigured pool
+            image = np.zeros((1, 3, 16, 16), np.float32)
+            m.run(image)
+            before = _read_syscalls()
+            for _ in range(200):
+                m.run(image)
+            counts.append(_read_syscalls() - before)
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+        assert counts[0] < 50, f"{counts[0]} read syscalls in 200 runs"  # unconfigured: 3 per parallel launch
 
 
 def test_outputs_never_alias_the_reused_input_tensor(tmp_path: Path) -> None:
