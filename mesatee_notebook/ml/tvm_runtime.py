@@ -32,6 +32,11 @@ builder uses :func:`_ms_build`, which skips that import in every builder worker 
 restarts its builder pool on each batch, paying it again each time); float models on
 ``llvm`` use no tensor intrinsics.
 
+Threads. A module's ``meta.json`` records ``"threads"`` (``1``, or ``"all"`` for kernels estimated at
+:data:`PARALLEL_MIN_FLOPS` or more a call); :meth:`TVMModel.run` sizes the calling thread's TVM pool to it
+(TVM keeps one pool per calling thread) whenever it differs, ``TVM_NUM_THREADS`` overriding. Configuring the
+pool also stops TVM from re-reading ``/sys/devices/system/cpu/online`` on every parallel kernel launch.
+
 Why this module is over ~500 lines: the TVM pipeline: ONNX import, target, tuning database, compile in a child
 process, and the VM run.
 """
