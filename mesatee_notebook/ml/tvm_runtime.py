@@ -254,6 +254,13 @@ _POOL = threading.local()
 """The thread count this calling thread's TVM pool is set to (TVM keeps one pool per calling thread)."""
 
 
+def _cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity), where the platform tells."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 def _env_threads() -> int | None:
     """``TVM_NUM_THREADS`` (else ``OMP_NUM_THREADS``) when the operator set it to a positive number."""
     for name in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):
@@ -270,15 +277,15 @@ def _module_threads(meta: Mapping[str, Any]) -> int:
     the estimated FLOPs. A module compiled before that was recorded gets TVM's own default: half the
     logical CPUs on x86 (TVM assumes two hyper-threads per core), all of them elsewhere.
     """
-    cpus = len(os.sched_getaffinity(0))
+    cpus = len(_cpus())
     env = _env_threads()
     if env is not None:
         return min(env, cpus)
     choice = meta.get("threads")
     if choice == "all":
         return cpus
-    if choice is not None:
-        return max(1, min(int(choice), cpus))
+    if isinstance(choice, int) and choice > 0:
+        return min(choice, cpus)
     import platform
 
     return max(1, cpus // 2) if platform.machine() in ("x86_64", "AMD64") else cpus
@@ -296,7 +303,7 @@ def _set_pool_threads(threads: int) -> None:
     """
     import tvm
 
-    cpus = [str(c) for c in sorted(os.sched_getaffinity(0))]
+    cpus = [str(c) for c in _cpus()]
     tvm.get_global_func("runtime.config_threadpool")(-3, min(threads, len(cpus)), cpus)  # -3: share all the CPUs
     _POOL.threads = threads
 
@@ -870,7 +877,7 @@ def _estimated_flops(mod: Any) -> float | None:
 
     try:
         return float(estimate_tir_flops(mod))
-    except Exception:  # an estimate only: a kernel TVM cannot count leaves the pool at TVM's default
+    except Exception:  # an estimate only: a kernel TVM cannot count gets TVM's default thread count
         return None
 
 
