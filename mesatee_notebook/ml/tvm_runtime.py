@@ -32,6 +32,11 @@ builder uses :func:`_ms_build`, which skips that import in every builder worker 
 restarts its builder pool on each batch, paying it again each time); float models on
 ``llvm`` use no tensor intrinsics.
 
+Threads. A module's ``meta.json`` records ``"threads"`` (``1``, or ``"all"`` for kernels estimated at
+:data:`PARALLEL_MIN_FLOPS` or more a call); :meth:`TVMModel.run` sizes the calling thread's TVM pool to it
+(TVM keeps one pool per calling thread) whenever it differs, ``TVM_NUM_THREADS`` overriding. Configuring the
+pool also stops TVM from re-reading ``/sys/devices/system/cpu/online`` on every parallel kernel launch.
+
 Why this module is over ~500 lines: the TVM pipeline: ONNX import, target, tuning database, compile in a child
 process, and the VM run.
 """
@@ -117,8 +122,11 @@ class TVMModel:
 
     __slots__ = (
         "_args",
+        "_dtypes",
+        "_getitem",
         "_lock",
         "_main",
+        "_threads",
         "_views",
         "_vm",
         "digest",
@@ -139,12 +147,15 @@ class TVMModel:
         self.from_cache = from_cache
         self.inputs = tuple(TensorSpec.from_json(d) for d in meta["inputs"])
         self.outputs = tuple(TensorSpec.from_json(d) for d in meta["outputs"])
+        self._dtypes = tuple(np.dtype(s.dtype) for s in self.inputs)
+        self._threads = _module_threads(self.meta)
         try:
             lib = tvm.runtime.load_module(str(path))
             self._vm = relax.VirtualMachine(lib, tvm.cpu())
             self._main = self._vm["main"]
             self._args = [tvm.runtime.empty(s.shape, s.dtype, tvm.cpu()) for s in self.inputs]
             self._views = [np.from_dlpack(a) for a in self._args]  # numpy views of the input tensors
+            self._getitem = _array_getitem()
         except Exception as exc:  # TVM raises its own error classes from C++
             msg = f"cannot load the compiled module {path.name}: {exc}"
             raise CompileError(msg) from exc
@@ -156,15 +167,25 @@ class TVMModel:
         return str(self.meta["so_sha256"])
 
     @property
+    def threads(self) -> int:
+        """Threads this module's kernels run on (``TVM_NUM_THREADS`` if set, else ``meta["threads"]``)."""
+        return self._threads
+
+    @property
     def tuned_trials(self) -> int:
         """MetaSchedule trial budget the module was compiled with (0: untuned)."""
         return int(self.meta.get("tune_trials", 0))
 
     def _arguments(self, inputs: Mapping[str, Any] | np.ndarray) -> list[np.ndarray]:
-        if type(inputs) is np.ndarray and len(self.inputs) == 1:  # the batch-1 fast path: nothing to convert
-            spec = self.inputs[0]
-            if inputs.shape == spec.shape and inputs.dtype.name == spec.dtype:
-                return [inputs]  # np.copyto in run() reads any strides
+        # The one-array fast path: nothing to convert. ``dtype ==`` against the dtype made once, where
+        # ``dtype.name`` alone cost ~4 µs a call (docs/benchmarks.md, P5); np.copyto in run() reads any strides.
+        if (
+            type(inputs) is np.ndarray
+            and len(self.inputs) == 1
+            and inputs.shape == self.inputs[0].shape
+            and inputs.dtype == self._dtypes[0]
+        ):
+            return [inputs]
         if isinstance(inputs, np.ndarray):
             if len(self.inputs) != 1:
                 names = ", ".join(s.name for s in self.inputs)
@@ -200,19 +221,101 @@ class TVMModel:
         call under a lock: allocating them cost more than the whole batch-1 MLP. They are refilled
         through numpy views of them (``np.copyto``: ~0.7 µs, where ``Tensor.copyfrom`` took ~8 µs),
         and outputs leave through DLPack and a numpy copy (~1 µs, where ``Tensor.numpy()`` took ~9 µs;
-        the copy keeps a caller from aliasing a constant or an input buffer the VM returned).
+        the copy keeps a caller from aliasing a constant or an input buffer the VM returned). A tuple
+        result is indexed through tvm-ffi's ``ArrayGetItem`` (~0.5 µs, where ``Array.__getitem__``'s
+        length and index checks took ~2 µs per output); the VM returns exactly the outputs it declared.
         """
         arrays = self._arguments(inputs)
         with self._lock:
             for view, value in zip(self._views, arrays, strict=True):
                 np.copyto(view, value)
+            if getattr(_POOL, "threads", None) != self._threads:
+                _set_pool_threads(self._threads)
             result = self._main(*self._args)
-            values = [result] if hasattr(result, "numpy") else [result[i] for i in range(len(self.outputs))]
+            if hasattr(result, "numpy"):
+                values = [result]
+            else:
+                get = self._getitem
+                values = [get(result, i) for i in range(len(self.outputs))]
             return {spec.name: np.from_dlpack(v).copy() for spec, v in zip(self.outputs, values, strict=True)}
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{s.name}{list(s.shape)}" for s in self.inputs)
         return f"TVMModel({shapes}, tuned_trials={self.tuned_trials}, digest={self.digest[:12]})"
+
+
+PARALLEL_MIN_FLOPS = 10e6
+"""A module whose kernels estimate at least this many FLOPs a call runs them on every CPU it may use; a smaller
+one on one thread. A batch-1 call (0.2-0.3 MFLOP here, 10-25 µs) is too short to share: the second thread's
+wake-up costs more than it saves; the batch-1024 models (170-270 MFLOP) gain from both cores when they are free
+(docs/benchmarks.md, P5, session 7)."""
+
+_POOL = threading.local()
+"""The thread count this calling thread's TVM pool is set to (TVM keeps one pool per calling thread)."""
+
+
+def _cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity), where the platform tells."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def _env_threads() -> int | None:
+    """``TVM_NUM_THREADS`` (else ``OMP_NUM_THREADS``) when the operator set it to a positive number."""
+    for name in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return None
+
+
+def _module_threads(meta: Mapping[str, Any]) -> int:
+    """The thread count a module runs with: the operator's ``TVM_NUM_THREADS``, else ``meta["threads"]``.
+
+    ``meta["threads"]`` is ``1`` or ``"all"`` (every CPU this process may use), chosen at compile time from
+    the estimated FLOPs. A module compiled before that was recorded gets TVM's own default: half the
+    logical CPUs on x86 (TVM assumes two hyper-threads per core), all of them elsewhere.
+    """
+    cpus = len(_cpus())
+    env = _env_threads()
+    if env is not None:
+        return min(env, cpus)
+    choice = meta.get("threads")
+    if choice == "all":
+        return cpus
+    if isinstance(choice, int) and choice > 0:
+        return min(choice, cpus)
+    import platform
+
+    return max(1, cpus // 2) if platform.machine() in ("x86_64", "AMD64") else cpus
+
+
+def _set_pool_threads(threads: int) -> None:
+    """Size this calling thread's TVM pool: ``threads`` workers used, over the CPUs this process may use.
+
+    ``runtime.config_threadpool`` with the CPU list sets TVM's per-thread concurrency to that many CPUs (the
+    pool is created with that many workers on its first use in a thread) and lets its workers (and this
+    thread) run on any of them, the affinity the process already has. It also spares every parallel kernel
+    launch a syscall round: unconfigured, TVM asks ``std::thread::hardware_concurrency()`` on each launch,
+    which reads ``/sys/devices/system/cpu/online`` (open, read, close; ~3-4 µs a launch, three to six
+    launches a call here: the CNN's batch-1 VM ``main`` went from 26 to 14 µs).
+    """
+    import tvm
+
+    cpus = [str(c) for c in _cpus()]
+    tvm.get_global_func("runtime.config_threadpool")(-3, min(threads, len(cpus)), cpus)  # -3: share all the CPUs
+    _POOL.threads = threads
+
+
+def _array_getitem() -> Callable[[Any, int], Any]:
+    """tvm-ffi's ``ArrayGetItem`` (what ``Array.__getitem__`` calls after its Python-side checks), or ``[]``."""
+    try:
+        from tvm_ffi import _ffi_api
+
+        return _ffi_api.ArrayGetItem
+    except (ImportError, AttributeError):
+        return lambda array, i: array[i]
 
 
 HOST_TARGET = "host"
@@ -720,8 +823,10 @@ def _import_model(request: Mapping[str, Any], jobdir: Path, emit: Callable[[dict
 
 def _schedule(
     mod: Any, target: Any, request: Mapping[str, Any], jobdir: Path, emit: Callable[[dict[str, Any]], None]
-) -> tuple[Any, float]:
+) -> tuple[Any, float, float | None]:
     """Legalise and fuse ``mod``, then apply tuned schedules (tuned now, cached, or shipped) if any.
+
+    Returns the module, the tuning seconds and the legalised kernels' estimated FLOPs per call.
 
     Tuned: the weights (constants) are marked layout-free, so MetaSchedule may pick a packed weight
     layout; the weight transform is split out and folded into the constants at compile time.
@@ -743,6 +848,7 @@ def _schedule(
         passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
     with target:
         mod = tvm.transform.Sequential(passes)(mod)
+    flops = _estimated_flops(mod)
     tuning_seconds = 0.0
     if tuned:
         t_tune = time.perf_counter()
@@ -762,7 +868,17 @@ def _schedule(
                     relax.transform.FoldConstant(),
                 ]
             )(mod)
-    return mod, tuning_seconds
+    return mod, tuning_seconds, flops
+
+
+def _estimated_flops(mod: Any) -> float | None:
+    """FLOPs of one call, estimated on the legalised kernels (each counted once); None if TVM cannot tell."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    try:
+        return float(estimate_tir_flops(mod))
+    except Exception:  # an estimate only: a kernel TVM cannot count gets TVM's default thread count
+        return None
 
 
 def _child_main(jobdir_str: str, fd: int) -> None:
@@ -784,7 +900,7 @@ def _child_main(jobdir_str: str, fd: int) -> None:
         if mod is None:
             return
         outputs = _output_specs(mod["main"].ret_ty, request["outputs"])
-        mod, tuning_seconds = _schedule(mod, target, request, jobdir, emit)
+        mod, tuning_seconds, flops = _schedule(mod, target, request, jobdir, emit)
         emit({"event": "phase", "phase": "build"})
         executable = tvm.compile(mod, target=target)
         emit({"event": "phase", "phase": "export"})
@@ -798,6 +914,8 @@ def _child_main(jobdir_str: str, fd: int) -> None:
             "shipped_database": bool(request.get("use_tuned")),
             "tuning_seconds": tuning_seconds,
             "compile_seconds": time.perf_counter() - t0,
+            "flops_estimate": flops,
+            "threads": None if flops is None else "all" if flops >= PARALLEL_MIN_FLOPS else 1,
         }
         (jobdir / "result.json").write_text(json.dumps(result))
         emit({"event": "phase", "phase": "done", "elapsed_s": time.perf_counter() - t0})

@@ -108,6 +108,82 @@ def test_inputs_are_refilled_on_every_run(mlp_1024: tvm_runtime.TVMModel) -> Non
     np.testing.assert_allclose(out_b, want_b, rtol=1e-4, atol=1e-4)
 
 
+def test_fast_path_keeps_the_dtype_and_layout_checks(mlp_1024: tvm_runtime.TVMModel) -> None:
+    """The one-array fast path compares dtypes, not names: a byte-swapped or strided array still gives the answer."""
+    x = np.random.default_rng(3).normal(size=(1024, 64)).astype(np.float32)
+    want = mlp_1024.run(x)["logits"]
+    swapped = x.astype(">f4")  # dtype.name is "float32" too; the values must be swapped on the way in
+    np.testing.assert_array_equal(mlp_1024.run(swapped)["logits"], want)
+    strided = np.asfortranarray(x)
+    np.testing.assert_array_equal(mlp_1024.run(strided)["logits"], want)
+    with pytest.raises(InputShapeError, match=r"shape \(1024, 32\)"):
+        mlp_1024.run(x[:, ::2])  # a strided view of the wrong shape is refused, not read past
+
+
+def test_thread_count_follows_the_work(cache: Path, mlp_1024: tvm_runtime.TVMModel) -> None:
+    """A batch-1 module runs on one thread, a batch-1024 one on every CPU; each call sets its own thread's pool."""
+    import threading
+
+    import tvm
+
+    small = tvm_runtime.compile_onnx(mlp_model(), {"x": (1, 64)}, cache)
+    assert small.meta["threads"] == 1 and mlp_1024.meta["threads"] == "all"
+    assert small.meta["flops_estimate"] < tvm_runtime.PARALLEL_MIN_FLOPS <= mlp_1024.meta["flops_estimate"]
+    cpus = len(os.sched_getaffinity(0))
+    if tvm_runtime._env_threads() is not None:  # the operator's TVM_NUM_THREADS decides for every module
+        assert small.threads == mlp_1024.threads == min(tvm_runtime._env_threads() or 0, cpus)
+        return
+    assert (small.threads, mlp_1024.threads) == (1, cpus)
+    big_x = np.random.default_rng(5).normal(size=(1024, 64)).astype(np.float32)
+    small_x = big_x[:1].copy()
+    want_big, want_small = mlp_1024.run(big_x)["logits"], small.run(small_x)["logits"]
+    seen: list[Any] = []
+
+    def worker() -> None:  # a fresh calling thread: its own TVM pool, sized by each module it runs
+        count = tvm.get_global_func("runtime.NumThreads")
+        seen.extend([mlp_1024.run(big_x)["logits"], count(), small.run(small_x)["logits"], count()])
+        seen.extend([mlp_1024.run(big_x)["logits"], count()])
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen[1::2] == [cpus, 1, cpus]
+    np.testing.assert_array_equal(seen[0], want_big)
+    np.testing.assert_array_equal(seen[2], want_small)
+    np.testing.assert_array_equal(seen[4], want_big)
+
+
+def _read_syscalls() -> int:
+    lines = Path("/proc/self/io").read_text().splitlines()
+    return int(next(line for line in lines if line.startswith("syscr:")).split()[1])
+
+
+def test_kernel_launches_make_no_syscalls(cache: Path) -> None:
+    """Unconfigured, TVM re-reads /sys/devices/system/cpu/online on every parallel kernel launch (~3-4 µs each).
+
+    Every module configures its calling thread's pool, also one compiled before ``meta["threads"]`` existed.
+    """
+    import threading
+
+    module = tvm_runtime.compile_onnx(cnn_model(), {"image": (1, 3, 16, 16)}, cache)
+    old_meta = {k: v for k, v in module.meta.items() if k != "threads"}
+    for candidate in (module, tvm_runtime.TVMModel(module.path, module.digest, old_meta, from_cache=True)):
+        counts: list[int] = []
+
+        def worker(m: tvm_runtime.TVMModel = candidate, counts: list[int] = counts) -> None:  # an unconfigured pool
+            image = np.zeros((1, 3, 16, 16), np.float32)
+            m.run(image)
+            before = _read_syscalls()
+            for _ in range(200):
+                m.run(image)
+            counts.append(_read_syscalls() - before)
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+        assert counts[0] < 50, f"{counts[0]} read syscalls in 200 runs"  # unconfigured: 3 per parallel launch
+
+
 def test_outputs_never_alias_the_reused_input_tensor(tmp_path: Path) -> None:
     """An Identity graph may hand back the input tensor itself; the output is a copy the next run cannot change."""
     compiled = tvm_runtime.compile_onnx(single_op_model("Identity"), {"x": (4, 8)}, tmp_path)

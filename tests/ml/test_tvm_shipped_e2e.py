@@ -30,6 +30,7 @@ def test_service_compile_uses_the_shipped_database(session: mn.Session) -> None:
         pytest.skip(f"no tuned database shipped for this CPU and TVM ({tvm_runtime.host_target()})")
     mod = session.tvm.compile(model, input_shapes={"image": shape})
     assert mod.info["shipped_database"] is True and mod.info["tune_trials"] == 0
+    assert mod.info["threads"] == 1  # a batch-1 module runs on one thread (docs/ml.md)
     assert mod.id == tvm_runtime.model_digest(model.SerializeToString(), {"image": shape})
     image = np.random.default_rng(4).normal(size=shape).astype(np.float32)
     got = mod.run({"image": image})
@@ -42,9 +43,9 @@ def test_module_info_names_a_shipped_database_field() -> None:
 
     class _Module:
         digest, inputs, outputs, tuned_trials, library_sha256 = "d", (), (), 0, "s"
-        meta = {"shipped_database": True}
+        meta = {"shipped_database": True, "threads": "all"}
 
     meta = service._module_meta(cast("tvm_runtime.TVMModel", _Module()), ["p"])
-    assert meta["shipped_database"] is True
+    assert meta["shipped_database"] is True and meta["threads"] == "all"
     _Module.meta = {}
     assert service._module_meta(cast("tvm_runtime.TVMModel", _Module()), ["p"])["shipped_database"] is False

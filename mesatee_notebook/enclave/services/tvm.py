@@ -73,6 +73,7 @@ def _module_meta(module: TVMModel, owners: list[str]) -> dict[str, Any]:
         "library_sha256": module.library_sha256,
         "tuning_seconds": float(module.meta.get("tuning_seconds", 0.0)),
         "compile_seconds": float(module.meta.get("compile_seconds", 0.0)),
+        "threads": module.meta.get("threads"),  # 1 or "all", chosen at compile time (TVM_NUM_THREADS overrides)
     }
 
 
