@@ -2,7 +2,8 @@
 
 The server process holds a buffer of the size asked for (the result exists before it is sent, as in the kernel)
 and sends it over TLS 1.3 in 8 MiB writes; the client receives it with ``recv_into`` into one fresh private
-anonymous mapping of that size, as the project's client does (``wire/arrow_chunks.ChunkBuffer``). The settings are
+anonymous mapping of that size, faulted in 8 MiB at a time, as the project's client does
+(``wire/arrow_chunks.ChunkBuffer``). The settings are
 the project's channel's (``transports.connect_tls`` and ``enclave/kernel_keys.py``): TLS 1.3 minimum, a P-256
 self-signed certificate, TCP_NODELAY, OpenSSL's default cipher order (AES-256-GCM here). With ``hashed``, each
 side also takes one BLAKE3 pass over the bytes on a helper thread while they move (what a receipt needs on each
@@ -152,6 +153,10 @@ class FloorClient:
         hasher = _ThreadHash() if hashed else None
         with memoryview(mm) as view:
             for off in range(0, size, CHUNK):
+                try:  # fault the chunk's pages in with one call (MADV_POPULATE_WRITE, Linux 5.14+), as the client does
+                    mm.madvise(23, off, min(CHUNK, size - off))
+                except OSError:
+                    pass
                 with view[off : off + CHUNK] as chunk:
                     _recv_exact(self.sock, chunk)
                     if hasher is not None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mesatee_notebook.enclave.ipc import ipc_recv, ipc_send
+from mesatee_notebook.enclave.result_stream import ChunkLanding
 from mesatee_notebook.errors import (
     ExecutorCrashed,
     MesateeError,
@@ -311,6 +312,7 @@ class ExecutorHandle:
         if watch and cell_cpu is not None:  # only a cell's CPU is limited (a /proc walk of the sandbox per call)
             self._cpu_base = self.cpu_seconds()
         st = _Watch(timeout, None if timeout is None else time.monotonic() + timeout)
+        landing = ChunkLanding() if self.service else None  # a service's result chunks, relayed one by one
         while True:
             if self._client_gone(st, client_alive):
                 continue
@@ -322,7 +324,7 @@ class ExecutorHandle:
             if not readable:
                 self._on_silence(st, watch, cell_cpu)
                 continue
-            msg = self._read()
+            msg = self._read(landing)
             if on_message(msg):
                 return st.finish(msg)
 
@@ -355,11 +357,11 @@ class ExecutorHandle:
         self.kill()
         raise st.killed_error()
 
-    def _read(self) -> Message:
+    def _read(self, landing: ChunkLanding | None = None) -> Message:
         """One whole message from the executor (it has started sending); its crash if it cannot."""
         try:
             self.sock.settimeout(_FRAME_TIMEOUT)  # OSError if another thread killed the worker meanwhile
-            return ipc_recv(self.comm)
+            return ipc_recv(self.comm, allocator_for=landing.allocator_for if landing is not None else None)
         except (EOFError, OSError, MesateeError) as exc:
             if isinstance(exc, TimeoutError):
                 self.kill()  # a frame started and stalled: the executor is not behaving
