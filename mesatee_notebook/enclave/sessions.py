@@ -63,6 +63,10 @@ def _signal_name(code: int | None) -> str:
     return f"exited with status {code}"
 
 
+_LINK_BUFFER = 4 << 20
+"""Send buffer of each end of an executor link (the kernel caps it at net.core.wmem_max, 4 MiB here)."""
+
+
 class ExecutorHandle:
     """A running executor process and the supervisor's end of its Unix socket.
 
@@ -78,6 +82,8 @@ class ExecutorHandle:
         self.uid: int | None = None
         self.limit_hit: ResourceLimitExceeded | None = None
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for end in (parent, child):  # room for a whole result chunk in flight, so the relay and the worker overlap
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _LINK_BUFFER)
         self.sock = parent
         #: The supervisor's end of the executor's link (the executor holds the other, in a SupervisorClient).
         self.comm = UnixComm(parent, url="unix://executor", peer="executor")
