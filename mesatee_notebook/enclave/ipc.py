@@ -92,7 +92,7 @@ def ipc_recv(
     """Receive one IPC message, with any passed fds.
 
     ``allocator_for(header)`` may pick where a frame's payloads land (the supervisor's reused buffer for result
-    chunks, ``enclave/result_stream.ChunkLanding``); by default each payload gets a fresh ``bytearray``.
+    chunks, ``wire/arrow_chunks.ChunkLanding``); by default each payload gets a fresh ``bytearray``.
     """
     if isinstance(link, Comm):
         return link.recv(IPC_LIMITS, want_fds=True, allocator_for=allocator_for)

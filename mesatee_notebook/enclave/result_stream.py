@@ -8,8 +8,7 @@ a value whose encoding (``wire/codecs.py``: a DataFrame is one Arrow record batc
 sends the next, hashing the bytes it sends (one BLAKE3 over the chunks back to back, on a helper thread while they
 go out). The Result that follows names the value with ``chunks: n``; the receipt signed after it binds that
 digest, and the client returns nothing before it has verified the receipt against its own digest of the bytes it
-received. In the supervisor every chunk of one exchange lands in the same buffer (:class:`ChunkLanding`), which
-the relay has sent on and hashed before the next chunk is read, so no chunk costs a fresh zero-filled buffer.
+received.
 """
 
 from __future__ import annotations
@@ -20,13 +19,13 @@ from typing import Any
 
 from mesatee_notebook.enclave.ipc import ValueOut
 from mesatee_notebook.errors import MalformedFrame, MesateeError
-from mesatee_notebook.wire.arrow_chunks import CHUNK_BYTES, CHUNKED_MIN, split_parts
+from mesatee_notebook.wire.arrow_chunks import CHUNKED_MIN, split_parts
 from mesatee_notebook.wire.codecs import encode_value
 from mesatee_notebook.wire.digest import Hasher, payload_hasher
 from mesatee_notebook.wire.protocol import ResultChunk
-from mesatee_notebook.wire.stream import Allocator, Message
+from mesatee_notebook.wire.stream import Message
 
-__all__ = ["ChunkLanding", "ChunkRelay", "encode_results"]
+__all__ = ["ChunkRelay", "encode_results"]
 
 
 def encode_results(
@@ -55,30 +54,6 @@ def encode_results(
             send(ResultChunk(out_name, n - 1, size), [piece])
         streamed.append({**spec, "chunks": n})
     return out, streamed
-
-
-class ChunkLanding:
-    """In the supervisor: the one buffer that a service exchange's result chunks land in, chunk after chunk.
-
-    The relay (:meth:`ChunkRelay.on_chunk`) sends a chunk on to the client, and its digest is up to date, before it
-    returns, and the executor handle reads the next message only after that, so the buffer is free again for the
-    next chunk. Only ``ResultChunk`` frames land here; every other frame gets a fresh buffer as before, and so does
-    a chunk larger than the chunk size (the relay checks sizes and order itself).
-    """
-
-    def __init__(self) -> None:
-        self._buf: bytearray | None = None
-
-    def allocator_for(self, header: dict[str, Any]) -> Allocator | None:
-        """The frame reader's hook: the reused buffer for a result chunk, None (a fresh one) for anything else."""
-        return self._take if header.get("t") == ResultChunk.T else None
-
-    def _take(self, size: int) -> Any:
-        if size > CHUNK_BYTES:
-            return bytearray(size)
-        if self._buf is None:
-            self._buf = bytearray(CHUNK_BYTES)  # zero-filled once per exchange, not once per chunk
-        return memoryview(self._buf)[:size]
 
 
 @dataclass

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mesatee_notebook.enclave.ipc import ipc_recv, ipc_send
-from mesatee_notebook.enclave.result_stream import ChunkLanding
 from mesatee_notebook.errors import (
     ExecutorCrashed,
     MesateeError,
@@ -28,6 +27,7 @@ from mesatee_notebook.errors import (
     RemoteTimeout,
     ResourceLimitExceeded,
 )
+from mesatee_notebook.wire.arrow_chunks import ChunkLanding
 from mesatee_notebook.wire.comm import UnixComm
 from mesatee_notebook.wire.protocol import ProtocolMessage, Ready, Shutdown
 from mesatee_notebook.wire.stream import Message

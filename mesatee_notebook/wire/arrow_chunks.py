@@ -8,6 +8,9 @@ buffer as one payload, the way a value that came whole is decoded: the bytes, th
 chunks back to back) and the DataFrame are exactly those of the unchunked path, and each column stays one
 contiguous buffer that pandas uses without a copy.
 
+In the supervisor, every chunk of one exchange lands in the same buffer (:class:`ChunkLanding`), which the relay
+has sent on and hashed before the next chunk is read, so no chunk costs a fresh zero-filled buffer.
+
 Chunks of a record batch cannot be decoded on their own; that is the price of a decode with no copy, and the decode
 only runs after the receipt is verified anyway.
 """
@@ -17,16 +20,20 @@ from __future__ import annotations
 import mmap
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mesatee_notebook.errors import MalformedFrame
 
-__all__ = ["CHUNKED_MIN", "CHUNK_BYTES", "ChunkBuffer", "split_parts"]
+if TYPE_CHECKING:
+    from mesatee_notebook.wire.stream import Allocator
+
+__all__ = ["CHUNKED_MIN", "CHUNK_BYTES", "ChunkBuffer", "ChunkLanding", "split_parts"]
 
 CHUNK_BYTES = 8 << 20
 """About this many bytes per chunk (one frame on the wire, one message on the executor link)."""
 CHUNKED_MIN = 32 << 20
 """Values with fewer encoded bytes go whole, as one payload."""
+_CHUNK_T = "result.chunk"  # wire/protocol.ResultChunk.T (kept here so this module imports no protocol)
 _MAP_ANONYMOUS = int(getattr(mmap, "MAP_ANONYMOUS", 0x20))
 # Linux 5.14+; Python 3.11's mmap module does not name it yet.
 _MADV_POPULATE_WRITE: int | None = int(getattr(mmap, "MADV_POPULATE_WRITE", 23)) if sys.platform == "linux" else None
@@ -67,6 +74,30 @@ def split_parts(parts: Sequence[Any], chunk_bytes: int = CHUNK_BYTES) -> Iterato
                 pending, room = [], chunk_bytes
     if pending:
         yield pending
+
+
+class ChunkLanding:
+    """In the supervisor: the one buffer that a service exchange's result chunks land in, chunk after chunk.
+
+    The relay (``enclave/result_stream.ChunkRelay.on_chunk``) sends a chunk on to the client, and its digest is up
+    to date, before it returns, and the executor handle reads the next message only after that, so the buffer is
+    free again for the next chunk. Only ``ResultChunk`` frames land here; every other frame gets a fresh buffer as
+    before, and so does a chunk larger than the chunk size (the relay checks sizes and order itself).
+    """
+
+    def __init__(self) -> None:
+        self._buf: bytearray | None = None
+
+    def allocator_for(self, header: dict[str, Any]) -> Allocator | None:
+        """The frame reader's hook: the reused buffer for a result chunk, None (a fresh one) for anything else."""
+        return self._take if header.get("t") == _CHUNK_T else None
+
+    def _take(self, size: int) -> Any:
+        if size > CHUNK_BYTES:
+            return bytearray(size)
+        if self._buf is None:
+            self._buf = bytearray(CHUNK_BYTES)  # zero-filled once per exchange, not once per chunk
+        return memoryview(self._buf)[:size]
 
 
 class ChunkBuffer:

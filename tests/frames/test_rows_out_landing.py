@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 from mesatee_notebook.enclave.ipc import ipc_recv, ipc_send
-from mesatee_notebook.enclave.result_stream import ChunkLanding, ChunkRelay
+from mesatee_notebook.enclave.result_stream import ChunkRelay
 from mesatee_notebook.errors import KernelConnectionError
 from mesatee_notebook.wire import arrow_chunks
-from mesatee_notebook.wire.arrow_chunks import CHUNK_BYTES, ChunkBuffer
+from mesatee_notebook.wire.arrow_chunks import CHUNK_BYTES, ChunkBuffer, ChunkLanding
 from mesatee_notebook.wire.comm import UnixComm
 from mesatee_notebook.wire.digest import Hasher, payload_digest
 from mesatee_notebook.wire.framing import pack_header
