@@ -16,7 +16,12 @@ The kernel variants' CPU time is this process's plus that of the kernel's whole 
 workers, every thread, from ``/proc``), so the cost of moving a result (issue 15 P7 rows out) shows next to wall
 time on a shared machine.
 
-    python bench/p7_frames.py [--rows 10000000] [--repeat 5] [--no-kernel] [--only rows-out]
+The rows-out query also times its physical floor in the same loop (``bench/tls_floor.py``): bare TLS 1.3 between two
+processes on loopback with the channel's settings, carrying exactly as many bytes as the result's Arrow IPC encoding
+(``floor tls``), and the same with one BLAKE3 pass on each side (``floor tls+b3``, the digests a receipt needs). Their
+CPU is this process's plus the floor server's. The kernel path's ratio to that floor is printed and in the JSON.
+
+    python bench/p7_frames.py [--rows 10000000] [--repeat 5] [--no-kernel] [--no-floor] [--only rows-out]
 """
 
 from __future__ import annotations
@@ -42,11 +47,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mesatee_notebook as mn
 from mesatee_notebook.enclave.frames import FrameEvaluator
 from mesatee_notebook.remote.frame import SecureDataFrame
+from mesatee_notebook.wire.codecs import encode_value
 from mesatee_notebook.wire.datapolicy import DataPolicy
 from tests.conftest import start_kernel, stop_kernel
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tls_floor import FloorClient
+
 OWNER, ANALYST = "owner", "analyst"
 _KERNEL_PID: list[int] = []  # the kernel's pid once started: its process tree's CPU counts for the kernel variants
+_FLOOR_PID: list[int] = []  # the TLS floor's sending process: its CPU counts for the floor variants
+
+
+def other_cpu(label: str) -> float:
+    """CPU seconds so far of the other processes a variant uses (the kernel's tree, the floor's sender)."""
+    if label.startswith("kernel_") and _KERNEL_PID:
+        return tree_cpu(_KERNEL_PID[0])
+    if label.startswith("floor_") and _FLOOR_PID:
+        return tree_cpu(_FLOOR_PID[0])
+    return 0.0
 
 
 def tree_cpu(pid: int) -> float:
@@ -112,6 +131,7 @@ def main() -> None:
     ap.add_argument("--dim-rows", type=int, default=100_000)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-kernel", action="store_true", help="skip the end-to-end variant on a real kernel")
+    ap.add_argument("--no-floor", action="store_true", help="skip the bare-TLS floor of the rows-out query")
     ap.add_argument("--only", choices=["rows-out"], help="run only this query")
     args = ap.parse_args()
     fact, dim = make_data(args.rows, args.dim_rows)
@@ -144,32 +164,38 @@ def main() -> None:
         times: dict[str, list[float]] = {k: [] for k in fns}
         cpu: dict[str, list[float]] = {k: [] for k in fns}  # this process's CPU time: in-process variants only
         expected = local()
-        for fn in remote.values():  # correctness first (also the warm-up)
+        for label, fn in remote.items():  # correctness first (also the warm-up)
             got = fn()
-            if isinstance(expected, pd.DataFrame):
+            if isinstance(expected, pd.DataFrame) and not label.startswith("floor_"):
                 pd.testing.assert_frame_equal(got, expected)
         del expected, got
         for _ in range(args.repeat):
             for label, fn in fns.items():
                 gc.collect()
-                k0 = tree_cpu(_KERNEL_PID[0]) if label.startswith("kernel_") and _KERNEL_PID else 0.0
+                k0 = other_cpu(label)
                 t0, c0 = time.perf_counter(), time.process_time()
                 out = fn()
                 times[label].append(time.perf_counter() - t0)
                 c1 = time.process_time()
-                k1 = tree_cpu(_KERNEL_PID[0]) if label.startswith("kernel_") and _KERNEL_PID else 0.0
+                k1 = other_cpu(label)
                 cpu[label].append(c1 - c0 + k1 - k0)
                 del out
         t_local = statistics.median(times["pandas"])
         c_local = statistics.median(cpu["pandas"])
         row: dict[str, Any] = {"query": name, "pandas_s": t_local, "pandas_cpu_s": c_local}
+        row["pandas_p10_s"] = sorted(times["pandas"])[len(times["pandas"]) // 10]
         for label in remote:
             t = statistics.median(times[label])
             row[f"{label}_s"] = t
             row[f"{label}_ratio"] = t / t_local
-            if label.startswith("enclave_") or _KERNEL_PID:  # kernel: this process + the kernel's process tree
+            row[f"{label}_p10_s"] = sorted(times[label])[len(times[label]) // 10]
+            if label.startswith(("enclave_", "floor_")) or _KERNEL_PID:  # + the kernel's tree, the floor's sender
                 row[f"{label}_cpu_s"] = statistics.median(cpu[label])
                 row[f"{label}_cpu_ratio"] = row[f"{label}_cpu_s"] / c_local
+        for floor in ("floor_tls", "floor_tls_blake3"):
+            if f"{floor}_s" in row and "kernel_owner_s" in row:
+                row[f"kernel_owner_over_{floor}"] = row["kernel_owner_s"] / row[f"{floor}_s"]
+                row[f"kernel_owner_over_{floor}_cpu"] = row["kernel_owner_cpu_s"] / row[f"{floor}_cpu_s"]
         rows.append(row)
         print(f"  {name}: " + ", ".join(f"{k} {statistics.median(v):.3f}s" for k, v in times.items()), flush=True)
 
@@ -184,6 +210,17 @@ def main() -> None:
         "enclave_owner": lambda: join_agg_query(fo, do).collect(),
     }
     rows_fns: dict[str, Callable[[], Any]] = {"enclave_owner": lambda: fo.merge(do, on="site").collect()}
+    floor: FloorClient | None = None
+    if not args.no_floor:  # the physical floor of moving the result: exactly its Arrow IPC bytes over bare TLS
+        rows_bytes = encode_value(fact.merge(dim, on="site")).nbytes
+        floor = FloorClient()
+        _FLOOR_PID.append(floor.pid)
+        rows_fns |= {
+            "floor_tls": lambda: floor.fetch(rows_bytes),  # type: ignore[union-attr]
+            "floor_tls_blake3": lambda: floor.fetch(rows_bytes, hashed=True),  # type: ignore[union-attr]
+        }
+        upload["rows_out_bytes"] = rows_bytes
+        upload["floor_cipher"] = list(floor.cipher or ())
 
     kernel = None
     sessions: list[mn.Session] = []
@@ -235,6 +272,8 @@ def main() -> None:
             sess.close()
         if kernel is not None:
             stop_kernel(kernel)
+        if floor is not None:
+            floor.close()
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
@@ -257,8 +296,8 @@ def main() -> None:
 
     versions = f"Python {platform.python_version()}, pandas {pd.__version__}, pyarrow {pa.__version__}"
     print(f"P7 frames: {args.rows:,} rows, median of {args.repeat}, interleaved, after a warm-up, {versions}")
-    labels = ["enclave_analyst", "enclave_owner", "kernel_analyst", "kernel_owner"]
-    heads = ["in-proc analyst", "in-proc owner", "kernel analyst", "kernel owner"]
+    labels = ["enclave_analyst", "enclave_owner", "kernel_analyst", "kernel_owner", "floor_tls", "floor_tls_blake3"]
+    heads = ["in-proc analyst", "in-proc owner", "kernel analyst", "kernel owner", "floor tls", "floor tls+b3"]
     header = f"{'query':45} {'pandas':>7} " + " ".join(f"{h:>16}" for h in heads)
     print(header)
     print("-" * len(header))
@@ -277,6 +316,16 @@ def main() -> None:
                 if f"{k}_cpu_s" in r
             ]
             print(f"{r['query']:45} pandas {r['pandas_cpu_s']:.3f}s  " + "  ".join(cells))
+    for r in rows:
+        if "kernel_owner_over_floor_tls_blake3" in r:
+            print(
+                f"rows out, {upload['rows_out_bytes'] / 1e6:.0f} MB ({upload['floor_cipher'][0]}): kernel owner / "
+                f"floor tls {r['kernel_owner_over_floor_tls']:.2f}x wall, "
+                f"{r['kernel_owner_over_floor_tls_cpu']:.2f}x CPU; "
+                f"/ floor tls+blake3 {r['kernel_owner_over_floor_tls_blake3']:.2f}x wall, "
+                f"{r['kernel_owner_over_floor_tls_blake3_cpu']:.2f}x CPU; p10 wall: pandas {r['pandas_p10_s']:.3f}, "
+                f"kernel owner {r['kernel_owner_p10_s']:.3f}, floor tls+b3 {r['floor_tls_blake3_p10_s']:.3f}"
+            )
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
     print(f"load average at the end: {' '.join(load)}")
     if upload:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from mesatee_notebook.enclave.shm import SHARED_THRESHOLD, map_fd, memfd_from_parts
 from mesatee_notebook.errors import MalformedFrame
 from mesatee_notebook.wire.comm import Comm
 from mesatee_notebook.wire.framing import Limits
-from mesatee_notebook.wire.stream import Message, recv_message, send_message
+from mesatee_notebook.wire.stream import Allocator, Message, recv_message, send_message
 
 __all__ = ["IPC_LIMITS", "ValueOut", "ipc_recv", "ipc_send", "pack_values", "unpack_values"]
 
@@ -86,8 +86,14 @@ def ipc_send(
             os.close(fd)
 
 
-def ipc_recv(link: Comm | socket.socket) -> Message:
-    """Receive one IPC message, with any passed fds."""
+def ipc_recv(
+    link: Comm | socket.socket, *, allocator_for: Callable[[dict[str, Any]], Allocator | None] | None = None
+) -> Message:
+    """Receive one IPC message, with any passed fds.
+
+    ``allocator_for(header)`` may pick where a frame's payloads land (the supervisor's reused buffer for result
+    chunks, ``wire/arrow_chunks.ChunkLanding``); by default each payload gets a fresh ``bytearray``.
+    """
     if isinstance(link, Comm):
-        return link.recv(IPC_LIMITS, want_fds=True)
-    return recv_message(link, IPC_LIMITS, want_fds=True)
+        return link.recv(IPC_LIMITS, want_fds=True, allocator_for=allocator_for)
+    return recv_message(link, IPC_LIMITS, want_fds=True, allocator_for=allocator_for)

@@ -27,6 +27,7 @@ from mesatee_notebook.errors import (
     RemoteTimeout,
     ResourceLimitExceeded,
 )
+from mesatee_notebook.wire.arrow_chunks import ChunkLanding
 from mesatee_notebook.wire.comm import UnixComm
 from mesatee_notebook.wire.protocol import ProtocolMessage, Ready, Shutdown
 from mesatee_notebook.wire.stream import Message
@@ -62,6 +63,10 @@ def _signal_name(code: int | None) -> str:
     return f"exited with status {code}"
 
 
+_LINK_BUFFER = 4 << 20
+"""Send buffer of each end of an executor link (the kernel caps it at net.core.wmem_max, 4 MiB here)."""
+
+
 class ExecutorHandle:
     """A running executor process and the supervisor's end of its Unix socket.
 
@@ -77,6 +82,8 @@ class ExecutorHandle:
         self.uid: int | None = None
         self.limit_hit: ResourceLimitExceeded | None = None
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for end in (parent, child):  # room for a whole result chunk in flight, so the relay and the worker overlap
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _LINK_BUFFER)
         self.sock = parent
         #: The supervisor's end of the executor's link (the executor holds the other, in a SupervisorClient).
         self.comm = UnixComm(parent, url="unix://executor", peer="executor")
@@ -311,6 +318,7 @@ class ExecutorHandle:
         if watch and cell_cpu is not None:  # only a cell's CPU is limited (a /proc walk of the sandbox per call)
             self._cpu_base = self.cpu_seconds()
         st = _Watch(timeout, None if timeout is None else time.monotonic() + timeout)
+        landing = ChunkLanding() if self.service else None  # a service's result chunks, relayed one by one
         while True:
             if self._client_gone(st, client_alive):
                 continue
@@ -322,7 +330,7 @@ class ExecutorHandle:
             if not readable:
                 self._on_silence(st, watch, cell_cpu)
                 continue
-            msg = self._read()
+            msg = self._read(landing)
             if on_message(msg):
                 return st.finish(msg)
 
@@ -355,11 +363,11 @@ class ExecutorHandle:
         self.kill()
         raise st.killed_error()
 
-    def _read(self) -> Message:
+    def _read(self, landing: ChunkLanding | None = None) -> Message:
         """One whole message from the executor (it has started sending); its crash if it cannot."""
         try:
             self.sock.settimeout(_FRAME_TIMEOUT)  # OSError if another thread killed the worker meanwhile
-            return ipc_recv(self.comm)
+            return ipc_recv(self.comm, allocator_for=landing.allocator_for if landing is not None else None)
         except (EOFError, OSError, MesateeError) as exc:
             if isinstance(exc, TimeoutError):
                 self.kill()  # a frame started and stalled: the executor is not behaving

@@ -8,6 +8,9 @@ buffer as one payload, the way a value that came whole is decoded: the bytes, th
 chunks back to back) and the DataFrame are exactly those of the unchunked path, and each column stays one
 contiguous buffer that pandas uses without a copy.
 
+In the supervisor, every chunk of one exchange lands in the same buffer (:class:`ChunkLanding`), which the relay
+has sent on and hashed before the next chunk is read, so no chunk costs a fresh zero-filled buffer.
+
 Chunks of a record batch cannot be decoded on their own; that is the price of a decode with no copy, and the decode
 only runs after the receipt is verified anyway.
 """
@@ -15,18 +18,41 @@ only runs after the receipt is verified anyway.
 from __future__ import annotations
 
 import mmap
+import sys
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mesatee_notebook.errors import MalformedFrame
 
-__all__ = ["CHUNKED_MIN", "CHUNK_BYTES", "ChunkBuffer", "split_parts"]
+if TYPE_CHECKING:
+    from mesatee_notebook.wire.stream import Allocator
+
+__all__ = ["CHUNKED_MIN", "CHUNK_BYTES", "ChunkBuffer", "ChunkLanding", "split_parts"]
 
 CHUNK_BYTES = 8 << 20
 """About this many bytes per chunk (one frame on the wire, one message on the executor link)."""
 CHUNKED_MIN = 32 << 20
 """Values with fewer encoded bytes go whole, as one payload."""
+_CHUNK_T = "result.chunk"  # wire/protocol.ResultChunk.T (kept here so this module imports no protocol)
 _MAP_ANONYMOUS = int(getattr(mmap, "MAP_ANONYMOUS", 0x20))
+# Linux 5.14+; Python 3.11's mmap module does not name it yet.
+_MADV_POPULATE_WRITE: int | None = int(getattr(mmap, "MADV_POPULATE_WRITE", 23)) if sys.platform == "linux" else None
+_POPULATE_MIN = 1 << 20
+
+
+def _populate(mm: mmap.mmap, start: int, n: int) -> None:
+    """Fault in ``mm[start:start+n]`` with one call before the bytes arrive (one page fault trap per page saved).
+
+    It commits only the range the next chunk fills, within the size already checked against the payload limit.
+    Where the advice is not there (an older kernel: EINVAL), the reads' own page faults do the same work.
+    """
+    if _MADV_POPULATE_WRITE is None or n < _POPULATE_MIN:
+        return
+    lo = start - start % mmap.PAGESIZE
+    try:
+        mm.madvise(_MADV_POPULATE_WRITE, lo, start + n - lo)
+    except OSError:
+        pass
 
 
 def split_parts(parts: Sequence[Any], chunk_bytes: int = CHUNK_BYTES) -> Iterator[list[memoryview]]:
@@ -50,10 +76,35 @@ def split_parts(parts: Sequence[Any], chunk_bytes: int = CHUNK_BYTES) -> Iterato
         yield pending
 
 
+class ChunkLanding:
+    """In the supervisor: the one buffer that a service exchange's result chunks land in, chunk after chunk.
+
+    The relay (``enclave/result_stream.ChunkRelay.on_chunk``) sends a chunk on to the client, and its digest is up
+    to date, before it returns, and the executor handle reads the next message only after that, so the buffer is
+    free again for the next chunk. Only ``ResultChunk`` frames land here; every other frame gets a fresh buffer as
+    before, and so does a chunk larger than the chunk size (the relay checks sizes and order itself).
+    """
+
+    def __init__(self) -> None:
+        self._buf: bytearray | None = None
+
+    def allocator_for(self, header: dict[str, Any]) -> Allocator | None:
+        """The frame reader's hook: the reused buffer for a result chunk, None (a fresh one) for anything else."""
+        return self._take if header.get("t") == _CHUNK_T else None
+
+    def _take(self, size: int) -> Any:
+        if size > CHUNK_BYTES:
+            return bytearray(size)
+        if self._buf is None:
+            self._buf = bytearray(CHUNK_BYTES)  # zero-filled once per exchange, not once per chunk
+        return memoryview(self._buf)[:size]
+
+
 class ChunkBuffer:
     """The receiving end: one anonymous mapping of the value's size, filled chunk by chunk in order.
 
-    Its pages are faulted in as the bytes arrive (no zero-fill pass first, unlike a ``bytearray``).
+    Its pages are faulted in chunk by chunk as the bytes arrive (no zero-fill pass first, unlike a ``bytearray``;
+    one ``MADV_POPULATE_WRITE`` per chunk, not one page fault per page).
     :meth:`take` hands each incoming chunk its place (a ``memoryview`` slice, for ``recv_into``);
     :meth:`close` unmaps it at once (a cut-off or refused result).
     """
@@ -75,6 +126,7 @@ class ChunkBuffer:
         if self._mm is None or self.filled + n > self.size:
             msg = f"result chunks overrun their value's announced size ({self.size} bytes)"
             raise MalformedFrame(msg)
+        _populate(self._mm, self.filled, n)
         view = memoryview(self._mm)[self.filled : self.filled + n]
         self._views.append(view)
         self.filled += n

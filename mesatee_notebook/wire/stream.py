@@ -69,6 +69,7 @@ class RecvOptions(TypedDict, total=False):
     want_fds: bool
     body_timeout: float | None
     hasher_for: Callable[[dict[str, Any]], Hasher | None] | None
+    allocator_for: Callable[[dict[str, Any]], Allocator | None] | None
 
 
 @dataclass(slots=True)
@@ -439,11 +440,13 @@ def recv_message(
     want_fds: bool = False,
     body_timeout: float | None = None,
     hasher_for: Callable[[dict[str, Any]], Hasher | None] | None = None,
+    allocator_for: Callable[[dict[str, Any]], Allocator | None] | None = None,
 ) -> Message:
     """Receive one message. Raises EOFError on a clean close between messages.
 
     Sizes are checked against ``limits`` before any header or payload byte is read.
-    Each payload lands in a buffer from ``allocator`` (default: ``bytearray``).
+    Each payload lands in a buffer from ``allocator`` (default: ``bytearray``), or from the allocator
+    ``allocator_for(header)`` picks for this frame once its header is in (None: the usual one).
     ``body_timeout`` bounds each read once a frame has started, so a peer that stalls
     mid-frame cannot hold the reader forever. ``hasher_for(header)`` may return a digest that goes on
     across frames (a result in chunks): this frame's payload bytes go into it, and no per-payload digests.
@@ -457,7 +460,8 @@ def recv_message(
         raw = bytearray(header_len)
         _recv_exact_into(sock, memoryview(raw), "header")
         header = unpack_header(bytes(raw), payload_total, limits)
-        alloc: Allocator | type[bytearray] = allocator if allocator is not None else bytearray
+        picked = allocator_for(header) if allocator_for is not None else None
+        alloc: Allocator | type[bytearray] = picked or allocator or bytearray
         payloads: list[Any] = []
         into = hasher_for(header) if hasher_for is not None else None
         out: list[str] | None = [] if digests and into is None else None
