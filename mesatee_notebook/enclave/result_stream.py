@@ -14,6 +14,8 @@ received.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -143,7 +145,7 @@ def deadline_sender(comm: Comm, seconds: float | None) -> Send:
     The relay writes a chunk to the client before it reads the next from the service worker, so a client that asks
     for a large result and stops reading holds that worker; a few identities would hold the whole pool and stall
     every other party (red team, session 7: ``tests/security/test_redteam_stream.py``). A timer thread shuts the
-    connection down when a chunk's write outlasts ``seconds`` (``Comm.abort``: the blocked write fails at once);
+    connection down when a chunk's write outlasts ``seconds`` (:func:`_cut_off`: the blocked write fails at once);
     the relay then drains the worker's remaining chunks, the worker is free, and the client's connection is gone.
     """
 
@@ -165,5 +167,20 @@ def deadline_sender(comm: Comm, seconds: float | None) -> Send:
 
 
 def _cut_off(comm: Comm, seconds: float) -> None:
+    """Shut the client's connection down through a duplicate of its descriptor, from the timer's thread.
+
+    The socket object (a TLS socket's state) stays as the blocked writer left it, and that write fails at once
+    (EPIPE); closing the socket under the writer instead could let it reuse a descriptor number.
+    """
     log.info("a client took longer than %g s to read a result chunk: its connection is closed", seconds)
-    comm.abort()
+    try:
+        dup = socket.socket(fileno=os.dup(comm.fileno()))
+    except (OSError, ValueError):  # no descriptor (an in-process comm without one), or already closed
+        comm.close()
+        return
+    try:
+        dup.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        dup.close()

@@ -27,8 +27,6 @@ registered by ``mesatee_notebook/transports.py``. A second transport (e.g. a clu
 
 from __future__ import annotations
 
-import os
-import socket
 import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -88,10 +86,6 @@ class Comm(ABC):
         """False once the peer has hung up, seen without reading a byte of what it sent."""
         return not self.closed
 
-    def abort(self) -> None:
-        """Cut the link off from any thread: a send or receive blocked on it fails at once (default: close)."""
-        self.close()
-
     def set_timeout(self, seconds: float | None) -> None:  # noqa: B027 - optional for a comm without a socket
         """Bound the next wait for a message (None: wait forever)."""
 
@@ -125,20 +119,6 @@ class SocketComm(Comm):
     @property
     def closed(self) -> bool:
         return self.fileno() < 0
-
-    def abort(self) -> None:
-        # shut the connection down through a duplicate of its descriptor: the socket object (and a TLS socket's
-        # state) stays as the blocked thread left it, and that thread's send or receive fails with EPIPE/EOF
-        try:
-            dup = socket.socket(fileno=os.dup(self.sock.fileno()))
-        except (OSError, ValueError):  # already closed
-            return
-        try:
-            dup.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        finally:
-            dup.close()
 
     def peer_open(self) -> bool:
         import select
