@@ -12,7 +12,6 @@ Prints a table and writes bench/results/p2_upload.json. Usage: python bench/p2_u
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import mmap
 import multiprocessing as mp
@@ -30,36 +29,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import psutil
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
-from cryptography.x509.oid import NameOID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mesatee_notebook as mn
+from bench.tls_floor import self_signed_pem
 from tests.conftest import start_kernel, stop_kernel
 
 CHUNK = 8 << 20
 
 
 def _self_signed(path: Path) -> None:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    path.write_bytes(
-        cert.public_bytes(Encoding.PEM) + key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
-    )
+    path.write_bytes(self_signed_pem("bench"))
 
 
 def _bare_server(pem: str, port_q: mp.Queue, size: int, repeats: int, fresh: bool) -> None:

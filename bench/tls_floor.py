@@ -59,14 +59,15 @@ class _ThreadHash:
         return bytes(self.h.digest())
 
 
-def _server_context(workdir: Path) -> ssl.SSLContext:
+def self_signed_pem(common_name: str) -> bytes:
+    """A self-signed P-256 certificate and its key, PEM (the benches' bare TLS servers; P2 uses it too)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tls floor")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -75,12 +76,16 @@ def _server_context(workdir: Path) -> ssl.SSLContext:
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(hours=2))
+        .not_valid_after(now + dt.timedelta(days=1))
         .sign(key, hashes.SHA256())
     )
-    pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+    return cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
+
+
+def _server_context(workdir: Path) -> ssl.SSLContext:
+    pem = self_signed_pem("tls floor")
     path = workdir / "floor.pem"
     path.write_bytes(pem)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
