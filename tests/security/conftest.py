@@ -22,12 +22,15 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import KernelProc, start_kernel, stop_kernel
 
 RT_USER = "mesatee-redteam"
+#: The salary the red team's DP attacks try to recover (row 7 of :func:`salary_rows`).
+TARGET = 123_457
 #: small limits so the bombs end quickly
 LIMITS = (
     "--max-processes",
@@ -178,3 +181,14 @@ def hostile_kernel(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
     stop_kernel(k)
     if request.param == "user":
         shutil.rmtree(k.data_dir, ignore_errors=True)
+
+
+def salary_rows(n: int, seed: int) -> Any:
+    """``n`` rows of ``id`` and ``salary`` (a pandas DataFrame); row 7 earns :data:`TARGET`."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame({"id": np.arange(n, dtype=np.int64), "salary": rng.integers(20_000, 120_000, n)})
+    df.loc[7, "salary"] = TARGET
+    return df

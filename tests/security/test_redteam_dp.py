@@ -20,16 +20,7 @@ import pytest
 
 import mesatee_notebook as mn
 from tests.conftest import KernelProc
-
-TARGET = 123_457
-
-
-def _rows() -> pd.DataFrame:
-    rng = np.random.default_rng(7)
-    df = pd.DataFrame({"id": np.arange(300, dtype=np.int64), "salary": rng.integers(20_000, 120_000, 300)})
-    df.loc[7, "salary"] = TARGET
-    return df
-
+from tests.security.conftest import TARGET, salary_rows
 
 DP = mn.DP(epsilon=1.0, bounds={"salary": (0, 250_000)}, query_epsilon=0.05)
 
@@ -40,7 +31,7 @@ def lab(kernel: KernelProc, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     policy = cast("mn.Policy", kernel.policy())
     owner = mn.connect(kernel.url, policy=policy, identity=root / "owner")
     analyst = mn.connect(kernel.url, policy=policy, identity=root / "analyst")
-    owner.upload(_rows(), "rt_dp7_rows", policy=mn.DataPolicy(privacy=DP), replace=True)
+    owner.upload(salary_rows(300, seed=7), "rt_dp7_rows", policy=mn.DataPolicy(privacy=DP), replace=True)
     own = pd.DataFrame({"k": ["a", "b"], "v": [1.0, 2.0]})
     analyst.upload(own, "rt_dp7_mine", replace=True)
     yield {"owner": owner, "analyst": analyst, "kernel": kernel}
@@ -85,7 +76,7 @@ def _model(analyst: mn.Session) -> Any:
 
 def test_a_chain_of_derived_datasets_and_a_re_upload_share_the_roots_budget(lab: dict[str, Any]) -> None:
     owner, analyst = lab["owner"], lab["analyst"]
-    owner.upload(_rows(), "rt_dp7_chain", policy=mn.DataPolicy(privacy=DP), replace=True)
+    owner.upload(salary_rows(300, seed=7), "rt_dp7_chain", policy=mn.DataPolicy(privacy=DP), replace=True)
     model = _model(analyst)
     first = model.predict("rt_dp7_chain", name="rt_dp7_p1")
     assert isinstance(first.count().collect(epsilon=0.6), mn.DPResult)  # charged to rt_dp7_chain
@@ -95,7 +86,8 @@ def test_a_chain_of_derived_datasets_and_a_re_upload_share_the_roots_budget(lab:
     with pytest.raises(mn.PolicyViolation, match="budget"):
         second.count().collect(epsilon=0.6)
     owner.delete_dataset("rt_dp7_chain")
-    owner.upload(_rows(), "rt_dp7_chain", policy=mn.DataPolicy(privacy=DP))  # deleted, then uploaded again
+    rows = salary_rows(300, seed=7)
+    owner.upload(rows, "rt_dp7_chain", policy=mn.DataPolicy(privacy=DP))  # deleted, then uploaded again
     again = analyst.dataframe("rt_dp7_chain")
     with pytest.raises(mn.PolicyViolation, match="budget"):
         again.salary.count().collect(epsilon=0.6)  # the 0.6 spent before the delete still counts

@@ -16,15 +16,7 @@ import pytest
 
 import mesatee_notebook as mn
 from tests.conftest import KernelProc
-
-TARGET = 123_457
-
-
-def _dp_rows() -> pd.DataFrame:
-    rng = np.random.default_rng(6)
-    df = pd.DataFrame({"id": np.arange(200, dtype=np.int64), "salary": rng.integers(20_000, 120_000, 200)})
-    df.loc[7, "salary"] = TARGET
-    return df
+from tests.security.conftest import salary_rows
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +26,7 @@ def parties(kernel: KernelProc, tmp_path_factory: pytest.TempPathFactory) -> Ite
     owner = mn.connect(kernel.url, policy=policy, identity=root / "owner")
     analyst = mn.connect(kernel.url, policy=policy, identity=root / "analyst")
     dp = mn.DP(epsilon=1.0, bounds={"salary": (0, 250_000)}, query_epsilon=0.5)  # unit=None: a row is a person
-    owner.upload(_dp_rows(), "rt_dp_rows", policy=mn.DataPolicy(privacy=dp), replace=True)
+    owner.upload(salary_rows(200, seed=6), "rt_dp_rows", policy=mn.DataPolicy(privacy=dp), replace=True)
     yield {"kernel": kernel, "owner": owner, "analyst": analyst, "root": Path(root), "policy": policy}
     for s in (owner, analyst):
         s.close()
