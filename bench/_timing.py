@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -23,3 +25,22 @@ def timeit(fn: Callable[[], Any], repeats: int, min_time: float = 0.05) -> dict[
         samples.append((time.perf_counter() - t0) / inner)
     a = np.asarray(samples)
     return {"median_s": float(np.median(a)), "p10_s": float(np.percentile(a, 10)), "p90_s": float(np.percentile(a, 90))}
+
+
+T = TypeVar("T")
+
+
+def alternate_trees(
+    here: Path, other: Path | None, samples: int, sample: Callable[[Path], T]
+) -> tuple[dict[str, Path], dict[str, list[T]], list[float]]:
+    """``sample(tree)`` ``samples`` times for this tree and ``other`` (``--tree``), taking turns (A B A B, so a change
+    of load hits both); returns the trees by name, their samples, and the 1-minute load average before each sample.
+    """
+    trees = {"this tree": here} | ({"other tree": other.resolve()} if other else {})
+    runs: dict[str, list[T]] = {name: [] for name in trees}
+    loads: list[float] = []
+    for _ in range(samples):
+        for name, tree in trees.items():
+            loads.append(os.getloadavg()[0])
+            runs[name].append(sample(tree))
+    return trees, runs, loads

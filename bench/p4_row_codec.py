@@ -23,6 +23,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._timing import alternate_trees
+
 HERE = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
@@ -83,13 +86,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=3)
     parser.add_argument("--tree", type=Path, help="another source tree to compare with, run alternately")
     args = parser.parse_args()
-    trees = {"this tree": HERE} | ({"other tree": args.tree.resolve()} if args.tree else {})
-    runs: dict[str, list[dict[str, dict[str, float]]]] = {name: [] for name in trees}
-    loads = []
-    for _ in range(args.samples):
-        for name, tree in trees.items():
-            loads.append(os.getloadavg()[0])
-            runs[name].append(sample(tree, args.repeat))
+    trees, runs, loads = alternate_trees(HERE, args.tree, args.samples, lambda tree: sample(tree, args.repeat))
     print(f"P4 row codec, CPU us per call (median of {args.samples}); load before each: {loads}")
     print(f"{'tree':<12} {'input':<14} {'encode':>8} {'decode':>8} {'to_matrix':>10} {'total':>8} {'x numpy':>8}")
     summary: dict[str, dict[str, dict[str, float]]] = {}

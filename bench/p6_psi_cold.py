@@ -20,6 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._timing import alternate_trees
+
 HERE = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
@@ -57,12 +60,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--tree", type=Path, help="another source tree to compare with, run alternately")
     args = parser.parse_args()
-    trees = {"this tree": HERE} | ({"other tree": args.tree.resolve()} if args.tree else {})
     load_before = os.getloadavg()
-    runs: dict[str, list[list[dict[str, float]]]] = {name: [] for name in trees}
-    for _ in range(args.samples):
-        for name, tree in trees.items():
-            runs[name].append(sample(tree, args.items))
+    trees, runs, _loads = alternate_trees(HERE, args.tree, args.samples, lambda tree: sample(tree, args.items))
     print(f"P6 engine cold vs warm, {args.items:,} items per side, cardinality; load before {load_before[0]:.1f}")
     print(f"{'tree':<12} {'first (cold) s':>15} {'2nd/3rd (warm) s':>17} {'cold faults':>12}", end="")
     print(f" {'cold CPU user/sys s':>20} {'warm CPU user/sys s':>20}")

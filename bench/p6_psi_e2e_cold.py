@@ -22,6 +22,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._timing import alternate_trees
+
 HERE = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
@@ -86,16 +89,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--tree", type=Path, help="another source tree to compare with, run alternately")
     args = parser.parse_args()
-    trees = {"this tree": HERE} | ({"other tree": args.tree.resolve()} if args.tree else {})
     recorded = json.loads((HERE / "bench" / "results" / "p6_psi.json").read_text())
     ecdh = {r["n_per_party"]: (r.get("openmined-psi (ECDH, RAW)") or {}).get("seconds") for r in recorded["rows"]}
     load_before = os.getloadavg()
-    runs: dict[str, list[dict[str, dict[str, float]]]] = {name: [] for name in trees}
-    loads: list[float] = []
-    for _ in range(args.samples):
-        for name, tree in trees.items():
-            loads.append(os.getloadavg()[0])
-            runs[name].append(sample(tree, args.items))
+    trees, runs, loads = alternate_trees(HERE, args.tree, args.samples, lambda tree: sample(tree, args.items))
     print(f"P6 end to end, {args.items:,} items per side, int64 cardinality, fresh kernel per sample")
     print(f"load average before each sample: {', '.join(f'{x:.1f}' for x in loads)}")
     head = f"{'tree':<12} {'job':<6} {'total s':>8} {'upload A':>9} {'upload B':>9} {'run':>7} {'engine':>7}"
