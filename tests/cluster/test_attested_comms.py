@@ -176,7 +176,7 @@ def test_worker_to_worker_transfer_is_attested(cluster: Cluster) -> None:
     head = ClusterHead(cluster.url, _node(cluster))
     try:
         [data] = head.client.scatter([b"x" * 1000], workers=[a.address], broadcast=False)
-        n = head.client.submit(len, data, workers=[b.address], allow_other_workers=False, pure=False).result()
+        n = head.submit_to(b.address, len, data).result()
     finally:
         head.close()
     assert n == 1000

@@ -313,16 +313,8 @@ class ClusterFrameEvaluator(FrameEvaluator):
         node = plan.nodes[plan.root]
         partial = _partial_plan(plan) if isinstance(node, GroupByAgg) else plan
         tasks = [
-            self.head.client.submit(
-                partial_groupby,
-                str(p["sealed_as"]),
-                str(p["sha256"]),
-                partial,
-                name,
-                bool(protected),
-                workers=[str(p["worker"])],
-                allow_other_workers=False,
-                pure=False,
+            self.head.submit_to(
+                str(p["worker"]), partial_groupby, str(p["sealed_as"]), str(p["sha256"]), partial, name, bool(protected)
             )
             for p in meta["partitions"]
         ]

@@ -105,22 +105,10 @@ class ShardedPsi:
     def buckets(self, chunks: Sequence[tuple[Future, str, int]], keep_items: bool) -> list[list[Future]]:
         """Per shard, this party's bucket futures (each stays on its chunk's worker until the shard needs it)."""
         per_shard: list[list[Future]] = [[] for _ in range(self.shards)]
-        client = self.head.client
         for chunk, worker, first_row in chunks:
-            b = client.submit(
-                hash_buckets,
-                chunk,
-                self.secret,
-                self.shards,
-                first_row,
-                keep_items,
-                workers=[worker],
-                allow_other_workers=False,
-                pure=False,
-            )
+            b = self.head.submit_to(worker, hash_buckets, chunk, self.secret, self.shards, first_row, keep_items)
             for s in range(self.shards):
-                piece = client.submit(operator.getitem, b, s, workers=[worker], allow_other_workers=False, pure=False)
-                per_shard[s].append(piece)
+                per_shard[s].append(self.head.submit_to(worker, operator.getitem, b, s))
         return per_shard
 
     def run(self, parties: Sequence[Sequence[tuple[Future, str, int]]]) -> dict[str, Any]:
@@ -130,13 +118,7 @@ class ShardedPsi:
         rows = self.mode == "intersection"
         per_party = [self.buckets(chunks, keep_items=rows and k == 0) for k, chunks in enumerate(parties)]
         tasks = [
-            self.head.client.submit(
-                intersect_shard,
-                *[p[s] for p in per_party],
-                workers=[self.workers[s % len(self.workers)]],
-                allow_other_workers=False,
-                pure=False,
-            )
+            self.head.submit_to(self.workers[s % len(self.workers)], intersect_shard, *[p[s] for p in per_party])
             for s in range(self.shards)
         ]
         results = _result(tasks, f"sharded PSI over {self.shards} shards", head=self.head, workers=self.workers)
@@ -172,15 +154,7 @@ def dataset_chunks(head: ClusterHead, name: str, column: str) -> list[tuple[Futu
     meta = ready_partitions(head, name)
     return [
         (
-            head.client.submit(
-                column_items,
-                str(p["sealed_as"]),
-                str(p["sha256"]),
-                column,
-                workers=[str(p["worker"])],
-                allow_other_workers=False,
-                pure=False,
-            ),
+            head.submit_to(str(p["worker"]), column_items, str(p["sealed_as"]), str(p["sha256"]), column),
             str(p["worker"]),
             int(p["offset"]),
         )

@@ -189,16 +189,7 @@ def _summaries(
 ) -> dict[str, dict[str, Any]]:
     tag = uuid.uuid4().hex
     futures = {
-        w: head.client.submit(
-            partition_summary,
-            label,
-            columns,
-            *ps,
-            workers=[w],
-            allow_other_workers=False,
-            pure=False,
-            key=f"gbdt-sum-{tag}-{w}",
-        )
+        w: head.submit_to(w, partition_summary, label, columns, *ps, key=f"gbdt-sum-{tag}-{w}")
         for w, ps in groups.items()
     }
     return _gather(head, futures, 120.0)
@@ -345,18 +336,7 @@ def _run_training(
 ) -> dict[str, Any]:
     tag = uuid.uuid4().hex
     futures = {
-        w: head.client.submit(
-            train_task,
-            fed,
-            rank,
-            spec,
-            *groups[w],
-            workers=[w],
-            allow_other_workers=False,
-            pure=False,
-            retries=0,
-            key=f"gbdt-train-{tag}-{rank}",
-        )
+        w: head.submit_to(w, train_task, fed, rank, spec, *groups[w], retries=0, key=f"gbdt-train-{tag}-{rank}")
         for rank, w in enumerate(order)
     }
     return _gather(head, futures, timeout)

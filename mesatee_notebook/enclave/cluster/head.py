@@ -125,13 +125,18 @@ class ClusterHead:
             "workers": [r.to_dict() for r in self.verify_workers(self._workers())],
         }
 
+    def submit_to(self, worker: str, fn: Any, *args: Any, **options: Any) -> Any:
+        """``fn(*args)`` as a task on ``worker`` only (a future), never taken from Dask's cache.
+
+        It is never moved to another worker: it reads what only that worker holds (a sealed partition, its key, a
+        bucket of hashed items). Every cluster task the head submits goes through here.
+        """
+        return self.client.submit(fn, *args, workers=[worker], allow_other_workers=False, pure=False, **options)
+
     def _run_on_each(self, fn: Any, workers: list[str], timeout: float) -> list[Any]:
         """Run ``fn()`` once on each worker; a typed error if any does not answer in time or fails."""
         tag = uuid.uuid4().hex
-        futures = [
-            self.client.submit(fn, workers=[w], allow_other_workers=False, pure=False, key=f"probe-{tag}-{w}")
-            for w in workers
-        ]
+        futures = [self.submit_to(w, fn, key=f"probe-{tag}-{w}") for w in workers]
         deadline = time.monotonic() + timeout
         try:
             return [f.result(timeout=max(0.0, deadline - time.monotonic())) for f in futures]

@@ -291,11 +291,7 @@ def place_frame(
         digest = hashlib.sha256(data).hexdigest()
         sealed_as = f"part/{name}/{tag}/{i}"
         [blob] = head.client.scatter([data], workers=[worker], direct=True, hash=False)
-        futures.append(
-            head.client.submit(
-                seal_partition, sealed_as, blob, digest, workers=[worker], allow_other_workers=False, pure=False
-            )
-        )
+        futures.append(head.submit_to(worker, seal_partition, sealed_as, blob, digest))
         blob.release()
         records.append(
             {"index": i, "worker": worker, "offset": offset, "rows": rows, "sha256": digest, "sealed_as": sealed_as}
@@ -314,9 +310,7 @@ def _forget(head: ClusterHead, records: list[dict[str, Any]]) -> None:
     """Best effort: delete these partitions on the workers still alive (a failed placement)."""
     live = set(head._workers())
     futures = [
-        head.client.submit(
-            delete_partition, str(r["sealed_as"]), workers=[str(r["worker"])], allow_other_workers=False, pure=False
-        )
+        head.submit_to(str(r["worker"]), delete_partition, str(r["sealed_as"]))
         for r in records
         if str(r["worker"]) in live
     ]
@@ -369,13 +363,11 @@ def partition_futures(head: ClusterHead, dataset_id: str) -> list[Future]:
     """
     meta = ready_partitions(head, dataset_id)
     return [
-        head.client.submit(
+        head.submit_to(
+            str(p["worker"]),
             load_partition,
             str(p["sealed_as"]),
             str(p["sha256"]),
-            workers=[str(p["worker"])],
-            allow_other_workers=False,
-            pure=False,
             key=f"mesatee-part-{dataset_id}-{p['index']}-{time.time_ns()}",
         )
         for p in meta["partitions"]
@@ -406,9 +398,7 @@ def drop_dataset(head: ClusterHead, name: str) -> None:
     meta = partitioned_meta(head, name)
     live = set(head._workers())
     futures = [
-        head.client.submit(
-            delete_partition, str(p["sealed_as"]), workers=[str(p["worker"])], allow_other_workers=False, pure=False
-        )
+        head.submit_to(str(p["worker"]), delete_partition, str(p["sealed_as"]))
         for p in meta["partitions"]
         if str(p["worker"]) in live
     ]
