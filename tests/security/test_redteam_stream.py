@@ -41,11 +41,15 @@ def test_clients_that_stop_reading_chunked_results_do_not_stall_other_parties(
     k = two_workers
     policy = cast("mn.Policy", k.policy())
     stall = threading.Event()
+    lock = threading.Lock()
+    stalled_at: list[float] = []  # when each hostile reader stopped reading
     real = frames_result.ResultChunks.hasher_for
 
     def stop_reading(self: Any, header: dict[str, Any]) -> Any:
-        if header.get("t") == "result.chunk":
-            stall.wait(60)  # this client's reader stops here: nothing more is read from its socket
+        if header.get("t") == "result.chunk" and not stall.is_set():
+            with lock:
+                stalled_at.append(time.monotonic())
+            stall.wait(90)  # this client's reader stops here: nothing more is read from its socket
         return real(self, header)
 
     monkeypatch.setattr(frames_result.ResultChunks, "hasher_for", stop_reading)
@@ -61,7 +65,8 @@ def test_clients_that_stop_reading_chunked_results_do_not_stall_other_parties(
             t = threading.Thread(target=lambda f=sdf: outcomes.append(_outcome(f.collect)), daemon=True)  # streamed
             t.start()
             threads.append(t)
-        time.sleep(3)  # both results are streaming, and both readers stopped
+        # both results are streaming and both readers stopped (on a loaded machine the second may start late)
+        _wait_until(lambda: len(stalled_at) == 2, 60, "both hostile results to start streaming")
         done, listed = threading.Event(), []
         victim = mn.connect(k.url, policy=policy, identity=tmp_path / "victim")
         threads.append(
@@ -69,6 +74,8 @@ def test_clients_that_stop_reading_chunked_results_do_not_stall_other_parties(
         )
         threads[-1].start()
         served = done.wait(12)  # 2 s to cut each stalled reader off, the rest is the victim's own call
+        # keep both readers stopped well past the 2 s deadline, so each is cut off, whatever the victim's timing
+        _wait_until(lambda: time.monotonic() - max(stalled_at) > 8, 20, "the stalled readers' deadline")
         stall.set()  # let the stalled readers go (and with them the victim's call), then close everything
         threads[-1].join(60)
         victim.close()
@@ -82,6 +89,14 @@ def test_clients_that_stop_reading_chunked_results_do_not_stall_other_parties(
             s.close()
     # each stalled reader was cut off: a typed error once it read again, not a hang or a half result
     assert len(outcomes) == 2 and all(isinstance(o, mn.MesateeError) for o in outcomes), outcomes
+
+
+def _wait_until(cond: Any, seconds: float, what: str) -> None:
+    end = time.monotonic() + seconds
+    while not cond():
+        if time.monotonic() > end:
+            pytest.fail(f"timed out after {seconds:g} s waiting for {what}")
+        time.sleep(0.05)
 
 
 def _outcome(fn: Any) -> object:
