@@ -291,8 +291,9 @@ class Kernel:
     ) -> Message:
         """Run a service call in its pool, fairly scheduled among the parties waiting there."""
         header = order.to_header() if isinstance(order, RunService) else order
-        guarded = str(header["service"]) in GUARDED_SERVICES  # one at a time per party, head or worker (party_turns)
-        with self.party_turns.turn(party) if guarded else contextlib.nullcontext():
+        service = str(header["service"])
+        guarded = service in GUARDED_SERVICES  # one at a time per party, head or worker (party_turns)
+        with self.party_turns.turn(party, nonce, service) if guarded else contextlib.nullcontext():
             return self._run_service(party, nonce, header, payloads, fds, on_message, timeout)
 
     def _run_service(
@@ -350,7 +351,14 @@ class Kernel:
             pool.shutdown()
 
     def cancel_service_call(self, party: str | None, nonce: str) -> bool:
-        """Cancel the call with ``nonce`` (made by ``party``, if the canceller proved one) in any pool."""
+        """Cancel the call with ``nonce`` (made by ``party``, if the canceller proved one), waiting or in any pool.
+
+        The party turns are asked first (a call waiting there is in no pool yet), then the pools: a call leaves its
+        turn's wait only to go on to a pool, so asked in this order it is found in one of them, but for the moment
+        between (longer only while a migration holds the service gate) or on the cluster head.
+        """
+        if self.party_turns.cancel(party, nonce):
+            return True
         with self._pools_lock:
             pools = list(self.service_pools.values())
         return any(pool.cancel(party, nonce) for pool in pools)

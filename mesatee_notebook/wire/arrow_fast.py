@@ -19,17 +19,32 @@ layouts evicts only its own.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-__all__ = ["SMALL_FRAME", "caller_scope", "current_scope", "room", "small_numeric_frame", "zero_copy_table"]
+__all__ = [
+    "SMALL_FRAME",
+    "Scoped",
+    "caller_scope",
+    "current_scope",
+    "room",
+    "scoped",
+    "small_numeric_frame",
+    "zero_copy_table",
+]
 
 _CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("mesatee_codec_scope", default=None)
-_SCOPES = 64  # scopes remembered per cache (then all start over): a bound on memory, not a policy
+_SCOPES = 64  # scopes remembered per cache (then the least recently used goes): a bound on memory, not a policy
+_SCOPES_LOCK = threading.Lock()  # the cluster head's threads share the caches: touch and evict under one lock
+
+#: One cache kept per scope: scope -> that scope's own entries, least recently used scope first.
+Scoped = collections.OrderedDict[str | None, Any]
 
 
 @contextlib.contextmanager
@@ -47,14 +62,33 @@ def current_scope(scope: str | None = None) -> str | None:
     return scope if scope is not None else _CALLER.get()
 
 
-def room(cache: dict[str | None, dict[Any, Any]], scope: str | None, per_scope: int) -> dict[Any, Any]:
-    """``cache[scope]``, emptied when it holds ``per_scope`` entries; a full cache of scopes starts over."""
-    if scope not in cache and len(cache) >= _SCOPES:
-        cache.clear()
-    mine = cache.setdefault(scope, {})
-    if len(mine) >= per_scope:
-        mine.clear()
-    return mine
+def scoped(cache: Scoped, scope: str | None) -> Any:
+    """``cache[scope]`` (marked as just used, so it is evicted last), or None if the scope has no entries yet."""
+    with _SCOPES_LOCK:
+        mine = cache.get(scope)
+        if mine is not None:
+            cache.move_to_end(scope)
+        return mine
+
+
+def room(cache: Scoped, scope: str | None, per_scope: int, size: Any = len) -> Any:
+    """``cache[scope]`` to add to: emptied when ``size`` of it reaches ``per_scope``.
+
+    A new scope in a cache of ``_SCOPES`` evicts the least recently used one only, so a party that makes ever new
+    identities (a Sybil) costs the parties at work no cache miss (a Sybil gap session 7's red team left:
+    ``tests/security/test_gaps_caches.py``); memory stays bounded by ``_SCOPES`` times ``per_scope``.
+    """
+    with _SCOPES_LOCK:
+        mine = cache.get(scope)
+        if mine is None:
+            while len(cache) >= _SCOPES:
+                cache.popitem(last=False)
+            mine = cache[scope] = {}
+        else:
+            cache.move_to_end(scope)
+        if size(mine) >= per_scope:
+            mine.clear()
+        return mine
 
 
 SMALL_FRAME = 1 << 20
@@ -89,7 +123,7 @@ def zero_copy_table(df: Any, scope: str | None = None) -> Any:
     return pa.Table.from_arrays(_arrays(df, dtypes, schema), schema=schema)
 
 
-_SCHEMAS: dict[str | None, dict[Any, Any]] = {}  # scope -> layout key -> (schema, pandas metadata)
+_SCHEMAS: Scoped = collections.OrderedDict()  # scope -> layout key -> (schema, pandas metadata)
 
 
 def _arrays(df: Any, dtypes: list[np.dtype[Any]], schema: Any) -> list[Any]:
@@ -122,7 +156,7 @@ def _frame_schema(df: Any, names: list[str], dtypes: list[np.dtype[Any]], scope:
     idx, cols = df.index, df.columns
     simple = not df.attrs and all(n is None or isinstance(n, str) for n in (idx.name, cols.name))
     key = (tuple(names), tuple(t.str for t in dtypes), str(cols.dtype), cols.name, idx.name, idx.start, idx.step)
-    hit = _SCHEMAS.get(scope, {}).get(key) if simple else None
+    hit = (scoped(_SCHEMAS, scope) or {}).get(key) if simple else None
     if hit is None:
         schema = pa.Schema.from_pandas(df, preserve_index=None)
         meta = json.loads(schema.metadata[b"pandas"])

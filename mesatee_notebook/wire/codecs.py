@@ -26,6 +26,7 @@ pickle from a peer is as dangerous as the peer.
 from __future__ import annotations
 
 import ast
+import collections
 import datetime
 import io
 import math
@@ -39,7 +40,15 @@ import numpy as np
 
 from mesatee_notebook.errors import EncodingError, MalformedFrame
 from mesatee_notebook.wire import frame_layouts
-from mesatee_notebook.wire.arrow_fast import SMALL_FRAME, current_scope, room, small_numeric_frame, zero_copy_table
+from mesatee_notebook.wire.arrow_fast import (
+    SMALL_FRAME,
+    Scoped,
+    current_scope,
+    room,
+    scoped,
+    small_numeric_frame,
+    zero_copy_table,
+)
 from mesatee_notebook.wire.digest import payload_hasher
 
 __all__ = ["KINDS", "Encoded", "decode_value", "digest_parts", "encode_value", "describe"]
@@ -285,7 +294,7 @@ def _encode_npy(arr: np.ndarray[Any, Any], scope: str | None) -> Encoded:
     if not (arr.flags.c_contiguous or arr.flags.f_contiguous):
         arr = np.ascontiguousarray(arr)
     key = (arr.dtype, bool(arr.flags.f_contiguous and not arr.flags.c_contiguous), arr.shape)
-    header = _NPY_HEADS.get(scope, {}).get(key)
+    header = (scoped(_NPY_HEADS, scope) or {}).get(key)
     if header is None:  # numpy writes the header in Python: remembered per (dtype, order, shape), per party
         head = io.BytesIO()
         np.lib.format.write_array_header_2_0(head, np.lib.format.header_data_from_array_1_0(arr))
@@ -295,11 +304,11 @@ def _encode_npy(arr: np.ndarray[Any, Any], scope: str | None) -> Encoded:
     return Encoded("npy", [header, body])
 
 
-_NPY_HEADS: dict[str | None, dict[Any, Any]] = {}  # scope (party) -> (dtype, order, shape) -> header bytes
-_NPY_PARSED: dict[str | None, dict[Any, Any]] = {}  # scope (party) -> header bytes -> parsed header
+_NPY_HEADS: Scoped = collections.OrderedDict()  # scope (party) -> (dtype, order, shape) -> header bytes
+_NPY_PARSED: Scoped = collections.OrderedDict()  # scope (party) -> header bytes -> parsed header
 
 
-def _remember(cache: dict[str | None, dict[Any, Any]], scope: str | None, key: Any, value: Any) -> Any:
+def _remember(cache: Scoped, scope: str | None, key: Any, value: Any) -> Any:
     room(cache, scope, 1024)[key] = value
     return value
 
@@ -380,7 +389,7 @@ def _decode_npy(buf: Any, scope: str | None) -> np.ndarray[Any, Any]:
     wide = head[6:7] != b"\x01"  # format 2.0+: a 4-byte header length
     size = 12 + int.from_bytes(head[8:12], "little") if wide else 10 + int.from_bytes(head[8:10], "little")
     key = head[:size] if size <= 256 else None  # the exact header bytes: parsed once, then looked up
-    parsed = _NPY_PARSED.get(scope, {}).get(key) if key is not None else None
+    parsed = (scoped(_NPY_PARSED, scope) or {}).get(key) if key is not None else None
     if parsed is None:
         parsed = _npy_header(head)
         if key is not None and parsed[3] == size:

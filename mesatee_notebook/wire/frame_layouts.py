@@ -21,11 +21,14 @@ party that sends ever new layouts fills only its own room (16 layouts; heads ove
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
+
+from mesatee_notebook.wire.arrow_fast import Scoped, room, scoped
 
 __all__ = ["decode_small", "encode_small", "remember_decoded", "remember_encoded", "single_dtype"]
 
@@ -33,7 +36,6 @@ SMALL = 1 << 16
 """Frames up to this many bytes of values are remembered (a layout's bytes are kept: one schema message each)."""
 
 _PER_SCOPE = 16  # layouts remembered per scope (then that scope starts over)
-_SCOPES = 64  # scopes remembered (then all start over): a bound on memory, not a policy
 _MAX_HEAD = 1 << 16  # a layout whose non-value bytes are longer (thousands of labels) is not remembered
 
 
@@ -55,18 +57,13 @@ class _Layout:
         return len(self.head) + (self.ncols - 1) * self.stride + self.nbytes + len(self.tail)
 
 
-_ENCODE: dict[str | None, dict[tuple[Any, ...], _Layout | None]] = {}  # None: Arrow lays that layout out otherwise
-_DECODE: dict[str | None, dict[int, list[_Layout]]] = {}  # by scope, then stream size
+_ENCODE: Scoped = collections.OrderedDict()  # layout key -> _Layout, or None: Arrow lays that layout out otherwise
+_DECODE: Scoped = collections.OrderedDict()  # by scope, then stream size -> [_Layout]
 
 
-def _room(cache: dict[str | None, Any], scope: str | None) -> Any:
+def _room(cache: Scoped, scope: str | None) -> Any:
     """``cache[scope]``, emptied if full; a hostile party filling its own scope evicts nobody else's layouts."""
-    if scope not in cache and len(cache) >= _SCOPES:
-        cache.clear()
-    mine = cache.setdefault(scope, {})
-    if sum(len(v) if isinstance(v, list) else 1 for v in mine.values()) >= _PER_SCOPE:
-        mine.clear()
-    return mine
+    return room(cache, scope, _PER_SCOPE, lambda mine: sum(len(v) if isinstance(v, list) else 1 for v in mine.values()))
 
 
 def _frame_key(df: Any) -> tuple[tuple[Any, ...], np.dtype[Any]] | None:
@@ -119,7 +116,7 @@ def encode_small(df: Any, scope: str | None) -> bytes | None:
     found = _frame_key(df)
     if found is None:
         return None
-    layout = _ENCODE.get(scope, {}).get(found[0])
+    layout = (scoped(_ENCODE, scope) or {}).get(found[0])
     if layout is None:
         return None
     return _write(layout, _values(df, layout))
@@ -167,7 +164,7 @@ def _locate(raw: Any, dtype: np.dtype[Any], rows: int, ncols: int) -> tuple[byte
 def remember_encoded(df: Any, raw: Any, scope: str | None) -> None:
     """After Arrow wrote ``raw`` for ``df``: remember its layout if writing it ourselves gives the same bytes."""
     found = _frame_key(df)
-    if found is None or found[0] in _ENCODE.get(scope, {}):
+    if found is None or found[0] in (scoped(_ENCODE, scope) or {}):
         return
     key, dtype = found
     rows, ncols = df.shape
@@ -249,7 +246,7 @@ def decode_small(raw: Any, scope: str | None) -> Any:
     """The frame of a stream whose layout ``scope`` decoded before (every non-value byte equal), else None."""
     view = memoryview(raw).cast("B")
     size = view.nbytes
-    for layout in _DECODE.get(scope, {}).get(size, ()):
+    for layout in (scoped(_DECODE, scope) or {}).get(size, ()):
         if view[: len(layout.head)] == layout.head and view[size - len(layout.tail) :] == layout.tail:
             return _build(layout, view)
     return None
