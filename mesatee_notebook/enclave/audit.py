@@ -69,7 +69,7 @@ class AuditLog:
         self._check_sealed_head()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
         os.fchmod(self._fd, 0o600)
-        if dropped:
+        if dropped:  # the kernel's own crash, no party's call: every party is told its log lost an unfinished entry
             self.append(
                 "recovery",
                 None,

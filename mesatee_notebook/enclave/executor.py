@@ -37,12 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     fd = int(args[0])
     limit = int(args[1]) if len(args) > 1 else 0
     confined: dict[str, Any] | None = None
+    confined_memory = 0
     if "--confine" in args:
         import json
 
         from mesatee_notebook.enclave.sandbox import confine
 
         settings = json.loads(args[args.index("--confine") + 1])
+        confined_memory = int(settings.get("memory") or 0)
         confined = confine(settings, [fd])  # rlimits and Landlock, before the engines load
         limit = 0  # the sandbox's address-space limit is already set, with room for allocators
     import numpy  # noqa: F401 - warm the engines the cells will use
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if "--service" in args[2:]:
         from mesatee_notebook.enclave.service_worker import ServiceWorker
 
-        worker = ServiceWorker(client)
+        worker = ServiceWorker(client, int(confined_memory or limit))
     else:
         worker = CellExecutor(client, limits=confined)
     try:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -138,7 +139,9 @@ class FrameEvaluator:
         self._guard = _DifferencingGuard(history_limit, guard_store)
         self._guard_lock = threading.Lock()  # check-then-record must be atomic per release
         self._ledger = BudgetLedger(ledger_store if ledger_store is not None else MemoryLedgerStore())
-        self._unique_units: dict[tuple[str, str], tuple[pd.DataFrame, bool]] = {}
+        # (party, dataset, unit) -> (the frame, weakly: an evicted one is freed, whether its units are unique); per
+        # party like the worker's dataset cache, so another party's query neither warms nor evicts it for the caller
+        self._unique_units: dict[tuple[str, str, str], tuple[weakref.ref[pd.DataFrame], bool]] = {}
 
     # -- public -----------------------------------------------------------
 
@@ -254,11 +257,13 @@ class FrameEvaluator:
 
     # -- the DP mode -------------------------------------------------------
 
-    def _units_unique(self, name: str, df: pd.DataFrame, unit: str) -> bool:
-        hit = self._unique_units.get((name, unit))
-        if hit is None or hit[0] is not df:
-            hit = (df, bool(df[unit].is_unique))
-            self._unique_units[(name, unit)] = hit
+    def _units_unique(self, party: str, name: str, df: pd.DataFrame, unit: str) -> bool:
+        hit = self._unique_units.get((party, name, unit))
+        if hit is None or hit[0]() is not df:
+            for key in [k for k, (ref, _) in self._unique_units.items() if ref() is None]:
+                del self._unique_units[key]  # their frames are gone
+            hit = (weakref.ref(df), bool(df[unit].is_unique))
+            self._unique_units[(party, name, unit)] = hit
         return hit[1]
 
     def _evaluate_dp(
@@ -313,7 +318,9 @@ class FrameEvaluator:
         src = _compose(arrays[0], _positions(data.index))
         keep = src >= 0  # rows not from the DP dataset (outer joins) would let its absence show
         source = frames[name]
-        if value.origin.dup.get(name, False) or not (priv.unit is None or self._units_unique(name, source, priv.unit)):
+        if value.origin.dup.get(name, False) or not (
+            priv.unit is None or self._units_unique(party, name, source, priv.unit)
+        ):
             units = src[keep] if priv.unit is None else source[priv.unit].to_numpy()[src[keep]]
             bounded = np.zeros(len(src), dtype=bool)
             bounded[np.flatnonzero(keep)] = bound_contributions(units, priv.max_rows_per_unit)

@@ -110,9 +110,9 @@ class PartyTurns:
         there. Takes only this object's lock, and nothing is waited for while it is held.
         """
         with self._lock:
-            turns = [self._turns.get(party)] if party is not None else list(self._turns.values())
+            turns = list(self._turns.values()) if party is None else [t for t in [self._turns.get(party)] if t]
             for turn in turns:
-                for waiter in turn.waiting if turn is not None else ():
+                for waiter in turn.waiting:
                     if waiter.nonce == nonce and not waiter.cancelled:
                         waiter.cancelled = True
                         turn.wake.notify_all()

@@ -11,7 +11,9 @@ A :class:`ServicePool` owns a few of them and hands them out to calls:
   lands on a different worker than its previous one, the call is marked ``fresh`` and the worker re-reads that
   party's cached state (the differencing guard's history) from sealed storage;
 - a dead worker is noticed before the call (``ExecutorHandle.alive`` checks the process and the socket), replaced,
-  and the replacement is audited as ``recovery`` for every party;
+  and the replacement is audited as ``recovery`` for the party whose call last ran on it (the call that crashed or
+  was cancelled) and the operator only: told to everyone, it said that another party's call had crashed or been
+  cancelled (a gap session 7's red team left: ``tests/security/test_gaps.py``);
 - a running call can be cancelled by the party that made it (:meth:`cancel`): its worker is stopped, the call
   fails with ``RemoteInterrupted``, and the next call gets a fresh worker. A queued call is just dropped.
 
@@ -65,6 +67,7 @@ class ServicePool:
         start: Callable[[], ExecutorHandle],
         on_recovery: Callable[[dict[str, Any]], None],
     ) -> None:
+        """``on_recovery(details)``: a worker was replaced; ``details["party"]``, if there, is whose call it was."""
         if size < 1:
             msg = "a service pool needs at least one worker"
             raise ValueError(msg)
@@ -77,6 +80,8 @@ class ServicePool:
         self._free: list[int] = list(range(size))
         self._fair: FairQueue[_Ticket] = FairQueue()  # per-party queues, round robin, one running call per party
         self._last_slot: dict[str, int] = {}
+        # slot -> (party, service, cancelled) of the call that last ran there: whose a recovery there is
+        self._last_call: dict[int, tuple[str, str, bool]] = {}
 
     # -- scheduling ---------------------------------------------------------------------------------------------
     def _dispatch(self) -> None:
@@ -96,6 +101,7 @@ class ServicePool:
             self._fair.finish(ticket.party, ticket)
             if ticket.slot is not None:
                 self._last_slot[ticket.party] = ticket.slot
+                self._last_call[ticket.slot] = (ticket.party, ticket.service, ticket.cancelled)
                 self._free.append(ticket.slot)
                 self._free.sort()
             self._dispatch()
@@ -106,8 +112,14 @@ class ServicePool:
         if worker is not None and not worker.alive:
             status = worker.crashed_error().details.get("status")
             log.warning("%s service worker %d died (%s); starting a new one", self.name, slot, status)
-            # In-memory caches are lost; persisted state (sealed) is re-read by the new worker. Say so to everyone.
-            self._on_recovery({"service_worker": "restarted", "pool": self.name, "status": status})
+            # In-memory caches are lost; persisted state (sealed) is re-read by the new worker. Said to the party whose
+            # call last ran there (``party``: the callback scopes the entry to it), never to the other parties.
+            with self._cond:
+                last = self._last_call.pop(slot, None)
+            details: dict[str, Any] = {"service_worker": "restarted", "pool": self.name, "status": status}
+            if last is not None:
+                details.update(zip(("party", "service", "cancelled"), last, strict=True))
+            self._on_recovery(details)
             worker.kill()
             worker = None
         if worker is None:

@@ -24,9 +24,11 @@ __all__ = ["ServiceWorker"]
 class ServiceWorker:
     """Runs the services the supervisor orders; keeps per-worker state (caches) between calls."""
 
-    def __init__(self, client: SupervisorClient) -> None:
+    def __init__(self, client: SupervisorClient, memory_limit: int = 0) -> None:
         self.client = client
         self.state: dict[str, Any] = {}
+        if memory_limit > 0:  # decoded datasets kept between calls: at most a quarter of the worker's memory
+            self.state["dataset_cache_bytes"] = memory_limit // 4
 
     def serve(self) -> None:
         """Answer the supervisor's orders until it says shutdown or hangs up."""

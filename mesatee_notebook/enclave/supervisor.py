@@ -274,10 +274,15 @@ class Kernel:
                     lane,
                     size,
                     lambda: ExecutorHandle(self.config.executor_memory, service=True, sandbox=self.sandbox),
-                    lambda details: self.audit_log.append("recovery", None, details, concerns=["*"]),
+                    self._audit_recovery,
                 )
                 self.service_pools[lane] = pool
             return pool
+
+    def _audit_recovery(self, details: dict[str, Any]) -> None:
+        """A service worker was replaced: audited for the party whose call it ran last, and the operator, only."""
+        party = details.pop("party", None)
+        self.audit_log.append("recovery", None, details, concerns=[party] if isinstance(party, str) else [])
 
     def run_service(
         self,

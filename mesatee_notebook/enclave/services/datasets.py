@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from mesatee_notebook.enclave.dataset_cache import DatasetCache, frame_bytes
 from mesatee_notebook.enclave.datasets import data_name, meta_name, validate_dataset_name
 from mesatee_notebook.enclave.services import ServiceContext, ServiceResult, service
 from mesatee_notebook.errors import EncodingError, MalformedFrame, NotFound, PolicyViolation
@@ -33,24 +34,23 @@ def load_meta(ctx: ServiceContext, name: str) -> dict[str, Any]:
 def load_dataset(
     ctx: ServiceContext, name: str, meta: dict[str, Any] | None = None
 ) -> tuple[pd.DataFrame, DataPolicy, str]:
-    """(frame, policy, owner), cached in the worker by the data's digest; ``meta``: already read by the caller."""
+    """(frame, policy, owner), cached in the worker per (party, dataset) by the data's digest; ``meta``: if read."""
     meta = load_meta(ctx, name) if meta is None else meta
     readers = meta.get("readers")  # set on datasets a job made (PSI join): only its receivers may query them
     if readers is not None and ctx.party not in readers:
         msg = f"dataset {name!r} was made by a job and only that job's receivers may query it"
         raise PolicyViolation(msg, dataset=name)
-    cache: dict[str, tuple[str, pd.DataFrame]] = ctx.state.setdefault("dataset_cache", {})
-    hit = cache.get(name)
-    if hit is None or hit[0] != meta["sha256"]:
+    cache = DatasetCache.of(ctx.state)  # per (party, dataset): another party's use warms nothing for the caller
+    df = cache.get(ctx.party, name, meta["sha256"])
+    if df is None:
         raw = ctx.seal_get(data_name(name, prefix=""))
         if hashlib.sha256(raw).hexdigest() != meta["sha256"]:
             msg = f"dataset {name!r}: its data does not match the digest in its metadata"
             raise PolicyViolation(msg)
         # the same zero-copy decode as the upload's input, so a restart gives the evaluator the same frame
         df = decode_value("arrow.frame", raw)
-        cache[name] = (meta["sha256"], df)
-        hit = cache[name]
-    return hit[1], DataPolicy.from_dict(meta["policy"]), str(meta["owner"])
+        cache.put(ctx.party, name, meta["sha256"], df, frame_bytes(df, len(raw)))
+    return df, DataPolicy.from_dict(meta["policy"]), str(meta["owner"])
 
 
 def public_info(meta: dict[str, Any], party: str) -> dict[str, Any]:
@@ -129,6 +129,7 @@ def upload(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) ->
         "created": time.time(),
     }
     ctx.seal_put(meta_name(name, prefix=""), json.dumps(meta).encode())
+    DatasetCache.of(ctx.state).drop(name)  # every party's frame of the data it replaces (a digest check refuses them)
     ctx.audit("upload", {"dataset": name, "rows": len(df), "sha256": digest})
     return ServiceResult(info=public_info(meta, ctx.party))
 
@@ -167,6 +168,6 @@ def delete(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) ->
         raise PolicyViolation(msg, dataset=name)
     ctx.seal_delete(data_name(name, prefix=""))
     ctx.seal_delete(meta_name(name, prefix=""))
-    ctx.state.get("dataset_cache", {}).pop(name, None)
+    DatasetCache.of(ctx.state).drop(name)
     ctx.audit("upload", {"dataset": name, "deleted": True})
     return ServiceResult(info={"deleted": name})

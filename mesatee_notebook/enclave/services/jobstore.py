@@ -98,7 +98,10 @@ def job_store(ctx: ServiceContext) -> JobStore:
         blobs.ctx, audit.ctx = ctx, ctx
         store = JobStore(blobs, audit)
         for job_id, why in sorted(store.damaged.items()):
-            # Reported, never silently dropped: the job stays listed and every access to it fails.
+            # Reported, never silently dropped: the job stays listed and every access to it fails. Told to every party
+            # (unlike a worker's restart, which is scoped to whose call it was): no party's call caused it (sealed job
+            # data failed to authenticate, i.e. the host changed it, or a crash of the kernel), the job store is the
+            # one every party's jobs live in, and the job id is a hash of its name (job names are global in a kernel).
             ctx.audit("recovery", {"job_id": job_id, "damaged": why}, concerns=[ALL_PARTIES])
         ctx.state[_STATE_KEY] = (store, blobs, audit)
         return store
