@@ -6,6 +6,9 @@
 - A service worker's restart after a crash or a cancel was audited as ``recovery`` for every party, which told a
   party that another party's call had crashed or been cancelled. Now it is visible to the party whose call ran
   last on that worker (and the operator, who reads the whole signed log) only, and the log still verifies.
+- A worker's decoded datasets were cached by name for every party it serves: whether a large dataset was warm told
+  a party that someone had used it. Now they are cached per (party, dataset) under one byte bound; the rule is
+  checked in ``test_gaps_caches.py`` (sealed reads counted, no timing), and here that both parties' frames answer.
 
 The first collect holds its turn deterministically: its client stops reading its chunked result (as in
 ``test_redteam_stream.py``), with a result-send deadline far beyond the test, and reads on when the test says so.
@@ -116,6 +119,7 @@ def test_a_call_waiting_for_its_partys_turn_is_cancelled_at_once(
     assert small.collect() == sum(range(100))  # and A's turn is free again
 
 
+@pytest.mark.slow  # starts xgboost in a worker and stops it: about 7-10 s on 2 loaded cores
 def test_a_workers_recovery_is_audited_for_its_party_only_and_the_log_verifies(
     gaps_kernel: KernelProc, parties: dict[str, Any]
 ) -> None:
@@ -146,3 +150,17 @@ def test_a_workers_recovery_is_audited_for_its_party_only_and_the_log_verifies(
     verify_audit_log(entries, load_platform(gaps_kernel.data_dir).key.public_key())
     restarts = [e for e in entries if e["kind"] == "recovery" and e["details"].get("service") == "gbdt.train"]
     assert restarts and all(e["concerns"] == [a1.party_id] and e["party"] is None for e in restarts)
+
+
+def test_parties_reading_one_dataset_each_get_its_current_data(parties: dict[str, Any]) -> None:
+    """The worker's dataset cache is per (party, dataset) (``enclave/dataset_cache.py``; the rule itself, reads and
+    the byte bound: ``test_gaps_caches.py``): both parties' frames of one dataset answer, and both follow a replace."""
+    a1, b = parties["a1"], parties["b"]
+    policy = mn.DataPolicy(min_group_size=10)
+    a1.upload(pd.DataFrame({"x": np.arange(1000, dtype=np.float64)}), "gap_shared", policy=policy)
+    for _ in range(2):  # cold, then each party's own warm frame
+        assert a1.dataframe("gap_shared").x.sum().collect() == sum(range(1000))
+        assert b.dataframe("gap_shared").x.sum().collect() == sum(range(1000))
+    a1.upload(pd.DataFrame({"x": np.ones(500)}), "gap_shared", policy=policy, replace=True)
+    assert b.dataframe("gap_shared").x.sum().collect() == 500
+    assert a1.dataframe("gap_shared").x.sum().collect() == 500

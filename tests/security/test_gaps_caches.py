@@ -62,3 +62,68 @@ def test_room_evicts_the_least_recently_used_scope_and_empties_a_full_one() -> N
     mine.update({1: 1, 2: 2, 3: 3})
     assert len(arrow_fast.room(cache, "new", 4)) == 0  # a scope full of its own entries starts over
     assert arrow_fast.scoped(cache, "missing") is None
+
+
+# -- a service worker's decoded datasets (enclave/dataset_cache.py) ----------------------------------------------
+
+
+class _Ctx:
+    """What ``load_dataset`` uses of a ServiceContext: the party, the worker's state and sealed reads (counted)."""
+
+    def __init__(self, party: str, state: dict[str, object], sealed: dict[str, bytes], reads: list[str]) -> None:
+        self.party, self.state, self._sealed, self._reads = party, state, sealed, reads
+
+    def seal_get(self, name: str) -> bytes:
+        if name.endswith("/data"):
+            self._reads.append(self.party)
+        return self._sealed[name]
+
+
+def _sealed_dataset(name: str, rows: int) -> dict[str, bytes]:
+    import hashlib
+    import json
+
+    from mesatee_notebook.enclave.datasets import data_name, meta_name
+
+    data = b"".join(codecs.encode_value(pd.DataFrame({"x": np.arange(rows, dtype=np.float64)})).parts)
+    meta = {"name": name, "owner": "gap-owner", "policy": {}, "sha256": hashlib.sha256(data).hexdigest()}
+    return {data_name(name, prefix=""): data, meta_name(name, prefix=""): json.dumps(meta).encode()}
+
+
+def test_another_partys_use_of_a_dataset_warms_nothing_for_the_caller_and_the_bound_holds() -> None:
+    from mesatee_notebook.enclave.dataset_cache import DatasetCache
+    from mesatee_notebook.enclave.services.datasets import load_dataset
+
+    sealed = {**_sealed_dataset("gap_one", 10_000), **_sealed_dataset("gap_two", 10_000)}
+    state: dict[str, object] = {"dataset_cache_bytes": 200_000}  # room for two copies of 80 kB, not three
+    reads: list[str] = []
+    owner, analyst = (_Ctx(p, state, sealed, reads) for p in ("gap-owner", "gap-analyst"))
+    first = load_dataset(owner, "gap_one")[0]
+    assert load_dataset(owner, "gap_one")[0] is first and reads == ["gap-owner"]  # the owner's repeat is warm
+    theirs = load_dataset(analyst, "gap_one")[0]
+    assert reads == ["gap-owner", "gap-analyst"]  # the analyst read (and decoded) the data itself: cold
+    assert theirs is not first and theirs.equals(first)
+    cache = DatasetCache.of(state)
+    assert len(cache) == 2 and cache.nbytes <= cache.limit  # two parties, one dataset: two copies, in the bound
+    load_dataset(analyst, "gap_two")  # a third copy: the least recently used one (the owner's) goes
+    assert cache.nbytes <= cache.limit and len(cache) == 2
+    load_dataset(owner, "gap_one")
+    assert reads == ["gap-owner", "gap-analyst", "gap-analyst", "gap-owner"]
+    cache.drop("gap_one")  # a deleted (or replaced) dataset: every party's frame of it goes
+    assert len(cache) == 1
+
+
+def test_the_dp_unit_uniqueness_cache_is_per_party_and_holds_no_frame_alive() -> None:
+    import gc
+    import weakref
+
+    from mesatee_notebook.enclave.frames import FrameEvaluator
+
+    ev = FrameEvaluator({}, lambda event: None)
+    mine, theirs = pd.DataFrame({"id": [1, 2, 3]}), pd.DataFrame({"id": [1, 2, 3]})
+    assert ev._units_unique("gap-a", "d", mine, "id") and ev._units_unique("gap-b", "d", theirs, "id")
+    assert ev._unique_units[("gap-a", "d", "id")][0]() is mine  # b's query did not replace a's entry
+    gone = weakref.ref(theirs)
+    del theirs
+    gc.collect()
+    assert gone() is None  # an evicted frame is freed: the cache refers to it weakly
