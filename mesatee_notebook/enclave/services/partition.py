@@ -1,0 +1,86 @@
+"""``partition.split``: a partitioned upload's decode, checks, split, encode and digests, in a sandboxed worker.
+
+The cluster head (``enclave/cluster/datasets.py``) hands the upload's payload (its memfd, as for ``dataset.upload``)
+to a worker of its own pool; this service decodes it, checks it exactly as ``dataset.upload`` does
+(:func:`~.datasets.upload_policy`), and returns what the head needs without decoding a byte of tenant data itself:
+the whole frame's SHA-256 (of the same encoding ``dataset.upload`` digests), the columns and dtypes, the row count,
+the zero-row schema frame's Arrow bytes, and the N partitions' Arrow streams back to back in one value with each
+one's offset, rows, size and SHA-256 in ``info``. The head only places those bytes.
+
+It is internal: the supervisor refuses it from the wire (:data:`~mesatee_notebook.enclave.services.INTERNAL`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+from typing import Any, Final
+
+import pandas as pd
+
+from mesatee_notebook.enclave.cluster.partitions import encode_partitions
+from mesatee_notebook.enclave.services import ServiceContext, ServiceResult, service
+from mesatee_notebook.enclave.services.datasets import upload_policy
+from mesatee_notebook.errors import EncodingError
+from mesatee_notebook.wire.codecs import encode_value
+
+__all__ = ["SLACK_BYTES", "SPLIT", "max_output"]
+
+SPLIT: Final = "partition.split"
+#: The partitions may exceed the upload by this much plus the upload's own size (per-partition schemas, and a
+#: client's leaner encoding); more means a compressed or otherwise inflated stream, refused before it is sent on.
+SLACK_BYTES: Final = 64 << 20
+
+
+def max_output(upload_bytes: int) -> int:
+    """The most partition bytes the head accepts for an upload of ``upload_bytes`` (twice it, plus slack)."""
+    return 2 * max(0, upload_bytes) + SLACK_BYTES
+
+
+def _whole_digest(df: pd.DataFrame) -> str:
+    """SHA-256 of the frame's encoding: the digest ``dataset.upload`` seals (its parts hashed back to back)."""
+    h = hashlib.sha256()
+    for part in encode_value(df).parts:
+        h.update(part)
+    return h.hexdigest()
+
+
+@service(SPLIT)
+def split(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
+    """Split ``inputs['data']`` into ``args['partitions']`` row partitions (see the module docstring)."""
+    df = inputs.get("data")
+    if not isinstance(df, pd.DataFrame):
+        msg = "cluster.upload needs a pandas DataFrame as input 'data'"
+        raise EncodingError(msg)
+    n = int(args["partitions"])
+    limit = int(args.get("max_output", 0))
+    df = df.reset_index(drop=True)
+    policy = upload_policy(args, df)
+    whole = _whole_digest(df)
+    encoded = encode_partitions(df, n)
+    total = sum(len(p.data) for p in encoded)
+    if limit and total > limit:
+        msg = (
+            f"the upload's partitions take {total} bytes, more than twice the {int(args.get('upload_bytes', 0))} "
+            "bytes uploaded: send the frame as an uncompressed Arrow stream"
+        )
+        raise EncodingError(msg)
+    # One value, the partitions back to back, filled as each partition's own bytes are dropped (about 1x memory).
+    out = mmap.mmap(-1, max(1, total), flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20))
+    records, pos = [], 0
+    for i in range(len(encoded)):
+        part = encoded[i]
+        size = len(part.data)
+        out[pos : pos + size] = part.data
+        records.append({"offset": part.offset, "rows": part.rows, "size": size, "sha256": part.sha256})
+        encoded[i] = part.without_data()
+        pos += size
+    info = {
+        "sha256": whole,
+        "rows": len(df),
+        "columns": [[str(c), str(t)] for c, t in df.dtypes.items()],
+        "policy": policy.to_dict(),
+        "partitions": records,
+    }
+    schema = b"".join(encode_value(df.iloc[:0]).parts)
+    return ServiceResult(info=info, values={"partitions": memoryview(out)[:total], "schema": schema})
