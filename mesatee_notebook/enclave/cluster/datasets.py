@@ -1,10 +1,11 @@
 """``cluster.upload`` and the other dataset calls on partitioned datasets, served by the head in the supervisor.
 
-``Session.upload(df, name, partitions=N)`` calls ``cluster.upload``. The head checks the policy as
-``dataset.upload`` does, places the partitions (:mod:`.partitions`) and writes the metadata to its own sealed
-store. The reply's ``info`` (bound by the receipt) holds the whole frame's digest, one digest per partition, the
-digest over those, and the workers that hold them with the measurements the head verified.
-"""
+``Session.upload(df, name, partitions=N)`` calls ``cluster.upload``. The supervisor reads only the call's header:
+a sandboxed split worker (:mod:`.split`) decodes the frame, checks it as ``dataset.upload`` does, splits, encodes and
+digests it; the head then checks ownership and ``replace``, places the opaque partition bytes (:mod:`.partitions`)
+and writes the metadata to its own sealed store. The reply's ``info`` (bound by the receipt) holds the whole frame's
+digest, one digest per partition, the digest over those, and the workers that hold them with the measurements the
+head verified."""
 
 from __future__ import annotations
 
