@@ -120,6 +120,14 @@ def test_malformed_and_pickled_payloads_are_typed_errors_and_nothing_is_placed(
         assert [p["rows"] for p in ok.header["info"]["partitions"]] == [250, 250]
 
 
+def test_a_code_cell_reads_a_partitioned_dataset_joined_by_a_split_worker(head: KernelProc, tmp_path: Path) -> None:
+    df = frame(700, seed=8)
+    with mn.connect(head.url, policy=head.policy(), identity=tmp_path / "owner") as s:
+        s.upload(df, "cellread", partitions=3)
+        r = s.run("d = mesatee.dataframe('cellread')", outputs=["d"])
+    pd.testing.assert_frame_equal(r.outputs["d"], df)  # the rows of the 3 partitions, in order, as uploaded
+
+
 def test_a_decompression_bomb_kills_only_its_worker_and_the_supervisor_never_decodes_it(
     head: KernelProc, tmp_path: Path
 ) -> None:

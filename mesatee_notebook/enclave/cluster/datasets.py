@@ -5,7 +5,8 @@ a sandboxed split worker (:mod:`.split`) decodes the frame, checks it as ``datas
 digests it; the head then checks ownership and ``replace``, places the opaque partition bytes (:mod:`.partitions`)
 and writes the metadata to its own sealed store. The reply's ``info`` (bound by the receipt) holds the whole frame's
 digest, one digest per partition, the digest over those, and the workers that hold them with the measurements the
-head verified."""
+head verified.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from mesatee_notebook.enclave.cluster.partitions import (
 )
 from mesatee_notebook.enclave.datasets import load_meta, validate_dataset_name
 from mesatee_notebook.errors import EncodingError, NotAvailableYet, NotFound, PolicyViolation
-from mesatee_notebook.wire.codecs import encode_value
 from mesatee_notebook.wire.datapolicy import DataPolicy
 
 if TYPE_CHECKING:
@@ -248,13 +248,15 @@ def cluster_delete(kernel: Kernel, head: ClusterHead, party: str, name: str) -> 
 def cell_dataset(kernel: Kernel, name: str, party: str) -> bytes:
     """A partitioned dataset's Arrow bytes for a code cell, after ``broker.dataset_for_cell``'s policy check.
 
-    The partitions are gathered to the head over ``atls://`` (each checked against its digest in the head's
-    metadata), in the party's fair turn on the cluster, and handed to the cell's sandbox as a single-node
-    dataset's bytes would be. The whole dataset must fit in the head's and the cell's memory. On a kernel that
-    is not (or no longer) a cluster head, the cell gets a typed refusal saying so.
+    The partitions' bytes are gathered to the head over ``atls://`` (each checked against its digest in the head's
+    metadata), in the party's fair turn on the cluster, and joined into one Arrow stream by a sandboxed split worker
+    (:func:`.split.join_partitions`): the supervisor never decodes them. The cell's sandbox gets what a single-node
+    dataset's bytes would be. The whole dataset must fit in the head's and the cell's memory. On a kernel that is not
+    (or no longer) a cluster head, the cell gets a typed refusal saying so.
     """
     from mesatee_notebook.enclave.cluster.admission import lane_of
-    from mesatee_notebook.enclave.cluster.partitions import gather_frame
+    from mesatee_notebook.enclave.cluster.partitions import gather_bytes, schema_name
+    from mesatee_notebook.enclave.cluster.split import join_partitions
 
     head: ClusterHead | None = getattr(kernel, "cluster_head", None)
     if head is None or head.partitions is None:
@@ -264,5 +266,7 @@ def cell_dataset(kernel: Kernel, name: str, party: str) -> bytes:
         )
         raise NotAvailableYet(msg)
     with lane_of(kernel).turn(party):
-        df = gather_frame(head, name)
-    return b"".join(encode_value(df).parts)
+        parts = gather_bytes(head, name)
+        if not parts:  # no partition: the zero-row schema frame the head keeps (opaque bytes too)
+            return bytes(head.partitions.store.get(schema_name(name)))
+        return join_partitions(kernel, head, party, parts, UPLOAD_TIMEOUT)

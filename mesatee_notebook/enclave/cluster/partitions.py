@@ -56,10 +56,12 @@ __all__ = [
     "cluster_secret",
     "drop_dataset",
     "encode_partitions",
+    "gather_bytes",
     "gather_frame",
     "is_partitioned",
     "load_partition",
     "node_secret",
+    "read_partition",
     "partition_futures",
     "place_frame",
     "ready_partitions",
@@ -158,6 +160,15 @@ def load_partition(sealed_as: str, sha256: str) -> pd.DataFrame:
         while len(cache) > CACHED_PARTITIONS:
             cache.popitem(last=False)
     return df
+
+
+def read_partition(sealed_as: str, sha256: str) -> bytes:
+    """The partition as this worker's sealed Arrow bytes, checked against the head's digest, not decoded."""
+    raw = _store().get(sealed_as)
+    if hashlib.sha256(raw).hexdigest() != sha256:
+        msg = f"partition {sealed_as}: the sealed bytes do not match the digest in the head's metadata"
+        raise TamperedData(msg)
+    return bytes(raw)
 
 
 def delete_partition(sealed_as: str) -> bool:
@@ -409,6 +420,26 @@ def gather_frame(head: ClusterHead, dataset_id: str) -> pd.DataFrame:
         partition_futures(head, dataset_id), f"gathering dataset {dataset_id!r}", head=head, workers=workers
     )
     return pd.concat(parts, ignore_index=True) if parts else schema_frame(_book(head).store, dataset_id)
+
+
+def gather_bytes(head: ClusterHead, dataset_id: str) -> list[bytes]:
+    """Every partition's Arrow bytes in row order, gathered to the head (over atls://) as opaque bytes.
+
+    Each is checked against its digest by its worker and again here; nothing is decoded (a sandboxed worker
+    joins them: ``cluster/split.join_partitions``).
+    """
+    meta = ready_partitions(head, dataset_id)
+    futures = [
+        head.submit_to(str(p["worker"]), read_partition, str(p["sealed_as"]), str(p["sha256"]))
+        for p in meta["partitions"]
+    ]
+    workers = [str(p["worker"]) for p in meta["partitions"]]
+    raws = _result(futures, f"gathering dataset {dataset_id!r}", head=head, workers=workers)
+    for raw, p in zip(raws, meta["partitions"], strict=True):
+        if hashlib.sha256(raw).hexdigest() != p["sha256"]:
+            msg = f"dataset {dataset_id!r}: partition {p['index']} came with bytes that do not match its digest"
+            raise TamperedData(msg)
+    return [bytes(r) for r in raws]
 
 
 def schema_frame(store: Any, name: str) -> pd.DataFrame:

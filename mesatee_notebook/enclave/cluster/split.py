@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from mesatee_notebook.enclave.supervisor import Kernel
     from mesatee_notebook.wire.stream import Message
 
-__all__ = ["SplitUpload", "close_split_pool", "split_pool", "split_upload"]
+__all__ = ["SplitUpload", "close_split_pool", "join_partitions", "split_pool", "split_upload"]
 
 #: Workers in the head's split pool: as many as cluster calls run at once (admission.CLUSTER_SLOTS).
 SPLIT_WORKERS: Final = 2
@@ -101,8 +101,9 @@ def close_split_pool(head: ClusterHead) -> None:
 class _Landing:
     """The worker's messages during a split: the partitions' chunks land here; any request is refused."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, value: str = "out/partitions") -> None:
         self.limit = limit
+        self.value = value
         self.buffer: Any = None
         self.filled = 0
 
@@ -121,14 +122,14 @@ class _Landing:
         raise MalformedFrame(msg)
 
     def _chunk(self, worker: ExecutorHandle, chunk: Any, payloads: list[Any]) -> None:
-        if chunk.name != "out/partitions" or len(payloads) != 1:
+        if chunk.name != self.value or len(payloads) != 1:
             worker.kill()
             msg = "the upload's split worker sent a chunk of an unknown value; it was stopped"
             raise MalformedFrame(msg)
         if self.buffer is None:
             if not 0 < chunk.size <= self.limit:
                 worker.kill()
-                msg = f"the upload's partitions ({chunk.size} bytes) exceed {self.limit} bytes"
+                msg = f"the split worker's answer ({chunk.size} bytes) exceeds {self.limit} bytes"
                 raise EncodingError(msg)
             self.buffer = mmap.mmap(-1, chunk.size, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20))
         view = memoryview(payloads[0]).cast("B")
@@ -139,6 +140,15 @@ class _Landing:
         self.buffer[self.filled : self.filled + view.nbytes] = view
         self.filled += view.nbytes
         payloads.clear()
+
+    def close(self) -> None:
+        """Unmap the landed bytes now (an error, or once copied out)."""
+        buf, self.buffer = self.buffer, None
+        if buf is not None:
+            try:
+                buf.close()
+            except BufferError:
+                pass
 
 
 def split_upload(
@@ -157,7 +167,6 @@ def split_upload(
     partition count. Raises what the worker raised (the same errors as ``dataset.upload``), or a typed error if it
     died, overran its memory or stalled past ``timeout``.
     """
-    from mesatee_notebook.enclave.receipting import raise_if_error
     from mesatee_notebook.enclave.services.partition import SPLIT, max_output
     from mesatee_notebook.wire.protocol import RunService
 
@@ -171,24 +180,81 @@ def split_upload(
     }
     order = RunService(SPLIT, party, work, (spec,), chunked=True)
     taken, fds[:] = list(fds), []
+    result = _run(
+        kernel, head, order, list(payloads), taken, landing, timeout, "splitting the upload", "placed or counted"
+    )
+    return _checked(result, landing, int(args["partitions"]))
+
+
+def join_partitions(kernel: Kernel, head: ClusterHead, party: str, parts: list[Any], timeout: float) -> bytes:
+    """The Arrow stream of the partitions' rows in order (``parts``: their gathered, digest-checked bytes).
+
+    Decoded, concatenated and encoded by a sandboxed split worker (``partition.join``), for a code cell's read of a
+    partitioned dataset; the supervisor passes the bytes on.
+    """
+    from mesatee_notebook.enclave.ipc import pack_values
+    from mesatee_notebook.enclave.services.partition import JOIN, max_output
+    from mesatee_notebook.wire.protocol import RunService
+
+    specs, payloads, fds = pack_values(
+        [({"name": f"p{i}", "kind": "arrow.frame", "meta": {}}, [p], None) for i, p in enumerate(parts)]
+    )
+    landing = _Landing(max_output(sum(memoryview(p).nbytes for p in parts)), "out/data")
+    order = RunService(JOIN, party, {"parts": len(parts)}, tuple(specs), chunked=True)
+    result = _run(kernel, head, order, payloads, fds, landing, timeout, "joining the partitions", "released")
+    try:
+        return bytes(_value(result, landing, "out/data"))
+    finally:
+        for fd in result.fds:
+            os.close(fd)
+        result.fds.clear()
+        landing.close()
+
+
+def _run(
+    kernel: Kernel,
+    head: ClusterHead,
+    order: Any,
+    payloads: list[Any],
+    fds: list[int],
+    landing: _Landing,
+    timeout: float,
+    what: str,
+    outcome: str,
+) -> Message:
+    """Run one internal service call in the head's split pool; ``fds`` are taken over; an error reply raised."""
+    from mesatee_notebook.enclave.receipting import raise_if_error
+
     _STARTS.failed = False
     try:
         result = split_pool(kernel, head).run(
-            party, secrets.token_hex(16), SPLIT, order.to_header(), list(payloads), taken, landing.on_message, timeout
+            order.party,
+            secrets.token_hex(16),
+            order.service,
+            order.to_header(),
+            payloads,
+            fds,
+            landing.on_message,
+            timeout,
         )
     except RemoteTimeout:
-        msg = (
-            f"splitting the upload took longer than {timeout:g} s: its sandboxed worker was stopped, and nothing was "
-            "placed or counted"
-        )
+        landing.close()
+        msg = f"{what} took longer than {timeout:g} s: its sandboxed worker was stopped, and nothing was {outcome}"
         raise RemoteTimeout(msg) from None
     except MesateeError:
+        landing.close()
         if getattr(_STARTS, "failed", False):  # its worker never started, so the fds were not sent: still ours
-            for fd in taken:
+            for fd in fds:
                 os.close(fd)
         raise
-    raise_if_error(result)
-    return _checked(result, landing, int(args["partitions"]))
+    try:
+        raise_if_error(result)
+    except MesateeError:
+        landing.close()
+        for fd in result.fds:
+            os.close(fd)
+        raise
+    return result
 
 
 def _payload_size(spec: dict[str, Any], payloads: Sequence[Any], fds: Sequence[int]) -> int:

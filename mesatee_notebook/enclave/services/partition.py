@@ -7,7 +7,10 @@ the whole frame's SHA-256 (of the same encoding ``dataset.upload`` digests), the
 the zero-row schema frame's Arrow bytes, and the N partitions' Arrow streams back to back in one value with each
 one's offset, rows, size and SHA-256 in ``info``. The head only places those bytes.
 
-It is internal: the supervisor refuses it from the wire (:data:`~mesatee_notebook.enclave.services.INTERNAL`).
+``partition.join`` is the way back, for a code cell's read of a partitioned dataset: the partitions' gathered
+bytes in, one Arrow stream of the whole frame out (the same bytes the head used to build itself).
+
+Both are internal: the supervisor refuses them from the wire (:data:`~mesatee_notebook.enclave.services.INTERNAL`).
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ from mesatee_notebook.enclave.services.datasets import upload_policy
 from mesatee_notebook.errors import EncodingError
 from mesatee_notebook.wire.codecs import encode_value
 
-__all__ = ["SLACK_BYTES", "SPLIT", "max_output"]
+__all__ = ["JOIN", "SLACK_BYTES", "SPLIT", "max_output"]
 
 SPLIT: Final = "partition.split"
+JOIN: Final = "partition.join"
 #: The partitions may exceed the upload by this much plus the upload's own size (per-partition schemas, and a
 #: client's leaner encoding); more means a compressed or otherwise inflated stream, refused before it is sent on.
 SLACK_BYTES: Final = 64 << 20
@@ -84,3 +88,16 @@ def split(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> 
     }
     schema = b"".join(encode_value(df.iloc[:0]).parts)
     return ServiceResult(info=info, values={"partitions": memoryview(out)[:total], "schema": schema})
+
+
+@service(JOIN)
+def join(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
+    """The partitions ``p0`` ... (decoded here, in the sandbox) as one frame's Arrow stream, rows in order."""
+    n = int(args["parts"])
+    frames = [inputs.get(f"p{i}") for i in range(n)]
+    if n < 1 or not all(isinstance(f, pd.DataFrame) for f in frames):
+        msg = "partition.join needs the partitions as DataFrames p0 ... p(n-1)"
+        raise EncodingError(msg)
+    df = pd.concat(frames, ignore_index=True)
+    del frames
+    return ServiceResult(values={"data": b"".join(encode_value(df).parts)})
