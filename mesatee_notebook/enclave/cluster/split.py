@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from mesatee_notebook.enclave.supervisor import Kernel
     from mesatee_notebook.wire.stream import Message
 
-__all__ = ["SplitUpload", "close_split_pool", "join_partitions", "split_pool", "split_upload"]
+__all__ = ["SplitUpload", "close_split_pool", "gathered_collect", "join_partitions", "split_pool", "split_upload"]
 
 #: Workers in the head's split pool: as many as cluster calls run at once (admission.CLUSTER_SLOTS).
 SPLIT_WORKERS: Final = 2
@@ -101,14 +101,15 @@ def close_split_pool(head: ClusterHead) -> None:
 class _Landing:
     """The worker's messages during a split: the partitions' chunks land here; any request is refused."""
 
-    def __init__(self, limit: int, value: str = "out/partitions") -> None:
+    def __init__(self, limit: int, value: str = "out/partitions", answer: Any = None) -> None:
         self.limit = limit
         self.value = value
+        self.answer = answer  # (kernel, party): answer a trusted service's sealed-storage and audit requests
         self.buffer: Any = None
         self.filled = 0
 
     def on_message(self, worker: ExecutorHandle, m: Message) -> bool:
-        from mesatee_notebook.wire.protocol import LogLine, ProgressUpdate, ResultChunk
+        from mesatee_notebook.wire.protocol import EXECUTOR_REQUESTS, LogLine, ProgressUpdate, ResultChunk
 
         if m.type == ResultChunk.T:
             self._chunk(worker, ResultChunk.from_header(m.header), m.payloads)
@@ -117,6 +118,10 @@ class _Landing:
             return False
         if m.type in ("result", "error"):
             return True
+        if self.answer is not None and m.type in EXECUTOR_REQUESTS:
+            kernel, party = self.answer
+            kernel.handle_executor_request(worker, m, prefix="svc", party=party, service=True)
+            return False
         worker.kill()  # it asked for something (sealed storage, the audit log ...) a split never needs
         msg = f"the upload's split worker sent an unexpected {m.type!r} message; it was stopped"
         raise MalformedFrame(msg)
@@ -209,6 +214,39 @@ def join_partitions(kernel: Kernel, head: ClusterHead, party: str, parts: list[A
             os.close(fd)
         result.fds.clear()
         landing.close()
+
+
+def gathered_collect(
+    kernel: Kernel, head: ClusterHead, party: str, args: dict[str, Any], partitioned: list[str], timeout: float
+) -> Message:
+    """``frame.collect`` of a plan that does not decompose, evaluated by a sandboxed split worker.
+
+    The partitions of each dataset in ``partitioned`` are gathered as opaque, digest-checked bytes and handed to
+    the worker (``partition.frames``), which decodes them, runs the stock evaluator and the release rules, and
+    reads and writes the sealed guard history and DP ledger through the supervisor as the frame service does. Its
+    result message is passed on as it is: the supervisor never decodes the data or the released value.
+    """
+    from mesatee_notebook.enclave.cluster.partitions import gather_bytes
+    from mesatee_notebook.enclave.ipc import pack_values
+    from mesatee_notebook.enclave.services.partition import GATHERED
+    from mesatee_notebook.wire.protocol import RunService
+
+    values: list[Any] = []
+    names: dict[str, list[str]] = {}
+    for j, name in enumerate(partitioned):
+        keys = names[name] = []
+        for i, raw in enumerate(gather_bytes(head, name)):
+            keys.append(f"d{j}p{i}")
+            values.append(({"name": keys[-1], "kind": "arrow.frame", "meta": {}}, [raw], None))
+    specs, payloads, fds = pack_values(values)
+    del values
+    work = {k: args.get(k) for k in ("plan", "epsilon", "delta")} | {"partitioned": names}
+    order = RunService(GATHERED, party, work, tuple(specs))
+    landing = _Landing(0, "", answer=(kernel, party))
+    result = _run(kernel, head, order, payloads, fds, landing, timeout, "evaluating the gathered plan", "released")
+    info = result.header.get("info")
+    result.header["info"] = {**(info if isinstance(info, dict) else {}), "cluster": {"evaluation": "gathered"}}
+    return result
 
 
 def _run(

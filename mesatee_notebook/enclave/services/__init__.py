@@ -43,7 +43,7 @@ SERVICE_MODULES = (
     "mesatee_notebook.enclave.services.partition",
 )
 #: Services only the kernel itself orders (the cluster head's upload split): refused from the wire.
-INTERNAL = frozenset({"partition.split", "partition.join"})
+INTERNAL = frozenset({"partition.split", "partition.join", "partition.frames"})
 
 
 def service(name: str) -> Callable[[ServiceFn], ServiceFn]:

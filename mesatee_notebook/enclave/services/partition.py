@@ -9,14 +9,18 @@ one's offset, rows, size and SHA-256 in ``info``. The head only places those byt
 
 ``partition.join`` is the way back, for a code cell's read of a partitioned dataset: the partitions' gathered
 bytes in, one Arrow stream of the whole frame out (the same bytes the head used to build itself).
+``partition.frames`` evaluates a plan over partitioned datasets that does not decompose (``value_counts``, joins,
+DP, ...) on their gathered partitions, with the stock evaluator and its release rules, here rather than in the
+head's supervisor.
 
-Both are internal: the supervisor refuses them from the wire (:data:`~mesatee_notebook.enclave.services.INTERNAL`).
+All three are internal: the supervisor refuses them from the wire (:data:`~mesatee_notebook.enclave.services.INTERNAL`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import mmap
+from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
 import pandas as pd
@@ -27,10 +31,11 @@ from mesatee_notebook.enclave.services.datasets import upload_policy
 from mesatee_notebook.errors import EncodingError
 from mesatee_notebook.wire.codecs import encode_value
 
-__all__ = ["JOIN", "SLACK_BYTES", "SPLIT", "max_output"]
+__all__ = ["GATHERED", "JOIN", "SLACK_BYTES", "SPLIT", "max_output"]
 
 SPLIT: Final = "partition.split"
 JOIN: Final = "partition.join"
+GATHERED: Final = "partition.frames"
 #: The partitions may exceed the upload by this much plus the upload's own size (per-partition schemas, and a
 #: client's leaner encoding); more means a compressed or otherwise inflated stream, refused before it is sent on.
 SLACK_BYTES: Final = 64 << 20
@@ -101,3 +106,85 @@ def join(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> S
     df = pd.concat(frames, ignore_index=True)
     del frames
     return ServiceResult(values={"data": b"".join(encode_value(df).parts)})
+
+
+class _GatheredDatasets(Mapping[str, tuple[pd.DataFrame, Any, str]]):
+    """The evaluator's registry for one gathered plan: partitioned datasets from the inputs, others sealed."""
+
+    def __init__(self, ctx: ServiceContext, frames: dict[str, pd.DataFrame]) -> None:
+        from mesatee_notebook.enclave.services.frames import SealedDatasets
+
+        self.ctx = ctx
+        self.frames = frames
+        self.sealed = SealedDatasets()
+        self.sealed.ctx = ctx
+
+    def __getitem__(self, name: str) -> tuple[pd.DataFrame, Any, str]:
+        from mesatee_notebook.enclave.services.datasets import load_meta
+        from mesatee_notebook.errors import NotFound
+        from mesatee_notebook.wire.datapolicy import DataPolicy
+
+        if name not in self.frames:
+            return self.sealed[name]
+        try:
+            meta = load_meta(self.ctx, name)
+        except (NotFound, ValueError) as exc:
+            raise KeyError(name) from exc
+        return self.frames[name], DataPolicy.from_dict(meta["policy"]), str(meta["owner"])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.sealed)
+
+    def __len__(self) -> int:
+        return len(self.sealed)
+
+
+@service(GATHERED)
+def gathered(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
+    """``frame.collect`` of a plan over partitioned datasets that does not decompose, on their gathered partitions.
+
+    ``args['partitioned']`` names, per dataset, the inputs that hold its partitions in row order. The stock evaluator
+    and every release rule run here, in the sandbox, as in the frame service; the guard's history and the DP ledger
+    are the sealed ones the head and the frame service use (a fresh evaluator per call re-reads them).
+    """
+    from mesatee_notebook.enclave.frames import FrameEvaluator
+    from mesatee_notebook.enclave.services.datasets import load_meta
+    from mesatee_notebook.enclave.services.frames import SealedGuardStore, SealedLedgerStore, new_call
+    from mesatee_notebook.errors import NotFound
+
+    frames: dict[str, pd.DataFrame] = {}
+    for name, keys in dict(args.get("partitioned") or {}).items():
+        parts = [inputs.get(str(k)) for k in keys]
+        if not parts or not all(isinstance(p, pd.DataFrame) for p in parts):
+            msg = f"the gathered partitions of {name!r} are not all DataFrames"
+            raise EncodingError(msg)
+        frames[str(name)] = pd.concat(parts, ignore_index=True)
+    sink: dict[str, Any] = {"ctx": ctx}
+
+    def audit(event: dict[str, Any]) -> None:
+        kind = "refusal" if event.get("outcome") == "refused" else "query"
+        owners = []
+        for n in event.get("datasets", []):
+            try:
+                owners.append(str(load_meta(ctx, str(n))["owner"]))
+            except (NotFound, ValueError):
+                continue
+        ctx.audit(kind, event, concerns=sorted(set(owners)))
+
+    ev = FrameEvaluator(
+        _GatheredDatasets(ctx, frames), audit, guard_store=SealedGuardStore(sink), ledger_store=SealedLedgerStore(sink)
+    )
+    new_call(sink)
+    result = ev.evaluate(str(args.get("plan", "")), ctx.party, epsilon=args.get("epsilon"), delta=args.get("delta"))
+    info: dict[str, Any] = {
+        "plan_sha256": result.plan_sha256,
+        "datasets": list(result.datasets),
+        "level": result.level,
+        "suppressed": result.suppressed,
+    }
+    values: dict[str, Any] = {"result": result.value}
+    if result.dp is not None:
+        info["dp"] = result.dp
+        info["privacy_budget"] = {result.dp["dataset"]: {**result.dp["budget"], "owner_exempt": False}}
+        values["accuracy"] = result.accuracy
+    return ServiceResult(info=info, values=values)
