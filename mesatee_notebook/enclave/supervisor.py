@@ -325,7 +325,7 @@ class Kernel:
 
             try:
                 big = auto_partition_header(head, header, payloads, fds) if service == "dataset.upload" else None
-                routed = None if big is not None else partitioned_call(self, party, header)
+                routed = None if big is not None else partitioned_call(self, party, header, timeout=t)
             except BaseException:  # e.g. a plain upload over a partitioned name: its payload fds go nowhere
                 for fd in fds:
                     os.close(fd)

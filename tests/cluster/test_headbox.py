@@ -160,7 +160,21 @@ def _service_trees(pid: int) -> list[psutil.Process]:
     return out
 
 
-def test_a_stalled_split_worker_is_killed_at_the_timeout_while_others_are_served(
+def _stop(pid: int) -> list[psutil.Process]:
+    stopped = _service_trees(pid)
+    assert stopped
+    for p in stopped:
+        p.send_signal(signal.SIGSTOP)
+    return stopped
+
+
+def _cont(stopped: list[psutil.Process]) -> None:
+    for p in stopped:
+        if p.is_running():
+            p.send_signal(signal.SIGCONT)
+
+
+def test_a_stalled_split_worker_is_killed_at_the_timeout_while_others_are_served(  # and gathered plans run there
     head: KernelProc, tmp_path: Path
 ) -> None:
     with (
@@ -169,11 +183,20 @@ def test_a_stalled_split_worker_is_killed_at_the_timeout_while_others_are_served
     ):
         s.upload(frame(200), "warm", partitions=2)  # a split worker exists
         o.upload(frame(400, seed=9), "other_t", partitions=2)
+        counts = o.dataframe("other_t").k.value_counts()  # does not decompose: gathered, evaluated in a split worker
+        res = o.call("frame.collect", {"plan": counts.plan_json()})
+        assert res.info["cluster"]["evaluation"] == "gathered"
+        pd.testing.assert_series_equal(res.values["result"], frame(400, seed=9).k.value_counts(), check_names=False)
+        stopped = _stop(head.proc.pid)
+        try:  # the gathered plan waits on the stopped split worker, not on the head: it is evaluated there
+            with pytest.raises(RemoteTimeout, match="gathered plan"):
+                o.call("frame.collect", {"plan": counts.plan_json()}, timeout=2)
+        finally:
+            _cont(stopped)
+        again = o.call("frame.collect", {"plan": counts.plan_json()})  # in a new split worker
+        pd.testing.assert_series_equal(again.values["result"], res.values["result"])
         used = _sealed_used(s)
-        stopped = _service_trees(head.proc.pid)
-        assert stopped
-        for p in stopped:
-            p.send_signal(signal.SIGSTOP)
+        stopped = _stop(head.proc.pid)
         answered: list[float] = []
 
         def other() -> None:  # a partitioned group-by runs in the head, needing no service worker
@@ -194,9 +217,7 @@ def test_a_stalled_split_worker_is_killed_at_the_timeout_while_others_are_served
             failed = time.monotonic()
             thread.join(60)
         finally:
-            for p in stopped:
-                if p.is_running():
-                    p.send_signal(signal.SIGCONT)
+            _cont(stopped)
         assert answered and answered[0] < failed  # the other party was answered during the stall
         assert failed - t0 < 60
         assert _absent(s, "stall") and _sealed_used(s) == used

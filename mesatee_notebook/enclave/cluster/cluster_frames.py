@@ -10,8 +10,10 @@ single-node evaluator builds, and runs the release rules on it: min group size, 
 differencing guard run on the COMBINED result, never per partition.
 
 Every other plan (value_counts, describe, frame-wide reductions, joins, sorts, DP-mode datasets, boolean sums ...)
-is *gathered*: the partitions come to the head over ``atls://`` and the stock evaluator runs on the whole frame, as
-on one node.
+is *gathered*: the partitions' sealed bytes come to the head over ``atls://`` as opaque, digest-checked bytes and a
+sandboxed split worker runs the stock evaluator on the whole frame, as on one node (``cluster/split.py``,
+``partition.frames``): the head's supervisor never decodes them. The combine step above runs in the supervisor, on
+the workers' partial results.
 """
 
 from __future__ import annotations
@@ -373,7 +375,9 @@ def _gathered(ev: ClusterFrameEvaluator, plan_json: str, party: str) -> bool:
         return False  # the head's evaluator raises (and audits) the same error, before any data is read
 
 
-def frame_call(kernel: Kernel, head: ClusterHead, party: str, service: str, args: dict[str, Any]) -> Message:
+def frame_call(
+    kernel: Kernel, head: ClusterHead, party: str, service: str, args: dict[str, Any], timeout: float = 600.0
+) -> Message:
     """``frame.collect``/``frame.info``/``frame.budget`` on a plan that reads a partitioned dataset."""
     from mesatee_notebook.wire.codecs import encode_value
 
@@ -394,13 +398,12 @@ def frame_call(kernel: Kernel, head: ClusterHead, party: str, service: str, args
     plan = str(args.get("plan", ""))
     _check_readers(ev, plan_datasets(plan), party)
     if _gathered(ev, plan, party):  # decoded and evaluated in a sandboxed split worker (cluster/split.py)
-        from mesatee_notebook.enclave.cluster.datasets import UPLOAD_TIMEOUT
         from mesatee_notebook.enclave.cluster.split import gathered_collect
 
         partitioned = [n for n in plan_datasets(plan) if is_partitioned(ev.store, n)]
         ev.forget_party(party)
         try:
-            return gathered_collect(kernel, head, party, args, partitioned, UPLOAD_TIMEOUT)
+            return gathered_collect(kernel, head, party, args, partitioned, timeout)
         finally:
             kernel.forget_party_frames(party)  # the worker may have added to the party's sealed guard history
     # One differencing history for the head and the service workers (red team, session 6): the head re-reads the

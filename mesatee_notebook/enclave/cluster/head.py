@@ -292,16 +292,17 @@ def cluster_call(
             os.close(fd)
 
 
-def partitioned_call(kernel: Kernel, party: str, header: dict[str, Any]) -> Message | None:
+def partitioned_call(kernel: Kernel, party: str, header: dict[str, Any], *, timeout: float = 600.0) -> Message | None:
     """``frame.*``, ``dataset.delete``/``upload``, ``gbdt.train`` on a partitioned dataset, via the head; None: not one.
 
-    A routed call passes the same gate and fair turn as every cluster call (:mod:`.admission`).
+    A routed call passes the same gate and fair turn as every cluster call (:mod:`.admission`). ``timeout``: the
+    call's, for a gathered plan's sandboxed evaluation (cluster/split.py).
     """
     head: ClusterHead | None = getattr(kernel, "cluster_head", None)
     args = header.get("args") or {}
     if head is None or head.partitions is None or not isinstance(args, dict):
         return None
-    serve = _route(kernel, head, party, str(header["service"]), args)
+    serve = _route(kernel, head, party, str(header["service"]), args, timeout)
     if serve is None:
         return None
     with admitted(kernel, party):
@@ -309,7 +310,7 @@ def partitioned_call(kernel: Kernel, party: str, header: dict[str, Any]) -> Mess
 
 
 def _route(
-    kernel: Kernel, head: ClusterHead, party: str, service: str, args: dict[str, Any]
+    kernel: Kernel, head: ClusterHead, party: str, service: str, args: dict[str, Any], timeout: float
 ) -> Callable[[], Message] | None:
     """A callable serving the call on the cluster, or None when it is not about a partitioned dataset."""
     from mesatee_notebook.enclave.cluster.cluster_frames import frame_call, plan_datasets
@@ -336,4 +337,4 @@ def _route(
         from mesatee_notebook.enclave.cluster.datasets import cluster_delete
 
         return lambda: Message({"t": "result", "values": [], "info": cluster_delete(kernel, head, party, names[0])})
-    return lambda: frame_call(kernel, head, party, service, args)
+    return lambda: frame_call(kernel, head, party, service, args, timeout)
