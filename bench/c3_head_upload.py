@@ -3,7 +3,8 @@
 Since session 8 the head's supervisor no longer decodes an upload: a sandboxed split worker decodes, checks, splits,
 encodes and digests it, and the supervisor only places the opaque bytes (``enclave/cluster/split.py``). Each sample
 starts, from one tree, a scheduler, 2 workers and a head kernel (``serve --cluster``), then uploads the same frame
-twice with ``partitions=2`` (the first call also starts the split worker in the new code) and measures, per upload:
+twice with ``partitions=2`` (the first call also starts the split worker in the new code), then runs one plan that
+does not decompose (``c0.std()``: gathered, then evaluated; in this tree by a split worker) and measures, per call:
 
 * wall seconds of the call (client side, receipt verified);
 * CPU seconds of the head's supervisor process, of its sandboxed children (split or service workers), and of the
@@ -97,19 +98,17 @@ def _reset_peak(pid: int) -> bool:
     return True
 
 
-def _upload(
-    s: mn.Session, head: psutil.Process, workers: list[psutil.Process], df: pd.DataFrame, name: str
-) -> dict[str, Any]:
+def _measured(head: psutil.Process, workers: list[psutil.Process], call: Any) -> dict[str, Any]:
+    """Run ``call()`` once; its wall time, the CPU of the head / its sandboxed children / the workers, peak RSS."""
     children = head.children(recursive=True)
     reset = _reset_peak(head.pid)
     rss0 = _status(head.pid, "VmRSS")
     cpu0 = (_cpu([head]), _cpu(children), _cpu(workers))
     t0 = time.perf_counter()
-    info = s.call("cluster.upload", {"name": name, "policy": {}, "replace": False, "partitions": 2}, {"data": df}).info
+    call()
     wall = time.perf_counter() - t0
     children = list({p.pid: p for p in [*children, *head.children(recursive=True)]}.values())
     cpu1 = (_cpu([head]), _cpu(children), _cpu(workers))
-    assert sum(int(p["rows"]) for p in info["partitions"]) == len(df)
     return {
         "wall_s": wall,
         "supervisor_cpu_s": cpu1[0] - cpu0[0],
@@ -118,6 +117,24 @@ def _upload(
         "supervisor_peak_rss_over_start_mb": (_status(head.pid, "VmHWM") - rss0) / (1 << 20),
         "peak_reset": reset,
     }
+
+
+def _gathered(s: mn.Session, head: psutil.Process, workers: list[psutil.Process], df: pd.DataFrame) -> dict[str, Any]:
+    """A plan that does not decompose (a standard deviation): gathered, then evaluated."""
+    got: list[float] = []
+    row = _measured(head, workers, lambda: got.append(float(s.dataframe("big0").c0.std().collect())))
+    assert abs(got[0] - float(df.c0.std())) < 1e-9
+    return row
+
+
+def _upload(
+    s: mn.Session, head: psutil.Process, workers: list[psutil.Process], df: pd.DataFrame, name: str
+) -> dict[str, Any]:
+    infos: list[Any] = []
+    args = {"name": name, "policy": {}, "replace": False, "partitions": 2}
+    row = _measured(head, workers, lambda: infos.append(s.call("cluster.upload", args, {"data": df}).info))
+    assert sum(int(p["rows"]) for p in infos[0]["partitions"]) == len(df)
+    return row
 
 
 def sample(tree: Path, df: pd.DataFrame) -> list[dict[str, Any]]:
@@ -152,7 +169,8 @@ def sample(tree: Path, df: pd.DataFrame) -> list[dict[str, Any]]:
         head = psutil.Process(info["pid"])
         workers = [psutil.Process(p.pid) for p in procs[1:3]]
         with mn.connect(f"mesatee://127.0.0.1:{info['port']}", policy=policy, identity=base / "owner") as s:
-            return [_upload(s, head, workers, df, f"big{i}") for i in range(2)]
+            rows = [_upload(s, head, workers, df, f"big{i}") for i in range(2)]
+            return [*rows, _gathered(s, head, workers, df)]
     finally:
         for p in reversed(procs):
             p.terminate()
@@ -184,7 +202,7 @@ def main() -> None:
     print(f"{'tree':<12} {'upload':<6} " + " ".join(f"{k:>22}" for k in keys))
     table: dict[str, Any] = {}
     for name, sams in runs.items():
-        for j, label in enumerate(("cold", "warm")):
+        for j, label in enumerate(("cold", "warm", "std")):
             row = {k: _median([s[j][k] for s in sams]) for k in keys}
             table[f"{name}/{label}"] = row
             print(f"{name:<12} {label:<6} " + " ".join(f"{row[k]:>22.2f}" for k in keys))
@@ -196,7 +214,7 @@ def main() -> None:
         "runs": runs,
         "medians": table,
         "load_1min": loads,
-        "peak_reset": all(s[j]["peak_reset"] for sams in runs.values() for s in sams for j in range(2)),
+        "peak_reset": all(s[j]["peak_reset"] for sams in runs.values() for s in sams for j in range(3)),
     }
     results = ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)
