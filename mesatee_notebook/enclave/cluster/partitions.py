@@ -250,7 +250,8 @@ def _result(
                     raise RemoteExecutionError(msg)
                 next_check = now + 0.5
             time.sleep(0.02)
-        return [f.result(timeout=1) for f in futures]
+        # every task is done; a large result (a gathered partition's bytes) may take a while to come over
+        return [f.result(timeout=max(1.0, deadline - time.monotonic())) for f in futures]
     except TimeoutError:
         msg = f"{what}: the workers did not answer within {timeout:g} s (a worker died or is stuck)"
         raise RemoteExecutionError(msg) from None
