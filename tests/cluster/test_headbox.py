@@ -223,3 +223,23 @@ def test_a_stalled_split_worker_is_killed_at_the_timeout_while_others_are_served
         assert _absent(s, "stall") and _sealed_used(s) == used
         s.upload(frame(300), "stall", partitions=2)  # the killed worker is replaced
         assert s.dataframe("stall").x.sum().collect() == frame(300).x.sum()
+
+
+def test_a_finished_tasks_large_result_gets_the_rest_of_the_deadline() -> None:
+    """Regression: a done task's result was fetched with a 1 s timeout, so a gathered 20 MB partition failed."""
+    from mesatee_notebook.enclave.cluster.partitions import _result
+
+    class SlowToFetch:  # done on its worker, but its bytes take longer than a second to come over
+        def done(self) -> bool:
+            return True
+
+        def result(self, timeout: float) -> bytes:
+            if timeout < 5:
+                raise TimeoutError
+            return b"partition"
+
+        def cancel(self) -> None: ...
+
+        def release(self) -> None: ...
+
+    assert _result([SlowToFetch()], "gathering dataset 'x'", timeout=30) == [b"partition"]
