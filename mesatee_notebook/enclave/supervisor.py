@@ -34,6 +34,7 @@ from mesatee_notebook.enclave.platform import load_platform
 from mesatee_notebook.enclave.quotas import ByteBudget, QuotaBook
 from mesatee_notebook.enclave.sandbox import Sandbox
 from mesatee_notebook.enclave.service_pool import ServicePool
+from mesatee_notebook.enclave.services import INTERNAL
 from mesatee_notebook.enclave.sessions import ExecutorHandle, KernelSession
 from mesatee_notebook.enclave.tpm import open_tpm
 from mesatee_notebook.errors import MalformedFrame, MesateeError, PolicyViolation
@@ -297,6 +298,11 @@ class Kernel:
         """Run a service call in its pool, fairly scheduled among the parties waiting there."""
         header = order.to_header() if isinstance(order, RunService) else order
         service = str(header["service"])
+        if service in INTERNAL:  # ordered only by the kernel itself (the cluster head's upload split)
+            for fd in fds:
+                os.close(fd)
+            msg = f"service {service!r} is internal to the kernel; clients cannot call it"
+            raise PolicyViolation(msg, service=service)
         guarded = service in GUARDED_SERVICES  # one at a time per party, head or worker (party_turns)
         with self.party_turns.turn(party, nonce, service) if guarded else contextlib.nullcontext():
             return self._run_service(party, nonce, header, payloads, fds, on_message, timeout)
@@ -317,7 +323,7 @@ class Kernel:
         if service.startswith("cluster."):  # the cluster head (serve --cluster) serves these in the supervisor
             from mesatee_notebook.enclave.cluster.head import cluster_call
 
-            return cluster_call(self, party, header, payloads, fds)
+            return cluster_call(self, party, header, payloads, fds, timeout=t)
         head = getattr(self, "cluster_head", None)
         if head is not None:  # frame.*, dataset.delete/upload on a partitioned dataset
             from mesatee_notebook.enclave.cluster.datasets import auto_partition_header
@@ -325,13 +331,13 @@ class Kernel:
 
             try:
                 big = auto_partition_header(head, header, payloads, fds) if service == "dataset.upload" else None
-                routed = None if big is not None else partitioned_call(self, party, header)
+                routed = None if big is not None else partitioned_call(self, party, header, timeout=t)
             except BaseException:  # e.g. a plain upload over a partitioned name: its payload fds go nowhere
                 for fd in fds:
                     os.close(fd)
                 raise
             if big is not None:  # big enough to spread over the workers (cluster_call closes the fds)
-                return cluster_call(self, party, big, payloads, fds)
+                return cluster_call(self, party, big, payloads, fds, timeout=t)
             if routed is not None:
                 return routed
         with self.service_gate.shared():

@@ -175,6 +175,7 @@ def test_partition_interface_and_sharded_psi(cluster: Cluster, third: NodeProc, 
     from mesatee_notebook.enclave.cluster.head import ClusterHead
     from mesatee_notebook.enclave.cluster.partitions import (
         PartitionBook,
+        encode_partitions,
         is_partitioned,
         partition_futures,
         partitions_digest,
@@ -190,7 +191,7 @@ def test_partition_interface_and_sharded_psi(cluster: Cluster, third: NodeProc, 
         store = SealedStore(tmp_path / "store", os.urandom(32), "m" * 64)
         head.partitions = PartitionBook(store, os.urandom(32))
         df = frame(100)
-        records = place_frame(head, "direct", df, 4)
+        records = place_frame(head, "direct", encode_partitions(df, 4))
         meta = {"name": "direct", "owner": "o", "policy": {}, "columns": [], "rows": 100, "sha256": "",
                 "partitions": records, "partitions_sha256": partitions_digest(records)}  # fmt: skip
         write_meta(store, "direct", meta, b"".join(encode_value(df.iloc[:0]).parts))

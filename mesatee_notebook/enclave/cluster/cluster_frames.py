@@ -10,8 +10,10 @@ single-node evaluator builds, and runs the release rules on it: min group size, 
 differencing guard run on the COMBINED result, never per partition.
 
 Every other plan (value_counts, describe, frame-wide reductions, joins, sorts, DP-mode datasets, boolean sums ...)
-is *gathered*: the partitions come to the head over ``atls://`` and the stock evaluator runs on the whole frame, as
-on one node.
+is *gathered*: the partitions' sealed bytes come to the head over ``atls://`` as opaque, digest-checked bytes and a
+sandboxed split worker runs the stock evaluator on the whole frame, as on one node (``cluster/split.py``,
+``partition.frames``): the head's supervisor never decodes them. The combine step above runs in the supervisor, on
+the workers' partial results.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from mesatee_notebook.enclave.frame_eval import _Run
 from mesatee_notebook.enclave.frame_values import _FrameV, _Origin, _ScalarV, _SeriesV
 from mesatee_notebook.enclave.frames import FrameEvaluator, FrameResult
 from mesatee_notebook.enclave.services.frames import SealedGuardStore, SealedLedgerStore, new_call
-from mesatee_notebook.errors import MesateeError, NotFound, PolicyViolation
+from mesatee_notebook.errors import MesateeError, NotFound, PolicyViolation, RemoteExecutionError
 from mesatee_notebook.wire.datapolicy import DataPolicy
 from mesatee_notebook.wire.ops.aggregates import CountRows, GroupByAgg, Reduce
 from mesatee_notebook.wire.plan import Plan, Schema, SourceInfo, infer_plan, plan_from_json, source_columns
@@ -279,17 +281,28 @@ class ClusterFrameEvaluator(FrameEvaluator):
         delta: float | None,
     ) -> FrameResult:
         plan = plan_from_json(plan_json)
+        route = self.partial_route(plan, party)
+        if route is None:  # frame_call sends these to a sandboxed split worker: never evaluated here
+            msg = "a plan that does not decompose reached the head's evaluator; it is evaluated in a split worker"
+            raise RemoteExecutionError(msg)
+        schemas, policy, owner = route
+        event["datasets"] = sorted({n.args["name"] for n in plan.nodes.values() if n.op == "source"})
+        self.mode.value = "partial"
+        return self._evaluate_partial(plan, schemas, party, event, digest, (policy, owner))
+
+    def partial_route(self, plan: Plan, party: str) -> tuple[Mapping[str, Schema], DataPolicy, str] | None:
+        """(schemas, policy, owner) when ``plan`` runs per partition for ``party``; None: it must be gathered.
+
+        Only the plan (the client's JSON) and the dataset's zero-row schema are read here, never its rows.
+        """
         names = sorted({n.args["name"] for n in plan.nodes.values() if n.op == "source"})
         if len(names) == 1 and is_partitioned(self.store, names[0]):
             df, policy, owner = self._meta_lookup(names[0])
             hidden = frozenset(() if owner == party else policy.hidden_columns)
-            event["datasets"] = names
             schemas = infer_plan(plan, {names[0]: SourceInfo(names[0], source_columns(df.dtypes.items()), hidden)})
             if decomposes(plan, schemas) and (owner == party or policy.privacy is None):
-                self.mode.value = "partial"
-                return self._evaluate_partial(plan, schemas, party, event, digest, (policy, owner))
-        self.mode.value = "gathered"
-        return super()._evaluate(plan_json, party, event, digest, epsilon, delta)
+                return schemas, policy, owner
+        return None
 
     def _evaluate_partial(
         self,
@@ -353,7 +366,18 @@ def _check_readers(ev: ClusterFrameEvaluator, names: list[str], party: str) -> N
             raise NotFound(msg)
 
 
-def frame_call(kernel: Kernel, head: ClusterHead, party: str, service: str, args: dict[str, Any]) -> Message:
+def _gathered(ev: ClusterFrameEvaluator, plan_json: str, party: str) -> bool:
+    """Whether the plan must be gathered (else it runs per partition; a plan that does not parse: the head says so)."""
+    try:
+        plan = plan_from_json(plan_json)
+        return ev.partial_route(plan, party) is None
+    except Exception:  # the head's evaluator raises (and audits) the same error, before any data is read
+        return False
+
+
+def frame_call(
+    kernel: Kernel, head: ClusterHead, party: str, service: str, args: dict[str, Any], timeout: float = 600.0
+) -> Message:
     """``frame.collect``/``frame.info``/``frame.budget`` on a plan that reads a partitioned dataset."""
     from mesatee_notebook.wire.codecs import encode_value
 
@@ -373,6 +397,15 @@ def frame_call(kernel: Kernel, head: ClusterHead, party: str, service: str, args
         return Message({"t": "result", "values": [], "info": described})
     plan = str(args.get("plan", ""))
     _check_readers(ev, plan_datasets(plan), party)
+    if _gathered(ev, plan, party):  # decoded and evaluated in a sandboxed split worker (cluster/split.py)
+        from mesatee_notebook.enclave.cluster.split import gathered_collect
+
+        partitioned = [n for n in plan_datasets(plan) if is_partitioned(ev.store, n)]
+        ev.forget_party(party)
+        try:
+            return gathered_collect(kernel, head, party, args, partitioned, timeout)
+        finally:
+            kernel.forget_party_frames(party)  # the worker may have added to the party's sealed guard history
     # One differencing history for the head and the service workers (red team, session 6): the head re-reads the
     # party's sealed history before each check, and the workers re-read it on the party's next call there.
     ev.forget_party(party)

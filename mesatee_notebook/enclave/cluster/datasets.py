@@ -1,33 +1,30 @@
 """``cluster.upload`` and the other dataset calls on partitioned datasets, served by the head in the supervisor.
 
-``Session.upload(df, name, partitions=N)`` calls ``cluster.upload``. The head checks the policy as
-``dataset.upload`` does, places the partitions (:mod:`.partitions`) and writes the metadata to its own sealed
-store. The reply's ``info`` (bound by the receipt) holds the whole frame's digest, one digest per partition, the
-digest over those, and the workers that hold them with the measurements the head verified.
+``Session.upload(df, name, partitions=N)`` calls ``cluster.upload``. The supervisor reads only the call's header:
+a sandboxed split worker (:mod:`.split`) decodes the frame, checks it as ``dataset.upload`` does, splits, encodes and
+digests it; the head then checks ownership and ``replace``, places the opaque partition bytes (:mod:`.partitions`)
+and writes the metadata to its own sealed store. The reply's ``info`` (bound by the receipt) holds the whole frame's
+digest, one digest per partition, the digest over those, and the workers that hold them with the measurements the
+head verified.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
-import pandas as pd
-
 from mesatee_notebook.enclave.cluster.admission import ledger_name
 from mesatee_notebook.enclave.cluster.partitions import (
     drop_dataset,
-    encode_partitions,
     partitioned_meta,
     partitions_digest,
     place_frame,
     write_meta,
 )
 from mesatee_notebook.enclave.datasets import load_meta, validate_dataset_name
-from mesatee_notebook.enclave.services.datasets import upload_policy
-from mesatee_notebook.errors import EncodingError, MalformedFrame, NotAvailableYet, NotFound, PolicyViolation
-from mesatee_notebook.wire.codecs import decode_value, encode_value
+from mesatee_notebook.errors import EncodingError, NotAvailableYet, NotFound, PolicyViolation
+from mesatee_notebook.wire.datapolicy import DataPolicy
 
 if TYPE_CHECKING:
     from mesatee_notebook.enclave.cluster.head import ClusterHead
@@ -40,34 +37,27 @@ __all__ = [
     "cell_dataset",
     "cluster_delete",
     "cluster_upload",
-    "input_frame",
+    "input_spec",
 ]
 
 MAX_PARTITIONS: Final = 1024
 #: A plain ``upload`` whose Arrow data is at least this big is partitioned across the workers (``serve --cluster
 #: URL --auto-partition-mb M``; 0 turns it off).
 AUTO_PARTITION_BYTES: Final = 1 << 30
+#: Seconds the sandboxed split of an upload may take when the call names no timeout.
+UPLOAD_TIMEOUT: Final = 600.0
 
 
-def input_frame(header: dict[str, Any], payloads: Sequence[Any], fds: Sequence[int]) -> pd.DataFrame:
-    """The call's input ``data`` as a DataFrame (Arrow only: pickle is never decoded in the supervisor)."""
-    from mesatee_notebook.enclave.shm import map_fd
+def input_spec(header: dict[str, Any]) -> dict[str, Any]:
+    """The spec of the call's input ``data``, from the header only (Arrow only: pickle is never sent on).
 
+    The bytes are not read here: the head's supervisor never decodes tenant data (:mod:`.split` does, sandboxed).
+    """
     specs = [s for s in header.get("inputs", []) if isinstance(s, dict) and s.get("name") == "data"]
     if len(specs) != 1 or specs[0].get("kind") != "arrow.frame":
         msg = "cluster.upload needs one pandas DataFrame as input 'data'"
         raise EncodingError(msg)
-    spec = specs[0]
-    try:
-        buf = map_fd(fds[int(spec["fd"])]) if "fd" in spec else payloads[int(spec["inline"])]
-    except (IndexError, KeyError, ValueError):
-        msg = "cluster.upload: the input 'data' refers to a missing payload"
-        raise MalformedFrame(msg) from None
-    df = decode_value("arrow.frame", buf, meta=spec.get("meta"))
-    if not isinstance(df, pd.DataFrame):
-        msg = "cluster.upload needs a pandas DataFrame as input 'data'"
-        raise EncodingError(msg)
-    return df
+    return dict(specs[0])
 
 
 def _data_bytes(header: dict[str, Any], payloads: Sequence[Any], fds: Sequence[int]) -> int | None:
@@ -151,48 +141,63 @@ def refuse_plain_upload(kernel: Kernel, head: ClusterHead, party: str, name: str
 
 
 def cluster_upload(
-    kernel: Kernel, head: ClusterHead, party: str, header: dict[str, Any], payloads: Sequence[Any], fds: Sequence[int]
+    kernel: Kernel,
+    head: ClusterHead,
+    party: str,
+    header: dict[str, Any],
+    payloads: Sequence[Any],
+    fds: list[int],
+    timeout: float = UPLOAD_TIMEOUT,
 ) -> dict[str, Any]:
     """Partition the input frame across the workers; the info the receipt binds.
 
-    The partitions' bytes count in the owner's ``sealed_bytes`` quota (under the dataset's data name, as a
-    single-node dataset's Arrow data does): the quota is checked, and the bytes reserved, before any partition is
-    placed, so a party over its quota moves nothing to the workers (``QuotaExceeded``, ``limit="sealed_bytes"``).
+    The frame is decoded, checked, split, encoded and digested in a sandboxed worker (:func:`.split.split_upload`,
+    which takes over ``fds``); the supervisor only places the bytes it returns. The partitions' bytes count in the
+    owner's ``sealed_bytes`` quota (under the dataset's data name, as a single-node dataset's Arrow data does): the
+    quota is checked, and the bytes reserved, before any partition is placed, so a party over its quota moves
+    nothing to the workers (``QuotaExceeded``, ``limit="sealed_bytes"``).
     """
+    from mesatee_notebook.enclave.cluster.split import split_upload
+
     args = dict(header.get("args") or {})
     name = validate_dataset_name(str(args.get("name", "")))
     n = _partitions_arg(args)
-    df = input_frame(header, payloads, fds).reset_index(drop=True)
-    policy = upload_policy(args, df)
-    old = _check_replace(kernel, head, party, name, bool(args.get("replace")))
-    assert head.partitions is not None
-    whole = hashlib.sha256(b"".join(encode_value(df).parts)).hexdigest()
-    encoded = encode_partitions(df, n)
-    size = sum(len(data) for _, _, data in encoded)
-    placed: list[list[dict[str, Any]]] = []
+    spec = input_spec(header)
+    split = split_upload(kernel, head, party, spec, payloads, fds, {**args, "partitions": n}, timeout)
+    try:
+        policy = DataPolicy.from_dict(dict(args.get("policy") or {}))  # JSON only; the worker checked it on the frame
+        old = _check_replace(kernel, head, party, name, bool(args.get("replace")))
+        assert head.partitions is not None
+        size = split.size
+        placed: list[list[dict[str, Any]]] = []
 
-    def place() -> None:
-        records = place_frame(head, name, df, n, encoded)
-        if old is not None:  # the new partitions are sealed: now drop the old ones (or the unpartitioned data)
-            _drop_old(head, name, old)
-        placed.append(records)
+        def place() -> None:
+            records = place_frame(head, name, split.partitions)
+            if old is not None:  # the new partitions are sealed: now drop the old ones (or the unpartitioned data)
+                _drop_old(head, name, old)
+            placed.append(records)
 
-    kernel.quotas.seal(kernel.quotas.holder(party), ledger_name(name), size, place)
+        kernel.quotas.seal(kernel.quotas.holder(party), ledger_name(name), size, place)
+    finally:
+        split.release()
     records = placed[0]
     meta = {
         "name": name,
         "owner": party,
         "policy": policy.to_dict(),
-        "columns": [[str(c), str(t)] for c, t in df.dtypes.items()],
-        "rows": len(df),
-        "sha256": whole,
+        "columns": split.columns,
+        "rows": split.rows,
+        "sha256": split.sha256,
         "created": time.time(),
         "partitions": records,
         "partitions_sha256": partitions_digest(records),
     }
-    write_meta(head.partitions.store, name, meta, b"".join(encode_value(df.iloc[:0]).parts))
+    write_meta(head.partitions.store, name, meta, split.schema)
     kernel.audit_log.append(
-        "upload", party, {"dataset": name, "rows": len(df), "sha256": whole, "partitions": n}, concerns=[party]
+        "upload",
+        party,
+        {"dataset": name, "rows": split.rows, "sha256": split.sha256, "partitions": n},
+        concerns=[party],
     )
     workers = {r.address: r.to_dict() for r in head.verify_workers(sorted({str(p["worker"]) for p in records}))}
     return {
@@ -201,8 +206,8 @@ def cluster_upload(
         "columns": meta["columns"],
         "hidden": [],
         "policy": meta["policy"],
-        "rows": len(df),
-        "sha256": whole,
+        "rows": split.rows,
+        "sha256": split.sha256,
         "bytes": size,
         "partitions": [{k: v for k, v in p.items() if k != "sealed_as"} for p in records],
         "partitions_sha256": meta["partitions_sha256"],
@@ -243,13 +248,15 @@ def cluster_delete(kernel: Kernel, head: ClusterHead, party: str, name: str) -> 
 def cell_dataset(kernel: Kernel, name: str, party: str) -> bytes:
     """A partitioned dataset's Arrow bytes for a code cell, after ``broker.dataset_for_cell``'s policy check.
 
-    The partitions are gathered to the head over ``atls://`` (each checked against its digest in the head's
-    metadata), in the party's fair turn on the cluster, and handed to the cell's sandbox as a single-node
-    dataset's bytes would be. The whole dataset must fit in the head's and the cell's memory. On a kernel that
-    is not (or no longer) a cluster head, the cell gets a typed refusal saying so.
+    The partitions' bytes are gathered to the head over ``atls://`` (each checked against its digest in the head's
+    metadata), in the party's fair turn on the cluster, and joined into one Arrow stream by a sandboxed split worker
+    (:func:`.split.join_partitions`): the supervisor never decodes them. The cell's sandbox gets what a single-node
+    dataset's bytes would be. The whole dataset must fit in the head's and the cell's memory. On a kernel that is not
+    (or no longer) a cluster head, the cell gets a typed refusal saying so.
     """
     from mesatee_notebook.enclave.cluster.admission import lane_of
-    from mesatee_notebook.enclave.cluster.partitions import gather_frame
+    from mesatee_notebook.enclave.cluster.partitions import gather_bytes, schema_name
+    from mesatee_notebook.enclave.cluster.split import join_partitions
 
     head: ClusterHead | None = getattr(kernel, "cluster_head", None)
     if head is None or head.partitions is None:
@@ -259,5 +266,7 @@ def cell_dataset(kernel: Kernel, name: str, party: str) -> bytes:
         )
         raise NotAvailableYet(msg)
     with lane_of(kernel).turn(party):
-        df = gather_frame(head, name)
-    return b"".join(encode_value(df).parts)
+        parts = gather_bytes(head, name)
+        if not parts:  # no partition: the zero-row schema frame the head keeps (opaque bytes too)
+            return bytes(head.partitions.store.get(schema_name(name)))
+        return join_partitions(kernel, head, party, parts, UPLOAD_TIMEOUT)

@@ -35,6 +35,7 @@ from mesatee_notebook.wire.stream import Message
 
 if TYPE_CHECKING:
     from mesatee_notebook.enclave.kernel import Kernel
+    from mesatee_notebook.enclave.service_pool import ServicePool
 
 __all__ = ["SERVICES", "ClusterHead", "attach_head", "cluster_call", "detach_head", "partitioned_call"]
 
@@ -62,9 +63,14 @@ class ClusterHead:
         self.partitions: PartitionBook | None = None
         #: A plain upload of at least this many bytes is partitioned across the workers (0: never).
         self.auto_partition_bytes = 0
+        #: The sandboxed workers that decode and split uploads (cluster/split.py), started on first use.
+        self.split_pool: ServicePool | None = None
 
     def close(self) -> None:
+        from mesatee_notebook.enclave.cluster.split import close_split_pool
+
         self._stop_refresh.set()
+        close_split_pool(self)
         try:
             self.client.close(timeout=10)
         finally:
@@ -237,7 +243,9 @@ def detach_head(kernel: Kernel) -> None:
             log.info("cluster head: the Dask client did not close cleanly: %s", exc)
 
 
-def _serve(kernel: Kernel, head: ClusterHead, party: str, header: dict[str, Any], payloads: Any, fds: Any) -> Any:
+def _serve(
+    kernel: Kernel, head: ClusterHead, party: str, header: dict[str, Any], payloads: Any, fds: list[int], timeout: float
+) -> Any:
     service = str(header["service"])
     if service == "cluster.status":
         return {"cluster": head.status()}
@@ -246,16 +254,22 @@ def _serve(kernel: Kernel, head: ClusterHead, party: str, header: dict[str, Any]
     if service == "cluster.upload":
         from mesatee_notebook.enclave.cluster.datasets import cluster_upload
 
-        return cluster_upload(kernel, head, party, header, payloads, fds)
+        return cluster_upload(kernel, head, party, header, payloads, fds, timeout)  # takes over the fds
     from mesatee_notebook.enclave.cluster.cluster_psi import psi_call
 
     return psi_call(kernel, head, party, header)
 
 
-def cluster_call(kernel: Kernel, party: str, header: dict[str, Any], payloads: Any = (), fds: Any = ()) -> Message:
-    """Serve a ``cluster.*`` service call in the supervisor; the kernel signs the receipt as for any call."""
+def cluster_call(
+    kernel: Kernel, party: str, header: dict[str, Any], payloads: Any = (), fds: Any = (), *, timeout: float = 600.0
+) -> Message:
+    """Serve a ``cluster.*`` service call in the supervisor; the kernel signs the receipt as for any call.
+
+    ``timeout``: the call's (clamped) timeout, for the sandboxed split of an upload (cluster/split.py).
+    """
     import os
 
+    owned = list(fds)  # closed at the end unless a step takes them over (and empties the list)
     try:
         head: ClusterHead | None = getattr(kernel, "cluster_head", None)
         service = str(header["service"])
@@ -270,24 +284,25 @@ def cluster_call(kernel: Kernel, party: str, header: dict[str, Any], payloads: A
             raise MalformedFrame(msg)
         started = time.time()
         with admitted(kernel, party):  # the service gate and a fair turn, as a service call on one node
-            info = _serve(kernel, head, party, header, payloads, fds)
+            info = _serve(kernel, head, party, header, payloads, owned, timeout)
         log.info("cluster call %s for %s… in %.2f s", service, party[:16], time.time() - started)
         return Message({"t": "result", "values": [], "info": info})
     finally:
-        for fd in fds:
+        for fd in owned:
             os.close(fd)
 
 
-def partitioned_call(kernel: Kernel, party: str, header: dict[str, Any]) -> Message | None:
+def partitioned_call(kernel: Kernel, party: str, header: dict[str, Any], *, timeout: float = 600.0) -> Message | None:
     """``frame.*``, ``dataset.delete``/``upload``, ``gbdt.train`` on a partitioned dataset, via the head; None: not one.
 
-    A routed call passes the same gate and fair turn as every cluster call (:mod:`.admission`).
+    A routed call passes the same gate and fair turn as every cluster call (:mod:`.admission`). ``timeout``: the
+    call's, for a gathered plan's sandboxed evaluation (cluster/split.py).
     """
     head: ClusterHead | None = getattr(kernel, "cluster_head", None)
     args = header.get("args") or {}
     if head is None or head.partitions is None or not isinstance(args, dict):
         return None
-    serve = _route(kernel, head, party, str(header["service"]), args)
+    serve = _route(kernel, head, party, str(header["service"]), args, timeout)
     if serve is None:
         return None
     with admitted(kernel, party):
@@ -295,7 +310,7 @@ def partitioned_call(kernel: Kernel, party: str, header: dict[str, Any]) -> Mess
 
 
 def _route(
-    kernel: Kernel, head: ClusterHead, party: str, service: str, args: dict[str, Any]
+    kernel: Kernel, head: ClusterHead, party: str, service: str, args: dict[str, Any], timeout: float
 ) -> Callable[[], Message] | None:
     """A callable serving the call on the cluster, or None when it is not about a partitioned dataset."""
     from mesatee_notebook.enclave.cluster.cluster_frames import frame_call, plan_datasets
@@ -322,4 +337,4 @@ def _route(
         from mesatee_notebook.enclave.cluster.datasets import cluster_delete
 
         return lambda: Message({"t": "result", "values": [], "info": cluster_delete(kernel, head, party, names[0])})
-    return lambda: frame_call(kernel, head, party, service, args)
+    return lambda: frame_call(kernel, head, party, service, args, timeout)

@@ -34,7 +34,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -51,14 +51,17 @@ if TYPE_CHECKING:
     from mesatee_notebook.enclave.cluster.head import ClusterHead
 
 __all__ = [
+    "EncodedPartition",
     "PartitionBook",
     "cluster_secret",
     "drop_dataset",
     "encode_partitions",
+    "gather_bytes",
     "gather_frame",
     "is_partitioned",
     "load_partition",
     "node_secret",
+    "read_partition",
     "partition_futures",
     "place_frame",
     "ready_partitions",
@@ -125,13 +128,14 @@ def _store() -> Any:
     return store
 
 
-def seal_partition(sealed_as: str, data: bytes, sha256: str) -> int:
+def seal_partition(sealed_as: str, data: bytes | memoryview, sha256: str) -> int:
     """Seal one partition's Arrow bytes in this worker's store after checking their digest; return the size."""
-    if hashlib.sha256(data).hexdigest() != sha256:
+    view = memoryview(data).cast("B")
+    if hashlib.sha256(view).hexdigest() != sha256:
         msg = f"partition {sealed_as}: the bytes received do not match the head's digest"
         raise TamperedData(msg)
-    _store().put(sealed_as, data)
-    return len(data)
+    _store().put(sealed_as, view)
+    return view.nbytes
 
 
 def load_partition(sealed_as: str, sha256: str) -> pd.DataFrame:
@@ -156,6 +160,15 @@ def load_partition(sealed_as: str, sha256: str) -> pd.DataFrame:
         while len(cache) > CACHED_PARTITIONS:
             cache.popitem(last=False)
     return df
+
+
+def read_partition(sealed_as: str, sha256: str) -> bytes:
+    """The partition as this worker's sealed Arrow bytes, checked against the head's digest, not decoded."""
+    raw = _store().get(sealed_as)
+    if hashlib.sha256(raw).hexdigest() != sha256:
+        msg = f"partition {sealed_as}: the sealed bytes do not match the digest in the head's metadata"
+        raise TamperedData(msg)
+    return bytes(raw)
 
 
 def delete_partition(sealed_as: str) -> bool:
@@ -237,7 +250,8 @@ def _result(
                     raise RemoteExecutionError(msg)
                 next_check = now + 0.5
             time.sleep(0.02)
-        return [f.result(timeout=1) for f in futures]
+        # every task is done; a large result (a gathered partition's bytes) may take a while to come over
+        return [f.result(timeout=max(1.0, deadline - time.monotonic())) for f in futures]
     except TimeoutError:
         msg = f"{what}: the workers did not answer within {timeout:g} s (a worker died or is stuck)"
         raise RemoteExecutionError(msg) from None
@@ -264,21 +278,41 @@ def split_rows(n_rows: int, n: int) -> list[tuple[int, int]]:
     return out
 
 
-def encode_partitions(df: pd.DataFrame, n: int) -> list[tuple[int, int, bytes]]:
-    """``df`` split into ``n`` contiguous row ranges, each as Arrow IPC bytes: ``(offset, rows, bytes)``."""
+@dataclass(frozen=True)
+class EncodedPartition:
+    """One row partition as Arrow IPC bytes (opaque to the head): its row range, its bytes and their SHA-256."""
+
+    offset: int
+    rows: int
+    data: Any = field(repr=False)  # bytes-like
+    sha256: str = ""
+
+    def without_data(self) -> EncodedPartition:
+        return replace(self, data=b"")
+
+
+def encode_partitions(df: pd.DataFrame, n: int) -> list[EncodedPartition]:
+    """``df`` split into ``n`` contiguous row ranges, each as Arrow IPC bytes with its digest.
+
+    Run where tenant data may be decoded: the sandboxed ``partition.split`` service (and tests), never the head's
+    supervisor, which only places the bytes (:func:`place_frame`).
+    """
     from mesatee_notebook.wire.codecs import encode_value
 
     out = []
     for offset, rows in split_rows(len(df), n):
         part = df.iloc[offset : offset + rows].reset_index(drop=True)
-        out.append((offset, rows, b"".join(encode_value(part).parts)))
+        data = b"".join(encode_value(part).parts)
+        out.append(EncodedPartition(offset, rows, data, hashlib.sha256(data).hexdigest()))
     return out
 
 
-def place_frame(
-    head: ClusterHead, name: str, df: pd.DataFrame, n: int, encoded: list[tuple[int, int, bytes]] | None = None
-) -> list[dict[str, Any]]:
-    """Split ``df`` into ``n`` row partitions (or take ``encoded``), seal each on a worker; the partition records."""
+def place_frame(head: ClusterHead, name: str, parts: Sequence[EncodedPartition]) -> list[dict[str, Any]]:
+    """Seal each encoded partition on a worker (partition i on worker ``i mod W``); the partition records.
+
+    The bytes are opaque here: the head never decodes them. Each worker checks them against ``sha256`` before it
+    seals them, so the records' digests are those of the bytes sealed.
+    """
     workers = head._workers()
     if not workers:
         msg = f"the cluster at {head.url} has no workers to hold partitions"
@@ -286,18 +320,24 @@ def place_frame(
     _ensure_secrets(head, workers)
     tag = hashlib.sha256(f"{name}\x00{time.time_ns()}".encode()).hexdigest()[:16]
     records, futures = [], []
-    for i, (offset, rows, data) in enumerate(encoded if encoded is not None else encode_partitions(df, n)):
+    for i, part in enumerate(parts):
         worker = workers[i % len(workers)]
-        digest = hashlib.sha256(data).hexdigest()
         sealed_as = f"part/{name}/{tag}/{i}"
-        [blob] = head.client.scatter([data], workers=[worker], direct=True, hash=False)
-        futures.append(head.submit_to(worker, seal_partition, sealed_as, blob, digest))
+        [blob] = head.client.scatter([part.data], workers=[worker], direct=True, hash=False)
+        futures.append(head.submit_to(worker, seal_partition, sealed_as, blob, part.sha256))
         blob.release()
         records.append(
-            {"index": i, "worker": worker, "offset": offset, "rows": rows, "sha256": digest, "sealed_as": sealed_as}
+            {
+                "index": i,
+                "worker": worker,
+                "offset": part.offset,
+                "rows": part.rows,
+                "sha256": part.sha256,
+                "sealed_as": sealed_as,
+            }
         )
     try:
-        sizes = _result(futures, f"placing the {n} partitions of {name!r}", head=head, workers=workers)
+        sizes = _result(futures, f"placing the {len(records)} partitions of {name!r}", head=head, workers=workers)
     except RemoteExecutionError:
         _forget(head, records)  # no metadata is written: drop what the live workers did seal
         raise
@@ -381,6 +421,26 @@ def gather_frame(head: ClusterHead, dataset_id: str) -> pd.DataFrame:
         partition_futures(head, dataset_id), f"gathering dataset {dataset_id!r}", head=head, workers=workers
     )
     return pd.concat(parts, ignore_index=True) if parts else schema_frame(_book(head).store, dataset_id)
+
+
+def gather_bytes(head: ClusterHead, dataset_id: str) -> list[bytes]:
+    """Every partition's Arrow bytes in row order, gathered to the head (over atls://) as opaque bytes.
+
+    Each is checked against its digest by its worker and again here; nothing is decoded (a sandboxed worker
+    joins them: ``cluster/split.join_partitions``).
+    """
+    meta = ready_partitions(head, dataset_id)
+    futures = [
+        head.submit_to(str(p["worker"]), read_partition, str(p["sealed_as"]), str(p["sha256"]))
+        for p in meta["partitions"]
+    ]
+    workers = [str(p["worker"]) for p in meta["partitions"]]
+    raws = _result(futures, f"gathering dataset {dataset_id!r}", head=head, workers=workers)
+    for raw, p in zip(raws, meta["partitions"], strict=True):
+        if hashlib.sha256(raw).hexdigest() != p["sha256"]:
+            msg = f"dataset {dataset_id!r}: partition {p['index']} came with bytes that do not match its digest"
+            raise TamperedData(msg)
+    return [bytes(r) for r in raws]
 
 
 def schema_frame(store: Any, name: str) -> pd.DataFrame:

@@ -24,7 +24,7 @@ from mesatee_notebook.errors import NotFound
 if TYPE_CHECKING:
     from mesatee_notebook.enclave.supervisor_client import SupervisorClient
 
-__all__ = ["SERVICE_MODULES", "ServiceContext", "ServiceResult", "dispatch", "service"]
+__all__ = ["INTERNAL", "SERVICE_MODULES", "ServiceContext", "ServiceResult", "dispatch", "service"]
 
 ServiceFn = Callable[["ServiceContext", dict[str, Any], dict[str, Any]], "ServiceResult"]
 _REGISTRY: dict[str, ServiceFn] = {}
@@ -40,7 +40,10 @@ SERVICE_MODULES = (
     "mesatee_notebook.enclave.services.tvm",
     "mesatee_notebook.enclave.services.faas",
     "mesatee_notebook.enclave.services.keys",
+    "mesatee_notebook.enclave.services.partition",
 )
+#: Services only the kernel itself orders (the cluster head's upload split): refused from the wire.
+INTERNAL = frozenset({"partition.split", "partition.join", "partition.frames"})
 
 
 def service(name: str) -> Callable[[ServiceFn], ServiceFn]:
@@ -134,7 +137,7 @@ def dispatch(name: str, ctx: ServiceContext, args: dict[str, Any], inputs: dict[
     _load_modules()
     fn = _REGISTRY.get(name)
     if fn is None:
-        known = ", ".join(sorted(_REGISTRY)) or "none"
+        known = ", ".join(sorted(set(_REGISTRY) - INTERNAL)) or "none"
         msg = f"no service {name!r} in this kernel (available: {known})"
         raise NotFound(msg)
     from mesatee_notebook.wire.arrow_fast import caller_scope
