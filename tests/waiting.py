@@ -1,0 +1,35 @@
+"""Waiting in tests: on a condition, with a generous deadline and a sentence saying what never happened.
+
+A test never synchronises with a fixed sleep: on a loaded machine (two xdist workers and other jobs on 2 cores, load
+4-8) "after 0.2 s the thread has queued" or "after 3 s both streams run" stops being true, and the test fails while the
+code is right. It waits for the state it needs instead. The deadline only decides how long a real hang takes to
+fail: it is generous (60 s by default), never part of what is checked.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import pytest
+
+T = TypeVar("T")
+
+#: how long a test waits for something that should happen "at once" before it calls it a hang
+PATIENCE = 60.0
+
+
+def wait_until(cond: Callable[[], T], what: str, timeout: float = PATIENCE, interval: float = 0.05) -> T:
+    """Poll ``cond`` until it returns something true and return that; fail the test after ``timeout`` seconds.
+
+    ``what`` names the awaited state ("both hostile results streaming"), for the failure message.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
