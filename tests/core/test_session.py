@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import pytest
 
 import mesatee_notebook as mn
 from mesatee_notebook.errors import ExecutorCrashed, NotFound, RemoteInterrupted, RemoteTimeout
+from tests.waiting import PATIENCE, wait_until
 
 pytestmark = pytest.mark.process
 
@@ -110,17 +110,30 @@ def test_missing_declared_output_is_refused(session):
         session.run("x = 1", outputs=["y"])
 
 
-def test_streaming_callback_sees_output_live(session):
-    seen: list[tuple[str, float]] = []
-    t0 = time.monotonic()
+def test_streaming_callback_sees_output_live(session, kernel, tmp_path):
+    """The cell prints 'second' only once the client has seen 'first': so the first line arrived while it ran.
+
+    (It used to sleep 0.6 s and compare arrival times: on a loaded machine a late first line failed it.)
+    """
+    seen: list[str] = []
+    go = kernel.untrusted_dir / f"go-{tmp_path.name}"  # the client's sign, readable through untrusted_open
+
+    def stream(name: str, text: str) -> None:
+        seen.append(name + ":" + text.strip())
+        if seen[-1] == "stdout:first":
+            go.write_text("seen")
+
     session.run(
-        "import time, sys\nprint('first', flush=True)\ntime.sleep(0.6)\nprint('second')\n"
-        "print('oops', file=sys.stderr)",
-        stream=lambda name, text: seen.append((name + ":" + text.strip(), time.monotonic() - t0)),
+        "import time, sys\nprint('first', flush=True)\nend = time.monotonic() + 60\nwhile True:\n"
+        f"    try:\n        mesatee.untrusted_open({str(go)!r}).close(); break\n"
+        "    except FileNotFoundError:\n"
+        "        if time.monotonic() > end:\n"
+        "            raise RuntimeError('the client never saw the first line while the cell ran') from None\n"
+        "        time.sleep(0.02)\n"
+        "print('second')\nprint('oops', file=sys.stderr)",
+        stream=stream,
     )
-    names = [s for s, _ in seen]
-    assert names == ["stdout:first", "stdout:second", "stderr:oops"]
-    assert seen[1][1] - seen[0][1] > 0.4  # the first line arrived before the cell finished
+    assert seen == ["stdout:first", "stdout:second", "stderr:oops"]
 
 
 def test_timeout_interrupts_and_keeps_namespace(session):
@@ -144,18 +157,28 @@ def test_timeout_kills_a_cell_that_ignores_interrupts(session):
 def test_interrupt_from_another_thread(session):
     errors: list[BaseException] = []
 
+    running = threading.Event()
+
     def run() -> None:
         try:
-            session.run("import time\ntime.sleep(30)")
+            session.run("import time\nprint('running', flush=True)\ntime.sleep(60)", stream=lambda n, t: running.set())
         except BaseException as exc:
             errors.append(exc)
 
     t = threading.Thread(target=run)
     t.start()
-    time.sleep(1.0)
+    # the cell runs (it said so): interrupting earlier, as a fixed 1 s sleep did on a loaded machine, raced its start
+    assert running.wait(PATIENCE), "the cell never started"
     assert session.interrupt() is True
-    t.join(10)
+    t.join(PATIENCE)
     assert len(errors) == 1 and isinstance(errors[0], RemoteInterrupted)
+
+
+def _dead(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def _host_pid(session):
@@ -166,8 +189,9 @@ def _host_pid(session):
 
 def test_killed_executor_gives_clear_error_and_restart_recovers(session):
     assert session.run("import os\nos.getpid()").value < 10  # its own PID namespace
-    os.kill(_host_pid(session), signal.SIGKILL)
-    time.sleep(0.2)
+    pid = _host_pid(session)
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: _dead(pid), "the killed executor to die")  # not a fixed 0.2 s: a loaded machine is slower
     with pytest.raises(ExecutorCrashed, match="SIGKILL"):
         session.run("1")
     session.restart()
