@@ -13,6 +13,7 @@ import mesatee_notebook as mn
 from mesatee_notebook.errors import QuotaExceeded
 from mesatee_notebook.remote.session import Session
 from tests.conftest import KernelProc, start_kernel, stop_kernel
+from tests.waiting import PATIENCE
 
 pytestmark = pytest.mark.process
 
@@ -117,22 +118,22 @@ def test_concurrent_calls_per_party(tight: KernelProc) -> None:
     a = mn.connect(tight.url, policy=tight.policy())
     b = mn.connect(tight.url, policy=tight.policy())
     try:
-        started = threading.Event()
+        running = threading.Event()
         out: dict[str, object] = {}
 
         def slow() -> None:
-            started.set()
-            out["v"] = a.run("import time; time.sleep(3); 'slept'").value
+            cell = "import time\nprint('running', flush=True)\ntime.sleep(3)\n'slept'"
+            out["v"] = a.run(cell, stream=lambda n, t: running.set()).value
 
         t = threading.Thread(target=slow)
         t.start()
-        started.wait()
-        time.sleep(1.0)
+        # a's cell runs (it said so); a fixed 1 s sleep raced its start on a loaded machine, and b then got in
+        assert running.wait(PATIENCE), "a's cell never started"
         with pytest.raises(QuotaExceeded) as info:
             b.run("1")
         assert info.value.details["limit"] == "concurrent_calls"
         assert "--party-concurrent-calls" in str(info.value)
-        t.join()
+        t.join(PATIENCE)
         assert out["v"] == "slept"
         assert b.run("2").value == 2
     finally:
