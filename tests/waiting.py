@@ -8,6 +8,8 @@ fail: it is generous (60 s by default), never part of what is checked.
 
 from __future__ import annotations
 
+import socket
+import ssl
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -33,3 +35,17 @@ def wait_until(cond: Callable[[], T], what: str, timeout: float = PATIENCE, inte
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
+
+
+def closed_by_peer(sock: socket.socket, deadline: float) -> bool:
+    """Wait until the other end closes ``sock`` (EOF or a reset): True; False if it is still open at ``deadline``.
+
+    A read that times out is a socket still open, never a close (counting it as one made such checks unfailable).
+    """
+    sock.settimeout(max(0.01, deadline - time.monotonic()))
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except (OSError, ssl.SSLError):
+        return True

@@ -23,7 +23,7 @@ from mesatee_notebook.wire.framing import MAGIC, PREFIX, Limits, pack_header
 from mesatee_notebook.wire.messages import PROTOCOL_VERSION
 from mesatee_notebook.wire.stream import recv_message, send_message
 from tests.conftest import KernelProc, start_kernel, stop_kernel
-from tests.waiting import PATIENCE, wait_until
+from tests.waiting import PATIENCE, closed_by_peer, wait_until
 
 pytestmark = pytest.mark.process
 
@@ -47,17 +47,6 @@ def reply_error(sock: ssl.SSLSocket) -> mn.MesateeError | None:
         return None
     assert msg.type == "error", msg.header
     return error_from_wire(msg.header)
-
-
-def closed_by_peer(sock: ssl.SSLSocket, deadline: float) -> bool:
-    """True once the kernel has closed ``sock`` (EOF or a reset); False if it is still open at ``deadline``."""
-    sock.settimeout(max(0.01, deadline - time.monotonic()))
-    try:
-        return sock.recv(1) == b""
-    except TimeoutError:  # before: counted as closed, so a kernel that never closed anything passed
-        return False
-    except (OSError, ssl.SSLError):
-        return True
 
 
 def still_serving(kernel: KernelProc) -> None:
