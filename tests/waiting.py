@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+import psutil
 import pytest
 
 T = TypeVar("T")
@@ -49,3 +50,15 @@ def closed_by_peer(sock: socket.socket, deadline: float) -> bool:
         return False
     except (OSError, ssl.SSLError):
         return True
+
+
+def wait_dead(pid: int, timeout: float = PATIENCE) -> None:
+    """Wait until process ``pid`` has died: gone, or a zombie its parent has not reaped yet (after a SIGKILL)."""
+
+    def dead() -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_until(dead, f"process {pid} to die", timeout=timeout)

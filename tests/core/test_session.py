@@ -15,7 +15,7 @@ import pytest
 
 import mesatee_notebook as mn
 from mesatee_notebook.errors import ExecutorCrashed, NotFound, RemoteInterrupted, RemoteTimeout
-from tests.waiting import PATIENCE, wait_until
+from tests.waiting import PATIENCE, wait_dead
 
 pytestmark = pytest.mark.process
 
@@ -174,13 +174,6 @@ def test_interrupt_from_another_thread(session):
     assert len(errors) == 1 and isinstance(errors[0], RemoteInterrupted)
 
 
-def _dead(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
 def _host_pid(session):
     """The executor's pid on the host (inside its sandbox it has a PID namespace of its own)."""
     (info,) = [s for s in session.sessions() if s["session"] == session.id]
@@ -191,7 +184,7 @@ def test_killed_executor_gives_clear_error_and_restart_recovers(session):
     assert session.run("import os\nos.getpid()").value < 10  # its own PID namespace
     pid = _host_pid(session)
     os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: _dead(pid), "the killed executor to die")  # not a fixed 0.2 s: a loaded machine is slower
+    wait_dead(pid)  # not a fixed 0.2 s: on a loaded machine it may not have died yet
     with pytest.raises(ExecutorCrashed, match="SIGKILL"):
         session.run("1")
     session.restart()
