@@ -12,6 +12,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import psutil
@@ -62,3 +63,19 @@ def wait_dead(pid: int, timeout: float = PATIENCE) -> None:
             return True
 
     wait_until(dead, f"process {pid} to die", timeout=timeout)
+
+
+def cell_waits_for(sign: Path, what: str, timeout: float = PATIENCE) -> str:
+    """Cell code that waits until the test creates ``sign`` (a file in the kernel's ``--untrusted-dir``).
+
+    So a test holds a cell at a point (running, output shown) for exactly as long as it needs, with no sleep; the
+    cell raises, naming ``what``, if the sign never comes.
+    """
+    return (
+        f"import time as _t\n_end = _t.monotonic() + {timeout!r}\nwhile True:\n"
+        f"    try:\n        mesatee.untrusted_open({str(sign)!r}).close(); break\n"
+        "    except FileNotFoundError:\n"
+        "        if _t.monotonic() > _end:\n"
+        f"            raise RuntimeError({f'timed out waiting for {what}'!r}) from None\n"
+        "        _t.sleep(0.02)\n"
+    )

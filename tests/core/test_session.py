@@ -15,7 +15,7 @@ import pytest
 
 import mesatee_notebook as mn
 from mesatee_notebook.errors import ExecutorCrashed, NotFound, RemoteInterrupted, RemoteTimeout
-from tests.waiting import PATIENCE, wait_dead
+from tests.waiting import PATIENCE, cell_waits_for, wait_dead
 
 pytestmark = pytest.mark.process
 
@@ -124,13 +124,9 @@ def test_streaming_callback_sees_output_live(session, kernel, tmp_path):
             go.write_text("seen")
 
     session.run(
-        "import time, sys\nprint('first', flush=True)\nend = time.monotonic() + 60\nwhile True:\n"
-        f"    try:\n        mesatee.untrusted_open({str(go)!r}).close(); break\n"
-        "    except FileNotFoundError:\n"
-        "        if time.monotonic() > end:\n"
-        "            raise RuntimeError('the client never saw the first line while the cell ran') from None\n"
-        "        time.sleep(0.02)\n"
-        "print('second')\nprint('oops', file=sys.stderr)",
+        "import sys\nprint('first', flush=True)\n"
+        + cell_waits_for(go, "the client to see the first line while the cell runs")
+        + "print('second')\nprint('oops', file=sys.stderr)",
         stream=stream,
     )
     assert seen == ["stdout:first", "stdout:second", "stderr:oops"]
