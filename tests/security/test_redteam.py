@@ -394,7 +394,6 @@ def test_anonymous_sessions_do_not_share_sealed_files(world: dict[str, Any]) -> 
     _others_fine(world)
 
 
-@pytest.mark.serial  # timing-sensitive: runs alone under pytest-xdist (tests/conftest.py)
 def test_cpu_per_cell_is_limited(world: dict[str, Any]) -> None:
     m = _mallory(world)
     # The limit is 8 CPU-seconds: the CPU limit, not the wall-clock timeout, must stop the cell. On a loaded machine
