@@ -170,6 +170,35 @@ def test_interrupt_from_another_thread(session):
     assert len(errors) == 1 and isinstance(errors[0], RemoteInterrupted)
 
 
+def test_ctrl_c_while_a_result_is_read_leaves_the_session_in_step(session):
+    """Ctrl-C lands while the client reads a frame (here: a 32 MB output, mid-payload).
+
+    Before, KeyboardInterrupt was raised inside the reader there, the client asked for an interrupt and read on
+    from the middle of the frame: "bad magic bytes" and a lost session (the magics' interrupt test hit it once the
+    Ctrl-C came right after the cell's first output). Now the first Ctrl-C is an interrupt request and the reader
+    is left alone: the cell had finished, so the result arrives whole and the session goes on.
+    """
+    main = threading.main_thread().ident
+    assert main is not None
+    pressed: list[int] = []
+
+    def ctrl_c_mid_payload(done: int, total: int) -> None:
+        if not pressed and done < total:
+            pressed.append(done)
+            signal.pthread_kill(main, signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background run may ignore SIGINT
+    try:
+        r = session.run(
+            "import numpy as np\nbig = np.ones(4_000_000)", outputs=["big"], download_progress=ctrl_c_mid_payload
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert pressed, "the output was not read in chunks: the Ctrl-C never landed mid-frame"
+    assert r.outputs["big"].shape == (4_000_000,) and r.outputs["big"].sum() == 4_000_000
+    assert session.run("6 * 7").value == 42
+
+
 def _host_pid(session):
     """The executor's pid on the host (inside its sandbox it has a PID namespace of its own)."""
     (info,) = [s for s in session.sessions() if s["session"] == session.id]

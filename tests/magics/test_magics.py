@@ -364,7 +364,7 @@ def test_interrupt_stops_the_remote_cell(ip: InteractiveShell, monkeypatch: pyte
 
     class Watch(io.StringIO):
         def write(self, s: str) -> int:
-            if "running" in s:
+            if "cell-started-3f9c" in s:  # the cell's own line (not the progress line "running in the enclave")
                 running.set()
             return len(s)
 
@@ -380,7 +380,7 @@ def test_interrupt_stops_the_remote_cell(ip: InteractiveShell, monkeypatch: pyte
     ctrl_c.start()
     try:
         with pytest.raises(mn.errors.RemoteInterrupted) as info:
-            ip.run_cell("%%mesatee\nimport time\nprint('running', flush=True)\ntime.sleep(30)")
+            ip.run_cell("%%mesatee\nimport time\nprint('cell-started-3f9c', flush=True)\ntime.sleep(30)")
         ctrl_c.join(PATIENCE)
     finally:
         running.set()  # never leave the thread waiting
