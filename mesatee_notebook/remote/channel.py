@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import logging
-import signal
 import threading
 import weakref
 from collections.abc import Callable
@@ -27,8 +25,6 @@ from mesatee_notebook.wire.messages import PROTOCOL_VERSION
 from mesatee_notebook.wire.stream import Allocator, Message, Progress
 
 __all__ = ["DEFAULT_PORT", "Channel", "Reply", "open_channel", "parse_url"]
-
-log = logging.getLogger(__name__)
 
 
 def parse_url(url: str) -> tuple[str, int]:
@@ -142,10 +138,10 @@ class Channel:
         frame reader's digest and buffer hooks for them (``remote/frames_result.py``). A frame that cannot be
         read whole closes the connection.
         """
-        with self._lock, _CtrlC(on_interrupt) as ctrl_c:
+        with self._lock:
             rid = next(self._ids)
             sent = self.comm.send({**header, "id": rid}, payloads or [], digests=digests, progress=upload_progress)
-            interrupted = ctrl_c.active  # a KeyboardInterrupt with _CtrlC active is the second Ctrl-C
+            interrupted = False
             while True:
                 try:
                     msg = self.comm.recv(
@@ -208,51 +204,6 @@ class Channel:
     @property
     def closed(self) -> bool:
         return self.comm.closed
-
-
-class _CtrlC:
-    """While a request waits in the main thread: the first Ctrl-C asks ``on_interrupt`` on a thread of its own.
-
-    Raised as KeyboardInterrupt wherever the reader was, it could land mid-frame (in a stream line's payload, in a
-    download), and the next read then started inside that frame: "bad magic bytes", a lost session. Here the reader
-    is never interrupted; the kernel's answer to the interrupt arrives as the request's reply. A second Ctrl-C
-    raises KeyboardInterrupt (the request is abandoned and the connection closed, as before). Off the main thread,
-    or where SIGINT is not Python's default handler (ignored, or someone else's), nothing changes.
-    """
-
-    def __init__(self, on_interrupt: Callable[[], object] | None) -> None:
-        self.on_interrupt = on_interrupt
-        self.active = False
-        self.asked = False
-        self._previous: Any = None
-
-    def __enter__(self) -> _CtrlC:
-        if (
-            self.on_interrupt is not None
-            and threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        ):
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-            self.active = True
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.active:
-            signal.signal(signal.SIGINT, self._previous)
-            self.active = False
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.asked:
-            raise KeyboardInterrupt
-        self.asked = True
-        threading.Thread(target=self._ask, name="mesatee-interrupt", daemon=True).start()
-
-    def _ask(self) -> None:
-        assert self.on_interrupt is not None
-        try:
-            self.on_interrupt()
-        except Exception:  # the cell runs on; a second Ctrl-C abandons the request
-            log.warning("the interrupt did not reach the kernel; press Ctrl-C again to abandon the request")
 
 
 def _keepalive(ref: weakref.ref[Channel], closing: threading.Event, interval: float) -> None:

@@ -356,34 +356,23 @@ def test_timeout_stops_the_remote_cell(ip: InteractiveShell) -> None:
     assert ip.run_cell("%%mesatee\n'alive'").result == "alive"
 
 
-def test_interrupt_stops_the_remote_cell(ip: InteractiveShell, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.serial  # timing-sensitive (SIGINT 1 s into the cell): runs alone under pytest-xdist
+def test_interrupt_stops_the_remote_cell(ip: InteractiveShell) -> None:
+    # A fixed 1 s still: a Ctrl-C sent as soon as the cell's first output arrives can land while the client reads
+    # a frame, which loses the session (the known bug in test_session's xfail test); 1 s in, the client is idle.
     ip.run_cell("%%mesatee\nbefore_interrupt = 5")
     main = threading.main_thread().ident
     assert main is not None
-    running = threading.Event()
-
-    class Watch(io.StringIO):
-        def write(self, s: str) -> int:
-            if "cell-started-3f9c" in s:  # the cell's own line (not the progress line "running in the enclave")
-                running.set()
-            return len(s)
-
-    def ctrl_c_once_running() -> None:  # once the cell said it runs (a fixed 1 s raced its start on a loaded machine)
-        if running.wait(PATIENCE):
-            signal.pthread_kill(main, signal.SIGINT)
-
-    # whatever an earlier module or a background start left on SIGINT, the Ctrl-C must raise here
+    timer = threading.Timer(1.0, signal.pthread_kill, args=(main, signal.SIGINT))
+    # whatever an earlier module or a background start left on SIGINT, the timer's Ctrl-C must raise here
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    monkeypatch.setattr("sys.stdout", Watch())
-    ctrl_c = threading.Thread(target=ctrl_c_once_running, daemon=True)
     started = time.monotonic()
-    ctrl_c.start()
+    timer.start()
     try:
         with pytest.raises(mn.errors.RemoteInterrupted) as info:
-            ip.run_cell("%%mesatee\nimport time\nprint('cell-started-3f9c', flush=True)\ntime.sleep(30)")
-        ctrl_c.join(PATIENCE)
+            ip.run_cell("%%mesatee\nimport time\ntime.sleep(30)")
     finally:
-        running.set()  # never leave the thread waiting
+        timer.cancel()
         signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - started < 25  # did not wait the cell's 30 s out
     shown = render(info.value)
