@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+
+from tests.waiting import PATIENCE, wait_until
 
 if TYPE_CHECKING:
     from mesatee_notebook.enclave.cluster.node_identity import ClusterNode
@@ -116,13 +118,9 @@ def try_connect(node: ClusterNode, address: str) -> None:
     asyncio.run(go())
 
 
-def wait_for(predicate: object, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+def wait_for(predicate: Callable[[], object], timeout: float = PATIENCE, what: str = "condition") -> None:
+    """:func:`tests.waiting.wait_until` under the name the cluster tests use."""
+    wait_until(predicate, what, timeout=timeout, interval=0.1)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -11,13 +10,14 @@ import pytest
 from mesatee_notebook.enclave.cluster.admission import ClusterLane
 from mesatee_notebook.enclave.cluster.head import ClusterHead
 from mesatee_notebook.errors import MesateeError, RemoteExecutionError
+from tests.waiting import PATIENCE, wait_until
 
 
 def _hold(lane: ClusterLane, party: str, log: list[str], release: threading.Event, started: threading.Event) -> None:
     with lane.turn(party):
         log.append(party)
         started.set()
-        release.wait(10)
+        release.wait(PATIENCE)
 
 
 def test_one_call_per_party_and_the_others_are_served_in_turn() -> None:
@@ -32,21 +32,22 @@ def test_one_call_per_party_and_the_others_are_served_in_turn() -> None:
     ]
     for t in threads:
         t.start()
-    assert starts[0].wait(5)
-    time.sleep(0.2)
+    assert starts[0].wait(PATIENCE)
+    # all five are in the lane before the check (a fixed 0.2 s sleep raced the threads' start on a loaded machine)
+    wait_until(lambda: lane.status()["queued"] == 4, "the hostile party's other four calls to queue")
     assert log == ["hostile"], "a party's calls never overlap, even with free slots"
     assert lane.status() == {"slots": 2, "running": 1, "queued": 4}
     victim = threading.Thread(target=_hold, args=(lane, "victim", log, releases[5], starts[5]), daemon=True)
     victim.start()
-    assert starts[5].wait(5), "the victim takes the free slot at once, ahead of the hostile party's queue"
+    assert starts[5].wait(PATIENCE), "the victim takes the free slot at once, ahead of the hostile party's queue"
     assert log == ["hostile", "victim"]
     releases[5].set()
-    victim.join(5)
+    victim.join(PATIENCE)
     # The hostile party's queue drains one call at a time.
     for i in range(5):
         releases[i].set()
     for t in threads:
-        t.join(5)
+        t.join(PATIENCE)
     assert log == ["hostile", "victim", "hostile", "hostile", "hostile", "hostile"]
     assert lane.status() == {"slots": 2, "running": 0, "queued": 0}
 
@@ -58,18 +59,19 @@ def test_round_robin_when_every_slot_is_taken() -> None:
     first = threading.Event()
     holder = threading.Thread(target=_hold, args=(lane, "a", order, gate, first), daemon=True)
     holder.start()
-    assert first.wait(5)
+    assert first.wait(PATIENCE)
     done: list[threading.Thread] = []
-    for party in ["a", "a", "a", "b", "c"]:  # a queues three more, then b and c one each
+    for n, party in enumerate(["a", "a", "a", "b", "c"], 1):  # a queues three more, then b and c one each
         ev = threading.Event()
         ev.set()
         t = threading.Thread(target=_hold, args=(lane, party, order, ev, threading.Event()), daemon=True)
         t.start()
         done.append(t)
-        time.sleep(0.05)
+        # in this order: a fixed 0.05 s sleep let c queue before b on a loaded machine
+        wait_until(lambda n=n: lane.status()["queued"] == n, f"call {n} to queue")
     gate.set()
     for t in [holder, *done]:
-        t.join(5)
+        t.join(PATIENCE)
     assert order == ["a", "a", "b", "c", "a", "a"], "b and c are served before a's backlog"
 
 
@@ -79,7 +81,7 @@ def test_a_closed_lane_releases_its_waiters_with_an_error() -> None:
     release, started = threading.Event(), threading.Event()
     holder = threading.Thread(target=_hold, args=(lane, "a", [], release, started), daemon=True)
     holder.start()
-    assert started.wait(5)
+    assert started.wait(PATIENCE)
 
     def wait_turn() -> None:
         try:
@@ -90,9 +92,9 @@ def test_a_closed_lane_releases_its_waiters_with_an_error() -> None:
 
     waiter = threading.Thread(target=wait_turn, daemon=True)
     waiter.start()
-    time.sleep(0.1)
+    wait_until(lambda: lane.status()["queued"] == 1, "b's call to queue")  # closed while waiting, not before
     lane.close()
-    waiter.join(5)
+    waiter.join(PATIENCE)
     release.set()
     assert len(errors) == 1 and "shutting down" in str(errors[0])
 
@@ -173,7 +175,7 @@ def test_head_shutdown_closes_the_lane_and_the_client() -> None:
     release, started = threading.Event(), threading.Event()
     holder = threading.Thread(target=_hold, args=(lane, "a", [], release, started), daemon=True)
     holder.start()
-    assert started.wait(5)
+    assert started.wait(PATIENCE)
     errors: list[BaseException] = []
 
     def wait_turn() -> None:
@@ -185,15 +187,13 @@ def test_head_shutdown_closes_the_lane_and_the_client() -> None:
 
     waiter = threading.Thread(target=wait_turn, daemon=True)
     waiter.start()
-    deadline = time.monotonic() + 5
-    while lane.status()["queued"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: lane.status()["queued"] == 1, "b's call to queue")
     detach_head(kernel)
-    waiter.join(5)
+    waiter.join(PATIENCE)
     assert len(errors) == 1 and "shutting down" in str(errors[0])
     assert fake.closed == 1 and kernel.cluster_head is None and lane.closed
     with pytest.raises(MesateeError, match="shutting down"), lane.turn("c"):
         pass
     release.set()
-    holder.join(5)
+    holder.join(PATIENCE)
     assert lane.status() == {"slots": 1, "running": 0, "queued": 0}

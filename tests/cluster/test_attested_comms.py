@@ -132,8 +132,8 @@ def test_head_refuses_scheduler_of_unpinned_platform(cluster: Cluster, tmp_path:
     try:
         t0 = time.monotonic()
         with pytest.raises(UntrustedPlatform):
-            ClusterHead(rogue.address, _node(cluster), timeout=10)
-        assert time.monotonic() - t0 < 10  # refused at once, not retried until the timeout
+            ClusterHead(rogue.address, _node(cluster), timeout=60)
+        assert time.monotonic() - t0 < 30  # refused at once, not retried until the 60 s timeout (a loaded machine)
         worker = spawn_node("worker", cluster.data_dir, "--scheduler", rogue.address)
         try:
             assert worker.proc.wait(timeout=60) == 2

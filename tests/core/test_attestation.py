@@ -25,6 +25,7 @@ from mesatee_notebook.errors import (
     UntrustedPlatform,
 )
 from tests.core.fakes import FakeKernel, now
+from tests.waiting import PATIENCE
 
 pytestmark = pytest.mark.process
 
@@ -65,7 +66,7 @@ def _genuine_evidence(kernel, key, *, time_=None, manifest=None, receipt_key=b"\
 def _refused_before_any_byte(fake: FakeKernel, policy, exc_type) -> Exception:
     with pytest.raises(exc_type) as info:
         mn.connect(fake.url, policy=policy)
-    fake.done.wait(5)
+    assert fake.done.wait(PATIENCE), "the fake kernel never saw the client hang up"
     assert fake.handshakes == 1, "the TLS handshake itself must have completed"
     assert bytes(fake.received) == b"", "no request byte may be sent before attestation passes"
     return info.value
@@ -78,7 +79,7 @@ def test_genuine_fake_is_accepted_then_bytes_flow(kernel):
     fake = FakeKernel(cert.public_bytes(Encoding.PEM), key)
     with pytest.raises(mn.MesateeError):  # the fake never answers hello
         mn.connect(fake.url, policy=kernel.policy(), timeout=5)
-    fake.done.wait(5)
+    assert fake.done.wait(PATIENCE), "the fake kernel never saw the client hang up"
     assert fake.received.startswith(b"MTEE")
 
 

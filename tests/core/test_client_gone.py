@@ -90,7 +90,8 @@ def test_runaway_cell_stops_when_its_client_is_killed(kernel: KernelProc) -> Non
     killed_at = time.monotonic()
     # interrupt after at most 0.5 s, kill after a 3 s grace: within a few seconds nothing spins any more
     while not _stopped(spinner):
-        assert time.monotonic() - killed_at < 15, "the executor kept burning CPU after its client died"
+        # did not hang (generous: at load 15 the few seconds it needs can stretch)
+        assert time.monotonic() - killed_at < 30, "the executor kept burning CPU after its client died"
     # the kernel still serves others
     with mn.connect(kernel.url, policy=kernel.policy(), session="after-runaway", identity=False) as other:
         assert other.run("6 * 7").value == 42

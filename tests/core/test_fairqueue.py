@@ -12,6 +12,7 @@ from mesatee_notebook.enclave.fairqueue import FairQueue
 from mesatee_notebook.enclave.party_turns import PartyTurns
 from mesatee_notebook.enclave.service_pool import ServicePool
 from mesatee_notebook.errors import MesateeError
+from tests.waiting import PATIENCE, wait_until
 
 
 def test_a_closed_queue_refuses_a_push_and_keeps_what_it_held() -> None:
@@ -52,7 +53,7 @@ def test_a_closed_lane_releases_its_waiters_and_refuses_new_turns() -> None:
     def first() -> None:
         with lane.turn("a"):
             holding.set()
-            release.wait(5)
+            release.wait(PATIENCE)
         out["a"] = "done"
 
     def second() -> None:
@@ -64,23 +65,18 @@ def test_a_closed_lane_releases_its_waiters_and_refuses_new_turns() -> None:
 
     ta = threading.Thread(target=first)
     ta.start()
-    assert holding.wait(5)
+    assert holding.wait(PATIENCE)
     tb = threading.Thread(target=second)
     tb.start()
-    deadline = threading.Event()
-    for _ in range(100):
-        if lane.status()["queued"] == 1:
-            break
-        deadline.wait(0.02)
-    assert lane.status()["queued"] == 1
+    wait_until(lambda: lane.status()["queued"] == 1, "b's call to queue")
     lane.close()
-    tb.join(5)
+    tb.join(PATIENCE)
     assert isinstance(out["b"], MesateeError) and "shutting down" in str(out["b"])
     assert lane.closed
     with pytest.raises(MesateeError, match="shutting down"), lane.turn("c"):
         pass
     release.set()
-    ta.join(5)
+    ta.join(PATIENCE)
     assert out["a"] == "done"  # a running call finishes
 
 
@@ -93,7 +89,7 @@ def test_party_turns_serialise_one_party_only_and_forget_idle_parties() -> None:
         with turns.turn("a"):
             inside.append("a1")
             a_holds.set()
-            release.wait(5)
+            release.wait(PATIENCE)
 
     def second_a() -> None:
         with turns.turn("a"):
@@ -101,7 +97,7 @@ def test_party_turns_serialise_one_party_only_and_forget_idle_parties() -> None:
 
     t1 = threading.Thread(target=hold_a)
     t1.start()
-    assert a_holds.wait(5)
+    assert a_holds.wait(PATIENCE)
     t2 = threading.Thread(target=second_a)
     t2.start()
     with turns.turn("b"):  # another party never waits for a's turn
@@ -109,8 +105,8 @@ def test_party_turns_serialise_one_party_only_and_forget_idle_parties() -> None:
     t2.join(0.2)
     assert inside == ["a1", "b"]  # a's second call waits for its first
     release.set()
-    t1.join(5)
-    t2.join(5)
+    t1.join(PATIENCE)
+    t2.join(PATIENCE)
     assert inside == ["a1", "b", "a2"]
     assert len(turns) == 0  # nothing kept for a party with no call in flight (a Sybil's identities cost nothing)
 
@@ -127,7 +123,7 @@ def test_a_call_queued_when_the_pool_shuts_down_fails_and_starts_no_worker() -> 
             started.append(self.go)
 
         def exchange(self, *args: Any) -> Any:
-            self.go.wait(5)
+            self.go.wait(PATIENCE)
             return "done"
 
         def shutdown(self) -> None:
@@ -144,19 +140,12 @@ def test_a_call_queued_when_the_pool_shuts_down_fails_and_starts_no_worker() -> 
 
     first = threading.Thread(target=call, args=("a",))
     first.start()
-    for _ in range(100):
-        if started:
-            break
-        threading.Event().wait(0.02)
+    wait_until(lambda: started, "a's worker to start")
     second = threading.Thread(target=call, args=("b",))
     second.start()
-    for _ in range(100):
-        if pool.status()["queued"]:
-            break
-        threading.Event().wait(0.02)
-    assert pool.status()["queued"]
+    wait_until(lambda: pool.status()["queued"], "b's call to queue")
     pool.shutdown()  # stops a's worker (its call returns), and b was still queued
-    first.join(5)
-    second.join(5)
+    first.join(PATIENCE)
+    second.join(PATIENCE)
     assert isinstance(out["b"], MesateeError) and "shutting down" in str(out["b"])
     assert len(started) == 1  # no worker was started for b after the shutdown

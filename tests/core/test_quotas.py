@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -13,14 +14,19 @@ import mesatee_notebook as mn
 from mesatee_notebook.errors import QuotaExceeded
 from mesatee_notebook.remote.session import Session
 from tests.conftest import KernelProc, start_kernel, stop_kernel
+from tests.waiting import PATIENCE, cell_waits_for
 
 pytestmark = pytest.mark.process
 
 
 @pytest.fixture(scope="module")
 def tight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelProc]:
+    shared = tmp_path_factory.mktemp("quota_untrusted")
+    shared.chmod(0o1777)  # a root kernel's sandboxes run as other uids
     k = start_kernel(
         tmp_path_factory.mktemp("quota"),
+        "--untrusted-dir",
+        str(shared),
         "--party-sessions",
         "3",
         "--party-executors",
@@ -32,6 +38,7 @@ def tight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelProc]:
         "--anonymous-sessions",
         "2",
     )
+    k.untrusted_dir = shared
     yield k
     stop_kernel(k)
 
@@ -111,28 +118,32 @@ def test_anonymous_clients_share_one_quota_and_parties_keep_theirs(tight: Kernel
             s.close()
 
 
-@pytest.mark.serial  # timing-sensitive: runs alone under pytest-xdist (tests/conftest.py)
 @pytest.mark.slow
-def test_concurrent_calls_per_party(tight: KernelProc) -> None:
+def test_concurrent_calls_per_party(tight: KernelProc, tmp_path: Path) -> None:
+    """a's cell runs until b has been refused: no time window (it slept 3 s and ran serial; a late a failed it)."""
     a = mn.connect(tight.url, policy=tight.policy())
     b = mn.connect(tight.url, policy=tight.policy())
+    assert tight.untrusted_dir is not None
+    refused = tight.untrusted_dir / f"refused-{tmp_path.name}"
     try:
-        started = threading.Event()
+        running = threading.Event()
         out: dict[str, object] = {}
 
         def slow() -> None:
-            started.set()
-            out["v"] = a.run("import time; time.sleep(3); 'slept'").value
+            cell = "print('running', flush=True)\n" + cell_waits_for(refused, "b's call to be refused") + "'slept'"
+            out["v"] = a.run(cell, stream=lambda n, t: running.set()).value
 
         t = threading.Thread(target=slow)
         t.start()
-        started.wait()
-        time.sleep(1.0)
-        with pytest.raises(QuotaExceeded) as info:
-            b.run("1")
+        assert running.wait(PATIENCE), "a's cell never started"
+        try:
+            with pytest.raises(QuotaExceeded) as info:
+                b.run("1")
+        finally:
+            refused.write_text("done")  # a's cell may finish now
         assert info.value.details["limit"] == "concurrent_calls"
         assert "--party-concurrent-calls" in str(info.value)
-        t.join()
+        t.join(PATIENCE)
         assert out["v"] == "slept"
         assert b.run("2").value == 2
     finally:

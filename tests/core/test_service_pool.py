@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -16,6 +15,7 @@ from mesatee_notebook.enclave.service_pool import ServicePool
 from mesatee_notebook.errors import RemoteInterrupted
 from mesatee_notebook.wire.stream import Message
 from tests.conftest import KernelProc, start_kernel, stop_kernel
+from tests.waiting import PATIENCE, wait_until
 
 
 class FakeWorker:
@@ -31,7 +31,7 @@ class FakeWorker:
     def exchange(self, header: dict[str, Any], payloads: Any, fds: Any, on_message: Any, timeout: Any) -> Message:
         self.log.append((header["party"], self.id, bool(header["fresh"])))
         gate = self.gates.setdefault(header["nonce"], threading.Event())
-        if not gate.wait(10):
+        if not gate.wait(PATIENCE):
             raise AssertionError("a fake call was never released")
         if not self.alive:
             raise mn.RemoteExecutionError("killed")  # never reached in these tests
@@ -75,14 +75,6 @@ def _call(p: ServicePool, party: str, nonce: str, out: dict[str, Any]) -> thread
     return t
 
 
-def _wait(cond: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + 5
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.01)
-
-
 def _release(workers: list[FakeWorker], nonce: str) -> None:
     for w in workers:
         w.gates.setdefault(nonce, threading.Event()).set()
@@ -92,21 +84,21 @@ def test_one_call_per_party_and_round_robin(pool: Any) -> None:
     p, log, workers = pool
     out: dict[str, Any] = {}
     threads = [_call(p, "alice", "a1", out)]
-    _wait(lambda: len(log) == 1)
+    wait_until(lambda: len(log) == 1, "call 1 to reach a worker")
     threads += [_call(p, "alice", "a2", out), _call(p, "alice", "a3", out)]
-    time.sleep(0.1)
+    wait_until(lambda: p.status()["queued"] == {"alice": 2}, "alice's second and third calls to queue")
     threads.append(_call(p, "bob", "b1", out))
-    _wait(lambda: len(log) == 2)
+    wait_until(lambda: len(log) == 2, "call 2 to reach a worker")
     # alice's second call waits for her first even though a worker is free; bob gets the free worker at once
     assert [e[0] for e in log] == ["alice", "bob"]
     assert {e[1] for e in log} == {0, 1}
     threads.append(_call(p, "bob", "b2", out))
     _release(workers, "b1")
-    _wait(lambda: len(log) == 3)
+    wait_until(lambda: len(log) == 3, "call 3 to reach a worker")
     # the freed worker goes to whoever is next in turn and not running: bob (alice is still running)
     assert log[2][0] == "bob"
     _release(workers, "a1")
-    _wait(lambda: len(log) == 4)
+    wait_until(lambda: len(log) == 4, "call 4 to reach a worker")
     assert log[3][0] == "alice"
     for n in ("b2", "a2", "a3"):
         _release(workers, n)
@@ -119,21 +111,21 @@ def test_a_call_on_another_worker_than_the_partys_last_is_fresh(pool: Any) -> No
     p, log, workers = pool
     out: dict[str, Any] = {}
     t = _call(p, "alice", "a1", out)
-    _wait(lambda: len(log) == 1)
+    wait_until(lambda: len(log) == 1, "call 1 to reach a worker")
     _release(workers, "a1")
     t.join()
     # bob now holds alice's last worker, so alice's next call lands on the other one and must re-read her state
     tb = _call(p, "bob", "b1", out)
-    _wait(lambda: len(log) == 2)
+    wait_until(lambda: len(log) == 2, "call 2 to reach a worker")
     ta = _call(p, "alice", "a2", out)
-    _wait(lambda: len(log) == 3)
+    wait_until(lambda: len(log) == 3, "call 3 to reach a worker")
     assert log[0] == ("alice", 0, True)  # a first call is fresh: nothing cached yet
     assert log[1] == ("bob", 0, True)
     assert log[2] == ("alice", 1, True)
     _release(workers, "a2")
     ta.join()
     ta = _call(p, "alice", "a3", out)
-    _wait(lambda: len(log) == 4)
+    wait_until(lambda: len(log) == 4, "call 4 to reach a worker")
     assert log[3] == ("alice", 1, False)  # the same worker again: its cache is hers and current
     for n in ("a3", "b1"):
         _release(workers, n)
@@ -145,9 +137,9 @@ def test_a_queued_call_can_be_cancelled_by_its_party_only(pool: Any) -> None:
     p, log, workers = pool
     out: dict[str, Any] = {}
     t1 = _call(p, "alice", "a1", out)
-    _wait(lambda: len(log) == 1)
+    wait_until(lambda: len(log) == 1, "call 1 to reach a worker")
     t2 = _call(p, "alice", "a2", out)
-    time.sleep(0.1)
+    wait_until(lambda: p.status()["queued"] == {"alice": 1}, "alice's second call to queue")
     assert not p.cancel("bob", "a2")  # not bob's call
     assert p.cancel("alice", "a2")
     t2.join()

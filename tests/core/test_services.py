@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 
 import pandas as pd
 import pytest
@@ -13,6 +12,7 @@ import pytest
 import mesatee_notebook as mn
 from mesatee_notebook.attestation.audit_verify import ALL_PARTIES, entry_concerns
 from mesatee_notebook.errors import NotFound
+from tests.waiting import wait_dead
 
 pytestmark = pytest.mark.process
 
@@ -109,14 +109,8 @@ def test_service_worker_crash_is_reported_and_recovered(kernel, alice):
     assert workers  # the call above started at least one (lazily: pools start workers on first use)
     for w in workers:
         os.kill(w.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:  # a zombie until the kernel reaps it
-        try:
-            if all(w.status() == psutil.STATUS_ZOMBIE for w in workers):
-                break
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.05)
+    for w in workers:  # a zombie until the kernel reaps it
+        wait_dead(w.pid)
     # The kernel notices the dead worker before the call (process and socket EOF), starts a new one, which
     # reloads state from sealed storage, and says so in the audit log: the first call after the death succeeds.
     rows = alice.call("dataset.info", {"name": "survives_crash"}).info["rows"]

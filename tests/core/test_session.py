@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,8 @@ import psutil
 import pytest
 
 import mesatee_notebook as mn
-from mesatee_notebook.errors import ExecutorCrashed, NotFound, RemoteInterrupted, RemoteTimeout
+from mesatee_notebook.errors import ExecutorCrashed, MalformedFrame, NotFound, RemoteInterrupted, RemoteTimeout
+from tests.waiting import PATIENCE, cell_waits_for, wait_dead
 
 pytestmark = pytest.mark.process
 
@@ -110,17 +110,26 @@ def test_missing_declared_output_is_refused(session):
         session.run("x = 1", outputs=["y"])
 
 
-def test_streaming_callback_sees_output_live(session):
-    seen: list[tuple[str, float]] = []
-    t0 = time.monotonic()
+def test_streaming_callback_sees_output_live(session, kernel, tmp_path):
+    """The cell prints 'second' only once the client has seen 'first': so the first line arrived while it ran.
+
+    (It used to sleep 0.6 s and compare arrival times: on a loaded machine a late first line failed it.)
+    """
+    seen: list[str] = []
+    go = kernel.untrusted_dir / f"go-{tmp_path.name}"  # the client's sign, readable through untrusted_open
+
+    def stream(name: str, text: str) -> None:
+        seen.append(name + ":" + text.strip())
+        if seen[-1] == "stdout:first":
+            go.write_text("seen")
+
     session.run(
-        "import time, sys\nprint('first', flush=True)\ntime.sleep(0.6)\nprint('second')\n"
-        "print('oops', file=sys.stderr)",
-        stream=lambda name, text: seen.append((name + ":" + text.strip(), time.monotonic() - t0)),
+        "import sys\nprint('first', flush=True)\n"
+        + cell_waits_for(go, "the client to see the first line while the cell runs")
+        + "print('second')\nprint('oops', file=sys.stderr)",
+        stream=stream,
     )
-    names = [s for s, _ in seen]
-    assert names == ["stdout:first", "stdout:second", "stderr:oops"]
-    assert seen[1][1] - seen[0][1] > 0.4  # the first line arrived before the cell finished
+    assert seen == ["stdout:first", "stdout:second", "stderr:oops"]
 
 
 def test_timeout_interrupts_and_keeps_namespace(session):
@@ -144,18 +153,55 @@ def test_timeout_kills_a_cell_that_ignores_interrupts(session):
 def test_interrupt_from_another_thread(session):
     errors: list[BaseException] = []
 
+    running = threading.Event()
+
     def run() -> None:
         try:
-            session.run("import time\ntime.sleep(30)")
+            session.run("import time\nprint('running', flush=True)\ntime.sleep(60)", stream=lambda n, t: running.set())
         except BaseException as exc:
             errors.append(exc)
 
     t = threading.Thread(target=run)
     t.start()
-    time.sleep(1.0)
+    # the cell runs (it said so): interrupting earlier, as a fixed 1 s sleep did on a loaded machine, raced its start
+    assert running.wait(PATIENCE), "the cell never started"
     assert session.interrupt() is True
-    t.join(10)
+    t.join(PATIENCE)
     assert len(errors) == 1 and isinstance(errors[0], RemoteInterrupted)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=MalformedFrame,
+    reason="known bug (remote/channel.py Channel.request): a Ctrl-C that lands while the client reads a frame "
+    "raises KeyboardInterrupt inside the reader; the client asks for the interrupt and reads on from the middle of "
+    "the frame, so the next read sees 'bad magic bytes' and the session is lost",
+)
+def test_ctrl_c_while_a_result_is_read_leaves_the_session_in_step(session):
+    """Ctrl-C lands while the client reads a frame (here: a 32 MB output, mid-payload): the session must go on.
+
+    Found when the magics' interrupt test sent its Ctrl-C right after the cell's first output (a stream frame).
+    The cell has finished, so the result should arrive whole and the next cell run.
+    """
+    main = threading.main_thread().ident
+    assert main is not None
+    pressed: list[int] = []
+
+    def ctrl_c_mid_payload(done: int, total: int) -> None:
+        if not pressed and done < total:
+            pressed.append(done)
+            signal.pthread_kill(main, signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background run may ignore SIGINT
+    try:
+        r = session.run(
+            "import numpy as np\nbig = np.ones(4_000_000)", outputs=["big"], download_progress=ctrl_c_mid_payload
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert pressed, "the output was not read in chunks: the Ctrl-C never landed mid-frame"
+    assert r.outputs["big"].shape == (4_000_000,) and r.outputs["big"].sum() == 4_000_000
+    assert session.run("6 * 7").value == 42
 
 
 def _host_pid(session):
@@ -166,8 +212,9 @@ def _host_pid(session):
 
 def test_killed_executor_gives_clear_error_and_restart_recovers(session):
     assert session.run("import os\nos.getpid()").value < 10  # its own PID namespace
-    os.kill(_host_pid(session), signal.SIGKILL)
-    time.sleep(0.2)
+    pid = _host_pid(session)
+    os.kill(pid, signal.SIGKILL)
+    wait_dead(pid)  # not a fixed 0.2 s: on a loaded machine it may not have died yet
     with pytest.raises(ExecutorCrashed, match="SIGKILL"):
         session.run("1")
     session.restart()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import mesatee_notebook as mn
 from mesatee_notebook.attestation.measurement import canonical_json
 from mesatee_notebook.wire.digest import payload_digest
 from tests.conftest import KernelProc, start_kernel, stop_kernel
+from tests.waiting import wait_dead
 
 POLICY = mn.DataPolicy(
     privacy=mn.DP(epsilon=1.0, bounds={"x": (0, 100)}, query_epsilon=0.25, public_groups={"g": ["a", "b"]}),
@@ -124,8 +124,9 @@ def test_the_ledger_survives_a_service_worker_death_and_a_restart(tmp_path: Path
         owner.upload(frame(), "dp_sealed", policy=POLICY)
         analyst = mn.connect(k.url, policy=policy, identity=tmp_path / "analyst")
         analyst.dataframe("dp_sealed").x.mean().collect(epsilon=0.3)
-        os.kill(_service_worker_pid(k), signal.SIGKILL)
-        time.sleep(0.5)
+        worker = _service_worker_pid(k)
+        os.kill(worker, signal.SIGKILL)
+        wait_dead(worker)  # not a fixed 0.5 s: on a loaded machine it may not have died yet
         try:
             spent = analyst.dataframe("dp_sealed").privacy_budget().epsilon_spent
         except mn.MesateeError:  # the death noticed during that call: nothing released, ask again

@@ -22,6 +22,7 @@ from IPython.core.interactiveshell import InteractiveShell
 import mesatee_notebook as mn
 from mesatee_notebook.magics import RECEIPT_VARIABLE, MesateeMagics
 from mesatee_notebook.magics.display import AttestationCard, humanize_age, notebook_error
+from tests.waiting import PATIENCE
 
 
 def magics(ip: InteractiveShell) -> MesateeMagics:
@@ -168,7 +169,13 @@ def test_unsendable_last_value_shows_its_remote_repr(ip: InteractiveShell) -> No
 
 
 def test_stdout_and_stderr_stream_live(ip: InteractiveShell, monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[tuple[float, str, str]] = []
+    """The cell waits until the notebook has shown its first line (the test then interrupts that wait).
+
+    Output that arrived only when the cell ended would leave the cell waiting its full two minutes. (It used to
+    compare arrival times around a 1 s sleep: on a loaded machine a late first line failed it.)
+    """
+    seen: list[tuple[str, str]] = []
+    shown = threading.Event()
 
     class Recorder(io.StringIO):
         def __init__(self, name: str) -> None:
@@ -176,20 +183,32 @@ def test_stdout_and_stderr_stream_live(ip: InteractiveShell, monkeypatch: pytest
             self.name = name
 
         def write(self, s: str) -> int:
-            seen.append((time.monotonic(), self.name, s))
+            seen.append((self.name, s))
+            if self.name == "stdout" and "first" in s:
+                shown.set()
             return len(s)
 
+    ip.run_cell("%%mesatee\n1")  # the session is open
+    session = magics(ip)._sessions["default"]
+
+    def interrupt_once_shown() -> None:
+        if shown.wait(PATIENCE):
+            session.interrupt()
+
+    nudge = threading.Thread(target=interrupt_once_shown, daemon=True)
+    nudge.start()
     monkeypatch.setattr("sys.stdout", Recorder("stdout"))
     monkeypatch.setattr("sys.stderr", Recorder("stderr"))
+    started = time.monotonic()
     ip.run_cell(
         "%%mesatee\nimport sys, time\nprint('first', flush=True)\nprint('oops', file=sys.stderr, flush=True)\n"
-        "time.sleep(1.0)\nprint('second')"
+        "try:\n    time.sleep(120)\nexcept KeyboardInterrupt:\n    pass\nprint('second')"
     )
-    done = time.monotonic()
-    first = next(t for t, name, s in seen if name == "stdout" and "first" in s)
-    assert any(name == "stderr" and "oops" in s for _, name, s in seen)
-    assert any("second" in s for _, _, s in seen)
-    assert done - first > 0.8, "stdout arrived only when the cell ended"
+    took = time.monotonic() - started
+    nudge.join(PATIENCE)
+    assert any(name == "stderr" and "oops" in s for name, s in seen)
+    assert any("second" in s for _, s in seen)
+    assert took < 100, "stdout arrived only when the cell ended"  # the wait was never cut short
 
 
 def test_no_stream_prints_when_the_cell_ends(ip: InteractiveShell, capsys: pytest.CaptureFixture[str]) -> None:
@@ -330,7 +349,7 @@ def test_timeout_stops_the_remote_cell(ip: InteractiveShell) -> None:
     with pytest.raises(mn.RemoteExecutionError) as info:
         ip.run_cell("%%mesatee --timeout 0.5\nimport time\ntime.sleep(30)")
     assert isinstance(info.value, TimeoutError)
-    assert time.monotonic() - started < 15
+    assert time.monotonic() - started < 25  # did not wait the cell's 30 s out (generous: a loaded machine)
     shown = render(info.value)  # what JupyterLab shows: the remote KeyboardInterrupt, then why, not only the former
     assert "KeyboardInterrupt" in shown and shown.splitlines()[-1].startswith("RemoteTimeout: "), shown
     assert "ran past its timeout of 0.5 s" in shown and "the session is intact" in shown, shown
@@ -339,6 +358,8 @@ def test_timeout_stops_the_remote_cell(ip: InteractiveShell) -> None:
 
 @pytest.mark.serial  # timing-sensitive (SIGINT 1 s into the cell): runs alone under pytest-xdist
 def test_interrupt_stops_the_remote_cell(ip: InteractiveShell) -> None:
+    # A fixed 1 s still: a Ctrl-C sent as soon as the cell's first output arrives can land while the client reads
+    # a frame, which loses the session (the known bug in test_session's xfail test); 1 s in, the client is idle.
     ip.run_cell("%%mesatee\nbefore_interrupt = 5")
     main = threading.main_thread().ident
     assert main is not None
@@ -353,7 +374,7 @@ def test_interrupt_stops_the_remote_cell(ip: InteractiveShell) -> None:
     finally:
         timer.cancel()
         signal.signal(signal.SIGINT, previous)
-    assert time.monotonic() - started < 15
+    assert time.monotonic() - started < 25  # did not wait the cell's 30 s out
     shown = render(info.value)
     assert shown.splitlines()[-1] == f"RemoteInterrupted: {info.value.message}" and info.value.message, shown
     assert ip.run_cell("%%mesatee\nbefore_interrupt").result == 5

@@ -60,11 +60,17 @@ def test_cnn_matches_onnxruntime(cache: Path, batch: int) -> None:
     np.testing.assert_allclose(got["z"], want_logits, rtol=1e-4, atol=1e-4)
 
 
-def test_second_compile_is_a_cache_hit(cache: Path, mlp_1024: tvm_runtime.TVMModel) -> None:
+def _compiling_fails(*args: object) -> None:
+    raise AssertionError("a cached model was compiled again")
+
+
+def test_second_compile_is_a_cache_hit(
+    cache: Path, mlp_1024: tvm_runtime.TVMModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
     events: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
+    # no compiler runs (this replaced "took under 1 s", which a loaded machine could fail)
+    monkeypatch.setattr(tvm_runtime, "_run_child", _compiling_fails)
     again = tvm_runtime.compile_onnx(mlp_model(), {"x": (1024, 64)}, cache, progress=events.append)
-    assert time.perf_counter() - t0 < 1.0
     assert again.from_cache
     assert again.digest == mlp_1024.digest
     assert events == [{"event": "phase", "phase": "cache-hit", "elapsed_s": events[0]["elapsed_s"]}]
@@ -285,7 +291,7 @@ def test_compile_timeout_kills_the_compiler(tmp_path: Path) -> None:
     t0 = time.perf_counter()
     with pytest.raises(CompileTimeout, match=r"timeout of 1\.5 s") as info:
         tvm_runtime.compile_onnx(mlp_model(), {"x": (8, 64)}, tmp_path, tune_trials=64, timeout_s=1.5)
-    assert time.perf_counter() - t0 < 10
+    assert time.perf_counter() - t0 < 30  # did not hang: 64 trials take minutes (generous for a loaded machine)
     assert isinstance(info.value, TimeoutError)
     assert set(_children()) <= before
     assert [p.name for p in tmp_path.iterdir()] == []
@@ -365,9 +371,9 @@ def test_tuned_compile_matches_and_caches(tmp_path: Path, monkeypatch: pytest.Mo
         "database_workload.json",
         "done.json",
     ]
-    t0 = time.perf_counter()
-    again = tvm_runtime.compile_onnx(model, {"x": (64, 32)}, tmp_path, tune_trials=4)
-    assert time.perf_counter() - t0 < 1.0
+    with monkeypatch.context() as patched:  # neither tuned nor compiled again
+        patched.setattr(tvm_runtime, "_run_child", _compiling_fails)
+        again = tvm_runtime.compile_onnx(model, {"x": (64, 32)}, tmp_path, tune_trials=4)
     assert again.from_cache
 
     # With the compiled module gone, the cached tuning database is reused: no new trials.

@@ -94,7 +94,7 @@ def lab(notebook_env: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     log.close()
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120  # JupyterLab takes ~10 s here alone; a loaded machine, several times that
         while True:
             assert proc.poll() is None, (tmp_path / "lab.log").read_text()
             try:

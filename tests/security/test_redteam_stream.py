@@ -24,6 +24,7 @@ import pytest
 import mesatee_notebook as mn
 from mesatee_notebook.remote import frames_result
 from tests.conftest import KernelProc, start_kernel, stop_kernel
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -66,16 +67,18 @@ def test_clients_that_stop_reading_chunked_results_do_not_stall_other_parties(
             t.start()
             threads.append(t)
         # both results are streaming and both readers stopped (on a loaded machine the second may start late)
-        _wait_until(lambda: len(stalled_at) == 2, 60, "both hostile results to start streaming")
+        wait_until(lambda: len(stalled_at) == 2, "both hostile results to start streaming")
         done, listed = threading.Event(), []
         victim = mn.connect(k.url, policy=policy, identity=tmp_path / "victim")
         threads.append(
             threading.Thread(target=lambda: (listed.append(_outcome(lambda: victim.call("dataset.list"))), done.set()))
         )
         threads[-1].start()
-        served = done.wait(12)  # 2 s to cut each stalled reader off, the rest is the victim's own call
+        # 2 s to cut each stalled reader off, the rest is the victim's own call; generous for a loaded machine, and
+        # still well inside the readers' 90 s stall, so a victim stuck behind them is never counted as served
+        served = done.wait(30)
         # keep both readers stopped well past the 2 s deadline, so each is cut off, whatever the victim's timing
-        _wait_until(lambda: time.monotonic() - max(stalled_at) > 8, 20, "the stalled readers' deadline")
+        wait_until(lambda: time.monotonic() - max(stalled_at) > 8, "the stalled readers' deadline", timeout=20)
         stall.set()  # let the stalled readers go (and with them the victim's call), then close everything
         threads[-1].join(60)
         victim.close()
@@ -89,14 +92,6 @@ def test_clients_that_stop_reading_chunked_results_do_not_stall_other_parties(
             s.close()
     # each stalled reader was cut off: a typed error once it read again, not a hang or a half result
     assert len(outcomes) == 2 and all(isinstance(o, mn.MesateeError) for o in outcomes), outcomes
-
-
-def _wait_until(cond: Any, seconds: float, what: str) -> None:
-    end = time.monotonic() + seconds
-    while not cond():
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {seconds:g} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def _outcome(fn: Any) -> object:

@@ -195,14 +195,14 @@ def test_tpm_level_without_a_working_tpm_is_refused_clearly(tmp_path: Any) -> No
 
     with pytest.raises(mn.LevelNotAvailableError, match="no TPM was given"):
         Kernel(KernelConfig(data_dir=tmp_path, level=mn.Level.TPM))
-    with socket.socket() as s:  # a port nothing listens on
+    with socket.socket() as s:  # a port nothing listens on: held (bound, not listening) so nothing else takes it
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
-    out = subprocess.run(
-        [sys.executable, "-m", "mesatee_notebook.cli", "enclave", "serve", "--level", "tpm", "--port", "0",
-         "--data-dir", str(tmp_path), "--tcti", f"swtpm:host=127.0.0.1,port={dead}"],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-m", "mesatee_notebook.cli", "enclave", "serve", "--level", "tpm", "--port", "0",
+             "--data-dir", str(tmp_path), "--tcti", f"swtpm:host=127.0.0.1,port={dead}"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
     assert out.returncode == 2
     assert "not available on this platform" in out.stderr and "cannot be used" in out.stderr
     assert "Traceback" not in out.stderr
