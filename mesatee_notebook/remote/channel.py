@@ -17,6 +17,7 @@ from mesatee_notebook.attestation.policy import (
     verify_certificate,
 )
 from mesatee_notebook.errors import KernelConnectionError, MalformedFrame, MesateeError, error_from_wire
+from mesatee_notebook.remote.ctrl_c import Held, held_while_reading
 from mesatee_notebook.wire.comm import DEFAULT_PORT, Comm, connect
 from mesatee_notebook.wire.comm import parse_url as split_url
 from mesatee_notebook.wire.digest import Hasher
@@ -143,14 +144,17 @@ class Channel:
             sent = self.comm.send({**header, "id": rid}, payloads or [], digests=digests, progress=upload_progress)
             interrupted = False
             while True:
+                held = Held()
                 try:
-                    msg = self.comm.recv(
-                        self.limits,
-                        digests=digests,
-                        progress=download_progress,
-                        hasher_for=hasher_for,
-                        allocator=allocator,
-                    )
+                    self.comm.wait_readable()  # a Ctrl-C here has read nothing: the stream stays in step
+                    with held_while_reading() as held:  # a Ctrl-C during the frame is acted on once it is whole
+                        msg = self.comm.recv(
+                            self.limits,
+                            digests=digests,
+                            progress=download_progress,
+                            hasher_for=hasher_for,
+                            allocator=allocator,
+                        )
                 except EOFError:
                     self.close()
                     msg_ = "the kernel closed the connection"
@@ -159,16 +163,20 @@ class Channel:
                     self.close()  # cut off or refused mid-frame: what follows on the stream cannot be read
                     raise
                 except KeyboardInterrupt:
-                    if interrupted or on_interrupt is None:
+                    if held.abandoned or interrupted or on_interrupt is None:
                         self.close()
                         raise
                     interrupted = True
-                    try:
-                        on_interrupt()
-                    except BaseException:
-                        self.close()  # the reply is still pending: this connection cannot be reused
-                        raise
+                    self._interrupt(on_interrupt)
                     continue
+                final = msg.type not in ("stream", "progress", "result.chunk")
+                if held.pressed and not final:  # pressed while this frame came in: now it is whole, act on it
+                    if interrupted or on_interrupt is None:
+                        self.close()
+                        raise KeyboardInterrupt
+                    interrupted = True
+                    self._interrupt(on_interrupt)
+                # (pressed during the final reply: the call is over, its result is returned)
                 if msg.header.get("re") not in (rid, None):
                     msg_ = "the kernel answered a different request"
                     raise MalformedFrame(msg_)
@@ -179,6 +187,14 @@ class Channel:
                 if msg.type == "error":
                     raise error_from_wire(msg.header)
                 return Reply(msg.header, msg.payloads, msg.digests, msg.fds, sent=sent)
+
+    def _interrupt(self, on_interrupt: Callable[[], object]) -> None:
+        """Ask the kernel to interrupt the call in progress (the first Ctrl-C); a failure closes the channel."""
+        try:
+            on_interrupt()
+        except BaseException:
+            self.close()  # the reply is still pending: this connection cannot be reused
+            raise
 
     def authenticate(self, identity: Any) -> str:
         """Prove ``identity`` (a PartyIdentity) on this channel; returns the party id the kernel recorded."""

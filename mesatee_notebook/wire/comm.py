@@ -89,6 +89,13 @@ class Comm(ABC):
     def set_timeout(self, seconds: float | None) -> None:  # noqa: B027 - optional for a comm without a socket
         """Bound the next wait for a message (None: wait forever)."""
 
+    def wait_readable(self) -> None:  # noqa: B027 - optional: a comm without a socket has its message at once
+        """Wait, within the comm's timeout, until a message has begun to arrive, reading none of it.
+
+        A signal raised here (Ctrl-C) has consumed nothing, so the stream stays in step. TimeoutError when the
+        timeout passes first.
+        """
+
     def fileno(self) -> int:
         """A descriptor that polls readable when a message arrives (-1: none)."""
         return -1
@@ -119,6 +126,19 @@ class SocketComm(Comm):
     @property
     def closed(self) -> bool:
         return self.fileno() < 0
+
+    def wait_readable(self) -> None:
+        import select
+
+        pending = getattr(self.sock, "pending", None)  # TLS: bytes already decrypted and buffered
+        if pending is not None and pending() > 0:
+            return
+        timeout = self.sock.gettimeout()
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR)
+        if not poller.poll(None if timeout is None else max(0, int(timeout * 1000))):
+            msg = "timed out"
+            raise TimeoutError(msg)
 
     def peer_open(self) -> bool:
         import select

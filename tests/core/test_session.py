@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 import mesatee_notebook as mn
-from mesatee_notebook.errors import ExecutorCrashed, MalformedFrame, NotFound, RemoteInterrupted, RemoteTimeout
+from mesatee_notebook.errors import ExecutorCrashed, NotFound, RemoteInterrupted, RemoteTimeout
 from tests.waiting import PATIENCE, cell_waits_for, wait_dead
 
 pytestmark = pytest.mark.process
@@ -170,18 +170,12 @@ def test_interrupt_from_another_thread(session):
     assert len(errors) == 1 and isinstance(errors[0], RemoteInterrupted)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=MalformedFrame,
-    reason="known bug (remote/channel.py Channel.request): a Ctrl-C that lands while the client reads a frame "
-    "raises KeyboardInterrupt inside the reader; the client asks for the interrupt and reads on from the middle of "
-    "the frame, so the next read sees 'bad magic bytes' and the session is lost",
-)
 def test_ctrl_c_while_a_result_is_read_leaves_the_session_in_step(session):
     """Ctrl-C lands while the client reads a frame (here: a 32 MB output, mid-payload): the session must go on.
 
-    Found when the magics' interrupt test sent its Ctrl-C right after the cell's first output (a stream frame).
-    The cell has finished, so the result should arrive whole and the next cell run.
+    Found when the magics' interrupt test sent its Ctrl-C right after the cell's first output (a stream frame):
+    the client read on from the middle of the frame and lost the session. The press is now held until the frame
+    is whole (``remote/ctrl_c.py``); the cell has finished, so the result arrives whole and the next cell runs.
     """
     main = threading.main_thread().ident
     assert main is not None
