@@ -358,8 +358,8 @@ def test_timeout_stops_the_remote_cell(ip: InteractiveShell) -> None:
 
 @pytest.mark.serial  # timing-sensitive (SIGINT 1 s into the cell): runs alone under pytest-xdist
 def test_interrupt_stops_the_remote_cell(ip: InteractiveShell) -> None:
-    # A fixed 1 s still: a Ctrl-C sent as soon as the cell's first output arrives can land while the client reads
-    # a frame, which loses the session (the known bug in test_session's xfail test); 1 s in, the client is idle.
+    # SIGINT 1 s into the cell, while the client waits for its reply. (A Ctrl-C that lands while the client reads a
+    # frame is held until the frame is whole: remote/ctrl_c.py, test_session's mid-frame test.)
     ip.run_cell("%%mesatee\nbefore_interrupt = 5")
     main = threading.main_thread().ident
     assert main is not None
