@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import pandas as pd
@@ -161,25 +161,49 @@ class SealedGuardStore:
         ctx.seal_put(f"{self._prefix(party, dataset)}/{fp.hex()}", release)
 
 
+def release_audit(sink: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    """The evaluator's audit hook: each query or refusal, for the owners of the datasets it read (``sink["ctx"]``)."""
+
+    def audit(event: dict[str, Any]) -> None:
+        c = sink["ctx"]
+        kind = "refusal" if event.get("outcome") == "refused" else "query"
+        owners = []
+        for name in event.get("datasets", []):
+            try:
+                owners.append(str(load_meta(c, str(name))["owner"]))
+            except (NotFound, ValueError):
+                continue
+        c.audit(kind, event, concerns=sorted(set(owners)))
+
+    return audit
+
+
+def collect_result(ev: FrameEvaluator, ctx: ServiceContext, args: dict[str, Any]) -> ServiceResult:
+    """Evaluate ``args['plan']`` for ``ctx.party`` with ``ev``: the value, and the info the receipt binds."""
+    result = ev.evaluate(str(args.get("plan", "")), ctx.party, epsilon=args.get("epsilon"), delta=args.get("delta"))
+    info: dict[str, Any] = {
+        "plan_sha256": result.plan_sha256,
+        "datasets": list(result.datasets),
+        "level": result.level,
+        "suppressed": result.suppressed,
+    }
+    values: dict[str, Any] = {"result": result.value}
+    if result.dp is not None:  # a DP release: mechanisms, epsilon/delta and the budget left, signed in the receipt
+        info["dp"] = result.dp
+        info["privacy_budget"] = {result.dp["dataset"]: {**result.dp["budget"], "owner_exempt": False}}
+        values["accuracy"] = result.accuracy
+    return ServiceResult(info=info, values=values)
+
+
 def _evaluator(ctx: ServiceContext) -> FrameEvaluator:
     """One evaluator per worker: its differencing-guard history lives as long as the worker."""
     ev = ctx.state.get("frame_evaluator")
     if ev is None:
         registry = SealedDatasets()
         sink: dict[str, Any] = {}
-
-        def audit(event: dict[str, Any]) -> None:
-            c = sink["ctx"]
-            kind = "refusal" if event.get("outcome") == "refused" else "query"
-            owners = []
-            for name in event.get("datasets", []):
-                try:
-                    owners.append(str(load_meta(c, str(name))["owner"]))
-                except (NotFound, ValueError):
-                    continue
-            c.audit(kind, event, concerns=sorted(set(owners)))
-
-        ev = FrameEvaluator(registry, audit, guard_store=SealedGuardStore(sink), ledger_store=SealedLedgerStore(sink))
+        ev = FrameEvaluator(
+            registry, release_audit(sink), guard_store=SealedGuardStore(sink), ledger_store=SealedLedgerStore(sink)
+        )
         ctx.state["frame_evaluator"] = (ev, registry, sink)
         return ev
     return ev[0]  # type: ignore[no-any-return]
@@ -199,20 +223,7 @@ def _bind(ctx: ServiceContext) -> FrameEvaluator:
 @service("frame.collect")
 def collect(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) -> ServiceResult:
     """Evaluate ``args['plan']`` for the caller; release the result only if every owner's policy allows it."""
-    ev = _bind(ctx)
-    result = ev.evaluate(str(args.get("plan", "")), ctx.party, epsilon=args.get("epsilon"), delta=args.get("delta"))
-    info: dict[str, Any] = {
-        "plan_sha256": result.plan_sha256,
-        "datasets": list(result.datasets),
-        "level": result.level,
-        "suppressed": result.suppressed,
-    }
-    values: dict[str, Any] = {"result": result.value}
-    if result.dp is not None:  # a DP release: mechanisms, epsilon/delta and the budget left, signed in the receipt
-        info["dp"] = result.dp
-        info["privacy_budget"] = {result.dp["dataset"]: {**result.dp["budget"], "owner_exempt": False}}
-        values["accuracy"] = result.accuracy
-    return ServiceResult(info=info, values=values)
+    return collect_result(_bind(ctx), ctx, args)
 
 
 @service("frame.budget")

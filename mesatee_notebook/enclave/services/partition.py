@@ -148,9 +148,13 @@ def gathered(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) 
     are the sealed ones the head and the frame service use (a fresh evaluator per call re-reads them).
     """
     from mesatee_notebook.enclave.frames import FrameEvaluator
-    from mesatee_notebook.enclave.services.datasets import load_meta
-    from mesatee_notebook.enclave.services.frames import SealedGuardStore, SealedLedgerStore, new_call
-    from mesatee_notebook.errors import NotFound
+    from mesatee_notebook.enclave.services.frames import (
+        SealedGuardStore,
+        SealedLedgerStore,
+        collect_result,
+        new_call,
+        release_audit,
+    )
 
     frames: dict[str, pd.DataFrame] = {}
     for name, keys in dict(args.get("partitioned") or {}).items():
@@ -160,31 +164,11 @@ def gathered(ctx: ServiceContext, args: dict[str, Any], inputs: dict[str, Any]) 
             raise EncodingError(msg)
         frames[str(name)] = pd.concat(parts, ignore_index=True)
     sink: dict[str, Any] = {"ctx": ctx}
-
-    def audit(event: dict[str, Any]) -> None:
-        kind = "refusal" if event.get("outcome") == "refused" else "query"
-        owners = []
-        for n in event.get("datasets", []):
-            try:
-                owners.append(str(load_meta(ctx, str(n))["owner"]))
-            except (NotFound, ValueError):
-                continue
-        ctx.audit(kind, event, concerns=sorted(set(owners)))
-
     ev = FrameEvaluator(
-        _GatheredDatasets(ctx, frames), audit, guard_store=SealedGuardStore(sink), ledger_store=SealedLedgerStore(sink)
+        _GatheredDatasets(ctx, frames),
+        release_audit(sink),
+        guard_store=SealedGuardStore(sink),
+        ledger_store=SealedLedgerStore(sink),
     )
     new_call(sink)
-    result = ev.evaluate(str(args.get("plan", "")), ctx.party, epsilon=args.get("epsilon"), delta=args.get("delta"))
-    info: dict[str, Any] = {
-        "plan_sha256": result.plan_sha256,
-        "datasets": list(result.datasets),
-        "level": result.level,
-        "suppressed": result.suppressed,
-    }
-    values: dict[str, Any] = {"result": result.value}
-    if result.dp is not None:
-        info["dp"] = result.dp
-        info["privacy_budget"] = {result.dp["dataset"]: {**result.dp["budget"], "owner_exempt": False}}
-        values["accuracy"] = result.accuracy
-    return ServiceResult(info=info, values=values)
+    return collect_result(ev, ctx, args)
