@@ -44,3 +44,18 @@ def alternate_trees(
             loads.append(os.getloadavg()[0])
             runs[name].append(sample(tree))
     return trees, runs, loads
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a live process tree: each process's own time and that of the children it has reaped."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            c = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += c.user + c.system + c.children_user + c.children_system
+    return total

@@ -26,27 +26,13 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mesatee_notebook as mn
+from bench._timing import tree_cpu
 from mesatee_notebook.enclave.cluster import local
 
 
 def _frame(rows: int) -> pd.DataFrame:
     rng = np.random.default_rng(1)
     return pd.DataFrame({"k": rng.choice([f"g{i}" for i in range(20)], rows), "x": rng.normal(size=rows)})
-
-
-def _tree_cpu(pid: int) -> float:
-    """CPU seconds of a live process tree: each process's own time and that of the children it has reaped."""
-    import psutil
-
-    root = psutil.Process(pid)
-    total = 0.0
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            t = proc.cpu_times()
-        except psutil.Error:
-            continue
-        total += t.user + t.system + t.children_user + t.children_system
-    return total
 
 
 def _run(mode: str, rows: int, root: Path) -> dict[str, Any]:
@@ -66,7 +52,7 @@ def _run(mode: str, rows: int, root: Path) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 sdf.groupby("k").agg(n=("x", "size"), m=("x", "mean")).collect()
                 times.append(time.perf_counter() - t0)
-        cpu = _tree_cpu(int(cluster.state["launcher_pid"]))
+        cpu = tree_cpu(int(cluster.state["launcher_pid"]))
     finally:
         t0 = time.perf_counter()
         local.down(data_dir)

@@ -25,25 +25,15 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mesatee_notebook as mn
+from bench._timing import tree_cpu
 from tests.conftest import start_kernel, stop_kernel
-
-
-def _cpu(proc: psutil.Process) -> float:
-    total = 0.0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            c = p.cpu_times()
-        except psutil.Error:
-            continue
-        total += c.user + c.system + c.children_user + c.children_system
-    return total
 
 
 def _rounds(a: Any, b: Any, proc: psutil.Process, mb: int, rounds: int) -> dict[str, list[tuple[float, float]]]:
     def timed(s: Any, name: str) -> tuple[float, float]:
-        c0, t0 = _cpu(proc), time.perf_counter()
+        c0, t0 = tree_cpu(proc.pid), time.perf_counter()
         s.dataframe(name).x.sum().collect()
-        return time.perf_counter() - t0, _cpu(proc) - c0
+        return time.perf_counter() - t0, tree_cpu(proc.pid) - c0
 
     rows: dict[str, list[tuple[float, float]]] = {k: [] for k in ("b_cold", "b_after_a", "b_repeat", "a_repeat")}
     n = mb * (1 << 20) // 8
